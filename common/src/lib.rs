@@ -1,0 +1,10 @@
+//! What every Homecell process shares: internal TLS identities, layered
+//! configuration, logging, the admin listener, the shutdown signal, and the
+//! replica of the control plane's state that routers and cells run on.
+
+pub mod admin;
+pub mod config;
+pub mod replica;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,210 @@
+//! One error vocabulary, mapped to both HTTP status and gRPC status.
+//!
+//! Every error a client can see carries a stable `code` (snake_case). Over HTTP
+//! it travels as RFC 9457 `application/problem+json`; over gRPC as the status
+//! code below with the stable code as the message's first word.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The input is malformed or fails validation.
+    InvalidArgument,
+    /// Authentication is missing or invalid.
+    Unauthenticated,
+    /// Authenticated, but not allowed.
+    PermissionDenied,
+    NotFound,
+    /// A unique thing already exists.
+    AlreadyExists,
+    /// The state does not allow this now (e.g. a retired region).
+    FailedPrecondition,
+    /// An `If-Match` did not match.
+    PreconditionFailed,
+    /// The region is draining: try later.
+    RegionDraining,
+    /// The region is retired.
+    RegionRetired,
+    /// The request names a region this system does not know.
+    UnknownRegion,
+    /// The home cell could not be reached.
+    CellUnavailable,
+    /// Not ready yet (no snapshot loaded).
+    NotReady,
+    /// The body is larger than allowed.
+    PayloadTooLarge,
+    TooManyRequests,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidArgument => "invalid_argument",
+            Self::Unauthenticated => "unauthenticated",
+            Self::PermissionDenied => "permission_denied",
+            Self::NotFound => "not_found",
+            Self::AlreadyExists => "already_exists",
+            Self::FailedPrecondition => "failed_precondition",
+            Self::PreconditionFailed => "precondition_failed",
+            Self::RegionDraining => "region_draining",
+            Self::RegionRetired => "region_retired",
+            Self::UnknownRegion => "unknown_region",
+            Self::CellUnavailable => "cell_unavailable",
+            Self::NotReady => "not_ready",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::TooManyRequests => "too_many_requests",
+            Self::Internal => "internal",
+        }
+    }
+
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::InvalidArgument => 400,
+            Self::Unauthenticated => 401,
+            Self::PermissionDenied => 403,
+            Self::NotFound | Self::UnknownRegion => 404,
+            Self::AlreadyExists | Self::FailedPrecondition => 409,
+            Self::PreconditionFailed => 412,
+            Self::PayloadTooLarge => 413,
+            Self::TooManyRequests => 429,
+            Self::Internal => 500,
+            Self::CellUnavailable => 502,
+            Self::RegionDraining | Self::RegionRetired | Self::NotReady => 503,
+        }
+    }
+
+    pub fn grpc_code(self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Self::InvalidArgument | Self::PayloadTooLarge => Code::InvalidArgument,
+            Self::Unauthenticated => Code::Unauthenticated,
+            Self::PermissionDenied => Code::PermissionDenied,
+            Self::NotFound | Self::UnknownRegion => Code::NotFound,
+            Self::AlreadyExists => Code::AlreadyExists,
+            Self::FailedPrecondition | Self::PreconditionFailed | Self::RegionRetired => {
+                Code::FailedPrecondition
+            }
+            Self::TooManyRequests => Code::ResourceExhausted,
+            Self::RegionDraining | Self::CellUnavailable | Self::NotReady => Code::Unavailable,
+            Self::Internal => Code::Internal,
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Self::InvalidArgument => "Invalid request",
+            Self::Unauthenticated => "Authentication required",
+            Self::PermissionDenied => "Permission denied",
+            Self::NotFound => "Not found",
+            Self::AlreadyExists => "Already exists",
+            Self::FailedPrecondition => "Not allowed in the current state",
+            Self::PreconditionFailed => "Precondition failed",
+            Self::RegionDraining => "Region is draining",
+            Self::RegionRetired => "Region is retired",
+            Self::UnknownRegion => "Unknown region",
+            Self::CellUnavailable => "Home cell unavailable",
+            Self::NotReady => "Not ready",
+            Self::PayloadTooLarge => "Payload too large",
+            Self::TooManyRequests => "Too many requests",
+            Self::Internal => "Internal error",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
+
+/// An RFC 9457 problem document with our stable `code` extension.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub type_uri: String,
+    pub title: String,
+    pub status: u16,
+    pub code: ErrorCode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+}
+
+impl Problem {
+    pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
+        Self {
+            type_uri: format!("https://homecell.dev/problems/{}", code.as_str()),
+            title: code.title().to_string(),
+            status: code.http_status(),
+            code,
+            detail: Some(detail.into()),
+            instance: None,
+        }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a problem always serialises")
+    }
+}
+
+/// An error with its stable code and a one-line, user-safe message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct CodedError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl CodedError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidArgument, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotFound, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, message)
+    }
+}
+
+impl From<CodedError> for tonic::Status {
+    fn from(e: CodedError) -> Self {
+        tonic::Status::new(e.code.grpc_code(), e.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problem_serialises_with_stable_code() {
+        let p = Problem::new(ErrorCode::RegionDraining, "eu-west is draining");
+        let v: serde_json::Value = serde_json::from_slice(&p.to_json()).unwrap();
+        assert_eq!(v["code"], "region_draining");
+        assert_eq!(v["status"], 503);
+        assert_eq!(v["type"], "https://homecell.dev/problems/region_draining");
+    }
+
+    #[test]
+    fn codes_round_trip_through_serde() {
+        for code in [ErrorCode::UnknownRegion, ErrorCode::CellUnavailable] {
+            let s = serde_json::to_string(&code).unwrap();
+            assert_eq!(s, format!("\"{}\"", code.as_str()));
+        }
+    }
+}
