@@ -1,1 +1,11 @@
+//! The Homecell control plane: the authoritative region metadata and
+//! configuration in one redb file, a revisioned change log that routers and
+//! cells replicate through `Watch`, and the operator CLI.
 
+pub mod cli;
+pub mod config_ops;
+pub mod grpc;
+pub mod regions;
+pub mod serve;
+pub mod store;
+pub mod sync;

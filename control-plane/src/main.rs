@@ -1,1 +1,127 @@
-fn main() {}
+//! `control-plane`: the server (`serve`) and the operator CLI in one binary.
+
+use clap::{Parser, Subcommand};
+use homecell_common::telemetry;
+use homecell_common::tls::{PeerIdentity, Pki};
+use homecell_control_plane::cli::{self, ConfigCmd, Connection, RegionCmd};
+use homecell_control_plane::serve::{self, ServeConfig};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(name = "control-plane", version, about = "Homecell control plane and operator CLI")]
+struct Cli {
+    #[command(flatten)]
+    conn: Connection,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the control-plane server.
+    Serve {
+        /// TOML configuration; HOMECELL_CP_* environment variables override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Validate the configuration and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Manage regions.
+    #[command(subcommand)]
+    Region(RegionCmd),
+    /// Manage configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Every subscriber with its applied revision and last contact.
+    Status,
+    /// Issue internal certificates.
+    #[command(subcommand)]
+    Pki(PkiCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCmd {
+    /// Create the CA in DIR (kept if present) and issue one certificate.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// control-plane, router.<region>, cell.<region> or operator.<name>.
+        #[arg(long)]
+        identity: String,
+        /// DNS names or IPs the certificate is valid for (besides the identity).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Cmd::Serve { config, check } = cli.cmd {
+        return run_server(config, check);
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let conn = cli.conn;
+    let result = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Region(c) => cli::region(&conn, c).await,
+            Cmd::Config(c) => cli::config(&conn, c).await,
+            Cmd::Status => cli::status(&conn).await,
+            Cmd::Pki(PkiCmd::Issue { dir, identity, hosts }) => issue(&dir, &identity, hosts),
+            Cmd::Serve { .. } => unreachable!("handled above"),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", cli::one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn issue(dir: &std::path::Path, identity: &str, mut hosts: Vec<String>) -> anyhow::Result<()> {
+    let id = PeerIdentity::parse(identity)
+        .ok_or_else(|| anyhow::anyhow!("identity {identity:?} is not control-plane, router.<region>, cell.<region> or operator.<name>"))?;
+    hosts.insert(0, id.common_name());
+    let paths = Pki::open_or_create(dir)?.issue(&id, &hosts)?;
+    println!("{}", paths.cert.display());
+    Ok(())
+}
+
+fn run_server(config: Option<PathBuf>, check: bool) -> ExitCode {
+    let config = match ServeConfig::load(config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if check {
+        println!("configuration ok");
+        return ExitCode::SUCCESS;
+    }
+    telemetry::init(config.log_format);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

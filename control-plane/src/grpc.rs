@@ -1,0 +1,221 @@
+//! The gRPC services. Each handler checks who calls (from the verified client
+//! certificate), then runs one store transaction off the async runtime.
+//!
+//! Least privilege: operators may do everything; routers and cells may read
+//! regions and config and watch; nobody else gets in.
+
+use crate::store::Store;
+use crate::sync::{self, Subscribers};
+use crate::{config_ops, regions};
+use homecell_common::tls::{PeerIdentity, grpc_peer};
+use homecell_proto::control::*;
+use homecell_proto::error::CodedError;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+#[derive(Clone)]
+pub struct ControlPlane {
+    pub store: Arc<Store>,
+    pub subscribers: Arc<Subscribers>,
+}
+
+fn caller<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
+    grpc_peer(req).ok_or_else(|| Status::unauthenticated("a Homecell client certificate is required"))
+}
+
+fn operator<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
+    let who = caller(req)?;
+    match who {
+        PeerIdentity::Operator { .. } => Ok(who),
+        _ => Err(Status::permission_denied(format!("{who} is not an operator"))),
+    }
+}
+
+fn reader<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
+    let who = caller(req)?;
+    match who {
+        PeerIdentity::ControlPlane => Err(Status::permission_denied("not a client identity")),
+        _ => Ok(who),
+    }
+}
+
+impl ControlPlane {
+    /// Runs a mutation as `actor` on the blocking pool.
+    async fn mutate<T: Send + 'static>(
+        &self,
+        actor: &PeerIdentity,
+        f: impl FnOnce(&mut crate::store::Tx<'_>) -> Result<T, CodedError> + Send + 'static,
+    ) -> Result<(T, u64), Status> {
+        let store = self.store.clone();
+        let actor = actor.common_name();
+        let out = tokio::task::spawn_blocking(move || store.mutate(&actor, f))
+            .await
+            .map_err(|e| Status::internal(format!("task failed: {e}")))??;
+        Ok(out)
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&crate::store::Tx<'_>) -> Result<T, CodedError> + Send + 'static,
+    ) -> Result<(T, u64), Status> {
+        let store = self.store.clone();
+        let out = tokio::task::spawn_blocking(move || store.read(f))
+            .await
+            .map_err(|e| Status::internal(format!("task failed: {e}")))??;
+        Ok(out)
+    }
+}
+
+#[tonic::async_trait]
+impl region_service_server::RegionService for ControlPlane {
+    async fn add_region(&self, req: Request<AddRegionRequest>) -> Result<Response<AddRegionResponse>, Status> {
+        let who = operator(&req)?;
+        let region = req
+            .into_inner()
+            .region
+            .ok_or_else(|| Status::invalid_argument("region is required"))?;
+        let (region, revision) = self.mutate(&who, move |tx| regions::add(tx, region)).await?;
+        tracing::info!(region = %region.id, revision, actor = %who, "region added");
+        Ok(Response::new(AddRegionResponse {
+            region: Some(region),
+            revision,
+        }))
+    }
+
+    async fn update_region(
+        &self,
+        req: Request<UpdateRegionRequest>,
+    ) -> Result<Response<UpdateRegionResponse>, Status> {
+        let who = operator(&req)?;
+        let update = req.into_inner();
+        let (region, revision) = self.mutate(&who, move |tx| regions::update(tx, update)).await?;
+        Ok(Response::new(UpdateRegionResponse {
+            region: Some(region),
+            revision,
+        }))
+    }
+
+    async fn list_regions(
+        &self,
+        req: Request<ListRegionsRequest>,
+    ) -> Result<Response<ListRegionsResponse>, Status> {
+        reader(&req)?;
+        let (regions, revision) = self.read(|tx| tx.regions()).await?;
+        Ok(Response::new(ListRegionsResponse { regions, revision }))
+    }
+
+    async fn get_region(&self, req: Request<GetRegionRequest>) -> Result<Response<GetRegionResponse>, Status> {
+        reader(&req)?;
+        let id = req.into_inner().id;
+        let (region, _) = self.read(move |tx| regions::get(tx, &id)).await?;
+        Ok(Response::new(GetRegionResponse {
+            region: Some(region),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl config_service_server::ConfigService for ControlPlane {
+    async fn set_config(&self, req: Request<SetConfigRequest>) -> Result<Response<SetConfigResponse>, Status> {
+        let who = operator(&req)?;
+        let r = req.into_inner();
+        let value = r
+            .value
+            .ok_or_else(|| Status::invalid_argument("a config value is required"))?;
+        let (entry, revision) = self
+            .mutate(&who, move |tx| config_ops::set(tx, &r.key, &r.region, value))
+            .await?;
+        tracing::info!(key = %entry.key, region = %entry.region, revision, actor = %who, "config set");
+        Ok(Response::new(SetConfigResponse {
+            entry: Some(entry),
+            revision,
+        }))
+    }
+
+    async fn delete_config(
+        &self,
+        req: Request<DeleteConfigRequest>,
+    ) -> Result<Response<DeleteConfigResponse>, Status> {
+        let who = operator(&req)?;
+        let r = req.into_inner();
+        let ((), revision) = self
+            .mutate(&who, move |tx| config_ops::delete(tx, &r.key, &r.region))
+            .await?;
+        Ok(Response::new(DeleteConfigResponse { revision }))
+    }
+
+    async fn get_config(&self, req: Request<GetConfigRequest>) -> Result<Response<GetConfigResponse>, Status> {
+        reader(&req)?;
+        let r = req.into_inner();
+        let (entry, _) = self.read(move |tx| config_ops::get(tx, &r.key, &r.region)).await?;
+        Ok(Response::new(GetConfigResponse { entry: Some(entry) }))
+    }
+
+    async fn list_config(&self, req: Request<ListConfigRequest>) -> Result<Response<ListConfigResponse>, Status> {
+        reader(&req)?;
+        let (entries, revision) = self.read(|tx| tx.config_entries()).await?;
+        Ok(Response::new(ListConfigResponse { entries, revision }))
+    }
+
+    async fn config_history(
+        &self,
+        req: Request<ConfigHistoryRequest>,
+    ) -> Result<Response<ConfigHistoryResponse>, Status> {
+        operator(&req)?;
+        let r = req.into_inner();
+        if !r.key.is_empty() {
+            homecell_proto::config::validate_key(&r.key)?;
+        }
+        let limit = if r.limit == 0 { 50 } else { r.limit.min(1000) } as usize;
+        let store = self.store.clone();
+        let entries = tokio::task::spawn_blocking(move || store.config_history(&r.key, limit))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(ConfigHistoryResponse { entries }))
+    }
+
+    async fn rollback_config(
+        &self,
+        req: Request<RollbackConfigRequest>,
+    ) -> Result<Response<RollbackConfigResponse>, Status> {
+        let who = operator(&req)?;
+        let to = req.into_inner().to_revision;
+        let (changed_keys, revision) = self.mutate(&who, move |tx| config_ops::rollback(tx, to)).await?;
+        tracing::info!(to, revision, changed_keys, actor = %who, "config rolled back");
+        Ok(Response::new(RollbackConfigResponse {
+            revision: if changed_keys == 0 { 0 } else { revision },
+            changed_keys,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl sync_service_server::SyncService for ControlPlane {
+    type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<WatchResponse, Status>>;
+
+    async fn watch(
+        &self,
+        req: Request<tonic::Streaming<WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let who = caller(&req)?;
+        let rx = sync::watch(
+            self.store.clone(),
+            self.subscribers.clone(),
+            who,
+            req.into_inner(),
+        )
+        .await?;
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl status_service_server::StatusService for ControlPlane {
+    async fn get_status(&self, req: Request<GetStatusRequest>) -> Result<Response<GetStatusResponse>, Status> {
+        operator(&req)?;
+        Ok(Response::new(GetStatusResponse {
+            revision: self.store.revision(),
+            subscribers: self.subscribers.all(),
+        }))
+    }
+}

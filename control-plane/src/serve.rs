@@ -1,0 +1,110 @@
+//! `control-plane serve`: configuration and the server's lifecycle.
+
+use crate::grpc::ControlPlane;
+use crate::store::Store;
+use crate::sync::Subscribers;
+use anyhow::{Context, Result, bail};
+use homecell_common::telemetry::LogFormat;
+use homecell_common::tls::TlsPaths;
+use homecell_common::{admin, shutdown};
+use homecell_proto::control::{
+    config_service_server::ConfigServiceServer, region_service_server::RegionServiceServer,
+    status_service_server::StatusServiceServer, sync_service_server::SyncServiceServer,
+};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Holds `control-plane.redb`.
+    pub data_dir: PathBuf,
+    /// gRPC with mTLS.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Plain HTTP: /healthz, /ready, /metrics.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Change sets kept in the log; a subscriber further behind gets a snapshot.
+    #[serde(default = "default_retain")]
+    pub retain_changes: u64,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    pub tls: TlsPaths,
+}
+
+fn default_listen() -> SocketAddr {
+    "127.0.0.1:7443".parse().expect("valid")
+}
+fn default_admin_listen() -> SocketAddr {
+    "127.0.0.1:7080".parse().expect("valid")
+}
+fn default_retain() -> u64 {
+    10_000
+}
+
+impl ServeConfig {
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self> {
+        let c: Self = homecell_common::config::load(file, homecell_common::config::process_env(), "HOMECELL_CP_")?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.retain_changes == 0 {
+            bail!("retain_changes must be at least 1");
+        }
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
+            bail!("listen and admin_listen must differ");
+        }
+        self.tls.load().context("tls")?;
+        Ok(())
+    }
+}
+
+pub async fn run(config: ServeConfig) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    let store = Arc::new(Store::open(
+        &config.data_dir.join("control-plane.redb"),
+        config.retain_changes,
+    )?);
+    let subscribers = Arc::new(Subscribers::load(store.clone())?);
+    let cp = ControlPlane {
+        store: store.clone(),
+        subscribers,
+    };
+    let tls = config.tls.load()?;
+
+    let token = shutdown::CancellationToken::new();
+    tokio::spawn(shutdown::wait_for_signal(token.clone()));
+
+    let admin_addr = admin::serve(config.admin_listen, Arc::new(|| Ok(())), token.clone()).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot bind {}", config.listen))?;
+    let grpc_addr = listener.local_addr()?;
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, revision = store.revision(), "control plane listening");
+
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls.tonic_server())?
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(RegionServiceServer::new(cp.clone()))
+        .add_service(ConfigServiceServer::new(cp.clone()))
+        .add_service(SyncServiceServer::new(cp.clone()))
+        .add_service(StatusServiceServer::new(cp))
+        .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
+    // Watch streams never end on their own: after the signal, give open calls
+    // a moment, then stop regardless.
+    tokio::select! {
+        served = server => served.context("gRPC server failed")?,
+        _ = async { token.cancelled().await; tokio::time::sleep(Duration::from_secs(2)).await } => {}
+    }
+    tracing::info!("control plane stopped");
+    Ok(())
+}
