@@ -1,0 +1,79 @@
+//! The cell's configuration: a TOML file, `HOMECELL_CELL_*` overrides, then
+//! `validate()`.
+
+use anyhow::{Context, Result, bail};
+use homecell_common::telemetry::LogFormat;
+use homecell_common::tls::TlsPaths;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellConfig {
+    /// The region this cell serves, e.g. `cn-east`.
+    pub region: String,
+    /// Holds the replica of the control plane's state and, by default, the
+    /// SQLite datastore.
+    pub data_dir: PathBuf,
+    /// `sqlite:<path>` or `postgres://…`; default `sqlite:<data_dir>/cell.db`.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// The internal API (HTTP/1.1 and h2 over mTLS) that routers and cells call.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Plain HTTP: /healthz, /ready, /metrics.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// The control plane's gRPC endpoint.
+    pub control_plane: String,
+    #[serde(default = "default_cp_name")]
+    pub control_plane_name: String,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    pub tls: TlsPaths,
+}
+
+fn default_listen() -> SocketAddr {
+    "127.0.0.1:9443".parse().expect("valid")
+}
+fn default_admin_listen() -> SocketAddr {
+    "127.0.0.1:9080".parse().expect("valid")
+}
+fn default_cp_name() -> String {
+    "control-plane".into()
+}
+
+impl CellConfig {
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        let c: Self = homecell_common::config::load(
+            file,
+            homecell_common::config::process_env(),
+            "HOMECELL_CELL_",
+        )?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        homecell_proto::region::validate_region_id(&self.region).context("region")?;
+        homecell_proto::region::validate_endpoint("control_plane", &self.control_plane)
+            .context("control_plane")?;
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            bail!("database_url must start with sqlite: or postgres://");
+        }
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
+            bail!("listen and admin_listen must differ");
+        }
+        self.tls.load().context("tls")?;
+        Ok(())
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite:{}", self.data_dir.join("cell.db").display()))
+    }
+}

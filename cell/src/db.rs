@@ -1,0 +1,183 @@
+//! The cell's datastore: SQLite (a file, WAL) by default, PostgreSQL for a
+//! `postgres://` URL. Typed pools behind one enum, because sqlx's `Any`
+//! driver cannot decode what we need (see STACK.md); each backend has its own
+//! migrations folder, embedded in the binary and applied at start.
+
+use anyhow::{Context, Result, bail};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub enum Datastore {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+struct Migration {
+    version: i64,
+    name: &'static str,
+    sql: &'static str,
+}
+
+macro_rules! migrations {
+    ($backend:literal: $($version:literal $name:literal),* $(,)?) => {
+        &[$(Migration {
+            version: $version,
+            name: $name,
+            sql: include_str!(concat!("../migrations/", $backend, "/", $name, ".sql")),
+        }),*]
+    };
+}
+
+const SQLITE_MIGRATIONS: &[Migration] = migrations!("sqlite": 1 "0001_cell_info");
+const POSTGRES_MIGRATIONS: &[Migration] = migrations!("postgres": 1 "0001_cell_info");
+
+impl Datastore {
+    /// Connects and applies pending migrations.
+    pub async fn open(url: &str) -> Result<Self> {
+        let store = if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)
+                .with_context(|| "malformed sqlite URL")?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(5))
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(8)
+                .connect_with(opts)
+                .await
+                .context("cannot open the SQLite datastore")?;
+            Self::Sqlite(pool)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let opts = PgConnectOptions::from_str(url).context("malformed postgres URL")?;
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(opts)
+                .await
+                .context("cannot connect to PostgreSQL")?;
+            Self::Postgres(pool)
+        } else {
+            bail!("database_url must start with sqlite: or postgres://");
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Applies each pending migration in its own transaction. On PostgreSQL
+    /// an advisory lock serialises cell instances that start together.
+    async fn migrate(&self) -> Result<()> {
+        match self {
+            Self::Sqlite(pool) => {
+                sqlx::query(
+                    "CREATE TABLE IF NOT EXISTS _migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+                )
+                .execute(pool)
+                .await?;
+                for m in SQLITE_MIGRATIONS {
+                    let mut tx = pool.begin().await?;
+                    let done: Option<i64> = sqlx::query_scalar("SELECT version FROM _migrations WHERE version = ?")
+                        .bind(m.version)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if done.is_none() {
+                        sqlx::raw_sql(m.sql)
+                            .execute(&mut *tx)
+                            .await
+                            .with_context(|| format!("migration {} failed", m.name))?;
+                        sqlx::query("INSERT INTO _migrations (version, name) VALUES (?, ?)")
+                            .bind(m.version)
+                            .bind(m.name)
+                            .execute(&mut *tx)
+                            .await?;
+                        tracing::info!(migration = m.name, "applied");
+                    }
+                    tx.commit().await?;
+                }
+            }
+            Self::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock(7243110)")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "CREATE TABLE IF NOT EXISTS _migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+                )
+                .execute(&mut *tx)
+                .await?;
+                for m in POSTGRES_MIGRATIONS {
+                    let done: Option<i64> = sqlx::query_scalar("SELECT version FROM _migrations WHERE version = $1")
+                        .bind(m.version)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if done.is_none() {
+                        sqlx::raw_sql(m.sql)
+                            .execute(&mut *tx)
+                            .await
+                            .with_context(|| format!("migration {} failed", m.name))?;
+                        sqlx::query("INSERT INTO _migrations (version, name) VALUES ($1, $2)")
+                            .bind(m.version)
+                            .bind(m.name)
+                            .execute(&mut *tx)
+                            .await?;
+                        tracing::info!(migration = m.name, "applied");
+                    }
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Binds the datastore to `region` on first use; refuses another region's.
+    pub async fn claim_region(&self, region: &str) -> Result<()> {
+        let owner: String = match self {
+            Self::Sqlite(pool) => {
+                sqlx::query("INSERT INTO cell_info (key, value) VALUES ('region', ?) ON CONFLICT (key) DO NOTHING")
+                    .bind(region)
+                    .execute(pool)
+                    .await?;
+                sqlx::query_scalar("SELECT value FROM cell_info WHERE key = 'region'")
+                    .fetch_one(pool)
+                    .await?
+            }
+            Self::Postgres(pool) => {
+                sqlx::query("INSERT INTO cell_info (key, value) VALUES ('region', $1) ON CONFLICT (key) DO NOTHING")
+                    .bind(region)
+                    .execute(pool)
+                    .await?;
+                sqlx::query_scalar("SELECT value FROM cell_info WHERE key = 'region'")
+                    .fetch_one(pool)
+                    .await?
+            }
+        };
+        if owner != region {
+            bail!("this datastore belongs to region {owner}, not {region}");
+        }
+        Ok(())
+    }
+
+    /// A cheap round trip, for readiness.
+    pub async fn ping(&self) -> Result<()> {
+        match self {
+            Self::Sqlite(pool) => {
+                sqlx::query("SELECT 1").execute(pool).await?;
+            }
+            Self::Postgres(pool) => {
+                sqlx::query("SELECT 1").execute(pool).await?;
+            }
+        }
+        Ok(())
+    }
+}

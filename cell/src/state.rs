@@ -1,0 +1,11 @@
+//! What every handler of a cell shares.
+
+use crate::db::Datastore;
+use homecell_common::replica::Replica;
+use std::sync::Arc;
+
+pub struct Cell {
+    pub region: String,
+    pub db: Datastore,
+    pub replica: Arc<Replica>,
+}
