@@ -30,6 +30,10 @@ pub enum ErrorCode {
     UnknownRegion,
     /// The home cell could not be reached.
     CellUnavailable,
+    /// The home cell did not answer in time.
+    UpstreamTimeout,
+    /// The home cell's answer could not be proxied.
+    BadGateway,
     /// Not ready yet (no snapshot loaded).
     NotReady,
     /// The body is larger than allowed.
@@ -52,6 +56,8 @@ impl ErrorCode {
             Self::RegionRetired => "region_retired",
             Self::UnknownRegion => "unknown_region",
             Self::CellUnavailable => "cell_unavailable",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::BadGateway => "bad_gateway",
             Self::NotReady => "not_ready",
             Self::PayloadTooLarge => "payload_too_large",
             Self::TooManyRequests => "too_many_requests",
@@ -70,8 +76,9 @@ impl ErrorCode {
             Self::PayloadTooLarge => 413,
             Self::TooManyRequests => 429,
             Self::Internal => 500,
-            Self::CellUnavailable => 502,
-            Self::RegionDraining | Self::RegionRetired | Self::NotReady => 503,
+            Self::BadGateway => 502,
+            Self::UpstreamTimeout => 504,
+            Self::CellUnavailable | Self::RegionDraining | Self::RegionRetired | Self::NotReady => 503,
         }
     }
 
@@ -87,7 +94,10 @@ impl ErrorCode {
                 Code::FailedPrecondition
             }
             Self::TooManyRequests => Code::ResourceExhausted,
-            Self::RegionDraining | Self::CellUnavailable | Self::NotReady => Code::Unavailable,
+            Self::RegionDraining | Self::CellUnavailable | Self::NotReady | Self::BadGateway => {
+                Code::Unavailable
+            }
+            Self::UpstreamTimeout => Code::DeadlineExceeded,
             Self::Internal => Code::Internal,
         }
     }
@@ -105,6 +115,8 @@ impl ErrorCode {
             Self::RegionRetired => "Region is retired",
             Self::UnknownRegion => "Unknown region",
             Self::CellUnavailable => "Home cell unavailable",
+            Self::UpstreamTimeout => "Home cell timed out",
+            Self::BadGateway => "Bad answer from the home cell",
             Self::NotReady => "Not ready",
             Self::PayloadTooLarge => "Payload too large",
             Self::TooManyRequests => "Too many requests",

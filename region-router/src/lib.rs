@@ -1,1 +1,78 @@
+//! The Homecell region router: a Pingora proxy that sends each request to its
+//! user's home cell over mTLS, on a routing table built from a persisted
+//! replica of the control plane's state.
 
+pub mod background;
+pub mod config;
+pub mod decide;
+pub mod metrics;
+pub mod proxy;
+pub mod routes;
+
+use anyhow::Result;
+use arc_swap::ArcSwap;
+use homecell_common::replica::{Replica, WatchTarget};
+use homecell_proto::control::SubscriberKind;
+use pingora::server::Server;
+use pingora::server::configuration::ServerConf;
+use pingora::services::background::background_service;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Builds and runs the Pingora server; returns when it shuts down.
+pub fn run(config: config::RouterConfig) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let tls = config.tls.load()?;
+    let replica = Replica::open(&config.data_dir.join("replica.redb"))?;
+    let fallback_retry_after = Duration::from_secs(config.draining_retry_after_secs);
+
+    // Route from the persisted copy at once, before the control plane answers.
+    let initial = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(routes::build(
+            &replica.state(),
+            config.default_region(),
+            fallback_retry_after,
+            &routes::RouteTable::default(),
+        ));
+    tracing::info!(revision = initial.revision, regions = initial.regions.len(), "routing table loaded from the local replica");
+    let table = Arc::new(ArcSwap::from_pointee(initial));
+
+    let conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(2),
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let router = proxy::Router {
+        table: table.clone(),
+        cells: proxy::CellClient::new(&tls, &config.upstream)?,
+    };
+    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, router);
+    proxy.add_tcp(&config.listen.to_string());
+    server.add_service(proxy);
+    server.add_service(background_service(
+        "replica",
+        background::Background {
+            replica,
+            target: WatchTarget {
+                endpoint: config.control_plane.clone(),
+                server_name: config.control_plane_name.clone(),
+                tls,
+                kind: SubscriberKind::Router,
+                region: config.region.clone(),
+            },
+            table,
+            default_region: config.default_region().to_string(),
+            draining_retry_after: fallback_retry_after,
+            admin_listen: config.admin_listen,
+        },
+    ));
+    tracing::info!(listen = %config.listen, region = %config.region, default_region = config.default_region(), "router listening");
+    server.run(pingora::server::RunArgs::default());
+    Ok(())
+}

@@ -1,1 +1,41 @@
-fn main() {}
+//! `region-router`: the edge proxy.
+
+use clap::Parser;
+use homecell_region_router::config::RouterConfig;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(name = "region-router", version, about = "Homecell region router (Pingora)")]
+struct Cli {
+    /// TOML configuration; HOMECELL_ROUTER_* environment variables override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match RouterConfig::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check {
+        println!("configuration ok");
+        return ExitCode::SUCCESS;
+    }
+    homecell_common::telemetry::init(config.log_format);
+    match homecell_region_router::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

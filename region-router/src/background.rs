@@ -1,0 +1,68 @@
+//! The router's background work, run as a Pingora background service: keep
+//! the replica current, rebuild the routing table whenever it changes (and
+//! every 30 s, to follow DNS), and serve the admin listener.
+
+use crate::routes::{self, RouteTable};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use homecell_common::admin;
+use homecell_common::replica::{Replica, WatchTarget};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub struct Background {
+    pub replica: Arc<Replica>,
+    pub target: WatchTarget,
+    pub table: Arc<ArcSwap<RouteTable>>,
+    pub default_region: String,
+    pub draining_retry_after: Duration,
+    pub admin_listen: SocketAddr,
+}
+
+#[async_trait]
+impl BackgroundService for Background {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let token = CancellationToken::new();
+        tokio::spawn(self.replica.clone().run(self.target.clone(), token.clone()));
+
+        let (replica, table) = (self.replica.clone(), self.table.clone());
+        let ready: admin::ReadyCheck = Arc::new(move || {
+            if !replica.is_ready() {
+                Err("no control-plane snapshot applied yet".into())
+            } else if table.load().revision == 0 {
+                Err("no routing table built yet".into())
+            } else {
+                Ok(())
+            }
+        });
+        match admin::serve(self.admin_listen, ready, token.clone()).await {
+            Ok(addr) => tracing::info!(admin = %addr, "router admin listening"),
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "admin listener failed"),
+        }
+
+        let mut revisions = self.replica.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                changed = revisions.changed() => if changed.is_err() { break },
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+            let state = self.replica.state();
+            let next = routes::build(
+                &state,
+                &self.default_region,
+                self.draining_retry_after,
+                &self.table.load(),
+            )
+            .await;
+            tracing::debug!(revision = next.revision, regions = next.regions.len(), "routing table rebuilt");
+            self.table.store(Arc::new(next));
+        }
+        token.cancel();
+    }
+}

@@ -1,0 +1,117 @@
+//! The router's configuration: a TOML file, `HOMECELL_ROUTER_*` overrides,
+//! then `validate()`.
+
+use anyhow::{Context, Result, bail};
+use homecell_common::telemetry::LogFormat;
+use homecell_common::tls::TlsPaths;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    /// The region this router runs in (its identity, and where unrouted
+    /// requests go once routing keys exist).
+    pub region: String,
+    /// Where a request goes when it names no region. Defaults to `region`.
+    #[serde(default)]
+    pub default_region: Option<String>,
+    /// Holds the persisted replica of the control plane's state.
+    pub data_dir: PathBuf,
+    /// The public HTTP listener.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Plain HTTP: /healthz, /ready, /metrics.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    pub control_plane: String,
+    #[serde(default = "default_cp_name")]
+    pub control_plane_name: String,
+    /// Worker threads of the proxy.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    #[serde(default)]
+    pub upstream: UpstreamTimeouts,
+    /// `Retry-After` for a draining region, unless the control plane's
+    /// `router.draining.retry_after` says otherwise.
+    #[serde(default = "default_retry_after")]
+    pub draining_retry_after_secs: u64,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// This router's client identity towards cells and the control plane.
+    pub tls: TlsPaths,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTimeouts {
+    pub connect_ms: u64,
+    pub read_ms: u64,
+    pub idle_ms: u64,
+}
+
+impl Default for UpstreamTimeouts {
+    fn default() -> Self {
+        Self {
+            connect_ms: 1_000,
+            read_ms: 30_000,
+            idle_ms: 60_000,
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    "127.0.0.1:8080".parse().expect("valid")
+}
+fn default_admin_listen() -> SocketAddr {
+    "127.0.0.1:8081".parse().expect("valid")
+}
+fn default_cp_name() -> String {
+    "control-plane".into()
+}
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+fn default_retry_after() -> u64 {
+    30
+}
+
+impl RouterConfig {
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        let c: Self = homecell_common::config::load(
+            file,
+            homecell_common::config::process_env(),
+            "HOMECELL_ROUTER_",
+        )?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        homecell_proto::region::validate_region_id(&self.region).context("region")?;
+        if let Some(d) = &self.default_region {
+            homecell_proto::region::validate_region_id(d).context("default_region")?;
+        }
+        homecell_proto::region::validate_endpoint("control_plane", &self.control_plane)
+            .context("control_plane")?;
+        if self.listen.port() == 0 {
+            bail!("listen needs an explicit port");
+        }
+        if self.listen == self.admin_listen {
+            bail!("listen and admin_listen must differ");
+        }
+        if self.threads == 0 || self.threads > 256 {
+            bail!("threads must be between 1 and 256");
+        }
+        if self.upstream.connect_ms == 0 || self.upstream.read_ms == 0 {
+            bail!("upstream timeouts must be positive");
+        }
+        self.tls.load().context("tls")?;
+        Ok(())
+    }
+
+    pub fn default_region(&self) -> &str {
+        self.default_region.as_deref().unwrap_or(&self.region)
+    }
+}

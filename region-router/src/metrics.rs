@@ -1,0 +1,28 @@
+//! The router's Prometheus metrics (served on the admin port).
+
+use prometheus::{HistogramVec, IntCounterVec};
+use std::sync::LazyLock;
+
+pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = IntCounterVec::new(
+        prometheus::Opts::new("homecell_router_requests_total", "Requests by target region and status"),
+        &["region", "status"],
+    )
+    .expect("valid metric");
+    let _ = prometheus::register(Box::new(c.clone()));
+    c
+});
+
+pub static DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    let h = HistogramVec::new(
+        prometheus::HistogramOpts::new(
+            "homecell_router_request_duration_seconds",
+            "Time from request to the end of the response, by target region",
+        )
+        .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        &["region"],
+    )
+    .expect("valid metric");
+    let _ = prometheus::register(Box::new(h.clone()));
+    h
+});

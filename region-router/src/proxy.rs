@@ -1,0 +1,252 @@
+//! The proxy's request lifecycle, as Pingora phases:
+//!
+//! ```text
+//! request_filter          request id; decide the home cell, or answer a problem
+//!   └─ upstream_peer      the cell's address, over mTLS, with tight timeouts
+//!        └─ upstream_request_filter   x-request-id, x-forwarded-*
+//!             └─ response_filter      x-request-id, x-home-region
+//! fail_to_proxy           a cell that cannot be reached → problem+json, fast
+//! logging                 metrics (no personal data)
+//! ```
+
+use crate::decide::{CELL_DOWN_RETRY_AFTER, Refusal, decide};
+use crate::metrics;
+use crate::routes::{RouteTable, Upstream};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use homecell_proto::ErrorCode;
+use homecell_proto::error::{PROBLEM_CONTENT_TYPE, Problem};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::utils::tls::{CertKey, WrappedX509, parse_x509};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the proxy needs to reach cells.
+pub struct CellClient {
+    pub cert_key: Arc<CertKey>,
+    pub ca: Arc<[WrappedX509]>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl CellClient {
+    pub fn new(tls: &homecell_common::tls::TlsMaterial, t: &crate::config::UpstreamTimeouts) -> anyhow::Result<Self> {
+        let chain = tls.cert_chain()?.into_iter().map(|c| c.to_vec()).collect();
+        let key = tls.private_key()?.secret_der().to_vec();
+        let ca: Vec<WrappedX509> = rustls_ca_ders(tls)?
+            .into_iter()
+            .map(|der| WrappedX509::new(der, parse_x509))
+            .collect();
+        Ok(Self {
+            cert_key: Arc::new(CertKey::new(chain, key)),
+            ca: Arc::from(ca),
+            connect_timeout: Duration::from_millis(t.connect_ms),
+            read_timeout: Duration::from_millis(t.read_ms),
+            idle_timeout: Duration::from_millis(t.idle_ms),
+        })
+    }
+}
+
+fn rustls_ca_ders(tls: &homecell_common::tls::TlsMaterial) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for c in rustls_pemfile::certs(&mut tls.ca_pem.as_slice()) {
+        out.push(c?.to_vec());
+    }
+    Ok(out)
+}
+
+pub struct Router {
+    pub table: Arc<ArcSwap<RouteTable>>,
+    pub cells: CellClient,
+}
+
+pub struct Ctx {
+    request_id: String,
+    upstream: Option<Arc<Upstream>>,
+    started: Instant,
+}
+
+/// A client-sent request id is kept only if it is short and printable.
+fn usable_request_id(v: &[u8]) -> Option<String> {
+    let ok = !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic());
+    ok.then(|| String::from_utf8_lossy(v).into_owned())
+}
+
+async fn respond_problem(session: &mut Session, ctx: &Ctx, refusal: &Refusal) -> Result<()> {
+    let mut problem = Problem::new(refusal.code, refusal.detail.clone());
+    problem.instance = Some(format!("urn:request:{}", ctx.request_id));
+    let body = Bytes::from(problem.to_json());
+    let mut resp = ResponseHeader::build(refusal.code.http_status(), Some(5))?;
+    resp.insert_header("content-type", PROBLEM_CONTENT_TYPE)?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+    if let Some(secs) = refusal.retry_after {
+        resp.insert_header("retry-after", secs.to_string())?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+#[async_trait]
+impl ProxyHttp for Router {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            request_id: String::new(),
+            upstream: None,
+            started: Instant::now(),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let headers = &session.req_header().headers;
+        ctx.request_id = headers
+            .get("x-request-id")
+            .and_then(|v| usable_request_id(v.as_bytes()))
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let table = self.table.load();
+        if table.revision == 0 {
+            let r = Refusal {
+                code: ErrorCode::NotReady,
+                detail: "this router has no routing table yet".into(),
+                retry_after: Some(1),
+            };
+            respond_problem(session, ctx, &r).await?;
+            return Ok(true);
+        }
+        let header = match headers.get("x-home-region").map(|v| v.to_str()) {
+            None => None,
+            Some(Ok(v)) => Some(v),
+            Some(Err(_)) => Some("\u{fffd}"),
+        };
+        match decide(&table, header) {
+            Ok(up) => {
+                ctx.upstream = Some(up);
+                Ok(false)
+            }
+            Err(refusal) => {
+                respond_problem(session, ctx, &refusal).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let up = ctx
+            .upstream
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream decided"))?;
+        let addr = up
+            .pick()
+            .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no address for the cell"))?;
+        // Built from a SocketAddr: HttpPeer::new would panic on a name it
+        // cannot resolve.
+        let mut peer = HttpPeer::new(addr, true, up.sni.clone());
+        peer.client_cert_key = Some(self.cells.cert_key.clone());
+        peer.options.ca = Some(self.cells.ca.clone());
+        peer.options.connection_timeout = Some(self.cells.connect_timeout);
+        peer.options.total_connection_timeout = Some(self.cells.connect_timeout * 2);
+        peer.options.read_timeout = Some(self.cells.read_timeout);
+        peer.options.write_timeout = Some(self.cells.read_timeout);
+        peer.options.idle_timeout = Some(self.cells.idle_timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        req.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            let ip = addr.ip().to_string();
+            let xff = match req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip,
+            };
+            req.insert_header("x-forwarded-for", xff)?;
+        }
+        req.insert_header("x-forwarded-proto", "http")?;
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if resp.headers.get("x-home-region").is_none()
+            && let Some(up) = &ctx.upstream
+        {
+            resp.insert_header("x-home-region", up.region.as_str())?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let region = ctx.upstream.as_ref().map_or("", |u| u.region.as_str()).to_string();
+        let refusal = match e.etype() {
+            ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSHandshakeTimedout
+            | ErrorType::SocketError => Refusal {
+                code: ErrorCode::CellUnavailable,
+                detail: format!("the cell of region {region} cannot be reached"),
+                retry_after: Some(CELL_DOWN_RETRY_AFTER),
+            },
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => Refusal {
+                code: ErrorCode::UpstreamTimeout,
+                detail: format!("the cell of region {region} did not answer in time"),
+                retry_after: None,
+            },
+            _ if e.esource() == &ErrorSource::Downstream => {
+                // The client went away or sent garbage: nothing useful to answer.
+                return FailToProxy {
+                    error_code: 0,
+                    can_reuse_downstream: false,
+                };
+            }
+            _ => Refusal {
+                code: ErrorCode::BadGateway,
+                detail: format!("the answer from the cell of region {region} could not be proxied"),
+                retry_after: None,
+            },
+        };
+        tracing::warn!(region, request_id = %ctx.request_id, error = %e, "proxy to cell failed");
+        if session.response_written().is_none()
+            && let Err(we) = respond_problem(session, ctx, &refusal).await
+        {
+            tracing::debug!(error = %we, "cannot write the error response");
+        }
+        FailToProxy {
+            error_code: refusal.code.http_status(),
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session
+            .response_written()
+            .map_or(0, |r| r.status.as_u16());
+        let region = ctx.upstream.as_ref().map_or("none", |u| u.region.as_str());
+        metrics::REQUESTS
+            .with_label_values(&[region, &status.to_string()])
+            .inc();
+        metrics::DURATION
+            .with_label_values(&[region])
+            .observe(ctx.started.elapsed().as_secs_f64());
+    }
+}
