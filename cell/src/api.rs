@@ -32,7 +32,8 @@ impl IntoResponse for ApiError {
 }
 
 pub fn problem(code: ErrorCode, detail: &str) -> Response {
-    let status = StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status =
+        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (
         status,
         [(header::CONTENT_TYPE, PROBLEM_CONTENT_TYPE)],
@@ -48,7 +49,10 @@ pub fn router(cell: Arc<Cell>) -> Router {
         .route("/v1/region", get(region))
         .fallback(|| async { ApiError(CodedError::not_found("no such route")) })
         .layer(middleware::from_fn(require_internal_peer))
-        .layer(middleware::from_fn_with_state(cell.clone(), response_headers))
+        .layer(middleware::from_fn_with_state(
+            cell.clone(),
+            response_headers,
+        ))
         .with_state(cell)
 }
 
@@ -61,7 +65,10 @@ async fn require_internal_peer(req: Request, next: Next) -> Response {
             ErrorCode::PermissionDenied,
             &format!("{other} may not call the cell API"),
         ),
-        None => problem(ErrorCode::Unauthenticated, "a client certificate is required"),
+        None => problem(
+            ErrorCode::Unauthenticated,
+            "a client certificate is required",
+        ),
     }
 }
 

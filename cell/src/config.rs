@@ -60,7 +60,9 @@ impl CellConfig {
         homecell_proto::region::validate_endpoint("control_plane", &self.control_plane)
             .context("control_plane")?;
         if let Some(url) = &self.database_url
-            && !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://"))
+            && !(url.starts_with("sqlite:")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://"))
         {
             bail!("database_url must start with sqlite: or postgres://");
         }

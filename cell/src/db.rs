@@ -87,10 +87,11 @@ impl Datastore {
                 .await?;
                 for m in SQLITE_MIGRATIONS {
                     let mut tx = pool.begin().await?;
-                    let done: Option<i64> = sqlx::query_scalar("SELECT version FROM _migrations WHERE version = ?")
-                        .bind(m.version)
-                        .fetch_optional(&mut *tx)
-                        .await?;
+                    let done: Option<i64> =
+                        sqlx::query_scalar("SELECT version FROM _migrations WHERE version = ?")
+                            .bind(m.version)
+                            .fetch_optional(&mut *tx)
+                            .await?;
                     if done.is_none() {
                         sqlx::raw_sql(m.sql)
                             .execute(&mut *tx)
@@ -117,10 +118,11 @@ impl Datastore {
                 .execute(&mut *tx)
                 .await?;
                 for m in POSTGRES_MIGRATIONS {
-                    let done: Option<i64> = sqlx::query_scalar("SELECT version FROM _migrations WHERE version = $1")
-                        .bind(m.version)
-                        .fetch_optional(&mut *tx)
-                        .await?;
+                    let done: Option<i64> =
+                        sqlx::query_scalar("SELECT version FROM _migrations WHERE version = $1")
+                            .bind(m.version)
+                            .fetch_optional(&mut *tx)
+                            .await?;
                     if done.is_none() {
                         sqlx::raw_sql(m.sql)
                             .execute(&mut *tx)

@@ -5,7 +5,10 @@ use std::sync::LazyLock;
 
 pub static HTTP_RESPONSES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     let c = IntCounterVec::new(
-        prometheus::Opts::new("homecell_cell_http_responses_total", "API responses by status"),
+        prometheus::Opts::new(
+            "homecell_cell_http_responses_total",
+            "API responses by status",
+        ),
         &["status"],
     )
     .expect("valid metric");

@@ -21,7 +21,10 @@ pub fn router(ready: ReadyCheck) -> Router {
 async fn ready_handler(State(ready): State<ReadyCheck>) -> impl IntoResponse {
     match ready() {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 
@@ -31,7 +34,10 @@ async fn metrics_handler() -> impl IntoResponse {
         .encode_to_string(&prometheus::gather())
         .unwrap_or_else(|e| format!("# encoding failed: {e}\n"));
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         body,
     )
 }

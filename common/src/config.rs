@@ -45,11 +45,13 @@ pub fn load<T: DeserializeOwned>(
 fn env_value(raw: &str) -> toml::Value {
     match format!("v = {raw}").parse::<toml::Table>() {
         Ok(mut t) => match t.remove("v") {
-            Some(v @ (toml::Value::Integer(_)
-            | toml::Value::Float(_)
-            | toml::Value::Boolean(_)
-            | toml::Value::Array(_)
-            | toml::Value::String(_))) => v,
+            Some(
+                v @ (toml::Value::Integer(_)
+                | toml::Value::Float(_)
+                | toml::Value::Boolean(_)
+                | toml::Value::Array(_)
+                | toml::Value::String(_)),
+            ) => v,
             _ => toml::Value::String(raw.to_string()),
         },
         Err(_) => toml::Value::String(raw.to_string()),
@@ -94,7 +96,10 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -108,7 +113,10 @@ mod tests {
             "HC_",
         )
         .unwrap();
-        assert_eq!((c.listen.as_str(), c.threads, c.tls.ca.as_str()), ("a:1", 4, "/y"));
+        assert_eq!(
+            (c.listen.as_str(), c.threads, c.tls.ca.as_str()),
+            ("a:1", 4, "/y")
+        );
     }
 
     #[test]
@@ -117,7 +125,12 @@ mod tests {
         assert!(e.is_err());
         let e = load::<Conf>(
             None,
-            env(&[("HC_LISTEN", "a"), ("HC_THREADS", "1"), ("HC_TLS__CA", "c"), ("HC_NOPE", "1")]),
+            env(&[
+                ("HC_LISTEN", "a"),
+                ("HC_THREADS", "1"),
+                ("HC_TLS__CA", "c"),
+                ("HC_NOPE", "1"),
+            ]),
             "HC_",
         );
         let msg = format!("{:#}", e.unwrap_err());

@@ -115,7 +115,11 @@ impl LocalStore {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
         let revision = match meta.get("revision")? {
-            Some(v) => u64::from_le_bytes(v.value().try_into().map_err(|_| anyhow!("corrupt revision"))?),
+            Some(v) => u64::from_le_bytes(
+                v.value()
+                    .try_into()
+                    .map_err(|_| anyhow!("corrupt revision"))?,
+            ),
             None => 0,
         };
         let node_id = meta
@@ -293,8 +297,9 @@ impl Replica {
     async fn apply_snapshot(&self, snapshot: Snapshot) -> Result<u64> {
         let state = ReplicaState::from_snapshot(snapshot);
         let store = self.store.clone();
-        let state = tokio::task::spawn_blocking(move || store.write_snapshot(&state).map(|()| state))
-            .await??;
+        let state =
+            tokio::task::spawn_blocking(move || store.write_snapshot(&state).map(|()| state))
+                .await??;
         Ok(self.publish(state))
     }
 
@@ -328,7 +333,9 @@ impl Replica {
             match outcome {
                 Ok(true) => backoff = Duration::from_millis(100),
                 Ok(false) => {}
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), endpoint = %target.endpoint, "watch stream to the control plane failed; serving the last applied state"),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), endpoint = %target.endpoint, "watch stream to the control plane failed; serving the last applied state")
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
@@ -377,7 +384,9 @@ impl Replica {
                 return Ok(progressed);
             };
             let (offered, applied) = match msg.kind {
-                Some(watch_response::Kind::Snapshot(s)) => (s.revision, self.apply_snapshot(s).await),
+                Some(watch_response::Kind::Snapshot(s)) => {
+                    (s.revision, self.apply_snapshot(s).await)
+                }
                 Some(watch_response::Kind::Delta(d)) => (d.revision, self.apply_delta(d).await),
                 None => (0, Err(anyhow!("empty watch response"))),
             };
@@ -423,7 +432,10 @@ mod tests {
     fn delta(revision: u64, changes: Vec<change::Kind>) -> ChangeSet {
         ChangeSet {
             revision,
-            changes: changes.into_iter().map(|k| Change { kind: Some(k) }).collect(),
+            changes: changes
+                .into_iter()
+                .map(|k| Change { kind: Some(k) })
+                .collect(),
             ..Default::default()
         }
     }

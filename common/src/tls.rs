@@ -163,7 +163,10 @@ impl TlsMaterial {
 
     pub fn tonic_server(&self) -> tonic::transport::ServerTlsConfig {
         tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
             .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca_pem))
     }
 
@@ -171,7 +174,10 @@ impl TlsMaterial {
     pub fn tonic_client(&self, server_name: &str) -> tonic::transport::ClientTlsConfig {
         tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
-            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
             .domain_name(server_name)
     }
 }
@@ -222,7 +228,8 @@ impl Pki {
             return Ok(paths);
         }
         let ca_key = KeyPair::from_pem(&std::fs::read_to_string(self.dir.join("ca-key.pem"))?)?;
-        let issuer = Issuer::from_ca_cert_pem(&std::fs::read_to_string(self.ca_cert_path())?, ca_key)?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&std::fs::read_to_string(self.ca_cert_path())?, ca_key)?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params
             .distinguished_name
@@ -287,7 +294,9 @@ mod tests {
         let id = PeerIdentity::Cell {
             region: "eu-west".into(),
         };
-        let paths = pki.issue(&id, &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let paths = pki
+            .issue(&id, &["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
         let m = paths.load().unwrap();
         let leaf = m.cert_chain().unwrap();
         assert_eq!(PeerIdentity::from_cert(leaf[0].as_ref()), Some(id));

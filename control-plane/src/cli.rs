@@ -26,13 +26,23 @@ pub enum Output {
 #[derive(Debug, Args, Clone)]
 pub struct Connection {
     /// The control plane's gRPC endpoint.
-    #[arg(long, global = true, env = "HOMECELL_CONTROL_PLANE", default_value = "https://127.0.0.1:7443")]
+    #[arg(
+        long,
+        global = true,
+        env = "HOMECELL_CONTROL_PLANE",
+        default_value = "https://127.0.0.1:7443"
+    )]
     pub endpoint: String,
     /// A PKI directory holding ca.pem and operator.<name>.pem/-key.pem.
     #[arg(long, global = true, env = "HOMECELL_PKI_DIR")]
     pub pki_dir: Option<PathBuf>,
     /// The operator name whose certificate to use from --pki-dir.
-    #[arg(long, global = true, env = "HOMECELL_OPERATOR", default_value = "admin")]
+    #[arg(
+        long,
+        global = true,
+        env = "HOMECELL_OPERATOR",
+        default_value = "admin"
+    )]
     pub operator: String,
     /// CA certificate (with --tls-cert and --tls-key, instead of --pki-dir).
     #[arg(long = "tls-ca", global = true, env = "HOMECELL_TLS_CA")]
@@ -79,7 +89,13 @@ impl Connection {
             .timeout(Duration::from_secs(10))
             .connect()
             .await
-            .map_err(|e| anyhow!("cannot reach the control plane at {}: {}", self.endpoint, source_chain(&e)))
+            .map_err(|e| {
+                anyhow!(
+                    "cannot reach the control plane at {}: {}",
+                    self.endpoint,
+                    source_chain(&e)
+                )
+            })
     }
 }
 
@@ -247,26 +263,46 @@ pub async fn region(conn: &Connection, cmd: RegionCmd) -> Result<()> {
             (r.region, r.revision)
         }
         RegionCmd::Drain { id } => {
-            let r = client.update_region(status_change(id, RegionStatus::Draining)).await?.into_inner();
+            let r = client
+                .update_region(status_change(id, RegionStatus::Draining))
+                .await?
+                .into_inner();
             (r.region, r.revision)
         }
         RegionCmd::Activate { id } => {
-            let r = client.update_region(status_change(id, RegionStatus::Active)).await?.into_inner();
+            let r = client
+                .update_region(status_change(id, RegionStatus::Active))
+                .await?
+                .into_inner();
             (r.region, r.revision)
         }
         RegionCmd::Retire { id } => {
-            let r = client.update_region(status_change(id, RegionStatus::Retired)).await?.into_inner();
+            let r = client
+                .update_region(status_change(id, RegionStatus::Retired))
+                .await?
+                .into_inner();
             (r.region, r.revision)
         }
         RegionCmd::List => {
-            let r = client.list_regions(ListRegionsRequest {}).await?.into_inner();
+            let r = client
+                .list_regions(ListRegionsRequest {})
+                .await?
+                .into_inner();
             match conn.output {
                 Output::Json => print_json(&json!({
                     "revision": r.revision,
                     "regions": r.regions.iter().map(region_json).collect::<Vec<_>>(),
                 })),
                 Output::Table => print_table(
-                    &["ID", "NAME", "STATUS", "WEIGHT", "COUNTRIES", "INTERNAL ENDPOINT", "PUBLIC ENDPOINT"],
+                    &[
+                        "ID",
+                        "NAME",
+                        "STATUS",
+                        "WEIGHT",
+                        "COUNTRIES",
+                        "INTERNAL ENDPOINT",
+                        "PUBLIC ENDPOINT",
+                    ],
                     r.regions
                         .iter()
                         .map(|g| {
@@ -286,7 +322,10 @@ pub async fn region(conn: &Connection, cmd: RegionCmd) -> Result<()> {
             return Ok(());
         }
         RegionCmd::Show { id } => {
-            let r = client.get_region(GetRegionRequest { id }).await?.into_inner();
+            let r = client
+                .get_region(GetRegionRequest { id })
+                .await?
+                .into_inner();
             (r.region, 0)
         }
     };
@@ -318,7 +357,12 @@ pub async fn region(conn: &Connection, cmd: RegionCmd) -> Result<()> {
 pub async fn config(conn: &Connection, cmd: ConfigCmd) -> Result<()> {
     let mut client = config_service_client::ConfigServiceClient::new(conn.channel().await?);
     match cmd {
-        ConfigCmd::Set { key, value, ty, region } => {
+        ConfigCmd::Set {
+            key,
+            value,
+            ty,
+            region,
+        } => {
             let ty = match ty {
                 Some(t) => ConfigType::parse(&t)?,
                 None => match known_type(&key) {
@@ -339,8 +383,15 @@ pub async fn config(conn: &Connection, cmd: ConfigCmd) -> Result<()> {
                 .into_inner();
             let e = r.entry.context("no entry in the answer")?;
             match conn.output {
-                Output::Json => print_json(&json!({"entry": entry_json(&e), "revision": r.revision})),
-                Output::Table => println!("{} = {} (revision {})", scope(&e.key, &e.region), format_value(&e.value.clone().unwrap_or_default()), e.revision),
+                Output::Json => {
+                    print_json(&json!({"entry": entry_json(&e), "revision": r.revision}))
+                }
+                Output::Table => println!(
+                    "{} = {} (revision {})",
+                    scope(&e.key, &e.region),
+                    format_value(&e.value.clone().unwrap_or_default()),
+                    e.revision
+                ),
             }
         }
         ConfigCmd::Get { key, region } => {
@@ -365,7 +416,9 @@ pub async fn config(conn: &Connection, cmd: ConfigCmd) -> Result<()> {
                 .into_inner();
             match conn.output {
                 Output::Json => print_json(&json!({"revision": r.revision})),
-                Output::Table => println!("unset {} (revision {})", scope(&key, &region), r.revision),
+                Output::Table => {
+                    println!("unset {} (revision {})", scope(&key, &region), r.revision)
+                }
             }
         }
         ConfigCmd::List => {
@@ -383,8 +436,15 @@ pub async fn config(conn: &Connection, cmd: ConfigCmd) -> Result<()> {
                             let v = e.value.clone().unwrap_or_default();
                             vec![
                                 e.key.clone(),
-                                if e.region.is_empty() { "(global)".into() } else { e.region.clone() },
-                                ConfigType::of(&v).map(|t| t.name()).unwrap_or("").to_string(),
+                                if e.region.is_empty() {
+                                    "(global)".into()
+                                } else {
+                                    e.region.clone()
+                                },
+                                ConfigType::of(&v)
+                                    .map(|t| t.name())
+                                    .unwrap_or("")
+                                    .to_string(),
                                 format_value(&v),
                                 e.revision.to_string(),
                             ]
@@ -417,8 +477,16 @@ pub async fn config(conn: &Connection, cmd: ConfigCmd) -> Result<()> {
                             vec![
                                 h.revision.to_string(),
                                 h.key.clone(),
-                                if h.region.is_empty() { "(global)".into() } else { h.region.clone() },
-                                if h.deleted { "(unset)".into() } else { format_value(&h.value.clone().unwrap_or_default()) },
+                                if h.region.is_empty() {
+                                    "(global)".into()
+                                } else {
+                                    h.region.clone()
+                                },
+                                if h.deleted {
+                                    "(unset)".into()
+                                } else {
+                                    format_value(&h.value.clone().unwrap_or_default())
+                                },
                                 h.actor.clone(),
                             ]
                         })
@@ -432,9 +500,16 @@ pub async fn config(conn: &Connection, cmd: ConfigCmd) -> Result<()> {
                 .await?
                 .into_inner();
             match conn.output {
-                Output::Json => print_json(&json!({"revision": r.revision, "changed_keys": r.changed_keys})),
-                Output::Table if r.changed_keys == 0 => println!("config already matches revision {to}; nothing written"),
-                Output::Table => println!("restored {} key(s) to revision {to} (now revision {})", r.changed_keys, r.revision),
+                Output::Json => {
+                    print_json(&json!({"revision": r.revision, "changed_keys": r.changed_keys}))
+                }
+                Output::Table if r.changed_keys == 0 => {
+                    println!("config already matches revision {to}; nothing written")
+                }
+                Output::Table => println!(
+                    "restored {} key(s) to revision {to} (now revision {})",
+                    r.changed_keys, r.revision
+                ),
             }
         }
     }
@@ -474,17 +549,31 @@ pub async fn status(conn: &Connection) -> Result<()> {
         Output::Table => {
             println!("control plane at revision {}", r.revision);
             print_table(
-                &["KIND", "REGION", "NODE", "APPLIED", "CONNECTED", "LAST CONTACT", "LAST ERROR"],
+                &[
+                    "KIND",
+                    "REGION",
+                    "NODE",
+                    "APPLIED",
+                    "CONNECTED",
+                    "LAST CONTACT",
+                    "LAST ERROR",
+                ],
                 r.subscribers
                     .iter()
                     .map(|s| {
-                        let ago = Duration::from_millis((now - s.last_contact_unix_ms).max(0) as u64 / 1000 * 1000);
+                        let ago = Duration::from_millis(
+                            (now - s.last_contact_unix_ms).max(0) as u64 / 1000 * 1000,
+                        );
                         vec![
                             kind_name(s.kind()).to_string(),
                             s.region.clone(),
                             s.node_id.clone(),
                             s.applied_revision.to_string(),
-                            if s.connected { "yes".into() } else { "no".into() },
+                            if s.connected {
+                                "yes".into()
+                            } else {
+                                "no".into()
+                            },
                             format!("{} ago", humantime::format_duration(ago)),
                             s.last_error.clone(),
                         ]

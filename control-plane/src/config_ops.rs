@@ -23,7 +23,12 @@ fn check_region(tx: &Tx<'_>, region: &str) -> Result<(), CodedError> {
     }
 }
 
-pub fn set(tx: &mut Tx<'_>, key: &str, region: &str, value: ConfigValue) -> Result<ConfigEntry, CodedError> {
+pub fn set(
+    tx: &mut Tx<'_>,
+    key: &str,
+    region: &str,
+    value: ConfigValue,
+) -> Result<ConfigEntry, CodedError> {
     validate_key(key)?;
     check_region(tx, region)?;
     let value = validate_value(key, &value)?;
@@ -94,7 +99,10 @@ pub fn rollback(tx: &mut Tx<'_>, to_revision: u64) -> Result<u32, CodedError> {
     let now = tx.config_entries()?;
     let mut changed = 0;
     for e in &now {
-        if !target.iter().any(|t| t.key == e.key && t.region == e.region) {
+        if !target
+            .iter()
+            .any(|t| t.key == e.key && t.region == e.region)
+        {
             tx.delete_config(&e.key, &e.region)?;
             changed += 1;
         }

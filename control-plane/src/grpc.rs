@@ -20,14 +20,17 @@ pub struct ControlPlane {
 }
 
 fn caller<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
-    grpc_peer(req).ok_or_else(|| Status::unauthenticated("a Homecell client certificate is required"))
+    grpc_peer(req)
+        .ok_or_else(|| Status::unauthenticated("a Homecell client certificate is required"))
 }
 
 fn operator<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
     let who = caller(req)?;
     match who {
         PeerIdentity::Operator { .. } => Ok(who),
-        _ => Err(Status::permission_denied(format!("{who} is not an operator"))),
+        _ => Err(Status::permission_denied(format!(
+            "{who} is not an operator"
+        ))),
     }
 }
 
@@ -68,13 +71,18 @@ impl ControlPlane {
 
 #[tonic::async_trait]
 impl region_service_server::RegionService for ControlPlane {
-    async fn add_region(&self, req: Request<AddRegionRequest>) -> Result<Response<AddRegionResponse>, Status> {
+    async fn add_region(
+        &self,
+        req: Request<AddRegionRequest>,
+    ) -> Result<Response<AddRegionResponse>, Status> {
         let who = operator(&req)?;
         let region = req
             .into_inner()
             .region
             .ok_or_else(|| Status::invalid_argument("region is required"))?;
-        let (region, revision) = self.mutate(&who, move |tx| regions::add(tx, region)).await?;
+        let (region, revision) = self
+            .mutate(&who, move |tx| regions::add(tx, region))
+            .await?;
         tracing::info!(region = %region.id, revision, actor = %who, "region added");
         Ok(Response::new(AddRegionResponse {
             region: Some(region),
@@ -88,7 +96,9 @@ impl region_service_server::RegionService for ControlPlane {
     ) -> Result<Response<UpdateRegionResponse>, Status> {
         let who = operator(&req)?;
         let update = req.into_inner();
-        let (region, revision) = self.mutate(&who, move |tx| regions::update(tx, update)).await?;
+        let (region, revision) = self
+            .mutate(&who, move |tx| regions::update(tx, update))
+            .await?;
         Ok(Response::new(UpdateRegionResponse {
             region: Some(region),
             revision,
@@ -104,7 +114,10 @@ impl region_service_server::RegionService for ControlPlane {
         Ok(Response::new(ListRegionsResponse { regions, revision }))
     }
 
-    async fn get_region(&self, req: Request<GetRegionRequest>) -> Result<Response<GetRegionResponse>, Status> {
+    async fn get_region(
+        &self,
+        req: Request<GetRegionRequest>,
+    ) -> Result<Response<GetRegionResponse>, Status> {
         reader(&req)?;
         let id = req.into_inner().id;
         let (region, _) = self.read(move |tx| regions::get(tx, &id)).await?;
@@ -116,14 +129,19 @@ impl region_service_server::RegionService for ControlPlane {
 
 #[tonic::async_trait]
 impl config_service_server::ConfigService for ControlPlane {
-    async fn set_config(&self, req: Request<SetConfigRequest>) -> Result<Response<SetConfigResponse>, Status> {
+    async fn set_config(
+        &self,
+        req: Request<SetConfigRequest>,
+    ) -> Result<Response<SetConfigResponse>, Status> {
         let who = operator(&req)?;
         let r = req.into_inner();
         let value = r
             .value
             .ok_or_else(|| Status::invalid_argument("a config value is required"))?;
         let (entry, revision) = self
-            .mutate(&who, move |tx| config_ops::set(tx, &r.key, &r.region, value))
+            .mutate(&who, move |tx| {
+                config_ops::set(tx, &r.key, &r.region, value)
+            })
             .await?;
         tracing::info!(key = %entry.key, region = %entry.region, revision, actor = %who, "config set");
         Ok(Response::new(SetConfigResponse {
@@ -144,14 +162,22 @@ impl config_service_server::ConfigService for ControlPlane {
         Ok(Response::new(DeleteConfigResponse { revision }))
     }
 
-    async fn get_config(&self, req: Request<GetConfigRequest>) -> Result<Response<GetConfigResponse>, Status> {
+    async fn get_config(
+        &self,
+        req: Request<GetConfigRequest>,
+    ) -> Result<Response<GetConfigResponse>, Status> {
         reader(&req)?;
         let r = req.into_inner();
-        let (entry, _) = self.read(move |tx| config_ops::get(tx, &r.key, &r.region)).await?;
+        let (entry, _) = self
+            .read(move |tx| config_ops::get(tx, &r.key, &r.region))
+            .await?;
         Ok(Response::new(GetConfigResponse { entry: Some(entry) }))
     }
 
-    async fn list_config(&self, req: Request<ListConfigRequest>) -> Result<Response<ListConfigResponse>, Status> {
+    async fn list_config(
+        &self,
+        req: Request<ListConfigRequest>,
+    ) -> Result<Response<ListConfigResponse>, Status> {
         reader(&req)?;
         let (entries, revision) = self.read(|tx| tx.config_entries()).await?;
         Ok(Response::new(ListConfigResponse { entries, revision }))
@@ -180,7 +206,9 @@ impl config_service_server::ConfigService for ControlPlane {
     ) -> Result<Response<RollbackConfigResponse>, Status> {
         let who = operator(&req)?;
         let to = req.into_inner().to_revision;
-        let (changed_keys, revision) = self.mutate(&who, move |tx| config_ops::rollback(tx, to)).await?;
+        let (changed_keys, revision) = self
+            .mutate(&who, move |tx| config_ops::rollback(tx, to))
+            .await?;
         tracing::info!(to, revision, changed_keys, actor = %who, "config rolled back");
         Ok(Response::new(RollbackConfigResponse {
             revision: if changed_keys == 0 { 0 } else { revision },
@@ -205,13 +233,18 @@ impl sync_service_server::SyncService for ControlPlane {
             req.into_inner(),
         )
         .await?;
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 }
 
 #[tonic::async_trait]
 impl status_service_server::StatusService for ControlPlane {
-    async fn get_status(&self, req: Request<GetStatusRequest>) -> Result<Response<GetStatusResponse>, Status> {
+    async fn get_status(
+        &self,
+        req: Request<GetStatusRequest>,
+    ) -> Result<Response<GetStatusResponse>, Status> {
         operator(&req)?;
         Ok(Response::new(GetStatusResponse {
             revision: self.store.revision(),

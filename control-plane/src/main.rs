@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "control-plane", version, about = "Homecell control plane and operator CLI")]
+#[command(
+    name = "control-plane",
+    version,
+    about = "Homecell control plane and operator CLI"
+)]
 struct Cli {
     #[command(flatten)]
     conn: Connection,
@@ -61,7 +65,10 @@ fn main() -> ExitCode {
     if let Cmd::Serve { config, check } = cli.cmd {
         return run_server(config, check);
     }
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start: {e}");
@@ -74,7 +81,11 @@ fn main() -> ExitCode {
             Cmd::Region(c) => cli::region(&conn, c).await,
             Cmd::Config(c) => cli::config(&conn, c).await,
             Cmd::Status => cli::status(&conn).await,
-            Cmd::Pki(PkiCmd::Issue { dir, identity, hosts }) => issue(&dir, &identity, hosts),
+            Cmd::Pki(PkiCmd::Issue {
+                dir,
+                identity,
+                hosts,
+            }) => issue(&dir, &identity, hosts),
             Cmd::Serve { .. } => unreachable!("handled above"),
         }
     });

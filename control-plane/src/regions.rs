@@ -36,7 +36,11 @@ fn check_countries_free(tx: &Tx<'_>, region: &Region) -> Result<(), CodedError> 
         if other.id == region.id || other.status == RegionStatus::Retired as i32 {
             continue;
         }
-        if let Some(c) = region.countries.iter().find(|c| other.countries.contains(c)) {
+        if let Some(c) = region
+            .countries
+            .iter()
+            .find(|c| other.countries.contains(c))
+        {
             return Err(CodedError::new(
                 ErrorCode::AlreadyExists,
                 format!("country {c} is already served by region {}", other.id),
@@ -69,7 +73,11 @@ pub fn add(tx: &mut Tx<'_>, r: Region) -> Result<Region, CodedError> {
         internal_endpoint: validate_endpoint("internal endpoint", &r.internal_endpoint)?,
         countries: normalize_countries(&r.countries)?,
         status: status as i32,
-        weight: validate_weight(if r.weight == 0 { DEFAULT_WEIGHT } else { r.weight })?,
+        weight: validate_weight(if r.weight == 0 {
+            DEFAULT_WEIGHT
+        } else {
+            r.weight
+        })?,
         id: r.id,
         revision: 0,
     };
@@ -79,7 +87,10 @@ pub fn add(tx: &mut Tx<'_>, r: Region) -> Result<Region, CodedError> {
 
 pub fn update(tx: &mut Tx<'_>, u: UpdateRegionRequest) -> Result<Region, CodedError> {
     let current = tx.region(&u.id)?.ok_or_else(|| {
-        CodedError::new(ErrorCode::UnknownRegion, format!("region {:?} does not exist", u.id))
+        CodedError::new(
+            ErrorCode::UnknownRegion,
+            format!("region {:?} does not exist", u.id),
+        )
     })?;
     let mut next = current.clone();
     if let Some(name) = &u.display_name {
@@ -129,6 +140,9 @@ pub fn update(tx: &mut Tx<'_>, u: UpdateRegionRequest) -> Result<Region, CodedEr
 
 pub fn get(tx: &Tx<'_>, id: &str) -> Result<Region, CodedError> {
     tx.region(id)?.ok_or_else(|| {
-        CodedError::new(ErrorCode::UnknownRegion, format!("region {id:?} does not exist"))
+        CodedError::new(
+            ErrorCode::UnknownRegion,
+            format!("region {id:?} does not exist"),
+        )
     })
 }

@@ -48,7 +48,11 @@ fn default_retain() -> u64 {
 
 impl ServeConfig {
     pub fn load(file: Option<&std::path::Path>) -> Result<Self> {
-        let c: Self = homecell_common::config::load(file, homecell_common::config::process_env(), "HOMECELL_CP_")?;
+        let c: Self = homecell_common::config::load(
+            file,
+            homecell_common::config::process_env(),
+            "HOMECELL_CP_",
+        )?;
         c.validate()?;
         Ok(c)
     }

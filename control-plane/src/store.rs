@@ -93,7 +93,9 @@ impl Tx<'_> {
 
     pub fn config(&self, key: &str, region: &str) -> Result<Option<ConfigEntry>, CodedError> {
         let t = self.txn.open_table(CONFIG).map_err(storage)?;
-        let v = t.get(config_row_key(key, region).as_str()).map_err(storage)?;
+        let v = t
+            .get(config_row_key(key, region).as_str())
+            .map_err(storage)?;
         v.map(|v| decode(v.value())).transpose()
     }
 
@@ -168,7 +170,10 @@ impl Tx<'_> {
     pub fn config_at(&self, revision: u64) -> Result<Vec<ConfigHistoryEntry>, CodedError> {
         let t = self.txn.open_table(CONFIG_HISTORY).map_err(storage)?;
         let mut latest = std::collections::BTreeMap::new();
-        for row in t.range((0u64, "")..=(revision, "\u{10FFFF}")).map_err(storage)? {
+        for row in t
+            .range((0u64, "")..=(revision, "\u{10FFFF}"))
+            .map_err(storage)?
+        {
             let (k, v) = row.map_err(storage)?;
             let (_, rowkey) = k.value();
             latest.insert(rowkey.to_string(), decode::<ConfigHistoryEntry>(v.value())?);
@@ -248,10 +253,15 @@ impl Store {
         };
         {
             let mut log = txn.open_table(CHANGES).map_err(storage)?;
-            log.insert(next, cs.encode_to_vec().as_slice()).map_err(storage)?;
+            log.insert(next, cs.encode_to_vec().as_slice())
+                .map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
             meta.insert(REVISION, next).map_err(storage)?;
-            let floor = meta.get(LOG_FLOOR).map_err(storage)?.map(|v| v.value()).unwrap_or(0);
+            let floor = meta
+                .get(LOG_FLOOR)
+                .map_err(storage)?
+                .map(|v| v.value())
+                .unwrap_or(0);
             if next - floor > self.retain_changes {
                 let new_floor = next - self.retain_changes;
                 log.retain_in(..=new_floor, |_, _| false).map_err(storage)?;
@@ -265,7 +275,10 @@ impl Store {
 
     /// Runs read-only `f` against a consistent view (a write transaction that
     /// is then aborted, so reads share the mutation helpers).
-    pub fn read<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T, CodedError>) -> Result<(T, u64), CodedError> {
+    pub fn read<T>(
+        &self,
+        f: impl FnOnce(&Tx<'_>) -> Result<T, CodedError>,
+    ) -> Result<(T, u64), CodedError> {
         let (out, revision) = self.mutate("read", |tx| f(tx))?;
         Ok((out, revision))
     }
@@ -283,10 +296,20 @@ impl Store {
             revision,
             ..Default::default()
         };
-        for row in txn.open_table(REGIONS).map_err(storage)?.iter().map_err(storage)? {
+        for row in txn
+            .open_table(REGIONS)
+            .map_err(storage)?
+            .iter()
+            .map_err(storage)?
+        {
             snap.regions.push(decode(row.map_err(storage)?.1.value())?);
         }
-        for row in txn.open_table(CONFIG).map_err(storage)?.iter().map_err(storage)? {
+        for row in txn
+            .open_table(CONFIG)
+            .map_err(storage)?
+            .iter()
+            .map_err(storage)?
+        {
             snap.config.push(decode(row.map_err(storage)?.1.value())?);
         }
         Ok(snap)
@@ -294,11 +317,23 @@ impl Store {
 
     /// Change sets after `revision`, at most `max`; `None` when the log no
     /// longer reaches back that far (the caller then sends a snapshot).
-    pub fn changes_after(&self, revision: u64, max: usize) -> Result<Option<Vec<ChangeSet>>, CodedError> {
+    pub fn changes_after(
+        &self,
+        revision: u64,
+        max: usize,
+    ) -> Result<Option<Vec<ChangeSet>>, CodedError> {
         let txn = self.db.begin_read().map_err(storage)?;
         let meta = txn.open_table(META).map_err(storage)?;
-        let floor = meta.get(LOG_FLOOR).map_err(storage)?.map(|v| v.value()).unwrap_or(0);
-        let current = meta.get(REVISION).map_err(storage)?.map(|v| v.value()).unwrap_or(0);
+        let floor = meta
+            .get(LOG_FLOOR)
+            .map_err(storage)?
+            .map(|v| v.value())
+            .unwrap_or(0);
+        let current = meta
+            .get(REVISION)
+            .map_err(storage)?
+            .map(|v| v.value())
+            .unwrap_or(0);
         if revision < floor || revision > current {
             return Ok(None);
         }
@@ -311,7 +346,11 @@ impl Store {
     }
 
     /// Config history, newest first, optionally for one key.
-    pub fn config_history(&self, key: &str, limit: usize) -> Result<Vec<ConfigHistoryEntry>, CodedError> {
+    pub fn config_history(
+        &self,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<ConfigHistoryEntry>, CodedError> {
         let txn = self.db.begin_read().map_err(storage)?;
         let t = txn.open_table(CONFIG_HISTORY).map_err(storage)?;
         let mut out = Vec::new();
@@ -372,7 +411,9 @@ mod tests {
     fn failed_or_empty_mutation_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("cp.redb"), 100).unwrap();
-        let (_, r) = s.mutate("t", |tx| tx.put_region(region("cn-east"))).unwrap();
+        let (_, r) = s
+            .mutate("t", |tx| tx.put_region(region("cn-east")))
+            .unwrap();
         assert_eq!(r, 1);
         let err = s.mutate("t", |tx| {
             tx.put_region(region("eu-west"))?;
@@ -389,12 +430,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("cp.redb"), 3).unwrap();
         for i in 0..6 {
-            s.mutate("t", |tx| tx.put_region(region(&format!("r{i}")))).unwrap();
+            s.mutate("t", |tx| tx.put_region(region(&format!("r{i}"))))
+                .unwrap();
         }
         assert_eq!(s.revision(), 6);
         assert!(s.changes_after(1, 10).unwrap().is_none());
         let tail = s.changes_after(3, 10).unwrap().unwrap();
-        assert_eq!(tail.iter().map(|c| c.revision).collect::<Vec<_>>(), vec![4, 5, 6]);
+        assert_eq!(
+            tail.iter().map(|c| c.revision).collect::<Vec<_>>(),
+            vec![4, 5, 6]
+        );
         assert!(s.changes_after(7, 10).unwrap().is_none());
     }
 }

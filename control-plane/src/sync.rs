@@ -37,7 +37,13 @@ impl Subscribers {
     }
 
     pub fn all(&self) -> Vec<SubscriberStatus> {
-        let mut v: Vec<_> = self.live.lock().expect("poisoned").values().cloned().collect();
+        let mut v: Vec<_> = self
+            .live
+            .lock()
+            .expect("poisoned")
+            .values()
+            .cloned()
+            .collect();
         v.sort_by(|a, b| (a.kind, &a.region, &a.node_id).cmp(&(b.kind, &b.region, &b.node_id)));
         v
     }
@@ -46,10 +52,12 @@ impl Subscribers {
     async fn update(&self, node_id: &str, f: impl FnOnce(&mut SubscriberStatus)) {
         let row = {
             let mut live = self.live.lock().expect("poisoned");
-            let row = live.entry(node_id.to_string()).or_insert_with(|| SubscriberStatus {
-                node_id: node_id.to_string(),
-                ..Default::default()
-            });
+            let row = live
+                .entry(node_id.to_string())
+                .or_insert_with(|| SubscriberStatus {
+                    node_id: node_id.to_string(),
+                    ..Default::default()
+                });
             f(row);
             row.last_contact_unix_ms = now_ms();
             row.clone()
@@ -91,7 +99,9 @@ pub async fn watch(
         .await?
         .ok_or_else(|| Status::invalid_argument("the stream ended before Subscribe"))?;
     let Some(watch_request::Kind::Subscribe(sub)) = first.kind else {
-        return Err(Status::invalid_argument("the first message must be Subscribe"));
+        return Err(Status::invalid_argument(
+            "the first message must be Subscribe",
+        ));
     };
     let kind = SubscriberKind::try_from(sub.kind).unwrap_or(SubscriberKind::Unspecified);
     authorize(&caller, kind, &sub.region)?;
@@ -148,7 +158,8 @@ async fn send_loop(
                     .collect(),
                 None => {
                     let s = store.clone();
-                    let Ok(Ok(snap)) = tokio::task::spawn_blocking(move || s.snapshot()).await else {
+                    let Ok(Ok(snap)) = tokio::task::spawn_blocking(move || s.snapshot()).await
+                    else {
                         return;
                     };
                     vec![(snap.revision, watch_response::Kind::Snapshot(snap))]
@@ -156,7 +167,11 @@ async fn send_loop(
             };
             need_snapshot = false;
             for (revision, kind) in responses {
-                if tx.send(Ok(WatchResponse { kind: Some(kind) })).await.is_err() {
+                if tx
+                    .send(Ok(WatchResponse { kind: Some(kind) }))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 sent = revision;
@@ -171,7 +186,11 @@ async fn send_loop(
 }
 
 /// Records ACKs and NACKs until the subscriber goes away.
-async fn report_loop(subscribers: &Subscribers, node_id: &str, inbound: &mut Streaming<WatchRequest>) {
+async fn report_loop(
+    subscribers: &Subscribers,
+    node_id: &str,
+    inbound: &mut Streaming<WatchRequest>,
+) {
     loop {
         let msg = match inbound.message().await {
             Ok(Some(m)) => m,

@@ -1,1 +1,621 @@
+//! Starts real Homecell processes (the built binaries) with their own data
+//! directories and ports, for end-to-end tests, benchmarks and the local dev
+//! cluster. Every process logs to `<root>/logs/<name>.log`; every process is
+//! killed when its handle drops, so a failing test leaves nothing running.
 
+pub mod postgres;
+
+use anyhow::{Context, Result, bail};
+use homecell_common::tls::{PeerIdentity, Pki, TlsPaths};
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the built binaries are: `HOMECELL_BIN_DIR`, else next to the running
+/// executable (a test binary lives in `target/<profile>/deps`).
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    dir: PathBuf,
+}
+
+impl Binaries {
+    pub fn locate() -> Result<Self> {
+        let dir = match std::env::var_os("HOMECELL_BIN_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => {
+                let exe = std::env::current_exe()?;
+                let mut dir = exe
+                    .parent()
+                    .context("executable has no directory")?
+                    .to_path_buf();
+                if dir.ends_with("deps") {
+                    dir.pop();
+                }
+                dir
+            }
+        };
+        for bin in ["control-plane", "cell", "region-router"] {
+            if !dir.join(bin).exists() {
+                bail!(
+                    "{} is missing: build the workspace first (cargo build --workspace)",
+                    dir.join(bin).display()
+                );
+            }
+        }
+        Ok(Self { dir })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("cannot find a free port")
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A running child process, killed on drop.
+pub struct Process {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    fn spawn(name: &str, mut cmd: Command, logs: &Path) -> Result<Self> {
+        std::fs::create_dir_all(logs)?;
+        let log = logs.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Self {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`. Returns true if it exited in time.
+    pub fn terminate(&mut self, grace: Duration) -> bool {
+        signal(self.child.id(), "-TERM");
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        false
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(sig).arg(pid.to_string()).status();
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What a CLI call printed and how it ended.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_str(&self.stdout).with_context(|| format!("not JSON: {}", self.stdout))
+    }
+}
+
+pub struct ControlPlaneNode {
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub process: Option<Process>,
+}
+
+pub struct CellNode {
+    pub region: String,
+    pub api: SocketAddr,
+    pub admin: SocketAddr,
+    pub database_url: Option<String>,
+    pub process: Option<Process>,
+}
+
+pub struct RouterNode {
+    pub region: String,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub process: Option<Process>,
+}
+
+/// Fixed ports, for the dev cluster; tests use free ports.
+#[derive(Debug, Clone, Copy)]
+pub enum Ports {
+    Free,
+    Dev,
+}
+
+/// A whole Homecell deployment on this machine.
+pub struct Cluster {
+    pub root: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub pki_dir: PathBuf,
+    bins: Binaries,
+    ports: Ports,
+    pub control_plane: ControlPlaneNode,
+    pub cells: BTreeMap<String, CellNode>,
+    pub routers: Vec<RouterNode>,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    /// A cluster in a fresh temporary directory, removed on drop.
+    pub fn temp() -> Result<Self> {
+        let tmp = tempfile::Builder::new().prefix("homecell-").tempdir()?;
+        let mut c = Self::in_dir(tmp.path(), Ports::Free)?;
+        c._tmp = Some(tmp);
+        Ok(c)
+    }
+
+    /// A cluster whose state lives in `root` (kept across runs).
+    pub fn in_dir(root: &Path, ports: Ports) -> Result<Self> {
+        std::fs::create_dir_all(root)?;
+        let root = root.canonicalize()?;
+        let pki_dir = root.join("pki");
+        let pki = Pki::open_or_create(&pki_dir)?;
+        pki.issue(
+            &PeerIdentity::ControlPlane,
+            &hosts_for(&PeerIdentity::ControlPlane),
+        )?;
+        let operator = PeerIdentity::Operator {
+            name: "admin".into(),
+        };
+        pki.issue(&operator, &hosts_for(&operator))?;
+        let (grpc, admin) = match ports {
+            Ports::Free => (free_port(), free_port()),
+            Ports::Dev => (7443, 7080),
+        };
+        Ok(Self {
+            root,
+            _tmp: None,
+            pki_dir,
+            bins: Binaries::locate()?,
+            ports,
+            control_plane: ControlPlaneNode {
+                grpc: loopback(grpc),
+                admin: loopback(admin),
+                process: None,
+            },
+            cells: BTreeMap::new(),
+            routers: Vec::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+        })
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    fn logs(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+
+    fn tls_toml(&self, id: &PeerIdentity) -> Result<String> {
+        let pki = Pki::open_or_create(&self.pki_dir)?;
+        let p: TlsPaths = pki.issue(id, &hosts_for(id))?;
+        Ok(format!(
+            "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            p.ca.display().to_string(),
+            p.cert.display().to_string(),
+            p.key.display().to_string()
+        ))
+    }
+
+    fn write_config(&self, name: &str, body: String) -> Result<PathBuf> {
+        let dir = self.root.join("config");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, body)?;
+        Ok(path)
+    }
+
+    pub fn control_plane_endpoint(&self) -> String {
+        format!("https://{}", self.control_plane.grpc)
+    }
+
+    /// Starts (or restarts) the control plane and waits for it to answer.
+    pub async fn start_control_plane(&mut self) -> Result<()> {
+        let cfg = format!(
+            "data_dir = {:?}\nlisten = \"{}\"\nadmin_listen = \"{}\"\n{}",
+            self.root.join("control-plane").display().to_string(),
+            self.control_plane.grpc,
+            self.control_plane.admin,
+            self.tls_toml(&PeerIdentity::ControlPlane)?
+        );
+        let path = self.write_config("control-plane", cfg)?;
+        let mut cmd = Command::new(self.bins.path("control-plane"));
+        cmd.arg("serve").arg("--config").arg(path);
+        let mut proc = Process::spawn("control-plane", cmd, &self.logs())?;
+        let admin = self.control_plane.admin;
+        let up = wait_up(&self.http, &format!("http://{admin}/healthz"), &mut proc).await;
+        self.control_plane.process = Some(proc);
+        up?;
+        // The gRPC listener binds after the admin one: wait for a CLI round trip.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.cli(&["status"])?.success {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the control plane's gRPC listener did not answer");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn stop_control_plane(&mut self) {
+        if let Some(mut p) = self.control_plane.process.take() {
+            p.terminate(Duration::from_secs(5));
+        }
+    }
+
+    pub fn kill_control_plane(&mut self) {
+        if let Some(mut p) = self.control_plane.process.take() {
+            p.kill();
+        }
+    }
+
+    /// Runs the operator CLI against this cluster's control plane.
+    pub fn cli(&self, args: &[&str]) -> Result<CliOutput> {
+        let out = Command::new(self.bins.path("control-plane"))
+            .args(args)
+            .env("HOMECELL_CONTROL_PLANE", self.control_plane_endpoint())
+            .env("HOMECELL_PKI_DIR", &self.pki_dir)
+            .env_remove("HOMECELL_TLS_CA")
+            .env_remove("HOMECELL_TLS_CERT")
+            .env_remove("HOMECELL_TLS_KEY")
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run the control-plane CLI")?;
+        Ok(CliOutput {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Runs the CLI and fails unless it succeeds.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<CliOutput> {
+        let out = self.cli(args)?;
+        if !out.success {
+            bail!(
+                "control-plane {} failed: {}",
+                args.join(" "),
+                out.stderr.trim()
+            );
+        }
+        Ok(out)
+    }
+
+    /// The control plane's current revision, from `status`.
+    pub fn revision(&self) -> Result<u64> {
+        let v = self.cli_ok(&["-o", "json", "status"])?.json()?;
+        v["revision"].as_u64().context("no revision in status")
+    }
+
+    /// Reserves the ports of a region's cell (so the region can be registered
+    /// with its endpoint before the cell starts).
+    pub fn plan_cell(&mut self, region: &str) -> &CellNode {
+        let index = self.cells.len() as u16;
+        let (api, admin) = match self.ports {
+            Ports::Free => (free_port(), free_port()),
+            Ports::Dev => (9443 + index, 9080 + index),
+        };
+        self.cells
+            .entry(region.to_string())
+            .or_insert_with(|| CellNode {
+                region: region.to_string(),
+                api: loopback(api),
+                admin: loopback(admin),
+                database_url: None,
+                process: None,
+            })
+    }
+
+    /// Registers `region` through the CLI, with its planned cell's endpoint.
+    pub fn add_region(&mut self, region: &str, countries: &str) -> Result<u64> {
+        let api = self.plan_cell(region).api;
+        let public = format!("http://127.0.0.1:{}", self.router_port_hint());
+        let mut args = vec![
+            "-o".to_string(),
+            "json".into(),
+            "region".into(),
+            "add".into(),
+            region.into(),
+            "--public-endpoint".into(),
+            public,
+            "--internal-endpoint".into(),
+            format!("https://{api}"),
+        ];
+        if !countries.is_empty() {
+            args.push("--countries".into());
+            args.push(countries.into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let v = self.cli_ok(&args)?.json()?;
+        v["committed_revision"]
+            .as_u64()
+            .context("no revision in the answer")
+    }
+
+    fn router_port_hint(&self) -> u16 {
+        self.routers.first().map_or(8080, |r| r.listen.port())
+    }
+
+    /// Starts (or restarts) the cell of `region`; waits for its admin port.
+    pub async fn start_cell(&mut self, region: &str) -> Result<()> {
+        self.plan_cell(region);
+        let id = PeerIdentity::Cell {
+            region: region.into(),
+        };
+        let tls = self.tls_toml(&id)?;
+        let cp = self.control_plane_endpoint();
+        let data_dir = self.root.join(format!("cell-{region}"));
+        let node = self.cells.get(region).expect("planned");
+        let mut cfg = format!(
+            "region = \"{region}\"\ndata_dir = {:?}\nlisten = \"{}\"\nadmin_listen = \"{}\"\ncontrol_plane = \"{cp}\"\n",
+            data_dir.display().to_string(),
+            node.api,
+            node.admin,
+        );
+        if let Some(url) = &node.database_url {
+            cfg.push_str(&format!("database_url = {url:?}\n"));
+        }
+        cfg.push_str(&tls);
+        let name = format!("cell-{region}");
+        let path = self.write_config(&name, cfg)?;
+        let mut cmd = Command::new(self.bins.path("cell"));
+        cmd.arg("--config").arg(path);
+        let mut proc = Process::spawn(&name, cmd, &self.logs())?;
+        let admin = node.admin;
+        let up = wait_up(&self.http, &format!("http://{admin}/healthz"), &mut proc).await;
+        self.cells.get_mut(region).expect("planned").process = Some(proc);
+        up
+    }
+
+    pub fn cell_mut(&mut self, region: &str) -> Option<&mut CellNode> {
+        self.cells.get_mut(region)
+    }
+
+    /// Starts a router in `region`; returns its index in `routers`.
+    pub async fn start_router(&mut self, region: &str, default_region: &str) -> Result<usize> {
+        let (listen, admin) = match self.ports {
+            Ports::Free => (free_port(), free_port()),
+            Ports::Dev => (8080, 8081),
+        };
+        self.routers.push(RouterNode {
+            region: region.to_string(),
+            listen: loopback(listen),
+            admin: loopback(admin),
+            process: None,
+        });
+        let index = self.routers.len() - 1;
+        self.restart_router(index, default_region).await?;
+        Ok(index)
+    }
+
+    /// (Re)starts router `index` on its ports and data directory.
+    pub async fn restart_router(&mut self, index: usize, default_region: &str) -> Result<()> {
+        let (region, listen, admin) = {
+            let r = &self.routers[index];
+            (r.region.clone(), r.listen, r.admin)
+        };
+        let tls = self.tls_toml(&PeerIdentity::Router {
+            region: region.clone(),
+        })?;
+        let cfg = format!(
+            "region = \"{region}\"\ndefault_region = \"{default_region}\"\ndata_dir = {:?}\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ncontrol_plane = \"{}\"\nthreads = 2\n{tls}",
+            self.root
+                .join(format!("router-{index}"))
+                .display()
+                .to_string(),
+            self.control_plane_endpoint(),
+        );
+        let name = format!("router-{index}");
+        let path = self.write_config(&name, cfg)?;
+        let mut cmd = Command::new(self.bins.path("region-router"));
+        cmd.arg("--config").arg(path);
+        if let Some(mut old) = self.routers[index].process.take() {
+            old.terminate(Duration::from_secs(5));
+        }
+        let mut proc = Process::spawn(&name, cmd, &self.logs())?;
+        let up = wait_up(&self.http, &format!("http://{admin}/healthz"), &mut proc).await;
+        self.routers[index].process = Some(proc);
+        up
+    }
+
+    /// The router's public base URL.
+    pub fn router_url(&self, index: usize) -> String {
+        format!("http://{}", self.routers[index].listen)
+    }
+
+    /// Waits until `url` answers 200.
+    pub async fn wait_http_ok(&self, url: &str, timeout: Duration, what: &str) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(r) = self
+                .http
+                .get(url)
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{what} did not answer 200 at {url} within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits for every router and cell to report ready.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        for c in self.cells.values().filter(|c| c.process.is_some()) {
+            self.wait_http_ok(
+                &format!("http://{}/ready", c.admin),
+                timeout,
+                &format!("cell {}", c.region),
+            )
+            .await?;
+        }
+        for (i, r) in self
+            .routers
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.process.is_some())
+        {
+            self.wait_http_ok(
+                &format!("http://{}/ready", r.admin),
+                timeout,
+                &format!("router {i}"),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every connected subscriber has applied `revision`.
+    pub async fn wait_applied(
+        &self,
+        revision: u64,
+        subscribers: usize,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let v = self.cli_ok(&["-o", "json", "status"])?.json()?;
+            let subs = v["subscribers"].as_array().cloned().unwrap_or_default();
+            let done = subs
+                .iter()
+                .filter(|s| {
+                    s["connected"] == true && s["applied_revision"].as_u64() >= Some(revision)
+                })
+                .count();
+            if done >= subscribers {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                bail!("only {done} of {subscribers} subscribers applied revision {revision}: {v}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Waits until a just-started process answers 200 at `url`; fails fast,
+/// with the end of its log, if it exits instead.
+async fn wait_up(http: &reqwest::Client, url: &str, proc: &mut Process) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = http.get(url).timeout(Duration::from_secs(1)).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        if !proc.is_running() {
+            bail!("{} exited at start:\n{}", proc.name, proc.log_tail(5));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} did not answer at {url} within 20 s:\n{}",
+                proc.name,
+                proc.log_tail(5)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The names and addresses a component's certificate is valid for.
+fn hosts_for(id: &PeerIdentity) -> Vec<String> {
+    vec![id.common_name(), "localhost".into(), "127.0.0.1".into()]
+}
+
+/// The standard local cluster: a control plane, two regions (`cn-east` and
+/// `eu-west`, registered through the CLI), a cell for each, and a router.
+pub async fn start_standard(cluster: &mut Cluster) -> Result<()> {
+    cluster.start_control_plane().await?;
+    let existing = cluster.cli_ok(&["-o", "json", "region", "list"])?.json()?;
+    let known: Vec<String> = existing["regions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| r["id"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    for (region, countries) in [("cn-east", "CN,HK,MO"), ("eu-west", "DE,FR,GB,IE,NL")] {
+        if known.iter().any(|k| k == region) {
+            cluster.plan_cell(region);
+        } else {
+            cluster.add_region(region, countries)?;
+        }
+    }
+    cluster.start_cell("cn-east").await?;
+    cluster.start_cell("eu-west").await?;
+    cluster.start_router("cn-east", "cn-east").await?;
+    cluster.wait_ready(Duration::from_secs(20)).await
+}

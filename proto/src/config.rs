@@ -86,7 +86,12 @@ pub fn validate_key(key: &str) -> Result<(), CodedError> {
 
 /// Parses text into a value of the given type.
 pub fn parse_value(ty: ConfigType, text: &str) -> Result<ConfigValue, CodedError> {
-    let bad = |why: String| CodedError::invalid(format!("value {text:?} is not a valid {}: {why}", ty.name()));
+    let bad = |why: String| {
+        CodedError::invalid(format!(
+            "value {text:?} is not a valid {}: {why}",
+            ty.name()
+        ))
+    };
     let kind = match ty {
         ConfigType::String => Kind::StringValue(text.to_string()),
         ConfigType::Int => Kind::IntValue(text.trim().parse().map_err(|e| bad(format!("{e}")))?),
@@ -100,7 +105,8 @@ pub fn parse_value(ty: ConfigType, text: &str) -> Result<ConfigValue, CodedError
             Kind::DurationMs(u64::try_from(d.as_millis()).map_err(|_| bad("too long".into()))?)
         }
         ConfigType::Json => {
-            let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(format!("{e}")))?;
+            let v: serde_json::Value =
+                serde_json::from_str(text).map_err(|e| bad(format!("{e}")))?;
             Kind::JsonValue(v.to_string())
         }
     };
@@ -110,7 +116,8 @@ pub fn parse_value(ty: ConfigType, text: &str) -> Result<ConfigValue, CodedError
 /// Checks a value as the server receives it, and against the key's known type.
 /// Returns the normalised value (compact JSON).
 pub fn validate_value(key: &str, value: &ConfigValue) -> Result<ConfigValue, CodedError> {
-    let ty = ConfigType::of(value).ok_or_else(|| CodedError::invalid("a config value is required"))?;
+    let ty =
+        ConfigType::of(value).ok_or_else(|| CodedError::invalid("a config value is required"))?;
     if let Some(want) = known_type(key)
         && want != ty
     {
@@ -136,7 +143,9 @@ pub fn format_value(value: &ConfigValue) -> String {
         Some(Kind::StringValue(s)) => s.clone(),
         Some(Kind::IntValue(i)) => i.to_string(),
         Some(Kind::BoolValue(b)) => b.to_string(),
-        Some(Kind::DurationMs(ms)) => humantime::format_duration(Duration::from_millis(*ms)).to_string(),
+        Some(Kind::DurationMs(ms)) => {
+            humantime::format_duration(Duration::from_millis(*ms)).to_string()
+        }
         Some(Kind::JsonValue(j)) => j.clone(),
     }
 }

@@ -78,7 +78,9 @@ impl ErrorCode {
             Self::Internal => 500,
             Self::BadGateway => 502,
             Self::UpstreamTimeout => 504,
-            Self::CellUnavailable | Self::RegionDraining | Self::RegionRetired | Self::NotReady => 503,
+            Self::CellUnavailable | Self::RegionDraining | Self::RegionRetired | Self::NotReady => {
+                503
+            }
         }
     }
 

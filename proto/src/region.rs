@@ -45,7 +45,11 @@ pub fn validate_endpoint(what: &str, endpoint: &str) -> Result<String, CodedErro
         None | Some("") | Some("/") => {}
         Some(_) => return Err(bad("no path or query is allowed")),
     }
-    Ok(format!("{}://{}", uri.scheme_str().unwrap_or("https"), authority))
+    Ok(format!(
+        "{}://{}",
+        uri.scheme_str().unwrap_or("https"),
+        authority
+    ))
 }
 
 /// ISO 3166-1 alpha-2 codes, officially assigned.
@@ -98,7 +102,16 @@ mod tests {
         for ok in ["cn-east", "eu-west", "us1", "ap-south-2"] {
             validate_region_id(ok).unwrap();
         }
-        for bad in ["", "a", "CN-east", "cn_east", "-cn", "cn-", "1cn", &"x".repeat(33)] {
+        for bad in [
+            "",
+            "a",
+            "CN-east",
+            "cn_east",
+            "-cn",
+            "cn-",
+            "1cn",
+            &"x".repeat(33),
+        ] {
             assert!(validate_region_id(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -60,7 +60,11 @@ impl BackgroundService for Background {
                 &self.table.load(),
             )
             .await;
-            tracing::debug!(revision = next.revision, regions = next.regions.len(), "routing table rebuilt");
+            tracing::debug!(
+                revision = next.revision,
+                regions = next.regions.len(),
+                "routing table rebuilt"
+            );
             self.table.store(Arc::new(next));
         }
         token.cancel();

@@ -31,11 +31,20 @@ impl Refusal {
 /// Seconds a client should wait before retrying a region whose cell is down.
 pub const CELL_DOWN_RETRY_AFTER: u64 = 5;
 
-pub fn decide(table: &RouteTable, home_region_header: Option<&str>) -> Result<Arc<Upstream>, Refusal> {
+pub fn decide(
+    table: &RouteTable,
+    home_region_header: Option<&str>,
+) -> Result<Arc<Upstream>, Refusal> {
     let region = match home_region_header {
         Some(r) => {
             let r = r.trim();
-            validate_region_id(r).map_err(|e| Refusal::new(ErrorCode::InvalidArgument, format!("x-home-region: {}", e.message), None))?;
+            validate_region_id(r).map_err(|e| {
+                Refusal::new(
+                    ErrorCode::InvalidArgument,
+                    format!("x-home-region: {}", e.message),
+                    None,
+                )
+            })?;
             r
         }
         None => table.default_region.as_str(),
@@ -94,7 +103,13 @@ mod tests {
                 },
             );
         }
-        crate::routes::build(&s, "cn-east", Duration::from_secs(30), &RouteTable::default()).await
+        crate::routes::build(
+            &s,
+            "cn-east",
+            Duration::from_secs(30),
+            &RouteTable::default(),
+        )
+        .await
     }
 
     #[tokio::test]
@@ -108,9 +123,21 @@ mod tests {
     async fn refuses_with_the_right_code() {
         let t = table().await;
         let r = decide(&t, Some("eu-west")).unwrap_err();
-        assert_eq!((r.code, r.retry_after), (ErrorCode::RegionDraining, Some(30)));
-        assert_eq!(decide(&t, Some("us-old")).unwrap_err().code, ErrorCode::RegionRetired);
-        assert_eq!(decide(&t, Some("ap-nowhere")).unwrap_err().code, ErrorCode::UnknownRegion);
-        assert_eq!(decide(&t, Some("../etc")).unwrap_err().code, ErrorCode::InvalidArgument);
+        assert_eq!(
+            (r.code, r.retry_after),
+            (ErrorCode::RegionDraining, Some(30))
+        );
+        assert_eq!(
+            decide(&t, Some("us-old")).unwrap_err().code,
+            ErrorCode::RegionRetired
+        );
+        assert_eq!(
+            decide(&t, Some("ap-nowhere")).unwrap_err().code,
+            ErrorCode::UnknownRegion
+        );
+        assert_eq!(
+            decide(&t, Some("../etc")).unwrap_err().code,
+            ErrorCode::InvalidArgument
+        );
     }
 }

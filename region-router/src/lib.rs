@@ -36,7 +36,11 @@ pub fn run(config: config::RouterConfig) -> Result<()> {
             fallback_retry_after,
             &routes::RouteTable::default(),
         ));
-    tracing::info!(revision = initial.revision, regions = initial.regions.len(), "routing table loaded from the local replica");
+    tracing::info!(
+        revision = initial.revision,
+        regions = initial.regions.len(),
+        "routing table loaded from the local replica"
+    );
     let table = Arc::new(ArcSwap::from_pointee(initial));
 
     let conf = ServerConf {

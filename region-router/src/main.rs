@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "region-router", version, about = "Homecell region router (Pingora)")]
+#[command(
+    name = "region-router",
+    version,
+    about = "Homecell region router (Pingora)"
+)]
 struct Cli {
     /// TOML configuration; HOMECELL_ROUTER_* environment variables override it.
     #[arg(long, short)]

@@ -5,7 +5,10 @@ use std::sync::LazyLock;
 
 pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     let c = IntCounterVec::new(
-        prometheus::Opts::new("homecell_router_requests_total", "Requests by target region and status"),
+        prometheus::Opts::new(
+            "homecell_router_requests_total",
+            "Requests by target region and status",
+        ),
         &["region", "status"],
     )
     .expect("valid metric");
@@ -19,7 +22,9 @@ pub static DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
             "homecell_router_request_duration_seconds",
             "Time from request to the end of the response, by target region",
         )
-        .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        .buckets(vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]),
         &["region"],
     )
     .expect("valid metric");

@@ -35,7 +35,10 @@ pub struct CellClient {
 }
 
 impl CellClient {
-    pub fn new(tls: &homecell_common::tls::TlsMaterial, t: &crate::config::UpstreamTimeouts) -> anyhow::Result<Self> {
+    pub fn new(
+        tls: &homecell_common::tls::TlsMaterial,
+        t: &crate::config::UpstreamTimeouts,
+    ) -> anyhow::Result<Self> {
         let chain = tls.cert_chain()?.into_iter().map(|c| c.to_vec()).collect();
         let key = tls.private_key()?.secret_der().to_vec();
         let ca: Vec<WrappedX509> = rustls_ca_ders(tls)?
@@ -168,7 +171,11 @@ impl ProxyHttp for Router {
         req.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
             let ip = addr.ip().to_string();
-            let xff = match req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            let xff = match req
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
                 Some(prev) => format!("{prev}, {ip}"),
                 None => ip,
             };
@@ -194,7 +201,11 @@ impl ProxyHttp for Router {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        let region = ctx.upstream.as_ref().map_or("", |u| u.region.as_str()).to_string();
+        let region = ctx
+            .upstream
+            .as_ref()
+            .map_or("", |u| u.region.as_str())
+            .to_string();
         let refusal = match e.etype() {
             ErrorType::ConnectTimedout
             | ErrorType::ConnectRefused
@@ -238,9 +249,7 @@ impl ProxyHttp for Router {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
-        let status = session
-            .response_written()
-            .map_or(0, |r| r.status.as_u16());
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let region = ctx.upstream.as_ref().map_or("none", |u| u.region.as_str());
         metrics::REQUESTS
             .with_label_values(&[region, &status.to_string()])

@@ -55,7 +55,12 @@ async fn resolve(endpoint: &str) -> Option<Vec<SocketAddr>> {
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         return Some(vec![SocketAddr::new(ip, port)]);
     }
-    match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host((host.as_str(), port))).await {
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::lookup_host((host.as_str(), port)),
+    )
+    .await
+    {
         Ok(Ok(addrs)) => Some(addrs.collect()),
         _ => None,
     }
@@ -119,8 +124,14 @@ mod tests {
 
     #[test]
     fn splits_endpoints() {
-        assert_eq!(host_port("https://127.0.0.1:9443"), Some(("127.0.0.1".into(), 9443)));
-        assert_eq!(host_port("https://cell-cn-east:9443"), Some(("cell-cn-east".into(), 9443)));
+        assert_eq!(
+            host_port("https://127.0.0.1:9443"),
+            Some(("127.0.0.1".into(), 9443))
+        );
+        assert_eq!(
+            host_port("https://cell-cn-east:9443"),
+            Some(("cell-cn-east".into(), 9443))
+        );
         assert_eq!(host_port("https://[::1]:9443"), Some(("::1".into(), 9443)));
         assert_eq!(host_port("nope"), None);
     }

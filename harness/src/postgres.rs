@@ -1,0 +1,165 @@
+//! A private PostgreSQL server for tests: `initdb` into a temp dir, started
+//! with `pg_ctl` on a free loopback port, stopped on drop. PostgreSQL refuses
+//! to run as root, so as root the commands run as the `postgres` user.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct TempPostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+    as_postgres_user: bool,
+}
+
+/// The newest `/usr/lib/postgresql/<v>/bin` with `initdb`, or `HOMECELL_PG_BIN`.
+fn find_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("HOMECELL_PG_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("PostgreSQL is not installed (apt-get install postgresql)")?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v = e.file_name().to_string_lossy().parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, p)| p)
+        .context("no initdb under /usr/lib/postgresql/*/bin")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+impl TempPostgres {
+    pub fn start() -> Result<Self> {
+        let bin = find_bin()?;
+        let dir = tempfile::Builder::new().prefix("homecell-pg-").tempdir()?;
+        let as_postgres_user = is_root();
+        if as_postgres_user {
+            let ok = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(dir.path())
+                .status()?
+                .success();
+            if !ok {
+                bail!("cannot hand {} to the postgres user", dir.path().display());
+            }
+        }
+        let pg = Self {
+            dir,
+            bin,
+            port: crate::free_port(),
+            as_postgres_user,
+        };
+        let data = pg.data_dir();
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        )?;
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+            pg.port,
+            pg.dir.path().display()
+        );
+        let log = pg.dir.path().join("postgres.log");
+        pg.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &data,
+                "-o",
+                &opts,
+                "-l",
+                &log.display().to_string(),
+                "-w",
+                "-t",
+                "30",
+                "start",
+            ],
+        )?;
+        Ok(pg)
+    }
+
+    fn data_dir(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> Result<()> {
+        let exe = self.bin.join(tool);
+        let out = if self.as_postgres_user {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&exe)
+                .args(args)
+                .current_dir(self.dir.path())
+                .output()
+        } else {
+            Command::new(&exe)
+                .args(args)
+                .current_dir(self.dir.path())
+                .output()
+        }
+        .with_context(|| format!("cannot run {}", exe.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{tool} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Creates a database and returns its URL.
+    pub fn create_database(&self, name: &str) -> Result<String> {
+        self.run(
+            "createdb",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                name,
+            ],
+        )?;
+        Ok(self.url(name))
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TempPostgres {
+    fn drop(&mut self) {
+        let data = self.data_dir();
+        let _ = self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
+    }
+}
