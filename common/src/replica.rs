@@ -13,8 +13,9 @@
 use anyhow::{Context, Result, anyhow, bail};
 use arc_swap::ArcSwap;
 use homecell_proto::control::{
-    Ack, ChangeSet, ConfigEntry, ConfigValue, Nack, Region, Snapshot, Subscribe, SubscriberKind,
-    WatchRequest, change, sync_service_client::SyncServiceClient, watch_request, watch_response,
+    Ack, ChangeSet, ConfigEntry, ConfigValue, IdentifierClaim, Nack, Region, Snapshot, Subscribe,
+    SubscriberKind, WatchRequest, change, sync_service_client::SyncServiceClient, watch_request,
+    watch_response,
 };
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -30,6 +31,7 @@ use crate::tls::TlsMaterial;
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const REGIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("regions");
 const CONFIG: TableDefinition<&str, &[u8]> = TableDefinition::new("config");
+const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
 
 /// The replicated state at one revision. Immutable once published.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -38,6 +40,9 @@ pub struct ReplicaState {
     pub regions: BTreeMap<String, Region>,
     /// Keyed by (key, region); region is empty for the global value.
     pub config: BTreeMap<(String, String), ConfigEntry>,
+    /// The directory's identifier claims by HMAC. A persistent map: a delta
+    /// copies a path, not millions of entries.
+    pub claims: imbl::HashMap<String, IdentifierClaim>,
 }
 
 impl ReplicaState {
@@ -50,6 +55,7 @@ impl ReplicaState {
                 .into_iter()
                 .map(|e| ((e.key.clone(), e.region.clone()), e))
                 .collect(),
+            claims: s.claims.into_iter().map(|c| (c.hmac.clone(), c)).collect(),
         }
     }
 
@@ -74,7 +80,14 @@ impl ReplicaState {
                 Some(change::Kind::ConfigDeleted(k)) => {
                     self.config.remove(&(k.key.clone(), k.region.clone()));
                 }
-                None => bail!("delta {} holds an empty change", cs.revision),
+                Some(change::Kind::IdentifierClaimed(c)) => {
+                    self.claims.insert(c.hmac.clone(), c.clone());
+                }
+                Some(change::Kind::IdentifierReleased(hmac)) => {
+                    self.claims.remove(hmac);
+                }
+                // A kind from a newer control plane: not ours to act on.
+                None => tracing::debug!(revision = cs.revision, "skipping an unknown change kind"),
             }
         }
         self.revision = cs.revision;
@@ -87,6 +100,18 @@ impl ReplicaState {
             .get(&(key.to_string(), region.to_string()))
             .or_else(|| self.config.get(&(key.to_string(), String::new())))
             .and_then(|e| e.value.as_ref())
+    }
+}
+
+/// Any cell's published signing key, by kid, with its issuer `cell.<region>`.
+impl crate::jwt::KeySet for ReplicaState {
+    fn key(&self, kid: &str) -> Option<(Vec<u8>, String)> {
+        self.regions.values().find_map(|r| {
+            r.signing_keys
+                .iter()
+                .find(|k| k.kid == kid)
+                .map(|k| (k.public_key.clone(), format!("cell.{}", r.id)))
+        })
     }
 }
 
@@ -107,6 +132,7 @@ impl LocalStore {
         txn.open_table(META)?;
         txn.open_table(REGIONS)?;
         txn.open_table(CONFIG)?;
+        txn.open_table(CLAIMS)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -139,6 +165,11 @@ impl LocalStore {
             let e = ConfigEntry::decode(v.value())?;
             state.config.insert((e.key.clone(), e.region.clone()), e);
         }
+        for row in txn.open_table(CLAIMS)?.iter()? {
+            let (_, v) = row?;
+            let c = IdentifierClaim::decode(v.value())?;
+            state.claims.insert(c.hmac.clone(), c);
+        }
         Ok((state, node_id))
     }
 
@@ -166,6 +197,11 @@ impl LocalStore {
                     e.encode_to_vec().as_slice(),
                 )?;
             }
+            let mut claims = txn.open_table(CLAIMS)?;
+            claims.retain(|_, _| false)?;
+            for c in s.claims.values() {
+                claims.insert(c.hmac.as_str(), c.encode_to_vec().as_slice())?;
+            }
             txn.open_table(META)?
                 .insert("revision", s.revision.to_le_bytes().as_slice())?;
         }
@@ -179,6 +215,7 @@ impl LocalStore {
         {
             let mut regions = txn.open_table(REGIONS)?;
             let mut config = txn.open_table(CONFIG)?;
+            let mut claims = txn.open_table(CLAIMS)?;
             for c in &cs.changes {
                 match c.kind.as_ref() {
                     Some(change::Kind::RegionUpserted(r)) => {
@@ -192,6 +229,12 @@ impl LocalStore {
                     }
                     Some(change::Kind::ConfigDeleted(k)) => {
                         config.remove(config_row_key(&k.key, &k.region).as_str())?;
+                    }
+                    Some(change::Kind::IdentifierClaimed(c)) => {
+                        claims.insert(c.hmac.as_str(), c.encode_to_vec().as_slice())?;
+                    }
+                    Some(change::Kind::IdentifierReleased(hmac)) => {
+                        claims.remove(hmac.as_str())?;
                     }
                     None => {}
                 }
@@ -458,6 +501,11 @@ mod tests {
                 }),
                 revision: 2,
             }],
+            claims: vec![IdentifierClaim {
+                hmac: "h1".into(),
+                user_id: "u1".into(),
+                region: "cn-east".into(),
+            }],
         })
         .await
         .unwrap();
@@ -485,6 +533,7 @@ mod tests {
         assert_eq!(again.state().revision, 4);
         assert_eq!(again.state().regions.len(), 2);
         assert!(again.state().config.is_empty());
+        assert_eq!(again.state().claims["h1"].user_id, "u1");
     }
 
     #[test]

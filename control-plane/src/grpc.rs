@@ -17,6 +17,18 @@ use tonic::{Request, Response, Status};
 pub struct ControlPlane {
     pub store: Arc<Store>,
     pub subscribers: Arc<Subscribers>,
+    pub directory_key: Arc<crate::directory::DirectoryKey>,
+}
+
+/// A cell acting for its own region, and nothing else.
+fn cell_of<T>(req: &Request<T>, region: &str) -> Result<PeerIdentity, Status> {
+    let who = caller(req)?;
+    match &who {
+        PeerIdentity::Cell { region: r } if r == region => Ok(who),
+        _ => Err(Status::permission_denied(format!(
+            "{who} may not act for region {region:?}"
+        ))),
+    }
 }
 
 fn caller<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
@@ -71,6 +83,19 @@ impl ControlPlane {
 
 #[tonic::async_trait]
 impl region_service_server::RegionService for ControlPlane {
+    async fn publish_signing_keys(
+        &self,
+        req: Request<PublishSigningKeysRequest>,
+    ) -> Result<Response<PublishSigningKeysResponse>, Status> {
+        let r = req.get_ref();
+        let who = cell_of(&req, &r.region)?;
+        let PublishSigningKeysRequest { region, keys } = req.into_inner();
+        let (_, revision) = self
+            .mutate(&who, move |tx| regions::publish_keys(tx, &region, keys))
+            .await?;
+        Ok(Response::new(PublishSigningKeysResponse { revision }))
+    }
+
     async fn add_region(
         &self,
         req: Request<AddRegionRequest>,
@@ -250,5 +275,38 @@ impl status_service_server::StatusService for ControlPlane {
             revision: self.store.revision(),
             subscribers: self.subscribers.all(),
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl directory_service_server::DirectoryService for ControlPlane {
+    async fn claim_identifier(
+        &self,
+        req: Request<ClaimIdentifierRequest>,
+    ) -> Result<Response<ClaimIdentifierResponse>, Status> {
+        let who = cell_of(&req, &req.get_ref().region)?;
+        let r = req.into_inner();
+        let key = self.directory_key.clone();
+        let ((), revision) = self
+            .mutate(&who, move |tx| {
+                crate::directory::claim(tx, &key, &r.identifier, &r.user_id, &r.region)
+            })
+            .await?;
+        Ok(Response::new(ClaimIdentifierResponse { revision }))
+    }
+
+    async fn release_identifier(
+        &self,
+        req: Request<ReleaseIdentifierRequest>,
+    ) -> Result<Response<ReleaseIdentifierResponse>, Status> {
+        let who = cell_of(&req, &req.get_ref().region)?;
+        let r = req.into_inner();
+        let key = self.directory_key.clone();
+        let ((), revision) = self
+            .mutate(&who, move |tx| {
+                crate::directory::release(tx, &key, &r.identifier, &r.user_id, &r.region)
+            })
+            .await?;
+        Ok(Response::new(ReleaseIdentifierResponse { revision }))
     }
 }

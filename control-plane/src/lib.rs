@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config_ops;
+pub mod directory;
 pub mod grpc;
 pub mod regions;
 pub mod serve;

@@ -80,6 +80,7 @@ pub fn add(tx: &mut Tx<'_>, r: Region) -> Result<Region, CodedError> {
         })?,
         id: r.id,
         revision: 0,
+        signing_keys: Vec::new(),
     };
     check_countries_free(tx, &region)?;
     tx.put_region(region)
@@ -145,4 +146,29 @@ pub fn get(tx: &Tx<'_>, id: &str) -> Result<Region, CodedError> {
             format!("region {id:?} does not exist"),
         )
     })
+}
+
+/// Replaces a region's signing key set (a cell publishing its own keys).
+pub fn publish_keys(
+    tx: &mut Tx<'_>,
+    region: &str,
+    keys: Vec<homecell_proto::control::SigningKey>,
+) -> Result<Region, CodedError> {
+    if keys.is_empty() || keys.len() > 8 {
+        return Err(CodedError::invalid("publish 1 to 8 signing keys"));
+    }
+    for k in &keys {
+        if k.kid.is_empty() || k.kid.len() > 64 || k.alg != "EdDSA" || k.public_key.len() != 32 {
+            return Err(CodedError::invalid(format!(
+                "signing key {:?} is malformed: kid 1-64 chars, alg EdDSA, 32-byte public key",
+                k.kid
+            )));
+        }
+    }
+    let mut r = get(tx, region)?;
+    if r.signing_keys == keys {
+        return Ok(r);
+    }
+    r.signing_keys = keys;
+    tx.put_region(r)
 }

@@ -8,8 +8,9 @@ use homecell_common::telemetry::LogFormat;
 use homecell_common::tls::TlsPaths;
 use homecell_common::{admin, shutdown};
 use homecell_proto::control::{
-    config_service_server::ConfigServiceServer, region_service_server::RegionServiceServer,
-    status_service_server::StatusServiceServer, sync_service_server::SyncServiceServer,
+    config_service_server::ConfigServiceServer, directory_service_server::DirectoryServiceServer,
+    region_service_server::RegionServiceServer, status_service_server::StatusServiceServer,
+    sync_service_server::SyncServiceServer,
 };
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -33,6 +34,9 @@ pub struct ServeConfig {
     pub retain_changes: u64,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Hex file (at least 32 bytes) keying HMAC(identifier) in the directory.
+    /// The routers hold the same key; cells never do.
+    pub directory_key_file: PathBuf,
     pub tls: TlsPaths,
 }
 
@@ -65,6 +69,7 @@ impl ServeConfig {
             bail!("listen and admin_listen must differ");
         }
         self.tls.load().context("tls")?;
+        crate::directory::DirectoryKey::load(&self.directory_key_file)?;
         Ok(())
     }
 }
@@ -80,6 +85,9 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     let cp = ControlPlane {
         store: store.clone(),
         subscribers,
+        directory_key: Arc::new(crate::directory::DirectoryKey::load(
+            &config.directory_key_file,
+        )?),
     };
     let tls = config.tls.load()?;
 
@@ -101,6 +109,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         .add_service(RegionServiceServer::new(cp.clone()))
         .add_service(ConfigServiceServer::new(cp.clone()))
         .add_service(SyncServiceServer::new(cp.clone()))
+        .add_service(DirectoryServiceServer::new(cp.clone()))
         .add_service(StatusServiceServer::new(cp))
         .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
     // Watch streams never end on their own: after the signal, give open calls

@@ -7,8 +7,8 @@
 //! that fails (or changes nothing) writes nothing at all.
 
 use homecell_proto::control::{
-    Change, ChangeSet, ConfigEntry, ConfigHistoryEntry, ConfigKey, Region, Snapshot,
-    SubscriberStatus, change,
+    Change, ChangeSet, ConfigEntry, ConfigHistoryEntry, ConfigKey, IdentifierClaim, Region,
+    Snapshot, SubscriberStatus, change,
 };
 use homecell_proto::error::CodedError;
 use prost::Message;
@@ -24,6 +24,8 @@ const CONFIG: TableDefinition<&str, &[u8]> = TableDefinition::new("config");
 const CONFIG_HISTORY: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("config_history");
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 const SUBSCRIBERS: TableDefinition<&str, &[u8]> = TableDefinition::new("subscribers");
+/// HMAC(identifier) → IdentifierClaim.
+const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
 
 const REVISION: &str = "revision";
 /// Revisions at or below the floor have been compacted out of the log.
@@ -89,6 +91,36 @@ impl Tx<'_> {
             kind: Some(change::Kind::RegionUpserted(region.clone())),
         });
         Ok(region)
+    }
+
+    pub fn claim(&self, hmac: &str) -> Result<Option<IdentifierClaim>, CodedError> {
+        let t = self.txn.open_table(CLAIMS).map_err(storage)?;
+        let v = t.get(hmac).map_err(storage)?;
+        v.map(|v| decode(v.value())).transpose()
+    }
+
+    pub fn put_claim(&mut self, claim: IdentifierClaim) -> Result<(), CodedError> {
+        self.txn
+            .open_table(CLAIMS)
+            .map_err(storage)?
+            .insert(claim.hmac.as_str(), claim.encode_to_vec().as_slice())
+            .map_err(storage)?;
+        self.changes.push(Change {
+            kind: Some(change::Kind::IdentifierClaimed(claim)),
+        });
+        Ok(())
+    }
+
+    pub fn delete_claim(&mut self, hmac: &str) -> Result<(), CodedError> {
+        self.txn
+            .open_table(CLAIMS)
+            .map_err(storage)?
+            .remove(hmac)
+            .map_err(storage)?;
+        self.changes.push(Change {
+            kind: Some(change::Kind::IdentifierReleased(hmac.to_string())),
+        });
+        Ok(())
     }
 
     pub fn config(&self, key: &str, region: &str) -> Result<Option<ConfigEntry>, CodedError> {
@@ -194,6 +226,7 @@ impl Store {
             txn.open_table(CONFIG_HISTORY)?;
             txn.open_table(CHANGES)?;
             txn.open_table(SUBSCRIBERS)?;
+            txn.open_table(CLAIMS)?;
             meta.get(REVISION)?.map(|v| v.value()).unwrap_or(0)
         };
         txn.commit()?;
@@ -311,6 +344,14 @@ impl Store {
             .map_err(storage)?
         {
             snap.config.push(decode(row.map_err(storage)?.1.value())?);
+        }
+        for row in txn
+            .open_table(CLAIMS)
+            .map_err(storage)?
+            .iter()
+            .map_err(storage)?
+        {
+            snap.claims.push(decode(row.map_err(storage)?.1.value())?);
         }
         Ok(snap)
     }

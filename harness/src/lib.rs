@@ -220,6 +220,7 @@ impl Cluster {
             name: "admin".into(),
         };
         pki.issue(&operator, &hosts_for(&operator))?;
+        ensure_directory_key(&root.join("directory.key"))?;
         let (grpc, admin) = match ports {
             Ports::Free => (free_port(), free_port()),
             Ports::Dev => (7443, 7080),
@@ -270,6 +271,11 @@ impl Cluster {
         Ok(path)
     }
 
+    /// The directory's HMAC key (shared by the control plane and routers).
+    pub fn directory_key_path(&self) -> PathBuf {
+        self.root.join("directory.key")
+    }
+
     pub fn control_plane_endpoint(&self) -> String {
         format!("https://{}", self.control_plane.grpc)
     }
@@ -277,10 +283,11 @@ impl Cluster {
     /// Starts (or restarts) the control plane and waits for it to answer.
     pub async fn start_control_plane(&mut self) -> Result<()> {
         let cfg = format!(
-            "data_dir = {:?}\nlisten = \"{}\"\nadmin_listen = \"{}\"\n{}",
+            "data_dir = {:?}\nlisten = \"{}\"\nadmin_listen = \"{}\"\ndirectory_key_file = {:?}\n{}",
             self.root.join("control-plane").display().to_string(),
             self.control_plane.grpc,
             self.control_plane.admin,
+            self.directory_key_path().display().to_string(),
             self.tls_toml(&PeerIdentity::ControlPlane)?
         );
         let path = self.write_config("control-plane", cfg)?;
@@ -587,6 +594,19 @@ async fn wait_up(http: &reqwest::Client, url: &str, proc: &mut Process) -> Resul
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Writes a random 32-byte hex key to `path` unless one is there.
+fn ensure_directory_key(path: &Path) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let mut key = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| anyhow::anyhow!("no randomness"))?;
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(path, hex)?;
+    Ok(())
 }
 
 /// The names and addresses a component's certificate is valid for.

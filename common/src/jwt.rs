@@ -1,0 +1,246 @@
+//! Access tokens: compact JWS with EdDSA (Ed25519) only.
+//!
+//! Deliberately narrow, so there is nothing to confuse: the header must be
+//! exactly `alg: EdDSA` with a `kid`; any other `alg` (`none`, `HS256`, …) is
+//! refused before a key is even looked up, and the key comes from our own
+//! key set by `kid`, never from the token. Expiry, not-before and issuer are
+//! checked after the signature.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use ring::signature::{self, Ed25519KeyPair, KeyPair};
+use serde::{Deserialize, Serialize};
+
+/// Longest an access token may live.
+pub const MAX_ACCESS_TTL_SECS: i64 = 15 * 60;
+
+/// The claims of a Homecell access token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    /// The user's home region.
+    pub home: String,
+    /// The session id; the home cell checks that it is alive.
+    pub sid: String,
+    /// Client type: app, web, mp or cms.
+    pub ct: String,
+    pub roles: Vec<String>,
+    /// The issuing cell: `cell.<region>`.
+    pub iss: String,
+    pub iat: i64,
+    pub exp: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    alg: String,
+    #[serde(default)]
+    typ: Option<String>,
+    kid: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("malformed token")]
+    Malformed,
+    #[error("unsupported algorithm")]
+    Algorithm,
+    #[error("unknown signing key")]
+    UnknownKey,
+    #[error("bad signature")]
+    Signature,
+    #[error("token expired")]
+    Expired,
+    #[error("token not yet valid")]
+    NotYetValid,
+    #[error("unknown issuer")]
+    Issuer,
+}
+
+/// A signing key: an Ed25519 key pair and its id.
+pub struct SigningKey {
+    pub kid: String,
+    pair: Ed25519KeyPair,
+}
+
+impl SigningKey {
+    /// Generates a new key; returns it with its PKCS#8 document (to store).
+    pub fn generate(kid: String) -> anyhow::Result<(Self, Vec<u8>)> {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
+            .map_err(|_| anyhow::anyhow!("key generation failed"))?;
+        let pair =
+            Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| anyhow::anyhow!("bad key"))?;
+        Ok((Self { kid, pair }, pkcs8.as_ref().to_vec()))
+    }
+
+    pub fn from_pkcs8(kid: String, pkcs8: &[u8]) -> anyhow::Result<Self> {
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8)
+            .map_err(|_| anyhow::anyhow!("stored signing key {kid} is unreadable"))?;
+        Ok(Self { kid, pair })
+    }
+
+    /// The raw 32-byte public key.
+    pub fn public_key(&self) -> Vec<u8> {
+        self.pair.public_key().as_ref().to_vec()
+    }
+
+    pub fn sign(&self, claims: &Claims) -> String {
+        let header = Header {
+            alg: "EdDSA".into(),
+            typ: Some("JWT".into()),
+            kid: self.kid.clone(),
+        };
+        let h = B64.encode(serde_json::to_vec(&header).expect("header serialises"));
+        let p = B64.encode(serde_json::to_vec(claims).expect("claims serialise"));
+        let input = format!("{h}.{p}");
+        let sig = self.pair.sign(input.as_bytes());
+        format!("{input}.{}", B64.encode(sig.as_ref()))
+    }
+}
+
+/// Looks up a verification key (raw Ed25519 public key) and its issuer by kid.
+pub trait KeySet {
+    /// Returns (public key, issuer) for `kid`.
+    fn key(&self, kid: &str) -> Option<(Vec<u8>, String)>;
+}
+
+/// Verifies signature, issuer, expiry and not-before. `now` in unix seconds.
+pub fn verify(token: &str, keys: &impl KeySet, now: i64) -> Result<Claims, TokenError> {
+    if token.len() > 4096 {
+        return Err(TokenError::Malformed);
+    }
+    let mut parts = token.split('.');
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed);
+    };
+    let header: Header = B64
+        .decode(h)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or(TokenError::Malformed)?;
+    if header.alg != "EdDSA" {
+        return Err(TokenError::Algorithm);
+    }
+    let (public, issuer) = keys.key(&header.kid).ok_or(TokenError::UnknownKey)?;
+    let sig = B64.decode(s).map_err(|_| TokenError::Malformed)?;
+    let input_len = h.len() + 1 + p.len();
+    signature::UnparsedPublicKey::new(&signature::ED25519, &public)
+        .verify(&token.as_bytes()[..input_len], &sig)
+        .map_err(|_| TokenError::Signature)?;
+    let claims: Claims = B64
+        .decode(p)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or(TokenError::Malformed)?;
+    if claims.iss != issuer {
+        return Err(TokenError::Issuer);
+    }
+    if claims.exp <= now {
+        return Err(TokenError::Expired);
+    }
+    // A little slack for clocks, but no token from the future.
+    if claims.iat > now + 60 {
+        return Err(TokenError::NotYetValid);
+    }
+    Ok(claims)
+}
+
+/// The JWK of an Ed25519 public key (RFC 8037).
+pub fn jwk(kid: &str, public_key: &[u8]) -> serde_json::Value {
+    serde_json::json!({
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "alg": "EdDSA",
+        "use": "sig",
+        "kid": kid,
+        "x": B64.encode(public_key),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct Keys(HashMap<String, (Vec<u8>, String)>);
+    impl KeySet for Keys {
+        fn key(&self, kid: &str) -> Option<(Vec<u8>, String)> {
+            self.0.get(kid).cloned()
+        }
+    }
+
+    fn setup() -> (SigningKey, Keys, Claims) {
+        let (k, _) = SigningKey::generate("k1".into()).unwrap();
+        let keys = Keys(HashMap::from([(
+            "k1".to_string(),
+            (k.public_key(), "cell.cn-east".to_string()),
+        )]));
+        let claims = Claims {
+            sub: "u1".into(),
+            home: "cn-east".into(),
+            sid: "s1".into(),
+            ct: "app".into(),
+            roles: vec!["user".into()],
+            iss: "cell.cn-east".into(),
+            iat: 1000,
+            exp: 1900,
+        };
+        (k, keys, claims)
+    }
+
+    #[test]
+    fn round_trip_and_expiry() {
+        let (k, keys, claims) = setup();
+        let t = k.sign(&claims);
+        assert_eq!(verify(&t, &keys, 1500).unwrap(), claims);
+        assert_eq!(verify(&t, &keys, 1900), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn attacks_are_refused() {
+        let (k, keys, claims) = setup();
+        let t = k.sign(&claims);
+        let parts: Vec<&str> = t.split('.').collect();
+        // alg: none, with no signature.
+        let none = B64.encode(br#"{"alg":"none","kid":"k1"}"#);
+        assert_eq!(
+            verify(&format!("{none}.{}.", parts[1]), &keys, 1500),
+            Err(TokenError::Algorithm)
+        );
+        // HS256 "signed" with the public key.
+        let hs = B64.encode(br#"{"alg":"HS256","kid":"k1"}"#);
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &keys.0["k1"].0);
+        let input = format!("{hs}.{}", parts[1]);
+        let mac = B64.encode(ring::hmac::sign(&key, input.as_bytes()).as_ref());
+        assert_eq!(
+            verify(&format!("{input}.{mac}"), &keys, 1500),
+            Err(TokenError::Algorithm)
+        );
+        // Tampered claims.
+        let mut forged = claims.clone();
+        forged.roles = vec!["admin".into()];
+        let p = B64.encode(serde_json::to_vec(&forged).unwrap());
+        assert_eq!(
+            verify(&format!("{}.{p}.{}", parts[0], parts[2]), &keys, 1500),
+            Err(TokenError::Signature)
+        );
+        // Unknown kid.
+        let (other, _) = SigningKey::generate("k2".into()).unwrap();
+        assert_eq!(
+            verify(&other.sign(&claims), &keys, 1500),
+            Err(TokenError::UnknownKey)
+        );
+        // Right kid, wrong issuer claim.
+        let mut foreign = claims.clone();
+        foreign.iss = "cell.eu-west".into();
+        assert_eq!(
+            verify(&k.sign(&foreign), &keys, 1500),
+            Err(TokenError::Issuer)
+        );
+        assert_eq!(verify("a.b", &keys, 1500), Err(TokenError::Malformed));
+    }
+}
