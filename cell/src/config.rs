@@ -31,6 +31,9 @@ pub struct CellConfig {
     pub control_plane_name: String,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Logins and reset requests allowed per client address per minute.
+    #[serde(default = "default_login_rate")]
+    pub login_attempts_per_ip_per_minute: u32,
     pub tls: TlsPaths,
 }
 
@@ -39,6 +42,9 @@ fn default_listen() -> SocketAddr {
 }
 fn default_admin_listen() -> SocketAddr {
     "127.0.0.1:9080".parse().expect("valid")
+}
+fn default_login_rate() -> u32 {
+    30
 }
 fn default_cp_name() -> String {
     "control-plane".into()

@@ -10,6 +10,43 @@ use sqlx::{PgPool, SqlitePool};
 use std::str::FromStr;
 use std::time::Duration;
 
+/// Runs `$body` with `$pool` bound to whichever typed pool the datastore has.
+/// The body is compiled once per backend; the SQL text is shared (both
+/// backends accept `$n` parameters).
+#[macro_export]
+macro_rules! on_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::db::Datastore::Sqlite($pool) => $body,
+            $crate::db::Datastore::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Runs `$body` inside a write transaction that commits when the body
+/// finishes; an early return (`?`) drops it, which rolls back. SQLite takes
+/// the write lock up front (`BEGIN IMMEDIATE`) so concurrent writers wait
+/// (busy timeout) instead of failing on a lock upgrade.
+#[macro_export]
+macro_rules! in_tx {
+    ($db:expr, $tx:ident => $body:expr) => {
+        match $db {
+            $crate::db::Datastore::Sqlite(pool) => {
+                let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let out = $body;
+                $tx.commit().await?;
+                out
+            }
+            $crate::db::Datastore::Postgres(pool) => {
+                let mut $tx = pool.begin().await?;
+                let out = $body;
+                $tx.commit().await?;
+                out
+            }
+        }
+    };
+}
+
 #[derive(Clone, Debug)]
 pub enum Datastore {
     Sqlite(SqlitePool),
@@ -32,8 +69,10 @@ macro_rules! migrations {
     };
 }
 
-const SQLITE_MIGRATIONS: &[Migration] = migrations!("sqlite": 1 "0001_cell_info");
-const POSTGRES_MIGRATIONS: &[Migration] = migrations!("postgres": 1 "0001_cell_info");
+const SQLITE_MIGRATIONS: &[Migration] =
+    migrations!("sqlite": 1 "0001_cell_info", 2 "0002_identity");
+const POSTGRES_MIGRATIONS: &[Migration] =
+    migrations!("postgres": 1 "0001_cell_info", 2 "0002_identity");
 
 impl Datastore {
     /// Connects and applies pending migrations.

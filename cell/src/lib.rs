@@ -2,18 +2,35 @@
 //! mTLS) on its own datastore, running on a persisted replica of the control
 //! plane's state.
 
-pub mod api;
+pub mod admin;
 pub mod config;
 pub mod db;
+pub mod http;
+pub mod identity;
 pub mod metrics;
 pub mod server;
 pub mod state;
 
 use anyhow::{Context, Result};
 use homecell_common::replica::{Replica, WatchTarget};
-use homecell_common::{admin, shutdown};
+use homecell_common::{admin as admin_listener, shutdown};
 use homecell_proto::control::SubscriberKind;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// A lazily connected, mTLS channel to the control plane.
+pub fn control_plane_channel(
+    config: &config::CellConfig,
+    tls: &homecell_common::tls::TlsMaterial,
+) -> Result<tonic::transport::Channel> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(config.control_plane.clone())?
+            .tls_config(tls.tonic_client(&config.control_plane_name))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy(),
+    )
+}
 
 /// Runs the cell until SIGINT/SIGTERM.
 pub async fn run(config: config::CellConfig) -> Result<()> {
@@ -23,14 +40,29 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
     let replica = Replica::open(&config.data_dir.join("replica.redb"))?;
     let db = db::Datastore::open(&config.database_url()).await?;
     db.claim_region(&config.region).await?;
+    let keys = identity::keys::Keys::open(&db, &config.region).await?;
+    let cp = control_plane_channel(&config, &tls)?;
+    let hash_slots = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
     let cell = Arc::new(state::Cell {
         region: config.region.clone(),
-        db,
+        db: db.clone(),
         replica: replica.clone(),
+        identity: identity::service::Identity {
+            region: config.region.clone(),
+            db: db.clone(),
+            hasher: identity::password::Hasher::new(hash_slots),
+            keys: keys.clone(),
+            replica: replica.clone(),
+            cp: cp.clone(),
+            login_limiter: identity::service::IpLimiter::new(
+                config.login_attempts_per_ip_per_minute,
+            ),
+        },
     });
 
     let token = shutdown::CancellationToken::new();
     tokio::spawn(shutdown::wait_for_signal(token.clone()));
+    tokio::spawn(keys.maintain(db.clone(), cp, replica.clone(), token.clone()));
     tokio::spawn(replica.clone().run(
         WatchTarget {
             endpoint: config.control_plane.clone(),
@@ -43,14 +75,14 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
     ));
 
     let ready_replica = replica.clone();
-    let ready: admin::ReadyCheck = Arc::new(move || {
+    let ready: admin_listener::ReadyCheck = Arc::new(move || {
         if ready_replica.is_ready() {
             Ok(())
         } else {
             Err("no control-plane snapshot applied yet".into())
         }
     });
-    let admin_addr = admin::serve(config.admin_listen, ready, token.clone()).await?;
+    let admin_addr = admin_listener::serve(config.admin_listen, ready, token.clone()).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot bind {}", config.listen))?;
@@ -62,7 +94,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
         replica_revision = replica.state().revision,
         "cell listening"
     );
-    server::serve(listener, tls.server_config()?, api::router(cell), token).await?;
+    server::serve(listener, tls.server_config()?, http::router(cell), token).await?;
     tracing::info!("cell stopped");
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! What every handler of a cell shares.
 
 use crate::db::Datastore;
+use crate::identity::service::Identity;
 use homecell_common::replica::Replica;
 use std::sync::Arc;
 
@@ -8,4 +9,5 @@ pub struct Cell {
     pub region: String,
     pub db: Datastore,
     pub replica: Arc<Replica>,
+    pub identity: Identity,
 }

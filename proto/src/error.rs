@@ -13,6 +13,14 @@ pub enum ErrorCode {
     InvalidArgument,
     /// Authentication is missing or invalid.
     Unauthenticated,
+    /// Wrong identifier or password (or a locked account: the answer is the same).
+    InvalidCredentials,
+    /// The account is disabled.
+    AccountDisabled,
+    /// A conditional write came without `If-Match`.
+    PreconditionRequired,
+    /// The content type is not JSON.
+    UnsupportedMediaType,
     /// Authenticated, but not allowed.
     PermissionDenied,
     NotFound,
@@ -47,6 +55,10 @@ impl ErrorCode {
         match self {
             Self::InvalidArgument => "invalid_argument",
             Self::Unauthenticated => "unauthenticated",
+            Self::InvalidCredentials => "invalid_credentials",
+            Self::AccountDisabled => "account_disabled",
+            Self::PreconditionRequired => "precondition_required",
+            Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PermissionDenied => "permission_denied",
             Self::NotFound => "not_found",
             Self::AlreadyExists => "already_exists",
@@ -68,8 +80,10 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             Self::InvalidArgument => 400,
-            Self::Unauthenticated => 401,
-            Self::PermissionDenied => 403,
+            Self::Unauthenticated | Self::InvalidCredentials => 401,
+            Self::PermissionDenied | Self::AccountDisabled => 403,
+            Self::PreconditionRequired => 428,
+            Self::UnsupportedMediaType => 415,
             Self::NotFound | Self::UnknownRegion => 404,
             Self::AlreadyExists | Self::FailedPrecondition => 409,
             Self::PreconditionFailed => 412,
@@ -87,9 +101,12 @@ impl ErrorCode {
     pub fn grpc_code(self) -> tonic::Code {
         use tonic::Code;
         match self {
-            Self::InvalidArgument | Self::PayloadTooLarge => Code::InvalidArgument,
-            Self::Unauthenticated => Code::Unauthenticated,
-            Self::PermissionDenied => Code::PermissionDenied,
+            Self::InvalidArgument | Self::PayloadTooLarge | Self::UnsupportedMediaType => {
+                Code::InvalidArgument
+            }
+            Self::Unauthenticated | Self::InvalidCredentials => Code::Unauthenticated,
+            Self::PermissionDenied | Self::AccountDisabled => Code::PermissionDenied,
+            Self::PreconditionRequired => Code::FailedPrecondition,
             Self::NotFound | Self::UnknownRegion => Code::NotFound,
             Self::AlreadyExists => Code::AlreadyExists,
             Self::FailedPrecondition | Self::PreconditionFailed | Self::RegionRetired => {
@@ -108,6 +125,10 @@ impl ErrorCode {
         match self {
             Self::InvalidArgument => "Invalid request",
             Self::Unauthenticated => "Authentication required",
+            Self::InvalidCredentials => "Invalid credentials",
+            Self::AccountDisabled => "Account disabled",
+            Self::PreconditionRequired => "Precondition required",
+            Self::UnsupportedMediaType => "Unsupported media type",
             Self::PermissionDenied => "Permission denied",
             Self::NotFound => "Not found",
             Self::AlreadyExists => "Already exists",
@@ -147,6 +168,15 @@ pub struct Problem {
     pub detail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// For validation errors: which fields, and what is wrong with each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
 }
 
 impl Problem {
@@ -158,6 +188,7 @@ impl Problem {
             code,
             detail: Some(detail.into()),
             instance: None,
+            errors: Vec::new(),
         }
     }
 
@@ -172,6 +203,8 @@ impl Problem {
 pub struct CodedError {
     pub code: ErrorCode,
     pub message: String,
+    /// Field-level detail for validation errors.
+    pub fields: Vec<FieldError>,
 }
 
 impl CodedError {
@@ -179,6 +212,18 @@ impl CodedError {
         Self {
             code,
             message: message.into(),
+            fields: Vec::new(),
+        }
+    }
+
+    /// A validation error naming the fields at fault.
+    pub fn fields(fields: Vec<FieldError>) -> Self {
+        let names: Vec<&str> = fields.iter().map(|f| f.field.as_str()).collect();
+        let message = format!("invalid fields: {}", names.join(", "));
+        Self {
+            code: ErrorCode::InvalidArgument,
+            message,
+            fields,
         }
     }
 

@@ -1,0 +1,46 @@
+//! Commands an operator runs on the cell host, against the cell's datastore.
+
+use crate::config::CellConfig;
+use crate::db::Datastore;
+use crate::identity::identifier::Identifier;
+use crate::identity::keys::now_ms;
+use crate::identity::store::AuditEntry;
+use anyhow::{Result, anyhow, bail};
+
+async fn open(config: &CellConfig) -> Result<Datastore> {
+    let db = Datastore::open(&config.database_url()).await?;
+    db.claim_region(&config.region).await?;
+    Ok(db)
+}
+
+pub async fn rotate_keys(config: &CellConfig) -> Result<()> {
+    let db = open(config).await?;
+    let kid = crate::identity::keys::rotate(&db, &config.region).await?;
+    println!("new signing key {kid}; running cells switch to it within seconds");
+    Ok(())
+}
+
+pub async fn grant_role(config: &CellConfig, identifier: &str, role: &str) -> Result<()> {
+    let db = open(config).await?;
+    let id = Identifier::parse(identifier).map_err(|m| anyhow!("identifier: {m}"))?;
+    let user_id = db
+        .user_by_identifier(id.kind.as_str(), &id.value)
+        .await?
+        .ok_or_else(|| anyhow!("no user with that identifier in region {}", config.region))?;
+    if !db.role_exists(role).await? {
+        bail!("no role {role:?} (built in: user, support, admin)");
+    }
+    let audit = AuditEntry {
+        at: now_ms(),
+        actor: "host-operator",
+        action: "role.grant",
+        target: Some(&user_id),
+        details: serde_json::json!({ "role": role }).to_string(),
+    };
+    let changed = db.set_role(&user_id, role, true, &audit).await?;
+    println!(
+        "{} role {role} for user {user_id}",
+        if changed { "granted" } else { "already had" }
+    );
+    Ok(())
+}

@@ -1,0 +1,196 @@
+//! `/v1/auth/*` and the JWKS.
+
+use super::{ApiResult, Auth, ClientIp, ClientType, Json, json};
+use crate::identity::service::TokenPair;
+use crate::state::Cell;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// An E.164 phone (`+8613800000000`), an email, or a username.
+    pub identifier: String,
+    pub password: String,
+    pub display_name: Option<String>,
+    /// A region preference; the router decides where the request lands.
+    pub region: Option<String>,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct RegisterResponse {
+    pub user_id: String,
+    pub home_region: String,
+}
+
+pub async fn register(
+    State(cell): State<Arc<Cell>>,
+    Json(r): Json<RegisterRequest>,
+) -> ApiResult<Response> {
+    let user_id = cell
+        .identity
+        .register(&r.identifier, &r.password, r.display_name.as_deref())
+        .await?;
+    Ok(json(
+        StatusCode::CREATED,
+        &RegisterResponse {
+            user_id,
+            home_region: cell.region.clone(),
+        },
+    ))
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub identifier: String,
+    pub password: String,
+}
+
+pub async fn login(
+    State(cell): State<Arc<Cell>>,
+    ClientType(ct): ClientType,
+    ClientIp(ip): ClientIp,
+    Json(r): Json<LoginRequest>,
+) -> ApiResult<axum::Json<TokenPair>> {
+    Ok(axum::Json(
+        cell.identity
+            .login(&r.identifier, &r.password, ct, ip)
+            .await?,
+    ))
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    pub refresh_token: String,
+}
+
+pub async fn refresh(
+    State(cell): State<Arc<Cell>>,
+    Json(r): Json<RefreshRequest>,
+) -> ApiResult<axum::Json<TokenPair>> {
+    Ok(axum::Json(cell.identity.refresh(&r.refresh_token).await?))
+}
+
+pub async fn logout(State(cell): State<Arc<Cell>>, Auth(p): Auth) -> ApiResult<StatusCode> {
+    cell.identity.logout(&p).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct SessionView {
+    pub id: String,
+    pub client_type: String,
+    pub created_at: i64,
+    pub last_used_at: i64,
+    /// True for the session of the token that asked.
+    pub current: bool,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct SessionList {
+    pub items: Vec<SessionView>,
+}
+
+pub async fn sessions(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+) -> ApiResult<axum::Json<SessionList>> {
+    let items = cell
+        .identity
+        .sessions(&p)
+        .await?
+        .into_iter()
+        .map(|s| SessionView {
+            current: s.id == p.sid,
+            id: s.id,
+            client_type: s.client_type,
+            created_at: s.created_at,
+            last_used_at: s.last_used_at,
+        })
+        .collect();
+    Ok(axum::Json(SessionList { items }))
+}
+
+pub async fn revoke_session(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path(sid): Path<String>,
+) -> ApiResult<StatusCode> {
+    cell.identity.revoke_session(&p, &sid).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct RevokedCount {
+    pub revoked: u64,
+}
+
+pub async fn revoke_others(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+) -> ApiResult<axum::Json<RevokedCount>> {
+    Ok(axum::Json(RevokedCount {
+        revoked: cell.identity.revoke_other_sessions(&p).await?,
+    }))
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePassword {
+    pub old_password: String,
+    pub new_password: String,
+}
+
+pub async fn change_password(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Json(r): Json<ChangePassword>,
+) -> ApiResult<StatusCode> {
+    cell.identity
+        .change_password(&p, &r.old_password, &r.new_password)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResetRequest {
+    pub identifier: String,
+}
+
+pub async fn request_reset(
+    State(cell): State<Arc<Cell>>,
+    ClientIp(ip): ClientIp,
+    Json(r): Json<ResetRequest>,
+) -> ApiResult<StatusCode> {
+    cell.identity.request_reset(&r.identifier, ip).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResetConfirm {
+    pub identifier: String,
+    pub code: String,
+    pub new_password: String,
+}
+
+pub async fn confirm_reset(
+    State(cell): State<Arc<Cell>>,
+    Json(r): Json<ResetConfirm>,
+) -> ApiResult<StatusCode> {
+    cell.identity
+        .confirm_reset(&r.identifier, &r.code, &r.new_password)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn jwks(State(cell): State<Arc<Cell>>) -> Response {
+    axum::Json(cell.identity.keys.jwks()).into_response()
+}

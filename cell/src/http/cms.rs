@@ -1,0 +1,209 @@
+//! `/v1/cms/*`: the back office. Every route needs a `cms` client token and
+//! a named permission, checked against the roles in the datastore now (not
+//! the roles in the token), so a revoked role stops working at once.
+
+use super::{ApiError, ApiResult, Auth, cursor};
+use crate::identity::service::Principal;
+use crate::state::Cell;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use homecell_proto::error::{CodedError, ErrorCode};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+async fn require(cell: &Cell, p: &Principal, permission: &str) -> Result<(), ApiError> {
+    if p.client_type != "cms" {
+        return Err(CodedError::new(
+            ErrorCode::PermissionDenied,
+            "CMS routes need a cms client session",
+        )
+        .into());
+    }
+    cell.identity.require(p, permission).await?;
+    Ok(())
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub struct ListQuery {
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+    /// An exact identifier (normalised) or a display-name prefix.
+    pub q: Option<String>,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct CmsUser {
+    pub id: String,
+    pub display_name: String,
+    pub status: String,
+    pub roles: Vec<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct CmsUserPage {
+    pub items: Vec<CmsUser>,
+    pub next_cursor: Option<String>,
+}
+
+async fn view(cell: &Cell, u: crate::identity::store::User) -> Result<CmsUser, ApiError> {
+    let roles = cell.db.roles_of(&u.id).await.map_err(CodedError::from)?;
+    Ok(CmsUser {
+        id: u.id,
+        display_name: u.display_name,
+        status: u.status,
+        roles,
+        created_at: u.created_at,
+        updated_at: u.updated_at,
+    })
+}
+
+pub async fn list_users(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<axum::Json<CmsUserPage>> {
+    require(&cell, &p, "users:read").await?;
+    let limit = cursor::limit(q.limit, 50, 200);
+    let after = q.cursor.as_deref().map(cursor::decode).transpose()?;
+    let search =
+        q.q.as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.to_lowercase());
+    if search.as_ref().is_some_and(|s| s.len() > 320) {
+        return Err(CodedError::invalid("q is too long").into());
+    }
+    let rows = cell
+        .db
+        .list_users(after, search.as_deref(), limit + 1)
+        .await
+        .map_err(CodedError::from)?;
+    let more = rows.len() as i64 > limit;
+    let mut items = Vec::new();
+    for u in rows.into_iter().take(limit as usize) {
+        items.push(view(&cell, u).await?);
+    }
+    let next_cursor = more
+        .then(|| items.last().map(|u| cursor::encode(u.created_at, &u.id)))
+        .flatten();
+    Ok(axum::Json(CmsUserPage { items, next_cursor }))
+}
+
+pub async fn get_user(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<CmsUser>> {
+    require(&cell, &p, "users:read").await?;
+    let u = cell.identity.user(&id).await?;
+    Ok(axum::Json(view(&cell, u).await?))
+}
+
+pub async fn disable_user(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    require(&cell, &p, "users:disable").await?;
+    if id == p.user_id {
+        return Err(
+            CodedError::new(ErrorCode::FailedPrecondition, "you cannot disable yourself").into(),
+        );
+    }
+    cell.identity.set_status(&p, &id, false).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn enable_user(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    require(&cell, &p, "users:disable").await?;
+    cell.identity.set_status(&p, &id, true).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn grant_role(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path((id, role)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    require(&cell, &p, "role:assign").await?;
+    cell.identity.set_role(&p, &id, &role, true).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn revoke_role(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path((id, role)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    require(&cell, &p, "role:assign").await?;
+    if role == "user" {
+        return Err(CodedError::new(
+            ErrorCode::FailedPrecondition,
+            "every account keeps the user role",
+        )
+        .into());
+    }
+    cell.identity.set_role(&p, &id, &role, false).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub struct AuditQuery {
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct AuditView {
+    pub id: String,
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: Option<String>,
+    pub details: serde_json::Value,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct AuditPage {
+    pub items: Vec<AuditView>,
+    pub next_cursor: Option<String>,
+}
+
+pub async fn audit(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<axum::Json<AuditPage>> {
+    require(&cell, &p, "audit:read").await?;
+    let limit = cursor::limit(q.limit, 50, 200);
+    let before = q.cursor.as_deref().map(cursor::decode).transpose()?;
+    let rows = cell
+        .db
+        .audit_log(before, limit + 1)
+        .await
+        .map_err(CodedError::from)?;
+    let more = rows.len() as i64 > limit;
+    let items: Vec<AuditView> = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(|(id, at, actor, action, target, details)| AuditView {
+            id,
+            at,
+            actor,
+            action,
+            target,
+            details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
+        })
+        .collect();
+    let next_cursor = more
+        .then(|| items.last().map(|a| cursor::encode(a.at, &a.id)))
+        .flatten();
+    Ok(axum::Json(AuditPage { items, next_cursor }))
+}

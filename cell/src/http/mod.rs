@@ -1,0 +1,265 @@
+//! The cell's HTTP API under `/v1`: errors as problem+json, the extractors
+//! every handler shares, and the router, built from one route table that
+//! also produces the OpenAPI document (so the two cannot drift apart).
+
+pub mod auth;
+pub mod cms;
+pub mod openapi;
+pub mod region;
+pub mod users;
+
+use crate::identity::service::{CLIENT_TYPES, Principal};
+use crate::state::Cell;
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+};
+use homecell_common::tls::PeerIdentity;
+use homecell_proto::error::{CodedError, ErrorCode, FieldError, PROBLEM_CONTENT_TYPE, Problem};
+use serde::de::DeserializeOwned;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// Request bodies above this get 413.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// An error answered as problem+json.
+#[derive(Debug)]
+pub struct ApiError(pub CodedError);
+
+impl From<CodedError> for ApiError {
+    fn from(e: CodedError) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut p = Problem::new(self.0.code, self.0.message);
+        p.errors = self.0.fields;
+        problem_response(p)
+    }
+}
+
+pub fn problem_response(p: Problem) -> Response {
+    let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [(header::CONTENT_TYPE, PROBLEM_CONTENT_TYPE)],
+        p.to_json(),
+    )
+        .into_response()
+}
+
+pub fn problem(code: ErrorCode, detail: &str) -> Response {
+    ApiError(CodedError::new(code, detail)).into_response()
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// The caller, from `Authorization: Bearer <access token>`.
+pub struct Auth(pub Principal);
+
+impl FromRequestParts<Arc<Cell>> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, cell: &Arc<Cell>) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                CodedError::new(
+                    ErrorCode::Unauthenticated,
+                    "a bearer access token is required",
+                )
+            })?;
+        Ok(Self(cell.identity.authenticate(token.trim()).await?))
+    }
+}
+
+/// `x-client-type`: app, web, mp or cms.
+pub struct ClientType(pub &'static str);
+
+impl<S: Sync> FromRequestParts<S> for ClientType {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let v = parts
+            .headers
+            .get("x-client-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        CLIENT_TYPES
+            .iter()
+            .find(|t| **t == v)
+            .map(|t| Self(t))
+            .ok_or_else(|| {
+                CodedError::fields(vec![FieldError {
+                    field: "x-client-type".into(),
+                    message: "must be one of app, web, mp, cms".into(),
+                }])
+                .into()
+            })
+    }
+}
+
+/// The client's address: the last `X-Forwarded-For` hop, which the router
+/// (the only caller, over mTLS) appends.
+pub struct ClientIp(pub Option<IpAddr>);
+
+impl<S: Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        Ok(Self(client_ip(&parts.headers)))
+    }
+}
+
+fn client_ip(h: &HeaderMap) -> Option<IpAddr> {
+    h.get("x-forwarded-for")?
+        .to_str()
+        .ok()?
+        .rsplit(',')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// A JSON body: `application/json`, at most `MAX_BODY`, and a clear error
+/// naming the field when it does not fit the type.
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let ct = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !ct.starts_with("application/json") {
+            return Err(
+                CodedError::new(ErrorCode::UnsupportedMediaType, "send application/json").into(),
+            );
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    CodedError::new(
+                        ErrorCode::PayloadTooLarge,
+                        format!("the body is over {MAX_BODY} bytes"),
+                    )
+                } else {
+                    CodedError::invalid("cannot read the body")
+                }
+            })?;
+        let de = &mut serde_json::Deserializer::from_slice(&bytes);
+        serde_path_to_error::deserialize(de).map(Json).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if inner.is_syntax() || inner.is_eof() || path == "." {
+                CodedError::invalid(format!("malformed JSON: {inner}")).into()
+            } else {
+                CodedError::fields(vec![FieldError {
+                    field: path,
+                    message: inner.to_string(),
+                }])
+                .into()
+            }
+        })
+    }
+}
+
+/// A JSON answer with a status.
+pub fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+pub fn router(cell: Arc<Cell>) -> Router {
+    let table = openapi::routes();
+    let mut r = Router::new();
+    for route in table {
+        r = r.route(route.path, route.handler);
+    }
+    // Order matters (outermost last): the identity check runs before any
+    // handler; the response headers are added to every answer.
+    r.fallback(|| async { ApiError(CodedError::not_found("no such route")) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(CodedError::new(
+                ErrorCode::InvalidArgument,
+                "method not allowed on this route",
+            ))
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(require_internal_peer))
+        .layer(middleware::from_fn_with_state(
+            cell.clone(),
+            response_headers,
+        ))
+        .with_state(cell)
+}
+
+/// The cell is only reached through routers and other cells (mTLS); any other
+/// certificate holder is refused.
+async fn require_internal_peer(req: Request, next: Next) -> Response {
+    match req.extensions().get::<PeerIdentity>() {
+        Some(PeerIdentity::Router { .. } | PeerIdentity::Cell { .. }) => next.run(req).await,
+        Some(other) => problem(
+            ErrorCode::PermissionDenied,
+            &format!("{other} may not call the cell API"),
+        ),
+        None => problem(
+            ErrorCode::Unauthenticated,
+            "a client certificate is required",
+        ),
+    }
+}
+
+async fn response_headers(State(cell): State<Arc<Cell>>, req: Request, next: Next) -> Response {
+    let request_id = req.headers().get("x-request-id").cloned();
+    let mut resp = next.run(req).await;
+    crate::metrics::HTTP_RESPONSES
+        .with_label_values(&[resp.status().as_str()])
+        .inc();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&cell.region) {
+        h.insert("x-home-region", v);
+    }
+    if let Some(id) = request_id {
+        h.insert("x-request-id", id);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Opaque cursors: base64url of `<i64>:<id>`.
+pub mod cursor {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use homecell_proto::error::CodedError;
+
+    pub fn encode(at: i64, id: &str) -> String {
+        B64.encode(format!("{at}:{id}"))
+    }
+
+    pub fn decode(c: &str) -> Result<(i64, String), CodedError> {
+        let bad = || CodedError::invalid("malformed cursor");
+        let raw = B64.decode(c).map_err(|_| bad())?;
+        let s = String::from_utf8(raw).map_err(|_| bad())?;
+        let (at, id) = s.split_once(':').ok_or_else(bad)?;
+        Ok((at.parse().map_err(|_| bad())?, id.to_string()))
+    }
+
+    /// `limit` clamped to 1..=max, default `default`.
+    pub fn limit(l: Option<i64>, default: i64, max: i64) -> i64 {
+        l.unwrap_or(default).clamp(1, max)
+    }
+}

@@ -1,0 +1,402 @@
+//! `/v1/users/*`: profiles (with ETag / If-Match), addresses, deletion.
+
+use super::{ApiError, ApiResult, Auth, Json, json};
+use crate::identity::keys::now_ms;
+use crate::identity::store::{Address, ProfileFields, User};
+use crate::state::Cell;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use homecell_proto::error::{CodedError, ErrorCode, FieldError};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+#[derive(Serialize, JsonSchema)]
+pub struct IdentifierView {
+    pub kind: String,
+    pub value: String,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct Profile {
+    pub id: String,
+    pub display_name: String,
+    pub locale: Option<String>,
+    pub bio: Option<String>,
+    pub avatar_url: Option<String>,
+    pub status: String,
+    pub home_region: String,
+    pub roles: Vec<String>,
+    pub identifiers: Vec<IdentifierView>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct PublicProfile {
+    pub id: String,
+    pub display_name: String,
+    pub avatar_url: Option<String>,
+    pub bio: Option<String>,
+    pub home_region: String,
+}
+
+fn etag(u: &User) -> String {
+    format!("\"v{}\"", u.version)
+}
+
+async fn profile_response(cell: &Cell, u: User) -> ApiResult<Response> {
+    let roles = cell.db.roles_of(&u.id).await.map_err(CodedError::from)?;
+    let identifiers = cell
+        .db
+        .identifiers(&u.id)
+        .await
+        .map_err(CodedError::from)?
+        .into_iter()
+        .map(|(kind, value)| IdentifierView { kind, value })
+        .collect();
+    let tag = etag(&u);
+    let body = Profile {
+        id: u.id,
+        display_name: u.display_name,
+        locale: u.locale,
+        bio: u.bio,
+        avatar_url: u.avatar_url,
+        status: u.status,
+        home_region: cell.region.clone(),
+        roles,
+        identifiers,
+        created_at: u.created_at,
+        updated_at: u.updated_at,
+    };
+    let mut resp = json(StatusCode::OK, &body);
+    if let Ok(v) = HeaderValue::from_str(&tag) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(resp)
+}
+
+/// The home cell serves its own users' data only.
+fn at_home(cell: &Cell, p: &crate::identity::service::Principal) -> Result<(), ApiError> {
+    if p.home == cell.region {
+        Ok(())
+    } else {
+        Err(CodedError::new(
+            ErrorCode::FailedPrecondition,
+            "this is not the user's home region",
+        )
+        .into())
+    }
+}
+
+pub async fn me(State(cell): State<Arc<Cell>>, Auth(p): Auth) -> ApiResult<Response> {
+    at_home(&cell, &p)?;
+    let u = cell.identity.user(&p.user_id).await?;
+    profile_response(&cell, u).await
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileUpdate {
+    pub display_name: Option<String>,
+    /// BCP 47, e.g. `zh-CN`, `en`.
+    pub locale: Option<String>,
+    pub bio: Option<String>,
+    /// An https URL.
+    pub avatar_url: Option<String>,
+}
+
+fn check_text(errors: &mut Vec<FieldError>, field: &str, v: Option<&str>, max: usize) {
+    if let Some(v) = v
+        && (v.chars().count() > max || v.chars().any(|c| c.is_control() && c != '\n'))
+    {
+        errors.push(FieldError {
+            field: field.into(),
+            message: format!("at most {max} printable characters"),
+        });
+    }
+}
+
+pub async fn update_me(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    headers: HeaderMap,
+    Json(r): Json<ProfileUpdate>,
+) -> ApiResult<Response> {
+    at_home(&cell, &p)?;
+    let Some(if_match) = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) else {
+        return Err(CodedError::new(
+            ErrorCode::PreconditionRequired,
+            "send If-Match with the ETag you read",
+        )
+        .into());
+    };
+    let current = cell.identity.user(&p.user_id).await?;
+    let expected: i64 = if_match
+        .trim()
+        .trim_start_matches("W/")
+        .trim_matches('"')
+        .strip_prefix('v')
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| CodedError::new(ErrorCode::PreconditionFailed, "If-Match does not match"))?;
+    let mut errors = Vec::new();
+    let name = r.display_name.as_deref().map(str::trim);
+    if name == Some("") {
+        errors.push(FieldError {
+            field: "display_name".into(),
+            message: "cannot be empty".into(),
+        });
+    }
+    check_text(&mut errors, "display_name", name, 64);
+    check_text(&mut errors, "bio", r.bio.as_deref(), 500);
+    if let Some(l) = &r.locale
+        && (l.len() > 35 || !l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+    {
+        errors.push(FieldError {
+            field: "locale".into(),
+            message: "a BCP 47 tag such as zh-CN".into(),
+        });
+    }
+    if let Some(u) = &r.avatar_url
+        && (!u.starts_with("https://")
+            || u.len() > 2048
+            || u.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        errors.push(FieldError {
+            field: "avatar_url".into(),
+            message: "an https URL".into(),
+        });
+    }
+    if !errors.is_empty() {
+        return Err(CodedError::fields(errors).into());
+    }
+    let updated = cell
+        .db
+        .update_profile(
+            &p.user_id,
+            expected,
+            &ProfileFields {
+                display_name: name.unwrap_or(&current.display_name),
+                locale: r.locale.as_deref().or(current.locale.as_deref()),
+                bio: r.bio.as_deref().or(current.bio.as_deref()),
+                avatar_url: r.avatar_url.as_deref().or(current.avatar_url.as_deref()),
+            },
+            now_ms(),
+        )
+        .await
+        .map_err(CodedError::from)?
+        .ok_or_else(|| {
+            CodedError::new(
+                ErrorCode::PreconditionFailed,
+                "the profile changed since you read it",
+            )
+        })?;
+    profile_response(&cell, updated).await
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteAccount {
+    /// The current password, to confirm.
+    pub password: String,
+}
+
+pub async fn delete_me(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Json(r): Json<DeleteAccount>,
+) -> ApiResult<StatusCode> {
+    at_home(&cell, &p)?;
+    cell.identity.delete_account(&p, &r.password).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn public_profile(
+    State(cell): State<Arc<Cell>>,
+    Auth(_p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let u = cell.identity.user(&id).await?;
+    if u.status != "active" {
+        return Err(CodedError::not_found("no such user").into());
+    }
+    Ok(axum::Json(PublicProfile {
+        id: u.id,
+        display_name: u.display_name,
+        avatar_url: u.avatar_url,
+        bio: u.bio,
+        home_region: cell.region.clone(),
+    })
+    .into_response())
+}
+
+// ---------------------------------------------------------------- addresses
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddressInput {
+    pub label: Option<String>,
+    pub recipient: String,
+    pub phone: Option<String>,
+    pub line1: String,
+    pub line2: Option<String>,
+    pub city: String,
+    pub state: Option<String>,
+    pub postal_code: Option<String>,
+    /// ISO 3166-1 alpha-2.
+    pub country: String,
+    #[serde(default)]
+    pub is_default: bool,
+}
+
+impl AddressInput {
+    fn validate(self, id: String, created_at: i64) -> Result<Address, CodedError> {
+        let mut errors = Vec::new();
+        let mut required = |field: &str, v: &str| {
+            if v.trim().is_empty() {
+                errors.push(FieldError {
+                    field: field.into(),
+                    message: "is required".into(),
+                });
+            }
+        };
+        required("recipient", &self.recipient);
+        required("line1", &self.line1);
+        required("city", &self.city);
+        for (f, v, max) in [
+            ("label", self.label.as_deref(), 32),
+            ("recipient", Some(self.recipient.as_str()), 64),
+            ("phone", self.phone.as_deref(), 32),
+            ("line1", Some(self.line1.as_str()), 200),
+            ("line2", self.line2.as_deref(), 200),
+            ("city", Some(self.city.as_str()), 100),
+            ("state", self.state.as_deref(), 100),
+            ("postal_code", self.postal_code.as_deref(), 20),
+        ] {
+            check_text(&mut errors, f, v, max);
+        }
+        let country = match homecell_proto::region::normalize_countries(&[self.country.as_str()]) {
+            Ok(mut c) => c.pop().unwrap_or_default(),
+            Err(_) => {
+                errors.push(FieldError {
+                    field: "country".into(),
+                    message: "an ISO 3166-1 alpha-2 code".into(),
+                });
+                String::new()
+            }
+        };
+        if !errors.is_empty() {
+            return Err(CodedError::fields(errors));
+        }
+        let trim = |s: Option<String>| s.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+        Ok(Address {
+            id,
+            label: trim(self.label),
+            recipient: self.recipient.trim().into(),
+            phone: trim(self.phone),
+            line1: self.line1.trim().into(),
+            line2: trim(self.line2),
+            city: self.city.trim().into(),
+            state: trim(self.state),
+            postal_code: trim(self.postal_code),
+            country,
+            is_default: self.is_default,
+            created_at,
+            updated_at: now_ms(),
+        })
+    }
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct AddressList {
+    pub items: Vec<Address>,
+}
+
+pub async fn addresses(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+) -> ApiResult<axum::Json<AddressList>> {
+    at_home(&cell, &p)?;
+    let items = cell
+        .db
+        .addresses(&p.user_id)
+        .await
+        .map_err(CodedError::from)?;
+    Ok(axum::Json(AddressList { items }))
+}
+
+pub async fn add_address(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Json(r): Json<AddressInput>,
+) -> ApiResult<Response> {
+    at_home(&cell, &p)?;
+    let a = r.validate(uuid::Uuid::now_v7().to_string(), now_ms())?;
+    let a = cell.identity.add_address(&p, a).await?;
+    Ok(json(StatusCode::CREATED, &a))
+}
+
+pub async fn update_address(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+    Json(r): Json<AddressInput>,
+) -> ApiResult<Response> {
+    at_home(&cell, &p)?;
+    let a = r.validate(id.clone(), 0)?;
+    if !cell
+        .db
+        .update_address(&p.user_id, &a)
+        .await
+        .map_err(CodedError::from)?
+    {
+        return Err(CodedError::not_found("no such address").into());
+    }
+    let all = cell
+        .db
+        .addresses(&p.user_id)
+        .await
+        .map_err(CodedError::from)?;
+    let a = all
+        .into_iter()
+        .find(|x| x.id == id)
+        .ok_or_else(|| CodedError::not_found("no such address"))?;
+    Ok(json(StatusCode::OK, &a))
+}
+
+pub async fn delete_address(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    at_home(&cell, &p)?;
+    if cell
+        .db
+        .delete_address(&p.user_id, &id)
+        .await
+        .map_err(CodedError::from)?
+    {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(CodedError::not_found("no such address").into())
+    }
+}
+
+pub async fn default_address(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    at_home(&cell, &p)?;
+    if cell
+        .db
+        .set_default_address(&p.user_id, &id, now_ms())
+        .await
+        .map_err(CodedError::from)?
+    {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(CodedError::not_found("no such address").into())
+    }
+}

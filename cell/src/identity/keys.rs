@@ -1,0 +1,194 @@
+//! The cell's token signing keys: kept in the datastore (so every instance
+//! of a cell signs with the same key), the newest active one signs, retired
+//! ones verify until their tokens have expired. The public halves are
+//! published into the region's metadata at the control plane, from where
+//! every router and cell learns them.
+
+use crate::db::Datastore;
+use crate::identity::store::SigningKeyRow;
+use anyhow::Result;
+use arc_swap::ArcSwap;
+use homecell_common::jwt::{self, MAX_ACCESS_TTL_SECS, SigningKey};
+use homecell_common::replica::ReplicaState;
+use homecell_proto::control::{
+    PublishSigningKeysRequest, SigningKey as PublishedKey,
+    region_service_client::RegionServiceClient,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// Retired keys verify this much longer than the longest token lifetime.
+const RETIRED_GRACE_MS: i64 = (MAX_ACCESS_TTL_SECS + 60) * 1000;
+
+struct KeySetState {
+    signer: Arc<SigningKey>,
+    /// Every key that still verifies: (kid, public key, created, retired).
+    verifying: Vec<(String, Vec<u8>, i64, Option<i64>)>,
+}
+
+pub struct Keys {
+    region: String,
+    state: ArcSwap<KeySetState>,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn new_key_row(region: &str) -> Result<(SigningKey, SigningKeyRow)> {
+    let kid = format!("{region}-{}", uuid::Uuid::now_v7().simple());
+    let (key, pkcs8) = SigningKey::generate(kid.clone())?;
+    let row = SigningKeyRow {
+        public_key: key.public_key(),
+        kid,
+        private_pkcs8: pkcs8,
+        created_at: now_ms(),
+        retired_at: None,
+    };
+    Ok((key, row))
+}
+
+/// Generates a new key that signs from now on; the previous one is retired
+/// and keeps verifying until its tokens expire.
+pub async fn rotate(db: &Datastore, region: &str) -> Result<String> {
+    let (_, row) = new_key_row(region)?;
+    db.rotate_signing_key(&row).await?;
+    Ok(row.kid)
+}
+
+async fn load(db: &Datastore, region: &str) -> Result<KeySetState> {
+    let now = now_ms();
+    let mut rows = db.signing_keys().await?;
+    if !rows.iter().any(|r| r.retired_at.is_none()) {
+        rotate(db, region).await?;
+        rows = db.signing_keys().await?;
+    }
+    let active = rows
+        .iter()
+        .rev()
+        .find(|r| r.retired_at.is_none())
+        .ok_or_else(|| anyhow::anyhow!("no active signing key"))?;
+    let signer = Arc::new(SigningKey::from_pkcs8(
+        active.kid.clone(),
+        &active.private_pkcs8,
+    )?);
+    let verifying = rows
+        .into_iter()
+        .filter(|r| r.retired_at.is_none_or(|t| t + RETIRED_GRACE_MS > now))
+        .map(|r| (r.kid, r.public_key, r.created_at, r.retired_at))
+        .collect();
+    Ok(KeySetState { signer, verifying })
+}
+
+impl Keys {
+    pub async fn open(db: &Datastore, region: &str) -> Result<Arc<Self>> {
+        let state = load(db, region).await?;
+        Ok(Arc::new(Self {
+            region: region.to_string(),
+            state: ArcSwap::from_pointee(state),
+        }))
+    }
+
+    pub fn signer(&self) -> Arc<SigningKey> {
+        self.state.load().signer.clone()
+    }
+
+    pub fn issuer(&self) -> String {
+        format!("cell.{}", self.region)
+    }
+
+    /// The JWKS document of this cell.
+    pub fn jwks(&self) -> serde_json::Value {
+        let keys: Vec<_> = self
+            .state
+            .load()
+            .verifying
+            .iter()
+            .map(|(kid, pk, _, _)| jwt::jwk(kid, pk))
+            .collect();
+        serde_json::json!({ "keys": keys })
+    }
+
+    fn published(&self) -> Vec<PublishedKey> {
+        self.state
+            .load()
+            .verifying
+            .iter()
+            .map(|(kid, pk, created, retired)| PublishedKey {
+                kid: kid.clone(),
+                alg: "EdDSA".into(),
+                public_key: pk.clone(),
+                created_unix_ms: *created,
+                retired_unix_ms: retired.unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// Reloads from the datastore (another instance, or `cell keys rotate`,
+    /// may have rotated), drops keys past their grace, and publishes the set
+    /// to the control plane whenever it differs from what the region's
+    /// metadata holds. Runs until `shutdown`.
+    pub async fn maintain(
+        self: Arc<Self>,
+        db: Datastore,
+        cp: Channel,
+        replica: Arc<homecell_common::replica::Replica>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            match load(&db, &self.region).await {
+                Ok(s) => self.state.store(Arc::new(s)),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot reload signing keys"),
+            }
+            let _ = db.drop_retired_keys(now_ms() - RETIRED_GRACE_MS).await;
+            let want = self.published();
+            let have = replica
+                .state()
+                .regions
+                .get(&self.region)
+                .map(|r| r.signing_keys.clone())
+                .unwrap_or_default();
+            if want != have && replica.is_ready() {
+                let req = PublishSigningKeysRequest {
+                    region: self.region.clone(),
+                    keys: want,
+                };
+                match RegionServiceClient::new(cp.clone())
+                    .publish_signing_keys(req)
+                    .await
+                {
+                    Ok(r) => {
+                        tracing::info!(revision = r.get_ref().revision, "published signing keys")
+                    }
+                    Err(e) => tracing::warn!(error = %e.message(), "cannot publish signing keys"),
+                }
+            }
+        }
+    }
+}
+
+/// Verification keys: this cell's own (known at once), then every region's
+/// published keys from the replica.
+pub struct Verifier<'a> {
+    pub keys: &'a Keys,
+    pub replica: &'a ReplicaState,
+}
+
+impl jwt::KeySet for Verifier<'_> {
+    fn key(&self, kid: &str) -> Option<(Vec<u8>, String)> {
+        let local = self.keys.state.load();
+        if let Some((_, pk, _, _)) = local.verifying.iter().find(|(k, ..)| k == kid) {
+            return Some((pk.clone(), self.keys.issuer()));
+        }
+        jwt::KeySet::key(self.replica, kid)
+    }
+}

@@ -1,0 +1,8 @@
+//! The identity service: users, credentials, sessions, tokens, addresses and
+//! roles, over the cell's datastore.
+
+pub mod identifier;
+pub mod keys;
+pub mod password;
+pub mod service;
+pub mod store;

@@ -1,0 +1,783 @@
+//! Identity's rules: registration with a global identifier claim, login with
+//! lockout, tokens and sessions, password change and reset, profiles,
+//! addresses, account deletion and roles. HTTP handlers call these; the
+//! storage layer does the SQL.
+
+use super::identifier::Identifier;
+use super::keys::{Keys, Verifier, now_ms};
+use super::password::{self, HashError, Hasher};
+use super::store::{Address, AuditEntry, DbError, NewUser, RefreshOutcome, Session, User};
+use crate::db::Datastore;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use homecell_common::jwt::{self, Claims, MAX_ACCESS_TTL_SECS, TokenError};
+use homecell_common::replica::Replica;
+use homecell_proto::control::{
+    ClaimIdentifierRequest, ReleaseIdentifierRequest, config_value::Kind,
+    directory_service_client::DirectoryServiceClient,
+};
+use homecell_proto::error::{CodedError, ErrorCode, FieldError};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tonic::transport::Channel;
+
+pub const CLIENT_TYPES: [&str; 4] = ["app", "web", "mp", "cms"];
+/// How long a session (its refresh token family) lives at most.
+const SESSION_TTL_MS: i64 = 30 * 24 * 3600 * 1000;
+const RESET_TTL_MS: i64 = 15 * 60 * 1000;
+const RESET_MAX_ATTEMPTS: i64 = 5;
+pub const MAX_ADDRESSES: i64 = 20;
+
+impl From<DbError> for CodedError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Conflict => CodedError::new(ErrorCode::AlreadyExists, "already exists"),
+            DbError::Db(e) => {
+                tracing::error!(error = %e, "datastore failure");
+                CodedError::internal("datastore failure")
+            }
+        }
+    }
+}
+
+impl From<HashError> for CodedError {
+    fn from(e: HashError) -> Self {
+        match e {
+            HashError::Busy => CodedError::new(
+                ErrorCode::TooManyRequests,
+                "too many logins in progress; retry shortly",
+            ),
+            HashError::Failed(m) => {
+                tracing::error!(error = %m, "password hashing failed");
+                CodedError::internal("password hashing failed")
+            }
+        }
+    }
+}
+
+fn field(name: &str, message: &str) -> CodedError {
+    CodedError::fields(vec![FieldError {
+        field: name.into(),
+        message: message.into(),
+    }])
+}
+
+fn invalid_credentials() -> CodedError {
+    CodedError::new(
+        ErrorCode::InvalidCredentials,
+        "the identifier or password is wrong",
+    )
+}
+
+fn random_token(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("randomness");
+    B64.encode(b)
+}
+
+/// Compares without an early exit, so timing does not reveal a prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn sha256_hex(s: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A fixed-window counter per client address.
+pub struct IpLimiter {
+    per_minute: u32,
+    windows: Mutex<HashMap<IpAddr, (i64, u32)>>,
+}
+
+impl IpLimiter {
+    pub fn new(per_minute: u32) -> Self {
+        Self {
+            per_minute,
+            windows: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts one attempt; Err(seconds to wait) past the limit.
+    pub fn check(&self, ip: IpAddr) -> Result<(), u64> {
+        let minute = now_ms() / 60_000;
+        let mut w = self.windows.lock().expect("poisoned");
+        if w.len() > 100_000 {
+            w.retain(|_, (m, _)| *m == minute);
+        }
+        let e = w.entry(ip).or_insert((minute, 0));
+        if e.0 != minute {
+            *e = (minute, 0);
+        }
+        e.1 += 1;
+        if e.1 > self.per_minute {
+            Err((60 - (now_ms() / 1000) % 60) as u64)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Who made a request, from a verified access token.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub user_id: String,
+    pub sid: String,
+    pub client_type: String,
+    pub home: String,
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct TokenPair {
+    pub access_token: String,
+    pub refresh_token: String,
+    pub token_type: &'static str,
+    /// Seconds until the access token expires.
+    pub expires_in: i64,
+    pub user_id: String,
+    pub home_region: String,
+}
+
+pub struct Identity {
+    pub region: String,
+    pub db: Datastore,
+    pub hasher: Hasher,
+    pub keys: Arc<Keys>,
+    pub replica: Arc<Replica>,
+    pub cp: Channel,
+    pub login_limiter: IpLimiter,
+}
+
+impl Identity {
+    fn config_int(&self, key: &str, default: i64) -> i64 {
+        match self
+            .replica
+            .state()
+            .config_value(key, &self.region)
+            .and_then(|v| v.kind.clone())
+        {
+            Some(Kind::IntValue(i)) if i > 0 => i,
+            _ => default,
+        }
+    }
+
+    fn config_ms(&self, key: &str, default_ms: i64) -> i64 {
+        match self
+            .replica
+            .state()
+            .config_value(key, &self.region)
+            .and_then(|v| v.kind.clone())
+        {
+            Some(Kind::DurationMs(ms)) if ms > 0 => ms as i64,
+            _ => default_ms,
+        }
+    }
+
+    fn lockout(&self) -> (i64, i64) {
+        (
+            self.config_int("auth.lockout.max_failures", 5),
+            self.config_ms("auth.lockout.duration", 15 * 60 * 1000),
+        )
+    }
+
+    fn access_ttl_secs(&self) -> i64 {
+        (self.config_ms("auth.access_token.ttl", MAX_ACCESS_TTL_SECS * 1000) / 1000)
+            .clamp(30, MAX_ACCESS_TTL_SECS)
+    }
+
+    // ------------------------------------------------------------ registration
+
+    pub async fn register(
+        &self,
+        identifier: &str,
+        password: &str,
+        display_name: Option<&str>,
+    ) -> Result<String, CodedError> {
+        let mut errors = Vec::new();
+        let id = Identifier::parse(identifier);
+        if let Err(m) = &id {
+            errors.push(FieldError {
+                field: "identifier".into(),
+                message: (*m).into(),
+            });
+        }
+        if let Err(m) = password::check_policy(password) {
+            errors.push(FieldError {
+                field: "password".into(),
+                message: m.into(),
+            });
+        }
+        let display_name = display_name.map(str::trim).filter(|s| !s.is_empty());
+        if let Some(n) = display_name
+            && (n.chars().count() > 64 || n.chars().any(char::is_control))
+        {
+            errors.push(FieldError {
+                field: "display_name".into(),
+                message: "at most 64 printable characters".into(),
+            });
+        }
+        let id = match id {
+            Ok(id) if errors.is_empty() => id,
+            _ => return Err(CodedError::fields(errors)),
+        };
+        if id.value == password.trim().to_lowercase() {
+            return Err(field(
+                "password",
+                "the password must differ from the identifier",
+            ));
+        }
+        if self
+            .db
+            .user_by_identifier(id.kind.as_str(), &id.value)
+            .await?
+            .is_some()
+        {
+            return Err(CodedError::new(
+                ErrorCode::AlreadyExists,
+                "this identifier is already registered",
+            ));
+        }
+        let hash = self.hasher.hash(password.to_string()).await?;
+        // Time-ordered and random: unique across cells without coordination.
+        let user_id = uuid::Uuid::now_v7().to_string();
+        self.claim(&id, &user_id).await?;
+        let default_name = match id.kind {
+            super::identifier::Kind::Username => id.value.clone(),
+            _ => format!("user-{}", &user_id[user_id.len() - 6..]),
+        };
+        let created = self
+            .db
+            .create_user(&NewUser {
+                id: &user_id,
+                display_name: display_name.unwrap_or(&default_name),
+                kind: id.kind.as_str(),
+                value: &id.value,
+                password_hash: &hash,
+                now: now_ms(),
+            })
+            .await;
+        if let Err(e) = created {
+            // Give the claim back: the user does not exist after all.
+            if let Err(re) = self.release(&id.qualified(), &user_id).await {
+                tracing::warn!(error = %re, "cannot release a claim after a failed registration");
+            }
+            return Err(e.into());
+        }
+        tracing::info!(user_id, kind = id.kind.as_str(), "user registered");
+        Ok(user_id)
+    }
+
+    async fn claim(&self, id: &Identifier, user_id: &str) -> Result<(), CodedError> {
+        let req = ClaimIdentifierRequest {
+            identifier: id.qualified(),
+            user_id: user_id.to_string(),
+            region: self.region.clone(),
+        };
+        let mut client = DirectoryServiceClient::new(self.cp.clone());
+        match tokio::time::timeout(Duration::from_secs(5), client.claim_identifier(req)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => Err(CodedError::new(
+                ErrorCode::AlreadyExists,
+                "this identifier is already registered",
+            )),
+            Ok(Err(s)) => {
+                tracing::warn!(error = %s.message(), "identifier claim failed");
+                Err(CodedError::new(
+                    ErrorCode::NotReady,
+                    "registration is unavailable right now; retry shortly",
+                ))
+            }
+            Err(_) => Err(CodedError::new(
+                ErrorCode::NotReady,
+                "registration is unavailable right now; retry shortly",
+            )),
+        }
+    }
+
+    async fn release(&self, qualified: &str, user_id: &str) -> Result<(), tonic::Status> {
+        let req = ReleaseIdentifierRequest {
+            identifier: qualified.to_string(),
+            user_id: user_id.to_string(),
+            region: self.region.clone(),
+        };
+        DirectoryServiceClient::new(self.cp.clone())
+            .release_identifier(req)
+            .await?;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ login and tokens
+
+    pub async fn login(
+        &self,
+        identifier: &str,
+        password: &str,
+        client_type: &str,
+        ip: Option<IpAddr>,
+    ) -> Result<TokenPair, CodedError> {
+        if let Some(ip) = ip
+            && let Err(wait) = self.login_limiter.check(ip)
+        {
+            return Err(CodedError::new(
+                ErrorCode::TooManyRequests,
+                format!("too many attempts from this address; retry in {wait} s"),
+            ));
+        }
+        if password.len() > 1024 {
+            return Err(field("password", "too long"));
+        }
+        let id = Identifier::parse(identifier).map_err(|m| field("identifier", m))?;
+        let Some(user_id) = self
+            .db
+            .user_by_identifier(id.kind.as_str(), &id.value)
+            .await?
+        else {
+            self.hasher.verify_dummy(password.to_string()).await;
+            return Err(invalid_credentials());
+        };
+        let (max, lock_ms) = self.lockout();
+        let now = now_ms();
+        let Some(_) = self.db.reserve_attempt(&user_id, max, now).await? else {
+            // Locked: answer like a wrong password, after the same work.
+            self.hasher.verify_dummy(password.to_string()).await;
+            return Err(invalid_credentials());
+        };
+        let stored = self.db.password_hash(&user_id).await?.unwrap_or_default();
+        let verified = self.hasher.verify(password.to_string(), stored).await?;
+        if !verified.ok {
+            if self
+                .db
+                .lock_if_exhausted(&user_id, max, now + lock_ms)
+                .await?
+            {
+                tracing::warn!(user_id, "account locked after repeated failures");
+            }
+            return Err(invalid_credentials());
+        }
+        self.db.clear_attempts(&user_id).await?;
+        let user = self
+            .db
+            .user(&user_id)
+            .await?
+            .ok_or_else(invalid_credentials)?;
+        if user.status != "active" {
+            return Err(CodedError::new(
+                ErrorCode::AccountDisabled,
+                "this account is disabled",
+            ));
+        }
+        if verified.needs_rehash {
+            let hash = self.hasher.hash(password.to_string()).await?;
+            self.db
+                .set_password(&user_id, &hash, false, None, now)
+                .await?;
+        }
+        let session = Session {
+            id: uuid::Uuid::now_v7().to_string(),
+            user_id: user_id.clone(),
+            client_type: client_type.to_string(),
+            created_at: now,
+            last_used_at: now,
+            expires_at: now + SESSION_TTL_MS,
+            revoked_at: None,
+        };
+        let refresh = random_token(32);
+        let replaced = self
+            .db
+            .open_session(&session, &sha256_hex(&refresh))
+            .await?;
+        if let Some(old) = replaced {
+            tracing::info!(
+                user_id,
+                client_type,
+                ended = old,
+                "a new login ended the session of the same client type"
+            );
+        }
+        self.token_pair(&session, refresh).await
+    }
+
+    async fn token_pair(
+        &self,
+        session: &Session,
+        refresh: String,
+    ) -> Result<TokenPair, CodedError> {
+        let roles = self.db.roles_of(&session.user_id).await?;
+        let now = now_ms() / 1000;
+        let ttl = self.access_ttl_secs();
+        let signer = self.keys.signer();
+        let claims = Claims {
+            sub: session.user_id.clone(),
+            home: self.region.clone(),
+            sid: session.id.clone(),
+            ct: session.client_type.clone(),
+            roles,
+            iss: self.keys.issuer(),
+            iat: now,
+            exp: now + ttl,
+        };
+        Ok(TokenPair {
+            access_token: signer.sign(&claims),
+            refresh_token: refresh,
+            token_type: "Bearer",
+            expires_in: ttl,
+            user_id: session.user_id.clone(),
+            home_region: self.region.clone(),
+        })
+    }
+
+    pub async fn refresh(&self, refresh_token: &str) -> Result<TokenPair, CodedError> {
+        if refresh_token.is_empty() || refresh_token.len() > 256 {
+            return Err(field("refresh_token", "malformed"));
+        }
+        let next = random_token(32);
+        let outcome = self
+            .db
+            .rotate_refresh(&sha256_hex(refresh_token), &sha256_hex(&next), now_ms())
+            .await?;
+        match outcome {
+            RefreshOutcome::Rotated(session) => {
+                if !self
+                    .db
+                    .session_alive(&session.id, &session.user_id, now_ms())
+                    .await?
+                {
+                    return Err(CodedError::new(
+                        ErrorCode::Unauthenticated,
+                        "the session has ended",
+                    ));
+                }
+                self.token_pair(&session, next).await
+            }
+            RefreshOutcome::Reused => {
+                tracing::warn!("refresh token reuse: its session was revoked");
+                Err(CodedError::new(
+                    ErrorCode::Unauthenticated,
+                    "refresh token already used; the session has been ended",
+                ))
+            }
+            RefreshOutcome::Invalid => Err(CodedError::new(
+                ErrorCode::Unauthenticated,
+                "invalid refresh token",
+            )),
+        }
+    }
+
+    /// Verifies an access token; at the home cell, also that its session is
+    /// alive (so a logout or a newer login takes effect on the next request).
+    pub async fn authenticate(&self, bearer: &str) -> Result<Principal, CodedError> {
+        let state = self.replica.state();
+        let verifier = Verifier {
+            keys: &self.keys,
+            replica: &state,
+        };
+        let claims = jwt::verify(bearer, &verifier, now_ms() / 1000).map_err(|e| {
+            let why = match e {
+                TokenError::Expired => "the access token has expired",
+                _ => "invalid access token",
+            };
+            CodedError::new(ErrorCode::Unauthenticated, why)
+        })?;
+        if claims.home == self.region
+            && !self
+                .db
+                .session_alive(&claims.sid, &claims.sub, now_ms())
+                .await?
+        {
+            return Err(CodedError::new(
+                ErrorCode::Unauthenticated,
+                "the session has ended",
+            ));
+        }
+        Ok(Principal {
+            user_id: claims.sub,
+            sid: claims.sid,
+            client_type: claims.ct,
+            home: claims.home,
+            roles: claims.roles,
+        })
+    }
+
+    /// Refuses unless the caller (at its home cell) holds `permission` now.
+    pub async fn require(&self, p: &Principal, permission: &str) -> Result<(), CodedError> {
+        if p.home == self.region && self.db.has_permission(&p.user_id, permission).await? {
+            Ok(())
+        } else {
+            Err(CodedError::new(
+                ErrorCode::PermissionDenied,
+                format!("this needs the {permission} permission"),
+            ))
+        }
+    }
+
+    pub async fn logout(&self, p: &Principal) -> Result<(), CodedError> {
+        self.db
+            .revoke_session(&p.user_id, &p.sid, "logout", now_ms())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn sessions(&self, p: &Principal) -> Result<Vec<Session>, CodedError> {
+        Ok(self.db.sessions_of(&p.user_id, now_ms()).await?)
+    }
+
+    pub async fn revoke_session(&self, p: &Principal, sid: &str) -> Result<(), CodedError> {
+        if self
+            .db
+            .revoke_session(&p.user_id, sid, "revoked", now_ms())
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(CodedError::not_found("no such session"))
+        }
+    }
+
+    pub async fn revoke_other_sessions(&self, p: &Principal) -> Result<u64, CodedError> {
+        Ok(self
+            .db
+            .revoke_other_sessions(&p.user_id, &p.sid, now_ms())
+            .await?)
+    }
+
+    // ------------------------------------------------------------ passwords
+
+    pub async fn change_password(
+        &self,
+        p: &Principal,
+        old: &str,
+        new: &str,
+    ) -> Result<(), CodedError> {
+        password::check_policy(new).map_err(|m| field("new_password", m))?;
+        let (max, lock_ms) = self.lockout();
+        let now = now_ms();
+        if self
+            .db
+            .reserve_attempt(&p.user_id, max, now)
+            .await?
+            .is_none()
+        {
+            return Err(invalid_credentials());
+        }
+        let stored = self.db.password_hash(&p.user_id).await?.unwrap_or_default();
+        if !self.hasher.verify(old.to_string(), stored).await?.ok {
+            self.db
+                .lock_if_exhausted(&p.user_id, max, now + lock_ms)
+                .await?;
+            return Err(CodedError::new(
+                ErrorCode::InvalidCredentials,
+                "the current password is wrong",
+            ));
+        }
+        let hash = self.hasher.hash(new.to_string()).await?;
+        self.db
+            .set_password(&p.user_id, &hash, true, Some(&p.sid), now)
+            .await?;
+        Ok(())
+    }
+
+    /// Starts a reset. Answers nothing either way, so callers cannot probe
+    /// which identifiers exist.
+    pub async fn request_reset(
+        &self,
+        identifier: &str,
+        ip: Option<IpAddr>,
+    ) -> Result<(), CodedError> {
+        if let Some(ip) = ip
+            && let Err(wait) = self.login_limiter.check(ip)
+        {
+            return Err(CodedError::new(
+                ErrorCode::TooManyRequests,
+                format!("too many attempts from this address; retry in {wait} s"),
+            ));
+        }
+        let id = Identifier::parse(identifier).map_err(|m| field("identifier", m))?;
+        let Some(user_id) = self
+            .db
+            .user_by_identifier(id.kind.as_str(), &id.value)
+            .await?
+        else {
+            return Ok(());
+        };
+        match self.db.user(&user_id).await? {
+            Some(u) if u.status == "active" => {}
+            _ => return Ok(()),
+        }
+        let code = {
+            let mut b = [0u8; 4];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+                .expect("randomness");
+            format!("{:06}", u32::from_le_bytes(b) % 1_000_000)
+        };
+        let reset_id = uuid::Uuid::now_v7().to_string();
+        let now = now_ms();
+        let payload = serde_json::json!({
+            "user_id": user_id,
+            "channel": id.kind.as_str(),
+            "to": id.value,
+            "code": code,
+            "expires_at": now + RESET_TTL_MS,
+        });
+        self.db
+            .create_reset(
+                &reset_id,
+                &user_id,
+                &sha256_hex(&format!("{reset_id}:{code}")),
+                now + RESET_TTL_MS,
+                &payload.to_string(),
+                now,
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn confirm_reset(
+        &self,
+        identifier: &str,
+        code: &str,
+        new_password: &str,
+    ) -> Result<(), CodedError> {
+        password::check_policy(new_password).map_err(|m| field("new_password", m))?;
+        let bad = || {
+            CodedError::new(
+                ErrorCode::InvalidArgument,
+                "the code is wrong or has expired",
+            )
+        };
+        let id = Identifier::parse(identifier).map_err(|m| field("identifier", m))?;
+        let Some(user_id) = self
+            .db
+            .user_by_identifier(id.kind.as_str(), &id.value)
+            .await?
+        else {
+            return Err(bad());
+        };
+        let now = now_ms();
+        let Some((reset_id, code_hash, _)) = self.db.live_reset(&user_id, now).await? else {
+            return Err(bad());
+        };
+        let given = sha256_hex(&format!("{reset_id}:{}", code.trim()));
+        if !constant_time_eq(given.as_bytes(), code_hash.as_bytes()) {
+            self.db
+                .count_reset_attempt(&reset_id, RESET_MAX_ATTEMPTS, now)
+                .await?;
+            return Err(bad());
+        }
+        let hash = self.hasher.hash(new_password.to_string()).await?;
+        if !self
+            .db
+            .complete_reset(&reset_id, &user_id, &hash, now)
+            .await?
+        {
+            return Err(bad());
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ users
+
+    pub async fn user(&self, id: &str) -> Result<User, CodedError> {
+        match self.db.user(id).await? {
+            Some(u) if u.status != "deleted" => Ok(u),
+            _ => Err(CodedError::not_found("no such user")),
+        }
+    }
+
+    /// Anonymises the caller's account after checking the password.
+    pub async fn delete_account(&self, p: &Principal, password: &str) -> Result<(), CodedError> {
+        let stored = self.db.password_hash(&p.user_id).await?.unwrap_or_default();
+        if !self.hasher.verify(password.to_string(), stored).await?.ok {
+            return Err(CodedError::new(
+                ErrorCode::InvalidCredentials,
+                "the password is wrong",
+            ));
+        }
+        let placeholder = format!("deleted-{}", &random_token(9));
+        let identifiers = self
+            .db
+            .anonymise_user(&p.user_id, &placeholder, now_ms())
+            .await?;
+        for (kind, value) in identifiers {
+            let qualified = format!("{kind}:{value}");
+            if let Err(e) = self.release(&qualified, &p.user_id).await {
+                // The account is gone either way; the claim stays until an
+                // operator reconciles it. Never log the identifier itself.
+                tracing::error!(user_id = %p.user_id, error = %e.message(), "cannot release a claim of a deleted account");
+            }
+        }
+        tracing::info!(user_id = %p.user_id, "account deleted and anonymised");
+        Ok(())
+    }
+
+    pub async fn add_address(&self, p: &Principal, a: Address) -> Result<Address, CodedError> {
+        if self.db.add_address(&p.user_id, &a, MAX_ADDRESSES).await? {
+            Ok(self
+                .db
+                .addresses(&p.user_id)
+                .await?
+                .into_iter()
+                .find(|x| x.id == a.id)
+                .unwrap_or(a))
+        } else {
+            Err(CodedError::new(
+                ErrorCode::FailedPrecondition,
+                format!("at most {MAX_ADDRESSES} addresses per user"),
+            ))
+        }
+    }
+
+    // ------------------------------------------------------------ roles
+
+    pub async fn set_role(
+        &self,
+        actor: &Principal,
+        user_id: &str,
+        role: &str,
+        grant: bool,
+    ) -> Result<bool, CodedError> {
+        self.user(user_id).await?;
+        if !self.db.role_exists(role).await? {
+            return Err(CodedError::not_found(format!("no role {role:?}")));
+        }
+        let audit = AuditEntry {
+            at: now_ms(),
+            actor: &actor.user_id,
+            action: if grant { "role.grant" } else { "role.revoke" },
+            target: Some(user_id),
+            details: serde_json::json!({ "role": role }).to_string(),
+        };
+        Ok(self.db.set_role(user_id, role, grant, &audit).await?)
+    }
+
+    pub async fn set_status(
+        &self,
+        actor: &Principal,
+        user_id: &str,
+        enable: bool,
+    ) -> Result<(), CodedError> {
+        self.user(user_id).await?;
+        let status = if enable { "active" } else { "disabled" };
+        self.db.set_status(user_id, status, now_ms()).await?;
+        self.db
+            .audit(&AuditEntry {
+                at: now_ms(),
+                actor: &actor.user_id,
+                action: if enable {
+                    "user.enable"
+                } else {
+                    "user.disable"
+                },
+                target: Some(user_id),
+                details: "{}".into(),
+            })
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,770 @@
+//! The identity tables, for both backends. Every query is one text (both
+//! SQLite and PostgreSQL take `$n` parameters); database errors are
+//! translated here, once.
+
+use crate::db::Datastore;
+use crate::{in_tx, on_db};
+
+/// Appends an audit entry inside the caller's transaction.
+macro_rules! insert_audit {
+    ($tx:ident, $e:expr) => {
+        sqlx::query("INSERT INTO audit_log (id, at, actor, action, target, details) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind($e.at)
+            .bind($e.actor)
+            .bind($e.action)
+            .bind($e.target)
+            .bind(&$e.details)
+            .execute(&mut *$tx)
+            .await?
+    };
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// A unique constraint refused the write.
+    #[error("conflict")]
+    Conflict,
+    #[error("datastore error: {0}")]
+    Db(sqlx::Error),
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(e: sqlx::Error) -> Self {
+        match e.as_database_error() {
+            Some(d) if d.is_unique_violation() => Self::Conflict,
+            _ => Self::Db(e),
+        }
+    }
+}
+
+pub type DbResult<T> = Result<T, DbError>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: String,
+    pub status: String,
+    pub display_name: String,
+    pub locale: Option<String>,
+    pub bio: Option<String>,
+    pub avatar_url: Option<String>,
+    pub version: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+type UserTuple = (
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    i64,
+    i64,
+    i64,
+);
+
+impl From<UserTuple> for User {
+    fn from(t: UserTuple) -> Self {
+        Self {
+            id: t.0,
+            status: t.1,
+            display_name: t.2,
+            locale: t.3,
+            bio: t.4,
+            avatar_url: t.5,
+            version: t.6,
+            created_at: t.7,
+            updated_at: t.8,
+        }
+    }
+}
+
+macro_rules! user_cols {
+    () => {
+        "id, status, display_name, locale, bio, avatar_url, version, created_at, updated_at"
+    };
+}
+
+/// The editable part of a profile.
+pub struct ProfileFields<'a> {
+    pub display_name: &'a str,
+    pub locale: Option<&'a str>,
+    pub bio: Option<&'a str>,
+    pub avatar_url: Option<&'a str>,
+}
+
+type KeyTuple = (String, Vec<u8>, Vec<u8>, i64, Option<i64>);
+pub type AuditTuple = (String, i64, String, String, Option<String>, String);
+
+#[derive(Debug, Clone)]
+pub struct NewUser<'a> {
+    pub id: &'a str,
+    pub display_name: &'a str,
+    pub kind: &'a str,
+    pub value: &'a str,
+    pub password_hash: &'a str,
+    pub now: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub id: String,
+    pub user_id: String,
+    pub client_type: String,
+    pub created_at: i64,
+    pub last_used_at: i64,
+    pub expires_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+type SessionTuple = (String, String, String, i64, i64, i64, Option<i64>);
+
+impl From<SessionTuple> for Session {
+    fn from(t: SessionTuple) -> Self {
+        Self {
+            id: t.0,
+            user_id: t.1,
+            client_type: t.2,
+            created_at: t.3,
+            last_used_at: t.4,
+            expires_at: t.5,
+            revoked_at: t.6,
+        }
+    }
+}
+
+macro_rules! session_cols {
+    () => {
+        "id, user_id, client_type, created_at, last_used_at, expires_at, revoked_at"
+    };
+}
+
+/// What a refresh token lookup found.
+#[derive(Debug)]
+pub enum RefreshOutcome {
+    /// Rotated: the session it belongs to.
+    Rotated(Session),
+    /// Unknown token, or its session is over.
+    Invalid,
+    /// Already used once: the session was revoked.
+    Reused,
+}
+
+#[derive(
+    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+pub struct Address {
+    pub id: String,
+    pub label: Option<String>,
+    pub recipient: String,
+    pub phone: Option<String>,
+    pub line1: String,
+    pub line2: Option<String>,
+    pub city: String,
+    pub state: Option<String>,
+    pub postal_code: Option<String>,
+    /// ISO 3166-1 alpha-2.
+    pub country: String,
+    pub is_default: bool,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+type AddressTuple = (
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    bool,
+    i64,
+    i64,
+);
+
+impl From<AddressTuple> for Address {
+    fn from(t: AddressTuple) -> Self {
+        Self {
+            id: t.0,
+            label: t.1,
+            recipient: t.2,
+            phone: t.3,
+            line1: t.4,
+            line2: t.5,
+            city: t.6,
+            state: t.7,
+            postal_code: t.8,
+            country: t.9,
+            is_default: t.10,
+            created_at: t.11,
+            updated_at: t.12,
+        }
+    }
+}
+
+macro_rules! address_cols {
+    () => {
+        "id, label, recipient, phone, line1, line2, city, state, postal_code, country, is_default, created_at, updated_at"
+    };
+}
+
+pub struct SigningKeyRow {
+    pub kid: String,
+    pub private_pkcs8: Vec<u8>,
+    pub public_key: Vec<u8>,
+    pub created_at: i64,
+    pub retired_at: Option<i64>,
+}
+
+impl Datastore {
+    // ------------------------------------------------------------ users
+
+    /// Creates a user with one identifier, a password and the `user` role.
+    pub async fn create_user(&self, u: &NewUser<'_>) -> DbResult<()> {
+        in_tx!(self, tx => {
+            sqlx::query("INSERT INTO users (id, status, display_name, version, created_at, updated_at) VALUES ($1, 'active', $2, 1, $3, $3)")
+                .bind(u.id).bind(u.display_name).bind(u.now).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO identifiers (kind, value, user_id) VALUES ($1, $2, $3)")
+                .bind(u.kind).bind(u.value).bind(u.id).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO credentials (user_id, password_hash, attempts, updated_at) VALUES ($1, $2, 0, $3)")
+                .bind(u.id).bind(u.password_hash).bind(u.now).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO user_roles (user_id, role, granted_at) VALUES ($1, 'user', $2)")
+                .bind(u.id).bind(u.now).execute(&mut *tx).await?;
+        });
+        Ok(())
+    }
+
+    pub async fn user(&self, id: &str) -> DbResult<Option<User>> {
+        let sql = concat!("SELECT ", user_cols!(), " FROM users WHERE id = $1");
+        let row: Option<UserTuple> =
+            on_db!(self, p => sqlx::query_as(sql).bind(id).fetch_optional(p).await?);
+        Ok(row.map(User::from))
+    }
+
+    /// The user id holding an identifier, if any.
+    pub async fn user_by_identifier(&self, kind: &str, value: &str) -> DbResult<Option<String>> {
+        let sql = "SELECT user_id FROM identifiers WHERE kind = $1 AND value = $2";
+        let row: Option<(String,)> =
+            on_db!(self, p => sqlx::query_as(sql).bind(kind).bind(value).fetch_optional(p).await?);
+        Ok(row.map(|r| r.0))
+    }
+
+    pub async fn identifiers(&self, user_id: &str) -> DbResult<Vec<(String, String)>> {
+        let sql = "SELECT kind, value FROM identifiers WHERE user_id = $1 ORDER BY kind, value";
+        Ok(on_db!(self, p => sqlx::query_as(sql).bind(user_id).fetch_all(p).await?))
+    }
+
+    /// Updates the profile if `expected_version` is current; returns the new
+    /// row, or None on a version mismatch.
+    pub async fn update_profile(
+        &self,
+        id: &str,
+        expected_version: i64,
+        f: &ProfileFields<'_>,
+        now: i64,
+    ) -> DbResult<Option<User>> {
+        let sql = concat!(
+            "UPDATE users SET display_name = $1, locale = $2, bio = $3, avatar_url = $4, version = version + 1, updated_at = $5 \
+             WHERE id = $6 AND version = $7 AND status = 'active' RETURNING ",
+            user_cols!()
+        );
+        let row: Option<UserTuple> = on_db!(self, p => sqlx::query_as(sql)
+            .bind(f.display_name).bind(f.locale).bind(f.bio).bind(f.avatar_url).bind(now).bind(id).bind(expected_version)
+            .fetch_optional(p).await?);
+        Ok(row.map(User::from))
+    }
+
+    /// Users by creation, after the cursor `(created_at, id)`; `query`
+    /// matches an identifier exactly or a display-name prefix.
+    pub async fn list_users(
+        &self,
+        after: Option<(i64, String)>,
+        query: Option<&str>,
+        limit: i64,
+    ) -> DbResult<Vec<User>> {
+        let (after_at, after_id) = after.unwrap_or((i64::MIN, String::new()));
+        let sql = concat!(
+            "SELECT ",
+            user_cols!(),
+            " FROM users u WHERE (created_at > $1 OR (created_at = $1 AND id > $2)) \
+             AND ($3 = '' OR display_name LIKE $4 ESCAPE '\\' OR EXISTS (SELECT 1 FROM identifiers i WHERE i.user_id = u.id AND i.value = $3)) \
+             ORDER BY created_at, id LIMIT $5"
+        );
+        let q = query.unwrap_or("");
+        let like = format!(
+            "{}%",
+            q.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
+        let rows: Vec<UserTuple> = on_db!(self, p => sqlx::query_as(sql)
+            .bind(after_at).bind(&after_id).bind(q).bind(&like).bind(limit).fetch_all(p).await?);
+        Ok(rows.into_iter().map(User::from).collect())
+    }
+
+    /// Sets `status` (active/disabled); a disabled account's sessions end.
+    pub async fn set_status(&self, id: &str, status: &str, now: i64) -> DbResult<bool> {
+        let changed = in_tx!(self, tx => {
+            let r = sqlx::query("UPDATE users SET status = $1, version = version + 1, updated_at = $2 WHERE id = $3 AND status <> 'deleted'")
+                .bind(status).bind(now).bind(id).execute(&mut *tx).await?;
+            if status == "disabled" {
+                sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'disabled' WHERE user_id = $2 AND revoked_at IS NULL")
+                    .bind(now).bind(id).execute(&mut *tx).await?;
+            }
+            r.rows_affected() == 1
+        });
+        Ok(changed)
+    }
+
+    /// Anonymises an account: random placeholders for personal data, no
+    /// identifiers, credentials, addresses or live sessions. The row (and its
+    /// random id, which ledgers reference) stays. Returns the identifiers it
+    /// held, for releasing their directory claims.
+    pub async fn anonymise_user(
+        &self,
+        id: &str,
+        placeholder: &str,
+        now: i64,
+    ) -> DbResult<Vec<(String, String)>> {
+        let ids = in_tx!(self, tx => {
+            let ids: Vec<(String, String)> = sqlx::query_as("SELECT kind, value FROM identifiers WHERE user_id = $1")
+                .bind(id).fetch_all(&mut *tx).await?;
+            sqlx::query("UPDATE users SET status = 'deleted', display_name = $1, locale = NULL, bio = NULL, avatar_url = NULL, version = version + 1, updated_at = $2 WHERE id = $3")
+                .bind(placeholder).bind(now).bind(id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM identifiers WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM credentials WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM addresses WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM password_resets WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM user_roles WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
+            sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'deleted' WHERE user_id = $2 AND revoked_at IS NULL")
+                .bind(now).bind(id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM outbox WHERE user_id = $1 AND delivered_at IS NULL").bind(id).execute(&mut *tx).await?;
+            ids
+        });
+        Ok(ids)
+    }
+
+    // ------------------------------------------------------------ credentials
+
+    pub async fn password_hash(&self, user_id: &str) -> DbResult<Option<String>> {
+        let row: Option<(String,)> = on_db!(self, p => sqlx::query_as("SELECT password_hash FROM credentials WHERE user_id = $1")
+            .bind(user_id).fetch_optional(p).await?);
+        Ok(row.map(|r| r.0))
+    }
+
+    /// Atomically reserves one password check. None when the account is
+    /// locked (or has no password): then no check may run at all, so a
+    /// concurrent storm cannot exceed the limit.
+    pub async fn reserve_attempt(
+        &self,
+        user_id: &str,
+        max: i64,
+        now: i64,
+    ) -> DbResult<Option<i64>> {
+        let sql = "UPDATE credentials SET \
+                   attempts = CASE WHEN locked_until IS NOT NULL AND locked_until <= $1 THEN 1 ELSE attempts + 1 END, \
+                   locked_until = CASE WHEN locked_until IS NOT NULL AND locked_until <= $1 THEN NULL ELSE locked_until END \
+                   WHERE user_id = $2 AND ((locked_until IS NULL AND attempts < $3) OR locked_until <= $1) \
+                   RETURNING attempts";
+        let row: Option<(i64,)> = on_db!(self, p => sqlx::query_as(sql).bind(now).bind(user_id).bind(max).fetch_optional(p).await?);
+        Ok(row.map(|r| r.0))
+    }
+
+    /// After a failed check: lock once the reserved attempts reach `max`.
+    pub async fn lock_if_exhausted(&self, user_id: &str, max: i64, until: i64) -> DbResult<bool> {
+        let r = on_db!(self, p => sqlx::query("UPDATE credentials SET locked_until = $1 WHERE user_id = $2 AND attempts >= $3 AND locked_until IS NULL")
+            .bind(until).bind(user_id).bind(max).execute(p).await?.rows_affected());
+        Ok(r == 1)
+    }
+
+    pub async fn clear_attempts(&self, user_id: &str) -> DbResult<()> {
+        on_db!(self, p => {
+            sqlx::query("UPDATE credentials SET attempts = 0, locked_until = NULL WHERE user_id = $1")
+            .bind(user_id).execute(p).await?;
+        });
+        Ok(())
+    }
+
+    /// Sets a new password hash; with `end_sessions`, ends every session but
+    /// `keep_session`.
+    pub async fn set_password(
+        &self,
+        user_id: &str,
+        hash: &str,
+        end_sessions: bool,
+        keep_session: Option<&str>,
+        now: i64,
+    ) -> DbResult<()> {
+        in_tx!(self, tx => {
+            sqlx::query("UPDATE credentials SET password_hash = $1, attempts = 0, locked_until = NULL, updated_at = $2 WHERE user_id = $3")
+                .bind(hash).bind(now).bind(user_id).execute(&mut *tx).await?;
+            if end_sessions {
+                sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'password' WHERE user_id = $2 AND revoked_at IS NULL AND id <> $3")
+                    .bind(now).bind(user_id).bind(keep_session.unwrap_or("")).execute(&mut *tx).await?;
+            }
+        });
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ sessions
+
+    /// Opens a session, ending the user's active one of the same client
+    /// type, and stores its first refresh token. Returns the ended session.
+    pub async fn open_session(&self, s: &Session, refresh_hash: &str) -> DbResult<Option<String>> {
+        let ended = in_tx!(self, tx => {
+            let ended: Option<(String,)> = sqlx::query_as(
+                "UPDATE sessions SET revoked_at = $1, revoke_reason = 'replaced' WHERE user_id = $2 AND client_type = $3 AND revoked_at IS NULL RETURNING id")
+                .bind(s.created_at).bind(&s.user_id).bind(&s.client_type).fetch_optional(&mut *tx).await?;
+            sqlx::query("INSERT INTO sessions (id, user_id, client_type, created_at, last_used_at, expires_at) VALUES ($1, $2, $3, $4, $4, $5)")
+                .bind(&s.id).bind(&s.user_id).bind(&s.client_type).bind(s.created_at).bind(s.expires_at).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES ($1, $2, $3)")
+                .bind(refresh_hash).bind(&s.id).bind(s.created_at).execute(&mut *tx).await?;
+            ended.map(|e| e.0)
+        });
+        Ok(ended)
+    }
+
+    pub async fn session(&self, id: &str) -> DbResult<Option<Session>> {
+        let sql = concat!("SELECT ", session_cols!(), " FROM sessions WHERE id = $1");
+        let row: Option<SessionTuple> =
+            on_db!(self, p => sqlx::query_as(sql).bind(id).fetch_optional(p).await?);
+        Ok(row.map(Session::from))
+    }
+
+    /// Whether a session is live and its user active: the check behind every
+    /// authenticated request at the home cell.
+    pub async fn session_alive(&self, id: &str, user_id: &str, now: i64) -> DbResult<bool> {
+        let sql = "SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id \
+                   WHERE s.id = $1 AND s.user_id = $2 AND s.revoked_at IS NULL AND s.expires_at > $3 AND u.status = 'active'";
+        let row: Option<(i32,)> = on_db!(self, p => sqlx::query_as(sql).bind(id).bind(user_id).bind(now).fetch_optional(p).await?);
+        Ok(row.is_some())
+    }
+
+    pub async fn sessions_of(&self, user_id: &str, now: i64) -> DbResult<Vec<Session>> {
+        let sql = concat!(
+            "SELECT ",
+            session_cols!(),
+            " FROM sessions WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > $2 ORDER BY created_at DESC"
+        );
+        let rows: Vec<SessionTuple> =
+            on_db!(self, p => sqlx::query_as(sql).bind(user_id).bind(now).fetch_all(p).await?);
+        Ok(rows.into_iter().map(Session::from).collect())
+    }
+
+    /// Ends one of the user's sessions; false if it is not theirs or over.
+    pub async fn revoke_session(
+        &self,
+        user_id: &str,
+        sid: &str,
+        reason: &str,
+        now: i64,
+    ) -> DbResult<bool> {
+        let r = on_db!(self, p => sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = $2 WHERE id = $3 AND user_id = $4 AND revoked_at IS NULL")
+            .bind(now).bind(reason).bind(sid).bind(user_id).execute(p).await?.rows_affected());
+        Ok(r == 1)
+    }
+
+    pub async fn revoke_other_sessions(
+        &self,
+        user_id: &str,
+        keep: &str,
+        now: i64,
+    ) -> DbResult<u64> {
+        let r = on_db!(self, p => sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'revoked' WHERE user_id = $2 AND id <> $3 AND revoked_at IS NULL")
+            .bind(now).bind(user_id).bind(keep).execute(p).await?.rows_affected());
+        Ok(r)
+    }
+
+    /// Rotates a refresh token: marks it used and stores its successor, in
+    /// one transaction. A token used twice revokes its session (the family).
+    pub async fn rotate_refresh(
+        &self,
+        old_hash: &str,
+        new_hash: &str,
+        now: i64,
+    ) -> DbResult<RefreshOutcome> {
+        let outcome = in_tx!(self, tx => {
+            let row: Option<(String, Option<i64>)> = sqlx::query_as("SELECT session_id, used_at FROM refresh_tokens WHERE token_hash = $1")
+                .bind(old_hash).fetch_optional(&mut *tx).await?;
+            match row {
+                None => RefreshOutcome::Invalid,
+                Some((sid, Some(_))) => {
+                    sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'refresh_reuse' WHERE id = $2 AND revoked_at IS NULL")
+                        .bind(now).bind(&sid).execute(&mut *tx).await?;
+                    RefreshOutcome::Reused
+                }
+                Some((sid, None)) => {
+                    let sql = concat!("SELECT ", session_cols!(), " FROM sessions WHERE id = $1");
+                    let s: Option<SessionTuple> = sqlx::query_as(sql).bind(&sid).fetch_optional(&mut *tx).await?;
+                    let s = s.map(Session::from);
+                    let live = s.as_ref().is_some_and(|s| s.revoked_at.is_none() && s.expires_at > now);
+                    let marked = sqlx::query("UPDATE refresh_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL")
+                        .bind(now).bind(old_hash).execute(&mut *tx).await?;
+                    match s {
+                        Some(s) if live && marked.rows_affected() == 1 => {
+                            sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES ($1, $2, $3)")
+                                .bind(new_hash).bind(&sid).bind(now).execute(&mut *tx).await?;
+                            sqlx::query("UPDATE sessions SET last_used_at = $1 WHERE id = $2").bind(now).bind(&sid).execute(&mut *tx).await?;
+                            RefreshOutcome::Rotated(s)
+                        }
+                        _ => RefreshOutcome::Invalid,
+                    }
+                }
+            }
+        });
+        Ok(outcome)
+    }
+
+    // ------------------------------------------------------------ password reset
+
+    /// Stores a reset code (hashed) and its delivery in the outbox, together.
+    pub async fn create_reset(
+        &self,
+        id: &str,
+        user_id: &str,
+        code_hash: &str,
+        expires_at: i64,
+        outbox_payload: &str,
+        now: i64,
+    ) -> DbResult<()> {
+        in_tx!(self, tx => {
+            // A new code replaces any earlier one.
+            sqlx::query("UPDATE password_resets SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
+                .bind(now).bind(user_id).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO password_resets (id, user_id, code_hash, attempts, created_at, expires_at) VALUES ($1, $2, $3, 0, $4, $5)")
+                .bind(id).bind(user_id).bind(code_hash).bind(now).bind(expires_at).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'auth.password_reset', $2, $3, $4)")
+                .bind(uuid::Uuid::now_v7().to_string()).bind(user_id).bind(outbox_payload).bind(now).execute(&mut *tx).await?;
+        });
+        Ok(())
+    }
+
+    /// The live reset of a user: (id, code_hash, attempts).
+    pub async fn live_reset(
+        &self,
+        user_id: &str,
+        now: i64,
+    ) -> DbResult<Option<(String, String, i64)>> {
+        let sql = "SELECT id, code_hash, attempts FROM password_resets WHERE user_id = $1 AND used_at IS NULL AND expires_at > $2 ORDER BY created_at DESC LIMIT 1";
+        Ok(on_db!(self, p => sqlx::query_as(sql).bind(user_id).bind(now).fetch_optional(p).await?))
+    }
+
+    pub async fn count_reset_attempt(&self, id: &str, max: i64, now: i64) -> DbResult<()> {
+        on_db!(self, p => {
+            sqlx::query("UPDATE password_resets SET attempts = attempts + 1, used_at = CASE WHEN attempts + 1 >= $1 THEN $2 ELSE used_at END WHERE id = $3")
+            .bind(max).bind(now).bind(id).execute(p).await?;
+        });
+        Ok(())
+    }
+
+    /// Consumes a reset and sets the password, ending every session. False if
+    /// the reset was consumed meanwhile (single use).
+    pub async fn complete_reset(
+        &self,
+        reset_id: &str,
+        user_id: &str,
+        hash: &str,
+        now: i64,
+    ) -> DbResult<bool> {
+        let done = in_tx!(self, tx => {
+            let r = sqlx::query("UPDATE password_resets SET used_at = $1 WHERE id = $2 AND used_at IS NULL")
+                .bind(now).bind(reset_id).execute(&mut *tx).await?;
+            if r.rows_affected() == 1 {
+                sqlx::query("UPDATE credentials SET password_hash = $1, attempts = 0, locked_until = NULL, updated_at = $2 WHERE user_id = $3")
+                    .bind(hash).bind(now).bind(user_id).execute(&mut *tx).await?;
+                sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'password_reset' WHERE user_id = $2 AND revoked_at IS NULL")
+                    .bind(now).bind(user_id).execute(&mut *tx).await?;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(done)
+    }
+
+    /// Undelivered outbox entries of a topic (oldest first): (id, user_id, payload).
+    pub async fn outbox_pending(
+        &self,
+        topic: &str,
+        limit: i64,
+    ) -> DbResult<Vec<(String, Option<String>, String)>> {
+        let sql = "SELECT id, user_id, payload FROM outbox WHERE topic = $1 AND delivered_at IS NULL ORDER BY created_at, id LIMIT $2";
+        Ok(on_db!(self, p => sqlx::query_as(sql).bind(topic).bind(limit).fetch_all(p).await?))
+    }
+
+    // ------------------------------------------------------------ addresses
+
+    pub async fn addresses(&self, user_id: &str) -> DbResult<Vec<Address>> {
+        let sql = concat!(
+            "SELECT ",
+            address_cols!(),
+            " FROM addresses WHERE user_id = $1 ORDER BY created_at, id"
+        );
+        let rows: Vec<AddressTuple> =
+            on_db!(self, p => sqlx::query_as(sql).bind(user_id).fetch_all(p).await?);
+        Ok(rows.into_iter().map(Address::from).collect())
+    }
+
+    /// Adds an address unless the user has `max` already. The first address
+    /// becomes the default. Returns false when at the limit.
+    pub async fn add_address(&self, user_id: &str, a: &Address, max: i64) -> DbResult<bool> {
+        let added = in_tx!(self, tx => {
+            let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM addresses WHERE user_id = $1").bind(user_id).fetch_one(&mut *tx).await?;
+            if count >= max {
+                false
+            } else {
+                if a.is_default || count == 0 {
+                    sqlx::query("UPDATE addresses SET is_default = FALSE WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+                }
+                sqlx::query(concat!("INSERT INTO addresses (user_id, ", address_cols!(), ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"))
+                    .bind(user_id).bind(&a.id).bind(&a.label).bind(&a.recipient).bind(&a.phone).bind(&a.line1).bind(&a.line2)
+                    .bind(&a.city).bind(&a.state).bind(&a.postal_code).bind(&a.country).bind(a.is_default || count == 0)
+                    .bind(a.created_at).bind(a.updated_at).execute(&mut *tx).await?;
+                true
+            }
+        });
+        Ok(added)
+    }
+
+    pub async fn update_address(&self, user_id: &str, a: &Address) -> DbResult<bool> {
+        let changed = in_tx!(self, tx => {
+            if a.is_default {
+                sqlx::query("UPDATE addresses SET is_default = FALSE WHERE user_id = $1 AND id <> $2").bind(user_id).bind(&a.id).execute(&mut *tx).await?;
+            }
+            let r = sqlx::query("UPDATE addresses SET label = $1, recipient = $2, phone = $3, line1 = $4, line2 = $5, city = $6, state = $7, postal_code = $8, country = $9, \
+                                 is_default = CASE WHEN $10 THEN TRUE ELSE is_default END, updated_at = $11 WHERE id = $12 AND user_id = $13")
+                .bind(&a.label).bind(&a.recipient).bind(&a.phone).bind(&a.line1).bind(&a.line2).bind(&a.city).bind(&a.state)
+                .bind(&a.postal_code).bind(&a.country).bind(a.is_default).bind(a.updated_at).bind(&a.id).bind(user_id)
+                .execute(&mut *tx).await?;
+            r.rows_affected() == 1
+        });
+        Ok(changed)
+    }
+
+    pub async fn set_default_address(&self, user_id: &str, id: &str, now: i64) -> DbResult<bool> {
+        let changed = in_tx!(self, tx => {
+            let (exists,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM addresses WHERE id = $1 AND user_id = $2").bind(id).bind(user_id).fetch_one(&mut *tx).await?;
+            if exists == 1 {
+                sqlx::query("UPDATE addresses SET is_default = (id = $1), updated_at = CASE WHEN id = $1 THEN $2 ELSE updated_at END WHERE user_id = $3")
+                    .bind(id).bind(now).bind(user_id).execute(&mut *tx).await?;
+            }
+            exists == 1
+        });
+        Ok(changed)
+    }
+
+    pub async fn delete_address(&self, user_id: &str, id: &str) -> DbResult<bool> {
+        let r = on_db!(self, p => sqlx::query("DELETE FROM addresses WHERE id = $1 AND user_id = $2").bind(id).bind(user_id).execute(p).await?.rows_affected());
+        Ok(r == 1)
+    }
+
+    // ------------------------------------------------------------ RBAC and audit
+
+    pub async fn roles_of(&self, user_id: &str) -> DbResult<Vec<String>> {
+        let rows: Vec<(String,)> = on_db!(self, p => sqlx::query_as("SELECT role FROM user_roles WHERE user_id = $1 ORDER BY role")
+            .bind(user_id).fetch_all(p).await?);
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    pub async fn has_permission(&self, user_id: &str, permission: &str) -> DbResult<bool> {
+        let sql = "SELECT 1 FROM user_roles ur JOIN role_permissions rp ON rp.role = ur.role WHERE ur.user_id = $1 AND rp.permission = $2 LIMIT 1";
+        let row: Option<(i32,)> = on_db!(self, p => sqlx::query_as(sql).bind(user_id).bind(permission).fetch_optional(p).await?);
+        Ok(row.is_some())
+    }
+
+    pub async fn role_exists(&self, role: &str) -> DbResult<bool> {
+        let row: Option<(String,)> = on_db!(self, p => sqlx::query_as("SELECT name FROM roles WHERE name = $1").bind(role).fetch_optional(p).await?);
+        Ok(row.is_some())
+    }
+
+    /// Grants or revokes a role, writing the audit entry in the same
+    /// transaction. Returns whether anything changed.
+    pub async fn set_role(
+        &self,
+        user_id: &str,
+        role: &str,
+        grant: bool,
+        audit: &AuditEntry<'_>,
+    ) -> DbResult<bool> {
+        let changed = in_tx!(self, tx => {
+            let r = if grant {
+                sqlx::query("INSERT INTO user_roles (user_id, role, granted_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+                    .bind(user_id).bind(role).bind(audit.at).execute(&mut *tx).await?
+            } else {
+                sqlx::query("DELETE FROM user_roles WHERE user_id = $1 AND role = $2").bind(user_id).bind(role).execute(&mut *tx).await?
+            };
+            if r.rows_affected() > 0 {
+                insert_audit!(tx, audit);
+            }
+            r.rows_affected() > 0
+        });
+        Ok(changed)
+    }
+
+    pub async fn audit(&self, e: &AuditEntry<'_>) -> DbResult<()> {
+        in_tx!(self, tx => { insert_audit!(tx, e); });
+        Ok(())
+    }
+
+    /// Audit entries newest first, before the cursor `(at, id)`.
+    pub async fn audit_log(
+        &self,
+        before: Option<(i64, String)>,
+        limit: i64,
+    ) -> DbResult<Vec<AuditTuple>> {
+        let (at, id) = before.unwrap_or((i64::MAX, String::new()));
+        let sql = "SELECT id, at, actor, action, target, details FROM audit_log WHERE (at < $1 OR (at = $1 AND id < $2)) \
+                   ORDER BY at DESC, id DESC LIMIT $3";
+        Ok(
+            on_db!(self, p => sqlx::query_as(sql).bind(at).bind(&id).bind(limit).fetch_all(p).await?),
+        )
+    }
+
+    // ------------------------------------------------------------ signing keys
+
+    pub async fn signing_keys(&self) -> DbResult<Vec<SigningKeyRow>> {
+        let rows: Vec<KeyTuple> = on_db!(self, p => sqlx::query_as(
+            "SELECT kid, private_pkcs8, public_key, created_at, retired_at FROM signing_keys ORDER BY created_at")
+            .fetch_all(p).await?);
+        Ok(rows
+            .into_iter()
+            .map(|r| SigningKeyRow {
+                kid: r.0,
+                private_pkcs8: r.1,
+                public_key: r.2,
+                created_at: r.3,
+                retired_at: r.4,
+            })
+            .collect())
+    }
+
+    /// Adds a key and retires every other active one, together.
+    pub async fn rotate_signing_key(&self, row: &SigningKeyRow) -> DbResult<()> {
+        in_tx!(self, tx => {
+            sqlx::query("UPDATE signing_keys SET retired_at = $1 WHERE retired_at IS NULL").bind(row.created_at).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO signing_keys (kid, private_pkcs8, public_key, created_at) VALUES ($1, $2, $3, $4)")
+                .bind(&row.kid).bind(&row.private_pkcs8).bind(&row.public_key).bind(row.created_at).execute(&mut *tx).await?;
+        });
+        Ok(())
+    }
+
+    /// Drops keys retired before `before` (their tokens have all expired).
+    pub async fn drop_retired_keys(&self, before: i64) -> DbResult<u64> {
+        let r = on_db!(self, p => sqlx::query("DELETE FROM signing_keys WHERE retired_at IS NOT NULL AND retired_at < $1").bind(before).execute(p).await?.rows_affected());
+        Ok(r)
+    }
+}
+
+pub struct AuditEntry<'a> {
+    pub at: i64,
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub target: Option<&'a str>,
+    pub details: String,
+}

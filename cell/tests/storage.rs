@@ -1,0 +1,452 @@
+//! One behavioural suite for the cell's datastore, run over SQLite and over a
+//! real PostgreSQL server (a private one started for the test).
+
+use futures::future::join_all;
+use homecell_cell::db::Datastore;
+use homecell_cell::identity::store::{
+    Address, AuditEntry, DbError, NewUser, RefreshOutcome, Session,
+};
+
+const NOW: i64 = 1_800_000_000_000;
+
+async fn user(db: &Datastore, id: &str, ident: &str) {
+    db.create_user(&NewUser {
+        id,
+        display_name: id,
+        kind: "email",
+        value: ident,
+        password_hash: "h",
+        now: NOW,
+    })
+    .await
+    .unwrap();
+}
+
+fn session(id: &str, user: &str, ct: &str) -> Session {
+    Session {
+        id: id.into(),
+        user_id: user.into(),
+        client_type: ct.into(),
+        created_at: NOW,
+        last_used_at: NOW,
+        expires_at: NOW + 3_600_000,
+        revoked_at: None,
+    }
+}
+
+async fn users_and_identifiers(db: &Datastore) {
+    user(db, "u1", "a@x.io").await;
+    let dup = db
+        .create_user(&NewUser {
+            id: "u2",
+            display_name: "b",
+            kind: "email",
+            value: "a@x.io",
+            password_hash: "h",
+            now: NOW,
+        })
+        .await;
+    assert!(matches!(dup, Err(DbError::Conflict)), "{dup:?}");
+    // The failed registration left nothing behind.
+    assert!(db.user("u2").await.unwrap().is_none());
+    assert_eq!(
+        db.user_by_identifier("email", "a@x.io")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("u1")
+    );
+    assert_eq!(db.roles_of("u1").await.unwrap(), vec!["user"]);
+    // Injection-shaped values are data, nothing more.
+    user(db, "u3", "x'); DROP TABLE users;--@x.io").await;
+    assert!(db.user("u1").await.unwrap().is_some());
+}
+
+async fn lockout_is_atomic(db: &Datastore) {
+    user(db, "lk", "lk@x.io").await;
+    let reserved = join_all((0..20).map(|_| db.reserve_attempt("lk", 5, NOW))).await;
+    let granted = reserved
+        .into_iter()
+        .filter(|r| matches!(r, Ok(Some(_))))
+        .count();
+    assert_eq!(granted, 5, "a storm got more checks than the limit");
+    assert!(db.lock_if_exhausted("lk", 5, NOW + 900_000).await.unwrap());
+    assert_eq!(db.reserve_attempt("lk", 5, NOW + 1).await.unwrap(), None);
+    // After the lock expires, counting starts again.
+    assert_eq!(
+        db.reserve_attempt("lk", 5, NOW + 900_001).await.unwrap(),
+        Some(1)
+    );
+    db.clear_attempts("lk").await.unwrap();
+    assert_eq!(
+        db.reserve_attempt("lk", 5, NOW + 900_002).await.unwrap(),
+        Some(1)
+    );
+}
+
+async fn one_session_per_client_type(db: &Datastore) {
+    user(db, "s", "s@x.io").await;
+    assert_eq!(
+        db.open_session(&session("s1", "s", "app"), "r1")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        db.open_session(&session("s2", "s", "web"), "r2")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        db.open_session(&session("s3", "s", "app"), "r3")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("s1")
+    );
+    assert!(!db.session_alive("s1", "s", NOW).await.unwrap());
+    assert!(db.session_alive("s2", "s", NOW).await.unwrap());
+    assert!(db.session_alive("s3", "s", NOW).await.unwrap());
+    assert!(!db.session_alive("s3", "someone-else", NOW).await.unwrap());
+    assert!(
+        !db.session_alive("s3", "s", NOW + 3_600_000).await.unwrap(),
+        "expired"
+    );
+    assert_eq!(db.sessions_of("s", NOW).await.unwrap().len(), 2);
+    // Concurrent logins on one client type leave exactly one active session.
+    let opened = join_all((0..8).map(|i| {
+        let s = session(&format!("c{i}"), "s", "mp");
+        let h = format!("rc{i}");
+        async move { db.open_session(&s, &h).await }
+    }))
+    .await;
+    assert!(opened.iter().any(|r| r.is_ok()));
+    let mp = db
+        .sessions_of("s", NOW)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.client_type == "mp")
+        .count();
+    assert_eq!(mp, 1);
+    assert_eq!(db.revoke_other_sessions("s", "s3", NOW).await.unwrap(), 2);
+}
+
+async fn refresh_rotation_and_reuse(db: &Datastore) {
+    user(db, "r", "r@x.io").await;
+    db.open_session(&session("rs", "r", "app"), "t0")
+        .await
+        .unwrap();
+    assert!(
+        matches!(db.rotate_refresh("t0", "t1", NOW).await.unwrap(), RefreshOutcome::Rotated(s) if s.id == "rs")
+    );
+    assert!(matches!(
+        db.rotate_refresh("t1", "t2", NOW).await.unwrap(),
+        RefreshOutcome::Rotated(_)
+    ));
+    // t0 again: reuse revokes the whole session.
+    assert!(matches!(
+        db.rotate_refresh("t0", "tx", NOW).await.unwrap(),
+        RefreshOutcome::Reused
+    ));
+    assert!(!db.session_alive("rs", "r", NOW).await.unwrap());
+    assert!(matches!(
+        db.rotate_refresh("t2", "t3", NOW).await.unwrap(),
+        RefreshOutcome::Invalid
+    ));
+    assert!(matches!(
+        db.rotate_refresh("nope", "t4", NOW).await.unwrap(),
+        RefreshOutcome::Invalid
+    ));
+    // Two concurrent uses of one token: at most one rotation.
+    db.open_session(&session("rs2", "r", "web"), "u0")
+        .await
+        .unwrap();
+    let outcomes = join_all((0..4).map(|i| {
+        let next = format!("u{}", i + 1);
+        async move { db.rotate_refresh("u0", &next, NOW).await }
+    }))
+    .await;
+    let rotated = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(RefreshOutcome::Rotated(_))))
+        .count();
+    assert!(rotated <= 1, "{rotated} rotations of one token");
+}
+
+async fn password_resets(db: &Datastore) {
+    user(db, "pr", "pr@x.io").await;
+    db.create_reset("reset1", "pr", "hash1", NOW + 900_000, "{}", NOW)
+        .await
+        .unwrap();
+    db.create_reset("reset2", "pr", "hash2", NOW + 900_000, "{}", NOW + 1)
+        .await
+        .unwrap();
+    // A newer code replaces the older one.
+    let (id, hash, attempts) = db.live_reset("pr", NOW + 2).await.unwrap().unwrap();
+    assert_eq!(
+        (id.as_str(), hash.as_str(), attempts),
+        ("reset2", "hash2", 0)
+    );
+    assert_eq!(
+        db.outbox_pending("auth.password_reset", 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    for _ in 0..5 {
+        db.count_reset_attempt("reset2", 5, NOW + 3).await.unwrap();
+    }
+    assert!(
+        db.live_reset("pr", NOW + 4).await.unwrap().is_none(),
+        "too many wrong codes burn it"
+    );
+    db.create_reset("reset3", "pr", "hash3", NOW + 900_000, "{}", NOW + 5)
+        .await
+        .unwrap();
+    db.open_session(&session("prs", "pr", "app"), "prt")
+        .await
+        .unwrap();
+    assert!(
+        db.complete_reset("reset3", "pr", "newhash", NOW + 6)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !db.complete_reset("reset3", "pr", "other", NOW + 7)
+            .await
+            .unwrap(),
+        "single use"
+    );
+    assert_eq!(
+        db.password_hash("pr").await.unwrap().as_deref(),
+        Some("newhash")
+    );
+    assert!(!db.session_alive("prs", "pr", NOW + 8).await.unwrap());
+    assert!(db.live_reset("pr", NOW + 900_001).await.unwrap().is_none());
+}
+
+fn address(id: &str, default: bool) -> Address {
+    Address {
+        id: id.into(),
+        label: None,
+        recipient: "R".into(),
+        phone: None,
+        line1: "1 Road".into(),
+        line2: None,
+        city: "C".into(),
+        state: None,
+        postal_code: None,
+        country: "CN".into(),
+        is_default: default,
+        created_at: NOW,
+        updated_at: NOW,
+    }
+}
+
+async fn addresses(db: &Datastore) {
+    user(db, "ad", "ad@x.io").await;
+    assert!(
+        db.add_address("ad", &address("a1", false), 2)
+            .await
+            .unwrap()
+    );
+    assert!(db.add_address("ad", &address("a2", true), 2).await.unwrap());
+    assert!(
+        !db.add_address("ad", &address("a3", false), 2)
+            .await
+            .unwrap(),
+        "limit"
+    );
+    let all = db.addresses("ad").await.unwrap();
+    assert_eq!(
+        all.iter()
+            .filter(|a| a.is_default)
+            .map(|a| a.id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["a2"]
+    );
+    assert!(db.set_default_address("ad", "a1", NOW).await.unwrap());
+    let all = db.addresses("ad").await.unwrap();
+    assert_eq!(all.iter().filter(|a| a.is_default).count(), 1);
+    assert!(all.iter().find(|a| a.id == "a1").unwrap().is_default);
+    assert!(!db.delete_address("someone-else", "a1").await.unwrap());
+    assert!(db.delete_address("ad", "a1").await.unwrap());
+}
+
+async fn roles_audit_and_anonymisation(db: &Datastore) {
+    user(db, "adm", "adm@x.io").await;
+    assert!(!db.has_permission("adm", "role:assign").await.unwrap());
+    let audit = |action: &'static str| AuditEntry {
+        at: NOW,
+        actor: "t",
+        action,
+        target: Some("adm"),
+        details: "{}".into(),
+    };
+    assert!(
+        db.set_role("adm", "admin", true, &audit("role.grant"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !db.set_role("adm", "admin", true, &audit("role.grant"))
+            .await
+            .unwrap(),
+        "idempotent"
+    );
+    assert!(db.has_permission("adm", "role:assign").await.unwrap());
+    assert!(
+        db.set_role("adm", "admin", false, &audit("role.revoke"))
+            .await
+            .unwrap()
+    );
+    assert!(!db.has_permission("adm", "role:assign").await.unwrap());
+    let log = db.audit_log(None, 10).await.unwrap();
+    assert_eq!(log.len(), 2, "only real changes are audited");
+    let page = db
+        .audit_log(Some((log[0].1, log[0].0.clone())), 10)
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 1);
+
+    db.open_session(&session("anon-s", "adm", "app"), "anon-t")
+        .await
+        .unwrap();
+    db.add_address("adm", &address("anon-a", true), 5)
+        .await
+        .unwrap();
+    let ids = db.anonymise_user("adm", "deleted-xyz", NOW).await.unwrap();
+    assert_eq!(ids, vec![("email".to_string(), "adm@x.io".to_string())]);
+    let u = db.user("adm").await.unwrap().unwrap();
+    assert_eq!(
+        (u.status.as_str(), u.display_name.as_str()),
+        ("deleted", "deleted-xyz")
+    );
+    assert!(
+        db.user_by_identifier("email", "adm@x.io")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(db.addresses("adm").await.unwrap().is_empty());
+    assert!(db.password_hash("adm").await.unwrap().is_none());
+    assert!(!db.session_alive("anon-s", "adm", NOW).await.unwrap());
+    // The identifier can be registered again.
+    user(db, "adm2", "adm@x.io").await;
+}
+
+async fn listing_and_profiles(db: &Datastore) {
+    for i in 0..5 {
+        db.create_user(&NewUser {
+            id: &format!("l{i}"),
+            display_name: &format!("Lister {i}"),
+            kind: "username",
+            value: &format!("lister{i}"),
+            password_hash: "h",
+            now: NOW + i,
+        })
+        .await
+        .unwrap();
+    }
+    let first = db.list_users(None, Some("Lister"), 3).await.unwrap();
+    assert_eq!(
+        first.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(),
+        vec!["l0", "l1", "l2"]
+    );
+    let last = first.last().unwrap();
+    let next = db
+        .list_users(Some((last.created_at, last.id.clone())), Some("Lister"), 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        next.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(),
+        vec!["l3", "l4"]
+    );
+    assert_eq!(
+        db.list_users(None, Some("lister3"), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        db.list_users(None, Some("%"), 10).await.unwrap().is_empty(),
+        "wildcards are literal"
+    );
+
+    let fields = homecell_cell::identity::store::ProfileFields {
+        display_name: "New",
+        locale: Some("en"),
+        bio: None,
+        avatar_url: None,
+    };
+    let u = db
+        .update_profile("l0", 1, &fields, NOW + 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((u.version, u.display_name.as_str()), (2, "New"));
+    assert!(
+        db.update_profile("l0", 1, &fields, NOW + 11)
+            .await
+            .unwrap()
+            .is_none(),
+        "stale version"
+    );
+    assert!(db.set_status("l1", "disabled", NOW).await.unwrap());
+    assert_eq!(db.user("l1").await.unwrap().unwrap().status, "disabled");
+}
+
+async fn signing_keys(db: &Datastore) {
+    let k1 = homecell_cell::identity::keys::rotate(db, "cn-east")
+        .await
+        .unwrap();
+    let k2 = homecell_cell::identity::keys::rotate(db, "cn-east")
+        .await
+        .unwrap();
+    let rows = db.signing_keys().await.unwrap();
+    let active: Vec<_> = rows
+        .iter()
+        .filter(|r| r.retired_at.is_none())
+        .map(|r| r.kid.clone())
+        .collect();
+    assert_eq!(active, vec![k2]);
+    assert!(rows.iter().any(|r| r.kid == k1 && r.retired_at.is_some()));
+}
+
+async fn suite(db: Datastore) {
+    db.claim_region("cn-east").await.unwrap();
+    assert!(
+        db.claim_region("eu-west").await.is_err(),
+        "a datastore belongs to one region"
+    );
+    users_and_identifiers(&db).await;
+    lockout_is_atomic(&db).await;
+    one_session_per_client_type(&db).await;
+    refresh_rotation_and_reuse(&db).await;
+    password_resets(&db).await;
+    addresses(&db).await;
+    roles_audit_and_anonymisation(&db).await;
+    listing_and_profiles(&db).await;
+    signing_keys(&db).await;
+}
+
+#[tokio::test]
+async fn storage_suite_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Datastore::open(&format!("sqlite:{}", dir.path().join("cell.db").display()))
+        .await
+        .unwrap();
+    suite(db).await;
+}
+
+#[tokio::test]
+async fn storage_suite_on_postgres() {
+    let pg = homecell_harness::postgres::TempPostgres::start().unwrap();
+    let url = pg.create_database("suite").unwrap();
+    let db = Datastore::open(&url).await.unwrap();
+    suite(db).await;
+}
