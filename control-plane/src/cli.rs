@@ -611,6 +611,11 @@ fn region_json(r: &Region) -> Value {
         "status": status_name(r.status()),
         "weight": r.weight,
         "revision": r.revision,
+        "signing_keys": r.signing_keys.iter().map(|k| json!({
+            "kid": k.kid,
+            "alg": k.alg,
+            "retired": k.retired_unix_ms != 0,
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -3,6 +3,7 @@
 //! cluster. Every process logs to `<root>/logs/<name>.log`; every process is
 //! killed when its handle drops, so a failing test leaves nothing running.
 
+pub mod api;
 pub mod postgres;
 
 use anyhow::{Context, Result, bail};
@@ -439,6 +440,28 @@ impl Cluster {
         let up = wait_up(&self.http, &format!("http://{admin}/healthz"), &mut proc).await;
         self.cells.get_mut(region).expect("planned").process = Some(proc);
         up
+    }
+
+    /// Runs a `cell` subcommand on the host of `region`'s cell (its config).
+    pub fn cell_command(&self, region: &str, args: &[&str]) -> Result<CliOutput> {
+        let config = self.root.join("config").join(format!("cell-{region}.toml"));
+        let out = Command::new(self.bins.path("cell"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run the cell binary")?;
+        Ok(CliOutput {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// The cell's SQLite datastore file (when it runs on the default).
+    pub fn cell_sqlite_path(&self, region: &str) -> PathBuf {
+        self.root.join(format!("cell-{region}")).join("cell.db")
     }
 
     pub fn cell_mut(&mut self, region: &str) -> Option<&mut CellNode> {

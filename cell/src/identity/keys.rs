@@ -140,9 +140,13 @@ impl Keys {
         shutdown: tokio_util::sync::CancellationToken,
     ) {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut revisions = replica.subscribe();
         loop {
+            // Also wake on replica changes: the first snapshot (so a new cell
+            // publishes at once) and any change to our region's metadata.
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = revisions.changed() => {}
                 _ = shutdown.cancelled() => return,
             }
             match load(&db, &self.region).await {
