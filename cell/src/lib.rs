@@ -8,6 +8,7 @@ pub mod db;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod peers;
 pub mod server;
 pub mod state;
 
@@ -57,6 +58,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
             login_limiter: identity::service::IpLimiter::new(
                 config.login_attempts_per_ip_per_minute,
             ),
+            peers: peers::Peers::new(tls.clone(), replica.clone()),
         },
     });
 

@@ -203,7 +203,12 @@ impl Cluster {
     pub fn temp() -> Result<Self> {
         let tmp = tempfile::Builder::new().prefix("homecell-").tempdir()?;
         let mut c = Self::in_dir(tmp.path(), Ports::Free)?;
-        c._tmp = Some(tmp);
+        // HOMECELL_KEEP=1 keeps the directory (logs, data) for a post-mortem.
+        if std::env::var_os("HOMECELL_KEEP").is_some() {
+            eprintln!("keeping {}", tmp.keep().display());
+        } else {
+            c._tmp = Some(tmp);
+        }
         Ok(c)
     }
 

@@ -832,3 +832,45 @@ async fn bad_input_is_refused_and_changes_nothing() -> Result {
     assert!(doc.body["paths"]["/v1/auth/login"]["post"].is_object());
     Ok(())
 }
+
+#[tokio::test]
+async fn an_ended_session_is_refused_by_other_cells_within_five_seconds() -> Result {
+    let (_c, cn, eu) = cluster().await?;
+    let (target, login) = cn.signed_in("quinn", PW).await?;
+    let quinn_id = login["user_id"].as_str().unwrap().to_string();
+    let _ = target;
+    let (old, _) = eu.signed_in("rosa", PW).await?;
+    // rosa's eu-west token, used at the cn-east cell.
+    let old_at_cn = Api {
+        region: "cn-east".into(),
+        ..old.clone()
+    };
+    assert_eq!(
+        old_at_cn
+            .get(&format!("/v1/users/{quinn_id}"))
+            .await?
+            .status,
+        StatusCode::OK
+    );
+    // A new login on the same client type ends the old session at home…
+    eu.signed_in("rosa", PW).await?;
+    let ended = std::time::Instant::now();
+    assert_eq!(
+        old.get("/v1/users/me").await?.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // …and at the other cell within 5 seconds.
+    loop {
+        let r = old_at_cn.get(&format!("/v1/users/{quinn_id}")).await?;
+        if r.status == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert!(
+            ended.elapsed() < Duration::from_secs(5),
+            "still accepted after {:?}",
+            ended.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

@@ -12,4 +12,10 @@ pub mod control {
     tonic::include_proto!("homecell.control.v1");
 }
 
+/// Generated from `proto/homecell/cell/v1/cell.proto`.
+pub mod cell {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("homecell.cell.v1");
+}
+
 pub use error::{ErrorCode, Problem};

@@ -189,6 +189,15 @@ pub fn router(cell: Arc<Cell>) -> Router {
     for route in table {
         r = r.route(route.path, route.handler);
     }
+    // Cell-to-cell gRPC shares the listener (and its mTLS identity check).
+    let grpc = tonic::service::Routes::new(
+        homecell_proto::cell::cell_service_server::CellServiceServer::new(crate::peers::CellGrpc(
+            cell.clone(),
+        )),
+    )
+    .prepare()
+    .into_axum_router();
+    let r = r.merge(grpc.with_state(()));
     // Order matters (outermost last): the identity check runs before any
     // handler; the response headers are added to every answer.
     r.fallback(|| async { ApiError(CodedError::not_found("no such route")) })

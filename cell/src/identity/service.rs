@@ -124,6 +124,24 @@ impl IpLimiter {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_limiter_counts_per_address() {
+        let l = IpLimiter::new(3);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        for _ in 0..3 {
+            assert!(l.check(a).is_ok());
+        }
+        let wait = l.check(a).unwrap_err();
+        assert!((1..=60).contains(&wait));
+        assert!(l.check(b).is_ok(), "other addresses are unaffected");
+    }
+}
+
 /// Who made a request, from a verified access token.
 #[derive(Debug, Clone)]
 pub struct Principal {
@@ -153,6 +171,7 @@ pub struct Identity {
     pub replica: Arc<Replica>,
     pub cp: Channel,
     pub login_limiter: IpLimiter,
+    pub peers: crate::peers::Peers,
 }
 
 impl Identity {
@@ -485,16 +504,28 @@ impl Identity {
             };
             CodedError::new(ErrorCode::Unauthenticated, why)
         })?;
-        if claims.home == self.region
-            && !self
+        let ended = CodedError::new(ErrorCode::Unauthenticated, "the session has ended");
+        if claims.home == self.region {
+            if !self
                 .db
                 .session_alive(&claims.sid, &claims.sub, now_ms())
                 .await?
-        {
-            return Err(CodedError::new(
-                ErrorCode::Unauthenticated,
-                "the session has ended",
-            ));
+            {
+                return Err(ended);
+            }
+        } else {
+            use crate::peers::SessionState;
+            // Another cell's token: its home cell knows whether the session
+            // lives. If that cell cannot be asked, the signature and the
+            // (at most 15-minute) expiry still hold: one region's outage
+            // must not lock users out of the others.
+            let state = self
+                .peers
+                .session_state(&claims.home, &claims.sid, &claims.sub)
+                .await;
+            if state == SessionState::Ended {
+                return Err(ended);
+            }
         }
         Ok(Principal {
             user_id: claims.sub,

@@ -1,0 +1,145 @@
+//! Calls to other cells over gRPC with mTLS, and the cell's own gRPC service.
+//!
+//! A token issued by another cell is checked with its home cell: is the
+//! session still alive? Live answers are cached for a few seconds, so a
+//! logout or a newer login reaches every cell within `SESSION_CACHE_TTL`.
+
+use crate::state::Cell;
+use homecell_common::replica::Replica;
+use homecell_common::tls::{PeerIdentity, TlsMaterial};
+use homecell_proto::cell::{
+    CheckSessionRequest, CheckSessionResponse, cell_service_client::CellServiceClient,
+    cell_service_server::CellService,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// How long another cell may rely on "this session is alive".
+pub const SESSION_CACHE_TTL: Duration = Duration::from_secs(4);
+
+pub struct Peers {
+    tls: TlsMaterial,
+    replica: Arc<Replica>,
+    channels: Mutex<HashMap<String, (String, Channel)>>,
+    sessions: Mutex<HashMap<String, (bool, Instant)>>,
+}
+
+/// What the home cell said about a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    Alive,
+    Ended,
+    /// The home cell could not be asked.
+    Unknown,
+}
+
+impl Peers {
+    pub fn new(tls: TlsMaterial, replica: Arc<Replica>) -> Self {
+        Self {
+            tls,
+            replica,
+            channels: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A channel to `region`'s cell, rebuilt when its endpoint changes.
+    fn channel(&self, region: &str) -> Option<Channel> {
+        let endpoint = self
+            .replica
+            .state()
+            .regions
+            .get(region)?
+            .internal_endpoint
+            .clone();
+        let mut channels = self.channels.lock().expect("poisoned");
+        if let Some((ep, ch)) = channels.get(region)
+            && *ep == endpoint
+        {
+            return Some(ch.clone());
+        }
+        let ch = tonic::transport::Endpoint::from_shared(endpoint.clone())
+            .ok()?
+            .tls_config(self.tls.tonic_client(&format!("cell.{region}")))
+            .ok()?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(2))
+            .connect_lazy();
+        channels.insert(region.to_string(), (endpoint, ch.clone()));
+        Some(ch)
+    }
+
+    pub async fn session_state(&self, home: &str, sid: &str, user_id: &str) -> SessionState {
+        if let Some((alive, at)) = self.sessions.lock().expect("poisoned").get(sid).copied() {
+            // An ended session never comes back; a live one is re-asked soon.
+            if !alive {
+                return SessionState::Ended;
+            }
+            if at.elapsed() < SESSION_CACHE_TTL {
+                return SessionState::Alive;
+            }
+        }
+        let Some(ch) = self.channel(home) else {
+            return SessionState::Unknown;
+        };
+        let req = CheckSessionRequest {
+            session_id: sid.to_string(),
+            user_id: user_id.to_string(),
+        };
+        match CellServiceClient::new(ch).check_session(req).await {
+            Ok(r) => {
+                let alive = r.get_ref().alive;
+                let mut cache = self.sessions.lock().expect("poisoned");
+                if cache.len() > 100_000 {
+                    cache.retain(|_, (alive, at)| {
+                        !*alive && at.elapsed() < Duration::from_secs(900)
+                    });
+                }
+                cache.insert(sid.to_string(), (alive, Instant::now()));
+                if alive {
+                    SessionState::Alive
+                } else {
+                    SessionState::Ended
+                }
+            }
+            Err(e) => {
+                tracing::warn!(home, error = %e.message(), "cannot check a session with its home cell");
+                SessionState::Unknown
+            }
+        }
+    }
+}
+
+/// The cell's gRPC service, for other cells and routers.
+pub struct CellGrpc(pub Arc<Cell>);
+
+#[tonic::async_trait]
+impl CellService for CellGrpc {
+    async fn check_session(
+        &self,
+        req: Request<CheckSessionRequest>,
+    ) -> Result<Response<CheckSessionResponse>, Status> {
+        match req.extensions().get::<PeerIdentity>() {
+            Some(PeerIdentity::Cell { .. } | PeerIdentity::Router { .. }) => {}
+            _ => {
+                return Err(Status::permission_denied(
+                    "only cells and routers may check sessions",
+                ));
+            }
+        }
+        let r = req.into_inner();
+        if r.session_id.len() > 64 || r.user_id.len() > 64 {
+            return Err(Status::invalid_argument("ids are at most 64 characters"));
+        }
+        let alive = self
+            .0
+            .db
+            .session_alive(&r.session_id, &r.user_id, crate::identity::keys::now_ms())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(CheckSessionResponse { alive }))
+    }
+}
