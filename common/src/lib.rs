@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod directory_key;
 pub mod jwt;
 pub mod replica;
 pub mod shutdown;

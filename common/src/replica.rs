@@ -43,6 +43,9 @@ pub struct ReplicaState {
     /// The directory's identifier claims by HMAC. A persistent map: a delta
     /// copies a path, not millions of entries.
     pub claims: imbl::HashMap<String, IdentifierClaim>,
+    /// user id → (home region, number of identifiers it holds), derived
+    /// from the claims: the directory lookup for user-addressed requests.
+    pub users: imbl::HashMap<String, (String, u32)>,
 }
 
 impl ReplicaState {
@@ -55,8 +58,53 @@ impl ReplicaState {
                 .into_iter()
                 .map(|e| ((e.key.clone(), e.region.clone()), e))
                 .collect(),
-            claims: s.claims.into_iter().map(|c| (c.hmac.clone(), c)).collect(),
+            claims: imbl::HashMap::new(),
+            users: imbl::HashMap::new(),
         }
+        .with_claims(s.claims)
+    }
+
+    fn with_claims(mut self, claims: Vec<IdentifierClaim>) -> Self {
+        for c in claims {
+            self.add_claim(c);
+        }
+        self
+    }
+
+    fn add_claim(&mut self, c: IdentifierClaim) {
+        if let Some(old) = self.claims.insert(c.hmac.clone(), c.clone()) {
+            self.drop_user_ref(&old.user_id);
+        }
+        let entry = self
+            .users
+            .entry(c.user_id.clone())
+            .or_insert((c.region.clone(), 0));
+        entry.0 = c.region;
+        entry.1 += 1;
+    }
+
+    fn remove_claim(&mut self, hmac: &str) {
+        if let Some(old) = self.claims.remove(hmac) {
+            self.drop_user_ref(&old.user_id);
+        }
+    }
+
+    fn drop_user_ref(&mut self, user_id: &str) {
+        let gone = match self.users.get_mut(user_id) {
+            Some(e) => {
+                e.1 = e.1.saturating_sub(1);
+                e.1 == 0
+            }
+            None => false,
+        };
+        if gone {
+            self.users.remove(user_id);
+        }
+    }
+
+    /// The home region of a user, from the directory.
+    pub fn user_region(&self, user_id: &str) -> Option<&str> {
+        self.users.get(user_id).map(|(r, _)| r.as_str())
     }
 
     /// Applies one change set; it must follow this state's revision.
@@ -80,12 +128,8 @@ impl ReplicaState {
                 Some(change::Kind::ConfigDeleted(k)) => {
                     self.config.remove(&(k.key.clone(), k.region.clone()));
                 }
-                Some(change::Kind::IdentifierClaimed(c)) => {
-                    self.claims.insert(c.hmac.clone(), c.clone());
-                }
-                Some(change::Kind::IdentifierReleased(hmac)) => {
-                    self.claims.remove(hmac);
-                }
+                Some(change::Kind::IdentifierClaimed(c)) => self.add_claim(c.clone()),
+                Some(change::Kind::IdentifierReleased(hmac)) => self.remove_claim(hmac),
                 // A kind from a newer control plane: not ours to act on.
                 None => tracing::debug!(revision = cs.revision, "skipping an unknown change kind"),
             }
@@ -167,8 +211,7 @@ impl LocalStore {
         }
         for row in txn.open_table(CLAIMS)?.iter()? {
             let (_, v) = row?;
-            let c = IdentifierClaim::decode(v.value())?;
-            state.claims.insert(c.hmac.clone(), c);
+            state.add_claim(IdentifierClaim::decode(v.value())?);
         }
         Ok((state, node_id))
     }
@@ -534,6 +577,7 @@ mod tests {
         assert_eq!(again.state().regions.len(), 2);
         assert!(again.state().config.is_empty());
         assert_eq!(again.state().claims["h1"].user_id, "u1");
+        assert_eq!(again.state().user_region("u1"), Some("cn-east"));
     }
 
     #[test]
@@ -563,5 +607,54 @@ mod tests {
         assert_eq!(s.config_value("k", "eu-west"), Some(&v(2)));
         assert_eq!(s.config_value("k", "cn-east"), Some(&v(1)));
         assert_eq!(s.config_value("x", "cn-east"), None);
+    }
+}
+
+#[cfg(test)]
+mod directory_tests {
+    use super::*;
+    use homecell_proto::control::Change;
+
+    fn claim(h: &str, user: &str, region: &str) -> change::Kind {
+        change::Kind::IdentifierClaimed(IdentifierClaim {
+            hmac: h.into(),
+            user_id: user.into(),
+            region: region.into(),
+        })
+    }
+
+    #[test]
+    fn users_index_follows_claims() {
+        let mut s = ReplicaState::default();
+        let cs = |rev, kinds: Vec<change::Kind>| ChangeSet {
+            revision: rev,
+            changes: kinds
+                .into_iter()
+                .map(|k| Change { kind: Some(k) })
+                .collect(),
+            ..Default::default()
+        };
+        s.apply(&cs(
+            1,
+            vec![claim("a", "u1", "cn-east"), claim("b", "u1", "cn-east")],
+        ))
+        .unwrap();
+        assert_eq!(s.user_region("u1"), Some("cn-east"));
+        s.apply(&cs(2, vec![change::Kind::IdentifierReleased("a".into())]))
+            .unwrap();
+        assert_eq!(s.user_region("u1"), Some("cn-east"), "still holds b");
+        s.apply(&cs(3, vec![change::Kind::IdentifierReleased("b".into())]))
+            .unwrap();
+        assert_eq!(s.user_region("u1"), None);
+        // A claim moving to another user and region follows along.
+        s.apply(&cs(
+            4,
+            vec![claim("c", "u2", "eu-west"), claim("c", "u3", "cn-east")],
+        ))
+        .unwrap();
+        assert_eq!(
+            (s.user_region("u2"), s.user_region("u3")),
+            (None, Some("cn-east"))
+        );
     }
 }

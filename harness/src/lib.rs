@@ -500,12 +500,13 @@ impl Cluster {
             region: region.clone(),
         })?;
         let cfg = format!(
-            "region = \"{region}\"\ndefault_region = \"{default_region}\"\ndata_dir = {:?}\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ncontrol_plane = \"{}\"\nthreads = 2\n{tls}",
+            "region = \"{region}\"\ndefault_region = \"{default_region}\"\ndata_dir = {:?}\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ncontrol_plane = \"{}\"\nthreads = 2\ndirectory_key_file = {:?}\n{tls}",
             self.root
                 .join(format!("router-{index}"))
                 .display()
                 .to_string(),
             self.control_plane_endpoint(),
+            self.directory_key_path().display().to_string(),
         );
         let name = format!("router-{index}");
         let path = self.write_config(&name, cfg)?;

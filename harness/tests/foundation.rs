@@ -199,26 +199,47 @@ async fn config_change_is_applied_and_acked_by_every_subscriber() -> Result {
 }
 
 #[tokio::test]
-async fn draining_and_retired_regions_get_503_problems() -> Result {
+async fn draining_regions_take_no_registrations_and_retired_ones_get_503() -> Result {
     let mut c = Cluster::temp()?;
     start_standard(&mut c).await?;
     c.cli_ok(&["config", "set", "router.draining.retry_after", "45s"])?;
     let out = c.cli_ok(&["-o", "json", "region", "drain", "eu-west"])?;
     let rev = out.json()?["committed_revision"].as_u64().unwrap();
     c.wait_applied(rev, 3, Duration::from_secs(5)).await?;
-    let (status, code, retry) = problem_code(get_region(&c, Some("eu-west")).await?).await?;
+    // Its existing users are still served…
+    assert_eq!(get_region(&c, Some("eu-west")).await?.status(), 200);
+    // …but a registration that prefers it lands in an active region.
+    let reg = |pref: &'static str| {
+        c.http()
+            .post(format!("{}/v1/auth/register", c.router_url(0)))
+            .json(&serde_json::json!({"identifier": format!("drain-{pref}"), "password": "correct horse battery", "region": pref}))
+            .send()
+    };
+    let r = reg("eu-west").await?;
+    assert_eq!(r.status(), 201);
+    let body: serde_json::Value = r.json().await?;
+    assert_eq!(body["home_region"], "cn-east");
+    // With the default region draining too, registrations get 503 + Retry-After.
+    let out = c.cli_ok(&["-o", "json", "region", "drain", "cn-east"])?;
+    let rev = out.json()?["committed_revision"].as_u64().unwrap();
+    c.wait_applied(rev, 3, Duration::from_secs(5)).await?;
+    let (status, code, retry) = problem_code(reg("cn-east").await?).await?;
     assert_eq!(
         (status, code.as_str(), retry.as_deref()),
         (503, "region_draining", Some("45"))
     );
-    // Other regions are unaffected.
-    assert_eq!(get_region(&c, Some("cn-east")).await?.status(), 200);
+    c.cli_ok(&["region", "activate", "cn-east"])?;
 
     let out = c.cli_ok(&["-o", "json", "region", "retire", "eu-west"])?;
     let rev = out.json()?["committed_revision"].as_u64().unwrap();
     c.wait_applied(rev, 3, Duration::from_secs(5)).await?;
     let (status, code, _) = problem_code(get_region(&c, Some("eu-west")).await?).await?;
     assert_eq!((status, code.as_str()), (503, "region_retired"));
+    assert_eq!(
+        get_region(&c, Some("cn-east")).await?.status(),
+        200,
+        "other regions are unaffected"
+    );
     // Retired is final.
     assert!(!c.cli(&["region", "activate", "eu-west"])?.success);
     Ok(())

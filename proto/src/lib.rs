@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod error;
+pub mod identifier;
 pub mod region;
 
 /// Generated from `proto/homecell/control/v1/control.proto`.

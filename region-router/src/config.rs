@@ -39,6 +39,9 @@ pub struct RouterConfig {
     pub draining_retry_after_secs: u64,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// The directory's HMAC key (the control plane's), to route logins by
+    /// identifier without ever holding one in clear.
+    pub directory_key_file: PathBuf,
     /// This router's client identity towards cells and the control plane.
     pub tls: TlsPaths,
 }
@@ -108,6 +111,7 @@ impl RouterConfig {
             bail!("upstream timeouts must be positive");
         }
         self.tls.load().context("tls")?;
+        homecell_common::directory_key::DirectoryKey::load(&self.directory_key_file)?;
         Ok(())
     }
 

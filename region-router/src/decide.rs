@@ -1,8 +1,14 @@
 //! Which cell a request goes to, or why it goes nowhere. Pure: the proxy
-//! phases call it with what they read from the request.
+//! phases read the routing keys and call these.
 //!
-//! For now the routing key is the `x-home-region` header, else the default
-//! region (the token, directory and GeoIP keys come with the routing issue).
+//! Routing keys, most specific first (see `proxy.rs` for where each is read):
+//! 1. a user-addressed path (`/v1/users/{id}…`): that user's home, from the directory;
+//! 2. a bearer token: its home-region claim;
+//! 3. login and reset: the identifier's home, from the directory (by HMAC);
+//! 4. refresh: the region prefix of the refresh token;
+//! 5. registration: an explicit preference for an active region, else the default;
+//! 6. `x-home-region` (only without a token);
+//! 7. the router's default region.
 
 use crate::routes::{RouteTable, Upstream};
 use homecell_proto::ErrorCode;
@@ -19,7 +25,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(code: ErrorCode, detail: String, retry_after: Option<u64>) -> Self {
+    pub fn new(code: ErrorCode, detail: String, retry_after: Option<u64>) -> Self {
         Self {
             code,
             detail,
@@ -28,27 +34,64 @@ impl Refusal {
     }
 }
 
+/// Why a request went where it went (a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Basis {
+    UserPath,
+    Token,
+    Identifier,
+    Refresh,
+    Registration,
+    Header,
+    Default,
+}
+
+impl Basis {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UserPath => "user_path",
+            Self::Token => "token",
+            Self::Identifier => "identifier",
+            Self::Refresh => "refresh",
+            Self::Registration => "registration",
+            Self::Header => "header",
+            Self::Default => "default",
+        }
+    }
+}
+
 /// Seconds a client should wait before retrying a region whose cell is down.
 pub const CELL_DOWN_RETRY_AFTER: u64 = 5;
 
-pub fn decide(
+/// The region named by an `x-home-region` header, validated.
+pub fn header_region(value: &str) -> Result<String, Refusal> {
+    let r = value.trim();
+    validate_region_id(r).map_err(|e| {
+        Refusal::new(
+            ErrorCode::InvalidArgument,
+            format!("x-home-region: {}", e.message),
+            None,
+        )
+    })?;
+    Ok(r.to_string())
+}
+
+/// Where a registration goes: an explicit preference if that region is
+/// active, else the default.
+pub fn registration_region(table: &RouteTable, preference: Option<&str>) -> String {
+    match preference.and_then(|p| table.regions.get(p)) {
+        Some(up) if up.status == RegionStatus::Active => up.region.clone(),
+        _ => table.default_region.clone(),
+    }
+}
+
+/// Admits a request to `region`'s cell, or says why not. A draining region
+/// keeps serving its users but takes no registrations.
+pub fn admit(
     table: &RouteTable,
-    home_region_header: Option<&str>,
+    region: &str,
+    registration: bool,
 ) -> Result<Arc<Upstream>, Refusal> {
-    let region = match home_region_header {
-        Some(r) => {
-            let r = r.trim();
-            validate_region_id(r).map_err(|e| {
-                Refusal::new(
-                    ErrorCode::InvalidArgument,
-                    format!("x-home-region: {}", e.message),
-                    None,
-                )
-            })?;
-            r
-        }
-        None => table.default_region.as_str(),
-    };
     let Some(up) = table.regions.get(region) else {
         return Err(Refusal::new(
             ErrorCode::UnknownRegion,
@@ -62,9 +105,9 @@ pub fn decide(
             format!("region {region} is retired"),
             None,
         )),
-        RegionStatus::Draining => Err(Refusal::new(
+        RegionStatus::Draining if registration => Err(Refusal::new(
             ErrorCode::RegionDraining,
-            format!("region {region} is draining; try again later"),
+            format!("region {region} is draining and takes no new registrations; try again later"),
             Some(table.draining_retry_after.as_secs().max(1)),
         )),
         _ if up.addrs.is_empty() => Err(Refusal::new(
@@ -113,31 +156,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn routes_by_header_else_default() {
+    async fn admits_and_refuses_with_the_right_code() {
         let t = table().await;
-        assert_eq!(decide(&t, None).unwrap().region, "cn-east");
-        assert_eq!(decide(&t, Some("cn-east")).unwrap().sni, "cell.cn-east");
-    }
-
-    #[tokio::test]
-    async fn refuses_with_the_right_code() {
-        let t = table().await;
-        let r = decide(&t, Some("eu-west")).unwrap_err();
+        assert_eq!(admit(&t, "cn-east", false).unwrap().sni, "cell.cn-east");
+        // Draining: existing users are served, registrations are not.
+        assert_eq!(admit(&t, "eu-west", false).unwrap().region, "eu-west");
+        let r = admit(&t, "eu-west", true).unwrap_err();
         assert_eq!(
             (r.code, r.retry_after),
             (ErrorCode::RegionDraining, Some(30))
         );
         assert_eq!(
-            decide(&t, Some("us-old")).unwrap_err().code,
+            admit(&t, "us-old", false).unwrap_err().code,
             ErrorCode::RegionRetired
         );
         assert_eq!(
-            decide(&t, Some("ap-nowhere")).unwrap_err().code,
+            admit(&t, "ap-nowhere", false).unwrap_err().code,
             ErrorCode::UnknownRegion
         );
         assert_eq!(
-            decide(&t, Some("../etc")).unwrap_err().code,
+            header_region("../etc").unwrap_err().code,
             ErrorCode::InvalidArgument
         );
+    }
+
+    #[tokio::test]
+    async fn registration_honours_only_active_preferences() {
+        let t = table().await;
+        assert_eq!(registration_region(&t, Some("cn-east")), "cn-east");
+        assert_eq!(
+            registration_region(&t, Some("eu-west")),
+            "cn-east",
+            "draining"
+        );
+        assert_eq!(
+            registration_region(&t, Some("us-old")),
+            "cn-east",
+            "retired"
+        );
+        assert_eq!(registration_region(&t, Some("nowhere")), "cn-east");
+        assert_eq!(registration_region(&t, None), "cn-east");
     }
 }

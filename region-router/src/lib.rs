@@ -7,7 +7,9 @@ pub mod config;
 pub mod decide;
 pub mod metrics;
 pub mod proxy;
+pub mod route_key;
 pub mod routes;
+pub mod tokens;
 
 use anyhow::Result;
 use arc_swap::ArcSwap;
@@ -55,6 +57,11 @@ pub fn run(config: config::RouterConfig) -> Result<()> {
     let router = proxy::Router {
         table: table.clone(),
         cells: proxy::CellClient::new(&tls, &config.upstream)?,
+        replica: replica.clone(),
+        tokens: tokens::TokenCache::default(),
+        directory_key: homecell_common::directory_key::DirectoryKey::load(
+            &config.directory_key_file,
+        )?,
     };
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, router);
     proxy.add_tcp(&config.listen.to_string());

@@ -31,3 +31,16 @@ pub static DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     let _ = prometheus::register(Box::new(h.clone()));
     h
 });
+
+pub static ROUTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = IntCounterVec::new(
+        prometheus::Opts::new(
+            "homecell_router_routed_total",
+            "Requests by the routing key that decided them",
+        ),
+        &["basis"],
+    )
+    .expect("valid metric");
+    let _ = prometheus::register(Box::new(c.clone()));
+    c
+});

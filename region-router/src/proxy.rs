@@ -1,7 +1,9 @@
 //! The proxy's request lifecycle, as Pingora phases:
 //!
 //! ```text
-//! request_filter          request id; decide the home cell, or answer a problem
+//! request_filter          request id; read the routing keys (path, token,
+//!                         small auth bodies, header); decide the home cell,
+//!                         or answer a problem
 //!   └─ upstream_peer      the cell's address, over mTLS, with tight timeouts
 //!        └─ upstream_request_filter   x-request-id, x-forwarded-*
 //!             └─ response_filter      x-request-id, x-home-region
@@ -9,12 +11,16 @@
 //! logging                 metrics (no personal data)
 //! ```
 
-use crate::decide::{CELL_DOWN_RETRY_AFTER, Refusal, decide};
+use crate::decide::{self, Basis, CELL_DOWN_RETRY_AFTER, Refusal};
 use crate::metrics;
+use crate::route_key::{self, BodyRoute, MAX_ROUTED_BODY};
 use crate::routes::{RouteTable, Upstream};
+use crate::tokens::TokenCache;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
+use homecell_common::directory_key::DirectoryKey;
+use homecell_common::replica::Replica;
 use homecell_proto::ErrorCode;
 use homecell_proto::error::{PROBLEM_CONTENT_TYPE, Problem};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -66,12 +72,144 @@ fn rustls_ca_ders(tls: &homecell_common::tls::TlsMaterial) -> anyhow::Result<Vec
 pub struct Router {
     pub table: Arc<ArcSwap<RouteTable>>,
     pub cells: CellClient,
+    pub replica: Arc<Replica>,
+    pub tokens: TokenCache,
+    pub directory_key: DirectoryKey,
 }
 
 pub struct Ctx {
     request_id: String,
     upstream: Option<Arc<Upstream>>,
+    basis: Basis,
     started: Instant,
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Reads a small body that carries a routing key, keeping it for the cell
+/// (Pingora replays the retry buffer upstream). Larger bodies are refused.
+async fn read_small_body(session: &mut Session) -> std::result::Result<serde_json::Value, Refusal> {
+    let too_large = || {
+        Refusal::new(
+            ErrorCode::PayloadTooLarge,
+            format!("this request's body is limited to {MAX_ROUTED_BODY} bytes"),
+            None,
+        )
+    };
+    let declared = session
+        .req_header()
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_ROUTED_BODY) {
+        return Err(too_large());
+    }
+    session.as_mut().enable_retry_buffering();
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                body.extend_from_slice(&chunk);
+                if body.len() > MAX_ROUTED_BODY {
+                    return Err(too_large());
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidArgument,
+                    "cannot read the request body".into(),
+                    None,
+                ));
+            }
+        }
+    }
+    // Malformed JSON routes by default; the cell answers it properly.
+    Ok(serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+}
+
+impl Router {
+    /// Picks the home cell from the request's routing keys (see decide.rs).
+    async fn route(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        table: &RouteTable,
+    ) -> std::result::Result<Arc<Upstream>, Refusal> {
+        let state = self.replica.state();
+        let req = session.req_header();
+        let path = req.uri.path().to_string();
+        let method = req.method.clone();
+        let bearer = req
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| t.trim().to_string());
+        let header = match req.headers.get("x-home-region") {
+            None => None,
+            Some(v) => Some(decide::header_region(v.to_str().unwrap_or("\u{fffd}"))?),
+        };
+        // A presented token must be valid, whatever else routes the request:
+        // an invalid one never reaches a cell.
+        let token_home = match bearer {
+            Some(t) => {
+                let v = self.tokens.verify(&t, &*state, now_secs()).map_err(|e| {
+                    let why = match e {
+                        homecell_common::jwt::TokenError::Expired => "the access token has expired",
+                        _ => "invalid access token",
+                    };
+                    Refusal::new(ErrorCode::Unauthenticated, why.into(), None)
+                })?;
+                Some(v.home)
+            }
+            None => None,
+        };
+        let mut registration = false;
+        let chosen: Option<(String, Basis)> = if let Some(r) =
+            route_key::user_in_path(&path).and_then(|u| state.user_region(u))
+        {
+            Some((r.to_string(), Basis::UserPath))
+        } else if let Some(home) = token_home {
+            Some((home, Basis::Token))
+        } else if let Some(kind) = route_key::body_route(&method, &path) {
+            let body = read_small_body(session).await?;
+            match kind {
+                BodyRoute::Identifier => route_key::identifier(&body)
+                    .and_then(|id| {
+                        state
+                            .claims
+                            .get(&self.directory_key.hmac(&id))
+                            .map(|c| c.region.clone())
+                    })
+                    .map(|r| (r, Basis::Identifier)),
+                BodyRoute::Refresh => route_key::refresh_region(&body).map(|r| (r, Basis::Refresh)),
+                BodyRoute::Register => {
+                    registration = true;
+                    let pref = route_key::preferred_region(&body);
+                    Some((
+                        decide::registration_region(table, pref.as_deref()),
+                        Basis::Registration,
+                    ))
+                }
+            }
+        } else {
+            None
+        };
+        let (region, basis) = match (chosen, header) {
+            (Some(c), _) => c,
+            (None, Some(h)) => (h, Basis::Header),
+            (None, None) => (table.default_region.clone(), Basis::Default),
+        };
+        ctx.basis = basis;
+        decide::admit(table, &region, registration)
+    }
 }
 
 /// A client-sent request id is kept only if it is short and printable.
@@ -104,6 +242,7 @@ impl ProxyHttp for Router {
         Ctx {
             request_id: String::new(),
             upstream: None,
+            basis: Basis::Default,
             started: Instant::now(),
         }
     }
@@ -124,12 +263,7 @@ impl ProxyHttp for Router {
             respond_problem(session, ctx, &r).await?;
             return Ok(true);
         }
-        let header = match headers.get("x-home-region").map(|v| v.to_str()) {
-            None => None,
-            Some(Ok(v)) => Some(v),
-            Some(Err(_)) => Some("\u{fffd}"),
-        };
-        match decide(&table, header) {
+        match self.route(session, ctx, &table).await {
             Ok(up) => {
                 ctx.upstream = Some(up);
                 Ok(false)
@@ -253,6 +387,9 @@ impl ProxyHttp for Router {
         let region = ctx.upstream.as_ref().map_or("none", |u| u.region.as_str());
         metrics::REQUESTS
             .with_label_values(&[region, &status.to_string()])
+            .inc();
+        metrics::ROUTED
+            .with_label_values(&[ctx.basis.as_str()])
             .inc();
         metrics::DURATION
             .with_label_values(&[region])

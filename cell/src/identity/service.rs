@@ -407,7 +407,7 @@ impl Identity {
             expires_at: now + SESSION_TTL_MS,
             revoked_at: None,
         };
-        let refresh = random_token(32);
+        let refresh = self.new_refresh_token();
         let replaced = self
             .db
             .open_session(&session, &sha256_hex(&refresh))
@@ -421,6 +421,12 @@ impl Identity {
             );
         }
         self.token_pair(&session, refresh).await
+    }
+
+    /// `<region>~<256 random bits>`: the prefix lets a router send a refresh
+    /// to the home cell without any lookup; only the hash is stored.
+    fn new_refresh_token(&self) -> String {
+        format!("{}~{}", self.region, random_token(32))
     }
 
     async fn token_pair(
@@ -456,7 +462,7 @@ impl Identity {
         if refresh_token.is_empty() || refresh_token.len() > 256 {
             return Err(field("refresh_token", "malformed"));
         }
-        let next = random_token(32);
+        let next = self.new_refresh_token();
         let outcome = self
             .db
             .rotate_refresh(&sha256_hex(refresh_token), &sha256_hex(&next), now_ms())

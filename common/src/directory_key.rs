@@ -1,0 +1,58 @@
+//! The directory's HMAC key: `HMAC-SHA256(key, "kind:value")` is how the
+//! directory names an identifier. Held by the control plane and the routers,
+//! never by cells.
+
+use std::path::Path;
+
+/// The directory's HMAC key.
+pub struct DirectoryKey(ring::hmac::Key);
+
+impl DirectoryKey {
+    /// Reads a key file: at least 32 bytes, written as hex.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            anyhow::anyhow!("cannot read the directory key {}: {e}", path.display())
+        })?;
+        Self::from_hex(text.trim())
+            .map_err(|e| anyhow::anyhow!("directory key {}: {e}", path.display()))
+    }
+
+    pub fn from_hex(hex: &str) -> anyhow::Result<Self> {
+        let bytes = decode_hex(hex).ok_or_else(|| anyhow::anyhow!("not hex"))?;
+        if bytes.len() < 32 {
+            anyhow::bail!("must hold at least 32 bytes");
+        }
+        Ok(Self(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes)))
+    }
+
+    pub fn hmac(&self, identifier: &str) -> String {
+        let tag = ring::hmac::sign(&self.0, identifier.as_bytes());
+        tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_is_keyed_and_stable() {
+        let a = DirectoryKey::from_hex(&"ab".repeat(32)).unwrap();
+        let b = DirectoryKey::from_hex(&"cd".repeat(32)).unwrap();
+        assert_eq!(a.hmac("email:x@y.z"), a.hmac("email:x@y.z"));
+        assert_ne!(a.hmac("email:x@y.z"), b.hmac("email:x@y.z"));
+        assert_eq!(a.hmac("email:x@y.z").len(), 64);
+        assert!(DirectoryKey::from_hex("abcd").is_err());
+        assert!(DirectoryKey::from_hex(&"zz".repeat(32)).is_err());
+    }
+}

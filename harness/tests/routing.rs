@@ -1,0 +1,200 @@
+//! Routing keys at the router: requests reach the home cell of the user they
+//! concern without the client naming a region.
+
+use homecell_harness::api::Api;
+use homecell_harness::{Cluster, start_standard};
+use reqwest::StatusCode;
+use serde_json::json;
+
+type Result<T = ()> = anyhow::Result<T>;
+const PW: &str = "correct horse battery";
+
+/// A client that names no region: the router must work it out.
+async fn call(
+    c: &Cluster,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> Result<(StatusCode, reqwest::header::HeaderMap, serde_json::Value)> {
+    let mut req = c
+        .http()
+        .request(method, format!("{}{path}", c.router_url(0)))
+        .header("x-client-type", "app");
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await?;
+    let (status, headers) = (r.status(), r.headers().clone());
+    let text = r.text().await?;
+    Ok((
+        status,
+        headers,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    ))
+}
+
+#[tokio::test]
+async fn every_auth_step_reaches_the_home_cell_without_a_region_header() -> Result {
+    let mut c = Cluster::temp()?;
+    start_standard(&mut c).await?;
+    use reqwest::Method;
+
+    // Registration honours an explicit preference for an active region.
+    let (s, _, b) = call(
+        &c,
+        Method::POST,
+        "/v1/auth/register",
+        None,
+        Some(json!({"identifier": "uma@example.com", "password": PW, "region": "eu-west"})),
+    )
+    .await?;
+    assert_eq!(
+        (s, b["home_region"].as_str()),
+        (StatusCode::CREATED, Some("eu-west")),
+        "{b}"
+    );
+    let uma = b["user_id"].as_str().unwrap().to_string();
+    // No preference: the router's default region.
+    let (s, _, b) = call(
+        &c,
+        Method::POST,
+        "/v1/auth/register",
+        None,
+        Some(json!({"identifier": "vic@example.com", "password": PW})),
+    )
+    .await?;
+    assert_eq!(
+        (s, b["home_region"].as_str()),
+        (StatusCode::CREATED, Some("cn-east"))
+    );
+
+    // Login goes to the identifier's home (found by HMAC in the directory).
+    let (s, _, login) = call(
+        &c,
+        Method::POST,
+        "/v1/auth/login",
+        None,
+        Some(json!({"identifier": "UMA@example.com", "password": PW})),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::OK, "{login}");
+    assert_eq!(login["home_region"], "eu-west");
+    let token = login["access_token"].as_str().unwrap().to_string();
+
+    // A token routes to its home, and wins over x-home-region.
+    let (s, h, me) = call(&c, Method::GET, "/v1/users/me", Some(&token), None).await?;
+    assert_eq!((s, me["id"].as_str()), (StatusCode::OK, Some(uma.as_str())));
+    assert_eq!(h["x-home-region"], "eu-west");
+    let r = c
+        .http()
+        .get(format!("{}/v1/users/me", c.router_url(0)))
+        .bearer_auth(&token)
+        .header("x-home-region", "cn-east")
+        .send()
+        .await?;
+    assert_eq!(
+        (r.status(), r.headers()["x-home-region"].to_str()?),
+        (StatusCode::OK, "eu-west")
+    );
+
+    // A refresh goes to the region its token was issued in.
+    let refresh = login["refresh_token"].as_str().unwrap();
+    assert!(refresh.starts_with("eu-west~"));
+    let (s, _, b) = call(
+        &c,
+        Method::POST,
+        "/v1/auth/refresh",
+        None,
+        Some(json!({"refresh_token": refresh})),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::OK, "{b}");
+
+    // A user-addressed path goes to that user's home, whoever asks.
+    let (_, _, vic) = call(
+        &c,
+        Method::POST,
+        "/v1/auth/login",
+        None,
+        Some(json!({"identifier": "vic@example.com", "password": PW})),
+    )
+    .await?;
+    let vic_token = vic["access_token"].as_str().unwrap();
+    let (s, h, p) = call(
+        &c,
+        Method::GET,
+        &format!("/v1/users/{uma}"),
+        Some(vic_token),
+        None,
+    )
+    .await?;
+    assert_eq!(
+        (s, h["x-home-region"].to_str()?),
+        (StatusCode::OK, "eu-west"),
+        "{p}"
+    );
+
+    // Password reset by identifier reaches the home cell (202 either way).
+    let (s, _, _) = call(
+        &c,
+        Method::POST,
+        "/v1/auth/password/reset",
+        None,
+        Some(json!({"identifier": "uma@example.com"})),
+    )
+    .await?;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_tokens_and_oversize_auth_bodies_stop_at_the_router() -> Result {
+    let mut c = Cluster::temp()?;
+    start_standard(&mut c).await?;
+    use reqwest::Method;
+    let api = Api::new(&c.router_url(0), "cn-east");
+    let (_, login) = api.signed_in("wes", PW).await?;
+    let token = login["access_token"].as_str().unwrap();
+    for bad in ["garbage", &format!("{token}x"), "a.b.c"] {
+        let (s, h, b) = call(&c, Method::GET, "/v1/users/me", Some(bad), None).await?;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("unauthenticated"))
+        );
+        assert!(
+            h.get("x-home-region").is_none(),
+            "answered by a cell, not the router"
+        );
+        assert!(h.get("x-request-id").is_some());
+    }
+    let big = "x".repeat(9 * 1024);
+    let (s, h, b) = call(
+        &c,
+        Method::POST,
+        "/v1/auth/login",
+        None,
+        Some(json!({"identifier": "wes", "password": big})),
+    )
+    .await?;
+    assert_eq!(
+        (s.as_u16(), b["code"].as_str()),
+        (413, Some("payload_too_large"))
+    );
+    assert!(h.get("x-home-region").is_none());
+    // Malformed bodies still reach a cell, which explains them.
+    let r = c
+        .http()
+        .post(format!("{}/v1/auth/login", c.router_url(0)))
+        .header("content-type", "application/json")
+        .header("x-client-type", "app")
+        .body("{not json")
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.headers().get("x-home-region").is_some());
+    Ok(())
+}
