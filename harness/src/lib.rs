@@ -195,6 +195,9 @@ pub struct Cluster {
     pub control_plane: ControlPlaneNode,
     pub cells: BTreeMap<String, CellNode>,
     pub routers: Vec<RouterNode>,
+    /// Extra TOML lines for every cell's configuration (benchmarks raise
+    /// limits with it).
+    pub cell_extra_config: String,
     http: reqwest::Client,
 }
 
@@ -244,6 +247,7 @@ impl Cluster {
             },
             cells: BTreeMap::new(),
             routers: Vec::new(),
+            cell_extra_config: String::new(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()?,
@@ -435,6 +439,7 @@ impl Cluster {
         if let Some(url) = &node.database_url {
             cfg.push_str(&format!("database_url = {url:?}\n"));
         }
+        cfg.push_str(&self.cell_extra_config);
         cfg.push_str(&tls);
         let name = format!("cell-{region}");
         let path = self.write_config(&name, cfg)?;

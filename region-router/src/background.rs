@@ -18,6 +18,8 @@ pub struct Background {
     pub replica: Arc<Replica>,
     pub target: WatchTarget,
     pub table: Arc<ArcSwap<RouteTable>>,
+    pub health: Arc<crate::health::Health>,
+    pub probe_tls: Arc<rustls::ClientConfig>,
     pub default_region: String,
     pub draining_retry_after: Duration,
     pub admin_listen: SocketAddr,
@@ -28,6 +30,12 @@ impl BackgroundService for Background {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let token = CancellationToken::new();
         tokio::spawn(self.replica.clone().run(self.target.clone(), token.clone()));
+        tokio::spawn(crate::health::run(
+            self.health.clone(),
+            self.table.clone(),
+            self.probe_tls.clone(),
+            token.clone(),
+        ));
 
         let (replica, table) = (self.replica.clone(), self.table.clone());
         let ready: admin::ReadyCheck = Arc::new(move || {

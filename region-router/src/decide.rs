@@ -89,6 +89,7 @@ pub fn registration_region(table: &RouteTable, preference: Option<&str>) -> Stri
 /// keeps serving its users but takes no registrations.
 pub fn admit(
     table: &RouteTable,
+    health: &crate::health::Health,
     region: &str,
     registration: bool,
 ) -> Result<Arc<Upstream>, Refusal> {
@@ -113,6 +114,11 @@ pub fn admit(
         _ if up.addrs.is_empty() => Err(Refusal::new(
             ErrorCode::CellUnavailable,
             format!("the cell of region {region} cannot be resolved"),
+            Some(CELL_DOWN_RETRY_AFTER),
+        )),
+        _ if !up.addrs.iter().any(|a| health.is_up(a)) => Err(Refusal::new(
+            ErrorCode::CellUnavailable,
+            format!("the cell of region {region} is down"),
             Some(CELL_DOWN_RETRY_AFTER),
         )),
         _ => Ok(up.clone()),
@@ -158,20 +164,34 @@ mod tests {
     #[tokio::test]
     async fn admits_and_refuses_with_the_right_code() {
         let t = table().await;
-        assert_eq!(admit(&t, "cn-east", false).unwrap().sni, "cell.cn-east");
+        assert_eq!(
+            admit(&t, &crate::health::Health::default(), "cn-east", false)
+                .unwrap()
+                .sni,
+            "cell.cn-east"
+        );
         // Draining: existing users are served, registrations are not.
-        assert_eq!(admit(&t, "eu-west", false).unwrap().region, "eu-west");
-        let r = admit(&t, "eu-west", true).unwrap_err();
+        assert_eq!(
+            admit(&t, &crate::health::Health::default(), "eu-west", false)
+                .unwrap()
+                .region,
+            "eu-west"
+        );
+        let r = admit(&t, &crate::health::Health::default(), "eu-west", true).unwrap_err();
         assert_eq!(
             (r.code, r.retry_after),
             (ErrorCode::RegionDraining, Some(30))
         );
         assert_eq!(
-            admit(&t, "us-old", false).unwrap_err().code,
+            admit(&t, &crate::health::Health::default(), "us-old", false)
+                .unwrap_err()
+                .code,
             ErrorCode::RegionRetired
         );
         assert_eq!(
-            admit(&t, "ap-nowhere", false).unwrap_err().code,
+            admit(&t, &crate::health::Health::default(), "ap-nowhere", false)
+                .unwrap_err()
+                .code,
             ErrorCode::UnknownRegion
         );
         assert_eq!(

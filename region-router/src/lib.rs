@@ -5,6 +5,7 @@
 pub mod background;
 pub mod config;
 pub mod decide;
+pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod route_key;
@@ -20,6 +21,16 @@ use pingora::server::configuration::ServerConf;
 use pingora::services::background::background_service;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The TLS client config health checks use: our CA, our client certificate.
+fn probe_tls_config(tls: &homecell_common::tls::TlsMaterial) -> Result<Arc<rustls::ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(tls.root_store()?)
+        .with_client_auth_cert(tls.cert_chain()?, tls.private_key()?)?;
+    Ok(Arc::new(config))
+}
 
 /// Builds and runs the Pingora server; returns when it shuts down.
 pub fn run(config: config::RouterConfig) -> Result<()> {
@@ -44,6 +55,8 @@ pub fn run(config: config::RouterConfig) -> Result<()> {
         "routing table loaded from the local replica"
     );
     let table = Arc::new(ArcSwap::from_pointee(initial));
+    let health = Arc::new(health::Health::default());
+    let probe_tls = probe_tls_config(&tls)?;
 
     let conf = ServerConf {
         threads: config.threads,
@@ -62,6 +75,7 @@ pub fn run(config: config::RouterConfig) -> Result<()> {
         directory_key: homecell_common::directory_key::DirectoryKey::load(
             &config.directory_key_file,
         )?,
+        health: health.clone(),
     };
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, router);
     proxy.add_tcp(&config.listen.to_string());
@@ -78,6 +92,8 @@ pub fn run(config: config::RouterConfig) -> Result<()> {
                 region: config.region.clone(),
             },
             table,
+            health,
+            probe_tls,
             default_region: config.default_region().to_string(),
             draining_retry_after: fallback_retry_after,
             admin_listen: config.admin_listen,

@@ -75,6 +75,7 @@ pub struct Router {
     pub replica: Arc<Replica>,
     pub tokens: TokenCache,
     pub directory_key: DirectoryKey,
+    pub health: Arc<crate::health::Health>,
 }
 
 pub struct Ctx {
@@ -208,7 +209,7 @@ impl Router {
             (None, None) => (table.default_region.clone(), Basis::Default),
         };
         ctx.basis = basis;
-        decide::admit(table, &region, registration)
+        decide::admit(table, &self.health, &region, registration)
     }
 }
 
@@ -281,7 +282,7 @@ impl ProxyHttp for Router {
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream decided"))?;
         let addr = up
-            .pick()
+            .pick(&self.health)
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no address for the cell"))?;
         // Built from a SocketAddr: HttpPeer::new would panic on a name it
         // cannot resolve.

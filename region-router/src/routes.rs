@@ -23,13 +23,13 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Round-robin over the resolved addresses.
-    pub fn pick(&self) -> Option<SocketAddr> {
-        if self.addrs.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        Some(self.addrs[i % self.addrs.len()])
+    /// Round-robin over the resolved addresses that pass health checks.
+    pub fn pick(&self, health: &crate::health::Health) -> Option<SocketAddr> {
+        let n = self.addrs.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|k| self.addrs[(start + k) % n])
+            .find(|a| health.is_up(a))
     }
 }
 

@@ -1,0 +1,116 @@
+//! Active health checks: every second the router opens a TLS connection to
+//! each cell address it routes to (the same handshake a request needs, with
+//! its client certificate). Two failures in a row mark the address down; one
+//! success marks it up. A region whose addresses are all down is answered at
+//! once with 503 and `Retry-After`, without trying to connect.
+
+use crate::routes::RouteTable;
+use arc_swap::ArcSwap;
+use prometheus::IntGaugeVec;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+
+const INTERVAL: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+const FAILURES_TO_MARK_DOWN: u32 = 2;
+
+static CELL_UP: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    let g = IntGaugeVec::new(
+        prometheus::Opts::new(
+            "homecell_router_cell_up",
+            "1 when the region's cell answers health checks",
+        ),
+        &["region"],
+    )
+    .expect("valid metric");
+    let _ = prometheus::register(Box::new(g.clone()));
+    g
+});
+
+/// Addresses that failed their last checks. Read on every request, lock-free.
+#[derive(Default)]
+pub struct Health {
+    down: ArcSwap<HashSet<SocketAddr>>,
+}
+
+impl Health {
+    pub fn is_up(&self, addr: &SocketAddr) -> bool {
+        !self.down.load().contains(addr)
+    }
+}
+
+async fn probe(connector: &TlsConnector, addr: SocketAddr, sni: &str) -> bool {
+    let Ok(name) = rustls::pki_types::ServerName::try_from(sni.to_string()) else {
+        return false;
+    };
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        connector.connect(name, tcp).await.ok()
+    };
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, attempt).await,
+        Ok(Some(_))
+    )
+}
+
+/// Runs the checks until `shutdown`.
+pub async fn run(
+    health: Arc<Health>,
+    table: Arc<ArcSwap<RouteTable>>,
+    tls: Arc<rustls::ClientConfig>,
+    shutdown: CancellationToken,
+) {
+    let connector = TlsConnector::from(tls);
+    let mut failures: HashMap<SocketAddr, u32> = HashMap::new();
+    let mut tick = tokio::time::interval(INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let t = table.load_full();
+        let targets: Vec<(String, SocketAddr, String)> = t
+            .regions
+            .values()
+            .flat_map(|u| {
+                u.addrs
+                    .iter()
+                    .map(|a| (u.region.clone(), *a, u.sni.clone()))
+            })
+            .collect();
+        let results = futures::future::join_all(
+            targets
+                .iter()
+                .map(|(_, addr, sni)| probe(&connector, *addr, sni)),
+        )
+        .await;
+        let mut down = HashSet::new();
+        let mut region_up: HashMap<&str, bool> = HashMap::new();
+        for ((region, addr, _), ok) in targets.iter().zip(results) {
+            let n = failures.entry(*addr).or_insert(0);
+            let was_down = *n >= FAILURES_TO_MARK_DOWN;
+            *n = if ok { 0 } else { n.saturating_add(1) };
+            let is_down = *n >= FAILURES_TO_MARK_DOWN;
+            if is_down {
+                down.insert(*addr);
+            }
+            if is_down != was_down {
+                if is_down {
+                    tracing::warn!(region, %addr, "cell marked down");
+                } else {
+                    tracing::info!(region, %addr, "cell is back");
+                }
+            }
+            *region_up.entry(region).or_insert(false) |= !is_down;
+        }
+        for (region, up) in region_up {
+            CELL_UP.with_label_values(&[region]).set(up as i64);
+        }
+        failures.retain(|a, _| targets.iter().any(|(_, t, _)| t == a));
+        health.down.store(Arc::new(down));
+    }
+}
