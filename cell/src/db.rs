@@ -23,15 +23,21 @@ macro_rules! on_db {
     };
 }
 
+/// Serialises SQLite write transactions inside the process: waiting on a
+/// tokio mutex wakes the next writer the moment the last commits, where
+/// SQLite's busy handler would sleep and poll.
+pub static SQLITE_WRITER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Runs `$body` inside a write transaction that commits when the body
 /// finishes; an early return (`?`) drops it, which rolls back. SQLite takes
-/// the write lock up front (`BEGIN IMMEDIATE`) so concurrent writers wait
-/// (busy timeout) instead of failing on a lock upgrade.
+/// the write lock up front (`BEGIN IMMEDIATE`, after the in-process writer
+/// mutex) so concurrent writers queue instead of failing on a lock upgrade.
 #[macro_export]
 macro_rules! in_tx {
     ($db:expr, $tx:ident => $body:expr) => {
         match $db {
             $crate::db::Datastore::Sqlite(pool) => {
+                let _writer = $crate::db::SQLITE_WRITER.lock().await;
                 let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
                 let out = $body;
                 $tx.commit().await?;
