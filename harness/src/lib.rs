@@ -53,12 +53,28 @@ impl Binaries {
     }
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1. Drawn at random below
+/// Linux's ephemeral range (32768+), so the outgoing connections of parallel
+/// tests cannot take it between now and the bind; never the same twice in
+/// one process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("cannot find a free port")
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().expect("poisoned");
+    for _ in 0..1000 {
+        let mut b = [0u8; 2];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+            .expect("randomness");
+        let port = 20_000 + u16::from_le_bytes(b) % 12_000;
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("cannot find a free port")
 }
 
 fn loopback(port: u16) -> SocketAddr {

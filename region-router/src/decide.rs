@@ -6,7 +6,8 @@
 //! 2. a bearer token: its home-region claim;
 //! 3. login and reset: the identifier's home, from the directory (by HMAC);
 //! 4. refresh: the region prefix of the refresh token;
-//! 5. registration: an explicit preference for an active region, else the default;
+//! 5. registration: an explicit preference (the body's `region`, else
+//!    `x-home-region`) for an active region, else the default;
 //! 6. `x-home-region` (only without a token);
 //! 7. the router's default region.
 

@@ -193,7 +193,9 @@ impl Router {
                 BodyRoute::Refresh => route_key::refresh_region(&body).map(|r| (r, Basis::Refresh)),
                 BodyRoute::Register => {
                     registration = true;
-                    let pref = route_key::preferred_region(&body);
+                    // The body's `region`, else `x-home-region`, is the
+                    // explicit preference.
+                    let pref = route_key::preferred_region(&body).or_else(|| header.clone());
                     Some((
                         decide::registration_region(table, pref.as_deref()),
                         Basis::Registration,
