@@ -214,6 +214,9 @@ pub struct Cluster {
     /// Extra TOML lines for every cell's configuration (benchmarks raise
     /// limits with it).
     pub cell_extra_config: String,
+    /// Extra TOML lines for every router's configuration (must come before
+    /// any table, so keep them to top-level keys).
+    pub router_extra_config: String,
     http: reqwest::Client,
 }
 
@@ -264,6 +267,7 @@ impl Cluster {
             cells: BTreeMap::new(),
             routers: Vec::new(),
             cell_extra_config: String::new(),
+            router_extra_config: String::new(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()?,
@@ -521,13 +525,14 @@ impl Cluster {
             region: region.clone(),
         })?;
         let cfg = format!(
-            "region = \"{region}\"\ndefault_region = \"{default_region}\"\ndata_dir = {:?}\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ncontrol_plane = \"{}\"\nthreads = 2\ndirectory_key_file = {:?}\n{tls}",
+            "region = \"{region}\"\ndefault_region = \"{default_region}\"\ndata_dir = {:?}\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ncontrol_plane = \"{}\"\nthreads = 2\ndirectory_key_file = {:?}\n{}{tls}",
             self.root
                 .join(format!("router-{index}"))
                 .display()
                 .to_string(),
             self.control_plane_endpoint(),
             self.directory_key_path().display().to_string(),
+            self.router_extra_config,
         );
         let name = format!("router-{index}");
         let path = self.write_config(&name, cfg)?;

@@ -198,3 +198,65 @@ async fn invalid_tokens_and_oversize_auth_bodies_stop_at_the_router() -> Result 
     assert!(r.headers().get("x-home-region").is_some());
     Ok(())
 }
+
+/// A country database in the GeoLite2 schema: 81.2.69.0/24 is in GB.
+fn geoip_fixture(dir: &std::path::Path) -> std::path::PathBuf {
+    #[derive(serde::Serialize)]
+    struct Country {
+        iso_code: String,
+    }
+    #[derive(serde::Serialize)]
+    struct Record {
+        country: Country,
+    }
+    let mut w = mmdb_writer::Writer::new("Homecell-Test-Country");
+    w.insert(
+        "81.2.69.0/24".parse::<ipnet::IpNet>().unwrap(),
+        &Record {
+            country: Country {
+                iso_code: "GB".into(),
+            },
+        },
+    )
+    .unwrap();
+    let path = dir.join("country.mmdb");
+    std::fs::write(&path, w.to_bytes().unwrap()).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn registration_is_homed_by_the_clients_country_behind_trusted_proxies() -> Result {
+    let mut c = Cluster::temp()?;
+    let db = geoip_fixture(&c.root);
+    c.router_extra_config = format!(
+        "geoip_database = {:?}\ntrusted_proxies = [\"127.0.0.1\"]\n",
+        db.display().to_string()
+    );
+    start_standard(&mut c).await?;
+    let register = |id: &'static str, xff: Option<&'static str>| {
+        let mut req = c
+            .http()
+            .post(format!("{}/v1/auth/register", c.router_url(0)))
+            .json(&json!({"identifier": id, "password": PW}));
+        if let Some(x) = xff {
+            req = req.header("x-forwarded-for", x);
+        }
+        req.send()
+    };
+    // From a British address (through a trusted proxy): eu-west lists GB.
+    let b: serde_json::Value = register("from-uk", Some("81.2.69.142"))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(b["home_region"], "eu-west", "{b}");
+    // An address without a country: the default region.
+    let b: serde_json::Value = register("from-nowhere", Some("192.0.2.1"))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(b["home_region"], "cn-east");
+    // Without a forwarded address, the connection's own (loopback): default.
+    let b: serde_json::Value = register("direct", None).await?.json().await?;
+    assert_eq!(b["home_region"], "cn-east");
+    Ok(())
+}

@@ -39,6 +39,13 @@ pub struct RouterConfig {
     pub draining_retry_after_secs: u64,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// A MaxMind-format country database (GeoLite2/DB-IP or flat schema),
+    /// to home registrations by the client's country.
+    #[serde(default)]
+    pub geoip_database: Option<PathBuf>,
+    /// Proxies (`ip` or `ip/prefix`) whose `X-Forwarded-For` is believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     /// The directory's HMAC key (the control plane's), to route logins by
     /// identifier without ever holding one in clear.
     pub directory_key_file: PathBuf,
@@ -112,6 +119,10 @@ impl RouterConfig {
         }
         self.tls.load().context("tls")?;
         homecell_common::directory_key::DirectoryKey::load(&self.directory_key_file)?;
+        crate::geo::TrustedProxies::parse(&self.trusted_proxies)?;
+        if let Some(p) = &self.geoip_database {
+            crate::geo::Geo::open(p)?;
+        }
         Ok(())
     }
 

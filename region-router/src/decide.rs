@@ -78,12 +78,27 @@ pub fn header_region(value: &str) -> Result<String, Refusal> {
 }
 
 /// Where a registration goes: an explicit preference if that region is
-/// active, else the default.
-pub fn registration_region(table: &RouteTable, preference: Option<&str>) -> String {
-    match preference.and_then(|p| table.regions.get(p)) {
-        Some(up) if up.status == RegionStatus::Active => up.region.clone(),
-        _ => table.default_region.clone(),
+/// active; else the active region that lists the client's country; else the
+/// default.
+pub fn registration_region(
+    table: &RouteTable,
+    preference: Option<&str>,
+    country: Option<&str>,
+) -> String {
+    if let Some(up) = preference.and_then(|p| table.regions.get(p))
+        && up.status == RegionStatus::Active
+    {
+        return up.region.clone();
     }
+    if let Some(c) = country
+        && let Some(up) = table
+            .regions
+            .values()
+            .find(|u| u.status == RegionStatus::Active && u.countries.iter().any(|x| x == c))
+    {
+        return up.region.clone();
+    }
+    table.default_region.clone()
 }
 
 /// Admits a request to `region`'s cell, or says why not. A draining region
@@ -204,18 +219,61 @@ mod tests {
     #[tokio::test]
     async fn registration_honours_only_active_preferences() {
         let t = table().await;
-        assert_eq!(registration_region(&t, Some("cn-east")), "cn-east");
+        assert_eq!(registration_region(&t, Some("cn-east"), None), "cn-east");
         assert_eq!(
-            registration_region(&t, Some("eu-west")),
+            registration_region(&t, Some("eu-west"), None),
             "cn-east",
             "draining"
         );
         assert_eq!(
-            registration_region(&t, Some("us-old")),
+            registration_region(&t, Some("us-old"), None),
             "cn-east",
             "retired"
         );
-        assert_eq!(registration_region(&t, Some("nowhere")), "cn-east");
-        assert_eq!(registration_region(&t, None), "cn-east");
+        assert_eq!(registration_region(&t, Some("nowhere"), None), "cn-east");
+        assert_eq!(registration_region(&t, None, None), "cn-east");
+    }
+
+    #[tokio::test]
+    async fn registration_follows_the_country_to_an_active_region() {
+        let mut s = ReplicaState {
+            revision: 1,
+            ..Default::default()
+        };
+        for (id, status, countries) in [
+            ("cn-east", RegionStatus::Active, vec!["CN"]),
+            ("ap-south", RegionStatus::Active, vec!["IN"]),
+            ("eu-west", RegionStatus::Draining, vec!["GB"]),
+        ] {
+            s.regions.insert(
+                id.into(),
+                Region {
+                    id: id.into(),
+                    status: status as i32,
+                    internal_endpoint: "https://127.0.0.1:1".into(),
+                    countries: countries.into_iter().map(String::from).collect(),
+                    ..Default::default()
+                },
+            );
+        }
+        let t = crate::routes::build(
+            &s,
+            "cn-east",
+            Duration::from_secs(30),
+            &RouteTable::default(),
+        )
+        .await;
+        assert_eq!(registration_region(&t, None, Some("IN")), "ap-south");
+        assert_eq!(
+            registration_region(&t, Some("cn-east"), Some("IN")),
+            "cn-east",
+            "a preference wins"
+        );
+        assert_eq!(
+            registration_region(&t, None, Some("GB")),
+            "cn-east",
+            "draining regions take none"
+        );
+        assert_eq!(registration_region(&t, None, Some("BR")), "cn-east");
     }
 }

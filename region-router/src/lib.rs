@@ -5,6 +5,7 @@
 pub mod background;
 pub mod config;
 pub mod decide;
+pub mod geo;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
@@ -76,6 +77,12 @@ pub fn run(config: config::RouterConfig) -> Result<()> {
             &config.directory_key_file,
         )?,
         health: health.clone(),
+        geo: config
+            .geoip_database
+            .as_deref()
+            .map(geo::Geo::open)
+            .transpose()?,
+        trusted_proxies: geo::TrustedProxies::parse(&config.trusted_proxies)?,
     };
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, router);
     proxy.add_tcp(&config.listen.to_string());

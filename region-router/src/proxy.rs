@@ -76,6 +76,8 @@ pub struct Router {
     pub tokens: TokenCache,
     pub directory_key: DirectoryKey,
     pub health: Arc<crate::health::Health>,
+    pub geo: Option<crate::geo::Geo>,
+    pub trusted_proxies: crate::geo::TrustedProxies,
 }
 
 pub struct Ctx {
@@ -196,8 +198,24 @@ impl Router {
                     // The body's `region`, else `x-home-region`, is the
                     // explicit preference.
                     let pref = route_key::preferred_region(&body).or_else(|| header.clone());
+                    let country = match (&self.geo, session.client_addr().and_then(|a| a.as_inet()))
+                    {
+                        (Some(geo), Some(peer)) => {
+                            let xff = session
+                                .req_header()
+                                .headers
+                                .get("x-forwarded-for")
+                                .and_then(|v| v.to_str().ok());
+                            geo.country(crate::geo::client_ip(
+                                peer.ip(),
+                                xff,
+                                &self.trusted_proxies,
+                            ))
+                        }
+                        _ => None,
+                    };
                     Some((
-                        decide::registration_region(table, pref.as_deref()),
+                        decide::registration_region(table, pref.as_deref(), country.as_deref()),
                         Basis::Registration,
                     ))
                 }

@@ -19,6 +19,8 @@ pub struct Upstream {
     pub addrs: Vec<SocketAddr>,
     /// The name the cell's certificate must carry.
     pub sni: String,
+    /// The countries whose registrations the region takes.
+    pub countries: Vec<String>,
     next: AtomicUsize,
 }
 
@@ -95,6 +97,7 @@ pub async fn build(
                 status: r.status(),
                 addrs,
                 sni: format!("cell.{}", r.id),
+                countries: r.countries.clone(),
                 next: AtomicUsize::new(0),
             }),
         );
