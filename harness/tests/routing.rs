@@ -260,3 +260,103 @@ async fn registration_is_homed_by_the_clients_country_behind_trusted_proxies() -
     assert_eq!(b["home_region"], "cn-east");
     Ok(())
 }
+
+#[tokio::test]
+async fn any_router_reaches_the_home_cell() -> Result {
+    let mut c = Cluster::temp()?;
+    start_standard(&mut c).await?;
+    // A second router, in eu-west, defaulting to eu-west.
+    let b = c.start_router("eu-west", "eu-west").await?;
+    c.wait_ready(std::time::Duration::from_secs(20)).await?;
+    let a_url = c.router_url(0);
+    let b_url = c.router_url(b);
+    let http = c.http().clone();
+    let post = |base: String, path: &'static str, body: serde_json::Value| {
+        http.post(format!("{base}{path}"))
+            .header("x-client-type", "app")
+            .json(&body)
+            .send()
+    };
+    // Registered through A's router, homed in cn-east.
+    let r: serde_json::Value = post(
+        a_url.clone(),
+        "/v1/auth/register",
+        json!({"identifier": "xena", "password": PW}),
+    )
+    .await?
+    .json()
+    .await?;
+    assert_eq!(r["home_region"], "cn-east");
+    // Wait until B's router has the claim (replication), then log in through B.
+    let mut login = serde_json::Value::Null;
+    for _ in 0..50 {
+        let resp = post(
+            b_url.clone(),
+            "/v1/auth/login",
+            json!({"identifier": "xena", "password": PW}),
+        )
+        .await?;
+        if resp.status() == StatusCode::OK {
+            login = resp.json().await?;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        login["home_region"], "cn-east",
+        "login through B did not reach cn-east"
+    );
+    // A's token at B's router reaches A.
+    let token = login["access_token"].as_str().unwrap();
+    let r = http
+        .get(format!("{b_url}/v1/users/me"))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    assert_eq!(
+        (r.status(), r.headers()["x-home-region"].to_str()?),
+        (StatusCode::OK, "cn-east")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn hostile_headers_and_tokens_never_crash_the_router() -> Result {
+    let mut c = Cluster::temp()?;
+    start_standard(&mut c).await?;
+    let url = format!("{}/v1/users/me", c.router_url(0));
+    let long = "a".repeat(60_000);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("authorization", b"Bearer ".to_vec()),
+        ("authorization", format!("Bearer {long}").into_bytes()),
+        ("authorization", b"Bearer a.b.c.d.e".to_vec()),
+        ("authorization", b"Basic Zm9vOmJhcg==".to_vec()),
+        ("authorization", b"Bearer \xff\xfe".to_vec()),
+        ("x-home-region", b"\xff\xfe".to_vec()),
+        ("x-home-region", long.clone().into_bytes()),
+        ("x-request-id", long.clone().into_bytes()),
+        ("x-forwarded-for", b"not-an-ip, ::::, 999.1.1.1".to_vec()),
+        ("content-length", b"-1".to_vec()),
+    ];
+    for (name, value) in cases {
+        let Ok(v) = reqwest::header::HeaderValue::from_bytes(&value) else {
+            continue;
+        };
+        let _ = c.http().get(&url).header(name, v).send().await;
+    }
+    // Raw garbage on the socket, too.
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(c.routers[0].listen).await?;
+    s.write_all(b"GET /\x00\xff HTTP/1.1\r\nHost: x\r\nx-home-region: \xff\r\n\r\n")
+        .await?;
+    drop(s);
+    // Still alive and routing.
+    assert!(c.routers[0].process.as_mut().unwrap().is_running());
+    let r = c
+        .http()
+        .get(format!("{}/v1/region", c.router_url(0)))
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::OK);
+    Ok(())
+}

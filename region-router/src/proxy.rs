@@ -415,5 +415,20 @@ impl ProxyHttp for Router {
         metrics::DURATION
             .with_label_values(&[region])
             .observe(ctx.started.elapsed().as_secs_f64());
+        // The access log: no query string, headers, bodies or client address
+        // (they can carry identifiers or tokens); the path holds at most a
+        // random user id.
+        let req = session.req_header();
+        tracing::info!(
+            target: "access",
+            request_id = %ctx.request_id,
+            method = %req.method,
+            path = %req.uri.path(),
+            status,
+            region,
+            routed_by = ctx.basis.as_str(),
+            micros = ctx.started.elapsed().as_micros() as u64,
+            "request"
+        );
     }
 }
