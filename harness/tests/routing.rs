@@ -360,3 +360,47 @@ async fn hostile_headers_and_tokens_never_crash_the_router() -> Result {
     assert_eq!(r.status(), StatusCode::OK);
     Ok(())
 }
+
+#[tokio::test]
+async fn rate_limits_apply_live_from_control_plane_config() -> Result {
+    let mut c = Cluster::temp()?;
+    start_standard(&mut c).await?;
+    let burst = |n: usize| {
+        let http = c.http().clone();
+        let url = format!("{}/v1/region", c.router_url(0));
+        async move {
+            let all = futures::future::join_all((0..n).map(|_| http.get(&url).send())).await;
+            let mut limited = 0;
+            for r in all {
+                let r = r.unwrap();
+                if r.status() == StatusCode::TOO_MANY_REQUESTS {
+                    assert!(r.headers().contains_key("retry-after"));
+                    limited += 1;
+                } else {
+                    assert_eq!(r.status(), StatusCode::OK);
+                }
+            }
+            limited
+        }
+    };
+    assert_eq!(burst(20).await, 0, "no limit by default");
+    let out = c.cli_ok(&[
+        "-o",
+        "json",
+        "config",
+        "set",
+        "router.rate_limit.per_ip",
+        "5",
+    ])?;
+    let rev = out.json()?["revision"].as_u64().unwrap();
+    c.wait_applied(rev, 3, std::time::Duration::from_secs(5))
+        .await?;
+    assert!(burst(20).await >= 10, "the per-address limit did not apply");
+    let out = c.cli_ok(&["-o", "json", "config", "unset", "router.rate_limit.per_ip"])?;
+    let rev = out.json()?["revision"].as_u64().unwrap();
+    c.wait_applied(rev, 3, std::time::Duration::from_secs(5))
+        .await?;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(burst(20).await, 0, "lifting the limit did not apply");
+    Ok(())
+}

@@ -58,6 +58,8 @@ pub const KNOWN_KEYS: &[(&str, ConfigType)] = &[
     ("auth.lockout.duration", ConfigType::Duration),
     ("auth.access_token.ttl", ConfigType::Duration),
     ("router.draining.retry_after", ConfigType::Duration),
+    ("router.rate_limit.per_ip", ConfigType::Int),
+    ("router.rate_limit.per_user", ConfigType::Int),
     ("notice.outbox.max_attempts", ConfigType::Int),
 ];
 

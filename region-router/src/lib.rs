@@ -9,6 +9,7 @@ pub mod geo;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod route_key;
 pub mod routes;
 pub mod tokens;
@@ -83,6 +84,7 @@ pub fn run(config: config::RouterConfig) -> Result<()> {
             .map(geo::Geo::open)
             .transpose()?,
         trusted_proxies: geo::TrustedProxies::parse(&config.trusted_proxies)?,
+        limiter: ratelimit::Limiter::default(),
     };
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, router);
     proxy.add_tcp(&config.listen.to_string());

@@ -78,6 +78,7 @@ pub struct Router {
     pub health: Arc<crate::health::Health>,
     pub geo: Option<crate::geo::Geo>,
     pub trusted_proxies: crate::geo::TrustedProxies,
+    pub limiter: crate::ratelimit::Limiter,
 }
 
 pub struct Ctx {
@@ -138,6 +139,42 @@ async fn read_small_body(session: &mut Session) -> std::result::Result<serde_jso
 }
 
 impl Router {
+    /// Refuses with 429 past the per-address or per-user limit, if set.
+    fn rate_limit(
+        &self,
+        session: &Session,
+        table: &RouteTable,
+        user: Option<&str>,
+    ) -> std::result::Result<(), Refusal> {
+        let now = now_secs() as u64;
+        let over = |what: &str| {
+            Refusal::new(
+                ErrorCode::TooManyRequests,
+                format!("too many requests from this {what}"),
+                Some(1),
+            )
+        };
+        if let Some(limit) = table.rate_per_ip
+            && let Some(peer) = session.client_addr().and_then(|a| a.as_inet())
+        {
+            let xff = session
+                .req_header()
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok());
+            let ip = crate::geo::client_ip(peer.ip(), xff, &self.trusted_proxies);
+            self.limiter
+                .check(&format!("ip:{ip}"), limit, now)
+                .map_err(|()| over("address"))?;
+        }
+        if let (Some(limit), Some(user)) = (table.rate_per_user, user) {
+            self.limiter
+                .check(&format!("user:{user}"), limit, now)
+                .map_err(|()| over("user"))?;
+        }
+        Ok(())
+    }
+
     /// Picks the home cell from the request's routing keys (see decide.rs).
     async fn route(
         &self,
@@ -161,7 +198,7 @@ impl Router {
         };
         // A presented token must be valid, whatever else routes the request:
         // an invalid one never reaches a cell.
-        let token_home = match bearer {
+        let token = match bearer {
             Some(t) => {
                 let v = self.tokens.verify(&t, &*state, now_secs()).map_err(|e| {
                     let why = match e {
@@ -170,10 +207,12 @@ impl Router {
                     };
                     Refusal::new(ErrorCode::Unauthenticated, why.into(), None)
                 })?;
-                Some(v.home)
+                Some(v)
             }
             None => None,
         };
+        self.rate_limit(session, table, token.as_ref().map(|v| v.user_id.as_str()))?;
+        let token_home = token.map(|v| v.home);
         let mut registration = false;
         let chosen: Option<(String, Basis)> = if let Some(r) =
             route_key::user_in_path(&path).and_then(|u| state.user_region(u))

@@ -42,6 +42,9 @@ pub struct RouteTable {
     pub default_region: String,
     pub regions: HashMap<String, Arc<Upstream>>,
     pub draining_retry_after: Duration,
+    /// Requests per second per client address / per user; None: unlimited.
+    pub rate_per_ip: Option<u32>,
+    pub rate_per_user: Option<u32>,
 }
 
 /// Splits `https://host:port` into host and port.
@@ -113,7 +116,16 @@ pub async fn build(
         }
         None => fallback_retry_after,
     };
+    let rate = |key: &str| match state
+        .config_value(key, default_region)
+        .and_then(|v| v.kind.as_ref())
+    {
+        Some(Kind::IntValue(n)) if *n > 0 => Some((*n).min(u32::MAX as i64) as u32),
+        _ => None,
+    };
     RouteTable {
+        rate_per_ip: rate("router.rate_limit.per_ip"),
+        rate_per_user: rate("router.rate_limit.per_user"),
         revision: state.revision,
         default_region: default_region.to_string(),
         regions,
