@@ -163,14 +163,14 @@ impl Router {
                 .get("x-forwarded-for")
                 .and_then(|v| v.to_str().ok());
             let ip = crate::geo::client_ip(peer.ip(), xff, &self.trusted_proxies);
-            self.limiter
-                .check(&format!("ip:{ip}"), limit, now)
-                .map_err(|()| over("address"))?;
+            if !self.limiter.allow(&format!("ip:{ip}"), limit, now) {
+                return Err(over("address"));
+            }
         }
         if let (Some(limit), Some(user)) = (table.rate_per_user, user) {
-            self.limiter
-                .check(&format!("user:{user}"), limit, now)
-                .map_err(|()| over("user"))?;
+            if !self.limiter.allow(&format!("user:{user}"), limit, now) {
+                return Err(over("user"));
+            }
         }
         Ok(())
     }

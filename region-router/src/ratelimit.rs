@@ -23,8 +23,8 @@ impl Default for Limiter {
 }
 
 impl Limiter {
-    /// Counts one request for `key` in second `now`; Err when over `limit`.
-    pub fn check(&self, key: &str, limit: u32, now: u64) -> Result<(), ()> {
+    /// Counts one request for `key` in second `now`; false when over `limit`.
+    pub fn allow(&self, key: &str, limit: u32, now: u64) -> bool {
         let shard = key
             .bytes()
             .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
@@ -38,7 +38,7 @@ impl Limiter {
             *entry = (now, 0);
         }
         entry.1 += 1;
-        if entry.1 > limit { Err(()) } else { Ok(()) }
+        entry.1 <= limit
     }
 }
 
@@ -49,10 +49,10 @@ mod tests {
     #[test]
     fn limits_per_key_per_second() {
         let l = Limiter::default();
-        assert!(l.check("ip:a", 2, 10).is_ok());
-        assert!(l.check("ip:a", 2, 10).is_ok());
-        assert!(l.check("ip:a", 2, 10).is_err());
-        assert!(l.check("ip:b", 2, 10).is_ok(), "keys are independent");
-        assert!(l.check("ip:a", 2, 11).is_ok(), "a new second starts afresh");
+        assert!(l.allow("ip:a", 2, 10));
+        assert!(l.allow("ip:a", 2, 10));
+        assert!(!l.allow("ip:a", 2, 10));
+        assert!(l.allow("ip:b", 2, 10), "keys are independent");
+        assert!(l.allow("ip:a", 2, 11), "a new second starts afresh");
     }
 }
