@@ -167,10 +167,10 @@ impl Router {
                 return Err(over("address"));
             }
         }
-        if let (Some(limit), Some(user)) = (table.rate_per_user, user) {
-            if !self.limiter.allow(&format!("user:{user}"), limit, now) {
-                return Err(over("user"));
-            }
+        if let (Some(limit), Some(user)) = (table.rate_per_user, user)
+            && !self.limiter.allow(&format!("user:{user}"), limit, now)
+        {
+            return Err(over("user"));
         }
         Ok(())
     }
