@@ -408,10 +408,16 @@ impl Identity {
             revoked_at: None,
         };
         let refresh = self.new_refresh_token();
-        let replaced = self
-            .db
-            .open_session(&session, &sha256_hex(&refresh))
-            .await?;
+        // Two logins of one client type racing on PostgreSQL: the unique
+        // index lets one in; the other retries and replaces it.
+        let replaced = match self.db.open_session(&session, &sha256_hex(&refresh)).await {
+            Err(DbError::Conflict) => {
+                self.db
+                    .open_session(&session, &sha256_hex(&refresh))
+                    .await?
+            }
+            other => other?,
+        };
         if let Some(old) = replaced {
             tracing::info!(
                 user_id,
