@@ -120,70 +120,47 @@ impl Datastore {
         }
     }
 
-    /// Applies each pending migration in its own transaction. On PostgreSQL
-    /// an advisory lock serialises cell instances that start together.
+    /// Applies the pending migrations in one transaction, all or none. On
+    /// PostgreSQL an advisory lock serialises cell instances that start
+    /// together; on SQLite, `BEGIN IMMEDIATE` does.
     async fn migrate(&self) -> Result<()> {
-        match self {
-            Self::Sqlite(pool) => {
-                sqlx::query(
+        let (migrations, ledger, lock): (&[Migration], &'static str, Option<&'static str>) =
+            match self {
+                Self::Sqlite(_) => (
+                    SQLITE_MIGRATIONS,
                     "CREATE TABLE IF NOT EXISTS _migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)",
-                )
-                .execute(pool)
-                .await?;
-                for m in SQLITE_MIGRATIONS {
-                    let mut tx = pool.begin().await?;
-                    let done: Option<i64> =
-                        sqlx::query_scalar("SELECT version FROM _migrations WHERE version = ?")
-                            .bind(m.version)
-                            .fetch_optional(&mut *tx)
-                            .await?;
-                    if done.is_none() {
-                        sqlx::raw_sql(m.sql)
-                            .execute(&mut *tx)
-                            .await
-                            .with_context(|| format!("migration {} failed", m.name))?;
-                        sqlx::query("INSERT INTO _migrations (version, name) VALUES (?, ?)")
-                            .bind(m.version)
-                            .bind(m.name)
-                            .execute(&mut *tx)
-                            .await?;
-                        tracing::info!(migration = m.name, "applied");
-                    }
-                    tx.commit().await?;
-                }
-            }
-            Self::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
-                sqlx::query("SELECT pg_advisory_xact_lock(7243110)")
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(
+                    None,
+                ),
+                Self::Postgres(_) => (
+                    POSTGRES_MIGRATIONS,
                     "CREATE TABLE IF NOT EXISTS _migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
-                )
-                .execute(&mut *tx)
-                .await?;
-                for m in POSTGRES_MIGRATIONS {
-                    let done: Option<i64> =
-                        sqlx::query_scalar("SELECT version FROM _migrations WHERE version = $1")
-                            .bind(m.version)
-                            .fetch_optional(&mut *tx)
-                            .await?;
-                    if done.is_none() {
-                        sqlx::raw_sql(m.sql)
-                            .execute(&mut *tx)
-                            .await
-                            .with_context(|| format!("migration {} failed", m.name))?;
-                        sqlx::query("INSERT INTO _migrations (version, name) VALUES ($1, $2)")
-                            .bind(m.version)
-                            .bind(m.name)
-                            .execute(&mut *tx)
-                            .await?;
-                        tracing::info!(migration = m.name, "applied");
-                    }
-                }
-                tx.commit().await?;
+                    Some("SELECT pg_advisory_xact_lock(7243110)"),
+                ),
+            };
+        crate::in_tx!(self, tx => {
+            if let Some(lock) = lock {
+                sqlx::query(lock).execute(&mut *tx).await?;
             }
-        }
+            sqlx::query(ledger).execute(&mut *tx).await?;
+            for m in migrations {
+                let done: Option<i64> = sqlx::query_scalar("SELECT version FROM _migrations WHERE version = $1")
+                    .bind(m.version)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if done.is_none() {
+                    sqlx::raw_sql(m.sql)
+                        .execute(&mut *tx)
+                        .await
+                        .with_context(|| format!("migration {} failed", m.name))?;
+                    sqlx::query("INSERT INTO _migrations (version, name) VALUES ($1, $2)")
+                        .bind(m.version)
+                        .bind(m.name)
+                        .execute(&mut *tx)
+                        .await?;
+                    tracing::info!(migration = m.name, "applied");
+                }
+            }
+        });
         Ok(())
     }
 

@@ -175,6 +175,17 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// Counts a login or reset attempt against the client address's limit.
+    fn check_ip(&self, ip: Option<IpAddr>) -> Result<(), CodedError> {
+        match ip.map(|ip| self.login_limiter.check(ip)) {
+            Some(Err(wait)) => Err(CodedError::new(
+                ErrorCode::TooManyRequests,
+                format!("too many attempts from this address; retry in {wait} s"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn config_int(&self, key: &str, default: i64) -> i64 {
         match self
             .replica
@@ -341,14 +352,7 @@ impl Identity {
         client_type: &str,
         ip: Option<IpAddr>,
     ) -> Result<TokenPair, CodedError> {
-        if let Some(ip) = ip
-            && let Err(wait) = self.login_limiter.check(ip)
-        {
-            return Err(CodedError::new(
-                ErrorCode::TooManyRequests,
-                format!("too many attempts from this address; retry in {wait} s"),
-            ));
-        }
+        self.check_ip(ip)?;
         if password.len() > 1024 {
             return Err(field("password", "too long"));
         }
@@ -633,14 +637,7 @@ impl Identity {
         identifier: &str,
         ip: Option<IpAddr>,
     ) -> Result<(), CodedError> {
-        if let Some(ip) = ip
-            && let Err(wait) = self.login_limiter.check(ip)
-        {
-            return Err(CodedError::new(
-                ErrorCode::TooManyRequests,
-                format!("too many attempts from this address; retry in {wait} s"),
-            ));
-        }
+        self.check_ip(ip)?;
         let id = Identifier::parse(identifier).map_err(|m| field("identifier", m))?;
         let Some(user_id) = self
             .db
