@@ -150,6 +150,13 @@ mod tests {
             },
         )
         .unwrap();
+        w.insert(
+            "2001:db8::/32".parse::<ipnet::IpNet>().unwrap(),
+            &Flat {
+                country_code: "DE".into(),
+            },
+        )
+        .unwrap();
         let path = dir.join("country.mmdb");
         std::fs::write(&path, w.to_bytes().unwrap()).unwrap();
         path
@@ -168,6 +175,17 @@ mod tests {
             Some("CN")
         );
         assert_eq!(geo.country("127.0.0.1".parse().unwrap()), None);
+        assert_eq!(
+            geo.country("2001:db8::1".parse().unwrap()).as_deref(),
+            Some("DE"),
+            "IPv6"
+        );
+        assert_eq!(
+            geo.country("10.1.2.3".parse().unwrap()),
+            None,
+            "private addresses have no country"
+        );
+        assert_eq!(geo.country("::1".parse().unwrap()), None);
         assert!(Geo::open(&dir.path().join("missing.mmdb")).is_err());
     }
 
