@@ -384,13 +384,13 @@ impl Identity {
             }
             return Err(invalid_credentials());
         }
-        self.db.clear_attempts(&user_id).await?;
         let user = self
             .db
             .user(&user_id)
             .await?
             .ok_or_else(invalid_credentials)?;
         if user.status != "active" {
+            self.db.clear_attempts(&user_id).await?;
             return Err(CodedError::new(
                 ErrorCode::AccountDisabled,
                 "this account is disabled",
@@ -479,16 +479,9 @@ impl Identity {
             .await?;
         match outcome {
             RefreshOutcome::Rotated(session) => {
-                if !self
-                    .db
-                    .session_alive(&session.id, &session.user_id, now_ms())
-                    .await?
-                {
-                    return Err(CodedError::new(
-                        ErrorCode::Unauthenticated,
-                        "the session has ended",
-                    ));
-                }
+                // The rotation checked the session is live; disabling or
+                // deleting an account revokes its sessions in the same
+                // transaction, so no separate user check is needed.
                 self.token_pair(&session, next).await
             }
             RefreshOutcome::Reused => {

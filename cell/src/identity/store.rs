@@ -414,8 +414,10 @@ impl Datastore {
 
     // ------------------------------------------------------------ sessions
 
-    /// Opens a session, ending the user's active one of the same client
-    /// type, and stores its first refresh token. Returns the ended session.
+    /// Opens a session after a successful password check: ends the user's
+    /// active session of the same client type, stores the first refresh
+    /// token and clears the failed-attempt counter, in one transaction (one
+    /// commit per login). Returns the ended session.
     pub async fn open_session(&self, s: &Session, refresh_hash: &str) -> DbResult<Option<String>> {
         let ended = in_tx!(self, tx => {
             let ended: Option<(String,)> = sqlx::query_as(
@@ -425,6 +427,8 @@ impl Datastore {
                 .bind(&s.id).bind(&s.user_id).bind(&s.client_type).bind(s.created_at).bind(s.expires_at).execute(&mut *tx).await?;
             sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES ($1, $2, $3)")
                 .bind(refresh_hash).bind(&s.id).bind(s.created_at).execute(&mut *tx).await?;
+            sqlx::query("UPDATE credentials SET attempts = 0, locked_until = NULL WHERE user_id = $1")
+                .bind(&s.user_id).execute(&mut *tx).await?;
             ended.map(|e| e.0)
         });
         Ok(ended)
