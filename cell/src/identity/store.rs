@@ -434,13 +434,6 @@ impl Datastore {
         Ok(ended)
     }
 
-    pub async fn session(&self, id: &str) -> DbResult<Option<Session>> {
-        let sql = concat!("SELECT ", session_cols!(), " FROM sessions WHERE id = $1");
-        let row: Option<SessionTuple> =
-            on_db!(self, p => sqlx::query_as(sql).bind(id).fetch_optional(p).await?);
-        Ok(row.map(Session::from))
-    }
-
     /// Whether a session is live and its user active: the check behind every
     /// authenticated request at the home cell.
     pub async fn session_alive(&self, id: &str, user_id: &str, now: i64) -> DbResult<bool> {
