@@ -208,6 +208,12 @@ pub async fn region(conn: &Connection, cmd: RegionCmd) -> Result<()> {
         status: s as i32,
         ..Default::default()
     };
+    let target_status = match &cmd {
+        RegionCmd::Drain { .. } => Some(RegionStatus::Draining),
+        RegionCmd::Activate { .. } => Some(RegionStatus::Active),
+        RegionCmd::Retire { .. } => Some(RegionStatus::Retired),
+        _ => None,
+    };
     let (region, revision) = match cmd {
         RegionCmd::Add {
             id,
@@ -262,23 +268,9 @@ pub async fn region(conn: &Connection, cmd: RegionCmd) -> Result<()> {
                 .into_inner();
             (r.region, r.revision)
         }
-        RegionCmd::Drain { id } => {
+        RegionCmd::Drain { id } | RegionCmd::Activate { id } | RegionCmd::Retire { id } => {
             let r = client
-                .update_region(status_change(id, RegionStatus::Draining))
-                .await?
-                .into_inner();
-            (r.region, r.revision)
-        }
-        RegionCmd::Activate { id } => {
-            let r = client
-                .update_region(status_change(id, RegionStatus::Active))
-                .await?
-                .into_inner();
-            (r.region, r.revision)
-        }
-        RegionCmd::Retire { id } => {
-            let r = client
-                .update_region(status_change(id, RegionStatus::Retired))
+                .update_region(status_change(id, target_status.expect("a status command")))
                 .await?
                 .into_inner();
             (r.region, r.revision)
