@@ -172,7 +172,7 @@ async fn refresh_rotation_and_reuse(db: &Datastore) {
         .iter()
         .filter(|o| matches!(o, Ok(RefreshOutcome::Rotated(_))))
         .count();
-    assert!(rotated <= 1, "{rotated} rotations of one token");
+    assert_eq!(rotated, 1, "one token must rotate exactly once");
 }
 
 async fn password_resets(db: &Datastore) {

@@ -44,6 +44,26 @@ fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, CodedError> {
     M::decode(bytes).map_err(storage)
 }
 
+/// The message stored under `key`, if any.
+fn row<M: Message + Default>(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<M>, CodedError> {
+    let v = t.get(key).map_err(storage)?;
+    v.map(|v| decode(v.value())).transpose()
+}
+
+/// Every message in a table, in key order.
+fn rows<M: Message + Default>(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Vec<M>, CodedError> {
+    let mut out = Vec::new();
+    for r in t.iter().map_err(storage)? {
+        out.push(decode(r.map_err(storage)?.1.value())?);
+    }
+    Ok(out)
+}
+
 pub struct Store {
     db: Database,
     revision_tx: watch::Sender<u64>,
@@ -67,19 +87,11 @@ impl Tx<'_> {
     }
 
     pub fn region(&self, id: &str) -> Result<Option<Region>, CodedError> {
-        let t = self.txn.open_table(REGIONS).map_err(storage)?;
-        let v = t.get(id).map_err(storage)?;
-        v.map(|v| decode(v.value())).transpose()
+        row(&self.txn.open_table(REGIONS).map_err(storage)?, id)
     }
 
     pub fn regions(&self) -> Result<Vec<Region>, CodedError> {
-        let t = self.txn.open_table(REGIONS).map_err(storage)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(storage)? {
-            let (_, v) = row.map_err(storage)?;
-            out.push(decode(v.value())?);
-        }
-        Ok(out)
+        rows(&self.txn.open_table(REGIONS).map_err(storage)?)
     }
 
     pub fn put_region(&mut self, mut region: Region) -> Result<Region, CodedError> {
@@ -94,9 +106,7 @@ impl Tx<'_> {
     }
 
     pub fn claim(&self, hmac: &str) -> Result<Option<IdentifierClaim>, CodedError> {
-        let t = self.txn.open_table(CLAIMS).map_err(storage)?;
-        let v = t.get(hmac).map_err(storage)?;
-        v.map(|v| decode(v.value())).transpose()
+        row(&self.txn.open_table(CLAIMS).map_err(storage)?, hmac)
     }
 
     pub fn put_claim(&mut self, claim: IdentifierClaim) -> Result<(), CodedError> {
@@ -124,21 +134,14 @@ impl Tx<'_> {
     }
 
     pub fn config(&self, key: &str, region: &str) -> Result<Option<ConfigEntry>, CodedError> {
-        let t = self.txn.open_table(CONFIG).map_err(storage)?;
-        let v = t
-            .get(config_row_key(key, region).as_str())
-            .map_err(storage)?;
-        v.map(|v| decode(v.value())).transpose()
+        row(
+            &self.txn.open_table(CONFIG).map_err(storage)?,
+            &config_row_key(key, region),
+        )
     }
 
     pub fn config_entries(&self) -> Result<Vec<ConfigEntry>, CodedError> {
-        let t = self.txn.open_table(CONFIG).map_err(storage)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(storage)? {
-            let (_, v) = row.map_err(storage)?;
-            out.push(decode(v.value())?);
-        }
-        Ok(out)
+        rows(&self.txn.open_table(CONFIG).map_err(storage)?)
     }
 
     pub fn set_config(&mut self, mut entry: ConfigEntry) -> Result<ConfigEntry, CodedError> {
@@ -329,30 +332,9 @@ impl Store {
             revision,
             ..Default::default()
         };
-        for row in txn
-            .open_table(REGIONS)
-            .map_err(storage)?
-            .iter()
-            .map_err(storage)?
-        {
-            snap.regions.push(decode(row.map_err(storage)?.1.value())?);
-        }
-        for row in txn
-            .open_table(CONFIG)
-            .map_err(storage)?
-            .iter()
-            .map_err(storage)?
-        {
-            snap.config.push(decode(row.map_err(storage)?.1.value())?);
-        }
-        for row in txn
-            .open_table(CLAIMS)
-            .map_err(storage)?
-            .iter()
-            .map_err(storage)?
-        {
-            snap.claims.push(decode(row.map_err(storage)?.1.value())?);
-        }
+        snap.regions = rows(&txn.open_table(REGIONS).map_err(storage)?)?;
+        snap.config = rows(&txn.open_table(CONFIG).map_err(storage)?)?;
+        snap.claims = rows(&txn.open_table(CLAIMS).map_err(storage)?)?;
         Ok(snap)
     }
 
@@ -419,12 +401,7 @@ impl Store {
 
     pub fn subscribers(&self) -> Result<Vec<SubscriberStatus>, CodedError> {
         let txn = self.db.begin_read().map_err(storage)?;
-        let t = txn.open_table(SUBSCRIBERS).map_err(storage)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(storage)? {
-            out.push(decode(row.map_err(storage)?.1.value())?);
-        }
-        Ok(out)
+        rows(&txn.open_table(SUBSCRIBERS).map_err(storage)?)
     }
 }
 
