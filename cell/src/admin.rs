@@ -44,3 +44,12 @@ pub async fn grant_role(config: &CellConfig, identifier: &str, role: &str) -> Re
     );
     Ok(())
 }
+
+/// Audits the ledgers of the given datastores (see `money::audit`).
+pub async fn audit(urls: &[String]) -> Result<crate::money::audit::Report> {
+    let mut stores = Vec::new();
+    for url in urls {
+        stores.push(Datastore::open(url).await?);
+    }
+    Ok(crate::money::audit::audit(&stores).await?)
+}

@@ -34,6 +34,14 @@ pub struct CellConfig {
     /// Logins and reset requests allowed per client address per minute.
     #[serde(default = "default_login_rate")]
     pub login_attempts_per_ip_per_minute: u32,
+    /// Payment providers whose signed callbacks credit wallets, by name
+    /// (`[payments.<name>]`, the `{provider}` in the callback path).
+    #[serde(default)]
+    pub payments: std::collections::BTreeMap<String, crate::money::provider::ProviderConfig>,
+    /// How long a cross-cell transfer may wait for the receiver's cell to
+    /// place its hold before the sender's cell voids it.
+    #[serde(default = "default_hold_timeout")]
+    pub transfer_hold_timeout_secs: u64,
     pub tls: TlsPaths,
 }
 
@@ -45,6 +53,9 @@ fn default_admin_listen() -> SocketAddr {
 }
 fn default_login_rate() -> u32 {
     30
+}
+fn default_hold_timeout() -> u64 {
+    60
 }
 fn default_cp_name() -> String {
     "control-plane".into()
@@ -76,6 +87,7 @@ impl CellConfig {
             bail!("listen and admin_listen must differ");
         }
         self.tls.load().context("tls")?;
+        crate::money::provider::Providers::load(&self.payments)?;
         Ok(())
     }
 

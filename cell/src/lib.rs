@@ -5,9 +5,11 @@
 pub mod admin;
 pub mod config;
 pub mod db;
+pub mod failpoint;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod money;
 pub mod peers;
 pub mod server;
 pub mod state;
@@ -44,6 +46,18 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
     let keys = identity::keys::Keys::open(&db, &config.region).await?;
     let cp = control_plane_channel(&config, &tls)?;
     let hash_slots = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    let peers = Arc::new(peers::Peers::new(tls.clone(), replica.clone()));
+    let (kick, kicks) = tokio::sync::mpsc::unbounded_channel();
+    let money = Arc::new(money::service::Money {
+        region: config.region.clone(),
+        db: db.clone(),
+        replica: replica.clone(),
+        peers: peers.clone(),
+        kick,
+        providers: money::provider::Providers::load(&config.payments)?,
+        hold_timeout_ms: i64::try_from(config.transfer_hold_timeout_secs.saturating_mul(1000))
+            .unwrap_or(i64::MAX),
+    });
     let cell = Arc::new(state::Cell {
         region: config.region.clone(),
         db: db.clone(),
@@ -58,13 +72,15 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
             login_limiter: identity::service::IpLimiter::new(
                 config.login_attempts_per_ip_per_minute,
             ),
-            peers: peers::Peers::new(tls.clone(), replica.clone()),
+            peers,
         },
+        money: money.clone(),
     });
 
     let token = shutdown::CancellationToken::new();
     tokio::spawn(shutdown::wait_for_signal(token.clone()));
     tokio::spawn(keys.maintain(db.clone(), cp, replica.clone(), token.clone()));
+    tokio::spawn(money::saga::run_worker(money, kicks, token.clone()));
     tokio::spawn(replica.clone().run(
         WatchTarget {
             endpoint: config.control_plane.clone(),

@@ -34,10 +34,25 @@ enum Cmd {
         #[arg(long)]
         role: String,
     },
+    /// Prove the ledger: every cell's sums to zero and matches its
+    /// transfers, clearing accounts net to what is in flight, and wallets
+    /// hold deposits minus withdrawals. Give every cell's datastore to check
+    /// across cells (default: this cell's). Exits 1 on any violation.
+    Audit {
+        /// `sqlite:<path>` or `postgres://…`; repeat for several cells.
+        #[arg(long = "database-url")]
+        database_urls: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // An audit of explicit datastores needs no cell configuration.
+    if let Some(Cmd::Audit { database_urls }) = &cli.cmd
+        && !database_urls.is_empty()
+    {
+        return run_audit(database_urls);
+    }
     let config = match CellConfig::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -62,6 +77,7 @@ fn main() -> ExitCode {
             rt.block_on(homecell_cell::run(config))
         }
         Cmd::RotateKeys => rt.block_on(homecell_cell::admin::rotate_keys(&config)),
+        Cmd::Audit { .. } => return run_audit(&[config.database_url()]),
         Cmd::GrantRole { identifier, role } => rt.block_on(homecell_cell::admin::grant_role(
             &config,
             &identifier,
@@ -73,6 +89,32 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_audit(urls: &[String]) -> ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(homecell_cell::admin::audit(urls)) {
+        Ok(report) => {
+            print!("{}", report.render());
+            if report.passed() {
+                println!("audit passed");
+                ExitCode::SUCCESS
+            } else {
+                println!("audit FAILED");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
         }
     }
 }

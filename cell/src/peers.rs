@@ -8,8 +8,8 @@ use crate::state::Cell;
 use homecell_common::replica::Replica;
 use homecell_common::tls::{PeerIdentity, TlsMaterial};
 use homecell_proto::cell::{
-    CheckSessionRequest, CheckSessionResponse, cell_service_client::CellServiceClient,
-    cell_service_server::CellService,
+    CheckSessionRequest, CheckSessionResponse, IncomingResponse, IncomingTransfer,
+    cell_service_client::CellServiceClient, cell_service_server::CellService,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -113,6 +113,44 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// One step of a cross-cell transfer at the receiver's cell: `hold`,
+    /// `post` or `void`. An error is a transport or server failure, worth a
+    /// retry; a definitive refusal comes back as `refused`.
+    pub async fn incoming(
+        &self,
+        region: &str,
+        step: &str,
+        req: IncomingTransfer,
+    ) -> Result<IncomingResponse, String> {
+        let ch = self
+            .channel(region)
+            .ok_or_else(|| format!("region {region} has no usable endpoint"))?;
+        let mut client = CellServiceClient::new(ch);
+        let r = match step {
+            "hold" => client.hold_incoming(req).await,
+            "post" => client.post_incoming(req).await,
+            _ => client.void_incoming(req).await,
+        };
+        r.map(tonic::Response::into_inner)
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    }
+}
+
+/// The caller's region, when it is another cell.
+fn calling_cell<T>(req: &Request<T>) -> Result<String, Status> {
+    match req.extensions().get::<PeerIdentity>() {
+        Some(PeerIdentity::Cell { region }) => Ok(region.clone()),
+        _ => Err(Status::permission_denied(
+            "only cells take part in transfers",
+        )),
+    }
+}
+
+fn status(e: homecell_proto::error::CodedError) -> Status {
+    Status::new(e.code.grpc_code(), format!("{} {}", e.code, e.message))
+}
+
 /// The cell's gRPC service, for other cells and routers.
 pub struct CellGrpc(pub Arc<Cell>);
 
@@ -141,5 +179,32 @@ impl CellService for CellGrpc {
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(CheckSessionResponse { alive }))
+    }
+
+    async fn hold_incoming(
+        &self,
+        req: Request<IncomingTransfer>,
+    ) -> Result<Response<IncomingResponse>, Status> {
+        let caller = calling_cell(&req)?;
+        let r = self.0.money.hold_incoming(&caller, req.get_ref()).await;
+        r.map(Response::new).map_err(status)
+    }
+
+    async fn post_incoming(
+        &self,
+        req: Request<IncomingTransfer>,
+    ) -> Result<Response<IncomingResponse>, Status> {
+        let caller = calling_cell(&req)?;
+        let r = self.0.money.post_incoming(&caller, req.get_ref()).await;
+        r.map(Response::new).map_err(status)
+    }
+
+    async fn void_incoming(
+        &self,
+        req: Request<IncomingTransfer>,
+    ) -> Result<Response<IncomingResponse>, Status> {
+        let caller = calling_cell(&req)?;
+        let r = self.0.money.void_incoming(&caller, req.get_ref()).await;
+        r.map(Response::new).map_err(status)
     }
 }

@@ -10,4 +10,5 @@ pub struct Cell {
     pub db: Datastore,
     pub replica: Arc<Replica>,
     pub identity: Identity,
+    pub money: Arc<crate::money::service::Money>,
 }

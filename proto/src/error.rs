@@ -46,6 +46,10 @@ pub enum ErrorCode {
     NotReady,
     /// The body is larger than allowed.
     PayloadTooLarge,
+    /// The wallet's available balance does not cover the amount.
+    InsufficientFunds,
+    /// An `Idempotency-Key` was used before with a different request.
+    IdempotencyKeyReused,
     TooManyRequests,
     Internal,
 }
@@ -72,6 +76,8 @@ impl ErrorCode {
             Self::BadGateway => "bad_gateway",
             Self::NotReady => "not_ready",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::InsufficientFunds => "insufficient_funds",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::TooManyRequests => "too_many_requests",
             Self::Internal => "internal",
         }
@@ -88,6 +94,8 @@ impl ErrorCode {
             Self::AlreadyExists | Self::FailedPrecondition => 409,
             Self::PreconditionFailed => 412,
             Self::PayloadTooLarge => 413,
+            Self::InsufficientFunds => 409,
+            Self::IdempotencyKeyReused => 422,
             Self::TooManyRequests => 429,
             Self::Internal => 500,
             Self::BadGateway => 502,
@@ -109,9 +117,11 @@ impl ErrorCode {
             Self::PreconditionRequired => Code::FailedPrecondition,
             Self::NotFound | Self::UnknownRegion => Code::NotFound,
             Self::AlreadyExists => Code::AlreadyExists,
-            Self::FailedPrecondition | Self::PreconditionFailed | Self::RegionRetired => {
-                Code::FailedPrecondition
-            }
+            Self::FailedPrecondition
+            | Self::PreconditionFailed
+            | Self::RegionRetired
+            | Self::InsufficientFunds
+            | Self::IdempotencyKeyReused => Code::FailedPrecondition,
             Self::TooManyRequests => Code::ResourceExhausted,
             Self::RegionDraining | Self::CellUnavailable | Self::NotReady | Self::BadGateway => {
                 Code::Unavailable
@@ -142,6 +152,8 @@ impl ErrorCode {
             Self::BadGateway => "Bad answer from the home cell",
             Self::NotReady => "Not ready",
             Self::PayloadTooLarge => "Payload too large",
+            Self::InsufficientFunds => "Insufficient funds",
+            Self::IdempotencyKeyReused => "Idempotency key reused with another request",
             Self::TooManyRequests => "Too many requests",
             Self::Internal => "Internal error",
         }

@@ -12,7 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-async fn require(cell: &Cell, p: &Principal, permission: &str) -> Result<(), ApiError> {
+pub(crate) async fn require(cell: &Cell, p: &Principal, permission: &str) -> Result<(), ApiError> {
     if p.client_type != "cms" {
         return Err(CodedError::new(
             ErrorCode::PermissionDenied,

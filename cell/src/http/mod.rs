@@ -7,6 +7,7 @@ pub mod cms;
 pub mod openapi;
 pub mod region;
 pub mod users;
+pub mod wallet;
 
 use crate::identity::service::{CLIENT_TYPES, Principal};
 use crate::state::Cell;

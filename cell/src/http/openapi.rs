@@ -2,7 +2,7 @@
 //! request/response types. The router is built from it and so is the
 //! OpenAPI 3.1 document, so the two cannot disagree.
 
-use super::{auth, cms, region, users};
+use super::{auth, cms, region, users, wallet};
 use crate::state::Cell;
 use axum::handler::Handler;
 use axum::http::Method;
@@ -271,6 +271,63 @@ pub fn routes() -> Vec<Route> {
             None,
             (200, Some(s::<users::PublicProfile>)),
             users::public_profile,
+        ),
+        route(
+            Method::GET,
+            "/v1/wallet",
+            "My balances per currency",
+            Bearer,
+            None,
+            (200, Some(s::<wallet::Wallets>)),
+            wallet::balances,
+        ),
+        route(
+            Method::POST,
+            "/v1/wallet/transfers",
+            "Send money to a user of any region (header Idempotency-Key: a UUID)",
+            Bearer,
+            Some(s::<crate::money::service::TransferRequest>),
+            (201, Some(s::<wallet::TransferAccepted>)),
+            wallet::transfer,
+        ),
+        with_query(
+            route(
+                Method::GET,
+                "/v1/wallet/transfers",
+                "My money operations, newest first",
+                Bearer,
+                None,
+                (200, Some(s::<wallet::TransferPage>)),
+                wallet::history,
+            ),
+            &["limit", "cursor", "kind", "state", "currency"],
+        ),
+        route(
+            Method::GET,
+            "/v1/wallet/transfers/{id}",
+            "One of my money operations, with its state",
+            Bearer,
+            None,
+            (200, Some(s::<wallet::TransferView>)),
+            wallet::get_transfer,
+        ),
+        route(
+            Method::POST,
+            "/v1/payments/{provider}/callback",
+            "A payment provider's signed deposit notification (x-homecell-signature)",
+            Public,
+            Some(s::<crate::money::provider::Deposit>),
+            (200, Some(s::<wallet::TransferAccepted>)),
+            wallet::provider_callback,
+        ),
+        route(
+            Method::POST,
+            "/v1/cms/users/{id}/wallet/adjustments",
+            "Credit or debit a wallet, with a reason (header Idempotency-Key)",
+            Permission("money:adjust"),
+            Some(s::<crate::money::service::AdjustmentRequest>),
+            (201, Some(s::<wallet::TransferAccepted>)),
+            wallet::adjust,
         ),
         with_query(
             route(

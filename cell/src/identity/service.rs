@@ -78,11 +78,11 @@ fn random_token(bytes: usize) -> String {
 }
 
 /// Compares without an early exit, so timing does not reveal a prefix.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn sha256_hex(s: &str) -> String {
+pub(crate) fn sha256_hex(s: &str) -> String {
     ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
         .as_ref()
         .iter()
@@ -171,7 +171,7 @@ pub struct Identity {
     pub replica: Arc<Replica>,
     pub cp: Channel,
     pub login_limiter: IpLimiter,
-    pub peers: crate::peers::Peers,
+    pub peers: Arc<crate::peers::Peers>,
 }
 
 impl Identity {

@@ -19,6 +19,7 @@ macro_rules! insert_audit {
             .await?
     };
 }
+pub(crate) use insert_audit;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

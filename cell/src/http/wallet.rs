@@ -1,0 +1,236 @@
+//! `/v1/wallet/*`, the payment-provider callback and the CMS adjustment:
+//! thin HTTP over `money::service`.
+
+use super::{ApiResult, Auth, Json, cursor, json};
+use crate::money::ledger::{HistoryFilter, Operation};
+use crate::money::provider::{Deposit, SIGNATURE_HEADER};
+use crate::money::service::{AdjustmentRequest, Outcome, TransferRequest, parse_key};
+use crate::state::Cell;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use homecell_proto::error::CodedError;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+#[derive(Serialize, JsonSchema)]
+pub struct WalletBalance {
+    /// ISO 4217.
+    pub currency: String,
+    /// Spendable now, in minor units.
+    pub available: i64,
+    /// Incoming and not yet posted.
+    pub pending: i64,
+    /// Outgoing and held (a withdrawal or a transfer in flight).
+    pub held: i64,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct Wallets {
+    pub wallets: Vec<WalletBalance>,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct TransferAccepted {
+    pub transfer_id: String,
+    /// posted (same cell) or pending (cross cell, in flight).
+    pub state: String,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct TransferView {
+    pub transfer_id: String,
+    /// transfer, deposit, withdrawal or adjustment.
+    pub kind: String,
+    /// pending, posted, voided or failed.
+    pub state: String,
+    /// out or in, from the caller's side.
+    pub direction: String,
+    pub from_user_id: Option<String>,
+    pub to_user_id: Option<String>,
+    pub amount: i64,
+    pub currency: String,
+    pub memo: Option<String>,
+    /// The other cell's region of a cross-cell transfer.
+    pub peer_region: Option<String>,
+    /// Why a transfer was voided or refused.
+    pub reason: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct TransferPage {
+    pub items: Vec<TransferView>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub struct HistoryQuery {
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+    pub kind: Option<String>,
+    pub state: Option<String>,
+    pub currency: Option<String>,
+}
+
+fn view(op: Operation, me: &str) -> TransferView {
+    TransferView {
+        direction: if op.from_user.as_deref() == Some(me) {
+            "out"
+        } else {
+            "in"
+        }
+        .into(),
+        transfer_id: op.id,
+        kind: op.kind,
+        state: op.state,
+        from_user_id: op.from_user,
+        to_user_id: op.to_user,
+        amount: op.amount,
+        currency: op.currency,
+        memo: op.memo,
+        peer_region: op.peer_region,
+        reason: op.error_detail,
+        created_at: op.created_at,
+        updated_at: op.updated_at,
+    }
+}
+
+fn accepted(o: Outcome) -> Response {
+    let status = if o.in_flight {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::CREATED
+    };
+    json(
+        status,
+        &TransferAccepted {
+            transfer_id: o.op.id,
+            state: o.op.state,
+        },
+    )
+}
+
+fn idempotency_key(h: &HeaderMap) -> Result<String, CodedError> {
+    parse_key(h.get("idempotency-key").and_then(|v| v.to_str().ok()))
+}
+
+pub async fn balances(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+) -> ApiResult<axum::Json<Wallets>> {
+    let rows = cell
+        .db
+        .balances(&p.user_id)
+        .await
+        .map_err(CodedError::from)?;
+    Ok(axum::Json(Wallets {
+        wallets: rows
+            .into_iter()
+            .map(|b| WalletBalance {
+                currency: b.currency,
+                available: b.available,
+                pending: b.pending,
+                held: b.held,
+            })
+            .collect(),
+    }))
+}
+
+pub async fn transfer(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    headers: HeaderMap,
+    Json(req): Json<TransferRequest>,
+) -> ApiResult<Response> {
+    let key = idempotency_key(&headers)?;
+    Ok(accepted(cell.money.transfer(&p, &key, &req).await?))
+}
+
+pub async fn history(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Query(q): Query<HistoryQuery>,
+) -> ApiResult<axum::Json<TransferPage>> {
+    let limit = cursor::limit(q.limit, 20, 100);
+    let after = q.cursor.as_deref().map(cursor::decode).transpose()?;
+    let filter = HistoryFilter {
+        kind: q.kind.as_deref(),
+        state: q.state.as_deref(),
+        currency: q.currency.as_deref(),
+        after,
+        limit: limit + 1,
+    };
+    let mut ops = cell
+        .db
+        .history(&p.user_id, &filter)
+        .await
+        .map_err(CodedError::from)?;
+    let next_cursor = if ops.len() as i64 > limit {
+        ops.truncate(limit as usize);
+        ops.last().map(|o| cursor::encode(o.created_at, &o.id))
+    } else {
+        None
+    };
+    Ok(axum::Json(TransferPage {
+        items: ops.into_iter().map(|o| view(o, &p.user_id)).collect(),
+        next_cursor,
+    }))
+}
+
+pub async fn get_transfer(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<axum::Json<TransferView>> {
+    let op = cell.money.get(&p, &id).await?;
+    Ok(axum::Json(view(op, &p.user_id)))
+}
+
+/// A payment provider's signed notification. The raw body is what was
+/// signed, so it is verified before it is parsed.
+pub async fn provider_callback(
+    State(cell): State<Arc<Cell>>,
+    Path(provider): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
+    let now = crate::identity::keys::now_ms() / 1000;
+    cell.money
+        .providers
+        .verify(&provider, signature, &body, now)?;
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let deposit: Deposit = serde_path_to_error::deserialize(de)
+        .map_err(|e| CodedError::invalid(format!("malformed notification: {e}")))?;
+    if deposit.kind != "deposit.succeeded" {
+        // Acknowledged so the provider stops resending; nothing to book.
+        return Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "ignored": deposit.kind }),
+        ));
+    }
+    let o = cell.money.deposit(&provider, &deposit).await?;
+    Ok(json(
+        StatusCode::OK,
+        &TransferAccepted {
+            transfer_id: o.op.id,
+            state: o.op.state,
+        },
+    ))
+}
+
+pub async fn adjust(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path(user_id): Path<String>,
+    headers: HeaderMap,
+    Json(req): Json<AdjustmentRequest>,
+) -> ApiResult<Response> {
+    super::cms::require(&cell, &p, "money:adjust").await?;
+    let key = idempotency_key(&headers)?;
+    Ok(accepted(cell.money.adjust(&p, &user_id, &key, &req).await?))
+}

@@ -1,0 +1,554 @@
+//! The ledger tables, for both backends: accounts, immutable transfers and
+//! the operations clients asked for.
+//!
+//! Every balance change goes through `apply!`, which updates the two
+//! accounts of a transfer in account-id order (so two transfers touching the
+//! same accounts in opposite directions queue instead of deadlocking on
+//! PostgreSQL), checks a wallet's available balance in the same conditional
+//! `UPDATE` that holds the funds, and refuses any column passing
+//! `BALANCE_LIMIT`. An operation and its transfers commit together or not
+//! at all.
+
+use super::currency::BALANCE_LIMIT;
+use crate::db::Datastore;
+use crate::identity::store::{AuditEntry, DbError, insert_audit};
+use crate::{in_tx, on_db};
+use sqlx::Row;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("insufficient funds")]
+    InsufficientFunds,
+    #[error("a balance would pass its limit")]
+    Overflow,
+    /// The operation id exists already: read it and answer from it.
+    #[error("operation exists")]
+    Exists,
+    #[error("ledger invariant broken: {0}")]
+    Invariant(String),
+    #[error(transparent)]
+    Db(DbError),
+}
+
+impl From<sqlx::Error> for LedgerError {
+    fn from(e: sqlx::Error) -> Self {
+        match DbError::from(e) {
+            DbError::Conflict => Self::Exists,
+            other => Self::Db(other),
+        }
+    }
+}
+
+impl From<DbError> for LedgerError {
+    fn from(e: DbError) -> Self {
+        Self::Db(e)
+    }
+}
+
+pub type LedgerResult<T> = Result<T, LedgerError>;
+
+/// An account, named so its id says what it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub id: String,
+    pub kind: &'static str,
+    pub owner: Option<String>,
+    pub currency: String,
+}
+
+impl Account {
+    pub fn wallet(user_id: &str, currency: &str) -> Self {
+        Self {
+            id: format!("wallet:{user_id}:{currency}"),
+            kind: "wallet",
+            owner: Some(user_id.into()),
+            currency: currency.into(),
+        }
+    }
+
+    /// deposits, withdrawals, adjustments or fees: the cell's side of money
+    /// entering or leaving the system.
+    pub fn system(kind: &'static str, currency: &str) -> Self {
+        Self {
+            id: format!("system:{kind}:{currency}"),
+            kind,
+            owner: None,
+            currency: currency.into(),
+        }
+    }
+
+    /// This cell's account for money in flight with `peer`'s cell.
+    pub fn clearing(peer: &str, currency: &str) -> Self {
+        Self {
+            id: format!("clearing:{peer}:{currency}"),
+            kind: "clearing",
+            owner: Some(peer.into()),
+            currency: currency.into(),
+        }
+    }
+
+    fn is_wallet(&self) -> bool {
+        self.kind == "wallet"
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Moves posted money at once.
+    Single,
+    /// Holds: the debit side can no longer spend it, the credit side sees it
+    /// pending.
+    Pending,
+    /// Completes a hold.
+    Post,
+    /// Releases a hold.
+    Void,
+}
+
+impl Phase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Single => "single",
+            Self::Pending => "pending",
+            Self::Post => "post",
+            Self::Void => "void",
+        }
+    }
+}
+
+/// One ledger transfer to write.
+#[derive(Debug, Clone)]
+pub struct Move {
+    pub id: String,
+    pub operation_id: String,
+    pub debit: Account,
+    pub credit: Account,
+    pub amount: i64,
+    pub phase: Phase,
+    /// The hold a `Post` or `Void` resolves.
+    pub pending_id: Option<String>,
+}
+
+/// Column changes of one account: (debits_pending, debits_posted,
+/// credits_pending, credits_posted, available balance required).
+type Delta = (i64, i64, i64, i64, i64);
+
+impl Move {
+    /// The two accounts and their changes, in lock order.
+    fn deltas(&self) -> [(&Account, Delta); 2] {
+        let a = self.amount;
+        // Only a wallet's own spending is checked; system and clearing
+        // accounts are the other side of money entering or leaving.
+        let need = if self.debit.is_wallet() { a } else { 0 };
+        let (debit, credit) = match self.phase {
+            Phase::Single => ((0, a, 0, 0, need), (0, 0, 0, a, 0)),
+            Phase::Pending => ((a, 0, 0, 0, need), (0, 0, a, 0, 0)),
+            Phase::Post => ((-a, a, 0, 0, 0), (0, 0, -a, a, 0)),
+            Phase::Void => ((-a, 0, 0, 0, 0), (0, 0, -a, 0, 0)),
+        };
+        let pair = [(&self.debit, debit), (&self.credit, credit)];
+        if self.debit.id <= self.credit.id {
+            pair
+        } else {
+            [pair[1], pair[0]]
+        }
+    }
+}
+
+/// Writes one `Move` inside the transaction `$tx`; evaluates to
+/// `LedgerResult<()>`. A refusal leaves the transaction to be rolled back by
+/// the caller's `?`.
+macro_rules! apply {
+    ($tx:ident, $m:expr, $now:expr) => {
+        async {
+            let m: &Move = $m;
+            if let Some(pending) = &m.pending_id {
+                // A post or void must match the hold it resolves exactly.
+                let hold: Option<(String, String, i64)> = sqlx::query_as(
+                    "SELECT debit_account, credit_account, amount FROM ledger_transfers WHERE id = $1 AND phase = 'pending'",
+                )
+                .bind(pending)
+                .fetch_optional(&mut *$tx)
+                .await?;
+                if hold != Some((m.debit.id.clone(), m.credit.id.clone(), m.amount)) {
+                    return Err(LedgerError::Invariant(format!(
+                        "{} does not match hold {pending}",
+                        m.id
+                    )));
+                }
+            }
+            for (account, (dpend, dpost, cpend, cpost, need)) in m.deltas() {
+                sqlx::query(
+                    "INSERT INTO ledger_accounts (id, kind, owner, currency, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(&account.id)
+                .bind(account.kind)
+                .bind(&account.owner)
+                .bind(&account.currency)
+                .bind($now)
+                .execute(&mut *$tx)
+                .await?;
+                let updated = sqlx::query(
+                    "UPDATE ledger_accounts SET debits_pending = debits_pending + $1, debits_posted = debits_posted + $2, \
+                     credits_pending = credits_pending + $3, credits_posted = credits_posted + $4 \
+                     WHERE id = $5 AND ($6 = 0 OR credits_posted - debits_posted - debits_pending >= $6) \
+                     AND debits_pending + debits_posted <= $7 AND credits_pending + credits_posted <= $7",
+                )
+                .bind(dpend)
+                .bind(dpost)
+                .bind(cpend)
+                .bind(cpost)
+                .bind(&account.id)
+                .bind(need)
+                .bind(BALANCE_LIMIT - m.amount)
+                .execute(&mut *$tx)
+                .await?;
+                if updated.rows_affected() != 1 {
+                    return Err(if need > 0 {
+                        LedgerError::InsufficientFunds
+                    } else {
+                        LedgerError::Overflow
+                    });
+                }
+            }
+            sqlx::query(
+                "INSERT INTO ledger_transfers (id, operation_id, debit_account, credit_account, amount, phase, pending_id, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(&m.id)
+            .bind(&m.operation_id)
+            .bind(&m.debit.id)
+            .bind(&m.credit.id)
+            .bind(m.amount)
+            .bind(m.phase.as_str())
+            .bind(&m.pending_id)
+            .bind($now)
+            .execute(&mut *$tx)
+            .await?;
+            Ok::<(), LedgerError>(())
+        }
+        .await
+    };
+}
+
+/// A message for the notice service, written in the same transaction.
+#[derive(Debug, Clone)]
+pub struct OutboxEvent {
+    pub topic: &'static str,
+    pub user_id: String,
+    pub payload: String,
+}
+
+/// What else an operation writes in its transaction.
+#[derive(Default)]
+pub struct SideEffects<'a> {
+    pub event: Option<OutboxEvent>,
+    pub audit: Option<AuditEntry<'a>>,
+}
+
+macro_rules! side_effects {
+    ($tx:ident, $side:expr, $now:expr) => {
+        let side: &SideEffects = $side;
+        if let Some(e) = &side.event {
+            sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, $2, $3, $4, $5)")
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(e.topic)
+                .bind(&e.user_id)
+                .bind(&e.payload)
+                .bind($now)
+                .execute(&mut *$tx)
+                .await?;
+        }
+        if let Some(a) = &side.audit {
+            insert_audit!($tx, a);
+        }
+    };
+}
+
+/// A money operation: what a client asked for and where it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Operation {
+    pub id: String,
+    pub kind: String,
+    pub actor: String,
+    pub request_hash: String,
+    pub state: String,
+    pub from_user: Option<String>,
+    pub to_user: Option<String>,
+    pub peer_region: Option<String>,
+    pub amount: i64,
+    pub currency: String,
+    pub memo: Option<String>,
+    pub error_code: Option<String>,
+    pub error_detail: Option<String>,
+    pub saga_role: Option<String>,
+    pub saga_step: Option<String>,
+    pub attempts: i64,
+    pub next_attempt_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+macro_rules! op_cols {
+    () => {
+        "id, kind, actor, request_hash, state, from_user, to_user, peer_region, amount, currency, memo, \
+         error_code, error_detail, saga_role, saga_step, attempts, next_attempt_at, created_at, updated_at"
+    };
+}
+
+fn op_from_row<R: Row>(r: &R) -> Result<Operation, sqlx::Error>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<i64>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(Operation {
+        id: r.try_get("id")?,
+        kind: r.try_get("kind")?,
+        actor: r.try_get("actor")?,
+        request_hash: r.try_get("request_hash")?,
+        state: r.try_get("state")?,
+        from_user: r.try_get("from_user")?,
+        to_user: r.try_get("to_user")?,
+        peer_region: r.try_get("peer_region")?,
+        amount: r.try_get("amount")?,
+        currency: r.try_get("currency")?,
+        memo: r.try_get("memo")?,
+        error_code: r.try_get("error_code")?,
+        error_detail: r.try_get("error_detail")?,
+        saga_role: r.try_get("saga_role")?,
+        saga_step: r.try_get("saga_step")?,
+        attempts: r.try_get("attempts")?,
+        next_attempt_at: r.try_get("next_attempt_at")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+macro_rules! insert_op {
+    ($tx:ident, $op:expr) => {{
+        let o: &Operation = $op;
+        sqlx::query(
+            "INSERT INTO money_operations (id, kind, actor, request_hash, state, from_user, to_user, peer_region, amount, currency, memo, \
+             error_code, error_detail, saga_role, saga_step, attempts, next_attempt_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+        )
+        .bind(&o.id)
+        .bind(&o.kind)
+        .bind(&o.actor)
+        .bind(&o.request_hash)
+        .bind(&o.state)
+        .bind(&o.from_user)
+        .bind(&o.to_user)
+        .bind(&o.peer_region)
+        .bind(o.amount)
+        .bind(&o.currency)
+        .bind(&o.memo)
+        .bind(&o.error_code)
+        .bind(&o.error_detail)
+        .bind(&o.saga_role)
+        .bind(&o.saga_step)
+        .bind(o.attempts)
+        .bind(o.next_attempt_at)
+        .bind(o.created_at)
+        .bind(o.updated_at)
+        .execute(&mut *$tx)
+        .await?;
+    }};
+}
+
+/// What a conditional step changes on an operation.
+#[derive(Debug, Clone, Default)]
+pub struct StepUpdate<'a> {
+    pub state: &'a str,
+    pub saga_step: Option<&'a str>,
+    pub error_code: Option<&'a str>,
+    pub error_detail: Option<&'a str>,
+}
+
+/// One row of a wallet's balances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balance {
+    pub currency: String,
+    /// Spendable now: posted credits minus posted and held debits.
+    pub available: i64,
+    /// Incoming, not yet posted.
+    pub pending: i64,
+    /// Outgoing, held.
+    pub held: i64,
+}
+
+/// Which operations a history lists.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryFilter<'a> {
+    pub kind: Option<&'a str>,
+    pub state: Option<&'a str>,
+    pub currency: Option<&'a str>,
+    /// (created_at, id) of the last item of the previous page.
+    pub after: Option<(i64, String)>,
+    pub limit: i64,
+}
+
+impl Datastore {
+    pub async fn operation(&self, id: &str) -> LedgerResult<Option<Operation>> {
+        let sql = concat!(
+            "SELECT ",
+            op_cols!(),
+            " FROM money_operations WHERE id = $1"
+        );
+        Ok(on_db!(self, p => {
+            match sqlx::query(sql).bind(id).fetch_optional(p).await? {
+                Some(r) => Some(op_from_row(&r)?),
+                None => None,
+            }
+        }))
+    }
+
+    /// Records `op` and applies its moves in one transaction. `Exists` when
+    /// the id is taken (the caller answers from the stored operation).
+    pub async fn execute(
+        &self,
+        op: &Operation,
+        moves: &[Move],
+        side: &SideEffects<'_>,
+    ) -> LedgerResult<()> {
+        let now = op.created_at;
+        in_tx!(self, tx => {
+            insert_op!(tx, op);
+            for m in moves {
+                apply!(tx, m, now)?;
+            }
+            side_effects!(tx, side, now);
+        });
+        Ok(())
+    }
+
+    /// Stores a refused operation so that a repeat gets the same answer.
+    /// Returns what is stored under the id (a concurrent success wins).
+    pub async fn record_refusal(&self, op: &Operation) -> LedgerResult<Operation> {
+        match self.execute(op, &[], &SideEffects::default()).await {
+            Ok(()) | Err(LedgerError::Exists) => {}
+            Err(e) => return Err(e),
+        }
+        self.operation(&op.id)
+            .await?
+            .ok_or_else(|| LedgerError::Invariant(format!("operation {} vanished", op.id)))
+    }
+
+    /// Moves an operation from (`state`, `saga_step`) to `to` and applies
+    /// `moves`, atomically. False (and nothing written) when the operation
+    /// is no longer where the caller saw it: another worker got there first.
+    pub async fn advance(
+        &self,
+        id: &str,
+        (state, saga_step): (&str, Option<&str>),
+        to: &StepUpdate<'_>,
+        moves: &[Move],
+        side: &SideEffects<'_>,
+        now: i64,
+    ) -> LedgerResult<bool> {
+        let moved = in_tx!(self, tx => {
+            let r = sqlx::query(
+                "UPDATE money_operations SET state = $1, saga_step = $2, error_code = COALESCE($3, error_code), \
+                 error_detail = COALESCE($4, error_detail), attempts = 0, next_attempt_at = $5, updated_at = $5 \
+                 WHERE id = $6 AND state = $7 AND COALESCE(saga_step, '') = $8",
+            )
+            .bind(to.state)
+            .bind(to.saga_step)
+            .bind(to.error_code)
+            .bind(to.error_detail)
+            .bind(now)
+            .bind(id)
+            .bind(state)
+            .bind(saga_step.unwrap_or(""))
+            .execute(&mut *tx)
+            .await?;
+            if r.rows_affected() == 1 {
+                for m in moves {
+                    apply!(tx, m, now)?;
+                }
+                side_effects!(tx, side, now);
+                true
+            } else {
+                false
+            }
+        });
+        Ok(moved)
+    }
+
+    /// Counts a failed attempt of a saga step and schedules the next.
+    pub async fn reschedule(&self, id: &str, next_attempt_at: i64, now: i64) -> LedgerResult<()> {
+        on_db!(self, p => {
+            sqlx::query("UPDATE money_operations SET attempts = attempts + 1, next_attempt_at = $1, updated_at = $2 WHERE id = $3")
+                .bind(next_attempt_at).bind(now).bind(id).execute(p).await?;
+        });
+        Ok(())
+    }
+
+    /// Saga steps (and pending withdrawals) whose time has come.
+    pub async fn due_operations(&self, now: i64, limit: i64) -> LedgerResult<Vec<Operation>> {
+        let sql = concat!(
+            "SELECT ",
+            op_cols!(),
+            " FROM money_operations WHERE saga_step IS NOT NULL AND saga_step <> 'done' \
+             AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $2"
+        );
+        Ok(on_db!(self, p => {
+            let rows = sqlx::query(sql).bind(now).bind(limit).fetch_all(p).await?;
+            rows.iter().map(op_from_row).collect::<Result<Vec<_>, _>>()?
+        }))
+    }
+
+    /// A user's operations, newest first, either side.
+    pub async fn history(
+        &self,
+        user_id: &str,
+        f: &HistoryFilter<'_>,
+    ) -> LedgerResult<Vec<Operation>> {
+        let (after_at, after_id) = f.after.clone().unwrap_or((i64::MAX, String::new()));
+        // Two index range scans merged, rather than an OR the planner may
+        // turn into a full scan.
+        let sql = concat!(
+            "SELECT ",
+            op_cols!(),
+            " FROM (\
+               SELECT * FROM money_operations WHERE from_user = $1 \
+               UNION SELECT * FROM money_operations WHERE to_user = $1) AS mine \
+             WHERE (created_at < $2 OR (created_at = $2 AND id < $3)) \
+             AND ($4 = '' OR kind = $4) AND ($5 = '' OR state = $5) AND ($6 = '' OR currency = $6) \
+             ORDER BY created_at DESC, id DESC LIMIT $7"
+        );
+        Ok(on_db!(self, p => {
+            let rows = sqlx::query(sql)
+                .bind(user_id)
+                .bind(after_at)
+                .bind(&after_id)
+                .bind(f.kind.unwrap_or(""))
+                .bind(f.state.unwrap_or(""))
+                .bind(f.currency.unwrap_or(""))
+                .bind(f.limit)
+                .fetch_all(p)
+                .await?;
+            rows.iter().map(op_from_row).collect::<Result<Vec<_>, _>>()?
+        }))
+    }
+
+    /// A user's wallets.
+    pub async fn balances(&self, user_id: &str) -> LedgerResult<Vec<Balance>> {
+        let sql = "SELECT currency, credits_posted - debits_posted - debits_pending, credits_pending, debits_pending \
+                   FROM ledger_accounts WHERE owner = $1 AND kind = 'wallet' ORDER BY currency";
+        let rows: Vec<(String, i64, i64, i64)> =
+            on_db!(self, p => sqlx::query_as(sql).bind(user_id).fetch_all(p).await?);
+        Ok(rows
+            .into_iter()
+            .map(|(currency, available, pending, held)| Balance {
+                currency,
+                available,
+                pending,
+                held,
+            })
+            .collect())
+    }
+}

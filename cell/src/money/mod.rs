@@ -1,0 +1,10 @@
+//! Money: a double-entry ledger per cell (`ledger`), the operations clients
+//! ask for (`service`), transfers between cells (`saga`), payment providers
+//! (`provider`) and the audit that proves conservation (`audit`).
+
+pub mod audit;
+pub mod currency;
+pub mod ledger;
+pub mod provider;
+pub mod saga;
+pub mod service;

@@ -1,0 +1,471 @@
+//! Money operations: validation, idempotency, and the ledger moves each one
+//! makes. Cross-cell transfers start here and are driven by `saga`.
+//!
+//! Idempotency: an operation's id is derived from (kind, actor, client key),
+//! so a repeat finds the stored operation by primary key. The stored request
+//! hash tells a true repeat (answered with the original outcome, refusals
+//! included) from a reused key (422).
+
+use super::currency;
+use super::ledger::{Account, LedgerError, Move, Operation, OutboxEvent, Phase, SideEffects};
+use crate::db::Datastore;
+use crate::identity::keys::now_ms;
+use crate::identity::service::{Principal, sha256_hex};
+use crate::identity::store::AuditEntry;
+use homecell_common::replica::Replica;
+use homecell_proto::error::{CodedError, ErrorCode, FieldError};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Namespace of derived operation ids (UUIDv5).
+const OP_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6a0c_61e1_4d2f_4b7e_9f0e_8d1c_2b3a_4c5d);
+
+pub const MAX_MEMO: usize = 200;
+
+pub struct Money {
+    pub region: String,
+    pub db: Datastore,
+    pub replica: Arc<Replica>,
+    pub peers: Arc<crate::peers::Peers>,
+    /// Wakes the saga worker for a transfer that just started.
+    pub kick: mpsc::UnboundedSender<String>,
+    /// Payment providers this cell accepts callbacks from.
+    pub providers: super::provider::Providers,
+    /// How long the coordinator keeps trying to place the receiver's hold
+    /// before it voids the transfer.
+    pub hold_timeout_ms: i64,
+}
+
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransferRequest {
+    pub to_user_id: String,
+    /// Minor units (fen, cents), > 0.
+    pub amount: i64,
+    /// ISO 4217, e.g. CNY.
+    pub currency: String,
+    pub memo: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdjustmentRequest {
+    /// Minor units: positive credits the wallet, negative debits it.
+    pub amount: i64,
+    pub currency: String,
+    /// Why: kept in the audit log.
+    pub reason: String,
+}
+
+/// Where a client's money operation ended up.
+pub struct Outcome {
+    pub op: Operation,
+    /// Cross-cell transfers answer 202 (in flight), all else 201.
+    pub in_flight: bool,
+}
+
+pub fn derive_id(kind: &str, actor: &str, key: &str) -> String {
+    uuid::Uuid::new_v5(&OP_NAMESPACE, format!("{kind}\0{actor}\0{key}").as_bytes()).to_string()
+}
+
+fn request_hash(parts: &[&str]) -> String {
+    sha256_hex(&parts.join("\0"))
+}
+
+/// An `Idempotency-Key` must be a UUID.
+pub fn parse_key(key: Option<&str>) -> Result<String, CodedError> {
+    let key = key
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| {
+            CodedError::fields(vec![FieldError {
+                field: "Idempotency-Key".into(),
+                message: "this write needs an Idempotency-Key header (a UUID)".into(),
+            }])
+        })?;
+    uuid::Uuid::parse_str(key)
+        .map(|u| u.to_string())
+        .map_err(|_| {
+            CodedError::fields(vec![FieldError {
+                field: "Idempotency-Key".into(),
+                message: "must be a UUID".into(),
+            }])
+        })
+}
+
+fn field(name: &str, message: impl Into<String>) -> CodedError {
+    CodedError::fields(vec![FieldError {
+        field: name.into(),
+        message: message.into(),
+    }])
+}
+
+fn check_amount(amount: i64, currency: &str) -> Result<(), CodedError> {
+    currency::validate(amount, currency).map_err(|(f, m)| field(f, m))
+}
+
+impl From<LedgerError> for CodedError {
+    fn from(e: LedgerError) -> Self {
+        match e {
+            LedgerError::InsufficientFunds => CodedError::new(
+                ErrorCode::InsufficientFunds,
+                "the available balance does not cover the amount",
+            ),
+            LedgerError::Overflow => CodedError::new(
+                ErrorCode::FailedPrecondition,
+                "the receiving balance would pass its limit",
+            ),
+            LedgerError::Exists => CodedError::new(ErrorCode::AlreadyExists, "already exists"),
+            LedgerError::Invariant(m) => {
+                tracing::error!(error = %m, "ledger invariant");
+                CodedError::internal("ledger invariant broken")
+            }
+            LedgerError::Db(e) => e.into(),
+        }
+    }
+}
+
+/// The stored outcome of an operation, for a repeat of the same request.
+fn replay(op: Operation, hash: &str) -> Result<Operation, CodedError> {
+    if op.request_hash != hash {
+        return Err(CodedError::new(
+            ErrorCode::IdempotencyKeyReused,
+            "this Idempotency-Key was used for a different request",
+        ));
+    }
+    if op.state == "failed" {
+        let code = op
+            .error_code
+            .as_deref()
+            .and_then(|c| serde_json::from_value(serde_json::Value::String(c.into())).ok())
+            .unwrap_or(ErrorCode::FailedPrecondition);
+        return Err(CodedError::new(
+            code,
+            op.error_detail.unwrap_or_else(|| "refused".into()),
+        ));
+    }
+    Ok(op)
+}
+
+/// Refusals that depend on the state of the ledger are stored, so a repeat
+/// gets the same answer even after the state changed.
+fn refusal(mut op: Operation, e: &CodedError) -> Operation {
+    op.state = "failed".into();
+    op.error_code = Some(e.code.as_str().into());
+    op.error_detail = Some(e.message.clone());
+    op.saga_role = None;
+    op.saga_step = None;
+    op.next_attempt_at = None;
+    op
+}
+
+impl Money {
+    /// Writes `op` with `moves`; a taken id answers from what is stored; a
+    /// refusal of the ledger is stored and answered.
+    async fn commit(
+        &self,
+        op: Operation,
+        moves: &[Move],
+        side: &SideEffects<'_>,
+    ) -> Result<Operation, CodedError> {
+        match self.db.execute(&op, moves, side).await {
+            Ok(()) => Ok(op),
+            Err(LedgerError::Exists) => {
+                let hash = op.request_hash.clone();
+                let stored = self.db.operation(&op.id).await?.ok_or_else(|| {
+                    CodedError::internal("an operation vanished after a conflict")
+                })?;
+                replay(stored, &hash)
+            }
+            Err(e @ (LedgerError::InsufficientFunds | LedgerError::Overflow)) => {
+                let err = CodedError::from(e);
+                let hash = op.request_hash.clone();
+                let stored = self.db.record_refusal(&refusal(op, &err)).await?;
+                replay(stored, &hash)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The home region of a user: this cell if the user lives here.
+    async fn home_of(&self, user_id: &str) -> Result<Option<String>, CodedError> {
+        if let Some(u) = self.db.user(user_id).await? {
+            return Ok((u.status == "active").then(|| self.region.clone()));
+        }
+        Ok(self
+            .replica
+            .state()
+            .user_region(user_id)
+            .filter(|r| *r != self.region)
+            .map(String::from))
+    }
+
+    /// `POST /v1/wallet/transfers`.
+    pub async fn transfer(
+        &self,
+        p: &Principal,
+        key: &str,
+        req: &TransferRequest,
+    ) -> Result<Outcome, CodedError> {
+        check_amount(req.amount, &req.currency)?;
+        let to = req.to_user_id.trim();
+        if to.is_empty() || to.len() > 64 {
+            return Err(field("to_user_id", "must be a user id"));
+        }
+        if to == p.user_id {
+            return Err(field("to_user_id", "cannot transfer to yourself"));
+        }
+        let memo = req.memo.as_deref().map(str::trim).filter(|m| !m.is_empty());
+        if memo.is_some_and(|m| m.chars().count() > MAX_MEMO) {
+            return Err(field("memo", format!("at most {MAX_MEMO} characters")));
+        }
+        let id = derive_id("transfer", &p.user_id, key);
+        let amount = req.amount.to_string();
+        let hash = request_hash(&[to, &amount, &req.currency, memo.unwrap_or("")]);
+        if let Some(stored) = self.db.operation(&id).await? {
+            let in_flight = stored.peer_region.is_some();
+            return replay(stored, &hash).map(|op| Outcome { op, in_flight });
+        }
+        let now = now_ms();
+        let mut op = Operation {
+            id: id.clone(),
+            kind: "transfer".into(),
+            actor: p.user_id.clone(),
+            request_hash: hash.clone(),
+            state: "posted".into(),
+            from_user: Some(p.user_id.clone()),
+            to_user: Some(to.into()),
+            amount: req.amount,
+            currency: req.currency.clone(),
+            memo: memo.map(String::from),
+            created_at: now,
+            updated_at: now,
+            ..Default::default()
+        };
+        let Some(home) = self.home_of(to).await? else {
+            let err = CodedError::not_found("no such receiver");
+            let stored = self.db.record_refusal(&refusal(op, &err)).await?;
+            return replay(stored, &hash).map(|op| Outcome {
+                op,
+                in_flight: false,
+            });
+        };
+        if home == self.region {
+            let event = received_event(&op);
+            let m = Move {
+                id: format!("{id}:single"),
+                operation_id: id.clone(),
+                debit: Account::wallet(&p.user_id, &req.currency),
+                credit: Account::wallet(to, &req.currency),
+                amount: req.amount,
+                phase: Phase::Single,
+                pending_id: None,
+            };
+            let side = SideEffects {
+                event: Some(event),
+                audit: None,
+            };
+            let op = self.commit(op, &[m], &side).await?;
+            let in_flight = op.peer_region.is_some();
+            return Ok(Outcome { op, in_flight });
+        }
+        // Saga step 1: hold the sender's money towards the peer's clearing
+        // account. The worker takes it from here.
+        op.state = "pending".into();
+        op.peer_region = Some(home.clone());
+        op.saga_role = Some("coordinator".into());
+        op.saga_step = Some("hold_peer".into());
+        op.next_attempt_at = Some(now);
+        let m = super::saga::hold_move(&op);
+        let op = self.commit(op, &[m], &SideEffects::default()).await?;
+        crate::failpoint::hit("saga.coordinator.after_hold");
+        if op.saga_step.as_deref() == Some("hold_peer") {
+            let _ = self.kick.send(op.id.clone());
+        }
+        Ok(Outcome {
+            op,
+            in_flight: true,
+        })
+    }
+
+    /// `POST /v1/cms/users/{id}/wallet/adjustments`: a correction by an
+    /// operator, written with its audit entry in one transaction.
+    pub async fn adjust(
+        &self,
+        operator: &Principal,
+        user_id: &str,
+        key: &str,
+        req: &AdjustmentRequest,
+    ) -> Result<Outcome, CodedError> {
+        check_amount(req.amount.checked_abs().unwrap_or(-1), &req.currency)?;
+        let reason = req.reason.trim();
+        if reason.is_empty() || reason.chars().count() > MAX_MEMO {
+            return Err(field(
+                "reason",
+                format!("say why, in at most {MAX_MEMO} characters"),
+            ));
+        }
+        match self.db.user(user_id).await? {
+            Some(u) if u.status != "deleted" => {}
+            _ => return Err(CodedError::not_found("no such user in this region")),
+        }
+        let id = derive_id("adjustment", &operator.user_id, key);
+        let amount = req.amount.to_string();
+        let hash = request_hash(&[user_id, &amount, &req.currency, reason]);
+        if let Some(stored) = self.db.operation(&id).await? {
+            return replay(stored, &hash).map(|op| Outcome {
+                op,
+                in_flight: false,
+            });
+        }
+        let now = now_ms();
+        let wallet = Account::wallet(user_id, &req.currency);
+        let system = Account::system("adjustments", &req.currency);
+        let (debit, credit) = if req.amount > 0 {
+            (system, wallet)
+        } else {
+            (wallet, system)
+        };
+        let op = Operation {
+            id: id.clone(),
+            kind: "adjustment".into(),
+            actor: operator.user_id.clone(),
+            request_hash: hash,
+            state: "posted".into(),
+            from_user: (req.amount < 0).then(|| user_id.to_string()),
+            to_user: (req.amount > 0).then(|| user_id.to_string()),
+            amount: req.amount.abs(),
+            currency: req.currency.clone(),
+            memo: Some(reason.into()),
+            created_at: now,
+            updated_at: now,
+            ..Default::default()
+        };
+        let m = Move {
+            id: format!("{id}:single"),
+            operation_id: id.clone(),
+            debit,
+            credit,
+            amount: req.amount.abs(),
+            phase: Phase::Single,
+            pending_id: None,
+        };
+        let side = SideEffects {
+            event: None,
+            audit: Some(AuditEntry {
+                at: now,
+                actor: &operator.user_id,
+                action: "wallet.adjust",
+                target: Some(user_id),
+                details: serde_json::json!({
+                    "operation_id": id,
+                    "amount": req.amount,
+                    "currency": req.currency,
+                    "reason": reason,
+                })
+                .to_string(),
+            }),
+        };
+        let op = self.commit(op, &[m], &side).await?;
+        Ok(Outcome {
+            op,
+            in_flight: false,
+        })
+    }
+
+    /// A verified deposit notification from a payment provider.
+    pub async fn deposit(
+        &self,
+        provider: &str,
+        d: &super::provider::Deposit,
+    ) -> Result<Outcome, CodedError> {
+        check_amount(d.amount, &d.currency)?;
+        if d.event_id.is_empty() || d.event_id.len() > 128 {
+            return Err(field("event_id", "1 to 128 characters"));
+        }
+        let actor = format!("provider:{provider}");
+        let id = derive_id("deposit", &actor, &d.event_id);
+        let amount = d.amount.to_string();
+        let hash = request_hash(&[&d.user_id, &amount, &d.currency]);
+        if let Some(stored) = self.db.operation(&id).await? {
+            return replay(stored, &hash).map(|op| Outcome {
+                op,
+                in_flight: false,
+            });
+        }
+        match self.db.user(&d.user_id).await? {
+            Some(u) if u.status != "deleted" => {}
+            _ => return Err(CodedError::not_found("no such user in this region")),
+        }
+        let now = now_ms();
+        let op = Operation {
+            id: id.clone(),
+            kind: "deposit".into(),
+            actor,
+            request_hash: hash,
+            state: "posted".into(),
+            to_user: Some(d.user_id.clone()),
+            amount: d.amount,
+            currency: d.currency.clone(),
+            memo: Some(format!("{provider} {}", d.event_id)),
+            created_at: now,
+            updated_at: now,
+            ..Default::default()
+        };
+        let m = Move {
+            id: format!("{id}:single"),
+            operation_id: id.clone(),
+            debit: Account::system("deposits", &d.currency),
+            credit: Account::wallet(&d.user_id, &d.currency),
+            amount: d.amount,
+            phase: Phase::Single,
+            pending_id: None,
+        };
+        let side = SideEffects {
+            event: Some(OutboxEvent {
+                topic: "money.deposited",
+                user_id: d.user_id.clone(),
+                payload: op_payload(&op),
+            }),
+            audit: None,
+        };
+        let op = self.commit(op, &[m], &side).await?;
+        Ok(Outcome {
+            op,
+            in_flight: false,
+        })
+    }
+
+    /// One of the caller's operations (either side).
+    pub async fn get(&self, p: &Principal, id: &str) -> Result<Operation, CodedError> {
+        let op = self
+            .db
+            .operation(id)
+            .await?
+            .filter(|o| {
+                o.from_user.as_deref() == Some(&p.user_id)
+                    || o.to_user.as_deref() == Some(&p.user_id)
+            })
+            .ok_or_else(|| CodedError::not_found("no such transfer"))?;
+        Ok(op)
+    }
+}
+
+/// The notice event for a receiver, as JSON (no personal data beyond ids).
+pub fn received_event(op: &Operation) -> OutboxEvent {
+    OutboxEvent {
+        topic: "money.received",
+        user_id: op.to_user.clone().unwrap_or_default(),
+        payload: op_payload(op),
+    }
+}
+
+fn op_payload(op: &Operation) -> String {
+    serde_json::json!({
+        "transfer_id": op.id,
+        "from_user_id": op.from_user,
+        "amount": op.amount,
+        "currency": op.currency,
+    })
+    .to_string()
+}
