@@ -172,7 +172,7 @@ async fn holds(db: &Datastore) {
     let from = ("pending", Some("hold_peer"));
     let side = SideEffects::default();
     assert!(
-        db.advance("x1", from, &to, &[post.clone()], &side, NOW)
+        db.advance("x1", from, &to, std::slice::from_ref(&post), &side, NOW)
             .await
             .unwrap()
     );
