@@ -10,3 +10,4 @@ pub mod replica;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod webhook;

@@ -143,4 +143,72 @@ impl Api {
             .to_string();
         Ok((self.with_token(&token), l.body))
     }
+
+    /// `POST /v1/wallet/transfers` with an `Idempotency-Key`.
+    pub async fn transfer(&self, key: &str, body: Value) -> Result<Reply> {
+        self.call(
+            Method::POST,
+            "/v1/wallet/transfers",
+            Some(body),
+            &[("idempotency-key", key)],
+        )
+        .await
+    }
+
+    /// Available balance in `currency` (0 without a wallet).
+    pub async fn available(&self, currency: &str) -> Result<i64> {
+        let r = self.get("/v1/wallet").await?;
+        anyhow::ensure!(
+            r.status == StatusCode::OK,
+            "wallet: {} {}",
+            r.status,
+            r.body
+        );
+        Ok(r.body["wallets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|w| w["currency"] == currency)
+            .and_then(|w| w["available"].as_i64())
+            .unwrap_or(0))
+    }
+
+    /// A payment provider's signed deposit notification for `user_id`.
+    pub async fn provider_deposit(
+        &self,
+        provider: &str,
+        secret: &str,
+        event_id: &str,
+        user_id: &str,
+        amount: i64,
+    ) -> Result<Reply> {
+        let body = serde_json::to_vec(&json!({
+            "event_id": event_id,
+            "type": "deposit.succeeded",
+            "user_id": user_id,
+            "amount": amount,
+            "currency": "CNY",
+        }))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs() as i64;
+        let signature = homecell_common::webhook::sign(secret, &body, now);
+        let resp = self
+            .http
+            .post(format!("{}/v1/payments/{provider}/callback", self.base))
+            .header("x-home-region", &self.region)
+            .header("content-type", "application/json")
+            .header("x-homecell-signature", signature)
+            .body(body)
+            .send()
+            .await?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
+    }
 }

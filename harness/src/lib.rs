@@ -184,6 +184,8 @@ pub struct CellNode {
     pub api: SocketAddr,
     pub admin: SocketAddr,
     pub database_url: Option<String>,
+    /// Extra environment for the next start (e.g. `HOMECELL_FAILPOINTS`).
+    pub env: Vec<(String, String)>,
     pub process: Option<Process>,
 }
 
@@ -406,6 +408,7 @@ impl Cluster {
                 api: loopback(api),
                 admin: loopback(admin),
                 database_url: None,
+                env: Vec::new(),
                 process: None,
             })
     }
@@ -465,6 +468,7 @@ impl Cluster {
         let path = self.write_config(&name, cfg)?;
         let mut cmd = Command::new(self.bins.path("cell"));
         cmd.arg("--config").arg(path);
+        cmd.envs(node.env.iter().map(|(k, v)| (k, v)));
         let mut proc = Process::spawn(&name, cmd, &self.logs())?;
         let admin = node.admin;
         let up = wait_up(&self.http, &format!("http://{admin}/healthz"), &mut proc).await;
@@ -597,6 +601,26 @@ impl Cluster {
             .await?;
         }
         Ok(())
+    }
+
+    /// Waits until every region lists a signing key (cells publish theirs at
+    /// start), so tokens of any cell verify everywhere.
+    pub async fn wait_signing_keys(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.cli_ok(&["-o", "json", "region", "list"])?.json()?;
+            let ready = v["regions"].as_array().is_some_and(|rs| {
+                rs.iter()
+                    .all(|r| r["signing_keys"].as_array().is_some_and(|k| !k.is_empty()))
+            });
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("cells did not publish their keys: {v}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Waits until every connected subscriber has applied `revision`.

@@ -15,24 +15,7 @@ async fn cluster() -> Result<(Cluster, Api, Api)> {
     start_standard(&mut c).await?;
     let cn = Api::new(&c.router_url(0), "cn-east");
     let eu = Api::new(&c.router_url(0), "eu-west");
-    // Cells publish their signing keys at start; wait until both are known.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let v = c.cli_ok(&["-o", "json", "region", "list"])?.json()?;
-        let ready = v["regions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|r| r["signing_keys"].as_array().is_some_and(|k| !k.is_empty()));
-        if ready {
-            break;
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "cells did not publish their keys: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    c.wait_signing_keys(Duration::from_secs(15)).await?;
     Ok((c, cn, eu))
 }
 

@@ -501,7 +501,8 @@ impl Datastore {
         }))
     }
 
-    /// A user's operations, newest first, either side.
+    /// A user's operations, newest first, either side (a receiver does not
+    /// see what was refused before it reached them).
     pub async fn history(
         &self,
         user_id: &str,
@@ -515,7 +516,7 @@ impl Datastore {
             op_cols!(),
             " FROM (\
                SELECT * FROM money_operations WHERE from_user = $1 \
-               UNION SELECT * FROM money_operations WHERE to_user = $1) AS mine \
+               UNION SELECT * FROM money_operations WHERE to_user = $1 AND state <> 'failed') AS mine \
              WHERE (created_at < $2 OR (created_at = $2 AND id < $3)) \
              AND ($4 = '' OR kind = $4) AND ($5 = '' OR state = $5) AND ($6 = '' OR currency = $6) \
              ORDER BY created_at DESC, id DESC LIMIT $7"

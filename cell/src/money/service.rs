@@ -297,6 +297,9 @@ impl Money {
         key: &str,
         req: &AdjustmentRequest,
     ) -> Result<Outcome, CodedError> {
+        if req.amount == 0 {
+            return Err(field("amount", "must not be zero"));
+        }
         check_amount(req.amount.checked_abs().unwrap_or(-1), &req.currency)?;
         let reason = req.reason.trim();
         if reason.is_empty() || reason.chars().count() > MAX_MEMO {
@@ -442,11 +445,15 @@ impl Money {
             .db
             .operation(id)
             .await?
-            .filter(|o| {
-                o.from_user.as_deref() == Some(&p.user_id)
-                    || o.to_user.as_deref() == Some(&p.user_id)
-            })
             .ok_or_else(|| CodedError::not_found("no such transfer"))?;
+        let mine = op.from_user.as_deref() == Some(&p.user_id)
+            || op.to_user.as_deref() == Some(&p.user_id);
+        if !mine {
+            return Err(CodedError::new(
+                ErrorCode::PermissionDenied,
+                "this transfer is not yours",
+            ));
+        }
         Ok(op)
     }
 }

@@ -1,0 +1,394 @@
+//! Money end to end, through the router into real cells: signed deposits,
+//! same-cell and cross-cell transfers, idempotency, bad input, CMS
+//! adjustments, and the audit over both cells' datastores.
+
+use homecell_harness::api::Api;
+use homecell_harness::{Cluster, start_standard};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+type Result<T = ()> = anyhow::Result<T>;
+
+const PW: &str = "correct horse battery";
+pub const SECRET: &str = "testpay-shared-secret-0123456789";
+
+fn key() -> String {
+    format!(
+        "{:08x}-0000-4000-8000-{:012x}",
+        rand_u32(),
+        rand_u64() & 0xffff_ffff_ffff
+    )
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+
+fn rand_u64() -> u64 {
+    (u64::from(rand_u32()) << 32) | u64::from(rand_u32())
+}
+
+async fn cluster(extra: &str) -> Result<Cluster> {
+    let mut c = Cluster::temp()?;
+    c.cell_extra_config = format!("{extra}[payments.testpay]\nsecret = {SECRET:?}\n");
+    start_standard(&mut c).await?;
+    c.wait_signing_keys(Duration::from_secs(15)).await?;
+    Ok(c)
+}
+
+async fn user(api: &Api, ident: &str) -> Result<(Api, String)> {
+    let (a, login) = api.signed_in(ident, PW).await?;
+    Ok((a, login["user_id"].as_str().unwrap().to_string()))
+}
+
+/// Runs the ledger audit over both cells' datastores.
+fn audit(c: &Cluster) -> Result<String> {
+    let urls: Vec<String> = ["cn-east", "eu-west"]
+        .iter()
+        .map(|r| format!("sqlite:{}", c.cell_sqlite_path(r).display()))
+        .collect();
+    let out = c.cell_command(
+        "cn-east",
+        &[
+            "audit",
+            "--database-url",
+            &urls[0],
+            "--database-url",
+            &urls[1],
+        ],
+    )?;
+    anyhow::ensure!(out.success, "audit failed:\n{}{}", out.stdout, out.stderr);
+    Ok(out.stdout)
+}
+
+/// Polls a transfer at the sender until it leaves `pending`.
+async fn settled(api: &Api, id: &str) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = api.get(&format!("/v1/wallet/transfers/{id}")).await?;
+        if r.status == StatusCode::OK && r.body["state"] != "pending" {
+            return Ok(r.body);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "still pending: {}", r.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn deposits_transfers_and_audit() -> Result {
+    let c = cluster("").await?;
+    let cn = Api::new(&c.router_url(0), "cn-east");
+    let eu = Api::new(&c.router_url(0), "eu-west");
+    let (alice, alice_id) = user(&cn, "alice@example.com").await?;
+    let (bob, bob_id) = user(&cn, "bob@example.com").await?;
+    let (carol, carol_id) = user(&eu, "carol@example.com").await?;
+
+    // A signed deposit credits once, however often the provider repeats it.
+    let d = cn
+        .provider_deposit("testpay", SECRET, "evt-1", &alice_id, 10_000)
+        .await?;
+    assert_eq!(d.status, StatusCode::OK, "{}", d.body);
+    let again = cn
+        .provider_deposit("testpay", SECRET, "evt-1", &alice_id, 10_000)
+        .await?;
+    assert_eq!(again.body["transfer_id"], d.body["transfer_id"]);
+    assert_eq!(alice.available("CNY").await?, 10_000);
+    // Forged, or the same event with another amount: refused, nothing moves.
+    let forged = cn
+        .provider_deposit(
+            "testpay",
+            "not-the-secret-at-all-0000",
+            "evt-2",
+            &alice_id,
+            5,
+        )
+        .await?;
+    assert_eq!(forged.status, StatusCode::UNAUTHORIZED);
+    let changed = cn
+        .provider_deposit("testpay", SECRET, "evt-1", &alice_id, 99)
+        .await?;
+    assert_eq!(changed.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(alice.available("CNY").await?, 10_000);
+
+    // Same cell: one transaction, 201, repeat-safe.
+    let k = key();
+    let body = json!({"to_user_id": bob_id, "amount": 1_500, "currency": "CNY", "memo": "lunch"});
+    let t = alice.transfer(&k, body.clone()).await?;
+    assert_eq!(t.status, StatusCode::CREATED, "{}", t.body);
+    assert_eq!(t.body["state"], "posted");
+    let repeat = alice.transfer(&k, body).await?;
+    assert_eq!(
+        (repeat.status, &repeat.body),
+        (StatusCode::CREATED, &t.body)
+    );
+    let reused = alice
+        .transfer(
+            &k,
+            json!({"to_user_id": bob_id, "amount": 1, "currency": "CNY"}),
+        )
+        .await?;
+    assert_eq!(
+        (reused.status, reused.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+    );
+    assert_eq!(alice.available("CNY").await?, 8_500);
+    assert_eq!(bob.available("CNY").await?, 1_500);
+
+    // A refusal is an outcome too: the repeat gets it even once funds exist.
+    let k_poor = key();
+    let poor = json!({"to_user_id": alice_id, "amount": 2_000, "currency": "CNY"});
+    let r = bob.transfer(&k_poor, poor.clone()).await?;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "insufficient_funds")
+    );
+    cn.provider_deposit("testpay", SECRET, "evt-bob", &bob_id, 5_000)
+        .await?;
+    let r = bob.transfer(&k_poor, poor).await?;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "insufficient_funds")
+    );
+    assert_eq!(bob.available("CNY").await?, 6_500);
+
+    // Bad input is refused and changes nothing.
+    for (bad, field) in [
+        (
+            json!({"to_user_id": bob_id, "amount": 0, "currency": "CNY"}),
+            "amount",
+        ),
+        (
+            json!({"to_user_id": bob_id, "amount": -5, "currency": "CNY"}),
+            "amount",
+        ),
+        (
+            json!({"to_user_id": bob_id, "amount": 9_223_372_036_854_775_807i64, "currency": "CNY"}),
+            "amount",
+        ),
+        (
+            json!({"to_user_id": bob_id, "amount": "12", "currency": "CNY"}),
+            "amount",
+        ),
+        (
+            json!({"to_user_id": bob_id, "amount": 10, "currency": "XYZ"}),
+            "currency",
+        ),
+        (
+            json!({"to_user_id": alice_id, "amount": 10, "currency": "CNY"}),
+            "to_user_id",
+        ),
+        (
+            json!({"to_user_id": bob_id, "amount": 10, "currency": "CNY", "from_user_id": bob_id}),
+            "",
+        ),
+    ] {
+        let r = alice.transfer(&key(), bad.clone()).await?;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.body);
+        assert!(r.body.to_string().contains(field), "{bad}: {}", r.body);
+    }
+    let no_key = alice
+        .post(
+            "/v1/wallet/transfers",
+            json!({"to_user_id": bob_id, "amount": 1, "currency": "CNY"}),
+        )
+        .await?;
+    assert_eq!(no_key.status, StatusCode::BAD_REQUEST);
+    let bad_key = alice
+        .transfer(
+            "not-a-uuid",
+            json!({"to_user_id": bob_id, "amount": 1, "currency": "CNY"}),
+        )
+        .await?;
+    assert_eq!(bad_key.status, StatusCode::BAD_REQUEST);
+    let unknown = alice
+        .transfer(&key(), json!({"to_user_id": "0190c0de-0000-7000-8000-000000000000", "amount": 1, "currency": "CNY"}))
+        .await?;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    // Someone else's transfer is not yours to read.
+    let tid = t.body["transfer_id"].as_str().unwrap();
+    let (eve, _) = user(&cn, "eve@example.com").await?;
+    let r = eve.get(&format!("/v1/wallet/transfers/{tid}")).await?;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::FORBIDDEN, "permission_denied")
+    );
+    assert_eq!(alice.available("CNY").await?, 8_500);
+
+    // Cross cell: 202, then posted at both ends; the receiver gets notice.
+    let x = alice
+        .transfer(
+            &key(),
+            json!({"to_user_id": carol_id, "amount": 700, "currency": "CNY"}),
+        )
+        .await?;
+    assert_eq!(x.status, StatusCode::ACCEPTED, "{}", x.body);
+    assert_eq!(x.body["state"], "pending");
+    let xid = x.body["transfer_id"].as_str().unwrap().to_string();
+    let done = settled(&alice, &xid).await?;
+    assert_eq!(done["state"], "posted", "{done}");
+    assert_eq!(alice.available("CNY").await?, 7_800);
+    assert_eq!(carol.available("CNY").await?, 700);
+    let seen = carol.get(&format!("/v1/wallet/transfers/{xid}")).await?;
+    assert_eq!(
+        (
+            &seen.body["state"],
+            &seen.body["direction"],
+            &seen.body["peer_region"]
+        ),
+        (&json!("posted"), &json!("in"), &json!("cn-east"))
+    );
+    // And back the other way.
+    let back = carol
+        .transfer(
+            &key(),
+            json!({"to_user_id": alice_id, "amount": 200, "currency": "CNY"}),
+        )
+        .await?;
+    assert_eq!(back.status, StatusCode::ACCEPTED);
+    let done = settled(&carol, back.body["transfer_id"].as_str().unwrap()).await?;
+    assert_eq!(done["state"], "posted");
+    assert_eq!(alice.available("CNY").await?, 8_000);
+
+    // History: newest first, cursor pages, filters.
+    let page = alice.get("/v1/wallet/transfers?limit=2").await?;
+    assert_eq!(page.body["items"].as_array().unwrap().len(), 2);
+    let cursor = page.body["next_cursor"].as_str().unwrap();
+    let next = alice
+        .get(&format!("/v1/wallet/transfers?limit=50&cursor={cursor}"))
+        .await?;
+    let all: Vec<Value> = page.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(next.body["items"].as_array().unwrap())
+        .cloned()
+        .collect();
+    // One deposit, two sent, one received, and the refusal to an unknown
+    // user; the refusal bob got is not alice's to see.
+    assert_eq!(all.len(), 5, "{all:?}");
+    assert_eq!(all[0]["direction"], "in");
+    let deposits = alice.get("/v1/wallet/transfers?kind=deposit").await?;
+    assert_eq!(deposits.body["items"].as_array().unwrap().len(), 1);
+
+    let report = audit(&c)?;
+    assert!(report.contains("cn-east↔eu-west CNY"), "{report}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn cms_adjustments_need_money_adjust() -> Result {
+    let c = cluster("").await?;
+    let cn = Api::new(&c.router_url(0), "cn-east");
+    let (dave, dave_id) = user(&cn, "dave@example.com").await?;
+    let (plain, _) = cn
+        .as_client("cms")
+        .signed_in("clerk@example.com", PW)
+        .await?;
+    let path = format!("/v1/cms/users/{dave_id}/wallet/adjustments");
+    let body = json!({"amount": 300, "currency": "CNY", "reason": "goodwill credit"});
+    let k = key();
+    let extra = [("idempotency-key", k.as_str())];
+    let r = plain
+        .call(reqwest::Method::POST, &path, Some(body.clone()), &extra)
+        .await?;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+
+    let out = c.cell_command(
+        "cn-east",
+        &[
+            "grant-role",
+            "--identifier",
+            "root@example.com",
+            "--role",
+            "admin",
+        ],
+    );
+    assert!(!out?.success, "no such user yet");
+    cn.register("root@example.com", PW).await?;
+    let out = c.cell_command(
+        "cn-east",
+        &[
+            "grant-role",
+            "--identifier",
+            "root@example.com",
+            "--role",
+            "admin",
+        ],
+    )?;
+    assert!(out.success, "{}", out.stderr);
+    let (admin, _) = cn
+        .as_client("cms")
+        .signed_in("root@example.com", PW)
+        .await?;
+    let r = admin
+        .call(reqwest::Method::POST, &path, Some(body.clone()), &extra)
+        .await?;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let r2 = admin
+        .call(reqwest::Method::POST, &path, Some(body), &extra)
+        .await?;
+    assert_eq!(r2.body, r.body, "a repeat is the same adjustment");
+    assert_eq!(dave.available("CNY").await?, 300);
+    // A debit beyond the balance is refused.
+    let over = json!({"amount": -301, "currency": "CNY", "reason": "chargeback"});
+    let r = admin
+        .call(
+            reqwest::Method::POST,
+            &path,
+            Some(over),
+            &[("idempotency-key", &key())],
+        )
+        .await?;
+    assert_eq!(r.code(), "insufficient_funds");
+    let audit_log = admin.get("/v1/cms/audit").await?;
+    assert!(
+        audit_log.body.to_string().contains("wallet.adjust"),
+        "{}",
+        audit_log.body
+    );
+    audit(&c)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_transfer_to_an_unreachable_cell_is_voided_after_the_hold_timeout() -> Result {
+    let mut c = cluster("transfer_hold_timeout_secs = 2\n").await?;
+    let cn = Api::new(&c.router_url(0), "cn-east");
+    let eu = Api::new(&c.router_url(0), "eu-west");
+    let (alice, alice_id) = user(&cn, "alice@example.com").await?;
+    let (_, carol_id) = user(&eu, "carol@example.com").await?;
+    cn.provider_deposit("testpay", SECRET, "e", &alice_id, 1_000)
+        .await?;
+    c.cell_mut("eu-west")
+        .unwrap()
+        .process
+        .as_mut()
+        .unwrap()
+        .kill();
+    let x = alice
+        .transfer(
+            &key(),
+            json!({"to_user_id": carol_id, "amount": 400, "currency": "CNY"}),
+        )
+        .await?;
+    assert_eq!(x.status, StatusCode::ACCEPTED, "{}", x.body);
+    assert_eq!(alice.available("CNY").await?, 600, "held while in flight");
+    let done = settled(&alice, x.body["transfer_id"].as_str().unwrap()).await?;
+    assert_eq!(done["state"], "voided", "{done}");
+    assert_eq!(alice.available("CNY").await?, 1_000, "the hold is released");
+    // The receiver's cell learns of the void when it is back.
+    c.cell_mut("eu-west").unwrap().process.take();
+    c.start_cell("eu-west").await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if audit(&c).is_ok() {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "audit: {:?}", audit(&c).err());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
