@@ -42,6 +42,14 @@ pub struct CellConfig {
     /// place its hold before the sender's cell voids it.
     #[serde(default = "default_hold_timeout")]
     pub transfer_hold_timeout_secs: u64,
+    /// The `[payments.<name>]` provider that pays withdrawals out; it needs
+    /// a `payout_url`. Without it, withdrawals are refused.
+    #[serde(default)]
+    pub withdrawals_via: Option<String>,
+    /// How long a payout may stay undecided before the withdrawal is voided
+    /// and the money returns to the wallet.
+    #[serde(default = "default_withdrawal_timeout")]
+    pub withdrawal_timeout_secs: u64,
     pub tls: TlsPaths,
 }
 
@@ -56,6 +64,9 @@ fn default_login_rate() -> u32 {
 }
 fn default_hold_timeout() -> u64 {
     60
+}
+fn default_withdrawal_timeout() -> u64 {
+    600
 }
 fn default_cp_name() -> String {
     "control-plane".into()
@@ -87,7 +98,12 @@ impl CellConfig {
             bail!("listen and admin_listen must differ");
         }
         self.tls.load().context("tls")?;
-        crate::money::provider::Providers::load(&self.payments)?;
+        let providers = crate::money::provider::Providers::load(&self.payments)?;
+        if let Some(p) = &self.withdrawals_via
+            && !providers.pays_out(p)
+        {
+            bail!("withdrawals_via = {p:?} names no [payments.{p}] with a payout_url");
+        }
         Ok(())
     }
 

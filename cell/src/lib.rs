@@ -57,6 +57,9 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
         providers: money::provider::Providers::load(&config.payments)?,
         hold_timeout_ms: i64::try_from(config.transfer_hold_timeout_secs.saturating_mul(1000))
             .unwrap_or(i64::MAX),
+        withdrawals_via: config.withdrawals_via.clone(),
+        withdrawal_timeout_ms: i64::try_from(config.withdrawal_timeout_secs.saturating_mul(1000))
+            .unwrap_or(i64::MAX),
     });
     let cell = Arc::new(state::Cell {
         region: config.region.clone(),

@@ -21,7 +21,11 @@ pub fn key(secret: &str) -> hmac::Key {
 
 /// The header value for `body` signed at `t`.
 pub fn sign(secret: &str, body: &[u8], t: i64) -> String {
-    let tag = hmac::sign(&key(secret), &signed_bytes(t, body));
+    sign_with(&key(secret), body, t)
+}
+
+pub fn sign_with(key: &hmac::Key, body: &[u8], t: i64) -> String {
+    let tag = hmac::sign(key, &signed_bytes(t, body));
     let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     format!("t={t},v1={hex}")
 }

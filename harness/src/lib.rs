@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod postgres;
+pub mod provider;
 
 use anyhow::{Context, Result, bail};
 use homecell_common::tls::{PeerIdentity, Pki, TlsPaths};

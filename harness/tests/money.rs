@@ -392,3 +392,76 @@ async fn a_transfer_to_an_unreachable_cell_is_voided_after_the_hold_timeout() ->
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn withdrawals_post_on_success_and_void_on_failure_or_timeout() -> Result {
+    let provider = homecell_harness::provider::TestProvider::start(SECRET).await?;
+    let mut c = Cluster::temp()?;
+    c.cell_extra_config = format!(
+        "withdrawals_via = \"testpay\"\nwithdrawal_timeout_secs = 2\n[payments.testpay]\nsecret = {SECRET:?}\npayout_url = {:?}\n",
+        provider.payout_url()
+    );
+    start_standard(&mut c).await?;
+    let cn = Api::new(&c.router_url(0), "cn-east");
+    let (alice, alice_id) = user(&cn, "alice@example.com").await?;
+    cn.provider_deposit("testpay", SECRET, "w", &alice_id, 1_000)
+        .await?;
+    let withdraw = |key: String, amount: i64| {
+        let alice = alice.clone();
+        async move {
+            alice
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/wallet/withdrawals",
+                    Some(json!({"amount": amount, "currency": "CNY"})),
+                    &[("idempotency-key", &key)],
+                )
+                .await
+        }
+    };
+
+    // Paid: posted, and asked of the provider once however often repeated.
+    let k = key();
+    let w = withdraw(k.clone(), 200).await?;
+    assert_eq!(w.status, StatusCode::ACCEPTED, "{}", w.body);
+    let id = w.body["transfer_id"].as_str().unwrap().to_string();
+    assert_eq!(settled(&alice, &id).await?["state"], "posted");
+    let again = withdraw(k, 200).await?;
+    assert_eq!(again.body["transfer_id"], id.as_str());
+    assert_eq!(provider.paid(), 200);
+    assert_eq!(alice.available("CNY").await?, 800);
+
+    // Declined: voided, the money is back.
+    let w = withdraw(key(), 103).await?;
+    let done = settled(&alice, w.body["transfer_id"].as_str().unwrap()).await?;
+    assert_eq!(
+        (&done["state"], &done["reason"]),
+        (&json!("voided"), &json!("account closed"))
+    );
+    assert_eq!(alice.available("CNY").await?, 800);
+
+    // The provider is down: held meanwhile, voided after the timeout.
+    let before = provider.requests();
+    let w = withdraw(key(), 105).await?;
+    assert_eq!(alice.available("CNY").await?, 695, "held while undecided");
+    let done = settled(&alice, w.body["transfer_id"].as_str().unwrap()).await?;
+    assert_eq!(done["state"], "voided", "{done}");
+    assert!(
+        provider.requests() > before + 1,
+        "the payout was not retried"
+    );
+    assert_eq!(alice.available("CNY").await?, 800);
+
+    // More than the balance is refused before anything is asked.
+    let r = withdraw(key(), 5_000).await?;
+    assert_eq!(r.code(), "insufficient_funds");
+    let urls = format!("sqlite:{}", c.cell_sqlite_path("cn-east").display());
+    let out = c.cell_command("cn-east", &["audit", "--database-url", &urls])?;
+    assert!(out.success, "{}", out.stdout);
+    assert!(
+        out.stdout.contains("withdrawals and fees 200"),
+        "{}",
+        out.stdout
+    );
+    Ok(())
+}

@@ -313,6 +313,15 @@ pub fn routes() -> Vec<Route> {
         ),
         route(
             Method::POST,
+            "/v1/wallet/withdrawals",
+            "Withdraw to the payment provider (header Idempotency-Key); 202 while the payout runs",
+            Bearer,
+            Some(s::<crate::money::withdrawal::WithdrawalRequest>),
+            (202, Some(s::<wallet::TransferAccepted>)),
+            wallet::withdraw,
+        ),
+        route(
+            Method::POST,
             "/v1/payments/{provider}/callback",
             "A payment provider's signed deposit notification (x-homecell-signature)",
             Public,

@@ -150,6 +150,16 @@ pub async fn transfer(
     Ok(accepted(cell.money.transfer(&p, &key, &req).await?))
 }
 
+pub async fn withdraw(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    headers: HeaderMap,
+    Json(req): Json<crate::money::withdrawal::WithdrawalRequest>,
+) -> ApiResult<Response> {
+    let key = idempotency_key(&headers)?;
+    Ok(accepted(cell.money.withdraw(&p, &key, &req).await?))
+}
+
 pub async fn history(
     State(cell): State<Arc<Cell>>,
     Auth(p): Auth,

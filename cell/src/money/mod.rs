@@ -1,6 +1,6 @@
 //! Money: a double-entry ledger per cell (`ledger`), the operations clients
 //! ask for (`service`), transfers between cells (`saga`), payment providers
-//! (`provider`) and the audit that proves conservation (`audit`).
+//! (`provider`), withdrawals (`withdrawal`) and the audit that proves conservation (`audit`).
 
 pub mod audit;
 pub mod currency;
@@ -8,3 +8,4 @@ pub mod ledger;
 pub mod provider;
 pub mod saga;
 pub mod service;
+pub mod withdrawal;

@@ -1,10 +1,16 @@
-//! Payment providers: the signed deposit callback.
+//! Payment providers: the signed deposit callback, and payouts.
 //!
-//! The provider POSTs JSON to `/v1/payments/{provider}/callback`, signed
-//! with `x-homecell-signature` as `homecell_common::webhook` describes,
-//! under a secret shared with that provider. A bad signature or a stale
-//! timestamp is refused; a genuine repeat is harmless because the deposit's
-//! id derives from the provider's `event_id`.
+//! Deposits: the provider POSTs JSON to `/v1/payments/{provider}/callback`,
+//! signed with `x-homecell-signature` as `homecell_common::webhook`
+//! describes, under a secret shared with that provider. A bad signature or
+//! a stale timestamp is refused; a genuine repeat is harmless because the
+//! deposit's id derives from the provider's `event_id`.
+//!
+//! Payouts (withdrawals): the cell POSTs `{payout_id, amount, currency,
+//! user_id}` to the provider's `payout_url`, signed the same way. The answer
+//! `{"status": "succeeded" | "failed" | "processing"}` decides; a 4xx other
+//! than 408/429 is a failure; anything else (5xx, timeout, no answer) is
+//! asked again with the same `payout_id`, which the provider deduplicates.
 
 use homecell_common::webhook;
 use homecell_proto::error::{CodedError, ErrorCode};
@@ -22,11 +28,33 @@ pub struct ProviderConfig {
     /// The shared secret itself, for development.
     #[serde(default)]
     pub secret: Option<String>,
+    /// Where payouts are requested (`http://` or `https://`); without it,
+    /// this provider only sends deposits.
+    #[serde(default)]
+    pub payout_url: Option<String>,
 }
 
-/// The providers a cell accepts callbacks from, by name.
+struct Provider {
+    key: ring::hmac::Key,
+    payout_url: Option<String>,
+}
+
+/// The providers a cell accepts callbacks from and pays out through, by name.
 #[derive(Clone, Default)]
-pub struct Providers(BTreeMap<String, ring::hmac::Key>);
+pub struct Providers {
+    by_name: std::sync::Arc<BTreeMap<String, Provider>>,
+    http: reqwest::Client,
+}
+
+/// What a payout request came back with.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Payout {
+    Succeeded,
+    /// Definitive: the money goes back to the wallet.
+    Failed(String),
+    /// Not decided yet, or not reachable: ask again later.
+    Undecided(String),
+}
 
 impl Providers {
     pub fn load(config: &BTreeMap<String, ProviderConfig>) -> anyhow::Result<Self> {
@@ -43,9 +71,95 @@ impl Providers {
             if secret.len() < 16 {
                 anyhow::bail!("payments.{name}: the secret must be at least 16 characters");
             }
-            keys.insert(name.clone(), webhook::key(&secret));
+            if let Some(url) = &c.payout_url
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                anyhow::bail!("payments.{name}.payout_url must be an http(s) URL");
+            }
+            keys.insert(
+                name.clone(),
+                Provider {
+                    key: webhook::key(&secret),
+                    payout_url: c.payout_url.clone(),
+                },
+            );
         }
-        Ok(Self(keys))
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .build()?;
+        Ok(Self {
+            by_name: std::sync::Arc::new(keys),
+            http,
+        })
+    }
+
+    /// True if `name` is a provider that takes payout requests.
+    pub fn pays_out(&self, name: &str) -> bool {
+        self.by_name
+            .get(name)
+            .is_some_and(|p| p.payout_url.is_some())
+    }
+
+    /// Asks `provider` to pay out; the same `payout_id` may be asked again.
+    pub async fn payout(
+        &self,
+        provider: &str,
+        payout_id: &str,
+        user_id: &str,
+        amount: i64,
+        currency: &str,
+    ) -> Payout {
+        let Some((p, url)) = self
+            .by_name
+            .get(provider)
+            .and_then(|p| Some((p, p.payout_url.as_ref()?)))
+        else {
+            return Payout::Undecided(format!("{provider} takes no payouts"));
+        };
+        let body = serde_json::json!({
+            "payout_id": payout_id,
+            "amount": amount,
+            "currency": currency,
+            "user_id": user_id,
+        })
+        .to_string();
+        let now = crate::identity::keys::now_ms() / 1000;
+        let signature = webhook::sign_with(&p.key, body.as_bytes(), now);
+        let resp = match self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .header(SIGNATURE_HEADER, signature)
+            .body(body)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Payout::Undecided(format!("{provider} unreachable: {e}")),
+        };
+        let status = resp.status();
+        if status.is_client_error() && status.as_u16() != 408 && status.as_u16() != 429 {
+            return Payout::Failed(format!("{provider} refused the payout ({status})"));
+        }
+        if !status.is_success() {
+            return Payout::Undecided(format!("{provider} answered {status}"));
+        }
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            status: String,
+            #[serde(default)]
+            reason: Option<String>,
+        }
+        match resp.json::<Answer>().await {
+            Ok(a) if a.status == "succeeded" => Payout::Succeeded,
+            Ok(a) if a.status == "failed" => Payout::Failed(
+                a.reason
+                    .unwrap_or_else(|| format!("{provider} declined the payout")),
+            ),
+            Ok(a) => Payout::Undecided(format!("{provider}: {}", a.status)),
+            Err(e) => Payout::Undecided(format!("{provider}: unreadable answer: {e}")),
+        }
     }
 
     /// Checks the signature of a callback body; `now` in unix seconds.
@@ -56,10 +170,11 @@ impl Providers {
         body: &[u8],
         now: i64,
     ) -> Result<(), CodedError> {
-        let key = self
-            .0
+        let key = &self
+            .by_name
             .get(provider)
-            .ok_or_else(|| CodedError::not_found("no such payment provider"))?;
+            .ok_or_else(|| CodedError::not_found("no such payment provider"))?
+            .key;
         let header = header
             .ok_or_else(|| CodedError::new(ErrorCode::Unauthenticated, "missing signature"))?;
         webhook::verify(key, header, body, now)
@@ -90,6 +205,7 @@ mod tests {
         let cfg = |s: &str| ProviderConfig {
             secret: Some(s.into()),
             secret_file: None,
+            payout_url: None,
         };
         c.insert("testpay".to_string(), cfg("0123456789abcdef-secret"));
         let p = Providers::load(&c).unwrap();

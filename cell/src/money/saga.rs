@@ -143,8 +143,12 @@ impl Money {
             let Some(op) = self.db.operation(id).await? else {
                 return Ok(());
             };
-            if op.saga_role.as_deref() != Some("coordinator") {
-                return Ok(());
+            match op.saga_role.as_deref() {
+                Some("coordinator") => {}
+                Some("payout") if op.saga_step.as_deref() != Some("done") => {
+                    return self.drive_payout(&op).await;
+                }
+                _ => return Ok(()),
             }
             let now = now_ms();
             let step = op.saga_step.clone().unwrap_or_default();
@@ -226,7 +230,12 @@ impl Money {
         Ok(())
     }
 
-    async fn retry_later(&self, op: &Operation, error: &str, now: i64) -> Result<(), CodedError> {
+    pub(super) async fn retry_later(
+        &self,
+        op: &Operation,
+        error: &str,
+        now: i64,
+    ) -> Result<(), CodedError> {
         let delay = backoff(op.attempts);
         if op.attempts >= 5 {
             tracing::warn!(transfer = %op.id, step = ?op.saga_step, attempts = op.attempts, error, "saga step keeps failing");

@@ -34,6 +34,10 @@ pub struct Money {
     /// How long the coordinator keeps trying to place the receiver's hold
     /// before it voids the transfer.
     pub hold_timeout_ms: i64,
+    /// The provider that pays withdrawals out (none: withdrawals are off).
+    pub withdrawals_via: Option<String>,
+    /// How long a provider may stay undecided before a withdrawal is voided.
+    pub withdrawal_timeout_ms: i64,
 }
 
 #[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
@@ -64,12 +68,20 @@ pub struct Outcome {
     pub in_flight: bool,
 }
 
+impl From<Operation> for Outcome {
+    fn from(op: Operation) -> Self {
+        let in_flight = op.peer_region.is_some() || op.kind == "withdrawal";
+        Self { op, in_flight }
+    }
+}
+
 pub fn derive_id(kind: &str, actor: &str, key: &str) -> String {
     uuid::Uuid::new_v5(&OP_NAMESPACE, format!("{kind}\0{actor}\0{key}").as_bytes()).to_string()
 }
 
-fn request_hash(parts: &[&str]) -> String {
-    sha256_hex(&parts.join("\0"))
+/// The id of an operation and the hash of its request's `parts`.
+pub(super) fn operation_id(kind: &str, actor: &str, key: &str, parts: &[&str]) -> (String, String) {
+    (derive_id(kind, actor, key), sha256_hex(&parts.join("\0")))
 }
 
 /// An `Idempotency-Key` must be a UUID.
@@ -100,7 +112,7 @@ fn field(name: &str, message: impl Into<String>) -> CodedError {
     }])
 }
 
-fn check_amount(amount: i64, currency: &str) -> Result<(), CodedError> {
+pub(super) fn check_amount(amount: i64, currency: &str) -> Result<(), CodedError> {
     currency::validate(amount, currency).map_err(|(f, m)| field(f, m))
 }
 
@@ -162,7 +174,7 @@ fn refusal(mut op: Operation, e: &CodedError) -> Operation {
 impl Money {
     /// Writes `op` with `moves`; a taken id answers from what is stored; a
     /// refusal of the ledger is stored and answered.
-    async fn commit(
+    pub(super) async fn commit(
         &self,
         op: Operation,
         moves: &[Move],
@@ -184,6 +196,14 @@ impl Money {
                 replay(stored, &hash)
             }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The stored outcome under `id`, if the operation exists.
+    pub(super) async fn stored(&self, id: &str, hash: &str) -> Result<Option<Outcome>, CodedError> {
+        match self.db.operation(id).await? {
+            Some(op) => replay(op, hash).map(|op| Some(op.into())),
+            None => Ok(None),
         }
     }
 
@@ -219,12 +239,11 @@ impl Money {
         if memo.is_some_and(|m| m.chars().count() > MAX_MEMO) {
             return Err(field("memo", format!("at most {MAX_MEMO} characters")));
         }
-        let id = derive_id("transfer", &p.user_id, key);
         let amount = req.amount.to_string();
-        let hash = request_hash(&[to, &amount, &req.currency, memo.unwrap_or("")]);
-        if let Some(stored) = self.db.operation(&id).await? {
-            let in_flight = stored.peer_region.is_some();
-            return replay(stored, &hash).map(|op| Outcome { op, in_flight });
+        let parts = [to, &amount, &req.currency, memo.unwrap_or("")];
+        let (id, hash) = operation_id("transfer", &p.user_id, key, &parts);
+        if let Some(stored) = self.stored(&id, &hash).await? {
+            return Ok(stored);
         }
         let now = now_ms();
         let mut op = Operation {
@@ -245,10 +264,7 @@ impl Money {
         let Some(home) = self.home_of(to).await? else {
             let err = CodedError::not_found("no such receiver");
             let stored = self.db.record_refusal(&refusal(op, &err)).await?;
-            return replay(stored, &hash).map(|op| Outcome {
-                op,
-                in_flight: false,
-            });
+            return replay(stored, &hash).map(Outcome::from);
         };
         if home == self.region {
             let event = received_event(&op);
@@ -265,9 +281,7 @@ impl Money {
                 event: Some(event),
                 audit: None,
             };
-            let op = self.commit(op, &[m], &side).await?;
-            let in_flight = op.peer_region.is_some();
-            return Ok(Outcome { op, in_flight });
+            return Ok(self.commit(op, &[m], &side).await?.into());
         }
         // Saga step 1: hold the sender's money towards the peer's clearing
         // account. The worker takes it from here.
@@ -282,10 +296,7 @@ impl Money {
         if op.saga_step.as_deref() == Some("hold_peer") {
             let _ = self.kick.send(op.id.clone());
         }
-        Ok(Outcome {
-            op,
-            in_flight: true,
-        })
+        Ok(op.into())
     }
 
     /// `POST /v1/cms/users/{id}/wallet/adjustments`: a correction by an
@@ -312,14 +323,11 @@ impl Money {
             Some(u) if u.status != "deleted" => {}
             _ => return Err(CodedError::not_found("no such user in this region")),
         }
-        let id = derive_id("adjustment", &operator.user_id, key);
         let amount = req.amount.to_string();
-        let hash = request_hash(&[user_id, &amount, &req.currency, reason]);
-        if let Some(stored) = self.db.operation(&id).await? {
-            return replay(stored, &hash).map(|op| Outcome {
-                op,
-                in_flight: false,
-            });
+        let parts = [user_id, &amount, &req.currency, reason];
+        let (id, hash) = operation_id("adjustment", &operator.user_id, key, &parts);
+        if let Some(stored) = self.stored(&id, &hash).await? {
+            return Ok(stored);
         }
         let now = now_ms();
         let wallet = Account::wallet(user_id, &req.currency);
@@ -369,11 +377,7 @@ impl Money {
                 .to_string(),
             }),
         };
-        let op = self.commit(op, &[m], &side).await?;
-        Ok(Outcome {
-            op,
-            in_flight: false,
-        })
+        Ok(self.commit(op, &[m], &side).await?.into())
     }
 
     /// A verified deposit notification from a payment provider.
@@ -387,14 +391,11 @@ impl Money {
             return Err(field("event_id", "1 to 128 characters"));
         }
         let actor = format!("provider:{provider}");
-        let id = derive_id("deposit", &actor, &d.event_id);
         let amount = d.amount.to_string();
-        let hash = request_hash(&[&d.user_id, &amount, &d.currency]);
-        if let Some(stored) = self.db.operation(&id).await? {
-            return replay(stored, &hash).map(|op| Outcome {
-                op,
-                in_flight: false,
-            });
+        let parts = [d.user_id.as_str(), &amount, &d.currency];
+        let (id, hash) = operation_id("deposit", &actor, &d.event_id, &parts);
+        if let Some(stored) = self.stored(&id, &hash).await? {
+            return Ok(stored);
         }
         match self.db.user(&d.user_id).await? {
             Some(u) if u.status != "deleted" => {}
@@ -432,11 +433,7 @@ impl Money {
             }),
             audit: None,
         };
-        let op = self.commit(op, &[m], &side).await?;
-        Ok(Outcome {
-            op,
-            in_flight: false,
-        })
+        Ok(self.commit(op, &[m], &side).await?.into())
     }
 
     /// One of the caller's operations (either side).

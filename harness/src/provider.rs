@@ -1,0 +1,97 @@
+//! A local stand-in for a payment provider's payout API, speaking the
+//! protocol cells use (`cell/src/money/provider.rs`): signed JSON requests,
+//! deduplicated by `payout_id`. What it answers depends on the amount, so a
+//! test can pick an outcome: ending in 3 is declined, ending in 5 is a 503
+//! (the provider is down), anything else is paid.
+
+use axum::{Router, body::Bytes, extract::State, http::HeaderMap, http::StatusCode, routing::post};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+#[derive(Default)]
+struct Ledger {
+    /// payout_id → (amount, paid)
+    payouts: HashMap<String, (i64, bool)>,
+    requests: usize,
+}
+
+pub struct TestProvider {
+    pub addr: SocketAddr,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl TestProvider {
+    /// Starts on a free loopback port; it runs until the test ends.
+    pub async fn start(secret: &str) -> anyhow::Result<Self> {
+        let ledger: Arc<Mutex<Ledger>> = Arc::default();
+        let key = homecell_common::webhook::key(secret);
+        let app = Router::new()
+            .route("/payouts", post(payout))
+            .with_state((ledger.clone(), Arc::new(key)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr, ledger })
+    }
+
+    pub fn payout_url(&self) -> String {
+        format!("http://{}/payouts", self.addr)
+    }
+
+    /// Total paid out, each payout id counted once.
+    pub fn paid(&self) -> i64 {
+        let l = self.ledger.lock().expect("poisoned");
+        l.payouts.values().filter(|(_, p)| *p).map(|(a, _)| a).sum()
+    }
+
+    pub fn requests(&self) -> usize {
+        self.ledger.lock().expect("poisoned").requests
+    }
+}
+
+type AppState = (Arc<Mutex<Ledger>>, Arc<ring::hmac::Key>);
+
+async fn payout(
+    State((ledger, key)): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, axum::Json<Value>) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let sig = headers
+        .get("x-homecell-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if homecell_common::webhook::verify(&key, sig, &body, now).is_err() {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"error": "signature"})),
+        );
+    }
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": "json"})),
+        );
+    };
+    let id = req["payout_id"].as_str().unwrap_or("").to_string();
+    let amount = req["amount"].as_i64().unwrap_or(0);
+    let mut l = ledger.lock().expect("poisoned");
+    l.requests += 1;
+    match amount % 10 {
+        5 => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({}))),
+        3 => (
+            StatusCode::OK,
+            axum::Json(json!({"status": "failed", "reason": "account closed"})),
+        ),
+        _ => {
+            l.payouts.insert(id, (amount, true));
+            (StatusCode::OK, axum::Json(json!({"status": "succeeded"})))
+        }
+    }
+}
