@@ -303,3 +303,104 @@ async fn ledger_suite_on_postgres() {
     let db = Datastore::open(&url).await.unwrap();
     suite(db).await;
 }
+
+/// SQLite's group commit applies the same rules in memory: run the same
+/// races through it, plus races inside one batch.
+#[tokio::test]
+async fn group_commit_keeps_the_rules() {
+    use homecell_cell::money::group::{GroupCommit, Step, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let db = Datastore::open(&format!("sqlite:{}", dir.path().join("cell.db").display()))
+        .await
+        .unwrap();
+    db.claim_region("cn-east").await.unwrap();
+    let Datastore::Sqlite(pool) = &db else {
+        unreachable!()
+    };
+    let g = GroupCommit::start(pool.clone());
+    let exec = |o: Operation, moves: Vec<Move>| {
+        let g = g.clone();
+        async move {
+            g.write(Write::Execute {
+                op: o,
+                moves,
+                event: None,
+            })
+            .await
+        }
+    };
+    let send = |id: String, from: &str, to: &str, amount: i64| {
+        let o = op(&id, Some(from), Some(to), amount);
+        let m = mv(&o, "single", wallet(from), wallet(to), Phase::Single);
+        exec(o, vec![m])
+    };
+    let seed = op("g-seed", None, Some("spender"), 100);
+    let m = mv(
+        &seed,
+        "single",
+        Account::system("deposits", "CNY"),
+        wallet("spender"),
+        Phase::Single,
+    );
+    exec(seed, vec![m]).await.unwrap();
+
+    // 25 spends of 10 against 100, all in flight at once: exactly 10 land.
+    let storm = join_all((0..25).map(|i| send(format!("g-{i}"), "spender", "bob", 10))).await;
+    assert_eq!(storm.iter().filter(|r| r.is_ok()).count(), 10, "{storm:?}");
+    assert!(
+        storm
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| matches!(e, LedgerError::InsufficientFunds))
+    );
+    // The same id twice at once: one write, one Exists.
+    let twice = join_all((0..2).map(|_| send("g-dup".into(), "bob", "carol", 1))).await;
+    assert_eq!(twice.iter().filter(|r| r.is_ok()).count(), 1, "{twice:?}");
+    assert_eq!(balance(&db, "bob").await.available, 99);
+    assert_eq!(balance(&db, "carol").await.available, 1);
+
+    // A hold, then two racing steps from the same state: one moves it.
+    let mut h = op("g-hold", Some("bob"), Some("remote"), 50);
+    h.state = "pending".into();
+    h.saga_step = Some("hold_peer".into());
+    let clearing = Account::clearing("eu-west", "CNY");
+    let hold = mv(&h, "hold", wallet("bob"), clearing.clone(), Phase::Pending);
+    exec(h.clone(), vec![hold]).await.unwrap();
+    assert_eq!(balance(&db, "bob").await.held, 50);
+    let post = mv(&h, "post", wallet("bob"), clearing, Phase::Post);
+    let step = || {
+        let g = g.clone();
+        let post = post.clone();
+        async move {
+            g.write(Write::Advance {
+                id: "g-hold".into(),
+                from: ("pending".into(), Some("hold_peer".into())),
+                to: Step {
+                    state: "pending".into(),
+                    saga_step: Some("post_peer".into()),
+                    ..Default::default()
+                },
+                moves: vec![post],
+                event: None,
+                now: NOW,
+            })
+            .await
+        }
+    };
+    let moved = join_all([step(), step()]).await;
+    let moved: Vec<bool> = moved.into_iter().map(Result::unwrap).collect();
+    assert_eq!(moved.iter().filter(|m| **m).count(), 1, "{moved:?}");
+    let b = balance(&db, "bob").await;
+    assert_eq!((b.available, b.held), (49, 0));
+    assert_eq!(
+        db.operation("g-hold")
+            .await
+            .unwrap()
+            .unwrap()
+            .saga_step
+            .as_deref(),
+        Some("post_peer")
+    );
+    let report = audit(std::slice::from_ref(&db)).await.unwrap();
+    assert!(report.passed(), "{}", report.render());
+}

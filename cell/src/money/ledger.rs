@@ -106,7 +106,7 @@ pub enum Phase {
 }
 
 impl Phase {
-    fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Self::Single => "single",
             Self::Pending => "pending",
@@ -131,11 +131,11 @@ pub struct Move {
 
 /// Column changes of one account: (debits_pending, debits_posted,
 /// credits_pending, credits_posted, available balance required).
-type Delta = (i64, i64, i64, i64, i64);
+pub(super) type Delta = (i64, i64, i64, i64, i64);
 
 impl Move {
     /// The two accounts and their changes, in lock order.
-    fn deltas(&self) -> [(&Account, Delta); 2] {
+    pub(super) fn deltas(&self) -> [(&Account, Delta); 2] {
         let a = self.amount;
         // Only a wallet's own spending is checked; system and clearing
         // accounts are the other side of money entering or leaving.
@@ -295,8 +295,9 @@ macro_rules! op_cols {
          error_code, error_detail, saga_role, saga_step, attempts, next_attempt_at, created_at, updated_at"
     };
 }
+pub(super) use op_cols;
 
-fn op_from_row<R: Row>(r: &R) -> Result<Operation, sqlx::Error>
+pub(super) fn op_from_row<R: Row>(r: &R) -> Result<Operation, sqlx::Error>
 where
     for<'a> &'a str: sqlx::ColumnIndex<R>,
     for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,

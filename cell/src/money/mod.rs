@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod currency;
+pub mod group;
 pub mod ledger;
 pub mod provider;
 pub mod saga;

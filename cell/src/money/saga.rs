@@ -163,8 +163,7 @@ impl Money {
                             ..Default::default()
                         };
                         let post = coordinator_move(&op, "post", Phase::Post);
-                        self.db
-                            .advance(id, (state, at), &to, &[post], &SideEffects::default(), now)
+                        self.advance(id, (state, at), &to, &[post], &SideEffects::default(), now)
                             .await?;
                         crate::failpoint::hit("saga.coordinator.after_post");
                     }
@@ -188,8 +187,7 @@ impl Money {
                                 saga_step: Some("done"),
                                 ..Default::default()
                             };
-                            self.db
-                                .advance(id, (state, at), &to, &[], &SideEffects::default(), now)
+                            self.advance(id, (state, at), &to, &[], &SideEffects::default(), now)
                                 .await?;
                             return Ok(());
                         }
@@ -217,16 +215,15 @@ impl Money {
             error_detail: Some(reason),
         };
         let void = coordinator_move(op, "void", Phase::Void);
-        self.db
-            .advance(
-                &op.id,
-                ("pending", Some("hold_peer")),
-                &to,
-                &[void],
-                &SideEffects::default(),
-                now,
-            )
-            .await?;
+        self.advance(
+            &op.id,
+            ("pending", Some("hold_peer")),
+            &to,
+            &[void],
+            &SideEffects::default(),
+            now,
+        )
+        .await?;
         Ok(())
     }
 
@@ -329,15 +326,13 @@ impl Money {
             matches!(self.db.user(&t.to_user).await?, Some(u) if u.status == "active");
         let result = if receiver_ok {
             let hold = participant_move(&op, "hold", Phase::Pending);
-            self.db.execute(&op, &[hold], &SideEffects::default()).await
+            self.execute(&op, &[hold], &SideEffects::default()).await
         } else {
             let mut refused = op.clone();
             refused.state = "failed".into();
             refused.error_code = Some(ErrorCode::NotFound.as_str().into());
             refused.error_detail = Some("no such receiver in this region".into());
-            self.db
-                .execute(&refused, &[], &SideEffects::default())
-                .await
+            self.execute(&refused, &[], &SideEffects::default()).await
         };
         match result {
             Ok(()) | Err(LedgerError::Exists) => {}
@@ -372,8 +367,7 @@ impl Money {
                 event: Some(received_event(&stored)),
                 audit: None,
             };
-            self.db
-                .advance(&op.id, ("pending", None), &to, &[post], &side, now_ms())
+            self.advance(&op.id, ("pending", None), &to, &[post], &side, now_ms())
                 .await?;
             crate::failpoint::hit("saga.participant.after_post");
         }
@@ -424,16 +418,15 @@ impl Money {
                 error_detail: Some("voided by the sender's cell"),
                 ..Default::default()
             };
-            self.db
-                .advance(
-                    &op.id,
-                    ("pending", None),
-                    &to,
-                    &[void],
-                    &SideEffects::default(),
-                    now,
-                )
-                .await?;
+            self.advance(
+                &op.id,
+                ("pending", None),
+                &to,
+                &[void],
+                &SideEffects::default(),
+                now,
+            )
+            .await?;
         }
         let stored = self
             .stored_incoming(&op)

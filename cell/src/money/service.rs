@@ -7,7 +7,11 @@
 //! included) from a reused key (422).
 
 use super::currency;
-use super::ledger::{Account, LedgerError, Move, Operation, OutboxEvent, Phase, SideEffects};
+use super::group::{GroupCommit, Step, Write};
+use super::ledger::{
+    Account, LedgerError, LedgerResult, Move, Operation, OutboxEvent, Phase, SideEffects,
+    StepUpdate,
+};
 use crate::db::Datastore;
 use crate::identity::keys::now_ms;
 use crate::identity::service::{Principal, sha256_hex};
@@ -38,6 +42,8 @@ pub struct Money {
     pub withdrawals_via: Option<String>,
     /// How long a provider may stay undecided before a withdrawal is voided.
     pub withdrawal_timeout_ms: i64,
+    /// SQLite's group commit (see `group`); none on PostgreSQL.
+    pub group: Option<GroupCommit>,
 }
 
 #[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
@@ -172,6 +178,57 @@ fn refusal(mut op: Operation, e: &CodedError) -> Operation {
 }
 
 impl Money {
+    /// `Datastore::execute`, through the group committer where there is one.
+    pub(super) async fn execute(
+        &self,
+        op: &Operation,
+        moves: &[Move],
+        side: &SideEffects<'_>,
+    ) -> LedgerResult<()> {
+        match (&self.group, &side.audit) {
+            (Some(group), None) => {
+                let write = Write::Execute {
+                    op: op.clone(),
+                    moves: moves.to_vec(),
+                    event: side.event.clone(),
+                };
+                group.write(write).await.map(|_| ())
+            }
+            _ => self.db.execute(op, moves, side).await,
+        }
+    }
+
+    /// `Datastore::advance`, through the group committer where there is one.
+    pub(super) async fn advance(
+        &self,
+        id: &str,
+        from: (&str, Option<&str>),
+        to: &StepUpdate<'_>,
+        moves: &[Move],
+        side: &SideEffects<'_>,
+        now: i64,
+    ) -> LedgerResult<bool> {
+        match (&self.group, &side.audit) {
+            (Some(group), None) => {
+                let write = Write::Advance {
+                    id: id.to_string(),
+                    from: (from.0.to_string(), from.1.map(String::from)),
+                    to: Step {
+                        state: to.state.to_string(),
+                        saga_step: to.saga_step.map(String::from),
+                        error_code: to.error_code.map(String::from),
+                        error_detail: to.error_detail.map(String::from),
+                    },
+                    moves: moves.to_vec(),
+                    event: side.event.clone(),
+                    now,
+                };
+                group.write(write).await
+            }
+            _ => self.db.advance(id, from, to, moves, side, now).await,
+        }
+    }
+
     /// Writes `op` with `moves`; a taken id answers from what is stored; a
     /// refusal of the ledger is stored and answered.
     pub(super) async fn commit(
@@ -180,7 +237,7 @@ impl Money {
         moves: &[Move],
         side: &SideEffects<'_>,
     ) -> Result<Operation, CodedError> {
-        match self.db.execute(&op, moves, side).await {
+        match self.execute(&op, moves, side).await {
             Ok(()) => Ok(op),
             Err(LedgerError::Exists) => {
                 let hash = op.request_hash.clone();

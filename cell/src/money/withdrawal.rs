@@ -124,7 +124,7 @@ impl Money {
             error_detail: reason.as_deref(),
         };
         let side = SideEffects { event, audit: None };
-        self.db.advance(&op.id, from, &to, &[m], &side, now).await?;
+        self.advance(&op.id, from, &to, &[m], &side, now).await?;
         Ok(())
     }
 }
