@@ -171,7 +171,7 @@ async fn ledger(backend: &str, workers: usize, seconds: u64, no_group: bool) -> 
                     let r = match &group {
                         Some(g) => {
                             let w = Write::Execute {
-                                op,
+                                op: Box::new(op),
                                 moves,
                                 event: Some(event),
                             };

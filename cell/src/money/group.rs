@@ -35,7 +35,7 @@ pub struct Step {
 pub enum Write {
     /// Record a new operation with its moves (`Datastore::execute`).
     Execute {
-        op: Operation,
+        op: Box<Operation>,
         moves: Vec<Move>,
         event: Option<OutboxEvent>,
     },
@@ -190,7 +190,7 @@ impl State {
                     return Err(LedgerError::Exists);
                 }
                 self.apply(moves, op.created_at)?;
-                self.ops.insert(op.id.clone(), op.clone());
+                self.ops.insert(op.id.clone(), (**op).clone());
                 self.dirty_ops.push(op.id.clone());
                 self.record(moves, event, op.created_at);
                 Ok(true)

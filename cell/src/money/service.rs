@@ -188,7 +188,7 @@ impl Money {
         match (&self.group, &side.audit) {
             (Some(group), None) => {
                 let write = Write::Execute {
-                    op: op.clone(),
+                    op: Box::new(op.clone()),
                     moves: moves.to_vec(),
                     event: side.event.clone(),
                 };
