@@ -322,7 +322,7 @@ async fn group_commit_keeps_the_rules() {
         let g = g.clone();
         async move {
             g.write(Write::Execute {
-                op: o,
+                op: Box::new(o),
                 moves,
                 event: None,
             })
