@@ -240,6 +240,21 @@ async fn deposits_transfers_and_audit() -> Result {
         ),
         (&json!("posted"), &json!("in"), &json!("cn-east"))
     );
+    // The notice service will deliver this event (read at the source here).
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect(&format!(
+            "sqlite:{}",
+            c.cell_sqlite_path("eu-west").display()
+        ))
+        .await?;
+    let events: Vec<(String, String)> =
+        sqlx::query_as("SELECT user_id, payload FROM outbox WHERE topic = 'money.received'")
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, carol_id);
+    assert!(events[0].1.contains(&xid), "{events:?}");
     // And back the other way.
     let back = carol
         .transfer(

@@ -109,6 +109,17 @@ async fn sagas_finish_after_kill_9_at_every_step() -> Result {
         // The answer may be lost with the crash; the client retries below.
         let _ = alice.transfer(&key, body.clone()).await?;
         wait_exit(&mut c, region).await?;
+        if failpoint == "saga.coordinator.after_peer_hold" {
+            // The sender's cell is down between steps 2 and 3: the receiver
+            // already sees the money, as pending, not yet spendable.
+            let w = carol.get("/v1/wallet").await?;
+            assert_eq!(w.body["wallets"][0]["pending"], 100, "{}", w.body);
+            assert_eq!(
+                w.body["wallets"][0]["available"], carol_expect,
+                "{}",
+                w.body
+            );
+        }
         restart(&mut c, region, None).await?;
 
         // The client's retry finds the same transfer, whatever happened.
