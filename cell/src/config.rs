@@ -50,6 +50,9 @@ pub struct CellConfig {
     /// and the money returns to the wallet.
     #[serde(default = "default_withdrawal_timeout")]
     pub withdrawal_timeout_secs: u64,
+    /// Email, SMS and inbox settings (`[notice]`).
+    #[serde(default)]
+    pub notice: crate::notice::NoticeConfig,
     pub tls: TlsPaths,
 }
 
@@ -98,6 +101,7 @@ impl CellConfig {
             bail!("listen and admin_listen must differ");
         }
         self.tls.load().context("tls")?;
+        self.notice.validate()?;
         let providers = crate::money::provider::Providers::load(&self.payments)?;
         if let Some(p) = &self.withdrawals_via
             && !providers.pays_out(p)

@@ -76,9 +76,9 @@ macro_rules! migrations {
 }
 
 const SQLITE_MIGRATIONS: &[Migration] =
-    migrations!("sqlite": 1 "0001_cell_info", 2 "0002_identity", 3 "0003_money");
+    migrations!("sqlite": 1 "0001_cell_info", 2 "0002_identity", 3 "0003_money", 4 "0004_notice");
 const POSTGRES_MIGRATIONS: &[Migration] =
-    migrations!("postgres": 1 "0001_cell_info", 2 "0002_identity", 3 "0003_money");
+    migrations!("postgres": 1 "0001_cell_info", 2 "0002_identity", 3 "0003_money", 4 "0004_notice");
 
 impl Datastore {
     /// Connects and applies pending migrations.

@@ -10,6 +10,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod money;
+pub mod notice;
 pub mod peers;
 pub mod server;
 pub mod state;
@@ -47,6 +48,12 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
     let cp = control_plane_channel(&config, &tls)?;
     let hash_slots = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
     let peers = Arc::new(peers::Peers::new(tls.clone(), replica.clone()));
+    let notices = Arc::new(notice::Notices::new(
+        &config.region,
+        db.clone(),
+        replica.clone(),
+        config.notice.clone(),
+    )?);
     let (kick, kicks) = tokio::sync::mpsc::unbounded_channel();
     let money = Arc::new(money::service::Money {
         region: config.region.clone(),
@@ -82,12 +89,14 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
             peers,
         },
         money: money.clone(),
+        notices: notices.clone(),
     });
 
     let token = shutdown::CancellationToken::new();
     tokio::spawn(shutdown::wait_for_signal(token.clone()));
     tokio::spawn(keys.maintain(db.clone(), cp, replica.clone(), token.clone()));
     tokio::spawn(money::saga::run_worker(money, kicks, token.clone()));
+    tokio::spawn(notices.run(token.clone()));
     tokio::spawn(replica.clone().run(
         WatchTarget {
             endpoint: config.control_plane.clone(),

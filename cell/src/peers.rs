@@ -9,7 +9,8 @@ use homecell_common::replica::Replica;
 use homecell_common::tls::{PeerIdentity, TlsMaterial};
 use homecell_proto::cell::{
     CheckSessionRequest, CheckSessionResponse, IncomingResponse, IncomingTransfer,
-    cell_service_client::CellServiceClient, cell_service_server::CellService,
+    SendNoticeRequest, SendNoticeResponse, cell_service_client::CellServiceClient,
+    cell_service_server::CellService,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -137,6 +138,33 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// Queues a notice at `region`'s cell.
+    pub async fn send_notice(
+        &self,
+        region: &str,
+        event_id: &str,
+        topic: &str,
+        user_id: &str,
+        payload: &str,
+    ) -> Result<(), String> {
+        let ch = self
+            .channel(region)
+            .ok_or_else(|| format!("region {region} has no usable endpoint"))?;
+        let req = SendNoticeRequest {
+            event_id: event_id.into(),
+            topic: topic.into(),
+            user_id: user_id.into(),
+            payload: payload.into(),
+        };
+        CellServiceClient::new(ch)
+            .send_notice(req)
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    }
+}
+
 /// The caller's region, when it is another cell.
 fn calling_cell<T>(req: &Request<T>) -> Result<String, Status> {
     match req.extensions().get::<PeerIdentity>() {
@@ -197,6 +225,50 @@ impl CellService for CellGrpc {
         let caller = calling_cell(&req)?;
         let r = self.0.money.post_incoming(&caller, req.get_ref()).await;
         r.map(Response::new).map_err(status)
+    }
+
+    async fn send_notice(
+        &self,
+        req: Request<SendNoticeRequest>,
+    ) -> Result<Response<SendNoticeResponse>, Status> {
+        calling_cell(&req)?;
+        let r = req.into_inner();
+        // Other cells may send messages; auth and money events are local.
+        if r.topic != "message" {
+            return Err(Status::permission_denied("only messages cross cells"));
+        }
+        if uuid::Uuid::parse_str(&r.event_id).is_err()
+            || r.user_id.len() > 64
+            || r.payload.len() > 16 * 1024
+        {
+            return Err(Status::invalid_argument(
+                "event_id must be a UUID; payload at most 16 KiB",
+            ));
+        }
+        if !matches!(
+            serde_json::from_str(&r.payload),
+            Ok(serde_json::Value::Object(_))
+        ) {
+            return Err(Status::invalid_argument("payload must be a JSON object"));
+        }
+        let cell = &self.0;
+        match cell.db.user(&r.user_id).await {
+            Ok(Some(u)) if u.status != "deleted" => {}
+            Ok(_) => return Err(Status::not_found("no such user in this region")),
+            Err(e) => return Err(Status::internal(e.to_string())),
+        }
+        cell.db
+            .enqueue_event(
+                &r.event_id,
+                &r.topic,
+                &r.user_id,
+                &r.payload,
+                crate::identity::keys::now_ms(),
+            )
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        cell.notices.wake.notify_one();
+        Ok(Response::new(SendNoticeResponse {}))
     }
 
     async fn void_incoming(

@@ -11,4 +11,5 @@ pub struct Cell {
     pub replica: Arc<Replica>,
     pub identity: Identity,
     pub money: Arc<crate::money::service::Money>,
+    pub notices: Arc<crate::notice::Notices>,
 }

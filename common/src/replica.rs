@@ -145,6 +145,24 @@ impl ReplicaState {
             .or_else(|| self.config.get(&(key.to_string(), String::new())))
             .and_then(|e| e.value.as_ref())
     }
+
+    /// A positive integer setting for `region`, else `default`.
+    pub fn config_int(&self, key: &str, region: &str, default: i64) -> i64 {
+        use homecell_proto::control::config_value::Kind;
+        match self.config_value(key, region).and_then(|v| v.kind.as_ref()) {
+            Some(Kind::IntValue(i)) if *i > 0 => *i,
+            _ => default,
+        }
+    }
+
+    /// A positive duration setting for `region` in milliseconds, else `default_ms`.
+    pub fn config_ms(&self, key: &str, region: &str, default_ms: i64) -> i64 {
+        use homecell_proto::control::config_value::Kind;
+        match self.config_value(key, region).and_then(|v| v.kind.as_ref()) {
+            Some(Kind::DurationMs(ms)) if *ms > 0 => i64::try_from(*ms).unwrap_or(i64::MAX),
+            _ => default_ms,
+        }
+    }
 }
 
 /// Any cell's published signing key, by kid, with its issuer `cell.<region>`.

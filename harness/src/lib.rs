@@ -6,6 +6,7 @@
 pub mod api;
 pub mod postgres;
 pub mod provider;
+pub mod smtp;
 
 use anyhow::{Context, Result, bail};
 use homecell_common::tls::{PeerIdentity, Pki, TlsPaths};

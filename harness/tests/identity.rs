@@ -1,6 +1,7 @@
 //! Identity end to end, through the router into real cells.
 
 use homecell_harness::api::Api;
+use homecell_harness::smtp::SmtpSink;
 use homecell_harness::{Cluster, start_standard};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -11,7 +12,12 @@ type Result<T = ()> = anyhow::Result<T>;
 const PW: &str = "correct horse battery";
 
 async fn cluster() -> Result<(Cluster, Api, Api)> {
+    cluster_with("").await
+}
+
+async fn cluster_with(cell_config: &str) -> Result<(Cluster, Api, Api)> {
     let mut c = Cluster::temp()?;
+    c.cell_extra_config = cell_config.to_string();
     start_standard(&mut c).await?;
     let cn = Api::new(&c.router_url(0), "cn-east");
     let eu = Api::new(&c.router_url(0), "eu-west");
@@ -19,26 +25,13 @@ async fn cluster() -> Result<(Cluster, Api, Api)> {
     Ok((c, cn, eu))
 }
 
-/// The newest password-reset code for `to`, read from the cell's outbox
-/// (the notice service delivers it; the test reads it at the source).
-async fn reset_code(c: &Cluster, region: &str, to: &str) -> Result<String> {
-    let url = format!("sqlite:{}", c.cell_sqlite_path(region).display());
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect(&url)
+/// The reset code mailed to `to`, as it arrived at the SMTP server.
+async fn reset_code(mail: &SmtpSink, to: &str) -> Result<String> {
+    let m = mail
+        .wait_for(to, "Your code is", Duration::from_secs(15))
         .await?;
-    let rows: Vec<(String,)> = sqlx::query_as(
-        "SELECT payload FROM outbox WHERE topic = 'auth.password_reset' ORDER BY created_at DESC",
-    )
-    .fetch_all(&pool)
-    .await?;
-    for (p,) in rows {
-        let v: serde_json::Value = serde_json::from_str(&p)?;
-        if v["to"] == to {
-            return Ok(v["code"].as_str().unwrap_or_default().to_string());
-        }
-    }
-    anyhow::bail!("no reset code for {to}")
+    let at = m.find("Your code is ").unwrap() + "Your code is ".len();
+    Ok(m[at..at + 6].to_string())
 }
 
 #[tokio::test]
@@ -228,7 +221,8 @@ async fn lockout_after_failures_and_the_same_answer_for_unknown_accounts() -> Re
 
 #[tokio::test]
 async fn password_reset_by_code() -> Result {
-    let (c, cn, _) = cluster().await?;
+    let mail = SmtpSink::start().await?;
+    let (_c, cn, _) = cluster_with(&mail.cell_config()).await?;
     let (old, _) = cn.signed_in("dave@example.com", PW).await?;
     // 202 whether or not the account exists.
     let a = cn
@@ -247,7 +241,7 @@ async fn password_reset_by_code() -> Result {
         (a.status, b.status),
         (StatusCode::ACCEPTED, StatusCode::ACCEPTED)
     );
-    let code = reset_code(&c, "cn-east", "dave@example.com").await?;
+    let code = reset_code(&mail, "dave@example.com").await?;
     assert_eq!(code.len(), 6);
     let wrong = if code == "000000" { "111111" } else { "000000" };
     let r = cn

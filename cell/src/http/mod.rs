@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod cms;
+pub mod notices;
 pub mod openapi;
 pub mod region;
 pub mod users;

@@ -47,6 +47,17 @@ fn etag(u: &User) -> String {
 }
 
 async fn profile_response(cell: &Cell, u: User) -> ApiResult<Response> {
+    let tag = etag(&u);
+    let body = profile(cell, u).await?;
+    let mut resp = json(StatusCode::OK, &body);
+    if let Ok(v) = HeaderValue::from_str(&tag) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(resp)
+}
+
+/// A user's own profile, with roles and identifiers.
+pub(super) async fn profile(cell: &Cell, u: User) -> ApiResult<Profile> {
     let roles = cell.db.roles_of(&u.id).await.map_err(CodedError::from)?;
     let identifiers = cell
         .db
@@ -56,8 +67,7 @@ async fn profile_response(cell: &Cell, u: User) -> ApiResult<Response> {
         .into_iter()
         .map(|(kind, value)| IdentifierView { kind, value })
         .collect();
-    let tag = etag(&u);
-    let body = Profile {
+    Ok(Profile {
         id: u.id,
         display_name: u.display_name,
         locale: u.locale,
@@ -69,16 +79,14 @@ async fn profile_response(cell: &Cell, u: User) -> ApiResult<Response> {
         identifiers,
         created_at: u.created_at,
         updated_at: u.updated_at,
-    };
-    let mut resp = json(StatusCode::OK, &body);
-    if let Ok(v) = HeaderValue::from_str(&tag) {
-        resp.headers_mut().insert(header::ETAG, v);
-    }
-    Ok(resp)
+    })
 }
 
 /// The home cell serves its own users' data only.
-fn at_home(cell: &Cell, p: &crate::identity::service::Principal) -> Result<(), ApiError> {
+pub(super) fn at_home(
+    cell: &Cell,
+    p: &crate::identity::service::Principal,
+) -> Result<(), ApiError> {
     if p.home == cell.region {
         Ok(())
     } else {

@@ -27,6 +27,17 @@ pub struct WalletBalance {
     pub held: i64,
 }
 
+impl From<crate::money::ledger::Balance> for WalletBalance {
+    fn from(b: crate::money::ledger::Balance) -> Self {
+        Self {
+            currency: b.currency,
+            available: b.available,
+            pending: b.pending,
+            held: b.held,
+        }
+    }
+}
+
 #[derive(Serialize, JsonSchema)]
 pub struct Wallets {
     pub wallets: Vec<WalletBalance>,
@@ -128,15 +139,7 @@ pub async fn balances(
         .await
         .map_err(CodedError::from)?;
     Ok(axum::Json(Wallets {
-        wallets: rows
-            .into_iter()
-            .map(|b| WalletBalance {
-                currency: b.currency,
-                available: b.available,
-                pending: b.pending,
-                held: b.held,
-            })
-            .collect(),
+        wallets: rows.into_iter().map(WalletBalance::from).collect(),
     }))
 }
 

@@ -13,7 +13,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use homecell_common::jwt::{self, Claims, MAX_ACCESS_TTL_SECS, TokenError};
 use homecell_common::replica::Replica;
 use homecell_proto::control::{
-    ClaimIdentifierRequest, ReleaseIdentifierRequest, config_value::Kind,
+    ClaimIdentifierRequest, ReleaseIdentifierRequest,
     directory_service_client::DirectoryServiceClient,
 };
 use homecell_proto::error::{CodedError, ErrorCode, FieldError};
@@ -187,27 +187,13 @@ impl Identity {
     }
 
     fn config_int(&self, key: &str, default: i64) -> i64 {
-        match self
-            .replica
-            .state()
-            .config_value(key, &self.region)
-            .and_then(|v| v.kind.clone())
-        {
-            Some(Kind::IntValue(i)) if i > 0 => i,
-            _ => default,
-        }
+        self.replica.state().config_int(key, &self.region, default)
     }
 
     fn config_ms(&self, key: &str, default_ms: i64) -> i64 {
-        match self
-            .replica
+        self.replica
             .state()
-            .config_value(key, &self.region)
-            .and_then(|v| v.kind.clone())
-        {
-            Some(Kind::DurationMs(ms)) if ms > 0 => ms as i64,
-            _ => default_ms,
-        }
+            .config_ms(key, &self.region, default_ms)
     }
 
     fn lockout(&self) -> (i64, i64) {

@@ -237,6 +237,9 @@ impl Datastore {
                 .bind(u.id).bind(u.password_hash).bind(u.now).execute(&mut *tx).await?;
             sqlx::query("INSERT INTO user_roles (user_id, role, granted_at) VALUES ($1, 'user', $2)")
                 .bind(u.id).bind(u.now).execute(&mut *tx).await?;
+            let welcome = serde_json::json!({ "display_name": u.display_name }).to_string();
+            sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'user.welcome', $2, $3, $4)")
+                .bind(uuid::Uuid::now_v7().to_string()).bind(u.id).bind(welcome).bind(u.now).execute(&mut *tx).await?;
         });
         Ok(())
     }
@@ -421,6 +424,15 @@ impl Datastore {
     /// commit per login). Returns the ended session.
     pub async fn open_session(&self, s: &Session, refresh_hash: &str) -> DbResult<Option<String>> {
         let ended = in_tx!(self, tx => {
+            // A first login on a client type, by a user who has logged in
+            // elsewhere before, is worth a security notice.
+            let seen: Vec<(String,)> = sqlx::query_as("SELECT DISTINCT client_type FROM sessions WHERE user_id = $1")
+                .bind(&s.user_id).fetch_all(&mut *tx).await?;
+            if !seen.is_empty() && !seen.iter().any(|(c,)| *c == s.client_type) {
+                let payload = serde_json::json!({ "client_type": s.client_type }).to_string();
+                sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'auth.new_login', $2, $3, $4)")
+                    .bind(uuid::Uuid::now_v7().to_string()).bind(&s.user_id).bind(payload).bind(s.created_at).execute(&mut *tx).await?;
+            }
             let ended: Option<(String,)> = sqlx::query_as(
                 "UPDATE sessions SET revoked_at = $1, revoke_reason = 'replaced' WHERE user_id = $2 AND client_type = $3 AND revoked_at IS NULL RETURNING id")
                 .bind(s.created_at).bind(&s.user_id).bind(&s.client_type).fetch_optional(&mut *tx).await?;

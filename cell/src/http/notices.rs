@@ -1,0 +1,485 @@
+//! `/v1/notices/*` (the inbox, preferences, the live stream), `/v1/me`, and
+//! the CMS routes for templates, the dead-letter queue and messages.
+
+use super::{ApiResult, Auth, ClientType, Json, cursor};
+use crate::identity::keys::now_ms;
+use crate::notice::store::{Delivery, InboxItem, Template};
+use crate::notice::{CHANNELS, template};
+use crate::state::Cell;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use homecell_proto::error::{CodedError, ErrorCode, FieldError};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Page sizes differ by client: a mini-program screen shows fewer items.
+fn page_size(client: &str, asked: Option<i64>) -> i64 {
+    let default = match client {
+        "mp" => 10,
+        "web" | "cms" => 50,
+        _ => 20,
+    };
+    cursor::limit(asked, default, 100)
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub struct InboxQuery {
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+    /// true: the archive instead of the inbox.
+    pub archived: Option<bool>,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct InboxPage {
+    pub items: Vec<InboxItem>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct UnreadCount {
+    pub unread: i64,
+}
+
+pub async fn list(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    ClientType(client): ClientType,
+    Query(q): Query<InboxQuery>,
+) -> ApiResult<axum::Json<InboxPage>> {
+    let limit = page_size(client, q.limit);
+    let after = q.cursor.as_deref().map(cursor::decode).transpose()?;
+    let mut items = cell
+        .db
+        .inbox_page(
+            &p.user_id,
+            q.archived.unwrap_or(false),
+            after,
+            limit + 1,
+            now_ms(),
+        )
+        .await
+        .map_err(CodedError::from)?;
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|i| cursor::encode(i.created_at, &i.id))
+    } else {
+        None
+    };
+    Ok(axum::Json(InboxPage { items, next_cursor }))
+}
+
+pub async fn unread_count(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+) -> ApiResult<axum::Json<UnreadCount>> {
+    let unread = cell
+        .db
+        .unread_count(&p.user_id, now_ms())
+        .await
+        .map_err(CodedError::from)?;
+    Ok(axum::Json(UnreadCount { unread }))
+}
+
+fn changed(n: u64) -> ApiResult<StatusCode> {
+    if n == 0 {
+        return Err(CodedError::not_found("no such notice").into());
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn read(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let n = cell
+        .db
+        .mark_inbox(&p.user_id, Some(&id), false, now_ms())
+        .await;
+    changed(n.map_err(CodedError::from)?)
+}
+
+pub async fn read_all(State(cell): State<Arc<Cell>>, Auth(p): Auth) -> ApiResult<StatusCode> {
+    cell.db
+        .mark_inbox(&p.user_id, None, false, now_ms())
+        .await
+        .map_err(CodedError::from)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn archive(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let n = cell
+        .db
+        .mark_inbox(&p.user_id, Some(&id), true, now_ms())
+        .await;
+    changed(n.map_err(CodedError::from)?)
+}
+
+pub async fn delete(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let gone = cell.db.delete_inbox(&p.user_id, &id).await;
+    changed(u64::from(gone.map_err(CodedError::from)?))
+}
+
+#[derive(Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Preference {
+    pub category: String,
+    /// inbox, email or sms.
+    pub channel: String,
+    pub enabled: bool,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Preferences {
+    /// Security and money notices are sent whatever is set here.
+    pub preferences: Vec<Preference>,
+}
+
+pub async fn get_preferences(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+) -> ApiResult<axum::Json<Preferences>> {
+    let rows = cell
+        .db
+        .preferences(&p.user_id)
+        .await
+        .map_err(CodedError::from)?;
+    Ok(axum::Json(Preferences {
+        preferences: rows
+            .into_iter()
+            .map(|(category, channel, enabled)| Preference {
+                category,
+                channel,
+                enabled,
+            })
+            .collect(),
+    }))
+}
+
+fn check_name(field: &str, v: &str) -> Result<(), CodedError> {
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(CodedError::fields(vec![FieldError {
+            field: field.into(),
+            message: "1 to 64 of a-z, 0-9, '.', '_', '-'".into(),
+        }]))
+    }
+}
+
+fn check_channel(field: &str, v: &str) -> Result<(), CodedError> {
+    if CHANNELS.contains(&v) {
+        Ok(())
+    } else {
+        Err(CodedError::fields(vec![FieldError {
+            field: field.into(),
+            message: "must be inbox, email or sms".into(),
+        }]))
+    }
+}
+
+pub async fn put_preferences(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Json(req): Json<Preferences>,
+) -> ApiResult<StatusCode> {
+    if req.preferences.len() > 100 {
+        return Err(CodedError::invalid("at most 100 preferences").into());
+    }
+    let mut rows = Vec::new();
+    for (i, pref) in req.preferences.into_iter().enumerate() {
+        check_name(&format!("preferences[{i}].category"), &pref.category)?;
+        check_channel(&format!("preferences[{i}].channel"), &pref.channel)?;
+        rows.push((pref.category, pref.channel, pref.enabled));
+    }
+    cell.db
+        .set_preferences(&p.user_id, &rows)
+        .await
+        .map_err(CodedError::from)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Server-sent events: each new inbox item as `event: notice`, JSON data.
+pub async fn stream(State(cell): State<Arc<Cell>>, Auth(p): Auth) -> Response {
+    let rx = cell.notices.live.subscribe();
+    let me = p.user_id;
+    // Each of the user's new items; a subscriber that falls behind skips
+    // what it missed (the inbox still has it) rather than ending.
+    let items = futures::stream::unfold(rx, move |mut rx| {
+        let me = me.clone();
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(live) if live.user_id == me => {
+                        let e = Event::default()
+                            .event("notice")
+                            .id(live.item.id.clone())
+                            .json_data(&live.item)
+                            .map_err(axum::Error::new);
+                        return Some((e, rx));
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    });
+    // The router and proxies must not buffer this.
+    let mut resp = Sse::new(items)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response();
+    resp.headers_mut().insert(
+        "x-accel-buffering",
+        axum::http::HeaderValue::from_static("no"),
+    );
+    resp
+}
+
+// ------------------------------------------------------------------ /v1/me
+
+#[derive(Serialize, JsonSchema)]
+pub struct Me {
+    pub user: super::users::Profile,
+    pub wallets: Vec<super::wallet::WalletBalance>,
+    pub unread_notices: i64,
+}
+
+pub async fn me(State(cell): State<Arc<Cell>>, Auth(p): Auth) -> ApiResult<axum::Json<Me>> {
+    super::users::at_home(&cell, &p)?;
+    let (user, balances, unread) = tokio::join!(
+        cell.identity.user(&p.user_id),
+        cell.db.balances(&p.user_id),
+        cell.db.unread_count(&p.user_id, now_ms()),
+    );
+    Ok(axum::Json(Me {
+        user: super::users::profile(&cell, user?).await?,
+        wallets: balances
+            .map_err(CodedError::from)?
+            .into_iter()
+            .map(super::wallet::WalletBalance::from)
+            .collect(),
+        unread_notices: unread.map_err(CodedError::from)?,
+    }))
+}
+
+// ------------------------------------------------------------------ CMS
+
+pub async fn list_templates(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+) -> ApiResult<axum::Json<Vec<Template>>> {
+    super::cms::require(&cell, &p, "templates:write").await?;
+    Ok(axum::Json(
+        cell.db.list_templates().await.map_err(CodedError::from)?,
+    ))
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateBody {
+    pub category: String,
+    /// The inbox title or email subject ({{variables}} allowed).
+    #[serde(default)]
+    pub subject: String,
+    pub body: String,
+}
+
+pub async fn put_template(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path((key, channel, locale)): Path<(String, String, String)>,
+    Json(req): Json<TemplateBody>,
+) -> ApiResult<StatusCode> {
+    super::cms::require(&cell, &p, "templates:write").await?;
+    check_name("key", &key)?;
+    check_channel("channel", &channel)?;
+    check_name("locale", &locale)?;
+    check_name("category", &req.category)?;
+    if req.body.len() > 16 * 1024 || req.subject.len() > 512 {
+        return Err(CodedError::invalid("subject ≤ 512 and body ≤ 16384 bytes").into());
+    }
+    for (field, text) in [("subject", &req.subject), ("body", &req.body)] {
+        template::check(text).map_err(|m| {
+            CodedError::fields(vec![FieldError {
+                field: field.into(),
+                message: m,
+            }])
+        })?;
+    }
+    let t = Template {
+        key,
+        channel,
+        locale,
+        category: req.category,
+        subject: req.subject,
+        body: req.body,
+        updated_at: now_ms(),
+        updated_by: p.user_id.clone(),
+    };
+    cell.db.put_template(&t).await.map_err(CodedError::from)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn delete_template(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path((key, channel, locale)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    super::cms::require(&cell, &p, "templates:write").await?;
+    let gone = cell
+        .db
+        .delete_template(&key, &channel, &locale)
+        .await
+        .map_err(CodedError::from)?;
+    changed(u64::from(gone))
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct DeadPage {
+    pub items: Vec<Delivery>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+pub struct PageQuery {
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+pub async fn dead_letters(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<axum::Json<DeadPage>> {
+    super::cms::require(&cell, &p, "outbox:manage").await?;
+    let limit = cursor::limit(q.limit, 50, 200);
+    let after = q.cursor.as_deref().map(cursor::decode).transpose()?;
+    let mut items = cell
+        .db
+        .dead_deliveries(after, limit + 1)
+        .await
+        .map_err(CodedError::from)?;
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|d| cursor::encode(d.created_at, &d.id))
+    } else {
+        None
+    };
+    Ok(axum::Json(DeadPage { items, next_cursor }))
+}
+
+pub async fn redrive(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    super::cms::require(&cell, &p, "outbox:manage").await?;
+    let done = cell
+        .db
+        .redrive(&id, now_ms())
+        .await
+        .map_err(CodedError::from)?;
+    if !done {
+        return Err(CodedError::not_found("no dead delivery with that id").into());
+    }
+    cell.notices.wake.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MessageRequest {
+    pub to_user_id: String,
+    pub title: String,
+    pub text: String,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct MessageSent {
+    pub event_id: String,
+    /// The region of the user's home cell, where the notice was queued.
+    pub region: String,
+}
+
+/// `POST /v1/cms/messages`: a message to one user, in whichever cell is
+/// their home (cell to cell over gRPC). The path names no user, so the
+/// router sends it to the operator's own cell, where the permission lives.
+pub async fn send_message(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Json(req): Json<MessageRequest>,
+) -> ApiResult<Response> {
+    let user_id = req.to_user_id.trim().to_string();
+    super::cms::require(&cell, &p, "broadcast:send").await?;
+    let title = req.title.trim();
+    let text = req.text.trim();
+    if title.is_empty()
+        || title.chars().count() > 200
+        || text.is_empty()
+        || text.chars().count() > 4000
+    {
+        return Err(CodedError::invalid("title is 1–200 and text 1–4000 characters").into());
+    }
+    let event_id = uuid::Uuid::now_v7().to_string();
+    let payload = serde_json::json!({"title": title, "text": text}).to_string();
+    let region = cell
+        .deliver_event(&event_id, "message", &user_id, &payload)
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(MessageSent { event_id, region }),
+    )
+        .into_response())
+}
+
+impl Cell {
+    /// Queues an event for a user of any cell: here, or in their home cell
+    /// over gRPC. The region it went to.
+    pub async fn deliver_event(
+        &self,
+        event_id: &str,
+        topic: &str,
+        user_id: &str,
+        payload: &str,
+    ) -> Result<String, CodedError> {
+        let local = self.db.user(user_id).await?;
+        if local.is_some_and(|u| u.status != "deleted") {
+            self.db
+                .enqueue_event(event_id, topic, user_id, payload, now_ms())
+                .await?;
+            self.notices.wake.notify_one();
+            return Ok(self.region.clone());
+        }
+        let home = self
+            .replica
+            .state()
+            .user_region(user_id)
+            .filter(|r| *r != self.region)
+            .map(String::from)
+            .ok_or_else(|| CodedError::not_found("no such user"))?;
+        self.identity
+            .peers
+            .send_notice(&home, event_id, topic, user_id, payload)
+            .await
+            .map_err(|e| CodedError::new(ErrorCode::CellUnavailable, e))?;
+        Ok(home)
+    }
+}

@@ -1,0 +1,427 @@
+//! The notice tables, for both backends (one SQL text each).
+
+use crate::db::Datastore;
+use crate::identity::store::DbResult;
+use crate::{in_tx, on_db};
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+pub struct Template {
+    pub key: String,
+    /// inbox, email or sms.
+    pub channel: String,
+    pub locale: String,
+    /// security and money are critical: they bypass opt-outs.
+    pub category: String,
+    pub subject: String,
+    pub body: String,
+    pub updated_at: i64,
+    pub updated_by: String,
+}
+
+type TemplateTuple = (String, String, String, String, String, String, i64, String);
+
+impl From<TemplateTuple> for Template {
+    fn from(t: TemplateTuple) -> Self {
+        Self {
+            key: t.0,
+            channel: t.1,
+            locale: t.2,
+            category: t.3,
+            subject: t.4,
+            body: t.5,
+            updated_at: t.6,
+            updated_by: t.7,
+        }
+    }
+}
+
+const TEMPLATE_COLS: &str = "key, channel, locale, category, subject, body, updated_at, updated_by";
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+pub struct InboxItem {
+    pub id: String,
+    pub category: String,
+    pub title: String,
+    pub body: String,
+    pub created_at: i64,
+    pub read_at: Option<i64>,
+    pub archived_at: Option<i64>,
+}
+
+type InboxTuple = (
+    String,
+    String,
+    String,
+    String,
+    i64,
+    Option<i64>,
+    Option<i64>,
+);
+
+impl From<InboxTuple> for InboxItem {
+    fn from(t: InboxTuple) -> Self {
+        Self {
+            id: t.0,
+            category: t.1,
+            title: t.2,
+            body: t.3,
+            created_at: t.4,
+            read_at: t.5,
+            archived_at: t.6,
+        }
+    }
+}
+
+/// An event from the outbox.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub id: String,
+    pub topic: String,
+    pub user_id: Option<String>,
+    pub payload: String,
+    pub created_at: i64,
+}
+
+/// A rendered message for one channel, waiting to be sent.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+pub struct Delivery {
+    pub id: String,
+    pub event_id: String,
+    pub user_id: String,
+    pub channel: String,
+    #[serde(skip)]
+    pub recipient: String,
+    #[serde(skip)]
+    pub subject: String,
+    #[serde(skip)]
+    pub body: String,
+    #[serde(skip)]
+    pub html: Option<String>,
+    pub state: String,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+}
+
+type DeliveryTuple = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    i64,
+    i64,
+    Option<String>,
+    i64,
+);
+
+impl From<DeliveryTuple> for Delivery {
+    fn from(t: DeliveryTuple) -> Self {
+        Self {
+            id: t.0,
+            event_id: t.1,
+            user_id: t.2,
+            channel: t.3,
+            recipient: t.4,
+            subject: t.5,
+            body: t.6,
+            html: t.7,
+            state: t.8,
+            attempts: t.9,
+            next_attempt_at: t.10,
+            last_error: t.11,
+            created_at: t.12,
+        }
+    }
+}
+
+const DELIVERY_COLS: &str = "id, event_id, user_id, channel, recipient, subject, body, html, state, attempts, next_attempt_at, last_error, created_at";
+
+/// What an event turns into, written with the event marked handled.
+pub struct FanOut {
+    pub inbox: Option<(InboxItem, i64)>,
+    pub deliveries: Vec<Delivery>,
+}
+
+/// Contacts and locale of a user.
+pub struct Contacts {
+    pub status: String,
+    pub locale: Option<String>,
+    pub display_name: String,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+}
+
+impl Datastore {
+    /// Adds an event; false if its id is already there (triggers are
+    /// idempotent by event id).
+    pub async fn enqueue_event(
+        &self,
+        id: &str,
+        topic: &str,
+        user_id: &str,
+        payload: &str,
+        now: i64,
+    ) -> DbResult<bool> {
+        let n = on_db!(self, p => sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING")
+            .bind(id).bind(topic).bind(user_id).bind(payload).bind(now).execute(p).await?.rows_affected());
+        Ok(n == 1)
+    }
+
+    pub async fn pending_events(&self, limit: i64) -> DbResult<Vec<Event>> {
+        let sql = "SELECT id, topic, user_id, payload, created_at FROM outbox WHERE delivered_at IS NULL ORDER BY created_at, id LIMIT $1";
+        let rows: Vec<(String, String, Option<String>, String, i64)> =
+            on_db!(self, p => sqlx::query_as(sql).bind(limit).fetch_all(p).await?);
+        Ok(rows
+            .into_iter()
+            .map(|(id, topic, user_id, payload, created_at)| Event {
+                id,
+                topic,
+                user_id,
+                payload,
+                created_at,
+            })
+            .collect())
+    }
+
+    pub async fn contacts(&self, user_id: &str) -> DbResult<Option<Contacts>> {
+        let user: Option<(String, Option<String>, String)> = on_db!(self, p => sqlx::query_as("SELECT status, locale, display_name FROM users WHERE id = $1")
+            .bind(user_id).fetch_optional(p).await?);
+        let Some((status, locale, display_name)) = user else {
+            return Ok(None);
+        };
+        let ids: Vec<(String, String)> = on_db!(self, p => sqlx::query_as("SELECT kind, value FROM identifiers WHERE user_id = $1 ORDER BY kind")
+            .bind(user_id).fetch_all(p).await?);
+        let find = |k: &str| {
+            ids.iter()
+                .find(|(kind, _)| kind == k)
+                .map(|(_, v)| v.clone())
+        };
+        Ok(Some(Contacts {
+            status,
+            locale,
+            display_name,
+            email: find("email"),
+            phone: find("phone"),
+        }))
+    }
+
+    /// (category, channel) pairs the user switched off.
+    pub async fn opted_out(&self, user_id: &str) -> DbResult<Vec<(String, String)>> {
+        Ok(
+            on_db!(self, p => sqlx::query_as("SELECT category, channel FROM notice_preferences WHERE user_id = $1 AND NOT enabled")
+            .bind(user_id).fetch_all(p).await?),
+        )
+    }
+
+    pub async fn preferences(&self, user_id: &str) -> DbResult<Vec<(String, String, bool)>> {
+        Ok(
+            on_db!(self, p => sqlx::query_as("SELECT category, channel, enabled FROM notice_preferences WHERE user_id = $1 ORDER BY category, channel")
+            .bind(user_id).fetch_all(p).await?),
+        )
+    }
+
+    pub async fn set_preferences(
+        &self,
+        user_id: &str,
+        prefs: &[(String, String, bool)],
+    ) -> DbResult<()> {
+        in_tx!(self, tx => {
+            for (category, channel, enabled) in prefs {
+                sqlx::query("INSERT INTO notice_preferences (user_id, category, channel, enabled) VALUES ($1, $2, $3, $4) \
+                             ON CONFLICT (user_id, category, channel) DO UPDATE SET enabled = excluded.enabled")
+                    .bind(user_id).bind(category).bind(channel).bind(*enabled).execute(&mut *tx).await?;
+            }
+        });
+        Ok(())
+    }
+
+    pub async fn templates_for(&self, key: &str) -> DbResult<Vec<Template>> {
+        let sql = format!("SELECT {TEMPLATE_COLS} FROM notice_templates WHERE key = $1");
+        let rows: Vec<TemplateTuple> = on_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(key).fetch_all(p).await?);
+        Ok(rows.into_iter().map(Template::from).collect())
+    }
+
+    pub async fn list_templates(&self) -> DbResult<Vec<Template>> {
+        let sql =
+            format!("SELECT {TEMPLATE_COLS} FROM notice_templates ORDER BY key, channel, locale");
+        let rows: Vec<TemplateTuple> =
+            on_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).fetch_all(p).await?);
+        Ok(rows.into_iter().map(Template::from).collect())
+    }
+
+    pub async fn put_template(&self, t: &Template) -> DbResult<()> {
+        on_db!(self, p => {
+            sqlx::query("INSERT INTO notice_templates (key, channel, locale, category, subject, body, updated_at, updated_by) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (key, channel, locale) DO UPDATE SET \
+                         category = excluded.category, subject = excluded.subject, body = excluded.body, \
+                         updated_at = excluded.updated_at, updated_by = excluded.updated_by")
+                .bind(&t.key).bind(&t.channel).bind(&t.locale).bind(&t.category).bind(&t.subject)
+                .bind(&t.body).bind(t.updated_at).bind(&t.updated_by).execute(p).await?;
+        });
+        Ok(())
+    }
+
+    pub async fn delete_template(&self, key: &str, channel: &str, locale: &str) -> DbResult<bool> {
+        let n = on_db!(self, p => sqlx::query("DELETE FROM notice_templates WHERE key = $1 AND channel = $2 AND locale = $3")
+            .bind(key).bind(channel).bind(locale).execute(p).await?.rows_affected());
+        Ok(n == 1)
+    }
+
+    /// Writes what an event became and marks it handled, in one
+    /// transaction; its payload (which may hold a reset code) is cleared.
+    /// Unique keys make a second run of the same event a no-op.
+    pub async fn fan_out(
+        &self,
+        event_id: &str,
+        user_id: &str,
+        f: &FanOut,
+        now: i64,
+    ) -> DbResult<bool> {
+        let inserted = in_tx!(self, tx => {
+            let mut inserted = false;
+            if let Some((item, expires_at)) = &f.inbox {
+                let n = sqlx::query("INSERT INTO inbox (id, user_id, event_id, category, title, body, created_at, expires_at) \
+                                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (user_id, event_id) DO NOTHING")
+                    .bind(&item.id).bind(user_id).bind(event_id).bind(&item.category).bind(&item.title)
+                    .bind(&item.body).bind(item.created_at).bind(*expires_at).execute(&mut *tx).await?;
+                inserted = n.rows_affected() == 1;
+            }
+            for d in &f.deliveries {
+                sqlx::query("INSERT INTO deliveries (id, event_id, user_id, channel, recipient, subject, body, html, state, attempts, next_attempt_at, created_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 0, $9, $9) ON CONFLICT (event_id, channel) DO NOTHING")
+                    .bind(&d.id).bind(event_id).bind(user_id).bind(&d.channel).bind(&d.recipient)
+                    .bind(&d.subject).bind(&d.body).bind(&d.html).bind(now).execute(&mut *tx).await?;
+            }
+            sqlx::query("UPDATE outbox SET delivered_at = $1, payload = '{}' WHERE id = $2")
+                .bind(now).bind(event_id).execute(&mut *tx).await?;
+            inserted
+        });
+        Ok(inserted)
+    }
+
+    pub async fn due_deliveries(&self, now: i64, limit: i64) -> DbResult<Vec<Delivery>> {
+        let sql = format!(
+            "SELECT {DELIVERY_COLS} FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $2"
+        );
+        let rows: Vec<DeliveryTuple> = on_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(now).bind(limit).fetch_all(p).await?);
+        Ok(rows.into_iter().map(Delivery::from).collect())
+    }
+
+    /// Takes a delivery for `until` (so another worker or instance leaves
+    /// it alone); false if someone else took it first.
+    pub async fn lease_delivery(&self, id: &str, seen_next: i64, until: i64) -> DbResult<bool> {
+        let n = on_db!(self, p => sqlx::query("UPDATE deliveries SET next_attempt_at = $1 WHERE id = $2 AND state = 'pending' AND next_attempt_at = $3")
+            .bind(until).bind(id).bind(seen_next).execute(p).await?.rows_affected());
+        Ok(n == 1)
+    }
+
+    pub async fn delivery_sent(&self, id: &str, provider: &str, now: i64) -> DbResult<()> {
+        on_db!(self, p => {
+            sqlx::query("UPDATE deliveries SET state = 'sent', sent_at = $1, provider = $2, body = '', html = NULL, attempts = attempts + 1, last_error = NULL WHERE id = $3")
+                .bind(now).bind(provider).bind(id).execute(p).await?;
+        });
+        Ok(())
+    }
+
+    /// Counts a failed attempt: retried at `next_at`, or dead.
+    pub async fn delivery_failed(
+        &self,
+        id: &str,
+        error: &str,
+        next_at: i64,
+        dead: bool,
+    ) -> DbResult<()> {
+        on_db!(self, p => {
+            sqlx::query("UPDATE deliveries SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
+                         state = CASE WHEN $3 THEN 'dead' ELSE 'pending' END WHERE id = $4")
+                .bind(error).bind(next_at).bind(dead).bind(id).execute(p).await?;
+        });
+        Ok(())
+    }
+
+    pub async fn dead_deliveries(
+        &self,
+        after: Option<(i64, String)>,
+        limit: i64,
+    ) -> DbResult<Vec<Delivery>> {
+        let (at, id) = after.unwrap_or((i64::MAX, String::new()));
+        let sql = format!(
+            "SELECT {DELIVERY_COLS} FROM deliveries WHERE state = 'dead' AND (created_at < $1 OR (created_at = $1 AND id < $2)) ORDER BY created_at DESC, id DESC LIMIT $3"
+        );
+        let rows: Vec<DeliveryTuple> = on_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(at).bind(&id).bind(limit).fetch_all(p).await?);
+        Ok(rows.into_iter().map(Delivery::from).collect())
+    }
+
+    /// Puts a dead delivery back in the queue with a fresh attempt count.
+    pub async fn redrive(&self, id: &str, now: i64) -> DbResult<bool> {
+        let n = on_db!(self, p => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1 WHERE id = $2 AND state = 'dead'")
+            .bind(now).bind(id).execute(p).await?.rows_affected());
+        Ok(n == 1)
+    }
+
+    pub async fn inbox_page(
+        &self,
+        user_id: &str,
+        archived: bool,
+        after: Option<(i64, String)>,
+        limit: i64,
+        now: i64,
+    ) -> DbResult<Vec<InboxItem>> {
+        let (at, id) = after.unwrap_or((i64::MAX, String::new()));
+        let sql = "SELECT id, category, title, body, created_at, read_at, archived_at FROM inbox \
+                   WHERE user_id = $1 AND (archived_at IS NOT NULL) = $2 AND expires_at > $3 \
+                   AND (created_at < $4 OR (created_at = $4 AND id < $5)) ORDER BY created_at DESC, id DESC LIMIT $6";
+        let rows: Vec<InboxTuple> = on_db!(self, p => sqlx::query_as(sql).bind(user_id).bind(archived).bind(now).bind(at).bind(&id).bind(limit).fetch_all(p).await?);
+        Ok(rows.into_iter().map(InboxItem::from).collect())
+    }
+
+    pub async fn unread_count(&self, user_id: &str, now: i64) -> DbResult<i64> {
+        let sql = "SELECT COUNT(*) FROM inbox WHERE user_id = $1 AND read_at IS NULL AND archived_at IS NULL AND expires_at > $2";
+        Ok(on_db!(self, p => sqlx::query_scalar(sql).bind(user_id).bind(now).fetch_one(p).await?))
+    }
+
+    /// Sets `read_at` or `archived_at` on one item (or, with no id, on all
+    /// unread ones); the number of items changed.
+    pub async fn mark_inbox(
+        &self,
+        user_id: &str,
+        id: Option<&str>,
+        archive: bool,
+        now: i64,
+    ) -> DbResult<u64> {
+        let n = match (id, archive) {
+            (Some(id), false) => {
+                on_db!(self, p => sqlx::query("UPDATE inbox SET read_at = COALESCE(read_at, $1) WHERE user_id = $2 AND id = $3")
+                .bind(now).bind(user_id).bind(id).execute(p).await?.rows_affected())
+            }
+            (Some(id), true) => {
+                on_db!(self, p => sqlx::query("UPDATE inbox SET archived_at = COALESCE(archived_at, $1), read_at = COALESCE(read_at, $1) WHERE user_id = $2 AND id = $3")
+                .bind(now).bind(user_id).bind(id).execute(p).await?.rows_affected())
+            }
+            (None, _) => {
+                on_db!(self, p => sqlx::query("UPDATE inbox SET read_at = $1 WHERE user_id = $2 AND read_at IS NULL")
+                .bind(now).bind(user_id).execute(p).await?.rows_affected())
+            }
+        };
+        Ok(n)
+    }
+
+    pub async fn delete_inbox(&self, user_id: &str, id: &str) -> DbResult<bool> {
+        let n = on_db!(self, p => sqlx::query("DELETE FROM inbox WHERE user_id = $1 AND id = $2")
+            .bind(user_id).bind(id).execute(p).await?.rows_affected());
+        Ok(n == 1)
+    }
+
+    /// Deletes expired inbox items; how many.
+    pub async fn purge_inbox(&self, now: i64) -> DbResult<u64> {
+        Ok(
+            on_db!(self, p => sqlx::query("DELETE FROM inbox WHERE expires_at <= $1").bind(now).execute(p).await?.rows_affected()),
+        )
+    }
+}
