@@ -95,3 +95,85 @@ async fn payout(
         }
     }
 }
+
+/// A local SMS provider: `POST /sms` with `{id, to, text}`, signed like the
+/// payment webhooks. A failing one answers 500 to everything, as a provider
+/// in an outage does.
+pub struct TestSms {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Value>>>,
+    attempts: Arc<Mutex<usize>>,
+}
+
+type SmsState = (
+    Arc<Mutex<Vec<Value>>>,
+    Arc<Mutex<usize>>,
+    Arc<ring::hmac::Key>,
+    bool,
+);
+
+impl TestSms {
+    pub async fn start(secret: &str, failing: bool) -> anyhow::Result<Self> {
+        let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let attempts: Arc<Mutex<usize>> = Arc::default();
+        let key = Arc::new(homecell_common::webhook::key(secret));
+        let app = Router::new().route("/sms", post(sms)).with_state((
+            received.clone(),
+            attempts.clone(),
+            key,
+            failing,
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self {
+            addr,
+            received,
+            attempts,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/sms", self.addr)
+    }
+
+    /// Messages accepted, as `{id, to, text}`.
+    pub fn received(&self) -> Vec<Value> {
+        self.received.lock().expect("poisoned").clone()
+    }
+
+    /// Requests seen, accepted or not.
+    pub fn attempts(&self) -> usize {
+        *self.attempts.lock().expect("poisoned")
+    }
+}
+
+async fn sms(
+    State((received, attempts, key, failing)): State<SmsState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    *attempts.lock().expect("poisoned") += 1;
+    if failing {
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let sig = headers
+        .get("x-homecell-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if homecell_common::webhook::verify(&key, sig, &body, now).is_err() {
+        return StatusCode::UNAUTHORIZED;
+    }
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(v) => {
+            received.lock().expect("poisoned").push(v);
+            StatusCode::OK
+        }
+        Err(_) => StatusCode::BAD_REQUEST,
+    }
+}

@@ -32,9 +32,12 @@ fn python() -> Result<&'static str> {
 
 impl SmtpSink {
     pub async fn start() -> Result<Self> {
+        Self::start_on(crate::free_port()).await
+    }
+
+    pub async fn start_on(port: u16) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let maildir = dir.path().join("mail");
-        let port = crate::free_port();
         let child = Command::new(python()?)
             .args(["-m", "aiosmtpd", "-n", "-l"])
             .arg(format!("127.0.0.1:{port}"))
