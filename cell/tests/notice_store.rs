@@ -50,8 +50,16 @@ async fn events_and_fan_out(db: &Datastore) {
     .await
     .unwrap();
     // Registration queued a welcome; triggers are idempotent by event id.
-    assert!(db.enqueue_event("e1", "message", "u1", r#"{"title":"a","text":"b"}"#, NOW).await.unwrap());
-    assert!(!db.enqueue_event("e1", "message", "u1", "{}", NOW).await.unwrap());
+    assert!(
+        db.enqueue_event("e1", "message", "u1", r#"{"title":"a","text":"b"}"#, NOW)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !db.enqueue_event("e1", "message", "u1", "{}", NOW)
+            .await
+            .unwrap()
+    );
     let pending = db.pending_events(10).await.unwrap();
     assert_eq!(pending.len(), 2, "the welcome and e1");
     let f = FanOut {
@@ -80,23 +88,51 @@ async fn inbox(db: &Datastore) {
     }
     assert_eq!(db.unread_count("u1", NOW).await.unwrap(), 6);
     let page = db.inbox_page("u1", false, None, 2, NOW).await.unwrap();
-    assert_eq!(page.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["n4", "n3"]);
+    assert_eq!(
+        page.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+        ["n4", "n3"]
+    );
     let next = db
-        .inbox_page("u1", false, Some((page[1].created_at, page[1].id.clone())), 10, NOW)
+        .inbox_page(
+            "u1",
+            false,
+            Some((page[1].created_at, page[1].id.clone())),
+            10,
+            NOW,
+        )
         .await
         .unwrap();
     assert_eq!(next.len(), 4);
-    assert_eq!(db.mark_inbox("u1", Some("n4"), false, NOW).await.unwrap(), 1);
-    assert_eq!(db.mark_inbox("other", Some("n3"), false, NOW).await.unwrap(), 0);
+    assert_eq!(
+        db.mark_inbox("u1", Some("n4"), false, NOW).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        db.mark_inbox("other", Some("n3"), false, NOW)
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(db.mark_inbox("u1", Some("n3"), true, NOW).await.unwrap(), 1);
-    assert_eq!(db.inbox_page("u1", true, None, 10, NOW).await.unwrap().len(), 1);
+    assert_eq!(
+        db.inbox_page("u1", true, None, 10, NOW)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     assert_eq!(db.unread_count("u1", NOW).await.unwrap(), 4);
     assert_eq!(db.mark_inbox("u1", None, false, NOW).await.unwrap(), 4);
     assert_eq!(db.unread_count("u1", NOW).await.unwrap(), 0);
     assert!(db.delete_inbox("u1", "n0").await.unwrap());
     assert!(!db.delete_inbox("u1", "n0").await.unwrap());
     // Expired items vanish from reads at once and from the table on purge.
-    assert!(db.inbox_page("u1", false, None, 10, NOW + 20_000).await.unwrap().is_empty());
+    assert!(
+        db.inbox_page("u1", false, None, 10, NOW + 20_000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(db.purge_inbox(NOW + 20_000).await.unwrap() >= 4);
 }
 
@@ -113,10 +149,17 @@ async fn preferences_and_templates(db: &Datastore) {
     off.sort();
     assert_eq!(
         off,
-        vec![("account".into(), "email".into()), ("message".into(), "inbox".into())]
+        vec![
+            ("account".into(), "email".into()),
+            ("message".into(), "inbox".into())
+        ]
     );
     let seeded = db.templates_for("auth.password_reset").await.unwrap();
-    assert!(seeded.iter().any(|t| t.locale == "zh-CN" && t.channel == "sms"));
+    assert!(
+        seeded
+            .iter()
+            .any(|t| t.locale == "zh-CN" && t.channel == "sms")
+    );
     let t = Template {
         key: "promo".into(),
         channel: "inbox".into(),
@@ -142,11 +185,23 @@ async fn preferences_and_templates(db: &Datastore) {
 async fn deliveries(db: &Datastore) {
     let d = &db.due_deliveries(NOW, 10).await.unwrap()[0];
     // One worker wins the lease.
-    assert!(db.lease_delivery(&d.id, d.next_attempt_at, NOW + 60_000).await.unwrap());
-    assert!(!db.lease_delivery(&d.id, d.next_attempt_at, NOW + 60_000).await.unwrap());
+    assert!(
+        db.lease_delivery(&d.id, d.next_attempt_at, NOW + 60_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !db.lease_delivery(&d.id, d.next_attempt_at, NOW + 60_000)
+            .await
+            .unwrap()
+    );
     assert!(db.due_deliveries(NOW, 10).await.unwrap().is_empty());
-    db.delivery_failed(&d.id, "smtp down", NOW + 1, false).await.unwrap();
-    db.delivery_failed(&d.id, "smtp down", NOW + 2, true).await.unwrap();
+    db.delivery_failed(&d.id, "smtp down", NOW + 1, false)
+        .await
+        .unwrap();
+    db.delivery_failed(&d.id, "smtp down", NOW + 2, true)
+        .await
+        .unwrap();
     let dead = db.dead_deliveries(None, 10).await.unwrap();
     assert_eq!((dead.len(), dead[0].attempts), (1, 2));
     assert_eq!(dead[0].last_error.as_deref(), Some("smtp down"));

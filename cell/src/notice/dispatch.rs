@@ -10,9 +10,15 @@ use super::template::render;
 use super::{CRITICAL, Live, Notices};
 use crate::identity::keys::now_ms;
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// Events dispatched per transaction.
+const BATCH: i64 = 256;
+/// How often an idle worker looks at the outbox.
+const IDLE_POLL: Duration = Duration::from_millis(25);
 
 /// The template for `channel` in the user's locale, else the default
 /// locale, else none.
@@ -36,13 +42,11 @@ impl Notices {
         let mut last_purge = now_ms();
         loop {
             let mut busy = false;
-            match self.db.pending_events(100).await {
+            match self.db.pending_events(BATCH).await {
                 Ok(events) => {
-                    busy |= events.len() == 100;
-                    for e in events {
-                        if let Err(err) = self.dispatch(&e).await {
-                            tracing::warn!(event = %e.id, error = %err, "cannot dispatch an event; will retry");
-                        }
+                    busy |= events.len() as i64 == BATCH;
+                    if let Err(err) = self.dispatch(&events).await {
+                        tracing::warn!(error = %err, "cannot dispatch events; will retry");
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot read the outbox"),
@@ -60,7 +64,10 @@ impl Notices {
             tokio::select! {
                 _ = token.cancelled() => return,
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                // Events are written by other transactions (and other
+                // instances), so the outbox is also polled: a cheap indexed
+                // read that bounds the event-to-inbox delay.
+                _ = tokio::time::sleep(IDLE_POLL) => {}
             }
         }
     }
@@ -71,6 +78,7 @@ impl Notices {
         &self,
         e: &Event,
         user_id: &str,
+        templates: &[Template],
         now: i64,
     ) -> Result<Option<FanOut>, String> {
         let Some(contacts) = self.db.contacts(user_id).await.map_err(|e| e.to_string())? else {
@@ -79,11 +87,6 @@ impl Notices {
         if contacts.status == "deleted" {
             return Ok(None);
         }
-        let templates = self
-            .db
-            .templates_for(&e.topic)
-            .await
-            .map_err(|e| e.to_string())?;
         if templates.is_empty() {
             return Err(format!("no template for {}", e.topic));
         }
@@ -124,7 +127,7 @@ impl Notices {
             inbox: None,
             deliveries: Vec::new(),
         };
-        if let Some(t) = pick(&templates, "inbox", &locale, default).filter(|t| allowed(t)) {
+        if let Some(t) = pick(templates, "inbox", &locale, default).filter(|t| allowed(t)) {
             let item = InboxItem {
                 id: uuid::Uuid::now_v7().to_string(),
                 category: t.category.clone(),
@@ -143,7 +146,7 @@ impl Notices {
         ];
         for (channel, recipient) in targets {
             let (Some(t), Some(recipient)) =
-                (pick(&templates, channel, &locale, default), recipient)
+                (pick(templates, channel, &locale, default), recipient)
             else {
                 continue;
             };
@@ -171,28 +174,50 @@ impl Notices {
         Ok(Some(out))
     }
 
-    async fn dispatch(&self, e: &Event) -> anyhow::Result<()> {
+    /// Renders a batch of events side by side, then writes them all in one
+    /// transaction.
+    async fn dispatch(&self, events: &[Event]) -> anyhow::Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
         let now = now_ms();
-        let user_id = e.user_id.clone().unwrap_or_default();
-        let fan_out = match self.render_event(e, &user_id, now).await {
-            Ok(Some(f)) => f,
-            Ok(None) => FanOut {
-                inbox: None,
-                deliveries: Vec::new(),
-            },
-            Err(reason) => {
-                // Never half-sent: the event is dropped whole, loudly.
-                tracing::error!(event = %e.id, topic = %e.topic, reason, "event not rendered; nothing sent");
-                crate::metrics::NOTICES_UNRENDERED.inc();
-                FanOut {
-                    inbox: None,
-                    deliveries: Vec::new(),
+        let mut templates: HashMap<&str, Vec<Template>> = HashMap::new();
+        for e in events {
+            if !templates.contains_key(e.topic.as_str()) {
+                templates.insert(&e.topic, self.db.templates_for(&e.topic).await?);
+            }
+        }
+        let users: Vec<String> = events
+            .iter()
+            .map(|e| e.user_id.clone().unwrap_or_default())
+            .collect();
+        let rendered = futures::future::join_all(events.iter().zip(&users).map(|(e, user_id)| {
+            let ts = &templates[e.topic.as_str()];
+            async move {
+                match self.render_event(e, user_id, ts, now).await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => FanOut::default(),
+                    Err(reason) => {
+                        // Never half-sent: the event is dropped whole, loudly.
+                        tracing::error!(event = %e.id, topic = %e.topic, reason, "event not rendered; nothing sent");
+                        crate::metrics::NOTICES_UNRENDERED.inc();
+                        FanOut::default()
+                    }
                 }
             }
-        };
-        let inserted = self.db.fan_out(&e.id, &user_id, &fan_out, now).await?;
-        if inserted && let Some((item, _)) = fan_out.inbox {
-            let _ = self.live.send(Live { user_id, item });
+        }))
+        .await;
+        let batch: Vec<(&str, &str, &FanOut)> = events
+            .iter()
+            .zip(&users)
+            .zip(&rendered)
+            .map(|((e, u), f)| (e.id.as_str(), u.as_str(), f))
+            .collect();
+        let inserted = self.db.fan_out_many(&batch, now).await?;
+        for ((user_id, f), new) in users.into_iter().zip(rendered).zip(inserted) {
+            if new && let Some((item, _)) = f.inbox {
+                let _ = self.live.send(Live { user_id, item });
+            }
         }
         Ok(())
     }

@@ -143,6 +143,7 @@ impl From<DeliveryTuple> for Delivery {
 const DELIVERY_COLS: &str = "id, event_id, user_id, channel, recipient, subject, body, html, state, attempts, next_attempt_at, last_error, created_at";
 
 /// What an event turns into, written with the event marked handled.
+#[derive(Default)]
 pub struct FanOut {
     pub inbox: Option<(InboxItem, i64)>,
     pub deliveries: Vec<Delivery>,
@@ -168,8 +169,8 @@ impl Datastore {
         payload: &str,
         now: i64,
     ) -> DbResult<bool> {
-        let n = on_db!(self, p => sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING")
-            .bind(id).bind(topic).bind(user_id).bind(payload).bind(now).execute(p).await?.rows_affected());
+        let n = in_tx!(self, tx => sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING")
+            .bind(id).bind(topic).bind(user_id).bind(payload).bind(now).execute(&mut *tx).await?.rows_affected());
         Ok(n == 1)
     }
 
@@ -283,24 +284,38 @@ impl Datastore {
         f: &FanOut,
         now: i64,
     ) -> DbResult<bool> {
+        Ok(self.fan_out_many(&[(event_id, user_id, f)], now).await?[0])
+    }
+
+    /// `fan_out` for a batch of events in one transaction (one fsync); for
+    /// each, whether its inbox item is new.
+    pub async fn fan_out_many(
+        &self,
+        batch: &[(&str, &str, &FanOut)],
+        now: i64,
+    ) -> DbResult<Vec<bool>> {
         let inserted = in_tx!(self, tx => {
-            let mut inserted = false;
-            if let Some((item, expires_at)) = &f.inbox {
-                let n = sqlx::query("INSERT INTO inbox (id, user_id, event_id, category, title, body, created_at, expires_at) \
-                                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (user_id, event_id) DO NOTHING")
-                    .bind(&item.id).bind(user_id).bind(event_id).bind(&item.category).bind(&item.title)
-                    .bind(&item.body).bind(item.created_at).bind(*expires_at).execute(&mut *tx).await?;
-                inserted = n.rows_affected() == 1;
+            let mut all = Vec::with_capacity(batch.len());
+            for (event_id, user_id, f) in batch {
+                let mut inserted = false;
+                if let Some((item, expires_at)) = &f.inbox {
+                    let n = sqlx::query("INSERT INTO inbox (id, user_id, event_id, category, title, body, created_at, expires_at) \
+                                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (user_id, event_id) DO NOTHING")
+                        .bind(&item.id).bind(user_id).bind(event_id).bind(&item.category).bind(&item.title)
+                        .bind(&item.body).bind(item.created_at).bind(*expires_at).execute(&mut *tx).await?;
+                    inserted = n.rows_affected() == 1;
+                }
+                for d in &f.deliveries {
+                    sqlx::query("INSERT INTO deliveries (id, event_id, user_id, channel, recipient, subject, body, html, state, attempts, next_attempt_at, created_at) \
+                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 0, $9, $9) ON CONFLICT (event_id, channel) DO NOTHING")
+                        .bind(&d.id).bind(event_id).bind(user_id).bind(&d.channel).bind(&d.recipient)
+                        .bind(&d.subject).bind(&d.body).bind(&d.html).bind(now).execute(&mut *tx).await?;
+                }
+                sqlx::query("UPDATE outbox SET delivered_at = $1, payload = '{}' WHERE id = $2")
+                    .bind(now).bind(event_id).execute(&mut *tx).await?;
+                all.push(inserted);
             }
-            for d in &f.deliveries {
-                sqlx::query("INSERT INTO deliveries (id, event_id, user_id, channel, recipient, subject, body, html, state, attempts, next_attempt_at, created_at) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 0, $9, $9) ON CONFLICT (event_id, channel) DO NOTHING")
-                    .bind(&d.id).bind(event_id).bind(user_id).bind(&d.channel).bind(&d.recipient)
-                    .bind(&d.subject).bind(&d.body).bind(&d.html).bind(now).execute(&mut *tx).await?;
-            }
-            sqlx::query("UPDATE outbox SET delivered_at = $1, payload = '{}' WHERE id = $2")
-                .bind(now).bind(event_id).execute(&mut *tx).await?;
-            inserted
+            all
         });
         Ok(inserted)
     }
