@@ -365,3 +365,62 @@ async fn live_events_through_the_router_and_messages_across_cells() -> Result {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     Ok(())
 }
+
+#[tokio::test]
+async fn broadcasts_reach_a_segment_once() -> Result {
+    let c = cluster("").await?;
+    c.cli_ok(&["config", "set", "notice.broadcast.per_second", "2"])?;
+    let cn = Api::new(&c.router_url(0), "cn-east");
+    let root = admin(&c, &cn, "root@example.com").await?;
+    let mut users = Vec::new();
+    for i in 0..4 {
+        users.push(cn.signed_in(&format!("fan{i}@example.com"), PW).await?.0);
+    }
+
+    // Bad requests queue nothing.
+    let missing = json!({"template_key": "message", "variables": {"title": "no text"}});
+    let r = root.post("/v1/cms/broadcasts", missing).await?;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(r.body.to_string().contains("text is missing"), "{}", r.body);
+    let r = root
+        .post("/v1/cms/broadcasts", json!({"template_key": "no.such.key"}))
+        .await?;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = root
+        .post("/v1/cms/broadcasts", json!({"template_key": "message", "variables": {"title": "a", "text": "b"}, "role": "pirate"}))
+        .await?;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(root.get("/v1/cms/broadcasts").await?.body, json!([]));
+
+    // To admins only, then to everyone, paced at 2 users a second.
+    let to_admins = json!({"template_key": "message", "variables": {"title": "Admins", "text": "for admins"}, "role": "admin"});
+    assert_eq!(
+        root.post("/v1/cms/broadcasts", to_admins).await?.status,
+        StatusCode::ACCEPTED
+    );
+    let everyone = json!({"template_key": "message", "variables": {"title": "Everyone", "text": "maintenance tonight"}});
+    assert_eq!(
+        root.post("/v1/cms/broadcasts", everyone).await?.status,
+        StatusCode::ACCEPTED
+    );
+    for u in &users {
+        inbox_has(u, "maintenance tonight").await?;
+        let inbox = u.get("/v1/notices").await?;
+        assert!(!inbox.body.to_string().contains("for admins"));
+        let n = inbox
+            .body
+            .to_string()
+            .matches("maintenance tonight")
+            .count();
+        assert_eq!(n, 1, "{}", inbox.body);
+    }
+    let (root_app, _) = cn.signed_in("root@example.com", PW).await?;
+    inbox_has(&root_app, "for admins").await?;
+    let list = root.get("/v1/cms/broadcasts").await?;
+    let all: Vec<Value> = list.body.as_array().unwrap().clone();
+    assert_eq!(all.len(), 2);
+    assert!(all.iter().all(|b| b["done_at"].is_i64()), "{all:?}");
+    // root and the four fans: five users got "Everyone".
+    assert_eq!(all[0]["queued"], 5);
+    Ok(())
+}

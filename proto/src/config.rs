@@ -61,6 +61,7 @@ pub const KNOWN_KEYS: &[(&str, ConfigType)] = &[
     ("router.rate_limit.per_ip", ConfigType::Int),
     ("router.rate_limit.per_user", ConfigType::Int),
     ("notice.outbox.max_attempts", ConfigType::Int),
+    ("notice.broadcast.per_second", ConfigType::Int),
 ];
 
 pub fn known_type(key: &str) -> Option<ConfigType> {

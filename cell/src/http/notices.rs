@@ -483,3 +483,96 @@ impl Cell {
         Ok(home)
     }
 }
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BroadcastRequest {
+    /// A template key with at least one template (e.g. `message`).
+    pub template_key: String,
+    /// The template's variables (text or numbers); `display_name` is each
+    /// user's own.
+    #[serde(default)]
+    pub variables: serde_json::Map<String, serde_json::Value>,
+    /// Only users with this role; omitted: every active user of the cell.
+    pub role: Option<String>,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct BroadcastAccepted {
+    pub broadcast_id: String,
+}
+
+/// `POST /v1/cms/broadcasts`: a notice to a segment of this cell's users,
+/// queued at `notice.broadcast.per_second`. Every template of the key must
+/// render with the variables given, or nothing is queued.
+pub async fn broadcast(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    Json(req): Json<BroadcastRequest>,
+) -> ApiResult<Response> {
+    super::cms::require(&cell, &p, "broadcast:send").await?;
+    check_name("template_key", &req.template_key)?;
+    let templates = cell
+        .db
+        .templates_for(&req.template_key)
+        .await
+        .map_err(CodedError::from)?;
+    if templates.is_empty() {
+        return Err(CodedError::not_found("no template with that key").into());
+    }
+    let mut probe = req.variables.clone();
+    probe
+        .entry("display_name")
+        .or_insert_with(|| serde_json::Value::String("x".into()));
+    for t in &templates {
+        for text in [&t.subject, &t.body] {
+            template::render(text, &probe, false).map_err(|m| {
+                CodedError::fields(vec![FieldError {
+                    field: "variables".into(),
+                    message: format!("{} {} {}: {m}", t.key, t.channel, t.locale),
+                }])
+            })?;
+        }
+    }
+    if let Some(role) = &req.role
+        && !cell.db.role_exists(role).await.map_err(CodedError::from)?
+    {
+        return Err(CodedError::fields(vec![FieldError {
+            field: "role".into(),
+            message: "no such role".into(),
+        }])
+        .into());
+    }
+    let payload = serde_json::Value::Object(req.variables).to_string();
+    if payload.len() > 16 * 1024 {
+        return Err(CodedError::invalid("variables are at most 16 KiB").into());
+    }
+    let b = crate::notice::store::Broadcast {
+        id: uuid::Uuid::now_v7().to_string(),
+        template_key: req.template_key,
+        role: req.role,
+        created_by: p.user_id.clone(),
+        created_at: now_ms(),
+        queued: 0,
+        done_at: None,
+    };
+    cell.db
+        .create_broadcast(&b, &payload)
+        .await
+        .map_err(CodedError::from)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(BroadcastAccepted { broadcast_id: b.id }),
+    )
+        .into_response())
+}
+
+pub async fn list_broadcasts(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+) -> ApiResult<axum::Json<Vec<crate::notice::store::Broadcast>>> {
+    super::cms::require(&cell, &p, "broadcast:send").await?;
+    Ok(axum::Json(
+        cell.db.broadcasts(100).await.map_err(CodedError::from)?,
+    ))
+}

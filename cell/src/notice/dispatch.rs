@@ -40,6 +40,7 @@ impl Notices {
     /// Runs until shutdown.
     pub async fn run(self: Arc<Self>, token: CancellationToken) {
         let mut last_purge = now_ms();
+        let mut last_broadcast = 0;
         loop {
             let mut busy = false;
             match self.db.pending_events(BATCH).await {
@@ -52,6 +53,19 @@ impl Notices {
                 Err(e) => tracing::warn!(error = %e, "cannot read the outbox"),
             }
             busy |= self.send_due().await;
+            // Broadcasts are paced: one chunk a second.
+            if now_ms() - last_broadcast >= 1_000 {
+                last_broadcast = now_ms();
+                let per_second = self.replica.state().config_int(
+                    "notice.broadcast.per_second",
+                    &self.region,
+                    200,
+                );
+                match self.db.advance_broadcasts(per_second, last_broadcast).await {
+                    Ok(n) => busy |= n > 0,
+                    Err(e) => tracing::warn!(error = %e, "cannot advance broadcasts"),
+                }
+            }
             if now_ms() - last_purge > 60_000 {
                 last_purge = now_ms();
                 if let Err(e) = self.db.purge_inbox(last_purge).await {

@@ -440,3 +440,88 @@ impl Datastore {
         )
     }
 }
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+pub struct Broadcast {
+    pub id: String,
+    pub template_key: String,
+    /// Only users holding this role; none: every active user.
+    pub role: Option<String>,
+    pub created_by: String,
+    pub created_at: i64,
+    /// Users queued so far.
+    pub queued: i64,
+    pub done_at: Option<i64>,
+}
+
+type BroadcastTuple = (
+    String,
+    String,
+    Option<String>,
+    String,
+    i64,
+    i64,
+    Option<i64>,
+);
+
+impl From<BroadcastTuple> for Broadcast {
+    fn from(t: BroadcastTuple) -> Self {
+        Self {
+            id: t.0,
+            template_key: t.1,
+            role: t.2,
+            created_by: t.3,
+            created_at: t.4,
+            queued: t.5,
+            done_at: t.6,
+        }
+    }
+}
+
+impl Datastore {
+    pub async fn create_broadcast(&self, b: &Broadcast, payload: &str) -> DbResult<()> {
+        on_db!(self, p => {
+            sqlx::query("INSERT INTO broadcasts (id, template_key, payload, role, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+                .bind(&b.id).bind(&b.template_key).bind(payload).bind(&b.role).bind(&b.created_by).bind(b.created_at)
+                .execute(p).await?;
+        });
+        Ok(())
+    }
+
+    pub async fn broadcasts(&self, limit: i64) -> DbResult<Vec<Broadcast>> {
+        let sql = "SELECT id, template_key, role, created_by, created_at, queued, done_at FROM broadcasts ORDER BY created_at DESC, id DESC LIMIT $1";
+        let rows: Vec<BroadcastTuple> =
+            on_db!(self, p => sqlx::query_as(sql).bind(limit).fetch_all(p).await?);
+        Ok(rows.into_iter().map(Broadcast::from).collect())
+    }
+
+    /// Queues the next `chunk` users of every unfinished broadcast (oldest
+    /// first); how many events were queued.
+    pub async fn advance_broadcasts(&self, chunk: i64, now: i64) -> DbResult<u64> {
+        let active: Vec<(String, String, String, Option<String>, String)> = on_db!(self, p => sqlx::query_as(
+            "SELECT id, template_key, payload, role, cursor FROM broadcasts WHERE done_at IS NULL ORDER BY created_at LIMIT 4")
+            .fetch_all(p).await?);
+        let mut total = 0;
+        for (id, key, payload, role, cursor) in active {
+            let n = in_tx!(self, tx => {
+                let users: Vec<(String,)> = sqlx::query_as(
+                    "SELECT u.id FROM users u WHERE u.status = 'active' AND u.id > $1 \
+                     AND ($2 = '' OR EXISTS (SELECT 1 FROM user_roles r WHERE r.user_id = u.id AND r.role = $2)) \
+                     ORDER BY u.id LIMIT $3")
+                    .bind(&cursor).bind(role.as_deref().unwrap_or("")).bind(chunk).fetch_all(&mut *tx).await?;
+                for (user,) in &users {
+                    let event = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("{id}\0{user}").as_bytes()).to_string();
+                    sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING")
+                        .bind(event).bind(&key).bind(user).bind(&payload).bind(now).execute(&mut *tx).await?;
+                }
+                let last = users.last().map(|u| u.0.clone()).unwrap_or(cursor.clone());
+                let done = (users.len() as i64) < chunk;
+                sqlx::query("UPDATE broadcasts SET cursor = $1, queued = queued + $2, done_at = CASE WHEN $3 THEN $4 ELSE NULL END WHERE id = $5")
+                    .bind(&last).bind(users.len() as i64).bind(done).bind(now).bind(&id).execute(&mut *tx).await?;
+                users.len() as u64
+            });
+            total += n;
+        }
+        Ok(total)
+    }
+}
