@@ -50,6 +50,10 @@ pub struct CellConfig {
     /// and the money returns to the wallet.
     #[serde(default = "default_withdrawal_timeout")]
     pub withdrawal_timeout_secs: u64,
+    /// WeChat mini-program login (`[wechat]`); without it, 409 at
+    /// `/v1/auth/wechat`.
+    #[serde(default)]
+    pub wechat: Option<crate::identity::wechat::WechatConfig>,
     /// Email, SMS and inbox settings (`[notice]`).
     #[serde(default)]
     pub notice: crate::notice::NoticeConfig,
@@ -102,6 +106,9 @@ impl CellConfig {
         }
         self.tls.load().context("tls")?;
         self.notice.validate()?;
+        if let Some(w) = &self.wechat {
+            crate::identity::wechat::Wechat::new(w)?;
+        }
         let providers = crate::money::provider::Providers::load(&self.payments)?;
         if let Some(p) = &self.withdrawals_via
             && !providers.pays_out(p)

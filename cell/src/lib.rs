@@ -90,6 +90,11 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
         },
         money: money.clone(),
         notices: notices.clone(),
+        wechat: config
+            .wechat
+            .as_ref()
+            .map(identity::wechat::Wechat::new)
+            .transpose()?,
     });
 
     let token = shutdown::CancellationToken::new();

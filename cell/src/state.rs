@@ -12,4 +12,6 @@ pub struct Cell {
     pub identity: Identity,
     pub money: Arc<crate::money::service::Money>,
     pub notices: Arc<crate::notice::Notices>,
+    /// WeChat mini-program login, when configured.
+    pub wechat: Option<crate::identity::wechat::Wechat>,
 }

@@ -10,14 +10,14 @@ use homecell_proto::error::{CodedError, ErrorCode};
 /// A normalised identifier is `<kind>:<value>`; the cell normalises.
 fn validate_identifier(identifier: &str) -> Result<(), CodedError> {
     let ok = identifier.len() <= 330
-        && ["email:", "phone:", "username:"]
+        && ["email:", "phone:", "username:", "wechat:"]
             .iter()
             .any(|p| identifier.strip_prefix(p).is_some_and(|v| !v.is_empty()));
     if ok {
         Ok(())
     } else {
         Err(CodedError::invalid(
-            "identifier must be email:…, phone:… or username:…",
+            "identifier must be email:…, phone:…, username:… or wechat:…",
         ))
     }
 }

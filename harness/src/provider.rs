@@ -177,3 +177,71 @@ async fn sms(
         Err(_) => StatusCode::BAD_REQUEST,
     }
 }
+
+/// A local stand-in for WeChat's `code2session`: a code `code-<name>-<n>`
+/// belongs to the openid `o-<name>`, is good once, and only with the right
+/// appid and secret; anything else gets WeChat's error codes.
+pub struct TestWechat {
+    pub addr: SocketAddr,
+}
+
+impl TestWechat {
+    pub async fn start(appid: &str, secret: &str) -> anyhow::Result<Self> {
+        let used: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+        let creds = Arc::new((appid.to_string(), secret.to_string()));
+        let app = Router::new()
+            .route("/sns/jscode2session", axum::routing::get(code2session))
+            .with_state((used, creds));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr })
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+type WechatState = (
+    Arc<Mutex<std::collections::HashSet<String>>>,
+    Arc<(String, String)>,
+);
+
+async fn code2session(
+    State((used, creds)): State<WechatState>,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> (StatusCode, String) {
+    let get = |k: &str| q.get(k).map(String::as_str).unwrap_or("");
+    // WeChat answers 200 with an errcode, and text/plain.
+    let err = |code: i64, msg: &str| {
+        (
+            StatusCode::OK,
+            json!({"errcode": code, "errmsg": msg}).to_string(),
+        )
+    };
+    if get("appid") != creds.0 || get("secret") != creds.1 {
+        return err(40125, "invalid appsecret");
+    }
+    if get("grant_type") != "authorization_code" {
+        return err(40002, "invalid grant_type");
+    }
+    let code = get("js_code");
+    let Some(name) = code
+        .strip_prefix("code-")
+        .and_then(|r| r.rsplit_once('-'))
+        .map(|(n, _)| n)
+    else {
+        return err(40029, "invalid code");
+    };
+    if !used.lock().expect("poisoned").insert(code.to_string()) {
+        return err(40163, "code been used");
+    }
+    (
+        StatusCode::OK,
+        json!({"openid": format!("o-{name}"), "session_key": format!("sk-{name}-secret")})
+            .to_string(),
+    )
+}

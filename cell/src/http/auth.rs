@@ -66,6 +66,28 @@ pub async fn login(
 
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+pub struct WechatLoginRequest {
+    /// From `wx.login()` in the mini-program.
+    pub code: String,
+}
+
+/// `POST /v1/auth/wechat` (x-client-type: mp): signs in, or up, with WeChat.
+pub async fn wechat(
+    State(cell): State<Arc<Cell>>,
+    ClientType(ct): ClientType,
+    ClientIp(ip): ClientIp,
+    Json(r): Json<WechatLoginRequest>,
+) -> ApiResult<axum::Json<TokenPair>> {
+    cell.identity.check_ip(ip)?;
+    let pair = cell
+        .identity
+        .wechat_login(cell.wechat.as_ref(), &r.code, ct)
+        .await?;
+    Ok(axum::Json(pair))
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RefreshRequest {
     pub refresh_token: String,
 }

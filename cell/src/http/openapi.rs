@@ -112,6 +112,15 @@ pub fn routes() -> Vec<Route> {
         ),
         route(
             Method::POST,
+            "/v1/auth/wechat",
+            "Sign in (or up) from the WeChat mini-program with a wx.login() code (x-client-type: mp)",
+            Public,
+            Some(s::<auth::WechatLoginRequest>),
+            (200, Some(s::<crate::identity::service::TokenPair>)),
+            auth::wechat,
+        ),
+        route(
+            Method::POST,
             "/v1/auth/login",
             "Log in (x-client-type: app, web, mp or cms)",
             Public,

@@ -6,3 +6,4 @@ pub mod keys;
 pub mod password;
 pub mod service;
 pub mod store;
+pub mod wechat;

@@ -176,7 +176,7 @@ pub struct Identity {
 
 impl Identity {
     /// Counts a login or reset attempt against the client address's limit.
-    fn check_ip(&self, ip: Option<IpAddr>) -> Result<(), CodedError> {
+    pub(crate) fn check_ip(&self, ip: Option<IpAddr>) -> Result<(), CodedError> {
         match ip.map(|ip| self.login_limiter.check(ip)) {
             Some(Err(wait)) => Err(CodedError::new(
                 ErrorCode::TooManyRequests,
@@ -263,7 +263,7 @@ impl Identity {
         let hash = self.hasher.hash(password.to_string()).await?;
         // Time-ordered and random: unique across cells without coordination.
         let user_id = uuid::Uuid::now_v7().to_string();
-        self.claim(&id, &user_id).await?;
+        self.claim(&id.qualified(), &user_id).await?;
         let default_name = match id.kind {
             super::identifier::Kind::Username => id.value.clone(),
             _ => format!("user-{}", &user_id[user_id.len() - 6..]),
@@ -290,9 +290,9 @@ impl Identity {
         Ok(user_id)
     }
 
-    async fn claim(&self, id: &Identifier, user_id: &str) -> Result<(), CodedError> {
+    pub(crate) async fn claim(&self, qualified: &str, user_id: &str) -> Result<(), CodedError> {
         let req = ClaimIdentifierRequest {
-            identifier: id.qualified(),
+            identifier: qualified.to_string(),
             user_id: user_id.to_string(),
             region: self.region.clone(),
         };
@@ -317,7 +317,11 @@ impl Identity {
         }
     }
 
-    async fn release(&self, qualified: &str, user_id: &str) -> Result<(), tonic::Status> {
+    pub(crate) async fn release(
+        &self,
+        qualified: &str,
+        user_id: &str,
+    ) -> Result<(), tonic::Status> {
         let req = ReleaseIdentifierRequest {
             identifier: qualified.to_string(),
             user_id: user_id.to_string(),
@@ -388,9 +392,20 @@ impl Identity {
                 .set_password(&user_id, &hash, false, None, now)
                 .await?;
         }
+        self.start_session(&user_id, client_type).await
+    }
+
+    /// Opens a session of `client_type` for a user who just proved who they
+    /// are (ending the previous one of that type) and issues its tokens.
+    pub(crate) async fn start_session(
+        &self,
+        user_id: &str,
+        client_type: &str,
+    ) -> Result<TokenPair, CodedError> {
+        let now = now_ms();
         let session = Session {
             id: uuid::Uuid::now_v7().to_string(),
-            user_id: user_id.clone(),
+            user_id: user_id.to_string(),
             client_type: client_type.to_string(),
             created_at: now,
             last_used_at: now,

@@ -244,6 +244,35 @@ impl Datastore {
         Ok(())
     }
 
+    /// The user bound to a WeChat openid.
+    pub async fn wechat_user(&self, openid: &str) -> DbResult<Option<String>> {
+        let row: Option<(String,)> = on_db!(self, p => sqlx::query_as("SELECT user_id FROM wechat_bindings WHERE openid = $1")
+            .bind(openid).fetch_optional(p).await?);
+        Ok(row.map(|r| r.0))
+    }
+
+    /// A new user signing in with WeChat: no password, one binding.
+    pub async fn create_wechat_user(
+        &self,
+        id: &str,
+        display_name: &str,
+        openid: &str,
+        now: i64,
+    ) -> DbResult<()> {
+        in_tx!(self, tx => {
+            sqlx::query("INSERT INTO users (id, status, display_name, version, created_at, updated_at) VALUES ($1, 'active', $2, 1, $3, $3)")
+                .bind(id).bind(display_name).bind(now).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO wechat_bindings (openid, user_id, created_at) VALUES ($1, $2, $3)")
+                .bind(openid).bind(id).bind(now).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO user_roles (user_id, role, granted_at) VALUES ($1, 'user', $2)")
+                .bind(id).bind(now).execute(&mut *tx).await?;
+            let welcome = serde_json::json!({ "display_name": display_name }).to_string();
+            sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'user.welcome', $2, $3, $4)")
+                .bind(uuid::Uuid::now_v7().to_string()).bind(id).bind(welcome).bind(now).execute(&mut *tx).await?;
+        });
+        Ok(())
+    }
+
     pub async fn user(&self, id: &str) -> DbResult<Option<User>> {
         let sql = concat!("SELECT ", user_cols!(), " FROM users WHERE id = $1");
         let row: Option<UserTuple> =
@@ -337,8 +366,12 @@ impl Datastore {
         now: i64,
     ) -> DbResult<Vec<(String, String)>> {
         let ids = in_tx!(self, tx => {
-            let ids: Vec<(String, String)> = sqlx::query_as("SELECT kind, value FROM identifiers WHERE user_id = $1")
+            let mut ids: Vec<(String, String)> = sqlx::query_as("SELECT kind, value FROM identifiers WHERE user_id = $1")
                 .bind(id).fetch_all(&mut *tx).await?;
+            let openids: Vec<(String,)> = sqlx::query_as("SELECT openid FROM wechat_bindings WHERE user_id = $1")
+                .bind(id).fetch_all(&mut *tx).await?;
+            ids.extend(openids.into_iter().map(|(o,)| ("wechat".to_string(), o)));
+            sqlx::query("DELETE FROM wechat_bindings WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
             sqlx::query("UPDATE users SET status = 'deleted', display_name = $1, locale = NULL, bio = NULL, avatar_url = NULL, version = version + 1, updated_at = $2 WHERE id = $3")
                 .bind(placeholder).bind(now).bind(id).execute(&mut *tx).await?;
             sqlx::query("DELETE FROM identifiers WHERE user_id = $1").bind(id).execute(&mut *tx).await?;

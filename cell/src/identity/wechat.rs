@@ -1,0 +1,165 @@
+//! WeChat mini-program login. The mini-program gets a one-time `code` from
+//! `wx.login()`; the cell trades it at WeChat's `code2session`
+//! (`GET {base_url}/sns/jscode2session?appid&secret&js_code&grant_type=
+//! authorization_code`) for the user's `openid` and a `session_key`. The
+//! session key stays here (it is not even stored: nothing we do needs it
+//! yet); the client gets our own tokens. An openid signs in its bound user,
+//! or creates one, claimed globally as `wechat:<openid>` so it has one home.
+
+use super::keys::now_ms;
+use super::service::{Identity, TokenPair};
+use homecell_proto::error::{CodedError, ErrorCode};
+use std::time::Duration;
+
+/// The cell config's `[wechat]` section.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WechatConfig {
+    /// `https://api.weixin.qq.com` in production.
+    pub base_url: String,
+    pub appid: String,
+    /// A file holding the mini-program's AppSecret.
+    #[serde(default)]
+    pub secret_file: Option<std::path::PathBuf>,
+    /// The AppSecret itself, for development.
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+pub struct Wechat {
+    base_url: String,
+    appid: String,
+    secret: String,
+    http: reqwest::Client,
+}
+
+#[derive(serde::Deserialize)]
+struct Session {
+    #[serde(default)]
+    openid: Option<String>,
+    #[serde(default)]
+    errcode: i64,
+}
+
+impl Wechat {
+    pub fn new(c: &WechatConfig) -> anyhow::Result<Self> {
+        if !(c.base_url.starts_with("http://") || c.base_url.starts_with("https://")) {
+            anyhow::bail!("wechat.base_url must be an http(s) URL");
+        }
+        let secret = match (&c.secret, &c.secret_file) {
+            (Some(s), None) => s.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)?.trim().to_string(),
+            _ => anyhow::bail!("wechat: set exactly one of secret, secret_file"),
+        };
+        Ok(Self {
+            base_url: c.base_url.trim_end_matches('/').to_string(),
+            appid: c.appid.clone(),
+            secret,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()?,
+        })
+    }
+
+    /// The openid behind a login code.
+    async fn openid(&self, code: &str) -> Result<String, CodedError> {
+        let url = format!("{}/sns/jscode2session", self.base_url);
+        let query = [
+            ("appid", self.appid.as_str()),
+            ("secret", self.secret.as_str()),
+            ("js_code", code),
+            ("grant_type", "authorization_code"),
+        ];
+        let unavailable = |e: String| {
+            tracing::warn!(error = %e, "code2session failed");
+            CodedError::new(ErrorCode::BadGateway, "WeChat could not be reached; retry")
+        };
+        let resp = self
+            .http
+            .get(url)
+            .query(&query)
+            .send()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(unavailable(format!("status {}", resp.status())));
+        }
+        // WeChat answers JSON with a text/plain content type.
+        let body = resp.bytes().await.map_err(|e| unavailable(e.to_string()))?;
+        let s: Session = serde_json::from_slice(&body).map_err(|e| unavailable(e.to_string()))?;
+        match s.openid.filter(|o| !o.is_empty() && o.len() <= 128) {
+            Some(openid) if s.errcode == 0 => Ok(openid),
+            _ => Err(CodedError::new(
+                ErrorCode::InvalidCredentials,
+                "the WeChat login code is invalid or already used",
+            )),
+        }
+    }
+}
+
+impl Identity {
+    /// `POST /v1/auth/wechat`.
+    pub async fn wechat_login(
+        &self,
+        wechat: Option<&Wechat>,
+        code: &str,
+        client_type: &str,
+    ) -> Result<TokenPair, CodedError> {
+        let wechat = wechat.ok_or_else(|| {
+            CodedError::new(
+                ErrorCode::FailedPrecondition,
+                "WeChat login is not configured in this region",
+            )
+        })?;
+        if client_type != "mp" {
+            return Err(CodedError::invalid(
+                "WeChat login is for the mini-program (x-client-type: mp)",
+            ));
+        }
+        let code = code.trim();
+        if code.is_empty() || code.len() > 128 {
+            return Err(CodedError::invalid("code: 1 to 128 characters"));
+        }
+        let openid = wechat.openid(code).await?;
+        let user_id = match self.db.wechat_user(&openid).await? {
+            Some(id) => id,
+            None => {
+                let user_id = uuid::Uuid::now_v7().to_string();
+                let qualified = format!("wechat:{openid}");
+                self.claim(&qualified, &user_id).await.map_err(|e| {
+                    if e.code == ErrorCode::AlreadyExists {
+                        CodedError::new(
+                            ErrorCode::AlreadyExists,
+                            "this WeChat account belongs to another region",
+                        )
+                    } else {
+                        e
+                    }
+                })?;
+                let name = format!("wx-{}", &user_id[user_id.len() - 6..]);
+                if let Err(e) = self
+                    .db
+                    .create_wechat_user(&user_id, &name, &openid, now_ms())
+                    .await
+                {
+                    if let Err(re) = self.release(&qualified, &user_id).await {
+                        tracing::warn!(error = %re, "cannot release a claim after a failed sign-up");
+                    }
+                    return Err(e.into());
+                }
+                tracing::info!(user_id, "user signed up with WeChat");
+                user_id
+            }
+        };
+        match self.db.user(&user_id).await? {
+            Some(u) if u.status == "active" => {}
+            _ => {
+                return Err(CodedError::new(
+                    ErrorCode::AccountDisabled,
+                    "this account is disabled",
+                ));
+            }
+        }
+        self.start_session(&user_id, client_type).await
+    }
+}

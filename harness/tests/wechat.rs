@@ -1,0 +1,72 @@
+//! WeChat mini-program login through the router, against a local server
+//! that speaks code2session.
+
+use homecell_harness::api::Api;
+use homecell_harness::provider::TestWechat;
+use homecell_harness::{Cluster, start_standard};
+use reqwest::StatusCode;
+use serde_json::json;
+use std::time::Duration;
+
+type Result<T = ()> = anyhow::Result<T>;
+
+#[tokio::test]
+async fn mini_program_sign_up_and_sign_in() -> Result {
+    let wx = TestWechat::start("wx-app-1", "wx-secret-0123456789").await?;
+    let mut c = Cluster::temp()?;
+    c.cell_extra_config = format!(
+        "[wechat]\nbase_url = {:?}\nappid = \"wx-app-1\"\nsecret = \"wx-secret-0123456789\"\n",
+        wx.base_url()
+    );
+    start_standard(&mut c).await?;
+    c.wait_signing_keys(Duration::from_secs(15)).await?;
+    let cn = Api::new(&c.router_url(0), "cn-east").as_client("mp");
+    let eu = Api::new(&c.router_url(0), "eu-west").as_client("mp");
+
+    // First sign-in creates the account; the session key never leaves.
+    let r = cn
+        .post("/v1/auth/wechat", json!({"code": "code-amy-1"}))
+        .await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(!r.body.to_string().contains("sk-amy"), "{}", r.body);
+    let amy = r.body["user_id"].as_str().unwrap().to_string();
+    let me = cn
+        .with_token(r.body["access_token"].as_str().unwrap())
+        .get("/v1/users/me")
+        .await?;
+    assert_eq!(me.status, StatusCode::OK);
+
+    // A code is good once; a new code signs in the same user.
+    let again = cn
+        .post("/v1/auth/wechat", json!({"code": "code-amy-1"}))
+        .await?;
+    assert_eq!(
+        (again.status, again.code()),
+        (StatusCode::UNAUTHORIZED, "invalid_credentials")
+    );
+    let r = cn
+        .post("/v1/auth/wechat", json!({"code": "code-amy-2"}))
+        .await?;
+    assert_eq!(r.body["user_id"], amy.as_str());
+
+    // Bad input: junk codes, another client type, an empty code.
+    let r = cn.post("/v1/auth/wechat", json!({"code": "junk"})).await?;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = cn
+        .as_client("app")
+        .post("/v1/auth/wechat", json!({"code": "code-bob-1"}))
+        .await?;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = cn.post("/v1/auth/wechat", json!({"code": ""})).await?;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // The openid has one home: another region refuses to make a second user.
+    let r = eu
+        .post("/v1/auth/wechat", json!({"code": "code-amy-3"}))
+        .await?;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "already_exists")
+    );
+    Ok(())
+}
