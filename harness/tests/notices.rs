@@ -198,12 +198,54 @@ async fn mail_inbox_preferences_and_templates() -> Result {
         all.body
     );
 
-    // One call for the home screen.
+    // A first sign-in on another client type is a security notice (and
+    // security ignores opt-outs).
+    let (eve_web, _) = cn.as_client("web").signed_in("eve@example.com", PW).await?;
+    inbox_has(&eve_web, "signed in on a new web client").await?;
+    let r = eve
+        .call(
+            Method::PUT,
+            "/v1/notices/preferences",
+            Some(json!({"preferences": []})),
+            &[],
+        )
+        .await?;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = root
+        .call(
+            Method::PUT,
+            "/v1/cms/templates/user.welcome/email/english",
+            Some(json!({"category": "account", "body": "x"})),
+            &[],
+        )
+        .await?;
+    assert_eq!(
+        r.status,
+        StatusCode::BAD_REQUEST,
+        "an unknown locale: {}",
+        r.body
+    );
+
+    // One call for the home screen; the mini-program's shows no identifiers.
+    let mp = cn.as_client("mp").signed_in("eve@example.com", PW).await?.0;
+    inbox_has(&eve, "signed in on a new mp client").await?;
+    let short = mp.get("/v1/me").await?;
+    assert_eq!(
+        short.body["user"]["identifiers"],
+        json!([]),
+        "{}",
+        short.body
+    );
     let me = eve.get("/v1/me").await?;
     assert_eq!(me.status, StatusCode::OK, "{}", me.body);
     assert_eq!(me.body["user"]["id"], eve_id.as_str());
     assert_eq!(me.body["wallets"][0]["available"], 250);
-    assert_eq!(me.body["unread_notices"], 1);
+    assert_eq!(
+        me.body["user"]["identifiers"][0]["value"],
+        "eve@example.com"
+    );
+    // The deposit, the web sign-in and the mini-program sign-in.
+    assert_eq!(me.body["unread_notices"], 3, "{}", me.body);
     Ok(())
 }
 
@@ -422,5 +464,31 @@ async fn broadcasts_reach_a_segment_once() -> Result {
     assert!(all.iter().all(|b| b["done_at"].is_i64()), "{all:?}");
     // root and the four fans: five users got "Everyone".
     assert_eq!(all[0]["queued"], 5);
+    Ok(())
+}
+
+#[tokio::test]
+async fn pending_mail_survives_a_cell_restart() -> Result {
+    // Mail cannot be delivered yet: the SMTP server is not up.
+    let mail_port = homecell_harness::free_port();
+    let extra = format!(
+        "[notice]\nemail_from = \"Homecell <no-reply@homecell.test>\"\n[notice.smtp]\nhost = \"127.0.0.1\"\nport = {mail_port}\nsecurity = \"none\"\n"
+    );
+    let mut c = cluster(&extra).await?;
+    let cn = Api::new(&c.router_url(0), "cn-east");
+    let r = cn.register("ray@example.com", PW).await?;
+    assert_eq!(r.status, StatusCode::CREATED);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.cell_mut("cn-east")
+        .unwrap()
+        .process
+        .as_mut()
+        .unwrap()
+        .kill();
+    let mail = SmtpSink::start_on(mail_port).await?;
+    c.cell_mut("cn-east").unwrap().process.take();
+    c.start_cell("cn-east").await?;
+    mail.wait_for("ray@example.com", "Welcome", Duration::from_secs(30))
+        .await?;
     Ok(())
 }

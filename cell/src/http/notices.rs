@@ -185,6 +185,27 @@ fn check_name(field: &str, v: &str) -> Result<(), CodedError> {
     }
 }
 
+/// A BCP 47 tag of the shapes templates use: `en`, `zh-CN`, `zh-Hant-TW`.
+fn check_locale(v: &str) -> Result<(), CodedError> {
+    let mut parts = v.split('-');
+    let lang = parts.next().unwrap_or("");
+    let lang_ok = (2..=3).contains(&lang.len()) && lang.bytes().all(|b| b.is_ascii_lowercase());
+    let rest_ok = parts.all(|p| {
+        (p.len() == 2 && p.bytes().all(|b| b.is_ascii_uppercase()))
+            || (p.len() == 4
+                && p.as_bytes()[0].is_ascii_uppercase()
+                && p.bytes().skip(1).all(|b| b.is_ascii_lowercase()))
+    });
+    if lang_ok && rest_ok && v.len() <= 16 {
+        Ok(())
+    } else {
+        Err(CodedError::fields(vec![FieldError {
+            field: "locale".into(),
+            message: "a language tag such as en, zh-CN or zh-Hant-TW".into(),
+        }]))
+    }
+}
+
 fn check_channel(field: &str, v: &str) -> Result<(), CodedError> {
     if CHANNELS.contains(&v) {
         Ok(())
@@ -262,15 +283,25 @@ pub struct Me {
     pub unread_notices: i64,
 }
 
-pub async fn me(State(cell): State<Arc<Cell>>, Auth(p): Auth) -> ApiResult<axum::Json<Me>> {
+/// The mini-program facade shows less: no identifiers (phone, email) on a
+/// screen that is easy to share.
+pub async fn me(
+    State(cell): State<Arc<Cell>>,
+    Auth(p): Auth,
+    ClientType(client): ClientType,
+) -> ApiResult<axum::Json<Me>> {
     super::users::at_home(&cell, &p)?;
     let (user, balances, unread) = tokio::join!(
         cell.identity.user(&p.user_id),
         cell.db.balances(&p.user_id),
         cell.db.unread_count(&p.user_id, now_ms()),
     );
+    let mut profile = super::users::profile(&cell, user?).await?;
+    if client == "mp" {
+        profile.identifiers.clear();
+    }
     Ok(axum::Json(Me {
-        user: super::users::profile(&cell, user?).await?,
+        user: profile,
         wallets: balances
             .map_err(CodedError::from)?
             .into_iter()
@@ -311,7 +342,7 @@ pub async fn put_template(
     super::cms::require(&cell, &p, "templates:write").await?;
     check_name("key", &key)?;
     check_channel("channel", &channel)?;
-    check_name("locale", &locale)?;
+    check_locale(&locale)?;
     check_name("category", &req.category)?;
     if req.body.len() > 16 * 1024 || req.subject.len() > 512 {
         return Err(CodedError::invalid("subject ≤ 512 and body ≤ 16384 bytes").into());
