@@ -18,7 +18,7 @@ impl DirectoryKey {
     }
 
     pub fn from_hex(hex: &str) -> anyhow::Result<Self> {
-        let bytes = decode_hex(hex).ok_or_else(|| anyhow::anyhow!("not hex"))?;
+        let bytes = crate::hex::decode(hex).ok_or_else(|| anyhow::anyhow!("not hex"))?;
         if bytes.len() < 32 {
             anyhow::bail!("must hold at least 32 bytes");
         }
@@ -27,18 +27,8 @@ impl DirectoryKey {
 
     pub fn hmac(&self, identifier: &str) -> String {
         let tag = ring::hmac::sign(&self.0, identifier.as_bytes());
-        tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+        crate::hex::encode(tag.as_ref())
     }
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod directory_key;
+pub mod hex;
 pub mod jwt;
 pub mod replica;
 pub mod shutdown;

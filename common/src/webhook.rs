@@ -26,8 +26,7 @@ pub fn sign(secret: &str, body: &[u8], t: i64) -> String {
 
 pub fn sign_with(key: &hmac::Key, body: &[u8], t: i64) -> String {
     let tag = hmac::sign(key, &signed_bytes(t, body));
-    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("t={t},v1={hex}")
+    format!("t={t},v1={}", crate::hex::encode(tag.as_ref()))
 }
 
 /// Checks a header value against `body` at `now`; the reason on failure.
@@ -37,7 +36,7 @@ pub fn verify(key: &hmac::Key, header: &str, body: &[u8], now: i64) -> Result<()
     for part in header.split(',') {
         match part.trim().split_once('=') {
             Some(("t", v)) => t = v.parse::<i64>().ok(),
-            Some(("v1", v)) => v1 = decode_hex(v),
+            Some(("v1", v)) => v1 = crate::hex::decode(v).filter(|h| h.len() <= 64),
             _ => {}
         }
     }
@@ -48,16 +47,6 @@ pub fn verify(key: &hmac::Key, header: &str, body: &[u8], now: i64) -> Result<()
         return Err("signature timestamp out of tolerance");
     }
     hmac::verify(key, &signed_bytes(t, body), &v1).map_err(|_| "bad signature")
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || s.len() > 128 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]

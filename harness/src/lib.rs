@@ -495,6 +495,20 @@ impl Cluster {
         })
     }
 
+    /// Runs `cell audit` over the SQLite datastores of `regions`; its report,
+    /// or an error with it if the audit failed.
+    pub fn audit(&self, regions: &[&str]) -> Result<String> {
+        let mut args = vec!["audit".to_string()];
+        for r in regions {
+            args.push("--database-url".into());
+            args.push(format!("sqlite:{}", self.cell_sqlite_path(r).display()));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.cell_command(regions.first().copied().unwrap_or("cn-east"), &args)?;
+        anyhow::ensure!(out.success, "audit failed:\n{}{}", out.stdout, out.stderr);
+        Ok(out.stdout)
+    }
+
     /// The cell's SQLite datastore file (when it runs on the default).
     pub fn cell_sqlite_path(&self, region: &str) -> PathBuf {
         self.root.join(format!("cell-{region}")).join("cell.db")

@@ -17,6 +17,16 @@ struct Ledger {
     requests: usize,
 }
 
+/// Serves `app` on a free loopback port until the test ends.
+async fn serve(app: Router) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(addr)
+}
+
 pub struct TestProvider {
     pub addr: SocketAddr,
     ledger: Arc<Mutex<Ledger>>,
@@ -30,11 +40,7 @@ impl TestProvider {
         let app = Router::new()
             .route("/payouts", post(payout))
             .with_state((ledger.clone(), Arc::new(key)));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let addr = serve(app).await?;
         Ok(Self { addr, ledger })
     }
 
@@ -123,11 +129,7 @@ impl TestSms {
             key,
             failing,
         ));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let addr = serve(app).await?;
         Ok(Self {
             addr,
             received,
@@ -192,11 +194,7 @@ impl TestWechat {
         let app = Router::new()
             .route("/sns/jscode2session", axum::routing::get(code2session))
             .with_state((used, creds));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let addr = serve(app).await?;
         Ok(Self { addr })
     }
 

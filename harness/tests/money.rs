@@ -44,26 +44,6 @@ async fn user(api: &Api, ident: &str) -> Result<(Api, String)> {
     Ok((a, login["user_id"].as_str().unwrap().to_string()))
 }
 
-/// Runs the ledger audit over both cells' datastores.
-fn audit(c: &Cluster) -> Result<String> {
-    let urls: Vec<String> = ["cn-east", "eu-west"]
-        .iter()
-        .map(|r| format!("sqlite:{}", c.cell_sqlite_path(r).display()))
-        .collect();
-    let out = c.cell_command(
-        "cn-east",
-        &[
-            "audit",
-            "--database-url",
-            &urls[0],
-            "--database-url",
-            &urls[1],
-        ],
-    )?;
-    anyhow::ensure!(out.success, "audit failed:\n{}{}", out.stdout, out.stderr);
-    Ok(out.stdout)
-}
-
 /// Polls a transfer at the sender until it leaves `pending`.
 async fn settled(api: &Api, id: &str) -> Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -283,7 +263,7 @@ async fn deposits_transfers_and_audit() -> Result {
     let deposits = alice.get("/v1/wallet/transfers?kind=deposit").await?;
     assert_eq!(deposits.body["items"].as_array().unwrap().len(), 1);
 
-    let report = audit(&c)?;
+    let report = c.audit(&["cn-east", "eu-west"])?;
     assert!(report.contains("cn-east↔eu-west CNY"), "{report}");
     Ok(())
 }
@@ -359,7 +339,7 @@ async fn cms_adjustments_need_money_adjust() -> Result {
         "{}",
         audit_log.body
     );
-    audit(&c)?;
+    c.audit(&["cn-east", "eu-west"])?;
     Ok(())
 }
 
@@ -394,10 +374,14 @@ async fn a_transfer_to_an_unreachable_cell_is_voided_after_the_hold_timeout() ->
     c.start_cell("eu-west").await?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if audit(&c).is_ok() {
+        if c.audit(&["cn-east", "eu-west"]).is_ok() {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "audit: {:?}", audit(&c).err());
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "audit: {:?}",
+            c.audit(&["cn-east", "eu-west"]).err()
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     Ok(())

@@ -15,25 +15,6 @@ type Result<T = ()> = anyhow::Result<T>;
 const PW: &str = "correct horse battery";
 const SECRET: &str = "testpay-shared-secret-0123456789";
 
-fn audit(c: &Cluster) -> Result<String> {
-    let urls: Vec<String> = ["cn-east", "eu-west"]
-        .iter()
-        .map(|r| format!("sqlite:{}", c.cell_sqlite_path(r).display()))
-        .collect();
-    let out = c.cell_command(
-        "cn-east",
-        &[
-            "audit",
-            "--database-url",
-            &urls[0],
-            "--database-url",
-            &urls[1],
-        ],
-    )?;
-    anyhow::ensure!(out.success, "audit failed:\n{}{}", out.stdout, out.stderr);
-    Ok(out.stdout)
-}
-
 /// Restarts `region`'s cell with the given failpoint armed (or none) and
 /// waits until the router routes to it again.
 async fn restart(c: &mut Cluster, region: &str, failpoint: Option<&str>) -> Result {
@@ -152,7 +133,9 @@ async fn sagas_finish_after_kill_9_at_every_step() -> Result {
         assert_eq!(again.body["transfer_id"], id.as_str());
         assert_eq!(alice.available("CNY").await?, alice_expect, "{failpoint}");
         assert_eq!(carol.available("CNY").await?, carol_expect, "{failpoint}");
-        let report = audit(&c).map_err(|e| e.context(failpoint))?;
+        let report = c
+            .audit(&["cn-east", "eu-west"])
+            .map_err(|e| e.context(failpoint))?;
         assert!(report.contains("audit passed"), "{report}");
     }
     assert!(carol_expect > 0, "no transfer got through at all");

@@ -269,6 +269,25 @@ pub mod cursor {
         Ok((at.parse().map_err(|_| bad())?, id.to_string()))
     }
 
+    /// Cuts rows fetched with `limit + 1` to a page of `limit`, with the
+    /// cursor of its last item when more follow.
+    pub fn page<T>(
+        mut items: Vec<T>,
+        limit: i64,
+        key: impl Fn(&T) -> (i64, &str),
+    ) -> (Vec<T>, Option<String>) {
+        let limit = usize::try_from(limit).unwrap_or(0);
+        if items.len() <= limit {
+            return (items, None);
+        }
+        items.truncate(limit);
+        let next = items.last().map(|i| {
+            let (at, id) = key(i);
+            encode(at, id)
+        });
+        (items, next)
+    }
+
     /// `limit` clamped to 1..=max, default `default`.
     pub fn limit(l: Option<i64>, default: i64, max: i64) -> i64 {
         l.unwrap_or(default).clamp(1, max)

@@ -53,23 +53,13 @@ pub async fn list(
 ) -> ApiResult<axum::Json<InboxPage>> {
     let limit = page_size(client, q.limit);
     let after = q.cursor.as_deref().map(cursor::decode).transpose()?;
-    let mut items = cell
+    let archived = q.archived.unwrap_or(false);
+    let rows = cell
         .db
-        .inbox_page(
-            &p.user_id,
-            q.archived.unwrap_or(false),
-            after,
-            limit + 1,
-            now_ms(),
-        )
+        .inbox_page(&p.user_id, archived, after, limit + 1, now_ms())
         .await
         .map_err(CodedError::from)?;
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|i| cursor::encode(i.created_at, &i.id))
-    } else {
-        None
-    };
+    let (items, next_cursor) = cursor::page(rows, limit, |i| (i.created_at, &i.id));
     Ok(axum::Json(InboxPage { items, next_cursor }))
 }
 
@@ -403,17 +393,12 @@ pub async fn dead_letters(
     super::cms::require(&cell, &p, "outbox:manage").await?;
     let limit = cursor::limit(q.limit, 50, 200);
     let after = q.cursor.as_deref().map(cursor::decode).transpose()?;
-    let mut items = cell
+    let rows = cell
         .db
         .dead_deliveries(after, limit + 1)
         .await
         .map_err(CodedError::from)?;
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|d| cursor::encode(d.created_at, &d.id))
-    } else {
-        None
-    };
+    let (items, next_cursor) = cursor::page(rows, limit, |d| (d.created_at, &d.id));
     Ok(axum::Json(DeadPage { items, next_cursor }))
 }
 

@@ -177,17 +177,12 @@ pub async fn history(
         after,
         limit: limit + 1,
     };
-    let mut ops = cell
+    let rows = cell
         .db
         .history(&p.user_id, &filter)
         .await
         .map_err(CodedError::from)?;
-    let next_cursor = if ops.len() as i64 > limit {
-        ops.truncate(limit as usize);
-        ops.last().map(|o| cursor::encode(o.created_at, &o.id))
-    } else {
-        None
-    };
+    let (ops, next_cursor) = cursor::page(rows, limit, |o| (o.created_at, &o.id));
     Ok(axum::Json(TransferPage {
         items: ops.into_iter().map(|o| view(o, &p.user_id)).collect(),
         next_cursor,

@@ -129,6 +129,21 @@ pub struct Move {
     pub pending_id: Option<String>,
 }
 
+impl Move {
+    /// A one-step transfer of posted money, named after its operation.
+    pub fn single(operation_id: &str, debit: Account, credit: Account, amount: i64) -> Self {
+        Self {
+            id: format!("{operation_id}:single"),
+            operation_id: operation_id.to_string(),
+            debit,
+            credit,
+            amount,
+            phase: Phase::Single,
+            pending_id: None,
+        }
+    }
+}
+
 /// Column changes of one account: (debits_pending, debits_posted,
 /// credits_pending, credits_posted, available balance required).
 pub(super) type Delta = (i64, i64, i64, i64, i64);

@@ -9,8 +9,7 @@
 use super::currency;
 use super::group::{GroupCommit, Step, Write};
 use super::ledger::{
-    Account, LedgerError, LedgerResult, Move, Operation, OutboxEvent, Phase, SideEffects,
-    StepUpdate,
+    Account, LedgerError, LedgerResult, Move, Operation, OutboxEvent, SideEffects, StepUpdate,
 };
 use crate::db::Datastore;
 use crate::identity::keys::now_ms;
@@ -325,15 +324,12 @@ impl Money {
         };
         if home == self.region {
             let event = received_event(&op);
-            let m = Move {
-                id: format!("{id}:single"),
-                operation_id: id.clone(),
-                debit: Account::wallet(&p.user_id, &req.currency),
-                credit: Account::wallet(to, &req.currency),
-                amount: req.amount,
-                phase: Phase::Single,
-                pending_id: None,
-            };
+            let m = Move::single(
+                &id,
+                Account::wallet(&p.user_id, &req.currency),
+                Account::wallet(to, &req.currency),
+                req.amount,
+            );
             let side = SideEffects {
                 event: Some(event),
                 audit: None,
@@ -409,15 +405,7 @@ impl Money {
             updated_at: now,
             ..Default::default()
         };
-        let m = Move {
-            id: format!("{id}:single"),
-            operation_id: id.clone(),
-            debit,
-            credit,
-            amount: req.amount.abs(),
-            phase: Phase::Single,
-            pending_id: None,
-        };
+        let m = Move::single(&id, debit, credit, req.amount.abs());
         let side = SideEffects {
             event: None,
             audit: Some(AuditEntry {
@@ -473,15 +461,12 @@ impl Money {
             updated_at: now,
             ..Default::default()
         };
-        let m = Move {
-            id: format!("{id}:single"),
-            operation_id: id.clone(),
-            debit: Account::system("deposits", &d.currency),
-            credit: Account::wallet(&d.user_id, &d.currency),
-            amount: d.amount,
-            phase: Phase::Single,
-            pending_id: None,
-        };
+        let m = Move::single(
+            &id,
+            Account::system("deposits", &d.currency),
+            Account::wallet(&d.user_id, &d.currency),
+            d.amount,
+        );
         let side = SideEffects {
             event: Some(OutboxEvent {
                 topic: "money.deposited",
