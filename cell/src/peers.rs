@@ -8,9 +8,9 @@ use crate::state::Cell;
 use homecell_common::replica::Replica;
 use homecell_common::tls::{PeerIdentity, TlsMaterial};
 use homecell_proto::cell::{
-    CheckSessionRequest, CheckSessionResponse, IncomingResponse, IncomingTransfer,
-    SendNoticeRequest, SendNoticeResponse, cell_service_client::CellServiceClient,
-    cell_service_server::CellService,
+    CheckSessionRequest, CheckSessionResponse, ForwardDepositRequest, ForwardDepositResponse,
+    IncomingResponse, IncomingTransfer, SendNoticeRequest, SendNoticeResponse,
+    cell_service_client::CellServiceClient, cell_service_server::CellService,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -165,6 +165,37 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// Books a verified deposit at the user's home cell: (transfer id, state)
+    /// or the home's refusal as a coded error.
+    pub async fn forward_deposit(
+        &self,
+        region: &str,
+        req: ForwardDepositRequest,
+    ) -> Result<(String, String), homecell_proto::error::CodedError> {
+        use homecell_proto::error::{CodedError, ErrorCode};
+        let ch = self.channel(region).ok_or_else(|| {
+            CodedError::new(
+                ErrorCode::CellUnavailable,
+                "the user's home cell has no endpoint",
+            )
+        })?;
+        match CellServiceClient::new(ch).forward_deposit(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                Ok((r.transfer_id, r.state))
+            }
+            // Our own coded errors travel as "<code> <message>".
+            Err(s) => {
+                let (code, msg) = s.message().split_once(' ').unwrap_or(("", s.message()));
+                let code = serde_json::from_value(serde_json::Value::String(code.into()))
+                    .unwrap_or(ErrorCode::CellUnavailable);
+                Err(CodedError::new(code, msg.to_string()))
+            }
+        }
+    }
+}
+
 /// The caller's region, when it is another cell.
 fn calling_cell<T>(req: &Request<T>) -> Result<String, Status> {
     match req.extensions().get::<PeerIdentity>() {
@@ -269,6 +300,34 @@ impl CellService for CellGrpc {
             .map_err(|e| Status::internal(e.to_string()))?;
         cell.notices.wake.notify_one();
         Ok(Response::new(SendNoticeResponse {}))
+    }
+
+    async fn forward_deposit(
+        &self,
+        req: Request<ForwardDepositRequest>,
+    ) -> Result<Response<ForwardDepositResponse>, Status> {
+        calling_cell(&req)?;
+        let r = req.into_inner();
+        if r.provider.is_empty() || r.provider.len() > 64 {
+            return Err(Status::invalid_argument("provider: 1 to 64 characters"));
+        }
+        let d = crate::money::provider::Deposit {
+            event_id: r.event_id,
+            kind: "deposit.succeeded".into(),
+            user_id: r.user_id,
+            amount: r.amount,
+            currency: r.currency,
+        };
+        let o = self
+            .0
+            .money
+            .deposit(&r.provider, &d)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ForwardDepositResponse {
+            transfer_id: o.op.id,
+            state: o.op.state,
+        }))
     }
 
     async fn void_incoming(

@@ -459,3 +459,46 @@ async fn withdrawals_post_on_success_and_void_on_failure_or_timeout() -> Result 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_deposit_reaching_another_region_is_booked_at_home() -> Result {
+    let c = cluster("").await?;
+    let cn = Api::new(&c.router_url(0), "cn-east");
+    let eu = Api::new(&c.router_url(0), "eu-west");
+    let (carol, carol_id) = user(&eu, "carol@example.com").await?;
+    // The provider's callback lands at cn-east; carol lives in eu-west.
+    let d = cn
+        .provider_deposit("testpay", SECRET, "far-1", &carol_id, 900)
+        .await?;
+    assert_eq!(d.status, StatusCode::OK, "{}", d.body);
+    assert_eq!(d.body["state"], "posted");
+    let again = cn
+        .provider_deposit("testpay", SECRET, "far-1", &carol_id, 900)
+        .await?;
+    assert_eq!(again.body["transfer_id"], d.body["transfer_id"]);
+    // The same event straight at home is the same deposit, too.
+    let home = eu
+        .provider_deposit("testpay", SECRET, "far-1", &carol_id, 900)
+        .await?;
+    assert_eq!(home.body["transfer_id"], d.body["transfer_id"]);
+    let changed = cn
+        .provider_deposit("testpay", SECRET, "far-1", &carol_id, 1)
+        .await?;
+    assert_eq!(
+        (changed.status, changed.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+    );
+    assert_eq!(carol.available("CNY").await?, 900);
+    let unknown = cn
+        .provider_deposit(
+            "testpay",
+            SECRET,
+            "far-2",
+            "0190c0de-0000-7000-8000-000000000000",
+            5,
+        )
+        .await?;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    c.audit(&["cn-east", "eu-west"])?;
+    Ok(())
+}

@@ -444,7 +444,8 @@ impl Money {
         }
         match self.db.user(&d.user_id).await? {
             Some(u) if u.status != "deleted" => {}
-            _ => return Err(CodedError::not_found("no such user in this region")),
+            Some(_) => return Err(CodedError::not_found("no such user")),
+            None => return self.forward_deposit(provider, d).await,
         }
         let now = now_ms();
         let op = Operation {
@@ -476,6 +477,37 @@ impl Money {
             audit: None,
         };
         Ok(self.commit(op, &[m], &side).await?.into())
+    }
+
+    /// A deposit for a user of another region: the callback was verified
+    /// here; the user's home cell books it (idempotent there by event id).
+    async fn forward_deposit(
+        &self,
+        provider: &str,
+        d: &super::provider::Deposit,
+    ) -> Result<Outcome, CodedError> {
+        let home = self
+            .replica
+            .state()
+            .user_region(&d.user_id)
+            .filter(|r| *r != self.region)
+            .map(String::from)
+            .ok_or_else(|| CodedError::not_found("no such user"))?;
+        let req = homecell_proto::cell::ForwardDepositRequest {
+            provider: provider.to_string(),
+            event_id: d.event_id.clone(),
+            user_id: d.user_id.clone(),
+            amount: d.amount,
+            currency: d.currency.clone(),
+        };
+        let (id, state) = self.peers.forward_deposit(&home, req).await?;
+        tracing::info!(home, transfer = %id, "deposit forwarded to the user's home cell");
+        Ok(Outcome::from(Operation {
+            id,
+            kind: "deposit".into(),
+            state,
+            ..Default::default()
+        }))
     }
 
     /// One of the caller's operations (either side).
