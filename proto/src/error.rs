@@ -239,6 +239,14 @@ impl CodedError {
         }
     }
 
+    /// A validation error for one field.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::fields(vec![FieldError {
+            field: field.into(),
+            message: message.into(),
+        }])
+    }
+
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::InvalidArgument, message)
     }

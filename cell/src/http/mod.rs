@@ -20,7 +20,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use homecell_common::tls::PeerIdentity;
-use homecell_proto::error::{CodedError, ErrorCode, FieldError, PROBLEM_CONTENT_TYPE, Problem};
+use homecell_proto::error::{CodedError, ErrorCode, PROBLEM_CONTENT_TYPE, Problem};
 use serde::de::DeserializeOwned;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -101,11 +101,7 @@ impl<S: Sync> FromRequestParts<S> for ClientType {
             .find(|t| **t == v)
             .map(|t| Self(t))
             .ok_or_else(|| {
-                CodedError::fields(vec![FieldError {
-                    field: "x-client-type".into(),
-                    message: "must be one of app, web, mp, cms".into(),
-                }])
-                .into()
+                CodedError::field("x-client-type", "must be one of app, web, mp, cms").into()
             })
     }
 }
@@ -170,11 +166,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
             if inner.is_syntax() || inner.is_eof() || path == "." {
                 CodedError::invalid(format!("malformed JSON: {inner}")).into()
             } else {
-                CodedError::fields(vec![FieldError {
-                    field: path,
-                    message: inner.to_string(),
-                }])
-                .into()
+                CodedError::field(path, inner.to_string()).into()
             }
         })
     }

@@ -10,7 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use homecell_proto::error::{CodedError, ErrorCode, FieldError};
+use homecell_proto::error::{CodedError, ErrorCode};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -168,10 +168,10 @@ fn check_name(field: &str, v: &str) -> Result<(), CodedError> {
     if ok {
         Ok(())
     } else {
-        Err(CodedError::fields(vec![FieldError {
-            field: field.into(),
-            message: "1 to 64 of a-z, 0-9, '.', '_', '-'".into(),
-        }]))
+        Err(CodedError::field(
+            field,
+            "1 to 64 of a-z, 0-9, '.', '_', '-'",
+        ))
     }
 }
 
@@ -189,10 +189,10 @@ fn check_locale(v: &str) -> Result<(), CodedError> {
     if lang_ok && rest_ok && v.len() <= 16 {
         Ok(())
     } else {
-        Err(CodedError::fields(vec![FieldError {
-            field: "locale".into(),
-            message: "a language tag such as en, zh-CN or zh-Hant-TW".into(),
-        }]))
+        Err(CodedError::field(
+            "locale",
+            "a language tag such as en, zh-CN or zh-Hant-TW",
+        ))
     }
 }
 
@@ -200,10 +200,7 @@ fn check_channel(field: &str, v: &str) -> Result<(), CodedError> {
     if CHANNELS.contains(&v) {
         Ok(())
     } else {
-        Err(CodedError::fields(vec![FieldError {
-            field: field.into(),
-            message: "must be inbox, email or sms".into(),
-        }]))
+        Err(CodedError::field(field, "must be inbox, email or sms"))
     }
 }
 
@@ -338,12 +335,7 @@ pub async fn put_template(
         return Err(CodedError::invalid("subject ≤ 512 and body ≤ 16384 bytes").into());
     }
     for (field, text) in [("subject", &req.subject), ("body", &req.body)] {
-        template::check(text).map_err(|m| {
-            CodedError::fields(vec![FieldError {
-                field: field.into(),
-                message: m,
-            }])
-        })?;
+        template::check(text).map_err(|m| CodedError::field(field, m))?;
     }
     let t = Template {
         key,
@@ -543,21 +535,17 @@ pub async fn broadcast(
     for t in &templates {
         for text in [&t.subject, &t.body] {
             template::render(text, &probe, false).map_err(|m| {
-                CodedError::fields(vec![FieldError {
-                    field: "variables".into(),
-                    message: format!("{} {} {}: {m}", t.key, t.channel, t.locale),
-                }])
+                CodedError::field(
+                    "variables",
+                    format!("{} {} {}: {m}", t.key, t.channel, t.locale),
+                )
             })?;
         }
     }
     if let Some(role) = &req.role
         && !cell.db.role_exists(role).await.map_err(CodedError::from)?
     {
-        return Err(CodedError::fields(vec![FieldError {
-            field: "role".into(),
-            message: "no such role".into(),
-        }])
-        .into());
+        return Err(CodedError::field("role", "no such role").into());
     }
     let payload = serde_json::Value::Object(req.variables).to_string();
     if payload.len() > 16 * 1024 {

@@ -57,13 +57,6 @@ impl From<HashError> for CodedError {
     }
 }
 
-fn field(name: &str, message: &str) -> CodedError {
-    CodedError::fields(vec![FieldError {
-        field: name.into(),
-        message: message.into(),
-    }])
-}
-
 fn invalid_credentials() -> CodedError {
     CodedError::new(
         ErrorCode::InvalidCredentials,
@@ -244,7 +237,7 @@ impl Identity {
             _ => return Err(CodedError::fields(errors)),
         };
         if id.value == password.trim().to_lowercase() {
-            return Err(field(
+            return Err(CodedError::field(
                 "password",
                 "the password must differ from the identifier",
             ));
@@ -344,9 +337,9 @@ impl Identity {
     ) -> Result<TokenPair, CodedError> {
         self.check_ip(ip)?;
         if password.len() > 1024 {
-            return Err(field("password", "too long"));
+            return Err(CodedError::field("password", "too long"));
         }
-        let id = Identifier::parse(identifier).map_err(|m| field("identifier", m))?;
+        let id = Identifier::parse(identifier).map_err(|m| CodedError::field("identifier", m))?;
         let Some(user_id) = self
             .db
             .user_by_identifier(id.kind.as_str(), &id.value)
@@ -471,7 +464,7 @@ impl Identity {
 
     pub async fn refresh(&self, refresh_token: &str) -> Result<TokenPair, CodedError> {
         if refresh_token.is_empty() || refresh_token.len() > 256 {
-            return Err(field("refresh_token", "malformed"));
+            return Err(CodedError::field("refresh_token", "malformed"));
         }
         let next = self.new_refresh_token();
         let outcome = self
@@ -596,7 +589,7 @@ impl Identity {
         old: &str,
         new: &str,
     ) -> Result<(), CodedError> {
-        password::check_policy(new).map_err(|m| field("new_password", m))?;
+        password::check_policy(new).map_err(|m| CodedError::field("new_password", m))?;
         let (max, lock_ms) = self.lockout();
         let now = now_ms();
         if self
@@ -632,7 +625,7 @@ impl Identity {
         ip: Option<IpAddr>,
     ) -> Result<(), CodedError> {
         self.check_ip(ip)?;
-        let id = Identifier::parse(identifier).map_err(|m| field("identifier", m))?;
+        let id = Identifier::parse(identifier).map_err(|m| CodedError::field("identifier", m))?;
         let Some(user_id) = self
             .db
             .user_by_identifier(id.kind.as_str(), &id.value)
@@ -678,14 +671,14 @@ impl Identity {
         code: &str,
         new_password: &str,
     ) -> Result<(), CodedError> {
-        password::check_policy(new_password).map_err(|m| field("new_password", m))?;
+        password::check_policy(new_password).map_err(|m| CodedError::field("new_password", m))?;
         let bad = || {
             CodedError::new(
                 ErrorCode::InvalidArgument,
                 "the code is wrong or has expired",
             )
         };
-        let id = Identifier::parse(identifier).map_err(|m| field("identifier", m))?;
+        let id = Identifier::parse(identifier).map_err(|m| CodedError::field("identifier", m))?;
         let Some(user_id) = self
             .db
             .user_by_identifier(id.kind.as_str(), &id.value)

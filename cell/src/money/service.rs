@@ -16,7 +16,7 @@ use crate::identity::keys::now_ms;
 use crate::identity::service::{Principal, sha256_hex};
 use crate::identity::store::AuditEntry;
 use homecell_common::replica::Replica;
-use homecell_proto::error::{CodedError, ErrorCode, FieldError};
+use homecell_proto::error::{CodedError, ErrorCode};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -95,30 +95,18 @@ pub fn parse_key(key: Option<&str>) -> Result<String, CodedError> {
         .map(str::trim)
         .filter(|k| !k.is_empty())
         .ok_or_else(|| {
-            CodedError::fields(vec![FieldError {
-                field: "Idempotency-Key".into(),
-                message: "this write needs an Idempotency-Key header (a UUID)".into(),
-            }])
+            CodedError::field(
+                "Idempotency-Key",
+                "this write needs an Idempotency-Key header (a UUID)",
+            )
         })?;
     uuid::Uuid::parse_str(key)
         .map(|u| u.to_string())
-        .map_err(|_| {
-            CodedError::fields(vec![FieldError {
-                field: "Idempotency-Key".into(),
-                message: "must be a UUID".into(),
-            }])
-        })
-}
-
-fn field(name: &str, message: impl Into<String>) -> CodedError {
-    CodedError::fields(vec![FieldError {
-        field: name.into(),
-        message: message.into(),
-    }])
+        .map_err(|_| CodedError::field("Idempotency-Key", "must be a UUID"))
 }
 
 pub(super) fn check_amount(amount: i64, currency: &str) -> Result<(), CodedError> {
-    currency::validate(amount, currency).map_err(|(f, m)| field(f, m))
+    currency::validate(amount, currency).map_err(|(f, m)| CodedError::field(f, m))
 }
 
 impl From<LedgerError> for CodedError {
@@ -286,14 +274,20 @@ impl Money {
         check_amount(req.amount, &req.currency)?;
         let to = req.to_user_id.trim();
         if to.is_empty() || to.len() > 64 {
-            return Err(field("to_user_id", "must be a user id"));
+            return Err(CodedError::field("to_user_id", "must be a user id"));
         }
         if to == p.user_id {
-            return Err(field("to_user_id", "cannot transfer to yourself"));
+            return Err(CodedError::field(
+                "to_user_id",
+                "cannot transfer to yourself",
+            ));
         }
         let memo = req.memo.as_deref().map(str::trim).filter(|m| !m.is_empty());
         if memo.is_some_and(|m| m.chars().count() > MAX_MEMO) {
-            return Err(field("memo", format!("at most {MAX_MEMO} characters")));
+            return Err(CodedError::field(
+                "memo",
+                format!("at most {MAX_MEMO} characters"),
+            ));
         }
         let amount = req.amount.to_string();
         let parts = [to, &amount, &req.currency, memo.unwrap_or("")];
@@ -362,12 +356,12 @@ impl Money {
         req: &AdjustmentRequest,
     ) -> Result<Outcome, CodedError> {
         if req.amount == 0 {
-            return Err(field("amount", "must not be zero"));
+            return Err(CodedError::field("amount", "must not be zero"));
         }
         check_amount(req.amount.checked_abs().unwrap_or(-1), &req.currency)?;
         let reason = req.reason.trim();
         if reason.is_empty() || reason.chars().count() > MAX_MEMO {
-            return Err(field(
+            return Err(CodedError::field(
                 "reason",
                 format!("say why, in at most {MAX_MEMO} characters"),
             ));
@@ -433,7 +427,7 @@ impl Money {
     ) -> Result<Outcome, CodedError> {
         check_amount(d.amount, &d.currency)?;
         if d.event_id.is_empty() || d.event_id.len() > 128 {
-            return Err(field("event_id", "1 to 128 characters"));
+            return Err(CodedError::field("event_id", "1 to 128 characters"));
         }
         let actor = format!("provider:{provider}");
         let amount = d.amount.to_string();
