@@ -23,6 +23,22 @@ macro_rules! on_db {
     };
 }
 
+/// `on_db!` for a single write outside a transaction: on SQLite it queues
+/// behind `SQLITE_WRITER` like every other writer, instead of meeting a
+/// running transaction in SQLite's sleeping busy handler.
+#[macro_export]
+macro_rules! write_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::db::Datastore::Sqlite($pool) => {
+                let _writer = $crate::db::SQLITE_WRITER.lock().await;
+                $body
+            }
+            $crate::db::Datastore::Postgres($pool) => $body,
+        }
+    };
+}
+
 /// Serialises SQLite write transactions inside the process: waiting on a
 /// tokio mutex wakes the next writer the moment the last commits, where
 /// SQLite's busy handler would sleep and poll.

@@ -3,6 +3,7 @@
 //! replica of the control plane's state that routers and cells run on.
 
 pub mod admin;
+pub mod backoff;
 pub mod config;
 pub mod directory_key;
 pub mod hex;

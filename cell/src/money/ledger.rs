@@ -12,7 +12,7 @@
 use super::currency::BALANCE_LIMIT;
 use crate::db::Datastore;
 use crate::identity::store::{AuditEntry, DbError, insert_audit};
-use crate::{in_tx, on_db};
+use crate::{in_tx, on_db, write_db};
 use sqlx::Row;
 
 #[derive(Debug, thiserror::Error)]
@@ -496,7 +496,7 @@ impl Datastore {
 
     /// Counts a failed attempt of a saga step and schedules the next.
     pub async fn reschedule(&self, id: &str, next_attempt_at: i64, now: i64) -> LedgerResult<()> {
-        on_db!(self, p => {
+        write_db!(self, p => {
             sqlx::query("UPDATE money_operations SET attempts = attempts + 1, next_attempt_at = $1, updated_at = $2 WHERE id = $3")
                 .bind(next_attempt_at).bind(now).bind(id).execute(p).await?;
         });

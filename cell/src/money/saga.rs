@@ -33,15 +33,6 @@ use tokio_util::sync::CancellationToken;
 const BASE_BACKOFF_MS: i64 = 200;
 const MAX_BACKOFF_MS: i64 = 10_000;
 
-fn backoff(attempts: i64) -> i64 {
-    let exp = BASE_BACKOFF_MS
-        .saturating_mul(1 << attempts.clamp(0, 16))
-        .min(MAX_BACKOFF_MS);
-    let mut b = [0u8; 2];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    exp / 2 + (i64::from(u16::from_le_bytes(b)) % (exp / 2 + 1))
-}
-
 /// Step 1's ledger move at the coordinator.
 pub fn hold_move(op: &Operation) -> Move {
     coordinator_move(op, "hold", Phase::Pending)
@@ -233,7 +224,8 @@ impl Money {
         error: &str,
         now: i64,
     ) -> Result<(), CodedError> {
-        let delay = backoff(op.attempts);
+        let delay =
+            homecell_common::backoff::jittered_ms(op.attempts, BASE_BACKOFF_MS, MAX_BACKOFF_MS);
         if op.attempts >= 5 {
             tracing::warn!(transfer = %op.id, step = ?op.saga_step, attempts = op.attempts, error, "saga step keeps failing");
         }

@@ -23,15 +23,6 @@ pub struct Sender {
     http: reqwest::Client,
 }
 
-fn backoff_ms(attempts: i64) -> i64 {
-    let exp = 1_000i64
-        .saturating_mul(1 << attempts.clamp(0, 12))
-        .min(300_000);
-    let mut b = [0u8; 2];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    exp / 2 + i64::from(u16::from_le_bytes(b)) % (exp / 2 + 1)
-}
-
 impl Sender {
     pub fn new(c: &NoticeConfig) -> anyhow::Result<Self> {
         let smtp = match (&c.smtp, &c.email_from) {
@@ -162,7 +153,7 @@ impl Notices {
                     crate::metrics::DELIVERIES.with_label_values(&[&d.channel, outcome]).inc();
                     tracing::warn!(delivery = %d.id, channel = %d.channel, attempts = d.attempts + 1, dead, error, "delivery failed");
                     self.db
-                        .delivery_failed(&d.id, &error, done + backoff_ms(d.attempts), dead)
+                        .delivery_failed(&d.id, &error, done + homecell_common::backoff::jittered_ms(d.attempts, 1_000, 300_000), dead)
                         .await
                 }
             };

@@ -2,7 +2,7 @@
 
 use crate::db::Datastore;
 use crate::identity::store::DbResult;
-use crate::{in_tx, on_db};
+use crate::{in_tx, on_db, write_db};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct Template {
@@ -169,8 +169,8 @@ impl Datastore {
         payload: &str,
         now: i64,
     ) -> DbResult<bool> {
-        let n = in_tx!(self, tx => sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING")
-            .bind(id).bind(topic).bind(user_id).bind(payload).bind(now).execute(&mut *tx).await?.rows_affected());
+        let n = write_db!(self, p => sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING")
+            .bind(id).bind(topic).bind(user_id).bind(payload).bind(now).execute(p).await?.rows_affected());
         Ok(n == 1)
     }
 
@@ -257,7 +257,7 @@ impl Datastore {
     }
 
     pub async fn put_template(&self, t: &Template) -> DbResult<()> {
-        on_db!(self, p => {
+        write_db!(self, p => {
             sqlx::query("INSERT INTO notice_templates (key, channel, locale, category, subject, body, updated_at, updated_by) \
                          VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (key, channel, locale) DO UPDATE SET \
                          category = excluded.category, subject = excluded.subject, body = excluded.body, \
@@ -269,7 +269,7 @@ impl Datastore {
     }
 
     pub async fn delete_template(&self, key: &str, channel: &str, locale: &str) -> DbResult<bool> {
-        let n = on_db!(self, p => sqlx::query("DELETE FROM notice_templates WHERE key = $1 AND channel = $2 AND locale = $3")
+        let n = write_db!(self, p => sqlx::query("DELETE FROM notice_templates WHERE key = $1 AND channel = $2 AND locale = $3")
             .bind(key).bind(channel).bind(locale).execute(p).await?.rows_affected());
         Ok(n == 1)
     }
@@ -331,13 +331,13 @@ impl Datastore {
     /// Takes a delivery for `until` (so another worker or instance leaves
     /// it alone); false if someone else took it first.
     pub async fn lease_delivery(&self, id: &str, seen_next: i64, until: i64) -> DbResult<bool> {
-        let n = on_db!(self, p => sqlx::query("UPDATE deliveries SET next_attempt_at = $1 WHERE id = $2 AND state = 'pending' AND next_attempt_at = $3")
+        let n = write_db!(self, p => sqlx::query("UPDATE deliveries SET next_attempt_at = $1 WHERE id = $2 AND state = 'pending' AND next_attempt_at = $3")
             .bind(until).bind(id).bind(seen_next).execute(p).await?.rows_affected());
         Ok(n == 1)
     }
 
     pub async fn delivery_sent(&self, id: &str, provider: &str, now: i64) -> DbResult<()> {
-        on_db!(self, p => {
+        write_db!(self, p => {
             sqlx::query("UPDATE deliveries SET state = 'sent', sent_at = $1, provider = $2, body = '', html = NULL, attempts = attempts + 1, last_error = NULL WHERE id = $3")
                 .bind(now).bind(provider).bind(id).execute(p).await?;
         });
@@ -352,7 +352,7 @@ impl Datastore {
         next_at: i64,
         dead: bool,
     ) -> DbResult<()> {
-        on_db!(self, p => {
+        write_db!(self, p => {
             sqlx::query("UPDATE deliveries SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
                          state = CASE WHEN $3 THEN 'dead' ELSE 'pending' END WHERE id = $4")
                 .bind(error).bind(next_at).bind(dead).bind(id).execute(p).await?;
@@ -375,7 +375,7 @@ impl Datastore {
 
     /// Puts a dead delivery back in the queue with a fresh attempt count.
     pub async fn redrive(&self, id: &str, now: i64) -> DbResult<bool> {
-        let n = on_db!(self, p => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1 WHERE id = $2 AND state = 'dead'")
+        let n = write_db!(self, p => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1 WHERE id = $2 AND state = 'dead'")
             .bind(now).bind(id).execute(p).await?.rows_affected());
         Ok(n == 1)
     }
@@ -412,15 +412,15 @@ impl Datastore {
     ) -> DbResult<u64> {
         let n = match (id, archive) {
             (Some(id), false) => {
-                on_db!(self, p => sqlx::query("UPDATE inbox SET read_at = COALESCE(read_at, $1) WHERE user_id = $2 AND id = $3")
+                write_db!(self, p => sqlx::query("UPDATE inbox SET read_at = COALESCE(read_at, $1) WHERE user_id = $2 AND id = $3")
                 .bind(now).bind(user_id).bind(id).execute(p).await?.rows_affected())
             }
             (Some(id), true) => {
-                on_db!(self, p => sqlx::query("UPDATE inbox SET archived_at = COALESCE(archived_at, $1), read_at = COALESCE(read_at, $1) WHERE user_id = $2 AND id = $3")
+                write_db!(self, p => sqlx::query("UPDATE inbox SET archived_at = COALESCE(archived_at, $1), read_at = COALESCE(read_at, $1) WHERE user_id = $2 AND id = $3")
                 .bind(now).bind(user_id).bind(id).execute(p).await?.rows_affected())
             }
             (None, _) => {
-                on_db!(self, p => sqlx::query("UPDATE inbox SET read_at = $1 WHERE user_id = $2 AND read_at IS NULL")
+                write_db!(self, p => sqlx::query("UPDATE inbox SET read_at = $1 WHERE user_id = $2 AND read_at IS NULL")
                 .bind(now).bind(user_id).execute(p).await?.rows_affected())
             }
         };
@@ -428,7 +428,7 @@ impl Datastore {
     }
 
     pub async fn delete_inbox(&self, user_id: &str, id: &str) -> DbResult<bool> {
-        let n = on_db!(self, p => sqlx::query("DELETE FROM inbox WHERE user_id = $1 AND id = $2")
+        let n = write_db!(self, p => sqlx::query("DELETE FROM inbox WHERE user_id = $1 AND id = $2")
             .bind(user_id).bind(id).execute(p).await?.rows_affected());
         Ok(n == 1)
     }
@@ -436,7 +436,7 @@ impl Datastore {
     /// Deletes expired inbox items; how many.
     pub async fn purge_inbox(&self, now: i64) -> DbResult<u64> {
         Ok(
-            on_db!(self, p => sqlx::query("DELETE FROM inbox WHERE expires_at <= $1").bind(now).execute(p).await?.rows_affected()),
+            write_db!(self, p => sqlx::query("DELETE FROM inbox WHERE expires_at <= $1").bind(now).execute(p).await?.rows_affected()),
         )
     }
 }
@@ -480,7 +480,7 @@ impl From<BroadcastTuple> for Broadcast {
 
 impl Datastore {
     pub async fn create_broadcast(&self, b: &Broadcast, payload: &str) -> DbResult<()> {
-        on_db!(self, p => {
+        write_db!(self, p => {
             sqlx::query("INSERT INTO broadcasts (id, template_key, payload, role, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
                 .bind(&b.id).bind(&b.template_key).bind(payload).bind(&b.role).bind(&b.created_by).bind(b.created_at)
                 .execute(p).await?;
