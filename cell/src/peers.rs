@@ -12,6 +12,7 @@ use homecell_proto::cell::{
     IncomingResponse, IncomingTransfer, SendNoticeRequest, SendNoticeResponse,
     cell_service_client::CellServiceClient, cell_service_server::CellService,
 };
+use homecell_proto::region::internal_endpoints;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -62,13 +63,24 @@ impl Peers {
         {
             return Some(ch.clone());
         }
-        let ch = tonic::transport::Endpoint::from_shared(endpoint.clone())
-            .ok()?
-            .tls_config(self.tls.tonic_client(&format!("cell.{region}")))
-            .ok()?
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(2))
-            .connect_lazy();
+        let sni = format!("cell.{region}");
+        let mut endpoints = Vec::new();
+        for e in internal_endpoints(&endpoint) {
+            let e = tonic::transport::Endpoint::from_shared(e.to_string())
+                .ok()?
+                .tls_config(self.tls.tonic_client(&sni))
+                .ok()?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(2));
+            endpoints.push(e);
+        }
+        // A cell of several instances: calls are spread over the ones that
+        // connect (each call is idempotent, so a retry may land on another).
+        let ch = match endpoints.len() {
+            0 => return None,
+            1 => endpoints.pop()?.connect_lazy(),
+            _ => Channel::balance_list(endpoints.into_iter()),
+        };
         channels.insert(region.to_string(), (endpoint, ch.clone()));
         Some(ch)
     }

@@ -5,7 +5,8 @@ use crate::store::Tx;
 use homecell_proto::control::{Region, RegionStatus, UpdateRegionRequest};
 use homecell_proto::error::{CodedError, ErrorCode};
 use homecell_proto::region::{
-    normalize_countries, status_name, validate_endpoint, validate_region_id,
+    normalize_countries, status_name, validate_endpoint, validate_internal_endpoints,
+    validate_region_id,
 };
 
 pub const DEFAULT_WEIGHT: u32 = 100;
@@ -70,7 +71,7 @@ pub fn add(tx: &mut Tx<'_>, r: Region) -> Result<Region, CodedError> {
             &r.display_name
         })?,
         public_endpoint: validate_endpoint("public endpoint", &r.public_endpoint)?,
-        internal_endpoint: validate_endpoint("internal endpoint", &r.internal_endpoint)?,
+        internal_endpoint: validate_internal_endpoints(&r.internal_endpoint)?,
         countries: normalize_countries(&r.countries)?,
         status: status as i32,
         weight: validate_weight(if r.weight == 0 {
@@ -101,7 +102,7 @@ pub fn update(tx: &mut Tx<'_>, u: UpdateRegionRequest) -> Result<Region, CodedEr
         next.public_endpoint = validate_endpoint("public endpoint", e)?;
     }
     if let Some(e) = &u.internal_endpoint {
-        next.internal_endpoint = validate_endpoint("internal endpoint", e)?;
+        next.internal_endpoint = validate_internal_endpoints(e)?;
     }
     if u.set_countries {
         next.countries = normalize_countries(&u.countries)?;

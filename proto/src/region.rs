@@ -52,6 +52,36 @@ pub fn validate_endpoint(what: &str, endpoint: &str) -> Result<String, CodedErro
     ))
 }
 
+/// How many instances one region's internal endpoint may list.
+pub const MAX_CELL_INSTANCES: usize = 32;
+
+/// A cell's internal endpoint: one `https://host:port`, or a comma-separated
+/// list of them when the cell runs as several instances over one
+/// PostgreSQL. (A host name that resolves to several addresses, such as a
+/// Kubernetes headless Service, is the other way to name several.) Returns
+/// the list normalised: each endpoint validated, duplicates dropped.
+pub fn validate_internal_endpoints(list: &str) -> Result<String, CodedError> {
+    let mut out: Vec<String> = Vec::new();
+    for e in list.split(',') {
+        let e = validate_endpoint("internal endpoint", e.trim())?;
+        if !out.contains(&e) {
+            out.push(e);
+        }
+    }
+    if out.len() > MAX_CELL_INSTANCES {
+        return Err(CodedError::invalid(format!(
+            "internal endpoint lists {} instances; at most {MAX_CELL_INSTANCES}",
+            out.len()
+        )));
+    }
+    Ok(out.join(","))
+}
+
+/// The endpoints of a (validated) internal endpoint list.
+pub fn internal_endpoints(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|e| !e.is_empty())
+}
+
 /// ISO 3166-1 alpha-2 codes, officially assigned.
 const ISO_COUNTRIES: &str = "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO DZ EC EE EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW KY KZ LA LB LC LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU MV MW MX MY MZ NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO RS RU RW SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW";
 
@@ -137,6 +167,22 @@ mod tests {
         ] {
             assert!(validate_endpoint("e", bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn instance_lists() {
+        let list = validate_internal_endpoints("https://a:1/, https://b:2,https://a:1").unwrap();
+        assert_eq!(list, "https://a:1,https://b:2");
+        assert_eq!(
+            internal_endpoints(&list).collect::<Vec<_>>(),
+            ["https://a:1", "https://b:2"]
+        );
+        assert!(validate_internal_endpoints("https://a:1,").is_err());
+        assert!(validate_internal_endpoints("https://a:1,cell:2").is_err());
+        let many: Vec<String> = (0..=MAX_CELL_INSTANCES)
+            .map(|i| format!("https://a:{}", i + 1))
+            .collect();
+        assert!(validate_internal_endpoints(&many.join(",")).is_err());
     }
 
     #[test]

@@ -53,7 +53,10 @@ impl BackgroundService for Background {
         }
 
         let mut revisions = self.replica.subscribe();
-        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        // Rebuilt on every revision, and every few seconds so that a cell
+        // instance that came back at another address (a restarted container)
+        // is found again.
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 changed = revisions.changed() => if changed.is_err() { break },

@@ -26,7 +26,7 @@ use homecell_proto::error::{PROBLEM_CONTENT_TYPE, Problem};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
-use pingora::upstreams::peer::HttpPeer;
+use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::utils::tls::{CertKey, WrappedX509, parse_x509};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -86,6 +86,9 @@ pub struct Ctx {
     upstream: Option<Arc<Upstream>>,
     basis: Basis,
     started: Instant,
+    /// Cell instances this request could not connect to; a retry goes to
+    /// another one.
+    refused_by: Vec<std::net::SocketAddr>,
 }
 
 fn now_secs() -> i64 {
@@ -304,6 +307,7 @@ impl ProxyHttp for Router {
             upstream: None,
             basis: Basis::Default,
             started: Instant::now(),
+            refused_by: Vec::new(),
         }
     }
 
@@ -341,7 +345,7 @@ impl ProxyHttp for Router {
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream decided"))?;
         let addr = up
-            .pick(&self.health)
+            .pick(&self.health, &ctx.refused_by)
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no address for the cell"))?;
         // Built from a SocketAddr: HttpPeer::new would panic on a name it
         // cannot resolve.
@@ -354,6 +358,25 @@ impl ProxyHttp for Router {
         peer.options.write_timeout = Some(self.cells.read_timeout);
         peer.options.idle_timeout = Some(self.cells.idle_timeout);
         Ok(Box::new(peer))
+    }
+
+    /// A cell of several instances: an instance that refuses the connection
+    /// (it died since the last health check) is skipped and the request,
+    /// not yet sent, goes to the next one.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let (Some(up), Some(addr)) = (&ctx.upstream, peer.address().as_inet()) {
+            ctx.refused_by.push(*addr);
+            if up.addrs.iter().any(|a| !ctx.refused_by.contains(a)) {
+                e.set_retry(true);
+            }
+        }
+        e
     }
 
     async fn upstream_request_filter(

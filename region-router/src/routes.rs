@@ -4,6 +4,7 @@
 use homecell_common::replica::ReplicaState;
 use homecell_proto::config::format_value;
 use homecell_proto::control::{RegionStatus, config_value::Kind};
+use homecell_proto::region::internal_endpoints;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,13 +26,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Round-robin over the resolved addresses that pass health checks.
-    pub fn pick(&self, health: &crate::health::Health) -> Option<SocketAddr> {
+    /// Round-robin over the resolved addresses that pass health checks,
+    /// skipping those this request already failed to reach.
+    pub fn pick(&self, health: &crate::health::Health, skip: &[SocketAddr]) -> Option<SocketAddr> {
         let n = self.addrs.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n)
             .map(|k| self.addrs[(start + k) % n])
-            .find(|a| health.is_up(a))
+            .find(|a| health.is_up(a) && !skip.contains(a))
     }
 }
 
@@ -82,17 +84,22 @@ pub async fn build(
 ) -> RouteTable {
     let mut regions = HashMap::with_capacity(state.regions.len());
     for r in state.regions.values() {
-        let addrs = match resolve(&r.internal_endpoint).await {
-            Some(a) => a,
-            None => {
-                tracing::warn!(region = %r.id, endpoint = %r.internal_endpoint, "cannot resolve the cell endpoint");
-                previous
-                    .regions
-                    .get(&r.id)
-                    .map(|u| u.addrs.clone())
-                    .unwrap_or_default()
+        // Every instance the endpoint names (a list, or a name with several
+        // addresses); one that does not resolve keeps what it had.
+        let mut addrs = Vec::new();
+        for endpoint in internal_endpoints(&r.internal_endpoint) {
+            match resolve(endpoint).await {
+                Some(a) => addrs.extend(a),
+                None => {
+                    tracing::warn!(region = %r.id, endpoint, "cannot resolve the cell endpoint");
+                    if let Some(u) = previous.regions.get(&r.id) {
+                        addrs.extend(u.addrs.iter().copied());
+                    }
+                }
             }
-        };
+        }
+        addrs.sort();
+        addrs.dedup();
         regions.insert(
             r.id.clone(),
             Arc::new(Upstream {

@@ -1,0 +1,158 @@
+//! A cell of several stateless instances over one PostgreSQL, with the
+//! router balancing across the live ones (the documented production layout
+//! for a busy region; see docs/OPERATIONS.md).
+
+use anyhow::Result;
+use homecell_harness::api::Api;
+use homecell_harness::postgres::TempPostgres;
+use homecell_harness::{CellInstance, Cluster};
+use reqwest::StatusCode;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+const SECRET: &str = "whsec-instances-test-secret-0001";
+
+/// Responses an instance has served, from its own metrics.
+async fn served(http: &reqwest::Client, admin: SocketAddr) -> Result<f64> {
+    let text = http
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("homecell_cell_http_responses_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// A fresh Idempotency-Key (a v4 UUID).
+fn key() -> String {
+    let mut b = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("random");
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_cell_runs_as_several_instances_behind_the_router() -> Result<()> {
+    let pg = TempPostgres::start()?;
+    let url = pg.create_database("cell_eu_west")?;
+    let mut c = Cluster::temp()?;
+    c.cell_extra_config = format!("[payments.testpay]\nsecret = {SECRET:?}\n");
+    c.start_control_plane().await?;
+    c.add_region("cn-east", "CN")?;
+    c.add_region("eu-west", "DE")?;
+    c.cell_mut("eu-west").unwrap().database_url = Some(url);
+    c.start_cell("eu-west").await?;
+    let second: CellInstance = c.start_cell_instance("eu-west", 1).await?;
+    let first = (c.cells["eu-west"].api, c.cells["eu-west"].admin);
+    // The region's internal endpoint lists both instances.
+    let endpoints = format!("https://{},https://{}", first.0, second.api);
+    c.cli_ok(&[
+        "region",
+        "update",
+        "eu-west",
+        "--internal-endpoint",
+        &endpoints,
+    ])?;
+    c.start_cell("cn-east").await?;
+    c.start_router("cn-east", "cn-east").await?;
+    c.wait_ready(Duration::from_secs(20)).await?;
+    c.wait_signing_keys(Duration::from_secs(15)).await?;
+
+    let eu = Api::new(&c.router_url(0), "eu-west");
+    let (alice, login) = eu
+        .signed_in("alice@example.com", "correct horse battery")
+        .await?;
+    let alice_id = login["user_id"].as_str().unwrap().to_string();
+    let (_, bob) = eu
+        .signed_in("bob@example.com", "correct horse battery")
+        .await?;
+    let bob_id = bob["user_id"].as_str().unwrap().to_string();
+    let d = eu
+        .provider_deposit("testpay", SECRET, "evt-1", &alice_id, 10_000)
+        .await?;
+    assert_eq!(d.status, StatusCode::OK, "{}", d.body);
+
+    // Both instances take requests, and either accepts the other's tokens
+    // and sees the other's writes (one datastore).
+    let (a0, b0) = (
+        served(c.http(), first.1).await?,
+        served(c.http(), second.admin).await?,
+    );
+    for _ in 0..20 {
+        let me = alice.get("/v1/me").await?;
+        assert_eq!(me.status, StatusCode::OK, "{}", me.body);
+        assert_eq!(alice.available("CNY").await?, 10_000);
+    }
+    let (a1, b1) = (
+        served(c.http(), first.1).await?,
+        served(c.http(), second.admin).await?,
+    );
+    assert!(
+        a1 - a0 >= 10.0 && b1 - b0 >= 10.0,
+        "the router balances: first +{}, second +{}",
+        a1 - a0,
+        b1 - b0
+    );
+
+    // The first instance dies: the second serves every request, the same
+    // transfer retried lands once.
+    c.cell_mut("eu-west")
+        .unwrap()
+        .process
+        .as_mut()
+        .unwrap()
+        .kill();
+    let killed = Instant::now();
+    let body = json!({"to_user_id": bob_id, "amount": 700, "currency": "CNY"});
+    let k = key();
+    let t = alice.transfer(&k, body.clone()).await?;
+    assert_eq!(t.status, StatusCode::CREATED, "{}", t.body);
+    for _ in 0..20 {
+        let r = alice.get("/v1/me").await?;
+        assert_eq!(r.status, StatusCode::OK, "after the kill: {}", r.body);
+        let again = alice.transfer(&k, body.clone()).await?;
+        assert_eq!(again.body["transfer_id"], t.body["transfer_id"]);
+    }
+    assert_eq!(alice.available("CNY").await?, 9_300);
+    eprintln!("served on through the kill ({:?})", killed.elapsed());
+
+    // It comes back, the other dies: still one cell, nothing lost.
+    c.start_cell("eu-west").await?;
+    c.wait_http_ok(
+        &format!("http://{}/ready", first.1),
+        Duration::from_secs(20),
+        "first instance",
+    )
+    .await?;
+    let mut second = second;
+    second.process.kill();
+    for n in 0..20 {
+        let r = alice.get("/v1/me").await?;
+        assert_eq!(r.status, StatusCode::OK, "request {n}: {}", r.body);
+    }
+    let t2 = alice
+        .transfer(
+            &key(),
+            json!({"to_user_id": bob_id, "amount": 300, "currency": "CNY"}),
+        )
+        .await?;
+    assert_eq!(t2.status, StatusCode::CREATED, "{}", t2.body);
+    assert_eq!(alice.available("CNY").await?, 9_000);
+    let report = c.cell_command("eu-west", &["audit"])?;
+    assert!(report.success, "{}{}", report.stdout, report.stderr);
+    Ok(())
+}
