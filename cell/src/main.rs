@@ -9,11 +9,15 @@ use std::process::ExitCode;
 #[command(name = "cell", version, about = "A Homecell regional cell")]
 struct Cli {
     /// TOML configuration; HOMECELL_CELL_* environment variables override it.
-    #[arg(long, short, global = true)]
+    #[arg(long, short, global = true, env = "HOMECELL_CONFIG")]
     config: Option<PathBuf>,
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,
+    /// Probe the running cell's /ready on its admin listener (the container
+    /// health check); exit 0 when ready.
+    #[arg(long)]
+    healthcheck: bool,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -63,6 +67,9 @@ fn main() -> ExitCode {
     if cli.check {
         println!("configuration ok");
         return ExitCode::SUCCESS;
+    }
+    if cli.healthcheck {
+        return homecell_common::admin::healthcheck_exit(config.admin_listen);
     }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -62,3 +62,55 @@ pub async fn serve(
     });
     Ok(local)
 }
+
+/// The container health check: `GET /ready` on this component's admin
+/// listener, with nothing but std (the images carry no curl). An unspecified
+/// listen address (`0.0.0.0`, `::`) is probed on loopback. Returns why the
+/// component is not ready, if it is not.
+pub fn probe_ready(admin: SocketAddr, timeout: std::time::Duration) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut addr = admin;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    conn.set_read_timeout(Some(timeout))
+        .and_then(|()| conn.set_write_timeout(Some(timeout)))
+        .map_err(|e| e.to_string())?;
+    conn.write_all(
+        format!("GET /ready HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .map_err(|e| format!("cannot send to {addr}: {e}"))?;
+    // The status line and the short reason fit in the first KiB.
+    let mut head = [0u8; 1024];
+    let mut len = 0;
+    while len < head.len() {
+        match conn.read(&mut head[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) => return Err(format!("no answer from {addr}: {e}")),
+        }
+    }
+    let text = String::from_utf8_lossy(&head[..len]);
+    if text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200") {
+        return Ok(());
+    }
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+    let status = text.lines().next().unwrap_or("no status line");
+    Err(format!("{status}: {body}"))
+}
+
+/// `probe_ready` as a process exit status, printing why on failure.
+pub fn healthcheck_exit(admin: SocketAddr) -> std::process::ExitCode {
+    match probe_ready(admin, std::time::Duration::from_secs(3)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("unhealthy: {why}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

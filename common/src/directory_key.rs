@@ -17,6 +17,18 @@ impl DirectoryKey {
             .map_err(|e| anyhow::anyhow!("directory key {}: {e}", path.display()))
     }
 
+    /// Writes a new random 32-byte key to `path` (owner-only) unless a key
+    /// is there already; either way, loads it.
+    pub fn create_if_missing(path: &Path) -> anyhow::Result<Self> {
+        if !path.exists() {
+            let mut key = [0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+                .map_err(|_| anyhow::anyhow!("no randomness"))?;
+            crate::tls::write_private(path, crate::hex::encode(&key).as_bytes())?;
+        }
+        Self::load(path)
+    }
+
     pub fn from_hex(hex: &str) -> anyhow::Result<Self> {
         let bytes = crate::hex::decode(hex).ok_or_else(|| anyhow::anyhow!("not hex"))?;
         if bytes.len() < 32 {

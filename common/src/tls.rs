@@ -254,7 +254,8 @@ impl Pki {
     }
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+/// Writes a secret readable by its owner only.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

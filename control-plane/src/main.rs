@@ -26,11 +26,15 @@ enum Cmd {
     /// Run the control-plane server.
     Serve {
         /// TOML configuration; HOMECELL_CP_* environment variables override it.
-        #[arg(long, short)]
+        #[arg(long, short, env = "HOMECELL_CONFIG")]
         config: Option<PathBuf>,
         /// Validate the configuration and exit.
         #[arg(long)]
         check: bool,
+        /// Probe the running server's /ready on its admin listener (the
+        /// container health check); exit 0 when ready.
+        #[arg(long)]
+        healthcheck: bool,
     },
     /// Manage regions.
     #[command(subcommand)]
@@ -58,12 +62,23 @@ enum PkiCmd {
         #[arg(long = "host")]
         hosts: Vec<String>,
     },
+    /// Create the directory's HMAC key file (kept if present); the control
+    /// plane and every router read the same file.
+    DirectoryKey {
+        #[arg(long)]
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Cmd::Serve { config, check } = cli.cmd {
-        return run_server(config, check);
+    if let Cmd::Serve {
+        config,
+        check,
+        healthcheck,
+    } = cli.cmd
+    {
+        return run_server(config, check, healthcheck);
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -86,6 +101,10 @@ fn main() -> ExitCode {
                 identity,
                 hosts,
             }) => issue(&dir, &identity, hosts),
+            Cmd::Pki(PkiCmd::DirectoryKey { file }) => {
+                homecell_common::directory_key::DirectoryKey::create_if_missing(&file)
+                    .map(|_| println!("{}", file.display()))
+            }
             Cmd::Serve { .. } => unreachable!("handled above"),
         }
     });
@@ -107,7 +126,7 @@ fn issue(dir: &std::path::Path, identity: &str, mut hosts: Vec<String>) -> anyho
     Ok(())
 }
 
-fn run_server(config: Option<PathBuf>, check: bool) -> ExitCode {
+fn run_server(config: Option<PathBuf>, check: bool, healthcheck: bool) -> ExitCode {
     let config = match ServeConfig::load(config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -118,6 +137,9 @@ fn run_server(config: Option<PathBuf>, check: bool) -> ExitCode {
     if check {
         println!("configuration ok");
         return ExitCode::SUCCESS;
+    }
+    if healthcheck {
+        return homecell_common::admin::healthcheck_exit(config.admin_listen);
     }
     telemetry::init(config.log_format);
     let rt = match tokio::runtime::Runtime::new() {

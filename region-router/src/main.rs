@@ -13,11 +13,15 @@ use std::process::ExitCode;
 )]
 struct Cli {
     /// TOML configuration; HOMECELL_ROUTER_* environment variables override it.
-    #[arg(long, short)]
+    #[arg(long, short, env = "HOMECELL_CONFIG")]
     config: Option<PathBuf>,
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,
+    /// Probe the running router's /ready on its admin listener (the
+    /// container health check); exit 0 when ready.
+    #[arg(long)]
+    healthcheck: bool,
 }
 
 fn main() -> ExitCode {
@@ -32,6 +36,9 @@ fn main() -> ExitCode {
     if cli.check {
         println!("configuration ok");
         return ExitCode::SUCCESS;
+    }
+    if cli.healthcheck {
+        return homecell_common::admin::healthcheck_exit(config.admin_listen);
     }
     homecell_common::telemetry::init(config.log_format);
     match homecell_region_router::run(config) {
