@@ -91,7 +91,8 @@ pub struct Process {
 }
 
 impl Process {
-    fn spawn(name: &str, mut cmd: Command, logs: &Path) -> Result<Self> {
+    /// Starts `cmd` with its output appended to `logs/<name>.log`.
+    pub fn spawn(name: &str, mut cmd: Command, logs: &Path) -> Result<Self> {
         std::fs::create_dir_all(logs)?;
         let log = logs.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new()
@@ -189,6 +190,13 @@ pub struct CellNode {
     /// Extra environment for the next start (e.g. `HOMECELL_FAILPOINTS`).
     pub env: Vec<(String, String)>,
     pub process: Option<Process>,
+}
+
+/// A further instance of a region's cell (see `Cluster::start_cell_instance`).
+pub struct CellInstance {
+    pub api: SocketAddr,
+    pub admin: SocketAddr,
+    pub process: Process,
 }
 
 pub struct RouterNode {
@@ -448,34 +456,75 @@ impl Cluster {
     /// Starts (or restarts) the cell of `region`; waits for its admin port.
     pub async fn start_cell(&mut self, region: &str) -> Result<()> {
         self.plan_cell(region);
+        let node = self.cells.get(region).expect("planned");
+        let (api, admin) = (node.api, node.admin);
+        let name = format!("cell-{region}");
+        let proc = self.spawn_cell(region, &name, api, admin).await;
+        let (proc, up) = match proc {
+            Ok(p) => (Some(p), Ok(())),
+            Err((p, e)) => (p, Err(e)),
+        };
+        self.cells.get_mut(region).expect("planned").process = proc;
+        up
+    }
+
+    /// Starts instance `n` (1, 2, …) of `region`'s cell beside the planned
+    /// one: the same configuration, datastore included, on its own ports
+    /// and data directory. A cell of several instances runs over one
+    /// PostgreSQL; the region's internal endpoint then lists them all.
+    pub async fn start_cell_instance(&mut self, region: &str, n: usize) -> Result<CellInstance> {
+        anyhow::ensure!(n > 0, "instance 0 is the planned cell");
+        self.plan_cell(region);
+        let (api, admin) = match self.ports {
+            Ports::Free => (free_port(), free_port()),
+            Ports::Dev => bail!("extra instances are for tests"),
+        };
+        let name = format!("cell-{region}-{n}");
+        let process = self
+            .spawn_cell(region, &name, loopback(api), loopback(admin))
+            .await
+            .map_err(|(_, e)| e)?;
+        Ok(CellInstance {
+            api: loopback(api),
+            admin: loopback(admin),
+            process,
+        })
+    }
+
+    /// Writes `name`'s configuration and starts it; on failure, the process
+    /// (if it started) with why.
+    async fn spawn_cell(
+        &self,
+        region: &str,
+        name: &str,
+        api: SocketAddr,
+        admin: SocketAddr,
+    ) -> std::result::Result<Process, (Option<Process>, anyhow::Error)> {
+        let node = self.cells.get(region).expect("planned");
         let id = PeerIdentity::Cell {
             region: region.into(),
         };
-        let tls = self.tls_toml(&id)?;
+        let tls = self.tls_toml(&id).map_err(|e| (None, e))?;
         let cp = self.control_plane_endpoint();
-        let data_dir = self.root.join(format!("cell-{region}"));
-        let node = self.cells.get(region).expect("planned");
+        let data_dir = self.root.join(name);
         let mut cfg = format!(
-            "region = \"{region}\"\ndata_dir = {:?}\nlisten = \"{}\"\nadmin_listen = \"{}\"\ncontrol_plane = \"{cp}\"\n",
+            "region = \"{region}\"\ndata_dir = {:?}\nlisten = \"{api}\"\nadmin_listen = \"{admin}\"\ncontrol_plane = \"{cp}\"\n",
             data_dir.display().to_string(),
-            node.api,
-            node.admin,
         );
         if let Some(url) = &node.database_url {
             cfg.push_str(&format!("database_url = {url:?}\n"));
         }
         cfg.push_str(&self.cell_extra_config);
         cfg.push_str(&tls);
-        let name = format!("cell-{region}");
-        let path = self.write_config(&name, cfg)?;
+        let path = self.write_config(name, cfg).map_err(|e| (None, e))?;
         let mut cmd = Command::new(self.bins.path("cell"));
         cmd.arg("--config").arg(path);
         cmd.envs(node.env.iter().map(|(k, v)| (k, v)));
-        let mut proc = Process::spawn(&name, cmd, &self.logs())?;
-        let admin = node.admin;
-        let up = wait_up(&self.http, &format!("http://{admin}/healthz"), &mut proc).await;
-        self.cells.get_mut(region).expect("planned").process = Some(proc);
-        up
+        let mut proc = Process::spawn(name, cmd, &self.logs()).map_err(|e| (None, e))?;
+        match wait_up(&self.http, &format!("http://{admin}/healthz"), &mut proc).await {
+            Ok(()) => Ok(proc),
+            Err(e) => Err((Some(proc), e)),
+        }
     }
 
     /// Runs a `cell` subcommand on the host of `region`'s cell (its config).
@@ -693,15 +742,7 @@ async fn wait_up(http: &reqwest::Client, url: &str, proc: &mut Process) -> Resul
 
 /// Writes a random 32-byte hex key to `path` unless one is there.
 fn ensure_directory_key(path: &Path) -> Result<()> {
-    if path.exists() {
-        return Ok(());
-    }
-    let mut key = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
-        .map_err(|_| anyhow::anyhow!("no randomness"))?;
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(path, hex)?;
-    Ok(())
+    homecell_common::directory_key::DirectoryKey::create_if_missing(path).map(|_| ())
 }
 
 /// The names and addresses a component's certificate is valid for.

@@ -1,0 +1,284 @@
+//! The images and the compose deployment on a real Docker engine: build the
+//! images, start two regions with `compose up`, use both through the router
+//! container, stop and restart one cell, and leave nothing behind.
+//!
+//! Needs a Docker engine, so it is ignored by `./dev test`; `.ci/run` runs it
+//! with `cargo nextest run -p homecell-harness --test docker --run-ignored only`.
+
+use anyhow::{Context, Result, bail};
+use homecell_harness::api::Api;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const TAG: &str = "e2e";
+const LONG_RUNNING: [&str; 4] = ["control-plane", "cell-cn-east", "cell-eu-west", "router"];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .expect("repo")
+}
+
+fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+/// One compose project, taken down with its volumes on drop.
+struct Deployment {
+    project: String,
+    port: u16,
+    compose: Vec<String>,
+}
+
+impl Deployment {
+    fn new() -> Self {
+        // The Compose v2 plugin when present, else the standalone v1 tool.
+        let compose = if Command::new("docker")
+            .args(["compose", "version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            vec!["docker".into(), "compose".into()]
+        } else {
+            vec!["docker-compose".into()]
+        };
+        Self {
+            project: format!("homecell-e2e-{}", std::process::id()),
+            port: homecell_harness::free_port(),
+            compose,
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.compose[0]);
+        c.args(&self.compose[1..])
+            .args(["-p", &self.project, "-f"])
+            .arg(repo().join("deploy/compose.yaml"))
+            .args(args)
+            .env("HOMECELL_IMAGE_TAG", TAG)
+            .env("HOMECELL_HTTP_PORT", self.port.to_string());
+        c
+    }
+
+    fn compose(&self, args: &[&str]) -> Result<String> {
+        Ok(String::from_utf8_lossy(&run(&mut self.cmd(args))?.stdout).into_owned())
+    }
+
+    fn container(&self, service: &str) -> Result<String> {
+        let id = self.compose(&["ps", "-q", service])?.trim().to_string();
+        if id.is_empty() {
+            bail!("no container for {service}");
+        }
+        Ok(id)
+    }
+
+    /// `healthy`, `unhealthy`, `starting`, or the state of a container
+    /// without a health check (`exited 0`, …).
+    fn health(&self, service: &str) -> Result<String> {
+        let id = self.container(service)?;
+        let out = run(Command::new("docker").args([
+            "inspect",
+            "-f",
+            "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}} {{.State.ExitCode}}{{end}}",
+            &id,
+        ]))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    async fn wait_healthy(&self, services: &[&str], timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut waiting = Vec::new();
+            for s in services {
+                let h = self.health(s).unwrap_or_else(|e| e.to_string());
+                if h != "healthy" {
+                    waiting.push(format!("{s}: {h}"));
+                }
+            }
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("not healthy in time: {}", waiting.join(", "));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// What is left of the project on the engine.
+    fn leftovers(&self) -> Result<Vec<String>> {
+        let label = format!("label=com.docker.compose.project={}", self.project);
+        let mut left = Vec::new();
+        for what in [
+            &["ps", "-aq", "--filter"][..],
+            &["volume", "ls", "-q", "--filter"][..],
+            &["network", "ls", "-q", "--filter"][..],
+        ] {
+            let out = run(Command::new("docker").args(what).arg(&label))?;
+            left.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .map(|l| format!("{} {l}", what[0])),
+            );
+        }
+        Ok(left)
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Ok(out) = self.cmd(&["logs", "--no-color", "--tail", "40"]).output()
+        {
+            eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+        }
+        let _ = self.cmd(&["down", "-v", "--timeout", "5"]).output();
+    }
+}
+
+/// Retries `f` until it answers (the cells publish their signing keys and
+/// the router learns the regions a moment after the health checks pass).
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => return Err(e.context(what.to_string())),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+async fn sign_up(base: &str, region: &str, who: &str) -> Result<Api> {
+    let api = Api::new(base, region);
+    let r = api.register(who, "correct horse battery").await?;
+    if r.status != 201 && r.status != 409 {
+        bail!("register in {region}: {} {}", r.status, r.body);
+    }
+    let (api, _) = api.signed_in(who, "correct horse battery").await?;
+    let me = api.get("/v1/me").await?;
+    if me.status != 200 || me.body["home_region"] != region {
+        bail!("/v1/me in {region}: {} {}", me.status, me.body);
+    }
+    Ok(api)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a Docker engine; .ci/run runs it"]
+async fn compose_deployment_serves_two_regions_and_survives_a_cell_restart() -> Result<()> {
+    // 1. All images from a clean state (the base is reused when present).
+    for bin in ["control-plane", "region-router", "cell"] {
+        let _ = Command::new("docker")
+            .args(["image", "rm", "-f", &format!("homecell/{bin}:{TAG}")])
+            .output();
+    }
+    run(Command::new(repo().join("deploy/build-images")).env("HOMECELL_IMAGE_TAG", TAG))?;
+
+    // 2. Up, and every health check green.
+    let d = Deployment::new();
+    d.compose(&["up", "-d"])?;
+    d.wait_healthy(&LONG_RUNNING, Duration::from_secs(120))
+        .await?;
+    for one_shot in ["pki", "regions"] {
+        assert_eq!(d.health(one_shot)?, "exited 0", "{one_shot}");
+    }
+
+    // 3. Register, log in and call through the router into both regions.
+    let base = d.url();
+    let east = eventually("sign up in cn-east", Duration::from_secs(60), || {
+        sign_up(&base, "cn-east", "east@example.com")
+    })
+    .await?;
+    let west = eventually("sign up in eu-west", Duration::from_secs(60), || {
+        sign_up(&base, "eu-west", "west@example.com")
+    })
+    .await?;
+    // A write in each region that must survive the restart below.
+    for (api, name) in [(&east, "East"), (&west, "West")] {
+        let profile = api.get("/v1/users/me").await?;
+        let etag = profile.header("etag").context("profile ETag")?.to_string();
+        let r = api
+            .call(
+                reqwest::Method::PUT,
+                "/v1/users/me",
+                Some(json!({"display_name": name})),
+                &[("if-match", &etag)],
+            )
+            .await?;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+
+    // 4. One cell stops: its region answers 503 at once, the other serves.
+    d.compose(&["stop", "--timeout", "10", "cell-eu-west"])?;
+    let started = Instant::now();
+    let reply = eventually("503 for eu-west", Duration::from_secs(15), || async {
+        let r = west.get("/v1/me").await?;
+        if r.status != 503 {
+            bail!("still {}", r.status);
+        }
+        Ok(r)
+    })
+    .await?;
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/problem+json")
+    );
+    let t = Instant::now();
+    let again = west.get("/v1/me").await?;
+    assert_eq!(again.status, 503);
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "a down region is answered fast, took {:?}",
+        t.elapsed()
+    );
+    assert!(again.header("retry-after").is_some());
+    eprintln!(
+        "eu-west answered 503 {:?} after the stop",
+        started.elapsed()
+    );
+    assert_eq!(east.get("/v1/me").await?.status, 200);
+
+    // 5. Back, with its data: the user and the session are still there.
+    d.compose(&["start", "cell-eu-west"])?;
+    d.wait_healthy(&["cell-eu-west"], Duration::from_secs(60))
+        .await?;
+    eventually("eu-west back", Duration::from_secs(30), || async {
+        let r = west.get("/v1/users/me").await?;
+        if r.status != 200 || r.body["display_name"] != "West" {
+            bail!("{} {}", r.status, r.body);
+        }
+        Ok(())
+    })
+    .await?;
+    let relogin = Api::new(&base, "eu-west")
+        .login("west@example.com", "correct horse battery")
+        .await?;
+    assert_eq!(relogin.status, 200, "{relogin:?}");
+
+    // 6. Down with volumes: nothing of the project is left.
+    d.compose(&["down", "-v", "--timeout", "10"])?;
+    let left = d.leftovers()?;
+    assert!(left.is_empty(), "left behind: {left:?}");
+    Ok(())
+}
