@@ -38,6 +38,29 @@ pub enum SessionState {
     Unknown,
 }
 
+type TracedClient = CellServiceClient<
+    tonic::service::interceptor::InterceptedService<
+        Channel,
+        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+    >,
+>;
+
+/// A client whose calls carry the trace context of the request this task
+/// serves (W3C `traceparent` in the gRPC metadata), so one trace follows a
+/// request from the router across cells.
+fn client(ch: Channel) -> TracedClient {
+    CellServiceClient::with_interceptor(ch, with_trace)
+}
+
+fn with_trace(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    if let Some(t) = homecell_common::trace::TraceParent::current_child()
+        && let Ok(v) = t.to_string().parse()
+    {
+        req.metadata_mut().insert("traceparent", v);
+    }
+    Ok(req)
+}
+
 impl Peers {
     pub fn new(tls: TlsMaterial, replica: Arc<Replica>) -> Self {
         Self {
@@ -102,7 +125,7 @@ impl Peers {
             session_id: sid.to_string(),
             user_id: user_id.to_string(),
         };
-        match CellServiceClient::new(ch).check_session(req).await {
+        match client(ch).check_session(req).await {
             Ok(r) => {
                 let alive = r.get_ref().alive;
                 let mut cache = self.sessions.lock().expect("poisoned");
@@ -139,7 +162,7 @@ impl Peers {
         let ch = self
             .channel(region)
             .ok_or_else(|| format!("region {region} has no usable endpoint"))?;
-        let mut client = CellServiceClient::new(ch);
+        let mut client = client(ch);
         let r = match step {
             "hold" => client.hold_incoming(req).await,
             "post" => client.post_incoming(req).await,
@@ -169,7 +192,7 @@ impl Peers {
             user_id: user_id.into(),
             payload: payload.into(),
         };
-        CellServiceClient::new(ch)
+        client(ch)
             .send_notice(req)
             .await
             .map(|_| ())
@@ -192,7 +215,7 @@ impl Peers {
                 "the user's home cell has no endpoint",
             )
         })?;
-        match CellServiceClient::new(ch).forward_deposit(req).await {
+        match client(ch).forward_deposit(req).await {
             Ok(r) => {
                 let r = r.into_inner();
                 Ok((r.transfer_id, r.state))

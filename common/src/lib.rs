@@ -12,4 +12,5 @@ pub mod replica;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 pub mod webhook;

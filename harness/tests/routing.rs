@@ -404,3 +404,80 @@ async fn rate_limits_apply_live_from_control_plane_config() -> Result {
     assert_eq!(burst(20).await, 0, "lifting the limit did not apply");
     Ok(())
 }
+
+/// The log of a process, whole.
+fn log_of(p: Option<&homecell_harness::Process>) -> String {
+    p.and_then(|p| std::fs::read_to_string(&p.log).ok())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn one_trace_follows_a_request_from_the_router_across_cells() -> Result {
+    let mut c = Cluster::temp()?;
+    start_standard(&mut c).await?;
+    c.wait_signing_keys(std::time::Duration::from_secs(20))
+        .await?;
+    let base = c.router_url(0);
+    let (east, login) = Api::new(&base, "cn-east")
+        .signed_in("tess@example.com", PW)
+        .await?;
+    let east_id = login["user_id"].as_str().expect("user id").to_string();
+    let (west, _) = Api::new(&base, "eu-west")
+        .signed_in("wes@example.com", PW)
+        .await?;
+    drop(east);
+
+    // eu-west's user looks at cn-east's user: the router sends it to
+    // cn-east, which asks eu-west whether the session is alive (gRPC).
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let r = west
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/users/{east_id}"),
+            None,
+            &[("traceparent", caller.as_str())],
+        )
+        .await?;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-home-region")),
+        (200, Some("cn-east")),
+        "{r:?}"
+    );
+
+    // Every hop logged the caller's trace id: the router's access log, the
+    // home cell's request and the other cell's session check.
+    let router = log_of(c.routers[0].process.as_ref());
+    let east_log = log_of(c.cells["cn-east"].process.as_ref());
+    let west_log = log_of(c.cells["eu-west"].process.as_ref());
+    assert!(router.contains(trace_id), "router log lacks the trace");
+    assert!(
+        east_log
+            .lines()
+            .any(|l| l.contains(trace_id) && l.contains("/v1/users/{id}")),
+        "cn-east log lacks the trace"
+    );
+    assert!(
+        west_log
+            .lines()
+            .any(|l| l.contains(trace_id) && l.contains("CheckSession")),
+        "eu-west log lacks the trace on the session check"
+    );
+    // Each hop took a span of its own: the caller's span id went no further
+    // than the router.
+    assert!(!east_log.contains("00f067aa0ba902b7"));
+
+    // A malformed traceparent starts a new trace instead of travelling on.
+    let bad = "00-ZZZ-00f067aa0ba902b7-01";
+    let r = west
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/users/{east_id}"),
+            None,
+            &[("traceparent", bad)],
+        )
+        .await?;
+    assert_eq!(r.status, 200);
+    assert!(!log_of(c.cells["cn-east"].process.as_ref()).contains("ZZZ"));
+    Ok(())
+}

@@ -1,11 +1,11 @@
 //! The proxy's request lifecycle, as Pingora phases:
 //!
 //! ```text
-//! request_filter          request id; read the routing keys (path, token,
+//! request_filter          request id, trace context; read the routing keys (path, token,
 //!                         small auth bodies, header); decide the home cell,
 //!                         or answer a problem
 //!   └─ upstream_peer      the cell's address, over mTLS, with tight timeouts
-//!        └─ upstream_request_filter   x-request-id, x-forwarded-*
+//!        └─ upstream_request_filter   x-request-id, traceparent, x-forwarded-*
 //!             └─ response_filter      x-request-id, x-home-region
 //! fail_to_proxy           a cell that cannot be reached → problem+json, fast
 //! logging                 metrics (no personal data)
@@ -21,6 +21,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use homecell_common::directory_key::DirectoryKey;
 use homecell_common::replica::Replica;
+use homecell_common::trace::TraceParent;
 use homecell_proto::ErrorCode;
 use homecell_proto::error::{PROBLEM_CONTENT_TYPE, Problem};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -83,6 +84,8 @@ pub struct Router {
 
 pub struct Ctx {
     request_id: String,
+    /// This hop of the W3C trace: the caller's trace id, our span id.
+    trace: Option<TraceParent>,
     upstream: Option<Arc<Upstream>>,
     basis: Basis,
     started: Instant,
@@ -304,6 +307,7 @@ impl ProxyHttp for Router {
     fn new_ctx(&self) -> Ctx {
         Ctx {
             request_id: String::new(),
+            trace: None,
             upstream: None,
             basis: Basis::Default,
             started: Instant::now(),
@@ -317,6 +321,9 @@ impl ProxyHttp for Router {
             .get("x-request-id")
             .and_then(|v| usable_request_id(v.as_bytes()))
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        ctx.trace = Some(TraceParent::continue_from(
+            headers.get("traceparent").and_then(|v| v.to_str().ok()),
+        ));
         let table = self.table.load();
         if table.revision == 0 {
             let r = Refusal {
@@ -386,6 +393,10 @@ impl ProxyHttp for Router {
         ctx: &mut Ctx,
     ) -> Result<()> {
         req.insert_header("x-request-id", ctx.request_id.as_str())?;
+        // tracestate belongs to the caller's vendors and passes unchanged.
+        if let Some(trace) = &ctx.trace {
+            req.insert_header("traceparent", trace.to_string())?;
+        }
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
             let ip = addr.ip().to_string();
             let xff = match req
@@ -484,6 +495,7 @@ impl ProxyHttp for Router {
         tracing::info!(
             target: "access",
             request_id = %ctx.request_id,
+            trace_id = ctx.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
             method = %req.method,
             path = %req.uri.path(),
             status,

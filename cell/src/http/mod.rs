@@ -2,6 +2,7 @@
 //! every handler shares, and the router, built from one route table that
 //! also produces the OpenAPI document (so the two cannot drift apart).
 
+pub mod access;
 pub mod auth;
 pub mod cms;
 pub mod notices;
@@ -193,7 +194,8 @@ pub fn router(cell: Arc<Cell>) -> Router {
     .into_axum_router();
     let r = r.merge(grpc.with_state(()));
     // Order matters (outermost last): the identity check runs before any
-    // handler; the response headers are added to every answer.
+    // handler; the response headers are added to every answer; the trace
+    // and the access log wrap it all.
     r.fallback(|| async { ApiError(CodedError::not_found("no such route")) })
         .method_not_allowed_fallback(|| async {
             ApiError(CodedError::new(
@@ -207,6 +209,7 @@ pub fn router(cell: Arc<Cell>) -> Router {
             cell.clone(),
             response_headers,
         ))
+        .layer(middleware::from_fn(access::traced))
         .with_state(cell)
 }
 

@@ -1,0 +1,61 @@
+//! Per-request trace context and the access log.
+//!
+//! Every request (HTTP or the cell-to-cell gRPC sharing the listener) runs
+//! inside a span carrying its W3C trace id, and with the trace in a task
+//! local so calls to other cells carry it on (`peers::client`). The access
+//! log names the route *template*, never the path, query, headers or body,
+//! so no identifier or token reaches the log.
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use homecell_common::tls::PeerIdentity;
+use homecell_common::trace::{CURRENT, TraceParent};
+use std::time::Instant;
+use tracing::Instrument;
+
+pub async fn traced(req: Request, next: Next) -> Response {
+    let trace = TraceParent::continue_from(
+        req.headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok()),
+    );
+    let method = req.method().clone();
+    // A gRPC path is the method's name; an HTTP path may hold ids, so it
+    // is logged as its template.
+    let grpc = req
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let route = if grpc {
+        req.uri().path().to_string()
+    } else {
+        req.extensions()
+            .get::<MatchedPath>()
+            .map_or("unmatched", MatchedPath::as_str)
+            .to_string()
+    };
+    let caller = req
+        .extensions()
+        .get::<PeerIdentity>()
+        .map(PeerIdentity::common_name)
+        .unwrap_or_default();
+    let trace_id = trace.trace_id_hex();
+    let span = tracing::info_span!("request", trace_id = %trace_id);
+    let started = Instant::now();
+    let resp = CURRENT
+        .scope(trace, next.run(req).instrument(span.clone()))
+        .await;
+    span.in_scope(|| {
+        tracing::info!(
+            target: "access",
+            method = %method,
+            route,
+            caller,
+            status = resp.status().as_u16(),
+            micros = started.elapsed().as_micros() as u64,
+            "request"
+        );
+    });
+    resp
+}
