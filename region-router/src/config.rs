@@ -51,6 +51,9 @@ pub struct RouterConfig {
     pub directory_key_file: PathBuf,
     /// This router's client identity towards cells and the control plane.
     pub tls: TlsPaths,
+    /// HTTPS for clients (HTTP/2 and HTTP/1.1), beside the plain listener.
+    #[serde(default)]
+    pub public_tls: Option<crate::public_tls::PublicTlsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -118,6 +121,15 @@ impl RouterConfig {
             bail!("upstream timeouts must be positive");
         }
         self.tls.load().context("tls")?;
+        if let Some(p) = &self.public_tls {
+            if [self.listen, self.admin_listen].contains(&p.listen) {
+                bail!("public_tls.listen must differ from listen and admin_listen");
+            }
+            if p.reload_secs == 0 {
+                bail!("public_tls.reload_secs must be positive");
+            }
+            crate::public_tls::ReloadingCert::open(p)?;
+        }
         homecell_common::directory_key::DirectoryKey::load(&self.directory_key_file)?;
         crate::geo::TrustedProxies::parse(&self.trusted_proxies)?;
         if let Some(p) = &self.geoip_database {

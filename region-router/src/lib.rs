@@ -9,6 +9,7 @@ pub mod geo;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
+pub mod public_tls;
 pub mod ratelimit;
 pub mod route_key;
 pub mod routes;
@@ -88,6 +89,12 @@ pub fn run(config: config::RouterConfig) -> Result<()> {
     };
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, router);
     proxy.add_tcp(&config.listen.to_string());
+    if let Some(p) = &config.public_tls {
+        let cert = public_tls::ReloadingCert::open(p)?;
+        cert.clone().watch(Duration::from_secs(p.reload_secs));
+        proxy.add_tls_with_settings(&p.listen.to_string(), None, public_tls::settings(cert)?);
+        tracing::info!(listen = %p.listen, "HTTPS for clients (h2, http/1.1)");
+    }
     server.add_service(proxy);
     server.add_service(background_service(
         "replica",

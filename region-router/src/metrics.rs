@@ -16,6 +16,19 @@ pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     c
 });
 
+pub static CERT_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = IntCounterVec::new(
+        prometheus::Opts::new(
+            "homecell_router_cert_reloads_total",
+            "Reloads of the public TLS certificate, by result",
+        ),
+        &["result"],
+    )
+    .expect("valid metric");
+    let _ = prometheus::register(Box::new(c.clone()));
+    c
+});
+
 pub static DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     let h = HistogramVec::new(
         prometheus::HistogramOpts::new(
