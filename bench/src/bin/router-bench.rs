@@ -1,0 +1,474 @@
+//! The router against going direct and against nginx, in one run.
+//!
+//! Starts a real cluster (control plane, two cells, the router) from
+//! HOMECELL_BIN_DIR, and nginx (from apt) routing the same requests by an
+//! `x-home-region` header map to the same two cells over the same mTLS
+//! (nginx presents the router's client certificate and verifies the cell's).
+//! Then, for each target in turn, `--connections` keep-alive HTTP/1.1
+//! connections send requests back to back for `--seconds`:
+//!
+//! - `direct`: straight to the cell that owns the request, over mTLS;
+//! - `router`: through the region router (plain HTTP in, mTLS out);
+//! - `nginx`:  through nginx (plain HTTP in, mTLS out).
+//!
+//! Two workloads, half the connections on each region: `header` is
+//! `GET /v1/region` routed by `x-home-region`; `token` is
+//! `GET /v1/users/me` with a bearer token (the router routes by the
+//! verified token; nginx and direct get the header as well).
+//!
+//! Reports requests/s, p50, p99 and the CPU the proxy process(es) spent per
+//! request (utime + stime from /proc), every answer checked for 200.
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::Parser;
+use homecell_common::tls::{PeerIdentity, TlsPaths};
+use homecell_harness::api::Api;
+use homecell_harness::{Cluster, Process, start_standard};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+struct Args {
+    /// Keep-alive connections per run (half on each region).
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// How many times to run the three targets, interleaved.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// The nginx binary.
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    nginx: PathBuf,
+    /// nginx worker processes (the router runs 2 threads).
+    #[arg(long, default_value_t = 2)]
+    nginx_workers: usize,
+}
+
+/// Where one connection sends its requests.
+#[derive(Clone)]
+struct Target {
+    addr: SocketAddr,
+    /// Some: TLS with this config, presenting the router's certificate.
+    tls: Option<(Arc<rustls::ClientConfig>, String)>,
+}
+
+#[derive(Clone)]
+struct Request {
+    path: &'static str,
+    region: String,
+    token: Option<String>,
+}
+
+#[derive(Default)]
+struct Outcome {
+    ok: u64,
+    errors: u64,
+    latencies: Vec<Duration>,
+}
+
+/// One keep-alive connection sending `req` until `deadline`.
+async fn connection(target: Target, req: Request, deadline: Instant) -> Outcome {
+    let mut o = Outcome::default();
+    while Instant::now() < deadline {
+        // A connection that breaks is counted and replaced.
+        if let Err(e) = drive(&target, &req, deadline, &mut o).await {
+            o.errors += 1;
+            if o.errors < 3 {
+                eprintln!("connection to {}: {e:#}", target.addr);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    o
+}
+
+async fn drive(target: &Target, req: &Request, deadline: Instant, o: &mut Outcome) -> Result<()> {
+    let tcp = tokio::net::TcpStream::connect(target.addr).await?;
+    tcp.set_nodelay(true)?;
+    match &target.tls {
+        Some((config, name)) => {
+            let name = rustls::pki_types::ServerName::try_from(name.clone())?;
+            let tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await?;
+            send_loop(TokioIo::new(tls), req, deadline, o).await
+        }
+        None => send_loop(TokioIo::new(tcp), req, deadline, o).await,
+    }
+}
+
+async fn send_loop<IO>(io: IO, req: &Request, deadline: Instant, o: &mut Outcome) -> Result<()>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+    let driver = tokio::spawn(conn);
+    let result = async {
+        while Instant::now() < deadline {
+            let mut r = hyper::Request::get(req.path)
+                .header("host", "bench")
+                .header("x-home-region", &req.region)
+                .header("x-client-type", "app");
+            if let Some(t) = &req.token {
+                r = r.header("authorization", format!("Bearer {t}"));
+            }
+            // A server may close a keep-alive connection between requests;
+            // that is a reconnect, not a failed request.
+            if sender.ready().await.is_err() {
+                return Ok(());
+            }
+            let t = Instant::now();
+            let resp = sender.send_request(r.body(Empty::<Bytes>::new())?).await?;
+            let status = resp.status();
+            resp.into_body().collect().await?;
+            if status == 200 {
+                o.ok += 1;
+                o.latencies.push(t.elapsed());
+            } else {
+                o.errors += 1;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    driver.abort();
+    result
+}
+
+/// utime + stime of `pids`, in clock ticks.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which may hold spaces).
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
+/// `pid` and its children (nginx's workers).
+fn with_children(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|s| s.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                pids.push(p);
+            }
+        }
+    }
+    pids
+}
+
+/// The kernel's clock ticks per second (/proc times are in these).
+fn ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+struct RunResult {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+    errors: u64,
+    cpu_us_per_req: Option<f64>,
+}
+
+async fn run(
+    targets: &[(Target, Request)],
+    connections: usize,
+    seconds: u64,
+    proxy_pids: &[u32],
+) -> RunResult {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let cpu_before = cpu_ticks(proxy_pids);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..connections)
+        .map(|i| {
+            let (target, req) = targets[i % targets.len()].clone();
+            tokio::spawn(connection(target, req, deadline))
+        })
+        .collect();
+    let mut all = Outcome::default();
+    for t in tasks {
+        if let Ok(o) = t.await {
+            all.ok += o.ok;
+            all.errors += o.errors;
+            all.latencies.extend(o.latencies);
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = (cpu_ticks(proxy_pids) - cpu_before) as f64 / ticks_per_second();
+    all.latencies.sort();
+    let pct = |p: f64| {
+        let l = &all.latencies;
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    RunResult {
+        rps: all.ok as f64 / secs,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        errors: all.errors,
+        cpu_us_per_req: (!proxy_pids.is_empty() && all.ok > 0).then(|| cpu * 1e6 / all.ok as f64),
+    }
+}
+
+/// nginx routing by `x-home-region` to the two cells over mTLS, with
+/// keep-alive upstream connections, no access log (as the router runs with
+/// RUST_LOG=warn).
+fn nginx_config(
+    dir: &Path,
+    listen: SocketAddr,
+    cells: &[(String, SocketAddr)],
+    tls: &TlsPaths,
+    workers: usize,
+) -> String {
+    let upstreams: String = cells
+        .iter()
+        .map(|(region, addr)| {
+            format!(
+                "  upstream cell_{u} {{ server {addr}; keepalive 128; }}\n",
+                u = region.replace('-', "_")
+            )
+        })
+        .collect();
+    let map_cell: String = cells
+        .iter()
+        .map(|(region, _)| format!("    {region} cell_{};\n", region.replace('-', "_")))
+        .collect();
+    let map_name: String = cells
+        .iter()
+        .map(|(region, _)| format!("    {region} cell.{region};\n"))
+        .collect();
+    let default = cells[0].0.replace('-', "_");
+    let default_name = &cells[0].0;
+    format!(
+        r#"worker_processes {workers};
+pid {pid};
+error_log {err} warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path {tmp};
+  proxy_temp_path {tmp};
+{upstreams}  map $http_x_home_region $cell {{
+    default cell_{default};
+{map_cell}  }}
+  map $http_x_home_region $cell_name {{
+    default cell.{default_name};
+{map_name}  }}
+  server {{
+    listen {listen};
+    location / {{
+      proxy_pass https://$cell;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_ssl_certificate {cert};
+      proxy_ssl_certificate_key {key};
+      proxy_ssl_trusted_certificate {ca};
+      proxy_ssl_verify on;
+      proxy_ssl_server_name on;
+      proxy_ssl_name $cell_name;
+      proxy_ssl_session_reuse on;
+    }}
+  }}
+}}
+"#,
+        pid = dir.join("nginx.pid").display(),
+        err = dir.join("error.log").display(),
+        tmp = dir.join("tmp").display(),
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        ca = tls.ca.display(),
+    )
+}
+
+/// A client config that presents the router's certificate (what the cell
+/// requires of its callers) and trusts our CA.
+fn client_tls(tls: &TlsPaths) -> Result<Arc<rustls::ClientConfig>> {
+    let m = tls.load()?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(m.root_store()?)
+        .with_client_auth_cert(m.cert_chain()?, m.private_key()?)?;
+    Ok(Arc::new(config))
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1e3)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut cluster = Cluster::temp()?;
+    start_standard(&mut cluster).await?;
+    cluster
+        .wait_signing_keys(Duration::from_secs(30))
+        .await
+        .context("signing keys")?;
+    let regions = ["cn-east", "eu-west"];
+    let router_url = cluster.router_url(0);
+    let router_addr = cluster.routers[0].listen;
+    let router_pid = cluster.routers[0]
+        .process
+        .as_ref()
+        .map(Process::pid)
+        .context("router process")?;
+
+    // One signed-in user per region, for the token workload.
+    let mut tokens = Vec::new();
+    for region in regions {
+        let api = Api::new(&router_url, region);
+        let who = format!("bench-{region}@example.com");
+        let r = api.register(&who, "correct horse battery").await?;
+        if r.status != 201 {
+            bail!("register in {region}: {r:?}");
+        }
+        let (api, _) = api.signed_in(&who, "correct horse battery").await?;
+        tokens.push(api.token.context("token")?);
+    }
+
+    let router_tls = TlsPaths::in_dir(
+        &cluster.pki_dir,
+        &PeerIdentity::Router {
+            region: "cn-east".into(),
+        },
+    );
+    let tls = client_tls(&router_tls)?;
+    let cells: Vec<(String, SocketAddr)> = regions
+        .iter()
+        .map(|r| (r.to_string(), cluster.cells[*r].api))
+        .collect();
+
+    // nginx beside them.
+    let nginx_dir = cluster.root.join("nginx");
+    std::fs::create_dir_all(nginx_dir.join("tmp"))?;
+    let nginx_addr: SocketAddr = format!("127.0.0.1:{}", homecell_harness::free_port()).parse()?;
+    let conf = nginx_dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        nginx_config(
+            &nginx_dir,
+            nginx_addr,
+            &cells,
+            &router_tls,
+            args.nginx_workers,
+        ),
+    )?;
+    let mut nginx_cmd = Command::new(&args.nginx);
+    nginx_cmd
+        .arg("-p")
+        .arg(&nginx_dir)
+        .arg("-c")
+        .arg(&conf)
+        .args(["-g", "daemon off;"]);
+    let mut nginx = Process::spawn("nginx", nginx_cmd, &cluster.root.join("logs"))
+        .with_context(|| format!("cannot start {}", args.nginx.display()))?;
+    cluster
+        .wait_http_ok(
+            &format!("http://{nginx_addr}/v1/region"),
+            Duration::from_secs(10),
+            "nginx",
+        )
+        .await?;
+    let nginx_pids = with_children(nginx.pid());
+
+    let plain = |addr| Target { addr, tls: None };
+    let requests = |path: &'static str, with_token: bool| -> Vec<Request> {
+        regions
+            .iter()
+            .zip(&tokens)
+            .map(|(region, token)| Request {
+                path,
+                region: region.to_string(),
+                token: with_token.then(|| token.clone()),
+            })
+            .collect()
+    };
+
+    println!(
+        "{} connections, {} s per run, {} rounds; router pid {router_pid}, nginx pids {nginx_pids:?}",
+        args.connections, args.seconds, args.rounds
+    );
+    println!(
+        "| workload | target | requests/s | p50 ms | p99 ms | proxy CPU µs/request | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for workload in ["header", "token"] {
+        let reqs = match workload {
+            "header" => requests("/v1/region", false),
+            _ => requests("/v1/users/me", true),
+        };
+        for _ in 0..args.rounds {
+            for target in ["direct", "router", "nginx"] {
+                let (pairs, pids): (Vec<(Target, Request)>, Vec<u32>) = match target {
+                    "direct" => (
+                        reqs.iter()
+                            .zip(&cells)
+                            .map(|(r, (region, addr))| {
+                                let t = Target {
+                                    addr: *addr,
+                                    tls: Some((tls.clone(), format!("cell.{region}"))),
+                                };
+                                (t, r.clone())
+                            })
+                            .collect(),
+                        vec![],
+                    ),
+                    "router" => (
+                        reqs.iter()
+                            .map(|r| (plain(router_addr), r.clone()))
+                            .collect(),
+                        vec![router_pid],
+                    ),
+                    _ => (
+                        reqs.iter()
+                            .map(|r| (plain(nginx_addr), r.clone()))
+                            .collect(),
+                        nginx_pids.clone(),
+                    ),
+                };
+                let r = run(&pairs, args.connections, args.seconds, &pids).await;
+                println!(
+                    "| {workload} | {target} | {:.0} | {} | {} | {} | {} |",
+                    r.rps,
+                    ms(r.p50),
+                    ms(r.p99),
+                    r.cpu_us_per_req
+                        .map_or_else(|| "—".into(), |c| format!("{c:.0}")),
+                    r.errors
+                );
+            }
+        }
+    }
+    nginx.terminate(Duration::from_secs(5));
+    Ok(())
+}
