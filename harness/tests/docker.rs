@@ -212,7 +212,7 @@ async fn sign_up(base: &str, region: &str, who: &str) -> Result<Api> {
         Duration::from_secs(30),
         || async {
             let me = api.get("/v1/me").await?;
-            if me.status != 200 || me.body["home_region"] != region {
+            if me.status != 200 || me.body["user"]["home_region"] != region {
                 bail!("/v1/me: {} {}", me.status, me.body);
             }
             Ok(())
@@ -261,34 +261,46 @@ async fn compose_deployment_serves_two_regions_and_survives_a_cell_restart() -> 
         assert_eq!(r.status, 200, "{r:?}");
     }
 
-    // 4. One cell stops: its region answers 503 at once, the other serves.
+    // 4. One cell stops. Until the router's health checks mark it down, a
+    // request may wait out the connect timeout (a stopped container's
+    // address answers nothing); within 5 s of the stop its region is
+    // answered at once with 503 problem+json, and the other region serves.
     d.compose(&["stop", "--timeout", "10", "cell-eu-west"])?;
-    let started = Instant::now();
-    let reply = eventually("503 for eu-west", Duration::from_secs(15), || async {
-        let r = west.get("/v1/me").await?;
-        if r.status != 503 {
-            bail!("still {}", r.status);
-        }
-        Ok(r)
-    })
+    let stopped = Instant::now();
+    let reply = eventually(
+        "a fast 503 for eu-west",
+        Duration::from_secs(15),
+        || async {
+            let t = Instant::now();
+            let r = west.get("/v1/me").await?;
+            if r.status != 503 || t.elapsed() > Duration::from_millis(200) {
+                bail!("{} after {:?}", r.status, t.elapsed());
+            }
+            Ok(r)
+        },
+    )
     .await?;
+    let marked_down = stopped.elapsed();
+    eprintln!("eu-west answered 503 at once {marked_down:?} after the stop");
+    assert!(
+        marked_down < Duration::from_secs(6),
+        "marked down after {marked_down:?}"
+    );
     assert_eq!(
         reply.header("content-type"),
         Some("application/problem+json")
     );
-    let t = Instant::now();
-    let again = west.get("/v1/me").await?;
-    assert_eq!(again.status, 503);
-    assert!(
-        t.elapsed() < Duration::from_millis(500),
-        "a down region is answered fast, took {:?}",
-        t.elapsed()
-    );
-    assert!(again.header("retry-after").is_some());
-    eprintln!(
-        "eu-west answered 503 {:?} after the stop",
-        started.elapsed()
-    );
+    assert!(reply.header("retry-after").is_some());
+    for _ in 0..20 {
+        let t = Instant::now();
+        let again = west.get("/v1/me").await?;
+        assert_eq!(again.status, 503);
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "a down region is answered at once, took {:?}",
+            t.elapsed()
+        );
+    }
     assert_eq!(east.get("/v1/me").await?.status, 200);
 
     // 5. Back, with its data: the user and the session are still there.
