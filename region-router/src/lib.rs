@@ -72,7 +72,7 @@ pub fn run(config: config::RouterConfig) -> Result<()> {
 
     let router = proxy::Router {
         table: table.clone(),
-        cells: proxy::CellClient::new(&tls, &config.upstream)?,
+        cells: proxy::CellClient::new(&config.upstream),
         replica: replica.clone(),
         tokens: tokens::TokenCache::default(),
         directory_key: homecell_common::directory_key::DirectoryKey::load(
@@ -87,7 +87,9 @@ pub fn run(config: config::RouterConfig) -> Result<()> {
         trusted_proxies: geo::TrustedProxies::parse(&config.trusted_proxies)?,
         limiter: ratelimit::Limiter::default(),
     };
-    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, router);
+    let mut proxy = pingora::proxy::ProxyServiceBuilder::new(&server.configuration, router)
+        .client_options(proxy::connector_options(&server.configuration, &config.tls))
+        .build();
     proxy.add_tcp(&config.listen.to_string());
     if let Some(p) = &config.public_tls {
         let cert = public_tls::ReloadingCert::open(p)?;

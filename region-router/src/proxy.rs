@@ -28,46 +28,43 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::{HttpPeer, Peer};
-use pingora::utils::tls::{CertKey, WrappedX509, parse_x509};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// What the proxy needs to reach cells.
+/// What the proxy needs to reach cells. The client certificate and the CA
+/// are not here but in the proxy's connector (`connector_options`): a
+/// per-peer certificate makes Pingora build a TLS configuration for every
+/// new connection (so sessions never resume) and hash the certificate, by
+/// formatting its serial, on every pool lookup.
 pub struct CellClient {
-    pub cert_key: Arc<CertKey>,
-    pub ca: Arc<[WrappedX509]>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub idle_timeout: Duration,
 }
 
 impl CellClient {
-    pub fn new(
-        tls: &homecell_common::tls::TlsMaterial,
-        t: &crate::config::UpstreamTimeouts,
-    ) -> anyhow::Result<Self> {
-        let chain = tls.cert_chain()?.into_iter().map(|c| c.to_vec()).collect();
-        let key = tls.private_key()?.secret_der().to_vec();
-        let ca: Vec<WrappedX509> = rustls_ca_ders(tls)?
-            .into_iter()
-            .map(|der| WrappedX509::new(der, parse_x509))
-            .collect();
-        Ok(Self {
-            cert_key: Arc::new(CertKey::new(chain, key)),
-            ca: Arc::from(ca),
+    pub fn new(t: &crate::config::UpstreamTimeouts) -> Self {
+        Self {
             connect_timeout: Duration::from_millis(t.connect_ms),
             read_timeout: Duration::from_millis(t.read_ms),
             idle_timeout: Duration::from_millis(t.idle_ms),
-        })
+        }
     }
 }
 
-fn rustls_ca_ders(tls: &homecell_common::tls::TlsMaterial) -> anyhow::Result<Vec<Vec<u8>>> {
-    let mut out = Vec::new();
-    for c in rustls_pemfile::certs(&mut tls.ca_pem.as_slice()) {
-        out.push(c?.to_vec());
-    }
-    Ok(out)
+/// The proxy's upstream connector: our CA only (no system roots) and our
+/// client certificate, loaded once for every connection to every cell.
+pub fn connector_options(
+    conf: &pingora::server::configuration::ServerConf,
+    tls: &homecell_common::tls::TlsPaths,
+) -> pingora::connectors::ConnectorOptions {
+    let mut o = pingora::connectors::ConnectorOptions::from_server_conf(conf);
+    o.ca_file = Some(tls.ca.display().to_string());
+    o.cert_key_file = Some((
+        tls.cert.display().to_string(),
+        tls.key.display().to_string(),
+    ));
+    o
 }
 
 pub struct Router {
@@ -357,8 +354,6 @@ impl ProxyHttp for Router {
         // Built from a SocketAddr: HttpPeer::new would panic on a name it
         // cannot resolve.
         let mut peer = HttpPeer::new(addr, true, up.sni.clone());
-        peer.client_cert_key = Some(self.cells.cert_key.clone());
-        peer.options.ca = Some(self.cells.ca.clone());
         peer.options.connection_timeout = Some(self.cells.connect_timeout);
         peer.options.total_connection_timeout = Some(self.cells.connect_timeout * 2);
         peer.options.read_timeout = Some(self.cells.read_timeout);
