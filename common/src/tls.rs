@@ -161,6 +161,17 @@ impl TlsMaterial {
         Ok(Arc::new(config))
     }
 
+    /// A rustls client configuration that presents our certificate and
+    /// trusts only our CA.
+    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(self.root_store()?)
+            .with_client_auth_cert(self.cert_chain()?, self.private_key()?)?;
+        Ok(Arc::new(config))
+    }
+
     pub fn tonic_server(&self) -> tonic::transport::ServerTlsConfig {
         tonic::transport::ServerTlsConfig::new()
             .identity(tonic::transport::Identity::from_pem(

@@ -365,6 +365,20 @@ impl Cluster {
         }
     }
 
+    /// SIGKILLs `region`'s cell (no graceful shutdown); its process handle
+    /// stays, so `start_cell` can bring it back on the same ports.
+    pub fn kill_cell(&mut self, region: &str) {
+        if let Some(p) = self.cells.get_mut(region).and_then(|n| n.process.as_mut()) {
+            p.kill();
+        }
+    }
+
+    /// Router `index`'s Prometheus text.
+    pub async fn router_metrics(&self, index: usize) -> Result<String> {
+        let url = format!("http://{}/metrics", self.routers[index].admin);
+        Ok(self.http.get(url).send().await?.text().await?)
+    }
+
     /// Runs the operator CLI against this cluster's control plane.
     pub fn cli(&self, args: &[&str]) -> Result<CliOutput> {
         let out = Command::new(self.bins.path("control-plane"))

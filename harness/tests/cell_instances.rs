@@ -110,12 +110,7 @@ async fn a_postgres_cell_runs_as_several_instances_behind_the_router() -> Result
 
     // The first instance dies: the second serves every request, the same
     // transfer retried lands once.
-    c.cell_mut("eu-west")
-        .unwrap()
-        .process
-        .as_mut()
-        .unwrap()
-        .kill();
+    c.kill_cell("eu-west");
     let killed = Instant::now();
     let body = json!({"to_user_id": bob_id, "amount": 700, "currency": "CNY"});
     let k = key();

@@ -7,13 +7,7 @@ use std::time::{Duration, Instant};
 type Result<T = ()> = anyhow::Result<T>;
 
 async fn cell_up_metric(c: &Cluster, region: &str) -> Result<Option<i64>> {
-    let text = c
-        .http()
-        .get(format!("http://{}/metrics", c.routers[0].admin))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let text = c.router_metrics(0).await?;
     let prefix = format!("homecell_router_cell_up{{region=\"{region}\"}} ");
     Ok(text
         .lines()
@@ -43,12 +37,7 @@ async fn a_killed_cell_is_marked_down_and_recovers() -> Result {
     start_standard(&mut c).await?;
     assert_eq!(region_status(&c, "eu-west").await?.0, 200);
 
-    c.cell_mut("eu-west")
-        .unwrap()
-        .process
-        .as_mut()
-        .unwrap()
-        .kill();
+    c.kill_cell("eu-west");
     let killed = Instant::now();
     loop {
         if cell_up_metric(&c, "eu-west").await? == Some(0) {

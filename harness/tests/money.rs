@@ -352,12 +352,7 @@ async fn a_transfer_to_an_unreachable_cell_is_voided_after_the_hold_timeout() ->
     let (_, carol_id) = user(&eu, "carol@example.com").await?;
     cn.provider_deposit("testpay", SECRET, "e", &alice_id, 1_000)
         .await?;
-    c.cell_mut("eu-west")
-        .unwrap()
-        .process
-        .as_mut()
-        .unwrap()
-        .kill();
+    c.kill_cell("eu-west");
     let x = alice
         .transfer(
             &key(),

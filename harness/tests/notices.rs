@@ -479,12 +479,7 @@ async fn pending_mail_survives_a_cell_restart() -> Result {
     let r = cn.register("ray@example.com", PW).await?;
     assert_eq!(r.status, StatusCode::CREATED);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    c.cell_mut("cn-east")
-        .unwrap()
-        .process
-        .as_mut()
-        .unwrap()
-        .kill();
+    c.kill_cell("cn-east");
     let mail = SmtpSink::start_on(mail_port).await?;
     c.cell_mut("cn-east").unwrap().process.take();
     c.start_cell("cn-east").await?;

@@ -182,13 +182,7 @@ async fn https_serves_h2_and_http1_and_reloads_its_certificate() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(c.routers[0].process.as_ref().map(|p| p.pid()), router_pid);
-    let metrics = c
-        .http()
-        .get(format!("http://{}/metrics", c.routers[0].admin))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = c.router_metrics(0).await?;
     assert!(
         metrics.contains("homecell_router_cert_reloads_total{result=\"ok\"} 1"),
         "{metrics}"

@@ -25,16 +25,6 @@ use pingora::services::background::background_service;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The TLS client config health checks use: our CA, our client certificate.
-fn probe_tls_config(tls: &homecell_common::tls::TlsMaterial) -> Result<Arc<rustls::ClientConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(tls.root_store()?)
-        .with_client_auth_cert(tls.cert_chain()?, tls.private_key()?)?;
-    Ok(Arc::new(config))
-}
-
 /// Builds and runs the Pingora server; returns when it shuts down.
 pub fn run(config: config::RouterConfig) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)?;
@@ -59,7 +49,7 @@ pub fn run(config: config::RouterConfig) -> Result<()> {
     );
     let table = Arc::new(ArcSwap::from_pointee(initial));
     let health = Arc::new(health::Health::default());
-    let probe_tls = probe_tls_config(&tls)?;
+    let probe_tls = tls.client_config()?;
 
     let conf = ServerConf {
         threads: config.threads,

@@ -309,18 +309,6 @@ http {{
     )
 }
 
-/// A client config that presents the router's certificate (what the cell
-/// requires of its callers) and trusts our CA.
-fn client_tls(tls: &TlsPaths) -> Result<Arc<rustls::ClientConfig>> {
-    let m = tls.load()?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(m.root_store()?)
-        .with_client_auth_cert(m.cert_chain()?, m.private_key()?)?;
-    Ok(Arc::new(config))
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1e3)
 }
@@ -362,7 +350,8 @@ async fn main() -> Result<()> {
             region: "cn-east".into(),
         },
     );
-    let tls = client_tls(&router_tls)?;
+    // The router's identity: what the cell requires of its callers.
+    let tls = router_tls.load()?.client_config()?;
     let cells: Vec<(String, SocketAddr)> = regions
         .iter()
         .map(|r| (r.to_string(), cluster.cells[*r].api))
