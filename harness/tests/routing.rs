@@ -467,17 +467,41 @@ async fn one_trace_follows_a_request_from_the_router_across_cells() -> Result {
     // than the router.
     assert!(!east_log.contains("00f067aa0ba902b7"));
 
-    // A malformed traceparent starts a new trace instead of travelling on.
+    // A malformed traceparent starts a new trace at the router, and that
+    // trace (not the garbage) is what reaches the cell.
     let bad = "00-ZZZ-00f067aa0ba902b7-01";
     let r = west
         .call(
             reqwest::Method::GET,
             &format!("/v1/users/{east_id}"),
             None,
-            &[("traceparent", bad)],
+            &[("traceparent", bad), ("x-request-id", "trace-bad-1")],
         )
         .await?;
     assert_eq!(r.status, 200);
-    assert!(!log_of(c.cells["cn-east"].process.as_ref()).contains("ZZZ"));
+    // The router writes its access line after the response has gone out.
+    let mut line = None;
+    for _ in 0..50 {
+        let router = log_of(c.routers[0].process.as_ref());
+        line = router
+            .lines()
+            .find(|l| l.contains("trace-bad-1"))
+            .map(String::from);
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let line = line.expect("the router logged the request");
+    // The one quoted 32-hex value in the line (the log may carry colours).
+    let fresh = line
+        .split('"')
+        .find(|t| t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no trace id in {line}"));
+    assert_ne!(fresh, trace_id);
+    assert!(
+        log_of(c.cells["cn-east"].process.as_ref()).contains(fresh),
+        "the router's new trace did not reach the cell"
+    );
     Ok(())
 }
