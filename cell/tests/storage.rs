@@ -173,6 +173,26 @@ async fn refresh_rotation_and_reuse(db: &Datastore) {
         .filter(|o| matches!(o, Ok(RefreshOutcome::Rotated(_))))
         .count();
     assert_eq!(rotated, 1, "one token must rotate exactly once");
+
+    // Rotations that fail and succeed side by side (on SQLite, in one
+    // batched commit): the failure undoes only its own statements.
+    user(db, "f", "f@x.io").await;
+    for (sid, ct, token) in [("fa", "app", "a0"), ("fb", "web", "b0"), ("fc", "mp", "c0")] {
+        db.open_session(&session(sid, "f", ct), token)
+            .await
+            .unwrap();
+    }
+    let (clash, fine) = futures::join!(
+        db.rotate_refresh("a0", "c0", NOW), // the successor's hash exists
+        db.rotate_refresh("b0", "b1", NOW),
+    );
+    assert!(matches!(clash, Err(DbError::Conflict)), "{clash:?}");
+    assert!(matches!(fine, Ok(RefreshOutcome::Rotated(s)) if s.id == "fb"));
+    assert!(
+        matches!(db.rotate_refresh("a0", "a1", NOW).await.unwrap(), RefreshOutcome::Rotated(s) if s.id == "fa"),
+        "the failed rotation must leave its token unused"
+    );
+    assert!(db.session_alive("fa", "f", NOW).await.unwrap());
 }
 
 async fn password_resets(db: &Datastore) {

@@ -4,8 +4,14 @@
 //! release builds), registers one user per worker, then runs each phase for
 //! a fixed time with a fixed number of concurrent workers. Every request is
 //! checked: a non-200 answer counts as an error, not as throughput.
+//!
+//! Two "per core" figures: the rate divided by the machine's cores (the
+//! client, router and control plane share them), and the rate per second of
+//! CPU the cell itself used (utime + stime from /proc), which is how sizing
+//! guides such as Keycloak's count a vCPU.
 
 use clap::Parser;
+use homecell_bench::cpu;
 use homecell_harness::api::Api;
 use homecell_harness::{Cluster, start_standard};
 use std::time::{Duration, Instant};
@@ -28,7 +34,7 @@ struct Outcome {
     latencies: Vec<Duration>,
 }
 
-fn report(name: &str, o: &Outcome, secs: f64, cores: usize) {
+fn report(name: &str, o: &Outcome, secs: f64, cores: usize, cell_cpu: f64) {
     let mut l = o.latencies.clone();
     l.sort();
     let pct = |p: f64| {
@@ -38,8 +44,10 @@ fn report(name: &str, o: &Outcome, secs: f64, cores: usize) {
     };
     let rate = o.ok as f64 / secs;
     println!(
-        "{name:<9} {rate:>9.1}/s total  {:>8.1}/s per core  ok {:>7}  errors {:>4}  p50 {:>7.1?}  p99 {:>7.1?}",
+        "{name:<9} {rate:>9.1}/s total  {:>8.1}/s per machine core  {:>8.1}/s per cell CPU-second ({:.0}% of a core)  ok {:>7}  errors {:>4}  p50 {:>7.1?}  p99 {:>7.1?}",
         rate / cores as f64,
+        o.ok as f64 / cell_cpu,
+        100.0 * cell_cpu / secs,
         o.ok,
         o.errors,
         pct(0.50),
@@ -56,6 +64,11 @@ async fn main() -> anyhow::Result<()> {
     cluster.cell_extra_config = "login_attempts_per_ip_per_minute = 100000000\n".into();
     start_standard(&mut cluster).await?;
     let api = Api::new(&cluster.router_url(0), "cn-east");
+    let cell = [cluster.cells["cn-east"]
+        .process
+        .as_ref()
+        .map(|p| p.pid())
+        .unwrap_or_default()];
 
     let mut users = Vec::new();
     for i in 0..args.workers {
@@ -76,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
     // Phase 1: password logins.
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let started = Instant::now();
+    let cpu_before = cpu::seconds(&cell);
     let tasks: Vec<_> = users
         .iter()
         .map(|(name, _)| {
@@ -113,7 +127,14 @@ async fn main() -> anyhow::Result<()> {
         logins.errors += o.errors;
         logins.latencies.extend(o.latencies);
     }
-    report("logins", &logins, started.elapsed().as_secs_f64(), cores);
+    let cell_cpu = cpu::seconds(&cell) - cpu_before;
+    report(
+        "logins",
+        &logins,
+        started.elapsed().as_secs_f64(),
+        cores,
+        cell_cpu,
+    );
 
     // Each worker needs a live refresh token of its own: log in once more.
     for (name, _) in &users {
@@ -129,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
     // Phase 2: refresh-token rotations (each uses the token the last returned).
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let started = Instant::now();
+    let cpu_before = cpu::seconds(&cell);
     let tasks: Vec<_> = fresh
         .into_iter()
         .map(|mut token| {
@@ -177,11 +199,13 @@ async fn main() -> anyhow::Result<()> {
         refreshes.errors += o.errors;
         refreshes.latencies.extend(o.latencies);
     }
+    let cell_cpu = cpu::seconds(&cell) - cpu_before;
     report(
         "refreshes",
         &refreshes,
         started.elapsed().as_secs_f64(),
         cores,
+        cell_cpu,
     );
     Ok(())
 }

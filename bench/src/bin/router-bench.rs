@@ -22,6 +22,7 @@
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Parser;
+use homecell_bench::cpu;
 use homecell_common::tls::{PeerIdentity, TlsPaths};
 use homecell_harness::api::Api;
 use homecell_harness::{Cluster, Process, start_standard};
@@ -142,53 +143,6 @@ where
     result
 }
 
-/// utime + stime of `pids`, in clock ticks.
-fn cpu_ticks(pids: &[u32]) -> u64 {
-    pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .filter_map(|stat| {
-            // Fields after the command name (which may hold spaces).
-            let rest = stat.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .sum()
-}
-
-/// `pid` and its children (nginx's workers).
-fn with_children(pid: u32) -> Vec<u32> {
-    let mut pids = vec![pid];
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-                continue;
-            };
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|s| s.parse::<u32>().ok());
-            if ppid == Some(pid) {
-                pids.push(p);
-            }
-        }
-    }
-    pids
-}
-
-/// The kernel's clock ticks per second (/proc times are in these).
-fn ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
 struct RunResult {
     rps: f64,
     p50: Duration,
@@ -204,7 +158,7 @@ async fn run(
     proxy_pids: &[u32],
 ) -> RunResult {
     let deadline = Instant::now() + Duration::from_secs(seconds);
-    let cpu_before = cpu_ticks(proxy_pids);
+    let cpu_before = cpu::seconds(proxy_pids);
     let started = Instant::now();
     let tasks: Vec<_> = (0..connections)
         .map(|i| {
@@ -221,7 +175,7 @@ async fn run(
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    let cpu = (cpu_ticks(proxy_pids) - cpu_before) as f64 / ticks_per_second();
+    let cpu = cpu::seconds(proxy_pids) - cpu_before;
     all.latencies.sort();
     let pct = |p: f64| {
         let l = &all.latencies;
@@ -388,7 +342,7 @@ async fn main() -> Result<()> {
             "nginx",
         )
         .await?;
-    let nginx_pids = with_children(nginx.pid());
+    let nginx_pids = cpu::with_children(nginx.pid());
 
     let plain = |addr| Target { addr, tls: None };
     let requests = |path: &'static str, with_token: bool| -> Vec<Request> {

@@ -142,6 +142,43 @@ macro_rules! session_cols {
     };
 }
 
+/// The statements of a refresh rotation on `$conn` (a connection or a
+/// transaction), as a `RefreshOutcome`; `?` passes on database errors. The common case is three
+/// statements: mark the token used, touch its live session, store the
+/// successor.
+macro_rules! rotate {
+    ($conn:ident, $old:expr, $new:expr, $now:expr) => {{
+        let marked: Option<String> = sqlx::query_scalar("UPDATE refresh_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL RETURNING session_id")
+            .bind($now).bind($old).fetch_optional(&mut *$conn).await?;
+        match marked {
+            Some(sid) => {
+                let sql = concat!("UPDATE sessions SET last_used_at = $1 WHERE id = $2 AND revoked_at IS NULL AND expires_at > $1 RETURNING ", session_cols!());
+                let live: Option<SessionTuple> = sqlx::query_as(sql).bind($now).bind(&sid).fetch_optional(&mut *$conn).await?;
+                match live {
+                    Some(s) => {
+                        sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES ($1, $2, $3)")
+                            .bind($new).bind(&sid).bind($now).execute(&mut *$conn).await?;
+                        RefreshOutcome::Rotated(Session::from(s))
+                    }
+                    None => RefreshOutcome::Invalid,
+                }
+            }
+            None => {
+                let used: Option<String> = sqlx::query_scalar("SELECT session_id FROM refresh_tokens WHERE token_hash = $1")
+                    .bind($old).fetch_optional(&mut *$conn).await?;
+                match used {
+                    Some(sid) => {
+                        sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'refresh_reuse' WHERE id = $2 AND revoked_at IS NULL")
+                            .bind($now).bind(&sid).execute(&mut *$conn).await?;
+                        RefreshOutcome::Reused
+                    }
+                    None => RefreshOutcome::Invalid,
+                }
+            }
+        }
+    }};
+}
+
 /// What a refresh token lookup found.
 #[derive(Debug)]
 pub enum RefreshOutcome {
@@ -526,42 +563,22 @@ impl Datastore {
 
     /// Rotates a refresh token: marks it used and stores its successor, in
     /// one transaction. A token used twice revokes its session (the family).
+    /// On SQLite concurrent rotations share a commit (`TxBatch`).
     pub async fn rotate_refresh(
         &self,
         old_hash: &str,
         new_hash: &str,
         now: i64,
     ) -> DbResult<RefreshOutcome> {
-        let outcome = in_tx!(self, tx => {
-            let row: Option<(String, Option<i64>)> = sqlx::query_as("SELECT session_id, used_at FROM refresh_tokens WHERE token_hash = $1")
-                .bind(old_hash).fetch_optional(&mut *tx).await?;
-            match row {
-                None => RefreshOutcome::Invalid,
-                Some((sid, Some(_))) => {
-                    sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'refresh_reuse' WHERE id = $2 AND revoked_at IS NULL")
-                        .bind(now).bind(&sid).execute(&mut *tx).await?;
-                    RefreshOutcome::Reused
-                }
-                Some((sid, None)) => {
-                    let sql = concat!("SELECT ", session_cols!(), " FROM sessions WHERE id = $1");
-                    let s: Option<SessionTuple> = sqlx::query_as(sql).bind(&sid).fetch_optional(&mut *tx).await?;
-                    let s = s.map(Session::from);
-                    let live = s.as_ref().is_some_and(|s| s.revoked_at.is_none() && s.expires_at > now);
-                    let marked = sqlx::query("UPDATE refresh_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL")
-                        .bind(now).bind(old_hash).execute(&mut *tx).await?;
-                    match s {
-                        Some(s) if live && marked.rows_affected() == 1 => {
-                            sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES ($1, $2, $3)")
-                                .bind(new_hash).bind(&sid).bind(now).execute(&mut *tx).await?;
-                            sqlx::query("UPDATE sessions SET last_used_at = $1 WHERE id = $2").bind(now).bind(&sid).execute(&mut *tx).await?;
-                            RefreshOutcome::Rotated(s)
-                        }
-                        _ => RefreshOutcome::Invalid,
-                    }
-                }
+        match self {
+            Datastore::Sqlite(_, batch) => {
+                let (old, new) = (old_hash.to_owned(), new_hash.to_owned());
+                batch
+                    .run(move |conn| Box::pin(async move { Ok(rotate!(conn, &old, &new, now)) }))
+                    .await
             }
-        });
-        Ok(outcome)
+            Datastore::Postgres(_) => Ok(in_tx!(self, tx => rotate!(tx, old_hash, new_hash, now))),
+        }
     }
 
     // ------------------------------------------------------------ password reset

@@ -8,6 +8,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 use std::str::FromStr;
+
+mod batch;
+pub use batch::TxBatch;
 use std::time::Duration;
 
 /// Runs `$body` with `$pool` bound to whichever typed pool the datastore has.
@@ -17,7 +20,7 @@ use std::time::Duration;
 macro_rules! on_db {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
-            $crate::db::Datastore::Sqlite($pool) => $body,
+            $crate::db::Datastore::Sqlite($pool, _) => $body,
             $crate::db::Datastore::Postgres($pool) => $body,
         }
     };
@@ -30,7 +33,7 @@ macro_rules! on_db {
 macro_rules! write_db {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
-            $crate::db::Datastore::Sqlite($pool) => {
+            $crate::db::Datastore::Sqlite($pool, _) => {
                 let _writer = $crate::db::SQLITE_WRITER.lock().await;
                 $body
             }
@@ -52,7 +55,7 @@ pub static SQLITE_WRITER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new
 macro_rules! in_tx {
     ($db:expr, $tx:ident => $body:expr) => {
         match $db {
-            $crate::db::Datastore::Sqlite(pool) => {
+            $crate::db::Datastore::Sqlite(pool, _) => {
                 let _writer = $crate::db::SQLITE_WRITER.lock().await;
                 let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
                 let out = $body;
@@ -71,7 +74,8 @@ macro_rules! in_tx {
 
 #[derive(Clone, Debug)]
 pub enum Datastore {
-    Sqlite(SqlitePool),
+    /// The pool, and the group committer for the writes that use it.
+    Sqlite(SqlitePool, TxBatch),
     Postgres(PgPool),
 }
 
@@ -86,7 +90,7 @@ macro_rules! migrations {
         &[$(Migration {
             version: $version,
             name: $name,
-            sql: include_str!(concat!("../migrations/", $backend, "/", $name, ".sql")),
+            sql: include_str!(concat!("../../migrations/", $backend, "/", $name, ".sql")),
         }),*]
     };
 }
@@ -110,7 +114,7 @@ impl Datastore {
                 .connect_with(opts)
                 .await
                 .context("cannot open the SQLite datastore")?;
-            Self::Sqlite(pool)
+            Self::Sqlite(pool.clone(), TxBatch::start(pool))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let opts = PgConnectOptions::from_str(url).context("malformed postgres URL")?;
             let pool = PgPoolOptions::new()
@@ -129,7 +133,7 @@ impl Datastore {
 
     pub fn backend(&self) -> &'static str {
         match self {
-            Self::Sqlite(_) => "sqlite",
+            Self::Sqlite(..) => "sqlite",
             Self::Postgres(_) => "postgres",
         }
     }
@@ -140,7 +144,7 @@ impl Datastore {
     async fn migrate(&self) -> Result<()> {
         let (migrations, ledger, lock): (&[Migration], &'static str, Option<&'static str>) =
             match self {
-                Self::Sqlite(_) => (
+                Self::Sqlite(..) => (
                     SQLITE_MIGRATIONS,
                     "CREATE TABLE IF NOT EXISTS _migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)",
                     None,
@@ -181,7 +185,7 @@ impl Datastore {
     /// Binds the datastore to `region` on first use; refuses another region's.
     pub async fn claim_region(&self, region: &str) -> Result<()> {
         let owner: String = match self {
-            Self::Sqlite(pool) => {
+            Self::Sqlite(pool, _) => {
                 sqlx::query("INSERT INTO cell_info (key, value) VALUES ('region', ?) ON CONFLICT (key) DO NOTHING")
                     .bind(region)
                     .execute(pool)
@@ -209,7 +213,7 @@ impl Datastore {
     /// A cheap round trip, for readiness.
     pub async fn ping(&self) -> Result<()> {
         match self {
-            Self::Sqlite(pool) => {
+            Self::Sqlite(pool, _) => {
                 sqlx::query("SELECT 1").execute(pool).await?;
             }
             Self::Postgres(pool) => {

@@ -1,0 +1,3 @@
+//! What the load generators share.
+
+pub mod cpu;
