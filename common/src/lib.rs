@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod config;
+pub mod directory;
 pub mod directory_key;
 pub mod hex;
 pub mod jwt;

@@ -1,21 +1,23 @@
 //! The local replica of the control plane's state that every router and cell
 //! runs on.
 //!
-//! - `Watch` streams a snapshot and then deltas; each is written to a local
-//!   redb file in one transaction, then published as a new immutable
-//!   [`ReplicaState`] behind an `ArcSwap` (readers never take a lock), then
-//!   ACKed. A delta that cannot be applied is NACKed and the subscription is
-//!   restarted from the last applied revision.
+//! - `Watch` streams a snapshot (in parts) and then deltas; each is written
+//!   to a local redb file in one transaction, then published as a new
+//!   immutable [`ReplicaState`] behind an `ArcSwap` (readers never take a
+//!   lock), then ACKed. A delta that cannot be applied is NACKed and the
+//!   subscription is restarted from the last applied revision.
 //! - At start the replica loads the persisted copy, so a process restarted
 //!   while the control plane is down still serves (static stability).
 //! - `ready()` is true once any snapshot is held, persisted or live.
+//! - The directory is compact ([`Directory`]): its base is persisted as a few
+//!   large column blobs, the changes since as rows.
 
+use crate::directory::{self, Base, Directory, Table};
 use anyhow::{Context, Result, anyhow, bail};
 use arc_swap::ArcSwap;
 use homecell_proto::control::{
-    Ack, ChangeSet, ConfigEntry, ConfigValue, IdentifierClaim, Nack, Region, Snapshot, Subscribe,
-    SubscriberKind, WatchRequest, change, sync_service_client::SyncServiceClient, watch_request,
-    watch_response,
+    Ack, ChangeSet, ConfigEntry, ConfigValue, Nack, Region, Snapshot, Subscribe, SubscriberKind,
+    WatchRequest, change, sync_service_client::SyncServiceClient, watch_request, watch_response,
 };
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -31,7 +33,21 @@ use crate::tls::TlsMaterial;
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const REGIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("regions");
 const CONFIG: TableDefinition<&str, &[u8]> = TableDefinition::new("config");
-const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
+/// (column, chunk number) → little-endian bytes of the directory's base.
+const DIR_BASE: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("directory_base");
+/// key → region index, or `REMOVED`: the directory's overlay.
+const DIR_USERS: TableDefinition<u128, u16> = TableDefinition::new("directory_users");
+const DIR_CLAIMS: TableDefinition<u128, u16> = TableDefinition::new("directory_claims");
+/// The claims table of the first format (text rows), dropped on upgrade.
+const CLAIMS_V1: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
+const REMOVED: u16 = u16::MAX;
+/// Bytes per base chunk.
+const CHUNK: usize = 4 << 20;
+/// The layout this code writes; a file without it is refetched.
+const FORMAT: &[u8] = b"2";
+/// redb's page cache: the directory lives in memory anyway, so the cache
+/// only needs to hold what one write touches.
+const CACHE_BYTES: usize = 16 << 20;
 
 /// The replicated state at one revision. Immutable once published.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -40,74 +56,89 @@ pub struct ReplicaState {
     pub regions: BTreeMap<String, Region>,
     /// Keyed by (key, region); region is empty for the global value.
     pub config: BTreeMap<(String, String), ConfigEntry>,
-    /// The directory's identifier claims by HMAC. A persistent map: a delta
-    /// copies a path, not millions of entries.
-    pub claims: imbl::HashMap<String, IdentifierClaim>,
-    /// user id → (home region, number of identifiers it holds), derived
-    /// from the claims: the directory lookup for user-addressed requests.
-    pub users: imbl::HashMap<String, (String, u32)>,
+    /// Users' and identifiers' home regions.
+    pub directory: Directory,
 }
 
-impl ReplicaState {
-    pub fn from_snapshot(s: Snapshot) -> Self {
+/// A snapshot being received, part by part.
+pub struct SnapshotParts {
+    revision: u64,
+    regions: Vec<Region>,
+    config: Vec<ConfigEntry>,
+    directory: directory::Builder,
+}
+
+impl SnapshotParts {
+    pub fn new(first: &Snapshot) -> Self {
         Self {
-            revision: s.revision,
-            regions: s.regions.into_iter().map(|r| (r.id.clone(), r)).collect(),
-            config: s
+            revision: first.revision,
+            regions: Vec::new(),
+            config: Vec::new(),
+            directory: directory::Builder::with_capacity(
+                usize::try_from(first.users_total).unwrap_or(0),
+                usize::try_from(first.claims_total).unwrap_or(0),
+            ),
+        }
+    }
+
+    /// Adds a part; all parts must carry the same revision.
+    pub fn add(&mut self, part: Snapshot) -> Result<()> {
+        if part.revision != self.revision {
+            bail!(
+                "snapshot part of revision {} inside snapshot {}",
+                part.revision,
+                self.revision
+            );
+        }
+        self.regions.extend(part.regions);
+        self.config.extend(part.config);
+        for u in part.users {
+            self.directory.user(&u.user_id, &u.region);
+        }
+        for c in part.claims {
+            self.directory.claim(&c.hmac, &c.region);
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> ReplicaState {
+        ReplicaState {
+            revision: self.revision,
+            regions: self
+                .regions
+                .into_iter()
+                .map(|r| (r.id.clone(), r))
+                .collect(),
+            config: self
                 .config
                 .into_iter()
                 .map(|e| ((e.key.clone(), e.region.clone()), e))
                 .collect(),
-            claims: imbl::HashMap::new(),
-            users: imbl::HashMap::new(),
-        }
-        .with_claims(s.claims)
-    }
-
-    fn with_claims(mut self, claims: Vec<IdentifierClaim>) -> Self {
-        for c in claims {
-            self.add_claim(c);
-        }
-        self
-    }
-
-    fn add_claim(&mut self, c: IdentifierClaim) {
-        if let Some(old) = self.claims.insert(c.hmac.clone(), c.clone()) {
-            self.drop_user_ref(&old.user_id);
-        }
-        let entry = self
-            .users
-            .entry(c.user_id.clone())
-            .or_insert((c.region.clone(), 0));
-        entry.0 = c.region;
-        entry.1 += 1;
-    }
-
-    fn remove_claim(&mut self, hmac: &str) {
-        if let Some(old) = self.claims.remove(hmac) {
-            self.drop_user_ref(&old.user_id);
+            directory: self.directory.build(),
         }
     }
+}
 
-    fn drop_user_ref(&mut self, user_id: &str) {
-        let gone = match self.users.get_mut(user_id) {
-            Some(e) => {
-                e.1 = e.1.saturating_sub(1);
-                e.1 == 0
-            }
-            None => false,
-        };
-        if gone {
-            self.users.remove(user_id);
-        }
+impl ReplicaState {
+    /// A whole snapshot in one message.
+    pub fn from_snapshot(s: Snapshot) -> Self {
+        let mut parts = SnapshotParts::new(&s);
+        parts.add(s).expect("one part has one revision");
+        parts.finish()
     }
 
     /// The home region of a user, from the directory.
     pub fn user_region(&self, user_id: &str) -> Option<&str> {
-        self.users.get(user_id).map(|(r, _)| r.as_str())
+        self.directory.user_region(user_id)
     }
 
-    /// Applies one change set; it must follow this state's revision.
+    /// The home region of an identifier, by its HMAC (hex).
+    pub fn claim_region(&self, hmac: &str) -> Option<&str> {
+        self.directory.claim_region(hmac)
+    }
+
+    /// Applies one change set; it must follow this state's revision. A
+    /// directory whose overlay has grown is compacted here.
     pub fn apply(&mut self, cs: &ChangeSet) -> Result<()> {
         if cs.revision <= self.revision {
             bail!(
@@ -128,11 +159,18 @@ impl ReplicaState {
                 Some(change::Kind::ConfigDeleted(k)) => {
                     self.config.remove(&(k.key.clone(), k.region.clone()));
                 }
-                Some(change::Kind::IdentifierClaimed(c)) => self.add_claim(c.clone()),
-                Some(change::Kind::IdentifierReleased(hmac)) => self.remove_claim(hmac),
+                Some(change::Kind::IdentifierClaimed(c)) => {
+                    self.directory.set_claim(&c.hmac, &c.region)
+                }
+                Some(change::Kind::IdentifierReleased(hmac)) => self.directory.remove_claim(hmac),
+                Some(change::Kind::UserHomed(u)) => self.directory.set_user(&u.user_id, &u.region),
+                Some(change::Kind::UserRemoved(id)) => self.directory.remove_user(id),
                 // A kind from a newer control plane: not ours to act on.
                 None => tracing::debug!(revision = cs.revision, "skipping an unknown change kind"),
             }
+        }
+        if self.directory.wants_compaction() {
+            self.directory = self.directory.compacted();
         }
         self.revision = cs.revision;
         Ok(())
@@ -186,15 +224,27 @@ struct LocalStore {
     db: Database,
 }
 
+fn le_bytes<T: Copy, const N: usize>(values: &[T], to: fn(T) -> [u8; N]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * N);
+    for v in values {
+        out.extend_from_slice(&to(*v));
+    }
+    out
+}
+
 impl LocalStore {
     fn open(path: &Path) -> Result<Self> {
-        let db = Database::create(path)
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
             .with_context(|| format!("cannot open the local replica {}", path.display()))?;
         let txn = db.begin_write()?;
         txn.open_table(META)?;
         txn.open_table(REGIONS)?;
         txn.open_table(CONFIG)?;
-        txn.open_table(CLAIMS)?;
+        txn.open_table(DIR_BASE)?;
+        txn.open_table(DIR_USERS)?;
+        txn.open_table(DIR_CLAIMS)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -202,17 +252,22 @@ impl LocalStore {
     fn load(&self) -> Result<(ReplicaState, Option<String>)> {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
+        let node_id = meta
+            .get("node_id")?
+            .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+        let current = meta.get("format")?.is_some_and(|v| v.value() == FORMAT);
         let revision = match meta.get("revision")? {
-            Some(v) => u64::from_le_bytes(
+            Some(v) if current => u64::from_le_bytes(
                 v.value()
                     .try_into()
                     .map_err(|_| anyhow!("corrupt revision"))?,
             ),
+            Some(_) => {
+                tracing::info!("the local replica has an older layout; fetching a snapshot");
+                return Ok((ReplicaState::default(), node_id));
+            }
             None => 0,
         };
-        let node_id = meta
-            .get("node_id")?
-            .map(|v| String::from_utf8_lossy(v.value()).into_owned());
         let mut state = ReplicaState {
             revision,
             ..Default::default()
@@ -227,10 +282,56 @@ impl LocalStore {
             let e = ConfigEntry::decode(v.value())?;
             state.config.insert((e.key.clone(), e.region.clone()), e);
         }
-        for row in txn.open_table(CLAIMS)?.iter()? {
-            let (_, v) = row?;
-            state.add_claim(IdentifierClaim::decode(v.value())?);
-        }
+        let names = meta
+            .get("region_names")?
+            .map(|v| String::from_utf8_lossy(v.value()).into_owned())
+            .unwrap_or_default();
+        let names: Vec<String> = names
+            .split('\n')
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect();
+        let base = txn.open_table(DIR_BASE)?;
+        let column = |name: &str| -> Result<Vec<u8>> {
+            let mut bytes = Vec::new();
+            for row in base.range((name, 0)..=(name, u32::MAX))? {
+                bytes.extend_from_slice(row?.1.value());
+            }
+            Ok(bytes)
+        };
+        let keys = |bytes: Vec<u8>| -> Vec<u128> {
+            bytes
+                .chunks_exact(16)
+                .map(|c| u128::from_le_bytes(c.try_into().expect("16 bytes")))
+                .collect()
+        };
+        let ixs = |bytes: Vec<u8>| -> Vec<u16> {
+            bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes(c.try_into().expect("2 bytes")))
+                .collect()
+        };
+        let table = |k: &str, r: &str| -> Result<Table> {
+            let (keys, ixs) = (keys(column(k)?), ixs(column(r)?));
+            if keys.len() != ixs.len() {
+                bail!("corrupt directory column {k}");
+            }
+            Ok(Table::from_columns(keys, ixs))
+        };
+        let dir_base = Base {
+            users: table("user_keys", "user_regions")?,
+            claims: table("claim_keys", "claim_regions")?,
+        };
+        let overlay = |t: TableDefinition<u128, u16>| -> Result<Vec<(u128, Option<u16>)>> {
+            let mut rows = Vec::new();
+            for row in txn.open_table(t)?.iter()? {
+                let (k, v) = row?;
+                rows.push((k.value(), (v.value() != REMOVED).then_some(v.value())));
+            }
+            Ok(rows)
+        };
+        state.directory =
+            Directory::new(names, dir_base).with_overlay(overlay(DIR_USERS)?, overlay(DIR_CLAIMS)?);
         Ok((state, node_id))
     }
 
@@ -238,6 +339,42 @@ impl LocalStore {
         let txn = self.db.begin_write()?;
         txn.open_table(META)?.insert("node_id", id.as_bytes())?;
         txn.commit()?;
+        Ok(())
+    }
+
+    /// Writes the directory's base (and clears its overlay rows).
+    fn write_base(txn: &redb::WriteTransaction, d: &Directory) -> Result<()> {
+        let mut base = txn.open_table(DIR_BASE)?;
+        base.retain(|_, _| false)?;
+        let (uk, ur) = d.base().users.columns();
+        let (ck, cr) = d.base().claims.columns();
+        let columns = [
+            ("user_keys", le_bytes(uk, u128::to_le_bytes)),
+            ("user_regions", le_bytes(ur, u16::to_le_bytes)),
+            ("claim_keys", le_bytes(ck, u128::to_le_bytes)),
+            ("claim_regions", le_bytes(cr, u16::to_le_bytes)),
+        ];
+        for (name, bytes) in &columns {
+            for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
+                base.insert((*name, i as u32), chunk)?;
+            }
+        }
+        txn.open_table(DIR_USERS)?.retain(|_, _| false)?;
+        txn.open_table(DIR_CLAIMS)?.retain(|_, _| false)?;
+        Self::write_overlay(txn, d)
+    }
+
+    /// Writes the directory's overlay rows and region names.
+    fn write_overlay(txn: &redb::WriteTransaction, d: &Directory) -> Result<()> {
+        let (users, claims) = d.overlay();
+        for (t, rows) in [(DIR_USERS, users), (DIR_CLAIMS, claims)] {
+            let mut table = txn.open_table(t)?;
+            for (k, v) in rows {
+                table.insert(k, v.unwrap_or(REMOVED))?;
+            }
+        }
+        txn.open_table(META)?
+            .insert("region_names", d.names().join("\n").as_bytes())?;
         Ok(())
     }
 
@@ -258,25 +395,24 @@ impl LocalStore {
                     e.encode_to_vec().as_slice(),
                 )?;
             }
-            let mut claims = txn.open_table(CLAIMS)?;
-            claims.retain(|_, _| false)?;
-            for c in s.claims.values() {
-                claims.insert(c.hmac.as_str(), c.encode_to_vec().as_slice())?;
-            }
-            txn.open_table(META)?
-                .insert("revision", s.revision.to_le_bytes().as_slice())?;
+            Self::write_base(&txn, &s.directory)?;
+            let _ = txn.delete_table(CLAIMS_V1)?;
+            let mut meta = txn.open_table(META)?;
+            meta.insert("format", FORMAT)?;
+            meta.insert("revision", s.revision.to_le_bytes().as_slice())?;
         }
         txn.commit()?;
         Ok(())
     }
 
-    /// Applies one delta's rows and its revision, in one transaction.
-    fn write_delta(&self, cs: &ChangeSet) -> Result<()> {
+    /// Applies one delta's rows and its revision, in one transaction. `next`
+    /// is the state after it: its overlay rows (or, when the delta compacted
+    /// the directory, its new base) are written.
+    fn write_delta(&self, cs: &ChangeSet, next: &ReplicaState, compacted: bool) -> Result<()> {
         let txn = self.db.begin_write()?;
         {
             let mut regions = txn.open_table(REGIONS)?;
             let mut config = txn.open_table(CONFIG)?;
-            let mut claims = txn.open_table(CLAIMS)?;
             for c in &cs.changes {
                 match c.kind.as_ref() {
                     Some(change::Kind::RegionUpserted(r)) => {
@@ -291,19 +427,49 @@ impl LocalStore {
                     Some(change::Kind::ConfigDeleted(k)) => {
                         config.remove(config_row_key(&k.key, &k.region).as_str())?;
                     }
-                    Some(change::Kind::IdentifierClaimed(c)) => {
-                        claims.insert(c.hmac.as_str(), c.encode_to_vec().as_slice())?;
-                    }
-                    Some(change::Kind::IdentifierReleased(hmac)) => {
-                        claims.remove(hmac.as_str())?;
-                    }
-                    None => {}
+                    _ => {}
                 }
+            }
+            if compacted {
+                Self::write_base(&txn, &next.directory)?;
+            } else {
+                Self::write_delta_rows(&txn, cs, &next.directory)?;
             }
             txn.open_table(META)?
                 .insert("revision", cs.revision.to_le_bytes().as_slice())?;
         }
         txn.commit()?;
+        Ok(())
+    }
+
+    /// The overlay rows one delta touched, as they stand after it.
+    fn write_delta_rows(txn: &redb::WriteTransaction, cs: &ChangeSet, d: &Directory) -> Result<()> {
+        let mut users = txn.open_table(DIR_USERS)?;
+        let mut claims = txn.open_table(DIR_CLAIMS)?;
+        let ix = |region: Option<&str>| {
+            region
+                .and_then(|r| d.names().iter().position(|n| n == r))
+                .map_or(REMOVED, |i| i as u16)
+        };
+        for c in &cs.changes {
+            match c.kind.as_ref() {
+                Some(change::Kind::IdentifierClaimed(c)) => {
+                    claims.insert(directory::key(&c.hmac), ix(d.claim_region(&c.hmac)))?;
+                }
+                Some(change::Kind::IdentifierReleased(h)) => {
+                    claims.insert(directory::key(h), ix(d.claim_region(h)))?;
+                }
+                Some(change::Kind::UserHomed(u)) => {
+                    users.insert(directory::key(&u.user_id), ix(d.user_region(&u.user_id)))?;
+                }
+                Some(change::Kind::UserRemoved(id)) => {
+                    users.insert(directory::key(id), ix(d.user_region(id)))?;
+                }
+                _ => {}
+            }
+        }
+        txn.open_table(META)?
+            .insert("region_names", d.names().join("\n").as_bytes())?;
         Ok(())
     }
 }
@@ -398,8 +564,7 @@ impl Replica {
         self.revision_tx.subscribe()
     }
 
-    async fn apply_snapshot(&self, snapshot: Snapshot) -> Result<u64> {
-        let state = ReplicaState::from_snapshot(snapshot);
+    async fn apply_snapshot(&self, state: ReplicaState) -> Result<u64> {
         let store = self.store.clone();
         let state =
             tokio::task::spawn_blocking(move || store.write_snapshot(&state).map(|()| state))
@@ -408,10 +573,17 @@ impl Replica {
     }
 
     async fn apply_delta(&self, cs: ChangeSet) -> Result<u64> {
-        let mut next = (*self.state()).clone();
-        next.apply(&cs)?;
+        let current = self.state();
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.write_delta(&cs)).await??;
+        // Off the runtime: a compaction is a pass over the whole directory.
+        let next = tokio::task::spawn_blocking(move || {
+            let mut next = (*current).clone();
+            next.apply(&cs)?;
+            let compacted = !next.directory.shares_base(&current.directory);
+            store.write_delta(&cs, &next, compacted)?;
+            anyhow::Ok(next)
+        })
+        .await??;
         Ok(self.publish(next))
     }
 
@@ -479,6 +651,7 @@ impl Replica {
         CONNECTED_GAUGE.set(1);
         tracing::info!(from_revision, endpoint = %target.endpoint, "watching the control plane");
         let mut progressed = false;
+        let mut parts: Option<SnapshotParts> = None;
         loop {
             let msg = tokio::select! {
                 m = stream.message() => m?,
@@ -489,7 +662,23 @@ impl Replica {
             };
             let (offered, applied) = match msg.kind {
                 Some(watch_response::Kind::Snapshot(s)) => {
-                    (s.revision, self.apply_snapshot(s).await)
+                    let (revision, more) = (s.revision, s.more);
+                    let assembled = parts.get_or_insert_with(|| SnapshotParts::new(&s));
+                    match assembled.add(s) {
+                        Ok(()) if more => continue,
+                        Ok(()) => {
+                            let state = parts.take().expect("parts in progress").finish();
+                            (revision, self.apply_snapshot(state).await)
+                        }
+                        Err(e) => (revision, Err(e)),
+                    }
+                }
+                Some(watch_response::Kind::Delta(d)) if parts.is_some() => {
+                    parts = None;
+                    (
+                        d.revision,
+                        Err(anyhow!("a delta inside an unfinished snapshot")),
+                    )
                 }
                 Some(watch_response::Kind::Delta(d)) => (d.revision, self.apply_delta(d).await),
                 None => (0, Err(anyhow!("empty watch response"))),
@@ -523,7 +712,9 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use homecell_proto::control::{Change, ConfigKey, RegionStatus};
+    use homecell_proto::control::{
+        Change, ConfigKey, DirectoryUser, IdentifierClaim, RegionStatus,
+    };
 
     fn region(id: &str) -> Region {
         Region {
@@ -551,7 +742,7 @@ mod tests {
         let r = Replica::open(&path).unwrap();
         assert!(!r.is_ready());
         let node = r.node_id().to_string();
-        r.apply_snapshot(Snapshot {
+        r.apply_snapshot(ReplicaState::from_snapshot(Snapshot {
             revision: 3,
             regions: vec![region("cn-east")],
             config: vec![ConfigEntry {
@@ -567,7 +758,12 @@ mod tests {
                 user_id: "u1".into(),
                 region: "cn-east".into(),
             }],
-        })
+            users: vec![DirectoryUser {
+                user_id: "u1".into(),
+                region: "cn-east".into(),
+            }],
+            ..Default::default()
+        }))
         .await
         .unwrap();
         r.apply_delta(delta(
@@ -578,6 +774,11 @@ mod tests {
                     key: "a.b".into(),
                     region: String::new(),
                 }),
+                change::Kind::UserHomed(DirectoryUser {
+                    user_id: "u2".into(),
+                    region: "eu-west".into(),
+                }),
+                change::Kind::IdentifierReleased("h1".into()),
             ],
         ))
         .await
@@ -594,8 +795,9 @@ mod tests {
         assert_eq!(again.state().revision, 4);
         assert_eq!(again.state().regions.len(), 2);
         assert!(again.state().config.is_empty());
-        assert_eq!(again.state().claims["h1"].user_id, "u1");
+        assert_eq!(again.state().claim_region("h1"), None);
         assert_eq!(again.state().user_region("u1"), Some("cn-east"));
+        assert_eq!(again.state().user_region("u2"), Some("eu-west"));
     }
 
     #[test]
@@ -631,7 +833,18 @@ mod tests {
 #[cfg(test)]
 mod directory_tests {
     use super::*;
-    use homecell_proto::control::Change;
+    use homecell_proto::control::{Change, DirectoryUser, IdentifierClaim};
+
+    fn cs(revision: u64, kinds: Vec<change::Kind>) -> ChangeSet {
+        ChangeSet {
+            revision,
+            changes: kinds
+                .into_iter()
+                .map(|k| Change { kind: Some(k) })
+                .collect(),
+            ..Default::default()
+        }
+    }
 
     fn claim(h: &str, user: &str, region: &str) -> change::Kind {
         change::Kind::IdentifierClaimed(IdentifierClaim {
@@ -641,38 +854,100 @@ mod directory_tests {
         })
     }
 
+    fn homed(user: &str, region: &str) -> change::Kind {
+        change::Kind::UserHomed(DirectoryUser {
+            user_id: user.into(),
+            region: region.into(),
+        })
+    }
+
     #[test]
-    fn users_index_follows_claims() {
+    fn users_and_claims_follow_the_changes() {
         let mut s = ReplicaState::default();
-        let cs = |rev, kinds: Vec<change::Kind>| ChangeSet {
-            revision: rev,
-            changes: kinds
-                .into_iter()
-                .map(|k| Change { kind: Some(k) })
-                .collect(),
-            ..Default::default()
-        };
         s.apply(&cs(
             1,
-            vec![claim("a", "u1", "cn-east"), claim("b", "u1", "cn-east")],
+            vec![
+                claim("a", "u1", "cn-east"),
+                homed("u1", "cn-east"),
+                claim("b", "u1", "cn-east"),
+            ],
         ))
         .unwrap();
         assert_eq!(s.user_region("u1"), Some("cn-east"));
+        assert_eq!(s.claim_region("b"), Some("cn-east"));
         s.apply(&cs(2, vec![change::Kind::IdentifierReleased("a".into())]))
             .unwrap();
-        assert_eq!(s.user_region("u1"), Some("cn-east"), "still holds b");
-        s.apply(&cs(3, vec![change::Kind::IdentifierReleased("b".into())]))
-            .unwrap();
-        assert_eq!(s.user_region("u1"), None);
-        // A claim moving to another user and region follows along.
+        assert_eq!(s.claim_region("a"), None);
         s.apply(&cs(
-            4,
-            vec![claim("c", "u2", "eu-west"), claim("c", "u3", "cn-east")],
+            3,
+            vec![
+                change::Kind::IdentifierReleased("b".into()),
+                change::Kind::UserRemoved("u1".into()),
+            ],
         ))
         .unwrap();
-        assert_eq!(
-            (s.user_region("u2"), s.user_region("u3")),
-            (None, Some("cn-east"))
+        assert_eq!(s.user_region("u1"), None);
+    }
+
+    /// Enough deltas to compact the overlay, persisted and reloaded.
+    #[tokio::test]
+    async fn a_compacted_directory_persists_and_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replica.redb");
+        let r = Replica::open(&path).unwrap();
+        r.apply_snapshot(ReplicaState::from_snapshot(Snapshot {
+            revision: 1,
+            users: vec![DirectoryUser {
+                user_id: "first".into(),
+                region: "cn-east".into(),
+            }],
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        let user = |n: u32| uuid::Uuid::from_u128(u128::from(n) << 80).to_string();
+        let mut revision = 1;
+        let mut compactions = 0;
+        for batch in 0..40u32 {
+            let before = r.state();
+            revision += 1;
+            let kinds = (0..2_000).map(|i| homed(&user(batch * 2_000 + i), "eu-west"));
+            r.apply_delta(cs(revision, kinds.collect())).await.unwrap();
+            compactions += usize::from(!r.state().directory.shares_base(&before.directory));
+        }
+        revision += 1;
+        r.apply_delta(cs(revision, vec![change::Kind::UserRemoved(user(5))]))
+            .await
+            .unwrap();
+        assert!(compactions >= 1, "80,000 rows must have compacted once");
+        let before = r.state();
+        drop(r);
+        let again = Replica::open(&path).unwrap().state();
+        assert_eq!(again.revision, before.revision);
+        for s in [&before, &again] {
+            assert_eq!(s.user_region("first"), Some("cn-east"));
+            assert_eq!(s.user_region(&user(79_999)), Some("eu-west"));
+            assert_eq!(s.user_region(&user(5)), None);
+            assert_eq!(s.directory.counts(), (80_000, 0));
+        }
+    }
+
+    #[test]
+    fn snapshot_parts_must_share_a_revision() {
+        let first = Snapshot {
+            revision: 7,
+            more: true,
+            ..Default::default()
+        };
+        let mut parts = SnapshotParts::new(&first);
+        parts.add(first).unwrap();
+        assert!(
+            parts
+                .add(Snapshot {
+                    revision: 8,
+                    ..Default::default()
+                })
+                .is_err()
         );
     }
 }

@@ -7,12 +7,15 @@
 //! that fails (or changes nothing) writes nothing at all.
 
 use homecell_proto::control::{
-    Change, ChangeSet, ConfigEntry, ConfigHistoryEntry, ConfigKey, IdentifierClaim, Region,
-    Snapshot, SubscriberStatus, change,
+    Change, ChangeSet, ConfigEntry, ConfigHistoryEntry, ConfigKey, DirectoryUser, IdentifierClaim,
+    Region, Snapshot, SubscriberStatus, change,
 };
 use homecell_proto::error::CodedError;
 use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
 use std::path::Path;
 use tokio::sync::watch;
 
@@ -26,6 +29,9 @@ const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 const SUBSCRIBERS: TableDefinition<&str, &[u8]> = TableDefinition::new("subscribers");
 /// HMAC(identifier) → IdentifierClaim.
 const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
+/// user id → (home region, claims held): the directory's user entries,
+/// derived from the claims in the same transactions.
+const USERS: TableDefinition<&str, (&str, u32)> = TableDefinition::new("users");
 
 const REVISION: &str = "revision";
 /// Revisions at or below the floor have been compacted out of the log.
@@ -109,27 +115,73 @@ impl Tx<'_> {
         row(&self.txn.open_table(CLAIMS).map_err(storage)?, hmac)
     }
 
+    /// Stores a new claim (the caller checked the HMAC is free) and counts
+    /// it on its user, homing the user at its first claim.
     pub fn put_claim(&mut self, claim: IdentifierClaim) -> Result<(), CodedError> {
         self.txn
             .open_table(CLAIMS)
             .map_err(storage)?
             .insert(claim.hmac.as_str(), claim.encode_to_vec().as_slice())
             .map_err(storage)?;
+        let mut users = self.txn.open_table(USERS).map_err(storage)?;
+        let held = users
+            .get(claim.user_id.as_str())
+            .map_err(storage)?
+            .map(|v| (v.value().0.to_string(), v.value().1));
+        let count = held.as_ref().map_or(0, |h| h.1) + 1;
+        users
+            .insert(claim.user_id.as_str(), (claim.region.as_str(), count))
+            .map_err(storage)?;
+        let homed = held.is_none_or(|(region, _)| region != claim.region);
+        let user = DirectoryUser {
+            user_id: claim.user_id.clone(),
+            region: claim.region.clone(),
+        };
         self.changes.push(Change {
             kind: Some(change::Kind::IdentifierClaimed(claim)),
         });
+        if homed {
+            self.changes.push(Change {
+                kind: Some(change::Kind::UserHomed(user)),
+            });
+        }
         Ok(())
     }
 
+    /// Removes a claim; a user whose last claim it was leaves the directory.
     pub fn delete_claim(&mut self, hmac: &str) -> Result<(), CodedError> {
-        self.txn
+        let Some(old) = self
+            .txn
             .open_table(CLAIMS)
             .map_err(storage)?
             .remove(hmac)
-            .map_err(storage)?;
+            .map_err(storage)?
+            .map(|v| decode::<IdentifierClaim>(v.value()))
+            .transpose()?
+        else {
+            return Ok(());
+        };
         self.changes.push(Change {
             kind: Some(change::Kind::IdentifierReleased(hmac.to_string())),
         });
+        let mut users = self.txn.open_table(USERS).map_err(storage)?;
+        let held = users
+            .get(old.user_id.as_str())
+            .map_err(storage)?
+            .map(|v| (v.value().0.to_string(), v.value().1));
+        match held {
+            Some((region, count)) if count > 1 => {
+                users
+                    .insert(old.user_id.as_str(), (region.as_str(), count - 1))
+                    .map_err(storage)?;
+            }
+            _ => {
+                users.remove(old.user_id.as_str()).map_err(storage)?;
+                self.changes.push(Change {
+                    kind: Some(change::Kind::UserRemoved(old.user_id)),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -229,7 +281,16 @@ impl Store {
             txn.open_table(CONFIG_HISTORY)?;
             txn.open_table(CHANGES)?;
             txn.open_table(SUBSCRIBERS)?;
-            txn.open_table(CLAIMS)?;
+            let claims = txn.open_table(CLAIMS)?;
+            let mut users = txn.open_table(USERS)?;
+            // A store from before the users table: derive it once.
+            if users.is_empty()? && !claims.is_empty()? {
+                for row in claims.iter()? {
+                    let c = IdentifierClaim::decode(row?.1.value())?;
+                    let count = users.get(c.user_id.as_str())?.map_or(0, |v| v.value().1);
+                    users.insert(c.user_id.as_str(), (c.region.as_str(), count + 1))?;
+                }
+            }
             meta.get(REVISION)?.map(|v| v.value()).unwrap_or(0)
         };
         txn.commit()?;
@@ -319,7 +380,15 @@ impl Store {
         Ok((out, revision))
     }
 
-    pub fn snapshot(&self) -> Result<Snapshot, CodedError> {
+    /// The whole state in parts of at most `rows_per_part` directory rows,
+    /// from one read transaction (a consistent view however long the sending
+    /// takes). `emit` returns false to stop early (the subscriber left).
+    pub fn snapshot_parts(
+        &self,
+        rows_per_part: usize,
+        mut emit: impl FnMut(Snapshot) -> bool,
+    ) -> Result<(), CodedError> {
+        let rows_per_part = rows_per_part.max(1);
         let txn = self.db.begin_read().map_err(storage)?;
         let revision = txn
             .open_table(META)
@@ -328,14 +397,124 @@ impl Store {
             .map_err(storage)?
             .map(|v| v.value())
             .unwrap_or(0);
-        let mut snap = Snapshot {
+        let users = txn.open_table(USERS).map_err(storage)?;
+        let claims = txn.open_table(CLAIMS).map_err(storage)?;
+        let mut part = Snapshot {
             revision,
+            regions: rows(&txn.open_table(REGIONS).map_err(storage)?)?,
+            config: rows(&txn.open_table(CONFIG).map_err(storage)?)?,
+            more: true,
+            users_total: users.len().map_err(storage)?,
+            claims_total: claims.len().map_err(storage)?,
             ..Default::default()
         };
-        snap.regions = rows(&txn.open_table(REGIONS).map_err(storage)?)?;
-        snap.config = rows(&txn.open_table(CONFIG).map_err(storage)?)?;
-        snap.claims = rows(&txn.open_table(CLAIMS).map_err(storage)?)?;
-        Ok(snap)
+        let mut full = |part: &mut Snapshot| {
+            let next = Snapshot {
+                revision,
+                more: true,
+                ..Default::default()
+            };
+            emit(std::mem::replace(part, next))
+        };
+        for row in users.iter().map_err(storage)? {
+            let (id, home) = row.map_err(storage)?;
+            part.users.push(DirectoryUser {
+                user_id: id.value().to_string(),
+                region: home.value().0.to_string(),
+            });
+            if part.users.len() == rows_per_part && !full(&mut part) {
+                return Ok(());
+            }
+        }
+        for row in claims.iter().map_err(storage)? {
+            part.claims.push(decode(row.map_err(storage)?.1.value())?);
+            if part.users.len() + part.claims.len() >= rows_per_part && !full(&mut part) {
+                return Ok(());
+            }
+        }
+        part.more = false;
+        emit(part);
+        Ok(())
+    }
+
+    /// The whole state in one message (tests and small tools).
+    pub fn snapshot(&self) -> Result<Snapshot, CodedError> {
+        let mut whole = Snapshot::default();
+        self.snapshot_parts(usize::MAX, |part| {
+            whole.revision = part.revision;
+            whole.regions.extend(part.regions);
+            whole.config.extend(part.config);
+            whole.users.extend(part.users);
+            whole.claims.extend(part.claims);
+            true
+        })?;
+        Ok(whole)
+    }
+
+    /// Loads many claims at once (bringing an existing user base into the
+    /// directory): one transaction and one new revision, without a change
+    /// per claim. The log is cut at that revision, so every subscriber
+    /// catches up by snapshot. Claims whose HMAC is taken are refused, all
+    /// or nothing. Returns the new revision.
+    pub fn import_claims(
+        &self,
+        claims: impl IntoIterator<Item = IdentifierClaim>,
+    ) -> Result<u64, CodedError> {
+        let txn = self.db.begin_write().map_err(storage)?;
+        let next = {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let next = meta
+                .get(REVISION)
+                .map_err(storage)?
+                .map_or(0, |v| v.value())
+                + 1;
+            let regions = rows::<Region>(&txn.open_table(REGIONS).map_err(storage)?)?;
+            let mut table = txn.open_table(CLAIMS).map_err(storage)?;
+            let mut users = txn.open_table(USERS).map_err(storage)?;
+            for c in claims {
+                if !regions.iter().any(|r| r.id == c.region) {
+                    return Err(CodedError::invalid(format!("unknown region {}", c.region)));
+                }
+                if c.hmac.len() != 64 || c.user_id.is_empty() || c.user_id.len() > 64 {
+                    return Err(CodedError::invalid(
+                        "a claim needs a 64-hex-digit hmac and a user id",
+                    ));
+                }
+                if table
+                    .insert(c.hmac.as_str(), c.encode_to_vec().as_slice())
+                    .map_err(storage)?
+                    .is_some()
+                {
+                    return Err(CodedError::new(
+                        homecell_proto::error::ErrorCode::AlreadyExists,
+                        "an imported identifier is already registered",
+                    ));
+                }
+                let count = users
+                    .get(c.user_id.as_str())
+                    .map_err(storage)?
+                    .map_or(0, |v| v.value().1);
+                users
+                    .insert(c.user_id.as_str(), (c.region.as_str(), count + 1))
+                    .map_err(storage)?;
+            }
+            let cs = ChangeSet {
+                revision: next,
+                at_unix_ms: now_ms(),
+                actor: "import".into(),
+                changes: Vec::new(),
+            };
+            let mut log = txn.open_table(CHANGES).map_err(storage)?;
+            log.retain(|_, _| false).map_err(storage)?;
+            log.insert(next, cs.encode_to_vec().as_slice())
+                .map_err(storage)?;
+            meta.insert(REVISION, next).map_err(storage)?;
+            meta.insert(LOG_FLOOR, next).map_err(storage)?;
+            next
+        };
+        txn.commit().map_err(storage)?;
+        self.revision_tx.send_replace(next);
+        Ok(next)
     }
 
     /// Change sets after `revision`, at most `max`; `None` when the log no
@@ -459,5 +638,93 @@ mod tests {
             vec![4, 5, 6]
         );
         assert!(s.changes_after(7, 10).unwrap().is_none());
+    }
+
+    fn claim(hmac: &str, user: &str) -> IdentifierClaim {
+        IdentifierClaim {
+            hmac: hmac.repeat(64 / hmac.len()),
+            user_id: user.into(),
+            region: "cn-east".into(),
+        }
+    }
+
+    fn kinds(s: &Store, revision: u64) -> Vec<change::Kind> {
+        s.changes_after(revision - 1, 1).unwrap().unwrap()[0]
+            .changes
+            .iter()
+            .filter_map(|c| c.kind.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_user_is_homed_by_its_first_claim_and_removed_with_its_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("cp.redb"), 100).unwrap();
+        s.mutate("t", |tx| tx.put_region(region("cn-east")))
+            .unwrap();
+        let (_, r) = s.mutate("t", |tx| tx.put_claim(claim("a", "u1"))).unwrap();
+        assert!(
+            matches!(&kinds(&s, r)[..], [change::Kind::IdentifierClaimed(_), change::Kind::UserHomed(u)] if u.user_id == "u1")
+        );
+        let (_, r) = s.mutate("t", |tx| tx.put_claim(claim("b", "u1"))).unwrap();
+        assert_eq!(kinds(&s, r).len(), 1, "a second claim does not re-home");
+        let (_, r) = s
+            .mutate("t", |tx| tx.delete_claim(&"a".repeat(64)))
+            .unwrap();
+        assert_eq!(kinds(&s, r).len(), 1, "u1 still holds b");
+        assert_eq!(s.snapshot().unwrap().users.len(), 1);
+        let (_, r) = s
+            .mutate("t", |tx| tx.delete_claim(&"b".repeat(64)))
+            .unwrap();
+        assert!(
+            matches!(&kinds(&s, r)[..], [change::Kind::IdentifierReleased(_), change::Kind::UserRemoved(u)] if u == "u1")
+        );
+        assert!(s.snapshot().unwrap().users.is_empty());
+    }
+
+    #[test]
+    fn snapshots_come_in_parts_and_imports_cut_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("cp.redb"), 100).unwrap();
+        s.mutate("t", |tx| tx.put_region(region("cn-east")))
+            .unwrap();
+        let imported: Vec<_> = (0..25u32)
+            .map(|i| claim(&format!("{i:02x}"), &format!("u{}", i / 2)))
+            .collect();
+        let r = s.import_claims(imported.clone()).unwrap();
+        assert_eq!(r, 2);
+        assert!(
+            s.changes_after(1, 10).unwrap().is_none(),
+            "behind the import: snapshot"
+        );
+        assert!(s.import_claims([imported[0].clone()]).is_err(), "taken");
+        assert!(
+            s.import_claims([IdentifierClaim {
+                region: "nowhere".into(),
+                ..claim("ff", "x")
+            }])
+            .is_err()
+        );
+        let mut parts = Vec::new();
+        s.snapshot_parts(10, |p| {
+            parts.push(p);
+            true
+        })
+        .unwrap();
+        let more: Vec<bool> = parts.iter().map(|p| p.more).collect();
+        assert_eq!(more, [true, true, true, false]); // 13 users + 25 claims, 10 a part
+        assert_eq!((parts[0].users_total, parts[0].claims_total), (13, 25));
+        assert_eq!(parts[0].regions.len(), 1);
+        assert!(parts.iter().all(|p| p.revision == r));
+        let claims: Vec<_> = parts.iter().flat_map(|p| p.claims.clone()).collect();
+        assert_eq!(claims, imported, "every claim once, in key order");
+        // A receiver that leaves stops the walk.
+        let mut sent = 0;
+        s.snapshot_parts(10, |_| {
+            sent += 1;
+            false
+        })
+        .unwrap();
+        assert_eq!(sent, 1);
     }
 }

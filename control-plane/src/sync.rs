@@ -16,6 +16,9 @@ use tonic::{Status, Streaming};
 
 /// Deltas sent per read of the log; a subscriber far behind gets them in batches.
 const BATCH: usize = 256;
+/// Directory rows per snapshot part: about 1.5 MB, well under gRPC's 4 MiB
+/// default message limit.
+const SNAPSHOT_PART_ROWS: usize = 10_000;
 
 /// Live view of every subscriber, persisted on each report.
 pub struct Subscribers {
@@ -151,18 +154,36 @@ async fn send_loop(
                     _ => return,
                 }
             };
-            let responses = match batch {
+            let responses: Vec<(u64, watch_response::Kind)> = match batch {
                 Some(deltas) => deltas
                     .into_iter()
                     .map(|d| (d.revision, watch_response::Kind::Delta(d)))
                     .collect(),
                 None => {
-                    let s = store.clone();
-                    let Ok(Ok(snap)) = tokio::task::spawn_blocking(move || s.snapshot()).await
-                    else {
+                    // Straight from the store's read transaction onto the
+                    // stream, a part at a time: memory stays flat however
+                    // large the directory.
+                    let (s, out) = (store.clone(), tx.clone());
+                    let streamed = tokio::task::spawn_blocking(move || {
+                        let mut revision = 0;
+                        let mut delivered = true;
+                        s.snapshot_parts(SNAPSHOT_PART_ROWS, |part| {
+                            revision = part.revision;
+                            let kind = watch_response::Kind::Snapshot(part);
+                            delivered = out
+                                .blocking_send(Ok(WatchResponse { kind: Some(kind) }))
+                                .is_ok();
+                            delivered
+                        })
+                        .map(|()| delivered.then_some(revision))
+                    })
+                    .await;
+                    let Ok(Ok(Some(revision))) = streamed else {
                         return;
                     };
-                    vec![(snap.revision, watch_response::Kind::Snapshot(snap))]
+                    sent = revision;
+                    need_snapshot = false;
+                    continue;
                 }
             };
             need_snapshot = false;

@@ -215,7 +215,12 @@ impl Router {
             None => None,
         };
         self.rate_limit(session, table, token.as_ref().map(|v| v.user_id.as_str()))?;
-        let token_home = token.map(|v| v.home);
+        // The directory's home for the token's user wins over the claim in
+        // the token: it changes when a user moves, the token does not.
+        let token_home = token.map(|v| match state.user_region(&v.user_id) {
+            Some(r) if r != v.home => r.to_string(),
+            _ => v.home,
+        });
         let mut registration = false;
         let chosen: Option<(String, Basis)> = if let Some(r) =
             route_key::user_in_path(&path).and_then(|u| state.user_region(u))
@@ -229,9 +234,8 @@ impl Router {
                 BodyRoute::Identifier => route_key::identifier(&body)
                     .and_then(|id| {
                         state
-                            .claims
-                            .get(&self.directory_key.hmac(&id))
-                            .map(|c| c.region.clone())
+                            .claim_region(&self.directory_key.hmac(&id))
+                            .map(str::to_string)
                     })
                     .map(|r| (r, Basis::Identifier)),
                 BodyRoute::Refresh => route_key::refresh_region(&body).map(|r| (r, Basis::Refresh)),
