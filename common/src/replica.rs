@@ -224,12 +224,48 @@ struct LocalStore {
     db: Database,
 }
 
-fn le_bytes<T: Copy, const N: usize>(values: &[T], to: fn(T) -> [u8; N]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * N);
-    for v in values {
-        out.extend_from_slice(&to(*v));
+/// Writes `values` as little-endian chunks of at most `CHUNK` bytes under
+/// (`name`, 0..), one chunk in memory at a time.
+fn write_column<T: Copy, const N: usize>(
+    base: &mut redb::Table<(&str, u32), &[u8]>,
+    name: &str,
+    values: &[T],
+    to: fn(T) -> [u8; N],
+) -> Result<()> {
+    let mut bytes = Vec::with_capacity(CHUNK);
+    for (i, chunk) in values.chunks(CHUNK / N).enumerate() {
+        bytes.clear();
+        for v in chunk {
+            bytes.extend_from_slice(&to(*v));
+        }
+        base.insert((name, i as u32), bytes.as_slice())?;
     }
-    out
+    Ok(())
+}
+
+/// Reads a column written by `write_column` straight into its values.
+fn read_column<T, const N: usize>(
+    base: &impl ReadableTable<(&'static str, u32), &'static [u8]>,
+    name: &str,
+    from: fn([u8; N]) -> T,
+) -> Result<Vec<T>> {
+    // Two passes, one chunk held at a time: the first sizes the column so it
+    // is allocated once (a growing Vec would briefly need twice the room).
+    let range = || base.range((name, 0)..=(name, u32::MAX));
+    let mut len = 0;
+    for row in range()? {
+        len += row?.1.value().len() / N;
+    }
+    let mut out = Vec::with_capacity(len);
+    for row in range()? {
+        out.extend(
+            row?.1
+                .value()
+                .chunks_exact(N)
+                .map(|c| from(c.try_into().expect("N bytes"))),
+        );
+    }
+    Ok(out)
 }
 
 impl LocalStore {
@@ -292,27 +328,9 @@ impl LocalStore {
             .map(str::to_string)
             .collect();
         let base = txn.open_table(DIR_BASE)?;
-        let column = |name: &str| -> Result<Vec<u8>> {
-            let mut bytes = Vec::new();
-            for row in base.range((name, 0)..=(name, u32::MAX))? {
-                bytes.extend_from_slice(row?.1.value());
-            }
-            Ok(bytes)
-        };
-        let keys = |bytes: Vec<u8>| -> Vec<u128> {
-            bytes
-                .chunks_exact(16)
-                .map(|c| u128::from_le_bytes(c.try_into().expect("16 bytes")))
-                .collect()
-        };
-        let ixs = |bytes: Vec<u8>| -> Vec<u16> {
-            bytes
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes(c.try_into().expect("2 bytes")))
-                .collect()
-        };
         let table = |k: &str, r: &str| -> Result<Table> {
-            let (keys, ixs) = (keys(column(k)?), ixs(column(r)?));
+            let keys = read_column(&base, k, u128::from_le_bytes)?;
+            let ixs = read_column(&base, r, u16::from_le_bytes)?;
             if keys.len() != ixs.len() {
                 bail!("corrupt directory column {k}");
             }
@@ -348,17 +366,10 @@ impl LocalStore {
         base.retain(|_, _| false)?;
         let (uk, ur) = d.base().users.columns();
         let (ck, cr) = d.base().claims.columns();
-        let columns = [
-            ("user_keys", le_bytes(uk, u128::to_le_bytes)),
-            ("user_regions", le_bytes(ur, u16::to_le_bytes)),
-            ("claim_keys", le_bytes(ck, u128::to_le_bytes)),
-            ("claim_regions", le_bytes(cr, u16::to_le_bytes)),
-        ];
-        for (name, bytes) in &columns {
-            for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
-                base.insert((*name, i as u32), chunk)?;
-            }
-        }
+        write_column(&mut base, "user_keys", uk, u128::to_le_bytes)?;
+        write_column(&mut base, "user_regions", ur, u16::to_le_bytes)?;
+        write_column(&mut base, "claim_keys", ck, u128::to_le_bytes)?;
+        write_column(&mut base, "claim_regions", cr, u16::to_le_bytes)?;
         txn.open_table(DIR_USERS)?.retain(|_, _| false)?;
         txn.open_table(DIR_CLAIMS)?.retain(|_, _| false)?;
         Self::write_overlay(txn, d)
