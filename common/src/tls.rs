@@ -67,6 +67,7 @@ impl std::fmt::Display for PeerIdentity {
 
 /// Paths of one component's TLS material.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsPaths {
     /// The CA that signs every internal certificate (PEM).
     pub ca: PathBuf,

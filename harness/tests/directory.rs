@@ -14,7 +14,11 @@ const USERS: u32 = 25_000; // two and a half parts of 10,000 rows, twice over
 fn user(n: u32) -> (String, String, &'static str) {
     let id = uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 | u128::from(n));
     let hmac = format!("{:064x}", u128::from(n) * 0x9e37_79b9_7f4a_7c15 + 1);
-    let region = if n.is_multiple_of(2) { "cn-east" } else { "eu-west" };
+    let region = if n.is_multiple_of(2) {
+        "cn-east"
+    } else {
+        "eu-west"
+    };
     (id.to_string(), hmac, region)
 }
 

@@ -505,3 +505,70 @@ async fn one_trace_follows_a_request_from_the_router_across_cells() -> Result {
     );
     Ok(())
 }
+
+/// Sends SIGHUP and waits until the router counts the `n`th reload with `result`.
+async fn hup_until(c: &Cluster, pid: u32, result: &str, n: u32) -> Result {
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()?;
+    let want = format!("homecell_router_config_reloads_total{{result=\"{result}\"}} {n}");
+    for _ in 0..100 {
+        if c.router_metrics(0).await?.contains(&want) {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("no {want}")
+}
+
+/// SIGHUP reloads the router's file settings: trusted proxies and the GeoIP
+/// database start to apply without a restart; a file that does not validate
+/// changes nothing; a fixed setting is reported, not applied.
+#[tokio::test]
+async fn router_file_settings_reload_on_sighup() -> Result {
+    let mut c = Cluster::temp()?;
+    start_standard(&mut c).await?;
+    let register = |id: &'static str| {
+        c.http()
+            .post(format!("{}/v1/auth/register", c.router_url(0)))
+            .header("x-forwarded-for", "81.2.69.142") // a British address
+            .json(&json!({"identifier": id, "password": PW}))
+            .send()
+    };
+    let home = |b: serde_json::Value| b["home_region"].as_str().unwrap_or_default().to_string();
+    // No GeoIP and no trusted proxy yet: the default region.
+    assert_eq!(
+        home(register("before-reload").await?.json().await?),
+        "cn-east"
+    );
+
+    let file = c.root.join("config/router-0.toml");
+    let original = std::fs::read_to_string(&file)?;
+    let pid = c.routers[0].process.as_ref().map(|p| p.pid()).unwrap_or(0);
+    // A broken file (an unparsable trusted proxy) is refused as a whole.
+    // Top-level keys go before the `[tls]` table.
+    let with = |lines: &str| original.replacen("[tls]", &format!("{lines}[tls]"), 1);
+    std::fs::write(&file, with("trusted_proxies = [\"not an address\"]\n"))?;
+    hup_until(&c, pid, "error", 1).await?;
+    assert_eq!(
+        home(register("after-refusal").await?.json().await?),
+        "cn-east"
+    );
+
+    // A good one applies at once; a changed fixed setting (threads) is only
+    // reported.
+    let db = geoip_fixture(&c.root);
+    let good = with(&format!(
+        "geoip_database = {:?}\ntrusted_proxies = [\"127.0.0.1\"]\n",
+        db.display().to_string()
+    ));
+    std::fs::write(&file, good.replace("threads = 2", "threads = 3"))?;
+    hup_until(&c, pid, "ok", 1).await?;
+    assert_eq!(
+        home(register("after-reload").await?.json().await?),
+        "eu-west"
+    );
+    let log = std::fs::read_to_string(c.root.join("logs/router-0.log")).unwrap_or_default();
+    assert!(log.contains("threads"), "the fixed setting is reported");
+    Ok(())
+}

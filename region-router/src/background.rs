@@ -1,6 +1,7 @@
 //! The router's background work, run as a Pingora background service: keep
 //! the replica current, rebuild the routing table whenever it changes (and
-//! every 30 s, to follow DNS), and serve the admin listener.
+//! every 5 s, to follow DNS, and after a configuration reload), reload the
+//! configuration on SIGHUP, and serve the admin listener.
 
 use crate::routes::{self, RouteTable};
 use arc_swap::ArcSwap;
@@ -20,8 +21,7 @@ pub struct Background {
     pub table: Arc<ArcSwap<RouteTable>>,
     pub health: Arc<crate::health::Health>,
     pub probe_tls: Arc<rustls::ClientConfig>,
-    pub default_region: String,
-    pub draining_retry_after: Duration,
+    pub reloader: Arc<crate::live::Reloader>,
     pub admin_listen: SocketAddr,
 }
 
@@ -36,6 +36,7 @@ impl BackgroundService for Background {
             self.probe_tls.clone(),
             token.clone(),
         ));
+        tokio::spawn(self.reloader.clone().on_sighup(token.clone()));
 
         let (replica, table) = (self.replica.clone(), self.table.clone());
         let ready: admin::ReadyCheck = Arc::new(move || {
@@ -61,13 +62,15 @@ impl BackgroundService for Background {
             tokio::select! {
                 changed = revisions.changed() => if changed.is_err() { break },
                 _ = tick.tick() => {}
+                _ = self.reloader.reloaded.notified() => {}
                 _ = shutdown.changed() => break,
             }
             let state = self.replica.state();
+            let live = self.reloader.live.load_full();
             let next = routes::build(
                 &state,
-                &self.default_region,
-                self.draining_retry_after,
+                &live.default_region,
+                live.draining_retry_after,
                 &self.table.load(),
             )
             .await;

@@ -7,6 +7,7 @@ pub mod config;
 pub mod decide;
 pub mod geo;
 pub mod health;
+pub mod live;
 pub mod metrics;
 pub mod proxy;
 pub mod public_tls;
@@ -26,7 +27,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Builds and runs the Pingora server; returns when it shuts down.
-pub fn run(config: config::RouterConfig) -> Result<()> {
+/// `config_path` is where a reload (SIGHUP) reads the configuration again.
+pub fn run(config: config::RouterConfig, config_path: Option<std::path::PathBuf>) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)?;
     let tls = config.tls.load()?;
     let replica = Replica::open(&config.data_dir.join("replica.redb"))?;
@@ -58,23 +60,18 @@ pub fn run(config: config::RouterConfig) -> Result<()> {
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
+    let reloader = Arc::new(live::Reloader::new(config_path, config.clone())?);
     server.bootstrap();
 
     let router = proxy::Router {
         table: table.clone(),
-        cells: proxy::CellClient::new(&config.upstream),
         replica: replica.clone(),
         tokens: tokens::TokenCache::default(),
         directory_key: homecell_common::directory_key::DirectoryKey::load(
             &config.directory_key_file,
         )?,
         health: health.clone(),
-        geo: config
-            .geoip_database
-            .as_deref()
-            .map(geo::Geo::open)
-            .transpose()?,
-        trusted_proxies: geo::TrustedProxies::parse(&config.trusted_proxies)?,
+        live: reloader.live.clone(),
         limiter: ratelimit::Limiter::default(),
     };
     let mut proxy = pingora::proxy::ProxyServiceBuilder::new(&server.configuration, router)
@@ -102,8 +99,7 @@ pub fn run(config: config::RouterConfig) -> Result<()> {
             table,
             health,
             probe_tls,
-            default_region: config.default_region().to_string(),
-            draining_retry_after: fallback_retry_after,
+            reloader: reloader.clone(),
             admin_listen: config.admin_listen,
         },
     ));

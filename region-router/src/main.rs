@@ -41,7 +41,7 @@ fn main() -> ExitCode {
         return homecell_common::admin::healthcheck_exit(config.admin_listen);
     }
     homecell_common::telemetry::init(config.log_format);
-    match homecell_region_router::run(config) {
+    match homecell_region_router::run(config, cli.config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

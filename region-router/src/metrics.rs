@@ -29,6 +29,19 @@ pub static CERT_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     c
 });
 
+pub static CONFIG_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = IntCounterVec::new(
+        prometheus::Opts::new(
+            "homecell_router_config_reloads_total",
+            "Configuration reloads (SIGHUP), by result",
+        ),
+        &["result"],
+    )
+    .expect("valid metric");
+    let _ = prometheus::register(Box::new(c.clone()));
+    c
+});
+
 pub static DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     let h = HistogramVec::new(
         prometheus::HistogramOpts::new(

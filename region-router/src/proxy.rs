@@ -69,13 +69,13 @@ pub fn connector_options(
 
 pub struct Router {
     pub table: Arc<ArcSwap<RouteTable>>,
-    pub cells: CellClient,
     pub replica: Arc<Replica>,
     pub tokens: TokenCache,
     pub directory_key: DirectoryKey,
     pub health: Arc<crate::health::Health>,
-    pub geo: Option<crate::geo::Geo>,
-    pub trusted_proxies: crate::geo::TrustedProxies,
+    /// Settings from the file that reload on SIGHUP (timeouts, GeoIP,
+    /// trusted proxies).
+    pub live: Arc<ArcSwap<crate::live::Live>>,
     pub limiter: crate::ratelimit::Limiter,
 }
 
@@ -165,7 +165,7 @@ impl Router {
                 .headers
                 .get("x-forwarded-for")
                 .and_then(|v| v.to_str().ok());
-            let ip = crate::geo::client_ip(peer.ip(), xff, &self.trusted_proxies);
+            let ip = crate::geo::client_ip(peer.ip(), xff, &self.live.load().trusted_proxies);
             if !self.limiter.allow(&format!("ip:{ip}"), limit, now) {
                 return Err(over("address"));
             }
@@ -244,7 +244,8 @@ impl Router {
                     // The body's `region`, else `x-home-region`, is the
                     // explicit preference.
                     let pref = route_key::preferred_region(&body).or_else(|| header.clone());
-                    let country = match (&self.geo, session.client_addr().and_then(|a| a.as_inet()))
+                    let live = self.live.load();
+                    let country = match (&live.geo, session.client_addr().and_then(|a| a.as_inet()))
                     {
                         (Some(geo), Some(peer)) => {
                             let xff = session
@@ -255,7 +256,7 @@ impl Router {
                             geo.country(crate::geo::client_ip(
                                 peer.ip(),
                                 xff,
-                                &self.trusted_proxies,
+                                &live.trusted_proxies,
                             ))
                         }
                         _ => None,
@@ -358,11 +359,13 @@ impl ProxyHttp for Router {
         // Built from a SocketAddr: HttpPeer::new would panic on a name it
         // cannot resolve.
         let mut peer = HttpPeer::new(addr, true, up.sni.clone());
-        peer.options.connection_timeout = Some(self.cells.connect_timeout);
-        peer.options.total_connection_timeout = Some(self.cells.connect_timeout * 2);
-        peer.options.read_timeout = Some(self.cells.read_timeout);
-        peer.options.write_timeout = Some(self.cells.read_timeout);
-        peer.options.idle_timeout = Some(self.cells.idle_timeout);
+        let live = self.live.load();
+        let cells = &live.cells;
+        peer.options.connection_timeout = Some(cells.connect_timeout);
+        peer.options.total_connection_timeout = Some(cells.connect_timeout * 2);
+        peer.options.read_timeout = Some(cells.read_timeout);
+        peer.options.write_timeout = Some(cells.read_timeout);
+        peer.options.idle_timeout = Some(cells.idle_timeout);
         Ok(Box::new(peer))
     }
 

@@ -54,7 +54,11 @@ fn user(n: u64) -> (String, String) {
 }
 
 fn region(n: u64) -> &'static str {
-    if n.is_multiple_of(2) { "cn-east" } else { "eu-west" }
+    if n.is_multiple_of(2) {
+        "cn-east"
+    } else {
+        "eu-west"
+    }
 }
 
 /// VmRSS and VmHWM of `pid`, in MiB.
