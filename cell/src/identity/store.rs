@@ -3,7 +3,7 @@
 //! translated here, once.
 
 use crate::db::Datastore;
-use crate::{in_tx, on_db};
+use crate::{in_tx, on_db, write_db};
 
 /// Appends an audit entry inside the caller's transaction.
 macro_rules! insert_audit {
@@ -446,19 +446,19 @@ impl Datastore {
                    locked_until = CASE WHEN locked_until IS NOT NULL AND locked_until <= $1 THEN NULL ELSE locked_until END \
                    WHERE user_id = $2 AND ((locked_until IS NULL AND attempts < $3) OR locked_until <= $1) \
                    RETURNING attempts";
-        let row: Option<(i64,)> = on_db!(self, p => sqlx::query_as(sql).bind(now).bind(user_id).bind(max).fetch_optional(p).await?);
+        let row: Option<(i64,)> = write_db!(self, p => sqlx::query_as(sql).bind(now).bind(user_id).bind(max).fetch_optional(p).await?);
         Ok(row.map(|r| r.0))
     }
 
     /// After a failed check: lock once the reserved attempts reach `max`.
     pub async fn lock_if_exhausted(&self, user_id: &str, max: i64, until: i64) -> DbResult<bool> {
-        let r = on_db!(self, p => sqlx::query("UPDATE credentials SET locked_until = $1 WHERE user_id = $2 AND attempts >= $3 AND locked_until IS NULL")
+        let r = write_db!(self, p => sqlx::query("UPDATE credentials SET locked_until = $1 WHERE user_id = $2 AND attempts >= $3 AND locked_until IS NULL")
             .bind(until).bind(user_id).bind(max).execute(p).await?.rows_affected());
         Ok(r == 1)
     }
 
     pub async fn clear_attempts(&self, user_id: &str) -> DbResult<()> {
-        on_db!(self, p => {
+        write_db!(self, p => {
             sqlx::query("UPDATE credentials SET attempts = 0, locked_until = NULL WHERE user_id = $1")
             .bind(user_id).execute(p).await?;
         });
@@ -545,7 +545,7 @@ impl Datastore {
         reason: &str,
         now: i64,
     ) -> DbResult<bool> {
-        let r = on_db!(self, p => sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = $2 WHERE id = $3 AND user_id = $4 AND revoked_at IS NULL")
+        let r = write_db!(self, p => sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = $2 WHERE id = $3 AND user_id = $4 AND revoked_at IS NULL")
             .bind(now).bind(reason).bind(sid).bind(user_id).execute(p).await?.rows_affected());
         Ok(r == 1)
     }
@@ -556,7 +556,7 @@ impl Datastore {
         keep: &str,
         now: i64,
     ) -> DbResult<u64> {
-        let r = on_db!(self, p => sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'revoked' WHERE user_id = $2 AND id <> $3 AND revoked_at IS NULL")
+        let r = write_db!(self, p => sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'revoked' WHERE user_id = $2 AND id <> $3 AND revoked_at IS NULL")
             .bind(now).bind(user_id).bind(keep).execute(p).await?.rows_affected());
         Ok(r)
     }
@@ -616,7 +616,7 @@ impl Datastore {
     }
 
     pub async fn count_reset_attempt(&self, id: &str, max: i64, now: i64) -> DbResult<()> {
-        on_db!(self, p => {
+        write_db!(self, p => {
             sqlx::query("UPDATE password_resets SET attempts = attempts + 1, used_at = CASE WHEN attempts + 1 >= $1 THEN $2 ELSE used_at END WHERE id = $3")
             .bind(max).bind(now).bind(id).execute(p).await?;
         });
@@ -720,7 +720,7 @@ impl Datastore {
     }
 
     pub async fn delete_address(&self, user_id: &str, id: &str) -> DbResult<bool> {
-        let r = on_db!(self, p => sqlx::query("DELETE FROM addresses WHERE id = $1 AND user_id = $2").bind(id).bind(user_id).execute(p).await?.rows_affected());
+        let r = write_db!(self, p => sqlx::query("DELETE FROM addresses WHERE id = $1 AND user_id = $2").bind(id).bind(user_id).execute(p).await?.rows_affected());
         Ok(r == 1)
     }
 
@@ -816,7 +816,7 @@ impl Datastore {
 
     /// Drops keys retired before `before` (their tokens have all expired).
     pub async fn drop_retired_keys(&self, before: i64) -> DbResult<u64> {
-        let r = on_db!(self, p => sqlx::query("DELETE FROM signing_keys WHERE retired_at IS NOT NULL AND retired_at < $1").bind(before).execute(p).await?.rows_affected());
+        let r = write_db!(self, p => sqlx::query("DELETE FROM signing_keys WHERE retired_at IS NOT NULL AND retired_at < $1").bind(before).execute(p).await?.rows_affected());
         Ok(r)
     }
 }
