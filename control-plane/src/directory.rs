@@ -74,3 +74,53 @@ pub fn release(
         None => Ok(()),
     }
 }
+
+/// The directory's part of a move: the user and each of its identifiers go
+/// from `from` to `to`, in this one transaction.
+pub fn move_user(
+    tx: &mut Tx<'_>,
+    key: &DirectoryKey,
+    user_id: &str,
+    from: &str,
+    to: &str,
+    identifiers: &[String],
+) -> Result<(), CodedError> {
+    validate_user_id(user_id)?;
+    if from == to {
+        return Err(CodedError::invalid(
+            "from_region and to_region are the same",
+        ));
+    }
+    let target = crate::regions::get(tx, to)?;
+    if target.status != homecell_proto::control::RegionStatus::Active as i32 {
+        return Err(CodedError::new(
+            ErrorCode::FailedPrecondition,
+            format!("region {to} does not take users"),
+        ));
+    }
+    if tx.user_home(user_id)?.as_deref() != Some(from) {
+        return Err(CodedError::new(
+            ErrorCode::FailedPrecondition,
+            format!("the user is not homed in {from}"),
+        ));
+    }
+    if identifiers.is_empty() || identifiers.len() > 16 {
+        return Err(CodedError::invalid(
+            "a move names the user's 1-16 identifiers",
+        ));
+    }
+    for identifier in identifiers {
+        validate_identifier(identifier)?;
+        let hmac = key.hmac(identifier);
+        match tx.claim(&hmac)? {
+            Some(c) if c.user_id == user_id => tx.rehome_claim(c, to)?,
+            _ => {
+                return Err(CodedError::new(
+                    ErrorCode::PermissionDenied,
+                    "an identifier is not held by this user",
+                ));
+            }
+        }
+    }
+    tx.rehome_user(user_id, to)
+}

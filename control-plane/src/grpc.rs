@@ -309,4 +309,28 @@ impl directory_service_server::DirectoryService for ControlPlane {
             .await?;
         Ok(Response::new(ReleaseIdentifierResponse { revision }))
     }
+
+    async fn move_user(
+        &self,
+        req: Request<MoveUserRequest>,
+    ) -> Result<Response<MoveUserResponse>, Status> {
+        let who = cell_of(&req, &req.get_ref().from_region)?;
+        let r = req.into_inner();
+        let what = format!("{} from {} to {}", r.user_id, r.from_region, r.to_region);
+        let key = self.directory_key.clone();
+        let ((), revision) = self
+            .mutate(&who, move |tx| {
+                crate::directory::move_user(
+                    tx,
+                    &key,
+                    &r.user_id,
+                    &r.from_region,
+                    &r.to_region,
+                    &r.identifiers,
+                )
+            })
+            .await?;
+        tracing::info!(revision, "user {what}: re-homed in the directory");
+        Ok(Response::new(MoveUserResponse { revision }))
+    }
 }

@@ -148,6 +148,48 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// The region a user is homed in, if the directory holds the user.
+    pub fn user_home(&self, user_id: &str) -> Result<Option<String>, CodedError> {
+        let users = self.txn.open_table(USERS).map_err(storage)?;
+        let home = users.get(user_id).map_err(storage)?;
+        Ok(home.map(|v| v.value().0.to_string()))
+    }
+
+    /// Points an existing claim at another region.
+    pub fn rehome_claim(
+        &mut self,
+        mut claim: IdentifierClaim,
+        region: &str,
+    ) -> Result<(), CodedError> {
+        claim.region = region.to_string();
+        self.txn
+            .open_table(CLAIMS)
+            .map_err(storage)?
+            .insert(claim.hmac.as_str(), claim.encode_to_vec().as_slice())
+            .map_err(storage)?;
+        self.changes.push(Change {
+            kind: Some(change::Kind::IdentifierClaimed(claim)),
+        });
+        Ok(())
+    }
+
+    /// Homes an existing user in another region.
+    pub fn rehome_user(&mut self, user_id: &str, region: &str) -> Result<(), CodedError> {
+        let mut users = self.txn.open_table(USERS).map_err(storage)?;
+        let count = users
+            .get(user_id)
+            .map_err(storage)?
+            .map_or(0, |v| v.value().1);
+        users.insert(user_id, (region, count)).map_err(storage)?;
+        self.changes.push(Change {
+            kind: Some(change::Kind::UserHomed(DirectoryUser {
+                user_id: user_id.to_string(),
+                region: region.to_string(),
+            })),
+        });
+        Ok(())
+    }
+
     /// Removes a claim; a user whose last claim it was leaves the directory.
     pub fn delete_claim(&mut self, hmac: &str) -> Result<(), CodedError> {
         let Some(old) = self

@@ -51,6 +51,9 @@ pub enum ErrorCode {
     /// An `Idempotency-Key` was used before with a different request.
     IdempotencyKeyReused,
     TooManyRequests,
+    /// The user this request concerns lives in another region now (the
+    /// answer names it; routers replay the request there once).
+    UserMoved,
     Internal,
 }
 
@@ -79,6 +82,7 @@ impl ErrorCode {
             Self::InsufficientFunds => "insufficient_funds",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::TooManyRequests => "too_many_requests",
+            Self::UserMoved => "user_moved",
             Self::Internal => "internal",
         }
     }
@@ -97,6 +101,8 @@ impl ErrorCode {
             Self::InsufficientFunds => 409,
             Self::IdempotencyKeyReused => 422,
             Self::TooManyRequests => 429,
+            // Misdirected Request: this server is not the one to answer.
+            Self::UserMoved => 421,
             Self::Internal => 500,
             Self::BadGateway => 502,
             Self::UpstreamTimeout => 504,
@@ -121,7 +127,8 @@ impl ErrorCode {
             | Self::PreconditionFailed
             | Self::RegionRetired
             | Self::InsufficientFunds
-            | Self::IdempotencyKeyReused => Code::FailedPrecondition,
+            | Self::IdempotencyKeyReused
+            | Self::UserMoved => Code::FailedPrecondition,
             Self::TooManyRequests => Code::ResourceExhausted,
             Self::RegionDraining | Self::CellUnavailable | Self::NotReady | Self::BadGateway => {
                 Code::Unavailable
@@ -155,6 +162,7 @@ impl ErrorCode {
             Self::InsufficientFunds => "Insufficient funds",
             Self::IdempotencyKeyReused => "Idempotency key reused with another request",
             Self::TooManyRequests => "Too many requests",
+            Self::UserMoved => "The user lives in another region now",
             Self::Internal => "Internal error",
         }
     }
@@ -217,6 +225,8 @@ pub struct CodedError {
     pub message: String,
     /// Field-level detail for validation errors.
     pub fields: Vec<FieldError>,
+    /// For `UserMoved`: the user's home region now.
+    pub moved_to: Option<String>,
 }
 
 impl CodedError {
@@ -225,6 +235,18 @@ impl CodedError {
             code,
             message: message.into(),
             fields: Vec::new(),
+            moved_to: None,
+        }
+    }
+
+    /// The user lives in `region` now.
+    pub fn moved(region: &str) -> Self {
+        Self {
+            moved_to: Some(region.to_string()),
+            ..Self::new(
+                ErrorCode::UserMoved,
+                format!("this user's home is region {region} now"),
+            )
         }
     }
 
@@ -236,6 +258,7 @@ impl CodedError {
             code: ErrorCode::InvalidArgument,
             message,
             fields,
+            moved_to: None,
         }
     }
 

@@ -42,6 +42,19 @@ pub static CONFIG_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     c
 });
 
+pub static REPLAYS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = IntCounterVec::new(
+        prometheus::Opts::new(
+            "homecell_router_replays_total",
+            "Requests replayed to a moved user's new home, by the region that answered and the new one",
+        ),
+        &["from", "to"],
+    )
+    .expect("valid metric");
+    let _ = prometheus::register(Box::new(c.clone()));
+    c
+});
+
 pub static DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     let h = HistogramVec::new(
         prometheus::HistogramOpts::new(

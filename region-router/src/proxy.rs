@@ -89,7 +89,17 @@ pub struct Ctx {
     /// Cell instances this request could not connect to; a retry goes to
     /// another one.
     refused_by: Vec<std::net::SocketAddr>,
+    /// Set when a cell answered that the user moved and the request is being
+    /// replayed to the new home: the region that answered.
+    replayed_from: Option<String>,
 }
+
+/// A cell's answer that the user it was asked about lives in another region
+/// now (421 with this header naming it); the router replays the request
+/// there once. `REPLAYED_FROM` tells the new home, and the client, where the
+/// request went first.
+pub const MOVED_TO: &str = "x-homecell-moved-to";
+pub const REPLAYED_FROM: &str = "x-homecell-replayed-from";
 
 fn now_secs() -> i64 {
     std::time::SystemTime::now()
@@ -314,6 +324,7 @@ impl ProxyHttp for Router {
             basis: Basis::Default,
             started: Instant::now(),
             refused_by: Vec::new(),
+            replayed_from: None,
         }
     }
 
@@ -326,6 +337,9 @@ impl ProxyHttp for Router {
         ctx.trace = Some(TraceParent::continue_from(
             headers.get("traceparent").and_then(|v| v.to_str().ok()),
         ));
+        // Any request may have to be replayed to a user's new home; its body
+        // (up to Pingora's 64 KiB retry buffer) is kept for that.
+        session.as_mut().enable_retry_buffering();
         let table = self.table.load();
         if table.revision == 0 {
             let r = Refusal {
@@ -412,7 +426,78 @@ impl ProxyHttp for Router {
             req.insert_header("x-forwarded-for", xff)?;
         }
         req.insert_header("x-forwarded-proto", "http")?;
+        if let Some(from) = &ctx.replayed_from {
+            req.insert_header(REPLAYED_FROM, from.as_str())?;
+        }
         Ok(())
+    }
+
+    /// "This user moved" from a cell: replay once to the new home when the
+    /// whole request is at hand (no body, or one that fit the retry buffer)
+    /// and that region admits it; otherwise the answer goes to the client.
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if resp.status.as_u16() != 421 || ctx.replayed_from.is_some() {
+            return Ok(());
+        }
+        let Some(target) = resp
+            .headers
+            .get(MOVED_TO)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+        else {
+            return Ok(());
+        };
+        let whole = session.as_mut().is_body_done() && !session.as_ref().retry_buffer_truncated();
+        let Some(from) = ctx.upstream.as_ref().map(|u| u.region.clone()) else {
+            return Ok(());
+        };
+        if !whole || target == from {
+            return Ok(());
+        }
+        let table = self.table.load();
+        let Ok(up) = decide::admit(&table, &self.health, &target, false) else {
+            return Ok(());
+        };
+        metrics::REPLAYS.with_label_values(&[&from, &target]).inc();
+        tracing::info!(request_id = %ctx.request_id, from = %from, to = %target, "user moved: replaying to the new home");
+        ctx.upstream = Some(up);
+        ctx.refused_by.clear();
+        ctx.replayed_from = Some(from);
+        let mut e = Error::explain(
+            ErrorType::Custom("user moved"),
+            "replaying to the user's new home",
+        );
+        e.set_retry(true);
+        Err(e)
+    }
+
+    /// Keeps the replay decided above (a cell that answers "moved" did
+    /// nothing, so any method may be sent again); other errors get Pingora's
+    /// rule.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        if matches!(e.etype(), ErrorType::Custom("user moved")) && ctx.replayed_from.is_some() {
+            return e;
+        }
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
     }
 
     async fn response_filter(
@@ -422,6 +507,9 @@ impl ProxyHttp for Router {
         ctx: &mut Ctx,
     ) -> Result<()> {
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(from) = &ctx.replayed_from {
+            resp.insert_header(REPLAYED_FROM, from.as_str())?;
+        }
         if resp.headers.get("x-home-region").is_none()
             && let Some(up) = &ctx.upstream
         {

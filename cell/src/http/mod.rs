@@ -43,7 +43,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut p = Problem::new(self.0.code, self.0.message);
         p.errors = self.0.fields;
-        problem_response(p)
+        let mut r = problem_response(p);
+        // Routers replay a request answered so to the region it names.
+        if let Some(region) = self.0.moved_to
+            && let Ok(v) = header::HeaderValue::from_str(&region)
+        {
+            r.headers_mut().insert("x-homecell-moved-to", v);
+        }
+        r
     }
 }
 

@@ -508,6 +508,14 @@ impl Identity {
             CodedError::new(ErrorCode::Unauthenticated, why)
         })?;
         let ended = CodedError::new(ErrorCode::Unauthenticated, "the session has ended");
+        // A token that names us as home, for a user the directory homes
+        // elsewhere: the user moved. The router follows this answer once.
+        if claims.home == self.region
+            && let Some(home) = state.user_region(&claims.sub)
+            && home != self.region
+        {
+            return Err(CodedError::moved(home));
+        }
         if claims.home == self.region {
             if !self
                 .db
