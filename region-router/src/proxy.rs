@@ -476,6 +476,18 @@ impl ProxyHttp for Router {
         Err(e)
     }
 
+    /// A replay is routine, logged at info and counted above; Pingora's
+    /// per-retry warning is for failures.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        ctx: &Ctx,
+        error: &Error,
+        _context: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
+        ctx.replayed_from.is_some() && matches!(error.etype(), ErrorType::Custom("user moved"))
+    }
+
     /// Keeps the replay decided above (a cell that answers "moved" did
     /// nothing, so any method may be sent again); other errors get Pingora's
     /// rule.
