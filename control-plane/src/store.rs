@@ -724,6 +724,40 @@ mod tests {
         assert!(s.snapshot().unwrap().users.is_empty());
     }
 
+    /// A store written before the users table existed gets it on open.
+    #[test]
+    fn the_users_table_is_derived_from_older_stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut claims = txn.open_table(CLAIMS).unwrap();
+                for (h, u) in [("a", "u1"), ("b", "u1"), ("c", "u2")] {
+                    let c = claim(h, u);
+                    claims
+                        .insert(c.hmac.as_str(), c.encode_to_vec().as_slice())
+                        .unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let s = Store::open(&path, 100).unwrap();
+        let users = s.snapshot().unwrap().users;
+        let ids: Vec<&str> = users.iter().map(|u| u.user_id.as_str()).collect();
+        assert_eq!(ids, ["u1", "u2"]);
+        // Counts were derived too: u1 leaves only with its second claim.
+        let (_, r) = s
+            .mutate("t", |tx| tx.delete_claim(&"a".repeat(64)))
+            .unwrap();
+        assert_eq!(kinds(&s, r).len(), 1);
+        let (_, r) = s
+            .mutate("t", |tx| tx.delete_claim(&"b".repeat(64)))
+            .unwrap();
+        assert_eq!(kinds(&s, r).len(), 2);
+    }
+
     #[test]
     fn snapshots_come_in_parts_and_imports_cut_the_log() {
         let dir = tempfile::tempdir().unwrap();
