@@ -19,6 +19,11 @@ use std::sync::Arc;
 /// A region's index in [`Directory::names`].
 type RegionIx = u16;
 
+/// The largest index handed out: `u16::MAX` is left free as a marker for
+/// those who persist rows (a removed one). More regions than this is far
+/// beyond any deployment; the last index is shared rather than overflowing.
+const MAX_REGION_IX: usize = RegionIx::MAX as usize - 1;
+
 /// A changed row: its key and its region, or `None` once removed.
 pub type OverlayRow = (u128, Option<RegionIx>);
 
@@ -179,9 +184,7 @@ impl Directory {
         }
         let names = Arc::make_mut(&mut self.names);
         names.push(region.to_string());
-        // More regions than an index holds is far beyond any deployment;
-        // the last index is reused rather than overflowing.
-        (names.len() - 1).min(usize::from(RegionIx::MAX)) as RegionIx
+        (names.len() - 1).min(MAX_REGION_IX) as RegionIx
     }
 
     pub fn names(&self) -> &[String] {
@@ -285,9 +288,10 @@ pub struct Builder {
 
 impl Builder {
     pub fn with_capacity(users: usize, claims: usize) -> Self {
-        // A hostile or corrupt total must not make us allocate the world.
-        let users = users.min(1 << 28);
-        let claims = claims.min(1 << 28);
+        // The totals only size the first allocation; a corrupt one must not
+        // make it huge (past this the columns grow as rows arrive).
+        let users = users.min(1 << 25);
+        let claims = claims.min(1 << 25);
         Self {
             names: Vec::new(),
             users: (Vec::with_capacity(users), Vec::with_capacity(users)),
@@ -300,7 +304,7 @@ impl Builder {
             Some(i) => i as RegionIx,
             None => {
                 self.names.push(region.to_string());
-                (self.names.len() - 1).min(usize::from(RegionIx::MAX)) as RegionIx
+                (self.names.len() - 1).min(MAX_REGION_IX) as RegionIx
             }
         }
     }
