@@ -17,8 +17,10 @@
 
 use super::SQLITE_WRITER;
 use crate::identity::store::{DbError, DbResult};
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use sqlx::{SqliteConnection, SqlitePool};
+use std::panic::AssertUnwindSafe;
 use tokio::sync::{mpsc, oneshot};
 
 /// Hands a job its commit's outcome: `None` when the batch committed.
@@ -53,7 +55,16 @@ impl TxBatch {
             let mut jobs = Vec::with_capacity(MAX_BATCH);
             while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
                 let size = jobs.len();
-                let (delivers, outcome) = commit(&pool, &mut jobs).await;
+                // A job that panics costs its batch (rolled back, callers
+                // told), not every later refresh.
+                let ran = AssertUnwindSafe(commit(&pool, &mut jobs))
+                    .catch_unwind()
+                    .await;
+                let Ok((delivers, outcome)) = ran else {
+                    jobs.clear();
+                    tracing::error!(size, "a batched write panicked; its batch was rolled back");
+                    continue;
+                };
                 let failed = outcome.err().map(|e| e.to_string());
                 if let Some(e) = &failed {
                     tracing::error!(error = %e, size, "batched commit failed");
@@ -107,22 +118,17 @@ fn commit_failed(why: &str) -> DbError {
 async fn commit(pool: &SqlitePool, jobs: &mut Vec<Job>) -> (Vec<Deliver>, Result<(), sqlx::Error>) {
     let mut delivers = Vec::with_capacity(jobs.len());
     let _writer = SQLITE_WRITER.lock().await;
-    let mut conn = match pool.acquire().await {
-        Ok(c) => c,
-        Err(e) => {
-            jobs.clear(); // dropping a job drops its reply: the caller hears "stopped"
-            return (delivers, Err(e));
-        }
-    };
     // Every statement is a round trip to sqlx's SQLite thread, so the
     // savepoint bookkeeping between two jobs goes in one call.
     let outcome = async {
-        sqlx::raw_sql("BEGIN IMMEDIATE; SAVEPOINT job")
-            .execute(&mut *conn)
-            .await?;
+        // A transaction sqlx tracks: dropped before its commit (an error
+        // below, or a job that panicked) it is rolled back, so no pooled
+        // connection is left holding SQLite's write lock.
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::raw_sql("SAVEPOINT job").execute(&mut *tx).await?;
         let mut jobs = jobs.drain(..).peekable();
         while let Some(job) = jobs.next() {
-            let keep = match job(&mut conn).await {
+            let keep = match job(&mut tx).await {
                 Ran::Abandoned => false,
                 Ran::Done { keep, deliver } => {
                     delivers.push(deliver);
@@ -132,22 +138,19 @@ async fn commit(pool: &SqlitePool, jobs: &mut Vec<Job>) -> (Vec<Deliver>, Result
             let next = match (keep, jobs.peek().is_some()) {
                 (true, true) => "RELEASE job; SAVEPOINT job",
                 (false, true) => "ROLLBACK TO job; RELEASE job; SAVEPOINT job",
-                (true, false) => "RELEASE job; COMMIT",
-                (false, false) => "ROLLBACK TO job; RELEASE job; COMMIT",
+                (true, false) => "RELEASE job",
+                (false, false) => "ROLLBACK TO job; RELEASE job",
             };
-            sqlx::raw_sql(next).execute(&mut *conn).await?;
+            sqlx::raw_sql(next).execute(&mut *tx).await?;
         }
-        Ok(())
+        tx.commit().await
     }
     .await;
     if outcome.is_err() {
-        // Leave no transaction open on a pooled connection.
-        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-        jobs.clear();
+        jobs.clear(); // dropping a job drops its reply: the caller hears "stopped"
     }
     (delivers, outcome)
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +216,32 @@ mod tests {
         assert!(b.is_ok() && d.is_ok());
         assert!(matches!(clash, Err(DbError::Conflict)), "{clash:?}");
         assert_eq!(keys(&pool).await, ["a", "b", "d"]);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_costs_only_its_batch() {
+        let (_dir, pool, batch) = open().await;
+        let boom = batch
+            .run(|conn| {
+                Box::pin(async move {
+                    sqlx::query("INSERT INTO t (k) VALUES ('lost')")
+                        .execute(&mut *conn)
+                        .await?;
+                    if std::hint::black_box(true) {
+                        panic!("a bug in a job");
+                    }
+                    Ok(())
+                })
+            })
+            .await;
+        assert!(boom.is_err());
+        insert(&batch, &["after"]).await.unwrap();
+        // The write lock was released: a writer outside the batch gets in.
+        sqlx::query("INSERT INTO t (k) VALUES ('outside')")
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert_eq!(keys(&pool).await, ["after", "outside"]);
     }
 
     #[tokio::test]
