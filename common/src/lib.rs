@@ -9,6 +9,7 @@ pub mod directory;
 pub mod directory_key;
 pub mod hex;
 pub mod jwt;
+pub mod paths;
 pub mod replica;
 pub mod shutdown;
 pub mod telemetry;

@@ -155,9 +155,19 @@ async fn a_moved_users_requests_reach_the_new_home_once() -> Result<()> {
         .await?;
     assert_eq!(r.headers()["x-homecell-replayed-from"], "cn-east");
     assert_ne!(r.status(), 421);
+    // A path about the user (no token needed to be routed by it).
+    let r = c
+        .http()
+        .get(format!("{}/v1/users/{user}", c.router_url(stale)))
+        .bearer_auth(&token)
+        .header("x-client-type", "app")
+        .send()
+        .await?;
+    assert_eq!(r.headers()["x-home-region"], "eu-west");
+    assert_eq!(r.headers()["x-homecell-replayed-from"], "cn-east");
     let m = c.router_metrics(stale).await?;
     assert!(
-        m.contains("homecell_router_replays_total{from=\"cn-east\",to=\"eu-west\"} 2"),
+        m.contains("homecell_router_replays_total{from=\"cn-east\",to=\"eu-west\"} 3"),
         "{m}"
     );
     Ok(())

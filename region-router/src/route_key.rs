@@ -9,19 +9,7 @@ use homecell_proto::region::validate_region_id;
 /// capped: anything larger is refused before it reaches a cell.
 pub const MAX_ROUTED_BODY: usize = 8 * 1024;
 
-/// The user a path is about: `/v1/users/{id}…` (not `me`) and
-/// `/v1/cms/users/{id}…`.
-pub fn user_in_path(path: &str) -> Option<&str> {
-    let rest = path
-        .strip_prefix("/v1/users/")
-        .or_else(|| path.strip_prefix("/v1/cms/users/"))?;
-    let id = rest.split('/').next()?;
-    let valid = !id.is_empty()
-        && id != "me"
-        && id.len() <= 64
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-    valid.then_some(id)
-}
+pub use homecell_common::paths::user_in_path;
 
 /// Which auth route this is, if its body carries a routing key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -211,6 +211,7 @@ pub fn router(cell: Arc<Cell>) -> Router {
             ))
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(cell.clone(), moved_users))
         .layer(middleware::from_fn(require_internal_peer))
         .layer(middleware::from_fn_with_state(
             cell.clone(),
@@ -233,6 +234,23 @@ async fn require_internal_peer(req: Request, next: Next) -> Response {
             ErrorCode::Unauthenticated,
             "a client certificate is required",
         ),
+    }
+}
+
+/// A request about a user the directory homes in another region (the user
+/// moved, and the router that sent it is behind) is answered "moved", so
+/// the router replays it there.
+async fn moved_users(State(cell): State<Arc<Cell>>, req: Request, next: Next) -> Response {
+    let elsewhere = homecell_common::paths::user_in_path(req.uri().path()).and_then(|user| {
+        let state = cell.replica.state();
+        state
+            .user_region(user)
+            .filter(|home| *home != cell.region)
+            .map(str::to_string)
+    });
+    match elsewhere {
+        Some(home) => ApiError(CodedError::moved(&home)).into_response(),
+        None => next.run(req).await,
     }
 }
 
