@@ -174,8 +174,9 @@ async fn refresh_rotation_and_reuse(db: &Datastore) {
         .count();
     assert_eq!(rotated, 1, "one token must rotate exactly once");
 
-    // Rotations that fail and succeed side by side (on SQLite, in one
-    // batched commit): the failure undoes only its own statements.
+    // Rotations that fail and succeed side by side (on SQLite they may
+    // share a batched commit; db::batch's tests force one): the failure
+    // undoes only its own statements.
     user(db, "f", "f@x.io").await;
     for (sid, ct, token) in [("fa", "app", "a0"), ("fb", "web", "b0"), ("fc", "mp", "c0")] {
         db.open_session(&session(sid, "f", ct), token)

@@ -70,6 +70,21 @@ fn rows<M: Message + Default>(
     Ok(out)
 }
 
+/// Counts one more claim on `user_id` and homes it in `region`; returns the
+/// region the user was homed in before, if the directory held it.
+fn count_claim(
+    users: &mut redb::Table<&str, (&str, u32)>,
+    user_id: &str,
+    region: &str,
+) -> Result<Option<String>, redb::StorageError> {
+    let held = users
+        .get(user_id)?
+        .map(|v| (v.value().0.to_string(), v.value().1));
+    let count = held.as_ref().map_or(0, |h| h.1) + 1;
+    users.insert(user_id, (region, count))?;
+    Ok(held.map(|h| h.0))
+}
+
 pub struct Store {
     db: Database,
     revision_tx: watch::Sender<u64>,
@@ -124,15 +139,8 @@ impl Tx<'_> {
             .insert(claim.hmac.as_str(), claim.encode_to_vec().as_slice())
             .map_err(storage)?;
         let mut users = self.txn.open_table(USERS).map_err(storage)?;
-        let held = users
-            .get(claim.user_id.as_str())
-            .map_err(storage)?
-            .map(|v| (v.value().0.to_string(), v.value().1));
-        let count = held.as_ref().map_or(0, |h| h.1) + 1;
-        users
-            .insert(claim.user_id.as_str(), (claim.region.as_str(), count))
-            .map_err(storage)?;
-        let homed = held.is_none_or(|(region, _)| region != claim.region);
+        let before = count_claim(&mut users, &claim.user_id, &claim.region).map_err(storage)?;
+        let homed = before.is_none_or(|region| region != claim.region);
         let user = DirectoryUser {
             user_id: claim.user_id.clone(),
             region: claim.region.clone(),
@@ -329,8 +337,7 @@ impl Store {
             if users.is_empty()? && !claims.is_empty()? {
                 for row in claims.iter()? {
                     let c = IdentifierClaim::decode(row?.1.value())?;
-                    let count = users.get(c.user_id.as_str())?.map_or(0, |v| v.value().1);
-                    users.insert(c.user_id.as_str(), (c.region.as_str(), count + 1))?;
+                    count_claim(&mut users, &c.user_id, &c.region)?;
                 }
             }
             meta.get(REVISION)?.map(|v| v.value()).unwrap_or(0)
@@ -532,13 +539,7 @@ impl Store {
                         "an imported identifier is already registered",
                     ));
                 }
-                let count = users
-                    .get(c.user_id.as_str())
-                    .map_err(storage)?
-                    .map_or(0, |v| v.value().1);
-                users
-                    .insert(c.user_id.as_str(), (c.region.as_str(), count + 1))
-                    .map_err(storage)?;
+                count_claim(&mut users, &c.user_id, &c.region).map_err(storage)?;
             }
             let cs = ChangeSet {
                 revision: next,

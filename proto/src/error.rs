@@ -176,6 +176,10 @@ impl std::fmt::Display for ErrorCode {
 
 pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
 
+/// On a `UserMoved` answer: the region the user lives in now (routers replay
+/// the request there once).
+pub const MOVED_TO_HEADER: &str = "x-homecell-moved-to";
+
 /// An RFC 9457 problem document with our stable `code` extension.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Problem {

@@ -94,11 +94,8 @@ pub struct Ctx {
     replayed_from: Option<String>,
 }
 
-/// A cell's answer that the user it was asked about lives in another region
-/// now (421 with this header naming it); the router replays the request
-/// there once. `REPLAYED_FROM` tells the new home, and the client, where the
-/// request went first.
-pub const MOVED_TO: &str = "x-homecell-moved-to";
+/// On a request replayed to a moved user's new home (a cell answered 421
+/// with `MOVED_TO_HEADER`), and on its answer: where it went first.
 pub const REPLAYED_FROM: &str = "x-homecell-replayed-from";
 
 fn now_secs() -> i64 {
@@ -446,7 +443,7 @@ impl ProxyHttp for Router {
         }
         let Some(target) = resp
             .headers
-            .get(MOVED_TO)
+            .get(homecell_proto::error::MOVED_TO_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
         else {
@@ -490,7 +487,8 @@ impl ProxyHttp for Router {
 
     /// Keeps the replay decided above (a cell that answers "moved" did
     /// nothing, so any method may be sent again); other errors get Pingora's
-    /// rule.
+    /// rule, restated here because an overridden trait default cannot be
+    /// called.
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,

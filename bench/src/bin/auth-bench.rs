@@ -68,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
         .process
         .as_ref()
         .map(|p| p.pid())
-        .unwrap_or_default()];
+        .ok_or_else(|| anyhow::anyhow!("the cn-east cell is not running"))?];
 
     let mut users = Vec::new();
     for i in 0..args.workers {

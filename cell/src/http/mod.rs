@@ -48,7 +48,8 @@ impl IntoResponse for ApiError {
         if let Some(region) = self.0.moved_to
             && let Ok(v) = header::HeaderValue::from_str(&region)
         {
-            r.headers_mut().insert("x-homecell-moved-to", v);
+            r.headers_mut()
+                .insert(homecell_proto::error::MOVED_TO_HEADER, v);
         }
         r
     }
