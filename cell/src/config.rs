@@ -58,6 +58,10 @@ pub struct CellConfig {
     #[serde(default)]
     pub notice: crate::notice::NoticeConfig,
     pub tls: TlsPaths,
+    /// Membership gossip with routers and the control plane; without it,
+    /// routers rely on their active health checks alone.
+    #[serde(default)]
+    pub gossip: Option<homecell_common::gossip::GossipConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -105,6 +109,9 @@ impl CellConfig {
             bail!("listen and admin_listen must differ");
         }
         self.tls.load().context("tls")?;
+        if let Some(g) = &self.gossip {
+            g.validate().context("gossip")?;
+        }
         self.notice.validate()?;
         if let Some(w) = &self.wechat {
             crate::identity::wechat::Wechat::new(w)?;

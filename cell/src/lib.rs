@@ -125,6 +125,17 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot bind {}", config.listen))?;
+    if let Some(g) = &config.gossip {
+        let name = listener.local_addr()?.to_string();
+        homecell_common::gossip::start(
+            g,
+            homecell_common::gossip::Role::Cell,
+            &config.region,
+            &name,
+            token.clone(),
+        )
+        .await?;
+    }
     tracing::info!(
         region = %config.region,
         api = %listener.local_addr()?,

@@ -10,31 +10,20 @@ pub struct DirectoryKey(ring::hmac::Key);
 impl DirectoryKey {
     /// Reads a key file: at least 32 bytes, written as hex.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            anyhow::anyhow!("cannot read the directory key {}: {e}", path.display())
-        })?;
-        Self::from_hex(text.trim())
-            .map_err(|e| anyhow::anyhow!("directory key {}: {e}", path.display()))
+        let key = crate::key_file::read(path, "directory key")?;
+        Ok(Self(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key)))
     }
 
     /// Writes a new random 32-byte key to `path` (owner-only) unless a key
     /// is there already; either way, loads it.
     pub fn create_if_missing(path: &Path) -> anyhow::Result<Self> {
-        if !path.exists() {
-            let mut key = [0u8; 32];
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
-                .map_err(|_| anyhow::anyhow!("no randomness"))?;
-            crate::tls::write_private(path, crate::hex::encode(&key).as_bytes())?;
-        }
+        crate::key_file::create_if_missing(path)?;
         Self::load(path)
     }
 
     pub fn from_hex(hex: &str) -> anyhow::Result<Self> {
-        let bytes = crate::hex::decode(hex).ok_or_else(|| anyhow::anyhow!("not hex"))?;
-        if bytes.len() < 32 {
-            anyhow::bail!("must hold at least 32 bytes");
-        }
-        Ok(Self(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes)))
+        let key = crate::key_file::parse(hex)?;
+        Ok(Self(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key)))
     }
 
     pub fn hmac(&self, identifier: &str) -> String {

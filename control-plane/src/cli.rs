@@ -537,6 +537,14 @@ pub async fn status(conn: &Connection) -> Result<()> {
                 "last_error": s.last_error,
                 "identity": s.peer_identity,
             })).collect::<Vec<_>>(),
+            "members": r.members.iter().map(|m| json!({
+                "addr": m.addr,
+                "role": m.role,
+                "region": m.region,
+                "name": m.name,
+                "alive": m.alive,
+                "since_unix_ms": m.since_unix_ms,
+            })).collect::<Vec<_>>(),
         })),
         Output::Table => {
             println!("control plane at revision {}", r.revision);
@@ -572,6 +580,25 @@ pub async fn status(conn: &Connection) -> Result<()> {
                     })
                     .collect(),
             );
+            if !r.members.is_empty() {
+                println!();
+                println!("gossip members");
+                print_table(
+                    &["ROLE", "REGION", "NAME", "ADDRESS", "STATE"],
+                    r.members
+                        .iter()
+                        .map(|m| {
+                            vec![
+                                m.role.clone(),
+                                m.region.clone(),
+                                m.name.clone(),
+                                m.addr.clone(),
+                                if m.alive { "alive" } else { "down" }.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
         }
     }
     Ok(())

@@ -18,6 +18,8 @@ pub struct ControlPlane {
     pub store: Arc<Store>,
     pub subscribers: Arc<Subscribers>,
     pub directory_key: Arc<crate::directory::DirectoryKey>,
+    /// The gossip cluster, when configured.
+    pub membership: Option<Arc<homecell_common::gossip::Membership>>,
 }
 
 /// A cell acting for its own region, and nothing else.
@@ -274,6 +276,22 @@ impl status_service_server::StatusService for ControlPlane {
         Ok(Response::new(GetStatusResponse {
             revision: self.store.revision(),
             subscribers: self.subscribers.all(),
+            members: self
+                .membership
+                .iter()
+                .flat_map(|m| m.members())
+                .map(|m| GossipMember {
+                    addr: m.id.addr.to_string(),
+                    role: m.id.role.as_str().into(),
+                    region: m.id.region,
+                    name: m.id.name,
+                    alive: m.alive,
+                    since_unix_ms: m
+                        .since
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64),
+                })
+                .collect(),
         }))
     }
 }

@@ -68,6 +68,12 @@ enum PkiCmd {
         #[arg(long)]
         file: PathBuf,
     },
+    /// Create the gossip key file (kept if present); every member of the
+    /// cluster (control plane, routers, cells) reads the same file.
+    GossipKey {
+        #[arg(long)]
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -103,6 +109,10 @@ fn main() -> ExitCode {
             }) => issue(&dir, &identity, hosts),
             Cmd::Pki(PkiCmd::DirectoryKey { file }) => {
                 homecell_common::directory_key::DirectoryKey::create_if_missing(&file)
+                    .map(|_| println!("{}", file.display()))
+            }
+            Cmd::Pki(PkiCmd::GossipKey { file }) => {
+                homecell_common::key_file::create_if_missing(&file)
                     .map(|_| println!("{}", file.display()))
             }
             Cmd::Serve { .. } => unreachable!("handled above"),

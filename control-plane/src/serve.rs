@@ -38,6 +38,9 @@ pub struct ServeConfig {
     /// The routers hold the same key; cells never do.
     pub directory_key_file: PathBuf,
     pub tls: TlsPaths,
+    /// Membership gossip: the control plane is usually every member's seed.
+    #[serde(default)]
+    pub gossip: Option<homecell_common::gossip::GossipConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -70,6 +73,9 @@ impl ServeConfig {
         }
         self.tls.load().context("tls")?;
         crate::directory::DirectoryKey::load(&self.directory_key_file)?;
+        if let Some(g) = &self.gossip {
+            g.validate().context("gossip")?;
+        }
         Ok(())
     }
 }
@@ -82,7 +88,23 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         config.retain_changes,
     )?);
     let subscribers = Arc::new(Subscribers::load(store.clone())?);
+    let token = shutdown::CancellationToken::new();
+    tokio::spawn(shutdown::wait_for_signal(token.clone()));
+    let membership = match &config.gossip {
+        Some(g) => Some(
+            homecell_common::gossip::start(
+                g,
+                homecell_common::gossip::Role::ControlPlane,
+                "",
+                "control-plane",
+                token.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let cp = ControlPlane {
+        membership,
         store: store.clone(),
         subscribers,
         directory_key: Arc::new(crate::directory::DirectoryKey::load(
@@ -90,9 +112,6 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         )?),
     };
     let tls = config.tls.load()?;
-
-    let token = shutdown::CancellationToken::new();
-    tokio::spawn(shutdown::wait_for_signal(token.clone()));
 
     let admin_addr = admin::serve(config.admin_listen, Arc::new(|| Ok(())), token.clone()).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -179,6 +179,8 @@ impl CliOutput {
 pub struct ControlPlaneNode {
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
+    /// Its gossip (UDP) address: every other member's seed.
+    pub gossip: SocketAddr,
     pub process: Option<Process>,
 }
 
@@ -261,9 +263,10 @@ impl Cluster {
         };
         pki.issue(&operator, &hosts_for(&operator))?;
         ensure_directory_key(&root.join("directory.key"))?;
-        let (grpc, admin) = match ports {
-            Ports::Free => (free_port(), free_port()),
-            Ports::Dev => (7443, 7080),
+        homecell_common::key_file::create_if_missing(&root.join("gossip.key"))?;
+        let (grpc, admin, gossip) = match ports {
+            Ports::Free => (free_port(), free_port(), free_port()),
+            Ports::Dev => (7443, 7080, 7946),
         };
         Ok(Self {
             root,
@@ -274,6 +277,7 @@ impl Cluster {
             control_plane: ControlPlaneNode {
                 grpc: loopback(grpc),
                 admin: loopback(admin),
+                gossip: loopback(gossip),
                 process: None,
             },
             cells: BTreeMap::new(),
@@ -313,6 +317,16 @@ impl Cluster {
         Ok(path)
     }
 
+    /// The `[gossip]` table of a member: `listen` here, the control plane
+    /// as the seed.
+    fn gossip_toml(&self, listen: &str) -> String {
+        format!(
+            "[gossip]\nlisten = \"{listen}\"\nseeds = [\"{}\"]\nkey_file = {:?}\n",
+            self.control_plane.gossip,
+            self.root.join("gossip.key").display().to_string()
+        )
+    }
+
     /// The directory's HMAC key (shared by the control plane and routers).
     pub fn directory_key_path(&self) -> PathBuf {
         self.root.join("directory.key")
@@ -331,7 +345,7 @@ impl Cluster {
             self.control_plane.admin,
             self.directory_key_path().display().to_string(),
             self.tls_toml(&PeerIdentity::ControlPlane)?
-        );
+        ) + &self.gossip_toml(&self.control_plane.gossip.to_string());
         let path = self.write_config("control-plane", cfg)?;
         let mut cmd = Command::new(self.bins.path("control-plane"));
         cmd.arg("serve").arg("--config").arg(path);
@@ -530,6 +544,7 @@ impl Cluster {
         }
         cfg.push_str(&self.cell_extra_config);
         cfg.push_str(&tls);
+        cfg.push_str(&self.gossip_toml("127.0.0.1:0"));
         let path = self.write_config(name, cfg).map_err(|e| (None, e))?;
         let mut cmd = Command::new(self.bins.path("cell"));
         cmd.arg("--config").arg(path);
@@ -616,7 +631,7 @@ impl Cluster {
             self.control_plane_endpoint(),
             self.directory_key_path().display().to_string(),
             self.router_extra_config,
-        );
+        ) + &self.gossip_toml("127.0.0.1:0");
         let name = format!("router-{index}");
         let path = self.write_config(&name, cfg)?;
         let mut cmd = Command::new(self.bins.path("region-router"));

@@ -23,6 +23,8 @@ pub struct Background {
     pub probe_tls: Arc<rustls::ClientConfig>,
     pub reloader: Arc<crate::live::Reloader>,
     pub admin_listen: SocketAddr,
+    /// Gossip settings, and the name and region this router gossips as.
+    pub gossip: Option<(homecell_common::gossip::GossipConfig, String, String)>,
 }
 
 #[async_trait]
@@ -37,6 +39,15 @@ impl BackgroundService for Background {
             token.clone(),
         ));
         tokio::spawn(self.reloader.clone().on_sighup(token.clone()));
+        if let Some((config, region, name)) = &self.gossip {
+            use homecell_common::gossip::{Role, start};
+            match start(config, Role::Router, region, name, token.clone()).await {
+                Ok(m) => self.health.follow_gossip(m),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "gossip did not start; active health checks only")
+                }
+            }
+        }
 
         let (replica, table) = (self.replica.clone(), self.table.clone());
         let ready: admin::ReadyCheck = Arc::new(move || {

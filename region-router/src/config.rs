@@ -54,6 +54,11 @@ pub struct RouterConfig {
     /// HTTPS for clients (HTTP/2 and HTTP/1.1), beside the plain listener.
     #[serde(default)]
     pub public_tls: Option<crate::public_tls::PublicTlsConfig>,
+    /// Membership gossip with cells and the control plane: a region whose
+    /// cells gossip calls down is answered 503 at once, like one that fails
+    /// the active health checks.
+    #[serde(default)]
+    pub gossip: Option<homecell_common::gossip::GossipConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -131,6 +136,9 @@ impl RouterConfig {
             crate::public_tls::ReloadingCert::open(p)?;
         }
         homecell_common::directory_key::DirectoryKey::load(&self.directory_key_file)?;
+        if let Some(g) = &self.gossip {
+            g.validate().context("gossip")?;
+        }
         crate::geo::TrustedProxies::parse(&self.trusted_proxies)?;
         if let Some(p) = &self.geoip_database {
             crate::geo::Geo::open(p)?;

@@ -132,11 +132,13 @@ pub fn admit(
             format!("the cell of region {region} cannot be resolved"),
             Some(CELL_DOWN_RETRY_AFTER),
         )),
-        _ if !up.addrs.iter().any(|a| health.is_up(a)) => Err(Refusal::new(
-            ErrorCode::CellUnavailable,
-            format!("the cell of region {region} is down"),
-            Some(CELL_DOWN_RETRY_AFTER),
-        )),
+        _ if health.region_down_by_gossip(region) || !up.addrs.iter().any(|a| health.is_up(a)) => {
+            Err(Refusal::new(
+                ErrorCode::CellUnavailable,
+                format!("the cell of region {region} is down"),
+                Some(CELL_DOWN_RETRY_AFTER),
+            ))
+        }
         _ => Ok(up.clone()),
     }
 }
@@ -175,6 +177,36 @@ mod tests {
             &RouteTable::default(),
         )
         .await
+    }
+
+    /// A region whose cells gossip has seen go down is refused at once,
+    /// though its address passes the active checks; it is served again
+    /// when a cell comes back.
+    #[tokio::test]
+    async fn gossip_takes_a_region_down_and_back() {
+        use homecell_common::gossip::OwnedNotification::{MemberDown, MemberUp};
+        use homecell_common::gossip::{Membership, NodeId, Role};
+        let t = table().await;
+        let node = |port: u16, role: Role| NodeId {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            role,
+            region: "cn-east".into(),
+            name: format!("n{port}"),
+            bump: 1,
+        };
+        let m = std::sync::Arc::new(Membership::new(node(1, Role::Router)));
+        let health = crate::health::Health::default();
+        health.follow_gossip(m.clone());
+        m.record(MemberUp(node(2, Role::Cell)));
+        assert!(admit(&t, &health, "cn-east", false).is_ok());
+        m.record(MemberDown(node(2, Role::Cell)));
+        let r = admit(&t, &health, "cn-east", false).unwrap_err();
+        assert_eq!(
+            (r.code, r.retry_after),
+            (ErrorCode::CellUnavailable, Some(CELL_DOWN_RETRY_AFTER))
+        );
+        m.record(MemberUp(node(3, Role::Cell)));
+        assert!(admit(&t, &health, "cn-east", false).is_ok());
     }
 
     #[tokio::test]

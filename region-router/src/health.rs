@@ -3,9 +3,14 @@
 //! its client certificate). Two failures in a row mark the address down; one
 //! success marks it up. A region whose addresses are all down is answered at
 //! once with 503 and `Retry-After`, without trying to connect.
+//!
+//! With gossip configured, a region whose cell members gossip has declared
+//! down is answered the same way: either signal is enough, and each clears
+//! on its own when the cell is back.
 
 use crate::routes::RouteTable;
 use arc_swap::ArcSwap;
+use homecell_common::gossip::Membership;
 use prometheus::IntGaugeVec;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -35,11 +40,24 @@ static CELL_UP: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 #[derive(Default)]
 pub struct Health {
     down: ArcSwap<HashSet<SocketAddr>>,
+    gossip: arc_swap::ArcSwapOption<Membership>,
 }
 
 impl Health {
     pub fn is_up(&self, addr: &SocketAddr) -> bool {
         !self.down.load().contains(addr)
+    }
+
+    /// True when gossip has seen `region`'s cells and none is alive.
+    pub fn region_down_by_gossip(&self, region: &str) -> bool {
+        self.gossip
+            .load()
+            .as_ref()
+            .is_some_and(|m| m.cells_down(region))
+    }
+
+    pub fn follow_gossip(&self, membership: Arc<Membership>) {
+        self.gossip.store(Some(membership));
     }
 }
 

@@ -101,6 +101,10 @@ pub fn run(config: config::RouterConfig, config_path: Option<std::path::PathBuf>
             probe_tls,
             reloader: reloader.clone(),
             admin_listen: config.admin_listen,
+            gossip: config
+                .gossip
+                .clone()
+                .map(|g| (g, config.region.clone(), config.listen.to_string())),
         },
     ));
     tracing::info!(listen = %config.listen, region = %config.region, default_region = config.default_region(), "router listening");

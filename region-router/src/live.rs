@@ -53,7 +53,7 @@ pub struct Reloader {
 }
 
 /// The settings that only a restart applies, by name, with their values.
-fn fixed(c: &RouterConfig) -> [(&'static str, String); 11] {
+fn fixed(c: &RouterConfig) -> [(&'static str, String); 12] {
     [
         ("region", c.region.clone()),
         ("data_dir", format!("{:?}", c.data_dir)),
@@ -66,6 +66,7 @@ fn fixed(c: &RouterConfig) -> [(&'static str, String); 11] {
         ("directory_key_file", format!("{:?}", c.directory_key_file)),
         ("tls", format!("{:?}", c.tls)),
         ("public_tls", format!("{:?}", c.public_tls)),
+        ("gossip", format!("{:?}", c.gossip)),
     ]
 }
 
