@@ -242,6 +242,52 @@ async fn compose_deployment_serves_two_regions_and_survives_a_cell_restart() -> 
         assert_eq!(d.health(one_shot)?, "exited 0", "{one_shot}");
     }
 
+    // 2b. Gossip runs across the containers: the control plane sees the
+    // two cells and the router alive (each advertises its service name).
+    eventually(
+        "four gossip members alive",
+        Duration::from_secs(30),
+        || async {
+            let out = d.compose(&[
+                "run",
+                "--rm",
+                "--no-deps",
+                "--entrypoint",
+                "control-plane",
+                "regions",
+                "-o",
+                "json",
+                "status",
+            ])?;
+            let v: serde_json::Value = serde_json::from_str(out.trim())?;
+            let alive: Vec<String> = v["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|m| m["alive"] == true)
+                .map(|m| {
+                    format!(
+                        "{}/{}",
+                        m["role"].as_str().unwrap_or(""),
+                        m["region"].as_str().unwrap_or("")
+                    )
+                })
+                .collect();
+            for want in [
+                "control-plane/",
+                "cell/cn-east",
+                "cell/eu-west",
+                "router/cn-east",
+            ] {
+                if !alive.iter().any(|a| a == want) {
+                    bail!("{want} not alive in {alive:?}");
+                }
+            }
+            Ok(())
+        },
+    )
+    .await?;
+
     // 3. Register, log in and call through the router into both regions.
     let base = d.url();
     let east = sign_up(&base, "cn-east", "east@example.com").await?;
@@ -261,10 +307,12 @@ async fn compose_deployment_serves_two_regions_and_survives_a_cell_restart() -> 
         assert_eq!(r.status, 200, "{r:?}");
     }
 
-    // 4. One cell stops. Until the router's health checks mark it down, a
-    // request may wait out the connect timeout (a stopped container's
-    // address answers nothing); within 5 s of the stop its region is
-    // answered at once with 503 problem+json, and the other region serves.
+    // 4. One cell stops. It leaves the gossip cluster as it stops, so the
+    // router usually marks it down at once; without that, its health checks
+    // would within 2–3 s (meanwhile a request may wait out the connect
+    // timeout: a stopped container's address answers nothing). Within 5 s of
+    // the stop its region is answered at once with 503 problem+json, and the
+    // other region serves.
     d.compose(&["stop", "--timeout", "10", "cell-eu-west"])?;
     let stopped = Instant::now();
     let reply = eventually(
