@@ -28,7 +28,11 @@ pub struct RouterConfig {
     pub control_plane: String,
     #[serde(default = "default_cp_name")]
     pub control_plane_name: String,
-    /// Worker threads of the proxy.
+    /// Proxy workers: each a single-threaded service with its own socket on
+    /// `listen` (SO_REUSEPORT) and its own upstream pool, as nginx runs its
+    /// worker processes. SO_REUSEPORT also lets another process of the same
+    /// user bind the port and share its connections: run one router per
+    /// address.
     #[serde(default = "default_threads")]
     pub threads: usize,
     #[serde(default)]

@@ -53,8 +53,11 @@ pub fn run(config: config::RouterConfig, config_path: Option<std::path::PathBuf>
     let health = Arc::new(health::Health::default());
     let probe_tls = tls.client_config()?;
 
+    // Each proxy thread is a service of its own (below); one thread is
+    // plenty for the background service.
     let conf = ServerConf {
-        threads: config.threads,
+        threads: 1,
+        work_stealing: false,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(2),
         ..Default::default()
@@ -66,25 +69,50 @@ pub fn run(config: config::RouterConfig, config_path: Option<std::path::PathBuf>
     let router = proxy::Router {
         table: table.clone(),
         replica: replica.clone(),
-        tokens: tokens::TokenCache::default(),
-        directory_key: homecell_common::directory_key::DirectoryKey::load(
+        tokens: Arc::new(tokens::TokenCache::default()),
+        directory_key: Arc::new(homecell_common::directory_key::DirectoryKey::load(
             &config.directory_key_file,
-        )?,
+        )?),
         health: health.clone(),
         live: reloader.live.clone(),
-        limiter: ratelimit::Limiter::default(),
+        limiter: Arc::new(ratelimit::Limiter::default()),
     };
-    let mut proxy = pingora::proxy::ProxyServiceBuilder::new(&server.configuration, router)
-        .client_options(proxy::connector_options(&server.configuration, &config.tls))
-        .build();
-    proxy.add_tcp(&config.listen.to_string());
-    if let Some(p) = &config.public_tls {
-        let cert = public_tls::ReloadingCert::open(p)?;
-        cert.clone().watch(Duration::from_secs(p.reload_secs));
-        proxy.add_tls_with_settings(&p.listen.to_string(), None, public_tls::settings(cert)?);
-        tracing::info!(listen = %p.listen, "HTTPS for clients (h2, http/1.1)");
+    // nginx's worker model: `threads` single-threaded proxy services, each
+    // with its own listening socket on the same port (SO_REUSEPORT: the
+    // kernel spreads connections) and its own upstream connection pool. One
+    // multi-threaded service would hand pooled upstream connections and
+    // their idle watchers across threads, waking another thread (an eventfd
+    // write and a context switch) about twice per request.
+    let reuseport = || {
+        let mut o = pingora::listeners::TcpSocketOptions::default();
+        o.so_reuseport = Some(true);
+        o
+    };
+    let public_cert = match &config.public_tls {
+        Some(p) => {
+            let cert = public_tls::ReloadingCert::open(p)?;
+            cert.clone().watch(Duration::from_secs(p.reload_secs));
+            tracing::info!(listen = %p.listen, "HTTPS for clients (h2, http/1.1)");
+            Some((p, cert))
+        }
+        None => None,
+    };
+    for _ in 0..config.threads {
+        let mut proxy =
+            pingora::proxy::ProxyServiceBuilder::new(&server.configuration, router.clone())
+                .client_options(proxy::connector_options(&server.configuration, &config.tls))
+                .build();
+        proxy.threads = Some(1);
+        proxy.add_tcp_with_settings(&config.listen.to_string(), reuseport());
+        if let Some((p, cert)) = &public_cert {
+            proxy.add_tls_with_settings(
+                &p.listen.to_string(),
+                Some(reuseport()),
+                public_tls::settings(cert.clone())?,
+            );
+        }
+        server.add_service(proxy);
     }
-    server.add_service(proxy);
     server.add_service(background_service(
         "replica",
         background::Background {

@@ -67,16 +67,19 @@ pub fn connector_options(
     o
 }
 
+/// The proxy's state. Every proxy thread has its own `Router` (see lib.rs);
+/// all of them share what is behind the `Arc`s.
+#[derive(Clone)]
 pub struct Router {
     pub table: Arc<ArcSwap<RouteTable>>,
     pub replica: Arc<Replica>,
-    pub tokens: TokenCache,
-    pub directory_key: DirectoryKey,
+    pub tokens: Arc<TokenCache>,
+    pub directory_key: Arc<DirectoryKey>,
     pub health: Arc<crate::health::Health>,
     /// Settings from the file that reload on SIGHUP (timeouts, GeoIP,
     /// trusted proxies).
     pub live: Arc<ArcSwap<crate::live::Live>>,
-    pub limiter: crate::ratelimit::Limiter,
+    pub limiter: Arc<crate::ratelimit::Limiter>,
 }
 
 pub struct Ctx {
