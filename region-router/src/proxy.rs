@@ -337,9 +337,11 @@ impl ProxyHttp for Router {
         ctx.trace = Some(TraceParent::continue_from(
             headers.get("traceparent").and_then(|v| v.to_str().ok()),
         ));
-        // Any request may have to be replayed to a user's new home; its body
+        // Any request may have to be replayed to a user's new home; a body
         // (up to Pingora's 64 KiB retry buffer) is kept for that.
-        session.as_mut().enable_retry_buffering();
+        if headers.contains_key("content-length") || headers.contains_key("transfer-encoding") {
+            session.as_mut().enable_retry_buffering();
+        }
         let table = self.table.load();
         if table.revision == 0 {
             let r = Refusal {
@@ -580,10 +582,10 @@ impl ProxyHttp for Router {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let status = session.response_written().map(|r| r.status);
         let region = ctx.upstream.as_ref().map_or("none", |u| u.region.as_str());
         metrics::REQUESTS
-            .with_label_values(&[region, &status.to_string()])
+            .with_label_values(&[region, status.as_ref().map_or("0", |s| s.as_str())])
             .inc();
         metrics::ROUTED
             .with_label_values(&[ctx.basis.as_str()])
@@ -601,7 +603,7 @@ impl ProxyHttp for Router {
             trace_id = ctx.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
             method = %req.method,
             path = %req.uri.path(),
-            status,
+            status = status.map_or(0, |s| s.as_u16()),
             region,
             routed_by = ctx.basis.as_str(),
             micros = ctx.started.elapsed().as_micros() as u64,
