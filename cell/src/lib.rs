@@ -10,6 +10,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod money;
+pub mod moving;
 pub mod notice;
 pub mod peers;
 pub mod server;

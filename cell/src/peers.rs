@@ -9,7 +9,8 @@ use homecell_common::replica::Replica;
 use homecell_common::tls::{PeerIdentity, TlsMaterial};
 use homecell_proto::cell::{
     CheckSessionRequest, CheckSessionResponse, ForwardDepositRequest, ForwardDepositResponse,
-    IncomingResponse, IncomingTransfer, SendNoticeRequest, SendNoticeResponse,
+    ImportUserRequest, ImportUserResponse, IncomingResponse, IncomingTransfer, MoveUserOutRequest,
+    MoveUserOutResponse, SendNoticeRequest, SendNoticeResponse,
     cell_service_client::CellServiceClient, cell_service_server::CellService,
 };
 use homecell_proto::region::internal_endpoints;
@@ -231,6 +232,36 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// Pushes a moving user's bundle to the new home's cell.
+    pub async fn import_user(
+        &self,
+        to: &str,
+        from: &str,
+        user_id: &str,
+        bundle: Vec<u8>,
+    ) -> Result<(), homecell_proto::error::CodedError> {
+        use homecell_proto::error::{CodedError, ErrorCode};
+        let ch = self.channel(to).ok_or_else(|| {
+            CodedError::new(
+                ErrorCode::CellUnavailable,
+                format!("region {to} has no cell endpoint"),
+            )
+        })?;
+        let req = ImportUserRequest {
+            from_region: from.to_string(),
+            user_id: user_id.to_string(),
+            bundle,
+        };
+        client(ch).import_user(req).await.map(|_| ()).map_err(|s| {
+            CodedError::new(
+                ErrorCode::FailedPrecondition,
+                format!("the cell of {to} refused the import: {}", s.message()),
+            )
+        })
+    }
+}
+
 /// The caller's region, when it is another cell.
 fn calling_cell<T>(req: &Request<T>) -> Result<String, Status> {
     match req.extensions().get::<PeerIdentity>() {
@@ -363,6 +394,54 @@ impl CellService for CellGrpc {
             transfer_id: o.op.id,
             state: o.op.state,
         }))
+    }
+
+    async fn import_user(
+        &self,
+        req: Request<ImportUserRequest>,
+    ) -> Result<Response<ImportUserResponse>, Status> {
+        let caller = calling_cell(&req)?;
+        let r = req.into_inner();
+        if caller != r.from_region {
+            return Err(Status::permission_denied(format!(
+                "cell.{caller} may not import for {}",
+                r.from_region
+            )));
+        }
+        if r.bundle.len() > 16 << 20 {
+            return Err(Status::invalid_argument("a move bundle is at most 16 MiB"));
+        }
+        self.0
+            .import_moved_user(&r.from_region, &r.user_id, &r.bundle)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ImportUserResponse {}))
+    }
+
+    /// Only this cell's own identity (its host, running `cell move-user`)
+    /// may move one of its users out.
+    async fn move_user_out(
+        &self,
+        req: Request<MoveUserOutRequest>,
+    ) -> Result<Response<MoveUserOutResponse>, Status> {
+        match req.extensions().get::<PeerIdentity>() {
+            Some(PeerIdentity::Cell { region }) if *region == self.0.region => {}
+            _ => {
+                return Err(Status::permission_denied(
+                    "only this cell's own host may move its users",
+                ));
+            }
+        }
+        let r = req.into_inner();
+        if r.user_id.is_empty() || r.user_id.len() > 64 {
+            return Err(Status::invalid_argument("user_id: 1 to 64 characters"));
+        }
+        let revision = self
+            .0
+            .move_user_out(&r.user_id, &r.to_region)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(MoveUserOutResponse { revision }))
     }
 
     async fn void_incoming(

@@ -438,6 +438,66 @@ async fn signing_keys(db: &Datastore) {
     assert!(rows.iter().any(|r| r.kid == k1 && r.retired_at.is_some()));
 }
 
+/// A move's datastore steps: freeze, export, erase at the old home; import
+/// (here into the same store, over the anonymised row, as when a user moves
+/// back) restores the same rows; a second import replaces the first.
+async fn moving_a_user(db: &Datastore) {
+    user(db, "mv", "mv@x.io").await;
+    db.add_address("mv", &address("mv-a1", true), 10)
+        .await
+        .unwrap();
+    db.open_session(&session("mv-s", "mv", "app"), "mv-r")
+        .await
+        .unwrap();
+    assert!(db.session_alive("mv-s", "mv", NOW).await.unwrap());
+    assert!(!db.holds_money("mv").await.unwrap());
+    assert_eq!(
+        db.freeze_user("mv", NOW).await.unwrap().as_deref(),
+        Some("active")
+    );
+    assert!(
+        !db.session_alive("mv-s", "mv", NOW).await.unwrap(),
+        "a frozen user's sessions end"
+    );
+    assert_eq!(db.user("mv").await.unwrap().unwrap().status, "disabled");
+    let mut bundle = db.export_user("mv").await.unwrap().unwrap();
+    bundle.user.1 = "active".into();
+    assert_eq!(bundle.qualified_identifiers(), vec!["email:mv@x.io"]);
+    assert_eq!(bundle.addresses.len(), 1);
+    let before = serde_json::to_string(&bundle).unwrap();
+
+    db.erase_moved_user("mv", "moved-mv", NOW).await.unwrap();
+    assert_eq!(
+        db.user_by_identifier("email", "mv@x.io").await.unwrap(),
+        None
+    );
+    assert!(db.addresses("mv").await.unwrap().is_empty());
+    assert_eq!(db.user("mv").await.unwrap().unwrap().status, "deleted");
+
+    db.import_user(&bundle).await.unwrap();
+    db.import_user(&bundle).await.unwrap();
+    let after = serde_json::to_string(&db.export_user("mv").await.unwrap().unwrap()).unwrap();
+    assert_eq!(
+        after, before,
+        "an import restores exactly what was exported"
+    );
+    assert_eq!(
+        db.user_by_identifier("email", "mv@x.io")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("mv")
+    );
+    // An identifier another user holds here refuses the whole import.
+    let mut clash = bundle.clone();
+    clash.user.0 = "mv2".into();
+    assert!(matches!(
+        db.import_user(&clash).await,
+        Err(DbError::Conflict)
+    ));
+    assert!(db.user("mv2").await.unwrap().is_none());
+}
+
 async fn suite(db: Datastore) {
     db.claim_region("cn-east").await.unwrap();
     assert!(
@@ -453,6 +513,7 @@ async fn suite(db: Datastore) {
     roles_audit_and_anonymisation(&db).await;
     listing_and_profiles(&db).await;
     signing_keys(&db).await;
+    moving_a_user(&db).await;
 }
 
 #[tokio::test]

@@ -172,3 +172,124 @@ async fn a_moved_users_requests_reach_the_new_home_once() -> Result<()> {
     );
     Ok(())
 }
+
+const PAY_SECRET: &str = "testpay-shared-secret-0123456789";
+
+/// The whole move, as an operator runs it on the old home's host:
+/// `cell move-user` freezes the account, copies it to the new home, re-homes
+/// it in the directory and erases it here. Refusals change nothing.
+#[tokio::test]
+async fn cell_move_user_carries_the_account_to_the_new_home() -> Result<()> {
+    use reqwest::{Method, StatusCode};
+    use serde_json::json;
+    let mut c = Cluster::temp()?;
+    c.cell_extra_config = format!("[payments.testpay]\nsecret = {PAY_SECRET:?}\n");
+    start_standard(&mut c).await?;
+    let east = Api::new(&c.router_url(0), "cn-east");
+
+    // A user with a profile, an address and a notice preference.
+    let (me, login) = east.signed_in("traveller@example.com", PW).await?;
+    let user = login["user_id"].as_str().context("user")?.to_string();
+    let profile = me.get("/v1/users/me").await?;
+    let etag = profile.header("etag").context("etag")?.to_string();
+    let r = me
+        .call(
+            Method::PUT,
+            "/v1/users/me",
+            Some(json!({"display_name": "Traveller"})),
+            &[("if-match", &etag)],
+        )
+        .await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let addr = json!({"recipient": "T", "line1": "1 Rue", "city": "Paris", "country": "FR", "is_default": true});
+    assert_eq!(
+        me.post("/v1/users/me/addresses", addr).await?.status,
+        StatusCode::CREATED
+    );
+    let prefs =
+        json!({"preferences": [{"category": "message", "channel": "inbox", "enabled": false}]});
+    let r = me
+        .call(Method::PUT, "/v1/notices/preferences", Some(prefs), &[])
+        .await?;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+
+    // Refusals: a user holding money, an unknown region, an unknown user.
+    let (rich, rich_login) = east.signed_in("rich@example.com", PW).await?;
+    let rich_id = rich_login["user_id"].as_str().context("user")?.to_string();
+    let r = east
+        .provider_deposit("testpay", PAY_SECRET, "evt-move-1", &rich_id, 500)
+        .await?;
+    assert!(r.status.is_success(), "{r:?}");
+    let before = c.revision()?;
+    for (who, to, why) in [
+        (rich_id.as_str(), "eu-west", "holds money"),
+        (user.as_str(), "nowhere", "no region"),
+        (
+            "0190b5a0-0000-7000-8000-000000000000",
+            "eu-west",
+            "no such user",
+        ),
+        (user.as_str(), "cn-east", "already lives here"),
+    ] {
+        let out = c.cell_command("cn-east", &["move-user", "--user", who, "--to", to])?;
+        assert!(!out.success, "moving {who} to {to} should fail");
+        assert!(out.stderr.contains(why), "{why}: {}", out.stderr);
+        assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+    }
+    assert_eq!(c.revision()?, before, "refusals change nothing");
+    assert_eq!(rich.get("/v1/users/me").await?.status, StatusCode::OK);
+    assert_eq!(me.get("/v1/users/me").await?.status, StatusCode::OK);
+
+    // The move.
+    let out = c.cell_command(
+        "cn-east",
+        &["move-user", "--user", &user, "--to", "eu-west"],
+    )?;
+    assert!(out.success, "{}", out.stderr);
+    assert!(out.stdout.contains("moved to eu-west"), "{}", out.stdout);
+
+    // The old session ended with the move.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = me.get("/v1/users/me").await?;
+        if r.status == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "old token still works: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Signing in again, through the same router, reaches the new home,
+    // which holds the whole account.
+    let (again, login) = east.signed_in("traveller@example.com", PW).await?;
+    assert_eq!(login["user_id"], user.as_str());
+    let profile = again.get("/v1/users/me").await?;
+    assert_eq!(profile.status, StatusCode::OK, "{}", profile.body);
+    assert_eq!(profile.header("x-home-region"), Some("eu-west"));
+    assert_eq!(profile.body["display_name"], "Traveller");
+    let addresses = again.get("/v1/users/me/addresses").await?;
+    assert_eq!(
+        addresses.body["items"][0]["city"], "Paris",
+        "{}",
+        addresses.body
+    );
+    let prefs = again.get("/v1/notices/preferences").await?;
+    assert!(
+        prefs.body.to_string().contains("\"enabled\":false"),
+        "{}",
+        prefs.body
+    );
+
+    // Running it again finds the move done and succeeds without a change.
+    let revision = c.revision()?;
+    let out = c.cell_command(
+        "cn-east",
+        &["move-user", "--user", &user, "--to", "eu-west"],
+    )?;
+    assert!(out.success, "{}", out.stderr);
+    assert_eq!(c.revision()?, revision);
+
+    // The money-holding user was never touched.
+    assert_eq!(rich.available("CNY").await?, 500);
+    Ok(())
+}

@@ -446,8 +446,16 @@ async fn one_trace_follows_a_request_from_the_router_across_cells() -> Result {
     );
 
     // Every hop logged the caller's trace id: the router's access log, the
-    // home cell's request and the other cell's session check.
-    let router = log_of(c.routers[0].process.as_ref());
+    // home cell's request and the other cell's session check. Access lines
+    // are written after the response has gone out: wait for the router's.
+    let mut router = String::new();
+    for _ in 0..50 {
+        router = log_of(c.routers[0].process.as_ref());
+        if router.contains(trace_id) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let east_log = log_of(c.cells["cn-east"].process.as_ref());
     let west_log = log_of(c.cells["eu-west"].process.as_ref());
     assert!(router.contains(trace_id), "router log lacks the trace");

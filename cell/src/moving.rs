@@ -1,0 +1,374 @@
+//! Moving a user to another region's cell, driven by the old home:
+//!
+//! 1. **Freeze**: the account is disabled here and its sessions end, so
+//!    nothing changes while it is copied. A user who holds money (a wallet
+//!    with a balance or anything pending) is refused: money moves by
+//!    transfer or withdrawal, never by copying rows.
+//! 2. **Copy**: the user's rows (profile, identifiers, password hash,
+//!    addresses, roles, notice preferences, inbox, WeChat bindings) go to
+//!    the new home in one `ImportUser` call, applied there in one
+//!    transaction. A repeated import replaces the previous one.
+//! 3. **Re-home**: the control plane's `MoveUser` moves the user and every
+//!    identifier to the new region in one revision. From then on routers send
+//!    the user to the new home, and this cell answers "moved".
+//! 4. **Erase**: the account is anonymised here as an account deletion is,
+//!    but its directory claims stay with the user (they moved). Ledger rows,
+//!    if any, stay under the random user id.
+//!
+//! A failure before step 3 thaws the account and changes nothing else that
+//! matters (a copy at the new home is never routed to). After step 3 the
+//! move has happened; if step 4 fails, running the command again finishes it.
+//! Sessions end with the move: the user signs in again, and the login goes
+//! to the new home by the directory.
+
+use crate::db::Datastore;
+use crate::identity::store::DbResult;
+use crate::in_tx;
+use crate::state::Cell;
+use homecell_proto::error::{CodedError, ErrorCode};
+use serde::{Deserialize, Serialize};
+
+const BUNDLE_VERSION: u32 = 1;
+
+type UserRow = (
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    i64,
+    i64,
+    i64,
+);
+type AddressRow = (
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    bool,
+    i64,
+    i64,
+);
+type InboxRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    i64,
+);
+
+/// Everything a cell keeps about one user, as it travels in a move.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Bundle {
+    pub version: u32,
+    /// id, status, display_name, locale, bio, avatar_url, version,
+    /// created_at, updated_at.
+    pub user: UserRow,
+    /// (kind, value).
+    pub identifiers: Vec<(String, String)>,
+    /// The argon2id hash (absent for WeChat-only accounts).
+    pub password_hash: Option<String>,
+    /// id, label, recipient, phone, line1, line2, city, state, postal_code,
+    /// country, is_default, created_at, updated_at.
+    pub addresses: Vec<AddressRow>,
+    /// (role, granted_at).
+    pub roles: Vec<(String, i64)>,
+    /// (category, channel, enabled).
+    pub preferences: Vec<(String, String, bool)>,
+    /// id, event_id, category, title, body, created_at, read_at,
+    /// archived_at, expires_at.
+    pub inbox: Vec<InboxRow>,
+    /// (openid, created_at).
+    pub wechat: Vec<(String, i64)>,
+}
+
+impl Bundle {
+    /// Every directory identifier the user holds, as the control plane
+    /// names them (`kind:value`, WeChat bindings as `wechat:<openid>`).
+    pub fn qualified_identifiers(&self) -> Vec<String> {
+        self.identifiers
+            .iter()
+            .map(|(k, v)| format!("{k}:{v}"))
+            .chain(self.wechat.iter().map(|(o, _)| format!("wechat:{o}")))
+            .collect()
+    }
+}
+
+impl Datastore {
+    /// True when the user has a wallet with a balance or anything pending.
+    pub async fn holds_money(&self, user_id: &str) -> DbResult<bool> {
+        let sql = "SELECT COUNT(*) FROM ledger_accounts WHERE kind = 'wallet' AND owner = $1 \
+                   AND (credits_posted <> debits_posted OR debits_pending <> 0 OR credits_pending <> 0)";
+        let (n,): (i64,) =
+            crate::on_db!(self, p => sqlx::query_as(sql).bind(user_id).fetch_one(p).await?);
+        Ok(n > 0)
+    }
+
+    /// Disables an account and ends its sessions; returns the status it
+    /// had (None: no such user, or deleted).
+    pub async fn freeze_user(&self, id: &str, now: i64) -> DbResult<Option<String>> {
+        Ok(in_tx!(self, tx => {
+            let status: Option<(String,)> = sqlx::query_as("SELECT status FROM users WHERE id = $1")
+                .bind(id).fetch_optional(&mut *tx).await?;
+            match status {
+                Some((s,)) if s != "deleted" => {
+                    sqlx::query("UPDATE users SET status = 'disabled' WHERE id = $1").bind(id).execute(&mut *tx).await?;
+                    sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'moved' WHERE user_id = $2 AND revoked_at IS NULL")
+                        .bind(now).bind(id).execute(&mut *tx).await?;
+                    Some(s)
+                }
+                _ => None,
+            }
+        }))
+    }
+
+    /// Gives a frozen account its status back (a move that did not happen).
+    pub async fn thaw_user(&self, id: &str, status: &str) -> DbResult<()> {
+        crate::write_db!(self, p => sqlx::query("UPDATE users SET status = $1 WHERE id = $2 AND status = 'disabled'")
+            .bind(status).bind(id).execute(p).await.map(|_| ())?);
+        Ok(())
+    }
+
+    /// The user's rows, read in one transaction.
+    pub async fn export_user(&self, id: &str) -> DbResult<Option<Bundle>> {
+        Ok(in_tx!(self, tx => {
+            let user: Option<UserRow> = sqlx::query_as("SELECT id, status, display_name, locale, bio, avatar_url, version, created_at, updated_at FROM users WHERE id = $1")
+                .bind(id).fetch_optional(&mut *tx).await?;
+            match user {
+                None => None,
+                Some(user) => Some(Bundle {
+                    version: BUNDLE_VERSION,
+                    user,
+                    identifiers: sqlx::query_as("SELECT kind, value FROM identifiers WHERE user_id = $1 ORDER BY kind, value")
+                        .bind(id).fetch_all(&mut *tx).await?,
+                    password_hash: sqlx::query_as::<_, (String,)>("SELECT password_hash FROM credentials WHERE user_id = $1")
+                        .bind(id).fetch_optional(&mut *tx).await?.map(|r| r.0),
+                    addresses: sqlx::query_as("SELECT id, label, recipient, phone, line1, line2, city, state, postal_code, country, is_default, created_at, updated_at FROM addresses WHERE user_id = $1 ORDER BY created_at, id")
+                        .bind(id).fetch_all(&mut *tx).await?,
+                    roles: sqlx::query_as("SELECT role, granted_at FROM user_roles WHERE user_id = $1 ORDER BY role")
+                        .bind(id).fetch_all(&mut *tx).await?,
+                    preferences: sqlx::query_as("SELECT category, channel, enabled FROM notice_preferences WHERE user_id = $1 ORDER BY category, channel")
+                        .bind(id).fetch_all(&mut *tx).await?,
+                    inbox: sqlx::query_as("SELECT id, event_id, category, title, body, created_at, read_at, archived_at, expires_at FROM inbox WHERE user_id = $1 ORDER BY created_at, id")
+                        .bind(id).fetch_all(&mut *tx).await?,
+                    wechat: sqlx::query_as("SELECT openid, created_at FROM wechat_bindings WHERE user_id = $1 ORDER BY openid")
+                        .bind(id).fetch_all(&mut *tx).await?,
+                }),
+            }
+        }))
+    }
+
+    /// Writes a moved user's rows in one transaction, replacing whatever an
+    /// earlier import (or an earlier stay in this region) left.
+    pub async fn import_user(&self, b: &Bundle) -> DbResult<()> {
+        let id = &b.user.0;
+        in_tx!(self, tx => {
+            for sql in [
+                "DELETE FROM identifiers WHERE user_id = $1",
+                "DELETE FROM credentials WHERE user_id = $1",
+                "DELETE FROM addresses WHERE user_id = $1",
+                "DELETE FROM user_roles WHERE user_id = $1",
+                "DELETE FROM notice_preferences WHERE user_id = $1",
+                "DELETE FROM inbox WHERE user_id = $1",
+                "DELETE FROM wechat_bindings WHERE user_id = $1",
+                "DELETE FROM password_resets WHERE user_id = $1",
+            ] {
+                sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+            }
+            let u = &b.user;
+            sqlx::query("INSERT INTO users (id, status, display_name, locale, bio, avatar_url, version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                         ON CONFLICT (id) DO UPDATE SET status = excluded.status, display_name = excluded.display_name, locale = excluded.locale, bio = excluded.bio, \
+                         avatar_url = excluded.avatar_url, version = excluded.version, created_at = excluded.created_at, updated_at = excluded.updated_at")
+                .bind(&u.0).bind(&u.1).bind(&u.2).bind(&u.3).bind(&u.4).bind(&u.5).bind(u.6).bind(u.7).bind(u.8)
+                .execute(&mut *tx).await?;
+            for (kind, value) in &b.identifiers {
+                sqlx::query("INSERT INTO identifiers (kind, value, user_id) VALUES ($1, $2, $3)")
+                    .bind(kind).bind(value).bind(id).execute(&mut *tx).await?;
+            }
+            if let Some(hash) = &b.password_hash {
+                sqlx::query("INSERT INTO credentials (user_id, password_hash, attempts, updated_at) VALUES ($1, $2, 0, $3)")
+                    .bind(id).bind(hash).bind(u.8).execute(&mut *tx).await?;
+            }
+            for a in &b.addresses {
+                sqlx::query("INSERT INTO addresses (id, user_id, label, recipient, phone, line1, line2, city, state, postal_code, country, is_default, created_at, updated_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)")
+                    .bind(&a.0).bind(id).bind(&a.1).bind(&a.2).bind(&a.3).bind(&a.4).bind(&a.5).bind(&a.6).bind(&a.7).bind(&a.8).bind(&a.9).bind(a.10).bind(a.11).bind(a.12)
+                    .execute(&mut *tx).await?;
+            }
+            for (role, at) in &b.roles {
+                // A role this cell does not define is dropped, not invented.
+                sqlx::query("INSERT INTO user_roles (user_id, role, granted_at) SELECT $1, name, $3 FROM roles WHERE name = $2")
+                    .bind(id).bind(role).bind(at).execute(&mut *tx).await?;
+            }
+            for (category, channel, enabled) in &b.preferences {
+                sqlx::query("INSERT INTO notice_preferences (user_id, category, channel, enabled) VALUES ($1, $2, $3, $4)")
+                    .bind(id).bind(category).bind(channel).bind(enabled).execute(&mut *tx).await?;
+            }
+            for m in &b.inbox {
+                sqlx::query("INSERT INTO inbox (id, user_id, event_id, category, title, body, created_at, read_at, archived_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+                    .bind(&m.0).bind(id).bind(&m.1).bind(&m.2).bind(&m.3).bind(&m.4).bind(m.5).bind(m.6).bind(m.7).bind(m.8)
+                    .execute(&mut *tx).await?;
+            }
+            for (openid, at) in &b.wechat {
+                sqlx::query("INSERT INTO wechat_bindings (openid, user_id, created_at) VALUES ($1, $2, $3)")
+                    .bind(openid).bind(id).bind(at).execute(&mut *tx).await?;
+            }
+        });
+        Ok(())
+    }
+
+    /// Step 4 at the old home: anonymise, and drop the inbox and
+    /// preferences the new home now holds.
+    pub async fn erase_moved_user(&self, id: &str, placeholder: &str, now: i64) -> DbResult<()> {
+        self.anonymise_user(id, placeholder, now).await?;
+        in_tx!(self, tx => {
+            sqlx::query("DELETE FROM inbox WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM notice_preferences WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
+        });
+        Ok(())
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> CodedError {
+    CodedError::new(ErrorCode::Internal, format!("datastore: {e}"))
+}
+
+fn precondition(msg: impl Into<String>) -> CodedError {
+    CodedError::new(ErrorCode::FailedPrecondition, msg.into())
+}
+
+impl Cell {
+    /// Checks and applies a bundle pushed by `from` for one of its users.
+    pub async fn import_moved_user(
+        &self,
+        from: &str,
+        user_id: &str,
+        bundle: &[u8],
+    ) -> Result<(), CodedError> {
+        let b: Bundle = serde_json::from_slice(bundle)
+            .map_err(|e| CodedError::invalid(format!("move bundle: {e}")))?;
+        if b.version != BUNDLE_VERSION {
+            return Err(CodedError::invalid(format!(
+                "move bundle version {} (this cell reads {BUNDLE_VERSION})",
+                b.version
+            )));
+        }
+        if b.user.0 != user_id {
+            return Err(CodedError::invalid("the bundle is for another user"));
+        }
+        // Only the user's current home may push it here.
+        if self.replica.state().user_region(user_id) != Some(from) {
+            return Err(CodedError::new(
+                ErrorCode::PermissionDenied,
+                format!("the directory does not home this user in {from}"),
+            ));
+        }
+        match self.db.import_user(&b).await {
+            Ok(()) => {
+                tracing::info!(user_id, from, "moved user imported");
+                Ok(())
+            }
+            Err(crate::identity::store::DbError::Conflict) => Err(CodedError::new(
+                ErrorCode::AlreadyExists,
+                "an identifier of the user belongs to another user here",
+            )),
+            Err(e) => Err(internal(e)),
+        }
+    }
+
+    /// Moves one of this cell's users to `to` (steps 1–4 above); returns
+    /// the control plane's revision that re-homed the user.
+    pub async fn move_user_out(&self, user_id: &str, to: &str) -> Result<u64, CodedError> {
+        use crate::identity::keys::now_ms;
+        use homecell_proto::control::{
+            MoveUserRequest, RegionStatus, directory_service_client::DirectoryServiceClient,
+        };
+        if to == self.region {
+            return Err(CodedError::invalid("the user already lives here"));
+        }
+        let state = self.replica.state();
+        match state.regions.get(to) {
+            None => return Err(CodedError::not_found(format!("no region {to}"))),
+            Some(r) if r.status() != RegionStatus::Active => {
+                return Err(precondition(format!("region {to} does not take users")));
+            }
+            Some(_) => {}
+        }
+        let home = state.user_region(user_id).map(str::to_string);
+        let seen_revision = state.revision;
+        drop(state);
+        let now = now_ms();
+        if home.as_deref() == Some(to) {
+            // Re-homed by an earlier run that stopped before erasing: finish.
+            self.db
+                .erase_moved_user(user_id, &format!("moved-{user_id}"), now)
+                .await
+                .map_err(internal)?;
+            return Ok(seen_revision);
+        }
+        if home.as_deref() != Some(self.region.as_str()) {
+            return Err(CodedError::not_found("no such user in this region"));
+        }
+        if self.db.holds_money(user_id).await.map_err(internal)? {
+            return Err(precondition(
+                "the user holds money: transfer or withdraw it before a move",
+            ));
+        }
+        let Some(status) = self.db.freeze_user(user_id, now).await.map_err(internal)? else {
+            return Err(CodedError::not_found("no such user in this region"));
+        };
+        let moved = async {
+            let mut bundle = self
+                .db
+                .export_user(user_id)
+                .await
+                .map_err(internal)?
+                .ok_or_else(|| CodedError::not_found("no such user in this region"))?;
+            bundle.user.1 = status.clone();
+            let identifiers = bundle.qualified_identifiers();
+            let json = serde_json::to_vec(&bundle).map_err(internal)?;
+            self.identity
+                .peers
+                .import_user(to, &self.region, user_id, json)
+                .await?;
+            let req = MoveUserRequest {
+                user_id: user_id.to_string(),
+                from_region: self.region.clone(),
+                to_region: to.to_string(),
+                identifiers,
+            };
+            DirectoryServiceClient::new(self.identity.cp.clone())
+                .move_user(req)
+                .await
+                .map(|r| r.into_inner().revision)
+                .map_err(|s| precondition(format!("the control plane refused: {}", s.message())))
+        }
+        .await;
+        let revision = match moved {
+            Ok(r) => r,
+            Err(e) => {
+                if let Err(t) = self.db.thaw_user(user_id, &status).await {
+                    tracing::error!(user_id, error = %t, "a move failed and the account stays disabled");
+                }
+                return Err(e);
+            }
+        };
+        self.db
+            .erase_moved_user(user_id, &format!("moved-{user_id}"), now)
+            .await
+            .map_err(internal)?;
+        tracing::info!(user_id, to, revision, "user moved out");
+        Ok(revision)
+    }
+}
