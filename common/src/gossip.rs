@@ -694,4 +694,75 @@ mod tests {
         );
         token.cancel();
     }
+
+    /// A member left alone (its seed went away) finds the cluster again
+    /// when the seed comes back at the same address: foca does not re-join
+    /// from zero membership by itself, our announcements do.
+    #[tokio::test]
+    async fn a_member_left_alone_rejoins_when_the_seed_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("gossip.key");
+        crate::key_file::create_if_missing(&key_file).unwrap();
+        let config = |listen: String, seeds: Vec<String>| GossipConfig {
+            listen: listen.parse().unwrap(),
+            advertise: None,
+            seeds,
+            key_file: key_file.clone(),
+            profile: Profile::Lan,
+        };
+        let seed_token = CancellationToken::new();
+        let seed = start(
+            &config("127.0.0.1:0".into(), vec![]),
+            Role::ControlPlane,
+            "",
+            "cp",
+            seed_token.clone(),
+        )
+        .await
+        .unwrap();
+        let seed_addr = seed.me().addr;
+        let token = CancellationToken::new();
+        let lone = start(
+            &config("127.0.0.1:0".into(), vec![seed_addr.to_string()]),
+            Role::Cell,
+            "a",
+            "cell",
+            token.clone(),
+        )
+        .await
+        .unwrap();
+        let alive_others = |m: &Membership| m.members().iter().skip(1).filter(|m| m.alive).count();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while alive_others(&lone) < 1 {
+            assert!(Instant::now() < deadline, "did not join");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        seed_token.cancel();
+        while alive_others(&lone) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the seed's departure was not noticed"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Let the socket go, then a new seed process at the same address.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let back = start(
+            &config(seed_addr.to_string(), vec![]),
+            Role::ControlPlane,
+            "",
+            "cp",
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        while alive_others(&lone) < 1 || alive_others(&back) < 1 {
+            assert!(
+                Instant::now() < deadline,
+                "no re-join after zero membership"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        token.cancel();
+    }
 }
