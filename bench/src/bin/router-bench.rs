@@ -50,6 +50,12 @@ struct Args {
     /// nginx worker processes (the router runs 2 threads).
     #[arg(long, default_value_t = 2)]
     nginx_workers: usize,
+    /// Offered load in requests/s over all connections (0: as fast as each
+    /// connection can go). Requests are timed from when they are sent (the
+    /// pacing timer's millisecond slop would otherwise swamp the figures); a
+    /// target that falls behind shows it in requests/s instead.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
 }
 
 /// Where one connection sends its requests.
@@ -74,12 +80,21 @@ struct Outcome {
     latencies: Vec<Duration>,
 }
 
+/// When the next paced request is due (`None`: no pacing).
+type Pace = Option<(Instant, Duration)>;
+
 /// One keep-alive connection sending `req` until `deadline`.
-async fn connection(target: Target, req: Request, deadline: Instant) -> Outcome {
+async fn connection(
+    target: Target,
+    req: Request,
+    deadline: Instant,
+    every: Option<Duration>,
+) -> Outcome {
     let mut o = Outcome::default();
+    let mut pace: Pace = every.map(|e| (Instant::now(), e));
     while Instant::now() < deadline {
         // A connection that breaks is counted and replaced.
-        if let Err(e) = drive(&target, &req, deadline, &mut o).await {
+        if let Err(e) = drive(&target, &req, deadline, &mut o, &mut pace).await {
             o.errors += 1;
             if o.errors < 3 {
                 eprintln!("connection to {}: {e:#}", target.addr);
@@ -90,7 +105,13 @@ async fn connection(target: Target, req: Request, deadline: Instant) -> Outcome 
     o
 }
 
-async fn drive(target: &Target, req: &Request, deadline: Instant, o: &mut Outcome) -> Result<()> {
+async fn drive(
+    target: &Target,
+    req: &Request,
+    deadline: Instant,
+    o: &mut Outcome,
+    pace: &mut Pace,
+) -> Result<()> {
     let tcp = tokio::net::TcpStream::connect(target.addr).await?;
     tcp.set_nodelay(true)?;
     match &target.tls {
@@ -99,13 +120,19 @@ async fn drive(target: &Target, req: &Request, deadline: Instant, o: &mut Outcom
             let tls = tokio_rustls::TlsConnector::from(config.clone())
                 .connect(name, tcp)
                 .await?;
-            send_loop(TokioIo::new(tls), req, deadline, o).await
+            send_loop(TokioIo::new(tls), req, deadline, o, pace).await
         }
-        None => send_loop(TokioIo::new(tcp), req, deadline, o).await,
+        None => send_loop(TokioIo::new(tcp), req, deadline, o, pace).await,
     }
 }
 
-async fn send_loop<IO>(io: IO, req: &Request, deadline: Instant, o: &mut Outcome) -> Result<()>
+async fn send_loop<IO>(
+    io: IO,
+    req: &Request,
+    deadline: Instant,
+    o: &mut Outcome,
+    pace: &mut Pace,
+) -> Result<()>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -124,6 +151,10 @@ where
             // that is a reconnect, not a failed request.
             if sender.ready().await.is_err() {
                 return Ok(());
+            }
+            if let Some((due, every)) = pace {
+                tokio::time::sleep_until((*due).into()).await;
+                *due += *every;
             }
             let t = Instant::now();
             let resp = sender.send_request(r.body(Empty::<Bytes>::new())?).await?;
@@ -155,15 +186,17 @@ async fn run(
     targets: &[(Target, Request)],
     connections: usize,
     seconds: u64,
+    rate: u64,
     proxy_pids: &[u32],
 ) -> RunResult {
+    let every = (rate > 0).then(|| Duration::from_secs_f64(connections as f64 / rate as f64));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let cpu_before = cpu::seconds(proxy_pids);
     let started = Instant::now();
     let tasks: Vec<_> = (0..connections)
         .map(|i| {
             let (target, req) = targets[i % targets.len()].clone();
-            tokio::spawn(connection(target, req, deadline))
+            tokio::spawn(connection(target, req, deadline, every))
         })
         .collect();
     let mut all = Outcome::default();
@@ -358,8 +391,15 @@ async fn main() -> Result<()> {
     };
 
     println!(
-        "{} connections, {} s per run, {} rounds; router pid {router_pid}, nginx pids {nginx_pids:?}",
-        args.connections, args.seconds, args.rounds
+        "{} connections, {} s per run, {} rounds, offered load {}; router pid {router_pid}, nginx pids {nginx_pids:?}",
+        args.connections,
+        args.seconds,
+        args.rounds,
+        if args.rate > 0 {
+            format!("{} req/s", args.rate)
+        } else {
+            "unpaced".into()
+        }
     );
     println!(
         "| workload | target | requests/s | p50 ms | p99 ms | proxy CPU µs/request | errors |"
@@ -399,7 +439,7 @@ async fn main() -> Result<()> {
                         nginx_pids.clone(),
                     ),
                 };
-                let r = run(&pairs, args.connections, args.seconds, &pids).await;
+                let r = run(&pairs, args.connections, args.seconds, args.rate, &pids).await;
                 println!(
                     "| {workload} | {target} | {:.0} | {} | {} | {} | {} |",
                     r.rps,
