@@ -9,6 +9,8 @@
 //!
 //! - `direct`: straight to the cell that owns the request, over mTLS;
 //! - `router`: through the region router (plain HTTP in, mTLS out);
+//! - `floor`:  through `pingora-floor`, bare Pingora with the router's
+//!   connector and worker model and none of its work (routing by header);
 //! - `nginx`:  through nginx (plain HTTP in, mTLS out).
 //!
 //! Two workloads, half the connections on each region: `header` is
@@ -377,6 +379,38 @@ async fn main() -> Result<()> {
         .await?;
     let nginx_pids = cpu::with_children(nginx.pid());
 
+    // The floor: bare Pingora with the router's connector and worker model.
+    let floor_bin = homecell_harness::Binaries::locate()?.path("pingora-floor");
+    let floor_addr: SocketAddr = format!("127.0.0.1:{}", homecell_harness::free_port()).parse()?;
+    let mut floor_cmd = Command::new(&floor_bin);
+    floor_cmd
+        .arg("--listen")
+        .arg(floor_addr.to_string())
+        .args(["--threads", "2", "--ca"])
+        .arg(&router_tls.ca)
+        .arg("--cert")
+        .arg(&router_tls.cert)
+        .arg("--key")
+        .arg(&router_tls.key);
+    for (region, addr) in &cells {
+        floor_cmd.arg("--cell").arg(format!("{region}={addr}"));
+    }
+    let mut floor = Process::spawn("pingora-floor", floor_cmd, &cluster.root.join("logs"))
+        .with_context(|| {
+            format!(
+                "cannot start {} (build the bench binaries)",
+                floor_bin.display()
+            )
+        })?;
+    cluster
+        .wait_http_ok(
+            &format!("http://{floor_addr}/v1/region"),
+            Duration::from_secs(10),
+            "pingora-floor",
+        )
+        .await?;
+    let floor_pid = floor.pid();
+
     let plain = |addr| Target { addr, tls: None };
     let requests = |path: &'static str, with_token: bool| -> Vec<Request> {
         regions
@@ -411,7 +445,7 @@ async fn main() -> Result<()> {
             _ => requests("/v1/users/me", true),
         };
         for _ in 0..args.rounds {
-            for target in ["direct", "router", "nginx"] {
+            for target in ["direct", "router", "floor", "nginx"] {
                 let (pairs, pids): (Vec<(Target, Request)>, Vec<u32>) = match target {
                     "direct" => (
                         reqs.iter()
@@ -431,6 +465,12 @@ async fn main() -> Result<()> {
                             .map(|r| (plain(router_addr), r.clone()))
                             .collect(),
                         vec![router_pid],
+                    ),
+                    "floor" => (
+                        reqs.iter()
+                            .map(|r| (plain(floor_addr), r.clone()))
+                            .collect(),
+                        vec![floor_pid],
                     ),
                     _ => (
                         reqs.iter()
@@ -453,5 +493,6 @@ async fn main() -> Result<()> {
         }
     }
     nginx.terminate(Duration::from_secs(5));
+    floor.terminate(Duration::from_secs(5));
     Ok(())
 }
