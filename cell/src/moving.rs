@@ -22,7 +22,7 @@
 //! to the new home by the directory.
 
 use crate::db::Datastore;
-use crate::identity::store::DbResult;
+use crate::identity::store::{AddressTuple as AddressRow, DbResult, UserTuple as UserRow};
 use crate::in_tx;
 use crate::state::Cell;
 use homecell_proto::error::{CodedError, ErrorCode};
@@ -30,32 +30,6 @@ use serde::{Deserialize, Serialize};
 
 const BUNDLE_VERSION: u32 = 1;
 
-type UserRow = (
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    i64,
-    i64,
-    i64,
-);
-type AddressRow = (
-    String,
-    Option<String>,
-    String,
-    Option<String>,
-    String,
-    Option<String>,
-    String,
-    Option<String>,
-    Option<String>,
-    String,
-    bool,
-    i64,
-    i64,
-);
 type InboxRow = (
     String,
     String,
@@ -143,7 +117,7 @@ impl Datastore {
     /// The user's rows, read in one transaction.
     pub async fn export_user(&self, id: &str) -> DbResult<Option<Bundle>> {
         Ok(in_tx!(self, tx => {
-            let user: Option<UserRow> = sqlx::query_as("SELECT id, status, display_name, locale, bio, avatar_url, version, created_at, updated_at FROM users WHERE id = $1")
+            let user: Option<UserRow> = sqlx::query_as(concat!("SELECT ", crate::user_cols!(), " FROM users WHERE id = $1"))
                 .bind(id).fetch_optional(&mut *tx).await?;
             match user {
                 None => None,
@@ -154,7 +128,7 @@ impl Datastore {
                         .bind(id).fetch_all(&mut *tx).await?,
                     password_hash: sqlx::query_as::<_, (String,)>("SELECT password_hash FROM credentials WHERE user_id = $1")
                         .bind(id).fetch_optional(&mut *tx).await?.map(|r| r.0),
-                    addresses: sqlx::query_as("SELECT id, label, recipient, phone, line1, line2, city, state, postal_code, country, is_default, created_at, updated_at FROM addresses WHERE user_id = $1 ORDER BY created_at, id")
+                    addresses: sqlx::query_as(concat!("SELECT ", crate::address_cols!(), " FROM addresses WHERE user_id = $1 ORDER BY created_at, id"))
                         .bind(id).fetch_all(&mut *tx).await?,
                     roles: sqlx::query_as("SELECT role, granted_at FROM user_roles WHERE user_id = $1 ORDER BY role")
                         .bind(id).fetch_all(&mut *tx).await?,

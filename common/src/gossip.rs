@@ -238,41 +238,14 @@ impl Membership {
     pub fn record(&self, note: OwnedNotification<NodeId>) {
         let mut members = self.view.load().members.clone();
         let now = SystemTime::now();
-        match note {
-            OwnedNotification::MemberUp(id) => {
-                tracing::info!(member = %id.addr, role = id.role.as_str(), region = %id.region, name = %id.name, "gossip: member up");
-                members.insert(
-                    id.addr,
-                    Member {
-                        id,
-                        alive: true,
-                        since: now,
-                    },
-                );
-            }
-            OwnedNotification::MemberDown(id) => {
-                tracing::warn!(member = %id.addr, role = id.role.as_str(), region = %id.region, name = %id.name, "gossip: member down");
-                members.insert(
-                    id.addr,
-                    Member {
-                        id,
-                        alive: false,
-                        since: now,
-                    },
-                );
-            }
+        let (id, alive) = match note {
+            OwnedNotification::MemberUp(id) => (id, true),
+            OwnedNotification::MemberDown(id) => (id, false),
             OwnedNotification::Rename(old, new) => {
                 tracing::info!(member = %new.addr, from = old.bump, to = new.bump, "gossip: member re-joined");
                 let alive = members.get(&old.addr).is_none_or(|m| m.alive);
                 members.remove(&old.addr);
-                members.insert(
-                    new.addr,
-                    Member {
-                        id: new,
-                        alive,
-                        since: now,
-                    },
-                );
+                (new, alive)
             }
             OwnedNotification::Idle => {
                 tracing::warn!("gossip: no members known; announcing to the seeds");
@@ -287,7 +260,21 @@ impl Membership {
                 return;
             }
             OwnedNotification::Active => return,
+        };
+        let state = if alive { "up" } else { "down" };
+        if alive {
+            tracing::info!(member = %id.addr, role = id.role.as_str(), region = %id.region, name = %id.name, "gossip: member {state}");
+        } else {
+            tracing::warn!(member = %id.addr, role = id.role.as_str(), region = %id.region, name = %id.name, "gossip: member {state}");
         }
+        members.insert(
+            id.addr,
+            Member {
+                id,
+                alive,
+                since: now,
+            },
+        );
         self.publish(members);
     }
 

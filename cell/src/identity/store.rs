@@ -54,7 +54,8 @@ pub struct User {
     pub updated_at: i64,
 }
 
-type UserTuple = (
+/// A `users` row in `user_cols!()` order.
+pub(crate) type UserTuple = (
     String,
     String,
     String,
@@ -82,6 +83,7 @@ impl From<UserTuple> for User {
     }
 }
 
+#[macro_export]
 macro_rules! user_cols {
     () => {
         "id, status, display_name, locale, bio, avatar_url, version, created_at, updated_at"
@@ -210,7 +212,8 @@ pub struct Address {
     pub updated_at: i64,
 }
 
-type AddressTuple = (
+/// An `addresses` row in `address_cols!()` order.
+pub(crate) type AddressTuple = (
     String,
     Option<String>,
     String,
@@ -246,6 +249,7 @@ impl From<AddressTuple> for Address {
     }
 }
 
+#[macro_export]
 macro_rules! address_cols {
     () => {
         "id, label, recipient, phone, line1, line2, city, state, postal_code, country, is_default, created_at, updated_at"
