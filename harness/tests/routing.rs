@@ -584,3 +584,54 @@ async fn router_file_settings_reload_on_sighup() -> Result {
     );
     Ok(())
 }
+
+/// The router's workers share their port (SO_REUSEPORT), but a second
+/// router on a port the first already serves refuses to start rather than
+/// silently taking half its connections.
+#[tokio::test]
+async fn a_second_router_on_a_taken_port_refuses_to_start() -> Result {
+    let mut c = Cluster::temp()?;
+    start_standard(&mut c).await?;
+    let config = std::fs::read_to_string(c.root.join("config/router-0.toml"))?;
+    let admin = homecell_harness::free_port();
+    let second: String = config
+        .lines()
+        .map(|l| {
+            if l.starts_with("data_dir") {
+                format!(
+                    "data_dir = {:?}",
+                    c.root.join("router-second").display().to_string()
+                )
+            } else if l.starts_with("admin_listen") {
+                format!("admin_listen = \"127.0.0.1:{admin}\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let path = c.root.join("config/router-second.toml");
+    std::fs::write(&path, second)?;
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tokio::process::Command::new(homecell_harness::Binaries::locate()?.path("region-router"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .output(),
+    )
+    .await??;
+    assert!(!out.status.success(), "the second router started");
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("cannot listen on"), "{text}");
+    // The first router still serves.
+    let r = c
+        .http()
+        .get(format!("{}/v1/region", c.router_url(0)))
+        .header("x-home-region", "eu-west")
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::OK);
+    Ok(())
+}

@@ -30,9 +30,8 @@ pub struct RouterConfig {
     pub control_plane_name: String,
     /// Proxy workers: each a single-threaded service with its own socket on
     /// `listen` (SO_REUSEPORT) and its own upstream pool, as nginx runs its
-    /// worker processes. SO_REUSEPORT also lets another process of the same
-    /// user bind the port and share its connections: run one router per
-    /// address.
+    /// worker processes. The router refuses to start on a port another
+    /// process already listens on.
     #[serde(default = "default_threads")]
     pub threads: usize,
     #[serde(default)]

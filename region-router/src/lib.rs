@@ -83,6 +83,12 @@ pub fn run(config: config::RouterConfig, config_path: Option<std::path::PathBuf>
     // multi-threaded service would hand pooled upstream connections and
     // their idle watchers across threads, waking another thread (an eventfd
     // write and a context switch) about twice per request.
+    // SO_REUSEPORT would let this router share a port another process
+    // already serves; a plain bind first refuses that, as a listener should.
+    for addr in std::iter::once(config.listen).chain(config.public_tls.as_ref().map(|p| p.listen)) {
+        std::net::TcpListener::bind(addr)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    }
     let reuseport = || {
         let mut o = pingora::listeners::TcpSocketOptions::default();
         o.so_reuseport = Some(true);
