@@ -24,7 +24,7 @@ pub use foca::OwnedNotification;
 use foca::{AccumulatingRuntime, Foca, PostcardCodec, Timer};
 use prometheus::{IntCounterVec, IntGaugeVec};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -185,8 +185,9 @@ pub struct Member {
 #[derive(Default)]
 struct View {
     members: HashMap<SocketAddr, Member>,
-    /// Regions that have had cell members and have none alive now.
-    cell_regions_down: HashSet<String>,
+    /// Regions that have had cell members and have none alive now, with
+    /// when the last of them went down.
+    cell_regions_down: HashMap<String, SystemTime>,
 }
 
 /// This process's view of the cluster, read lock-free.
@@ -231,7 +232,12 @@ impl Membership {
     /// True when gossip has seen cells of `region` and none is alive now.
     /// A region never seen by gossip is not judged here.
     pub fn cells_down(&self, region: &str) -> bool {
-        self.view.load().cell_regions_down.contains(region)
+        self.cells_down_since(region).is_some()
+    }
+
+    /// When the last live cell of `region` went down, if none is alive.
+    pub fn cells_down_since(&self, region: &str) -> Option<SystemTime> {
+        self.view.load().cell_regions_down.get(region).copied()
     }
 
     /// Takes in one of foca's notifications.
@@ -294,14 +300,19 @@ impl Membership {
     }
 
     fn publish(&self, members: HashMap<SocketAddr, Member>) {
-        let mut seen: HashMap<&str, bool> = HashMap::new();
+        // Per region: any cell alive, and the latest time one went down.
+        let mut seen: HashMap<&str, (bool, SystemTime)> = HashMap::new();
         for m in members.values().filter(|m| m.id.role == Role::Cell) {
-            *seen.entry(m.id.region.as_str()).or_default() |= m.alive;
+            let e = seen
+                .entry(m.id.region.as_str())
+                .or_insert((false, SystemTime::UNIX_EPOCH));
+            e.0 |= m.alive;
+            e.1 = e.1.max(m.since);
         }
         let cell_regions_down = seen
             .into_iter()
-            .filter(|(_, alive)| !alive)
-            .map(|(r, _)| r.to_string())
+            .filter(|(_, (alive, _))| !alive)
+            .map(|(r, (_, since))| (r.to_string(), since))
             .collect();
         MEMBERS.reset();
         for m in members.values() {

@@ -205,6 +205,20 @@ mod tests {
             (r.code, r.retry_after),
             (ErrorCode::CellUnavailable, Some(CELL_DOWN_RETRY_AFTER))
         );
+        // A probe of ours that started before the cell went down proves
+        // nothing; one that started after it does, and wins over gossip.
+        let before = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        health.reached("cn-east", before);
+        assert!(admit(&t, &health, "cn-east", false).is_err());
+        health.reached(
+            "cn-east",
+            std::time::SystemTime::now() + std::time::Duration::from_millis(1),
+        );
+        assert!(admit(&t, &health, "cn-east", false).is_ok());
+        // A cell gossip sees come back clears it as well.
+        let health = crate::health::Health::default();
+        health.follow_gossip(m.clone());
+        assert!(admit(&t, &health, "cn-east", false).is_err());
         m.record(MemberUp(node(3, Role::Cell)));
         assert!(admit(&t, &health, "cn-east", false).is_ok());
     }

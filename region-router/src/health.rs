@@ -5,8 +5,11 @@
 //! once with 503 and `Retry-After`, without trying to connect.
 //!
 //! With gossip configured, a region whose cell members gossip has declared
-//! down is answered the same way: either signal is enough, and each clears
-//! on its own when the cell is back.
+//! down is answered the same way, at once, until one of this router's own
+//! probes reaches the region's cell after that: gossip can make a region
+//! go down sooner (a cell that says goodbye, one others saw die), but not
+//! keep a cell this router can reach out of service (a cell that came back
+//! at another address, UDP blocked on a path).
 
 use crate::routes::RouteTable;
 use arc_swap::ArcSwap;
@@ -15,7 +18,7 @@ use prometheus::IntGaugeVec;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +43,8 @@ static CELL_UP: LazyLock<IntGaugeVec> = LazyLock::new(|| {
 #[derive(Default)]
 pub struct Health {
     down: ArcSwap<HashSet<SocketAddr>>,
+    /// Per region, when a probe last reached one of its cell's addresses.
+    reached: ArcSwap<HashMap<String, SystemTime>>,
     gossip: arc_swap::ArcSwapOption<Membership>,
 }
 
@@ -48,12 +53,28 @@ impl Health {
         !self.down.load().contains(addr)
     }
 
-    /// True when gossip has seen `region`'s cells and none is alive.
+    /// True when gossip has seen `region`'s cells go down and no probe of
+    /// ours has reached one since.
     pub fn region_down_by_gossip(&self, region: &str) -> bool {
-        self.gossip
+        let Some(since) = self
+            .gossip
             .load()
             .as_ref()
-            .is_some_and(|m| m.cells_down(region))
+            .and_then(|m| m.cells_down_since(region))
+        else {
+            return false;
+        };
+        self.reached
+            .load()
+            .get(region)
+            .is_none_or(|at| *at <= since)
+    }
+
+    /// Records that a probe reached `region`'s cell at `at`.
+    pub fn reached(&self, region: &str, at: SystemTime) {
+        let mut next = (**self.reached.load()).clone();
+        next.insert(region.to_string(), at);
+        self.reached.store(Arc::new(next));
     }
 
     pub fn follow_gossip(&self, membership: Arc<Membership>) {
@@ -100,6 +121,8 @@ pub async fn run(
                     .map(|a| (u.region.clone(), *a, u.sni.clone()))
             })
             .collect();
+        // A success proves the cell reachable some time after this.
+        let started = SystemTime::now();
         let results = futures::future::join_all(
             targets
                 .iter()
@@ -109,6 +132,9 @@ pub async fn run(
         let mut down = HashSet::new();
         let mut region_up: HashMap<&str, bool> = HashMap::new();
         for ((region, addr, _), ok) in targets.iter().zip(results) {
+            if ok {
+                health.reached(region, started);
+            }
             let n = failures.entry(*addr).or_insert(0);
             let was_down = *n >= FAILURES_TO_MARK_DOWN;
             *n = if ok { 0 } else { n.saturating_add(1) };
