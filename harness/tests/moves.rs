@@ -75,34 +75,38 @@ async fn a_moved_users_requests_reach_the_new_home_once() -> Result<()> {
     };
     // Only the source cell may move its user, and only with identifiers it holds.
     let before = c.revision()?;
-    assert_eq!(
-        move_user(
-            &c,
+    for (as_cell, from, to, id, want) in [
+        // Another cell, for a user it does not home.
+        (
             "eu-west",
-            req("cn-east", "eu-west", &["email:mover@example.com"])
-        )
-        .await?,
-        tonic::Code::PermissionDenied
-    );
-    assert_eq!(
-        move_user(
-            &c,
             "cn-east",
-            req("cn-east", "eu-west", &["email:someone@example.com"])
-        )
-        .await?,
-        tonic::Code::PermissionDenied
-    );
-    assert_eq!(
-        move_user(
-            &c,
             "eu-west",
-            req("eu-west", "cn-east", &["email:mover@example.com"])
-        )
-        .await?,
-        tonic::Code::FailedPrecondition,
-        "the user is not homed in eu-west"
-    );
+            "email:mover@example.com",
+            tonic::Code::PermissionDenied,
+        ),
+        // The home cell, naming an identifier the user does not hold.
+        (
+            "cn-east",
+            "cn-east",
+            "eu-west",
+            "email:someone@example.com",
+            tonic::Code::PermissionDenied,
+        ),
+        // A cell acting for itself, for a user homed elsewhere.
+        (
+            "eu-west",
+            "eu-west",
+            "cn-east",
+            "email:mover@example.com",
+            tonic::Code::FailedPrecondition,
+        ),
+    ] {
+        assert_eq!(
+            move_user(&c, as_cell, req(from, to, &[id])).await?,
+            want,
+            "{as_cell}: {from} -> {to}, {id}"
+        );
+    }
     assert_eq!(c.revision()?, before, "refused moves change nothing");
     assert_eq!(
         move_user(

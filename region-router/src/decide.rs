@@ -208,10 +208,10 @@ mod tests {
         // A probe of ours that started before the cell went down proves
         // nothing; one that started after it does, and wins over gossip.
         let before = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
-        health.reached("cn-east", before);
+        health.reached(["cn-east"], before);
         assert!(admit(&t, &health, "cn-east", false).is_err());
         health.reached(
-            "cn-east",
+            ["cn-east"],
             std::time::SystemTime::now() + std::time::Duration::from_millis(1),
         );
         assert!(admit(&t, &health, "cn-east", false).is_ok());

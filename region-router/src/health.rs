@@ -70,10 +70,10 @@ impl Health {
             .is_none_or(|at| *at <= since)
     }
 
-    /// Records that a probe reached `region`'s cell at `at`.
-    pub fn reached(&self, region: &str, at: SystemTime) {
+    /// Records that probes started at `at` reached these regions' cells.
+    pub fn reached<'a>(&self, regions: impl IntoIterator<Item = &'a str>, at: SystemTime) {
         let mut next = (**self.reached.load()).clone();
-        next.insert(region.to_string(), at);
+        next.extend(regions.into_iter().map(|r| (r.to_string(), at)));
         self.reached.store(Arc::new(next));
     }
 
@@ -131,9 +131,10 @@ pub async fn run(
         .await;
         let mut down = HashSet::new();
         let mut region_up: HashMap<&str, bool> = HashMap::new();
+        let mut reached = HashSet::new();
         for ((region, addr, _), ok) in targets.iter().zip(results) {
             if ok {
-                health.reached(region, started);
+                reached.insert(region.as_str());
             }
             let n = failures.entry(*addr).or_insert(0);
             let was_down = *n >= FAILURES_TO_MARK_DOWN;
@@ -154,6 +155,7 @@ pub async fn run(
         for (region, up) in region_up {
             CELL_UP.with_label_values(&[region]).set(up as i64);
         }
+        health.reached(reached, started);
         failures.retain(|a, _| targets.iter().any(|(_, t, _)| t == a));
         health.down.store(Arc::new(down));
     }

@@ -101,6 +101,9 @@ pub struct Ctx {
 /// with `MOVED_TO_HEADER`), and on its answer: where it went first.
 pub const REPLAYED_FROM: &str = "x-homecell-replayed-from";
 
+/// The error that sends a "moved" answer's request to the new home.
+const USER_MOVED: ErrorType = ErrorType::Custom("user moved");
+
 fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -470,10 +473,7 @@ impl ProxyHttp for Router {
         ctx.upstream = Some(up);
         ctx.refused_by.clear();
         ctx.replayed_from = Some(from);
-        let mut e = Error::explain(
-            ErrorType::Custom("user moved"),
-            "replaying to the user's new home",
-        );
+        let mut e = Error::explain(USER_MOVED, "replaying to the user's new home");
         e.set_retry(true);
         Err(e)
     }
@@ -487,7 +487,7 @@ impl ProxyHttp for Router {
         error: &Error,
         _context: pingora::proxy::ProxyWarnLogContext,
     ) -> bool {
-        ctx.replayed_from.is_some() && matches!(error.etype(), ErrorType::Custom("user moved"))
+        ctx.replayed_from.is_some() && *error.etype() == USER_MOVED
     }
 
     /// Keeps the replay decided above (a cell that answers "moved" did
@@ -502,7 +502,7 @@ impl ProxyHttp for Router {
         ctx: &mut Ctx,
         client_reused: bool,
     ) -> Box<Error> {
-        if matches!(e.etype(), ErrorType::Custom("user moved")) && ctx.replayed_from.is_some() {
+        if *e.etype() == USER_MOVED && ctx.replayed_from.is_some() {
             return e;
         }
         let mut e = e.more_context(format!("Peer: {peer}"));
