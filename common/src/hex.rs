@@ -1,7 +1,20 @@
 //! Lower-case hex, for keys and signatures in config files and headers.
 
+const DIGITS: &[u8; 16] = b"0123456789abcdef";
+
 pub fn encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let mut out = String::with_capacity(bytes.len() * 2);
+    push(&mut out, bytes);
+    out
+}
+
+/// Appends the hex of `bytes` (a table lookup per nibble: the router writes
+/// a trace id on every request, and `format!` per byte cost it 3 %).
+pub fn push(out: &mut String, bytes: &[u8]) {
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0x0f)] as char);
+    }
 }
 
 /// Decodes hex (either case); none if it is not hex.

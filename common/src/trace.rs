@@ -87,15 +87,23 @@ impl TraceParent {
     }
 }
 
+impl TraceParent {
+    /// The `traceparent` header value: `00-<trace id>-<span id>-<flags>`.
+    pub fn header_value(&self) -> String {
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        crate::hex::push(&mut out, &self.trace_id);
+        out.push('-');
+        crate::hex::push(&mut out, &self.span_id);
+        out.push('-');
+        crate::hex::push(&mut out, &[self.flags]);
+        out
+    }
+}
+
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{}-{}-{:02x}",
-            crate::hex::encode(&self.trace_id),
-            crate::hex::encode(&self.span_id),
-            self.flags
-        )
+        f.write_str(&self.header_value())
     }
 }
 

@@ -361,6 +361,78 @@ async fn hostile_headers_and_tokens_never_crash_the_router() -> Result {
     Ok(())
 }
 
+/// Reads one HTTP/1.1 response head from a raw socket (up to the blank line).
+async fn read_head(s: &mut tokio::net::TcpStream) -> Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n =
+            tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut byte)).await??;
+        anyhow::ensure!(n == 1, "connection closed after {head:?}");
+        head.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&head).to_lowercase())
+}
+
+/// Reads a response's body of the length its head declares.
+async fn read_body(s: &mut tokio::net::TcpStream, head: &str) -> Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .ok_or_else(|| anyhow::anyhow!("no content-length in {head}"))?
+        .trim()
+        .parse()?;
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_and_expect_continue_are_handled_at_the_router() -> Result {
+    use tokio::io::AsyncWriteExt;
+    let mut c = Cluster::temp()?;
+    start_standard(&mut c).await?;
+    let mut s = tokio::net::TcpStream::connect(c.routers[0].listen).await?;
+
+    // A client that waits for 100 Continue before its login body gets it
+    // from the router, then the cell's own answer.
+    let body = br#"{"identifier":"nobody@example.com","password":"wrong password"}"#;
+    let head = format!(
+        "POST /v1/auth/login HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
+         x-client-type: app\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    let interim = read_head(&mut s).await?;
+    assert!(interim.starts_with("http/1.1 100"), "{interim}");
+    s.write_all(body).await?;
+    let answer = read_head(&mut s).await?;
+    assert!(answer.starts_with("http/1.1 401"), "{answer}");
+    assert!(answer.contains("x-home-region: "), "{answer}");
+    let problem: serde_json::Value = serde_json::from_slice(&read_body(&mut s, &answer).await?)?;
+    assert_eq!(problem["code"], "invalid_credentials", "{problem}");
+
+    // On the same connection: hop-by-hop headers (an upgrade, options
+    // naming other headers) are the router's business, not the cell's; the
+    // answer is a plain one and the connection stays open.
+    for _ in 0..2 {
+        s.write_all(
+            b"GET /v1/region HTTP/1.1\r\nHost: x\r\nx-home-region: eu-west\r\n\
+              connection: keep-alive, upgrade, x-drop-me\r\nupgrade: websocket\r\n\
+              x-drop-me: 1\r\nte: trailers\r\n\r\n",
+        )
+        .await?;
+        let answer = read_head(&mut s).await?;
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+        assert!(answer.contains("x-home-region: eu-west"), "{answer}");
+        let region: serde_json::Value = serde_json::from_slice(&read_body(&mut s, &answer).await?)?;
+        assert_eq!(region["region"], "eu-west", "{region}");
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn rate_limits_apply_live_from_control_plane_config() -> Result {
     let mut c = Cluster::temp()?;

@@ -5,6 +5,8 @@
 pub mod background;
 pub mod config;
 pub mod decide;
+pub mod edge;
+pub mod forward;
 pub mod geo;
 pub mod health;
 pub mod live;
@@ -103,11 +105,13 @@ pub fn run(config: config::RouterConfig, config_path: Option<std::path::PathBuf>
         }
         None => None,
     };
-    for _ in 0..config.threads {
+    for worker in 0..config.threads {
+        let edge = edge::Edge::new(
+            router.clone(),
+            proxy::connector_options(&server.configuration, &config.tls),
+        );
         let mut proxy =
-            pingora::proxy::ProxyServiceBuilder::new(&server.configuration, router.clone())
-                .client_options(proxy::connector_options(&server.configuration, &config.tls))
-                .build();
+            pingora::services::listening::Service::new(format!("router worker {worker}"), edge);
         proxy.threads = Some(1);
         proxy.add_tcp_with_settings(&config.listen.to_string(), reuseport());
         if let Some((p, cert)) = &public_cert {

@@ -1,23 +1,15 @@
-//! The proxy's request lifecycle, as Pingora phases:
-//!
-//! ```text
-//! request_filter          request id, trace context; read the routing keys (path, token,
-//!                         small auth bodies, header); decide the home cell,
-//!                         or answer a problem
-//!   └─ upstream_peer      the cell's address, over mTLS, with tight timeouts
-//!        └─ upstream_request_filter   x-request-id, traceparent, x-forwarded-*
-//!             └─ response_filter      x-request-id, x-home-region
-//! fail_to_proxy           a cell that cannot be reached → problem+json, fast
-//! logging                 metrics (no personal data)
-//! ```
+//! The router's shared state and a request's routing: which home cell it
+//! goes to (from its path, token, small auth body or header; the rules are
+//! in decide.rs), or the problem answer it gets instead; and the request's
+//! metrics and access line. edge.rs runs the request, forward.rs talks to
+//! the cell.
 
-use crate::decide::{self, Basis, CELL_DOWN_RETRY_AFTER, Refusal};
+use crate::decide::{self, Basis, Refusal};
 use crate::metrics;
 use crate::route_key::{self, BodyRoute, MAX_ROUTED_BODY};
 use crate::routes::{RouteTable, Upstream};
 use crate::tokens::TokenCache;
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
 use bytes::Bytes;
 use homecell_common::directory_key::DirectoryKey;
 use homecell_common::replica::Replica;
@@ -25,9 +17,7 @@ use homecell_common::trace::TraceParent;
 use homecell_proto::ErrorCode;
 use homecell_proto::error::{PROBLEM_CONTENT_TYPE, Problem};
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::prelude::*;
-use pingora::proxy::FailToProxy;
-use pingora::upstreams::peer::{HttpPeer, Peer};
+use pingora::protocols::http::{HttpTask, ServerSession};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,27 +72,46 @@ pub struct Router {
     pub limiter: Arc<crate::ratelimit::Limiter>,
 }
 
+/// One request's state, from its header to its access line.
 pub struct Ctx {
-    request_id: String,
+    pub request_id: String,
     /// This hop of the W3C trace: the caller's trace id, our span id.
-    trace: Option<TraceParent>,
-    upstream: Option<Arc<Upstream>>,
-    basis: Basis,
-    started: Instant,
+    pub trace: Option<TraceParent>,
+    pub upstream: Option<Arc<Upstream>>,
+    pub basis: Basis,
+    pub started: Instant,
     /// Cell instances this request could not connect to; a retry goes to
     /// another one.
-    refused_by: Vec<std::net::SocketAddr>,
+    pub refused_by: Vec<std::net::SocketAddr>,
     /// Set when a cell answered that the user moved and the request is being
     /// replayed to the new home: the region that answered.
-    replayed_from: Option<String>,
+    pub replayed_from: Option<String>,
+}
+
+impl Ctx {
+    /// The request id (the client's, if usable) and this hop of the trace.
+    pub fn for_request(req: &RequestHeader) -> Self {
+        let headers = &req.headers;
+        Self {
+            request_id: headers
+                .get("x-request-id")
+                .and_then(|v| usable_request_id(v.as_bytes()))
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+            trace: Some(TraceParent::continue_from(
+                headers.get("traceparent").and_then(|v| v.to_str().ok()),
+            )),
+            upstream: None,
+            basis: Basis::Default,
+            started: Instant::now(),
+            refused_by: Vec::new(),
+            replayed_from: None,
+        }
+    }
 }
 
 /// On a request replayed to a moved user's new home (a cell answered 421
 /// with `MOVED_TO_HEADER`), and on its answer: where it went first.
 pub const REPLAYED_FROM: &str = "x-homecell-replayed-from";
-
-/// The error that sends a "moved" answer's request to the new home.
-const USER_MOVED: ErrorType = ErrorType::Custom("user moved");
 
 fn now_secs() -> i64 {
     std::time::SystemTime::now()
@@ -113,7 +122,9 @@ fn now_secs() -> i64 {
 
 /// Reads a small body that carries a routing key, keeping it for the cell
 /// (Pingora replays the retry buffer upstream). Larger bodies are refused.
-async fn read_small_body(session: &mut Session) -> std::result::Result<serde_json::Value, Refusal> {
+async fn read_small_body(
+    session: &mut ServerSession,
+) -> std::result::Result<serde_json::Value, Refusal> {
     let too_large = || {
         Refusal::new(
             ErrorCode::PayloadTooLarge,
@@ -130,7 +141,7 @@ async fn read_small_body(session: &mut Session) -> std::result::Result<serde_jso
     if declared.is_some_and(|n| n > MAX_ROUTED_BODY) {
         return Err(too_large());
     }
-    session.as_mut().enable_retry_buffering();
+    session.enable_retry_buffering();
     let mut body = Vec::new();
     loop {
         match session.read_request_body().await {
@@ -158,7 +169,7 @@ impl Router {
     /// Refuses with 429 past the per-address or per-user limit, if set.
     fn rate_limit(
         &self,
-        session: &Session,
+        session: &ServerSession,
         table: &RouteTable,
         user: Option<&str>,
     ) -> std::result::Result<(), Refusal> {
@@ -192,9 +203,9 @@ impl Router {
     }
 
     /// Picks the home cell from the request's routing keys (see decide.rs).
-    async fn route(
+    pub async fn route(
         &self,
-        session: &mut Session,
+        session: &mut ServerSession,
         ctx: &mut Ctx,
         table: &RouteTable,
     ) -> std::result::Result<Arc<Upstream>, Refusal> {
@@ -299,7 +310,12 @@ fn usable_request_id(v: &[u8]) -> Option<String> {
     ok.then(|| String::from_utf8_lossy(v).into_owned())
 }
 
-async fn respond_problem(session: &mut Session, ctx: &Ctx, refusal: &Refusal) -> Result<()> {
+/// Answers with a problem+json body (header and body in one write).
+pub async fn respond_problem(
+    session: &mut ServerSession,
+    ctx: &Ctx,
+    refusal: &Refusal,
+) -> pingora::Result<()> {
     let mut problem = Problem::new(refusal.code, refusal.detail.clone());
     problem.instance = Some(format!("urn:request:{}", ctx.request_id));
     let body = Bytes::from(problem.to_json());
@@ -310,278 +326,20 @@ async fn respond_problem(session: &mut Session, ctx: &Ctx, refusal: &Refusal) ->
     if let Some(secs) = refusal.retry_after {
         resp.insert_header("retry-after", secs.to_string())?;
     }
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await?;
+    session
+        .response_duplex_vec(vec![
+            HttpTask::Header(Box::new(resp), false),
+            HttpTask::Body(Some(body), true),
+        ])
+        .await?;
     Ok(())
 }
 
-#[async_trait]
-impl ProxyHttp for Router {
-    type CTX = Ctx;
-
-    fn new_ctx(&self) -> Ctx {
-        Ctx {
-            request_id: String::new(),
-            trace: None,
-            upstream: None,
-            basis: Basis::Default,
-            started: Instant::now(),
-            refused_by: Vec::new(),
-            replayed_from: None,
-        }
-    }
-
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let headers = &session.req_header().headers;
-        ctx.request_id = headers
-            .get("x-request-id")
-            .and_then(|v| usable_request_id(v.as_bytes()))
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        ctx.trace = Some(TraceParent::continue_from(
-            headers.get("traceparent").and_then(|v| v.to_str().ok()),
-        ));
-        // Any request may have to be replayed to a user's new home; a body
-        // (up to Pingora's 64 KiB retry buffer) is kept for that.
-        if headers.contains_key("content-length") || headers.contains_key("transfer-encoding") {
-            session.as_mut().enable_retry_buffering();
-        }
-        let table = self.table.load();
-        if table.revision == 0 {
-            let r = Refusal {
-                code: ErrorCode::NotReady,
-                detail: "this router has no routing table yet".into(),
-                retry_after: Some(1),
-            };
-            respond_problem(session, ctx, &r).await?;
-            return Ok(true);
-        }
-        match self.route(session, ctx, &table).await {
-            Ok(up) => {
-                ctx.upstream = Some(up);
-                Ok(false)
-            }
-            Err(refusal) => {
-                respond_problem(session, ctx, &refusal).await?;
-                Ok(true)
-            }
-        }
-    }
-
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let up = ctx
-            .upstream
-            .as_ref()
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream decided"))?;
-        let addr = up
-            .pick(&self.health, &ctx.refused_by)
-            .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no address for the cell"))?;
-        // Built from a SocketAddr: HttpPeer::new would panic on a name it
-        // cannot resolve.
-        let mut peer = HttpPeer::new(addr, true, up.sni.clone());
-        let live = self.live.load();
-        let cells = &live.cells;
-        peer.options.connection_timeout = Some(cells.connect_timeout);
-        peer.options.total_connection_timeout = Some(cells.connect_timeout * 2);
-        peer.options.read_timeout = Some(cells.read_timeout);
-        peer.options.write_timeout = Some(cells.read_timeout);
-        peer.options.idle_timeout = Some(cells.idle_timeout);
-        Ok(Box::new(peer))
-    }
-
-    /// A cell of several instances: an instance that refuses the connection
-    /// (it died since the last health check) is skipped and the request,
-    /// not yet sent, goes to the next one.
-    fn fail_to_connect(
-        &self,
-        _session: &mut Session,
-        peer: &HttpPeer,
-        ctx: &mut Ctx,
-        mut e: Box<Error>,
-    ) -> Box<Error> {
-        if let (Some(up), Some(addr)) = (&ctx.upstream, peer.address().as_inet()) {
-            ctx.refused_by.push(*addr);
-            if up.addrs.iter().any(|a| !ctx.refused_by.contains(a)) {
-                e.set_retry(true);
-            }
-        }
-        e
-    }
-
-    async fn upstream_request_filter(
-        &self,
-        session: &mut Session,
-        req: &mut RequestHeader,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
-        req.insert_header("x-request-id", ctx.request_id.as_str())?;
-        // tracestate belongs to the caller's vendors and passes unchanged.
-        if let Some(trace) = &ctx.trace {
-            req.insert_header("traceparent", trace.to_string())?;
-        }
-        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            let ip = addr.ip().to_string();
-            let xff = match req
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) => format!("{prev}, {ip}"),
-                None => ip,
-            };
-            req.insert_header("x-forwarded-for", xff)?;
-        }
-        req.insert_header("x-forwarded-proto", "http")?;
-        if let Some(from) = &ctx.replayed_from {
-            req.insert_header(REPLAYED_FROM, from.as_str())?;
-        }
-        Ok(())
-    }
-
-    /// "This user moved" from a cell: replay once to the new home when the
-    /// whole request is at hand (no body, or one that fit the retry buffer)
-    /// and that region admits it; otherwise the answer goes to the client.
-    async fn upstream_response_filter(
-        &self,
-        session: &mut Session,
-        resp: &mut ResponseHeader,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
-        if resp.status.as_u16() != 421 || ctx.replayed_from.is_some() {
-            return Ok(());
-        }
-        let Some(target) = resp
-            .headers
-            .get(homecell_proto::error::MOVED_TO_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-        else {
-            return Ok(());
-        };
-        let whole = session.as_mut().is_body_done() && !session.as_ref().retry_buffer_truncated();
-        let Some(from) = ctx.upstream.as_ref().map(|u| u.region.clone()) else {
-            return Ok(());
-        };
-        if !whole || target == from {
-            return Ok(());
-        }
-        let table = self.table.load();
-        let Ok(up) = decide::admit(&table, &self.health, &target, false) else {
-            return Ok(());
-        };
-        metrics::REPLAYS.with_label_values(&[&from, &target]).inc();
-        tracing::info!(request_id = %ctx.request_id, from = %from, to = %target, "user moved: replaying to the new home");
-        ctx.upstream = Some(up);
-        ctx.refused_by.clear();
-        ctx.replayed_from = Some(from);
-        let mut e = Error::explain(USER_MOVED, "replaying to the user's new home");
-        e.set_retry(true);
-        Err(e)
-    }
-
-    /// A replay is routine, logged at info and counted above; Pingora's
-    /// per-retry warning is for failures.
-    fn suppress_proxy_warn_log(
-        &self,
-        _session: &Session,
-        ctx: &Ctx,
-        error: &Error,
-        _context: pingora::proxy::ProxyWarnLogContext,
-    ) -> bool {
-        ctx.replayed_from.is_some() && *error.etype() == USER_MOVED
-    }
-
-    /// Keeps the replay decided above (a cell that answers "moved" did
-    /// nothing, so any method may be sent again); other errors get Pingora's
-    /// rule, restated here because an overridden trait default cannot be
-    /// called.
-    fn error_while_proxy(
-        &self,
-        peer: &HttpPeer,
-        session: &mut Session,
-        e: Box<Error>,
-        ctx: &mut Ctx,
-        client_reused: bool,
-    ) -> Box<Error> {
-        if *e.etype() == USER_MOVED && ctx.replayed_from.is_some() {
-            return e;
-        }
-        let mut e = e.more_context(format!("Peer: {peer}"));
-        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
-        {
-            e.set_retry(false);
-        } else {
-            e.retry.decide_reuse(client_reused);
-        }
-        e
-    }
-
-    async fn response_filter(
-        &self,
-        _session: &mut Session,
-        resp: &mut ResponseHeader,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
-        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if let Some(from) = &ctx.replayed_from {
-            resp.insert_header(REPLAYED_FROM, from.as_str())?;
-        }
-        if resp.headers.get("x-home-region").is_none()
-            && let Some(up) = &ctx.upstream
-        {
-            resp.insert_header("x-home-region", up.region.as_str())?;
-        }
-        Ok(())
-    }
-
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        let region = ctx
-            .upstream
-            .as_ref()
-            .map_or("", |u| u.region.as_str())
-            .to_string();
-        let refusal = match e.etype() {
-            ErrorType::ConnectTimedout
-            | ErrorType::ConnectRefused
-            | ErrorType::ConnectNoRoute
-            | ErrorType::ConnectError
-            | ErrorType::TLSHandshakeFailure
-            | ErrorType::TLSHandshakeTimedout
-            | ErrorType::SocketError => Refusal {
-                code: ErrorCode::CellUnavailable,
-                detail: format!("the cell of region {region} cannot be reached"),
-                retry_after: Some(CELL_DOWN_RETRY_AFTER),
-            },
-            ErrorType::ReadTimedout | ErrorType::WriteTimedout => Refusal {
-                code: ErrorCode::UpstreamTimeout,
-                detail: format!("the cell of region {region} did not answer in time"),
-                retry_after: None,
-            },
-            _ if e.esource() == &ErrorSource::Downstream => {
-                // The client went away or sent garbage: nothing useful to answer.
-                return FailToProxy {
-                    error_code: 0,
-                    can_reuse_downstream: false,
-                };
-            }
-            _ => Refusal {
-                code: ErrorCode::BadGateway,
-                detail: format!("the answer from the cell of region {region} could not be proxied"),
-                retry_after: None,
-            },
-        };
-        tracing::warn!(region, request_id = %ctx.request_id, error = %e, "proxy to cell failed");
-        if session.response_written().is_none()
-            && let Err(we) = respond_problem(session, ctx, &refusal).await
-        {
-            tracing::debug!(error = %we, "cannot write the error response");
-        }
-        FailToProxy {
-            error_code: refusal.code.http_status(),
-            can_reuse_downstream: false,
-        }
-    }
-
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+impl Router {
+    /// Metrics and the access line. No query string, headers, bodies or
+    /// client address (they can carry identifiers or tokens); the path holds
+    /// at most a random user id.
+    pub fn log(&self, session: &ServerSession, ctx: &Ctx) {
         let status = session.response_written().map(|r| r.status);
         let region = ctx.upstream.as_ref().map_or("none", |u| u.region.as_str());
         metrics::REQUESTS
@@ -593,9 +351,6 @@ impl ProxyHttp for Router {
         metrics::DURATION
             .with_label_values(&[region])
             .observe(ctx.started.elapsed().as_secs_f64());
-        // The access log: no query string, headers, bodies or client address
-        // (they can carry identifiers or tokens); the path holds at most a
-        // random user id.
         let req = session.req_header();
         tracing::info!(
             target: "access",

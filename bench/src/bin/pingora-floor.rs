@@ -1,19 +1,28 @@
-//! The floor under the router: a bare Pingora proxy with the router's
-//! connector (its client certificate and CA) and worker model (one
-//! single-threaded service per worker on a SO_REUSEPORT port), routing by
-//! `x-home-region` from a fixed map. No tokens, directory, request ids,
-//! traces, metrics or logs. `router-bench` runs it beside the router and
-//! nginx: what separates it from the router is the router's own work; what
-//! separates it from nginx is Pingora's.
+//! The floor under the router: bare Pingora with the router's connector
+//! (its client certificate and CA) and worker model (one single-threaded
+//! service per worker on a SO_REUSEPORT port), routing by `x-home-region`
+//! from a fixed map. No tokens, directory, request ids, traces, metrics or
+//! logs. `router-bench` runs it beside the router and nginx: what separates
+//! it from the router is the router's own work; what separates it from
+//! nginx is Pingora's.
+//!
+//! Two modes: `sessions` (the default) is the router's model, one request
+//! at a time over Pingora's server session and pooled client sessions
+//! (`region-router/src/edge.rs`; body-less requests only, answers read
+//! whole); `proxy-http` is pingora-proxy's `ProxyHttp` framework, which the
+//! router used before.
 //!
 //! ```sh
 //! pingora-floor --listen 127.0.0.1:8090 --threads 2 --ca ca.pem \
-//!   --cert router.pem --key router-key.pem --cell cn-east=127.0.0.1:9443
+//!   --cert router.pem --key router-key.pem --cell cn-east=127.0.0.1:9443 [--mode proxy-http]
 //! ```
 
 use async_trait::async_trait;
 use clap::Parser;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::prelude::*;
+use pingora::protocols::http::{HttpTask, ServerSession};
+use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::HttpPeer;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,12 +46,27 @@ struct Args {
     /// `region=ip:port`, repeated; the first is the default.
     #[arg(long = "cell", required = true)]
     cells: Vec<String>,
+    /// `sessions` (the router's model) or `proxy-http` (pingora-proxy).
+    #[arg(long, default_value = "sessions")]
+    mode: String,
 }
 
 #[derive(Clone)]
 struct Floor {
     cells: HashMap<String, SocketAddr>,
     default: String,
+}
+
+impl Floor {
+    fn peer(&self, req: &pingora::http::RequestHeader) -> HttpPeer {
+        let region = req
+            .headers
+            .get("x-home-region")
+            .and_then(|v| v.to_str().ok())
+            .filter(|r| self.cells.contains_key(*r))
+            .unwrap_or(&self.default);
+        HttpPeer::new(self.cells[region], true, format!("cell.{region}"))
+    }
 }
 
 #[async_trait]
@@ -52,20 +76,55 @@ impl ProxyHttp for Floor {
     fn new_ctx(&self) {}
 
     async fn upstream_peer(&self, session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
-        let region = session
-            .req_header()
-            .headers
-            .get("x-home-region")
-            .and_then(|v| v.to_str().ok())
-            .filter(|r| self.cells.contains_key(*r))
-            .unwrap_or(&self.default)
-            .to_string();
-        let addr = self.cells[&region];
-        Ok(Box::new(HttpPeer::new(
-            addr,
-            true,
-            format!("cell.{region}"),
-        )))
+        Ok(Box::new(self.peer(session.req_header())))
+    }
+}
+
+/// The `sessions` mode: read a request, send it to the cell on a pooled
+/// connection, pass the answer back, give the connection back.
+struct Sessions {
+    floor: Floor,
+    conn: pingora::connectors::http::v1::Connector,
+}
+
+impl Sessions {
+    async fn exchange(&self, session: &mut ServerSession) -> Result<()> {
+        let peer = self.floor.peer(session.req_header());
+        let (mut up, _reused) = self.conn.get_http_session(&peer).await?;
+        up.write_request_header(Box::new(session.req_header().clone()))
+            .await?;
+        up.read_response().await?;
+        let resp = up
+            .resp_header()
+            .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "no answer"))?
+            .clone();
+        let mut tasks = vec![HttpTask::Header(Box::new(resp), up.is_body_done())];
+        let mut done = up.is_body_done();
+        while !done {
+            let chunk = up.read_body_bytes().await?;
+            done = chunk.is_none() || up.is_body_done();
+            tasks.push(HttpTask::Body(chunk, done));
+        }
+        session.response_duplex_vec(tasks).await?;
+        self.conn.release_http_session(up, &peer, None).await;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl HttpServerApp for Sessions {
+    async fn process_new_http(
+        self: &std::sync::Arc<Self>,
+        mut session: ServerSession,
+        _shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        if !session.read_request().await.ok()? {
+            return None;
+        }
+        self.exchange(&mut session).await.ok()?;
+        let settings = HttpPersistentSettings::for_session(&session);
+        let stream = session.finish().await.ok()??;
+        Some(ReusedHttpStream::from_reusable_stream(stream, settings))
     }
 }
 
@@ -84,6 +143,9 @@ fn main() -> anyhow::Result<()> {
         cells,
         default: default.expect("at least one cell"),
     };
+    if args.mode != "sessions" && args.mode != "proxy-http" {
+        anyhow::bail!("--mode {}: want sessions or proxy-http", args.mode);
+    }
     let conf = pingora::server::configuration::ServerConf {
         threads: 1,
         work_stealing: false,
@@ -98,15 +160,26 @@ fn main() -> anyhow::Result<()> {
             pingora::connectors::ConnectorOptions::from_server_conf(&server.configuration);
         options.ca_file = Some(args.ca.clone());
         options.cert_key_file = Some((args.cert.clone(), args.key.clone()));
-        let mut proxy =
-            pingora::proxy::ProxyServiceBuilder::new(&server.configuration, floor.clone())
-                .client_options(options)
-                .build();
-        proxy.threads = Some(1);
         let mut sock = pingora::listeners::TcpSocketOptions::default();
         sock.so_reuseport = Some(true);
-        proxy.add_tcp_with_settings(&args.listen.to_string(), sock);
-        server.add_service(proxy);
+        if args.mode == "sessions" {
+            let app = Sessions {
+                floor: floor.clone(),
+                conn: pingora::connectors::http::v1::Connector::new(Some(options)),
+            };
+            let mut svc = pingora::services::listening::Service::new("floor".into(), app);
+            svc.threads = Some(1);
+            svc.add_tcp_with_settings(&args.listen.to_string(), sock);
+            server.add_service(svc);
+        } else {
+            let mut proxy =
+                pingora::proxy::ProxyServiceBuilder::new(&server.configuration, floor.clone())
+                    .client_options(options)
+                    .build();
+            proxy.threads = Some(1);
+            proxy.add_tcp_with_settings(&args.listen.to_string(), sock);
+            server.add_service(proxy);
+        }
     }
     server.run(pingora::server::RunArgs::default());
     Ok(())

@@ -10,7 +10,8 @@
 //! - `direct`: straight to the cell that owns the request, over mTLS;
 //! - `router`: through the region router (plain HTTP in, mTLS out);
 //! - `floor`:  through `pingora-floor`, bare Pingora with the router's
-//!   connector and worker model and none of its work (routing by header);
+//!   connector and worker model and none of its work (routing by header;
+//!   `--floor-mode proxy-http` for pingora-proxy's framework instead);
 //! - `nginx`:  through nginx (plain HTTP in, mTLS out).
 //!
 //! Two workloads, half the connections on each region: `header` is
@@ -58,6 +59,19 @@ struct Args {
     /// target that falls behind shows it in requests/s instead.
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// Which targets to run, in this order (one alone is handy under a profiler).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,router,floor,nginx"
+    )]
+    targets: Vec<String>,
+    /// Which workloads to run.
+    #[arg(long, value_delimiter = ',', default_value = "header,token")]
+    workloads: Vec<String>,
+    /// pingora-floor's mode: `sessions` (the router's model) or `proxy-http`.
+    #[arg(long, default_value = "sessions")]
+    floor_mode: String,
 }
 
 /// Where one connection sends its requests.
@@ -391,7 +405,9 @@ async fn main() -> Result<()> {
         .arg("--cert")
         .arg(&router_tls.cert)
         .arg("--key")
-        .arg(&router_tls.key);
+        .arg(&router_tls.key)
+        .arg("--mode")
+        .arg(&args.floor_mode);
     for (region, addr) in &cells {
         floor_cmd.arg("--cell").arg(format!("{region}={addr}"));
     }
@@ -439,13 +455,14 @@ async fn main() -> Result<()> {
         "| workload | target | requests/s | p50 ms | p99 ms | proxy CPU µs/request | errors |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for workload in ["header", "token"] {
+    for workload in args.workloads.iter().map(String::as_str) {
         let reqs = match workload {
             "header" => requests("/v1/region", false),
-            _ => requests("/v1/users/me", true),
+            "token" => requests("/v1/users/me", true),
+            other => bail!("unknown workload {other}: want header or token"),
         };
         for _ in 0..args.rounds {
-            for target in ["direct", "router", "floor", "nginx"] {
+            for target in args.targets.iter().map(String::as_str) {
                 let (pairs, pids): (Vec<(Target, Request)>, Vec<u32>) = match target {
                     "direct" => (
                         reqs.iter()
@@ -472,12 +489,13 @@ async fn main() -> Result<()> {
                             .collect(),
                         vec![floor_pid],
                     ),
-                    _ => (
+                    "nginx" => (
                         reqs.iter()
                             .map(|r| (plain(nginx_addr), r.clone()))
                             .collect(),
                         nginx_pids.clone(),
                     ),
+                    other => bail!("unknown target {other}: want direct, router, floor or nginx"),
                 };
                 let r = run(&pairs, args.connections, args.seconds, args.rate, &pids).await;
                 println!(

@@ -1,0 +1,528 @@
+//! One request's exchange with its home cell: the request header made fit
+//! for an HTTP/1.1 hop, the body streamed up (a copy kept for a replay), the
+//! answer streamed down (small ones written with their header in one go,
+//! server-sent events and large ones as they arrive), the connection given
+//! back to the pool.
+//!
+//! Attempts, at most one of each kind:
+//! - a refused connect goes to the region's next instance (the request has
+//!   not been sent);
+//! - a pooled connection the cell closed while idle is replaced by a fresh
+//!   one, for idempotent methods (Pingora's rule);
+//! - a cell's "this user moved" answer (421 + `x-homecell-moved-to`) sends
+//!   the whole request to the new home, once, with `x-homecell-replayed-from`.
+
+use crate::decide;
+use crate::edge::Edge;
+use crate::metrics;
+use crate::proxy::{Ctx, REPLAYED_FROM};
+use http::header;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::HttpTask;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::http::v1::client::HttpSession as CellSession;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType};
+
+/// Where an exchange failed, which decides what the client is told.
+pub enum Failure {
+    /// No connection to any instance of the cell.
+    Connect(Box<Error>),
+    /// The cell, after the connection: timeouts, resets, bad answers.
+    Cell(Box<Error>),
+    /// The client: gone, or sent something unusable.
+    Client(Box<Error>),
+}
+
+/// Answers above this size, or without a length, are streamed chunk by
+/// chunk; smaller ones are read whole and written with their header.
+const WHOLE_ANSWER: usize = 64 * 1024;
+
+/// At most this many `Connection` options are honoured (each names a header
+/// to drop); more is refused, as a header this shape is an attack.
+const MAX_CONNECTION_OPTIONS: usize = 16;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and proxy credentials: they
+/// describe the client's connection to us, never our connection to a cell.
+const HOP_BY_HOP: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "http2-settings",
+];
+
+/// Who sent the request, for the forwarding headers.
+pub struct Client {
+    pub ip: Option<std::net::IpAddr>,
+    pub https: bool,
+}
+
+impl Client {
+    pub fn of(session: &ServerSession) -> Self {
+        Self {
+            ip: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+            https: session
+                .digest()
+                .and_then(|d| d.ssl_digest.as_ref())
+                .is_some(),
+        }
+    }
+}
+
+/// The client's request as it goes to a cell: HTTP/1.1, hop-by-hop headers
+/// and the ones `Connection` names removed, a `Host` for HTTP/2 clients,
+/// framing for a body of unknown length, and our own forwarding headers.
+pub fn upstream_request(
+    client_req: &RequestHeader,
+    client: &Client,
+    ctx: &Ctx,
+    has_body: bool,
+) -> pingora::Result<RequestHeader> {
+    let mut req = client_req.clone();
+    let named: Vec<header::HeaderName> = req
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .take(MAX_CONNECTION_OPTIONS + 1)
+        .filter_map(|t| header::HeaderName::from_bytes(t).ok())
+        .collect();
+    if named.len() > MAX_CONNECTION_OPTIONS {
+        return Error::e_explain(ErrorType::InvalidHTTPHeader, "too many Connection options");
+    }
+    // Most requests carry none of them: one pass over the names finds out.
+    let hop: Vec<header::HeaderName> = req
+        .headers
+        .keys()
+        .filter(|k| HOP_BY_HOP.contains(&k.as_str()) || named.contains(k))
+        .cloned()
+        .collect();
+    for name in &hop {
+        req.remove_header(name);
+    }
+    // A 100 Continue goes to the client from us (edge.rs), before the body.
+    req.remove_header(&header::EXPECT);
+    if req.version == http::Version::HTTP_2
+        && !req.headers.contains_key(header::HOST)
+        && let Some(authority) = req.uri.authority().map(|a| a.as_str().to_string())
+    {
+        req.insert_header(header::HOST, authority)?;
+    }
+    req.set_version(http::Version::HTTP_11);
+    if has_body && !req.headers.contains_key(header::CONTENT_LENGTH) {
+        req.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    }
+
+    req.insert_header("x-request-id", ctx.request_id.as_str())?;
+    // tracestate belongs to the caller's vendors and passes unchanged.
+    if let Some(trace) = &ctx.trace {
+        req.insert_header("traceparent", trace.header_value())?;
+    }
+    if let Some(ip) = client.ip {
+        let ip = ip.to_string();
+        let xff = match req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip,
+        };
+        req.insert_header("x-forwarded-for", xff)?;
+    }
+    req.insert_header(
+        "x-forwarded-proto",
+        if client.https { "https" } else { "http" },
+    )?;
+    if let Some(from) = &ctx.replayed_from {
+        req.insert_header(REPLAYED_FROM, from.as_str())?;
+    }
+    Ok(req)
+}
+
+/// Our headers on the cell's answer.
+fn edit_answer(resp: &mut ResponseHeader, ctx: &Ctx) -> pingora::Result<()> {
+    resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+    if let Some(from) = &ctx.replayed_from {
+        resp.insert_header(REPLAYED_FROM, from.as_str())?;
+    }
+    if resp.headers.get("x-home-region").is_none()
+        && let Some(up) = &ctx.upstream
+    {
+        resp.insert_header("x-home-region", up.region.as_str())?;
+    }
+    Ok(())
+}
+
+/// What one attempt came to.
+enum Attempt {
+    /// The answer went to the client; whether the client connection can be reused.
+    Answered(bool),
+    /// The cell said the user moved, and the new home admits the request.
+    Replay,
+    /// A pooled connection failed before the cell read the request.
+    StaleConnection(Box<Error>),
+}
+
+/// Forwards the request to `ctx.upstream`, following at most one refused
+/// connect per instance, one stale pooled connection and one move.
+/// `Ok(reuse)`: answered, and whether the client connection may be reused.
+pub async fn forward(
+    edge: &Edge,
+    session: &mut ServerSession,
+    ctx: &mut Ctx,
+) -> Result<bool, Failure> {
+    let has_body = !session.is_body_empty();
+    if has_body {
+        // A replay resends the body: up to 64 KiB is kept for it.
+        session.enable_retry_buffering();
+    }
+    let mut fresh_only = false;
+    loop {
+        let (mut cell, peer, reused) = connect(edge, ctx, fresh_only).await?;
+        match attempt(edge, session, ctx, &mut cell, has_body).await {
+            Ok(Attempt::Answered(reuse)) => {
+                let idle = edge.router.live.load().cells.idle_timeout;
+                edge.cells
+                    .release_http_session(cell, &peer, Some(idle))
+                    .await;
+                return Ok(reuse);
+            }
+            Ok(Attempt::Replay) => continue,
+            Ok(Attempt::StaleConnection(e)) => {
+                let resendable = session.req_header().method.is_idempotent()
+                    && !(has_body && session.retry_buffer_truncated());
+                if reused && !fresh_only && resendable {
+                    fresh_only = true;
+                    continue;
+                }
+                return Err(Failure::Cell(e));
+            }
+            Err(f) => return Err(f),
+        }
+    }
+}
+
+/// A connection to one of the region's instances that are up, skipping those
+/// that refused this request already.
+async fn connect(
+    edge: &Edge,
+    ctx: &mut Ctx,
+    fresh_only: bool,
+) -> Result<(CellSession, HttpPeer, bool), Failure> {
+    let live = edge.router.live.load();
+    let cells = &live.cells;
+    loop {
+        let up = ctx.upstream.clone().ok_or_else(|| {
+            Failure::Connect(Error::explain(
+                ErrorType::InternalError,
+                "no upstream decided",
+            ))
+        })?;
+        let addr = up
+            .pick(&edge.router.health, &ctx.refused_by)
+            .ok_or_else(|| {
+                Failure::Connect(Error::explain(
+                    ErrorType::ConnectNoRoute,
+                    "no address for the cell",
+                ))
+            })?;
+        // Built from a SocketAddr: HttpPeer::new would panic on a name it
+        // cannot resolve.
+        let mut peer = HttpPeer::new(addr, true, up.sni.clone());
+        peer.options.connection_timeout = Some(cells.connect_timeout);
+        peer.options.total_connection_timeout = Some(cells.connect_timeout * 2);
+        peer.options.idle_timeout = Some(cells.idle_timeout);
+        let got = if fresh_only {
+            edge.fresh
+                .new_stream(&peer)
+                .await
+                .map(|s| (CellSession::new_with_options(s, &peer), false))
+        } else {
+            edge.cells.get_http_session(&peer).await
+        };
+        match got {
+            Ok((mut cell, reused)) => {
+                cell.read_timeout = Some(cells.read_timeout);
+                cell.write_timeout = Some(cells.read_timeout);
+                return Ok((cell, peer, reused));
+            }
+            // The instance died since the last health check: the request,
+            // not yet sent, goes to the next one.
+            Err(e) => {
+                ctx.refused_by.push(addr);
+                if !up.addrs.iter().any(|a| !ctx.refused_by.contains(a)) {
+                    return Err(Failure::Connect(e));
+                }
+            }
+        }
+    }
+}
+
+async fn attempt(
+    edge: &Edge,
+    session: &mut ServerSession,
+    ctx: &mut Ctx,
+    cell: &mut CellSession,
+    has_body: bool,
+) -> Result<Attempt, Failure> {
+    let req = upstream_request(session.req_header(), &Client::of(session), ctx, has_body)
+        .map_err(Failure::Client)?;
+    if let Err(e) = cell.write_request_header(Box::new(req)).await {
+        return Ok(Attempt::StaleConnection(e));
+    }
+    if has_body {
+        send_body(session, cell).await?;
+    }
+    let status = loop {
+        if let Err(e) = cell.read_response().await {
+            // Nothing came back at all: the cell closed an idle connection
+            // as we reused it.
+            return if cell.get_status().is_none() && is_closed(&e) {
+                Ok(Attempt::StaleConnection(e))
+            } else {
+                Err(Failure::Cell(e))
+            };
+        }
+        match cell.get_status().map(|s| s.as_u16()) {
+            // Interim answers (103 hints) are not relayed.
+            Some(100..=199) => continue,
+            Some(s) => break s,
+            None => {
+                return Err(Failure::Cell(Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "no status",
+                )));
+            }
+        }
+    };
+    if status == 421 && replay_to_new_home(edge, session, ctx, cell, has_body) {
+        return Ok(Attempt::Replay);
+    }
+    relay_answer(session, ctx, cell)
+        .await
+        .map(Attempt::Answered)
+}
+
+/// A reset, an early close, or nothing read: what a cell that closed an idle
+/// pooled connection looks like from here.
+fn is_closed(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+    )
+}
+
+/// The request body: what routing already read (kept in the retry buffer),
+/// then the rest as it arrives.
+async fn send_body(session: &mut ServerSession, cell: &mut CellSession) -> Result<(), Failure> {
+    // An empty write would end a chunked body at once.
+    if let Some(buffered) = session.get_retry_buffer().filter(|b| !b.is_empty()) {
+        cell.write_body(&buffered).await.map_err(Failure::Cell)?;
+    }
+    while !session.is_body_done() {
+        match session.read_request_body().await.map_err(Failure::Client)? {
+            Some(chunk) if chunk.is_empty() => {}
+            Some(chunk) => {
+                cell.write_body(&chunk).await.map_err(Failure::Cell)?;
+            }
+            None => break,
+        }
+    }
+    cell.finish_body().await.map_err(Failure::Cell)?;
+    Ok(())
+}
+
+/// "This user moved" from a cell: true when the request goes again, to the
+/// new home. Only once, only with the whole request at hand (no body, or
+/// one that fit the retry buffer), and only where the new home admits it.
+fn replay_to_new_home(
+    edge: &Edge,
+    session: &ServerSession,
+    ctx: &mut Ctx,
+    cell: &CellSession,
+    has_body: bool,
+) -> bool {
+    if ctx.replayed_from.is_some() || (has_body && session.retry_buffer_truncated()) {
+        return false;
+    }
+    let Some(target) = cell
+        .get_header(homecell_proto::error::MOVED_TO_HEADER)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(from) = ctx.upstream.as_ref().map(|u| u.region.clone()) else {
+        return false;
+    };
+    if target == from {
+        return false;
+    }
+    let table = edge.router.table.load();
+    let Ok(up) = decide::admit(&table, &edge.router.health, target, false) else {
+        return false;
+    };
+    metrics::REPLAYS
+        .with_label_values(&[from.as_str(), target])
+        .inc();
+    tracing::info!(request_id = %ctx.request_id, from = %from, to = %target, "user moved: replaying to the new home");
+    ctx.upstream = Some(up);
+    ctx.refused_by.clear();
+    ctx.replayed_from = Some(from);
+    true
+}
+
+/// The cell's answer to the client. A small answer of known length is read
+/// whole and goes out with its header in one write; anything else (events,
+/// large or unknown length) is passed on chunk by chunk as it arrives.
+async fn relay_answer(
+    session: &mut ServerSession,
+    ctx: &Ctx,
+    cell: &mut CellSession,
+) -> Result<bool, Failure> {
+    let mut resp = Box::new(
+        cell.resp_header()
+            .ok_or_else(|| {
+                Failure::Cell(Error::explain(ErrorType::InvalidHTTPHeader, "no header"))
+            })?
+            .clone(),
+    );
+    edit_answer(&mut resp, ctx).map_err(Failure::Cell)?;
+    let small = resp
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n <= WHOLE_ANSWER)
+        && !resp.headers.contains_key(header::TRANSFER_ENCODING);
+    let mut tasks = vec![HttpTask::Header(resp, cell.is_body_done())];
+    let mut done = cell.is_body_done();
+    while !done {
+        let chunk = cell.read_body_bytes().await.map_err(Failure::Cell)?;
+        done = chunk.is_none() || cell.is_body_done();
+        tasks.push(HttpTask::Body(chunk, done));
+        if !small || done {
+            write_down(session, std::mem::take(&mut tasks)).await?;
+        }
+    }
+    if !tasks.is_empty() {
+        write_down(session, tasks).await?;
+    }
+    Ok(true)
+}
+
+async fn write_down(session: &mut ServerSession, tasks: Vec<HttpTask>) -> Result<(), Failure> {
+    session
+        .response_duplex_vec(tasks)
+        .await
+        .map(|_| ())
+        .map_err(Failure::Client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Ctx {
+        let mut ctx = Ctx::for_request(&RequestHeader::build("GET", b"/", None).unwrap());
+        ctx.request_id = "req-1".into();
+        ctx
+    }
+
+    fn names(req: &RequestHeader) -> Vec<String> {
+        let mut n: Vec<String> = req.headers.keys().map(|k| k.to_string()).collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_stay_behind() {
+        let mut req = RequestHeader::build("GET", b"/v1/region", None).unwrap();
+        for (k, v) in [
+            ("host", "example.com"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "secret"),
+            ("keep-alive", "timeout=5"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic Zm9v"),
+            ("expect", "100-continue"),
+            ("x-forwarded-for", "203.0.113.7"),
+            ("accept", "application/json"),
+        ] {
+            req.append_header(k, v).unwrap();
+        }
+        let client = Client {
+            ip: Some("192.0.2.1".parse().unwrap()),
+            https: true,
+        };
+        let up = upstream_request(&req, &client, &ctx(), false).unwrap();
+        assert_eq!(
+            names(&up),
+            [
+                "accept",
+                "host",
+                "traceparent",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-request-id"
+            ]
+        );
+        assert_eq!(up.headers["x-forwarded-for"], "203.0.113.7, 192.0.2.1");
+        assert_eq!(up.headers["x-forwarded-proto"], "https");
+        assert_eq!(up.headers["x-request-id"], "req-1");
+        assert_eq!(up.version, http::Version::HTTP_11);
+        // The client's own request is untouched (a replay builds it again).
+        assert!(req.headers.contains_key("x-private"));
+    }
+
+    #[test]
+    fn an_http2_request_gets_a_host_and_a_body_of_unknown_length_is_chunked() {
+        // As Pingora's HTTP/2 server builds it: the authority in the URI.
+        let mut req = RequestHeader::build("POST", b"/v1/auth/login", None).unwrap();
+        req.set_uri(http::Uri::from_static(
+            "https://api.example.com/v1/auth/login",
+        ));
+        req.set_version(http::Version::HTTP_2);
+        let client = Client {
+            ip: None,
+            https: true,
+        };
+        let up = upstream_request(&req, &client, &ctx(), true).unwrap();
+        assert_eq!(up.version, http::Version::HTTP_11);
+        assert_eq!(up.headers["host"], "api.example.com");
+        assert_eq!(up.headers["transfer-encoding"], "chunked");
+        assert!(!up.headers.contains_key("x-forwarded-for"));
+
+        // With a length, the length frames the body.
+        req.insert_header("content-length", "12").unwrap();
+        let up = upstream_request(&req, &client, &ctx(), true).unwrap();
+        assert!(!up.headers.contains_key("transfer-encoding"));
+    }
+
+    #[test]
+    fn a_request_naming_too_many_connection_options_is_refused() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        let many: Vec<String> = (0..=MAX_CONNECTION_OPTIONS)
+            .map(|i| format!("x-{i}"))
+            .collect();
+        req.insert_header("connection", many.join(",")).unwrap();
+        let client = Client {
+            ip: None,
+            https: false,
+        };
+        let e = upstream_request(&req, &client, &ctx(), false).unwrap_err();
+        assert_eq!(*e.etype(), ErrorType::InvalidHTTPHeader);
+    }
+}
