@@ -28,10 +28,11 @@ pub struct RouterConfig {
     pub control_plane: String,
     #[serde(default = "default_cp_name")]
     pub control_plane_name: String,
-    /// Proxy workers: each a single-threaded service with its own socket on
-    /// `listen` (SO_REUSEPORT) and its own upstream pool, as nginx runs its
-    /// worker processes. The router refuses to start on a port another
-    /// process already listens on.
+    /// Proxy workers: single-threaded runtimes sharing the listening
+    /// sockets, each connection served wholly by one of them, with its own
+    /// idle connections to cells (pool.rs), as nginx runs its worker
+    /// processes. The router refuses to start on a port another process
+    /// already listens on.
     #[serde(default = "default_threads")]
     pub threads: usize,
     #[serde(default)]

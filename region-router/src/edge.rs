@@ -1,6 +1,6 @@
 //! The router's HTTP service, one request at a time per client connection
 //! (an HTTP/1.1 keep-alive connection, or one HTTP/2 stream), on Pingora's
-//! server sessions, listeners and pooled mTLS connections to cells:
+//! server sessions, listeners and mTLS connections to cells:
 //!
 //! ```text
 //! read the request header                  (a malformed one: 400, closed)
@@ -27,28 +27,22 @@ use homecell_proto::ErrorCode;
 use pingora::ErrorType;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::connectors::TransportConnector;
-use pingora::connectors::http::v1::Connector;
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use std::sync::Arc;
 
-/// One proxy worker's service: the shared router state and this worker's
-/// own upstream connection pool.
+/// The router's HTTP service: the shared router state and the connector
+/// for new mTLS connections to cells (idle ones are in pool.rs, per worker).
 pub struct Edge {
     pub router: Router,
-    /// Pooled HTTP/1.1 connections to cells, this worker's own.
-    pub cells: Connector,
-    /// New connections only: the replacement for a pooled connection the
-    /// cell had closed.
-    pub fresh: TransportConnector,
+    pub connector: TransportConnector,
 }
 
 impl Edge {
     pub fn new(router: Router, options: pingora::connectors::ConnectorOptions) -> Self {
         Self {
             router,
-            cells: Connector::new(Some(options.clone())),
-            fresh: TransportConnector::new(Some(options)),
+            connector: TransportConnector::new(Some(options)),
         }
     }
 

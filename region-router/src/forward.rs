@@ -15,13 +15,14 @@
 use crate::decide;
 use crate::edge::Edge;
 use crate::metrics;
+use crate::pool;
 use crate::proxy::{Ctx, REPLAYED_FROM};
 use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::HttpTask;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::http::v1::client::HttpSession as CellSession;
-use pingora::upstreams::peer::HttpPeer;
+use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::{Error, ErrorType};
 
 /// Where an exchange failed, which decides what the client is told.
@@ -193,10 +194,11 @@ pub async fn forward(
         let (mut cell, peer, reused) = connect(edge, ctx, fresh_only).await?;
         match attempt(edge, session, ctx, &mut cell, has_body).await {
             Ok(Attempt::Answered(reuse)) => {
-                let idle = edge.router.live.load().cells.idle_timeout;
-                edge.cells
-                    .release_http_session(cell, &peer, Some(idle))
-                    .await;
+                cell.respect_keepalive();
+                if let Some(stream) = cell.reuse().await {
+                    let idle = edge.router.live.load().cells.idle_timeout;
+                    pool::put(peer.reuse_hash(), stream, idle);
+                }
                 return Ok(reuse);
             }
             Ok(Attempt::Replay) => continue,
@@ -244,16 +246,18 @@ async fn connect(
         peer.options.connection_timeout = Some(cells.connect_timeout);
         peer.options.total_connection_timeout = Some(cells.connect_timeout * 2);
         peer.options.idle_timeout = Some(cells.idle_timeout);
-        let got = if fresh_only {
-            edge.fresh
-                .new_stream(&peer)
-                .await
-                .map(|s| (CellSession::new_with_options(s, &peer), false))
+        let pooled = if fresh_only {
+            None
         } else {
-            edge.cells.get_http_session(&peer).await
+            pool::take(peer.reuse_hash(), cells.idle_timeout)
+        };
+        let got = match pooled {
+            Some(stream) => Ok((stream, true)),
+            None => edge.connector.new_stream(&peer).await.map(|s| (s, false)),
         };
         match got {
-            Ok((mut cell, reused)) => {
+            Ok((stream, reused)) => {
+                let mut cell = CellSession::new_with_options(stream, &peer);
                 cell.read_timeout = Some(cells.read_timeout);
                 cell.write_timeout = Some(cells.read_timeout);
                 return Ok((cell, peer, reused));

@@ -11,6 +11,7 @@ pub mod geo;
 pub mod health;
 pub mod live;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod public_tls;
 pub mod ratelimit;
@@ -79,50 +80,34 @@ pub fn run(config: config::RouterConfig, config_path: Option<std::path::PathBuf>
         live: reloader.live.clone(),
         limiter: Arc::new(ratelimit::Limiter::default()),
     };
-    // nginx's worker model: `threads` single-threaded proxy services, each
-    // with its own listening socket on the same port (SO_REUSEPORT: the
-    // kernel spreads connections) and its own upstream connection pool. One
-    // multi-threaded service would hand pooled upstream connections and
-    // their idle watchers across threads, waking another thread (an eventfd
-    // write and a context switch) about twice per request.
-    // SO_REUSEPORT would let this router share a port another process
-    // already serves; a plain bind first refuses that, as a listener should.
+    // One service of `threads` single-threaded runtimes on one listening
+    // socket: Pingora hands each accepted connection to a random worker,
+    // and everything the connection does stays on that worker (pool.rs
+    // keeps idle cell connections per worker, so nothing wakes another
+    // thread). A service per worker on a SO_REUSEPORT port was tried:
+    // Pingora's listener table hands every service that listens on an
+    // address the first one's socket, so the workers shared one accept
+    // queue and one of them took most connections (bench/README.md).
+    // A plain bind first turns a port another process holds into a clean
+    // error.
     for addr in std::iter::once(config.listen).chain(config.public_tls.as_ref().map(|p| p.listen)) {
         std::net::TcpListener::bind(addr)
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     }
-    let reuseport = || {
-        let mut o = pingora::listeners::TcpSocketOptions::default();
-        o.so_reuseport = Some(true);
-        o
-    };
-    let public_cert = match &config.public_tls {
-        Some(p) => {
-            let cert = public_tls::ReloadingCert::open(p)?;
-            cert.clone().watch(Duration::from_secs(p.reload_secs));
-            tracing::info!(listen = %p.listen, "HTTPS for clients (h2, http/1.1)");
-            Some((p, cert))
-        }
-        None => None,
-    };
-    for worker in 0..config.threads {
-        let edge = edge::Edge::new(
-            router.clone(),
-            proxy::connector_options(&server.configuration, &config.tls),
-        );
-        let mut proxy =
-            pingora::services::listening::Service::new(format!("router worker {worker}"), edge);
-        proxy.threads = Some(1);
-        proxy.add_tcp_with_settings(&config.listen.to_string(), reuseport());
-        if let Some((p, cert)) = &public_cert {
-            proxy.add_tls_with_settings(
-                &p.listen.to_string(),
-                Some(reuseport()),
-                public_tls::settings(cert.clone())?,
-            );
-        }
-        server.add_service(proxy);
+    let edge = edge::Edge::new(
+        router,
+        proxy::connector_options(&server.configuration, &config.tls),
+    );
+    let mut proxy = pingora::services::listening::Service::new("router".into(), edge);
+    proxy.threads = Some(config.threads);
+    proxy.add_tcp(&config.listen.to_string());
+    if let Some(p) = &config.public_tls {
+        let cert = public_tls::ReloadingCert::open(p)?;
+        cert.clone().watch(Duration::from_secs(p.reload_secs));
+        tracing::info!(listen = %p.listen, "HTTPS for clients (h2, http/1.1)");
+        proxy.add_tls_with_settings(&p.listen.to_string(), None, public_tls::settings(cert)?);
     }
+    server.add_service(proxy);
     server.add_service(background_service(
         "replica",
         background::Background {
