@@ -430,6 +430,21 @@ async fn hop_by_hop_headers_and_expect_continue_are_handled_at_the_router() -> R
         let region: serde_json::Value = serde_json::from_slice(&read_body(&mut s, &answer).await?)?;
         assert_eq!(region["region"], "eu-west", "{region}");
     }
+
+    // Too many Connection options is an attack shape: a problem answer,
+    // and the connection ends.
+    let options: Vec<String> = (0..40).map(|i| format!("x-{i}")).collect();
+    s.write_all(
+        format!(
+            "GET /v1/region HTTP/1.1\r\nHost: x\r\nconnection: {}\r\n\r\n",
+            options.join(", ")
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let answer = read_head(&mut s).await?;
+    assert!(answer.starts_with("http/1.1 400"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
     Ok(())
 }
 

@@ -114,6 +114,20 @@ impl Edge {
                     e,
                 ),
             },
+            // A header no cell should see (say, one naming too many
+            // Connection options) is the client's error, answered.
+            Failure::Client(e) if *e.etype() == ErrorType::InvalidHTTPHeader => {
+                tracing::debug!(request_id = %ctx.request_id, error = %e, "request refused");
+                if session.response_written().is_none() {
+                    let r = Refusal::new(
+                        ErrorCode::InvalidArgument,
+                        "the request's headers cannot be forwarded".into(),
+                        None,
+                    );
+                    let _ = answer(session, ctx, &r).await;
+                }
+                return false;
+            }
             Failure::Client(e) => {
                 // The client went away or sent garbage: nothing useful to answer.
                 tracing::debug!(request_id = %ctx.request_id, error = %e, "client failed");
