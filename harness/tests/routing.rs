@@ -414,9 +414,10 @@ async fn hop_by_hop_headers_and_expect_continue_are_handled_at_the_router() -> R
     let problem: serde_json::Value = serde_json::from_slice(&read_body(&mut s, &answer).await?)?;
     assert_eq!(problem["code"], "invalid_credentials", "{problem}");
 
-    // On the same connection: hop-by-hop headers (an upgrade, options
-    // naming other headers) are the router's business, not the cell's; the
-    // answer is a plain one and the connection stays open.
+    // On the same connection: a request with hop-by-hop headers (an
+    // upgrade, options naming other headers) gets the cell's plain answer
+    // and the connection stays open. Which headers reach the cell is
+    // checked in forward.rs's unit tests.
     for _ in 0..2 {
         s.write_all(
             b"GET /v1/region HTTP/1.1\r\nHost: x\r\nx-home-region: eu-west\r\n\

@@ -75,67 +75,60 @@ impl Edge {
         }
         drop(table);
         match forward::forward(self, session, ctx).await {
-            Ok(reuse) => reuse,
+            Ok(()) => true,
             Err(failure) => self.failed(session, ctx, failure).await,
         }
     }
 
     /// A request that could not be proxied: a problem answer when nothing
-    /// was written yet and the client is still there; the connection is
-    /// not reused.
+    /// was written yet and the client can use one; the connection is not
+    /// reused.
     async fn failed(&self, session: &mut ServerSession, ctx: &Ctx, failure: Failure) -> bool {
         let region = ctx.upstream.as_ref().map_or("", |u| u.region.as_str());
-        let (refusal, e) = match failure {
-            Failure::Connect(e) => (
-                Refusal {
-                    code: ErrorCode::CellUnavailable,
-                    detail: format!("the cell of region {region} cannot be reached"),
-                    retry_after: Some(CELL_DOWN_RETRY_AFTER),
-                },
-                e,
-            ),
-            Failure::Cell(e) => match e.etype() {
-                ErrorType::ReadTimedout | ErrorType::WriteTimedout => (
-                    Refusal {
-                        code: ErrorCode::UpstreamTimeout,
-                        detail: format!("the cell of region {region} did not answer in time"),
-                        retry_after: None,
-                    },
-                    e,
-                ),
-                _ => (
-                    Refusal {
-                        code: ErrorCode::BadGateway,
-                        detail: format!(
-                            "the answer from the cell of region {region} could not be proxied"
-                        ),
-                        retry_after: None,
-                    },
-                    e,
-                ),
-            },
+        let refusal = match &failure {
+            Failure::Connect(_) => Some(Refusal::new(
+                ErrorCode::CellUnavailable,
+                format!("the cell of region {region} cannot be reached"),
+                Some(CELL_DOWN_RETRY_AFTER),
+            )),
+            Failure::Cell(e)
+                if matches!(
+                    e.etype(),
+                    ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                ) =>
+            {
+                Some(Refusal::new(
+                    ErrorCode::UpstreamTimeout,
+                    format!("the cell of region {region} did not answer in time"),
+                    None,
+                ))
+            }
+            Failure::Cell(_) => Some(Refusal::new(
+                ErrorCode::BadGateway,
+                format!("the answer from the cell of region {region} could not be proxied"),
+                None,
+            )),
             // A header no cell should see (say, one naming too many
             // Connection options) is the client's error, answered.
-            Failure::Client(e) if *e.etype() == ErrorType::InvalidHTTPHeader => {
-                tracing::debug!(request_id = %ctx.request_id, error = %e, "request refused");
-                if session.response_written().is_none() {
-                    let r = Refusal::new(
-                        ErrorCode::InvalidArgument,
-                        "the request's headers cannot be forwarded".into(),
-                        None,
-                    );
-                    let _ = answer(session, ctx, &r).await;
-                }
-                return false;
+            Failure::Client(e) if *e.etype() == ErrorType::InvalidHTTPHeader => Some(Refusal::new(
+                ErrorCode::InvalidArgument,
+                "the request's headers cannot be forwarded".into(),
+                None,
+            )),
+            // The client went away or sent garbage: nothing useful to answer.
+            Failure::Client(_) => None,
+        };
+        match &failure {
+            Failure::Connect(e) | Failure::Cell(e) => {
+                tracing::warn!(region, request_id = %ctx.request_id, error = %e, "proxy to cell failed");
             }
             Failure::Client(e) => {
-                // The client went away or sent garbage: nothing useful to answer.
                 tracing::debug!(request_id = %ctx.request_id, error = %e, "client failed");
-                return false;
             }
-        };
-        tracing::warn!(region, request_id = %ctx.request_id, error = %e, "proxy to cell failed");
-        if session.response_written().is_none() {
+        }
+        if let Some(refusal) = refusal
+            && session.response_written().is_none()
+        {
             let _ = answer(session, ctx, &refusal).await;
         }
         false
@@ -224,6 +217,4 @@ impl HttpServerApp for Edge {
             }
         }
     }
-
-    async fn http_cleanup(&self) {}
 }

@@ -16,7 +16,7 @@ use crate::decide;
 use crate::edge::Edge;
 use crate::metrics;
 use crate::pool;
-use crate::proxy::{Ctx, REPLAYED_FROM};
+use crate::proxy::Ctx;
 use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::HttpTask;
@@ -34,6 +34,10 @@ pub enum Failure {
     /// The client: gone, or sent something unusable.
     Client(Box<Error>),
 }
+
+/// On a request replayed to a moved user's new home, and on its answer:
+/// the region that answered "moved".
+pub const REPLAYED_FROM: &str = "x-homecell-replayed-from";
 
 /// Answers above this size, or without a length, are streamed chunk by
 /// chunk; smaller ones are read whole and written with their header.
@@ -127,9 +131,7 @@ pub fn upstream_request(
 
     req.insert_header("x-request-id", ctx.request_id.as_str())?;
     // tracestate belongs to the caller's vendors and passes unchanged.
-    if let Some(trace) = &ctx.trace {
-        req.insert_header("traceparent", trace.header_value())?;
-    }
+    req.insert_header("traceparent", ctx.trace.header_value())?;
     if let Some(ip) = client.ip {
         let ip = ip.to_string();
         let xff = match req
@@ -168,8 +170,8 @@ fn edit_answer(resp: &mut ResponseHeader, ctx: &Ctx) -> pingora::Result<()> {
 
 /// What one attempt came to.
 enum Attempt {
-    /// The answer went to the client; whether the client connection can be reused.
-    Answered(bool),
+    /// The answer went to the client.
+    Answered,
     /// The cell said the user moved, and the new home admits the request.
     Replay,
     /// A pooled connection failed before the cell read the request.
@@ -178,12 +180,11 @@ enum Attempt {
 
 /// Forwards the request to `ctx.upstream`, following at most one refused
 /// connect per instance, one stale pooled connection and one move.
-/// `Ok(reuse)`: answered, and whether the client connection may be reused.
 pub async fn forward(
     edge: &Edge,
     session: &mut ServerSession,
     ctx: &mut Ctx,
-) -> Result<bool, Failure> {
+) -> Result<(), Failure> {
     let has_body = !session.is_body_empty();
     if has_body {
         // A replay resends the body: up to 64 KiB is kept for it.
@@ -193,18 +194,18 @@ pub async fn forward(
     loop {
         let (mut cell, peer, reused) = connect(edge, ctx, fresh_only).await?;
         match attempt(edge, session, ctx, &mut cell, has_body).await {
-            Ok(Attempt::Answered(reuse)) => {
+            Ok(Attempt::Answered) => {
                 cell.respect_keepalive();
                 if let Some(stream) = cell.reuse().await {
                     let idle = edge.router.live.load().cells.idle_timeout;
                     pool::put(peer.reuse_hash(), stream, idle);
                 }
-                return Ok(reuse);
+                return Ok(());
             }
             Ok(Attempt::Replay) => continue,
             Ok(Attempt::StaleConnection(e)) => {
-                let resendable = session.req_header().method.is_idempotent()
-                    && !(has_body && session.retry_buffer_truncated());
+                let resendable =
+                    session.req_header().method.is_idempotent() && whole(session, has_body);
                 if reused && !fresh_only && resendable {
                     fresh_only = true;
                     continue;
@@ -314,9 +315,14 @@ async fn attempt(
     if status == 421 && replay_to_new_home(edge, session, ctx, cell, has_body) {
         return Ok(Attempt::Replay);
     }
-    relay_answer(session, ctx, cell)
-        .await
-        .map(Attempt::Answered)
+    relay_answer(session, ctx, cell).await?;
+    Ok(Attempt::Answered)
+}
+
+/// Whether the whole request is at hand to send again: no body, or one
+/// that fit the retry buffer.
+fn whole(session: &ServerSession, has_body: bool) -> bool {
+    !has_body || !session.retry_buffer_truncated()
 }
 
 /// A reset, an early close, or nothing read: what a cell that closed an idle
@@ -358,7 +364,7 @@ fn replay_to_new_home(
     cell: &CellSession,
     has_body: bool,
 ) -> bool {
-    if ctx.replayed_from.is_some() || (has_body && session.retry_buffer_truncated()) {
+    if ctx.replayed_from.is_some() || !whole(session, has_body) {
         return false;
     }
     let Some(target) = cell
@@ -394,7 +400,7 @@ async fn relay_answer(
     session: &mut ServerSession,
     ctx: &Ctx,
     cell: &mut CellSession,
-) -> Result<bool, Failure> {
+) -> Result<(), Failure> {
     let mut resp = Box::new(
         cell.resp_header()
             .ok_or_else(|| {
@@ -423,7 +429,7 @@ async fn relay_answer(
     if !tasks.is_empty() {
         write_down(session, tasks).await?;
     }
-    Ok(true)
+    Ok(())
 }
 
 async fn write_down(session: &mut ServerSession, tasks: Vec<HttpTask>) -> Result<(), Failure> {

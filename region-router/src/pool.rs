@@ -61,8 +61,9 @@ pub fn put(peer: u64, mut stream: Stream, idle_timeout: Duration) {
     });
 }
 
-/// How many idle connections this thread holds (for tests).
-pub fn idle_count() -> usize {
+/// How many idle connections this thread holds.
+#[cfg(test)]
+fn idle_count() -> usize {
     IDLE.with_borrow(|idle| idle.values().map(VecDeque::len).sum())
 }
 

@@ -76,7 +76,7 @@ pub struct Router {
 pub struct Ctx {
     pub request_id: String,
     /// This hop of the W3C trace: the caller's trace id, our span id.
-    pub trace: Option<TraceParent>,
+    pub trace: TraceParent,
     pub upstream: Option<Arc<Upstream>>,
     pub basis: Basis,
     pub started: Instant,
@@ -97,9 +97,9 @@ impl Ctx {
                 .get("x-request-id")
                 .and_then(|v| usable_request_id(v.as_bytes()))
                 .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
-            trace: Some(TraceParent::continue_from(
+            trace: TraceParent::continue_from(
                 headers.get("traceparent").and_then(|v| v.to_str().ok()),
-            )),
+            ),
             upstream: None,
             basis: Basis::Default,
             started: Instant::now(),
@@ -108,10 +108,6 @@ impl Ctx {
         }
     }
 }
-
-/// On a request replayed to a moved user's new home (a cell answered 421
-/// with `MOVED_TO_HEADER`), and on its answer: where it went first.
-pub const REPLAYED_FROM: &str = "x-homecell-replayed-from";
 
 fn now_secs() -> i64 {
     std::time::SystemTime::now()
@@ -355,7 +351,7 @@ impl Router {
         tracing::info!(
             target: "access",
             request_id = %ctx.request_id,
-            trace_id = ctx.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+            trace_id = ctx.trace.trace_id_hex(),
             method = %req.method,
             path = %req.uri.path(),
             status = status.map_or(0, |s| s.as_u16()),

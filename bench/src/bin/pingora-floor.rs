@@ -1,16 +1,19 @@
 //! The floor under the router: bare Pingora with the router's connector
-//! (its client certificate and CA) and worker model (one single-threaded
-//! service per worker on a SO_REUSEPORT port), routing by `x-home-region`
+//! (its client certificate and CA), one single-threaded service per worker
+//! and Pingora's own connection pool, routing by `x-home-region`
 //! from a fixed map. No tokens, directory, request ids, traces, metrics or
 //! logs. `router-bench` runs it beside the router and nginx: what separates
 //! it from the router is the router's own work; what separates it from
 //! nginx is Pingora's.
 //!
-//! Two modes: `sessions` (the default) is the router's model, one request
-//! at a time over Pingora's server session and pooled client sessions
-//! (`region-router/src/edge.rs`; body-less requests only, answers read
-//! whole); `proxy-http` is pingora-proxy's `ProxyHttp` framework, which the
-//! router used before.
+//! Two modes: `sessions` (the default) is the router's request loop, one
+//! request at a time over Pingora's server session and pooled client
+//! sessions (`region-router/src/edge.rs`; body-less requests only, answers
+//! read whole); `proxy-http` is pingora-proxy's `ProxyHttp` framework, which
+//! the router used before. Unlike the router (one service of workers, its
+//! own per-worker pool), the services here share one listening socket
+//! (Pingora's listener table) and so one accept queue: as a floor it is a
+//! little pessimistic.
 //!
 //! ```sh
 //! pingora-floor --listen 127.0.0.1:8090 --threads 2 --ca ca.pem \

@@ -10,7 +10,7 @@
 //! - `direct`: straight to the cell that owns the request, over mTLS;
 //! - `router`: through the region router (plain HTTP in, mTLS out);
 //! - `floor`:  through `pingora-floor`, bare Pingora with the router's
-//!   connector and worker model and none of its work (routing by header;
+//!   connector and request loop and none of its work (routing by header;
 //!   `--floor-mode proxy-http` for pingora-proxy's framework instead);
 //! - `nginx`:  through nginx (plain HTTP in, mTLS out).
 //!
@@ -393,7 +393,7 @@ async fn main() -> Result<()> {
         .await?;
     let nginx_pids = cpu::with_children(nginx.pid());
 
-    // The floor: bare Pingora with the router's connector and worker model.
+    // The floor: bare Pingora with the router's connector (pingora-floor.rs).
     let floor_bin = homecell_harness::Binaries::locate()?.path("pingora-floor");
     let floor_addr: SocketAddr = format!("127.0.0.1:{}", homecell_harness::free_port()).parse()?;
     let mut floor_cmd = Command::new(&floor_bin);
