@@ -1,23 +1,22 @@
 //! The floor under the router: bare Pingora with the router's connector
-//! (its client certificate and CA), one single-threaded service per worker
-//! and Pingora's own connection pool, routing by `x-home-region`
-//! from a fixed map. No tokens, directory, request ids, traces, metrics or
-//! logs. `router-bench` runs it beside the router and nginx: what separates
-//! it from the router is the router's own work; what separates it from
-//! nginx is Pingora's.
+//! (its client certificate and CA) and worker model (one service of
+//! single-threaded workers on one socket), routing by `x-home-region` from a
+//! fixed map, one request at a time over Pingora's server session and pooled
+//! client sessions as the router's loop does (`region-router/src/edge.rs`;
+//! body-less requests only, answers read whole). No tokens, directory,
+//! request ids, traces, metrics or logs. `router-bench` runs it beside the
+//! router and nginx: what separates it from the router is the router's own
+//! work; what separates it from nginx is Pingora's.
 //!
-//! Two modes: `sessions` (the default) is the router's request loop, one
-//! request at a time over Pingora's server session and pooled client
-//! sessions (`region-router/src/edge.rs`; body-less requests only, answers
-//! read whole); `proxy-http` is pingora-proxy's `ProxyHttp` framework, which
-//! the router used before. Unlike the router (one service of workers, its
-//! own per-worker pool), the services here share one listening socket
-//! (Pingora's listener table) and so one accept queue: as a floor it is a
-//! little pessimistic.
+//! It keeps Pingora's own connection pool, whose idle watchers run on a
+//! random worker (the router keeps idle connections per worker instead), so
+//! as a floor it is a little pessimistic. pingora-proxy's `ProxyHttp`, which
+//! the router used before its own loop, was measured as a second mode until
+//! the router left it; bench/README.md keeps those numbers.
 //!
 //! ```sh
 //! pingora-floor --listen 127.0.0.1:8090 --threads 2 --ca ca.pem \
-//!   --cert router.pem --key router-key.pem --cell cn-east=127.0.0.1:9443 [--mode proxy-http]
+//!   --cert router.pem --key router-key.pem --cell cn-east=127.0.0.1:9443
 //! ```
 
 use async_trait::async_trait;
@@ -49,9 +48,6 @@ struct Args {
     /// `region=ip:port`, repeated; the first is the default.
     #[arg(long = "cell", required = true)]
     cells: Vec<String>,
-    /// `sessions` (the router's model) or `proxy-http` (pingora-proxy).
-    #[arg(long, default_value = "sessions")]
-    mode: String,
 }
 
 #[derive(Clone)]
@@ -72,18 +68,7 @@ impl Floor {
     }
 }
 
-#[async_trait]
-impl ProxyHttp for Floor {
-    type CTX = ();
-
-    fn new_ctx(&self) {}
-
-    async fn upstream_peer(&self, session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(self.peer(session.req_header())))
-    }
-}
-
-/// The `sessions` mode: read a request, send it to the cell on a pooled
+/// Read a request, send it to the cell on a pooled
 /// connection, pass the answer back, give the connection back.
 struct Sessions {
     floor: Floor,
@@ -146,9 +131,6 @@ fn main() -> anyhow::Result<()> {
         cells,
         default: default.expect("at least one cell"),
     };
-    if args.mode != "sessions" && args.mode != "proxy-http" {
-        anyhow::bail!("--mode {}: want sessions or proxy-http", args.mode);
-    }
     let conf = pingora::server::configuration::ServerConf {
         threads: 1,
         work_stealing: false,
@@ -158,32 +140,20 @@ fn main() -> anyhow::Result<()> {
     };
     let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    for _ in 0..args.threads {
-        let mut options =
-            pingora::connectors::ConnectorOptions::from_server_conf(&server.configuration);
-        options.ca_file = Some(args.ca.clone());
-        options.cert_key_file = Some((args.cert.clone(), args.key.clone()));
-        let mut sock = pingora::listeners::TcpSocketOptions::default();
-        sock.so_reuseport = Some(true);
-        if args.mode == "sessions" {
-            let app = Sessions {
-                floor: floor.clone(),
-                conn: pingora::connectors::http::v1::Connector::new(Some(options)),
-            };
-            let mut svc = pingora::services::listening::Service::new("floor".into(), app);
-            svc.threads = Some(1);
-            svc.add_tcp_with_settings(&args.listen.to_string(), sock);
-            server.add_service(svc);
-        } else {
-            let mut proxy =
-                pingora::proxy::ProxyServiceBuilder::new(&server.configuration, floor.clone())
-                    .client_options(options)
-                    .build();
-            proxy.threads = Some(1);
-            proxy.add_tcp_with_settings(&args.listen.to_string(), sock);
-            server.add_service(proxy);
-        }
-    }
+    let mut options =
+        pingora::connectors::ConnectorOptions::from_server_conf(&server.configuration);
+    options.ca_file = Some(args.ca.clone());
+    options.cert_key_file = Some((args.cert.clone(), args.key.clone()));
+    let app = Sessions {
+        floor,
+        conn: pingora::connectors::http::v1::Connector::new(Some(options)),
+    };
+    // One service of `threads` single-threaded workers on one socket, as the
+    // router runs: Pingora hands each connection to one of them.
+    let mut svc = pingora::services::listening::Service::new("floor".into(), app);
+    svc.threads = Some(args.threads);
+    svc.add_tcp(&args.listen.to_string());
+    server.add_service(svc);
     server.run(pingora::server::RunArgs::default());
     Ok(())
 }

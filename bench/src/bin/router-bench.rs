@@ -10,8 +10,8 @@
 //! - `direct`: straight to the cell that owns the request, over mTLS;
 //! - `router`: through the region router (plain HTTP in, mTLS out);
 //! - `floor`:  through `pingora-floor`, bare Pingora with the router's
-//!   connector and request loop and none of its work (routing by header;
-//!   `--floor-mode proxy-http` for pingora-proxy's framework instead);
+//!   connector, workers and request loop and none of its work (routing by
+//!   header);
 //! - `nginx`:  through nginx (plain HTTP in, mTLS out).
 //!
 //! Two workloads, half the connections on each region: `header` is
@@ -69,9 +69,6 @@ struct Args {
     /// Which workloads to run.
     #[arg(long, value_delimiter = ',', default_value = "header,token")]
     workloads: Vec<String>,
-    /// pingora-floor's mode: `sessions` (the router's model) or `proxy-http`.
-    #[arg(long, default_value = "sessions")]
-    floor_mode: String,
 }
 
 /// Where one connection sends its requests.
@@ -405,9 +402,7 @@ async fn main() -> Result<()> {
         .arg("--cert")
         .arg(&router_tls.cert)
         .arg("--key")
-        .arg(&router_tls.key)
-        .arg("--mode")
-        .arg(&args.floor_mode);
+        .arg(&router_tls.key);
     for (region, addr) in &cells {
         floor_cmd.arg("--cell").arg(format!("{region}={addr}"));
     }
