@@ -202,15 +202,12 @@ impl Datastore {
         Ok(())
     }
 
-    /// Step 4 at the old home: anonymise, and drop the inbox and
-    /// preferences the new home now holds.
+    /// Step 4 at the old home: the account anonymised as a deletion would,
+    /// in one transaction, inbox and preferences included (the new home
+    /// holds them now). Their directory claims moved with the user, so the
+    /// identifiers are not released here.
     pub async fn erase_moved_user(&self, id: &str, placeholder: &str, now: i64) -> DbResult<()> {
-        self.anonymise_user(id, placeholder, now).await?;
-        in_tx!(self, tx => {
-            sqlx::query("DELETE FROM inbox WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
-            sqlx::query("DELETE FROM notice_preferences WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
-        });
-        Ok(())
+        self.anonymise_user(id, placeholder, now).await.map(drop)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The notice tables on SQLite and on a real PostgreSQL server: idempotent
 //! events and fan-out, the inbox life cycle and expiry, preferences,
-//! templates, and deliveries through leases, retries, death and re-drive.
+//! templates, deliveries through leases, retries, death and re-drive, and
+//! what an account's erasure takes with it.
 
 use homecell_cell::db::Datastore;
 use homecell_cell::identity::store::NewUser;
@@ -214,12 +215,85 @@ async fn deliveries(db: &Datastore) {
     assert!(db.due_deliveries(NOW + 100, 10).await.unwrap().is_empty());
 }
 
+/// Deleting an account (and erasing a moved one) takes its notices with
+/// it: inbox texts, preferences, deliveries with their recipient address,
+/// events not yet handled. Another user's stay.
+async fn erasure_takes_the_users_notices(db: &Datastore) {
+    db.create_user(&NewUser {
+        id: "gone",
+        display_name: "Ana",
+        kind: "email",
+        value: "ana@x.io",
+        password_hash: "h",
+        now: NOW,
+    })
+    .await
+    .unwrap();
+    let mine = |id: &str, event: &str| Delivery {
+        user_id: "gone".into(),
+        recipient: "ana@x.io".into(),
+        ..delivery(id, event)
+    };
+    let f = FanOut {
+        inbox: Some((item("gone-i1", NOW), NOW + 1_000)),
+        deliveries: vec![mine("gone-d1", "gone-e1")],
+    };
+    assert!(db.fan_out("gone-e1", "gone", &f, NOW).await.unwrap());
+    let f = FanOut {
+        inbox: None,
+        deliveries: vec![mine("gone-d2", "gone-e2")],
+    };
+    assert!(!db.fan_out("gone-e2", "gone", &f, NOW).await.unwrap());
+    db.delivery_failed("gone-d2", "smtp down", NOW, true)
+        .await
+        .unwrap();
+    db.set_preferences("gone", &[("marketing".into(), "email".into(), false)])
+        .await
+        .unwrap();
+    let others_inbox = db.inbox_page("u1", false, None, 100, NOW).await.unwrap();
+    let theirs = |ds: Vec<Delivery>| ds.into_iter().filter(|d| d.user_id == "gone").count();
+    assert_eq!(theirs(db.due_deliveries(NOW, 100).await.unwrap()), 1);
+    assert_eq!(theirs(db.dead_deliveries(None, 100).await.unwrap()), 1);
+    assert!(
+        db.pending_events(100)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.user_id.as_deref() == Some("gone")),
+        "the welcome is queued"
+    );
+
+    db.anonymise_user("gone", "deleted-1", NOW).await.unwrap();
+    assert!(
+        db.inbox_page("gone", false, None, 100, NOW)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(db.unread_count("gone", NOW).await.unwrap(), 0);
+    assert!(db.preferences("gone").await.unwrap().is_empty());
+    assert_eq!(theirs(db.due_deliveries(NOW, 100).await.unwrap()), 0);
+    assert_eq!(theirs(db.dead_deliveries(None, 100).await.unwrap()), 0);
+    assert!(
+        !db.pending_events(100)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.user_id.as_deref() == Some("gone"))
+    );
+    assert_eq!(
+        db.inbox_page("u1", false, None, 100, NOW).await.unwrap(),
+        others_inbox
+    );
+}
+
 async fn suite(db: Datastore) {
     db.claim_region("cn-east").await.unwrap();
     events_and_fan_out(&db).await;
     inbox(&db).await;
     preferences_and_templates(&db).await;
     deliveries(&db).await;
+    erasure_takes_the_users_notices(&db).await;
 }
 
 #[tokio::test]

@@ -396,9 +396,11 @@ impl Datastore {
         Ok(changed)
     }
 
-    /// Anonymises an account: random placeholders for personal data, no
-    /// identifiers, credentials, addresses or live sessions. The row (and its
-    /// random id, which ledgers reference) stays. Returns the identifiers it
+    /// Anonymises an account in one transaction: random placeholders for
+    /// personal data; no identifiers, credentials, addresses, live sessions,
+    /// inbox, notice preferences, deliveries (their recipient addresses and
+    /// texts) or undelivered events. The row (and its random id, which
+    /// ledgers and the audit log reference) stays. Returns the identifiers it
     /// held, for releasing their directory claims.
     pub async fn anonymise_user(
         &self,
@@ -423,6 +425,16 @@ impl Datastore {
             sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'deleted' WHERE user_id = $2 AND revoked_at IS NULL")
                 .bind(now).bind(id).execute(&mut *tx).await?;
             sqlx::query("DELETE FROM outbox WHERE user_id = $1 AND delivered_at IS NULL").bind(id).execute(&mut *tx).await?;
+            // Inbox texts name the user ("Welcome, Ana!"); deliveries hold
+            // an email address or phone number. A delivery being sent as
+            // this commits is marked sent on no row: nothing breaks.
+            for sql in [
+                "DELETE FROM inbox WHERE user_id = $1",
+                "DELETE FROM notice_preferences WHERE user_id = $1",
+                "DELETE FROM deliveries WHERE user_id = $1",
+            ] {
+                sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+            }
             ids
         });
         Ok(ids)
