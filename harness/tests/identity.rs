@@ -52,6 +52,9 @@ async fn register_login_refresh_profile_logout() -> Result {
         (r.status, r.code()),
         (StatusCode::CONFLICT, "already_exists")
     );
+    // Nor does it say where the account lives (only a WeChat sign-in,
+    // whose code proves the account is the caller's, learns that).
+    assert_eq!(r.header("x-home-region"), Some("eu-west"));
 
     let l = cn.login("alice@example.com", PW).await?;
     assert_eq!(l.status, StatusCode::OK, "{}", l.body);

@@ -60,13 +60,23 @@ async fn mini_program_sign_up_and_sign_in() -> Result {
     let r = cn.post("/v1/auth/wechat", json!({"code": ""})).await?;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 
-    // The openid has one home: another region refuses to make a second user.
+    // The openid has one home: another region makes no second user, and
+    // says where the account lives (the code proved it is the caller's).
     let r = eu
         .post("/v1/auth/wechat", json!({"code": "code-amy-3"}))
         .await?;
     assert_eq!(
         (r.status, r.code()),
-        (StatusCode::CONFLICT, "already_exists")
+        (StatusCode::CONFLICT, "home_elsewhere"),
+        "{}",
+        r.body
     );
+    assert_eq!(r.header("x-home-region"), Some("cn-east"));
+    // The mini-program signs in there with a new code, as the same user.
+    let r = cn
+        .post("/v1/auth/wechat", json!({"code": "code-amy-4"}))
+        .await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["user_id"], amy.as_str());
     Ok(())
 }

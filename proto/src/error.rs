@@ -54,6 +54,10 @@ pub enum ErrorCode {
     /// The user this request concerns lives in another region now (the
     /// answer names it; routers replay the request there once).
     UserMoved,
+    /// The account lives in another region: sign in there (the answer's
+    /// `x-home-region` names it). Not replayed by routers: the proof of
+    /// identity (a one-time WeChat code) is spent.
+    HomeElsewhere,
     Internal,
 }
 
@@ -83,6 +87,7 @@ impl ErrorCode {
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::TooManyRequests => "too_many_requests",
             Self::UserMoved => "user_moved",
+            Self::HomeElsewhere => "home_elsewhere",
             Self::Internal => "internal",
         }
     }
@@ -95,7 +100,7 @@ impl ErrorCode {
             Self::PreconditionRequired => 428,
             Self::UnsupportedMediaType => 415,
             Self::NotFound | Self::UnknownRegion => 404,
-            Self::AlreadyExists | Self::FailedPrecondition => 409,
+            Self::AlreadyExists | Self::FailedPrecondition | Self::HomeElsewhere => 409,
             Self::PreconditionFailed => 412,
             Self::PayloadTooLarge => 413,
             Self::InsufficientFunds => 409,
@@ -128,7 +133,8 @@ impl ErrorCode {
             | Self::RegionRetired
             | Self::InsufficientFunds
             | Self::IdempotencyKeyReused
-            | Self::UserMoved => Code::FailedPrecondition,
+            | Self::UserMoved
+            | Self::HomeElsewhere => Code::FailedPrecondition,
             Self::TooManyRequests => Code::ResourceExhausted,
             Self::RegionDraining | Self::CellUnavailable | Self::NotReady | Self::BadGateway => {
                 Code::Unavailable
@@ -163,6 +169,7 @@ impl ErrorCode {
             Self::IdempotencyKeyReused => "Idempotency key reused with another request",
             Self::TooManyRequests => "Too many requests",
             Self::UserMoved => "The user lives in another region now",
+            Self::HomeElsewhere => "The account lives in another region",
             Self::Internal => "Internal error",
         }
     }
@@ -179,6 +186,14 @@ pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
 /// On a `UserMoved` answer: the region the user lives in now (routers replay
 /// the request there once).
 pub const MOVED_TO_HEADER: &str = "x-homecell-moved-to";
+
+/// On a `HomeElsewhere` answer: the account's home region, in the header
+/// every routed answer carries.
+pub const HOME_REGION_HEADER: &str = "x-home-region";
+
+/// gRPC metadata on the control plane's `AlreadyExists` for an identifier
+/// claim: the region of the user who holds it.
+pub const CLAIMED_IN_METADATA: &str = "x-homecell-claimed-in";
 
 /// An RFC 9457 problem document with our stable `code` extension.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,6 +246,8 @@ pub struct CodedError {
     pub fields: Vec<FieldError>,
     /// For `UserMoved`: the user's home region now.
     pub moved_to: Option<String>,
+    /// For `HomeElsewhere`: the account's home region.
+    pub home_region: Option<String>,
 }
 
 impl CodedError {
@@ -240,6 +257,7 @@ impl CodedError {
             message: message.into(),
             fields: Vec::new(),
             moved_to: None,
+            home_region: None,
         }
     }
 
@@ -254,6 +272,14 @@ impl CodedError {
         }
     }
 
+    /// The account lives in `region`; the caller must go there itself.
+    pub fn home_elsewhere(region: &str, message: impl Into<String>) -> Self {
+        Self {
+            home_region: Some(region.to_string()),
+            ..Self::new(ErrorCode::HomeElsewhere, message)
+        }
+    }
+
     /// A validation error naming the fields at fault.
     pub fn fields(fields: Vec<FieldError>) -> Self {
         let names: Vec<&str> = fields.iter().map(|f| f.field.as_str()).collect();
@@ -263,6 +289,7 @@ impl CodedError {
             message,
             fields,
             moved_to: None,
+            home_region: None,
         }
     }
 

@@ -51,6 +51,13 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert(homecell_proto::error::MOVED_TO_HEADER, v);
         }
+        // The client goes there itself (a router keeps this header).
+        if let Some(region) = self.0.home_region
+            && let Ok(v) = header::HeaderValue::from_str(&region)
+        {
+            r.headers_mut()
+                .insert(homecell_proto::error::HOME_REGION_HEADER, v);
+        }
         r
     }
 }
@@ -262,8 +269,12 @@ async fn response_headers(State(cell): State<Arc<Cell>>, req: Request, next: Nex
         .with_label_values(&[resp.status().as_str()])
         .inc();
     let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&cell.region) {
-        h.insert("x-home-region", v);
+    // This cell's region, unless the answer names the caller's own home
+    // elsewhere (a `home_elsewhere` problem).
+    if !h.contains_key(homecell_proto::error::HOME_REGION_HEADER)
+        && let Ok(v) = HeaderValue::from_str(&cell.region)
+    {
+        h.insert(homecell_proto::error::HOME_REGION_HEADER, v);
     }
     if let Some(id) = request_id {
         h.insert("x-request-id", id);

@@ -113,7 +113,7 @@ pub fn routes() -> Vec<Route> {
         route(
             Method::POST,
             "/v1/auth/wechat",
-            "Sign in (or up) from the WeChat mini-program with a wx.login() code (x-client-type: mp)",
+            "Sign in (or up) from the WeChat mini-program with a wx.login() code (x-client-type: mp); 409 home_elsewhere with x-home-region when the account lives in another region: sign in there with a new code",
             Public,
             Some(s::<auth::WechatLoginRequest>),
             (200, Some(s::<crate::identity::service::TokenPair>)),

@@ -57,6 +57,13 @@ impl From<HashError> for CodedError {
     }
 }
 
+fn unavailable() -> CodedError {
+    CodedError::new(
+        ErrorCode::NotReady,
+        "registration is unavailable right now; retry shortly",
+    )
+}
+
 fn invalid_credentials() -> CodedError {
     CodedError::new(
         ErrorCode::InvalidCredentials,
@@ -284,6 +291,20 @@ impl Identity {
     }
 
     pub(crate) async fn claim(&self, qualified: &str, user_id: &str) -> Result<(), CodedError> {
+        self.claim_or_holder(qualified, user_id)
+            .await
+            .map_err(|(e, _)| e)
+    }
+
+    /// `claim`, and on `AlreadyExists` the region of the user who holds the
+    /// identifier, when the control plane told it. Only for a caller who
+    /// proved the identifier is theirs: for anyone else it would say where
+    /// an account lives.
+    pub(crate) async fn claim_or_holder(
+        &self,
+        qualified: &str,
+        user_id: &str,
+    ) -> Result<(), (CodedError, Option<String>)> {
         let req = ClaimIdentifierRequest {
             identifier: qualified.to_string(),
             user_id: user_id.to_string(),
@@ -292,21 +313,25 @@ impl Identity {
         let mut client = DirectoryServiceClient::new(self.cp.clone());
         match tokio::time::timeout(Duration::from_secs(5), client.claim_identifier(req)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => Err(CodedError::new(
-                ErrorCode::AlreadyExists,
-                "this identifier is already registered",
-            )),
-            Ok(Err(s)) => {
-                tracing::warn!(error = %s.message(), "identifier claim failed");
-                Err(CodedError::new(
-                    ErrorCode::NotReady,
-                    "registration is unavailable right now; retry shortly",
+            Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => {
+                let holder = s
+                    .metadata()
+                    .get(homecell_proto::error::CLAIMED_IN_METADATA)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                Err((
+                    CodedError::new(
+                        ErrorCode::AlreadyExists,
+                        "this identifier is already registered",
+                    ),
+                    holder,
                 ))
             }
-            Err(_) => Err(CodedError::new(
-                ErrorCode::NotReady,
-                "registration is unavailable right now; retry shortly",
-            )),
+            Ok(Err(s)) => {
+                tracing::warn!(error = %s.message(), "identifier claim failed");
+                Err((unavailable(), None))
+            }
+            Err(_) => Err((unavailable(), None)),
         }
     }
 

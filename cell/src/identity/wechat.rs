@@ -126,16 +126,22 @@ impl Identity {
             None => {
                 let user_id = uuid::Uuid::now_v7().to_string();
                 let qualified = format!("wechat:{openid}");
-                self.claim(&qualified, &user_id).await.map_err(|e| {
-                    if e.code == ErrorCode::AlreadyExists {
-                        CodedError::new(
-                            ErrorCode::AlreadyExists,
-                            "this WeChat account belongs to another region",
-                        )
-                    } else {
-                        e
-                    }
-                })?;
+                // The openid is bound in another region: the code proved it
+                // is the caller's, so they may learn where, and sign in there
+                // with a fresh code (this one is spent; no router replays it).
+                self.claim_or_holder(&qualified, &user_id)
+                    .await
+                    .map_err(|(e, holder)| match holder {
+                        Some(home) if e.code == ErrorCode::AlreadyExists && home != self.region => {
+                            CodedError::home_elsewhere(
+                                &home,
+                                format!(
+                                    "this WeChat account lives in region {home}: sign in there with a new code and x-home-region: {home}"
+                                ),
+                            )
+                        }
+                        _ => e,
+                    })?;
                 let name = format!("wx-{}", &user_id[user_id.len() - 6..]);
                 if let Err(e) = self
                     .db
