@@ -6,6 +6,7 @@
 pub mod api;
 pub mod postgres;
 pub mod provider;
+pub mod relay;
 pub mod smtp;
 
 use anyhow::{Context, Result, bail};

@@ -129,6 +129,10 @@ impl Edge {
         if let Some(refusal) = refusal
             && session.response_written().is_none()
         {
+            // The connection closes after this answer: it says so
+            // (`Connection: close`), or a client would send its next
+            // request on a connection that is going away.
+            session.set_keepalive(None);
             let _ = answer(session, ctx, &refusal).await;
         }
         false
