@@ -403,4 +403,33 @@ fn compose_file_follows_the_house_rules() {
         let vol = data.split(':').next().unwrap();
         assert!(named.contains(vol), "{svc}: {vol} is a named volume");
     }
+    // Least privilege for keys: each component reads a pki volume of its
+    // own, read-only; only `pki` sees the CA's key.
+    let mut pki_volumes = BTreeSet::new();
+    for svc in [
+        "control-plane",
+        "regions",
+        "cell-cn-east",
+        "cell-eu-west",
+        "router",
+    ] {
+        let mounts: Vec<&str> = seq(&doc, &["services", svc, "volumes"])
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let pki = mounts
+            .iter()
+            .find(|v| v.contains(":/etc/homecell/pki"))
+            .unwrap_or_else(|| panic!("{svc} mounts its pki volume"));
+        assert!(pki.ends_with(":ro"), "{svc}: {pki} is read-only");
+        let vol = pki.split(':').next().unwrap();
+        assert!(
+            pki_volumes.insert(vol),
+            "{svc}: {vol} is shared with another component"
+        );
+        assert!(
+            !mounts.iter().any(|v| v.starts_with("pki-ca:")),
+            "{svc} must not see the CA's key"
+        );
+    }
 }

@@ -241,6 +241,20 @@ async fn compose_deployment_serves_two_regions_and_survives_a_cell_restart() -> 
     for one_shot in ["pki", "regions"] {
         assert_eq!(d.health(one_shot)?, "exited 0", "{one_shot}");
     }
+    // Each component holds only its own keys: a cell has neither the
+    // directory key (the control plane's and routers') nor an operator's.
+    let cell_keys = d.compose(&["exec", "-T", "cell-cn-east", "ls", "/etc/homecell/pki"])?;
+    let files: Vec<&str> = cell_keys.split_whitespace().collect();
+    assert_eq!(
+        files,
+        [
+            "ca.pem",
+            "cell.cn-east-key.pem",
+            "cell.cn-east.pem",
+            "gossip.key"
+        ],
+        "cell-cn-east's pki"
+    );
 
     // 2b. Gossip runs across the containers: the control plane sees the
     // two cells and the router alive (each advertises its service name).
