@@ -15,7 +15,8 @@ async fn open(config: &CellConfig) -> Result<Datastore> {
 
 pub async fn rotate_keys(config: &CellConfig) -> Result<()> {
     let db = open(config).await?;
-    let kid = crate::identity::keys::rotate(&db, &config.region).await?;
+    let seal = config.signing_key_seal()?;
+    let kid = crate::identity::keys::rotate(&db, &config.region, seal.as_ref()).await?;
     println!("new signing key {kid}; running cells switch to it within seconds");
     Ok(())
 }

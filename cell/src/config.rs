@@ -19,6 +19,13 @@ pub struct CellConfig {
     /// `sqlite:<path>` or `postgres://…`; default `sqlite:<data_dir>/cell.db`.
     #[serde(default)]
     pub database_url: Option<String>,
+    /// The key that seals the token signing keys in the datastore (32 bytes
+    /// as hex; `control-plane pki seal-key`); every instance of the cell
+    /// reads the same file. Default on SQLite: `<data_dir>/signing-keys.seal`,
+    /// made at first start. On PostgreSQL, without it, keys are stored
+    /// unsealed (and the cell warns).
+    #[serde(default)]
+    pub signing_key_seal_file: Option<PathBuf>,
     /// The internal API (HTTP/1.1 and h2 over mTLS) that routers and cells call.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
@@ -123,6 +130,24 @@ impl CellConfig {
             bail!("withdrawals_via = {p:?} names no [payments.{p}] with a payout_url");
         }
         Ok(())
+    }
+
+    /// The seal for the signing keys (see `signing_key_seal_file`).
+    pub fn signing_key_seal(&self) -> anyhow::Result<Option<crate::identity::seal::Seal>> {
+        use crate::identity::seal::Seal;
+        match &self.signing_key_seal_file {
+            Some(path) => Seal::load(path).map(Some),
+            // SQLite is one instance's own file: its seal can live beside it.
+            None if self.database_url().starts_with("sqlite:") => {
+                Seal::create_if_missing(&self.data_dir.join("signing-keys.seal")).map(Some)
+            }
+            None => {
+                tracing::warn!(
+                    "no signing_key_seal_file: token signing keys are stored unsealed in PostgreSQL"
+                );
+                Ok(None)
+            }
+        }
     }
 
     pub fn database_url(&self) -> String {

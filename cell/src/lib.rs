@@ -45,7 +45,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
     let replica = Replica::open(&config.data_dir.join("replica.redb"))?;
     let db = db::Datastore::open(&config.database_url()).await?;
     db.claim_region(&config.region).await?;
-    let keys = identity::keys::Keys::open(&db, &config.region).await?;
+    let keys = identity::keys::Keys::open(&db, &config.region, config.signing_key_seal()?).await?;
     let cp = control_plane_channel(&config, &tls)?;
     let hash_slots = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
     let peers = Arc::new(peers::Peers::new(tls.clone(), replica.clone()));

@@ -422,20 +422,46 @@ async fn listing_and_profiles(db: &Datastore) {
 }
 
 async fn signing_keys(db: &Datastore) {
-    let k1 = homecell_cell::identity::keys::rotate(db, "cn-east")
-        .await
-        .unwrap();
-    let k2 = homecell_cell::identity::keys::rotate(db, "cn-east")
-        .await
-        .unwrap();
+    use homecell_cell::identity::keys::{Keys, rotate};
+    use homecell_cell::identity::seal::{Seal, is_sealed};
+    // Stored plain, as before cells had seals.
+    let k1 = rotate(db, "cn-east", None).await.unwrap();
+    let k2 = rotate(db, "cn-east", None).await.unwrap();
     let rows = db.signing_keys().await.unwrap();
     let active: Vec<_> = rows
         .iter()
         .filter(|r| r.retired_at.is_none())
         .map(|r| r.kid.clone())
         .collect();
-    assert_eq!(active, vec![k2]);
+    assert_eq!(active, vec![k2.clone()]);
     assert!(rows.iter().any(|r| r.kid == k1 && r.retired_at.is_some()));
+
+    // A cell with a seal seals what it finds, and signs with it.
+    let dir = tempfile::tempdir().unwrap();
+    let seal = || Seal::create_if_missing(&dir.path().join("seal")).unwrap();
+    let keys = Keys::open(db, "cn-east", Some(seal())).await.unwrap();
+    assert_eq!(keys.signer().kid, k2);
+    let rows = db.signing_keys().await.unwrap();
+    assert!(
+        rows.iter().all(|r| is_sealed(&r.private_pkcs8)),
+        "every stored key sealed"
+    );
+    // New keys are sealed from the start; the same seal opens them.
+    let k3 = rotate(db, "cn-east", Some(&seal())).await.unwrap();
+    let keys = Keys::open(db, "cn-east", Some(seal())).await.unwrap();
+    assert_eq!(keys.signer().kid, k3);
+    // Without the seal, or with another, the cell does not start.
+    let e = Keys::open(db, "cn-east", None)
+        .await
+        .err()
+        .expect("no seal");
+    assert!(format!("{e:#}").contains("sealed"), "{e:#}");
+    let other = Seal::create_if_missing(&dir.path().join("other")).unwrap();
+    let e = Keys::open(db, "cn-east", Some(other))
+        .await
+        .err()
+        .expect("another seal");
+    assert!(format!("{e:#}").contains("does not open"), "{e:#}");
 }
 
 /// A move's datastore steps: freeze, export, erase at the old home; import

@@ -74,6 +74,12 @@ enum PkiCmd {
         #[arg(long)]
         file: PathBuf,
     },
+    /// Create a cell's signing-key seal file (kept if present); every
+    /// instance of that cell reads the same file, no other component does.
+    SealKey {
+        #[arg(long)]
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -111,7 +117,7 @@ fn main() -> ExitCode {
                 homecell_common::directory_key::DirectoryKey::create_if_missing(&file)
                     .map(|_| println!("{}", file.display()))
             }
-            Cmd::Pki(PkiCmd::GossipKey { file }) => {
+            Cmd::Pki(PkiCmd::GossipKey { file } | PkiCmd::SealKey { file }) => {
                 homecell_common::key_file::create_if_missing(&file)
                     .map(|_| println!("{}", file.display()))
             }

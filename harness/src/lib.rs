@@ -543,6 +543,13 @@ impl Cluster {
         if let Some(url) = &node.database_url {
             cfg.push_str(&format!("database_url = {url:?}\n"));
         }
+        // One seal per region, shared by its instances (as in production).
+        let seal = self.root.join(format!("signing-keys-{region}.seal"));
+        homecell_common::key_file::create_if_missing(&seal).map_err(|e| (None, e))?;
+        cfg.push_str(&format!(
+            "signing_key_seal_file = {:?}\n",
+            seal.display().to_string()
+        ));
         cfg.push_str(&self.cell_extra_config);
         cfg.push_str(&tls);
         cfg.push_str(&self.gossip_toml("127.0.0.1:0"));

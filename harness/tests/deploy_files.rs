@@ -321,6 +321,16 @@ fn the_postgres_overlay_runs_several_cell_instances() {
         env.iter()
             .any(|e| e["name"] == "HOMECELL_CELL_DATABASE_URL")
     );
+    // The instances share one seal for the signing keys, from the secret
+    // the cell already mounts.
+    let seal = env
+        .iter()
+        .find(|e| e["name"] == "HOMECELL_CELL_SIGNING_KEY_SEAL_FILE")
+        .expect("a shared seal");
+    assert!(
+        s(seal, &["value"]).is_some_and(|v| v.starts_with("/etc/homecell/tls/")),
+        "{seal:?}"
+    );
     // Headless: the name resolves to every instance, for the routers.
     let svc = built
         .resources

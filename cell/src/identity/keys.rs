@@ -1,10 +1,12 @@
 //! The cell's token signing keys: kept in the datastore (so every instance
-//! of a cell signs with the same key), the newest active one signs, retired
-//! ones verify until their tokens have expired. The public halves are
-//! published into the region's metadata at the control plane, from where
-//! every router and cell learns them.
+//! of a cell signs with the same key), sealed there when the cell has a
+//! seal (seal.rs), the newest active one signs, retired ones verify until
+//! their tokens have expired. The public halves are published into the
+//! region's metadata at the control plane, from where every router and
+//! cell learns them.
 
 use crate::db::Datastore;
+use crate::identity::seal::{self, Seal};
 use crate::identity::store::SigningKeyRow;
 use anyhow::Result;
 use arc_swap::ArcSwap;
@@ -29,6 +31,7 @@ struct KeySetState {
 
 pub struct Keys {
     region: String,
+    seal: Option<Arc<Seal>>,
     state: ArcSwap<KeySetState>,
 }
 
@@ -39,13 +42,17 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn new_key_row(region: &str) -> Result<(SigningKey, SigningKeyRow)> {
+fn new_key_row(region: &str, seal: Option<&Seal>) -> Result<(SigningKey, SigningKeyRow)> {
     let kid = format!("{region}-{}", uuid::Uuid::now_v7().simple());
     let (key, pkcs8) = SigningKey::generate(kid.clone())?;
+    let private_pkcs8 = match seal {
+        Some(seal) => seal.seal(&kid, &pkcs8)?,
+        None => pkcs8,
+    };
     let row = SigningKeyRow {
         public_key: key.public_key(),
         kid,
-        private_pkcs8: pkcs8,
+        private_pkcs8,
         created_at: now_ms(),
         retired_at: None,
     };
@@ -54,17 +61,34 @@ fn new_key_row(region: &str) -> Result<(SigningKey, SigningKeyRow)> {
 
 /// Generates a new key that signs from now on; the previous one is retired
 /// and keeps verifying until its tokens expire.
-pub async fn rotate(db: &Datastore, region: &str) -> Result<String> {
-    let (_, row) = new_key_row(region)?;
+pub async fn rotate(db: &Datastore, region: &str, seal: Option<&Seal>) -> Result<String> {
+    let (_, row) = new_key_row(region, seal)?;
     db.rotate_signing_key(&row).await?;
     Ok(row.kid)
 }
 
-async fn load(db: &Datastore, region: &str) -> Result<KeySetState> {
+/// Seals every key stored in the plain (from before the cell had a seal).
+pub async fn seal_stored(db: &Datastore, seal: &Seal) -> Result<usize> {
+    let mut sealed = 0;
+    for row in db.signing_keys().await? {
+        if !seal::is_sealed(&row.private_pkcs8) {
+            let stored = seal.seal(&row.kid, &row.private_pkcs8)?;
+            if db
+                .reseal_signing_key(&row.kid, &row.private_pkcs8, &stored)
+                .await?
+            {
+                sealed += 1;
+            }
+        }
+    }
+    Ok(sealed)
+}
+
+async fn load(db: &Datastore, region: &str, seal: Option<&Seal>) -> Result<KeySetState> {
     let now = now_ms();
     let mut rows = db.signing_keys().await?;
     if !rows.iter().any(|r| r.retired_at.is_none()) {
-        rotate(db, region).await?;
+        rotate(db, region, seal).await?;
         rows = db.signing_keys().await?;
     }
     let active = rows
@@ -72,10 +96,8 @@ async fn load(db: &Datastore, region: &str) -> Result<KeySetState> {
         .rev()
         .find(|r| r.retired_at.is_none())
         .ok_or_else(|| anyhow::anyhow!("no active signing key"))?;
-    let signer = Arc::new(SigningKey::from_pkcs8(
-        active.kid.clone(),
-        &active.private_pkcs8,
-    )?);
+    let pkcs8 = seal::unseal(seal, &active.kid, &active.private_pkcs8)?;
+    let signer = Arc::new(SigningKey::from_pkcs8(active.kid.clone(), &pkcs8)?);
     let verifying = rows
         .into_iter()
         .filter(|r| r.retired_at.is_none_or(|t| t + RETIRED_GRACE_MS > now))
@@ -85,10 +107,18 @@ async fn load(db: &Datastore, region: &str) -> Result<KeySetState> {
 }
 
 impl Keys {
-    pub async fn open(db: &Datastore, region: &str) -> Result<Arc<Self>> {
-        let state = load(db, region).await?;
+    /// The key set in `db`; with a seal, keys stored plain are sealed first.
+    pub async fn open(db: &Datastore, region: &str, seal: Option<Seal>) -> Result<Arc<Self>> {
+        if let Some(seal) = &seal {
+            let n = seal_stored(db, seal).await?;
+            if n > 0 {
+                tracing::info!(keys = n, "sealed signing keys stored in the plain");
+            }
+        }
+        let state = load(db, region, seal.as_ref()).await?;
         Ok(Arc::new(Self {
             region: region.to_string(),
+            seal: seal.map(Arc::new),
             state: ArcSwap::from_pointee(state),
         }))
     }
@@ -149,7 +179,7 @@ impl Keys {
                 _ = revisions.changed() => {}
                 _ = shutdown.cancelled() => return,
             }
-            match load(&db, &self.region).await {
+            match load(&db, &self.region, self.seal.as_deref()).await {
                 Ok(s) => self.state.store(Arc::new(s)),
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot reload signing keys"),
             }

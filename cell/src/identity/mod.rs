@@ -4,6 +4,7 @@
 pub mod identifier;
 pub mod keys;
 pub mod password;
+pub mod seal;
 pub mod service;
 pub mod store;
 pub mod wechat;

@@ -804,6 +804,14 @@ impl Datastore {
 
     // ------------------------------------------------------------ signing keys
 
+    /// Replaces a key's stored form, if it is still `was` (another instance
+    /// may have sealed it first); whether it did.
+    pub async fn reseal_signing_key(&self, kid: &str, was: &[u8], now: &[u8]) -> DbResult<bool> {
+        let n = write_db!(self, p => sqlx::query("UPDATE signing_keys SET private_pkcs8 = $1 WHERE kid = $2 AND private_pkcs8 = $3")
+            .bind(now).bind(kid).bind(was).execute(p).await?.rows_affected());
+        Ok(n == 1)
+    }
+
     pub async fn signing_keys(&self) -> DbResult<Vec<SigningKeyRow>> {
         let rows: Vec<KeyTuple> = on_db!(self, p => sqlx::query_as(
             "SELECT kid, private_pkcs8, public_key, created_at, retired_at FROM signing_keys ORDER BY created_at")
