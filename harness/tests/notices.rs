@@ -356,7 +356,9 @@ async fn live_events_through_the_router_and_messages_across_cells() -> Result {
     let (zoe, login) = eu.signed_in("zoe@example.com", PW).await?;
     let zoe_id = login["user_id"].as_str().unwrap().to_string();
 
-    // Zoe (eu-west) listens through the router.
+    // Zoe (eu-west) listens through the router. The stream's header comes
+    // at once, not with the first event or the 15 s keep-alive.
+    let opened = Instant::now();
     let mut stream = c
         .http()
         .get(format!("{}/v1/notices/stream", c.router_url(0)))
@@ -366,6 +368,11 @@ async fn live_events_through_the_router_and_messages_across_cells() -> Result {
         .send()
         .await?;
     assert_eq!(stream.status(), StatusCode::OK);
+    assert!(
+        opened.elapsed() < Duration::from_secs(10),
+        "the stream opened only after {:?}",
+        opened.elapsed()
+    );
     assert!(
         stream
             .headers()

@@ -418,6 +418,12 @@ async fn relay_answer(
         && !resp.headers.contains_key(header::TRANSFER_ENCODING);
     let mut tasks = vec![HttpTask::Header(resp, cell.is_body_done())];
     let mut done = cell.is_body_done();
+    if !small && !done {
+        // A stream's header goes at once: its first event may be a while
+        // coming (a quiet SSE stream only sends its keep-alive every 15 s),
+        // and the client is waiting to hear that the stream is open.
+        write_down(session, std::mem::take(&mut tasks)).await?;
+    }
     while !done {
         let chunk = cell.read_body_bytes().await.map_err(Failure::Cell)?;
         done = chunk.is_none() || cell.is_body_done();
