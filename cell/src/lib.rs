@@ -102,6 +102,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
     tokio::spawn(shutdown::wait_for_signal(token.clone()));
     tokio::spawn(keys.maintain(db.clone(), cp, replica.clone(), token.clone()));
     tokio::spawn(money::saga::run_worker(money, kicks, token.clone()));
+    tokio::spawn(notices.clone().relay_announcements(token.clone()));
     tokio::spawn(notices.run(token.clone()));
     tokio::spawn(replica.clone().run(
         WatchTarget {

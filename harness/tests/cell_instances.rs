@@ -151,3 +151,75 @@ async fn a_postgres_cell_runs_as_several_instances_behind_the_router() -> Result
     assert!(report.success, "{}{}", report.stdout, report.stderr);
     Ok(())
 }
+
+/// Reads a live stream until it has shown every one of `want`.
+async fn sees_all(stream: &mut reqwest::Response, want: &[&str], what: &str) -> Result<()> {
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !want.iter().all(|w| seen.contains(w)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        anyhow::ensure!(!left.is_zero(), "{what}: wanted {want:?}, got {seen:?}");
+        if let Ok(Some(chunk)) = tokio::time::timeout(left, stream.chunk()).await? {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn live_events_reach_streams_on_every_instance() -> Result<()> {
+    let pg = TempPostgres::start()?;
+    let url = pg.create_database("cell_eu_west")?;
+    let mut c = Cluster::temp()?;
+    c.start_control_plane().await?;
+    c.add_region("cn-east", "CN")?;
+    c.add_region("eu-west", "DE")?;
+    c.cell_mut("eu-west").unwrap().database_url = Some(url);
+    c.start_cell("eu-west").await?;
+    let second: CellInstance = c.start_cell_instance("eu-west", 1).await?;
+    let first = c.cells["eu-west"].api;
+    c.cli_ok(&[
+        "region",
+        "update",
+        "eu-west",
+        "--internal-endpoint",
+        &format!("https://{first},https://{}", second.api),
+    ])?;
+    c.start_cell("cn-east").await?;
+    c.start_router("cn-east", "cn-east").await?;
+    c.wait_ready(Duration::from_secs(20)).await?;
+    c.wait_signing_keys(Duration::from_secs(15)).await?;
+    let eu = Api::new(&c.router_url(0), "eu-west");
+    let (alice, _) = eu
+        .signed_in("alice@example.com", "correct horse battery")
+        .await?;
+
+    // Two streams of hers: the router takes the instances in turn, so one
+    // stream is on each, whichever instance's worker writes her notices.
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let s = c
+            .http()
+            .get(format!("{}/v1/notices/stream", c.router_url(0)))
+            .header("x-client-type", "app")
+            .bearer_auth(alice.token.as_deref().unwrap())
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await?;
+        assert_eq!(s.status(), StatusCode::OK);
+        streams.push(s);
+    }
+    // Sign-ins on two new client types: a security notice each.
+    for client in ["web", "mp"] {
+        let r = eu
+            .as_client(client)
+            .login("alice@example.com", "correct horse battery")
+            .await?;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+    let want = ["new web client", "new mp client"];
+    for (i, s) in streams.iter_mut().enumerate() {
+        sees_all(s, &want, &format!("stream {i}")).await?;
+    }
+    Ok(())
+}

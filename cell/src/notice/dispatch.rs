@@ -228,11 +228,13 @@ impl Notices {
             .map(|((e, u), f)| (e.id.as_str(), u.as_str(), f))
             .collect();
         let inserted = self.db.fan_out_many(&batch, now).await?;
+        let mut live = Vec::new();
         for ((user_id, f), new) in users.into_iter().zip(rendered).zip(inserted) {
             if new && let Some((item, _)) = f.inbox {
-                let _ = self.live.send(Live { user_id, item });
+                live.push(Live { user_id, item });
             }
         }
+        self.publish(live).await;
         Ok(())
     }
 }

@@ -4,6 +4,7 @@
 //! tables (`store`).
 
 pub mod dispatch;
+pub mod live;
 pub mod send;
 pub mod store;
 pub mod template;

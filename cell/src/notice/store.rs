@@ -37,7 +37,9 @@ impl From<TemplateTuple> for Template {
 
 const TEMPLATE_COLS: &str = "key, channel, locale, category, subject, body, updated_at, updated_by";
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct InboxItem {
     pub id: String,
     pub category: String,
@@ -394,6 +396,14 @@ impl Datastore {
                    AND (created_at < $4 OR (created_at = $4 AND id < $5)) ORDER BY created_at DESC, id DESC LIMIT $6";
         let rows: Vec<InboxTuple> = on_db!(self, p => sqlx::query_as(sql).bind(user_id).bind(archived).bind(now).bind(at).bind(&id).bind(limit).fetch_all(p).await?);
         Ok(rows.into_iter().map(InboxItem::from).collect())
+    }
+
+    /// One of the user's inbox items.
+    pub async fn inbox_item(&self, user_id: &str, id: &str) -> DbResult<Option<InboxItem>> {
+        let sql = "SELECT id, category, title, body, created_at, read_at, archived_at FROM inbox WHERE user_id = $1 AND id = $2";
+        let row: Option<InboxTuple> =
+            on_db!(self, p => sqlx::query_as(sql).bind(user_id).bind(id).fetch_optional(p).await?);
+        Ok(row.map(InboxItem::from))
     }
 
     pub async fn unread_count(&self, user_id: &str, now: i64) -> DbResult<i64> {
