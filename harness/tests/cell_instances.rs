@@ -45,21 +45,22 @@ fn key() -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_postgres_cell_runs_as_several_instances_behind_the_router() -> Result<()> {
+/// cn-east on SQLite, eu-west as two instances over one PostgreSQL (the
+/// region's internal endpoint lists both), and a router; ready.
+async fn two_instance_cluster(
+    cell_extra_config: String,
+) -> Result<(TempPostgres, Cluster, CellInstance)> {
     let pg = TempPostgres::start()?;
     let url = pg.create_database("cell_eu_west")?;
     let mut c = Cluster::temp()?;
-    c.cell_extra_config = format!("[payments.testpay]\nsecret = {SECRET:?}\n");
+    c.cell_extra_config = cell_extra_config;
     c.start_control_plane().await?;
     c.add_region("cn-east", "CN")?;
     c.add_region("eu-west", "DE")?;
     c.cell_mut("eu-west").unwrap().database_url = Some(url);
     c.start_cell("eu-west").await?;
-    let second: CellInstance = c.start_cell_instance("eu-west", 1).await?;
-    let first = (c.cells["eu-west"].api, c.cells["eu-west"].admin);
-    // The region's internal endpoint lists both instances.
-    let endpoints = format!("https://{},https://{}", first.0, second.api);
+    let second = c.start_cell_instance("eu-west", 1).await?;
+    let endpoints = format!("https://{},https://{}", c.cells["eu-west"].api, second.api);
     c.cli_ok(&[
         "region",
         "update",
@@ -71,6 +72,14 @@ async fn a_postgres_cell_runs_as_several_instances_behind_the_router() -> Result
     c.start_router("cn-east", "cn-east").await?;
     c.wait_ready(Duration::from_secs(20)).await?;
     c.wait_signing_keys(Duration::from_secs(15)).await?;
+    Ok((pg, c, second))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_cell_runs_as_several_instances_behind_the_router() -> Result<()> {
+    let (_pg, mut c, second) =
+        two_instance_cluster(format!("[payments.testpay]\nsecret = {SECRET:?}\n")).await?;
+    let first = (c.cells["eu-west"].api, c.cells["eu-west"].admin);
 
     let eu = Api::new(&c.router_url(0), "eu-west");
     let (alice, login) = eu
@@ -168,27 +177,7 @@ async fn sees_all(stream: &mut reqwest::Response, want: &[&str], what: &str) -> 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn live_events_reach_streams_on_every_instance() -> Result<()> {
-    let pg = TempPostgres::start()?;
-    let url = pg.create_database("cell_eu_west")?;
-    let mut c = Cluster::temp()?;
-    c.start_control_plane().await?;
-    c.add_region("cn-east", "CN")?;
-    c.add_region("eu-west", "DE")?;
-    c.cell_mut("eu-west").unwrap().database_url = Some(url);
-    c.start_cell("eu-west").await?;
-    let second: CellInstance = c.start_cell_instance("eu-west", 1).await?;
-    let first = c.cells["eu-west"].api;
-    c.cli_ok(&[
-        "region",
-        "update",
-        "eu-west",
-        "--internal-endpoint",
-        &format!("https://{first},https://{}", second.api),
-    ])?;
-    c.start_cell("cn-east").await?;
-    c.start_router("cn-east", "cn-east").await?;
-    c.wait_ready(Duration::from_secs(20)).await?;
-    c.wait_signing_keys(Duration::from_secs(15)).await?;
+    let (_pg, c, _second) = two_instance_cluster(String::new()).await?;
     let eu = Api::new(&c.router_url(0), "eu-west");
     let (alice, _) = eu
         .signed_in("alice@example.com", "correct horse battery")
