@@ -29,7 +29,7 @@ pub struct RouterConfig {
     #[serde(default = "default_cp_name")]
     pub control_plane_name: String,
     /// Proxy workers: single-threaded runtimes sharing the listening
-    /// sockets, each connection served wholly by one of them, with its own
+    /// sockets, each connection's requests served by one of them, with its own
     /// idle connections to cells (pool.rs), as nginx runs its worker
     /// processes. The router refuses to start on a port another process
     /// already listens on.

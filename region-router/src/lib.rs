@@ -82,9 +82,9 @@ pub fn run(config: config::RouterConfig, config_path: Option<std::path::PathBuf>
     };
     // One service of `threads` single-threaded runtimes on one listening
     // socket: Pingora hands each accepted connection to a random worker,
-    // and everything the connection does stays on that worker (pool.rs
-    // keeps idle cell connections per worker, so nothing wakes another
-    // thread). A service per worker on a SO_REUSEPORT port was tried:
+    // which serves all its requests (pool.rs keeps idle cell connections
+    // per worker, with no watcher task on another thread; the socket's
+    // readiness still arrives through the accepting worker's reactor). A service per worker on a SO_REUSEPORT port was tried:
     // Pingora's listener table hands every service that listens on an
     // address the first one's socket, so the workers shared one accept
     // queue and one of them took most connections (bench/README.md).
