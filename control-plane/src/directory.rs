@@ -42,10 +42,12 @@ pub fn claim(
     let hmac = key.hmac(identifier);
     match tx.claim(&hmac)? {
         Some(c) if c.user_id == user_id && c.region == region => Ok(()),
-        Some(_) => Err(CodedError::new(
-            ErrorCode::AlreadyExists,
-            "identifier is already registered",
-        )),
+        // The holder's region goes to the claiming cell, which decides
+        // whether its caller may learn it (wechat.rs).
+        Some(c) => Err(CodedError {
+            home_region: Some(c.region),
+            ..CodedError::new(ErrorCode::AlreadyExists, "identifier is already registered")
+        }),
         None => tx.put_claim(IdentifierClaim {
             hmac,
             user_id: user_id.to_string(),

@@ -304,30 +304,13 @@ impl directory_service_server::DirectoryService for ControlPlane {
     ) -> Result<Response<ClaimIdentifierResponse>, Status> {
         let who = cell_of(&req, &req.get_ref().region)?;
         let r = req.into_inner();
-        let hmac = self.directory_key.hmac(&r.identifier);
         let key = self.directory_key.clone();
-        let claimed = self
+        let ((), revision) = self
             .mutate(&who, move |tx| {
                 crate::directory::claim(tx, &key, &r.identifier, &r.user_id, &r.region)
             })
-            .await;
-        match claimed {
-            Ok(((), revision)) => Ok(Response::new(ClaimIdentifierResponse { revision })),
-            // Held by another user: the cell learns where, so that one who
-            // proved the identifier is theirs (a WeChat code) can be sent
-            // home. Cells decide whether to tell a client.
-            Err(mut status) if status.code() == tonic::Code::AlreadyExists => {
-                if let Ok((Some(held), _)) = self.read(move |tx| tx.claim(&hmac)).await
-                    && let Ok(v) = held.region.parse()
-                {
-                    status
-                        .metadata_mut()
-                        .insert(homecell_proto::error::CLAIMED_IN_METADATA, v);
-                }
-                Err(status)
-            }
-            Err(status) => Err(status),
-        }
+            .await?;
+        Ok(Response::new(ClaimIdentifierResponse { revision }))
     }
 
     async fn release_identifier(

@@ -191,9 +191,9 @@ pub const MOVED_TO_HEADER: &str = "x-homecell-moved-to";
 /// every routed answer carries.
 pub const HOME_REGION_HEADER: &str = "x-home-region";
 
-/// gRPC metadata on the control plane's `AlreadyExists` for an identifier
-/// claim: the region of the user who holds it.
-pub const CLAIMED_IN_METADATA: &str = "x-homecell-claimed-in";
+/// gRPC metadata on an error that carries `CodedError::home_region` (the
+/// control plane's `AlreadyExists` for a claim: the holder's region).
+pub const HOME_REGION_METADATA: &str = "x-homecell-home-region";
 
 /// An RFC 9457 problem document with our stable `code` extension.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,7 +246,8 @@ pub struct CodedError {
     pub fields: Vec<FieldError>,
     /// For `UserMoved`: the user's home region now.
     pub moved_to: Option<String>,
-    /// For `HomeElsewhere`: the account's home region.
+    /// For `HomeElsewhere`: the account's home region; for a claim the
+    /// control plane refuses, the holder's (gRPC metadata between them).
     pub home_region: Option<String>,
 }
 
@@ -316,13 +317,35 @@ impl CodedError {
 
 impl From<CodedError> for tonic::Status {
     fn from(e: CodedError) -> Self {
-        tonic::Status::new(e.code.grpc_code(), e.message)
+        let mut status = tonic::Status::new(e.code.grpc_code(), e.message);
+        if let Some(v) = e.home_region.and_then(|r| r.parse().ok()) {
+            status.metadata_mut().insert(HOME_REGION_METADATA, v);
+        }
+        status
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_home_region_travels_as_grpc_metadata() {
+        let e = CodedError {
+            home_region: Some("cn-east".into()),
+            ..CodedError::new(ErrorCode::AlreadyExists, "taken")
+        };
+        let s = tonic::Status::from(e);
+        assert_eq!(s.code(), tonic::Code::AlreadyExists);
+        assert_eq!(
+            s.metadata()
+                .get(HOME_REGION_METADATA)
+                .map(|v| v.to_str().unwrap()),
+            Some("cn-east")
+        );
+        let plain = tonic::Status::from(CodedError::new(ErrorCode::AlreadyExists, "taken"));
+        assert!(plain.metadata().get(HOME_REGION_METADATA).is_none());
+    }
 
     #[test]
     fn problem_serialises_with_stable_code() {

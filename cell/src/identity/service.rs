@@ -316,7 +316,7 @@ impl Identity {
             Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => {
                 let holder = s
                     .metadata()
-                    .get(homecell_proto::error::CLAIMED_IN_METADATA)
+                    .get(homecell_proto::error::HOME_REGION_METADATA)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
                 Err((
