@@ -232,6 +232,8 @@ pub struct Cluster {
     /// Extra TOML lines for every router's configuration (must come before
     /// any table, so keep them to top-level keys).
     pub router_extra_config: String,
+    /// Worker threads of every router (benchmarks vary it).
+    pub router_threads: usize,
     http: reqwest::Client,
 }
 
@@ -285,6 +287,7 @@ impl Cluster {
             routers: Vec::new(),
             cell_extra_config: String::new(),
             router_extra_config: String::new(),
+            router_threads: 2,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()?,
@@ -631,12 +634,13 @@ impl Cluster {
             region: region.clone(),
         })?;
         let cfg = format!(
-            "region = \"{region}\"\ndefault_region = \"{default_region}\"\ndata_dir = {:?}\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ncontrol_plane = \"{}\"\nthreads = 2\ndirectory_key_file = {:?}\n{}{tls}",
+            "region = \"{region}\"\ndefault_region = \"{default_region}\"\ndata_dir = {:?}\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ncontrol_plane = \"{}\"\nthreads = {}\ndirectory_key_file = {:?}\n{}{tls}",
             self.root
                 .join(format!("router-{index}"))
                 .display()
                 .to_string(),
             self.control_plane_endpoint(),
+            self.router_threads,
             self.directory_key_path().display().to_string(),
             self.router_extra_config,
         ) + &self.gossip_toml("127.0.0.1:0");

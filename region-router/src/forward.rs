@@ -17,7 +17,7 @@ use crate::edge::Edge;
 use crate::metrics;
 use crate::pool;
 use crate::proxy::Ctx;
-use http::header;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::HttpTask;
 use pingora::protocols::http::ServerSession;
@@ -83,17 +83,31 @@ impl Client {
     }
 }
 
+/// Our headers, parsed once: a name given as a string is parsed (and a
+/// custom one allocated) on every insert.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_HOME_REGION: HeaderName =
+    HeaderName::from_static(homecell_proto::error::HOME_REGION_HEADER);
+const X_REPLAYED_FROM: HeaderName = HeaderName::from_static(REPLAYED_FROM);
+
 /// The client's request as it goes to a cell: HTTP/1.1, hop-by-hop headers
 /// and the ones `Connection` names removed, a `Host` for HTTP/2 clients,
 /// framing for a body of unknown length, and our own forwarding headers.
+///
+/// Built afresh rather than cloned and edited: a clone copies the header
+/// map and Pingora's map of the names' original case, and our inserts then
+/// grow both. Names go to the cell in lower case (HTTP/1.1 names are
+/// case-insensitive, and cells are ours).
 pub fn upstream_request(
     client_req: &RequestHeader,
     client: &Client,
     ctx: &Ctx,
     has_body: bool,
 ) -> pingora::Result<RequestHeader> {
-    let mut req = client_req.clone();
-    let named: Vec<header::HeaderName> = req
+    let named: Vec<HeaderName> = client_req
         .headers
         .get_all(header::CONNECTION)
         .iter()
@@ -101,71 +115,101 @@ pub fn upstream_request(
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
         .take(MAX_CONNECTION_OPTIONS + 1)
-        .filter_map(|t| header::HeaderName::from_bytes(t).ok())
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
         .collect();
     if named.len() > MAX_CONNECTION_OPTIONS {
         return Error::e_explain(ErrorType::InvalidHTTPHeader, "too many Connection options");
     }
-    // Most requests carry none of them: one pass over the names finds out.
-    let hop: Vec<header::HeaderName> = req
-        .headers
-        .keys()
-        .filter(|k| HOP_BY_HOP.contains(&k.as_str()) || named.contains(k))
-        .cloned()
-        .collect();
-    for name in &hop {
-        req.remove_header(name);
+    let mut headers = HeaderMap::with_capacity(client_req.headers.len() + 6);
+    for (name, value) in &client_req.headers {
+        // A 100 Continue goes to the client from us (edge.rs), before the body.
+        let dropped = HOP_BY_HOP.contains(&name.as_str())
+            || named.contains(name)
+            || name == header::EXPECT
+            || name == X_REQUEST_ID
+            || name == TRACEPARENT
+            || name == X_FORWARDED_PROTO
+            || name == X_REPLAYED_FROM;
+        if !dropped {
+            headers.append(name.clone(), value.clone());
+        }
     }
-    // A 100 Continue goes to the client from us (edge.rs), before the body.
-    req.remove_header(&header::EXPECT);
-    if req.version == http::Version::HTTP_2
-        && !req.headers.contains_key(header::HOST)
-        && let Some(authority) = req.uri.authority().map(|a| a.as_str().to_string())
+    if client_req.version == http::Version::HTTP_2
+        && !headers.contains_key(header::HOST)
+        && let Some(authority) = client_req.uri.authority()
     {
-        req.insert_header(header::HOST, authority)?;
+        headers.insert(header::HOST, header_value(authority.as_str())?);
     }
-    req.set_version(http::Version::HTTP_11);
-    if has_body && !req.headers.contains_key(header::CONTENT_LENGTH) {
-        req.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    if has_body && !headers.contains_key(header::CONTENT_LENGTH) {
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
     }
 
-    req.insert_header("x-request-id", ctx.request_id.as_str())?;
+    headers.insert(X_REQUEST_ID, header_value(&ctx.request_id)?);
     // tracestate belongs to the caller's vendors and passes unchanged.
-    req.insert_header("traceparent", ctx.trace.header_value())?;
+    headers.insert(TRACEPARENT, header_value(ctx.trace.header_value())?);
     if let Some(ip) = client.ip {
         let ip = ip.to_string();
-        let xff = match req
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
+        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
             Some(prev) => format!("{prev}, {ip}"),
             None => ip,
         };
-        req.insert_header("x-forwarded-for", xff)?;
+        headers.insert(X_FORWARDED_FOR, header_value(xff)?);
     }
-    req.insert_header(
-        "x-forwarded-proto",
-        if client.https { "https" } else { "http" },
-    )?;
+    headers.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if client.https { "https" } else { "http" }),
+    );
     if let Some(from) = &ctx.replayed_from {
-        req.insert_header(REPLAYED_FROM, from.as_str())?;
+        headers.insert(X_REPLAYED_FROM, header_value(from.as_str())?);
+    }
+
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = client_req.method.clone();
+    parts.uri = client_req.uri.clone();
+    parts.version = http::Version::HTTP_11;
+    parts.headers = headers;
+    let mut req = RequestHeader::from(parts);
+    // The URI serializes an origin-form target byte for byte; any other
+    // (absolute-form, or not UTF-8) is sent as the client sent it.
+    if req.raw_path() != client_req.raw_path() {
+        req.set_raw_path(client_req.raw_path())?;
     }
     Ok(req)
 }
 
-/// Our headers on the cell's answer.
-fn edit_answer(resp: &mut ResponseHeader, ctx: &Ctx) -> pingora::Result<()> {
-    resp.insert_header("x-request-id", ctx.request_id.as_str())?;
-    if let Some(from) = &ctx.replayed_from {
-        resp.insert_header(REPLAYED_FROM, from.as_str())?;
+fn header_value<T>(v: T) -> pingora::Result<HeaderValue>
+where
+    HeaderValue: TryFrom<T>,
+{
+    HeaderValue::try_from(v)
+        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "invalid header value"))
+}
+
+/// The cell's answer as it goes to the client, with our headers: its
+/// request id, the replay's provenance, and the region that answered
+/// unless the cell named one. Built afresh, as the request is.
+fn answer_header(cell: &ResponseHeader, ctx: &Ctx) -> pingora::Result<ResponseHeader> {
+    let mut headers = HeaderMap::with_capacity(cell.headers.len() + 3);
+    for (name, value) in &cell.headers {
+        headers.append(name.clone(), value.clone());
     }
-    if resp.headers.get("x-home-region").is_none()
+    headers.insert(X_REQUEST_ID, header_value(&ctx.request_id)?);
+    if let Some(from) = &ctx.replayed_from {
+        headers.insert(X_REPLAYED_FROM, header_value(from.as_str())?);
+    }
+    if !headers.contains_key(&X_HOME_REGION)
         && let Some(up) = &ctx.upstream
     {
-        resp.insert_header("x-home-region", up.region.as_str())?;
+        headers.insert(X_HOME_REGION, header_value(up.region.as_str())?);
     }
-    Ok(())
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = cell.status;
+    parts.version = cell.version;
+    parts.headers = headers;
+    Ok(ResponseHeader::from(parts))
 }
 
 /// What one attempt came to.
@@ -254,7 +298,12 @@ async fn connect(
         };
         let got = match pooled {
             Some(stream) => Ok((stream, true)),
-            None => edge.connector.new_stream(&peer).await.map(|s| (s, false)),
+            // Boxed: the TLS handshake's future is about 9 KB, and inline
+            // it would make every request's future that large, moved
+            // into the heap once per request (bench/README.md).
+            None => Box::pin(edge.connector.new_stream(&peer))
+                .await
+                .map(|s| (s, false)),
         };
         match got {
             Ok((stream, reused)) => {
@@ -401,14 +450,10 @@ async fn relay_answer(
     ctx: &Ctx,
     cell: &mut CellSession,
 ) -> Result<(), Failure> {
-    let mut resp = Box::new(
-        cell.resp_header()
-            .ok_or_else(|| {
-                Failure::Cell(Error::explain(ErrorType::InvalidHTTPHeader, "no header"))
-            })?
-            .clone(),
-    );
-    edit_answer(&mut resp, ctx).map_err(Failure::Cell)?;
+    let resp = cell
+        .resp_header()
+        .ok_or_else(|| Failure::Cell(Error::explain(ErrorType::InvalidHTTPHeader, "no header")))?;
+    let resp = Box::new(answer_header(resp, ctx).map_err(Failure::Cell)?);
     let small = resp
         .headers
         .get(header::CONTENT_LENGTH)
@@ -525,6 +570,40 @@ mod tests {
         req.insert_header("content-length", "12").unwrap();
         let up = upstream_request(&req, &client, &ctx(), true).unwrap();
         assert!(!up.headers.contains_key("transfer-encoding"));
+    }
+
+    #[test]
+    fn the_request_target_goes_to_the_cell_as_the_client_sent_it() {
+        let client = Client {
+            ip: None,
+            https: false,
+        };
+        for target in [
+            &b"/v1/users/u1?cursor=a%2Fb&limit=5"[..],
+            b"http://api.example.com/v1/region",
+            b"/v1/caf\xc3\xa9",
+        ] {
+            let req = RequestHeader::build("GET", target, None).unwrap();
+            let up = upstream_request(&req, &client, &ctx(), false).unwrap();
+            assert_eq!(up.raw_path(), target, "{}", target.escape_ascii());
+            assert_eq!(up.method, http::Method::GET);
+        }
+    }
+
+    /// The size of the future an async fn with the edge's arguments returns.
+    fn future_size<'a, F: std::future::Future>(
+        _: impl FnOnce(&'a Edge, &'a mut ServerSession, &'a mut Ctx) -> F,
+    ) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn a_request_future_stays_small() {
+        // Every request's future is moved into the heap (Pingora's
+        // async_trait boxes it); a TLS handshake inlined into it made it
+        // 10 KB, copied once per request. The connect is boxed instead.
+        let size = future_size(|edge, session, ctx| forward(edge, session, ctx));
+        assert!(size < 8 * 1024, "forward's future is {size} bytes");
     }
 
     #[test]

@@ -19,8 +19,9 @@
 //! `GET /v1/users/me` with a bearer token (the router routes by the
 //! verified token; nginx and direct get the header as well).
 //!
-//! Reports requests/s, p50, p99 and the CPU the proxy process(es) spent per
-//! request (utime + stime from /proc), every answer checked for 200.
+//! Reports requests/s, p50, p99 and the CPU the proxy process(es) and the
+//! two cells spent per request (utime + stime from /proc), every answer
+//! checked for 200.
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -50,9 +51,16 @@ struct Args {
     /// The nginx binary.
     #[arg(long, default_value = "/usr/sbin/nginx")]
     nginx: PathBuf,
-    /// nginx worker processes (the router runs 2 threads).
+    /// nginx worker processes.
     #[arg(long, default_value_t = 2)]
     nginx_workers: usize,
+    /// The router's worker threads.
+    #[arg(long, default_value_t = 2)]
+    router_threads: usize,
+    /// nginx without the router's edge duties: no request id, no
+    /// forwarding headers (what the earlier rows of bench/README.md ran).
+    #[arg(long)]
+    nginx_bare: bool,
     /// Offered load in requests/s over all connections (0: as fast as each
     /// connection can go). Requests are timed from when they are sent (the
     /// pacing timer's millisecond slop would otherwise swamp the figures); a
@@ -193,6 +201,9 @@ struct RunResult {
     p99: Duration,
     errors: u64,
     cpu_us_per_req: Option<f64>,
+    /// What the two cells spent per request: on shared cores, a proxy
+    /// that makes the cells work harder lowers everyone's rate.
+    cells_us_per_req: f64,
 }
 
 async fn run(
@@ -201,10 +212,12 @@ async fn run(
     seconds: u64,
     rate: u64,
     proxy_pids: &[u32],
+    cell_pids: &[u32],
 ) -> RunResult {
     let every = (rate > 0).then(|| Duration::from_secs_f64(connections as f64 / rate as f64));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let cpu_before = cpu::seconds(proxy_pids);
+    let cells_before = cpu::seconds(cell_pids);
     let started = Instant::now();
     let tasks: Vec<_> = (0..connections)
         .map(|i| {
@@ -222,6 +235,7 @@ async fn run(
     }
     let secs = started.elapsed().as_secs_f64();
     let cpu = cpu::seconds(proxy_pids) - cpu_before;
+    let cells = cpu::seconds(cell_pids) - cells_before;
     all.latencies.sort();
     let pct = |p: f64| {
         let l = &all.latencies;
@@ -235,18 +249,21 @@ async fn run(
         p99: pct(0.99),
         errors: all.errors,
         cpu_us_per_req: (!proxy_pids.is_empty() && all.ok > 0).then(|| cpu * 1e6 / all.ok as f64),
+        cells_us_per_req: cells * 1e6 / all.ok.max(1) as f64,
     }
 }
 
 /// nginx routing by `x-home-region` to the two cells over mTLS, with
 /// keep-alive upstream connections, no access log (as the router runs with
-/// RUST_LOG=warn).
+/// RUST_LOG=warn), and unless `duties` is false the router's request id
+/// and forwarding headers.
 fn nginx_config(
     dir: &Path,
     listen: SocketAddr,
     cells: &[(String, SocketAddr)],
     tls: &TlsPaths,
     workers: usize,
+    duties: bool,
 ) -> String {
     let upstreams: String = cells
         .iter()
@@ -265,6 +282,21 @@ fn nginx_config(
         .iter()
         .map(|(region, _)| format!("    {region} cell.{region};\n"))
         .collect();
+    // What the router does to every request besides routing it: the
+    // client's request id or a new one, and the forwarding headers. (It
+    // also starts a span of the caller's trace in `traceparent`, which
+    // nginx cannot without a module.) The cells echo the request id and
+    // name their region on every answer.
+    let duties = if duties {
+        "  map $http_x_request_id $req_id {\n    \"\" $request_id;\n    default $http_x_request_id;\n  }\n"
+    } else {
+        ""
+    };
+    let duty_headers = if duties.is_empty() {
+        ""
+    } else {
+        "      proxy_set_header X-Request-Id $req_id;\n      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n      proxy_set_header X-Forwarded-Proto $scheme;\n"
+    };
     let default = cells[0].0.replace('-', "_");
     let default_name = &cells[0].0;
     format!(
@@ -277,7 +309,7 @@ http {{
   keepalive_requests 1000000;
   client_body_temp_path {tmp};
   proxy_temp_path {tmp};
-{upstreams}  map $http_x_home_region $cell {{
+{upstreams}{duties}  map $http_x_home_region $cell {{
     default cell_{default};
 {map_cell}  }}
   map $http_x_home_region $cell_name {{
@@ -289,7 +321,7 @@ http {{
       proxy_pass https://$cell;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
-      proxy_ssl_certificate {cert};
+{duty_headers}      proxy_ssl_certificate {cert};
       proxy_ssl_certificate_key {key};
       proxy_ssl_trusted_certificate {ca};
       proxy_ssl_verify on;
@@ -317,6 +349,7 @@ fn ms(d: Duration) -> String {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let mut cluster = Cluster::temp()?;
+    cluster.router_threads = args.router_threads;
     start_standard(&mut cluster).await?;
     cluster
         .wait_signing_keys(Duration::from_secs(30))
@@ -356,6 +389,10 @@ async fn main() -> Result<()> {
         .iter()
         .map(|r| (r.to_string(), cluster.cells[*r].api))
         .collect();
+    let cell_pids: Vec<u32> = regions
+        .iter()
+        .filter_map(|r| cluster.cells[*r].process.as_ref().map(Process::pid))
+        .collect();
 
     // nginx beside them.
     let nginx_dir = cluster.root.join("nginx");
@@ -370,6 +407,7 @@ async fn main() -> Result<()> {
             &cells,
             &router_tls,
             args.nginx_workers,
+            !args.nginx_bare,
         ),
     )?;
     let mut nginx_cmd = Command::new(&args.nginx);
@@ -447,9 +485,9 @@ async fn main() -> Result<()> {
         }
     );
     println!(
-        "| workload | target | requests/s | p50 ms | p99 ms | proxy CPU µs/request | errors |"
+        "| workload | target | requests/s | p50 ms | p99 ms | proxy CPU µs/request | cells CPU µs/request | errors |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for workload in args.workloads.iter().map(String::as_str) {
         let reqs = match workload {
             "header" => requests("/v1/region", false),
@@ -492,14 +530,23 @@ async fn main() -> Result<()> {
                     ),
                     other => bail!("unknown target {other}: want direct, router, floor or nginx"),
                 };
-                let r = run(&pairs, args.connections, args.seconds, args.rate, &pids).await;
+                let r = run(
+                    &pairs,
+                    args.connections,
+                    args.seconds,
+                    args.rate,
+                    &pids,
+                    &cell_pids,
+                )
+                .await;
                 println!(
-                    "| {workload} | {target} | {:.0} | {} | {} | {} | {} |",
+                    "| {workload} | {target} | {:.0} | {} | {} | {} | {:.0} | {} |",
                     r.rps,
                     ms(r.p50),
                     ms(r.p99),
                     r.cpu_us_per_req
                         .map_or_else(|| "—".into(), |c| format!("{c:.0}")),
+                    r.cells_us_per_req,
                     r.errors
                 );
             }
