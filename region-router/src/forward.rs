@@ -22,7 +22,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::HttpTask;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::http::v1::client::HttpSession as CellSession;
-use pingora::upstreams::peer::{HttpPeer, Peer};
+use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 
 /// Where an exchange failed, which decides what the client is told.
@@ -236,13 +236,13 @@ pub async fn forward(
     }
     let mut fresh_only = false;
     loop {
-        let (mut cell, peer, reused) = connect(edge, ctx, fresh_only).await?;
+        let (mut cell, pool_key, reused) = connect(edge, ctx, fresh_only).await?;
         match attempt(edge, session, ctx, &mut cell, has_body).await {
             Ok(Attempt::Answered) => {
                 cell.respect_keepalive();
                 if let Some(stream) = cell.reuse().await {
                     let idle = edge.router.live.load().cells.idle_timeout;
-                    pool::put(peer.reuse_hash(), stream, idle);
+                    pool::put(pool_key, stream, idle);
                 }
                 return Ok(());
             }
@@ -267,7 +267,7 @@ async fn connect(
     edge: &Edge,
     ctx: &mut Ctx,
     fresh_only: bool,
-) -> Result<(CellSession, HttpPeer, bool), Failure> {
+) -> Result<(CellSession, u64, bool), Failure> {
     let live = edge.router.live.load();
     let cells = &live.cells;
     loop {
@@ -285,32 +285,27 @@ async fn connect(
                     "no address for the cell",
                 ))
             })?;
-        // Built from a SocketAddr: HttpPeer::new would panic on a name it
-        // cannot resolve.
-        let mut peer = HttpPeer::new(addr, true, up.sni.clone());
-        peer.options.connection_timeout = Some(cells.connect_timeout);
-        peer.options.total_connection_timeout = Some(cells.connect_timeout * 2);
-        peer.options.idle_timeout = Some(cells.idle_timeout);
+        let key = pool::key(addr, &up.sni);
         let pooled = if fresh_only {
             None
         } else {
-            pool::take(peer.reuse_hash(), cells.idle_timeout)
+            pool::take(key, cells.idle_timeout)
         };
         let got = match pooled {
             Some(stream) => Ok((stream, true)),
             // Boxed: the TLS handshake's future is about 9 KB, and inline
             // it would make every request's future that large, moved
             // into the heap once per request (bench/README.md).
-            None => Box::pin(edge.connector.new_stream(&peer))
+            None => Box::pin(new_connection(edge, addr, &up.sni, cells))
                 .await
                 .map(|s| (s, false)),
         };
         match got {
             Ok((stream, reused)) => {
-                let mut cell = CellSession::new_with_options(stream, &peer);
+                let mut cell = CellSession::new(stream);
                 cell.read_timeout = Some(cells.read_timeout);
                 cell.write_timeout = Some(cells.read_timeout);
-                return Ok((cell, peer, reused));
+                return Ok((cell, key, reused));
             }
             // The instance died since the last health check: the request,
             // not yet sent, goes to the next one.
@@ -322,6 +317,23 @@ async fn connect(
             }
         }
     }
+}
+
+/// A new mTLS connection to a cell instance (the connector holds our
+/// client certificate and CA).
+async fn new_connection(
+    edge: &Edge,
+    addr: std::net::SocketAddr,
+    sni: &str,
+    cells: &crate::proxy::CellClient,
+) -> pingora::Result<pingora::protocols::Stream> {
+    // Built from a SocketAddr: HttpPeer::new would panic on a name it
+    // cannot resolve.
+    let mut peer = HttpPeer::new(addr, true, sni.to_string());
+    peer.options.connection_timeout = Some(cells.connect_timeout);
+    peer.options.total_connection_timeout = Some(cells.connect_timeout * 2);
+    peer.options.idle_timeout = Some(cells.idle_timeout);
+    edge.connector.new_stream(&peer).await
 }
 
 async fn attempt(
@@ -461,7 +473,8 @@ async fn relay_answer(
         .and_then(|v| v.parse::<usize>().ok())
         .is_some_and(|n| n <= WHOLE_ANSWER)
         && !resp.headers.contains_key(header::TRANSFER_ENCODING);
-    let mut tasks = vec![HttpTask::Header(resp, cell.is_body_done())];
+    let mut tasks = Vec::with_capacity(2);
+    tasks.push(HttpTask::Header(resp, cell.is_body_done()));
     let mut done = cell.is_body_done();
     if !small && !done {
         // A stream's header goes at once: its first event may be a while

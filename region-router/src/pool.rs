@@ -15,6 +15,7 @@ use futures::FutureExt;
 use pingora::protocols::Stream;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
@@ -22,9 +23,19 @@ use tokio::io::AsyncReadExt;
 const MAX_IDLE_PER_PEER: usize = 128;
 
 thread_local! {
-    /// By the peer's reuse hash (address, SNI, TLS options), most recently
-    /// used last.
+    /// By `key` (address and SNI), most recently used last.
     static IDLE: RefCell<HashMap<u64, VecDeque<(Stream, Instant)>>> = RefCell::default();
+}
+
+/// The pool's key for connections to a cell instance: its address and the
+/// name its certificate must carry (the TLS settings are the connector's,
+/// the same for every connection).
+pub fn key(addr: SocketAddr, sni: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    addr.hash(&mut h);
+    sni.hash(&mut h);
+    h.finish()
 }
 
 /// The most recently used idle connection to the peer that is still open.
