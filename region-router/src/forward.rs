@@ -615,7 +615,7 @@ mod tests {
         // Every request's future is moved into the heap (Pingora's
         // async_trait boxes it); a TLS handshake inlined into it made it
         // 10 KB, copied once per request. The connect is boxed instead.
-        let size = future_size(|edge, session, ctx| forward(edge, session, ctx));
+        let size = future_size(forward);
         assert!(size < 8 * 1024, "forward's future is {size} bytes");
     }
 
