@@ -532,6 +532,8 @@ mod tests {
             ("te", "trailers"),
             ("proxy-authorization", "Basic Zm9v"),
             ("expect", "100-continue"),
+            // Only the router says a request is a replay.
+            ("x-homecell-replayed-from", "eu-west"),
             ("x-forwarded-for", "203.0.113.7"),
             ("accept", "application/json"),
         ] {
