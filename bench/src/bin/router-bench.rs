@@ -287,15 +287,13 @@ fn nginx_config(
     // also starts a span of the caller's trace in `traceparent`, which
     // nginx cannot without a module.) The cells echo the request id and
     // name their region on every answer.
-    let duties = if duties {
-        "  map $http_x_request_id $req_id {\n    \"\" $request_id;\n    default $http_x_request_id;\n  }\n"
+    let (duty_map, duty_headers) = if duties {
+        (
+            "  map $http_x_request_id $req_id {\n    \"\" $request_id;\n    default $http_x_request_id;\n  }\n",
+            "      proxy_set_header X-Request-Id $req_id;\n      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n      proxy_set_header X-Forwarded-Proto $scheme;\n",
+        )
     } else {
-        ""
-    };
-    let duty_headers = if duties.is_empty() {
-        ""
-    } else {
-        "      proxy_set_header X-Request-Id $req_id;\n      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n      proxy_set_header X-Forwarded-Proto $scheme;\n"
+        ("", "")
     };
     let default = cells[0].0.replace('-', "_");
     let default_name = &cells[0].0;
@@ -309,7 +307,7 @@ http {{
   keepalive_requests 1000000;
   client_body_temp_path {tmp};
   proxy_temp_path {tmp};
-{upstreams}{duties}  map $http_x_home_region $cell {{
+{upstreams}{duty_map}  map $http_x_home_region $cell {{
     default cell_{default};
 {map_cell}  }}
   map $http_x_home_region $cell_name {{
