@@ -339,6 +339,88 @@ http {{
     )
 }
 
+/// nginx routing the bench's requests to the two cells (`nginx_config`):
+/// its process, the pids to count CPU over (master and workers) and its
+/// address.
+async fn start_nginx(
+    cluster: &Cluster,
+    args: &Args,
+    cells: &[(String, SocketAddr)],
+    router_tls: &TlsPaths,
+) -> Result<(Process, Vec<u32>, SocketAddr)> {
+    let nginx_dir = cluster.root.join("nginx");
+    std::fs::create_dir_all(nginx_dir.join("tmp"))?;
+    let nginx_addr: SocketAddr = format!("127.0.0.1:{}", homecell_harness::free_port()).parse()?;
+    let conf = nginx_dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        nginx_config(
+            &nginx_dir,
+            nginx_addr,
+            cells,
+            router_tls,
+            args.nginx_workers,
+            !args.nginx_bare,
+        ),
+    )?;
+    let mut nginx_cmd = Command::new(&args.nginx);
+    nginx_cmd
+        .arg("-p")
+        .arg(&nginx_dir)
+        .arg("-c")
+        .arg(&conf)
+        .args(["-g", "daemon off;"]);
+    let nginx = Process::spawn("nginx", nginx_cmd, &cluster.root.join("logs"))
+        .with_context(|| format!("cannot start {}", args.nginx.display()))?;
+    cluster
+        .wait_http_ok(
+            &format!("http://{nginx_addr}/v1/region"),
+            Duration::from_secs(10),
+            "nginx",
+        )
+        .await?;
+    let pids = cpu::with_children(nginx.pid());
+    Ok((nginx, pids, nginx_addr))
+}
+
+/// The floor: bare Pingora with the router's connector (pingora-floor.rs).
+async fn start_floor(
+    cluster: &Cluster,
+    cells: &[(String, SocketAddr)],
+    router_tls: &TlsPaths,
+) -> Result<(Process, SocketAddr)> {
+    let floor_bin = homecell_harness::Binaries::locate()?.path("pingora-floor");
+    let floor_addr: SocketAddr = format!("127.0.0.1:{}", homecell_harness::free_port()).parse()?;
+    let mut floor_cmd = Command::new(&floor_bin);
+    floor_cmd
+        .arg("--listen")
+        .arg(floor_addr.to_string())
+        .args(["--threads", "2", "--ca"])
+        .arg(&router_tls.ca)
+        .arg("--cert")
+        .arg(&router_tls.cert)
+        .arg("--key")
+        .arg(&router_tls.key);
+    for (region, addr) in cells {
+        floor_cmd.arg("--cell").arg(format!("{region}={addr}"));
+    }
+    let floor = Process::spawn("pingora-floor", floor_cmd, &cluster.root.join("logs"))
+        .with_context(|| {
+            format!(
+                "cannot start {} (build the bench binaries)",
+                floor_bin.display()
+            )
+        })?;
+    cluster
+        .wait_http_ok(
+            &format!("http://{floor_addr}/v1/region"),
+            Duration::from_secs(10),
+            "pingora-floor",
+        )
+        .await?;
+    Ok((floor, floor_addr))
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1e3)
 }
@@ -392,71 +474,22 @@ async fn main() -> Result<()> {
         .filter_map(|r| cluster.cells[*r].process.as_ref().map(Process::pid))
         .collect();
 
-    // nginx beside them.
-    let nginx_dir = cluster.root.join("nginx");
-    std::fs::create_dir_all(nginx_dir.join("tmp"))?;
-    let nginx_addr: SocketAddr = format!("127.0.0.1:{}", homecell_harness::free_port()).parse()?;
-    let conf = nginx_dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        nginx_config(
-            &nginx_dir,
-            nginx_addr,
-            &cells,
-            &router_tls,
-            args.nginx_workers,
-            !args.nginx_bare,
-        ),
-    )?;
-    let mut nginx_cmd = Command::new(&args.nginx);
-    nginx_cmd
-        .arg("-p")
-        .arg(&nginx_dir)
-        .arg("-c")
-        .arg(&conf)
-        .args(["-g", "daemon off;"]);
-    let mut nginx = Process::spawn("nginx", nginx_cmd, &cluster.root.join("logs"))
-        .with_context(|| format!("cannot start {}", args.nginx.display()))?;
-    cluster
-        .wait_http_ok(
-            &format!("http://{nginx_addr}/v1/region"),
-            Duration::from_secs(10),
-            "nginx",
-        )
-        .await?;
-    let nginx_pids = cpu::with_children(nginx.pid());
-
-    // The floor: bare Pingora with the router's connector (pingora-floor.rs).
-    let floor_bin = homecell_harness::Binaries::locate()?.path("pingora-floor");
-    let floor_addr: SocketAddr = format!("127.0.0.1:{}", homecell_harness::free_port()).parse()?;
-    let mut floor_cmd = Command::new(&floor_bin);
-    floor_cmd
-        .arg("--listen")
-        .arg(floor_addr.to_string())
-        .args(["--threads", "2", "--ca"])
-        .arg(&router_tls.ca)
-        .arg("--cert")
-        .arg(&router_tls.cert)
-        .arg("--key")
-        .arg(&router_tls.key);
-    for (region, addr) in &cells {
-        floor_cmd.arg("--cell").arg(format!("{region}={addr}"));
-    }
-    let mut floor = Process::spawn("pingora-floor", floor_cmd, &cluster.root.join("logs"))
-        .with_context(|| {
-            format!(
-                "cannot start {} (build the bench binaries)",
-                floor_bin.display()
-            )
-        })?;
-    cluster
-        .wait_http_ok(
-            &format!("http://{floor_addr}/v1/region"),
-            Duration::from_secs(10),
-            "pingora-floor",
-        )
-        .await?;
-    let floor_pid = floor.pid();
+    // nginx and the floor beside them, when they are measured.
+    let wants = |t: &str| args.targets.iter().any(|x| x == t);
+    let nginx = if wants("nginx") {
+        Some(start_nginx(&cluster, &args, &cells, &router_tls).await?)
+    } else {
+        None
+    };
+    let nginx_pids = nginx
+        .as_ref()
+        .map(|(_, pids, _)| pids.clone())
+        .unwrap_or_default();
+    let floor = if wants("floor") {
+        Some(start_floor(&cluster, &cells, &router_tls).await?)
+    } else {
+        None
+    };
 
     let plain = |addr| Target { addr, tls: None };
     let requests = |path: &'static str, with_token: bool| -> Vec<Request> {
@@ -516,13 +549,13 @@ async fn main() -> Result<()> {
                     ),
                     "floor" => (
                         reqs.iter()
-                            .map(|r| (plain(floor_addr), r.clone()))
+                            .map(|r| (plain(floor.as_ref().expect("started").1), r.clone()))
                             .collect(),
-                        vec![floor_pid],
+                        vec![floor.as_ref().expect("started").0.pid()],
                     ),
                     "nginx" => (
                         reqs.iter()
-                            .map(|r| (plain(nginx_addr), r.clone()))
+                            .map(|r| (plain(nginx.as_ref().expect("started").2), r.clone()))
                             .collect(),
                         nginx_pids.clone(),
                     ),
@@ -550,7 +583,18 @@ async fn main() -> Result<()> {
             }
         }
     }
-    nginx.terminate(Duration::from_secs(5));
-    floor.terminate(Duration::from_secs(5));
+    if let Some((mut p, ..)) = nginx {
+        p.terminate(Duration::from_secs(5));
+    }
+    if let Some((mut p, _)) = floor {
+        p.terminate(Duration::from_secs(5));
+    }
+    // The router stops as an operator stops it, not killed: a router built
+    // to record a profile (deploy/build-router-pgo) writes it as it exits.
+    if let Some(p) = cluster.routers[0].process.as_mut()
+        && !p.terminate(Duration::from_secs(10))
+    {
+        bail!("the router did not stop within 10 s of SIGTERM");
+    }
     Ok(())
 }
