@@ -88,6 +88,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
                 config.login_attempts_per_ip_per_minute,
             ),
             peers,
+            tokens: Default::default(),
         },
         money: money.clone(),
         notices: notices.clone(),

@@ -106,8 +106,22 @@ pub trait KeySet {
     fn key(&self, kid: &str) -> Option<(Vec<u8>, String)>;
 }
 
+/// A verified token's claims, and the key that signed it.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub claims: Claims,
+    pub kid: String,
+    pub public_key: Vec<u8>,
+}
+
 /// Verifies signature, issuer, expiry and not-before. `now` in unix seconds.
 pub fn verify(token: &str, keys: &impl KeySet, now: i64) -> Result<Claims, TokenError> {
+    verify_with_key(token, keys, now).map(|v| v.claims)
+}
+
+/// `verify`, also telling which key signed the token (what a cache of
+/// verified tokens checks is still published: token_cache.rs).
+pub fn verify_with_key(token: &str, keys: &impl KeySet, now: i64) -> Result<Verified, TokenError> {
     if token.len() > 4096 {
         return Err(TokenError::Malformed);
     }
@@ -146,7 +160,11 @@ pub fn verify(token: &str, keys: &impl KeySet, now: i64) -> Result<Claims, Token
     if claims.iat > now + 60 {
         return Err(TokenError::NotYetValid);
     }
-    Ok(claims)
+    Ok(Verified {
+        claims,
+        kid: header.kid,
+        public_key: public,
+    })
 }
 
 /// The JWK of an Ed25519 public key (RFC 8037).

@@ -16,5 +16,6 @@ pub mod replica;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod token_cache;
 pub mod trace;
 pub mod webhook;

@@ -17,7 +17,6 @@ pub mod public_tls;
 pub mod ratelimit;
 pub mod route_key;
 pub mod routes;
-pub mod tokens;
 
 use anyhow::Result;
 use arc_swap::ArcSwap;
@@ -72,7 +71,7 @@ pub fn run(config: config::RouterConfig, config_path: Option<std::path::PathBuf>
     let router = proxy::Router {
         table: table.clone(),
         replica: replica.clone(),
-        tokens: Arc::new(tokens::TokenCache::default()),
+        tokens: Arc::new(homecell_common::token_cache::TokenCache::default()),
         directory_key: Arc::new(homecell_common::directory_key::DirectoryKey::load(
             &config.directory_key_file,
         )?),

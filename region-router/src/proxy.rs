@@ -8,11 +8,11 @@ use crate::decide::{self, Basis, Refusal};
 use crate::metrics;
 use crate::route_key::{self, BodyRoute, MAX_ROUTED_BODY};
 use crate::routes::{RouteTable, Upstream};
-use crate::tokens::TokenCache;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use homecell_common::directory_key::DirectoryKey;
 use homecell_common::replica::Replica;
+use homecell_common::token_cache::TokenCache;
 use homecell_common::trace::TraceParent;
 use homecell_proto::ErrorCode;
 use homecell_proto::error::{PROBLEM_CONTENT_TYPE, Problem};
@@ -234,10 +234,10 @@ impl Router {
             }
             None => None,
         };
-        self.rate_limit(session, table, token.as_ref().map(|v| v.user_id.as_str()))?;
+        self.rate_limit(session, table, token.as_ref().map(|v| v.sub.as_str()))?;
         // The directory's home for the token's user wins over the claim in
         // the token: it changes when a user moves, the token does not.
-        let token_home = token.map(|v| match state.user_region(&v.user_id) {
+        let token_home = token.map(|v| match state.user_region(&v.sub) {
             Some(r) if r != v.home => r.to_string(),
             _ => v.home,
         });
