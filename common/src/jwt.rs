@@ -104,6 +104,15 @@ impl SigningKey {
 pub trait KeySet {
     /// Returns (public key, issuer) for `kid`.
     fn key(&self, kid: &str) -> Option<(Vec<u8>, String)>;
+
+    /// Whether `kid` is still published as `public_key` for `issuer`: what
+    /// a remembered token is checked against on every use (token_cache.rs).
+    /// Key sets on a request path compare in place instead of copying the
+    /// key out.
+    fn publishes(&self, kid: &str, public_key: &[u8], issuer: &str) -> bool {
+        self.key(kid)
+            .is_some_and(|(pk, iss)| pk == public_key && iss == issuer)
+    }
 }
 
 /// A verified token's claims, and the key that signed it.

@@ -213,6 +213,17 @@ impl crate::jwt::KeySet for ReplicaState {
                 .map(|k| (k.public_key.clone(), format!("cell.{}", r.id)))
         })
     }
+
+    fn publishes(&self, kid: &str, public_key: &[u8], issuer: &str) -> bool {
+        issuer
+            .strip_prefix("cell.")
+            .and_then(|region| self.regions.get(region))
+            .is_some_and(|r| {
+                r.signing_keys
+                    .iter()
+                    .any(|k| k.kid == kid && k.public_key == public_key)
+            })
+    }
 }
 
 fn config_row_key(key: &str, region: &str) -> String {
@@ -838,6 +849,30 @@ mod tests {
         assert_eq!(s.config_value("k", "eu-west"), Some(&v(2)));
         assert_eq!(s.config_value("k", "cn-east"), Some(&v(1)));
         assert_eq!(s.config_value("x", "cn-east"), None);
+    }
+
+    #[test]
+    fn a_published_key_is_checked_in_place_as_key_finds_it() {
+        use crate::jwt::KeySet;
+        use homecell_proto::control::SigningKey;
+        let mut state = ReplicaState::default();
+        for (id, kid) in [("cn-east", "k1"), ("eu-west", "k2")] {
+            let mut r = region(id);
+            r.signing_keys.push(SigningKey {
+                kid: kid.into(),
+                public_key: vec![kid.as_bytes()[1]; 32],
+                ..Default::default()
+            });
+            state.regions.insert(id.into(), r);
+        }
+        let (pk, issuer) = state.key("k2").unwrap();
+        assert_eq!(issuer, "cell.eu-west");
+        assert!(state.publishes("k2", &pk, &issuer));
+        // Another key, another issuer, another kid, or no such region.
+        assert!(!state.publishes("k2", &[0; 32], &issuer));
+        assert!(!state.publishes("k2", &pk, "cell.cn-east"));
+        assert!(!state.publishes("k1", &pk, &issuer));
+        assert!(!state.publishes("k2", &pk, "eu-west"));
     }
 }
 

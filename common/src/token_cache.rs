@@ -8,9 +8,9 @@
 //! that signed it is still published, unchanged and for the same issuer, so
 //! retiring a key ends its tokens at once, remembered or not.
 
-use crate::jwt::{self, Claims, KeySet, TokenError, Verified};
+use crate::jwt::{self, Claims, KeySet, TokenError};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Shards, so that concurrent requests rarely wait on one lock.
 const SHARDS: usize = 16;
@@ -18,8 +18,16 @@ const SHARDS: usize = 16;
 /// if that is not enough, all of them (they verify again).
 const MAX_PER_SHARD: usize = 16_384;
 
+/// A verified token: its claims (shared, so a hit copies no strings) and
+/// the key that signed it.
+struct Entry {
+    claims: Arc<Claims>,
+    kid: String,
+    public_key: Vec<u8>,
+}
+
 pub struct TokenCache {
-    shards: Vec<Mutex<HashMap<[u8; 32], Verified>>>,
+    shards: Vec<Mutex<HashMap<[u8; 32], Entry>>>,
 }
 
 impl Default for TokenCache {
@@ -33,21 +41,23 @@ impl Default for TokenCache {
 impl TokenCache {
     /// The claims of `token` if it is valid now (as `jwt::verify` decides),
     /// from memory when this token was verified before.
-    pub fn verify(&self, token: &str, keys: &impl KeySet, now: i64) -> Result<Claims, TokenError> {
+    pub fn verify(
+        &self,
+        token: &str,
+        keys: &impl KeySet,
+        now: i64,
+    ) -> Result<Arc<Claims>, TokenError> {
         let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
         let key: [u8; 32] = digest.as_ref().try_into().expect("32 bytes");
         let shard = &self.shards[key[0] as usize % SHARDS];
         {
             let mut map = shard.lock().expect("poisoned");
-            if let Some(v) = map.get(&key) {
-                if v.claims.exp <= now {
+            if let Some(e) = map.get(&key) {
+                if e.claims.exp <= now {
                     return Err(TokenError::Expired);
                 }
-                let same_key = keys.key(&v.kid).is_some_and(|(public_key, issuer)| {
-                    public_key == v.public_key && issuer == v.claims.iss
-                });
-                if same_key {
-                    return Ok(v.claims.clone());
+                if keys.publishes(&e.kid, &e.public_key, &e.claims.iss) {
+                    return Ok(e.claims.clone());
                 }
                 // Its key was retired or replaced: verify it afresh, which
                 // refuses it unless a published key still signs it.
@@ -55,7 +65,7 @@ impl TokenCache {
             }
         }
         let v = jwt::verify_with_key(token, keys, now)?;
-        let claims = v.claims.clone();
+        let claims = Arc::new(v.claims);
         let mut map = shard.lock().expect("poisoned");
         if map.len() >= MAX_PER_SHARD {
             map.retain(|_, e| e.claims.exp > now);
@@ -63,7 +73,14 @@ impl TokenCache {
                 map.clear();
             }
         }
-        map.insert(key, v);
+        map.insert(
+            key,
+            Entry {
+                claims: claims.clone(),
+                kid: v.kid,
+                public_key: v.public_key,
+            },
+        );
         Ok(claims)
     }
 }
@@ -72,14 +89,32 @@ impl TokenCache {
 mod tests {
     use super::*;
     use crate::jwt::SigningKey;
-    use std::cell::RefCell;
+    use std::cell::{Cell, RefCell};
 
-    /// One published key, which a test can retire or replace.
-    struct Keys(RefCell<Option<Vec<u8>>>);
+    /// One published key, which a test can retire or replace, counting
+    /// the lookups a full verification makes.
+    #[derive(Default)]
+    struct Keys {
+        published: RefCell<Option<Vec<u8>>>,
+        lookups: Cell<usize>,
+    }
+    impl Keys {
+        fn with(public_key: Vec<u8>) -> Self {
+            let keys = Self::default();
+            keys.published.replace(Some(public_key));
+            keys
+        }
+    }
     impl KeySet for Keys {
         fn key(&self, kid: &str) -> Option<(Vec<u8>, String)> {
-            let k = self.0.borrow().clone()?;
+            self.lookups.set(self.lookups.get() + 1);
+            let k = self.published.borrow().clone()?;
             (kid == "k").then(|| (k, "cell.cn-east".to_string()))
+        }
+        fn publishes(&self, kid: &str, public_key: &[u8], issuer: &str) -> bool {
+            kid == "k"
+                && issuer == "cell.cn-east"
+                && self.published.borrow().as_deref() == Some(public_key)
         }
     }
 
@@ -99,12 +134,15 @@ mod tests {
     #[test]
     fn remembers_a_token_but_still_expires_it() {
         let (k, _) = SigningKey::generate("k".into()).unwrap();
-        let keys = Keys(RefCell::new(Some(k.public_key())));
+        let keys = Keys::with(k.public_key());
         let t = token(&k);
         let cache = TokenCache::default();
         let claims = cache.verify(&t, &keys, 150).unwrap();
         assert_eq!((claims.home.as_str(), claims.roles.len()), ("cn-east", 1));
+        assert_eq!(keys.lookups.get(), 1);
+        // Remembered: no second verification.
         assert_eq!(cache.verify(&t, &keys, 150).unwrap(), claims);
+        assert_eq!(keys.lookups.get(), 1);
         assert_eq!(cache.verify(&t, &keys, 200), Err(TokenError::Expired));
         assert!(cache.verify(&format!("{t}x"), &keys, 150).is_err());
     }
@@ -112,22 +150,22 @@ mod tests {
     #[test]
     fn a_remembered_token_ends_with_its_key() {
         let (k, _) = SigningKey::generate("k".into()).unwrap();
-        let keys = Keys(RefCell::new(Some(k.public_key())));
+        let keys = Keys::with(k.public_key());
         let t = token(&k);
         let cache = TokenCache::default();
         assert!(cache.verify(&t, &keys, 150).is_ok());
 
         // Retired: refused at once, though remembered.
-        keys.0.replace(None);
+        keys.published.replace(None);
         assert_eq!(cache.verify(&t, &keys, 150), Err(TokenError::UnknownKey));
 
         // Replaced under the same kid: the old key's token does not verify.
         let (other, _) = SigningKey::generate("k".into()).unwrap();
-        keys.0.replace(Some(other.public_key()));
+        keys.published.replace(Some(other.public_key()));
         assert_eq!(cache.verify(&t, &keys, 150), Err(TokenError::Signature));
 
         // Published again: verified again.
-        keys.0.replace(Some(k.public_key()));
+        keys.published.replace(Some(k.public_key()));
         assert!(cache.verify(&t, &keys, 150).is_ok());
     }
 }

@@ -239,7 +239,7 @@ impl Router {
         // the token: it changes when a user moves, the token does not.
         let token_home = token.map(|v| match state.user_region(&v.sub) {
             Some(r) if r != v.home => r.to_string(),
-            _ => v.home,
+            _ => v.home.clone(),
         });
         let mut registration = false;
         let chosen: Option<(String, Basis)> = if let Some(r) =

@@ -225,4 +225,13 @@ impl jwt::KeySet for Verifier<'_> {
         }
         jwt::KeySet::key(self.replica, kid)
     }
+
+    fn publishes(&self, kid: &str, public_key: &[u8], issuer: &str) -> bool {
+        let local = self.keys.state.load();
+        if let Some((_, pk, _, _)) = local.verifying.iter().find(|(k, ..)| k == kid) {
+            return pk == public_key
+                && issuer.strip_prefix("cell.") == Some(self.keys.region.as_str());
+        }
+        jwt::KeySet::publishes(self.replica, kid, public_key, issuer)
+    }
 }

@@ -569,6 +569,7 @@ impl Identity {
                 return Err(ended);
             }
         }
+        let claims = Arc::unwrap_or_clone(claims);
         Ok(Principal {
             user_id: claims.sub,
             sid: claims.sid,
