@@ -723,3 +723,55 @@ async fn a_second_router_on_a_taken_port_refuses_to_start() -> Result {
     assert_eq!(r.status(), StatusCode::OK);
     Ok(())
 }
+
+#[tokio::test]
+async fn client_connections_are_spread_over_the_router_workers() -> Result {
+    use tokio::io::AsyncWriteExt;
+    let mut c = Cluster::temp()?;
+    start_standard(&mut c).await?;
+    // Eight keep-alive connections, one request answered on each: the
+    // workers' counts differ by at most two (a worker accepts only while
+    // it holds at most one more than the least loaded; two can race), where
+    // a first-come accept could leave them all on one worker.
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        let mut s = tokio::net::TcpStream::connect(c.routers[0].listen).await?;
+        s.write_all(b"GET /v1/region HTTP/1.1\r\nHost: x\r\nx-home-region: eu-west\r\n\r\n")
+            .await?;
+        let head = read_head(&mut s).await?;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let body = read_body(&mut s, &head).await?;
+        assert!(String::from_utf8_lossy(&body).contains("eu-west"));
+        open.push(s);
+    }
+    let metrics = c.router_metrics(0).await?;
+    let count = |worker: &str| -> Result<i64> {
+        let line = format!("homecell_router_worker_connections{{worker=\"{worker}\"}} ");
+        Ok(metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .ok_or_else(|| anyhow::anyhow!("no count for worker {worker} in {metrics}"))?
+            .trim()
+            .parse()?)
+    };
+    let (a, b) = (count("0")?, count("1")?);
+    assert_eq!(a + b, 8, "{metrics}");
+    assert!((a - b).abs() <= 2, "workers hold {a} and {b} connections");
+    // Closed connections leave the counts.
+    drop(open);
+    let mut left = i64::MAX;
+    for _ in 0..50 {
+        let m = c.router_metrics(0).await?;
+        left = m
+            .lines()
+            .filter(|l| l.starts_with("homecell_router_worker_connections{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+            .sum();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 0, "connections still counted after closing");
+    Ok(())
+}

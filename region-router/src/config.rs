@@ -28,10 +28,10 @@ pub struct RouterConfig {
     pub control_plane: String,
     #[serde(default = "default_cp_name")]
     pub control_plane_name: String,
-    /// Proxy workers: single-threaded runtimes sharing the listening
-    /// sockets, each connection's requests served by one of them, with its own
-    /// idle connections to cells (pool.rs), as nginx runs its worker
-    /// processes. The router refuses to start on a port another process
+    /// Proxy workers: threads with a single-threaded runtime each, sharing
+    /// the listening sockets; a connection is accepted and served by one
+    /// of them, with its own idle connections to cells (pool.rs), as nginx
+    /// runs its worker processes (workers.rs). The router refuses to start on a port another process
     /// already listens on.
     #[serde(default = "default_threads")]
     pub threads: usize,

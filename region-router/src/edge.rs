@@ -163,7 +163,7 @@ fn wants_continue(session: &mut ServerSession) -> bool {
 }
 
 /// Resolves once the server starts shutting down (never if the signal is lost).
-async fn shutting_down(shutdown: &ShutdownWatch) {
+pub(crate) async fn shutting_down(shutdown: &ShutdownWatch) {
     let mut watch = shutdown.clone();
     if watch.wait_for(|down| *down).await.is_err() {
         std::future::pending::<()>().await;

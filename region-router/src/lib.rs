@@ -17,6 +17,7 @@ pub mod public_tls;
 pub mod ratelimit;
 pub mod route_key;
 pub mod routes;
+pub mod workers;
 
 use anyhow::Result;
 use arc_swap::ArcSwap;
@@ -55,8 +56,8 @@ pub fn run(config: config::RouterConfig, config_path: Option<std::path::PathBuf>
     let health = Arc::new(health::Health::default());
     let probe_tls = tls.client_config()?;
 
-    // Each proxy thread is a service of its own (below); one thread is
-    // plenty for the background service.
+    // The proxy's workers are threads of their own (workers.rs); one
+    // thread is plenty for the background service.
     let conf = ServerConf {
         threads: 1,
         work_stealing: false,
@@ -79,34 +80,22 @@ pub fn run(config: config::RouterConfig, config_path: Option<std::path::PathBuf>
         live: reloader.live.clone(),
         limiter: Arc::new(ratelimit::Limiter::default()),
     };
-    // One service of `threads` single-threaded runtimes on one listening
-    // socket: Pingora hands each accepted connection to a random worker,
-    // which serves all its requests (pool.rs keeps idle cell connections
-    // per worker, with no watcher task on another thread; the socket's
-    // readiness still arrives through the accepting worker's reactor). A service per worker on a SO_REUSEPORT port was tried:
-    // Pingora's listener table hands every service that listens on an
-    // address the first one's socket, so the workers shared one accept
-    // queue and one of them took most connections (bench/README.md).
-    // A plain bind first turns a port another process holds into a clean
-    // error.
-    for addr in std::iter::once(config.listen).chain(config.public_tls.as_ref().map(|p| p.listen)) {
-        std::net::TcpListener::bind(addr)
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    // nginx's worker model (workers.rs): `threads` threads, each accepting
+    // on its own reactor and serving its connections there. Binding here
+    // turns a port another process holds into a clean error at start.
+    let mut listeners = vec![workers::Listener::bind(config.listen, None)?];
+    if let Some(p) = &config.public_tls {
+        let cert = public_tls::ReloadingCert::open(p)?;
+        cert.clone().watch(Duration::from_secs(p.reload_secs));
+        tracing::info!(listen = %p.listen, "HTTPS for clients (h2, http/1.1)");
+        let acceptor = public_tls::settings(cert)?.build();
+        listeners.push(workers::Listener::bind(p.listen, Some(acceptor))?);
     }
     let edge = edge::Edge::new(
         router,
         proxy::connector_options(&server.configuration, &config.tls),
     );
-    let mut proxy = pingora::services::listening::Service::new("router".into(), edge);
-    proxy.threads = Some(config.threads);
-    proxy.add_tcp(&config.listen.to_string());
-    if let Some(p) = &config.public_tls {
-        let cert = public_tls::ReloadingCert::open(p)?;
-        cert.clone().watch(Duration::from_secs(p.reload_secs));
-        tracing::info!(listen = %p.listen, "HTTPS for clients (h2, http/1.1)");
-        proxy.add_tls_with_settings(&p.listen.to_string(), None, public_tls::settings(cert)?);
-    }
-    server.add_service(proxy);
+    server.add_service(workers::Workers::new(edge, listeners, config.threads));
     server.add_service(background_service(
         "replica",
         background::Background {

@@ -83,3 +83,16 @@ pub static ROUTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     let _ = prometheus::register(Box::new(c.clone()));
     c
 });
+
+pub static WORKER_CONNECTIONS: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
+    let g = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "homecell_router_worker_connections",
+            "Client connections open on each worker thread",
+        ),
+        &["worker"],
+    )
+    .expect("valid metric");
+    let _ = prometheus::register(Box::new(g.clone()));
+    g
+});

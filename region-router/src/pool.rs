@@ -4,8 +4,8 @@
 //! spawns on a random worker, and wakes that task when the connection is
 //! taken again: with several workers in one service, a wake-up of another
 //! thread on most requests. Here a connection never leaves its thread (each
-//! Pingora worker is a single-threaded runtime, and a client connection's
-//! task stays on the worker it was handed to), so the pool is a plain
+//! worker is a single-threaded runtime, and a client connection is served
+//! by the worker that accepted it, workers.rs), so the pool is a plain
 //! thread-local map with no tasks and no locks. What the watcher did is
 //! done when a connection is taken or returned: one the cell closed while
 //! idle shows as readable (its FIN or close_notify) and is dropped; one idle
