@@ -75,10 +75,6 @@ impl Listener {
             tls: tls.map(Arc::new),
         })
     }
-
-    pub fn local_addr(&self) -> Result<SocketAddr> {
-        Ok(self.socket.local_addr()?)
-    }
 }
 
 /// The Pingora service that runs the workers; Pingora gives it one thread
@@ -197,8 +193,7 @@ impl Worker {
             };
             match accepted {
                 Ok((tcp, peer)) => {
-                    self.load[self.index].inc();
-                    let served = Served(self.clone());
+                    let served = Served::new(self.clone());
                     let tls = tls.clone();
                     tokio::spawn(async move {
                         served.0.serve(tcp, peer, tls).await;
@@ -277,6 +272,13 @@ impl Worker {
 
 /// Counts a connection in its worker's load for as long as it lives.
 struct Served(Arc<Worker>);
+
+impl Served {
+    fn new(worker: Arc<Worker>) -> Self {
+        worker.load[worker.index].inc();
+        Self(worker)
+    }
+}
 
 impl Drop for Served {
     fn drop(&mut self) {
