@@ -417,6 +417,34 @@ async fn listing_and_profiles(db: &Datastore) {
             .is_none(),
         "stale version"
     );
+    // The profile read: the row as updated, roles and identifiers in
+    // order, empty lists as empty.
+    let p = db.profile("l0").await.unwrap().unwrap();
+    assert_eq!(p.user, u);
+    assert_eq!(p.roles, vec!["user"]);
+    assert_eq!(
+        p.identifiers,
+        vec![("username".to_string(), "lister0".to_string())]
+    );
+    let audit = |action: &'static str| AuditEntry {
+        at: NOW,
+        actor: "t",
+        action,
+        target: Some("l0"),
+        details: "{}".into(),
+    };
+    db.set_role("l0", "admin", true, &audit("role.grant"))
+        .await
+        .unwrap();
+    let p = db.profile("l0").await.unwrap().unwrap();
+    assert_eq!(p.roles, vec!["admin", "user"]);
+    for role in ["admin", "user"] {
+        db.set_role("l0", role, false, &audit("role.revoke"))
+            .await
+            .unwrap();
+    }
+    assert!(db.profile("l0").await.unwrap().unwrap().roles.is_empty());
+    assert!(db.profile("nobody").await.unwrap().is_none());
     assert!(db.set_status("l1", "disabled", NOW).await.unwrap());
     assert_eq!(db.user("l1").await.unwrap().unwrap().status, "disabled");
 }

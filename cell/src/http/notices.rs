@@ -279,11 +279,11 @@ pub async fn me(
 ) -> ApiResult<axum::Json<Me>> {
     super::users::at_home(&cell, &p)?;
     let (user, balances, unread) = tokio::join!(
-        cell.identity.user(&p.user_id),
+        cell.identity.profile(&p.user_id),
         cell.db.balances(&p.user_id),
         cell.db.unread_count(&p.user_id, now_ms()),
     );
-    let mut profile = super::users::profile(&cell, user?).await?;
+    let mut profile = super::users::profile(&cell, user?);
     if client == "mp" {
         profile.identifiers.clear();
     }

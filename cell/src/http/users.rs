@@ -2,7 +2,7 @@
 
 use super::{ApiError, ApiResult, Auth, Json, json};
 use crate::identity::keys::now_ms;
-use crate::identity::store::{Address, ProfileFields, User};
+use crate::identity::store::{Address, ProfileFields, User, UserProfile};
 use crate::state::Cell;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -46,28 +46,23 @@ fn etag(u: &User) -> String {
     format!("\"v{}\"", u.version)
 }
 
-async fn profile_response(cell: &Cell, u: User) -> ApiResult<Response> {
-    let tag = etag(&u);
-    let body = profile(cell, u).await?;
-    let mut resp = json(StatusCode::OK, &body);
+fn profile_response(cell: &Cell, p: UserProfile) -> Response {
+    let tag = etag(&p.user);
+    let mut resp = json(StatusCode::OK, &profile(cell, p));
     if let Ok(v) = HeaderValue::from_str(&tag) {
         resp.headers_mut().insert(header::ETAG, v);
     }
-    Ok(resp)
+    resp
 }
 
 /// A user's own profile, with roles and identifiers.
-pub(super) async fn profile(cell: &Cell, u: User) -> ApiResult<Profile> {
-    let roles = cell.db.roles_of(&u.id).await.map_err(CodedError::from)?;
-    let identifiers = cell
-        .db
-        .identifiers(&u.id)
-        .await
-        .map_err(CodedError::from)?
-        .into_iter()
-        .map(|(kind, value)| IdentifierView { kind, value })
-        .collect();
-    Ok(Profile {
+pub(super) fn profile(cell: &Cell, p: UserProfile) -> Profile {
+    let UserProfile {
+        user: u,
+        roles,
+        identifiers,
+    } = p;
+    Profile {
         id: u.id,
         display_name: u.display_name,
         locale: u.locale,
@@ -76,10 +71,13 @@ pub(super) async fn profile(cell: &Cell, u: User) -> ApiResult<Profile> {
         status: u.status,
         home_region: cell.region.clone(),
         roles,
-        identifiers,
+        identifiers: identifiers
+            .into_iter()
+            .map(|(kind, value)| IdentifierView { kind, value })
+            .collect(),
         created_at: u.created_at,
         updated_at: u.updated_at,
-    })
+    }
 }
 
 /// The home cell serves its own users' data only.
@@ -100,8 +98,10 @@ pub(super) fn at_home(
 
 pub async fn me(State(cell): State<Arc<Cell>>, Auth(p): Auth) -> ApiResult<Response> {
     at_home(&cell, &p)?;
-    let u = cell.identity.user(&p.user_id).await?;
-    profile_response(&cell, u).await
+    Ok(profile_response(
+        &cell,
+        cell.identity.profile(&p.user_id).await?,
+    ))
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -200,7 +200,10 @@ pub async fn update_me(
                 "the profile changed since you read it",
             )
         })?;
-    profile_response(&cell, updated).await
+    // The answer shows the row this update wrote, with its ETag.
+    let mut full = cell.identity.profile(&p.user_id).await?;
+    full.user = updated;
+    Ok(profile_response(&cell, full))
 }
 
 #[derive(Deserialize, JsonSchema)]

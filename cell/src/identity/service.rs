@@ -6,7 +6,9 @@
 use super::identifier::Identifier;
 use super::keys::{Keys, Verifier, now_ms};
 use super::password::{self, HashError, Hasher};
-use super::store::{Address, AuditEntry, DbError, NewUser, RefreshOutcome, Session, User};
+use super::store::{
+    Address, AuditEntry, DbError, NewUser, RefreshOutcome, Session, User, UserProfile,
+};
 use crate::db::Datastore;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -749,6 +751,14 @@ impl Identity {
     }
 
     // ------------------------------------------------------------ users
+
+    /// A live user's profile: the user, roles and identifiers.
+    pub async fn profile(&self, id: &str) -> Result<UserProfile, CodedError> {
+        match self.db.profile(id).await? {
+            Some(p) if p.user.status != "deleted" => Ok(p),
+            _ => Err(CodedError::not_found("no such user")),
+        }
+    }
 
     pub async fn user(&self, id: &str) -> Result<User, CodedError> {
         match self.db.user(id).await? {

@@ -54,6 +54,15 @@ pub struct User {
     pub updated_at: i64,
 }
 
+/// A user with their roles and identifiers (`kind`, `value`), as a profile
+/// shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserProfile {
+    pub user: User,
+    pub roles: Vec<String>,
+    pub identifiers: Vec<(String, String)>,
+}
+
 /// A `users` row in `user_cols!()` order.
 pub(crate) type UserTuple = (
     String,
@@ -321,17 +330,60 @@ impl Datastore {
         Ok(row.map(User::from))
     }
 
+    /// A user with roles and identifiers in one statement. The profile
+    /// routes need all three, and on SQLite every statement is a round trip
+    /// to sqlx's connection thread: three reads cost three. The lists come
+    /// back as JSON arrays, each backend's aggregate: roles by name,
+    /// identifiers by kind then value.
+    pub async fn profile(&self, id: &str) -> DbResult<Option<UserProfile>> {
+        const SQLITE: &str = concat!(
+            "SELECT ",
+            user_cols!(),
+            ", (SELECT json_group_array(role ORDER BY role) FROM user_roles WHERE user_id = $1), \
+             (SELECT json_group_array(json_array(kind, value) ORDER BY kind, value) FROM identifiers WHERE user_id = $1) \
+             FROM users WHERE id = $1"
+        );
+        const POSTGRES: &str = concat!(
+            "SELECT ",
+            user_cols!(),
+            ", (SELECT coalesce(json_agg(role ORDER BY role), '[]')::text FROM user_roles WHERE user_id = $1), \
+             (SELECT coalesce(json_agg(json_build_array(kind, value) ORDER BY kind, value), '[]')::text FROM identifiers WHERE user_id = $1) \
+             FROM users WHERE id = $1"
+        );
+        type Row = (
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            i64,
+            i64,
+            i64,
+            String,
+            String,
+        );
+        let row: Option<Row> = match self {
+            Datastore::Sqlite(p, _) => sqlx::query_as(SQLITE).bind(id).fetch_optional(p).await?,
+            Datastore::Postgres(p) => sqlx::query_as(POSTGRES).bind(id).fetch_optional(p).await?,
+        };
+        let Some(r) = row else {
+            return Ok(None);
+        };
+        let decode = |e: serde_json::Error| DbError::Db(sqlx::Error::Decode(e.into()));
+        Ok(Some(UserProfile {
+            user: User::from((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8)),
+            roles: serde_json::from_str(&r.9).map_err(decode)?,
+            identifiers: serde_json::from_str(&r.10).map_err(decode)?,
+        }))
+    }
+
     /// The user id holding an identifier, if any.
     pub async fn user_by_identifier(&self, kind: &str, value: &str) -> DbResult<Option<String>> {
         let sql = "SELECT user_id FROM identifiers WHERE kind = $1 AND value = $2";
         let row: Option<(String,)> =
             on_db!(self, p => sqlx::query_as(sql).bind(kind).bind(value).fetch_optional(p).await?);
         Ok(row.map(|r| r.0))
-    }
-
-    pub async fn identifiers(&self, user_id: &str) -> DbResult<Vec<(String, String)>> {
-        let sql = "SELECT kind, value FROM identifiers WHERE user_id = $1 ORDER BY kind, value";
-        Ok(on_db!(self, p => sqlx::query_as(sql).bind(user_id).fetch_all(p).await?))
     }
 
     /// Updates the profile if `expected_version` is current; returns the new
