@@ -111,6 +111,11 @@ impl Datastore {
                 .foreign_keys(true);
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
+                // sqlx pings a pooled connection before handing it out; on
+                // SQLite that is a round trip to the connection's thread
+                // for every statement, testing a file handle that cannot
+                // hang up (a crashed worker fails the statement itself).
+                .test_before_acquire(false)
                 .connect_with(opts)
                 .await
                 .context("cannot open the SQLite datastore")?;
