@@ -13,7 +13,8 @@
 //! Spreading: every worker's reactor is woken by a new connection and the
 //! first to call `accept` takes it, so a burst would all land on whichever
 //! worker was awake. A worker holding more than one connection above the
-//! least loaded one leaves the accept to the others until that changes.
+//! least loaded one leaves the accept to the others until a connection
+//! opens or closes somewhere (a wake-up, not a poll).
 
 use crate::edge::Edge;
 use crate::metrics::WORKER_CONNECTIONS;
@@ -37,14 +38,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 
 /// How long a client has to finish its TLS handshake (Pingora's default).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// One TCP segment: an answer's header and a small body leave in one send
 /// (Pingora's own default for its buffered streams).
 const WRITE_BUFFER: usize = 1460;
-/// How often a worker that let the others accept looks again.
-const SPREAD_RECHECK: Duration = Duration::from_millis(1);
 /// How long a worker waits for its connections to end at shutdown.
 const DRAIN: Duration = Duration::from_secs(2);
 
@@ -108,11 +108,13 @@ impl pingora::services::Service for Workers {
         let load: Arc<[IntGauge]> = (0..self.threads)
             .map(|i| WORKER_CONNECTIONS.with_label_values(&[i.to_string()]))
             .collect();
+        let load_changed = Arc::new(Notify::new());
         let mut handles = Vec::with_capacity(self.threads);
         for index in 0..self.threads {
             let worker = Worker {
                 index,
                 load: load.clone(),
+                load_changed: load_changed.clone(),
                 edge: self.edge.clone(),
                 shutdown: shutdown.clone(),
             };
@@ -150,6 +152,9 @@ impl pingora::services::Service for Workers {
 struct Worker {
     index: usize,
     load: Arc<[IntGauge]>,
+    /// Told whenever any worker's count changes: what a worker that let
+    /// the others accept waits for.
+    load_changed: Arc<Notify>,
     edge: Arc<Edge>,
     shutdown: ShutdownWatch,
 }
@@ -180,9 +185,17 @@ impl Worker {
     /// this thread.
     async fn accept(self: Arc<Self>, socket: &TcpListener, tls: &Option<Arc<Acceptor>>) {
         loop {
-            while !self.may_accept() {
+            loop {
+                // Registered before the check, so a change in between
+                // still wakes this worker.
+                let changed = self.load_changed.notified();
+                let mut changed = std::pin::pin!(changed);
+                changed.as_mut().enable();
+                if self.may_accept() {
+                    break;
+                }
                 tokio::select! {
-                    _ = tokio::time::sleep(SPREAD_RECHECK) => {}
+                    _ = changed => {}
                     _ = crate::edge::shutting_down(&self.shutdown) => return,
                 }
             }
@@ -276,6 +289,7 @@ struct Served(Arc<Worker>);
 impl Served {
     fn new(worker: Arc<Worker>) -> Self {
         worker.load[worker.index].inc();
+        worker.load_changed.notify_waiters();
         Self(worker)
     }
 }
@@ -283,6 +297,7 @@ impl Served {
 impl Drop for Served {
     fn drop(&mut self) {
         self.0.load[self.0.index].dec();
+        self.0.load_changed.notify_waiters();
     }
 }
 
