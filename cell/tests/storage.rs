@@ -450,8 +450,11 @@ async fn listing_and_profiles(db: &Datastore) {
 }
 
 async fn signing_keys(db: &Datastore) {
-    use homecell_cell::identity::keys::{Keys, rotate};
+    use homecell_cell::identity::keys::{Keys, Verifier, rotate};
     use homecell_cell::identity::seal::{Seal, is_sealed};
+    use homecell_common::jwt::KeySet;
+    use homecell_common::replica::ReplicaState;
+    use homecell_proto::control::{Region, SigningKey, Snapshot};
     // Stored plain, as before cells had seals.
     let k1 = rotate(db, "cn-east", None).await.unwrap();
     let k2 = rotate(db, "cn-east", None).await.unwrap();
@@ -478,6 +481,42 @@ async fn signing_keys(db: &Datastore) {
     let k3 = rotate(db, "cn-east", Some(&seal())).await.unwrap();
     let keys = Keys::open(db, "cn-east", Some(seal())).await.unwrap();
     assert_eq!(keys.signer().kid, k3);
+
+    // What a remembered token is checked against on every use: a local key
+    // is published for this cell's issuer only, as its own public key;
+    // another region's key is whatever region metadata says.
+    let pk3 = db
+        .signing_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.kid == k3)
+        .unwrap()
+        .public_key;
+    let replica = ReplicaState::from_snapshot(Snapshot {
+        regions: vec![Region {
+            id: "eu-west".into(),
+            signing_keys: vec![SigningKey {
+                kid: "eu-1".into(),
+                public_key: vec![7; 32],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let v = Verifier {
+        keys: &keys,
+        replica: &replica,
+    };
+    assert_eq!(v.key(&k3), Some((pk3.clone(), "cell.cn-east".to_string())));
+    assert!(v.publishes(&k3, &pk3, "cell.cn-east"));
+    assert!(!v.publishes(&k3, &pk3, "cell.eu-west"), "another issuer");
+    assert!(!v.publishes(&k3, &[0; 32], "cell.cn-east"), "another key");
+    assert!(v.publishes("eu-1", &[7; 32], "cell.eu-west"));
+    assert!(!v.publishes("eu-1", &[7; 32], "cell.cn-east"));
+    assert!(!v.publishes("eu-1", &[8; 32], "cell.eu-west"));
+    assert!(!v.publishes("unknown", &pk3, "cell.cn-east"));
     // Without the seal, or with another, the cell does not start.
     let e = Keys::open(db, "cn-east", None)
         .await
