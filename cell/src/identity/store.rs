@@ -63,18 +63,27 @@ pub struct UserProfile {
     pub identifiers: Vec<(String, String)>,
 }
 
+/// The tuple type of a `users` row in `user_cols!()` order, followed by
+/// the types of any columns a query selects after them.
+macro_rules! user_tuple {
+    ($($more:ty),*) => {
+        (
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            i64,
+            i64,
+            i64,
+            $($more),*
+        )
+    };
+}
+
 /// A `users` row in `user_cols!()` order.
-pub(crate) type UserTuple = (
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    i64,
-    i64,
-    i64,
-);
+pub(crate) type UserTuple = user_tuple!();
 
 impl From<UserTuple> for User {
     fn from(t: UserTuple) -> Self {
@@ -350,19 +359,8 @@ impl Datastore {
              (SELECT coalesce(json_agg(json_build_array(kind, value) ORDER BY kind, value), '[]')::text FROM identifiers WHERE user_id = $1) \
              FROM users WHERE id = $1"
         );
-        type Row = (
-            String,
-            String,
-            String,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            i64,
-            i64,
-            i64,
-            String,
-            String,
-        );
+        // The user's columns, then the two lists.
+        type Row = user_tuple!(String, String);
         let row: Option<Row> = match self {
             Datastore::Sqlite(p, _) => sqlx::query_as(SQLITE).bind(id).fetch_optional(p).await?,
             Datastore::Postgres(p) => sqlx::query_as(POSTGRES).bind(id).fetch_optional(p).await?,
