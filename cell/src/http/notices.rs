@@ -278,12 +278,12 @@ pub async fn me(
     ClientType(client): ClientType,
 ) -> ApiResult<axum::Json<Me>> {
     super::users::at_home(&cell, &p)?;
-    let (user, balances, unread) = tokio::join!(
+    let (full, balances, unread) = tokio::join!(
         cell.identity.profile(&p.user_id),
         cell.db.balances(&p.user_id),
         cell.db.unread_count(&p.user_id, now_ms()),
     );
-    let mut profile = super::users::profile(&cell, user?);
+    let mut profile = super::users::profile(&cell, full?);
     if client == "mp" {
         profile.identifiers.clear();
     }

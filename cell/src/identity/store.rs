@@ -341,7 +341,8 @@ impl Datastore {
 
     /// A user with roles and identifiers in one statement. The profile
     /// routes need all three, and on SQLite every statement is a round trip
-    /// to sqlx's connection thread: three reads cost three. The lists come
+    /// to sqlx's connection thread, which three separate reads would pay
+    /// three times. The lists come
     /// back as JSON arrays, each backend's aggregate: roles by name,
     /// identifiers by kind then value.
     pub async fn profile(&self, id: &str) -> DbResult<Option<UserProfile>> {
