@@ -589,6 +589,28 @@ async fn moving_a_user(db: &Datastore) {
         Err(DbError::Conflict)
     ));
     assert!(db.user("mv2").await.unwrap().is_none());
+
+    // A moved-in user can hold several identifiers: the profile lists
+    // them by kind, then value, whatever order they came in.
+    let mut several = bundle.clone();
+    several.user.0 = "mv3".into();
+    several.identifiers = vec![
+        ("username".into(), "mv3".into()),
+        ("email".into(), "z-mv3@x.io".into()),
+        ("email".into(), "a-mv3@x.io".into()),
+    ];
+    several.addresses.clear();
+    several.inbox.clear();
+    several.wechat.clear();
+    db.import_user(&several).await.unwrap();
+    assert_eq!(
+        db.profile("mv3").await.unwrap().unwrap().identifiers,
+        vec![
+            ("email".to_string(), "a-mv3@x.io".to_string()),
+            ("email".to_string(), "z-mv3@x.io".to_string()),
+            ("username".to_string(), "mv3".to_string()),
+        ]
+    );
 }
 
 async fn suite(db: Datastore) {

@@ -89,6 +89,11 @@ async fn register_login_refresh_profile_logout() -> Result {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.body["display_name"], "Alice");
     assert_ne!(r.header("etag"), Some(etag.as_str()));
+    // The answer is the whole profile, as a read gives it.
+    assert_eq!(r.body["roles"], json!(["user"]));
+    assert_eq!(r.body["identifiers"][0]["value"], "alice@example.com");
+    let again = me.get("/v1/users/me").await?;
+    assert_eq!(again.header("etag"), r.header("etag"));
     let r = me
         .call(
             Method::PUT,

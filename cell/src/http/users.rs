@@ -140,7 +140,9 @@ pub async fn update_me(
         )
         .into());
     };
-    let current = cell.identity.user(&p.user_id).await?;
+    // Read whole once: the answer shows these roles and identifiers
+    // beside the row the update writes.
+    let mut current = cell.identity.profile(&p.user_id).await?;
     let expected: i64 = if_match
         .trim()
         .trim_start_matches("W/")
@@ -185,10 +187,13 @@ pub async fn update_me(
             &p.user_id,
             expected,
             &ProfileFields {
-                display_name: name.unwrap_or(&current.display_name),
-                locale: r.locale.as_deref().or(current.locale.as_deref()),
-                bio: r.bio.as_deref().or(current.bio.as_deref()),
-                avatar_url: r.avatar_url.as_deref().or(current.avatar_url.as_deref()),
+                display_name: name.unwrap_or(&current.user.display_name),
+                locale: r.locale.as_deref().or(current.user.locale.as_deref()),
+                bio: r.bio.as_deref().or(current.user.bio.as_deref()),
+                avatar_url: r
+                    .avatar_url
+                    .as_deref()
+                    .or(current.user.avatar_url.as_deref()),
             },
             now_ms(),
         )
@@ -200,10 +205,8 @@ pub async fn update_me(
                 "the profile changed since you read it",
             )
         })?;
-    // The answer shows the row this update wrote, with its ETag.
-    let mut full = cell.identity.profile(&p.user_id).await?;
-    full.user = updated;
-    Ok(profile_response(&cell, full))
+    current.user = updated;
+    Ok(profile_response(&cell, current))
 }
 
 #[derive(Deserialize, JsonSchema)]
