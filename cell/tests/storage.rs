@@ -22,6 +22,23 @@ async fn user(db: &Datastore, id: &str, ident: &str) {
     .unwrap();
 }
 
+/// Whether session `sid` of `user` lives, as the session check sees it;
+/// the own-profile read, which makes the same check in its statement, must
+/// agree, and answer with the profile `profile` reads.
+async fn alive(db: &Datastore, sid: &str, user: &str, now: i64) -> bool {
+    let live = db.session_alive(sid, user, now).await.unwrap();
+    let own = db.profile_in_session(user, sid, now).await.unwrap();
+    assert_eq!(own.is_some(), live, "session {sid} of {user}");
+    if let Some(own) = own {
+        let p = db.profile(user).await.unwrap().unwrap();
+        assert_eq!(
+            (own.user.id, own.user.version, own.roles, own.identifiers),
+            (p.user.id, p.user.version, p.roles, p.identifiers)
+        );
+    }
+    live
+}
+
 fn session(id: &str, user: &str, ct: &str) -> Session {
     Session {
         id: id.into(),
@@ -105,14 +122,11 @@ async fn one_session_per_client_type(db: &Datastore) {
             .as_deref(),
         Some("s1")
     );
-    assert!(!db.session_alive("s1", "s", NOW).await.unwrap());
-    assert!(db.session_alive("s2", "s", NOW).await.unwrap());
-    assert!(db.session_alive("s3", "s", NOW).await.unwrap());
-    assert!(!db.session_alive("s3", "someone-else", NOW).await.unwrap());
-    assert!(
-        !db.session_alive("s3", "s", NOW + 3_600_000).await.unwrap(),
-        "expired"
-    );
+    assert!(!alive(db, "s1", "s", NOW).await);
+    assert!(alive(db, "s2", "s", NOW).await);
+    assert!(alive(db, "s3", "s", NOW).await);
+    assert!(!alive(db, "s3", "someone-else", NOW).await);
+    assert!(!alive(db, "s3", "s", NOW + 3_600_000).await, "expired");
     assert_eq!(db.sessions_of("s", NOW).await.unwrap().len(), 2);
     // Concurrent logins on one client type leave exactly one active session.
     let opened = join_all((0..8).map(|i| {
@@ -150,7 +164,7 @@ async fn refresh_rotation_and_reuse(db: &Datastore) {
         db.rotate_refresh("t0", "tx", NOW).await.unwrap(),
         RefreshOutcome::Reused
     ));
-    assert!(!db.session_alive("rs", "r", NOW).await.unwrap());
+    assert!(!alive(db, "rs", "r", NOW).await);
     assert!(matches!(
         db.rotate_refresh("t2", "t3", NOW).await.unwrap(),
         RefreshOutcome::Invalid
@@ -193,7 +207,7 @@ async fn refresh_rotation_and_reuse(db: &Datastore) {
         matches!(db.rotate_refresh("a0", "a1", NOW).await.unwrap(), RefreshOutcome::Rotated(s) if s.id == "fa"),
         "the failed rotation must leave its token unused"
     );
-    assert!(db.session_alive("fa", "f", NOW).await.unwrap());
+    assert!(alive(db, "fa", "f", NOW).await);
 }
 
 async fn password_resets(db: &Datastore) {
@@ -245,7 +259,7 @@ async fn password_resets(db: &Datastore) {
         db.password_hash("pr").await.unwrap().as_deref(),
         Some("newhash")
     );
-    assert!(!db.session_alive("prs", "pr", NOW + 8).await.unwrap());
+    assert!(!alive(db, "prs", "pr", NOW + 8).await);
     assert!(db.live_reset("pr", NOW + 900_001).await.unwrap().is_none());
 }
 
@@ -354,7 +368,7 @@ async fn roles_audit_and_anonymisation(db: &Datastore) {
     );
     assert!(db.addresses("adm").await.unwrap().is_empty());
     assert!(db.password_hash("adm").await.unwrap().is_none());
-    assert!(!db.session_alive("anon-s", "adm", NOW).await.unwrap());
+    assert!(!alive(db, "anon-s", "adm", NOW).await);
     // The identifier can be registered again.
     user(db, "adm2", "adm@x.io").await;
 }
@@ -542,14 +556,14 @@ async fn moving_a_user(db: &Datastore) {
     db.open_session(&session("mv-s", "mv", "app"), "mv-r")
         .await
         .unwrap();
-    assert!(db.session_alive("mv-s", "mv", NOW).await.unwrap());
+    assert!(alive(db, "mv-s", "mv", NOW).await);
     assert!(!db.holds_money("mv").await.unwrap());
     assert_eq!(
         db.freeze_user("mv", NOW).await.unwrap().as_deref(),
         Some("active")
     );
     assert!(
-        !db.session_alive("mv-s", "mv", NOW).await.unwrap(),
+        !alive(db, "mv-s", "mv", NOW).await,
         "a frozen user's sessions end"
     );
     assert_eq!(db.user("mv").await.unwrap().unwrap().status, "disabled");

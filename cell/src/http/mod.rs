@@ -11,7 +11,7 @@ pub mod region;
 pub mod users;
 pub mod wallet;
 
-use crate::identity::service::{CLIENT_TYPES, Principal};
+use crate::identity::service::{CLIENT_TYPES, Principal, Verified};
 use crate::state::Cell;
 use axum::{
     Router,
@@ -85,6 +85,19 @@ impl FromRequestParts<Arc<Cell>> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, cell: &Arc<Cell>) -> Result<Self, ApiError> {
+        let Bearer(token) = Bearer::from_request_parts(parts, cell).await?;
+        Ok(Self(cell.identity.confirm(token).await?))
+    }
+}
+
+/// A verified bearer token whose session is yet to be checked, for a route
+/// that checks it in its own read (`Identity::own_profile`).
+pub struct Bearer(pub Verified);
+
+impl FromRequestParts<Arc<Cell>> for Bearer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, cell: &Arc<Cell>) -> Result<Self, ApiError> {
         let token = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -96,7 +109,7 @@ impl FromRequestParts<Arc<Cell>> for Auth {
                     "a bearer access token is required",
                 )
             })?;
-        Ok(Self(cell.identity.authenticate(token.trim()).await?))
+        Ok(Self(cell.identity.verify(token.trim())?))
     }
 }
 

@@ -1,7 +1,8 @@
 //! `/v1/users/*`: profiles (with ETag / If-Match), addresses, deletion.
 
-use super::{ApiError, ApiResult, Auth, Json, json};
+use super::{ApiError, ApiResult, Auth, Bearer, Json, json};
 use crate::identity::keys::now_ms;
+use crate::identity::service::not_at_home;
 use crate::identity::store::{Address, ProfileFields, User, UserProfile};
 use crate::state::Cell;
 use axum::extract::{Path, State};
@@ -88,19 +89,14 @@ pub(super) fn at_home(
     if p.home == cell.region {
         Ok(())
     } else {
-        Err(CodedError::new(
-            ErrorCode::FailedPrecondition,
-            "this is not the user's home region",
-        )
-        .into())
+        Err(not_at_home().into())
     }
 }
 
-pub async fn me(State(cell): State<Arc<Cell>>, Auth(p): Auth) -> ApiResult<Response> {
-    at_home(&cell, &p)?;
+pub async fn me(State(cell): State<Arc<Cell>>, Bearer(token): Bearer) -> ApiResult<Response> {
     Ok(profile_response(
         &cell,
-        cell.identity.profile(&p.user_id).await?,
+        cell.identity.own_profile(token).await?,
     ))
 }
 

@@ -154,6 +154,24 @@ pub struct Principal {
     pub roles: Vec<String>,
 }
 
+/// An access token that passed [`Identity::verify`], its session not yet
+/// checked. It names no one a handler may act for: only
+/// [`Identity::confirm`], or a read that checks the session in the same
+/// statement, turns it into a user.
+pub struct Verified(Arc<Claims>);
+
+fn session_ended() -> CodedError {
+    CodedError::new(ErrorCode::Unauthenticated, "the session has ended")
+}
+
+/// The home cell serves its own users' data only.
+pub fn not_at_home() -> CodedError {
+    CodedError::new(
+        ErrorCode::FailedPrecondition,
+        "this is not the user's home region",
+    )
+}
+
 #[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct TokenPair {
     pub access_token: String,
@@ -525,6 +543,13 @@ impl Identity {
     /// Verifies an access token; at the home cell, also that its session is
     /// alive (so a logout or a newer login takes effect on the next request).
     pub async fn authenticate(&self, bearer: &str) -> Result<Principal, CodedError> {
+        let token = self.verify(bearer)?;
+        self.confirm(token).await
+    }
+
+    /// The checks of an access token that need no datastore: signature,
+    /// issuer and expiry, and that its user has not moved away.
+    pub fn verify(&self, bearer: &str) -> Result<Verified, CodedError> {
         let state = self.replica.state();
         let verifier = Verifier {
             keys: &self.keys,
@@ -540,7 +565,6 @@ impl Identity {
                 };
                 CodedError::new(ErrorCode::Unauthenticated, why)
             })?;
-        let ended = CodedError::new(ErrorCode::Unauthenticated, "the session has ended");
         // A token that names us as home, for a user the directory homes
         // elsewhere: the user moved. The router follows this answer once.
         if claims.home == self.region
@@ -549,13 +573,19 @@ impl Identity {
         {
             return Err(CodedError::moved(home));
         }
+        Ok(Verified(claims))
+    }
+
+    /// The session check that makes a verified token a [`Principal`].
+    pub async fn confirm(&self, token: Verified) -> Result<Principal, CodedError> {
+        let claims = token.0;
         if claims.home == self.region {
             if !self
                 .db
                 .session_alive(&claims.sid, &claims.sub, now_ms())
                 .await?
             {
-                return Err(ended);
+                return Err(session_ended());
             }
         } else {
             use crate::peers::SessionState;
@@ -568,7 +598,7 @@ impl Identity {
                 .session_state(&claims.home, &claims.sid, &claims.sub)
                 .await;
             if state == SessionState::Ended {
-                return Err(ended);
+                return Err(session_ended());
             }
         }
         let claims = Arc::unwrap_or_clone(claims);
@@ -579,6 +609,22 @@ impl Identity {
             home: claims.home,
             roles: claims.roles,
         })
+    }
+
+    /// The token's own profile (`GET /v1/users/me`, the hottest
+    /// authenticated read): at home, the session check and the read are one
+    /// statement, where `confirm` then `profile` would be two.
+    pub async fn own_profile(&self, token: Verified) -> Result<UserProfile, CodedError> {
+        if token.0.home != self.region {
+            // Checked as any request is, then refused: the data lives at home.
+            self.confirm(token).await?;
+            return Err(not_at_home());
+        }
+        let c = &token.0;
+        self.db
+            .profile_in_session(&c.sub, &c.sid, now_ms())
+            .await?
+            .ok_or_else(session_ended)
     }
 
     /// Refuses unless the caller (at its home cell) holds `permission` now.

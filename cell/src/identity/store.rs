@@ -108,6 +108,28 @@ macro_rules! user_cols {
     };
 }
 
+/// A profile's columns: the user's, then its roles (by name) and its
+/// identifiers (by kind, then value) as JSON arrays, each backend's
+/// aggregate. The statement's `$1` is the user's id.
+macro_rules! profile_select {
+    (sqlite) => {
+        concat!(
+            "SELECT ",
+            user_cols!(),
+            ", (SELECT json_group_array(role ORDER BY role) FROM user_roles WHERE user_id = $1), \
+             (SELECT json_group_array(json_array(kind, value) ORDER BY kind, value) FROM identifiers WHERE user_id = $1)"
+        )
+    };
+    (postgres) => {
+        concat!(
+            "SELECT ",
+            user_cols!(),
+            ", (SELECT coalesce(json_agg(role ORDER BY role), '[]')::text FROM user_roles WHERE user_id = $1), \
+             (SELECT coalesce(json_agg(json_build_array(kind, value) ORDER BY kind, value), '[]')::text FROM identifiers WHERE user_id = $1)"
+        )
+    };
+}
+
 /// The editable part of a profile.
 pub struct ProfileFields<'a> {
     pub display_name: &'a str,
@@ -342,29 +364,67 @@ impl Datastore {
     /// A user with roles and identifiers in one statement. The profile
     /// routes need all three, and on SQLite every statement is a round trip
     /// to sqlx's connection thread, which three separate reads would pay
-    /// three times. The lists come
-    /// back as JSON arrays, each backend's aggregate: roles by name,
-    /// identifiers by kind then value.
+    /// three times.
     pub async fn profile(&self, id: &str) -> DbResult<Option<UserProfile>> {
-        const SQLITE: &str = concat!(
-            "SELECT ",
-            user_cols!(),
-            ", (SELECT json_group_array(role ORDER BY role) FROM user_roles WHERE user_id = $1), \
-             (SELECT json_group_array(json_array(kind, value) ORDER BY kind, value) FROM identifiers WHERE user_id = $1) \
-             FROM users WHERE id = $1"
-        );
-        const POSTGRES: &str = concat!(
-            "SELECT ",
-            user_cols!(),
-            ", (SELECT coalesce(json_agg(role ORDER BY role), '[]')::text FROM user_roles WHERE user_id = $1), \
-             (SELECT coalesce(json_agg(json_build_array(kind, value) ORDER BY kind, value), '[]')::text FROM identifiers WHERE user_id = $1) \
-             FROM users WHERE id = $1"
-        );
+        const SQLITE: &str = concat!(profile_select!(sqlite), " FROM users WHERE id = $1");
+        const POSTGRES: &str = concat!(profile_select!(postgres), " FROM users WHERE id = $1");
+        self.profile_where(SQLITE, POSTGRES, id, None).await
+    }
+
+    /// `profile`, only while session `sid` of this active user lives (what
+    /// `session_alive` checks), in the same statement.
+    pub async fn profile_in_session(
+        &self,
+        id: &str,
+        sid: &str,
+        now: i64,
+    ) -> DbResult<Option<UserProfile>> {
+        macro_rules! in_session {
+            ($backend:ident) => {
+                concat!(
+                    profile_select!($backend),
+                    " FROM users WHERE id = $1 AND status = 'active' AND EXISTS \
+                     (SELECT 1 FROM sessions WHERE id = $2 AND user_id = $1 AND revoked_at IS NULL AND expires_at > $3)"
+                )
+            };
+        }
+        self.profile_where(
+            in_session!(sqlite),
+            in_session!(postgres),
+            id,
+            Some((sid, now)),
+        )
+        .await
+    }
+
+    /// A profile read: `sql` binds the user id, then the session's id and
+    /// the time if `session` is given.
+    async fn profile_where(
+        &self,
+        sqlite: &'static str,
+        postgres: &'static str,
+        id: &str,
+        session: Option<(&str, i64)>,
+    ) -> DbResult<Option<UserProfile>> {
         // The user's columns, then the two lists.
         type Row = user_tuple!(String, String);
         let row: Option<Row> = match self {
-            Datastore::Sqlite(p, _) => sqlx::query_as(SQLITE).bind(id).fetch_optional(p).await?,
-            Datastore::Postgres(p) => sqlx::query_as(POSTGRES).bind(id).fetch_optional(p).await?,
+            Datastore::Sqlite(p, _) => {
+                let q = sqlx::query_as(sqlite).bind(id);
+                let q = match session {
+                    Some((sid, now)) => q.bind(sid).bind(now),
+                    None => q,
+                };
+                q.fetch_optional(p).await?
+            }
+            Datastore::Postgres(p) => {
+                let q = sqlx::query_as(postgres).bind(id);
+                let q = match session {
+                    Some((sid, now)) => q.bind(sid).bind(now),
+                    None => q,
+                };
+                q.fetch_optional(p).await?
+            }
         };
         let Some(r) = row else {
             return Ok(None);
