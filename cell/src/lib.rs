@@ -67,7 +67,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
             .unwrap_or(i64::MAX),
         withdrawals_via: config.withdrawals_via.clone(),
         group: match &db {
-            db::Datastore::Sqlite(pool, _) => Some(money::group::GroupCommit::start(pool.clone())),
+            db::Datastore::Sqlite(pool, ..) => Some(money::group::GroupCommit::start(pool.clone())),
             db::Datastore::Postgres(_) => None,
         },
         withdrawal_timeout_ms: i64::try_from(config.withdrawal_timeout_secs.saturating_mul(1000))

@@ -110,7 +110,7 @@ async fn transfers_and_refusals(db: &Datastore) {
 
     // Ledger transfers are immutable, whatever the caller tries.
     let edit = match db {
-        Datastore::Sqlite(p, _) => sqlx::query("UPDATE ledger_transfers SET amount = 1")
+        Datastore::Sqlite(p, ..) => sqlx::query("UPDATE ledger_transfers SET amount = 1")
             .execute(p)
             .await
             .map(|_| ()),
@@ -257,7 +257,7 @@ async fn audit_catches_corruption(db: &Datastore) {
     let report = audit(std::slice::from_ref(db)).await.unwrap();
     assert!(report.passed(), "{}", report.render());
     match db {
-        Datastore::Sqlite(p, _) => {
+        Datastore::Sqlite(p, ..) => {
             sqlx::query("UPDATE ledger_accounts SET credits_posted = credits_posted + 1 WHERE id = 'wallet:bob:CNY'")
                 .execute(p)
                 .await
@@ -314,7 +314,7 @@ async fn group_commit_keeps_the_rules() {
         .await
         .unwrap();
     db.claim_region("cn-east").await.unwrap();
-    let Datastore::Sqlite(pool, _) = &db else {
+    let Datastore::Sqlite(pool, ..) = &db else {
         unreachable!()
     };
     let g = GroupCommit::start(pool.clone());

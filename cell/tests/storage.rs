@@ -651,7 +651,16 @@ async fn storage_suite_on_sqlite() {
     let db = Datastore::open(&format!("sqlite:{}", dir.path().join("cell.db").display()))
         .await
         .unwrap();
-    suite(db).await;
+    suite(db.clone()).await;
+    // Every session check and profile read above took the point-read path
+    // (each that did not is counted), so the suite checked that path.
+    let Datastore::Sqlite(_, _, reads) = &db else {
+        unreachable!()
+    };
+    assert_eq!(
+        reads.fallbacks.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
 
 #[tokio::test]

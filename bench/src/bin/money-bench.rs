@@ -140,7 +140,7 @@ async fn ledger(backend: &str, workers: usize, seconds: u64, no_group: bool) -> 
     };
     db.claim_region("bench").await?;
     let group = match (&db, no_group) {
-        (Datastore::Sqlite(pool, _), false) => Some(GroupCommit::start(pool.clone())),
+        (Datastore::Sqlite(pool, ..), false) => Some(GroupCommit::start(pool.clone())),
         _ => None,
     };
     // Each worker sends from its own wallet to one of 1,000 receivers.

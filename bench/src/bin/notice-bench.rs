@@ -39,7 +39,7 @@ fn now_ms() -> i64 {
 }
 
 async fn count(db: &Datastore, sql: &'static str) -> anyhow::Result<i64> {
-    let Datastore::Sqlite(p, _) = db else {
+    let Datastore::Sqlite(p, ..) = db else {
         anyhow::bail!("sqlite only")
     };
     Ok(sqlx::query_scalar(sql).fetch_one(p).await?)
@@ -54,7 +54,7 @@ async fn backlog(
     n: usize,
     tag: &str,
 ) -> anyhow::Result<()> {
-    let Datastore::Sqlite(p, _) = db else {
+    let Datastore::Sqlite(p, ..) = db else {
         anyhow::bail!("sqlite only")
     };
     let mut tx = p.begin().await?;
@@ -126,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
         ..NoticeConfig::default()
     };
     // The users' welcome events are not part of the measurement.
-    if let Datastore::Sqlite(p, _) = &db {
+    if let Datastore::Sqlite(p, ..) = &db {
         sqlx::query("UPDATE outbox SET delivered_at = 0")
             .execute(p)
             .await?;
@@ -165,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
     let total = ticks as usize * per_tick;
     let started = Instant::now();
     {
-        let Datastore::Sqlite(p, _) = &db else {
+        let Datastore::Sqlite(p, ..) = &db else {
             unreachable!()
         };
         for t in 0..ticks {
@@ -195,7 +195,7 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_secs(120),
     )
     .await?;
-    let Datastore::Sqlite(p, _) = &db else {
+    let Datastore::Sqlite(p, ..) = &db else {
         unreachable!()
     };
     let mut delays: Vec<i64> = sqlx::query_scalar(
@@ -216,7 +216,7 @@ async fn main() -> anyhow::Result<()> {
 
     // 3. email to a real SMTP server
     if args.emails > 0 {
-        let Datastore::Sqlite(p, _) = &db else {
+        let Datastore::Sqlite(p, ..) = &db else {
             unreachable!()
         };
         let sent_before: i64 =

@@ -159,7 +159,7 @@ mod tests {
     async fn open() -> (tempfile::TempDir, SqlitePool, TxBatch) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite:{}", dir.path().join("b.db").display());
-        let Datastore::Sqlite(pool, batch) = Datastore::open(&url).await.unwrap() else {
+        let Datastore::Sqlite(pool, batch, _) = Datastore::open(&url).await.unwrap() else {
             unreachable!()
         };
         sqlx::raw_sql("CREATE TABLE t (k TEXT PRIMARY KEY)")

@@ -8,9 +8,12 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 use std::str::FromStr;
+use std::sync::Arc;
 
 mod batch;
+mod point;
 pub use batch::TxBatch;
+pub use point::PointReads;
 use std::time::Duration;
 
 /// Runs `$body` with `$pool` bound to whichever typed pool the datastore has.
@@ -20,7 +23,7 @@ use std::time::Duration;
 macro_rules! on_db {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
-            $crate::db::Datastore::Sqlite($pool, _) => $body,
+            $crate::db::Datastore::Sqlite($pool, ..) => $body,
             $crate::db::Datastore::Postgres($pool) => $body,
         }
     };
@@ -33,7 +36,7 @@ macro_rules! on_db {
 macro_rules! write_db {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
-            $crate::db::Datastore::Sqlite($pool, _) => {
+            $crate::db::Datastore::Sqlite($pool, ..) => {
                 let _writer = $crate::db::SQLITE_WRITER.lock().await;
                 $body
             }
@@ -55,7 +58,7 @@ pub static SQLITE_WRITER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new
 macro_rules! in_tx {
     ($db:expr, $tx:ident => $body:expr) => {
         match $db {
-            $crate::db::Datastore::Sqlite(pool, _) => {
+            $crate::db::Datastore::Sqlite(pool, ..) => {
                 let _writer = $crate::db::SQLITE_WRITER.lock().await;
                 let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
                 let out = $body;
@@ -74,8 +77,9 @@ macro_rules! in_tx {
 
 #[derive(Clone, Debug)]
 pub enum Datastore {
-    /// The pool, and the group committer for the writes that use it.
-    Sqlite(SqlitePool, TxBatch),
+    /// The pool, the group committer for the writes that use it, and the
+    /// hot point reads, which skip the pool's thread hop.
+    Sqlite(SqlitePool, TxBatch, Arc<PointReads>),
     Postgres(PgPool),
 }
 
@@ -109,6 +113,7 @@ impl Datastore {
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(5))
                 .foreign_keys(true);
+            let file = opts.get_filename().to_path_buf();
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
                 // sqlx pings a pooled connection before handing it out; on
@@ -119,7 +124,9 @@ impl Datastore {
                 .connect_with(opts)
                 .await
                 .context("cannot open the SQLite datastore")?;
-            Self::Sqlite(pool.clone(), TxBatch::start(pool))
+            // An in-memory database has no file another connection can open.
+            let reads = PointReads::new(Some(file).filter(|f| f.is_file()));
+            Self::Sqlite(pool.clone(), TxBatch::start(pool), Arc::new(reads))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let opts = PgConnectOptions::from_str(url).context("malformed postgres URL")?;
             let pool = PgPoolOptions::new()
@@ -190,7 +197,7 @@ impl Datastore {
     /// Binds the datastore to `region` on first use; refuses another region's.
     pub async fn claim_region(&self, region: &str) -> Result<()> {
         let owner: String = match self {
-            Self::Sqlite(pool, _) => {
+            Self::Sqlite(pool, ..) => {
                 sqlx::query("INSERT INTO cell_info (key, value) VALUES ('region', ?) ON CONFLICT (key) DO NOTHING")
                     .bind(region)
                     .execute(pool)
@@ -218,7 +225,7 @@ impl Datastore {
     /// A cheap round trip, for readiness.
     pub async fn ping(&self) -> Result<()> {
         match self {
-            Self::Sqlite(pool, _) => {
+            Self::Sqlite(pool, ..) => {
                 sqlx::query("SELECT 1").execute(pool).await?;
             }
             Self::Postgres(pool) => {

@@ -130,6 +130,25 @@ macro_rules! profile_select {
     };
 }
 
+/// A profile's row: the user's columns, then the two lists.
+type ProfileRow = user_tuple!(String, String);
+
+fn profile_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ProfileRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+    ))
+}
+
 /// The editable part of a profile.
 pub struct ProfileFields<'a> {
     pub display_name: &'a str,
@@ -361,10 +380,9 @@ impl Datastore {
         Ok(row.map(User::from))
     }
 
-    /// A user with roles and identifiers in one statement. The profile
-    /// routes need all three, and on SQLite every statement is a round trip
-    /// to sqlx's connection thread, which three separate reads would pay
-    /// three times.
+    /// A user with roles and identifiers in one statement: the profile
+    /// routes need all three, and each statement is a round trip (to
+    /// PostgreSQL, or to sqlx's SQLite thread when a point read falls back).
     pub async fn profile(&self, id: &str) -> DbResult<Option<UserProfile>> {
         const SQLITE: &str = concat!(profile_select!(sqlite), " FROM users WHERE id = $1");
         const POSTGRES: &str = concat!(profile_select!(postgres), " FROM users WHERE id = $1");
@@ -397,8 +415,9 @@ impl Datastore {
         .await
     }
 
-    /// A profile read: `sql` binds the user id, then the session's id and
-    /// the time if `session` is given.
+    /// A profile read, the same statement per backend: `$1` the user id,
+    /// then `$2` the session's id and `$3` the time if `session` is given.
+    /// On SQLite a point read (point.rs), the pool if that cannot answer.
     async fn profile_where(
         &self,
         sqlite: &'static str,
@@ -406,16 +425,27 @@ impl Datastore {
         id: &str,
         session: Option<(&str, i64)>,
     ) -> DbResult<Option<UserProfile>> {
-        // The user's columns, then the two lists.
-        type Row = user_tuple!(String, String);
-        let row: Option<Row> = match self {
-            Datastore::Sqlite(p, _) => {
-                let q = sqlx::query_as(sqlite).bind(id);
-                let q = match session {
-                    Some((sid, now)) => q.bind(sid).bind(now),
-                    None => q,
+        let row: Option<ProfileRow> = match self {
+            Datastore::Sqlite(p, _, reads) => {
+                let fast = match session {
+                    Some((sid, now)) => reads.row(
+                        sqlite,
+                        rusqlite::named_params! {"$1": id, "$2": sid, "$3": now},
+                        profile_row,
+                    ),
+                    None => reads.row(sqlite, rusqlite::named_params! {"$1": id}, profile_row),
                 };
-                q.fetch_optional(p).await?
+                match fast {
+                    Some(row) => row,
+                    None => {
+                        let q = sqlx::query_as(sqlite).bind(id);
+                        let q = match session {
+                            Some((sid, now)) => q.bind(sid).bind(now),
+                            None => q,
+                        };
+                        q.fetch_optional(p).await?
+                    }
+                }
             }
             Datastore::Postgres(p) => {
                 let q = sqlx::query_as(postgres).bind(id);
@@ -649,6 +679,15 @@ impl Datastore {
     pub async fn session_alive(&self, id: &str, user_id: &str, now: i64) -> DbResult<bool> {
         let sql = "SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id \
                    WHERE s.id = $1 AND s.user_id = $2 AND s.revoked_at IS NULL AND s.expires_at > $3 AND u.status = 'active'";
+        if let Datastore::Sqlite(_, _, reads) = self
+            && let Some(row) = reads.row(
+                sql,
+                rusqlite::named_params! {"$1": id, "$2": user_id, "$3": now},
+                |r| r.get::<_, i64>(0),
+            )
+        {
+            return Ok(row.is_some());
+        }
         let row: Option<(i32,)> = on_db!(self, p => sqlx::query_as(sql).bind(id).bind(user_id).bind(now).fetch_optional(p).await?);
         Ok(row.is_some())
     }
@@ -698,7 +737,7 @@ impl Datastore {
         now: i64,
     ) -> DbResult<RefreshOutcome> {
         match self {
-            Datastore::Sqlite(_, batch) => {
+            Datastore::Sqlite(_, batch, _) => {
                 let (old, new) = (old_hash.to_owned(), new_hash.to_owned());
                 batch
                     .run(move |conn| Box::pin(async move { Ok(rotate!(conn, &old, &new, now)) }))
