@@ -540,15 +540,9 @@ impl Identity {
         }
     }
 
-    /// Verifies an access token; at the home cell, also that its session is
-    /// alive (so a logout or a newer login takes effect on the next request).
-    pub async fn authenticate(&self, bearer: &str) -> Result<Principal, CodedError> {
-        let token = self.verify(bearer)?;
-        self.confirm(token).await
-    }
-
     /// The checks of an access token that need no datastore: signature,
-    /// issuer and expiry, and that its user has not moved away.
+    /// issuer and expiry, and that its user has not moved away. `confirm`
+    /// then checks its session.
     pub fn verify(&self, bearer: &str) -> Result<Verified, CodedError> {
         let state = self.replica.state();
         let verifier = Verifier {
@@ -576,7 +570,9 @@ impl Identity {
         Ok(Verified(claims))
     }
 
-    /// The session check that makes a verified token a [`Principal`].
+    /// The session check that makes a verified token a [`Principal`]: at
+    /// the home cell, that its session is alive (so a logout or a newer
+    /// login takes effect on the next request); elsewhere, its home's word.
     pub async fn confirm(&self, token: Verified) -> Result<Principal, CodedError> {
         let claims = token.0;
         if claims.home == self.region {
