@@ -775,3 +775,69 @@ async fn client_connections_are_spread_over_the_router_workers() -> Result {
     assert_eq!(left, 0, "connections still counted after closing");
     Ok(())
 }
+
+/// A cell serves its own users' profiles only. Another region's token
+/// presented to a cell directly (as a router would, over mTLS) is checked
+/// with its home like any request, and then refused, since the data lives
+/// at home; once its home has ended the session, it is refused as ended.
+#[tokio::test]
+async fn a_cell_serves_only_its_own_users_profile() -> Result {
+    use homecell_common::tls::{PeerIdentity, TlsPaths};
+    let mut c = Cluster::temp()?;
+    start_standard(&mut c).await?;
+    let west = Api::new(&c.router_url(0), "eu-west");
+    let (uma, _) = west.signed_in("uma@example.com", PW).await?;
+    let token = uma.token.clone().expect("signed in");
+
+    // The router's identity, which the cells require of their callers.
+    let tls = TlsPaths::in_dir(
+        &c.pki_dir,
+        &PeerIdentity::Router {
+            region: "cn-east".into(),
+        },
+    )
+    .load()?
+    .client_config()?;
+    let mut client = reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
+        .timeout(std::time::Duration::from_secs(10));
+    for region in ["cn-east", "eu-west"] {
+        client = client.resolve(&format!("cell.{region}"), c.cells[region].api);
+    }
+    let client = client.build()?;
+    let me = |region: &str, token: &str| {
+        client
+            .get(format!(
+                "https://cell.{region}:{}/v1/users/me",
+                c.cells[region].api.port()
+            ))
+            .header("x-client-type", "app")
+            .bearer_auth(token)
+            .send()
+    };
+
+    let home = me("eu-west", &token).await?;
+    assert_eq!(home.status(), StatusCode::OK);
+    let elsewhere = me("cn-east", &token).await?;
+    assert_eq!(elsewhere.status(), StatusCode::CONFLICT);
+    let b: serde_json::Value = elsewhere.json().await?;
+    assert_eq!(b["code"], "failed_precondition", "{b}");
+
+    // A newer login on the same client type ends the first session; a
+    // cell that never saw the old token asks its home, and is told so.
+    let (again, _) = west.signed_in("uma@example.com", PW).await?;
+    assert_eq!(
+        me("eu-west", &token).await?.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let fresh = again.token.clone().expect("signed in");
+    assert_eq!(
+        again.post("/v1/auth/logout", json!({})).await?.status,
+        StatusCode::NO_CONTENT
+    );
+    let ended = me("cn-east", &fresh).await?;
+    assert_eq!(ended.status(), StatusCode::UNAUTHORIZED);
+    let b: serde_json::Value = ended.json().await?;
+    assert_eq!(b["code"], "unauthenticated", "{b}");
+    Ok(())
+}
