@@ -388,16 +388,16 @@ async fn listing_and_profiles(db: &Datastore) {
     }
     let first = db.list_users(None, Some("Lister"), 3).await.unwrap();
     assert_eq!(
-        first.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(),
+        first.iter().map(|u| u.0.id.as_str()).collect::<Vec<_>>(),
         vec!["l0", "l1", "l2"]
     );
-    let last = first.last().unwrap();
+    let last = &first.last().unwrap().0;
     let next = db
         .list_users(Some((last.created_at, last.id.clone())), Some("Lister"), 3)
         .await
         .unwrap();
     assert_eq!(
-        next.iter().map(|u| u.id.as_str()).collect::<Vec<_>>(),
+        next.iter().map(|u| u.0.id.as_str()).collect::<Vec<_>>(),
         vec!["l3", "l4"]
     );
     assert_eq!(
@@ -452,12 +452,35 @@ async fn listing_and_profiles(db: &Datastore) {
         .unwrap();
     let p = db.profile("l0").await.unwrap().unwrap();
     assert_eq!(p.roles, vec!["admin", "user"]);
+    // The listing carries each user's roles, in order, in its one statement
+    // (l0 is found by its identifier: its display name changed above).
+    let roles_listed = |q: &'static str| async move {
+        let page = db.list_users(None, Some(q), 1).await.unwrap();
+        page.into_iter()
+            .map(|(u, roles)| (u.id, roles))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        roles_listed("lister0").await,
+        vec![(
+            "l0".to_string(),
+            vec!["admin".to_string(), "user".to_string()]
+        )]
+    );
+    assert_eq!(
+        roles_listed("Lister").await,
+        vec![("l1".to_string(), vec!["user".to_string()])]
+    );
     for role in ["admin", "user"] {
         db.set_role("l0", role, false, &audit("role.revoke"))
             .await
             .unwrap();
     }
     assert!(db.profile("l0").await.unwrap().unwrap().roles.is_empty());
+    assert_eq!(
+        roles_listed("lister0").await,
+        vec![("l0".to_string(), vec![])]
+    );
     assert!(db.profile("nobody").await.unwrap().is_none());
     assert!(db.set_status("l1", "disabled", NOW).await.unwrap());
     assert_eq!(db.user("l1").await.unwrap().unwrap().status, "disabled");

@@ -48,16 +48,15 @@ pub struct CmsUserPage {
     pub next_cursor: Option<String>,
 }
 
-async fn view(cell: &Cell, u: crate::identity::store::User) -> Result<CmsUser, ApiError> {
-    let roles = cell.db.roles_of(&u.id).await.map_err(CodedError::from)?;
-    Ok(CmsUser {
+fn view(u: crate::identity::store::User, roles: Vec<String>) -> CmsUser {
+    CmsUser {
         id: u.id,
         display_name: u.display_name,
         status: u.status,
         roles,
         created_at: u.created_at,
         updated_at: u.updated_at,
-    })
+    }
 }
 
 pub async fn list_users(
@@ -82,10 +81,11 @@ pub async fn list_users(
         .await
         .map_err(CodedError::from)?;
     let more = rows.len() as i64 > limit;
-    let mut items = Vec::new();
-    for u in rows.into_iter().take(limit as usize) {
-        items.push(view(&cell, u).await?);
-    }
+    let items: Vec<CmsUser> = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(|(u, roles)| view(u, roles))
+        .collect();
     let next_cursor = more
         .then(|| items.last().map(|u| cursor::encode(u.created_at, &u.id)))
         .flatten();
@@ -98,8 +98,8 @@ pub async fn get_user(
     Path(id): Path<String>,
 ) -> ApiResult<axum::Json<CmsUser>> {
     require(&cell, &p, "users:read").await?;
-    let u = cell.identity.user(&id).await?;
-    Ok(axum::Json(view(&cell, u).await?))
+    let p = cell.identity.profile(&id).await?;
+    Ok(axum::Json(view(p.user, p.roles)))
 }
 
 pub async fn disable_user(

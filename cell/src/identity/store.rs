@@ -108,6 +108,25 @@ macro_rules! user_cols {
     };
 }
 
+/// A user's roles, by name, as a JSON array: each backend's aggregate over
+/// `user_roles` for the user whose id is `$user` (an SQL expression).
+macro_rules! roles_json {
+    (sqlite, $user:literal) => {
+        concat!(
+            "(SELECT json_group_array(role ORDER BY role) FROM user_roles WHERE user_id = ",
+            $user,
+            ")"
+        )
+    };
+    (postgres, $user:literal) => {
+        concat!(
+            "(SELECT coalesce(json_agg(role ORDER BY role), '[]')::text FROM user_roles WHERE user_id = ",
+            $user,
+            ")"
+        )
+    };
+}
+
 /// A profile's columns: the user's, then its roles (by name) and its
 /// identifiers (by kind, then value) as JSON arrays, each backend's
 /// aggregate. The statement's `$1` is the user's id.
@@ -116,18 +135,33 @@ macro_rules! profile_select {
         concat!(
             "SELECT ",
             user_cols!(),
-            ", (SELECT json_group_array(role ORDER BY role) FROM user_roles WHERE user_id = $1), \
-             (SELECT json_group_array(json_array(kind, value) ORDER BY kind, value) FROM identifiers WHERE user_id = $1)"
+            ", ",
+            roles_json!(sqlite, "$1"),
+            ", (SELECT json_group_array(json_array(kind, value) ORDER BY kind, value) FROM identifiers WHERE user_id = $1)"
         )
     };
     (postgres) => {
         concat!(
             "SELECT ",
             user_cols!(),
-            ", (SELECT coalesce(json_agg(role ORDER BY role), '[]')::text FROM user_roles WHERE user_id = $1), \
-             (SELECT coalesce(json_agg(json_build_array(kind, value) ORDER BY kind, value), '[]')::text FROM identifiers WHERE user_id = $1)"
+            ", ",
+            roles_json!(postgres, "$1"),
+            ", (SELECT coalesce(json_agg(json_build_array(kind, value) ORDER BY kind, value), '[]')::text FROM identifiers WHERE user_id = $1)"
         )
     };
+}
+
+fn profile_from(r: ProfileRow) -> DbResult<UserProfile> {
+    Ok(UserProfile {
+        user: User::from((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8)),
+        roles: json_column(&r.9)?,
+        identifiers: json_column(&r.10)?,
+    })
+}
+
+/// A list a statement folded into a JSON array (`roles_json!`).
+fn json_column<T: serde::de::DeserializeOwned>(text: &str) -> DbResult<T> {
+    serde_json::from_str(text).map_err(|e| DbError::Db(sqlx::Error::Decode(e.into())))
 }
 
 /// A profile's row: the user's columns, then the two lists.
@@ -425,46 +459,32 @@ impl Datastore {
         id: &str,
         session: Option<(&str, i64)>,
     ) -> DbResult<Option<UserProfile>> {
-        let row: Option<ProfileRow> = match self {
-            Datastore::Sqlite(p, _, reads) => {
-                let fast = match session {
-                    Some((sid, now)) => reads.row(
-                        sqlite,
-                        rusqlite::named_params! {"$1": id, "$2": sid, "$3": now},
-                        profile_row,
-                    ),
-                    None => reads.row(sqlite, rusqlite::named_params! {"$1": id}, profile_row),
-                };
-                match fast {
-                    Some(row) => row,
-                    None => {
-                        let q = sqlx::query_as(sqlite).bind(id);
-                        let q = match session {
-                            Some((sid, now)) => q.bind(sid).bind(now),
-                            None => q,
-                        };
-                        q.fetch_optional(p).await?
-                    }
-                }
-            }
-            Datastore::Postgres(p) => {
-                let q = sqlx::query_as(postgres).bind(id);
-                let q = match session {
-                    Some((sid, now)) => q.bind(sid).bind(now),
-                    None => q,
-                };
-                q.fetch_optional(p).await?
-            }
+        let sql = match self {
+            Datastore::Sqlite(..) => sqlite,
+            Datastore::Postgres(_) => postgres,
         };
-        let Some(r) = row else {
-            return Ok(None);
-        };
-        let decode = |e: serde_json::Error| DbError::Db(sqlx::Error::Decode(e.into()));
-        Ok(Some(UserProfile {
-            user: User::from((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8)),
-            roles: serde_json::from_str(&r.9).map_err(decode)?,
-            identifiers: serde_json::from_str(&r.10).map_err(decode)?,
-        }))
+        if let Datastore::Sqlite(_, _, reads) = self {
+            let fast = match session {
+                Some((sid, now)) => reads.row(
+                    sql,
+                    rusqlite::named_params! {"$1": id, "$2": sid, "$3": now},
+                    profile_row,
+                ),
+                None => reads.row(sql, rusqlite::named_params! {"$1": id}, profile_row),
+            };
+            if let Some(row) = fast {
+                return row.map(profile_from).transpose();
+            }
+        }
+        let row: Option<ProfileRow> = on_db!(self, p => {
+            let q = sqlx::query_as(sql).bind(id);
+            let q = match session {
+                Some((sid, now)) => q.bind(sid).bind(now),
+                None => q,
+            };
+            q.fetch_optional(p).await?
+        });
+        row.map(profile_from).transpose()
     }
 
     /// The user id holding an identifier, if any.
@@ -502,15 +522,23 @@ impl Datastore {
         after: Option<(i64, String)>,
         query: Option<&str>,
         limit: i64,
-    ) -> DbResult<Vec<User>> {
+    ) -> DbResult<Vec<(User, Vec<String>)>> {
         let (after_at, after_id) = after.unwrap_or((i64::MIN, String::new()));
-        let sql = concat!(
-            "SELECT ",
-            user_cols!(),
-            " FROM users u WHERE (created_at > $1 OR (created_at = $1 AND id > $2)) \
-             AND ($3 = '' OR display_name LIKE $4 ESCAPE '\\' OR EXISTS (SELECT 1 FROM identifiers i WHERE i.user_id = u.id AND i.value = $3)) \
-             ORDER BY created_at, id LIMIT $5"
-        );
+        // Each user with its roles, in the one statement: a page is one
+        // round trip, not one per user.
+        macro_rules! listing {
+            ($backend:ident) => {
+                concat!(
+                    "SELECT ",
+                    user_cols!(),
+                    ", ",
+                    roles_json!($backend, "u.id"),
+                    " FROM users u WHERE (created_at > $1 OR (created_at = $1 AND id > $2)) \
+                     AND ($3 = '' OR display_name LIKE $4 ESCAPE '\\' OR EXISTS (SELECT 1 FROM identifiers i WHERE i.user_id = u.id AND i.value = $3)) \
+                     ORDER BY created_at, id LIMIT $5"
+                )
+            };
+        }
         let q = query.unwrap_or("");
         let like = format!(
             "{}%",
@@ -518,9 +546,22 @@ impl Datastore {
                 .replace('%', "\\%")
                 .replace('_', "\\_")
         );
-        let rows: Vec<UserTuple> = on_db!(self, p => sqlx::query_as(sql)
+        type Row = user_tuple!(String);
+        let sql = match self {
+            Datastore::Sqlite(..) => listing!(sqlite),
+            Datastore::Postgres(_) => listing!(postgres),
+        };
+        let rows: Vec<Row> = on_db!(self, p => sqlx::query_as(sql)
             .bind(after_at).bind(&after_id).bind(q).bind(&like).bind(limit).fetch_all(p).await?);
-        Ok(rows.into_iter().map(User::from).collect())
+        rows.into_iter()
+            .map(|r| {
+                let roles = json_column(&r.9)?;
+                Ok((
+                    User::from((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8)),
+                    roles,
+                ))
+            })
+            .collect()
     }
 
     /// Sets `status` (active/disabled); a disabled account's sessions end.
