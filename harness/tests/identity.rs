@@ -466,6 +466,7 @@ async fn rbac_and_cms() -> Result {
     assert_ne!(page2.body["items"][0]["id"], page.body["items"][0]["id"]);
     let found = admin.get("/v1/cms/users?q=henry@example.com").await?;
     assert_eq!(found.body["items"][0]["id"], henry_id.as_str());
+    assert_eq!(found.body["items"][0]["roles"], json!(["user"]));
     assert_eq!(
         admin.get("/v1/cms/users?cursor=%%%").await?.status,
         StatusCode::BAD_REQUEST
@@ -514,6 +515,12 @@ async fn rbac_and_cms() -> Result {
         )
         .await?;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
+    // The page and the single view carry the roles as they are now.
+    let found = admin.get("/v1/cms/users?q=henry@example.com").await?;
+    assert_eq!(found.body["items"][0]["roles"], json!(["support", "user"]));
+    let one = admin.get(&format!("/v1/cms/users/{henry_id}")).await?;
+    assert_eq!(one.status, StatusCode::OK, "{}", one.body);
+    assert_eq!(one.body["roles"], json!(["support", "user"]));
     let (support, _) = cn
         .as_client("cms")
         .signed_in("henry@example.com", PW)

@@ -15,7 +15,7 @@
 //! the pool stays the one place datastore errors come from.
 
 use rusqlite::{Connection, OpenFlags, Params, Row};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -91,7 +91,7 @@ impl PointReads {
     }
 }
 
-fn open(path: &PathBuf) -> rusqlite::Result<Connection> {
+fn open(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,

@@ -85,6 +85,21 @@ macro_rules! user_tuple {
 /// A `users` row in `user_cols!()` order.
 pub(crate) type UserTuple = user_tuple!();
 
+/// The `User` at the head of a row of `user_tuple!(…)` type.
+macro_rules! user_of {
+    ($r:expr) => {
+        User::from(($r.0, $r.1, $r.2, $r.3, $r.4, $r.5, $r.6, $r.7, $r.8))
+    };
+}
+
+/// The rule of a live session `s` at time `$3`, in both statements that
+/// check one (`session_alive`, `profile_in_session`).
+macro_rules! live_session {
+    () => {
+        "s.revoked_at IS NULL AND s.expires_at > $3"
+    };
+}
+
 impl From<UserTuple> for User {
     fn from(t: UserTuple) -> Self {
         Self {
@@ -153,7 +168,7 @@ macro_rules! profile_select {
 
 fn profile_from(r: ProfileRow) -> DbResult<UserProfile> {
     Ok(UserProfile {
-        user: User::from((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8)),
+        user: user_of!(r),
         roles: json_column(&r.9)?,
         identifiers: json_column(&r.10)?,
     })
@@ -436,7 +451,9 @@ impl Datastore {
                 concat!(
                     profile_select!($backend),
                     " FROM users WHERE id = $1 AND status = 'active' AND EXISTS \
-                     (SELECT 1 FROM sessions WHERE id = $2 AND user_id = $1 AND revoked_at IS NULL AND expires_at > $3)"
+                     (SELECT 1 FROM sessions s WHERE s.id = $2 AND s.user_id = $1 AND ",
+                    live_session!(),
+                    ")"
                 )
             };
         }
@@ -556,10 +573,7 @@ impl Datastore {
         rows.into_iter()
             .map(|r| {
                 let roles = json_column(&r.9)?;
-                Ok((
-                    User::from((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8)),
-                    roles,
-                ))
+                Ok((user_of!(r), roles))
             })
             .collect()
     }
@@ -718,8 +732,11 @@ impl Datastore {
     /// Whether a session is live and its user active: the check behind every
     /// authenticated request at the home cell.
     pub async fn session_alive(&self, id: &str, user_id: &str, now: i64) -> DbResult<bool> {
-        let sql = "SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id \
-                   WHERE s.id = $1 AND s.user_id = $2 AND s.revoked_at IS NULL AND s.expires_at > $3 AND u.status = 'active'";
+        let sql = concat!(
+            "SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id \
+             WHERE s.id = $1 AND s.user_id = $2 AND u.status = 'active' AND ",
+            live_session!()
+        );
         if let Datastore::Sqlite(_, _, reads) = self
             && let Some(row) = reads.row(
                 sql,
