@@ -41,6 +41,10 @@ pub struct CellConfig {
     /// Logins and reset requests allowed per client address per minute.
     #[serde(default = "default_login_rate")]
     pub login_attempts_per_ip_per_minute: u32,
+    /// Password hashes (argon2id, 19 MiB each) that may run at once; the
+    /// rest wait up to 5 s, then get 429. Default: two per core.
+    #[serde(default)]
+    pub password_hash_slots: Option<usize>,
     /// Payment providers whose signed callbacks credit wallets, by name
     /// (`[payments.<name>]`, the `{provider}` in the callback path).
     #[serde(default)]

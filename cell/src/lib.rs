@@ -47,7 +47,9 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
     db.claim_region(&config.region).await?;
     let keys = identity::keys::Keys::open(&db, &config.region, config.signing_key_seal()?).await?;
     let cp = control_plane_channel(&config, &tls)?;
-    let hash_slots = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    let hash_slots = config
+        .password_hash_slots
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()) * 2);
     let peers = Arc::new(peers::Peers::new(tls.clone(), replica.clone()));
     let notices = Arc::new(notice::Notices::new(
         &config.region,

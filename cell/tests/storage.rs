@@ -4,7 +4,8 @@
 use futures::future::join_all;
 use homecell_cell::db::Datastore;
 use homecell_cell::identity::store::{
-    Address, AuditEntry, DbError, NewUser, RefreshOutcome, Session,
+    Address, AuditEntry, DbError, NewUser, RefreshOutcome, ResetLimits, Rotation, Session,
+    reset_budget_key_of_user,
 };
 
 const NOW: i64 = 1_800_000_000_000;
@@ -79,26 +80,77 @@ async fn users_and_identifiers(db: &Datastore) {
     assert!(db.user("u1").await.unwrap().is_some());
 }
 
-async fn lockout_is_atomic(db: &Datastore) {
+async fn lockout_is_atomic_and_always_settled(db: &Datastore) {
     user(db, "lk", "lk@x.io").await;
-    let reserved = join_all((0..20).map(|_| db.reserve_attempt("lk", 5, NOW))).await;
+    let lock = NOW + 900_000;
+    let reserved = join_all((0..20).map(|_| db.reserve_attempt("lk", 5, lock, NOW))).await;
     let granted = reserved
         .into_iter()
         .filter(|r| matches!(r, Ok(Some(_))))
         .count();
     assert_eq!(granted, 5, "a storm got more checks than the limit");
-    assert!(db.lock_if_exhausted("lk", 5, NOW + 900_000).await.unwrap());
-    assert_eq!(db.reserve_attempt("lk", 5, NOW + 1).await.unwrap(), None);
+    // The fifth reservation locked the account before its check ran, so
+    // no path after it (an error, a dropped request) can leave the counter
+    // at the limit with no lock: that would be locked for good.
+    assert_eq!(
+        db.reserve_attempt("lk", 5, lock, NOW + 1).await.unwrap(),
+        None
+    );
     // After the lock expires, counting starts again.
     assert_eq!(
-        db.reserve_attempt("lk", 5, NOW + 900_001).await.unwrap(),
+        db.reserve_attempt("lk", 5, NOW + 1_800_000, NOW + 900_001)
+            .await
+            .unwrap(),
         Some(1)
     );
     db.clear_attempts("lk").await.unwrap();
     assert_eq!(
-        db.reserve_attempt("lk", 5, NOW + 900_002).await.unwrap(),
+        db.reserve_attempt("lk", 5, lock, NOW + 2).await.unwrap(),
         Some(1)
     );
+    // A check that never ran (argon2 busy) gives its attempt back, and the
+    // lock that attempt set.
+    for n in 2..=5 {
+        assert_eq!(
+            db.reserve_attempt("lk", 5, lock, NOW + 3).await.unwrap(),
+            Some(n)
+        );
+    }
+    assert_eq!(
+        db.reserve_attempt("lk", 5, lock, NOW + 4).await.unwrap(),
+        None
+    );
+    db.refund_attempt("lk", 5).await.unwrap();
+    assert_eq!(
+        db.reserve_attempt("lk", 5, lock, NOW + 5).await.unwrap(),
+        Some(5)
+    );
+    // A counter at the limit with no lock in force (a row written before
+    // locks were set on reservation, or a lowered limit) counts as expired.
+    db.clear_attempts("lk").await.unwrap();
+    for n in 1..=3 {
+        assert_eq!(
+            db.reserve_attempt("lk", 5, lock, NOW + 6).await.unwrap(),
+            Some(n)
+        );
+    }
+    assert_eq!(
+        db.reserve_attempt("lk", 3, lock, NOW + 7).await.unwrap(),
+        Some(1)
+    );
+}
+
+/// A rotation of `old` to `new` at `now`, with `new`'s salt named after it.
+async fn rot(db: &Datastore, old: &str, new: &str, now: i64) -> Result<RefreshOutcome, DbError> {
+    let salt = format!("salt-{new}");
+    db.rotate_refresh(&Rotation {
+        old_hash: old,
+        new_hash: new,
+        salt: &salt,
+        now,
+        grace_ms: 30_000,
+    })
+    .await
 }
 
 async fn one_session_per_client_type(db: &Datastore) {
@@ -153,40 +205,100 @@ async fn refresh_rotation_and_reuse(db: &Datastore) {
         .await
         .unwrap();
     assert!(
-        matches!(db.rotate_refresh("t0", "t1", NOW).await.unwrap(), RefreshOutcome::Rotated(s) if s.id == "rs")
+        matches!(rot(db, "t0", "t1", NOW).await.unwrap(), RefreshOutcome::Rotated(s) if s.id == "rs")
     );
     assert!(matches!(
-        db.rotate_refresh("t1", "t2", NOW).await.unwrap(),
+        rot(db, "t1", "t2", NOW).await.unwrap(),
         RefreshOutcome::Rotated(_)
     ));
-    // t0 again: reuse revokes the whole session.
+    // t0 again, two rotations back: reuse revokes the whole session.
     assert!(matches!(
-        db.rotate_refresh("t0", "tx", NOW).await.unwrap(),
+        rot(db, "t0", "tx", NOW).await.unwrap(),
         RefreshOutcome::Reused
     ));
     assert!(!alive(db, "rs", "r", NOW).await);
     assert!(matches!(
-        db.rotate_refresh("t2", "t3", NOW).await.unwrap(),
+        rot(db, "t2", "t3", NOW).await.unwrap(),
         RefreshOutcome::Invalid
     ));
     assert!(matches!(
-        db.rotate_refresh("nope", "t4", NOW).await.unwrap(),
+        rot(db, "nope", "t4", NOW).await.unwrap(),
         RefreshOutcome::Invalid
     ));
-    // Two concurrent uses of one token: at most one rotation.
+    // Concurrent uses of one token: one rotation; the others are repeats
+    // that name the same successor (its salt).
     db.open_session(&session("rs2", "r", "web"), "u0")
         .await
         .unwrap();
     let outcomes = join_all((0..4).map(|i| {
         let next = format!("u{}", i + 1);
-        async move { db.rotate_refresh("u0", &next, NOW).await }
+        async move { rot(db, "u0", &next, NOW).await }
     }))
     .await;
-    let rotated = outcomes
+    let rotated: Vec<String> = outcomes
         .iter()
-        .filter(|o| matches!(o, Ok(RefreshOutcome::Rotated(_))))
-        .count();
-    assert_eq!(rotated, 1, "one token must rotate exactly once");
+        .filter_map(|o| match o {
+            Ok(RefreshOutcome::Rotated(_)) => Some(String::new()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rotated.len(), 1, "one token must rotate exactly once");
+    let repeats: std::collections::BTreeSet<&str> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Ok(RefreshOutcome::Repeated(s, salt)) if s.id == "rs2" => Some(salt.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        repeats.len(),
+        1,
+        "every repeat names the one successor: {outcomes:?}"
+    );
+    assert!(alive(db, "rs2", "r", NOW).await);
+
+    // A lost answer: the token comes again within the grace window and
+    // gets its successor again; the session lives on.
+    user(db, "g", "g@x.io").await;
+    db.open_session(&session("gs", "g", "app"), "g0")
+        .await
+        .unwrap();
+    assert!(matches!(
+        rot(db, "g0", "g1", NOW).await.unwrap(),
+        RefreshOutcome::Rotated(_)
+    ));
+    assert!(matches!(
+        rot(db, "g0", "g1-retry", NOW + 29_000).await.unwrap(),
+        RefreshOutcome::Repeated(s, salt) if s.id == "gs" && salt == "salt-g1"
+    ));
+    assert!(alive(db, "gs", "g", NOW + 29_000).await);
+    // Once the successor is used, the predecessor is plain reuse.
+    assert!(matches!(
+        rot(db, "g1", "g2", NOW + 29_500).await.unwrap(),
+        RefreshOutcome::Rotated(_)
+    ));
+    assert!(matches!(
+        rot(db, "g1", "g2-retry", NOW + 29_600).await.unwrap(),
+        RefreshOutcome::Repeated(..)
+    ));
+    assert!(matches!(
+        rot(db, "g0", "g0-late", NOW + 29_700).await.unwrap(),
+        RefreshOutcome::Reused
+    ));
+    assert!(!alive(db, "gs", "g", NOW + 29_800).await);
+    // Past the grace window, a repeat is reuse.
+    db.open_session(&session("hs", "g", "web"), "h0")
+        .await
+        .unwrap();
+    assert!(matches!(
+        rot(db, "h0", "h1", NOW).await.unwrap(),
+        RefreshOutcome::Rotated(_)
+    ));
+    assert!(matches!(
+        rot(db, "h0", "h1-late", NOW + 30_000).await.unwrap(),
+        RefreshOutcome::Reused
+    ));
+    assert!(!alive(db, "hs", "g", NOW + 30_001).await);
 
     // Rotations that fail and succeed side by side (on SQLite they may
     // share a batched commit; db::batch's tests force one): the failure
@@ -198,13 +310,13 @@ async fn refresh_rotation_and_reuse(db: &Datastore) {
             .unwrap();
     }
     let (clash, fine) = futures::join!(
-        db.rotate_refresh("a0", "c0", NOW), // the successor's hash exists
-        db.rotate_refresh("b0", "b1", NOW),
+        rot(db, "a0", "c0", NOW), // the successor's hash exists
+        rot(db, "b0", "b1", NOW),
     );
     assert!(matches!(clash, Err(DbError::Conflict)), "{clash:?}");
     assert!(matches!(fine, Ok(RefreshOutcome::Rotated(s)) if s.id == "fb"));
     assert!(
-        matches!(db.rotate_refresh("a0", "a1", NOW).await.unwrap(), RefreshOutcome::Rotated(s) if s.id == "fa"),
+        matches!(rot(db, "a0", "a1", NOW).await.unwrap(), RefreshOutcome::Rotated(s) if s.id == "fa"),
         "the failed rotation must leave its token unused"
     );
     assert!(alive(db, "fa", "f", NOW).await);
@@ -218,12 +330,6 @@ async fn password_resets(db: &Datastore) {
     db.create_reset("reset2", "pr", "hash2", NOW + 900_000, "{}", NOW + 1)
         .await
         .unwrap();
-    // A newer code replaces the older one.
-    let (id, hash, attempts) = db.live_reset("pr", NOW + 2).await.unwrap().unwrap();
-    assert_eq!(
-        (id.as_str(), hash.as_str(), attempts),
-        ("reset2", "hash2", 0)
-    );
     assert_eq!(
         db.outbox_pending("auth.password_reset", 10)
             .await
@@ -231,12 +337,25 @@ async fn password_resets(db: &Datastore) {
             .len(),
         2
     );
-    for _ in 0..5 {
-        db.count_reset_attempt("reset2", 5, NOW + 3).await.unwrap();
-    }
+    // A newer code replaces the older one; each guess is reserved before
+    // the code is compared, five per code however many race.
+    let guesses = join_all((0..12).map(|_| db.reserve_reset_guess("pr", 5, NOW + 2))).await;
+    let granted: Vec<_> = guesses.into_iter().filter_map(|g| g.unwrap()).collect();
+    assert_eq!(
+        granted.len(),
+        5,
+        "a storm got more guesses than a code allows"
+    );
     assert!(
-        db.live_reset("pr", NOW + 4).await.unwrap().is_none(),
-        "too many wrong codes burn it"
+        granted
+            .iter()
+            .all(|(id, hash)| (id.as_str(), hash.as_str()) == ("reset2", "hash2"))
+    );
+    assert!(
+        db.reserve_reset_guess("pr", 5, NOW + 3)
+            .await
+            .unwrap()
+            .is_none()
     );
     db.create_reset("reset3", "pr", "hash3", NOW + 900_000, "{}", NOW + 5)
         .await
@@ -244,10 +363,34 @@ async fn password_resets(db: &Datastore) {
     db.open_session(&session("prs", "pr", "app"), "prt")
         .await
         .unwrap();
+    // The right guess is not a failure: completing gives it back.
+    let one = ResetLimits {
+        codes_per_hour: 1,
+        failures_per_day: 1,
+    };
+    let budget = reset_budget_key_of_user("pr");
+    assert!(
+        db.spend_reset_guess(&budget, one, NOW + 5)
+            .await
+            .unwrap()
+            .is_ok()
+    );
+    assert!(
+        db.spend_reset_guess(&budget, one, NOW + 5)
+            .await
+            .unwrap()
+            .is_err()
+    );
     assert!(
         db.complete_reset("reset3", "pr", "newhash", NOW + 6)
             .await
             .unwrap()
+    );
+    assert!(
+        db.spend_reset_guess(&budget, one, NOW + 6)
+            .await
+            .unwrap()
+            .is_ok()
     );
     assert!(
         !db.complete_reset("reset3", "pr", "other", NOW + 7)
@@ -260,7 +403,88 @@ async fn password_resets(db: &Datastore) {
         Some("newhash")
     );
     assert!(!alive(db, "prs", "pr", NOW + 8).await);
-    assert!(db.live_reset("pr", NOW + 900_001).await.unwrap().is_none());
+    assert!(
+        db.reserve_reset_guess("pr", 5, NOW + 9)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    db.create_reset("reset4", "pr", "hash4", NOW + 900_000, "{}", NOW + 10)
+        .await
+        .unwrap();
+    assert!(
+        db.reserve_reset_guess("pr", 5, NOW + 900_001)
+            .await
+            .unwrap()
+            .is_none(),
+        "expired"
+    );
+}
+
+async fn reset_budgets(db: &Datastore) {
+    const HOUR: i64 = 3_600_000;
+    const DAY: i64 = 24 * HOUR;
+    let limits = ResetLimits {
+        codes_per_hour: 3,
+        failures_per_day: 4,
+    };
+    for _ in 0..3 {
+        assert!(
+            db.spend_reset_issue("user:b", limits, NOW)
+                .await
+                .unwrap()
+                .is_ok()
+        );
+    }
+    assert_eq!(
+        db.spend_reset_issue("user:b", limits, NOW + 1000)
+            .await
+            .unwrap(),
+        Err(HOUR - 1000),
+        "the hour's codes are spent"
+    );
+    assert!(
+        db.spend_reset_issue("user:b", limits, NOW + HOUR)
+            .await
+            .unwrap()
+            .is_ok()
+    );
+    // Wrong guesses, however many race, stop at the day's budget, which
+    // then refuses new codes as well.
+    let spent = join_all((0..10).map(|_| db.spend_reset_guess("id:g", limits, NOW))).await;
+    assert_eq!(spent.iter().filter(|r| matches!(r, Ok(Ok(())))).count(), 4);
+    assert_eq!(
+        db.spend_reset_guess("id:g", limits, NOW + 5000)
+            .await
+            .unwrap(),
+        Err(DAY - 5000)
+    );
+    assert_eq!(
+        db.spend_reset_issue("id:g", limits, NOW + 6000)
+            .await
+            .unwrap(),
+        Err(DAY - 6000)
+    );
+    assert!(
+        db.spend_reset_guess("id:g", limits, NOW + DAY)
+            .await
+            .unwrap()
+            .is_ok()
+    );
+    assert!(
+        db.spend_reset_guess("id:other", limits, NOW)
+            .await
+            .unwrap()
+            .is_ok()
+    );
+    // Budgets whose windows have passed are dropped.
+    assert!(db.prune_reset_budgets(NOW + 3 * DAY).await.unwrap() >= 3);
+    assert!(
+        db.spend_reset_issue("user:b", limits, NOW + 3 * DAY)
+            .await
+            .unwrap()
+            .is_ok()
+    );
 }
 
 fn address(id: &str, default: bool) -> Address {
@@ -307,6 +531,20 @@ async fn addresses(db: &Datastore) {
     let all = db.addresses("ad").await.unwrap();
     assert_eq!(all.iter().filter(|a| a.is_default).count(), 1);
     assert!(all.iter().find(|a| a.id == "a1").unwrap().is_default);
+    // An update of an address that is not the user's changes nothing, not
+    // even the default it asked for.
+    assert!(
+        !db.update_address("ad", &address("nope", true))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !db.update_address("someone-else", &address("a2", true))
+            .await
+            .unwrap()
+    );
+    let after = db.addresses("ad").await.unwrap();
+    assert_eq!(after, all);
     assert!(!db.delete_address("someone-else", "a1").await.unwrap());
     assert!(db.delete_address("ad", "a1").await.unwrap());
 }
@@ -333,6 +571,19 @@ async fn roles_audit_and_anonymisation(db: &Datastore) {
         "idempotent"
     );
     assert!(db.has_permission("adm", "role:assign").await.unwrap());
+    // The cell's last active admin keeps the role.
+    assert!(
+        !db.set_role("adm", "admin", false, &audit("role.revoke"))
+            .await
+            .unwrap()
+    );
+    assert!(db.has_permission("adm", "role:assign").await.unwrap());
+    user(db, "adm-b", "adm-b@x.io").await;
+    assert!(
+        db.set_role("adm-b", "admin", true, &audit("role.grant"))
+            .await
+            .unwrap()
+    );
     assert!(
         db.set_role("adm", "admin", false, &audit("role.revoke"))
             .await
@@ -340,12 +591,12 @@ async fn roles_audit_and_anonymisation(db: &Datastore) {
     );
     assert!(!db.has_permission("adm", "role:assign").await.unwrap());
     let log = db.audit_log(None, 10).await.unwrap();
-    assert_eq!(log.len(), 2, "only real changes are audited");
+    assert_eq!(log.len(), 3, "only real changes are audited");
     let page = db
         .audit_log(Some((log[0].1, log[0].0.clone())), 10)
         .await
         .unwrap();
-    assert_eq!(page.len(), 1);
+    assert_eq!(page.len(), 2);
 
     db.open_session(&session("anon-s", "adm", "app"), "anon-t")
         .await
@@ -482,8 +733,25 @@ async fn listing_and_profiles(db: &Datastore) {
         vec![("l0".to_string(), vec![])]
     );
     assert!(db.profile("nobody").await.unwrap().is_none());
-    assert!(db.set_status("l1", "disabled", NOW).await.unwrap());
+    let before = db.audit_log(None, 100).await.unwrap().len();
+    let disable = AuditEntry {
+        at: NOW,
+        actor: "t",
+        action: "user.disable",
+        target: Some("l1"),
+        details: "{}".into(),
+    };
+    assert!(db.set_status("l1", "disabled", &disable).await.unwrap());
     assert_eq!(db.user("l1").await.unwrap().unwrap().status, "disabled");
+    assert!(
+        !db.set_status("l1", "disabled", &disable).await.unwrap(),
+        "nothing to change"
+    );
+    assert_eq!(
+        db.audit_log(None, 100).await.unwrap().len(),
+        before + 1,
+        "the change and its audit entry are one write; no change, no entry"
+    );
 }
 
 async fn signing_keys(db: &Datastore) {
@@ -657,10 +925,11 @@ async fn suite(db: Datastore) {
         "a datastore belongs to one region"
     );
     users_and_identifiers(&db).await;
-    lockout_is_atomic(&db).await;
+    lockout_is_atomic_and_always_settled(&db).await;
     one_session_per_client_type(&db).await;
     refresh_rotation_and_reuse(&db).await;
     password_resets(&db).await;
+    reset_budgets(&db).await;
     addresses(&db).await;
     roles_audit_and_anonymisation(&db).await;
     listing_and_profiles(&db).await;

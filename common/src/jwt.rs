@@ -38,6 +38,10 @@ struct Header {
     #[serde(default)]
     typ: Option<String>,
     kid: String,
+    /// Extensions the recipient must understand (RFC 7515 §4.1.11). We
+    /// understand none, so a token that names any is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    crit: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,6 +60,10 @@ pub enum TokenError {
     NotYetValid,
     #[error("unknown issuer")]
     Issuer,
+    #[error("token lives longer than an access token may")]
+    Lifetime,
+    #[error("unknown critical header")]
+    Critical,
 }
 
 /// A signing key: an Ed25519 key pair and its id.
@@ -91,6 +99,7 @@ impl SigningKey {
             alg: "EdDSA".into(),
             typ: Some("JWT".into()),
             kid: self.kid.clone(),
+            crit: None,
         };
         let h = B64.encode(serde_json::to_vec(&header).expect("header serialises"));
         let p = B64.encode(serde_json::to_vec(claims).expect("claims serialise"));
@@ -148,6 +157,9 @@ pub fn verify_with_key(token: &str, keys: &impl KeySet, now: i64) -> Result<Veri
     if header.alg != "EdDSA" {
         return Err(TokenError::Algorithm);
     }
+    if header.crit.is_some() {
+        return Err(TokenError::Critical);
+    }
     let (public, issuer) = keys.key(&header.kid).ok_or(TokenError::UnknownKey)?;
     let sig = B64.decode(s).map_err(|_| TokenError::Malformed)?;
     let input_len = h.len() + 1 + p.len();
@@ -159,8 +171,14 @@ pub fn verify_with_key(token: &str, keys: &impl KeySet, now: i64) -> Result<Veri
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or(TokenError::Malformed)?;
-    if claims.iss != issuer {
+    // The key's owner issued it, and only for its own region's users: a
+    // cell's key cannot speak for another region's.
+    if claims.iss != issuer || claims.iss.strip_prefix("cell.") != Some(claims.home.as_str()) {
         return Err(TokenError::Issuer);
+    }
+    // However it was signed, no access token lives longer than this.
+    if claims.exp.saturating_sub(claims.iat) > MAX_ACCESS_TTL_SECS {
+        return Err(TokenError::Lifetime);
     }
     if claims.exp <= now {
         return Err(TokenError::Expired);
@@ -269,5 +287,36 @@ mod tests {
             Err(TokenError::Issuer)
         );
         assert_eq!(verify("a.b", &keys, 1500), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn bounds_are_enforced() {
+        let (k, keys, claims) = setup();
+        // The key's own issuer, for a user of another region.
+        let mut elsewhere = claims.clone();
+        elsewhere.home = "eu-west".into();
+        assert_eq!(
+            verify(&k.sign(&elsewhere), &keys, 1500),
+            Err(TokenError::Issuer)
+        );
+        // Longer-lived than any access token may be.
+        let mut long = claims.clone();
+        long.exp = long.iat + MAX_ACCESS_TTL_SECS + 1;
+        assert_eq!(
+            verify(&k.sign(&long), &keys, 1500),
+            Err(TokenError::Lifetime)
+        );
+        let mut longest = claims.clone();
+        longest.exp = longest.iat + MAX_ACCESS_TTL_SECS;
+        assert!(verify(&k.sign(&longest), &keys, 1500).is_ok());
+        // A critical extension we do not understand, validly signed.
+        let h = B64.encode(br#"{"alg":"EdDSA","kid":"k1","crit":["b64"],"b64":true}"#);
+        let p = B64.encode(serde_json::to_vec(&claims).unwrap());
+        let input = format!("{h}.{p}");
+        let sig = B64.encode(k.pair.sign(input.as_bytes()).as_ref());
+        assert_eq!(
+            verify(&format!("{input}.{sig}"), &keys, 1500),
+            Err(TokenError::Critical)
+        );
     }
 }

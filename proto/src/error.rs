@@ -249,6 +249,9 @@ pub struct CodedError {
     /// For `HomeElsewhere`: the account's home region; for a claim the
     /// control plane refuses, the holder's (gRPC metadata between them).
     pub home_region: Option<String>,
+    /// For `TooManyRequests`: seconds until a retry may succeed
+    /// (`Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl CodedError {
@@ -259,6 +262,7 @@ impl CodedError {
             fields: Vec::new(),
             moved_to: None,
             home_region: None,
+            retry_after: None,
         }
     }
 
@@ -281,6 +285,12 @@ impl CodedError {
         }
     }
 
+    /// Tells the caller when to retry (`Retry-After`, in seconds).
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
     /// A validation error naming the fields at fault.
     pub fn fields(fields: Vec<FieldError>) -> Self {
         let names: Vec<&str> = fields.iter().map(|f| f.field.as_str()).collect();
@@ -291,6 +301,7 @@ impl CodedError {
             fields,
             moved_to: None,
             home_region: None,
+            retry_after: None,
         }
     }
 

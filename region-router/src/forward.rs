@@ -199,7 +199,9 @@ fn answer_header(cell: &ResponseHeader, ctx: &Ctx) -> pingora::Result<ResponseHe
     if let Some(from) = &ctx.replayed_from {
         headers.insert(X_REPLAYED_FROM, header_value(from.as_str())?);
     }
-    if !headers.contains_key(&X_HOME_REGION)
+    if ctx.conceal_home {
+        headers.remove(&X_HOME_REGION);
+    } else if !headers.contains_key(&X_HOME_REGION)
         && let Some(up) = &ctx.upstream
     {
         headers.insert(X_HOME_REGION, header_value(up.region.as_str())?);

@@ -86,6 +86,10 @@ pub struct Ctx {
     /// Set when a cell answered that the user moved and the request is being
     /// replayed to the new home: the region that answered.
     pub replayed_from: Option<String>,
+    /// An unauthenticated request routed by the identifier in its body
+    /// (login, password reset): its answer must not say which region that
+    /// identifier lives in, so it carries no `x-home-region`.
+    pub conceal_home: bool,
 }
 
 impl Ctx {
@@ -105,6 +109,7 @@ impl Ctx {
             started: Instant::now(),
             refused_by: Vec::new(),
             replayed_from: None,
+            conceal_home: false,
         }
     }
 }
@@ -250,6 +255,7 @@ impl Router {
             Some((home, Basis::Token))
         } else if let Some(kind) = route_key::body_route(&method, &path) {
             let body = read_small_body(session).await?;
+            ctx.conceal_home = kind == BodyRoute::Identifier;
             match kind {
                 BodyRoute::Identifier => route_key::identifier(&body)
                     .and_then(|id| {

@@ -99,8 +99,8 @@ macro_rules! migrations {
     };
 }
 
-const SQLITE_MIGRATIONS: &[Migration] = migrations!("sqlite": 1 "0001_cell_info", 2 "0002_identity", 3 "0003_money", 4 "0004_notice", 5 "0005_broadcast", 6 "0006_wechat");
-const POSTGRES_MIGRATIONS: &[Migration] = migrations!("postgres": 1 "0001_cell_info", 2 "0002_identity", 3 "0003_money", 4 "0004_notice", 5 "0005_broadcast", 6 "0006_wechat");
+const SQLITE_MIGRATIONS: &[Migration] = migrations!("sqlite": 1 "0001_cell_info", 2 "0002_identity", 3 "0003_money", 4 "0004_notice", 5 "0005_broadcast", 6 "0006_wechat", 7 "0007_identity_hardening");
+const POSTGRES_MIGRATIONS: &[Migration] = migrations!("postgres": 1 "0001_cell_info", 2 "0002_identity", 3 "0003_money", 4 "0004_notice", 5 "0005_broadcast", 6 "0006_wechat", 7 "0007_identity_hardening");
 
 impl Datastore {
     /// Connects and applies pending migrations.

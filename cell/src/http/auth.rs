@@ -205,10 +205,11 @@ pub struct ResetConfirm {
 
 pub async fn confirm_reset(
     State(cell): State<Arc<Cell>>,
+    ClientIp(ip): ClientIp,
     Json(r): Json<ResetConfirm>,
 ) -> ApiResult<StatusCode> {
     cell.identity
-        .confirm_reset(&r.identifier, &r.code, &r.new_password)
+        .confirm_reset(&r.identifier, &r.code, &r.new_password, ip)
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

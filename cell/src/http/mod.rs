@@ -51,6 +51,10 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert(homecell_proto::error::MOVED_TO_HEADER, v);
         }
+        if let Some(secs) = self.0.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+        }
         // The client goes there itself (a router keeps this header).
         if let Some(region) = self.0.home_region
             && let Ok(v) = header::HeaderValue::from_str(&region)

@@ -226,30 +226,52 @@ pub async fn put_preferences(
 }
 
 /// Server-sent events: each new inbox item as `event: notice`, JSON data.
-pub async fn stream(State(cell): State<Arc<Cell>>, Auth(p): Auth) -> Response {
+/// The stream ends when its session does (`notice::streams`).
+pub async fn stream(State(cell): State<Arc<Cell>>, Auth(p): Auth) -> ApiResult<Response> {
+    if p.home != cell.region {
+        // The inbox lives at home; so do its streams.
+        return Err(crate::identity::service::not_at_home().into());
+    }
+    let max = cell.replica.state().config_int(
+        "notice.stream.max_per_user",
+        &cell.region,
+        crate::notice::streams::DEFAULT_MAX_PER_USER,
+    );
+    let slot = cell.notices.streams.open(&p.user_id, max);
+    let recheck = tokio::time::interval_at(
+        tokio::time::Instant::now() + crate::notice::streams::RECHECK,
+        crate::notice::streams::RECHECK,
+    );
     let rx = cell.notices.live.subscribe();
-    let me = p.user_id;
     // Each of the user's new items; a subscriber that falls behind skips
     // what it missed (the inbox still has it) rather than ending.
-    let items = futures::stream::unfold(rx, move |mut rx| {
-        let me = me.clone();
-        async move {
+    let items = futures::stream::unfold(
+        (rx, recheck, slot, p, cell),
+        |(mut rx, mut recheck, slot, p, cell)| async move {
             loop {
-                match rx.recv().await {
-                    Ok(live) if live.user_id == me => {
-                        let e = Event::default()
-                            .event("notice")
-                            .id(live.item.id.clone())
-                            .json_data(&live.item)
-                            .map_err(axum::Error::new);
-                        return Some((e, rx));
+                tokio::select! {
+                    () = slot.closed.cancelled() => return None,
+                    _ = recheck.tick() => {
+                        if !cell.identity.still_signed_in(&p).await {
+                            return None;
+                        }
                     }
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    got = rx.recv() => match got {
+                        Ok(live) if live.user_id == p.user_id => {
+                            let e = Event::default()
+                                .event("notice")
+                                .id(live.item.id.clone())
+                                .json_data(&live.item)
+                                .map_err(axum::Error::new);
+                            return Some((e, (rx, recheck, slot, p, cell)));
+                        }
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    },
                 }
             }
-        }
-    });
+        },
+    );
     // The router and proxies must not buffer this.
     let mut resp = Sse::new(items)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
@@ -258,7 +280,7 @@ pub async fn stream(State(cell): State<Arc<Cell>>, Auth(p): Auth) -> Response {
         "x-accel-buffering",
         axum::http::HeaderValue::from_static("no"),
     );
-    resp
+    Ok(resp)
 }
 
 // ------------------------------------------------------------------ /v1/me

@@ -27,6 +27,14 @@ pub fn check_policy(password: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// A permit, waiting at most 5 s for one.
+async fn acquire(permits: &Arc<Semaphore>) -> Result<tokio::sync::OwnedSemaphorePermit, HashError> {
+    tokio::time::timeout(Duration::from_secs(5), permits.clone().acquire_owned())
+        .await
+        .map_err(|_| HashError::Busy)?
+        .map_err(|_| HashError::Busy)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HashError {
     #[error("too many password checks in progress")]
@@ -38,6 +46,9 @@ pub enum HashError {
 #[derive(Clone)]
 pub struct Hasher {
     permits: Arc<Semaphore>,
+    /// Registrations hold at most half the permits, so a registration
+    /// flood cannot take argon2 from the logins of existing users.
+    registrations: Arc<Semaphore>,
     /// A hash of a random password, verified against for unknown accounts so
     /// they take as long as known ones.
     dummy: Arc<String>,
@@ -78,8 +89,10 @@ pub struct Verified {
 impl Hasher {
     pub fn new(max_concurrent: usize) -> Self {
         let dummy = hash_blocking(&uuid::Uuid::new_v4().to_string()).expect("hashing works");
+        let n = max_concurrent.max(1);
         Self {
-            permits: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            permits: Arc::new(Semaphore::new(n)),
+            registrations: Arc::new(Semaphore::new((n / 2).max(1))),
             dummy: Arc::new(dummy),
         }
     }
@@ -88,11 +101,7 @@ impl Hasher {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, HashError> {
-        let permit =
-            tokio::time::timeout(Duration::from_secs(5), self.permits.clone().acquire_owned())
-                .await
-                .map_err(|_| HashError::Busy)?
-                .map_err(|_| HashError::Busy)?;
+        let permit = acquire(&self.permits).await?;
         let out = tokio::task::spawn_blocking(move || {
             let out = f();
             drop(permit);
@@ -105,6 +114,12 @@ impl Hasher {
 
     pub async fn hash(&self, password: String) -> Result<String, HashError> {
         self.run(move || hash_blocking(&password)).await?
+    }
+
+    /// `hash` for a new account, within the registrations' share.
+    pub async fn hash_registration(&self, password: String) -> Result<String, HashError> {
+        let _share = acquire(&self.registrations).await?;
+        self.hash(password).await
     }
 
     pub async fn verify(&self, password: String, stored: String) -> Result<Verified, HashError> {
@@ -130,10 +145,12 @@ impl Hasher {
         .await
     }
 
-    /// Spends the time of a real check, for accounts that do not exist.
-    pub async fn verify_dummy(&self, password: String) {
+    /// Spends the time of a real check, for accounts that do not exist or
+    /// are locked; busy as a real check would be, so the answer under load
+    /// does not tell them apart.
+    pub async fn verify_dummy(&self, password: String) -> Result<(), HashError> {
         let dummy = self.dummy.to_string();
-        let _ = self.verify(password, dummy).await;
+        self.verify(password, dummy).await.map(|_| ())
     }
 }
 

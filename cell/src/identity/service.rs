@@ -7,7 +7,8 @@ use super::identifier::Identifier;
 use super::keys::{Keys, Verifier, now_ms};
 use super::password::{self, HashError, Hasher};
 use super::store::{
-    Address, AuditEntry, DbError, NewUser, RefreshOutcome, Session, User, UserProfile,
+    Address, AuditEntry, DbError, NewUser, RefreshOutcome, ResetLimits, Rotation, Session, User,
+    UserProfile, reset_budget_key_of_user,
 };
 use crate::db::Datastore;
 use base64::Engine;
@@ -30,7 +31,12 @@ pub const CLIENT_TYPES: [&str; 4] = ["app", "web", "mp", "cms"];
 const SESSION_TTL_MS: i64 = 30 * 24 * 3600 * 1000;
 const RESET_TTL_MS: i64 = 15 * 60 * 1000;
 const RESET_MAX_ATTEMPTS: i64 = 5;
+/// How long a rotated refresh token may be presented again for the same
+/// successor: the client lost the answer and retries (docs/SECURITY.md).
+pub const REFRESH_GRACE_MS: i64 = 30_000;
 pub const MAX_ADDRESSES: i64 = 20;
+/// The role that holds every permission.
+const ADMIN: &str = "admin";
 
 impl From<DbError> for CodedError {
     fn from(e: DbError) -> Self {
@@ -73,6 +79,25 @@ fn invalid_credentials() -> CodedError {
     )
 }
 
+/// Whose reset budget a request spends: the account's when the identifier
+/// names one, else the identifier's own, so an unknown identifier is
+/// counted, answered and refused exactly as a known one.
+fn reset_budget_key(id: &Identifier, user_id: Option<&str>) -> String {
+    match user_id {
+        Some(u) => reset_budget_key_of_user(u),
+        None => format!("id:{}", sha256_hex(&id.qualified())),
+    }
+}
+
+fn reset_budget_spent(wait_ms: i64) -> CodedError {
+    let secs = u64::try_from((wait_ms + 999) / 1000).unwrap_or(1).max(1);
+    CodedError::new(
+        ErrorCode::TooManyRequests,
+        "too many password reset attempts for this account; retry later",
+    )
+    .retry_after(secs)
+}
+
 fn random_token(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("randomness");
@@ -92,7 +117,23 @@ pub(crate) fn sha256_hex(s: &str) -> String {
         .collect()
 }
 
-/// A fixed-window counter per client address.
+/// The unit an address limit counts: an IPv4 address, or an IPv6 /64 (one
+/// subscriber's network, in which a client can pick any of 2^64 source
+/// addresses). An IPv4-mapped IPv6 address counts as its IPv4 address.
+pub fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+        },
+    }
+}
+
+/// A fixed-window counter per client address (per /64 for IPv6).
 pub struct IpLimiter {
     per_minute: u32,
     windows: Mutex<HashMap<IpAddr, (i64, u32)>>,
@@ -113,7 +154,7 @@ impl IpLimiter {
         if w.len() > 100_000 {
             w.retain(|_, (m, _)| *m == minute);
         }
-        let e = w.entry(ip).or_insert((minute, 0));
+        let e = w.entry(limit_key(ip)).or_insert((minute, 0));
         if e.0 != minute {
             *e = (minute, 0);
         }
@@ -142,6 +183,20 @@ mod tests {
         assert!((1..=60).contains(&wait));
         assert!(l.check(b).is_ok(), "other addresses are unaffected");
     }
+
+    #[test]
+    fn ipv6_counts_per_64() {
+        let l = IpLimiter::new(2);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(l.check(a).is_ok());
+        assert!(l.check(same_64).is_ok());
+        assert!(l.check(a).is_err(), "one /64 shares one budget");
+        assert!(l.check(other_64).is_ok());
+        let mapped: IpAddr = "::ffff:10.0.0.9".parse().unwrap();
+        assert_eq!(limit_key(mapped), "10.0.0.9".parse::<IpAddr>().unwrap());
+    }
 }
 
 /// Who made a request, from a verified access token.
@@ -152,6 +207,8 @@ pub struct Principal {
     pub client_type: String,
     pub home: String,
     pub roles: Vec<String>,
+    /// When the access token expires (unix seconds).
+    pub expires_at: i64,
 }
 
 /// An access token that passed [`Identity::verify`], its session not yet
@@ -204,7 +261,8 @@ impl Identity {
             Some(Err(wait)) => Err(CodedError::new(
                 ErrorCode::TooManyRequests,
                 format!("too many attempts from this address; retry in {wait} s"),
-            )),
+            )
+            .retry_after(wait)),
             _ => Ok(()),
         }
     }
@@ -224,6 +282,15 @@ impl Identity {
             self.config_int("auth.lockout.max_failures", 5),
             self.config_ms("auth.lockout.duration", 15 * 60 * 1000),
         )
+    }
+
+    fn reset_limits(&self) -> ResetLimits {
+        ResetLimits {
+            codes_per_hour: self.config_int("auth.reset.max_codes_per_hour", 5).max(1),
+            failures_per_day: self
+                .config_int("auth.reset.max_failures_per_day", 10)
+                .max(1),
+        }
     }
 
     fn access_ttl_secs(&self) -> i64 {
@@ -283,7 +350,7 @@ impl Identity {
                 "this identifier is already registered",
             ));
         }
-        let hash = self.hasher.hash(password.to_string()).await?;
+        let hash = self.hasher.hash_registration(password.to_string()).await?;
         // Time-ordered and random: unique across cells without coordination.
         let user_id = uuid::Uuid::now_v7().to_string();
         self.claim(&id.qualified(), &user_id).await?;
@@ -393,28 +460,15 @@ impl Identity {
             .user_by_identifier(id.kind.as_str(), &id.value)
             .await?
         else {
-            self.hasher.verify_dummy(password.to_string()).await;
+            // The same work, and the same answer when argon2 is busy, as
+            // for an account that exists.
+            self.hasher.verify_dummy(password.to_string()).await?;
             return Err(invalid_credentials());
         };
-        let (max, lock_ms) = self.lockout();
+        let Some(verified) = self.check_password(&user_id, password).await? else {
+            return Err(invalid_credentials());
+        };
         let now = now_ms();
-        let Some(_) = self.db.reserve_attempt(&user_id, max, now).await? else {
-            // Locked: answer like a wrong password, after the same work.
-            self.hasher.verify_dummy(password.to_string()).await;
-            return Err(invalid_credentials());
-        };
-        let stored = self.db.password_hash(&user_id).await?.unwrap_or_default();
-        let verified = self.hasher.verify(password.to_string(), stored).await?;
-        if !verified.ok {
-            if self
-                .db
-                .lock_if_exhausted(&user_id, max, now + lock_ms)
-                .await?
-            {
-                tracing::warn!(user_id, "account locked after repeated failures");
-            }
-            return Err(invalid_credentials());
-        }
         let user = self
             .db
             .user(&user_id)
@@ -427,13 +481,62 @@ impl Identity {
                 "this account is disabled",
             ));
         }
-        if verified.needs_rehash {
-            let hash = self.hasher.hash(password.to_string()).await?;
+        // Best effort: argon2 busy now only postpones it to the next login.
+        if verified.needs_rehash
+            && let Ok(hash) = self.hasher.hash(password.to_string()).await
+        {
             self.db
                 .set_password(&user_id, &hash, false, None, now)
                 .await?;
         }
         self.start_session(&user_id, client_type).await
+    }
+
+    /// Checks an account's password under its failed-attempt accounting
+    /// (login, password change, account deletion): the attempt is reserved
+    /// before argon2 runs and settled on every path (`reserve_attempt`).
+    /// None for a wrong password or a locked account, which look alike
+    /// after the same work; a success leaves clearing the counter to the
+    /// caller's own write (a new session, a new password, a deletion).
+    async fn check_password(
+        &self,
+        user_id: &str,
+        password: &str,
+    ) -> Result<Option<password::Verified>, CodedError> {
+        let (max, lock_ms) = self.lockout();
+        let now = now_ms();
+        let Some(attempt) = self
+            .db
+            .reserve_attempt(user_id, max, now + lock_ms, now)
+            .await?
+        else {
+            self.hasher.verify_dummy(password.to_string()).await?;
+            return Ok(None);
+        };
+        let stored = self.db.password_hash(user_id).await?.unwrap_or_default();
+        match self.hasher.verify(password.to_string(), stored).await {
+            Ok(v) if v.ok => {
+                if attempt >= max {
+                    // This attempt locked the account before the check;
+                    // lift it now, not at the caller's later write, which
+                    // may never come (argon2 busy for a new hash).
+                    self.db.clear_attempts(user_id).await?;
+                }
+                Ok(Some(v))
+            }
+            Ok(_) => {
+                if attempt >= max {
+                    tracing::warn!(user_id, "account locked after repeated failures");
+                }
+                Ok(None)
+            }
+            Err(HashError::Busy) => {
+                // Nothing was checked: the attempt is not a failure.
+                self.db.refund_attempt(user_id, max).await?;
+                Err(HashError::Busy.into())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Opens a session of `client_type` for a user who just proved who they
@@ -481,6 +584,20 @@ impl Identity {
         format!("{}~{}", self.region, random_token(32))
     }
 
+    /// The refresh token that follows `token`: derived from it and a salt
+    /// the datastore keeps with its hash, so a retry of a rotation whose
+    /// answer was lost gets the same successor again, and neither a copy
+    /// of the datastore (no token) nor a stolen token (no salt) can derive
+    /// it.
+    fn successor(&self, token: &str, salt: &str) -> String {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in ["homecell refresh successor", salt, token] {
+            ctx.update(part.as_bytes());
+            ctx.update(&[0]);
+        }
+        format!("{}~{}", self.region, B64.encode(ctx.finish()))
+    }
+
     async fn token_pair(
         &self,
         session: &Session,
@@ -514,17 +631,26 @@ impl Identity {
         if refresh_token.is_empty() || refresh_token.len() > 256 {
             return Err(CodedError::field("refresh_token", "malformed"));
         }
-        let next = self.new_refresh_token();
+        let salt = random_token(16);
+        let next = self.successor(refresh_token, &salt);
         let outcome = self
             .db
-            .rotate_refresh(&sha256_hex(refresh_token), &sha256_hex(&next), now_ms())
+            .rotate_refresh(&Rotation {
+                old_hash: &sha256_hex(refresh_token),
+                new_hash: &sha256_hex(&next),
+                salt: &salt,
+                now: now_ms(),
+                grace_ms: REFRESH_GRACE_MS,
+            })
             .await?;
         match outcome {
-            RefreshOutcome::Rotated(session) => {
-                // The rotation checked the session is live; disabling or
-                // deleting an account revokes its sessions in the same
-                // transaction, so no separate user check is needed.
-                self.token_pair(&session, next).await
+            // The rotation checked the session is live; disabling or
+            // deleting an account revokes its sessions in the same
+            // transaction, so no separate user check is needed.
+            RefreshOutcome::Rotated(session) => self.token_pair(&session, next).await,
+            RefreshOutcome::Repeated(session, salt) => {
+                let again = self.successor(refresh_token, &salt);
+                self.token_pair(&session, again).await
             }
             RefreshOutcome::Reused => {
                 tracing::warn!("refresh token reuse: its session was revoked");
@@ -604,6 +730,7 @@ impl Identity {
             client_type: claims.ct,
             home: claims.home,
             roles: claims.roles,
+            expires_at: claims.exp,
         })
     }
 
@@ -621,6 +748,20 @@ impl Identity {
             .profile_in_session(&c.sub, &c.sid, now_ms())
             .await?
             .ok_or_else(session_ended)
+    }
+
+    /// Whether a principal's session still holds, for an answer that
+    /// outlives its request (a live stream): the token unexpired and, at
+    /// home, the session alive and the account active. A datastore error
+    /// keeps the stream; the next check decides.
+    pub async fn still_signed_in(&self, p: &Principal) -> bool {
+        if p.expires_at <= now_ms() / 1000 {
+            return false;
+        }
+        self.db
+            .session_alive(&p.sid, &p.user_id, now_ms())
+            .await
+            .unwrap_or(true)
     }
 
     /// Refuses unless the caller (at its home cell) holds `permission` now.
@@ -674,26 +815,13 @@ impl Identity {
         new: &str,
     ) -> Result<(), CodedError> {
         password::check_policy(new).map_err(|m| CodedError::field("new_password", m))?;
-        let (max, lock_ms) = self.lockout();
-        let now = now_ms();
-        if self
-            .db
-            .reserve_attempt(&p.user_id, max, now)
-            .await?
-            .is_none()
-        {
-            return Err(invalid_credentials());
-        }
-        let stored = self.db.password_hash(&p.user_id).await?.unwrap_or_default();
-        if !self.hasher.verify(old.to_string(), stored).await?.ok {
-            self.db
-                .lock_if_exhausted(&p.user_id, max, now + lock_ms)
-                .await?;
+        if self.check_password(&p.user_id, old).await?.is_none() {
             return Err(CodedError::new(
                 ErrorCode::InvalidCredentials,
                 "the current password is wrong",
             ));
         }
+        let now = now_ms();
         let hash = self.hasher.hash(new.to_string()).await?;
         self.db
             .set_password(&p.user_id, &hash, true, Some(&p.sid), now)
@@ -710,11 +838,20 @@ impl Identity {
     ) -> Result<(), CodedError> {
         self.check_ip(ip)?;
         let id = Identifier::parse(identifier).map_err(|m| CodedError::field("identifier", m))?;
-        let Some(user_id) = self
+        let user = self
             .db
             .user_by_identifier(id.kind.as_str(), &id.value)
+            .await?;
+        let now = now_ms();
+        let key = reset_budget_key(&id, user.as_deref());
+        if let Err(wait_ms) = self
+            .db
+            .spend_reset_issue(&key, self.reset_limits(), now)
             .await?
-        else {
+        {
+            return Err(reset_budget_spent(wait_ms));
+        }
+        let Some(user_id) = user else {
             return Ok(());
         };
         match self.db.user(&user_id).await? {
@@ -728,7 +865,6 @@ impl Identity {
             format!("{:06}", u32::from_le_bytes(b) % 1_000_000)
         };
         let reset_id = uuid::Uuid::now_v7().to_string();
-        let now = now_ms();
         let payload = serde_json::json!({
             "user_id": user_id,
             "channel": id.kind.as_str(),
@@ -754,6 +890,7 @@ impl Identity {
         identifier: &str,
         code: &str,
         new_password: &str,
+        ip: Option<IpAddr>,
     ) -> Result<(), CodedError> {
         password::check_policy(new_password).map_err(|m| CodedError::field("new_password", m))?;
         let bad = || {
@@ -763,22 +900,35 @@ impl Identity {
             )
         };
         let id = Identifier::parse(identifier).map_err(|m| CodedError::field("identifier", m))?;
-        let Some(user_id) = self
+        self.check_ip(ip)?;
+        let user = self
             .db
             .user_by_identifier(id.kind.as_str(), &id.value)
+            .await?;
+        let now = now_ms();
+        // The account's daily budget first, then the code's own five
+        // guesses, both reserved before anything is compared: a concurrent
+        // storm cannot exceed either (docs/SECURITY.md has the arithmetic).
+        let key = reset_budget_key(&id, user.as_deref());
+        if let Err(wait_ms) = self
+            .db
+            .spend_reset_guess(&key, self.reset_limits(), now)
+            .await?
+        {
+            return Err(reset_budget_spent(wait_ms));
+        }
+        let Some(user_id) = user else {
+            return Err(bad());
+        };
+        let Some((reset_id, code_hash)) = self
+            .db
+            .reserve_reset_guess(&user_id, RESET_MAX_ATTEMPTS, now)
             .await?
         else {
             return Err(bad());
         };
-        let now = now_ms();
-        let Some((reset_id, code_hash, _)) = self.db.live_reset(&user_id, now).await? else {
-            return Err(bad());
-        };
         let given = sha256_hex(&format!("{reset_id}:{}", code.trim()));
         if !constant_time_eq(given.as_bytes(), code_hash.as_bytes()) {
-            self.db
-                .count_reset_attempt(&reset_id, RESET_MAX_ATTEMPTS, now)
-                .await?;
             return Err(bad());
         }
         let hash = self.hasher.hash(new_password.to_string()).await?;
@@ -811,8 +961,7 @@ impl Identity {
 
     /// Anonymises the caller's account after checking the password.
     pub async fn delete_account(&self, p: &Principal, password: &str) -> Result<(), CodedError> {
-        let stored = self.db.password_hash(&p.user_id).await?.unwrap_or_default();
-        if !self.hasher.verify(password.to_string(), stored).await?.ok {
+        if self.check_password(&p.user_id, password).await?.is_none() {
             return Err(CodedError::new(
                 ErrorCode::InvalidCredentials,
                 "the password is wrong",
@@ -872,9 +1021,24 @@ impl Identity {
             target: Some(user_id),
             details: serde_json::json!({ "role": role }).to_string(),
         };
-        Ok(self.db.set_role(user_id, role, grant, &audit).await?)
+        let changed = self.db.set_role(user_id, role, grant, &audit).await?;
+        if !changed
+            && !grant
+            && role == ADMIN
+            && self.db.roles_of(user_id).await?.iter().any(|r| r == ADMIN)
+        {
+            return Err(CodedError::new(
+                ErrorCode::FailedPrecondition,
+                "the cell's last admin cannot give up the admin role",
+            ));
+        }
+        Ok(changed)
     }
 
+    /// Disables or enables an account, with its audit entry in the same
+    /// transaction (none when nothing changed). Only an admin may change an
+    /// admin's status: `users:disable` alone (support) must not be able to
+    /// lock the cell's admins out.
     pub async fn set_status(
         &self,
         actor: &Principal,
@@ -882,21 +1046,32 @@ impl Identity {
         enable: bool,
     ) -> Result<(), CodedError> {
         self.user(user_id).await?;
+        if self.db.roles_of(user_id).await?.iter().any(|r| r == ADMIN)
+            && !self
+                .db
+                .roles_of(&actor.user_id)
+                .await?
+                .iter()
+                .any(|r| r == ADMIN)
+        {
+            return Err(CodedError::new(
+                ErrorCode::PermissionDenied,
+                "only an admin may disable or enable an admin",
+            ));
+        }
         let status = if enable { "active" } else { "disabled" };
-        self.db.set_status(user_id, status, now_ms()).await?;
-        self.db
-            .audit(&AuditEntry {
-                at: now_ms(),
-                actor: &actor.user_id,
-                action: if enable {
-                    "user.enable"
-                } else {
-                    "user.disable"
-                },
-                target: Some(user_id),
-                details: "{}".into(),
-            })
-            .await?;
+        let audit = AuditEntry {
+            at: now_ms(),
+            actor: &actor.user_id,
+            action: if enable {
+                "user.enable"
+            } else {
+                "user.disable"
+            },
+            target: Some(user_id),
+            details: "{}".into(),
+        };
+        self.db.set_status(user_id, status, &audit).await?;
         Ok(())
     }
 }

@@ -253,34 +253,56 @@ macro_rules! session_cols {
 }
 
 /// The statements of a refresh rotation on `$conn` (a connection or a
-/// transaction), as a `RefreshOutcome`; `?` passes on database errors. The common case is three
-/// statements: mark the token used, touch its live session, store the
-/// successor.
+/// transaction), as a `RefreshOutcome`; `?` passes on database errors. The
+/// common case is three statements: mark the token used (remembering its
+/// successor), touch its live session, store the successor. A token used
+/// before is a repeat when it was rotated less than `$grace` ms ago and its
+/// successor is still unused (the client lost the answer and retries); any
+/// other reuse revokes the session.
 macro_rules! rotate {
-    ($conn:ident, $old:expr, $new:expr, $now:expr) => {{
-        let marked: Option<String> = sqlx::query_scalar("UPDATE refresh_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL RETURNING session_id")
-            .bind($now).bind($old).fetch_optional(&mut *$conn).await?;
+    ($conn:ident, $r:expr) => {{
+        let r: &Rotation<'_> = $r;
+        let marked: Option<String> = sqlx::query_scalar("UPDATE refresh_tokens SET used_at = $1, successor_hash = $3, successor_salt = $4 WHERE token_hash = $2 AND used_at IS NULL RETURNING session_id")
+            .bind(r.now).bind(r.old_hash).bind(r.new_hash).bind(r.salt).fetch_optional(&mut *$conn).await?;
+        let live_sql = concat!("UPDATE sessions SET last_used_at = $1 WHERE id = $2 AND revoked_at IS NULL AND expires_at > $1 RETURNING ", session_cols!());
         match marked {
             Some(sid) => {
-                let sql = concat!("UPDATE sessions SET last_used_at = $1 WHERE id = $2 AND revoked_at IS NULL AND expires_at > $1 RETURNING ", session_cols!());
-                let live: Option<SessionTuple> = sqlx::query_as(sql).bind($now).bind(&sid).fetch_optional(&mut *$conn).await?;
+                let live: Option<SessionTuple> = sqlx::query_as(live_sql).bind(r.now).bind(&sid).fetch_optional(&mut *$conn).await?;
                 match live {
                     Some(s) => {
                         sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES ($1, $2, $3)")
-                            .bind($new).bind(&sid).bind($now).execute(&mut *$conn).await?;
+                            .bind(r.new_hash).bind(&sid).bind(r.now).execute(&mut *$conn).await?;
                         RefreshOutcome::Rotated(Session::from(s))
                     }
                     None => RefreshOutcome::Invalid,
                 }
             }
             None => {
-                let used: Option<String> = sqlx::query_scalar("SELECT session_id FROM refresh_tokens WHERE token_hash = $1")
-                    .bind($old).fetch_optional(&mut *$conn).await?;
+                let used: Option<(String, Option<i64>, Option<String>, Option<String>)> = sqlx::query_as(
+                    "SELECT session_id, used_at, successor_hash, successor_salt FROM refresh_tokens WHERE token_hash = $1")
+                    .bind(r.old_hash).fetch_optional(&mut *$conn).await?;
                 match used {
-                    Some(sid) => {
-                        sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'refresh_reuse' WHERE id = $2 AND revoked_at IS NULL")
-                            .bind($now).bind(&sid).execute(&mut *$conn).await?;
-                        RefreshOutcome::Reused
+                    Some((sid, used_at, successor, salt)) => {
+                        let recent = used_at.is_some_and(|at| at > r.now - r.grace_ms);
+                        let successor_unused = match (&successor, recent) {
+                            (Some(h), true) => sqlx::query_scalar::<_, String>("SELECT session_id FROM refresh_tokens WHERE token_hash = $1 AND used_at IS NULL")
+                                .bind(h).fetch_optional(&mut *$conn).await?.is_some(),
+                            _ => false,
+                        };
+                        match salt {
+                            Some(salt) if successor_unused => {
+                                let live: Option<SessionTuple> = sqlx::query_as(live_sql).bind(r.now).bind(&sid).fetch_optional(&mut *$conn).await?;
+                                match live {
+                                    Some(s) => RefreshOutcome::Repeated(Session::from(s), salt),
+                                    None => RefreshOutcome::Invalid,
+                                }
+                            }
+                            _ => {
+                                sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'refresh_reuse' WHERE id = $2 AND revoked_at IS NULL")
+                                    .bind(r.now).bind(&sid).execute(&mut *$conn).await?;
+                                RefreshOutcome::Reused
+                            }
+                        }
                     }
                     None => RefreshOutcome::Invalid,
                 }
@@ -289,15 +311,47 @@ macro_rules! rotate {
     }};
 }
 
+/// One refresh rotation's inputs: the presented token's hash, its
+/// successor's hash and the salt the successor was derived with.
+pub struct Rotation<'a> {
+    pub old_hash: &'a str,
+    pub new_hash: &'a str,
+    pub salt: &'a str,
+    pub now: i64,
+    /// How long a rotated token may be presented again for the same
+    /// successor.
+    pub grace_ms: i64,
+}
+
 /// What a refresh token lookup found.
 #[derive(Debug)]
 pub enum RefreshOutcome {
     /// Rotated: the session it belongs to.
     Rotated(Session),
+    /// Rotated moments ago and its successor not yet used: the session, and
+    /// the salt that derives that same successor again.
+    Repeated(Session, String),
     /// Unknown token, or its session is over.
     Invalid,
     /// Already used once: the session was revoked.
     Reused,
+}
+
+/// A password-reset budget across every code of one account.
+#[derive(Debug, Clone, Copy)]
+pub struct ResetLimits {
+    /// Codes that may be issued per hour.
+    pub codes_per_hour: i64,
+    /// Wrong guesses allowed per day.
+    pub failures_per_day: i64,
+}
+
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
+
+/// The reset budget of an account.
+pub fn reset_budget_key_of_user(user_id: &str) -> String {
+    format!("user:{user_id}")
 }
 
 #[derive(
@@ -578,16 +632,27 @@ impl Datastore {
             .collect()
     }
 
-    /// Sets `status` (active/disabled); a disabled account's sessions end.
-    pub async fn set_status(&self, id: &str, status: &str, now: i64) -> DbResult<bool> {
+    /// Sets `status` (active/disabled) and, when that changed anything,
+    /// writes `audit` in the same transaction; a disabled account's
+    /// sessions end. True when the status changed.
+    pub async fn set_status(
+        &self,
+        id: &str,
+        status: &str,
+        audit: &AuditEntry<'_>,
+    ) -> DbResult<bool> {
         let changed = in_tx!(self, tx => {
-            let r = sqlx::query("UPDATE users SET status = $1, version = version + 1, updated_at = $2 WHERE id = $3 AND status <> 'deleted'")
-                .bind(status).bind(now).bind(id).execute(&mut *tx).await?;
+            let r = sqlx::query("UPDATE users SET status = $1, version = version + 1, updated_at = $2 WHERE id = $3 AND status <> 'deleted' AND status <> $1")
+                .bind(status).bind(audit.at).bind(id).execute(&mut *tx).await?;
             if status == "disabled" {
                 sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'disabled' WHERE user_id = $2 AND revoked_at IS NULL")
-                    .bind(now).bind(id).execute(&mut *tx).await?;
+                    .bind(audit.at).bind(id).execute(&mut *tx).await?;
             }
-            r.rows_affected() == 1
+            let changed = r.rows_affected() == 1;
+            if changed {
+                insert_audit!(tx, audit);
+            }
+            changed
         });
         Ok(changed)
     }
@@ -644,29 +709,50 @@ impl Datastore {
         Ok(row.map(|r| r.0))
     }
 
-    /// Atomically reserves one password check. None when the account is
-    /// locked (or has no password): then no check may run at all, so a
-    /// concurrent storm cannot exceed the limit.
+    /// Atomically reserves one password check and settles it in the same
+    /// statement: the attempt that reaches `max` locks the account until
+    /// `lock_until` before its password is even checked, so no path (a
+    /// wrong password, argon2 busy, a datastore error, a dropped request)
+    /// can leave the counter at the limit with no lock, which would lock the
+    /// account for good. A success clears both (`open_session`,
+    /// `set_password`); an argon2 refusal gives the attempt back
+    /// (`refund_attempt`). A counter at the limit with no lock in force (a
+    /// row from before this rule, or a lowered limit) counts as expired.
+    /// None when the account is locked (or has no password): then no check
+    /// may run at all, so a concurrent storm cannot exceed the limit.
     pub async fn reserve_attempt(
         &self,
         user_id: &str,
         max: i64,
+        lock_until: i64,
         now: i64,
     ) -> DbResult<Option<i64>> {
-        let sql = "UPDATE credentials SET \
-                   attempts = CASE WHEN locked_until IS NOT NULL AND locked_until <= $1 THEN 1 ELSE attempts + 1 END, \
-                   locked_until = CASE WHEN locked_until IS NOT NULL AND locked_until <= $1 THEN NULL ELSE locked_until END \
-                   WHERE user_id = $2 AND ((locked_until IS NULL AND attempts < $3) OR locked_until <= $1) \
-                   RETURNING attempts";
-        let row: Option<(i64,)> = write_db!(self, p => sqlx::query_as(sql).bind(now).bind(user_id).bind(max).fetch_optional(p).await?);
+        macro_rules! fresh {
+            () => {
+                "((locked_until IS NOT NULL AND locked_until <= $1) OR (locked_until IS NULL AND attempts >= $3))"
+            };
+        }
+        let sql = concat!(
+            "UPDATE credentials SET attempts = CASE WHEN ",
+            fresh!(),
+            " THEN 1 ELSE attempts + 1 END, ",
+            "locked_until = CASE WHEN (CASE WHEN ",
+            fresh!(),
+            " THEN 1 ELSE attempts + 1 END) >= $3 THEN $4 ELSE NULL END ",
+            "WHERE user_id = $2 AND (locked_until IS NULL OR locked_until <= $1) RETURNING attempts"
+        );
+        let row: Option<(i64,)> = write_db!(self, p => sqlx::query_as(sql).bind(now).bind(user_id).bind(max).bind(lock_until).fetch_optional(p).await?);
         Ok(row.map(|r| r.0))
     }
 
-    /// After a failed check: lock once the reserved attempts reach `max`.
-    pub async fn lock_if_exhausted(&self, user_id: &str, max: i64, until: i64) -> DbResult<bool> {
-        let r = write_db!(self, p => sqlx::query("UPDATE credentials SET locked_until = $1 WHERE user_id = $2 AND attempts >= $3 AND locked_until IS NULL")
-            .bind(until).bind(user_id).bind(max).execute(p).await?.rows_affected());
-        Ok(r == 1)
+    /// Gives back a reserved attempt whose check never ran (argon2 was
+    /// busy), lifting the lock it may have set.
+    pub async fn refund_attempt(&self, user_id: &str, max: i64) -> DbResult<()> {
+        write_db!(self, p => {
+            sqlx::query("UPDATE credentials SET attempts = attempts - 1, locked_until = CASE WHEN attempts - 1 < $2 THEN NULL ELSE locked_until END WHERE user_id = $1 AND attempts > 0")
+            .bind(user_id).bind(max).execute(p).await?;
+        });
+        Ok(())
     }
 
     pub async fn clear_attempts(&self, user_id: &str) -> DbResult<()> {
@@ -788,20 +874,31 @@ impl Datastore {
     /// Rotates a refresh token: marks it used and stores its successor, in
     /// one transaction. A token used twice revokes its session (the family).
     /// On SQLite concurrent rotations share a commit (`TxBatch`).
-    pub async fn rotate_refresh(
-        &self,
-        old_hash: &str,
-        new_hash: &str,
-        now: i64,
-    ) -> DbResult<RefreshOutcome> {
+    pub async fn rotate_refresh(&self, r: &Rotation<'_>) -> DbResult<RefreshOutcome> {
         match self {
             Datastore::Sqlite(_, batch, _) => {
-                let (old, new) = (old_hash.to_owned(), new_hash.to_owned());
+                let (old, new, salt) = (
+                    r.old_hash.to_owned(),
+                    r.new_hash.to_owned(),
+                    r.salt.to_owned(),
+                );
+                let (now, grace_ms) = (r.now, r.grace_ms);
                 batch
-                    .run(move |conn| Box::pin(async move { Ok(rotate!(conn, &old, &new, now)) }))
+                    .run(move |conn| {
+                        Box::pin(async move {
+                            let r = Rotation {
+                                old_hash: &old,
+                                new_hash: &new,
+                                salt: &salt,
+                                now,
+                                grace_ms,
+                            };
+                            Ok(rotate!(conn, &r))
+                        })
+                    })
                     .await
             }
-            Datastore::Postgres(_) => Ok(in_tx!(self, tx => rotate!(tx, old_hash, new_hash, now))),
+            Datastore::Postgres(_) => Ok(in_tx!(self, tx => rotate!(tx, r))),
         }
     }
 
@@ -829,22 +926,95 @@ impl Datastore {
         Ok(())
     }
 
-    /// The live reset of a user: (id, code_hash, attempts).
-    pub async fn live_reset(
+    /// Reserves one guess at a user's live code before it is compared
+    /// (single statement, so a concurrent storm cannot exceed `max` per
+    /// code): its (id, code_hash), or None when there is no live code or
+    /// it has had its `max` guesses.
+    pub async fn reserve_reset_guess(
         &self,
         user_id: &str,
+        max: i64,
         now: i64,
-    ) -> DbResult<Option<(String, String, i64)>> {
-        let sql = "SELECT id, code_hash, attempts FROM password_resets WHERE user_id = $1 AND used_at IS NULL AND expires_at > $2 ORDER BY created_at DESC LIMIT 1";
-        Ok(on_db!(self, p => sqlx::query_as(sql).bind(user_id).bind(now).fetch_optional(p).await?))
+    ) -> DbResult<Option<(String, String)>> {
+        let sql = "UPDATE password_resets SET attempts = attempts + 1 \
+                   WHERE user_id = $1 AND used_at IS NULL AND expires_at > $2 AND attempts < $3 \
+                   RETURNING id, code_hash";
+        Ok(
+            write_db!(self, p => sqlx::query_as(sql).bind(user_id).bind(now).bind(max).fetch_optional(p).await?),
+        )
     }
 
-    pub async fn count_reset_attempt(&self, id: &str, max: i64, now: i64) -> DbResult<()> {
-        write_db!(self, p => {
-            sqlx::query("UPDATE password_resets SET attempts = attempts + 1, used_at = CASE WHEN attempts + 1 >= $1 THEN $2 ELSE used_at END WHERE id = $3")
-            .bind(max).bind(now).bind(id).execute(p).await?;
-        });
-        Ok(())
+    /// Counts one code issued against `key`'s budget (`limits`), unless the
+    /// hour's codes or the day's wrong guesses are spent: then the time
+    /// until the budget that refused opens again, in ms.
+    pub async fn spend_reset_issue(
+        &self,
+        key: &str,
+        limits: ResetLimits,
+        now: i64,
+    ) -> DbResult<Result<(), i64>> {
+        let sql = "INSERT INTO reset_budgets (key, issue_window, issued, guess_window, guesses) VALUES ($1, $2, 1, $2, 0) \
+                   ON CONFLICT (key) DO UPDATE SET \
+                   issue_window = CASE WHEN reset_budgets.issue_window <= $2 - $5 THEN $2 ELSE reset_budgets.issue_window END, \
+                   issued = CASE WHEN reset_budgets.issue_window <= $2 - $5 THEN 1 ELSE reset_budgets.issued + 1 END \
+                   WHERE (reset_budgets.issue_window <= $2 - $5 OR reset_budgets.issued < $3) \
+                   AND (reset_budgets.guess_window <= $2 - $6 OR reset_budgets.guesses < $4) \
+                   RETURNING issued";
+        let row: Option<(i64,)> = write_db!(self, p => sqlx::query_as(sql).bind(key).bind(now)
+            .bind(limits.codes_per_hour).bind(limits.failures_per_day).bind(HOUR_MS).bind(DAY_MS).fetch_optional(p).await?);
+        match row {
+            Some(_) => Ok(Ok(())),
+            None => Ok(Err(self.reset_budget_wait(key, limits, now).await?)),
+        }
+    }
+
+    /// Counts one guess against `key`'s daily budget before the code is
+    /// compared; refused like `spend_reset_issue`. A right guess is given
+    /// back when the reset completes, so the budget counts wrong ones.
+    pub async fn spend_reset_guess(
+        &self,
+        key: &str,
+        limits: ResetLimits,
+        now: i64,
+    ) -> DbResult<Result<(), i64>> {
+        let sql = "INSERT INTO reset_budgets (key, issue_window, issued, guess_window, guesses) VALUES ($1, $2, 0, $2, 1) \
+                   ON CONFLICT (key) DO UPDATE SET \
+                   guess_window = CASE WHEN reset_budgets.guess_window <= $2 - $4 THEN $2 ELSE reset_budgets.guess_window END, \
+                   guesses = CASE WHEN reset_budgets.guess_window <= $2 - $4 THEN 1 ELSE reset_budgets.guesses + 1 END \
+                   WHERE reset_budgets.guess_window <= $2 - $4 OR reset_budgets.guesses < $3 \
+                   RETURNING guesses";
+        let row: Option<(i64,)> = write_db!(self, p => sqlx::query_as(sql).bind(key).bind(now)
+            .bind(limits.failures_per_day).bind(DAY_MS).fetch_optional(p).await?);
+        match row {
+            Some(_) => Ok(Ok(())),
+            None => Ok(Err(self.reset_budget_wait(key, limits, now).await?)),
+        }
+    }
+
+    /// How long until a refused budget opens again: the later of the spent
+    /// windows' ends.
+    async fn reset_budget_wait(&self, key: &str, limits: ResetLimits, now: i64) -> DbResult<i64> {
+        let row: Option<(i64, i64, i64, i64)> = on_db!(self, p => sqlx::query_as(
+            "SELECT issue_window, issued, guess_window, guesses FROM reset_budgets WHERE key = $1")
+            .bind(key).fetch_optional(p).await?);
+        let Some((iw, issued, gw, guesses)) = row else {
+            return Ok(1000);
+        };
+        let mut wait: i64 = 1000;
+        if issued >= limits.codes_per_hour && iw > now - HOUR_MS {
+            wait = wait.max(iw + HOUR_MS - now);
+        }
+        if guesses >= limits.failures_per_day && gw > now - DAY_MS {
+            wait = wait.max(gw + DAY_MS - now);
+        }
+        Ok(wait)
+    }
+
+    /// Drops budgets whose windows have both passed.
+    pub async fn prune_reset_budgets(&self, now: i64) -> DbResult<u64> {
+        let r = write_db!(self, p => sqlx::query("DELETE FROM reset_budgets WHERE issue_window <= $1 AND guess_window <= $2")
+            .bind(now - HOUR_MS).bind(now - DAY_MS).execute(p).await?.rows_affected());
+        Ok(r)
     }
 
     /// Consumes a reset and sets the password, ending every session. False if
@@ -860,6 +1030,9 @@ impl Datastore {
             let r = sqlx::query("UPDATE password_resets SET used_at = $1 WHERE id = $2 AND used_at IS NULL")
                 .bind(now).bind(reset_id).execute(&mut *tx).await?;
             if r.rows_affected() == 1 {
+                // The right guess is not a failure: give it back.
+                sqlx::query("UPDATE reset_budgets SET guesses = guesses - 1 WHERE key = $1 AND guesses > 0")
+                    .bind(reset_budget_key_of_user(user_id)).execute(&mut *tx).await?;
                 sqlx::query("UPDATE credentials SET password_hash = $1, attempts = 0, locked_until = NULL, updated_at = $2 WHERE user_id = $3")
                     .bind(hash).bind(now).bind(user_id).execute(&mut *tx).await?;
                 sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'password_reset' WHERE user_id = $2 AND revoked_at IS NULL")
@@ -918,15 +1091,18 @@ impl Datastore {
 
     pub async fn update_address(&self, user_id: &str, a: &Address) -> DbResult<bool> {
         let changed = in_tx!(self, tx => {
-            if a.is_default {
-                sqlx::query("UPDATE addresses SET is_default = FALSE WHERE user_id = $1 AND id <> $2").bind(user_id).bind(&a.id).execute(&mut *tx).await?;
-            }
             let r = sqlx::query("UPDATE addresses SET label = $1, recipient = $2, phone = $3, line1 = $4, line2 = $5, city = $6, state = $7, postal_code = $8, country = $9, \
                                  is_default = CASE WHEN $10 THEN TRUE ELSE is_default END, updated_at = $11 WHERE id = $12 AND user_id = $13")
                 .bind(&a.label).bind(&a.recipient).bind(&a.phone).bind(&a.line1).bind(&a.line2).bind(&a.city).bind(&a.state)
                 .bind(&a.postal_code).bind(&a.country).bind(a.is_default).bind(a.updated_at).bind(&a.id).bind(user_id)
                 .execute(&mut *tx).await?;
-            r.rows_affected() == 1
+            // Only once the address is known to be the user's: a failed
+            // update changes nothing.
+            let found = r.rows_affected() == 1;
+            if found && a.is_default {
+                sqlx::query("UPDATE addresses SET is_default = FALSE WHERE user_id = $1 AND id <> $2").bind(user_id).bind(&a.id).execute(&mut *tx).await?;
+            }
+            found
         });
         Ok(changed)
     }
@@ -981,7 +1157,12 @@ impl Datastore {
                 sqlx::query("INSERT INTO user_roles (user_id, role, granted_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
                     .bind(user_id).bind(role).bind(audit.at).execute(&mut *tx).await?
             } else {
-                sqlx::query("DELETE FROM user_roles WHERE user_id = $1 AND role = $2").bind(user_id).bind(role).execute(&mut *tx).await?
+                // Never the last active admin's admin role: a cell with no
+                // admin can only be mended on its host (`cell grant-role`).
+                sqlx::query("DELETE FROM user_roles WHERE user_id = $1 AND role = $2 AND ($2 <> 'admin' OR EXISTS ( \
+                             SELECT 1 FROM user_roles r JOIN users u ON u.id = r.user_id \
+                             WHERE r.role = 'admin' AND u.status = 'active' AND r.user_id <> $1))")
+                    .bind(user_id).bind(role).execute(&mut *tx).await?
             };
             if r.rows_affected() > 0 {
                 insert_audit!(tx, audit);

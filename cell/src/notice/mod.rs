@@ -7,6 +7,7 @@ pub mod dispatch;
 pub mod live;
 pub mod send;
 pub mod store;
+pub mod streams;
 pub mod template;
 
 use crate::db::Datastore;
@@ -134,6 +135,8 @@ pub struct Notices {
     pub sender: send::Sender,
     /// New inbox items, for `GET /v1/notices/stream`.
     pub live: broadcast::Sender<Live>,
+    /// The open streams, per user.
+    pub streams: Arc<streams::Streams>,
     /// Wakes the worker when an event was just written.
     pub wake: Notify,
 }
@@ -154,6 +157,7 @@ impl Notices {
             config,
             sender,
             live: broadcast::channel(1024).0,
+            streams: Default::default(),
             wake: Notify::new(),
         })
     }
