@@ -22,10 +22,15 @@ pub struct CellConfig {
     /// The key that seals the token signing keys in the datastore (32 bytes
     /// as hex; `control-plane pki seal-key`); every instance of the cell
     /// reads the same file. Default on SQLite: `<data_dir>/signing-keys.seal`,
-    /// made at first start. On PostgreSQL, without it, keys are stored
-    /// unsealed (and the cell warns).
+    /// made at first start. On PostgreSQL it is required, unless
+    /// `allow_unsealed_keys` says otherwise.
     #[serde(default)]
     pub signing_key_seal_file: Option<PathBuf>,
+    /// Lets a PostgreSQL cell store its signing keys unsealed (without
+    /// `signing_key_seal_file`). Off: such a cell refuses to start, since a
+    /// dump of its database could then sign tokens.
+    #[serde(default)]
+    pub allow_unsealed_keys: bool,
     /// The internal API (HTTP/1.1 and h2 over mTLS) that routers and cells call.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
@@ -38,9 +43,13 @@ pub struct CellConfig {
     pub control_plane_name: String,
     #[serde(default)]
     pub log_format: LogFormat,
-    /// Logins and reset requests allowed per client address per minute.
+    /// Logins, reset requests and reset confirmations allowed per client
+    /// address (IPv6 per /64) per minute.
     #[serde(default = "default_login_rate")]
     pub login_attempts_per_ip_per_minute: u32,
+    /// Registrations allowed per client address (IPv6 per /64) per minute.
+    #[serde(default = "default_registration_rate")]
+    pub registrations_per_ip_per_minute: u32,
     /// Password hashes (argon2id, 19 MiB each) that may run at once; the
     /// rest wait up to 5 s, then get 429. Default: two per core.
     #[serde(default)]
@@ -84,6 +93,9 @@ fn default_admin_listen() -> SocketAddr {
 fn default_login_rate() -> u32 {
     30
 }
+fn default_registration_rate() -> u32 {
+    10
+}
 fn default_hold_timeout() -> u64 {
     60
 }
@@ -116,6 +128,14 @@ impl CellConfig {
         {
             bail!("database_url must start with sqlite: or postgres://");
         }
+        if !self.database_url().starts_with("sqlite:")
+            && self.signing_key_seal_file.is_none()
+            && !self.allow_unsealed_keys
+        {
+            bail!(
+                "a PostgreSQL cell needs signing_key_seal_file (control-plane pki seal-key), or allow_unsealed_keys = true to store its signing keys unsealed"
+            );
+        }
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             bail!("listen and admin_listen must differ");
         }
@@ -145,12 +165,15 @@ impl CellConfig {
             None if self.database_url().starts_with("sqlite:") => {
                 Seal::create_if_missing(&self.data_dir.join("signing-keys.seal")).map(Some)
             }
-            None => {
+            None if self.allow_unsealed_keys => {
                 tracing::warn!(
-                    "no signing_key_seal_file: token signing keys are stored unsealed in PostgreSQL"
+                    "no signing_key_seal_file: token signing keys are stored unsealed in PostgreSQL (allow_unsealed_keys)"
                 );
                 Ok(None)
             }
+            None => anyhow::bail!(
+                "a PostgreSQL cell needs signing_key_seal_file (control-plane pki seal-key), or allow_unsealed_keys = true to store its signing keys unsealed"
+            ),
         }
     }
 

@@ -39,8 +39,7 @@ pub fn control_plane_channel(
 
 /// Runs the cell until SIGINT/SIGTERM.
 pub async fn run(config: config::CellConfig) -> Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    homecell_common::key_file::create_private_dir(&config.data_dir).context("data_dir")?;
     let tls = config.tls.load()?;
     let replica = Replica::open(&config.data_dir.join("replica.redb"))?;
     let db = db::Datastore::open(&config.database_url()).await?;
@@ -89,6 +88,9 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
             login_limiter: identity::service::IpLimiter::new(
                 config.login_attempts_per_ip_per_minute,
             ),
+            registration_limiter: identity::service::IpLimiter::new(
+                config.registrations_per_ip_per_minute,
+            ),
             peers,
             tokens: Default::default(),
         },
@@ -107,6 +109,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
     tokio::spawn(money::saga::run_worker(money, kicks, token.clone()));
     tokio::spawn(notices.clone().relay_announcements(token.clone()));
     tokio::spawn(notices.run(token.clone()));
+    tokio::spawn(identity::claims::run(cell.clone(), token.clone()));
     tokio::spawn(replica.clone().run(
         WatchTarget {
             endpoint: config.control_plane.clone(),

@@ -834,6 +834,14 @@ async fn signing_keys(db: &Datastore) {
         .err()
         .expect("another seal");
     assert!(format!("{e:#}").contains("does not open"), "{e:#}");
+    // Once a cell has sealed its keys, a key stored plain (planted by
+    // someone who can write to the database) is refused, not adopted.
+    rotate(db, "cn-east", None).await.unwrap();
+    let e = Keys::open(db, "cn-east", Some(seal()))
+        .await
+        .err()
+        .expect("a planted plain key");
+    assert!(format!("{e:#}").contains("stored plain"), "{e:#}");
 }
 
 /// A move's datastore steps: freeze, export, erase at the old home; import

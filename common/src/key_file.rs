@@ -31,3 +31,13 @@ pub fn create_if_missing(path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Creates a directory that holds data or secrets (and its parents), and
+/// makes it the owner's alone (0700): a datastore, a replica, a seal or a
+/// CA key is nobody else's to read.
+pub fn create_private_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path).map_err(|e| anyhow!("cannot create {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| anyhow!("cannot make {} private: {e}", path.display()))
+}

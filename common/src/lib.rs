@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod client_addr;
 pub mod config;
 pub mod directory;
 pub mod directory_key;

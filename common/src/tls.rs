@@ -208,7 +208,7 @@ pub struct Pki {
 impl Pki {
     /// Opens the CA in `dir`, creating a new one when none exists.
     pub fn open_or_create(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        crate::key_file::create_private_dir(dir)?;
         let pki = Self {
             dir: dir.to_path_buf(),
         };

@@ -81,8 +81,7 @@ impl ServeConfig {
 }
 
 pub async fn run(config: ServeConfig) -> Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data_dir {}", config.data_dir.display()))?;
+    homecell_common::key_file::create_private_dir(&config.data_dir).context("data_dir")?;
     let store = Arc::new(Store::open(
         &config.data_dir.join("control-plane.redb"),
         config.retain_changes,

@@ -63,6 +63,7 @@ pub const KNOWN_KEYS: &[(&str, ConfigType)] = &[
     ("router.draining.retry_after", ConfigType::Duration),
     ("router.rate_limit.per_ip", ConfigType::Int),
     ("router.rate_limit.per_user", ConfigType::Int),
+    ("router.rate_limit.registrations_per_ip", ConfigType::Int),
     ("notice.outbox.max_attempts", ConfigType::Int),
     ("notice.broadcast.per_second", ConfigType::Int),
 ];

@@ -92,6 +92,8 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_HOME_REGION: HeaderName =
     HeaderName::from_static(homecell_proto::error::HOME_REGION_HEADER);
 const X_REPLAYED_FROM: HeaderName = HeaderName::from_static(REPLAYED_FROM);
+const X_CLIENT_IP: HeaderName =
+    HeaderName::from_static(homecell_common::client_addr::CLIENT_IP_HEADER);
 
 /// The client's request as it goes to a cell: HTTP/1.1, hop-by-hop headers
 /// and the ones `Connection` names removed, a `Host` for HTTP/2 clients,
@@ -128,7 +130,8 @@ pub fn upstream_request(
         let dropped = HOP_BY_HOP.contains(&name.as_str())
             || named.contains(name)
             || name == header::EXPECT
-            || name == X_REPLAYED_FROM;
+            || name == X_REPLAYED_FROM
+            || name == X_CLIENT_IP;
         if !dropped {
             headers.append(name.clone(), value.clone());
         }
@@ -156,6 +159,10 @@ pub fn upstream_request(
             None => ip,
         };
         headers.insert(X_FORWARDED_FOR, header_value(xff)?);
+    }
+    // The address the router resolved, never one the client sent.
+    if let Some(ip) = ctx.client_ip {
+        headers.insert(X_CLIENT_IP, header_value(ip.to_string())?);
     }
     headers.insert(
         X_FORWARDED_PROTO,

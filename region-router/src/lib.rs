@@ -32,7 +32,7 @@ use std::time::Duration;
 /// Builds and runs the Pingora server; returns when it shuts down.
 /// `config_path` is where a reload (SIGHUP) reads the configuration again.
 pub fn run(config: config::RouterConfig, config_path: Option<std::path::PathBuf>) -> Result<()> {
-    std::fs::create_dir_all(&config.data_dir)?;
+    homecell_common::key_file::create_private_dir(&config.data_dir)?;
     let tls = config.tls.load()?;
     let replica = Replica::open(&config.data_dir.join("replica.redb"))?;
     let fallback_retry_after = Duration::from_secs(config.draining_retry_after_secs);

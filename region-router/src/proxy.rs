@@ -90,6 +90,9 @@ pub struct Ctx {
     /// (login, password reset): its answer must not say which region that
     /// identifier lives in, so it carries no `x-home-region`.
     pub conceal_home: bool,
+    /// The client's address, resolved through trusted proxies: what limits
+    /// count and what the cell is told (`x-homecell-client-ip`).
+    pub client_ip: Option<std::net::IpAddr>,
 }
 
 impl Ctx {
@@ -110,6 +113,7 @@ impl Ctx {
             refused_by: Vec::new(),
             replayed_from: None,
             conceal_home: false,
+            client_ip: None,
         }
     }
 }
@@ -167,10 +171,27 @@ async fn read_small_body(
 }
 
 impl Router {
-    /// Refuses with 429 past the per-address or per-user limit, if set.
+    /// The client's address: the peer, or behind trusted proxies the first
+    /// untrusted `X-Forwarded-For` hop.
+    fn client_ip(&self, session: &ServerSession) -> Option<std::net::IpAddr> {
+        let peer = session.client_addr().and_then(|a| a.as_inet())?;
+        let xff = session
+            .req_header()
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        Some(crate::geo::client_ip(
+            peer.ip(),
+            xff,
+            &self.live.load().trusted_proxies,
+        ))
+    }
+
+    /// Refuses with 429 past the per-address or per-user limit, if set. An
+    /// IPv6 client counts by its /64.
     fn rate_limit(
         &self,
-        session: &ServerSession,
+        client_ip: Option<std::net::IpAddr>,
         table: &RouteTable,
         user: Option<&str>,
     ) -> std::result::Result<(), Refusal> {
@@ -182,15 +203,8 @@ impl Router {
                 Some(1),
             )
         };
-        if let Some(limit) = table.rate_per_ip
-            && let Some(peer) = session.client_addr().and_then(|a| a.as_inet())
-        {
-            let xff = session
-                .req_header()
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok());
-            let ip = crate::geo::client_ip(peer.ip(), xff, &self.live.load().trusted_proxies);
+        if let (Some(limit), Some(ip)) = (table.rate_per_ip, client_ip) {
+            let ip = homecell_common::client_addr::limit_key(ip);
             if !self.limiter.allow(&format!("ip:{ip}"), limit, now) {
                 return Err(over("address"));
             }
@@ -201,6 +215,29 @@ impl Router {
             return Err(over("user"));
         }
         Ok(())
+    }
+
+    /// Registrations per client address (per /64) per minute: each costs
+    /// an argon2 hash at a cell and a directory write at the control plane.
+    fn registration_limit(
+        &self,
+        client_ip: Option<std::net::IpAddr>,
+        table: &RouteTable,
+    ) -> std::result::Result<(), Refusal> {
+        let (Some(limit), Some(ip)) = (table.registrations_per_ip_per_minute, client_ip) else {
+            return Ok(());
+        };
+        let minute = now_secs() as u64 / 60;
+        let ip = homecell_common::client_addr::limit_key(ip);
+        if self.limiter.allow(&format!("register:{ip}"), limit, minute) {
+            Ok(())
+        } else {
+            Err(Refusal::new(
+                ErrorCode::TooManyRequests,
+                "too many registrations from this address".into(),
+                Some(60 - now_secs() as u64 % 60),
+            ))
+        }
     }
 
     /// Picks the home cell from the request's routing keys (see decide.rs).
@@ -239,7 +276,8 @@ impl Router {
             }
             None => None,
         };
-        self.rate_limit(session, table, token.as_ref().map(|v| v.sub.as_str()))?;
+        ctx.client_ip = self.client_ip(session);
+        self.rate_limit(ctx.client_ip, table, token.as_ref().map(|v| v.sub.as_str()))?;
         // The directory's home for the token's user wins over the claim in
         // the token: it changes when a user moves, the token does not.
         let token_home = token.map(|v| match state.user_region(&v.sub) {
@@ -267,24 +305,13 @@ impl Router {
                 BodyRoute::Refresh => route_key::refresh_region(&body).map(|r| (r, Basis::Refresh)),
                 BodyRoute::Register => {
                     registration = true;
+                    self.registration_limit(ctx.client_ip, table)?;
                     // The body's `region`, else `x-home-region`, is the
                     // explicit preference.
                     let pref = route_key::preferred_region(&body).or_else(|| header.clone());
                     let live = self.live.load();
-                    let country = match (&live.geo, session.client_addr().and_then(|a| a.as_inet()))
-                    {
-                        (Some(geo), Some(peer)) => {
-                            let xff = session
-                                .req_header()
-                                .headers
-                                .get("x-forwarded-for")
-                                .and_then(|v| v.to_str().ok());
-                            geo.country(crate::geo::client_ip(
-                                peer.ip(),
-                                xff,
-                                &live.trusted_proxies,
-                            ))
-                        }
+                    let country = match (&live.geo, ctx.client_ip) {
+                        (Some(geo), Some(ip)) => geo.country(ip),
                         _ => None,
                     };
                     Some((

@@ -47,7 +47,13 @@ pub struct RouteTable {
     /// Requests per second per client address / per user; None: unlimited.
     pub rate_per_ip: Option<u32>,
     pub rate_per_user: Option<u32>,
+    /// Registrations per client address (IPv6 per /64) per minute
+    /// (`router.rate_limit.registrations_per_ip`; 0 turns it off).
+    pub registrations_per_ip_per_minute: Option<u32>,
 }
+
+/// Registrations per address per minute when the config says nothing.
+pub const DEFAULT_REGISTRATIONS_PER_IP_PER_MINUTE: u32 = 30;
 
 /// Splits `https://host:port` into host and port.
 fn host_port(endpoint: &str) -> Option<(String, u16)> {
@@ -133,6 +139,15 @@ pub async fn build(
     RouteTable {
         rate_per_ip: rate("router.rate_limit.per_ip"),
         rate_per_user: rate("router.rate_limit.per_user"),
+        // On unless set to 0: registrations are the costliest anonymous call.
+        registrations_per_ip_per_minute: match state
+            .config_value("router.rate_limit.registrations_per_ip", default_region)
+            .and_then(|v| v.kind.as_ref())
+        {
+            Some(Kind::IntValue(n)) if *n <= 0 => None,
+            Some(Kind::IntValue(n)) => Some((*n).min(u32::MAX as i64) as u32),
+            _ => Some(DEFAULT_REGISTRATIONS_PER_IP_PER_MINUTE),
+        },
         revision: state.revision,
         default_region: default_region.to_string(),
         regions,

@@ -19,3 +19,17 @@ CREATE TABLE reset_budgets (
 -- pair. Neither is useful without the presented token.
 ALTER TABLE refresh_tokens ADD COLUMN successor_hash TEXT;
 ALTER TABLE refresh_tokens ADD COLUMN successor_salt TEXT;
+
+-- Directory claims this cell made and has not settled: written before the
+-- control plane is asked, removed in the transaction that creates the user
+-- (`pending`), or once the control plane released the claim
+-- (`releasing`). What stays behind (a crash between claim and insert, a
+-- control plane that timed out, a failed release) is released by the
+-- cell's reconciliation, so an identifier is never blocked for good.
+CREATE TABLE pending_claims (
+    identifier TEXT NOT NULL,
+    user_id    TEXT NOT NULL,
+    state      TEXT NOT NULL CHECK (state IN ('pending', 'releasing')),
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (identifier, user_id)
+);

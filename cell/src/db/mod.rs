@@ -222,6 +222,22 @@ impl Datastore {
         Ok(())
     }
 
+    /// A `cell_info` entry: facts about this datastore itself.
+    pub async fn cell_info(&self, key: &str) -> Result<Option<String>> {
+        Ok(
+            crate::on_db!(self, p => sqlx::query_scalar("SELECT value FROM cell_info WHERE key = $1")
+            .bind(key).fetch_optional(p).await?),
+        )
+    }
+
+    pub async fn set_cell_info(&self, key: &str, value: &str) -> Result<()> {
+        crate::write_db!(self, p => {
+            sqlx::query("INSERT INTO cell_info (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2")
+                .bind(key).bind(value).execute(p).await?;
+        });
+        Ok(())
+    }
+
     /// A cheap round trip, for readiness.
     pub async fn ping(&self) -> Result<()> {
         match self {

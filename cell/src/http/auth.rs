@@ -29,8 +29,10 @@ pub struct RegisterResponse {
 
 pub async fn register(
     State(cell): State<Arc<Cell>>,
+    ClientIp(ip): ClientIp,
     Json(r): Json<RegisterRequest>,
 ) -> ApiResult<Response> {
+    cell.identity.check_registration_ip(ip)?;
     let user_id = cell
         .identity
         .register(&r.identifier, &r.password, r.display_name.as_deref())

@@ -139,8 +139,10 @@ impl<S: Sync> FromRequestParts<S> for ClientType {
     }
 }
 
-/// The client's address: the last `X-Forwarded-For` hop, which the router
-/// (the only caller, over mTLS) appends.
+/// The client's address as the router resolved it (through trusted
+/// proxies) and always overwrites (`x-homecell-client-ip`): the only
+/// address per-address limits count. `X-Forwarded-For`'s last hop would be
+/// the router's own peer, a load balancer shared by every client behind it.
 pub struct ClientIp(pub Option<IpAddr>);
 
 impl<S: Sync> FromRequestParts<S> for ClientIp {
@@ -152,11 +154,9 @@ impl<S: Sync> FromRequestParts<S> for ClientIp {
 }
 
 fn client_ip(h: &HeaderMap) -> Option<IpAddr> {
-    h.get("x-forwarded-for")?
+    h.get(homecell_common::client_addr::CLIENT_IP_HEADER)?
         .to_str()
         .ok()?
-        .rsplit(',')
-        .next()?
         .trim()
         .parse()
         .ok()

@@ -20,6 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::Channel;
 
+/// The `cell_info` entry that says this cell's keys are all sealed.
+const KEYS_SEALED: &str = "signing_keys_sealed";
+
 /// Retired keys verify this much longer than the longest token lifetime.
 const RETIRED_GRACE_MS: i64 = (MAX_ACCESS_TTL_SECS + 60) * 1000;
 
@@ -107,13 +110,18 @@ async fn load(db: &Datastore, region: &str, seal: Option<&Seal>) -> Result<KeySe
 }
 
 impl Keys {
-    /// The key set in `db`; with a seal, keys stored plain are sealed first.
+    /// The key set in `db`. The first time a cell opens it with a seal,
+    /// keys stored plain (from before the cell had one) are sealed, once;
+    /// from then on a plain key is refused (`seal::unseal`).
     pub async fn open(db: &Datastore, region: &str, seal: Option<Seal>) -> Result<Arc<Self>> {
-        if let Some(seal) = &seal {
+        if let Some(seal) = &seal
+            && db.cell_info(KEYS_SEALED).await?.is_none()
+        {
             let n = seal_stored(db, seal).await?;
             if n > 0 {
                 tracing::info!(keys = n, "sealed signing keys stored in the plain");
             }
+            db.set_cell_info(KEYS_SEALED, "1").await?;
         }
         let state = load(db, region, seal.as_ref()).await?;
         Ok(Arc::new(Self {

@@ -1,6 +1,7 @@
 //! The identity service: users, credentials, sessions, tokens, addresses and
 //! roles, over the cell's datastore.
 
+pub mod claims;
 pub mod identifier;
 pub mod keys;
 pub mod password;

@@ -85,11 +85,17 @@ pub fn is_sealed(stored: &[u8]) -> bool {
     stored.starts_with(MAGIC)
 }
 
-/// The PKCS#8 of a stored key: opened with the seal when sealed, as stored
-/// when plain.
+/// The PKCS#8 of a stored key: opened with the seal when sealed; as stored
+/// when plain, only in a cell without a seal. A cell with a seal seals the
+/// keys it had from before once (`keys::Keys::open`); a plain key after
+/// that was written by someone who can write to the database but has no
+/// seal, and signing with it would hand them the region's tokens.
 pub fn unseal(seal: Option<&Seal>, kid: &str, stored: &[u8]) -> Result<Vec<u8>> {
     match (is_sealed(stored), seal) {
-        (false, _) => Ok(stored.to_vec()),
+        (false, None) => Ok(stored.to_vec()),
+        (false, Some(_)) => bail!(
+            "signing key {kid} is stored plain in a cell that seals its keys: refused (it was not written by this cell)"
+        ),
         (true, Some(seal)) => seal.open(kid, stored),
         (true, None) => bail!(
             "signing key {kid} is sealed and this cell has no seal (set signing_key_seal_file)"
@@ -127,5 +133,7 @@ mod tests {
         // No seal: a sealed key is an error, a plain one passes.
         assert!(unseal(None, "k1", &stored).is_err());
         assert_eq!(unseal(None, "k1", &pkcs8).unwrap(), pkcs8);
+        // A seal: a plain key is refused.
+        assert!(unseal(Some(&seal(1)), "k1", &pkcs8).is_err());
     }
 }

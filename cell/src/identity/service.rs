@@ -117,19 +117,15 @@ pub(crate) fn sha256_hex(s: &str) -> String {
         .collect()
 }
 
-/// The unit an address limit counts: an IPv4 address, or an IPv6 /64 (one
-/// subscriber's network, in which a client can pick any of 2^64 source
-/// addresses). An IPv4-mapped IPv6 address counts as its IPv4 address.
-pub fn limit_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(prefix.into())
-            }
-        },
+/// Counts one attempt against `limiter` for the client's address.
+fn limited(limiter: &IpLimiter, ip: Option<IpAddr>) -> Result<(), CodedError> {
+    match ip.map(|ip| limiter.check(ip)) {
+        Some(Err(wait)) => Err(CodedError::new(
+            ErrorCode::TooManyRequests,
+            format!("too many attempts from this address; retry in {wait} s"),
+        )
+        .retry_after(wait)),
+        _ => Ok(()),
     }
 }
 
@@ -154,7 +150,9 @@ impl IpLimiter {
         if w.len() > 100_000 {
             w.retain(|_, (m, _)| *m == minute);
         }
-        let e = w.entry(limit_key(ip)).or_insert((minute, 0));
+        let e = w
+            .entry(homecell_common::client_addr::limit_key(ip))
+            .or_insert((minute, 0));
         if e.0 != minute {
             *e = (minute, 0);
         }
@@ -194,8 +192,6 @@ mod tests {
         assert!(l.check(same_64).is_ok());
         assert!(l.check(a).is_err(), "one /64 shares one budget");
         assert!(l.check(other_64).is_ok());
-        let mapped: IpAddr = "::ffff:10.0.0.9".parse().unwrap();
-        assert_eq!(limit_key(mapped), "10.0.0.9".parse::<IpAddr>().unwrap());
     }
 }
 
@@ -248,6 +244,7 @@ pub struct Identity {
     pub replica: Arc<Replica>,
     pub cp: Channel,
     pub login_limiter: IpLimiter,
+    pub registration_limiter: IpLimiter,
     pub peers: Arc<crate::peers::Peers>,
     /// Access tokens verified before: their Ed25519 check was about a
     /// tenth of the cell's CPU on an authenticated read (bench/README.md).
@@ -257,14 +254,12 @@ pub struct Identity {
 impl Identity {
     /// Counts a login or reset attempt against the client address's limit.
     pub(crate) fn check_ip(&self, ip: Option<IpAddr>) -> Result<(), CodedError> {
-        match ip.map(|ip| self.login_limiter.check(ip)) {
-            Some(Err(wait)) => Err(CodedError::new(
-                ErrorCode::TooManyRequests,
-                format!("too many attempts from this address; retry in {wait} s"),
-            )
-            .retry_after(wait)),
-            _ => Ok(()),
-        }
+        limited(&self.login_limiter, ip)
+    }
+
+    /// Counts a registration against the client address's limit.
+    pub(crate) fn check_registration_ip(&self, ip: Option<IpAddr>) -> Result<(), CodedError> {
+        limited(&self.registration_limiter, ip)
     }
 
     fn config_int(&self, key: &str, default: i64) -> i64 {
@@ -395,6 +390,12 @@ impl Identity {
         qualified: &str,
         user_id: &str,
     ) -> Result<(), (CodedError, Option<String>)> {
+        // Recorded first: if this claim is never settled (a crash, a
+        // timeout that in fact committed), the reconciliation releases it.
+        self.db
+            .record_claim(qualified, user_id, now_ms())
+            .await
+            .map_err(|e| (CodedError::from(e), None))?;
         let req = ClaimIdentifierRequest {
             identifier: qualified.to_string(),
             user_id: user_id.to_string(),
@@ -404,6 +405,10 @@ impl Identity {
         match tokio::time::timeout(Duration::from_secs(5), client.claim_identifier(req)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => {
+                // Someone else's claim: nothing of ours to release.
+                if let Err(e) = self.db.forget_claim(qualified, user_id).await {
+                    tracing::warn!(error = %e, "cannot forget a refused claim");
+                }
                 let holder = s
                     .metadata()
                     .get(homecell_proto::error::HOME_REGION_METADATA)
@@ -438,6 +443,10 @@ impl Identity {
         DirectoryServiceClient::new(self.cp.clone())
             .release_identifier(req)
             .await?;
+        if let Err(e) = self.db.forget_claim(qualified, user_id).await {
+            // The record stays; the reconciliation releases again (a no-op).
+            tracing::warn!(error = %e, "cannot forget a released claim");
+        }
         Ok(())
     }
 

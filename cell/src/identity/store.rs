@@ -2,6 +2,7 @@
 //! SQLite and PostgreSQL take `$n` parameters); database errors are
 //! translated here, once.
 
+use super::claims::settle_claim;
 use crate::db::Datastore;
 use crate::{in_tx, on_db, write_db};
 
@@ -432,6 +433,7 @@ impl Datastore {
     /// Creates a user with one identifier, a password and the `user` role.
     pub async fn create_user(&self, u: &NewUser<'_>) -> DbResult<()> {
         in_tx!(self, tx => {
+            settle_claim!(tx, format!("{}:{}", u.kind, u.value), u.id);
             sqlx::query("INSERT INTO users (id, status, display_name, version, created_at, updated_at) VALUES ($1, 'active', $2, 1, $3, $3)")
                 .bind(u.id).bind(u.display_name).bind(u.now).execute(&mut *tx).await?;
             sqlx::query("INSERT INTO identifiers (kind, value, user_id) VALUES ($1, $2, $3)")
@@ -463,6 +465,7 @@ impl Datastore {
         now: i64,
     ) -> DbResult<()> {
         in_tx!(self, tx => {
+            settle_claim!(tx, format!("wechat:{openid}"), id);
             sqlx::query("INSERT INTO users (id, status, display_name, version, created_at, updated_at) VALUES ($1, 'active', $2, 1, $3, $3)")
                 .bind(id).bind(display_name).bind(now).execute(&mut *tx).await?;
             sqlx::query("INSERT INTO wechat_bindings (openid, user_id, created_at) VALUES ($1, $2, $3)")
@@ -675,6 +678,12 @@ impl Datastore {
             let openids: Vec<(String,)> = sqlx::query_as("SELECT openid FROM wechat_bindings WHERE user_id = $1")
                 .bind(id).fetch_all(&mut *tx).await?;
             ids.extend(openids.into_iter().map(|(o,)| ("wechat".to_string(), o)));
+            // Their directory claims are to be released: recorded here, so
+            // a release that fails is retried (identity::claims).
+            for (kind, value) in &ids {
+                sqlx::query("INSERT INTO pending_claims (identifier, user_id, state, created_at) VALUES ($1, $2, 'releasing', $3) ON CONFLICT (identifier, user_id) DO UPDATE SET state = 'releasing'")
+                    .bind(format!("{kind}:{value}")).bind(id).bind(now).execute(&mut *tx).await?;
+            }
             sqlx::query("DELETE FROM wechat_bindings WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
             sqlx::query("UPDATE users SET status = 'deleted', display_name = $1, locale = NULL, bio = NULL, avatar_url = NULL, version = version + 1, updated_at = $2 WHERE id = $3")
                 .bind(placeholder).bind(now).bind(id).execute(&mut *tx).await?;

@@ -1,0 +1,126 @@
+//! The directory claims a cell makes (registration, WeChat sign-up) and
+//! gives back (a failed sign-up, a deleted account), kept so that none is
+//! left behind. A claim is recorded (`pending`) before the control plane is
+//! asked; the transaction that creates the user removes the record, and a
+//! release that the control plane confirmed removes it too. Whatever stays
+//! (a crash between the claim and the insert, a control plane that timed
+//! out, a release that failed) is released by `reconcile`, which first
+//! marks the record `releasing`: from then on the user it was for can no
+//! longer be created, so a slow registration and the reconciliation never
+//! both win.
+
+use super::service::Identity;
+use super::store::{DbError, DbResult};
+use crate::db::Datastore;
+use crate::identity::keys::now_ms;
+use crate::{on_db, write_db};
+use std::time::Duration;
+
+/// A record younger than this belongs to a registration that may still
+/// finish (its claim waits at most 5 s, then one insert).
+const SETTLE_MS: i64 = 60_000;
+
+/// How often the reconciliation (and the reset-budget pruning) runs.
+const EVERY: Duration = Duration::from_secs(30);
+
+impl Datastore {
+    /// Records a claim about to be made.
+    pub async fn record_claim(&self, identifier: &str, user_id: &str, now: i64) -> DbResult<()> {
+        write_db!(self, p => {
+            sqlx::query("INSERT INTO pending_claims (identifier, user_id, state, created_at) VALUES ($1, $2, 'pending', $3) ON CONFLICT (identifier, user_id) DO NOTHING")
+                .bind(identifier).bind(user_id).bind(now).execute(p).await?;
+        });
+        Ok(())
+    }
+
+    /// Forgets a record: the claim was refused, or released.
+    pub async fn forget_claim(&self, identifier: &str, user_id: &str) -> DbResult<()> {
+        write_db!(self, p => {
+            sqlx::query("DELETE FROM pending_claims WHERE identifier = $1 AND user_id = $2")
+                .bind(identifier).bind(user_id).execute(p).await?;
+        });
+        Ok(())
+    }
+
+    /// Records older than `before`: (identifier, user_id, state).
+    async fn unsettled_claims(&self, before: i64) -> DbResult<Vec<(String, String, String)>> {
+        Ok(on_db!(self, p => sqlx::query_as(
+            "SELECT identifier, user_id, state FROM pending_claims WHERE created_at < $1 ORDER BY created_at LIMIT 100")
+            .bind(before).fetch_all(p).await?))
+    }
+
+    /// Takes a record over for release; false when its registration settled
+    /// it meanwhile.
+    async fn begin_release(&self, identifier: &str, user_id: &str) -> DbResult<bool> {
+        let r = write_db!(self, p => sqlx::query("UPDATE pending_claims SET state = 'releasing' WHERE identifier = $1 AND user_id = $2")
+            .bind(identifier).bind(user_id).execute(p).await?.rows_affected());
+        Ok(r == 1)
+    }
+}
+
+/// Inside the transaction that creates a user: settles the record of its
+/// claim. Refuses (rolling the transaction back) when the reconciliation
+/// has taken the record over to release the claim. No record (a user made
+/// by a host command) passes.
+macro_rules! settle_claim {
+    ($tx:ident, $identifier:expr, $user_id:expr) => {{
+        let state: Option<String> = sqlx::query_scalar(
+            "DELETE FROM pending_claims WHERE identifier = $1 AND user_id = $2 RETURNING state",
+        )
+        .bind($identifier)
+        .bind($user_id)
+        .fetch_optional(&mut *$tx)
+        .await?;
+        if state.as_deref() == Some("releasing") {
+            return Err($crate::identity::store::DbError::Conflict);
+        }
+    }};
+}
+pub(crate) use settle_claim;
+
+impl Identity {
+    /// One pass: releases every claim left unsettled for `SETTLE_MS`.
+    /// Returns how many were released.
+    pub async fn reconcile_claims(&self) -> DbResult<usize> {
+        let mut released = 0;
+        for (identifier, user_id, state) in self.db.unsettled_claims(now_ms() - SETTLE_MS).await? {
+            if state == "pending" && !self.db.begin_release(&identifier, &user_id).await? {
+                continue;
+            }
+            match self.release(&identifier, &user_id).await {
+                Ok(()) => released += 1,
+                // Held by someone else: nothing of ours to give back.
+                Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                    self.db.forget_claim(&identifier, &user_id).await?;
+                }
+                Err(s) => {
+                    tracing::warn!(user_id, error = %s.message(), "cannot release an unsettled claim yet");
+                }
+            }
+        }
+        Ok(released)
+    }
+}
+
+/// The identity upkeep loop: unsettled claims, spent reset budgets.
+pub async fn run(
+    cell: std::sync::Arc<crate::state::Cell>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut every = tokio::time::interval(EVERY);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match cell.identity.reconcile_claims().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(released = n, "released unsettled directory claims"),
+            Err(DbError::Db(e)) => tracing::warn!(error = %e, "claim reconciliation failed"),
+            Err(DbError::Conflict) => {}
+        }
+        if let Err(e) = cell.db.prune_reset_budgets(now_ms()).await {
+            tracing::warn!(error = %e, "cannot prune reset budgets");
+        }
+    }
+}
