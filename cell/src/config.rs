@@ -50,10 +50,20 @@ pub struct CellConfig {
     /// Registrations allowed per client address (IPv6 per /64) per minute.
     #[serde(default = "default_registration_rate")]
     pub registrations_per_ip_per_minute: u32,
+    /// A directory claim this cell made and never settled (a crash between
+    /// the claim and the user's insert, a control plane that timed out, a
+    /// failed release) is released once it is this old.
+    #[serde(default = "default_claim_settle")]
+    pub unsettled_claims_release_after_secs: u64,
     /// Password hashes (argon2id, 19 MiB each) that may run at once; the
-    /// rest wait up to 5 s, then get 429. Default: two per core.
+    /// rest wait up to `password_hash_wait_ms`, then get 429. Default: two
+    /// per core.
     #[serde(default)]
     pub password_hash_slots: Option<usize>,
+    /// How long a password check or hash waits for a slot before its
+    /// caller gets 429.
+    #[serde(default = "default_hash_wait")]
+    pub password_hash_wait_ms: u64,
     /// Payment providers whose signed callbacks credit wallets, by name
     /// (`[payments.<name>]`, the `{provider}` in the callback path).
     #[serde(default)]
@@ -92,6 +102,12 @@ fn default_admin_listen() -> SocketAddr {
 }
 fn default_login_rate() -> u32 {
     30
+}
+fn default_hash_wait() -> u64 {
+    5000
+}
+fn default_claim_settle() -> u64 {
+    60
 }
 fn default_registration_rate() -> u32 {
     10

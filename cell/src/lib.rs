@@ -81,7 +81,10 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
         identity: identity::service::Identity {
             region: config.region.clone(),
             db: db.clone(),
-            hasher: identity::password::Hasher::new(hash_slots),
+            hasher: identity::password::Hasher::with_wait(
+                hash_slots,
+                Duration::from_millis(config.password_hash_wait_ms),
+            ),
             keys: keys.clone(),
             replica: replica.clone(),
             cp: cp.clone(),
@@ -91,6 +94,12 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
             registration_limiter: identity::service::IpLimiter::new(
                 config.registrations_per_ip_per_minute,
             ),
+            claim_settle_ms: i64::try_from(
+                config
+                    .unsettled_claims_release_after_secs
+                    .saturating_mul(1000),
+            )
+            .unwrap_or(i64::MAX),
             peers,
             tokens: Default::default(),
         },

@@ -132,12 +132,18 @@ async fn register_login_refresh_profile_logout() -> Result {
     assert_eq!(f.status, StatusCode::OK, "{}", f.body);
     let r2 = f.body["refresh_token"].as_str().unwrap().to_string();
     assert_ne!(r1, r2);
+    // r2 moves on to r3; r1, two behind now, is reuse.
+    let f = cn
+        .post("/v1/auth/refresh", json!({"refresh_token": r2}))
+        .await?;
+    assert_eq!(f.status, StatusCode::OK, "{}", f.body);
+    let r3 = f.body["refresh_token"].as_str().unwrap().to_string();
     let reuse = cn
         .post("/v1/auth/refresh", json!({"refresh_token": r1}))
         .await?;
     assert_eq!(reuse.status, StatusCode::UNAUTHORIZED);
     let after = cn
-        .post("/v1/auth/refresh", json!({"refresh_token": r2}))
+        .post("/v1/auth/refresh", json!({"refresh_token": r3}))
         .await?;
     assert_eq!(
         after.status,

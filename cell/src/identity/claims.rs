@@ -16,11 +16,8 @@ use crate::identity::keys::now_ms;
 use crate::{on_db, write_db};
 use std::time::Duration;
 
-/// A record younger than this belongs to a registration that may still
-/// finish (its claim waits at most 5 s, then one insert).
-const SETTLE_MS: i64 = 60_000;
-
-/// How often the reconciliation (and the reset-budget pruning) runs.
+/// How often the reconciliation (and the reset-budget pruning) runs, at
+/// most.
 const EVERY: Duration = Duration::from_secs(30);
 
 impl Datastore {
@@ -79,11 +76,14 @@ macro_rules! settle_claim {
 pub(crate) use settle_claim;
 
 impl Identity {
-    /// One pass: releases every claim left unsettled for `SETTLE_MS`.
-    /// Returns how many were released.
+    /// One pass: releases every claim left unsettled for
+    /// `claim_settle_ms` (a registration younger than that may still
+    /// finish: its claim waits at most 5 s, then one insert). Returns how
+    /// many were released.
     pub async fn reconcile_claims(&self) -> DbResult<usize> {
         let mut released = 0;
-        for (identifier, user_id, state) in self.db.unsettled_claims(now_ms() - SETTLE_MS).await? {
+        let before = now_ms() - self.claim_settle_ms;
+        for (identifier, user_id, state) in self.db.unsettled_claims(before).await? {
             if state == "pending" && !self.db.begin_release(&identifier, &user_id).await? {
                 continue;
             }
@@ -107,7 +107,8 @@ pub async fn run(
     cell: std::sync::Arc<crate::state::Cell>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut every = tokio::time::interval(EVERY);
+    let settle = Duration::from_millis(u64::try_from(cell.identity.claim_settle_ms).unwrap_or(0));
+    let mut every = tokio::time::interval(EVERY.min(settle).max(Duration::from_secs(1)));
     loop {
         tokio::select! {
             () = stop.cancelled() => return,

@@ -27,9 +27,12 @@ pub fn check_policy(password: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// A permit, waiting at most 5 s for one.
-async fn acquire(permits: &Arc<Semaphore>) -> Result<tokio::sync::OwnedSemaphorePermit, HashError> {
-    tokio::time::timeout(Duration::from_secs(5), permits.clone().acquire_owned())
+/// A permit, waiting at most `wait` for one.
+async fn acquire(
+    permits: &Arc<Semaphore>,
+    wait: Duration,
+) -> Result<tokio::sync::OwnedSemaphorePermit, HashError> {
+    tokio::time::timeout(wait, permits.clone().acquire_owned())
         .await
         .map_err(|_| HashError::Busy)?
         .map_err(|_| HashError::Busy)
@@ -46,6 +49,8 @@ pub enum HashError {
 #[derive(Clone)]
 pub struct Hasher {
     permits: Arc<Semaphore>,
+    /// How long a hash waits for a permit before the caller gets 429.
+    wait: Duration,
     /// Registrations hold at most half the permits, so a registration
     /// flood cannot take argon2 from the logins of existing users.
     registrations: Arc<Semaphore>,
@@ -88,10 +93,16 @@ pub struct Verified {
 
 impl Hasher {
     pub fn new(max_concurrent: usize) -> Self {
+        Self::with_wait(max_concurrent, Duration::from_secs(5))
+    }
+
+    /// `new`, with how long a hash may wait for a permit.
+    pub fn with_wait(max_concurrent: usize, wait: Duration) -> Self {
         let dummy = hash_blocking(&uuid::Uuid::new_v4().to_string()).expect("hashing works");
         let n = max_concurrent.max(1);
         Self {
             permits: Arc::new(Semaphore::new(n)),
+            wait,
             registrations: Arc::new(Semaphore::new((n / 2).max(1))),
             dummy: Arc::new(dummy),
         }
@@ -101,7 +112,7 @@ impl Hasher {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, HashError> {
-        let permit = acquire(&self.permits).await?;
+        let permit = acquire(&self.permits, self.wait).await?;
         let out = tokio::task::spawn_blocking(move || {
             let out = f();
             drop(permit);
@@ -118,7 +129,7 @@ impl Hasher {
 
     /// `hash` for a new account, within the registrations' share.
     pub async fn hash_registration(&self, password: String) -> Result<String, HashError> {
-        let _share = acquire(&self.registrations).await?;
+        let _share = acquire(&self.registrations, self.wait).await?;
         self.hash(password).await
     }
 

@@ -245,6 +245,9 @@ pub struct Identity {
     pub cp: Channel,
     pub login_limiter: IpLimiter,
     pub registration_limiter: IpLimiter,
+    /// How old an unsettled directory claim must be before the
+    /// reconciliation releases it (identity::claims).
+    pub claim_settle_ms: i64,
     pub peers: Arc<crate::peers::Peers>,
     /// Access tokens verified before: their Ed25519 check was about a
     /// tenth of the cell's CPU on an authenticated read (bench/README.md).
@@ -349,6 +352,7 @@ impl Identity {
         // Time-ordered and random: unique across cells without coordination.
         let user_id = uuid::Uuid::now_v7().to_string();
         self.claim(&id.qualified(), &user_id).await?;
+        crate::failpoint::hit("identity.register.after_claim");
         let default_name = match id.kind {
             super::identifier::Kind::Username => id.value.clone(),
             _ => format!("user-{}", &user_id[user_id.len() - 6..]),
