@@ -382,16 +382,18 @@ async fn registration_is_limited_and_cannot_starve_logins() -> Result {
         &cn,
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let started = Instant::now();
-    let r = cn.login("steady@x.test", PW).await?;
-    let waited = started.elapsed();
+    // Registrations queue for their one slot of two, never for the
+    // logins': every login finds a slot (sharing one queue, some would
+    // wait out the 300 ms and get 429).
+    let mut logins = Vec::new();
+    for _ in 0..10 {
+        logins.push(cn.login("steady@x.test", PW).await?);
+    }
     let busy = flood.stop().await?;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert!(busy > 0, "the flood never filled the registrations' share");
-    assert!(
-        waited < Duration::from_secs(2),
-        "the login waited {waited:?}"
-    );
+    for r in logins {
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
     Ok(())
 }
 
