@@ -800,3 +800,181 @@ async fn rbac_and_integrity() -> Result {
     assert_eq!(me.get("/v1/users/me/addresses").await?.body, before);
     Ok(())
 }
+
+/// The cn-east cell's signing key as a thief who read its database and its
+/// seal would hold it: (kid, key pair).
+async fn stolen_key(c: &Cluster) -> Result<(String, ring::signature::Ed25519KeyPair)> {
+    use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+    use sqlx::sqlite::SqliteConnectOptions;
+    let opts = SqliteConnectOptions::new()
+        .filename(c.cell_sqlite_path("cn-east"))
+        .read_only(true);
+    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&opts).await?;
+    let (kid, stored): (String, Vec<u8>) = sqlx::query_as(
+        "SELECT kid, private_pkcs8 FROM signing_keys WHERE retired_at IS NULL ORDER BY created_at DESC LIMIT 1",
+    )
+    .fetch_one(&mut db)
+    .await?;
+    let seal = homecell_common::key_file::read(&c.root.join("signing-keys-cn-east.seal"), "seal")?;
+    // seal.rs: "HCS1", a 12-byte nonce, then the sealed key, bound to its id.
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &seal[..32]).unwrap());
+    let nonce = Nonce::try_assume_unique_for_key(&stored[4..16]).unwrap();
+    let mut body = stored[16..].to_vec();
+    let pkcs8 = key
+        .open_in_place(nonce, Aad::from(kid.as_bytes()), &mut body)
+        .map_err(|_| anyhow::anyhow!("the seal does not open the key"))?;
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8).unwrap();
+    Ok((kid, pair))
+}
+
+/// A compact JWS of `header` and `claims`, signed with `key`.
+fn jws(key: &ring::signature::Ed25519KeyPair, header: &Value, claims: &Value) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let input = format!(
+        "{}.{}",
+        b64.encode(header.to_string()),
+        b64.encode(claims.to_string())
+    );
+    let sig = b64.encode(key.sign(input.as_bytes()).as_ref());
+    format!("{input}.{sig}")
+}
+
+/// Finding 18: even signed with the region's own key (stolen, or a signer
+/// gone wrong), a token beyond an access token's bounds is refused at the
+/// router: longer-lived than 15 minutes, for another region's user, or
+/// naming a critical extension.
+#[tokio::test]
+async fn tokens_beyond_their_bounds_are_refused() -> Result {
+    let (c, cn) = cluster_with("").await?;
+    let (_, login) = cn.signed_in("bounds@x.test", PW).await?;
+    let me = cn
+        .with_token(login["access_token"].as_str().unwrap())
+        .get("/v1/auth/sessions")
+        .await?;
+    let sid = me.body["items"][0]["id"].as_str().unwrap().to_string();
+    let (kid, key) = stolen_key(&c).await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    let header = json!({"alg": "EdDSA", "typ": "JWT", "kid": kid});
+    let claims = json!({
+        "sub": login["user_id"], "home": "cn-east", "sid": sid, "ct": "app",
+        "roles": ["user"], "iss": "cell.cn-east", "iat": now, "exp": now + 600,
+    });
+    let call = |token: String| {
+        let api = cn.with_token(&token);
+        async move { api.get("/v1/users/me").await }
+    };
+    // Within bounds, the stolen key signs a token that works: the test
+    // holds the real key.
+    let r = call(jws(&key, &header, &claims)).await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let mut long = claims.clone();
+    long["exp"] = json!(now + 16 * 60);
+    let mut elsewhere = claims.clone();
+    elsewhere["home"] = json!("eu-west");
+    let mut crit = header.clone();
+    crit["crit"] = json!(["exp"]);
+    for (what, token) in [
+        ("a 16-minute token", jws(&key, &header, &long)),
+        ("another region's user", jws(&key, &header, &elsewhere)),
+        ("a critical extension", jws(&key, &crit, &claims)),
+    ] {
+        let r = call(token).await?;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            "{what}: {}",
+            r.body
+        );
+    }
+    Ok(())
+}
+
+/// Finding 17: a PostgreSQL cell without a seal does not start; a cell
+/// whose keys are sealed refuses a key planted plain in its database; data
+/// directories are the owner's alone.
+#[tokio::test]
+async fn keys_at_rest_stay_sealed() -> Result {
+    use std::os::unix::fs::PermissionsExt;
+    let (mut c, _cn) = cluster_with("").await?;
+    let dir = c.cell_sqlite_path("cn-east");
+    let mode = std::fs::metadata(dir.parent().unwrap())?
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "the cell's data directory");
+
+    // PostgreSQL without signing_key_seal_file: refused by --check.
+    let config = c.root.join("config").join("cell-cn-east.toml");
+    let text = std::fs::read_to_string(&config)?;
+    let unsealed: String = text
+        .lines()
+        .filter(|l| !l.starts_with("signing_key_seal_file"))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        .replacen(
+            "region = ",
+            "database_url = \"postgres://nobody@127.0.0.1:1/none\"\nregion = ",
+            1,
+        );
+    let pg = c.root.join("config").join("cell-pg-unsealed.toml");
+    std::fs::write(&pg, &unsealed)?;
+    let out = std::process::Command::new(homecell_harness::Binaries::locate()?.path("cell"))
+        .arg("--config")
+        .arg(&pg)
+        .arg("--check")
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("signing_key_seal_file"), "{err}");
+    std::fs::write(
+        &pg,
+        unsealed.replacen("region = ", "allow_unsealed_keys = true\nregion = ", 1),
+    )?;
+    let out = std::process::Command::new(homecell_harness::Binaries::locate()?.path("cell"))
+        .arg("--config")
+        .arg(&pg)
+        .arg("--check")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A plain key planted in the database, newest so it would sign: the
+    // cell does not start with it.
+    c.kill_cell("cn-east");
+    {
+        let (_, pkcs8) = {
+            let rng = ring::rand::SystemRandom::new();
+            let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+            ((), doc.as_ref().to_vec())
+        };
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8(&pkcs8).unwrap();
+        use ring::signature::KeyPair;
+        let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(&dir);
+        let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&opts).await?;
+        sqlx::query("INSERT INTO signing_keys (kid, private_pkcs8, public_key, created_at) VALUES ('cn-east-planted', ?, ?, 9999999999999)")
+            .bind(pkcs8)
+            .bind(pair.public_key().as_ref().to_vec())
+            .execute(&mut db)
+            .await?;
+    }
+    let started = c.start_cell("cn-east").await;
+    let log = c.cells["cn-east"]
+        .process
+        .as_ref()
+        .map(|p| p.log_tail(20))
+        .unwrap_or_default();
+    assert!(
+        started.is_err(),
+        "the cell started with a planted plain key"
+    );
+    assert!(
+        format!("{:#}{log}", started.unwrap_err()).contains("stored plain"),
+        "{log}"
+    );
+    Ok(())
+}
