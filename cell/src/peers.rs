@@ -27,7 +27,10 @@ pub struct Peers {
     tls: TlsMaterial,
     replica: Arc<Replica>,
     channels: Mutex<HashMap<String, (String, Channel)>>,
-    sessions: Mutex<HashMap<String, (bool, Instant)>>,
+    /// Home cells' answers by (session, user): keyed by both, so a token
+    /// that pairs a live session id with another user (a cell's key
+    /// stolen) never borrows that session's answer.
+    sessions: Mutex<HashMap<(String, String), (bool, Instant)>>,
 }
 
 /// What the home cell said about a session.
@@ -110,7 +113,8 @@ impl Peers {
     }
 
     pub async fn session_state(&self, home: &str, sid: &str, user_id: &str) -> SessionState {
-        if let Some((alive, at)) = self.sessions.lock().expect("poisoned").get(sid).copied() {
+        let key = (sid.to_string(), user_id.to_string());
+        if let Some((alive, at)) = self.sessions.lock().expect("poisoned").get(&key).copied() {
             // An ended session never comes back; a live one is re-asked soon.
             if !alive {
                 return SessionState::Ended;
@@ -135,7 +139,7 @@ impl Peers {
                         !*alive && at.elapsed() < Duration::from_secs(900)
                     });
                 }
-                cache.insert(sid.to_string(), (alive, Instant::now()));
+                cache.insert(key, (alive, Instant::now()));
                 if alive {
                     SessionState::Alive
                 } else {
@@ -285,11 +289,14 @@ impl CellService for CellGrpc {
         &self,
         req: Request<CheckSessionRequest>,
     ) -> Result<Response<CheckSessionResponse>, Status> {
+        // Cells only: a router forwards client requests with its own
+        // certificate, so anything a router may call is reachable from the
+        // internet through it.
         match req.extensions().get::<PeerIdentity>() {
-            Some(PeerIdentity::Cell { .. } | PeerIdentity::Router { .. }) => {}
+            Some(PeerIdentity::Cell { .. }) => {}
             _ => {
                 return Err(Status::permission_denied(
-                    "only cells and routers may check sessions",
+                    "only cells may check sessions",
                 ));
             }
         }

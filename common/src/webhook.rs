@@ -43,7 +43,9 @@ pub fn verify(key: &hmac::Key, header: &str, body: &[u8], now: i64) -> Result<()
     let (Some(t), Some(v1)) = (t, v1) else {
         return Err("malformed signature");
     };
-    if (now - t).abs() > TOLERANCE_SECS {
+    // `t` is the sender's, checked before the MAC: no arithmetic on it may
+    // overflow.
+    if now.checked_sub(t).is_none_or(|d| d.unsigned_abs() > TOLERANCE_SECS as u64) {
         return Err("signature timestamp out of tolerance");
     }
     hmac::verify(key, &signed_bytes(t, body), &v1).map_err(|_| "bad signature")
@@ -52,6 +54,18 @@ pub fn verify(key: &hmac::Key, header: &str, body: &[u8], now: i64) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extreme_timestamps_are_refused_not_overflowed() {
+        let k = key("0123456789abcdef-secret");
+        for t in [i64::MIN, i64::MAX, -1] {
+            let h = format!("t={t},v1=00");
+            assert_eq!(
+                verify(&k, &h, b"{}", 1000),
+                Err("signature timestamp out of tolerance")
+            );
+        }
+    }
 
     #[test]
     fn sign_then_verify() {

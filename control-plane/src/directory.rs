@@ -39,6 +39,17 @@ pub fn claim(
     validate_identifier(identifier)?;
     validate_user_id(user_id)?;
     crate::regions::get(tx, region)?;
+    // A claim homes its user in the claiming region: for a user homed
+    // elsewhere it would be a move without MoveUser's checks (a rogue cell
+    // re-homing another region's users to itself).
+    if let Some(home) = tx.user_home(user_id)?
+        && home != region
+    {
+        return Err(CodedError::new(
+            ErrorCode::PermissionDenied,
+            "this user is homed in another region",
+        ));
+    }
     let hmac = key.hmac(identifier);
     match tx.claim(&hmac)? {
         Some(c) if c.user_id == user_id && c.region == region => Ok(()),

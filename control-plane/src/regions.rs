@@ -158,12 +158,36 @@ pub fn publish_keys(
     if keys.is_empty() || keys.len() > 8 {
         return Err(CodedError::invalid("publish 1 to 8 signing keys"));
     }
-    for k in &keys {
+    let prefix = format!("{region}-");
+    for (i, k) in keys.iter().enumerate() {
         if k.kid.is_empty() || k.kid.len() > 64 || k.alg != "EdDSA" || k.public_key.len() != 32 {
             return Err(CodedError::invalid(format!(
                 "signing key {:?} is malformed: kid 1-64 chars, alg EdDSA, 32-byte public key",
                 k.kid
             )));
+        }
+        // A kid names its region, and one key: a cell that could publish
+        // another region's kid would shadow that region's keys at every
+        // verifier (the first region holding a kid wins).
+        if !k.kid.starts_with(&prefix) {
+            return Err(CodedError::new(
+                ErrorCode::PermissionDenied,
+                format!("signing key {:?} must carry its region: {prefix}…", k.kid),
+            ));
+        }
+        if keys[..i].iter().any(|o| o.kid == k.kid) {
+            return Err(CodedError::invalid(format!("signing key {:?} twice", k.kid)));
+        }
+    }
+    for other in tx.regions()?.iter().filter(|o| o.id != region) {
+        if let Some(k) = keys
+            .iter()
+            .find(|k| other.signing_keys.iter().any(|o| o.kid == k.kid))
+        {
+            return Err(CodedError::new(
+                ErrorCode::PermissionDenied,
+                format!("signing key {:?} belongs to region {}", k.kid, other.id),
+            ));
         }
     }
     let mut r = get(tx, region)?;

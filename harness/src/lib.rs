@@ -554,10 +554,12 @@ impl Cluster {
             seal.display().to_string()
         ));
         // Every test client is 127.0.0.1: a test that is about the
-        // registration limit sets its own.
-        if !self
-            .cell_extra_config
-            .contains("registrations_per_ip_per_minute")
+        // registration limit sets its own. The dev cluster keeps the
+        // production default.
+        if matches!(self.ports, Ports::Free)
+            && !self
+                .cell_extra_config
+                .contains("registrations_per_ip_per_minute")
         {
             cfg.push_str("registrations_per_ip_per_minute = 100000\n");
         }

@@ -851,3 +851,98 @@ async fn a_cell_serves_only_its_own_users_profile() -> Result {
     assert_eq!(b["code"], "unauthenticated", "{b}");
     Ok(())
 }
+
+/// Only the public API is public: internal gRPC services, any gRPC content
+/// type and paths outside the public route table get the router's own 404
+/// problem, and never reach a cell (finding 13).
+#[tokio::test]
+async fn only_the_public_api_passes_the_router() -> Result {
+    let mut c = Cluster::temp()?;
+    start_standard(&mut c).await?;
+    // A gRPC frame of CheckSession {session_id: "s", user_id: "u"}.
+    let message = [0x0a, 0x01, b's', 0x12, 0x01, b'u'];
+    let mut frame = vec![0u8, 0, 0, 0, message.len() as u8];
+    frame.extend_from_slice(&message);
+    for (path, ct) in [
+        ("/homecell.cell.v1.CellService/CheckSession", "application/grpc"),
+        ("/homecell.cell.v1.CellService/CheckSession", "application/json"),
+        ("/v1/region", "application/grpc+proto"),
+        ("/v1/region", "Application/GRPC-web"),
+        ("/internal/anything", "application/json"),
+        ("/v1/users/me/", "application/json"),
+    ] {
+        let r = c
+            .http()
+            .post(format!("{}{path}", c.router_url(0)))
+            .header("content-type", ct)
+            .header("x-home-region", "cn-east")
+            .body(frame.clone())
+            .send()
+            .await?;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path} {ct}");
+        assert_eq!(
+            r.headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok()),
+            Some("application/problem+json"),
+            "{path} {ct}"
+        );
+        assert!(
+            r.headers().get("x-home-region").is_none(),
+            "answered by the router, not a cell: {path} {ct}"
+        );
+        assert!(r.headers().get("grpc-status").is_none());
+    }
+    // The public API still passes.
+    let r = c
+        .http()
+        .get(format!("{}/v1/region", c.router_url(0)))
+        .header("x-home-region", "cn-east")
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::OK);
+    Ok(())
+}
+
+/// The router hands cells the client address it resolved: behind a trusted
+/// proxy, two clients have separate per-address budgets, and a client
+/// cannot choose its own address with `x-homecell-client-ip` (finding 5).
+#[tokio::test]
+async fn per_address_limits_count_the_client_behind_a_proxy() -> Result {
+    let mut c = Cluster::temp()?;
+    c.router_extra_config = "trusted_proxies = [\"127.0.0.1\"]\n".into();
+    c.cell_extra_config = "login_attempts_per_ip_per_minute = 3\n".into();
+    start_standard(&mut c).await?;
+    let api = Api::new(&c.router_url(0), "cn-east");
+    let login = |client: &'static str, spoof: Option<&'static str>| {
+        let api = api.clone();
+        async move {
+            let mut extra = vec![("x-forwarded-for", client)];
+            if let Some(s) = spoof {
+                extra.push(("x-homecell-client-ip", s));
+            }
+            api.call(
+                reqwest::Method::POST,
+                "/v1/auth/login",
+                Some(json!({"identifier": "nobody@x.test", "password": "wrong password"})),
+                &extra,
+            )
+            .await
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(login("198.51.100.1", None).await?.status, StatusCode::UNAUTHORIZED);
+    }
+    let r = login("198.51.100.1", Some("198.51.100.99")).await?;
+    assert_eq!(
+        r.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "a client-sent x-homecell-client-ip is overwritten"
+    );
+    assert_eq!(
+        login("198.51.100.2", None).await?.status,
+        StatusCode::UNAUTHORIZED,
+        "another client behind the same proxy has its own budget"
+    );
+    Ok(())
+}

@@ -247,8 +247,23 @@ impl Router {
         ctx: &mut Ctx,
         table: &RouteTable,
     ) -> std::result::Result<Arc<Upstream>, Refusal> {
-        let state = self.replica.state();
         let req = session.req_header();
+        // Only the public API is public: cells also serve other cells
+        // (gRPC), and the router's own certificate must not lend the
+        // internet a way in.
+        let grpc = req
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.as_bytes().get(..16))
+            .is_some_and(|t| t.eq_ignore_ascii_case(b"application/grpc"));
+        if grpc || !homecell_common::paths::is_public(req.uri.path()) {
+            return Err(Refusal::new(
+                ErrorCode::NotFound,
+                "no such route".into(),
+                None,
+            ));
+        }
+        let state = self.replica.state();
         let path = req.uri.path().to_string();
         let method = req.method.clone();
         let bearer = req

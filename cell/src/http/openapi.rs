@@ -690,6 +690,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_routers_public_paths_are_exactly_these_routes() {
+        let served: std::collections::BTreeSet<&str> = routes().iter().map(|r| r.path).collect();
+        let public: std::collections::BTreeSet<&str> = homecell_common::paths::PUBLIC_PATHS
+            .iter()
+            .copied()
+            .collect();
+        assert_eq!(served, public, "common/src/paths.rs PUBLIC_PATHS");
+    }
+
+    #[test]
     fn every_route_is_documented_once() {
         let doc = document();
         let mut seen = std::collections::HashSet::new();

@@ -21,6 +21,8 @@ use super::ledger::{LedgerError, LedgerResult, Move, Operation, OutboxEvent, Pha
 use crate::identity::store::DbError;
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use std::collections::{HashMap, HashSet};
+use futures::FutureExt;
+use std::panic::AssertUnwindSafe;
 use tokio::sync::{mpsc, oneshot};
 
 /// An owned `ledger::StepUpdate`.
@@ -70,7 +72,21 @@ impl GroupCommit {
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(MAX_GROUP);
             while rx.recv_many(&mut batch, MAX_GROUP).await > 0 {
-                match commit(&pool, &batch).await {
+                // A write that panics costs its group (rolled back, its
+                // callers told), not every later money write: the committer
+                // lives on, as `TxBatch` does.
+                let ran = AssertUnwindSafe(commit(&pool, &batch))
+                    .catch_unwind()
+                    .await;
+                let Ok(outcome) = ran else {
+                    tracing::error!(size = batch.len(), "a grouped money write panicked; its group was rolled back");
+                    for p in batch.drain(..) {
+                        let err = sqlx::Error::Protocol("group commit failed".into());
+                        let _ = p.reply.send(Err(LedgerError::Db(DbError::Db(err))));
+                    }
+                    continue;
+                };
+                match outcome {
                     Ok(results) => {
                         for (p, r) in batch.drain(..).zip(results) {
                             let _ = p.reply.send(r);
