@@ -295,9 +295,7 @@ impl CellService for CellGrpc {
         match req.extensions().get::<PeerIdentity>() {
             Some(PeerIdentity::Cell { .. }) => {}
             _ => {
-                return Err(Status::permission_denied(
-                    "only cells may check sessions",
-                ));
+                return Err(Status::permission_denied("only cells may check sessions"));
             }
         }
         let r = req.into_inner();

@@ -45,7 +45,10 @@ pub fn verify(key: &hmac::Key, header: &str, body: &[u8], now: i64) -> Result<()
     };
     // `t` is the sender's, checked before the MAC: no arithmetic on it may
     // overflow.
-    if now.checked_sub(t).is_none_or(|d| d.unsigned_abs() > TOLERANCE_SECS as u64) {
+    if now
+        .checked_sub(t)
+        .is_none_or(|d| d.unsigned_abs() > TOLERANCE_SECS as u64)
+    {
         return Err("signature timestamp out of tolerance");
     }
     hmac::verify(key, &signed_bytes(t, body), &v1).map_err(|_| "bad signature")

@@ -176,7 +176,10 @@ pub fn publish_keys(
             ));
         }
         if keys[..i].iter().any(|o| o.kid == k.kid) {
-            return Err(CodedError::invalid(format!("signing key {:?} twice", k.kid)));
+            return Err(CodedError::invalid(format!(
+                "signing key {:?} twice",
+                k.kid
+            )));
         }
     }
     for other in tx.regions()?.iter().filter(|o| o.id != region) {

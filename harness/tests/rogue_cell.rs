@@ -2,7 +2,7 @@
 //! certificate (as a thief of one cell's credentials holds it), the control
 //! plane refuses what would reach into another region (finding 11).
 
-use anyhow::Result;
+type Result<T = ()> = anyhow::Result<T>;
 use homecell_common::tls::{PeerIdentity, Pki, TlsPaths};
 use homecell_harness::api::Api;
 use homecell_harness::{Cluster, start_standard};

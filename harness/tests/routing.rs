@@ -864,8 +864,14 @@ async fn only_the_public_api_passes_the_router() -> Result {
     let mut frame = vec![0u8, 0, 0, 0, message.len() as u8];
     frame.extend_from_slice(&message);
     for (path, ct) in [
-        ("/homecell.cell.v1.CellService/CheckSession", "application/grpc"),
-        ("/homecell.cell.v1.CellService/CheckSession", "application/json"),
+        (
+            "/homecell.cell.v1.CellService/CheckSession",
+            "application/grpc",
+        ),
+        (
+            "/homecell.cell.v1.CellService/CheckSession",
+            "application/json",
+        ),
         ("/v1/region", "application/grpc+proto"),
         ("/v1/region", "Application/GRPC-web"),
         ("/internal/anything", "application/json"),
@@ -931,7 +937,10 @@ async fn per_address_limits_count_the_client_behind_a_proxy() -> Result {
         }
     };
     for _ in 0..3 {
-        assert_eq!(login("198.51.100.1", None).await?.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            login("198.51.100.1", None).await?.status,
+            StatusCode::UNAUTHORIZED
+        );
     }
     let r = login("198.51.100.1", Some("198.51.100.99")).await?;
     assert_eq!(

@@ -19,9 +19,9 @@
 use super::currency::BALANCE_LIMIT;
 use super::ledger::{LedgerError, LedgerResult, Move, Operation, OutboxEvent, Phase, op_cols};
 use crate::identity::store::DbError;
+use futures::FutureExt;
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use std::collections::{HashMap, HashSet};
-use futures::FutureExt;
 use std::panic::AssertUnwindSafe;
 use tokio::sync::{mpsc, oneshot};
 
@@ -75,11 +75,12 @@ impl GroupCommit {
                 // A write that panics costs its group (rolled back, its
                 // callers told), not every later money write: the committer
                 // lives on, as `TxBatch` does.
-                let ran = AssertUnwindSafe(commit(&pool, &batch))
-                    .catch_unwind()
-                    .await;
+                let ran = AssertUnwindSafe(commit(&pool, &batch)).catch_unwind().await;
                 let Ok(outcome) = ran else {
-                    tracing::error!(size = batch.len(), "a grouped money write panicked; its group was rolled back");
+                    tracing::error!(
+                        size = batch.len(),
+                        "a grouped money write panicked; its group was rolled back"
+                    );
                     for p in batch.drain(..) {
                         let err = sqlx::Error::Protocol("group commit failed".into());
                         let _ = p.reply.send(Err(LedgerError::Db(DbError::Db(err))));
