@@ -284,6 +284,15 @@ async fn cell_move_user_carries_the_account_to_the_new_home() -> Result<()> {
         prefs.body
     );
 
+    // A deposit that reaches the old home (a provider's callback names no
+    // region; cn-east is the default) is forwarded to the new one, not
+    // refused: money arriving during or after a move is not stranded.
+    let r = east
+        .provider_deposit("testpay", PAY_SECRET, "evt-after-move", &user, 300)
+        .await?;
+    assert!(r.status.is_success(), "{r:?}");
+    assert_eq!(again.available("CNY").await?, 300);
+
     // Running it again finds the move done and succeeds without a change.
     let revision = c.revision()?;
     let out = c.cell_command(

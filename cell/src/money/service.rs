@@ -438,8 +438,10 @@ impl Money {
         }
         match self.db.user(&d.user_id).await? {
             Some(u) if u.status != "deleted" => {}
-            Some(_) => return Err(CodedError::not_found("no such user")),
-            None => return self.forward_deposit(provider, d).await,
+            // Not here (any more): a user who moved away leaves an erased
+            // row behind, and their deposit goes to the new home; one the
+            // directory still homes here is gone (404).
+            _ => return self.forward_deposit(provider, d).await,
         }
         let now = now_ms();
         let op = Operation {
