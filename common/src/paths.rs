@@ -55,7 +55,13 @@ pub const PUBLIC_PATHS: &[&str] = &[
 
 /// Whether `path` is one of the public API's.
 pub fn is_public(path: &str) -> bool {
-    PUBLIC_PATHS.iter().any(|t| matches(t, path))
+    template(path).is_some()
+}
+
+/// The public route `path` is one of (`/v1/users/{id}`): what logs name,
+/// since the path itself can carry ids and client-chosen text.
+pub fn template(path: &str) -> Option<&'static str> {
+    PUBLIC_PATHS.iter().copied().find(|t| matches(t, path))
 }
 
 fn matches(template: &str, path: &str) -> bool {
@@ -104,6 +110,11 @@ mod public_path_tests {
         ] {
             assert!(is_public(p), "{p}");
         }
+        assert_eq!(
+            template("/v1/auth/sessions/0193-ab"),
+            Some("/v1/auth/sessions/{sid}")
+        );
+        assert_eq!(template("/v1/users/me"), Some("/v1/users/me"));
         for p in [
             "/homecell.cell.v1.CellService/CheckSession",
             "/homecell.control.v1.DirectoryService/ClaimIdentifier",

@@ -381,8 +381,9 @@ pub async fn respond_problem(
 
 impl Router {
     /// Metrics and the access line. No query string, headers, bodies or
-    /// client address (they can carry identifiers or tokens); the path holds
-    /// at most a random user id.
+    /// client address (they can carry identifiers or tokens), and the
+    /// route's template rather than the path (`/v1/users/{id}`: a path can
+    /// carry ids and client-chosen text).
     pub fn log(&self, session: &ServerSession, ctx: &Ctx) {
         let status = session.response_written().map(|r| r.status);
         let region = ctx.upstream.as_ref().map_or("none", |u| u.region.as_str());
@@ -401,7 +402,7 @@ impl Router {
             request_id = %ctx.request_id,
             trace_id = ctx.trace.trace_id_hex(),
             method = %req.method,
-            path = %req.uri.path(),
+            route = homecell_common::paths::template(req.uri.path()).unwrap_or("-"),
             status = status.map_or(0, |s| s.as_u16()),
             region,
             routed_by = ctx.basis.as_str(),

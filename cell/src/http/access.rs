@@ -28,7 +28,15 @@ pub async fn traced(req: Request, next: Next) -> Response {
         .get("content-type")
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let route = if grpc {
-        req.uri().path().to_string()
+        // Only a method of our own service is named; any other path is
+        // the caller's text.
+        let path = req.uri().path();
+        let ours = path
+            .strip_prefix("/homecell.cell.v1.CellService/")
+            .is_some_and(|m| {
+                !m.is_empty() && m.len() <= 64 && m.bytes().all(|b| b.is_ascii_alphabetic())
+            });
+        if ours { path } else { "unmatched" }.to_string()
     } else {
         req.extensions()
             .get::<MatchedPath>()

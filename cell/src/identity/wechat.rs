@@ -80,12 +80,16 @@ impl Wechat {
             .query(&query)
             .send()
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
+            // Never the URL: its query holds the AppSecret and the code.
+            .map_err(|e| unavailable(e.without_url().to_string()))?;
         if !resp.status().is_success() {
             return Err(unavailable(format!("status {}", resp.status())));
         }
         // WeChat answers JSON with a text/plain content type.
-        let body = resp.bytes().await.map_err(|e| unavailable(e.to_string()))?;
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| unavailable(e.without_url().to_string()))?;
         let s: Session = serde_json::from_slice(&body).map_err(|e| unavailable(e.to_string()))?;
         match s.openid.filter(|o| !o.is_empty() && o.len() <= 128) {
             Some(openid) if s.errcode == 0 => Ok(openid),

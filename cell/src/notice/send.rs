@@ -92,7 +92,7 @@ impl Sender {
                     .send(msg)
                     .await
                     .map(|_| "smtp".to_string())
-                    .map_err(|e| format!("smtp: {e}"))
+                    .map_err(|e| smtp_failure(&e))
             }
             "sms" => {
                 let body =
@@ -112,13 +112,35 @@ impl Sender {
                     match r {
                         Ok(resp) if resp.status().is_success() => return Ok(name.clone()),
                         Ok(resp) => errors.push(format!("{name}: {}", resp.status())),
-                        Err(e) => errors.push(format!("{name}: {e}")),
+                        // Without the URL: it may carry the provider's key.
+                        Err(e) => errors.push(format!("{name}: {}", e.without_url())),
                     }
                 }
                 Err(errors.join("; "))
             }
             other => Err(format!("unknown channel {other}")),
         }
+    }
+}
+
+/// What a failed SMTP send is recorded as (the log, the dead-letter view):
+/// its kind and reply code, never the server's text, which usually echoes
+/// the recipient's address.
+fn smtp_failure(e: &lettre::transport::smtp::Error) -> String {
+    let kind = if e.is_permanent() {
+        "permanent"
+    } else if e.is_transient() {
+        "transient"
+    } else if e.is_timeout() {
+        "timeout"
+    } else if e.is_tls() {
+        "tls"
+    } else {
+        "connection"
+    };
+    match e.status() {
+        Some(code) => format!("smtp: {kind} failure, reply {code}"),
+        None => format!("smtp: {kind} failure"),
     }
 }
 
