@@ -146,6 +146,13 @@ impl Peers {
                     SessionState::Ended
                 }
             }
+            // The home cell answered, and not "alive": the token is not
+            // good (a malformed id, a refused caller). Only a home that
+            // cannot be reached leaves the signature to decide.
+            Err(e) if answered(e.code()) => {
+                tracing::warn!(home, error = %e.message(), "the home cell refused a session check");
+                SessionState::Ended
+            }
             Err(e) => {
                 tracing::warn!(home, error = %e.message(), "cannot check a session with its home cell");
                 SessionState::Unknown
@@ -281,6 +288,21 @@ fn status(e: homecell_proto::error::CodedError) -> Status {
 }
 
 /// The cell's gRPC service, for other cells and routers.
+/// Whether a failed call was the other cell's answer, not a failure to
+/// reach it.
+fn answered(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        InvalidArgument
+            | NotFound
+            | PermissionDenied
+            | Unauthenticated
+            | FailedPrecondition
+            | OutOfRange
+    )
+}
+
 pub struct CellGrpc(pub Arc<Cell>);
 
 #[tonic::async_trait]

@@ -354,6 +354,17 @@ async fn registration_is_limited_and_cannot_starve_logins() -> Result {
     }
     let r = register("198.51.100.20", "q3@x.test".into()).await?;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+    // A valid access token does not take a registration past the limit.
+    let (signed, _) = cn.signed_in("r0@x.test", PW).await?;
+    let r = from(
+        &signed,
+        "198.51.100.20",
+        Method::POST,
+        "/v1/auth/register",
+        json!({ "identifier": "q4@x.test", "password": PW }),
+    )
+    .await?;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
     assert!(
         r.body["detail"]
             .as_str()
@@ -801,13 +812,16 @@ async fn rbac_and_integrity() -> Result {
     Ok(())
 }
 
-/// The cn-east cell's signing key as a thief who read its database and its
-/// seal would hold it: (kid, key pair).
-async fn stolen_key(c: &Cluster) -> Result<(String, ring::signature::Ed25519KeyPair)> {
+/// A cell's signing key as a thief who read its database and its seal
+/// would hold it: (kid, key pair).
+async fn stolen_key(
+    c: &Cluster,
+    region: &str,
+) -> Result<(String, ring::signature::Ed25519KeyPair)> {
     use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
     use sqlx::sqlite::SqliteConnectOptions;
     let opts = SqliteConnectOptions::new()
-        .filename(c.cell_sqlite_path("cn-east"))
+        .filename(c.cell_sqlite_path(region))
         .read_only(true);
     let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&opts).await?;
     let (kid, stored): (String, Vec<u8>) = sqlx::query_as(
@@ -815,14 +829,17 @@ async fn stolen_key(c: &Cluster) -> Result<(String, ring::signature::Ed25519KeyP
     )
     .fetch_one(&mut db)
     .await?;
-    let seal = homecell_common::key_file::read(&c.root.join("signing-keys-cn-east.seal"), "seal")?;
+    let seal = homecell_common::key_file::read(
+        &c.root.join(format!("signing-keys-{region}.seal")),
+        "seal",
+    )?;
     // seal.rs: "HCS1", a 12-byte nonce, then the sealed key, bound to its id.
     let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &seal[..32]).unwrap());
     let nonce = Nonce::try_assume_unique_for_key(&stored[4..16]).unwrap();
     let mut body = stored[16..].to_vec();
     let pkcs8 = key
         .open_in_place(nonce, Aad::from(kid.as_bytes()), &mut body)
-        .map_err(|_| anyhow::anyhow!("the seal does not open the key"))?;
+        .map_err(|_| anyhow::anyhow!("the seal does not open the key {kid}"))?;
     let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8).unwrap();
     Ok((kid, pair))
 }
@@ -853,7 +870,7 @@ async fn tokens_beyond_their_bounds_are_refused() -> Result {
         .get("/v1/auth/sessions")
         .await?;
     let sid = me.body["items"][0]["id"].as_str().unwrap().to_string();
-    let (kid, key) = stolen_key(&c).await?;
+    let (kid, key) = stolen_key(&c, "cn-east").await?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs() as i64;
@@ -976,5 +993,57 @@ async fn keys_at_rest_stay_sealed() -> Result {
         format!("{:#}{log}", started.unwrap_err()).contains("stored plain"),
         "{log}"
     );
+    Ok(())
+}
+
+/// Finding 11 (found again by this change's own review): one region's key,
+/// stolen, does not speak for another region's users. A token that names
+/// eu-west as home for a cn-east user is refused by cn-east, whatever its
+/// session id (one the honest eu-west refuses to look up included).
+#[tokio::test]
+async fn one_regions_key_does_not_speak_for_anothers_users() -> Result {
+    let (c, cn) = cluster_with("").await?;
+    let (me, login) = cn.signed_in("homebody@x.test", PW).await?;
+    let victim = login["user_id"].as_str().unwrap().to_string();
+    let (kid, key) = stolen_key(&c, "eu-west").await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    for sid in ["x".repeat(65), "a-session".to_string()] {
+        let claims = json!({
+            "sub": victim, "home": "eu-west", "sid": sid, "ct": "app",
+            "roles": ["user"], "iss": "cell.eu-west", "iat": now, "exp": now + 600,
+        });
+        let forged = cn.with_token(&jws(&key, &json!({"alg": "EdDSA", "kid": kid}), &claims));
+        for path in ["/v1/wallet", "/v1/notices", "/v1/auth/sessions"] {
+            let r = forged.get(path).await?;
+            assert_eq!(
+                (r.status, r.code()),
+                (StatusCode::UNAUTHORIZED, "unauthenticated"),
+                "{path} with sid {sid:.8}…: {}",
+                r.body
+            );
+        }
+        let r = forged
+            .post("/v1/auth/sessions/revoke-others", json!({}))
+            .await?;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        me.get("/v1/users/me").await?.status,
+        StatusCode::OK,
+        "untouched"
+    );
+    // With eu-west down, nobody can say the session is over: the
+    // directory's word (the user lives in cn-east) refuses it alone.
+    let mut c = c;
+    c.kill_cell("eu-west");
+    let claims = json!({
+        "sub": victim, "home": "eu-west", "sid": "never-asked", "ct": "app",
+        "roles": ["user"], "iss": "cell.eu-west", "iat": now, "exp": now + 600,
+    });
+    let forged = cn.with_token(&jws(&key, &json!({"alg": "EdDSA", "kid": kid}), &claims));
+    let r = forged.get("/v1/wallet").await?;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
     Ok(())
 }

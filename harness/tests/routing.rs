@@ -953,5 +953,17 @@ async fn per_address_limits_count_the_client_behind_a_proxy() -> Result {
         StatusCode::UNAUTHORIZED,
         "another client behind the same proxy has its own budget"
     );
+    // A proxy that adds its own X-Forwarded-For line: the client's forged
+    // first line is not taken for the proxy's word.
+    let r = c
+        .http()
+        .post(format!("{}/v1/auth/login", c.router_url(0)))
+        .header("x-client-type", "app")
+        .header("x-forwarded-for", "203.0.113.77")
+        .header("x-forwarded-for", "198.51.100.1")
+        .json(&json!({"identifier": "nobody@x.test", "password": "wrong password"}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     Ok(())
 }

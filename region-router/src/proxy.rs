@@ -175,11 +175,25 @@ impl Router {
     /// untrusted `X-Forwarded-For` hop.
     fn client_ip(&self, session: &ServerSession) -> Option<std::net::IpAddr> {
         let peer = session.client_addr().and_then(|a| a.as_inet())?;
-        let xff = session
-            .req_header()
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok());
+        let headers = &session.req_header().headers;
+        let mut lines = headers.get_all("x-forwarded-for").iter();
+        let first = lines.next().and_then(|v| v.to_str().ok());
+        // A proxy may add its own line instead of appending to the
+        // client's: every line counts, in order, or a client's forged first
+        // line would be taken for the proxy's word.
+        let joined;
+        let xff = match lines.next() {
+            None => first,
+            Some(_) => {
+                joined = headers
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                Some(joined.as_str())
+            }
+        };
         Some(crate::geo::client_ip(
             peer.ip(),
             xff,
@@ -293,6 +307,10 @@ impl Router {
         };
         ctx.client_ip = self.client_ip(session);
         self.rate_limit(ctx.client_ip, table, token.as_ref().map(|v| v.sub.as_str()))?;
+        // Every registration, with a token or without.
+        if route_key::body_route(&method, &path) == Some(BodyRoute::Register) {
+            self.registration_limit(ctx.client_ip, table)?;
+        }
         // The directory's home for the token's user wins over the claim in
         // the token: it changes when a user moves, the token does not.
         let token_home = token.map(|v| match state.user_region(&v.sub) {
@@ -320,7 +338,6 @@ impl Router {
                 BodyRoute::Refresh => route_key::refresh_region(&body).map(|r| (r, Basis::Refresh)),
                 BodyRoute::Register => {
                     registration = true;
-                    self.registration_limit(ctx.client_ip, table)?;
                     // The body's `region`, else `x-home-region`, is the
                     // explicit preference.
                     let pref = route_key::preferred_region(&body).or_else(|| header.clone());

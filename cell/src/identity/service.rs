@@ -706,6 +706,21 @@ impl Identity {
         {
             return Err(CodedError::moved(home));
         }
+        // Another region's token for a user the directory homes anywhere
+        // but there: its issuer does not speak for that user. A cell's key
+        // (stolen, or a rogue cell's) signs for its own region's users
+        // only, and no one else's session can vouch for them; a user who
+        // moved here from that region has a new session here.
+        if claims.home != self.region
+            && state
+                .user_region(&claims.sub)
+                .is_some_and(|home| home != claims.home)
+        {
+            return Err(CodedError::new(
+                ErrorCode::Unauthenticated,
+                "invalid access token",
+            ));
+        }
         Ok(Verified(claims))
     }
 
