@@ -3,7 +3,8 @@
 use super::{ApiResult, Auth, ClientIp, ClientType, Json, json};
 use crate::identity::service::TokenPair;
 use crate::state::Cell;
-use axum::extract::{Path, State};
+use super::Path;
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use schemars::JsonSchema;

@@ -5,7 +5,8 @@
 use super::{ApiError, ApiResult, Auth, cursor};
 use crate::identity::service::Principal;
 use crate::state::Cell;
-use axum::extract::{Path, Query, State};
+use super::{Path, Query};
+use axum::extract::State;
 use axum::http::StatusCode;
 use homecell_proto::error::{CodedError, ErrorCode};
 use schemars::JsonSchema;

@@ -162,6 +162,42 @@ fn client_ip(h: &HeaderMap) -> Option<IpAddr> {
         .ok()
 }
 
+/// A query string, refused as problem+json (axum's own rejection is plain
+/// text) naming what did not fit.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| Self(q.0))
+            .map_err(|e| CodedError::invalid(format!("malformed query: {}", e.body_text())).into())
+    }
+}
+
+/// Path parameters, refused as problem+json like the query.
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| Self(p.0))
+            .map_err(|e| {
+                if e.status().is_server_error() {
+                    tracing::error!(error = %e.body_text(), "a route's path parameters do not fit its handler");
+                    CodedError::internal("path parameters").into()
+                } else {
+                    CodedError::invalid(format!("malformed path: {}", e.body_text())).into()
+                }
+            })
+    }
+}
+
 /// A JSON body: `application/json`, at most `MAX_BODY`, and a clear error
 /// naming the field when it does not fit the type.
 pub struct Json<T>(pub T);
