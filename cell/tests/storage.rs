@@ -421,6 +421,53 @@ async fn password_resets(db: &Datastore) {
     );
 }
 
+async fn pending_claims(db: &Datastore) {
+    let pending = || async { db.unsettled_claims(NOW + 1).await.unwrap() };
+    // A claim is recorded before it is made; the user's creation settles it.
+    db.record_claim("email:pc1@x.io", "pc1", NOW).await.unwrap();
+    assert_eq!(pending().await.len(), 1);
+    user(db, "pc1", "pc1@x.io").await;
+    assert!(pending().await.is_empty(), "settled with the user");
+    // Once the reconciliation takes a record over, the registration it
+    // belonged to can no longer create its user.
+    db.record_claim("email:pc2@x.io", "pc2", NOW).await.unwrap();
+    assert!(db.begin_release("email:pc2@x.io", "pc2").await.unwrap());
+    let late = db
+        .create_user(&NewUser {
+            id: "pc2",
+            display_name: "pc2",
+            kind: "email",
+            value: "pc2@x.io",
+            password_hash: "h",
+            now: NOW,
+        })
+        .await;
+    assert!(matches!(late, Err(DbError::Conflict)), "{late:?}");
+    assert!(db.user("pc2").await.unwrap().is_none());
+    assert_eq!(
+        pending().await,
+        vec![("email:pc2@x.io".into(), "pc2".into(), "releasing".into())]
+    );
+    db.forget_claim("email:pc2@x.io", "pc2").await.unwrap();
+    assert!(pending().await.is_empty());
+    assert!(!db.begin_release("email:pc2@x.io", "pc2").await.unwrap());
+    // Only records older than the cut-off are unsettled.
+    db.record_claim("email:pc3@x.io", "pc3", NOW + 5)
+        .await
+        .unwrap();
+    assert!(pending().await.is_empty());
+    assert_eq!(db.unsettled_claims(NOW + 6).await.unwrap().len(), 1);
+    db.forget_claim("email:pc3@x.io", "pc3").await.unwrap();
+    // Deleting an account records its releases in the same transaction.
+    user(db, "pc4", "pc4@x.io").await;
+    db.anonymise_user("pc4", "deleted-pc4", NOW).await.unwrap();
+    assert_eq!(
+        pending().await,
+        vec![("email:pc4@x.io".into(), "pc4".into(), "releasing".into())]
+    );
+    db.forget_claim("email:pc4@x.io", "pc4").await.unwrap();
+}
+
 async fn reset_budgets(db: &Datastore) {
     const HOUR: i64 = 3_600_000;
     const DAY: i64 = 24 * HOUR;
@@ -938,6 +985,7 @@ async fn suite(db: Datastore) {
     refresh_rotation_and_reuse(&db).await;
     password_resets(&db).await;
     reset_budgets(&db).await;
+    pending_claims(&db).await;
     addresses(&db).await;
     roles_audit_and_anonymisation(&db).await;
     listing_and_profiles(&db).await;

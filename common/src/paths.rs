@@ -59,26 +59,42 @@ pub fn is_public(path: &str) -> bool {
 }
 
 /// The public route `path` is one of (`/v1/users/{id}`): what logs name,
-/// since the path itself can carry ids and client-chosen text.
+/// since the path itself can carry ids and client-chosen text. Every
+/// request at the router asks, so the path is split once and compared with
+/// templates split beforehand, of its own length only.
 pub fn template(path: &str) -> Option<&'static str> {
-    PUBLIC_PATHS.iter().copied().find(|t| matches(t, path))
+    let mut segments = [""; MAX_SEGMENTS];
+    let mut n = 0;
+    for s in path.split('/') {
+        *segments.get_mut(n)? = s;
+        n += 1;
+    }
+    let segments = &segments[..n];
+    SPLIT
+        .iter()
+        .filter(|(_, t)| t.len() == n)
+        .find(|(_, t)| {
+            t.iter()
+                .zip(segments)
+                .all(|(want, got)| match want.strip_prefix('{') {
+                    Some(_) => !got.is_empty(),
+                    None => want == got,
+                })
+        })
+        .map(|(t, _)| *t)
 }
 
-fn matches(template: &str, path: &str) -> bool {
-    let (mut t, mut p) = (template.split('/'), path.split('/'));
-    loop {
-        match (t.next(), p.next()) {
-            (None, None) => return true,
-            (Some(want), Some(got)) if want.starts_with('{') => {
-                if got.is_empty() {
-                    return false;
-                }
-            }
-            (Some(want), Some(got)) if want == got => {}
-            _ => return false,
-        }
-    }
-}
+/// More segments than any public path has ("" before the first `/`
+/// counts).
+const MAX_SEGMENTS: usize = 8;
+
+static SPLIT: std::sync::LazyLock<Vec<(&'static str, Vec<&'static str>)>> =
+    std::sync::LazyLock::new(|| {
+        PUBLIC_PATHS
+            .iter()
+            .map(|t| (*t, t.split('/').collect()))
+            .collect()
+    });
 
 /// The user a path is about: `/v1/users/{id}…` (not `me`) and
 /// `/v1/cms/users/{id}…`. Routers route these to that user's home; cells
@@ -115,6 +131,12 @@ mod public_path_tests {
             Some("/v1/auth/sessions/{sid}")
         );
         assert_eq!(template("/v1/users/me"), Some("/v1/users/me"));
+        assert!(
+            PUBLIC_PATHS
+                .iter()
+                .all(|t| t.split('/').count() < MAX_SEGMENTS)
+        );
+        assert_eq!(template("/a/b/c/d/e/f/g/h/i"), None);
         for p in [
             "/homecell.cell.v1.CellService/CheckSession",
             "/homecell.control.v1.DirectoryService/ClaimIdentifier",

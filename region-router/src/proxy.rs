@@ -93,6 +93,8 @@ pub struct Ctx {
     /// The client's address, resolved through trusted proxies: what limits
     /// count and what the cell is told (`x-homecell-client-ip`).
     pub client_ip: Option<std::net::IpAddr>,
+    /// The public route the path is one of (what the access line names).
+    pub route: Option<&'static str>,
 }
 
 impl Ctx {
@@ -114,6 +116,7 @@ impl Ctx {
             replayed_from: None,
             conceal_home: false,
             client_ip: None,
+            route: None,
         }
     }
 }
@@ -270,7 +273,8 @@ impl Router {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.as_bytes().get(..16))
             .is_some_and(|t| t.eq_ignore_ascii_case(b"application/grpc"));
-        if grpc || !homecell_common::paths::is_public(req.uri.path()) {
+        ctx.route = homecell_common::paths::template(req.uri.path());
+        if grpc || ctx.route.is_none() {
             return Err(Refusal::new(
                 ErrorCode::NotFound,
                 "no such route".into(),
@@ -419,7 +423,7 @@ impl Router {
             request_id = %ctx.request_id,
             trace_id = ctx.trace.trace_id_hex(),
             method = %req.method,
-            route = homecell_common::paths::template(req.uri.path()).unwrap_or("-"),
+            route = ctx.route.unwrap_or("-"),
             status = status.map_or(0, |s| s.as_u16()),
             region,
             routed_by = ctx.basis.as_str(),

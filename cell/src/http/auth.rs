@@ -1,9 +1,9 @@
 //! `/v1/auth/*` and the JWKS.
 
+use super::Path;
 use super::{ApiResult, Auth, ClientIp, ClientType, Json, json};
 use crate::identity::service::TokenPair;
 use crate::state::Cell;
-use super::Path;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

@@ -3,9 +3,9 @@
 //! the roles in the token), so a revoked role stops working at once.
 
 use super::{ApiError, ApiResult, Auth, cursor};
+use super::{Path, Query};
 use crate::identity::service::Principal;
 use crate::state::Cell;
-use super::{Path, Query};
 use axum::extract::State;
 use axum::http::StatusCode;
 use homecell_proto::error::{CodedError, ErrorCode};

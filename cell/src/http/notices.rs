@@ -2,11 +2,11 @@
 //! the CMS routes for templates, the dead-letter queue and messages.
 
 use super::{ApiResult, Auth, ClientType, Json, cursor};
+use super::{Path, Query};
 use crate::identity::keys::now_ms;
 use crate::notice::store::{Delivery, InboxItem, Template};
 use crate::notice::{CHANNELS, template};
 use crate::state::Cell;
-use super::{Path, Query};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};

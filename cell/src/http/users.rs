@@ -1,11 +1,11 @@
 //! `/v1/users/*`: profiles (with ETag / If-Match), addresses, deletion.
 
+use super::Path;
 use super::{ApiError, ApiResult, Auth, Bearer, Json, json};
 use crate::identity::keys::now_ms;
 use crate::identity::service::not_at_home;
 use crate::identity::store::{Address, ProfileFields, User, UserProfile};
 use crate::state::Cell;
-use super::Path;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};

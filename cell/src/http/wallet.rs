@@ -2,12 +2,12 @@
 //! thin HTTP over `money::service`.
 
 use super::{ApiResult, Auth, Json, cursor, json};
+use super::{Path, Query};
 use crate::money::ledger::{HistoryFilter, Operation};
 use crate::money::provider::{Deposit, SIGNATURE_HEADER};
 use crate::money::service::{AdjustmentRequest, Outcome, TransferRequest, parse_key};
 use crate::state::Cell;
 use axum::body::Bytes;
-use super::{Path, Query};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;

@@ -40,7 +40,7 @@ impl Datastore {
     }
 
     /// Records older than `before`: (identifier, user_id, state).
-    async fn unsettled_claims(&self, before: i64) -> DbResult<Vec<(String, String, String)>> {
+    pub async fn unsettled_claims(&self, before: i64) -> DbResult<Vec<(String, String, String)>> {
         Ok(on_db!(self, p => sqlx::query_as(
             "SELECT identifier, user_id, state FROM pending_claims WHERE created_at < $1 ORDER BY created_at LIMIT 100")
             .bind(before).fetch_all(p).await?))
@@ -48,7 +48,7 @@ impl Datastore {
 
     /// Takes a record over for release; false when its registration settled
     /// it meanwhile.
-    async fn begin_release(&self, identifier: &str, user_id: &str) -> DbResult<bool> {
+    pub async fn begin_release(&self, identifier: &str, user_id: &str) -> DbResult<bool> {
         let r = write_db!(self, p => sqlx::query("UPDATE pending_claims SET state = 'releasing' WHERE identifier = $1 AND user_id = $2")
             .bind(identifier).bind(user_id).execute(p).await?.rows_affected());
         Ok(r == 1)
