@@ -921,6 +921,8 @@ async fn keys_at_rest_stay_sealed() -> Result {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o700, "the cell's data directory");
+    let seal = std::fs::metadata(c.root.join("signing-keys-cn-east.seal"))?;
+    assert_eq!(seal.permissions().mode() & 0o777, 0o600, "a seal file");
 
     // PostgreSQL without signing_key_seal_file: refused by --check.
     let config = c.root.join("config").join("cell-cn-east.toml");
