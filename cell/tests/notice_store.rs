@@ -213,25 +213,6 @@ async fn deliveries(db: &Datastore) {
     assert_eq!((due.len(), due[0].attempts), (1, 0));
     db.delivery_sent(&d.id, "smtp", NOW + 6).await.unwrap();
     assert!(db.due_deliveries(NOW + 100, 10).await.unwrap().is_empty());
-
-    // A password reset's message that dies keeps no code; another dead
-    // message keeps its text for a re-drive.
-    assert!(
-        db.enqueue_event("e-reset", "auth.password_reset", "u1", "{}", NOW)
-            .await
-            .unwrap()
-    );
-    let f = FanOut {
-        inbox: None,
-        deliveries: vec![delivery("d-reset", "e-reset")],
-    };
-    db.fan_out("e-reset", "u1", &f, NOW).await.unwrap();
-    db.delivery_failed("d-reset", "smtp down", NOW + 7, true)
-        .await
-        .unwrap();
-    let dead = db.dead_deliveries(None, 10).await.unwrap();
-    let reset = dead.iter().find(|d| d.id == "d-reset").unwrap();
-    assert_eq!((reset.body.as_str(), reset.html.as_deref()), ("", None));
 }
 
 /// Deleting an account (and erasing a moved one) takes its notices with

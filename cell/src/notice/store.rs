@@ -355,14 +355,8 @@ impl Datastore {
         dead: bool,
     ) -> DbResult<()> {
         write_db!(self, p => {
-            // A dead delivery keeps no one-time code: a password reset's
-            // message is useless once the code expires, and the dead-letter
-            // queue outlives it.
             sqlx::query("UPDATE deliveries SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
-                         state = CASE WHEN $3 THEN 'dead' ELSE 'pending' END, \
-                         body = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset') THEN '' ELSE body END, \
-                         html = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset') THEN NULL ELSE html END \
-                         WHERE id = $4")
+                         state = CASE WHEN $3 THEN 'dead' ELSE 'pending' END WHERE id = $4")
                 .bind(error).bind(next_at).bind(dead).bind(id).execute(p).await?;
         });
         Ok(())
