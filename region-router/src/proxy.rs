@@ -178,25 +178,18 @@ impl Router {
     /// untrusted `X-Forwarded-For` hop.
     fn client_ip(&self, session: &ServerSession) -> Option<std::net::IpAddr> {
         let peer = session.client_addr().and_then(|a| a.as_inet())?;
-        let headers = &session.req_header().headers;
-        let mut lines = headers.get_all("x-forwarded-for").iter();
-        let first = lines.next().and_then(|v| v.to_str().ok());
         // A proxy may add its own line instead of appending to the
         // client's: every line counts, in order, or a client's forged first
         // line would be taken for the proxy's word.
-        let joined;
-        let xff = match lines.next() {
-            None => first,
-            Some(_) => {
-                joined = headers
-                    .get_all("x-forwarded-for")
-                    .iter()
-                    .map(|v| v.to_str().unwrap_or("\u{fffd}"))
-                    .collect::<Vec<_>>()
-                    .join(",");
-                Some(joined.as_str())
-            }
-        };
+        let lines: Vec<&str> = session
+            .req_header()
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+            .collect();
+        let joined = (lines.len() > 1).then(|| lines.join(","));
+        let xff = joined.as_deref().or(lines.first().copied());
         Some(crate::geo::client_ip(
             peer.ip(),
             xff,

@@ -971,10 +971,7 @@ impl Datastore {
                    RETURNING issued";
         let row: Option<(i64,)> = write_db!(self, p => sqlx::query_as(sql).bind(key).bind(now)
             .bind(limits.codes_per_hour).bind(limits.failures_per_day).bind(HOUR_MS).bind(DAY_MS).fetch_optional(p).await?);
-        match row {
-            Some(_) => Ok(Ok(())),
-            None => Ok(Err(self.reset_budget_wait(key, limits, now).await?)),
-        }
+        self.budget_answer(row.is_some(), key, limits, now).await
     }
 
     /// Counts one guess against `key`'s daily budget before the code is
@@ -994,20 +991,26 @@ impl Datastore {
                    RETURNING guesses";
         let row: Option<(i64,)> = write_db!(self, p => sqlx::query_as(sql).bind(key).bind(now)
             .bind(limits.failures_per_day).bind(DAY_MS).fetch_optional(p).await?);
-        match row {
-            Some(_) => Ok(Ok(())),
-            None => Ok(Err(self.reset_budget_wait(key, limits, now).await?)),
-        }
+        self.budget_answer(row.is_some(), key, limits, now).await
     }
 
-    /// How long until a refused budget opens again: the later of the spent
-    /// windows' ends.
-    async fn reset_budget_wait(&self, key: &str, limits: ResetLimits, now: i64) -> DbResult<i64> {
+    /// A budget's answer: Ok when the spend went through, else how long
+    /// until it opens again (ms): the later of the spent windows' ends.
+    async fn budget_answer(
+        &self,
+        spent: bool,
+        key: &str,
+        limits: ResetLimits,
+        now: i64,
+    ) -> DbResult<Result<(), i64>> {
+        if spent {
+            return Ok(Ok(()));
+        }
         let row: Option<(i64, i64, i64, i64)> = on_db!(self, p => sqlx::query_as(
             "SELECT issue_window, issued, guess_window, guesses FROM reset_budgets WHERE key = $1")
             .bind(key).fetch_optional(p).await?);
         let Some((iw, issued, gw, guesses)) = row else {
-            return Ok(1000);
+            return Ok(Err(1000));
         };
         let mut wait: i64 = 1000;
         if issued >= limits.codes_per_hour && iw > now - HOUR_MS {
@@ -1016,7 +1019,7 @@ impl Datastore {
         if guesses >= limits.failures_per_day && gw > now - DAY_MS {
             wait = wait.max(gw + DAY_MS - now);
         }
-        Ok(wait)
+        Ok(Err(wait))
     }
 
     /// Drops budgets whose windows have both passed.
