@@ -37,6 +37,10 @@ pub struct RouterConfig {
     pub threads: usize,
     #[serde(default)]
     pub upstream: UpstreamTimeouts,
+    /// What one client connection may take: timeouts and connection caps
+    /// (clients.rs).
+    #[serde(default)]
+    pub clients: crate::clients::ClientLimits,
     /// `Retry-After` for a draining region, unless the control plane's
     /// `router.draining.retry_after` says otherwise.
     #[serde(default = "default_retry_after")]
@@ -129,6 +133,7 @@ impl RouterConfig {
         if self.upstream.connect_ms == 0 || self.upstream.read_ms == 0 {
             bail!("upstream timeouts must be positive");
         }
+        self.clients.validate()?;
         self.tls.load().context("tls")?;
         if let Some(p) = &self.public_tls {
             if [self.listen, self.admin_listen].contains(&p.listen) {

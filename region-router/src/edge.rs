@@ -3,6 +3,9 @@
 //! server sessions, listeners and mTLS connections to cells:
 //!
 //! ```text
+//! wait for a request: its first byte within the idle timeout (a new
+//!   connection: the head deadline), its whole head within the head
+//!   deadline of that byte (clients.rs)      (missed: closed)
 //! read the request header                  (a malformed one: 400, closed)
 //!   ├─ request id, trace context
 //!   ├─ route (proxy.rs): path, token, small auth bodies, header
@@ -19,30 +22,49 @@
 //! this loop over the same Pingora sessions and connector, which made the
 //! difference to nginx (bench/README.md, "own request loop").
 
+use crate::clients::{Admission, Arrival, ClientLimits};
 use crate::decide::{CELL_DOWN_RETRY_AFTER, Refusal};
 use crate::forward::{self, Failure};
+use crate::metrics;
 use crate::proxy::{Ctx, Router, respond_problem};
 use async_trait::async_trait;
 use homecell_proto::ErrorCode;
 use pingora::ErrorType;
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream};
 use pingora::connectors::TransportConnector;
+use pingora::protocols::Stream;
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The router's HTTP service: the shared router state and the connector
 /// for new mTLS connections to cells (idle ones are in pool.rs, per worker).
 pub struct Edge {
     pub router: Router,
     pub connector: TransportConnector,
+    /// What one client connection may take (clients.rs).
+    pub limits: ClientLimits,
+    /// The open client connections, counted against the caps.
+    pub admission: Arc<Admission>,
+    /// Pingora's settings for HTTP/2 client connections: their idle timeout.
+    options: HttpServerOptions,
 }
 
 impl Edge {
-    pub fn new(router: Router, options: pingora::connectors::ConnectorOptions) -> Self {
+    pub fn new(
+        router: Router,
+        options: pingora::connectors::ConnectorOptions,
+        limits: ClientLimits,
+    ) -> Self {
+        let mut server_options = HttpServerOptions::default();
+        server_options.h2_idle_timeout = Some(limits.idle());
         Self {
             router,
             connector: TransportConnector::new(Some(options)),
+            admission: Admission::new(&limits),
+            limits,
+            options: server_options,
         }
     }
 
@@ -170,20 +192,59 @@ pub(crate) async fn shutting_down(shutdown: &ShutdownWatch) {
     }
 }
 
-#[async_trait]
-impl HttpServerApp for Edge {
-    async fn process_new_http(
-        self: &Arc<Self>,
-        mut session: ServerSession,
+impl Edge {
+    /// An HTTP/1.x connection's requests, one after another, until it
+    /// closes, fails, idles out or misses a head deadline (clients.rs).
+    /// The first byte of a new connection's first request must come within
+    /// the head deadline, later ones within the idle timeout; from its
+    /// first byte, a whole head within the head deadline.
+    pub(crate) async fn serve_http1(
+        &self,
+        mut stream: Stream,
         shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        let read = tokio::select! {
-            // A request already buffered is served, even when shutting down.
-            biased;
-            r = session.read_request() => r,
-            // An idle keep-alive connection closes at shutdown.
-            _ = shutting_down(shutdown) => return None,
-        };
+        arrival: &Arrival,
+    ) {
+        let mut first = true;
+        loop {
+            let mut session = ServerSession::new_http1(stream);
+            // Kept alive, with no per-read timeout of Pingora's: the
+            // deadlines below bound the whole wait instead.
+            session.set_keepalive(Some(0));
+            session.set_write_timeout(Some(self.limits.write()));
+            arrival.arm();
+            let wait = if first {
+                self.limits.head()
+            } else {
+                self.limits.idle()
+            };
+            let read = tokio::select! {
+                // A request already buffered is served, even when shutting down.
+                biased;
+                r = session.read_request() => r,
+                missed = deadline(arrival, wait, self.limits.head()) => {
+                    metrics::CLIENTS_CLOSED.with_label_values(&[missed]).inc();
+                    tracing::debug!(deadline = missed, "client connection closed");
+                    return;
+                }
+                // An idle keep-alive connection closes at shutdown.
+                _ = shutting_down(shutdown) => return,
+            };
+            match self.serve(session, read, shutdown).await {
+                Some(next) => stream = next,
+                None => return,
+            }
+            first = false;
+        }
+    }
+
+    /// One request whose head was read (or failed to be): served, and the
+    /// connection given back if it can take another.
+    async fn serve(
+        &self,
+        mut session: ServerSession,
+        read: pingora::Result<bool>,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
         match read {
             Ok(true) => {}
             Ok(false) => return None,
@@ -212,14 +273,49 @@ impl HttpServerApp for Edge {
             }
             return None;
         }
-        let settings = HttpPersistentSettings::for_session(&session);
         match session.finish().await {
-            Ok(stream) => stream.map(|s| ReusedHttpStream::from_reusable_stream(s, settings)),
+            Ok(stream) => stream.map(|s| s.into_parts().0),
             Err(e) => {
                 tracing::debug!(error = %e, "cannot finish the response");
                 None
             }
         }
+    }
+}
+
+/// Resolves, with the deadline's name, when a client waiting to send a
+/// request misses one: no byte within `wait`, or no whole head within
+/// `head` of its first byte.
+async fn deadline(arrival: &Arrival, wait: Duration, head: Duration) -> &'static str {
+    if tokio::time::timeout(wait, arrival.arrived()).await.is_err() {
+        return "idle";
+    }
+    tokio::time::sleep(head).await;
+    "head"
+}
+
+/// HTTP/2 streams come here, through Pingora's HTTP/2 connection handling
+/// (its idle timeout is ours, `server_options`); HTTP/1.x connections are
+/// served by `serve_http1`.
+#[async_trait]
+impl HttpServerApp for Edge {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let read = tokio::select! {
+            biased;
+            r = session.read_request() => r,
+            _ = shutting_down(shutdown) => return None,
+        };
+        self.serve(session, read, shutdown)
+            .await
+            .map(|s| ReusedHttpStream::new(s, None))
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        Some(&self.options)
     }
 }
 

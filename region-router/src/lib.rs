@@ -3,6 +3,7 @@
 //! replica of the control plane's state.
 
 pub mod background;
+pub mod clients;
 pub mod config;
 pub mod decide;
 pub mod edge;
@@ -94,6 +95,7 @@ pub fn run(config: config::RouterConfig, config_path: Option<std::path::PathBuf>
     let edge = edge::Edge::new(
         router,
         proxy::connector_options(&server.configuration, &config.tls),
+        config.clients.clone(),
     );
     server.add_service(workers::Workers::new(edge, listeners, config.threads));
     server.add_service(background_service(

@@ -7,7 +7,7 @@
 //! rebuilt. A file that does not validate changes nothing. Settings that
 //! shape listeners, identity or storage (listen addresses, region, TLS
 //! identity, data directory, control plane, threads, directory key, log
-//! format) are reported as needing a restart and keep their running values.
+//! format, client connection limits) are reported as needing a restart and keep their running values.
 //! The public certificate already reloads on its own (`public_tls`).
 
 use crate::config::RouterConfig;
@@ -53,7 +53,7 @@ pub struct Reloader {
 }
 
 /// The settings that only a restart applies, by name, with their values.
-fn fixed(c: &RouterConfig) -> [(&'static str, String); 12] {
+fn fixed(c: &RouterConfig) -> [(&'static str, String); 13] {
     [
         ("region", c.region.clone()),
         ("data_dir", format!("{:?}", c.data_dir)),
@@ -67,6 +67,7 @@ fn fixed(c: &RouterConfig) -> [(&'static str, String); 12] {
         ("tls", format!("{:?}", c.tls)),
         ("public_tls", format!("{:?}", c.public_tls)),
         ("gossip", format!("{:?}", c.gossip)),
+        ("clients", format!("{:?}", c.clients)),
     ]
 }
 

@@ -96,3 +96,17 @@ pub static WORKER_CONNECTIONS: LazyLock<prometheus::IntGaugeVec> = LazyLock::new
     let _ = prometheus::register(Box::new(g.clone()));
     g
 });
+
+pub static CLIENTS_CLOSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = IntCounterVec::new(
+        prometheus::Opts::new(
+            "homecell_router_client_connections_closed_total",
+            "Client connections the router closed on a limit: refused at accept \
+             (total, per_address) or timed out (idle, head, tls_handshake)",
+        ),
+        &["reason"],
+    )
+    .expect("valid metric");
+    let _ = prometheus::register(Box::new(c.clone()));
+    c
+});

@@ -16,12 +16,14 @@
 //! least loaded one leaves the accept to the others until a connection
 //! opens or closes somewhere (a wake-up, not a poll).
 
+use crate::clients::{Arrival, Refused, Slot};
 use crate::edge::Edge;
-use crate::metrics::WORKER_CONNECTIONS;
+use crate::metrics::{CLIENTS_CLOSED, WORKER_CONNECTIONS};
 use anyhow::{Context as _, Result};
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::listeners::tls::Acceptor;
+use pingora::protocols::ALPN;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::{GetProxyDigest, GetSocketDigest, GetTimingDigest};
@@ -40,8 +42,6 @@ use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-/// How long a client has to finish its TLS handshake (Pingora's default).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// One TCP segment: an answer's header and a small body leave in one send
 /// (Pingora's own default for its buffered streams).
 const WRITE_BUFFER: usize = 1460;
@@ -206,11 +206,23 @@ impl Worker {
             };
             match accepted {
                 Ok((tcp, peer)) => {
+                    // Closed at once past a cap: before any read or
+                    // handshake, so a flood of them costs an accept each.
+                    let slot = match self.admit(peer) {
+                        Ok(slot) => slot,
+                        Err(refused) => {
+                            CLIENTS_CLOSED.with_label_values(&[refused.as_str()]).inc();
+                            tracing::debug!(cap = refused.as_str(), "client connection refused");
+                            drop(tcp);
+                            continue;
+                        }
+                    };
                     let served = Served::new(self.clone());
                     let tls = tls.clone();
                     tokio::spawn(async move {
                         served.0.serve(tcp, peer, tls).await;
                         drop(served);
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -223,6 +235,19 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// A place under the connection caps; a trusted proxy's address counts
+    /// only in the total, as every client behind it shares it.
+    fn admit(&self, peer: SocketAddr) -> Result<Slot, Refused> {
+        let exempt = self
+            .edge
+            .router
+            .live
+            .load()
+            .trusted_proxies
+            .contains(peer.ip());
+        self.edge.admission.admit((!exempt).then_some(peer.ip()))
     }
 
     /// Whether this worker holds at most one connection more than the
@@ -250,26 +275,36 @@ impl Worker {
         let digest = SocketDigest::from_raw_fd(l4.as_raw_fd());
         let _ = digest.peer_addr.set(Some(peer.into()));
         l4.set_socket_digest(digest);
-        let plain = Buffered(BufWriter::with_capacity(WRITE_BUFFER, l4));
+        let arrival = Arc::new(Arrival::default());
+        let plain = Buffered {
+            inner: BufWriter::with_capacity(WRITE_BUFFER, l4),
+            arrival: arrival.clone(),
+        };
+        let handshake = self.edge.limits.tls_handshake();
         let stream: pingora::protocols::Stream = match tls {
             None => Box::new(plain),
             Some(acceptor) => {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.tls_handshake(plain)).await {
+                match tokio::time::timeout(handshake, acceptor.tls_handshake(plain)).await {
                     Ok(Ok(s)) => Box::new(s),
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, "client TLS handshake failed");
                         return;
                     }
                     Err(_) => {
+                        CLIENTS_CLOSED.with_label_values(&["tls_handshake"]).inc();
                         tracing::debug!("client TLS handshake timed out");
                         return;
                     }
                 }
             }
         };
-        let mut next = self.edge.process_new(stream, &self.shutdown).await;
-        while let Some(stream) = next {
-            next = self.edge.process_new(stream, &self.shutdown).await;
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            // Pingora's HTTP/2 connection handling, with our idle timeout.
+            self.edge.process_new(stream, &self.shutdown).await;
+        } else {
+            self.edge
+                .serve_http1(stream, &self.shutdown, &arrival)
+                .await;
         }
     }
 
@@ -303,9 +338,18 @@ impl Drop for Served {
 
 /// A client's TCP stream with a write buffer: Pingora's constructor for a
 /// TCP stream is unbuffered (its buffered one is crate-private), which
-/// sent each answer's header and body apart.
-#[derive(Debug)]
-struct Buffered(BufWriter<L4Stream>);
+/// sent each answer's header and body apart. Every read that brings bytes
+/// marks `arrival`, which starts a request's head deadline (edge.rs).
+struct Buffered {
+    inner: BufWriter<L4Stream>,
+    arrival: Arc<Arrival>,
+}
+
+impl std::fmt::Debug for Buffered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
 
 impl AsyncRead for Buffered {
     fn poll_read(
@@ -313,7 +357,12 @@ impl AsyncRead for Buffered {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.arrival.mark();
+        }
+        polled
     }
 }
 
@@ -323,7 +372,7 @@ impl AsyncWrite for Buffered {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -331,19 +380,19 @@ impl AsyncWrite for Buffered {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -351,13 +400,13 @@ impl AsyncWrite for Buffered {
 impl Shutdown for Buffered {
     async fn shutdown(&mut self) {
         // Flushes what is buffered, then shuts the socket down.
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.0).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.inner).await;
     }
 }
 
 impl UniqueID for Buffered {
     fn id(&self) -> UniqueIDType {
-        self.0.get_ref().id()
+        self.inner.get_ref().id()
     }
 }
 
@@ -365,29 +414,29 @@ impl Ssl for Buffered {}
 
 impl GetTimingDigest for Buffered {
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.0.get_ref().get_timing_digest()
+        self.inner.get_ref().get_timing_digest()
     }
 }
 
 impl GetProxyDigest for Buffered {
     fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        self.0.get_ref().get_proxy_digest()
+        self.inner.get_ref().get_proxy_digest()
     }
 }
 
 impl GetSocketDigest for Buffered {
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.0.get_ref().get_socket_digest()
+        self.inner.get_ref().get_socket_digest()
     }
 
     fn set_socket_digest(&mut self, digest: SocketDigest) {
-        self.0.get_mut().set_socket_digest(digest)
+        self.inner.get_mut().set_socket_digest(digest)
     }
 }
 
 #[async_trait]
 impl Peek for Buffered {
     async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
-        self.0.get_mut().try_peek(buf).await
+        self.inner.get_mut().try_peek(buf).await
     }
 }
