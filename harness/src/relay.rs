@@ -1,8 +1,10 @@
 //! A TCP relay in front of a cell that can drop one request on a kept-alive
 //! connection, the way a cell that closes an idle connection just as the
 //! router reuses it looks from the router: the request is written, and the
-//! connection ends with no answer. TLS passes through untouched (the relay
-//! never reads it).
+//! connection ends with no answer. Or, in its closing mode, it closes
+//! every connection that the cell answered and that then stays quiet for a
+//! random 1 to N ms, racing whatever the router sends next. TLS passes
+//! through untouched (the relay never reads it).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +35,11 @@ pub struct Relay {
 struct State {
     armed: AtomicBool,
     dropped: AtomicU64,
+    /// Close idle connections after a random 1..=N ms (0: never).
+    close_idle_ms: AtomicU64,
+    closed_idle: AtomicU64,
+    /// A xorshift state for the random idle times (seeded, repeatable).
+    random: AtomicU64,
 }
 
 impl Relay {
@@ -65,11 +72,34 @@ impl Relay {
     pub fn dropped(&self) -> u64 {
         self.state.dropped.load(Ordering::SeqCst)
     }
+
+    /// From now on, a connection the cell answered last and that stays
+    /// quiet for a random 1..=`max_ms` ms is closed, both ways.
+    pub fn close_idle(&self, max_ms: u64, seed: u64) {
+        self.state.random.store(seed | 1, Ordering::SeqCst);
+        self.state.close_idle_ms.store(max_ms, Ordering::SeqCst);
+    }
+
+    /// How many idle connections were closed so.
+    pub fn closed_idle(&self) -> u64 {
+        self.state.closed_idle.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+impl State {
+    fn next_random(&self) -> u64 {
+        let mut x = self.random.load(Ordering::SeqCst);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.random.store(x, Ordering::SeqCst);
+        x
     }
 }
 
@@ -131,9 +161,28 @@ async fn relay(client: TcpStream, cell: TcpStream, state: &State) {
             }
         }
     };
+    let closing = async {
+        loop {
+            let max = state.close_idle_ms.load(Ordering::SeqCst);
+            if max == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            let quiet = Duration::from_millis(1 + state.next_random() % max);
+            tokio::time::sleep(quiet).await;
+            let t = seen.lock().expect("lock");
+            // Only a connection that has carried a request: a fresh one
+            // is not idle yet (the router's one retry goes on one).
+            if t.cell_last && t.turns > TURNS_BEFORE && t.at.elapsed() >= quiet {
+                state.closed_idle.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+        }
+    };
     // Whichever side ends first ends the connection, both halves dropped.
     tokio::select! {
         () = up => {}
         () = down => {}
+        () = closing => {}
     }
 }

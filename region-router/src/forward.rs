@@ -7,8 +7,13 @@
 //! Attempts, at most one of each kind:
 //! - a refused connect goes to the region's next instance (the request has
 //!   not been sent);
-//! - a pooled connection the cell closed while idle is replaced by a fresh
-//!   one, for idempotent methods (Pingora's rule);
+//! - a pooled connection found dead is replaced by a fresh one: always when
+//!   writing the request failed with no answer (the cell cannot have read
+//!   it whole), and when
+//!   it closed with no answer, for requests that are safe to send twice
+//!   (an idempotent method, or an `Idempotency-Key` the cell dedupes by);
+//!   cells say `Connection: close` on answers that leave a body unread, so
+//!   a connection they are about to close is never pooled;
 //! - a cell's "this user moved" answer (421 + `x-homecell-moved-to`) sends
 //!   the whole request to the new home, once, with `x-homecell-replayed-from`.
 
@@ -226,7 +231,11 @@ enum Attempt {
     Answered,
     /// The cell said the user moved, and the new home admits the request.
     Replay,
-    /// A pooled connection failed before the cell read the request.
+    /// Writing the request failed and nothing came back: the cell has not
+    /// read the whole request, so it cannot have acted on it.
+    Unsent(Box<Error>),
+    /// The connection closed with no answer: the cell may or may not have
+    /// read the request.
     StaleConnection(Box<Error>),
 }
 
@@ -255,10 +264,15 @@ pub async fn forward(
                 return Ok(());
             }
             Ok(Attempt::Replay) => continue,
+            Ok(Attempt::Unsent(e)) => {
+                if reused && !fresh_only && whole(session, has_body) {
+                    fresh_only = true;
+                    continue;
+                }
+                return Err(Failure::Cell(e));
+            }
             Ok(Attempt::StaleConnection(e)) => {
-                let resendable =
-                    session.req_header().method.is_idempotent() && whole(session, has_body);
-                if reused && !fresh_only && resendable {
+                if reused && !fresh_only && twice_safe(session) && whole(session, has_body) {
                     fresh_only = true;
                     continue;
                 }
@@ -354,19 +368,30 @@ async fn attempt(
     let req = upstream_request(session.req_header(), &Client::of(session), ctx, has_body)
         .map_err(Failure::Client)?;
     if let Err(e) = cell.write_request_header(Box::new(req)).await {
-        return Ok(Attempt::StaleConnection(e));
+        return Ok(Attempt::Unsent(e));
     }
+    // A write that fails means the cell stopped reading before the request
+    // was whole: it cannot have acted on it, but it may have answered it
+    // early (a refusal), and that answer is read and relayed.
+    let mut unsent = None;
     if has_body {
-        send_body(session, cell).await?;
+        match send_body(session, cell).await {
+            Ok(()) => {}
+            Err(Failure::Cell(e)) => unsent = Some(e),
+            Err(f) => return Err(f),
+        }
     }
     let status = loop {
         if let Err(e) = cell.read_response().await {
             // Nothing came back at all: the cell closed an idle connection
             // as we reused it.
-            return if cell.get_status().is_none() && is_closed(&e) {
-                Ok(Attempt::StaleConnection(e))
-            } else {
-                Err(Failure::Cell(e))
+            if cell.get_status().is_some() {
+                return Err(Failure::Cell(e));
+            }
+            return match unsent {
+                Some(write_error) => Ok(Attempt::Unsent(write_error)),
+                None if is_closed(&e) => Ok(Attempt::StaleConnection(e)),
+                None => Err(Failure::Cell(e)),
             };
         }
         match cell.get_status().map(|s| s.as_u16()) {
@@ -387,6 +412,16 @@ async fn attempt(
     relay_answer(session, ctx, cell).await?;
     Ok(Attempt::Answered)
 }
+
+/// Whether sending the request twice does what sending it once does: an
+/// idempotent method, or a write the cell dedupes by its `Idempotency-Key`
+/// (money writes require one).
+fn twice_safe(session: &ServerSession) -> bool {
+    let req = session.req_header();
+    req.method.is_idempotent() || req.headers.contains_key(IDEMPOTENCY_KEY)
+}
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// Whether the whole request is at hand to send again: no body, or one
 /// that fit the retry buffer.

@@ -8,6 +8,7 @@ pub mod cms;
 pub mod notices;
 pub mod openapi;
 pub mod region;
+mod unread_body;
 pub mod users;
 pub mod wallet;
 
@@ -262,8 +263,9 @@ pub fn router(cell: Arc<Cell>) -> Router {
     .into_axum_router();
     let r = r.merge(grpc.with_state(()));
     // Order matters (outermost last): the identity check runs before any
-    // handler; the response headers are added to every answer; the trace
-    // and the access log wrap it all.
+    // handler; the response headers are added to every answer; an answer
+    // that left the body unread closes the connection (unread_body.rs);
+    // the trace and the access log wrap it all.
     r.fallback(|| async { ApiError(CodedError::not_found("no such route")) })
         .method_not_allowed_fallback(|| async {
             ApiError(CodedError::new(
@@ -278,6 +280,7 @@ pub fn router(cell: Arc<Cell>) -> Router {
             cell.clone(),
             response_headers,
         ))
+        .layer(middleware::from_fn(unread_body::close_if_unread))
         .layer(middleware::from_fn(access::traced))
         .with_state(cell)
 }
