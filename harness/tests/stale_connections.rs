@@ -128,7 +128,7 @@ async fn cells_closing_idle_connections_at_random_cost_no_request_a_502() -> Res
                 };
                 answers.push((r.status, r.body.to_string()));
                 // Some quiet, so connections idle long enough to be closed.
-                if i % 3 == 0 {
+                if i.is_multiple_of(3) {
                     tokio::time::sleep(Duration::from_millis(u64::from(i % 7) * 2)).await;
                 }
             }
