@@ -399,22 +399,37 @@ impl CellService for CellGrpc {
         &self,
         req: Request<ForwardDepositRequest>,
     ) -> Result<Response<ForwardDepositResponse>, Status> {
-        calling_cell(&req)?;
+        let caller = calling_cell(&req)?;
         let r = req.into_inner();
+        if caller != r.from_region || caller == self.0.region {
+            return Err(Status::permission_denied(format!(
+                "cell.{caller} may not forward deposits as {}",
+                r.from_region
+            )));
+        }
         if r.provider.is_empty() || r.provider.len() > 64 {
             return Err(Status::invalid_argument("provider: 1 to 64 characters"));
         }
-        let d = crate::money::provider::Deposit {
-            event_id: r.event_id,
-            kind: "deposit.succeeded".into(),
-            user_id: r.user_id,
-            amount: r.amount,
-            currency: r.currency,
-        };
+        if r.body.len() > crate::http::MAX_BODY {
+            return Err(Status::invalid_argument("the notification is too large"));
+        }
+        // Verified here as at the cell it reached: what a cell forwards is
+        // only ever what the provider signed, never amounts of its own.
+        let now = crate::identity::keys::now_ms() / 1000;
+        self.0
+            .money
+            .providers
+            .verify(&r.provider, Some(&r.signature), &r.body, now)
+            .map_err(status)?;
+        let d: crate::money::provider::Deposit = serde_json::from_slice(&r.body)
+            .map_err(|e| Status::invalid_argument(format!("malformed notification: {e}")))?;
+        if d.kind != "deposit.succeeded" {
+            return Err(Status::invalid_argument("not a deposit"));
+        }
         let o = self
             .0
             .money
-            .deposit(&r.provider, &d)
+            .deposit(&r.provider, &d, None)
             .await
             .map_err(status)?;
         Ok(Response::new(ForwardDepositResponse {

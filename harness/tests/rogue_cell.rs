@@ -1,11 +1,14 @@
 //! A compromised cell can hurt only its own region: with a real `cell.<r>`
 //! certificate (as a thief of one cell's credentials holds it), the control
-//! plane refuses what would reach into another region (finding 11).
+//! plane refuses what would reach into another region, and another region's
+//! cell refuses money it did not earn (finding 11).
 
 type Result<T = ()> = anyhow::Result<T>;
 use homecell_common::tls::{PeerIdentity, Pki, TlsPaths};
 use homecell_harness::api::Api;
 use homecell_harness::{Cluster, start_standard};
+use homecell_proto::cell::cell_service_client::CellServiceClient;
+use homecell_proto::cell::{ForwardDepositRequest, IncomingTransfer};
 use homecell_proto::control::directory_service_client::DirectoryServiceClient;
 use homecell_proto::control::region_service_client::RegionServiceClient;
 use homecell_proto::control::{ClaimIdentifierRequest, PublishSigningKeysRequest, SigningKey};
@@ -15,6 +18,21 @@ const PW: &str = "correct horse battery";
 
 /// A control-plane channel with `region`'s cell certificate.
 async fn as_cell(c: &Cluster, region: &str) -> Result<tonic::transport::Channel> {
+    channel_as(c, region, c.control_plane_endpoint(), "control-plane").await
+}
+
+/// A channel to `target`'s cell with `region`'s cell certificate.
+async fn to_cell_as(c: &Cluster, region: &str, target: &str) -> Result<tonic::transport::Channel> {
+    let endpoint = format!("https://{}", c.cells[target].api);
+    channel_as(c, region, endpoint, &format!("cell.{target}")).await
+}
+
+async fn channel_as(
+    c: &Cluster,
+    region: &str,
+    endpoint: String,
+    server_name: &str,
+) -> Result<tonic::transport::Channel> {
     let pki = Pki::open_or_create(&c.pki_dir)?;
     let paths: TlsPaths = pki.issue(
         &PeerIdentity::Cell {
@@ -22,12 +40,100 @@ async fn as_cell(c: &Cluster, region: &str) -> Result<tonic::transport::Channel>
         },
         &[],
     )?;
-    Ok(
-        tonic::transport::Endpoint::from_shared(c.control_plane_endpoint())?
-            .tls_config(paths.load()?.tonic_client("control-plane"))?
-            .connect()
-            .await?,
-    )
+    Ok(tonic::transport::Endpoint::from_shared(endpoint)?
+        .tls_config(paths.load()?.tonic_client(server_name))?
+        .connect()
+        .await?)
+}
+
+const SECRET: &str = "testpay-shared-secret-0123456789";
+
+/// A gRPC call's outcome, by status code.
+fn code<T>(
+    r: std::result::Result<tonic::Response<T>, tonic::Status>,
+) -> std::result::Result<(), tonic::Code> {
+    r.map(|_| ()).map_err(|s| s.code())
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+/// Another region's cell takes from a rogue cell only what a provider
+/// signed, and only as the region its certificate names.
+#[tokio::test]
+async fn a_rogue_cell_cannot_mint_money_in_another_region() -> Result {
+    let mut c = Cluster::temp()?;
+    c.cell_extra_config = format!("[payments.testpay]\nsecret = {SECRET:?}\n");
+    start_standard(&mut c).await?;
+    c.wait_signing_keys(Duration::from_secs(15)).await?;
+    let eu = Api::new(&c.router_url(0), "eu-west");
+    let (victim_api, login) = eu.signed_in("payee@x.test", PW).await?;
+    let victim = login["user_id"].as_str().unwrap().to_string();
+    let mut eu_cell = CellServiceClient::new(to_cell_as(&c, "cn-east", "eu-west").await?);
+    let deposit = |event: &str, amount: i64| {
+        serde_json::to_vec(&serde_json::json!({
+            "event_id": event, "type": "deposit.succeeded",
+            "user_id": victim, "amount": amount, "currency": "CNY",
+        }))
+        .unwrap()
+    };
+    let forward = |body: Vec<u8>, signature: String, from: &str| ForwardDepositRequest {
+        provider: "testpay".into(),
+        body,
+        signature,
+        from_region: from.into(),
+    };
+
+    // A deposit the provider never signed: no signature, or the rogue's own.
+    let body = deposit("forged-1", 1_000_000);
+    let unsigned = eu_cell
+        .forward_deposit(forward(body.clone(), String::new(), "cn-east"))
+        .await;
+    assert_eq!(code(unsigned), Err(tonic::Code::Unauthenticated));
+    let own_key = homecell_common::webhook::sign("a secret the rogue made up", &body, now_secs());
+    let self_signed = eu_cell
+        .forward_deposit(forward(body.clone(), own_key, "cn-east"))
+        .await;
+    assert_eq!(code(self_signed), Err(tonic::Code::Unauthenticated));
+    // A signed one, passed on in another region's name.
+    let signed = homecell_common::webhook::sign(SECRET, &body, now_secs());
+    let as_other = eu_cell
+        .forward_deposit(forward(body.clone(), signed.clone(), "ap-south"))
+        .await;
+    assert_eq!(code(as_other), Err(tonic::Code::PermissionDenied));
+
+    // Incoming-transfer steps in another region's name.
+    let transfer = IncomingTransfer {
+        transfer_id: "0b7e5a6c-2f3d-4e1a-9c8b-7a6f5e4d3c2b".into(),
+        from_region: "ap-south".into(),
+        from_user: "someone".into(),
+        to_user: victim.clone(),
+        amount: 1_000_000,
+        currency: "CNY".into(),
+        memo: String::new(),
+    };
+    let hold = eu_cell.hold_incoming(transfer.clone()).await;
+    assert_eq!(code(hold), Err(tonic::Code::PermissionDenied));
+    let post = eu_cell.post_incoming(transfer.clone()).await;
+    assert_eq!(code(post), Err(tonic::Code::PermissionDenied));
+
+    assert_eq!(victim_api.available("CNY").await?, 0, "no forged money");
+
+    // What the provider did sign, passed on as the rogue's own region, is
+    // booked once: forwarding carries the provider's word, nothing more.
+    let real = deposit("real-1", 2_500);
+    let real_signed = homecell_common::webhook::sign(SECRET, &real, now_secs());
+    for _ in 0..2 {
+        eu_cell
+            .forward_deposit(forward(real.clone(), real_signed.clone(), "cn-east"))
+            .await?;
+    }
+    assert_eq!(victim_api.available("CNY").await?, 2_500);
+    Ok(())
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 use super::{ApiResult, Auth, Json, cursor, json};
 use super::{Path, Query};
 use crate::money::ledger::{HistoryFilter, Operation};
-use crate::money::provider::{Deposit, SIGNATURE_HEADER};
+use crate::money::provider::{Deposit, SIGNATURE_HEADER, Signed};
 use crate::money::service::{AdjustmentRequest, Outcome, TransferRequest, parse_key};
 use crate::state::Cell;
 use axum::body::Bytes;
@@ -212,6 +212,10 @@ pub async fn provider_callback(
     cell.money
         .providers
         .verify(&provider, signature, &body, now)?;
+    let signed = Signed {
+        body: body.clone(),
+        signature: signature.unwrap_or_default().to_string(),
+    };
     let de = &mut serde_json::Deserializer::from_slice(&body);
     let deposit: Deposit = serde_path_to_error::deserialize(de)
         .map_err(|e| CodedError::invalid(format!("malformed notification: {e}")))?;
@@ -222,7 +226,10 @@ pub async fn provider_callback(
             &serde_json::json!({ "ignored": deposit.kind }),
         ));
     }
-    let o = cell.money.deposit(&provider, &deposit).await?;
+    let o = cell
+        .money
+        .deposit(&provider, &deposit, Some(&signed))
+        .await?;
     Ok(json(
         StatusCode::OK,
         &TransferAccepted {

@@ -182,6 +182,14 @@ impl Providers {
     }
 }
 
+/// A notification as its provider sent it: the raw body and its signature
+/// header, what a cell passes on to the user's home.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    pub body: axum::body::Bytes,
+    pub signature: String,
+}
+
 /// A deposit notification's body.
 #[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
 pub struct Deposit {

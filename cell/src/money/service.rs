@@ -419,11 +419,16 @@ impl Money {
         Ok(self.commit(op, &[m], &side).await?.into())
     }
 
-    /// A verified deposit notification from a payment provider.
+    /// A verified deposit notification from a payment provider. `signed` is
+    /// the notification as the provider sent it, when it came from the
+    /// provider: only then is a deposit for a user of another region passed
+    /// on to their home (with it, so the home verifies it too); one that
+    /// was passed on already is never passed on again.
     pub async fn deposit(
         &self,
         provider: &str,
         d: &super::provider::Deposit,
+        signed: Option<&super::provider::Signed>,
     ) -> Result<Outcome, CodedError> {
         check_amount(d.amount, &d.currency)?;
         if d.event_id.is_empty() || d.event_id.len() > 128 {
@@ -441,7 +446,10 @@ impl Money {
             // Not here (any more): a user who moved away leaves an erased
             // row behind, and their deposit goes to the new home; one the
             // directory still homes here is gone (404).
-            _ => return self.forward_deposit(provider, d).await,
+            _ => match signed {
+                Some(signed) => return self.forward_deposit(provider, d, signed).await,
+                None => return Err(CodedError::not_found("no such user here")),
+            },
         }
         let now = now_ms();
         let op = Operation {
@@ -476,11 +484,13 @@ impl Money {
     }
 
     /// A deposit for a user of another region: the callback was verified
-    /// here; the user's home cell books it (idempotent there by event id).
+    /// here; the user's home cell verifies it again and books it
+    /// (idempotent there by event id).
     async fn forward_deposit(
         &self,
         provider: &str,
         d: &super::provider::Deposit,
+        signed: &super::provider::Signed,
     ) -> Result<Outcome, CodedError> {
         let home = self
             .replica
@@ -491,10 +501,9 @@ impl Money {
             .ok_or_else(|| CodedError::not_found("no such user"))?;
         let req = homecell_proto::cell::ForwardDepositRequest {
             provider: provider.to_string(),
-            event_id: d.event_id.clone(),
-            user_id: d.user_id.clone(),
-            amount: d.amount,
-            currency: d.currency.clone(),
+            body: signed.body.to_vec(),
+            signature: signed.signature.clone(),
+            from_region: self.region.clone(),
         };
         let (id, state) = self.peers.forward_deposit(&home, req).await?;
         tracing::info!(home, transfer = %id, "deposit forwarded to the user's home cell");
