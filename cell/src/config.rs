@@ -31,6 +31,11 @@ pub struct CellConfig {
     /// dump of its database could then sign tokens.
     #[serde(default)]
     pub allow_unsealed_keys: bool,
+    /// Lets provider endpoints (payouts, SMS, WeChat) be plain `http://`.
+    /// Off: each must be `https://`, since their answers decide money and
+    /// logins. For local test providers only.
+    #[serde(default)]
+    pub allow_http_providers: bool,
     /// The internal API (HTTP/1.1 and h2 over mTLS) that routers and cells call.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
@@ -76,8 +81,9 @@ pub struct CellConfig {
     /// a `payout_url`. Without it, withdrawals are refused.
     #[serde(default)]
     pub withdrawals_via: Option<String>,
-    /// How long a payout may stay undecided before the withdrawal is voided
-    /// and the money returns to the wallet.
+    /// How long a payout may stay undecided before the withdrawal is marked
+    /// `reconciling` (the money stays held, and the provider is asked until
+    /// it says paid or failed; never voided on "unknown").
     #[serde(default = "default_withdrawal_timeout")]
     pub withdrawal_timeout_secs: u64,
     /// WeChat mini-program login (`[wechat]`); without it, 409 at
@@ -162,6 +168,30 @@ impl CellConfig {
         self.notice.validate()?;
         if let Some(w) = &self.wechat {
             crate::identity::wechat::Wechat::new(w)?;
+        }
+        if !self.allow_http_providers {
+            let payouts = self.payments.iter().filter_map(|(name, p)| {
+                Some((
+                    format!("payments.{name}.payout_url"),
+                    p.payout_url.as_deref()?,
+                ))
+            });
+            let sms = self
+                .notice
+                .sms
+                .iter()
+                .map(|p| (format!("notice.sms {}: url", p.name), p.url.as_str()));
+            let wechat = self
+                .wechat
+                .iter()
+                .map(|w| ("wechat.base_url".to_string(), w.base_url.as_str()));
+            for (what, url) in payouts.chain(sms).chain(wechat) {
+                if !url.starts_with("https://") {
+                    bail!(
+                        "{what} must be https:// (allow_http_providers = true lets a local test provider use http://)"
+                    );
+                }
+            }
         }
         let providers = crate::money::provider::Providers::load(&self.payments)?;
         if let Some(p) = &self.withdrawals_via

@@ -563,6 +563,8 @@ impl Cluster {
         {
             cfg.push_str("registrations_per_ip_per_minute = 100000\n");
         }
+        // Test providers (payouts, SMS, WeChat) are local, plain HTTP.
+        cfg.push_str("allow_http_providers = true\n");
         cfg.push_str(&self.cell_extra_config);
         cfg.push_str(&tls);
         cfg.push_str(&self.gossip_toml("127.0.0.1:0"));

@@ -1,20 +1,36 @@
 //! A local stand-in for a payment provider's payout API, speaking the
 //! protocol cells use (`cell/src/money/provider.rs`): signed JSON requests,
-//! deduplicated by `payout_id`. What it answers depends on the amount, so a
-//! test can pick an outcome: ending in 3 is declined, ending in 5 is a 503
-//! (the provider is down), anything else is paid.
+//! deduplicated by `payout_id`, and signed answers naming the payout. What
+//! it answers depends on the amount, so a test can pick an outcome:
+//! - ending in 3: declined;
+//! - ending in 5: 503 to everything (the provider is down);
+//! - ending in 7: "processing" for `PROCESSING` after it first sees the
+//!   payout, then paid;
+//! - ending in 9: paid at once, but the answer is lost (a 503), and every
+//!   repeat is a 409 ("I know this payout"): only the status query says paid;
+//! - anything else: paid.
+//!
+//! `POST /payouts/status` with `{payout_id}` answers the same signed shape.
 
+use axum::response::{IntoResponse, Response};
 use axum::{Router, body::Bytes, extract::State, http::HeaderMap, http::StatusCode, routing::post};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a payout of an amount ending in 7 stays "processing".
+pub const PROCESSING: Duration = Duration::from_secs(4);
 
 #[derive(Default)]
 struct Ledger {
     /// payout_id → (amount, paid)
     payouts: HashMap<String, (i64, bool)>,
+    /// payout_id → when it was first asked
+    first_seen: HashMap<String, Instant>,
     requests: usize,
+    status_queries: usize,
 }
 
 /// Serves `app` on a free loopback port until the test ends.
@@ -39,6 +55,7 @@ impl TestProvider {
         let key = homecell_common::webhook::key(secret);
         let app = Router::new()
             .route("/payouts", post(payout))
+            .route("/payouts/status", post(status))
             .with_state((ledger.clone(), Arc::new(key)));
         let addr = serve(app).await?;
         Ok(Self { addr, ledger })
@@ -57,48 +74,128 @@ impl TestProvider {
     pub fn requests(&self) -> usize {
         self.ledger.lock().expect("poisoned").requests
     }
+
+    pub fn status_queries(&self) -> usize {
+        self.ledger.lock().expect("poisoned").status_queries
+    }
 }
 
 type AppState = (Arc<Mutex<Ledger>>, Arc<ring::hmac::Key>);
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// An answer signed as the provider signs its answers.
+fn signed(key: &ring::hmac::Key, status: StatusCode, body: Value) -> Response {
+    let body = body.to_string();
+    let signature = homecell_common::webhook::sign_with(key, body.as_bytes(), now_secs());
+    (
+        status,
+        [
+            ("content-type", "application/json".to_string()),
+            ("x-homecell-signature", signature),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The request's JSON, if its signature holds.
+fn verified(key: &ring::hmac::Key, headers: &HeaderMap, body: &[u8]) -> Result<Value, StatusCode> {
+    let sig = headers
+        .get("x-homecell-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if homecell_common::webhook::verify(key, sig, body, now_secs()).is_err() {
+        return Err(StatusCode::UNAUTHORIZED);
+    }
+    serde_json::from_slice::<Value>(body).map_err(|_| StatusCode::BAD_REQUEST)
+}
+
+/// Where a payout stands now, as the status query and repeats see it.
+fn standing(l: &mut Ledger, id: &str) -> Option<&'static str> {
+    let (amount, paid) = *l.payouts.get(id)?;
+    if paid {
+        return Some("succeeded");
+    }
+    if amount % 10 == 7
+        && l.first_seen
+            .get(id)
+            .is_some_and(|t| t.elapsed() >= PROCESSING)
+    {
+        l.payouts.insert(id.to_string(), (amount, true));
+        return Some("succeeded");
+    }
+    Some(if amount % 10 == 3 {
+        "failed"
+    } else {
+        "processing"
+    })
+}
 
 async fn payout(
     State((ledger, key)): State<AppState>,
     headers: HeaderMap,
     body: Bytes,
-) -> (StatusCode, axum::Json<Value>) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let sig = headers
-        .get("x-homecell-signature")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if homecell_common::webhook::verify(&key, sig, &body, now).is_err() {
-        return (
-            StatusCode::UNAUTHORIZED,
-            axum::Json(json!({"error": "signature"})),
-        );
-    }
-    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
-        return (
-            StatusCode::BAD_REQUEST,
-            axum::Json(json!({"error": "json"})),
-        );
+) -> Response {
+    let req = match verified(&key, &headers, &body) {
+        Ok(v) => v,
+        Err(status) => return status.into_response(),
     };
     let id = req["payout_id"].as_str().unwrap_or("").to_string();
     let amount = req["amount"].as_i64().unwrap_or(0);
     let mut l = ledger.lock().expect("poisoned");
     l.requests += 1;
-    match amount % 10 {
-        5 => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({}))),
-        3 => (
-            StatusCode::OK,
-            axum::Json(json!({"status": "failed", "reason": "account closed"})),
-        ),
-        _ => {
-            l.payouts.insert(id, (amount, true));
-            (StatusCode::OK, axum::Json(json!({"status": "succeeded"})))
+    let known = l.payouts.contains_key(&id);
+    if amount % 10 == 5 {
+        return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+    }
+    if amount % 10 == 9 {
+        if known {
+            return (StatusCode::CONFLICT, "duplicate payout_id").into_response();
         }
+        l.payouts.insert(id, (amount, true));
+        return (StatusCode::SERVICE_UNAVAILABLE, "lost answer").into_response();
+    }
+    if !known {
+        l.first_seen.insert(id.clone(), Instant::now());
+        let paid = !matches!(amount % 10, 3 | 7);
+        l.payouts.insert(id.clone(), (amount, paid));
+    }
+    let now = standing(&mut l, &id).unwrap_or("processing");
+    let mut answer = json!({"payout_id": id, "status": now});
+    if now == "failed" {
+        answer["reason"] = json!("account closed");
+    }
+    signed(&key, StatusCode::OK, answer)
+}
+
+async fn status(
+    State((ledger, key)): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req = match verified(&key, &headers, &body) {
+        Ok(v) => v,
+        Err(status) => return status.into_response(),
+    };
+    let id = req["payout_id"].as_str().unwrap_or("").to_string();
+    let mut l = ledger.lock().expect("poisoned");
+    l.status_queries += 1;
+    match standing(&mut l, &id) {
+        Some(now) => signed(
+            &key,
+            StatusCode::OK,
+            json!({"payout_id": id, "status": now}),
+        ),
+        None => signed(
+            &key,
+            StatusCode::NOT_FOUND,
+            json!({"payout_id": id, "status": "unknown"}),
+        ),
     }
 }
 

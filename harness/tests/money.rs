@@ -383,7 +383,7 @@ async fn a_transfer_to_an_unreachable_cell_is_voided_after_the_hold_timeout() ->
 }
 
 #[tokio::test]
-async fn withdrawals_post_on_success_and_void_on_failure_or_timeout() -> Result {
+async fn withdrawals_post_on_success_void_on_failure_and_reconcile_the_unknown() -> Result {
     let provider = homecell_harness::provider::TestProvider::start(SECRET).await?;
     let mut c = Cluster::temp()?;
     c.cell_extra_config = format!(
@@ -429,17 +429,25 @@ async fn withdrawals_post_on_success_and_void_on_failure_or_timeout() -> Result 
     );
     assert_eq!(alice.available("CNY").await?, 800);
 
-    // The provider is down: held meanwhile, voided after the timeout.
+    // The provider is down: the outcome is unknown, so past the timeout the
+    // withdrawal is reconciling, the money still held and asked about again:
+    // never given back on "unknown" (the provider may have paid).
     let before = provider.requests();
     let w = withdraw(key(), 105).await?;
     assert_eq!(alice.available("CNY").await?, 695, "held while undecided");
-    let done = settled(&alice, w.body["transfer_id"].as_str().unwrap()).await?;
-    assert_eq!(done["state"], "voided", "{done}");
+    let id = w.body["transfer_id"].as_str().unwrap().to_string();
+    let done = settled(&alice, &id).await?;
+    assert_eq!(done["state"], "reconciling", "{done}");
+    let asked = provider.requests();
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
-        provider.requests() > before + 1,
-        "the payout was not retried"
+        provider.requests() > asked,
+        "a reconciling payout is asked again"
     );
-    assert_eq!(alice.available("CNY").await?, 800);
+    assert!(asked > before + 1, "the payout was not retried");
+    let still = alice.get(&format!("/v1/wallet/transfers/{id}")).await?;
+    assert_eq!(still.body["state"], "reconciling", "{}", still.body);
+    assert_eq!(alice.available("CNY").await?, 695, "never credited back");
 
     // More than the balance is refused before anything is asked.
     let r = withdraw(key(), 5_000).await?;
@@ -452,6 +460,124 @@ async fn withdrawals_post_on_success_and_void_on_failure_or_timeout() -> Result 
         "{}",
         out.stdout
     );
+    Ok(())
+}
+
+/// Polls a transfer at the sender until it is in `state`; every state seen
+/// on the way.
+async fn until_state(api: &Api, id: &str, state: &str) -> Result<Vec<String>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        let r = api.get(&format!("/v1/wallet/transfers/{id}")).await?;
+        let now = r.body["state"].as_str().unwrap_or_default().to_string();
+        if seen.last() != Some(&now) {
+            seen.push(now.clone());
+        }
+        if now == state {
+            return Ok(seen);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "never {state}: {seen:?} {}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A payout whose outcome the provider does not tell at once is never
+/// given back: "processing" past the timeout, and a lost answer whose
+/// repeats get 409, both end paid, the money counted once.
+#[tokio::test]
+async fn unknown_withdrawal_outcomes_are_reconciled_not_voided() -> Result {
+    let provider = homecell_harness::provider::TestProvider::start(SECRET).await?;
+    let mut c = Cluster::temp()?;
+    c.cell_extra_config = format!(
+        "withdrawals_via = \"testpay\"\nwithdrawal_timeout_secs = 2\n[payments.testpay]\nsecret = {SECRET:?}\npayout_url = {:?}\n",
+        provider.payout_url()
+    );
+    start_standard(&mut c).await?;
+    let cn = Api::new(&c.router_url(0), "cn-east");
+    let (alice, alice_id) = user(&cn, "alice@example.com").await?;
+    cn.provider_deposit("testpay", SECRET, "w", &alice_id, 1_000)
+        .await?;
+    let withdraw = |amount: i64| {
+        let alice = alice.clone();
+        async move {
+            let r = alice
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/wallet/withdrawals",
+                    Some(json!({"amount": amount, "currency": "CNY"})),
+                    &[("idempotency-key", &key())],
+                )
+                .await?;
+            anyhow::ensure!(r.status == StatusCode::ACCEPTED, "{}", r.body);
+            Ok::<_, anyhow::Error>(r.body["transfer_id"].as_str().unwrap().to_string())
+        }
+    };
+
+    // "processing" for 4 s: past the 2 s timeout it is reconciling, held,
+    // then paid when the provider says so.
+    let processing = withdraw(107).await?;
+    // Paid at once, but the answer is lost; every repeat gets 409, and the
+    // status query says paid.
+    let lost = withdraw(109).await?;
+    let watcher = {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            let mut most = 0;
+            for _ in 0..60 {
+                most = most.max(alice.available("CNY").await.unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            most
+        })
+    };
+    let seen = until_state(&alice, &processing, "posted").await?;
+    assert!(seen.contains(&"reconciling".to_string()), "{seen:?}");
+    assert!(!seen.contains(&"voided".to_string()), "{seen:?}");
+    let seen = until_state(&alice, &lost, "posted").await?;
+    assert!(!seen.contains(&"voided".to_string()), "{seen:?}");
+    assert!(
+        provider.status_queries() >= 1,
+        "the 409 was followed by a status query"
+    );
+
+    assert_eq!(
+        watcher.await?,
+        1_000 - 107 - 109,
+        "the wallet was never credited back meanwhile"
+    );
+    assert_eq!(provider.paid(), 216, "each payout paid once");
+    assert_eq!(alice.available("CNY").await?, 1_000 - 216);
+    let urls = format!("sqlite:{}", c.cell_sqlite_path("cn-east").display());
+    let out = c.cell_command("cn-east", &["audit", "--database-url", &urls])?;
+    assert!(out.success, "{}", out.stdout);
+    assert!(
+        out.stdout.contains("withdrawals and fees 216"),
+        "{}",
+        out.stdout
+    );
+
+    // Outside tests a provider endpoint must be https://.
+    let config = c.root.join("config").join("cell-cn-east.toml");
+    let strict: String = std::fs::read_to_string(&config)?
+        .lines()
+        .filter(|l| !l.starts_with("allow_http_providers"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let strict_path = c.root.join("config").join("cell-strict.toml");
+    std::fs::write(&strict_path, strict)?;
+    let out = std::process::Command::new(homecell_harness::Binaries::locate()?.path("cell"))
+        .arg("--config")
+        .arg(&strict_path)
+        .arg("--check")
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("payout_url must be https://"), "{err}");
     Ok(())
 }
 

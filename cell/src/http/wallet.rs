@@ -56,7 +56,9 @@ pub struct TransferView {
     pub transfer_id: String,
     /// transfer, deposit, withdrawal or adjustment.
     pub kind: String,
-    /// pending, posted, voided or failed.
+    /// pending, posted, voided or failed; a withdrawal whose outcome the
+    /// provider has not told in time is reconciling (the money stays held
+    /// until the provider says paid or failed).
     pub state: String,
     /// out or in, from the caller's side.
     pub direction: String,

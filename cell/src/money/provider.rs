@@ -7,10 +7,18 @@
 //! deposit's id derives from the provider's `event_id`.
 //!
 //! Payouts (withdrawals): the cell POSTs `{payout_id, amount, currency,
-//! user_id}` to the provider's `payout_url`, signed the same way. The answer
-//! `{"status": "succeeded" | "failed" | "processing"}` decides; a 4xx other
-//! than 408/429 is a failure; anything else (5xx, timeout, no answer) is
-//! asked again with the same `payout_id`, which the provider deduplicates.
+//! user_id}` to the provider's `payout_url` (`https://` outside tests),
+//! signed the same way. The provider answers `{"payout_id", "status":
+//! "succeeded" | "failed" | "processing", "reason"?}`, signed the same way
+//! with the same secret; only such an answer, naming this payout, decides
+//! (`succeeded` with a 2xx, `failed` with a 2xx or a 4xx). A 409 means the
+//! provider knows the payout already: the cell then POSTs `{payout_id}` to
+//! `<payout_url>/status` for the same signed answer. Anything else (a
+//! timeout, a 5xx, "processing", an unsigned or unverifiable answer) is
+//! undecided, and the payout is asked again with the same `payout_id`, which
+//! the provider deduplicates. An undecided payout is never voided
+//! (withdrawal.rs): a provider that paid and whose answer was lost would
+//! otherwise pay the user twice.
 
 use homecell_common::webhook;
 use homecell_proto::error::{CodedError, ErrorCode};
@@ -28,8 +36,9 @@ pub struct ProviderConfig {
     /// The shared secret itself, for development.
     #[serde(default)]
     pub secret: Option<String>,
-    /// Where payouts are requested (`http://` or `https://`); without it,
-    /// this provider only sends deposits.
+    /// Where payouts are requested (`https://`; `http://` only with
+    /// `allow_http_providers`); without it, this provider only sends
+    /// deposits.
     #[serde(default)]
     pub payout_url: Option<String>,
 }
@@ -46,13 +55,24 @@ pub struct Providers {
     http: reqwest::Client,
 }
 
+/// An answer larger than this is not a payout answer.
+const MAX_ANSWER: usize = 64 * 1024;
+
+/// What one request to the provider came to.
+enum Asked {
+    Answer(Payout),
+    /// 409: the provider has this payout already (ask its status).
+    Known,
+}
+
 /// What a payout request came back with.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Payout {
     Succeeded,
     /// Definitive: the money goes back to the wallet.
     Failed(String),
-    /// Not decided yet, or not reachable: ask again later.
+    /// Not decided yet, not reachable, or not said in a verified answer:
+    /// ask again later; never a reason to give the money back.
     Undecided(String),
 }
 
@@ -102,6 +122,8 @@ impl Providers {
     }
 
     /// Asks `provider` to pay out; the same `payout_id` may be asked again.
+    /// A 409 (the provider knows this payout already) is followed by asking
+    /// its status.
     pub async fn payout(
         &self,
         provider: &str,
@@ -122,8 +144,33 @@ impl Providers {
             "amount": amount,
             "currency": currency,
             "user_id": user_id,
-        })
-        .to_string();
+        });
+        match self.ask(provider, p, url, &body, payout_id).await {
+            Asked::Answer(answer) => answer,
+            Asked::Known => {
+                let status_url = format!("{}/status", url.trim_end_matches('/'));
+                let body = serde_json::json!({ "payout_id": payout_id });
+                match self.ask(provider, p, &status_url, &body, payout_id).await {
+                    Asked::Answer(answer) => answer,
+                    Asked::Known => Payout::Undecided(format!("{provider}: 409 to a status query")),
+                }
+            }
+        }
+    }
+
+    /// One signed request to the provider and what its answer decides.
+    /// Only an answer signed with the provider's secret, naming this payout,
+    /// decides anything: anything else is undecided, never a failure, as
+    /// voiding a payout the provider made would pay the user twice.
+    async fn ask(
+        &self,
+        provider: &str,
+        p: &Provider,
+        url: &str,
+        body: &serde_json::Value,
+        payout_id: &str,
+    ) -> Asked {
+        let body = body.to_string();
         let now = crate::identity::keys::now_ms() / 1000;
         let signature = webhook::sign_with(&p.key, body.as_bytes(), now);
         let resp = match self
@@ -136,30 +183,65 @@ impl Providers {
             .await
         {
             Ok(r) => r,
-            Err(e) => return Payout::Undecided(format!("{provider} unreachable: {e}")),
+            Err(e) => {
+                return Asked::Answer(Payout::Undecided(format!(
+                    "{provider} unreachable: {}",
+                    e.without_url()
+                )));
+            }
         };
         let status = resp.status();
-        if status.is_client_error() && status.as_u16() != 408 && status.as_u16() != 429 {
-            return Payout::Failed(format!("{provider} refused the payout ({status})"));
+        if status == reqwest::StatusCode::CONFLICT {
+            return Asked::Known;
         }
-        if !status.is_success() {
-            return Payout::Undecided(format!("{provider} answered {status}"));
+        let undecided =
+            |why: String| Asked::Answer(Payout::Undecided(format!("{provider}: {why}")));
+        // A decision comes with a 2xx, or (a refusal) a 4xx other than
+        // "too slow" and "too many".
+        if !(status.is_success()
+            || status.is_client_error() && ![408, 429].contains(&status.as_u16()))
+        {
+            return undecided(format!("answered {status}"));
+        }
+        let signature = resp
+            .headers()
+            .get(SIGNATURE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let bytes = match resp.bytes().await {
+            Ok(b) if b.len() <= MAX_ANSWER => b,
+            Ok(_) => return undecided("answer too large".into()),
+            Err(e) => return undecided(format!("unreadable answer: {}", e.without_url())),
+        };
+        let Some(signature) = signature else {
+            return undecided(format!("unsigned answer ({status})"));
+        };
+        let now = crate::identity::keys::now_ms() / 1000;
+        if let Err(why) = webhook::verify(&p.key, &signature, &bytes, now) {
+            return undecided(format!("answer not verified: {why}"));
         }
         #[derive(serde::Deserialize)]
         struct Answer {
+            payout_id: String,
             status: String,
             #[serde(default)]
             reason: Option<String>,
         }
-        match resp.json::<Answer>().await {
-            Ok(a) if a.status == "succeeded" => Payout::Succeeded,
-            Ok(a) if a.status == "failed" => Payout::Failed(
+        let a = match serde_json::from_slice::<Answer>(&bytes) {
+            Ok(a) => a,
+            Err(e) => return undecided(format!("unreadable answer: {e}")),
+        };
+        if a.payout_id != payout_id {
+            return undecided("an answer about another payout".into());
+        }
+        Asked::Answer(match a.status.as_str() {
+            "succeeded" if status.is_success() => Payout::Succeeded,
+            "failed" => Payout::Failed(
                 a.reason
                     .unwrap_or_else(|| format!("{provider} declined the payout")),
             ),
-            Ok(a) => Payout::Undecided(format!("{provider}: {}", a.status)),
-            Err(e) => Payout::Undecided(format!("{provider}: unreadable answer: {e}")),
-        }
+            other => Payout::Undecided(format!("{provider}: {other}")),
+        })
     }
 
     /// Checks the signature of a callback body; `now` in unix seconds.

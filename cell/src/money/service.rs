@@ -39,7 +39,8 @@ pub struct Money {
     pub hold_timeout_ms: i64,
     /// The provider that pays withdrawals out (none: withdrawals are off).
     pub withdrawals_via: Option<String>,
-    /// How long a provider may stay undecided before a withdrawal is voided.
+    /// How long a provider may stay undecided before a withdrawal is
+    /// `reconciling` (withdrawal.rs).
     pub withdrawal_timeout_ms: i64,
     /// SQLite's group commit (see `group`); none on PostgreSQL.
     pub group: Option<GroupCommit>,

@@ -1,8 +1,14 @@
 //! Withdrawals: hold the wallet's money, ask the payment provider to pay it
-//! out, then post the hold on success or void it on a failure or when the
-//! provider stays undecided past the timeout. The step to run next is
-//! durable in the operation row (`saga_role = payout`), so a crash between
-//! asking and booking only means asking again with the same payout id.
+//! out, then post the hold when the provider says paid, or void it when the
+//! provider says failed, in a signed answer (provider.rs). An outcome that
+//! stays unknown past `withdrawal_timeout_secs` (a timeout, a 5xx,
+//! "processing", an answer that cannot be verified) is never voided: the
+//! withdrawal moves to `reconciling`, the money stays held, and the payout
+//! is asked again, with backoff, until the provider says paid or failed.
+//! Voiding on "unknown" would give the money back for a payout the provider
+//! may have made. The step to run next is durable in the operation row
+//! (`saga_role = payout`), so a crash between asking and booking only means
+//! asking again with the same payout id.
 
 use super::ledger::{Account, Move, Operation, OutboxEvent, Phase, SideEffects, StepUpdate};
 use super::provider::Payout;
@@ -87,7 +93,7 @@ impl Money {
             .payout(&provider, &op.id, user, op.amount, &op.currency)
             .await;
         let now = now_ms();
-        let from = ("pending", Some(provider.as_str()));
+        let from = (op.state.as_str(), Some(provider.as_str()));
         let (state, m, event, reason) = match answer {
             Payout::Succeeded => (
                 "posted",
@@ -102,10 +108,22 @@ impl Money {
                 }),
                 None,
             ),
-            Payout::Undecided(e) if now - op.created_at <= self.withdrawal_timeout_ms => {
+            Payout::Undecided(e) => {
+                if op.state == "pending" && now - op.created_at > self.withdrawal_timeout_ms {
+                    tracing::warn!(withdrawal = %op.id, reason = %e, "withdrawal outcome unknown: reconciling");
+                    let to = StepUpdate {
+                        state: "reconciling",
+                        saga_step: Some(&provider),
+                        error_code: None,
+                        error_detail: None,
+                    };
+                    self.advance(&op.id, from, &to, &[], &SideEffects::default(), now)
+                        .await?;
+                    return Ok(());
+                }
                 return self.retry_later(op, &e, now).await;
             }
-            Payout::Failed(reason) | Payout::Undecided(reason) => {
+            Payout::Failed(reason) => {
                 tracing::info!(withdrawal = %op.id, reason, "withdrawal voided");
                 (
                     "voided",
