@@ -5,7 +5,7 @@
 
 use homecell_cell::db::Datastore;
 use homecell_cell::identity::store::NewUser;
-use homecell_cell::notice::store::{Delivery, FanOut, InboxItem, Template};
+use homecell_cell::notice::store::{Delivery, FanOut, InboxItem, Redrive, Template};
 
 const NOW: i64 = 1_800_000_000_000;
 
@@ -207,12 +207,40 @@ async fn deliveries(db: &Datastore) {
     assert_eq!((dead.len(), dead[0].attempts), (1, 2));
     assert_eq!(dead[0].last_error.as_deref(), Some("smtp down"));
     assert!(db.due_deliveries(NOW + 10, 10).await.unwrap().is_empty());
-    assert!(db.redrive(&d.id, NOW + 5).await.unwrap());
-    assert!(!db.redrive(&d.id, NOW + 5).await.unwrap());
+    assert_eq!(db.redrive(&d.id, NOW + 5).await.unwrap(), Redrive::Queued);
+    assert_eq!(db.redrive(&d.id, NOW + 5).await.unwrap(), Redrive::NotDead);
     let due = db.due_deliveries(NOW + 5, 10).await.unwrap();
     assert_eq!((due.len(), due[0].attempts), (1, 0));
     db.delivery_sent(&d.id, "smtp", NOW + 6).await.unwrap();
     assert!(db.due_deliveries(NOW + 100, 10).await.unwrap().is_empty());
+
+    // A password reset's message that dies keeps no code; another dead
+    // message keeps its text for a re-drive.
+    assert!(
+        db.enqueue_event("e-reset", "auth.password_reset", "u1", "{}", NOW)
+            .await
+            .unwrap()
+    );
+    let f = FanOut {
+        inbox: None,
+        deliveries: vec![delivery("d-reset", "e-reset")],
+    };
+    db.fan_out("e-reset", "u1", &f, NOW).await.unwrap();
+    db.delivery_failed("d-reset", "smtp down", NOW + 7, true)
+        .await
+        .unwrap();
+    let dead = db.dead_deliveries(None, 10).await.unwrap();
+    let reset = dead.iter().find(|d| d.id == "d-reset").unwrap();
+    assert_eq!((reset.body.as_str(), reset.html.as_deref()), ("", None));
+    // ... and is never sent again.
+    assert_eq!(
+        db.redrive("d-reset", NOW + 8).await.unwrap(),
+        Redrive::OneTimeCode
+    );
+    assert_eq!(
+        db.dead_deliveries(None, 10).await.unwrap().len(),
+        dead.len()
+    );
 }
 
 /// Deleting an account (and erasing a moved one) takes its notices with

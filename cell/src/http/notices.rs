@@ -4,7 +4,7 @@
 use super::{ApiResult, Auth, ClientType, Json, cursor};
 use super::{Path, Query};
 use crate::identity::keys::now_ms;
-use crate::notice::store::{Delivery, InboxItem, Template};
+use crate::notice::store::{Delivery, InboxItem, Redrive, Template};
 use crate::notice::{CHANNELS, template};
 use crate::state::Cell;
 use axum::extract::State;
@@ -428,8 +428,18 @@ pub async fn redrive(
         .redrive(&id, now_ms())
         .await
         .map_err(CodedError::from)?;
-    if !done {
-        return Err(CodedError::not_found("no dead delivery with that id").into());
+    match done {
+        Redrive::Queued => {}
+        Redrive::NotDead => {
+            return Err(CodedError::not_found("no dead delivery with that id").into());
+        }
+        Redrive::OneTimeCode => {
+            return Err(CodedError::new(
+                ErrorCode::FailedPrecondition,
+                "a one-time code is never sent again: the user asks for a new one",
+            )
+            .into());
+        }
     }
     cell.notices.wake.notify_one();
     Ok(StatusCode::NO_CONTENT)

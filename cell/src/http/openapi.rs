@@ -416,7 +416,7 @@ pub fn routes() -> Vec<Route> {
         route(
             Method::POST,
             "/v1/cms/outbox/dead/{id}/redrive",
-            "Send a dead delivery again",
+            "Send a dead delivery again (never a one-time code: 409 failed_precondition)",
             Permission("outbox:manage"),
             None,
             (204, None),

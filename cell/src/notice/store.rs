@@ -85,6 +85,16 @@ pub struct Event {
 }
 
 /// A rendered message for one channel, waiting to be sent.
+/// What a re-drive came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redrive {
+    Queued,
+    /// No dead delivery has that id.
+    NotDead,
+    /// A dead delivery of a one-time code: never sent again.
+    OneTimeCode,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct Delivery {
     pub id: String,
@@ -355,8 +365,14 @@ impl Datastore {
         dead: bool,
     ) -> DbResult<()> {
         write_db!(self, p => {
+            // A dead delivery keeps no one-time code: a password reset's
+            // message is useless once the code expires, and the dead-letter
+            // queue outlives it.
             sqlx::query("UPDATE deliveries SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
-                         state = CASE WHEN $3 THEN 'dead' ELSE 'pending' END WHERE id = $4")
+                         state = CASE WHEN $3 THEN 'dead' ELSE 'pending' END, \
+                         body = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset') THEN '' ELSE body END, \
+                         html = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset') THEN NULL ELSE html END \
+                         WHERE id = $4")
                 .bind(error).bind(next_at).bind(dead).bind(id).execute(p).await?;
         });
         Ok(())
@@ -375,11 +391,24 @@ impl Datastore {
         Ok(rows.into_iter().map(Delivery::from).collect())
     }
 
-    /// Puts a dead delivery back in the queue with a fresh attempt count.
-    pub async fn redrive(&self, id: &str, now: i64) -> DbResult<bool> {
-        let n = write_db!(self, p => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1 WHERE id = $2 AND state = 'dead'")
+    /// Puts a dead delivery back in the queue with a fresh attempt count,
+    /// unless it carried a one-time code (its text is gone, above, and a
+    /// code sent late is one the user may no longer expect).
+    pub async fn redrive(&self, id: &str, now: i64) -> DbResult<Redrive> {
+        let n = write_db!(self, p => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1 \
+                     WHERE id = $2 AND state = 'dead' \
+                     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset')")
             .bind(now).bind(id).execute(p).await?.rows_affected());
-        Ok(n == 1)
+        if n == 1 {
+            return Ok(Redrive::Queued);
+        }
+        let dead: Option<(String,)> = on_db!(self, p => sqlx::query_as("SELECT id FROM deliveries WHERE id = $1 AND state = 'dead'")
+            .bind(id).fetch_optional(p).await?);
+        Ok(if dead.is_some() {
+            Redrive::OneTimeCode
+        } else {
+            Redrive::NotDead
+        })
     }
 
     pub async fn inbox_page(
