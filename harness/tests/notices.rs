@@ -332,7 +332,7 @@ async fn sms_fails_over_and_dead_letters_are_redriven() -> Result {
         let items = r.body["items"].as_array().cloned().unwrap_or_default();
         Ok(
             (items.iter().filter(|d| d["channel"] == "email").count() >= 2)
-                .then(|| serde_json::Value::Array(items)),
+                .then_some(serde_json::Value::Array(items)),
         )
     })
     .await?;
