@@ -8,7 +8,10 @@ use homecell_common::tls::{PeerIdentity, Pki, TlsPaths};
 use homecell_harness::api::Api;
 use homecell_harness::{Cluster, start_standard};
 use homecell_proto::cell::cell_service_client::CellServiceClient;
-use homecell_proto::cell::{ForwardDepositRequest, IncomingTransfer};
+use homecell_proto::cell::{
+    CheckSessionRequest, ForwardDepositRequest, ImportUserRequest, IncomingTransfer,
+    MoveUserOutRequest, SendNoticeRequest,
+};
 use homecell_proto::control::directory_service_client::DirectoryServiceClient;
 use homecell_proto::control::region_service_client::RegionServiceClient;
 use homecell_proto::control::{ClaimIdentifierRequest, PublishSigningKeysRequest, SigningKey};
@@ -33,13 +36,20 @@ async fn channel_as(
     endpoint: String,
     server_name: &str,
 ) -> Result<tonic::transport::Channel> {
+    let cell = PeerIdentity::Cell {
+        region: region.into(),
+    };
+    channel_with(c, &cell, endpoint, server_name).await
+}
+
+async fn channel_with(
+    c: &Cluster,
+    identity: &PeerIdentity,
+    endpoint: String,
+    server_name: &str,
+) -> Result<tonic::transport::Channel> {
     let pki = Pki::open_or_create(&c.pki_dir)?;
-    let paths: TlsPaths = pki.issue(
-        &PeerIdentity::Cell {
-            region: region.into(),
-        },
-        &[],
-    )?;
+    let paths: TlsPaths = pki.issue(identity, &[])?;
     Ok(tonic::transport::Endpoint::from_shared(endpoint)?
         .tls_config(paths.load()?.tonic_client(server_name))?
         .connect()
@@ -190,5 +200,69 @@ async fn a_rogue_cell_cannot_reach_into_another_region() -> Result {
         me.get("/v1/users/me").await?.status,
         reqwest::StatusCode::OK
     );
+    Ok(())
+}
+
+/// `CellService` admits cells only: a router's or an operator's certificate
+/// is refused by every method, before the method runs (a router forwards
+/// the internet's requests with its own certificate).
+#[tokio::test]
+async fn cell_service_admits_cells_only() -> Result {
+    let mut c = Cluster::temp()?;
+    start_standard(&mut c).await?;
+    let endpoint = format!("https://{}", c.cells["cn-east"].api);
+    for identity in [
+        PeerIdentity::Router {
+            region: "cn-east".into(),
+        },
+        PeerIdentity::Operator {
+            name: "admin".into(),
+        },
+    ] {
+        let ch = channel_with(&c, &identity, endpoint.clone(), "cell.cn-east").await?;
+        let mut cell = CellServiceClient::new(ch);
+        let transfer = IncomingTransfer::default();
+        let outcomes = [
+            (
+                "CheckSession",
+                code(cell.check_session(CheckSessionRequest::default()).await),
+            ),
+            (
+                "HoldIncoming",
+                code(cell.hold_incoming(transfer.clone()).await),
+            ),
+            (
+                "PostIncoming",
+                code(cell.post_incoming(transfer.clone()).await),
+            ),
+            (
+                "VoidIncoming",
+                code(cell.void_incoming(transfer.clone()).await),
+            ),
+            (
+                "SendNotice",
+                code(cell.send_notice(SendNoticeRequest::default()).await),
+            ),
+            (
+                "ForwardDeposit",
+                code(cell.forward_deposit(ForwardDepositRequest::default()).await),
+            ),
+            (
+                "ImportUser",
+                code(cell.import_user(ImportUserRequest::default()).await),
+            ),
+            (
+                "MoveUserOut",
+                code(cell.move_user_out(MoveUserOutRequest::default()).await),
+            ),
+        ];
+        for (method, outcome) in outcomes {
+            assert_eq!(
+                outcome,
+                Err(tonic::Code::PermissionDenied),
+                "{method} as {identity}"
+            );
+        }
+    }
     Ok(())
 }

@@ -253,14 +253,19 @@ pub fn router(cell: Arc<Cell>) -> Router {
     for route in table {
         r = r.route(route.path, route.handler);
     }
-    // Cell-to-cell gRPC shares the listener (and its mTLS identity check).
+    // Cell-to-cell gRPC shares the listener (and its mTLS identity check),
+    // and admits cells only, whatever the method: a router forwards
+    // clients' requests with its own certificate, so anything a router may
+    // call is reachable from the internet through it. (Routers also pass
+    // only the public API, common/src/paths.rs; this holds without them.)
     let grpc = tonic::service::Routes::new(
         homecell_proto::cell::cell_service_server::CellServiceServer::new(crate::peers::CellGrpc(
             cell.clone(),
         )),
     )
     .prepare()
-    .into_axum_router();
+    .into_axum_router()
+    .layer(middleware::from_fn(require_cell_peer));
     let r = r.merge(grpc.with_state(()));
     // Order matters (outermost last): the identity check runs before any
     // handler; the response headers are added to every answer; an answer
@@ -288,8 +293,14 @@ pub fn router(cell: Arc<Cell>) -> Router {
 /// The cell is only reached through routers and other cells (mTLS); any other
 /// certificate holder is refused.
 async fn require_internal_peer(req: Request, next: Next) -> Response {
+    let grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     match req.extensions().get::<PeerIdentity>() {
         Some(PeerIdentity::Router { .. } | PeerIdentity::Cell { .. }) => next.run(req).await,
+        // A gRPC caller is told in gRPC's terms.
+        _ if grpc => tonic::Status::permission_denied("only cells may call CellService").into_http(),
         Some(other) => problem(
             ErrorCode::PermissionDenied,
             &format!("{other} may not call the cell API"),
@@ -298,6 +309,15 @@ async fn require_internal_peer(req: Request, next: Next) -> Response {
             ErrorCode::Unauthenticated,
             "a client certificate is required",
         ),
+    }
+}
+
+/// `CellService` is for cells: any other identity is refused before any
+/// method runs (each method still checks what its caller may do).
+async fn require_cell_peer(req: Request, next: Next) -> Response {
+    match req.extensions().get::<PeerIdentity>() {
+        Some(PeerIdentity::Cell { .. }) => next.run(req).await,
+        _ => tonic::Status::permission_denied("only cells may call CellService").into_http(),
     }
 }
 
