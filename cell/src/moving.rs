@@ -5,9 +5,13 @@
 //!    with a balance or anything pending) is refused: money moves by
 //!    transfer or withdrawal, never by copying rows.
 //! 2. **Copy**: the user's rows (profile, identifiers, password hash,
-//!    addresses, roles, notice preferences, inbox, WeChat bindings) go to
-//!    the new home in one `ImportUser` call, applied there in one
-//!    transaction. A repeated import replaces the previous one.
+//!    addresses, notice preferences, inbox, WeChat bindings) go to the new
+//!    home in one `ImportUser` call, applied there in one transaction. A
+//!    repeated import replaces the previous one. Roles travel in the bundle
+//!    but are not granted at the new home: a role grants CMS permissions in
+//!    the region that gave it, and a cell whose certificate was stolen
+//!    must not mint an admin in another region by importing one. An
+//!    operator grants them again there (`cell grant-role`).
 //! 3. **Re-home**: the control plane's `MoveUser` moves the user and every
 //!    identifier to the new region in one revision. From then on routers send
 //!    the user to the new home, and this cell answers "moved".
@@ -180,10 +184,10 @@ impl Datastore {
                     .bind(&a.0).bind(id).bind(&a.1).bind(&a.2).bind(&a.3).bind(&a.4).bind(&a.5).bind(&a.6).bind(&a.7).bind(&a.8).bind(&a.9).bind(a.10).bind(a.11).bind(a.12)
                     .execute(&mut *tx).await?;
             }
-            for (role, at) in &b.roles {
-                // A role this cell does not define is dropped, not invented.
-                sqlx::query("INSERT INTO user_roles (user_id, role, granted_at) SELECT $1, name, $3 FROM roles WHERE name = $2")
-                    .bind(id).bind(role).bind(at).execute(&mut *tx).await?;
+            // Roles are not imported (above): the new home's operator
+            // grants them.
+            if !b.roles.is_empty() {
+                tracing::warn!(user_id = %id, roles = b.roles.len(), "moved user's roles not granted here; grant them again with cell grant-role");
             }
             for (category, channel, enabled) in &b.preferences {
                 sqlx::query("INSERT INTO notice_preferences (user_id, category, channel, enabled) VALUES ($1, $2, $3, $4)")

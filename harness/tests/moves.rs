@@ -244,6 +244,19 @@ async fn cell_move_user_carries_the_account_to_the_new_home() -> Result<()> {
     assert_eq!(rich.get("/v1/users/me").await?.status, StatusCode::OK);
     assert_eq!(me.get("/v1/users/me").await?.status, StatusCode::OK);
 
+    // An admin of cn-east: the role stays with the region that gave it.
+    let out = c.cell_command(
+        "cn-east",
+        &[
+            "grant-role",
+            "--identifier",
+            "traveller@example.com",
+            "--role",
+            "admin",
+        ],
+    )?;
+    assert!(out.success, "{}", out.stderr);
+
     // The move.
     let out = c.cell_command(
         "cn-east",
@@ -283,6 +296,15 @@ async fn cell_move_user_carries_the_account_to_the_new_home() -> Result<()> {
         "{}",
         prefs.body
     );
+    // No role came along: an imported admin would be a way for a cell to
+    // mint admins in another region.
+    let cms = east
+        .as_client("cms")
+        .signed_in("traveller@example.com", PW)
+        .await?
+        .0;
+    let r = cms.get("/v1/cms/outbox/dead").await?;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
 
     // A deposit that reaches the old home (a provider's callback names no
     // region; cn-east is the default) is forwarded to the new one, not

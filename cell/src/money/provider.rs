@@ -10,8 +10,8 @@
 //! user_id}` to the provider's `payout_url` (`https://` outside tests),
 //! signed the same way. The provider answers `{"payout_id", "status":
 //! "succeeded" | "failed" | "processing", "reason"?}`, signed the same way
-//! with the same secret; only such an answer, naming this payout, decides
-//! (`succeeded` with a 2xx, `failed` with a 2xx or a 4xx). A 409 means the
+//! with the same secret; only such an answer, naming this payout, with a
+//! 2xx, decides (redirects are not followed). A 409 means the
 //! provider knows the payout already: the cell then POSTs `{payout_id}` to
 //! `<payout_url>/status` for the same signed answer. Anything else (a
 //! timeout, a 5xx, "processing", an unsigned or unverifiable answer) is
@@ -55,6 +55,14 @@ pub struct Providers {
     http: reqwest::Client,
 }
 
+/// `<payout_url>/status`, built as a path (load refuses a payout URL with
+/// a query or fragment).
+fn status_url(payout_url: &str) -> Option<String> {
+    let mut url = reqwest::Url::parse(payout_url).ok()?;
+    url.path_segments_mut().ok()?.pop_if_empty().push("status");
+    Some(url.to_string())
+}
+
 /// An answer larger than this is not a payout answer.
 const MAX_ANSWER: usize = 64 * 1024;
 
@@ -91,10 +99,18 @@ impl Providers {
             if secret.len() < 16 {
                 anyhow::bail!("payments.{name}: the secret must be at least 16 characters");
             }
-            if let Some(url) = &c.payout_url
-                && !(url.starts_with("http://") || url.starts_with("https://"))
-            {
-                anyhow::bail!("payments.{name}.payout_url must be an http(s) URL");
+            if let Some(url) = &c.payout_url {
+                let parsed = reqwest::Url::parse(url)
+                    .map_err(|e| anyhow::anyhow!("payments.{name}.payout_url: {e}"))?;
+                if !["http", "https"].contains(&parsed.scheme())
+                    || parsed.query().is_some()
+                    || parsed.fragment().is_some()
+                    || parsed.cannot_be_a_base()
+                {
+                    anyhow::bail!(
+                        "payments.{name}.payout_url must be an http(s) URL without a query or fragment"
+                    );
+                }
             }
             keys.insert(
                 name.clone(),
@@ -104,9 +120,12 @@ impl Providers {
                 },
             );
         }
+        // No redirects: an answer is the endpoint's own, and a redirect
+        // could lead off https.
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(10))
             .connect_timeout(std::time::Duration::from_secs(3))
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {
             by_name: std::sync::Arc::new(keys),
@@ -148,7 +167,9 @@ impl Providers {
         match self.ask(provider, p, url, &body, payout_id).await {
             Asked::Answer(answer) => answer,
             Asked::Known => {
-                let status_url = format!("{}/status", url.trim_end_matches('/'));
+                let Some(status_url) = status_url(url) else {
+                    return Payout::Undecided(format!("{provider}: no status URL"));
+                };
                 let body = serde_json::json!({ "payout_id": payout_id });
                 match self.ask(provider, p, &status_url, &body, payout_id).await {
                     Asked::Answer(answer) => answer,
@@ -196,11 +217,9 @@ impl Providers {
         }
         let undecided =
             |why: String| Asked::Answer(Payout::Undecided(format!("{provider}: {why}")));
-        // A decision comes with a 2xx, or (a refusal) a 4xx other than
-        // "too slow" and "too many".
-        if !(status.is_success()
-            || status.is_client_error() && ![408, 429].contains(&status.as_u16()))
-        {
+        // Only a 2xx carries a decision: a 4xx may be about this request
+        // (a repeat, a malformed field), not about the payout.
+        if !status.is_success() {
             return undecided(format!("answered {status}"));
         }
         let signature = resp
@@ -235,7 +254,7 @@ impl Providers {
             return undecided("an answer about another payout".into());
         }
         Asked::Answer(match a.status.as_str() {
-            "succeeded" if status.is_success() => Payout::Succeeded,
+            "succeeded" => Payout::Succeeded,
             "failed" => Payout::Failed(
                 a.reason
                     .unwrap_or_else(|| format!("{provider} declined the payout")),
@@ -288,6 +307,28 @@ pub struct Deposit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_status_url_is_a_path_below_the_payout_url() {
+        assert_eq!(
+            status_url("https://pay.example/v1/payouts").as_deref(),
+            Some("https://pay.example/v1/payouts/status")
+        );
+        assert_eq!(
+            status_url("https://pay.example/v1/payouts/").as_deref(),
+            Some("https://pay.example/v1/payouts/status")
+        );
+        let mut c = BTreeMap::new();
+        c.insert(
+            "q".to_string(),
+            ProviderConfig {
+                secret: Some("0123456789abcdef-secret".into()),
+                secret_file: None,
+                payout_url: Some("https://pay.example/payouts?acct=1".into()),
+            },
+        );
+        assert!(Providers::load(&c).is_err(), "a query is refused");
+    }
 
     #[test]
     fn providers_are_named_and_secrets_checked() {
