@@ -231,3 +231,36 @@ async fn the_per_address_cap_refuses_only_that_address() -> Result {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_sent_slowly_is_cut_at_the_body_deadline() -> Result {
+    let c = cluster("clients.body_timeout_ms = 2000\n").await?;
+    let router = c.routers[0].listen;
+    let (stop, normal) = normal_client(c.router_url(0));
+
+    // A whole head at once, then a 20-byte body at one byte a second.
+    let mut slow = connect_from("127.0.0.2", router).await?;
+    slow.write_all(
+        b"POST /v1/auth/login HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n",
+    )
+    .await?;
+    let head_sent = Instant::now();
+    let mut closed = None;
+    for _ in 0..20 {
+        if slow.write_all(b" ").await.is_err() {
+            closed = Some(head_sent.elapsed());
+            break;
+        }
+        if let Some(after) = closed_after(&mut slow, head_sent, Duration::from_secs(1)).await {
+            closed = Some(after);
+            break;
+        }
+    }
+    let closed = closed.expect("the slow body was never cut");
+    assert!(
+        closed >= Duration::from_millis(1500) && closed <= Duration::from_millis(4500),
+        "closed {closed:?} after the head, with a 2 s body deadline"
+    );
+    finish(stop, normal).await?;
+    Ok(())
+}

@@ -34,6 +34,8 @@ pub struct ClientLimits {
     /// A write to a client that makes no progress for this long (the
     /// client reads too slowly, or not at all) closes the connection.
     pub write_timeout_ms: u64,
+    /// A request body must arrive whole within this long of its head.
+    pub body_timeout_ms: u64,
     /// Open client connections, in all: more are closed as accepted.
     pub max_connections: usize,
     /// Open client connections from one address (an IPv6 /64): more are
@@ -49,6 +51,7 @@ impl Default for ClientLimits {
             head_timeout_ms: 10_000,
             tls_handshake_timeout_ms: 10_000,
             write_timeout_ms: 30_000,
+            body_timeout_ms: 30_000,
             max_connections: 20_000,
             max_connections_per_ip: 256,
         }
@@ -62,6 +65,7 @@ impl ClientLimits {
             self.head_timeout_ms,
             self.tls_handshake_timeout_ms,
             self.write_timeout_ms,
+            self.body_timeout_ms,
         ];
         if timeouts.contains(&0) {
             anyhow::bail!("clients: every timeout must be positive");
@@ -83,6 +87,9 @@ impl ClientLimits {
     }
     pub fn write(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
+    }
+    pub fn body(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms)
     }
 }
 

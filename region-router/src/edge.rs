@@ -34,9 +34,13 @@ use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream};
 use pingora::connectors::TransportConnector;
 use pingora::protocols::Stream;
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::http::v2::server::{H2Options, default_h2_options};
 use pingora::server::ShutdownWatch;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Streams at once on one HTTP/2 client connection.
+const MAX_STREAMS: u32 = 32;
 
 /// The router's HTTP service: the shared router state and the connector
 /// for new mTLS connections to cells (idle ones are in pool.rs, per worker).
@@ -210,7 +214,6 @@ impl Edge {
             // Kept alive, with no per-read timeout of Pingora's: the
             // deadlines below bound the whole wait instead.
             session.set_keepalive(Some(0));
-            session.set_write_timeout(Some(self.limits.write()));
             arrival.arm();
             let wait = if first {
                 self.limits.head()
@@ -263,6 +266,7 @@ impl Edge {
             session.set_keepalive(None);
         }
         let mut ctx = Ctx::for_request(session.req_header());
+        ctx.body_deadline = Some(tokio::time::Instant::now() + self.limits.body());
         let reuse = self.handle(&mut session, &mut ctx).await;
         self.router.log(&session, &ctx);
         if !reuse {
@@ -316,6 +320,15 @@ impl HttpServerApp for Edge {
 
     fn server_options(&self) -> Option<&HttpServerOptions> {
         Some(&self.options)
+    }
+
+    /// Pingora's bounded defaults, with fewer streams at once: each stream
+    /// holds a connection to a cell, and the per-address cap counts
+    /// connections, not streams.
+    fn h2_options(&self) -> Option<H2Options> {
+        let mut options = default_h2_options();
+        options.max_concurrent_streams(MAX_STREAMS);
+        Some(options)
     }
 }
 

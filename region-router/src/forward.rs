@@ -247,14 +247,29 @@ pub async fn forward(
     ctx: &mut Ctx,
 ) -> Result<(), Failure> {
     let has_body = !session.is_body_empty();
+    // The whole body must arrive within the body deadline of its head.
+    let body_deadline = ctx
+        .body_deadline
+        .unwrap_or_else(|| tokio::time::Instant::now() + edge.limits.body());
     if has_body {
         // A replay resends the body: up to 64 KiB is kept for it.
         session.enable_retry_buffering();
+        // A body of known, small length is read whole before a cell
+        // connection is taken: a client that sends it slowly holds only
+        // its own connection.
+        if declared_length(session).is_some_and(|n| n <= WHOLE_BODY) {
+            while !session.is_body_done() {
+                match read_body(session, body_deadline).await? {
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }
     }
     let mut fresh_only = false;
     loop {
         let (mut cell, pool_key, reused) = connect(edge, ctx, fresh_only).await?;
-        match attempt(edge, session, ctx, &mut cell, has_body).await {
+        match attempt(edge, session, ctx, &mut cell, has_body, body_deadline).await {
             Ok(Attempt::Answered) => {
                 cell.respect_keepalive();
                 if let Some(stream) = cell.reuse().await {
@@ -272,7 +287,7 @@ pub async fn forward(
                 return Err(Failure::Cell(e));
             }
             Ok(Attempt::StaleConnection(e)) => {
-                if reused && !fresh_only && twice_safe(session) && whole(session, has_body) {
+                if reused && !fresh_only && twice_safe(session, ctx) && whole(session, has_body) {
                     fresh_only = true;
                     continue;
                 }
@@ -364,6 +379,7 @@ async fn attempt(
     ctx: &mut Ctx,
     cell: &mut CellSession,
     has_body: bool,
+    body_deadline: tokio::time::Instant,
 ) -> Result<Attempt, Failure> {
     let req = upstream_request(session.req_header(), &Client::of(session), ctx, has_body)
         .map_err(Failure::Client)?;
@@ -371,11 +387,12 @@ async fn attempt(
         return Ok(Attempt::Unsent(e));
     }
     // A write that fails means the cell stopped reading before the request
-    // was whole: it cannot have acted on it, but it may have answered it
-    // early (a refusal), and that answer is read and relayed.
+    // was whole: it cannot have acted on it (cells read a body whole before
+    // any handler runs, cell/src/http/whole_body.rs), but it may have
+    // answered it early (a refusal), and that answer is read and relayed.
     let mut unsent = None;
     if has_body {
-        match send_body(session, cell).await {
+        match send_body(session, cell, body_deadline).await {
             Ok(()) => {}
             Err(Failure::Cell(e)) => unsent = Some(e),
             Err(f) => return Err(f),
@@ -414,11 +431,49 @@ async fn attempt(
 }
 
 /// Whether sending the request twice does what sending it once does: an
-/// idempotent method, or a write the cell dedupes by its `Idempotency-Key`
-/// (money writes require one).
-fn twice_safe(session: &ServerSession) -> bool {
+/// idempotent method, or a money write, which the cell dedupes by its
+/// `Idempotency-Key` (a key on any other route is the client's word only).
+fn twice_safe(session: &ServerSession, ctx: &Ctx) -> bool {
     let req = session.req_header();
-    req.method.is_idempotent() || req.headers.contains_key(IDEMPOTENCY_KEY)
+    req.method.is_idempotent()
+        || (req.headers.contains_key(IDEMPOTENCY_KEY)
+            && ctx.route.is_some_and(|r| DEDUPED.contains(&r)))
+}
+
+/// The routes whose writes the cell dedupes by `Idempotency-Key`.
+const DEDUPED: [&str; 3] = [
+    "/v1/wallet/transfers",
+    "/v1/wallet/withdrawals",
+    "/v1/cms/users/{id}/wallet/adjustments",
+];
+
+/// A body of at most this declared length is read whole before a cell
+/// connection is taken (the retry buffer keeps as much).
+const WHOLE_BODY: usize = 64 * 1024;
+
+fn declared_length(session: &ServerSession) -> Option<usize> {
+    session
+        .req_header()
+        .headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// One read of the client's body, within the body deadline.
+async fn read_body(
+    session: &mut ServerSession,
+    deadline: tokio::time::Instant,
+) -> Result<Option<bytes::Bytes>, Failure> {
+    match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+        Ok(read) => read.map_err(Failure::Client),
+        Err(_) => Err(Failure::Client(Error::explain(
+            ErrorType::ReadTimedout,
+            "the request body did not arrive in time",
+        ))),
+    }
 }
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -440,13 +495,17 @@ fn is_closed(e: &Error) -> bool {
 
 /// The request body: what routing already read (kept in the retry buffer),
 /// then the rest as it arrives.
-async fn send_body(session: &mut ServerSession, cell: &mut CellSession) -> Result<(), Failure> {
+async fn send_body(
+    session: &mut ServerSession,
+    cell: &mut CellSession,
+    deadline: tokio::time::Instant,
+) -> Result<(), Failure> {
     // An empty write would end a chunked body at once.
     if let Some(buffered) = session.get_retry_buffer().filter(|b| !b.is_empty()) {
         cell.write_body(&buffered).await.map_err(Failure::Cell)?;
     }
     while !session.is_body_done() {
-        match session.read_request_body().await.map_err(Failure::Client)? {
+        match read_body(session, deadline).await? {
             Some(chunk) if chunk.is_empty() => {}
             Some(chunk) => {
                 cell.write_body(&chunk).await.map_err(Failure::Cell)?;

@@ -95,6 +95,10 @@ pub struct Ctx {
     pub client_ip: Option<std::net::IpAddr>,
     /// The public route the path is one of (what the access line names).
     pub route: Option<&'static str>,
+    /// When the request's body must have arrived whole (`[clients]
+    /// body_timeout_ms` after its head): routing's read of a small body
+    /// and forwarding's both stop there.
+    pub body_deadline: Option<tokio::time::Instant>,
 }
 
 impl Ctx {
@@ -117,6 +121,7 @@ impl Ctx {
             conceal_home: false,
             client_ip: None,
             route: None,
+            body_deadline: None,
         }
     }
 }
@@ -132,6 +137,7 @@ fn now_secs() -> i64 {
 /// (Pingora replays the retry buffer upstream). Larger bodies are refused.
 async fn read_small_body(
     session: &mut ServerSession,
+    deadline: Option<tokio::time::Instant>,
 ) -> std::result::Result<serde_json::Value, Refusal> {
     let too_large = || {
         Refusal::new(
@@ -152,7 +158,21 @@ async fn read_small_body(
     session.enable_retry_buffering();
     let mut body = Vec::new();
     loop {
-        match session.read_request_body().await {
+        let read = session.read_request_body();
+        let read = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, read).await {
+                Ok(read) => read,
+                Err(_) => {
+                    return Err(Refusal::new(
+                        ErrorCode::InvalidArgument,
+                        "the request body did not arrive in time".into(),
+                        None,
+                    ));
+                }
+            },
+            None => read.await,
+        };
+        match read {
             Ok(Some(chunk)) => {
                 body.extend_from_slice(&chunk);
                 if body.len() > MAX_ROUTED_BODY {
@@ -322,7 +342,7 @@ impl Router {
         } else if let Some(home) = token_home {
             Some((home, Basis::Token))
         } else if let Some(kind) = route_key::body_route(&method, &path) {
-            let body = read_small_body(session).await?;
+            let body = read_small_body(session, ctx.body_deadline).await?;
             ctx.conceal_home = kind == BodyRoute::Identifier;
             match kind {
                 BodyRoute::Identifier => route_key::identifier(&body)

@@ -32,6 +32,7 @@ use pingora::protocols::{SocketDigest, TimingDigest};
 use pingora::server::ListenFds;
 use pingora::server::ShutdownWatch;
 use prometheus::IntGauge;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
@@ -279,6 +280,8 @@ impl Worker {
         let plain = Buffered {
             inner: BufWriter::with_capacity(WRITE_BUFFER, l4),
             arrival: arrival.clone(),
+            write_timeout: self.edge.limits.write(),
+            stalled: None,
         };
         let handshake = self.edge.limits.tls_handshake();
         let stream: pingora::protocols::Stream = match tls {
@@ -299,8 +302,23 @@ impl Worker {
             }
         };
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            // Pingora's HTTP/2 connection handling, with our idle timeout.
-            self.edge.process_new(stream, &self.shutdown).await;
+            // Pingora's HTTP/2 connection handling, with our idle timeout;
+            // its handshake waits for the client's preface without a limit,
+            // so the preface must start within the head deadline.
+            arrival.arm();
+            let serving = self.edge.process_new(stream, &self.shutdown);
+            let mut serving = std::pin::pin!(serving);
+            tokio::select! {
+                biased;
+                _ = &mut serving => return,
+                r = tokio::time::timeout(self.edge.limits.head(), arrival.arrived()) => {
+                    if r.is_err() {
+                        CLIENTS_CLOSED.with_label_values(&["head"]).inc();
+                        return;
+                    }
+                }
+            }
+            serving.await;
         } else {
             self.edge
                 .serve_http1(stream, &self.shutdown, &arrival)
@@ -339,10 +357,45 @@ impl Drop for Served {
 /// A client's TCP stream with a write buffer: Pingora's constructor for a
 /// TCP stream is unbuffered (its buffered one is crate-private), which
 /// sent each answer's header and body apart. Every read that brings bytes
-/// marks `arrival`, which starts a request's head deadline (edge.rs).
+/// marks `arrival`, which starts a request's head deadline (edge.rs). A
+/// write or flush that makes no progress for `write_timeout` (the client
+/// stopped reading) fails: enforced here, under TLS and HTTP/2 alike, it
+/// covers every write, including the final flush of a small answer, which
+/// Pingora's own write timeout does not.
 struct Buffered {
     inner: BufWriter<L4Stream>,
     arrival: Arc<Arrival>,
+    write_timeout: Duration,
+    /// Armed while a write waits on the client.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Buffered {
+    /// Passes a write's outcome on; a write still pending after
+    /// `write_timeout` without progress becomes an error.
+    fn bounded<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let timeout = self.write_timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if stalled.as_mut().poll(cx).is_ready() {
+            self.stalled = None;
+            CLIENTS_CLOSED.with_label_values(&["write"]).inc();
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            )));
+        }
+        Poll::Pending
+    }
 }
 
 impl std::fmt::Debug for Buffered {
@@ -372,7 +425,8 @@ impl AsyncWrite for Buffered {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.bounded(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -380,7 +434,8 @@ impl AsyncWrite for Buffered {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.bounded(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -388,11 +443,13 @@ impl AsyncWrite for Buffered {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.bounded(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.bounded(cx, polled)
     }
 }
 
@@ -438,5 +495,47 @@ impl GetSocketDigest for Buffered {
 impl Peek for Buffered {
     async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
         self.inner.get_mut().try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_write_the_client_does_not_read_fails_at_the_write_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A client that never reads, with a small window.
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.set_recv_buffer_size(1024).unwrap();
+        let _client = client.connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let timeout = Duration::from_millis(300);
+        let mut stream = Buffered {
+            inner: BufWriter::with_capacity(WRITE_BUFFER, L4Stream::from(server)),
+            arrival: Arc::default(),
+            write_timeout: timeout,
+            stalled: None,
+        };
+        let started = tokio::time::Instant::now();
+        let chunk = vec![b'x'; 16 * 1024];
+        let error = loop {
+            let wrote = tokio::time::timeout(Duration::from_secs(10), async {
+                stream.write_all(&chunk).await?;
+                stream.flush().await
+            })
+            .await
+            .expect("a stalled write never timed out");
+            if let Err(e) = wrote {
+                break e;
+            }
+        };
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+        assert!(started.elapsed() >= timeout);
     }
 }

@@ -8,9 +8,9 @@ pub mod cms;
 pub mod notices;
 pub mod openapi;
 pub mod region;
-mod unread_body;
 pub mod users;
 pub mod wallet;
+mod whole_body;
 
 use crate::identity::service::{CLIENT_TYPES, Principal, Verified};
 use crate::state::Cell;
@@ -268,8 +268,8 @@ pub fn router(cell: Arc<Cell>) -> Router {
     .layer(middleware::from_fn(require_cell_peer));
     let r = r.merge(grpc.with_state(()));
     // Order matters (outermost last): the identity check runs before any
-    // handler; the response headers are added to every answer; an answer
-    // that left the body unread closes the connection (unread_body.rs);
+    // handler; the response headers are added to every answer; a body is
+    // read whole before any of it (whole_body.rs);
     // the trace and the access log wrap it all.
     r.fallback(|| async { ApiError(CodedError::not_found("no such route")) })
         .method_not_allowed_fallback(|| async {
@@ -285,7 +285,7 @@ pub fn router(cell: Arc<Cell>) -> Router {
             cell.clone(),
             response_headers,
         ))
-        .layer(middleware::from_fn(unread_body::close_if_unread))
+        .layer(middleware::from_fn(whole_body::read_whole))
         .layer(middleware::from_fn(access::traced))
         .with_state(cell)
 }
@@ -300,7 +300,9 @@ async fn require_internal_peer(req: Request, next: Next) -> Response {
     match req.extensions().get::<PeerIdentity>() {
         Some(PeerIdentity::Router { .. } | PeerIdentity::Cell { .. }) => next.run(req).await,
         // A gRPC caller is told in gRPC's terms.
-        _ if grpc => tonic::Status::permission_denied("only cells may call CellService").into_http(),
+        _ if grpc => {
+            tonic::Status::permission_denied("only cells may call CellService").into_http()
+        }
         Some(other) => problem(
             ErrorCode::PermissionDenied,
             &format!("{other} may not call the cell API"),
