@@ -5,13 +5,14 @@
 //!    with a balance or anything pending) is refused: money moves by
 //!    transfer or withdrawal, never by copying rows.
 //! 2. **Copy**: the user's rows (profile, identifiers, password hash,
-//!    addresses, notice preferences, inbox, WeChat bindings) go to the new
+//!    addresses, roles, notice preferences, inbox, WeChat bindings) go to the new
 //!    home in one `ImportUser` call, applied there in one transaction. A
-//!    repeated import replaces the previous one. Roles travel in the bundle
-//!    but are not granted at the new home: a role grants CMS permissions in
-//!    the region that gave it, and a cell whose certificate was stolen
-//!    must not mint an admin in another region by importing one. An
-//!    operator grants them again there (`cell grant-role`).
+//!    repeated import replaces the previous one. Roles travel in the bundle,
+//!    but only those that grant no permission (`user`) are granted at the
+//!    new home: a role with CMS permissions is a grant of the region that
+//!    gave it, and a cell whose certificate was stolen must not mint an
+//!    admin in another region by importing one. An operator grants them
+//!    again there (`cell grant-role`).
 //! 3. **Re-home**: the control plane's `MoveUser` moves the user and every
 //!    identifier to the new region in one revision. From then on routers send
 //!    the user to the new home, and this cell answers "moved".
@@ -184,10 +185,17 @@ impl Datastore {
                     .bind(&a.0).bind(id).bind(&a.1).bind(&a.2).bind(&a.3).bind(&a.4).bind(&a.5).bind(&a.6).bind(&a.7).bind(&a.8).bind(&a.9).bind(a.10).bind(a.11).bind(a.12)
                     .execute(&mut *tx).await?;
             }
-            // Roles are not imported (above): the new home's operator
-            // grants them.
-            if !b.roles.is_empty() {
-                tracing::warn!(user_id = %id, roles = b.roles.len(), "moved user's roles not granted here; grant them again with cell grant-role");
+            // Only roles that grant no permission here come along (above):
+            // the new home's operator grants the others.
+            let mut dropped = 0;
+            for (role, at) in &b.roles {
+                let granted = sqlx::query("INSERT INTO user_roles (user_id, role, granted_at) SELECT $1, name, $3 FROM roles \
+                                           WHERE name = $2 AND NOT EXISTS (SELECT 1 FROM role_permissions p WHERE p.role = roles.name)")
+                    .bind(id).bind(role).bind(at).execute(&mut *tx).await?;
+                dropped += usize::from(granted.rows_affected() == 0);
+            }
+            if dropped > 0 {
+                tracing::warn!(user_id = %id, roles = dropped, "moved user's roles not granted here; grant them again with cell grant-role");
             }
             for (category, channel, enabled) in &b.preferences {
                 sqlx::query("INSERT INTO notice_preferences (user_id, category, channel, enabled) VALUES ($1, $2, $3, $4)")
