@@ -382,8 +382,9 @@ async fn a_transfer_to_an_unreachable_cell_is_voided_after_the_hold_timeout() ->
     Ok(())
 }
 
-#[tokio::test]
-async fn withdrawals_post_on_success_void_on_failure_and_reconcile_the_unknown() -> Result {
+/// A cluster whose cells pay out through the test provider (undecided
+/// payouts reconcile after 2 s), and alice with 1,000 CNY deposited.
+async fn withdrawing_alice() -> Result<(homecell_harness::provider::TestProvider, Cluster, Api)> {
     let provider = homecell_harness::provider::TestProvider::start(SECRET).await?;
     let mut c = Cluster::temp()?;
     c.cell_extra_config = format!(
@@ -395,6 +396,12 @@ async fn withdrawals_post_on_success_void_on_failure_and_reconcile_the_unknown()
     let (alice, alice_id) = user(&cn, "alice@example.com").await?;
     cn.provider_deposit("testpay", SECRET, "w", &alice_id, 1_000)
         .await?;
+    Ok((provider, c, alice))
+}
+
+#[tokio::test]
+async fn withdrawals_post_on_success_void_on_failure_and_reconcile_the_unknown() -> Result {
+    let (provider, c, alice) = withdrawing_alice().await?;
     let withdraw = |key: String, amount: i64| {
         let alice = alice.clone();
         async move {
@@ -491,17 +498,7 @@ async fn until_state(api: &Api, id: &str, state: &str) -> Result<Vec<String>> {
 /// repeats get 409, both end paid, the money counted once.
 #[tokio::test]
 async fn unknown_withdrawal_outcomes_are_reconciled_not_voided() -> Result {
-    let provider = homecell_harness::provider::TestProvider::start(SECRET).await?;
-    let mut c = Cluster::temp()?;
-    c.cell_extra_config = format!(
-        "withdrawals_via = \"testpay\"\nwithdrawal_timeout_secs = 2\n[payments.testpay]\nsecret = {SECRET:?}\npayout_url = {:?}\n",
-        provider.payout_url()
-    );
-    start_standard(&mut c).await?;
-    let cn = Api::new(&c.router_url(0), "cn-east");
-    let (alice, alice_id) = user(&cn, "alice@example.com").await?;
-    cn.provider_deposit("testpay", SECRET, "w", &alice_id, 1_000)
-        .await?;
+    let (provider, c, alice) = withdrawing_alice().await?;
     let withdraw = |amount: i64| {
         let alice = alice.clone();
         async move {

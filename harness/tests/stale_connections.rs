@@ -17,11 +17,11 @@ type Result<T = ()> = anyhow::Result<T>;
 /// kept-alive connection.
 const PAUSE: Duration = Duration::from_millis(300);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_pooled_connection_is_retried_for_idempotent_requests_only() -> Result {
+/// One region whose registered internal endpoint is a relay, with the cell
+/// listening behind it, and a router.
+async fn behind_a_relay() -> Result<(Cluster, Relay)> {
     let mut c = Cluster::temp()?;
     c.start_control_plane().await?;
-    // The region's internal endpoint is the relay; the cell listens behind it.
     let real = c.plan_cell("cn-east").api;
     let relay = Relay::start(real).await?;
     c.cell_mut("cn-east").expect("planned").api = relay.addr;
@@ -30,6 +30,12 @@ async fn a_dead_pooled_connection_is_retried_for_idempotent_requests_only() -> R
     c.start_cell("cn-east").await?;
     c.start_router("cn-east", "cn-east").await?;
     c.wait_ready(Duration::from_secs(20)).await?;
+    Ok((c, relay))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_pooled_connection_is_retried_for_idempotent_requests_only() -> Result {
+    let (c, relay) = behind_a_relay().await?;
     // One client connection, so one router worker and its pool.
     let api = Api::new(&c.router_url(0), "cn-east");
 
@@ -85,16 +91,7 @@ async fn a_dead_pooled_connection_is_retried_for_idempotent_requests_only() -> R
 /// rather than risk acting twice, as the test above shows.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cells_closing_idle_connections_at_random_cost_no_request_a_502() -> Result {
-    let mut c = Cluster::temp()?;
-    c.start_control_plane().await?;
-    let real = c.plan_cell("cn-east").api;
-    let relay = Relay::start(real).await?;
-    c.cell_mut("cn-east").expect("planned").api = relay.addr;
-    c.add_region("cn-east", "CN")?;
-    c.cell_mut("cn-east").expect("planned").api = real;
-    c.start_cell("cn-east").await?;
-    c.start_router("cn-east", "cn-east").await?;
-    c.wait_ready(Duration::from_secs(20)).await?;
+    let (c, relay) = behind_a_relay().await?;
     let api = Api::new(&c.router_url(0), "cn-east");
     let (user, _) = api
         .signed_in("steady@example.com", "a long password 1")
