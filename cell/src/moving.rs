@@ -27,7 +27,8 @@
 //! to the new home by the directory.
 
 use crate::db::Datastore;
-use crate::identity::store::{AddressTuple as AddressRow, DbResult, UserTuple as UserRow};
+use crate::db::DbResult;
+use crate::identity::store::{AddressTuple as AddressRow, UserTuple as UserRow};
 use crate::in_tx;
 use crate::state::Cell;
 use homecell_proto::error::{CodedError, ErrorCode};
@@ -262,7 +263,7 @@ impl Cell {
                 tracing::info!(user_id, from, "moved user imported");
                 Ok(())
             }
-            Err(crate::identity::store::DbError::Conflict) => Err(CodedError::new(
+            Err(crate::db::DbError::Conflict) => Err(CodedError::new(
                 ErrorCode::AlreadyExists,
                 "an identifier of the user belongs to another user here",
             )),

@@ -2,9 +2,9 @@
 //! real PostgreSQL server (a private one started for the test).
 
 use futures::future::join_all;
-use homecell_cell::db::Datastore;
+use homecell_cell::db::{Datastore, DbError};
 use homecell_cell::identity::store::{
-    Address, AuditEntry, DbError, NewUser, RefreshOutcome, ResetLimits, Rotation, Session,
+    Address, AuditEntry, NewUser, RefreshOutcome, ResetLimits, Rotation, Session,
     reset_budget_key_of_user,
 };
 

@@ -16,7 +16,7 @@
 //! row locks and its own group commit and keeps one transaction per write.
 
 use super::SQLITE_WRITER;
-use crate::identity::store::{DbError, DbResult};
+use crate::db::{DbError, DbResult};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use sqlx::{SqliteConnection, SqlitePool};

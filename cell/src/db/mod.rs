@@ -11,8 +11,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 mod batch;
+mod error;
 mod point;
 pub use batch::TxBatch;
+pub use error::{DbError, DbResult};
 pub use point::PointReads;
 use std::time::Duration;
 

@@ -10,8 +10,8 @@
 //! both win.
 
 use super::service::Identity;
-use super::store::{DbError, DbResult};
 use crate::db::Datastore;
+use crate::db::{DbError, DbResult};
 use crate::identity::keys::now_ms;
 use crate::{on_db, write_db};
 use std::time::Duration;
@@ -69,7 +69,7 @@ macro_rules! settle_claim {
         .fetch_optional(&mut *$tx)
         .await?;
         if state.as_deref() == Some("releasing") {
-            return Err($crate::identity::store::DbError::Conflict);
+            return Err($crate::db::DbError::Conflict);
         }
     }};
 }

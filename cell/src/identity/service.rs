@@ -7,10 +7,11 @@ use super::identifier::Identifier;
 use super::keys::{Keys, Verifier, now_ms};
 use super::password::{self, HashError, Hasher};
 use super::store::{
-    Address, AuditEntry, DbError, NewUser, RefreshOutcome, ResetLimits, Rotation, Session, User,
+    Address, AuditEntry, NewUser, RefreshOutcome, ResetLimits, Rotation, Session, User,
     UserProfile, reset_budget_key_of_user,
 };
 use crate::db::Datastore;
+use crate::db::DbError;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use homecell_common::jwt::{Claims, MAX_ACCESS_TTL_SECS, TokenError};

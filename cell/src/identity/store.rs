@@ -22,25 +22,7 @@ macro_rules! insert_audit {
 }
 pub(crate) use insert_audit;
 
-#[derive(Debug, thiserror::Error)]
-pub enum DbError {
-    /// A unique constraint refused the write.
-    #[error("conflict")]
-    Conflict,
-    #[error("datastore error: {0}")]
-    Db(sqlx::Error),
-}
-
-impl From<sqlx::Error> for DbError {
-    fn from(e: sqlx::Error) -> Self {
-        match e.as_database_error() {
-            Some(d) if d.is_unique_violation() => Self::Conflict,
-            _ => Self::Db(e),
-        }
-    }
-}
-
-pub type DbResult<T> = Result<T, DbError>;
+use crate::db::{DbError, DbResult};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {

@@ -14,7 +14,7 @@
 
 use super::ledger::LedgerResult;
 use crate::db::Datastore;
-use crate::identity::store::DbError;
+use crate::db::DbError;
 use std::collections::{BTreeMap, HashMap};
 
 /// The four balance columns of an account.

@@ -18,7 +18,7 @@
 
 use super::currency::BALANCE_LIMIT;
 use super::ledger::{LedgerError, LedgerResult, Move, Operation, OutboxEvent, Phase, op_cols};
-use crate::identity::store::DbError;
+use crate::db::DbError;
 use futures::FutureExt;
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use std::collections::{HashMap, HashSet};

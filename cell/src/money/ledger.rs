@@ -11,7 +11,8 @@
 
 use super::currency::BALANCE_LIMIT;
 use crate::db::Datastore;
-use crate::identity::store::{AuditEntry, DbError, insert_audit};
+use crate::db::DbError;
+use crate::identity::store::{AuditEntry, insert_audit};
 use crate::{in_tx, on_db, write_db};
 use sqlx::Row;
 

@@ -1,7 +1,7 @@
 //! The notice tables, for both backends (one SQL text each).
 
 use crate::db::Datastore;
-use crate::identity::store::DbResult;
+use crate::db::DbResult;
 use crate::{in_tx, on_db, write_db};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
