@@ -451,7 +451,8 @@ const DEDUPED: [&str; 3] = [
 /// connection is taken (the retry buffer keeps as much).
 const WHOLE_BODY: usize = 64 * 1024;
 
-fn declared_length(session: &ServerSession) -> Option<usize> {
+/// The body length the request declares (`Content-Length`), if it does.
+pub(crate) fn declared_length(session: &ServerSession) -> Option<usize> {
     session
         .req_header()
         .headers

@@ -146,13 +146,7 @@ async fn read_small_body(
             None,
         )
     };
-    let declared = session
-        .req_header()
-        .headers
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > MAX_ROUTED_BODY) {
+    if crate::forward::declared_length(session).is_some_and(|n| n > MAX_ROUTED_BODY) {
         return Err(too_large());
     }
     session.enable_retry_buffering();
