@@ -1,10 +1,10 @@
 //! Commands an operator runs on the cell host, against the cell's datastore.
 
+use crate::clock::now_ms;
 use crate::config::CellConfig;
 use crate::db::Datastore;
+use crate::db::audit::AuditEntry;
 use crate::identity::identifier::Identifier;
-use crate::identity::keys::now_ms;
-use crate::identity::store::AuditEntry;
 use anyhow::{Result, anyhow, bail};
 
 async fn open(config: &CellConfig) -> Result<Datastore> {

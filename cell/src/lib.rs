@@ -3,9 +3,11 @@
 //! plane's state.
 
 pub mod admin;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod failpoint;
+pub mod grpc;
 pub mod http;
 pub mod identity;
 pub mod metrics;

@@ -274,7 +274,7 @@ impl Cell {
     /// Moves one of this cell's users to `to` (steps 1–4 above); returns
     /// the control plane's revision that re-homed the user.
     pub async fn move_user_out(&self, user_id: &str, to: &str) -> Result<u64, CodedError> {
-        use crate::identity::keys::now_ms;
+        use crate::clock::now_ms;
         use homecell_proto::control::{
             MoveUserRequest, RegionStatus, directory_service_client::DirectoryServiceClient,
         };

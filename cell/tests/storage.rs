@@ -2,10 +2,10 @@
 //! real PostgreSQL server (a private one started for the test).
 
 use futures::future::join_all;
+use homecell_cell::db::audit::AuditEntry;
 use homecell_cell::db::{Datastore, DbError};
 use homecell_cell::identity::store::{
-    Address, AuditEntry, NewUser, RefreshOutcome, ResetLimits, Rotation, Session,
-    reset_budget_key_of_user,
+    Address, NewUser, RefreshOutcome, ResetLimits, Rotation, Session, reset_budget_key_of_user,
 };
 
 const NOW: i64 = 1_800_000_000_000;
@@ -640,7 +640,7 @@ async fn roles_audit_and_anonymisation(db: &Datastore) {
     let log = db.audit_log(None, 10).await.unwrap();
     assert_eq!(log.len(), 3, "only real changes are audited");
     let page = db
-        .audit_log(Some((log[0].1, log[0].0.clone())), 10)
+        .audit_log(Some((log[0].at, log[0].id.clone())), 10)
         .await
         .unwrap();
     assert_eq!(page.len(), 2);

@@ -1,4 +1,5 @@
-//! Lower-case hex, for keys and signatures in config files and headers.
+//! Lower-case hex, for keys and signatures in config files and headers, and
+//! the SHA-256 digests the cells store in place of secrets.
 
 const DIGITS: &[u8; 16] = b"0123456789abcdef";
 
@@ -15,6 +16,12 @@ pub fn push(out: &mut String, bytes: &[u8]) {
         out.push(DIGITS[usize::from(b >> 4)] as char);
         out.push(DIGITS[usize::from(b & 0x0f)] as char);
     }
+}
+
+/// SHA-256 of `s` in hex: how a refresh token, a reset code or a request
+/// body is kept (a stolen table row does not give the secret back).
+pub fn sha256(s: &str) -> String {
+    encode(ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref())
 }
 
 /// Decodes hex (either case); none if it is not hex.
@@ -37,5 +44,9 @@ mod tests {
         assert_eq!(super::decode("0"), None);
         assert_eq!(super::decode("zz"), None);
         assert_eq!(super::decode("é0"), None);
+        assert_eq!(
+            super::sha256("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

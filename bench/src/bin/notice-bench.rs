@@ -35,7 +35,7 @@ struct Args {
 }
 
 fn now_ms() -> i64 {
-    homecell_cell::identity::keys::now_ms()
+    homecell_cell::clock::now_ms()
 }
 
 async fn count(db: &Datastore, sql: &'static str) -> anyhow::Result<i64> {

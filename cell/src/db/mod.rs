@@ -10,6 +10,7 @@ use sqlx::{PgPool, SqlitePool};
 use std::str::FromStr;
 use std::sync::Arc;
 
+pub mod audit;
 mod batch;
 mod error;
 mod point;

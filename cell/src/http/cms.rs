@@ -194,13 +194,13 @@ pub async fn audit(
     let items: Vec<AuditView> = rows
         .into_iter()
         .take(limit as usize)
-        .map(|(id, at, actor, action, target, details)| AuditView {
-            id,
-            at,
-            actor,
-            action,
-            target,
-            details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
+        .map(|r| AuditView {
+            details: serde_json::from_str(&r.details).unwrap_or(serde_json::Value::Null),
+            id: r.id,
+            at: r.at,
+            actor: r.actor,
+            action: r.action,
+            target: r.target,
         })
         .collect();
     let next_cursor = more

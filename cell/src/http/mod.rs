@@ -259,7 +259,7 @@ pub fn router(cell: Arc<Cell>) -> Router {
     // call is reachable from the internet through it. (Routers also pass
     // only the public API, common/src/paths.rs; this holds without them.)
     let grpc = tonic::service::Routes::new(
-        homecell_proto::cell::cell_service_server::CellServiceServer::new(crate::peers::CellGrpc(
+        homecell_proto::cell::cell_service_server::CellServiceServer::new(crate::grpc::CellGrpc(
             cell.clone(),
         )),
     )

@@ -3,7 +3,7 @@
 
 use super::{ApiResult, Auth, ClientType, Json, cursor};
 use super::{Path, Query};
-use crate::identity::keys::now_ms;
+use crate::clock::now_ms;
 use crate::notice::store::{Delivery, InboxItem, Redrive, Template};
 use crate::notice::{CHANNELS, template};
 use crate::state::Cell;

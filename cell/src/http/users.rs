@@ -2,7 +2,7 @@
 
 use super::Path;
 use super::{ApiError, ApiResult, Auth, Bearer, Json, json};
-use crate::identity::keys::now_ms;
+use crate::clock::now_ms;
 use crate::identity::service::not_at_home;
 use crate::identity::store::{Address, ProfileFields, User, UserProfile};
 use crate::state::Cell;

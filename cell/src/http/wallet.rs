@@ -210,7 +210,7 @@ pub async fn provider_callback(
     body: Bytes,
 ) -> ApiResult<Response> {
     let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
-    let now = crate::identity::keys::now_ms() / 1000;
+    let now = crate::clock::now_ms() / 1000;
     cell.money
         .providers
         .verify(&provider, signature, &body, now)?;

@@ -10,9 +10,9 @@
 //! both win.
 
 use super::service::Identity;
+use crate::clock::now_ms;
 use crate::db::Datastore;
 use crate::db::{DbError, DbResult};
-use crate::identity::keys::now_ms;
 use crate::{on_db, write_db};
 use std::time::Duration;
 

@@ -5,6 +5,7 @@
 //! region's metadata at the control plane, from where every router and
 //! cell learns them.
 
+use crate::clock::now_ms;
 use crate::db::Datastore;
 use crate::identity::seal::{self, Seal};
 use crate::identity::store::SigningKeyRow;
@@ -36,13 +37,6 @@ pub struct Keys {
     region: String,
     seal: Option<Arc<Seal>>,
     state: ArcSwap<KeySetState>,
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn new_key_row(region: &str, seal: Option<&Seal>) -> Result<(SigningKey, SigningKeyRow)> {

@@ -4,16 +4,19 @@
 //! storage layer does the SQL.
 
 use super::identifier::Identifier;
-use super::keys::{Keys, Verifier, now_ms};
+use super::keys::{Keys, Verifier};
 use super::password::{self, HashError, Hasher};
 use super::store::{
-    Address, AuditEntry, NewUser, RefreshOutcome, ResetLimits, Rotation, Session, User,
-    UserProfile, reset_budget_key_of_user,
+    Address, NewUser, RefreshOutcome, ResetLimits, Rotation, Session, User, UserProfile,
+    reset_budget_key_of_user,
 };
+use crate::clock::now_ms;
 use crate::db::Datastore;
 use crate::db::DbError;
+use crate::db::audit::AuditEntry;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use homecell_common::hex::sha256;
 use homecell_common::jwt::{Claims, MAX_ACCESS_TTL_SECS, TokenError};
 use homecell_common::replica::Replica;
 use homecell_proto::control::{
@@ -86,7 +89,7 @@ fn invalid_credentials() -> CodedError {
 fn reset_budget_key(id: &Identifier, user_id: Option<&str>) -> String {
     match user_id {
         Some(u) => reset_budget_key_of_user(u),
-        None => format!("id:{}", sha256_hex(&id.qualified())),
+        None => format!("id:{}", sha256(&id.qualified())),
     }
 }
 
@@ -108,14 +111,6 @@ fn random_token(bytes: usize) -> String {
 /// Compares without an early exit, so timing does not reveal a prefix.
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-pub(crate) fn sha256_hex(s: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Counts one attempt against `limiter` for the client's address.
@@ -573,12 +568,8 @@ impl Identity {
         let refresh = self.new_refresh_token();
         // Two logins of one client type racing on PostgreSQL: the unique
         // index lets one in; the other retries and replaces it.
-        let replaced = match self.db.open_session(&session, &sha256_hex(&refresh)).await {
-            Err(DbError::Conflict) => {
-                self.db
-                    .open_session(&session, &sha256_hex(&refresh))
-                    .await?
-            }
+        let replaced = match self.db.open_session(&session, &sha256(&refresh)).await {
+            Err(DbError::Conflict) => self.db.open_session(&session, &sha256(&refresh)).await?,
             other => other?,
         };
         if let Some(old) = replaced {
@@ -650,8 +641,8 @@ impl Identity {
         let outcome = self
             .db
             .rotate_refresh(&Rotation {
-                old_hash: &sha256_hex(refresh_token),
-                new_hash: &sha256_hex(&next),
+                old_hash: &sha256(refresh_token),
+                new_hash: &sha256(&next),
                 salt: &salt,
                 now: now_ms(),
                 grace_ms: REFRESH_GRACE_MS,
@@ -905,7 +896,7 @@ impl Identity {
             .create_reset(
                 &reset_id,
                 &user_id,
-                &sha256_hex(&format!("{reset_id}:{code}")),
+                &sha256(&format!("{reset_id}:{code}")),
                 now + RESET_TTL_MS,
                 &payload.to_string(),
                 now,
@@ -956,7 +947,7 @@ impl Identity {
         else {
             return Err(bad());
         };
-        let given = sha256_hex(&format!("{reset_id}:{}", code.trim()));
+        let given = sha256(&format!("{reset_id}:{}", code.trim()));
         if !constant_time_eq(given.as_bytes(), code_hash.as_bytes()) {
             return Err(bad());
         }

@@ -6,21 +6,7 @@ use super::claims::settle_claim;
 use crate::db::Datastore;
 use crate::{in_tx, on_db, write_db};
 
-/// Appends an audit entry inside the caller's transaction.
-macro_rules! insert_audit {
-    ($tx:ident, $e:expr) => {
-        sqlx::query("INSERT INTO audit_log (id, at, actor, action, target, details) VALUES ($1, $2, $3, $4, $5, $6)")
-            .bind(uuid::Uuid::now_v7().to_string())
-            .bind($e.at)
-            .bind($e.actor)
-            .bind($e.action)
-            .bind($e.target)
-            .bind(&$e.details)
-            .execute(&mut *$tx)
-            .await?
-    };
-}
-pub(crate) use insert_audit;
+use crate::db::audit::{AuditEntry, insert_audit};
 
 use crate::db::{DbError, DbResult};
 
@@ -190,7 +176,6 @@ pub struct ProfileFields<'a> {
 }
 
 type KeyTuple = (String, Vec<u8>, Vec<u8>, i64, Option<i64>);
-pub type AuditTuple = (String, i64, String, String, Option<String>, String);
 
 #[derive(Debug, Clone)]
 pub struct NewUser<'a> {
@@ -1166,25 +1151,6 @@ impl Datastore {
         Ok(changed)
     }
 
-    pub async fn audit(&self, e: &AuditEntry<'_>) -> DbResult<()> {
-        in_tx!(self, tx => { insert_audit!(tx, e); });
-        Ok(())
-    }
-
-    /// Audit entries newest first, before the cursor `(at, id)`.
-    pub async fn audit_log(
-        &self,
-        before: Option<(i64, String)>,
-        limit: i64,
-    ) -> DbResult<Vec<AuditTuple>> {
-        let (at, id) = before.unwrap_or((i64::MAX, String::new()));
-        let sql = "SELECT id, at, actor, action, target, details FROM audit_log WHERE (at < $1 OR (at = $1 AND id < $2)) \
-                   ORDER BY at DESC, id DESC LIMIT $3";
-        Ok(
-            on_db!(self, p => sqlx::query_as(sql).bind(at).bind(&id).bind(limit).fetch_all(p).await?),
-        )
-    }
-
     // ------------------------------------------------------------ signing keys
 
     /// Replaces a key's stored form, if it is still `was` (another instance
@@ -1226,12 +1192,4 @@ impl Datastore {
         let r = write_db!(self, p => sqlx::query("DELETE FROM signing_keys WHERE retired_at IS NOT NULL AND retired_at < $1").bind(before).execute(p).await?.rows_affected());
         Ok(r)
     }
-}
-
-pub struct AuditEntry<'a> {
-    pub at: i64,
-    pub actor: &'a str,
-    pub action: &'a str,
-    pub target: Option<&'a str>,
-    pub details: String,
 }

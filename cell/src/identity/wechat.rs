@@ -6,8 +6,8 @@
 //! yet); the client gets our own tokens. An openid signs in its bound user,
 //! or creates one, claimed globally as `wechat:<openid>` so it has one home.
 
-use super::keys::now_ms;
 use super::service::{Identity, TokenPair};
+use crate::clock::now_ms;
 use homecell_proto::error::{CodedError, ErrorCode};
 use std::time::Duration;
 

@@ -3,10 +3,10 @@
 //! Writes that arrive while a commit is being made wait for the next one.
 //! A batch is one `BEGIN IMMEDIATE` transaction: read the operations,
 //! accounts and holds the batch touches (three queries), apply every write
-//! in arrival order to that in-memory copy with exactly the rules of
-//! `ledger::apply!` (available balance, balance limit, a hold resolved once
-//! and matching its post or void, operation ids unique, conditional saga
-//! steps), then write the results with a handful of multi-row statements and
+//! in arrival order to that in-memory copy with the ledger's one rule
+//! (`rule::check` and `rule::resolves`, which the per-statement path uses
+//! too; a hold resolved once, operation ids unique and conditional saga
+//! steps are the unique indexes and `WHERE` of that path), then write the results with a handful of multi-row statements and
 //! commit with one fsync. A refused write changes nothing; the others in the
 //! batch are unaffected. Each caller hears back only after the commit that
 //! holds its write, so "answered" still means "durable".
@@ -16,8 +16,8 @@
 //! commit, so nothing changes under it. PostgreSQL (several cell instances,
 //! row locks, its own group commit) keeps the per-statement path.
 
-use super::currency::BALANCE_LIMIT;
 use super::ledger::{LedgerError, LedgerResult, Move, Operation, OutboxEvent, Phase, op_cols};
+use super::rule::{self, Columns};
 use crate::db::DbError;
 use futures::FutureExt;
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
@@ -124,7 +124,7 @@ struct Acc {
     kind: String,
     owner: Option<String>,
     currency: String,
-    cols: [i64; 4],
+    cols: Columns,
     created_at: i64,
 }
 
@@ -143,47 +143,27 @@ struct State {
 }
 
 impl State {
-    /// Applies `moves` all or nothing, with `ledger::apply!`'s rules.
+    /// Applies `moves` all or nothing, with the ledger's rule.
     fn apply(&mut self, moves: &[Move], now: i64) -> LedgerResult<()> {
-        let mut scratch: HashMap<String, Acc> = HashMap::new();
+        // The balances the moves touch, judged on a copy so a refusal of a
+        // later move leaves nothing of the earlier ones.
+        let mut view = rule::View::new();
+        for a in moves.iter().flat_map(|m| [&m.debit, &m.credit]) {
+            let cols = self.accounts.get(&a.id).map(|acc| acc.cols);
+            view.insert(a.id.clone(), cols.unwrap_or_default());
+        }
         let mut new_holds = Vec::new();
         let mut new_resolved = Vec::new();
         for m in moves {
             if let Some(p) = &m.pending_id {
                 let hold = self.holds.get(p);
-                if hold != Some(&(m.debit.id.clone(), m.credit.id.clone(), m.amount)) {
-                    return Err(LedgerError::Invariant(format!(
-                        "{} does not match hold {p}",
-                        m.id
-                    )));
-                }
+                rule::resolves(m, hold.map(|(d, c, a)| (d.as_str(), c.as_str(), *a)))?;
                 if self.resolved.contains(p) || new_resolved.contains(p) {
                     return Err(LedgerError::Exists);
                 }
                 new_resolved.push(p.clone());
             }
-            for (account, (dpend, dpost, cpend, cpost, need)) in m.deltas() {
-                let acc = scratch.entry(account.id.clone()).or_insert_with(|| {
-                    self.accounts.get(&account.id).cloned().unwrap_or(Acc {
-                        kind: account.kind.to_string(),
-                        owner: account.owner.clone(),
-                        currency: account.currency.clone(),
-                        cols: [0; 4],
-                        created_at: now,
-                    })
-                });
-                let [dp, dq, cp, cq] = acc.cols;
-                let limit = BALANCE_LIMIT - m.amount;
-                let funded = need == 0 || cq - dq - dp >= need;
-                if !funded || dp + dq > limit || cp + cq > limit {
-                    return Err(if need > 0 {
-                        LedgerError::InsufficientFunds
-                    } else {
-                        LedgerError::Overflow
-                    });
-                }
-                acc.cols = [dp + dpend, dq + dpost, cp + cpend, cq + cpost];
-            }
+            rule::apply(&mut view, m)?;
             if m.phase == Phase::Pending {
                 new_holds.push((
                     m.id.clone(),
@@ -191,9 +171,16 @@ impl State {
                 ));
             }
         }
-        for (id, acc) in scratch {
-            self.dirty_accounts.insert(id.clone());
-            self.accounts.insert(id, acc);
+        for a in moves.iter().flat_map(|m| [&m.debit, &m.credit]) {
+            let acc = self.accounts.entry(a.id.clone()).or_insert_with(|| Acc {
+                kind: a.kind.to_string(),
+                owner: a.owner.clone(),
+                currency: a.currency.clone(),
+                cols: Columns::default(),
+                created_at: now,
+            });
+            acc.cols = view[&a.id];
+            self.dirty_accounts.insert(a.id.clone());
         }
         self.holds.extend(new_holds);
         self.resolved.extend(new_resolved);
@@ -316,12 +303,12 @@ async fn commit(
                     kind: r.try_get("kind")?,
                     owner: r.try_get("owner")?,
                     currency: r.try_get("currency")?,
-                    cols: [
-                        r.try_get("debits_pending")?,
-                        r.try_get("debits_posted")?,
-                        r.try_get("credits_pending")?,
-                        r.try_get("credits_posted")?,
-                    ],
+                    cols: Columns {
+                        debits_pending: r.try_get("debits_pending")?,
+                        debits_posted: r.try_get("debits_posted")?,
+                        credits_pending: r.try_get("credits_pending")?,
+                        credits_posted: r.try_get("credits_posted")?,
+                    },
                     created_at: r.try_get("created_at")?,
                 },
             );
@@ -369,10 +356,10 @@ async fn write(tx: &mut sqlx::Transaction<'_, Sqlite>, st: &State) -> Result<(),
                 .push_bind(a.kind.as_str())
                 .push_bind(a.owner.as_deref())
                 .push_bind(a.currency.as_str())
-                .push_bind(a.cols[0])
-                .push_bind(a.cols[1])
-                .push_bind(a.cols[2])
-                .push_bind(a.cols[3])
+                .push_bind(a.cols.debits_pending)
+                .push_bind(a.cols.debits_posted)
+                .push_bind(a.cols.credits_pending)
+                .push_bind(a.cols.credits_posted)
                 .push_bind(a.created_at);
         });
         qb.push(

@@ -1,18 +1,15 @@
 //! The ledger tables, for both backends: accounts, immutable transfers and
 //! the operations clients asked for.
 //!
-//! Every balance change goes through `apply!`, which updates the two
-//! accounts of a transfer in account-id order (so two transfers touching the
-//! same accounts in opposite directions queue instead of deadlocking on
-//! PostgreSQL), checks a wallet's available balance in the same conditional
-//! `UPDATE` that holds the funds, and refuses any column passing
-//! `BALANCE_LIMIT`. An operation and its transfers commit together or not
-//! at all.
+//! On this per-statement path every balance change goes through
+//! `apply_moves!`: it reads the operation's accounts locked, in account-id
+//! order, lets `rule::apply` judge each move, and writes the result. An
+//! operation and its transfers commit together or not at all.
 
-use super::currency::BALANCE_LIMIT;
+use super::rule;
 use crate::db::Datastore;
 use crate::db::DbError;
-use crate::identity::store::{AuditEntry, insert_audit};
+use crate::db::audit::{AuditEntry, insert_audit};
 use crate::{in_tx, on_db, write_db};
 use sqlx::Row;
 
@@ -87,10 +84,6 @@ impl Account {
             currency: currency.into(),
         }
     }
-
-    fn is_wallet(&self) -> bool {
-        self.kind == "wallet"
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,102 +138,109 @@ impl Move {
     }
 }
 
-/// Column changes of one account: (debits_pending, debits_posted,
-/// credits_pending, credits_posted, available balance required).
-pub(super) type Delta = (i64, i64, i64, i64, i64);
-
-impl Move {
-    /// The two accounts and their changes, in lock order.
-    pub(super) fn deltas(&self) -> [(&Account, Delta); 2] {
-        let a = self.amount;
-        // Only a wallet's own spending is checked; system and clearing
-        // accounts are the other side of money entering or leaving.
-        let need = if self.debit.is_wallet() { a } else { 0 };
-        let (debit, credit) = match self.phase {
-            Phase::Single => ((0, a, 0, 0, need), (0, 0, 0, a, 0)),
-            Phase::Pending => ((a, 0, 0, 0, need), (0, 0, a, 0, 0)),
-            Phase::Post => ((-a, a, 0, 0, 0), (0, 0, -a, a, 0)),
-            Phase::Void => ((-a, 0, 0, 0, 0), (0, 0, -a, 0, 0)),
-        };
-        let pair = [(&self.debit, debit), (&self.credit, credit)];
-        if self.debit.id <= self.credit.id {
-            pair
-        } else {
-            [pair[1], pair[0]]
-        }
-    }
-}
-
-/// Writes one `Move` inside the transaction `$tx`; evaluates to
-/// `LedgerResult<()>`. A refusal leaves the transaction to be rolled back by
-/// the caller's `?`.
-macro_rules! apply {
-    ($tx:ident, $m:expr, $now:expr) => {
+/// Writes `$moves` inside the transaction `$tx`, judged by the ledger's one
+/// rule (`rule.rs`); evaluates to `LedgerResult<()>`. A refusal leaves the
+/// transaction to be rolled back by the caller's `?`. `$lock` is what locks
+/// the rows read (` FOR UPDATE` on PostgreSQL; SQLite's write transaction
+/// already excludes every other writer).
+macro_rules! apply_moves {
+    ($tx:ident, $moves:expr, $now:expr, $lock:expr) => {
         async {
-            let m: &Move = $m;
-            if let Some(pending) = &m.pending_id {
-                // A post or void must match the hold it resolves exactly.
-                let hold: Option<(String, String, i64)> = sqlx::query_as(
-                    "SELECT debit_account, credit_account, amount FROM ledger_transfers WHERE id = $1 AND phase = 'pending'",
-                )
-                .bind(pending)
-                .fetch_optional(&mut *$tx)
-                .await?;
-                if hold != Some((m.debit.id.clone(), m.credit.id.clone(), m.amount)) {
-                    return Err(LedgerError::Invariant(format!(
-                        "{} does not match hold {pending}",
-                        m.id
-                    )));
-                }
+            let moves: &[Move] = $moves;
+            if moves.is_empty() {
+                return Ok::<(), LedgerError>(());
             }
-            for (account, (dpend, dpost, cpend, cpost, need)) in m.deltas() {
+            let mut accounts: Vec<&Account> =
+                moves.iter().flat_map(|m| [&m.debit, &m.credit]).collect();
+            accounts.sort_by(|a, b| a.id.cmp(&b.id));
+            accounts.dedup_by(|a, b| a.id == b.id);
+            // Every account exists, then every one is read (and locked) in
+            // account-id order.
+            let params = |per: usize| {
+                (0..accounts.len())
+                    .map(|i| {
+                        let p: Vec<String> = (1..=per).map(|j| format!("${}", i * per + j)).collect();
+                        format!("({})", p.join(", "))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let insert = format!(
+                "INSERT INTO ledger_accounts (id, kind, owner, currency, created_at) VALUES {} ON CONFLICT (id) DO NOTHING",
+                params(5)
+            );
+            // Only placeholders and a fixed suffix are formatted in.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(insert));
+            for a in &accounts {
+                q = q.bind(&a.id).bind(a.kind).bind(&a.owner).bind(&a.currency).bind($now);
+            }
+            q.execute(&mut *$tx).await?;
+            let ids: Vec<String> = (1..=accounts.len()).map(|i| format!("${i}")).collect();
+            let select = format!(
+                "SELECT id, debits_pending, debits_posted, credits_pending, credits_posted FROM ledger_accounts \
+                 WHERE id IN ({}) ORDER BY id{}",
+                ids.join(", "),
+                $lock
+            );
+            let mut q = sqlx::query_as::<_, (String, i64, i64, i64, i64)>(sqlx::AssertSqlSafe(select));
+            for a in &accounts {
+                q = q.bind(&a.id);
+            }
+            let mut view = rule::View::new();
+            for (id, debits_pending, debits_posted, credits_pending, credits_posted) in q.fetch_all(&mut *$tx).await? {
+                view.insert(id, rule::Columns { debits_pending, debits_posted, credits_pending, credits_posted });
+            }
+            for m in moves {
+                if let Some(pending) = &m.pending_id {
+                    let hold: Option<(String, String, i64, bool)> = sqlx::query_as(
+                        "SELECT debit_account, credit_account, amount, \
+                         EXISTS (SELECT 1 FROM ledger_transfers r WHERE r.pending_id = t.id) \
+                         FROM ledger_transfers t WHERE id = $1 AND phase = 'pending'",
+                    )
+                    .bind(pending)
+                    .fetch_optional(&mut *$tx)
+                    .await?;
+                    rule::resolves(m, hold.as_ref().map(|(d, c, a, _)| (d.as_str(), c.as_str(), *a)))?;
+                    // Resolved already (a retry, or a second worker): the
+                    // unique index would refuse it too, but only after the
+                    // balances had been judged on a hold no longer there.
+                    if hold.is_some_and(|h| h.3) {
+                        return Err(LedgerError::Exists);
+                    }
+                }
+                rule::apply(&mut view, m)?;
+            }
+            // The rows are locked: writing the judged balances is writing
+            // what the rule allowed, nothing else.
+            for a in &accounts {
+                let c = view[&a.id];
                 sqlx::query(
-                    "INSERT INTO ledger_accounts (id, kind, owner, currency, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+                    "UPDATE ledger_accounts SET debits_pending = $1, debits_posted = $2, credits_pending = $3, credits_posted = $4 WHERE id = $5",
                 )
-                .bind(&account.id)
-                .bind(account.kind)
-                .bind(&account.owner)
-                .bind(&account.currency)
+                .bind(c.debits_pending)
+                .bind(c.debits_posted)
+                .bind(c.credits_pending)
+                .bind(c.credits_posted)
+                .bind(&a.id)
+                .execute(&mut *$tx)
+                .await?;
+            }
+            for m in moves {
+                sqlx::query(
+                    "INSERT INTO ledger_transfers (id, operation_id, debit_account, credit_account, amount, phase, pending_id, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&m.id)
+                .bind(&m.operation_id)
+                .bind(&m.debit.id)
+                .bind(&m.credit.id)
+                .bind(m.amount)
+                .bind(m.phase.as_str())
+                .bind(&m.pending_id)
                 .bind($now)
                 .execute(&mut *$tx)
                 .await?;
-                let updated = sqlx::query(
-                    "UPDATE ledger_accounts SET debits_pending = debits_pending + $1, debits_posted = debits_posted + $2, \
-                     credits_pending = credits_pending + $3, credits_posted = credits_posted + $4 \
-                     WHERE id = $5 AND ($6 = 0 OR credits_posted - debits_posted - debits_pending >= $6) \
-                     AND debits_pending + debits_posted <= $7 AND credits_pending + credits_posted <= $7",
-                )
-                .bind(dpend)
-                .bind(dpost)
-                .bind(cpend)
-                .bind(cpost)
-                .bind(&account.id)
-                .bind(need)
-                .bind(BALANCE_LIMIT - m.amount)
-                .execute(&mut *$tx)
-                .await?;
-                if updated.rows_affected() != 1 {
-                    return Err(if need > 0 {
-                        LedgerError::InsufficientFunds
-                    } else {
-                        LedgerError::Overflow
-                    });
-                }
             }
-            sqlx::query(
-                "INSERT INTO ledger_transfers (id, operation_id, debit_account, credit_account, amount, phase, pending_id, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            )
-            .bind(&m.id)
-            .bind(&m.operation_id)
-            .bind(&m.debit.id)
-            .bind(&m.credit.id)
-            .bind(m.amount)
-            .bind(m.phase.as_str())
-            .bind(&m.pending_id)
-            .bind($now)
-            .execute(&mut *$tx)
-            .await?;
             Ok::<(), LedgerError>(())
         }
         .await
@@ -409,6 +409,15 @@ pub struct HistoryFilter<'a> {
 }
 
 impl Datastore {
+    /// What locks the ledger rows a write reads: PostgreSQL's row lock;
+    /// SQLite's write transaction already holds the whole database.
+    fn row_lock(&self) -> &'static str {
+        match self {
+            Datastore::Sqlite(..) => "",
+            Datastore::Postgres(_) => " FOR UPDATE",
+        }
+    }
+
     pub async fn operation(&self, id: &str) -> LedgerResult<Option<Operation>> {
         let sql = concat!(
             "SELECT ",
@@ -432,11 +441,10 @@ impl Datastore {
         side: &SideEffects<'_>,
     ) -> LedgerResult<()> {
         let now = op.created_at;
+        let lock = self.row_lock();
         in_tx!(self, tx => {
             insert_op!(tx, op);
-            for m in moves {
-                apply!(tx, m, now)?;
-            }
+            apply_moves!(tx, moves, now, lock)?;
             side_effects!(tx, side, now);
         });
         Ok(())
@@ -466,6 +474,7 @@ impl Datastore {
         side: &SideEffects<'_>,
         now: i64,
     ) -> LedgerResult<bool> {
+        let lock = self.row_lock();
         let moved = in_tx!(self, tx => {
             let r = sqlx::query(
                 "UPDATE money_operations SET state = $1, saga_step = $2, error_code = COALESCE($3, error_code), \
@@ -483,9 +492,7 @@ impl Datastore {
             .execute(&mut *tx)
             .await?;
             if r.rows_affected() == 1 {
-                for m in moves {
-                    apply!(tx, m, now)?;
-                }
+                apply_moves!(tx, moves, now, lock)?;
                 side_effects!(tx, side, now);
                 true
             } else {

@@ -7,6 +7,8 @@ pub mod currency;
 pub mod group;
 pub mod ledger;
 pub mod provider;
+pub mod rule;
 pub mod saga;
+pub mod saga_moves;
 pub mod service;
 pub mod withdrawal;

@@ -192,7 +192,7 @@ impl Providers {
         payout_id: &str,
     ) -> Asked {
         let body = body.to_string();
-        let now = crate::identity::keys::now_ms() / 1000;
+        let now = crate::clock::now_ms() / 1000;
         let signature = webhook::sign_with(&p.key, body.as_bytes(), now);
         let resp = match self
             .http
@@ -235,7 +235,7 @@ impl Providers {
         let Some(signature) = signature else {
             return undecided(format!("unsigned answer ({status})"));
         };
-        let now = crate::identity::keys::now_ms() / 1000;
+        let now = crate::clock::now_ms() / 1000;
         if let Err(why) = webhook::verify(&p.key, &signature, &bytes, now) {
             return undecided(format!("answer not verified: {why}"));
         }

@@ -17,9 +17,10 @@
 //! cannot apply anything twice. The step to run next is durable in the row;
 //! the worker resumes whatever is due after a restart.
 
-use super::ledger::{Account, LedgerError, Move, Operation, Phase, SideEffects, StepUpdate};
+use super::ledger::{LedgerError, Operation, Phase, SideEffects, StepUpdate};
+use super::saga_moves::{coordinator_move, incoming, participant_move};
 use super::service::{Money, received_event};
-use crate::identity::keys::now_ms;
+use crate::clock::now_ms;
 use homecell_proto::cell::{IncomingResponse, IncomingTransfer};
 use homecell_proto::error::{CodedError, ErrorCode};
 use std::collections::HashSet;
@@ -32,47 +33,6 @@ use tokio_util::sync::CancellationToken;
 /// jitter so that a recovering peer is not hit by every saga at once.
 const BASE_BACKOFF_MS: i64 = 200;
 const MAX_BACKOFF_MS: i64 = 10_000;
-
-/// Step 1's ledger move at the coordinator.
-pub fn hold_move(op: &Operation) -> Move {
-    coordinator_move(op, "hold", Phase::Pending)
-}
-
-fn coordinator_move(op: &Operation, step: &str, phase: Phase) -> Move {
-    Move {
-        id: format!("{}:{step}", op.id),
-        operation_id: op.id.clone(),
-        debit: Account::wallet(op.from_user.as_deref().unwrap_or_default(), &op.currency),
-        credit: Account::clearing(op.peer_region.as_deref().unwrap_or_default(), &op.currency),
-        amount: op.amount,
-        phase,
-        pending_id: (phase != Phase::Pending).then(|| format!("{}:hold", op.id)),
-    }
-}
-
-fn participant_move(op: &Operation, step: &str, phase: Phase) -> Move {
-    Move {
-        id: format!("{}:in-{step}", op.id),
-        operation_id: op.id.clone(),
-        debit: Account::clearing(op.peer_region.as_deref().unwrap_or_default(), &op.currency),
-        credit: Account::wallet(op.to_user.as_deref().unwrap_or_default(), &op.currency),
-        amount: op.amount,
-        phase,
-        pending_id: (phase != Phase::Pending).then(|| format!("{}:in-hold", op.id)),
-    }
-}
-
-fn incoming(op: &Operation, region: &str) -> IncomingTransfer {
-    IncomingTransfer {
-        transfer_id: op.id.clone(),
-        from_region: region.to_string(),
-        from_user: op.from_user.clone().unwrap_or_default(),
-        to_user: op.to_user.clone().unwrap_or_default(),
-        amount: op.amount,
-        currency: op.currency.clone(),
-        memo: op.memo.clone().unwrap_or_default(),
-    }
-}
 
 /// Runs due saga steps: the ones kicked by new transfers at once, the rest
 /// (retries, and everything left over by a crash) from a periodic scan.

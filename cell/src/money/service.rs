@@ -11,10 +11,11 @@ use super::group::{GroupCommit, Step, Write};
 use super::ledger::{
     Account, LedgerError, LedgerResult, Move, Operation, OutboxEvent, SideEffects, StepUpdate,
 };
+use crate::clock::now_ms;
 use crate::db::Datastore;
-use crate::identity::keys::now_ms;
-use crate::identity::service::{Principal, sha256_hex};
-use crate::identity::store::AuditEntry;
+use crate::db::audit::AuditEntry;
+use crate::identity::service::Principal;
+use homecell_common::hex::sha256;
 use homecell_common::replica::Replica;
 use homecell_proto::error::{CodedError, ErrorCode};
 use std::sync::Arc;
@@ -87,7 +88,7 @@ pub fn derive_id(kind: &str, actor: &str, key: &str) -> String {
 
 /// The id of an operation and the hash of its request's `parts`.
 pub(super) fn operation_id(kind: &str, actor: &str, key: &str, parts: &[&str]) -> (String, String) {
-    (derive_id(kind, actor, key), sha256_hex(&parts.join("\0")))
+    (derive_id(kind, actor, key), sha256(&parts.join("\0")))
 }
 
 /// An `Idempotency-Key` must be a UUID.
@@ -338,7 +339,7 @@ impl Money {
         op.saga_role = Some("coordinator".into());
         op.saga_step = Some("hold_peer".into());
         op.next_attempt_at = Some(now);
-        let m = super::saga::hold_move(&op);
+        let m = super::saga_moves::hold_move(&op);
         let op = self.commit(op, &[m], &SideEffects::default()).await?;
         crate::failpoint::hit("saga.coordinator.after_hold");
         if op.saga_step.as_deref() == Some("hold_peer") {

@@ -13,7 +13,7 @@
 use super::ledger::{Account, Move, Operation, OutboxEvent, Phase, SideEffects, StepUpdate};
 use super::provider::Payout;
 use super::service::{Money, Outcome, check_amount, operation_id};
-use crate::identity::keys::now_ms;
+use crate::clock::now_ms;
 use crate::identity::service::Principal;
 use homecell_proto::error::{CodedError, ErrorCode};
 

@@ -8,7 +8,7 @@
 use super::store::{Delivery, Event, FanOut, InboxItem, Template};
 use super::template::render;
 use super::{CRITICAL, Live, Notices};
-use crate::identity::keys::now_ms;
+use crate::clock::now_ms;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -9,7 +9,7 @@
 
 use super::store::Delivery;
 use super::{NoticeConfig, Notices};
-use crate::identity::keys::now_ms;
+use crate::clock::now_ms;
 use lettre::message::{Mailbox, MultiPart};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use std::time::Duration;
