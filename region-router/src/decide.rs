@@ -1,15 +1,21 @@
-//! Which cell a request goes to, or why it goes nowhere. Pure: the proxy
-//! phases read the routing keys and call these.
-//!
-//! Routing keys, most specific first (see `proxy.rs` for where each is read):
-//! 1. a user-addressed path (`/v1/users/{id}…`): that user's home, from the directory;
-//! 2. a bearer token: its home-region claim;
+//! Which cell a request goes to, or why it goes nowhere. Pure: `routing.rs`
+//! gathers a request's routing keys (the I/O: directory lookups, the token,
+//! a small body, GeoIP) into `Keys`, and `choose` carries the whole
+//! precedence, most specific first:
+//! 1. a user-addressed path (`/v1/users/{id}…`): that user's home, from the
+//!    directory;
+//! 2. a bearer token: its user's home in the directory, else its
+//!    home-region claim (the directory changes when a user moves, the token
+//!    does not);
 //! 3. login and reset: the identifier's home, from the directory (by HMAC);
 //! 4. refresh: the region prefix of the refresh token;
 //! 5. registration: an explicit preference (the body's `region`, else
-//!    `x-home-region`) for an active region, else the default;
+//!    `x-home-region`) for an active region, else the active region that
+//!    lists the client's country, else the default;
 //! 6. `x-home-region` (only without a token);
 //! 7. the router's default region.
+//!
+//! `admit` then says whether that region's cell takes the request.
 
 use crate::routes::{RouteTable, Upstream};
 use homecell_proto::ErrorCode;
@@ -58,6 +64,89 @@ impl Basis {
             Self::Header => "header",
             Self::Default => "default",
         }
+    }
+}
+
+/// What a request's body says about its home (read only for the routes
+/// that carry a routing key, and only when no path or token decides).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyKey {
+    /// Login or reset: the identifier's home, if the directory knows it.
+    Identifier(Option<String>),
+    /// Refresh: the region prefix of the refresh token, if well formed.
+    Refresh(Option<String>),
+    /// Registration: the body's `region`, and the client's country (GeoIP).
+    Register {
+        preference: Option<String>,
+        country: Option<String>,
+    },
+}
+
+/// A request's routing keys, as `routing.rs` gathered them (borrowed from
+/// the replica's state and the request, so gathering allocates nothing).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Keys<'a> {
+    /// The home of the user the path names, if the directory knows them.
+    pub path_user: Option<&'a str>,
+    /// A verified token: (its home-region claim, its user's home in the
+    /// directory if known).
+    pub token: Option<(&'a str, Option<&'a str>)>,
+    pub body: Option<BodyKey>,
+    /// A valid `x-home-region`.
+    pub header: Option<&'a str>,
+}
+
+impl Keys<'_> {
+    /// Whether a body key could still decide: reading a body costs, so it is
+    /// read only when neither the path nor a token has.
+    pub fn body_can_decide(&self) -> bool {
+        self.path_user.is_none() && self.token.is_none()
+    }
+}
+
+/// Where `choose` sends a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    pub region: String,
+    pub basis: Basis,
+    /// A registration (a draining region refuses it).
+    pub registration: bool,
+}
+
+/// The precedence of routing keys (see the top of this file).
+pub fn choose(keys: &Keys<'_>, table: &RouteTable) -> Choice {
+    let to = |region: &str, basis| Choice {
+        region: region.to_string(),
+        basis,
+        registration: false,
+    };
+    if let Some(home) = keys.path_user {
+        return to(home, Basis::UserPath);
+    }
+    if let Some((claim, directory)) = keys.token {
+        return to(directory.unwrap_or(claim), Basis::Token);
+    }
+    match &keys.body {
+        Some(BodyKey::Identifier(Some(home))) => return to(home, Basis::Identifier),
+        Some(BodyKey::Refresh(Some(home))) => return to(home, Basis::Refresh),
+        Some(BodyKey::Register {
+            preference,
+            country,
+        }) => {
+            let preference = preference.as_deref().or(keys.header);
+            return Choice {
+                registration: true,
+                ..to(
+                    &registration_region(table, preference, country.as_deref()),
+                    Basis::Registration,
+                )
+            };
+        }
+        _ => {}
+    }
+    match keys.header {
+        Some(h) => to(h, Basis::Header),
+        None => to(&table.default_region, Basis::Default),
     }
 }
 
@@ -177,6 +266,119 @@ mod tests {
             &RouteTable::default(),
         )
         .await
+    }
+
+    /// The default table: cn-east active (and the default), eu-west
+    /// draining, us-old retired.
+    fn keys() -> Keys<'static> {
+        Keys::default()
+    }
+
+    fn some(s: &str) -> Option<&str> {
+        Some(s)
+    }
+
+    fn register(preference: Option<&str>, country: Option<&str>) -> Option<BodyKey> {
+        Some(BodyKey::Register {
+            preference: preference.map(String::from),
+            country: country.map(String::from),
+        })
+    }
+
+    fn chose(keys: &Keys<'_>, t: &RouteTable) -> (String, Basis, bool) {
+        let c = choose(keys, t);
+        (c.region, c.basis, c.registration)
+    }
+
+    #[tokio::test]
+    async fn step_1_a_user_in_the_path_wins_over_everything() {
+        let t = table().await;
+        let k = Keys {
+            path_user: some("eu-west"),
+            token: Some(("cn-east", some("us-old"))),
+            body: register(Some("cn-east"), None),
+            header: some("cn-east"),
+        };
+        assert_eq!(chose(&k, &t), ("eu-west".into(), Basis::UserPath, false));
+        assert!(!k.body_can_decide());
+    }
+
+    #[tokio::test]
+    async fn step_2_a_token_goes_to_its_users_home_and_the_directory_wins_the_tie() {
+        let t = table().await;
+        let mut k = Keys {
+            token: Some(("cn-east", None)),
+            body: Some(BodyKey::Identifier(Some("eu-west".into()))),
+            header: some("eu-west"),
+            ..keys()
+        };
+        assert_eq!(chose(&k, &t), ("cn-east".into(), Basis::Token, false));
+        // A user who moved: the directory knows, the token's claim does not.
+        k.token = Some(("cn-east", some("eu-west")));
+        assert_eq!(chose(&k, &t), ("eu-west".into(), Basis::Token, false));
+        assert!(!k.body_can_decide());
+        // A registration sent with a token is routed by the token, and is
+        // not a registration to refuse at a draining region.
+        k.body = register(None, None);
+        assert_eq!(chose(&k, &t), ("eu-west".into(), Basis::Token, false));
+    }
+
+    #[tokio::test]
+    async fn step_3_an_identifier_goes_home_and_an_unknown_one_falls_through() {
+        let t = table().await;
+        let mut k = Keys {
+            body: Some(BodyKey::Identifier(Some("eu-west".into()))),
+            header: some("us-old"),
+            ..keys()
+        };
+        assert!(k.body_can_decide());
+        assert_eq!(chose(&k, &t), ("eu-west".into(), Basis::Identifier, false));
+        k.body = Some(BodyKey::Identifier(None));
+        assert_eq!(chose(&k, &t), ("us-old".into(), Basis::Header, false));
+        k.header = None;
+        assert_eq!(chose(&k, &t), ("cn-east".into(), Basis::Default, false));
+    }
+
+    #[tokio::test]
+    async fn step_4_a_refresh_token_names_its_region() {
+        let t = table().await;
+        let mut k = Keys {
+            body: Some(BodyKey::Refresh(Some("eu-west".into()))),
+            header: some("us-old"),
+            ..keys()
+        };
+        assert_eq!(chose(&k, &t), ("eu-west".into(), Basis::Refresh, false));
+        k.body = Some(BodyKey::Refresh(None));
+        assert_eq!(chose(&k, &t), ("us-old".into(), Basis::Header, false));
+    }
+
+    #[tokio::test]
+    async fn step_5_registration_prefers_the_body_then_the_header_then_the_default() {
+        let t = table().await;
+        let mut k = Keys {
+            body: register(Some("cn-east"), None),
+            header: some("eu-west"),
+            ..keys()
+        };
+        assert_eq!(chose(&k, &t), ("cn-east".into(), Basis::Registration, true));
+        // No body preference: the header is the preference, but a
+        // draining region takes no registrations, so the default does.
+        k.body = register(None, None);
+        assert_eq!(chose(&k, &t), ("cn-east".into(), Basis::Registration, true));
+        k.header = None;
+        assert_eq!(chose(&k, &t), ("cn-east".into(), Basis::Registration, true));
+    }
+
+    #[tokio::test]
+    async fn step_6_and_7_the_header_then_the_default() {
+        let t = table().await;
+        let mut k = Keys {
+            header: some("eu-west"),
+            ..keys()
+        };
+        assert_eq!(chose(&k, &t), ("eu-west".into(), Basis::Header, false));
+        k.header = None;
+        assert_eq!(chose(&k, &t), ("cn-east".into(), Basis::Default, false));
     }
 
     /// A region whose cells gossip has seen go down is refused at once,

@@ -8,7 +8,7 @@
 //!   deadline of that byte (clients.rs)      (missed: closed)
 //! read the request header                  (a malformed one: 400, closed)
 //!   ├─ request id, trace context
-//!   ├─ route (proxy.rs): path, token, small auth bodies, header
+//!   ├─ route (routing.rs): path, token, small auth bodies, header
 //!   │    → a region that admits the request, or a problem answer
 //!   ├─ forward (forward.rs) to one of its cell instances; a refused
 //!   │    connect tries the next, a "moved" answer replays once
@@ -26,7 +26,8 @@ use crate::clients::{Admission, Arrival, ClientLimits};
 use crate::decide::{CELL_DOWN_RETRY_AFTER, Refusal};
 use crate::forward::{self, Failure};
 use crate::metrics;
-use crate::proxy::{Ctx, Router, respond_problem};
+use crate::problem::respond_problem;
+use crate::state::{Ctx, Router};
 use async_trait::async_trait;
 use homecell_proto::ErrorCode;
 use pingora::ErrorType;

@@ -21,7 +21,7 @@ use crate::decide;
 use crate::edge::Edge;
 use crate::metrics;
 use crate::pool;
-use crate::proxy::Ctx;
+use crate::state::Ctx;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::HttpTask;
@@ -362,7 +362,7 @@ async fn new_connection(
     edge: &Edge,
     addr: std::net::SocketAddr,
     sni: &str,
-    cells: &crate::proxy::CellClient,
+    cells: &crate::live::CellClient,
 ) -> pingora::Result<pingora::protocols::Stream> {
     // Built from a SocketAddr: HttpPeer::new would panic on a name it
     // cannot resolve.

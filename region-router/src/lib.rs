@@ -2,6 +2,7 @@
 //! user's home cell over mTLS, on a routing table built from a persisted
 //! replica of the control plane's state.
 
+pub mod access_log;
 pub mod background;
 pub mod clients;
 pub mod config;
@@ -13,11 +14,13 @@ pub mod health;
 pub mod live;
 pub mod metrics;
 pub mod pool;
-pub mod proxy;
+pub mod problem;
 pub mod public_tls;
 pub mod ratelimit;
 pub mod route_key;
 pub mod routes;
+pub mod routing;
+pub mod state;
 pub mod workers;
 
 use anyhow::Result;
@@ -70,7 +73,7 @@ pub fn run(config: config::RouterConfig, config_path: Option<std::path::PathBuf>
     let reloader = Arc::new(live::Reloader::new(config_path, config.clone())?);
     server.bootstrap();
 
-    let router = proxy::Router {
+    let router = state::Router {
         table: table.clone(),
         replica: replica.clone(),
         tokens: Arc::new(homecell_common::token_cache::TokenCache::default()),
@@ -94,7 +97,7 @@ pub fn run(config: config::RouterConfig, config_path: Option<std::path::PathBuf>
     }
     let edge = edge::Edge::new(
         router,
-        proxy::connector_options(&server.configuration, &config.tls),
+        live::connector_options(&server.configuration, &config.tls),
         config.clients.clone(),
     );
     server.add_service(workers::Workers::new(edge, listeners, config.threads));

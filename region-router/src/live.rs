@@ -12,13 +12,48 @@
 
 use crate::config::RouterConfig;
 use crate::geo::{Geo, TrustedProxies};
-use crate::proxy::CellClient;
 use anyhow::Result;
 use arc_swap::ArcSwap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
+
+/// What the proxy needs to reach cells. The client certificate and the CA
+/// are not here but in the proxy's connector (`connector_options`): a
+/// per-peer certificate makes Pingora build a TLS configuration for every
+/// new connection (so sessions never resume) and hash the certificate, by
+/// formatting its serial, on every pool lookup.
+pub struct CellClient {
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl CellClient {
+    pub fn new(t: &crate::config::UpstreamTimeouts) -> Self {
+        Self {
+            connect_timeout: Duration::from_millis(t.connect_ms),
+            read_timeout: Duration::from_millis(t.read_ms),
+            idle_timeout: Duration::from_millis(t.idle_ms),
+        }
+    }
+}
+
+/// The proxy's upstream connector: our CA only (no system roots) and our
+/// client certificate, loaded once for every connection to every cell.
+pub fn connector_options(
+    conf: &pingora::server::configuration::ServerConf,
+    tls: &homecell_common::tls::TlsPaths,
+) -> pingora::connectors::ConnectorOptions {
+    let mut o = pingora::connectors::ConnectorOptions::from_server_conf(conf);
+    o.ca_file = Some(tls.ca.display().to_string());
+    o.cert_key_file = Some((
+        tls.cert.display().to_string(),
+        tls.key.display().to_string(),
+    ));
+    o
+}
 
 /// What requests and table rebuilds read, swapped whole on reload.
 pub struct Live {
