@@ -5,7 +5,7 @@
 use anyhow::Result;
 use homecell_common::replica::Replica;
 use homecell_control_plane::store::Store;
-use homecell_harness::{Cluster, start_standard};
+use homecell_harness::standard;
 use homecell_proto::control::IdentifierClaim;
 use std::time::Duration;
 
@@ -24,8 +24,7 @@ fn user(n: u32) -> (String, String, &'static str) {
 
 #[tokio::test]
 async fn a_directory_of_several_snapshot_parts_reaches_routers_and_cells() -> Result<()> {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let mut c = standard().start().await?;
     // A user registered the usual way, before the import.
     let api = homecell_harness::api::Api::new(&c.router_url(0), "eu-west");
     let (_, login) = api

@@ -1,7 +1,7 @@
 //! Faults: a killed cell is marked down within seconds; its users get a fast
 //! 503 with Retry-After; other regions are unaffected; recovery is automatic.
 
-use homecell_harness::{Cluster, start_standard};
+use homecell_harness::{Cluster, standard};
 use std::time::{Duration, Instant};
 
 type Result<T = ()> = anyhow::Result<T>;
@@ -33,8 +33,7 @@ async fn region_status(c: &Cluster, region: &str) -> Result<(u16, Option<String>
 
 #[tokio::test]
 async fn a_killed_cell_is_marked_down_and_recovers() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let mut c = standard().start().await?;
     assert_eq!(region_status(&c, "eu-west").await?.0, 200);
 
     c.kill_cell("eu-west");
@@ -108,8 +107,7 @@ fn alive(m: &[(String, String, bool)], role: &str, region: &str) -> usize {
 /// protocol itself within seconds; the restarted cell joins again.
 #[tokio::test]
 async fn gossip_sees_a_killed_cell_go_down_and_its_restart_join() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let mut c = standard().start().await?;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let m = members(&c)?;

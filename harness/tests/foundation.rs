@@ -1,7 +1,7 @@
 //! End-to-end tests of the foundation: real control plane, cells and router
 //! processes on free ports with temp dirs, talking gRPC and HTTP over mTLS.
 
-use homecell_harness::{Cluster, start_standard};
+use homecell_harness::{Cluster, standard};
 use std::time::{Duration, Instant};
 
 type Result<T = ()> = anyhow::Result<T>;
@@ -38,8 +38,7 @@ async fn problem_code(resp: reqwest::Response) -> Result<(u16, String, Option<St
 
 #[tokio::test]
 async fn routes_by_header_to_each_regions_cell() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
 
     for region in ["cn-east", "eu-west"] {
         let resp = get_region(&c, Some(region)).await?;
@@ -72,8 +71,7 @@ async fn routes_by_header_to_each_regions_cell() -> Result {
 
 #[tokio::test]
 async fn a_new_region_reaches_router_and_cells_within_a_second() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let mut c = standard().start().await?;
     let (status, code, _) = problem_code(get_region(&c, Some("ap-south")).await?).await?;
     assert_eq!((status, code.as_str()), (404, "unknown_region"));
 
@@ -98,8 +96,7 @@ async fn a_new_region_reaches_router_and_cells_within_a_second() -> Result {
 
 #[tokio::test]
 async fn config_change_is_applied_and_acked_by_every_subscriber() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
     let out = c.cli_ok(&[
         "-o",
         "json",
@@ -200,8 +197,7 @@ async fn config_change_is_applied_and_acked_by_every_subscriber() -> Result {
 
 #[tokio::test]
 async fn draining_regions_take_no_registrations_and_retired_ones_get_503() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
     c.cli_ok(&["config", "set", "router.draining.retry_after", "45s"])?;
     let out = c.cli_ok(&["-o", "json", "region", "drain", "eu-west"])?;
     let rev = out.json()?["committed_revision"].as_u64().unwrap();
@@ -247,8 +243,7 @@ async fn draining_regions_take_no_registrations_and_retired_ones_get_503() -> Re
 
 #[tokio::test]
 async fn keeps_serving_without_the_control_plane_and_restarts_from_the_local_copy() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let mut c = standard().start().await?;
     let revision = c.revision()?;
     c.wait_applied(revision, 3, Duration::from_secs(5)).await?;
     c.kill_control_plane();
@@ -290,8 +285,7 @@ async fn keeps_serving_without_the_control_plane_and_restarts_from_the_local_cop
 
 #[tokio::test]
 async fn bad_cli_input_writes_nothing() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
     let before = c.revision()?;
     let bad: &[&[&str]] = &[
         &[
@@ -400,8 +394,7 @@ async fn bad_cli_input_writes_nothing() -> Result {
 
 #[tokio::test]
 async fn only_operators_may_change_the_control_plane() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
     // Present a cell's certificate to the operator CLI.
     let pki = c.pki_dir.clone();
     let out =

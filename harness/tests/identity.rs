@@ -2,7 +2,7 @@
 
 use homecell_harness::api::Api;
 use homecell_harness::smtp::SmtpSink;
-use homecell_harness::{Cluster, start_standard};
+use homecell_harness::{Cluster, standard};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use std::time::Duration;
@@ -16,12 +16,9 @@ async fn cluster() -> Result<(Cluster, Api, Api)> {
 }
 
 async fn cluster_with(cell_config: &str) -> Result<(Cluster, Api, Api)> {
-    let mut c = Cluster::temp()?;
-    c.cell_extra_config = cell_config.to_string();
-    start_standard(&mut c).await?;
+    let c = standard().cell_config(cell_config).start().await?;
     let cn = Api::new(&c.router_url(0), "cn-east");
     let eu = Api::new(&c.router_url(0), "eu-west");
-    c.wait_signing_keys(Duration::from_secs(15)).await?;
     Ok((c, cn, eu))
 }
 

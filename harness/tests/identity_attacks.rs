@@ -4,7 +4,7 @@
 
 use homecell_harness::api::{Api, Reply};
 use homecell_harness::smtp::SmtpSink;
-use homecell_harness::{Cluster, start_standard};
+use homecell_harness::{Cluster, standard};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -17,11 +17,11 @@ const PW: &str = "correct horse battery";
 /// `X-Forwarded-For` (127.0.0.1, the tests, is a trusted proxy), so a test
 /// can speak from any address.
 async fn cluster_with(cell_config: &str) -> Result<(Cluster, Api)> {
-    let mut c = Cluster::temp()?;
-    c.cell_extra_config = cell_config.to_string();
-    c.router_extra_config = "trusted_proxies = [\"127.0.0.1\"]\n".into();
-    start_standard(&mut c).await?;
-    c.wait_signing_keys(Duration::from_secs(15)).await?;
+    let c = standard()
+        .cell_config(cell_config)
+        .router_config("trusted_proxies = [\"127.0.0.1\"]\n")
+        .start()
+        .await?;
     let cn = Api::new(&c.router_url(0), "cn-east");
     Ok((c, cn))
 }

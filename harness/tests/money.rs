@@ -3,7 +3,7 @@
 //! adjustments, and the audit over both cells' datastores.
 
 use homecell_harness::api::Api;
-use homecell_harness::{Cluster, start_standard};
+use homecell_harness::{Cluster, standard};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -32,10 +32,10 @@ fn rand_u64() -> u64 {
 }
 
 async fn cluster(extra: &str) -> Result<Cluster> {
-    let mut c = Cluster::temp()?;
-    c.cell_extra_config = format!("{extra}[payments.testpay]\nsecret = {SECRET:?}\n");
-    start_standard(&mut c).await?;
-    c.wait_signing_keys(Duration::from_secs(15)).await?;
+    let c = standard()
+        .cell_config(&format!("{extra}[payments.testpay]\nsecret = {SECRET:?}\n"))
+        .start()
+        .await?;
     Ok(c)
 }
 
@@ -386,12 +386,13 @@ async fn a_transfer_to_an_unreachable_cell_is_voided_after_the_hold_timeout() ->
 /// payouts reconcile after 2 s), and alice with 1,000 CNY deposited.
 async fn withdrawing_alice() -> Result<(homecell_harness::provider::TestProvider, Cluster, Api)> {
     let provider = homecell_harness::provider::TestProvider::start(SECRET).await?;
-    let mut c = Cluster::temp()?;
-    c.cell_extra_config = format!(
+    let c = standard()
+        .cell_config(&format!(
         "withdrawals_via = \"testpay\"\nwithdrawal_timeout_secs = 2\n[payments.testpay]\nsecret = {SECRET:?}\npayout_url = {:?}\n",
         provider.payout_url()
-    );
-    start_standard(&mut c).await?;
+    ))
+        .start()
+        .await?;
     let cn = Api::new(&c.router_url(0), "cn-east");
     let (alice, alice_id) = user(&cn, "alice@example.com").await?;
     cn.provider_deposit("testpay", SECRET, "w", &alice_id, 1_000)

@@ -5,7 +5,7 @@
 //! pass after each crash.
 
 use homecell_harness::api::Api;
-use homecell_harness::{Cluster, start_standard};
+use homecell_harness::{Cluster, standard};
 use reqwest::StatusCode;
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -60,10 +60,10 @@ async fn wait_exit(c: &mut Cluster, region: &str) -> Result {
 
 #[tokio::test]
 async fn sagas_finish_after_kill_9_at_every_step() -> Result {
-    let mut c = Cluster::temp()?;
-    c.cell_extra_config = format!("[payments.testpay]\nsecret = {SECRET:?}\n");
-    start_standard(&mut c).await?;
-    c.wait_signing_keys(Duration::from_secs(15)).await?;
+    let mut c = standard()
+        .cell_config(&format!("[payments.testpay]\nsecret = {SECRET:?}\n"))
+        .start()
+        .await?;
     let cn = Api::new(&c.router_url(0), "cn-east");
     let eu = Api::new(&c.router_url(0), "eu-west");
     let (alice, login) = cn.signed_in("alice@example.com", PW).await?;

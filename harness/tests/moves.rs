@@ -6,7 +6,7 @@
 use anyhow::{Context, Result};
 use homecell_common::tls::{PeerIdentity, Pki, TlsPaths};
 use homecell_harness::api::Api;
-use homecell_harness::{Cluster, start_standard};
+use homecell_harness::{Cluster, standard};
 use homecell_proto::control::MoveUserRequest;
 use homecell_proto::control::directory_service_client::DirectoryServiceClient;
 use std::time::{Duration, Instant};
@@ -52,8 +52,7 @@ async fn until_applied(c: &Cluster, admin: std::net::SocketAddr, revision: u64) 
 
 #[tokio::test]
 async fn a_moved_users_requests_reach_the_new_home_once() -> Result<()> {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let mut c = standard().start().await?;
     let api = Api::new(&c.router_url(0), "cn-east");
     let (_, login) = api.signed_in("mover@example.com", PW).await?;
     let token = login["access_token"].as_str().context("token")?.to_string();
@@ -186,9 +185,10 @@ const PAY_SECRET: &str = "testpay-shared-secret-0123456789";
 async fn cell_move_user_carries_the_account_to_the_new_home() -> Result<()> {
     use reqwest::{Method, StatusCode};
     use serde_json::json;
-    let mut c = Cluster::temp()?;
-    c.cell_extra_config = format!("[payments.testpay]\nsecret = {PAY_SECRET:?}\n");
-    start_standard(&mut c).await?;
+    let c = standard()
+        .cell_config(&format!("[payments.testpay]\nsecret = {PAY_SECRET:?}\n"))
+        .start()
+        .await?;
     let east = Api::new(&c.router_url(0), "cn-east");
 
     // A user with a profile, an address and a notice preference.

@@ -12,7 +12,7 @@
 use homecell_harness::api::Api;
 use homecell_harness::provider::{TestSms, TestWechat};
 use homecell_harness::smtp::SmtpSink;
-use homecell_harness::{Cluster, start_standard};
+use homecell_harness::standard;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -45,17 +45,17 @@ async fn no_secret_or_personal_data_reaches_a_log() -> Result {
     // An SMS provider in an outage: a code sent by SMS dies.
     let sms = TestSms::start(SMS_SECRET, true).await?;
     let wechat = TestWechat::start("wx-leak-app", WX_SECRET).await?;
-    let mut c = Cluster::temp()?;
-    c.cell_extra_config = format!(
-        "{}[[notice.sms]]\nname = \"down\"\nurl = {:?}\nsecret = {SMS_SECRET:?}\n\
+    let c = standard()
+        .cell_config(&format!(
+            "{}[[notice.sms]]\nname = \"down\"\nurl = {:?}\nsecret = {SMS_SECRET:?}\n\
          [wechat]\nbase_url = {:?}\nappid = \"wx-leak-app\"\nsecret = {WX_SECRET:?}\n\
          [payments.testpay]\nsecret = {PAY_SECRET:?}\n",
-        mail.cell_config(),
-        sms.url(),
-        wechat.base_url()
-    );
-    start_standard(&mut c).await?;
-    c.wait_signing_keys(Duration::from_secs(15)).await?;
+            mail.cell_config(),
+            sms.url(),
+            wechat.base_url()
+        ))
+        .start()
+        .await?;
     c.cli_ok(&["config", "set", "notice.outbox.max_attempts", "1"])?;
     let cn = Api::new(&c.router_url(0), "cn-east");
     let email = "private.person@leak-check.test";

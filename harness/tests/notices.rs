@@ -6,7 +6,7 @@
 use homecell_harness::api::Api;
 use homecell_harness::provider::TestSms;
 use homecell_harness::smtp::SmtpSink;
-use homecell_harness::{Cluster, start_standard};
+use homecell_harness::{Cluster, standard};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -18,10 +18,12 @@ const SMS_SECRET: &str = "sms-provider-secret-0123456789";
 const PAY_SECRET: &str = "testpay-shared-secret-0123456789";
 
 async fn cluster(extra: &str) -> Result<Cluster> {
-    let mut c = Cluster::temp()?;
-    c.cell_extra_config = format!("{extra}[payments.testpay]\nsecret = {PAY_SECRET:?}\n");
-    start_standard(&mut c).await?;
-    c.wait_signing_keys(Duration::from_secs(15)).await?;
+    let c = standard()
+        .cell_config(&format!(
+            "{extra}[payments.testpay]\nsecret = {PAY_SECRET:?}\n"
+        ))
+        .start()
+        .await?;
     Ok(c)
 }
 

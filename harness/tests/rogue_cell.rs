@@ -6,7 +6,7 @@
 type Result<T = ()> = anyhow::Result<T>;
 use homecell_common::tls::{PeerIdentity, Pki, TlsPaths};
 use homecell_harness::api::Api;
-use homecell_harness::{Cluster, start_standard};
+use homecell_harness::{Cluster, standard};
 use homecell_proto::cell::cell_service_client::CellServiceClient;
 use homecell_proto::cell::{
     CheckSessionRequest, ForwardDepositRequest, ImportUserRequest, IncomingTransfer,
@@ -76,10 +76,10 @@ fn now_secs() -> i64 {
 /// signed, and only as the region its certificate names.
 #[tokio::test]
 async fn a_rogue_cell_cannot_mint_money_in_another_region() -> Result {
-    let mut c = Cluster::temp()?;
-    c.cell_extra_config = format!("[payments.testpay]\nsecret = {SECRET:?}\n");
-    start_standard(&mut c).await?;
-    c.wait_signing_keys(Duration::from_secs(15)).await?;
+    let c = standard()
+        .cell_config(&format!("[payments.testpay]\nsecret = {SECRET:?}\n"))
+        .start()
+        .await?;
     let eu = Api::new(&c.router_url(0), "eu-west");
     let (victim_api, login) = eu.signed_in("payee@x.test", PW).await?;
     let victim = login["user_id"].as_str().unwrap().to_string();
@@ -148,8 +148,7 @@ async fn a_rogue_cell_cannot_mint_money_in_another_region() -> Result {
 
 #[tokio::test]
 async fn a_rogue_cell_cannot_reach_into_another_region() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
     c.wait_signing_keys(Duration::from_secs(15)).await?;
     let eu = Api::new(&c.router_url(0), "eu-west");
     let (me, login) = eu.signed_in("victim@x.test", PW).await?;
@@ -208,8 +207,7 @@ async fn a_rogue_cell_cannot_reach_into_another_region() -> Result {
 /// the internet's requests with its own certificate).
 #[tokio::test]
 async fn cell_service_admits_cells_only() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
     let endpoint = format!("https://{}", c.cells["cn-east"].api);
     for identity in [
         PeerIdentity::Router {

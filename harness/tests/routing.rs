@@ -2,7 +2,7 @@
 //! concern without the client naming a region.
 
 use homecell_harness::api::Api;
-use homecell_harness::{Cluster, start_standard};
+use homecell_harness::{Cluster, standard, start_standard};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -39,8 +39,7 @@ async fn call(
 
 #[tokio::test]
 async fn every_auth_step_reaches_the_home_cell_without_a_region_header() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
     use reqwest::Method;
 
     // Registration honours an explicit preference for an active region.
@@ -153,8 +152,7 @@ async fn every_auth_step_reaches_the_home_cell_without_a_region_header() -> Resu
 
 #[tokio::test]
 async fn invalid_tokens_and_oversize_auth_bodies_stop_at_the_router() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
     use reqwest::Method;
     let api = Api::new(&c.router_url(0), "cn-east");
     let (_, login) = api.signed_in("wes", PW).await?;
@@ -273,8 +271,7 @@ async fn registration_is_homed_by_the_clients_country_behind_trusted_proxies() -
 
 #[tokio::test]
 async fn any_router_reaches_the_home_cell() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let mut c = standard().start().await?;
     // A second router, in eu-west, defaulting to eu-west.
     let b = c.start_router("eu-west", "eu-west").await?;
     c.wait_ready(std::time::Duration::from_secs(20)).await?;
@@ -332,8 +329,7 @@ async fn any_router_reaches_the_home_cell() -> Result {
 
 #[tokio::test]
 async fn hostile_headers_and_tokens_never_crash_the_router() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let mut c = standard().start().await?;
     let url = format!("{}/v1/users/me", c.router_url(0));
     let long = "a".repeat(60_000);
     let cases: Vec<(&str, Vec<u8>)> = vec![
@@ -402,8 +398,7 @@ async fn read_body(s: &mut tokio::net::TcpStream, head: &str) -> Result<Vec<u8>>
 #[tokio::test]
 async fn hop_by_hop_headers_and_expect_continue_are_handled_at_the_router() -> Result {
     use tokio::io::AsyncWriteExt;
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
     let mut s = tokio::net::TcpStream::connect(c.routers[0].listen).await?;
 
     // A client that waits for 100 Continue before its login body gets it
@@ -461,8 +456,7 @@ async fn hop_by_hop_headers_and_expect_continue_are_handled_at_the_router() -> R
 
 #[tokio::test]
 async fn rate_limits_apply_live_from_control_plane_config() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
     let burst = |n: usize| {
         let http = c.http().clone();
         let url = format!("{}/v1/region", c.router_url(0));
@@ -511,8 +505,7 @@ fn log_of(p: Option<&homecell_harness::Process>) -> String {
 
 #[tokio::test]
 async fn one_trace_follows_a_request_from_the_router_across_cells() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
     c.wait_signing_keys(std::time::Duration::from_secs(20))
         .await?;
     let base = c.router_url(0);
@@ -632,8 +625,7 @@ async fn hup_until(c: &Cluster, pid: u32, result: &str, n: u32) -> Result {
 /// changes nothing; a fixed setting is reported, not applied.
 #[tokio::test]
 async fn router_file_settings_reload_on_sighup() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
     let register = |id: &'static str| {
         c.http()
             .post(format!("{}/v1/auth/register", c.router_url(0)))
@@ -688,8 +680,7 @@ async fn router_file_settings_reload_on_sighup() -> Result {
 /// silently taking half its connections.
 #[tokio::test]
 async fn a_second_router_on_a_taken_port_refuses_to_start() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
     let config = std::fs::read_to_string(c.root.join("config/router-0.toml"))?;
     let admin = homecell_harness::free_port();
     let second: String = config
@@ -737,8 +728,7 @@ async fn a_second_router_on_a_taken_port_refuses_to_start() -> Result {
 #[tokio::test]
 async fn client_connections_are_spread_over_the_router_workers() -> Result {
     use tokio::io::AsyncWriteExt;
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
     // Eight keep-alive connections, one request answered on each: the
     // workers' counts differ by at most two (a worker accepts only while
     // it holds at most one more than the least loaded; two can race), where
@@ -793,8 +783,7 @@ async fn client_connections_are_spread_over_the_router_workers() -> Result {
 #[tokio::test]
 async fn a_cell_serves_only_its_own_users_profile() -> Result {
     use homecell_common::tls::{PeerIdentity, TlsPaths};
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
     let west = Api::new(&c.router_url(0), "eu-west");
     let (uma, _) = west.signed_in("uma@example.com", PW).await?;
     let token = uma.token.clone().expect("signed in");
@@ -857,8 +846,7 @@ async fn a_cell_serves_only_its_own_users_profile() -> Result {
 /// problem, and never reach a cell (finding 13).
 #[tokio::test]
 async fn only_the_public_api_passes_the_router() -> Result {
-    let mut c = Cluster::temp()?;
-    start_standard(&mut c).await?;
+    let c = standard().start().await?;
     // A gRPC frame of CheckSession {session_id: "s", user_id: "u"}.
     let message = [0x0a, 0x01, b's', 0x12, 0x01, b'u'];
     let mut frame = vec![0u8, 0, 0, 0, message.len() as u8];
@@ -915,10 +903,11 @@ async fn only_the_public_api_passes_the_router() -> Result {
 /// cannot choose its own address with `x-homecell-client-ip` (finding 5).
 #[tokio::test]
 async fn per_address_limits_count_the_client_behind_a_proxy() -> Result {
-    let mut c = Cluster::temp()?;
-    c.router_extra_config = "trusted_proxies = [\"127.0.0.1\"]\n".into();
-    c.cell_extra_config = "login_attempts_per_ip_per_minute = 3\n".into();
-    start_standard(&mut c).await?;
+    let c = standard()
+        .router_config("trusted_proxies = [\"127.0.0.1\"]\n")
+        .cell_config("login_attempts_per_ip_per_minute = 3\n")
+        .start()
+        .await?;
     let api = Api::new(&c.router_url(0), "cn-east");
     let login = |client: &'static str, spoof: Option<&'static str>| {
         let api = api.clone();

@@ -3,23 +3,22 @@
 
 use homecell_harness::api::Api;
 use homecell_harness::provider::TestWechat;
-use homecell_harness::{Cluster, start_standard};
+use homecell_harness::standard;
 use reqwest::StatusCode;
 use serde_json::json;
-use std::time::Duration;
 
 type Result<T = ()> = anyhow::Result<T>;
 
 #[tokio::test]
 async fn mini_program_sign_up_and_sign_in() -> Result {
     let wx = TestWechat::start("wx-app-1", "wx-secret-0123456789").await?;
-    let mut c = Cluster::temp()?;
-    c.cell_extra_config = format!(
-        "[wechat]\nbase_url = {:?}\nappid = \"wx-app-1\"\nsecret = \"wx-secret-0123456789\"\n",
-        wx.base_url()
-    );
-    start_standard(&mut c).await?;
-    c.wait_signing_keys(Duration::from_secs(15)).await?;
+    let c = standard()
+        .cell_config(&format!(
+            "[wechat]\nbase_url = {:?}\nappid = \"wx-app-1\"\nsecret = \"wx-secret-0123456789\"\n",
+            wx.base_url()
+        ))
+        .start()
+        .await?;
     let cn = Api::new(&c.router_url(0), "cn-east").as_client("mp");
     let eu = Api::new(&c.router_url(0), "eu-west").as_client("mp");
 
