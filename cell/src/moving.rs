@@ -28,8 +28,8 @@
 
 use crate::db::Datastore;
 use crate::db::DbResult;
+use crate::db::in_tx;
 use crate::identity::store::{AddressTuple as AddressRow, UserTuple as UserRow};
-use crate::in_tx;
 use crate::state::Cell;
 use homecell_proto::error::{CodedError, ErrorCode};
 use serde::{Deserialize, Serialize};
@@ -91,7 +91,7 @@ impl Datastore {
         let sql = "SELECT COUNT(*) FROM ledger_accounts WHERE kind = 'wallet' AND owner = $1 \
                    AND (credits_posted <> debits_posted OR debits_pending <> 0 OR credits_pending <> 0)";
         let (n,): (i64,) =
-            crate::on_db!(self, p => sqlx::query_as(sql).bind(user_id).fetch_one(p).await?);
+            crate::db::on_db!(self, p => sqlx::query_as(sql).bind(user_id).fetch_one(p).await?);
         Ok(n > 0)
     }
 
@@ -115,7 +115,7 @@ impl Datastore {
 
     /// Gives a frozen account its status back (a move that did not happen).
     pub async fn thaw_user(&self, id: &str, status: &str) -> DbResult<()> {
-        crate::write_db!(self, p => sqlx::query("UPDATE users SET status = $1 WHERE id = $2 AND status = 'disabled'")
+        crate::db::write_db!(self, p => sqlx::query("UPDATE users SET status = $1 WHERE id = $2 AND status = 'disabled'")
             .bind(status).bind(id).execute(p).await.map(|_| ())?);
         Ok(())
     }
@@ -123,7 +123,7 @@ impl Datastore {
     /// The user's rows, read in one transaction.
     pub async fn export_user(&self, id: &str) -> DbResult<Option<Bundle>> {
         Ok(in_tx!(self, tx => {
-            let user: Option<UserRow> = sqlx::query_as(concat!("SELECT ", crate::user_cols!(), " FROM users WHERE id = $1"))
+            let user: Option<UserRow> = sqlx::query_as(concat!("SELECT ", crate::identity::store::user_cols!(), " FROM users WHERE id = $1"))
                 .bind(id).fetch_optional(&mut *tx).await?;
             match user {
                 None => None,
@@ -134,7 +134,7 @@ impl Datastore {
                         .bind(id).fetch_all(&mut *tx).await?,
                     password_hash: sqlx::query_as::<_, (String,)>("SELECT password_hash FROM credentials WHERE user_id = $1")
                         .bind(id).fetch_optional(&mut *tx).await?.map(|r| r.0),
-                    addresses: sqlx::query_as(concat!("SELECT ", crate::address_cols!(), " FROM addresses WHERE user_id = $1 ORDER BY created_at, id"))
+                    addresses: sqlx::query_as(concat!("SELECT ", crate::identity::store::address_cols!(), " FROM addresses WHERE user_id = $1 ORDER BY created_at, id"))
                         .bind(id).fetch_all(&mut *tx).await?,
                     roles: sqlx::query_as("SELECT role, granted_at FROM user_roles WHERE user_id = $1 ORDER BY role")
                         .bind(id).fetch_all(&mut *tx).await?,

@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
-"""The security review's black-box proofs for findings 1, 2, 6, 12 and 15
-(shared/reviews/security-2026-12.md), run against a local `./dev cluster`.
+"""Black-box proofs of the identity attacks fixed in 2026-12 (a security
+review's findings 1, 2, 6, 12 and 15: reset codes guessed by brute force, a
+permanent lockout, a stream that outlives logout, a retried refresh that
+ends the session, unlimited guesses at account deletion; docs/SECURITY.md
+says what each defence is), run against a local `./dev cluster`.
 
 Each proof tries the attack as the review describes it and prints what it
 got. Against the code the review read, every attack succeeded; each line

@@ -20,7 +20,7 @@
 //! contexts, cache and subrequest phases, a channel pair and a joined
 //! future per request) cost the router a third more CPU per request than
 //! this loop over the same Pingora sessions and connector, which made the
-//! difference to nginx (bench/README.md, "own request loop").
+//! difference to nginx (bench/HISTORY.md, "own request loop").
 
 use crate::clients::{Admission, Arrival, ClientLimits};
 use crate::decide::{CELL_DOWN_RETRY_AFTER, Refusal};

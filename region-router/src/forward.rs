@@ -332,7 +332,7 @@ async fn connect(
             Some(stream) => Ok((stream, true)),
             // Boxed: the TLS handshake's future is about 9 KB, and inline
             // it would make every request's future that large, moved
-            // into the heap once per request (bench/README.md).
+            // into the heap once per request (bench/HISTORY.md).
             None => Box::pin(new_connection(edge, addr, &up.sni, cells))
                 .await
                 .map(|s| (s, false)),

@@ -7,7 +7,7 @@
 //! and spawns the connection on a random worker, so for about half the
 //! connections each readiness event woke the serving thread from the
 //! accepting one (0.39–0.47 eventfd writes and 0.16 extra context switches
-//! per request, bench/README.md). Here a socket is registered only with
+//! per request, bench/HISTORY.md). Here a socket is registered only with
 //! the reactor of the thread that serves it.
 //!
 //! Spreading: every worker's reactor is woken by a new connection and the

@@ -12,7 +12,7 @@
 //! random worker (the router keeps idle connections per worker instead), so
 //! as a floor it is a little pessimistic. pingora-proxy's `ProxyHttp`, which
 //! the router used before its own loop, was measured as a second mode until
-//! the router left it; bench/README.md keeps those numbers.
+//! the router left it; bench/HISTORY.md keeps those numbers.
 //!
 //! ```sh
 //! pingora-floor --listen 127.0.0.1:8090 --threads 2 --ca ca.pem \

@@ -58,7 +58,7 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     router_threads: usize,
     /// nginx without the router's edge duties: no request id, no
-    /// forwarding headers (what the earlier rows of bench/README.md ran).
+    /// forwarding headers (what the earlier rows of bench/HISTORY.md ran).
     #[arg(long)]
     nginx_bare: bool,
     /// Offered load in requests/s over all connections (0: as fast as each

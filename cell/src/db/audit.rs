@@ -2,7 +2,7 @@
 //! change itself (identity, money and the host CLI all append to it).
 
 use super::{Datastore, DbResult};
-use crate::{in_tx, on_db};
+use crate::db::{in_tx, on_db};
 
 /// One entry to append.
 pub struct AuditEntry<'a> {

@@ -1,7 +1,9 @@
 //! The cell's datastore: SQLite (a file, WAL) by default, PostgreSQL for a
 //! `postgres://` URL. Typed pools behind one enum, because sqlx's `Any`
-//! driver cannot decode what we need (see STACK.md); each backend has its own
-//! migrations folder, embedded in the binary and applied at start.
+//! driver decodes only bool, integer, float, text and blob: it breaks on
+//! PostgreSQL's `SUM(bigint)` (a numeric) and on timestamps. Each backend
+//! has its own migrations folder, embedded in the binary and applied at
+//! start.
 
 use anyhow::{Context, Result, bail};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -22,7 +24,6 @@ use std::time::Duration;
 /// Runs `$body` with `$pool` bound to whichever typed pool the datastore has.
 /// The body is compiled once per backend; the SQL text is shared (both
 /// backends accept `$n` parameters).
-#[macro_export]
 macro_rules! on_db {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
@@ -31,11 +32,11 @@ macro_rules! on_db {
         }
     };
 }
+pub(crate) use on_db;
 
 /// `on_db!` for a single write outside a transaction: on SQLite it queues
 /// behind `SQLITE_WRITER` like every other writer, instead of meeting a
 /// running transaction in SQLite's sleeping busy handler.
-#[macro_export]
 macro_rules! write_db {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
@@ -47,6 +48,7 @@ macro_rules! write_db {
         }
     };
 }
+pub(crate) use write_db;
 
 /// Serialises SQLite write transactions inside the process: waiting on a
 /// tokio mutex wakes the next writer the moment the last commits, where
@@ -57,7 +59,6 @@ pub static SQLITE_WRITER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new
 /// finishes; an early return (`?`) drops it, which rolls back. SQLite takes
 /// the write lock up front (`BEGIN IMMEDIATE`, after the in-process writer
 /// mutex) so concurrent writers queue instead of failing on a lock upgrade.
-#[macro_export]
 macro_rules! in_tx {
     ($db:expr, $tx:ident => $body:expr) => {
         match $db {
@@ -77,6 +78,7 @@ macro_rules! in_tx {
         }
     };
 }
+pub(crate) use in_tx;
 
 #[derive(Clone, Debug)]
 pub enum Datastore {
@@ -170,7 +172,7 @@ impl Datastore {
                     Some("SELECT pg_advisory_xact_lock(7243110)"),
                 ),
             };
-        crate::in_tx!(self, tx => {
+        crate::db::in_tx!(self, tx => {
             if let Some(lock) = lock {
                 sqlx::query(lock).execute(&mut *tx).await?;
             }
@@ -228,13 +230,13 @@ impl Datastore {
     /// A `cell_info` entry: facts about this datastore itself.
     pub async fn cell_info(&self, key: &str) -> Result<Option<String>> {
         Ok(
-            crate::on_db!(self, p => sqlx::query_scalar("SELECT value FROM cell_info WHERE key = $1")
+            crate::db::on_db!(self, p => sqlx::query_scalar("SELECT value FROM cell_info WHERE key = $1")
             .bind(key).fetch_optional(p).await?),
         )
     }
 
     pub async fn set_cell_info(&self, key: &str, value: &str) -> Result<()> {
-        crate::write_db!(self, p => {
+        crate::db::write_db!(self, p => {
             sqlx::query("INSERT INTO cell_info (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2")
                 .bind(key).bind(value).execute(p).await?;
         });

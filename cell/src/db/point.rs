@@ -2,7 +2,7 @@
 //!
 //! sqlx runs each SQLite connection on a thread of its own, so every
 //! statement is a hand-off there and back: on two cores those wake-ups,
-//! not SQLite, were most of an authenticated read's cost (bench/README.md,
+//! not SQLite, were most of an authenticated read's cost (bench/HISTORY.md,
 //! 2026-12-03). The reads every authenticated request makes (the session
 //! check, the own profile) are lookups by primary key that take SQLite a
 //! few microseconds, so they run here instead, on the calling thread,

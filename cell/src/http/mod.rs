@@ -7,6 +7,7 @@ pub mod auth;
 pub mod cms;
 pub mod notices;
 pub mod openapi;
+pub mod permission;
 pub mod region;
 pub mod users;
 pub mod wallet;
@@ -251,7 +252,13 @@ pub fn router(cell: Arc<Cell>) -> Router {
     let table = openapi::routes();
     let mut r = Router::new();
     for route in table {
-        r = r.route(route.path, route.handler);
+        let handler = match route.access {
+            openapi::Access::Permission(p) => route.handler.route_layer(
+                middleware::from_fn_with_state((cell.clone(), p), permission::require),
+            ),
+            _ => route.handler,
+        };
+        r = r.route(route.path, handler);
     }
     // Cell-to-cell gRPC shares the listener (and its mTLS identity check),
     // and admits cells only, whatever the method: a router forwards

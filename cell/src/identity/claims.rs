@@ -13,7 +13,7 @@ use super::service::Identity;
 use crate::clock::now_ms;
 use crate::db::Datastore;
 use crate::db::{DbError, DbResult};
-use crate::{on_db, write_db};
+use crate::db::{on_db, write_db};
 use std::time::Duration;
 
 /// How often the reconciliation (and the reset-budget pruning) runs, at

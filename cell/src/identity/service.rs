@@ -246,7 +246,7 @@ pub struct Identity {
     pub claim_settle_ms: i64,
     pub peers: Arc<crate::peers::Peers>,
     /// Access tokens verified before: their Ed25519 check was about a
-    /// tenth of the cell's CPU on an authenticated read (bench/README.md).
+    /// tenth of the cell's CPU on an authenticated read (bench/HISTORY.md).
     pub tokens: homecell_common::token_cache::TokenCache,
 }
 

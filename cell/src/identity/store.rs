@@ -4,7 +4,7 @@
 
 use super::claims::settle_claim;
 use crate::db::Datastore;
-use crate::{in_tx, on_db, write_db};
+use crate::db::{in_tx, on_db, write_db};
 
 use crate::db::audit::{AuditEntry, insert_audit};
 
@@ -85,12 +85,12 @@ impl From<UserTuple> for User {
     }
 }
 
-#[macro_export]
 macro_rules! user_cols {
     () => {
         "id, status, display_name, locale, bio, avatar_url, version, created_at, updated_at"
     };
 }
+pub(crate) use user_cols;
 
 /// A user's roles, by name, as a JSON array: each backend's aggregate over
 /// `user_roles` for the user whose id is `$user` (an SQL expression).
@@ -379,12 +379,12 @@ impl From<AddressTuple> for Address {
     }
 }
 
-#[macro_export]
 macro_rules! address_cols {
     () => {
         "id, label, recipient, phone, line1, line2, city, state, postal_code, country, is_default, created_at, updated_at"
     };
 }
+pub(crate) use address_cols;
 
 pub struct SigningKeyRow {
     pub kid: String,

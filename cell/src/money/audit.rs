@@ -75,7 +75,7 @@ async fn snapshot(db: &Datastore) -> LedgerResult<CellLedger> {
     type AccountTuple = (String, String, Option<String>, String, i64, i64, i64, i64);
     type Quad = (String, String, String, i64);
     type Snapshot = (String, Vec<AccountTuple>, Vec<Quad>, Vec<String>, Vec<Quad>);
-    let (region, accounts, sums, open, unconfirmed): Snapshot = crate::on_db!(db, pool => {
+    let (region, accounts, sums, open, unconfirmed): Snapshot = crate::db::on_db!(db, pool => {
         let mut tx = pool.begin().await.map_err(DbError::from)?;
         if db.backend() == "postgres" {
             sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx).await.map_err(DbError::from)?;

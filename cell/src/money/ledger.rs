@@ -10,7 +10,7 @@ use super::rule;
 use crate::db::Datastore;
 use crate::db::DbError;
 use crate::db::audit::{AuditEntry, insert_audit};
-use crate::{in_tx, on_db, write_db};
+use crate::db::{in_tx, on_db, write_db};
 use sqlx::Row;
 
 #[derive(Debug, thiserror::Error)]

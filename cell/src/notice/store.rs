@@ -2,7 +2,7 @@
 
 use crate::db::Datastore;
 use crate::db::DbResult;
-use crate::{in_tx, on_db, write_db};
+use crate::db::{in_tx, on_db, write_db};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct Template {
