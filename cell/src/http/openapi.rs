@@ -2,7 +2,7 @@
 //! request/response types. The router is built from it and so is the
 //! OpenAPI 3.1 document, so the two cannot disagree.
 
-use super::{auth, cms, notices, region, users, wallet};
+use super::{auth, cms, me, notices, region, users, wallet};
 use crate::state::Cell;
 use axum::handler::Handler;
 use axum::http::Method;
@@ -287,8 +287,8 @@ pub fn routes() -> Vec<Route> {
             "My profile, wallet balances and unread notice count in one call",
             Bearer,
             None,
-            (200, Some(s::<notices::Me>)),
-            notices::me,
+            (200, Some(s::<me::Me>)),
+            me::me,
         ),
         with_query(
             route(
@@ -381,16 +381,16 @@ pub fn routes() -> Vec<Route> {
             Permission("templates:write"),
             None,
             (200, Some(s::<Vec<crate::notice::store::Template>>)),
-            notices::list_templates,
+            cms::templates::list_templates,
         ),
         route(
             Method::PUT,
             "/v1/cms/templates/{key}/{channel}/{locale}",
             "Create or replace a template ({{variables}} are checked)",
             Permission("templates:write"),
-            Some(s::<notices::TemplateBody>),
+            Some(s::<cms::templates::TemplateBody>),
             (204, None),
-            notices::put_template,
+            cms::templates::put_template,
         ),
         route(
             Method::DELETE,
@@ -399,7 +399,7 @@ pub fn routes() -> Vec<Route> {
             Permission("templates:write"),
             None,
             (204, None),
-            notices::delete_template,
+            cms::templates::delete_template,
         ),
         with_query(
             route(
@@ -408,8 +408,8 @@ pub fn routes() -> Vec<Route> {
                 "Deliveries that failed too often (the dead-letter queue)",
                 Permission("outbox:manage"),
                 None,
-                (200, Some(s::<notices::DeadPage>)),
-                notices::dead_letters,
+                (200, Some(s::<cms::outbox::DeadPage>)),
+                cms::outbox::dead_letters,
             ),
             &["limit", "cursor"],
         ),
@@ -420,16 +420,16 @@ pub fn routes() -> Vec<Route> {
             Permission("outbox:manage"),
             None,
             (204, None),
-            notices::redrive,
+            cms::outbox::redrive,
         ),
         route(
             Method::POST,
             "/v1/cms/broadcasts",
             "Send a template to every user of this cell, or of one role (paced)",
             Permission("broadcast:send"),
-            Some(s::<notices::BroadcastRequest>),
-            (202, Some(s::<notices::BroadcastAccepted>)),
-            notices::broadcast,
+            Some(s::<cms::broadcasts::BroadcastRequest>),
+            (202, Some(s::<cms::broadcasts::BroadcastAccepted>)),
+            cms::broadcasts::broadcast,
         ),
         route(
             Method::GET,
@@ -438,16 +438,16 @@ pub fn routes() -> Vec<Route> {
             Permission("broadcast:send"),
             None,
             (200, Some(s::<Vec<crate::notice::store::Broadcast>>)),
-            notices::list_broadcasts,
+            cms::broadcasts::list_broadcasts,
         ),
         route(
             Method::POST,
             "/v1/cms/messages",
             "Send a message to a user of any region (delivered by the user's home cell)",
             Permission("broadcast:send"),
-            Some(s::<notices::MessageRequest>),
-            (202, Some(s::<notices::MessageSent>)),
-            notices::send_message,
+            Some(s::<cms::messages::MessageRequest>),
+            (202, Some(s::<cms::messages::MessageSent>)),
+            cms::messages::send_message,
         ),
         route(
             Method::GET,
@@ -522,8 +522,8 @@ pub fn routes() -> Vec<Route> {
                 "List and search users",
                 Permission("users:read"),
                 None,
-                (200, Some(s::<cms::CmsUserPage>)),
-                cms::list_users,
+                (200, Some(s::<cms::users::CmsUserPage>)),
+                cms::users::list_users,
             ),
             &["limit", "cursor", "q"],
         ),
@@ -533,8 +533,8 @@ pub fn routes() -> Vec<Route> {
             "View a user",
             Permission("users:read"),
             None,
-            (200, Some(s::<cms::CmsUser>)),
-            cms::get_user,
+            (200, Some(s::<cms::users::CmsUser>)),
+            cms::users::get_user,
         ),
         route(
             Method::POST,
@@ -543,7 +543,7 @@ pub fn routes() -> Vec<Route> {
             Permission("users:disable"),
             None,
             (204, None),
-            cms::disable_user,
+            cms::users::disable_user,
         ),
         route(
             Method::POST,
@@ -552,7 +552,7 @@ pub fn routes() -> Vec<Route> {
             Permission("users:disable"),
             None,
             (204, None),
-            cms::enable_user,
+            cms::users::enable_user,
         ),
         route(
             Method::PUT,
@@ -561,7 +561,7 @@ pub fn routes() -> Vec<Route> {
             Permission("role:assign"),
             None,
             (204, None),
-            cms::grant_role,
+            cms::users::grant_role,
         ),
         route(
             Method::DELETE,
@@ -570,7 +570,7 @@ pub fn routes() -> Vec<Route> {
             Permission("role:assign"),
             None,
             (204, None),
-            cms::revoke_role,
+            cms::users::revoke_role,
         ),
         with_query(
             route(
@@ -579,8 +579,8 @@ pub fn routes() -> Vec<Route> {
                 "The audit log, newest first",
                 Permission("audit:read"),
                 None,
-                (200, Some(s::<cms::AuditPage>)),
-                cms::audit,
+                (200, Some(s::<cms::audit::AuditPage>)),
+                cms::audit::audit,
             ),
             &["limit", "cursor"],
         ),

@@ -1,10 +1,7 @@
-//! `/v1/cms/*`: the back office. Every route needs a `cms` client token and
-//! a named permission, checked against the roles in the datastore now (not
-//! the roles in the token), so a revoked role stops working at once.
+//! `/v1/cms/users`: finding, disabling and enabling users, and their roles.
 
-use super::permission::Authorized;
-use super::{ApiResult, cursor};
-use super::{Path, Query};
+use crate::http::permission::Authorized;
+use crate::http::{ApiResult, Path, Query, cursor};
 use crate::state::Cell;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -135,57 +132,4 @@ pub async fn revoke_role(
     }
     cell.identity.set_role(&p, &id, &role, false).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Deserialize, JsonSchema)]
-pub struct AuditQuery {
-    pub limit: Option<i64>,
-    pub cursor: Option<String>,
-}
-
-#[derive(Serialize, JsonSchema)]
-pub struct AuditView {
-    pub id: String,
-    pub at: i64,
-    pub actor: String,
-    pub action: String,
-    pub target: Option<String>,
-    pub details: serde_json::Value,
-}
-
-#[derive(Serialize, JsonSchema)]
-pub struct AuditPage {
-    pub items: Vec<AuditView>,
-    pub next_cursor: Option<String>,
-}
-
-pub async fn audit(
-    State(cell): State<Arc<Cell>>,
-    _: Authorized,
-    Query(q): Query<AuditQuery>,
-) -> ApiResult<axum::Json<AuditPage>> {
-    let limit = cursor::limit(q.limit, 50, 200);
-    let before = q.cursor.as_deref().map(cursor::decode).transpose()?;
-    let rows = cell
-        .db
-        .audit_log(before, limit + 1)
-        .await
-        .map_err(CodedError::from)?;
-    let more = rows.len() as i64 > limit;
-    let items: Vec<AuditView> = rows
-        .into_iter()
-        .take(limit as usize)
-        .map(|r| AuditView {
-            details: serde_json::from_str(&r.details).unwrap_or(serde_json::Value::Null),
-            id: r.id,
-            at: r.at,
-            actor: r.actor,
-            action: r.action,
-            target: r.target,
-        })
-        .collect();
-    let next_cursor = more
-        .then(|| items.last().map(|a| cursor::encode(a.at, &a.id)))
-        .flatten();
-    Ok(axum::Json(AuditPage { items, next_cursor }))
 }

@@ -1,0 +1,93 @@
+//! `/v1/cms/messages`: a message to one user, in whichever cell is their
+//! home.
+
+use crate::clock::now_ms;
+use crate::http::permission::Authorized;
+use crate::http::{ApiResult, Json};
+use crate::state::Cell;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use homecell_proto::error::{CodedError, ErrorCode};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MessageRequest {
+    pub to_user_id: String,
+    pub title: String,
+    pub text: String,
+}
+
+#[derive(Serialize, JsonSchema)]
+pub struct MessageSent {
+    pub event_id: String,
+    /// The region of the user's home cell, where the notice was queued.
+    pub region: String,
+}
+
+/// `POST /v1/cms/messages`: a message to one user, in whichever cell is
+/// their home (cell to cell over gRPC). The path names no user, so the
+/// router sends it to the operator's own cell, where the permission lives.
+pub async fn send_message(
+    State(cell): State<Arc<Cell>>,
+    _: Authorized,
+    Json(req): Json<MessageRequest>,
+) -> ApiResult<Response> {
+    let user_id = req.to_user_id.trim().to_string();
+    let title = req.title.trim();
+    let text = req.text.trim();
+    if title.is_empty()
+        || title.chars().count() > 200
+        || text.is_empty()
+        || text.chars().count() > 4000
+    {
+        return Err(CodedError::invalid("title is 1–200 and text 1–4000 characters").into());
+    }
+    let event_id = uuid::Uuid::now_v7().to_string();
+    let payload = serde_json::json!({"title": title, "text": text}).to_string();
+    let region = cell
+        .deliver_event(&event_id, "message", &user_id, &payload)
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(MessageSent { event_id, region }),
+    )
+        .into_response())
+}
+
+impl Cell {
+    /// Queues an event for a user of any cell: here, or in their home cell
+    /// over gRPC. The region it went to.
+    pub async fn deliver_event(
+        &self,
+        event_id: &str,
+        topic: &str,
+        user_id: &str,
+        payload: &str,
+    ) -> Result<String, CodedError> {
+        let local = self.db.user(user_id).await?;
+        if local.is_some_and(|u| u.status != "deleted") {
+            self.db
+                .enqueue_event(event_id, topic, user_id, payload, now_ms())
+                .await?;
+            self.notices.wake.notify_one();
+            return Ok(self.region.clone());
+        }
+        let home = self
+            .replica
+            .state()
+            .user_region(user_id)
+            .filter(|r| *r != self.region)
+            .map(String::from)
+            .ok_or_else(|| CodedError::not_found("no such user"))?;
+        self.identity
+            .peers
+            .send_notice(&home, event_id, topic, user_id, payload)
+            .await
+            .map_err(|e| CodedError::new(ErrorCode::CellUnavailable, e))?;
+        Ok(home)
+    }
+}

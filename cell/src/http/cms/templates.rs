@@ -1,0 +1,77 @@
+//! `/v1/cms/templates`: the notice templates, per key, channel and locale.
+
+use crate::clock::now_ms;
+use crate::http::notices::{changed, check_channel, check_locale, check_name};
+use crate::http::permission::Authorized;
+use crate::http::{ApiResult, Json, Path};
+use crate::notice::store::Template;
+use crate::notice::template;
+use crate::state::Cell;
+use axum::extract::State;
+use axum::http::StatusCode;
+use homecell_proto::error::CodedError;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use std::sync::Arc;
+
+pub async fn list_templates(
+    State(cell): State<Arc<Cell>>,
+    _: Authorized,
+) -> ApiResult<axum::Json<Vec<Template>>> {
+    Ok(axum::Json(
+        cell.db.list_templates().await.map_err(CodedError::from)?,
+    ))
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateBody {
+    pub category: String,
+    /// The inbox title or email subject ({{variables}} allowed).
+    #[serde(default)]
+    pub subject: String,
+    pub body: String,
+}
+
+pub async fn put_template(
+    State(cell): State<Arc<Cell>>,
+    Authorized(p): Authorized,
+    Path((key, channel, locale)): Path<(String, String, String)>,
+    Json(req): Json<TemplateBody>,
+) -> ApiResult<StatusCode> {
+    check_name("key", &key)?;
+    check_channel("channel", &channel)?;
+    check_locale(&locale)?;
+    check_name("category", &req.category)?;
+    if req.body.len() > 16 * 1024 || req.subject.len() > 512 {
+        return Err(CodedError::invalid("subject ≤ 512 and body ≤ 16384 bytes").into());
+    }
+    for (field, text) in [("subject", &req.subject), ("body", &req.body)] {
+        template::check(text).map_err(|m| CodedError::field(field, m))?;
+    }
+    let t = Template {
+        key,
+        channel,
+        locale,
+        category: req.category,
+        subject: req.subject,
+        body: req.body,
+        updated_at: now_ms(),
+        updated_by: p.user_id.clone(),
+    };
+    cell.db.put_template(&t).await.map_err(CodedError::from)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn delete_template(
+    State(cell): State<Arc<Cell>>,
+    _: Authorized,
+    Path((key, channel, locale)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    let gone = cell
+        .db
+        .delete_template(&key, &channel, &locale)
+        .await
+        .map_err(CodedError::from)?;
+    changed(u64::from(gone))
+}
