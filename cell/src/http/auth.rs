@@ -2,6 +2,7 @@
 
 use super::Path;
 use super::{ApiResult, Auth, ClientIp, ClientType, Json, json};
+use crate::http::openapi::Route;
 use crate::identity::service::TokenPair;
 use crate::state::Cell;
 use axum::extract::State;
@@ -219,4 +220,60 @@ pub async fn confirm_reset(
 
 pub async fn jwks(State(cell): State<Arc<Cell>>) -> Response {
     axum::Json(cell.identity.keys.jwks()).into_response()
+}
+
+/// This area's routes, for the route table (`http/openapi.rs`).
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/.well-known/jwks.json", jwks)
+            .summary("The cell's token verification keys")
+            .public(),
+        Route::post("/v1/auth/register", register)
+            .summary("Register with a phone, email or username")
+            .public()
+            .body::<RegisterRequest>()
+            .returns::<RegisterResponse>(201),
+        Route::post("/v1/auth/wechat", wechat)
+            .summary("Sign in (or up) from the WeChat mini-program with a wx.login() code (x-client-type: mp); 409 home_elsewhere with x-home-region when the account lives in another region: sign in there with a new code")
+            .public()
+            .body::<WechatLoginRequest>()
+            .returns::<crate::identity::service::TokenPair>(200),
+        Route::post("/v1/auth/login", login)
+            .summary("Log in (x-client-type: app, web, mp or cms)")
+            .public()
+            .body::<LoginRequest>()
+            .returns::<crate::identity::service::TokenPair>(200)
+            .header("x-client-type", &["app", "web", "mp", "cms"]),
+        Route::post("/v1/auth/refresh", refresh)
+            .summary("Rotate a refresh token")
+            .public()
+            .body::<RefreshRequest>()
+            .returns::<crate::identity::service::TokenPair>(200),
+        Route::post("/v1/auth/logout", logout)
+            .summary("End this session")
+            .answers(204),
+        Route::get("/v1/auth/sessions", sessions)
+            .summary("My sessions")
+            .returns::<SessionList>(200),
+        Route::post("/v1/auth/sessions/revoke-others", revoke_others)
+            .summary("End every session but this one")
+            .returns::<RevokedCount>(200),
+        Route::delete("/v1/auth/sessions/{sid}", revoke_session)
+            .summary("End one of my sessions")
+            .answers(204),
+        Route::put("/v1/auth/password", change_password)
+            .summary("Change my password (ends my other sessions)")
+            .body::<ChangePassword>()
+            .answers(204),
+        Route::post("/v1/auth/password/reset", request_reset)
+            .summary("Request a reset code (answers 202 either way)")
+            .public()
+            .body::<ResetRequest>()
+            .answers(202),
+        Route::put("/v1/auth/password/reset", confirm_reset)
+            .summary("Set a new password with a reset code (ends every session)")
+            .public()
+            .body::<ResetConfirm>()
+            .answers(204),
+    ]
 }

@@ -2,6 +2,7 @@
 //! balances and the unread count.
 
 use crate::clock::now_ms;
+use crate::http::openapi::Route;
 use crate::http::{ApiResult, Auth, ClientType};
 use crate::state::Cell;
 use axum::extract::State;
@@ -43,4 +44,13 @@ pub async fn me(
             .collect(),
         unread_notices: unread.map_err(CodedError::from)?,
     }))
+}
+
+/// This area's routes, for the route table (`http/openapi.rs`).
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/v1/me", me)
+            .summary("My profile, wallet balances and unread notice count in one call")
+            .returns::<Me>(200),
+    ]
 }

@@ -2,6 +2,7 @@
 //! of new items (server-sent events).
 
 use crate::clock::now_ms;
+use crate::http::openapi::Route;
 use crate::http::{ApiResult, Auth, ClientType, Json, Path, Query, cursor};
 use crate::notice::CHANNELS;
 use crate::notice::store::InboxItem;
@@ -281,4 +282,38 @@ pub async fn stream(State(cell): State<Arc<Cell>>, Auth(p): Auth) -> ApiResult<R
         axum::http::HeaderValue::from_static("no"),
     );
     Ok(resp)
+}
+
+/// This area's routes, for the route table (`http/openapi.rs`).
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/v1/notices", list)
+            .summary("My inbox, newest first (page size depends on the client type)")
+            .returns::<InboxPage>(200)
+            .query(&["limit", "cursor", "archived"]),
+        Route::get("/v1/notices/unread-count", unread_count)
+            .summary("How many inbox items are unread")
+            .returns::<UnreadCount>(200),
+        Route::get("/v1/notices/stream", stream)
+            .summary("New inbox items as server-sent events (event: notice)"),
+        Route::post("/v1/notices/read-all", read_all)
+            .summary("Mark every inbox item read")
+            .answers(204),
+        Route::post("/v1/notices/{id}/read", read)
+            .summary("Mark one inbox item read")
+            .answers(204),
+        Route::post("/v1/notices/{id}/archive", archive)
+            .summary("Archive one inbox item")
+            .answers(204),
+        Route::delete("/v1/notices/{id}", delete)
+            .summary("Delete one inbox item")
+            .answers(204),
+        Route::get("/v1/notices/preferences", get_preferences)
+            .summary("My notice preferences per category and channel")
+            .returns::<Preferences>(200),
+        Route::put("/v1/notices/preferences", put_preferences)
+            .summary("Switch categories on or off per channel (security and money always arrive)")
+            .body::<Preferences>()
+            .answers(204),
+    ]
 }

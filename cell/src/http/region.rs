@@ -2,6 +2,7 @@
 //! replica holds.
 
 use super::ApiResult;
+use crate::http::openapi::Route;
 use crate::state::Cell;
 use axum::extract::State;
 use homecell_proto::error::{CodedError, ErrorCode};
@@ -37,4 +38,14 @@ pub async fn region(State(cell): State<Arc<Cell>>) -> ApiResult<axum::Json<Regio
         config_revision: state.revision,
         datastore: cell.db.backend().into(),
     }))
+}
+
+/// This area's routes, for the route table (`http/openapi.rs`).
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/v1/region", region)
+            .summary("This cell's region and replicated config revision")
+            .public()
+            .returns::<RegionInfo>(200),
+    ]
 }

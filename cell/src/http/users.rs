@@ -3,6 +3,7 @@
 use super::Path;
 use super::{ApiError, ApiResult, Auth, Bearer, Json, json};
 use crate::clock::now_ms;
+use crate::http::openapi::Route;
 use crate::identity::service::not_at_home;
 use crate::identity::store::{Address, ProfileFields, User, UserProfile};
 use crate::state::Cell;
@@ -410,4 +411,42 @@ pub async fn default_address(
     } else {
         Err(CodedError::not_found("no such address").into())
     }
+}
+
+/// This area's routes, for the route table (`http/openapi.rs`).
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/v1/users/me", me)
+            .summary("My profile, with an ETag")
+            .returns::<Profile>(200),
+        Route::put("/v1/users/me", update_me)
+            .summary("Update my profile (If-Match required)")
+            .body::<ProfileUpdate>()
+            .returns::<Profile>(200)
+            .header("If-Match", &[]),
+        Route::delete("/v1/users/me", delete_me)
+            .summary("Delete my account (anonymised)")
+            .body::<DeleteAccount>()
+            .answers(204),
+        Route::get("/v1/users/me/addresses", addresses)
+            .summary("My addresses")
+            .returns::<AddressList>(200),
+        Route::post("/v1/users/me/addresses", add_address)
+            .summary("Add an address")
+            .body::<AddressInput>()
+            .returns::<crate::identity::store::Address>(201),
+        Route::put("/v1/users/me/addresses/{id}", update_address)
+            .summary("Replace an address")
+            .body::<AddressInput>()
+            .returns::<crate::identity::store::Address>(200),
+        Route::delete("/v1/users/me/addresses/{id}", delete_address)
+            .summary("Delete an address")
+            .answers(204),
+        Route::post("/v1/users/me/addresses/{id}/default", default_address)
+            .summary("Make an address the default")
+            .answers(204),
+        Route::get("/v1/users/{id}", public_profile)
+            .summary("A user's public profile")
+            .returns::<PublicProfile>(200),
+    ]
 }

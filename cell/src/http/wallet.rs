@@ -4,6 +4,7 @@
 use super::permission::Authorized;
 use super::{ApiResult, Auth, Json, cursor, json};
 use super::{Path, Query};
+use crate::http::openapi::Route;
 use crate::money::ledger::{HistoryFilter, Operation};
 use crate::money::provider::{Deposit, SIGNATURE_HEADER, Signed};
 use crate::money::service::{AdjustmentRequest, Outcome, TransferRequest, parse_key};
@@ -251,4 +252,38 @@ pub async fn adjust(
 ) -> ApiResult<Response> {
     let key = idempotency_key(&headers)?;
     Ok(accepted(cell.money.adjust(&p, &user_id, &key, &req).await?))
+}
+
+/// This area's routes, for the route table (`http/openapi.rs`).
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/v1/wallet", balances)
+            .summary("My balances per currency")
+            .returns::<Wallets>(200),
+        Route::post("/v1/wallet/transfers", transfer)
+            .summary("Send money to a user of any region (header Idempotency-Key: a UUID)")
+            .body::<crate::money::service::TransferRequest>()
+            .returns::<TransferAccepted>(201),
+        Route::get("/v1/wallet/transfers", history)
+            .summary("My money operations, newest first")
+            .returns::<TransferPage>(200)
+            .query(&["limit", "cursor", "kind", "state", "currency"]),
+        Route::get("/v1/wallet/transfers/{id}", get_transfer)
+            .summary("One of my money operations, with its state")
+            .returns::<TransferView>(200),
+        Route::post("/v1/wallet/withdrawals", withdraw)
+            .summary("Withdraw to the payment provider (header Idempotency-Key); 202 while the payout runs")
+            .body::<crate::money::withdrawal::WithdrawalRequest>()
+            .returns::<TransferAccepted>(202),
+        Route::post("/v1/payments/{provider}/callback", provider_callback)
+            .summary("A payment provider's signed deposit notification (x-homecell-signature)")
+            .public()
+            .body::<crate::money::provider::Deposit>()
+            .returns::<TransferAccepted>(200),
+        Route::post("/v1/cms/users/{id}/wallet/adjustments", adjust)
+            .summary("Credit or debit a wallet, with a reason (header Idempotency-Key)")
+            .permission("money:adjust")
+            .body::<crate::money::service::AdjustmentRequest>()
+            .returns::<TransferAccepted>(201),
+    ]
 }

@@ -1,5 +1,6 @@
 //! `/v1/cms/audit`: the audit log, newest first.
 
+use crate::http::openapi::Route;
 use crate::http::permission::Authorized;
 use crate::http::{ApiResult, Query, cursor};
 use crate::state::Cell;
@@ -60,4 +61,15 @@ pub async fn audit(
         .then(|| items.last().map(|a| cursor::encode(a.at, &a.id)))
         .flatten();
     Ok(axum::Json(AuditPage { items, next_cursor }))
+}
+
+/// This area's routes, for the route table (`http/openapi.rs`).
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/v1/cms/audit", audit)
+            .summary("The audit log, newest first")
+            .permission("audit:read")
+            .returns::<AuditPage>(200)
+            .query(&["limit", "cursor"]),
+    ]
 }

@@ -2,6 +2,7 @@
 
 use crate::clock::now_ms;
 use crate::http::notices::check_name;
+use crate::http::openapi::Route;
 use crate::http::permission::Authorized;
 use crate::http::{ApiResult, Json};
 use crate::notice::template;
@@ -99,4 +100,19 @@ pub async fn list_broadcasts(
     Ok(axum::Json(
         cell.db.broadcasts(100).await.map_err(CodedError::from)?,
     ))
+}
+
+/// This area's routes, for the route table (`http/openapi.rs`).
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::post("/v1/cms/broadcasts", broadcast)
+            .summary("Send a template to every user of this cell, or of one role (paced)")
+            .permission("broadcast:send")
+            .body::<BroadcastRequest>()
+            .returns::<BroadcastAccepted>(202),
+        Route::get("/v1/cms/broadcasts", list_broadcasts)
+            .summary("Recent broadcasts and their progress")
+            .permission("broadcast:send")
+            .returns::<Vec<crate::notice::store::Broadcast>>(200),
+    ]
 }

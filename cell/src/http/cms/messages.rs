@@ -2,6 +2,7 @@
 //! home.
 
 use crate::clock::now_ms;
+use crate::http::openapi::Route;
 use crate::http::permission::Authorized;
 use crate::http::{ApiResult, Json};
 use crate::state::Cell;
@@ -90,4 +91,15 @@ impl Cell {
             .map_err(|e| CodedError::new(ErrorCode::CellUnavailable, e))?;
         Ok(home)
     }
+}
+
+/// This area's routes, for the route table (`http/openapi.rs`).
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::post("/v1/cms/messages", send_message)
+            .summary("Send a message to a user of any region (delivered by the user's home cell)")
+            .permission("broadcast:send")
+            .body::<MessageRequest>()
+            .returns::<MessageSent>(202),
+    ]
 }

@@ -10,3 +10,18 @@ pub mod messages;
 pub mod outbox;
 pub mod templates;
 pub mod users;
+
+/// The back office's routes, for the route table (`http/openapi.rs`).
+pub fn routes() -> Vec<crate::http::openapi::Route> {
+    [
+        users::routes(),
+        audit::routes(),
+        templates::routes(),
+        outbox::routes(),
+        messages::routes(),
+        broadcasts::routes(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}

@@ -1,6 +1,7 @@
 //! `/v1/cms/outbox`: the dead-letter queue of deliveries, and redriving one.
 
 use crate::clock::now_ms;
+use crate::http::openapi::Route;
 use crate::http::permission::Authorized;
 use crate::http::{ApiResult, Path, Query, cursor};
 use crate::notice::store::{Delivery, Redrive};
@@ -65,4 +66,19 @@ pub async fn redrive(
     }
     cell.notices.wake.notify_one();
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// This area's routes, for the route table (`http/openapi.rs`).
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/v1/cms/outbox/dead", dead_letters)
+            .summary("Deliveries that failed too often (the dead-letter queue)")
+            .permission("outbox:manage")
+            .returns::<DeadPage>(200)
+            .query(&["limit", "cursor"]),
+        Route::post("/v1/cms/outbox/dead/{id}/redrive", redrive)
+            .summary("Send a dead delivery again (never a one-time code: 409 failed_precondition)")
+            .permission("outbox:manage")
+            .answers(204),
+    ]
 }

@@ -2,6 +2,7 @@
 
 use crate::clock::now_ms;
 use crate::http::notices::{changed, check_channel, check_locale, check_name};
+use crate::http::openapi::Route;
 use crate::http::permission::Authorized;
 use crate::http::{ApiResult, Json, Path};
 use crate::notice::store::Template;
@@ -74,4 +75,26 @@ pub async fn delete_template(
         .await
         .map_err(CodedError::from)?;
     changed(u64::from(gone))
+}
+
+/// This area's routes, for the route table (`http/openapi.rs`).
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/v1/cms/templates", list_templates)
+            .summary("Every notice template")
+            .permission("templates:write")
+            .returns::<Vec<crate::notice::store::Template>>(200),
+        Route::put("/v1/cms/templates/{key}/{channel}/{locale}", put_template)
+            .summary("Create or replace a template ({{variables}} are checked)")
+            .permission("templates:write")
+            .body::<TemplateBody>()
+            .answers(204),
+        Route::delete(
+            "/v1/cms/templates/{key}/{channel}/{locale}",
+            delete_template,
+        )
+        .summary("Delete a template")
+        .permission("templates:write")
+        .answers(204),
+    ]
 }

@@ -1,5 +1,6 @@
 //! `/v1/cms/users`: finding, disabling and enabling users, and their roles.
 
+use crate::http::openapi::Route;
 use crate::http::permission::Authorized;
 use crate::http::{ApiResult, Path, Query, cursor};
 use crate::state::Cell;
@@ -132,4 +133,35 @@ pub async fn revoke_role(
     }
     cell.identity.set_role(&p, &id, &role, false).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// This area's routes, for the route table (`http/openapi.rs`).
+pub fn routes() -> Vec<Route> {
+    vec![
+        Route::get("/v1/cms/users", list_users)
+            .summary("List and search users")
+            .permission("users:read")
+            .returns::<CmsUserPage>(200)
+            .query(&["limit", "cursor", "q"]),
+        Route::get("/v1/cms/users/{id}", get_user)
+            .summary("View a user")
+            .permission("users:read")
+            .returns::<CmsUser>(200),
+        Route::post("/v1/cms/users/{id}/disable", disable_user)
+            .summary("Disable an account (ends its sessions)")
+            .permission("users:disable")
+            .answers(204),
+        Route::post("/v1/cms/users/{id}/enable", enable_user)
+            .summary("Enable an account")
+            .permission("users:disable")
+            .answers(204),
+        Route::put("/v1/cms/users/{id}/roles/{role}", grant_role)
+            .summary("Grant a role")
+            .permission("role:assign")
+            .answers(204),
+        Route::delete("/v1/cms/users/{id}/roles/{role}", revoke_role)
+            .summary("Revoke a role")
+            .permission("role:assign")
+            .answers(204),
+    ]
 }
