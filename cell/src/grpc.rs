@@ -51,7 +51,7 @@ impl CellService for CellGrpc {
         }
         let alive = self
             .0
-            .db
+            .identity
             .session_alive(&r.session_id, &r.user_id, crate::clock::now_ms())
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -101,12 +101,12 @@ impl CellService for CellGrpc {
             return Err(Status::invalid_argument("payload must be a JSON object"));
         }
         let cell = &self.0;
-        match cell.db.user(&r.user_id).await {
+        match cell.identity.user_row(&r.user_id).await {
             Ok(Some(u)) if u.status != "deleted" => {}
             Ok(_) => return Err(Status::not_found("no such user in this region")),
             Err(e) => return Err(Status::internal(e.to_string())),
         }
-        cell.db
+        cell.notices
             .enqueue_event(
                 &r.event_id,
                 &r.topic,

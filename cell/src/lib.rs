@@ -78,7 +78,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
     });
     let cell = Arc::new(state::Cell {
         region: config.region.clone(),
-        db: db.clone(),
+        datastore: db.backend(),
         replica: replica.clone(),
         identity: identity::service::Identity {
             region: config.region.clone(),
@@ -107,6 +107,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
         },
         money: money.clone(),
         notices: notices.clone(),
+        moves: moving::Moves::new(db.clone()),
         wechat: config
             .wechat
             .as_ref()
@@ -159,7 +160,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
         region = %config.region,
         api = %listener.local_addr()?,
         admin = %admin_addr,
-        datastore = cell.db.backend(),
+        datastore = cell.datastore,
         replica_revision = replica.state().revision,
         "cell listening"
     );

@@ -232,6 +232,19 @@ fn precondition(msg: impl Into<String>) -> CodedError {
     CodedError::new(ErrorCode::FailedPrecondition, msg.into())
 }
 
+/// What a move holds of the datastore: a move reads and writes every
+/// service's tables of one user (in one transaction on each side), so it is
+/// the one part of the cell that spans them.
+pub struct Moves {
+    pub(crate) db: Datastore,
+}
+
+impl Moves {
+    pub fn new(db: Datastore) -> Self {
+        Self { db }
+    }
+}
+
 impl Cell {
     /// Checks and applies a bundle pushed by `from` for one of its users.
     pub async fn import_moved_user(
@@ -258,7 +271,7 @@ impl Cell {
                 format!("the directory does not home this user in {from}"),
             ));
         }
-        match self.db.import_user(&b).await {
+        match self.moves.db.import_user(&b).await {
             Ok(()) => {
                 tracing::info!(user_id, from, "moved user imported");
                 Ok(())
@@ -295,7 +308,8 @@ impl Cell {
         let now = now_ms();
         if home.as_deref() == Some(to) {
             // Re-homed by an earlier run that stopped before erasing: finish.
-            self.db
+            self.moves
+                .db
                 .erase_moved_user(user_id, &format!("moved-{user_id}"), now)
                 .await
                 .map_err(internal)?;
@@ -304,16 +318,23 @@ impl Cell {
         if home.as_deref() != Some(self.region.as_str()) {
             return Err(CodedError::not_found("no such user in this region"));
         }
-        if self.db.holds_money(user_id).await.map_err(internal)? {
+        if self.moves.db.holds_money(user_id).await.map_err(internal)? {
             return Err(precondition(
                 "the user holds money: transfer or withdraw it before a move",
             ));
         }
-        let Some(status) = self.db.freeze_user(user_id, now).await.map_err(internal)? else {
+        let Some(status) = self
+            .moves
+            .db
+            .freeze_user(user_id, now)
+            .await
+            .map_err(internal)?
+        else {
             return Err(CodedError::not_found("no such user in this region"));
         };
         let moved = async {
             let mut bundle = self
+                .moves
                 .db
                 .export_user(user_id)
                 .await
@@ -342,13 +363,14 @@ impl Cell {
         let revision = match moved {
             Ok(r) => r,
             Err(e) => {
-                if let Err(t) = self.db.thaw_user(user_id, &status).await {
+                if let Err(t) = self.moves.db.thaw_user(user_id, &status).await {
                     tracing::error!(user_id, error = %t, "a move failed and the account stays disabled");
                 }
                 return Err(e);
             }
         };
-        self.db
+        self.moves
+            .db
             .erase_moved_user(user_id, &format!("moved-{user_id}"), now)
             .await
             .map_err(internal)?;

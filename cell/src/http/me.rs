@@ -28,8 +28,8 @@ pub async fn me(
     super::users::at_home(&cell, &p)?;
     let (full, balances, unread) = tokio::join!(
         cell.identity.profile(&p.user_id),
-        cell.db.balances(&p.user_id),
-        cell.db.unread_count(&p.user_id, now_ms()),
+        cell.money.balances(&p.user_id),
+        cell.notices.unread_count(&p.user_id, now_ms()),
     );
     let mut profile = super::users::profile(&cell, full?);
     if client == "mp" {

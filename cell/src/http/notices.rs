@@ -56,7 +56,7 @@ pub async fn list(
     let after = q.cursor.as_deref().map(cursor::decode).transpose()?;
     let archived = q.archived.unwrap_or(false);
     let rows = cell
-        .db
+        .notices
         .inbox_page(&p.user_id, archived, after, limit + 1, now_ms())
         .await
         .map_err(CodedError::from)?;
@@ -69,7 +69,7 @@ pub async fn unread_count(
     Auth(p): Auth,
 ) -> ApiResult<axum::Json<UnreadCount>> {
     let unread = cell
-        .db
+        .notices
         .unread_count(&p.user_id, now_ms())
         .await
         .map_err(CodedError::from)?;
@@ -89,14 +89,14 @@ pub async fn read(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let n = cell
-        .db
+        .notices
         .mark_inbox(&p.user_id, Some(&id), false, now_ms())
         .await;
     changed(n.map_err(CodedError::from)?)
 }
 
 pub async fn read_all(State(cell): State<Arc<Cell>>, Auth(p): Auth) -> ApiResult<StatusCode> {
-    cell.db
+    cell.notices
         .mark_inbox(&p.user_id, None, false, now_ms())
         .await
         .map_err(CodedError::from)?;
@@ -109,7 +109,7 @@ pub async fn archive(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let n = cell
-        .db
+        .notices
         .mark_inbox(&p.user_id, Some(&id), true, now_ms())
         .await;
     changed(n.map_err(CodedError::from)?)
@@ -120,7 +120,7 @@ pub async fn delete(
     Auth(p): Auth,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let gone = cell.db.delete_inbox(&p.user_id, &id).await;
+    let gone = cell.notices.delete_inbox(&p.user_id, &id).await;
     changed(u64::from(gone.map_err(CodedError::from)?))
 }
 
@@ -145,7 +145,7 @@ pub async fn get_preferences(
     Auth(p): Auth,
 ) -> ApiResult<axum::Json<Preferences>> {
     let rows = cell
-        .db
+        .notices
         .preferences(&p.user_id)
         .await
         .map_err(CodedError::from)?;
@@ -219,7 +219,7 @@ pub async fn put_preferences(
         check_channel(&format!("preferences[{i}].channel"), &pref.channel)?;
         rows.push((pref.category, pref.channel, pref.enabled));
     }
-    cell.db
+    cell.notices
         .set_preferences(&p.user_id, &rows)
         .await
         .map_err(CodedError::from)?;

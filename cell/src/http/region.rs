@@ -36,7 +36,7 @@ pub async fn region(State(cell): State<Arc<Cell>>) -> ApiResult<axum::Json<Regio
         status: status_name(region.status()).into(),
         countries: region.countries.clone(),
         config_revision: state.revision,
-        datastore: cell.db.backend().into(),
+        datastore: cell.datastore.into(),
     }))
 }
 

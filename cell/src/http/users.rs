@@ -180,7 +180,7 @@ pub async fn update_me(
         return Err(CodedError::fields(errors).into());
     }
     let updated = cell
-        .db
+        .identity
         .update_profile(
             &p.user_id,
             expected,
@@ -331,7 +331,7 @@ pub async fn addresses(
 ) -> ApiResult<axum::Json<AddressList>> {
     at_home(&cell, &p)?;
     let items = cell
-        .db
+        .identity
         .addresses(&p.user_id)
         .await
         .map_err(CodedError::from)?;
@@ -358,7 +358,7 @@ pub async fn update_address(
     at_home(&cell, &p)?;
     let a = r.validate(id.clone(), 0)?;
     if !cell
-        .db
+        .identity
         .update_address(&p.user_id, &a)
         .await
         .map_err(CodedError::from)?
@@ -366,7 +366,7 @@ pub async fn update_address(
         return Err(CodedError::not_found("no such address").into());
     }
     let all = cell
-        .db
+        .identity
         .addresses(&p.user_id)
         .await
         .map_err(CodedError::from)?;
@@ -384,7 +384,7 @@ pub async fn delete_address(
 ) -> ApiResult<StatusCode> {
     at_home(&cell, &p)?;
     if cell
-        .db
+        .identity
         .delete_address(&p.user_id, &id)
         .await
         .map_err(CodedError::from)?
@@ -402,7 +402,7 @@ pub async fn default_address(
 ) -> ApiResult<StatusCode> {
     at_home(&cell, &p)?;
     if cell
-        .db
+        .identity
         .set_default_address(&p.user_id, &id, now_ms())
         .await
         .map_err(CodedError::from)?

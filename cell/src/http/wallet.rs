@@ -139,7 +139,7 @@ pub async fn balances(
     Auth(p): Auth,
 ) -> ApiResult<axum::Json<Wallets>> {
     let rows = cell
-        .db
+        .money
         .balances(&p.user_id)
         .await
         .map_err(CodedError::from)?;
@@ -183,7 +183,7 @@ pub async fn history(
         limit: limit + 1,
     };
     let rows = cell
-        .db
+        .money
         .history(&p.user_id, &filter)
         .await
         .map_err(CodedError::from)?;

@@ -120,7 +120,7 @@ pub async fn run(
             Err(DbError::Db(e)) => tracing::warn!(error = %e, "claim reconciliation failed"),
             Err(DbError::Conflict) => {}
         }
-        if let Err(e) = cell.db.prune_reset_budgets(now_ms()).await {
+        if let Err(e) = cell.identity.db.prune_reset_budgets(now_ms()).await {
             tracing::warn!(error = %e, "cannot prune reset budgets");
         }
     }

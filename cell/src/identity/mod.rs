@@ -5,6 +5,7 @@ pub mod claims;
 pub mod identifier;
 pub mod keys;
 pub mod password;
+pub mod profile;
 pub mod seal;
 pub mod service;
 pub mod store;

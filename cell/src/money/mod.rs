@@ -7,6 +7,7 @@ pub mod currency;
 pub mod group;
 pub mod ledger;
 pub mod provider;
+pub mod reads;
 pub mod rule;
 pub mod saga;
 pub mod saga_moves;

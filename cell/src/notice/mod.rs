@@ -3,7 +3,9 @@
 //! dead-letter queue (`send`), renders templates (`template`), and keeps its
 //! tables (`store`).
 
+pub mod backoffice;
 pub mod dispatch;
+pub mod inbox;
 pub mod live;
 pub mod send;
 pub mod store;

@@ -40,7 +40,7 @@ pub async fn audit(
     let limit = cursor::limit(q.limit, 50, 200);
     let before = q.cursor.as_deref().map(cursor::decode).transpose()?;
     let rows = cell
-        .db
+        .identity
         .audit_log(before, limit + 1)
         .await
         .map_err(CodedError::from)?;

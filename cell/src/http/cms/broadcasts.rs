@@ -43,7 +43,7 @@ pub async fn broadcast(
 ) -> ApiResult<Response> {
     check_name("template_key", &req.template_key)?;
     let templates = cell
-        .db
+        .notices
         .templates_for(&req.template_key)
         .await
         .map_err(CodedError::from)?;
@@ -65,7 +65,11 @@ pub async fn broadcast(
         }
     }
     if let Some(role) = &req.role
-        && !cell.db.role_exists(role).await.map_err(CodedError::from)?
+        && !cell
+            .identity
+            .role_exists(role)
+            .await
+            .map_err(CodedError::from)?
     {
         return Err(CodedError::field("role", "no such role").into());
     }
@@ -82,7 +86,7 @@ pub async fn broadcast(
         queued: 0,
         done_at: None,
     };
-    cell.db
+    cell.notices
         .create_broadcast(&b, &payload)
         .await
         .map_err(CodedError::from)?;
@@ -98,7 +102,10 @@ pub async fn list_broadcasts(
     _: Authorized,
 ) -> ApiResult<axum::Json<Vec<crate::notice::store::Broadcast>>> {
     Ok(axum::Json(
-        cell.db.broadcasts(100).await.map_err(CodedError::from)?,
+        cell.notices
+            .broadcasts(100)
+            .await
+            .map_err(CodedError::from)?,
     ))
 }
 

@@ -1,7 +1,6 @@
 //! `/v1/cms/messages`: a message to one user, in whichever cell is their
 //! home.
 
-use crate::clock::now_ms;
 use crate::http::openapi::Route;
 use crate::http::permission::Authorized;
 use crate::http::{ApiResult, Json};
@@ -9,7 +8,7 @@ use crate::state::Cell;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use homecell_proto::error::{CodedError, ErrorCode};
+use homecell_proto::error::CodedError;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -57,40 +56,6 @@ pub async fn send_message(
         axum::Json(MessageSent { event_id, region }),
     )
         .into_response())
-}
-
-impl Cell {
-    /// Queues an event for a user of any cell: here, or in their home cell
-    /// over gRPC. The region it went to.
-    pub async fn deliver_event(
-        &self,
-        event_id: &str,
-        topic: &str,
-        user_id: &str,
-        payload: &str,
-    ) -> Result<String, CodedError> {
-        let local = self.db.user(user_id).await?;
-        if local.is_some_and(|u| u.status != "deleted") {
-            self.db
-                .enqueue_event(event_id, topic, user_id, payload, now_ms())
-                .await?;
-            self.notices.wake.notify_one();
-            return Ok(self.region.clone());
-        }
-        let home = self
-            .replica
-            .state()
-            .user_region(user_id)
-            .filter(|r| *r != self.region)
-            .map(String::from)
-            .ok_or_else(|| CodedError::not_found("no such user"))?;
-        self.identity
-            .peers
-            .send_notice(&home, event_id, topic, user_id, payload)
-            .await
-            .map_err(|e| CodedError::new(ErrorCode::CellUnavailable, e))?;
-        Ok(home)
-    }
 }
 
 /// This area's routes, for the route table (`http/openapi.rs`).

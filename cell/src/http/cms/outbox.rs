@@ -33,7 +33,7 @@ pub async fn dead_letters(
     let limit = cursor::limit(q.limit, 50, 200);
     let after = q.cursor.as_deref().map(cursor::decode).transpose()?;
     let rows = cell
-        .db
+        .notices
         .dead_deliveries(after, limit + 1)
         .await
         .map_err(CodedError::from)?;
@@ -47,7 +47,7 @@ pub async fn redrive(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let done = cell
-        .db
+        .notices
         .redrive(&id, now_ms())
         .await
         .map_err(CodedError::from)?;

@@ -20,7 +20,10 @@ pub async fn list_templates(
     _: Authorized,
 ) -> ApiResult<axum::Json<Vec<Template>>> {
     Ok(axum::Json(
-        cell.db.list_templates().await.map_err(CodedError::from)?,
+        cell.notices
+            .list_templates()
+            .await
+            .map_err(CodedError::from)?,
     ))
 }
 
@@ -60,7 +63,10 @@ pub async fn put_template(
         updated_at: now_ms(),
         updated_by: p.user_id.clone(),
     };
-    cell.db.put_template(&t).await.map_err(CodedError::from)?;
+    cell.notices
+        .put_template(&t)
+        .await
+        .map_err(CodedError::from)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -70,7 +76,7 @@ pub async fn delete_template(
     Path((key, channel, locale)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
     let gone = cell
-        .db
+        .notices
         .delete_template(&key, &channel, &locale)
         .await
         .map_err(CodedError::from)?;

@@ -62,7 +62,7 @@ pub async fn list_users(
         return Err(CodedError::invalid("q is too long").into());
     }
     let rows = cell
-        .db
+        .identity
         .list_users(after, search.as_deref(), limit + 1)
         .await
         .map_err(CodedError::from)?;
