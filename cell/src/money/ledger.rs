@@ -140,9 +140,8 @@ impl Move {
 
 /// Writes `$moves` inside the transaction `$tx`, judged by the ledger's one
 /// rule (`rule.rs`); evaluates to `LedgerResult<()>`. A refusal leaves the
-/// transaction to be rolled back by the caller's `?`. `$lock` is what locks
-/// the rows read (` FOR UPDATE` on PostgreSQL; SQLite's write transaction
-/// already excludes every other writer).
+/// transaction to be rolled back by the caller's `?`. `$lock` orders and
+/// locks the rows read (`Datastore::row_lock`).
 macro_rules! apply_moves {
     ($tx:ident, $moves:expr, $now:expr, $lock:expr) => {
         async {
@@ -154,8 +153,8 @@ macro_rules! apply_moves {
                 moves.iter().flat_map(|m| [&m.debit, &m.credit]).collect();
             accounts.sort_by(|a, b| a.id.cmp(&b.id));
             accounts.dedup_by(|a, b| a.id == b.id);
-            // Every account exists, then every one is read (and locked) in
-            // account-id order.
+            // Every account exists (inserted in the byte order of the ids),
+            // then every one is read and locked in that order.
             let params = |per: usize| {
                 (0..accounts.len())
                     .map(|i| {
@@ -178,7 +177,7 @@ macro_rules! apply_moves {
             let ids: Vec<String> = (1..=accounts.len()).map(|i| format!("${i}")).collect();
             let select = format!(
                 "SELECT id, debits_pending, debits_posted, credits_pending, credits_posted FROM ledger_accounts \
-                 WHERE id IN ({}) ORDER BY id{}",
+                 WHERE id IN ({}){}",
                 ids.join(", "),
                 $lock
             );
@@ -409,12 +408,15 @@ pub struct HistoryFilter<'a> {
 }
 
 impl Datastore {
-    /// What locks the ledger rows a write reads: PostgreSQL's row lock;
-    /// SQLite's write transaction already holds the whole database.
+    /// How a write reads the ledger rows it changes: on PostgreSQL locked,
+    /// in the byte order of their ids (`COLLATE "C"`, whatever the
+    /// database's collation, so every instance, of any version, locks in
+    /// the one order the inserts before it use); SQLite's write transaction
+    /// already holds the whole database, and its ids compare as bytes.
     fn row_lock(&self) -> &'static str {
         match self {
-            Datastore::Sqlite(..) => "",
-            Datastore::Postgres(_) => " FOR UPDATE",
+            Datastore::Sqlite(..) => " ORDER BY id",
+            Datastore::Postgres(_) => " ORDER BY id COLLATE \"C\" FOR UPDATE",
         }
     }
 

@@ -5,8 +5,9 @@
 //! balances of every account an operation touches into a `View`, `apply`
 //! each move to it, write back what changed. The per-statement path
 //! (`ledger.rs`: PostgreSQL, and audited writes) reads them locked
-//! (`FOR UPDATE`, in account-id order, so two transfers touching the same
-//! accounts in opposite directions queue instead of deadlocking); the SQLite
+//! (`FOR UPDATE`, in the byte order of their ids, so two transfers touching
+//! the same accounts in opposite directions queue instead of deadlocking);
+//! the SQLite
 //! group committer (`group.rs`) holds them in memory under the writer lock.
 //! `tests/ledger_paths.rs` runs random operation sequences through both
 //! paths and both backends and holds them to the same answers.
@@ -39,17 +40,6 @@ impl Columns {
             credits_posted: self.credits_posted + d.credits_posted,
         }
     }
-
-    /// The columns before `d` was added to them (the per-statement path
-    /// reads balances back after its `UPDATE`).
-    pub fn minus(self, d: &Columns) -> Self {
-        Self {
-            debits_pending: self.debits_pending - d.debits_pending,
-            debits_posted: self.debits_posted - d.debits_posted,
-            credits_pending: self.credits_pending - d.credits_pending,
-            credits_posted: self.credits_posted - d.credits_posted,
-        }
-    }
 }
 
 /// What one move changes on one of its accounts.
@@ -63,9 +53,9 @@ pub struct Delta {
     pub amount: i64,
 }
 
-/// The two accounts of `m` and what it changes on each, in lock order
-/// (account id order), so two transfers touching the same accounts in
-/// opposite directions queue instead of deadlocking on PostgreSQL.
+/// The two accounts of `m` and what it changes on each, in account-id
+/// order (which decides which refusal a move that fails on both sides
+/// reports; the rows are locked by the write path, `ledger.rs`).
 pub fn deltas(m: &Move) -> [(&Account, Delta); 2] {
     let a = m.amount;
     // Only a wallet's own spending is checked; system and clearing accounts
