@@ -1,12 +1,16 @@
 //! The identity service: users, credentials, sessions, tokens, addresses and
 //! roles, over the cell's datastore.
 
+mod account;
 pub mod claims;
 pub mod identifier;
 pub mod keys;
 pub mod password;
 pub mod profile;
+mod register;
+mod reset;
 pub mod seal;
 pub mod service;
+mod sessions;
 pub mod store;
 pub mod wechat;

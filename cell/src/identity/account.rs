@@ -1,0 +1,143 @@
+//! A user's account: profiles, deletion, addresses, and the roles and
+//! status the back office sets.
+
+use super::service::*;
+use super::store::{Address, User, UserProfile};
+use crate::clock::now_ms;
+use crate::db::audit::AuditEntry;
+use homecell_proto::error::{CodedError, ErrorCode};
+
+impl Identity {
+    // ------------------------------------------------------------ users
+
+    /// A live user's profile: the user, roles and identifiers.
+    pub async fn profile(&self, id: &str) -> Result<UserProfile, CodedError> {
+        match self.db.profile(id).await? {
+            Some(p) if p.user.status != "deleted" => Ok(p),
+            _ => Err(CodedError::not_found("no such user")),
+        }
+    }
+
+    pub async fn user(&self, id: &str) -> Result<User, CodedError> {
+        match self.db.user(id).await? {
+            Some(u) if u.status != "deleted" => Ok(u),
+            _ => Err(CodedError::not_found("no such user")),
+        }
+    }
+
+    /// Anonymises the caller's account after checking the password.
+    pub async fn delete_account(&self, p: &Principal, password: &str) -> Result<(), CodedError> {
+        if self.check_password(&p.user_id, password).await?.is_none() {
+            return Err(CodedError::new(
+                ErrorCode::InvalidCredentials,
+                "the password is wrong",
+            ));
+        }
+        let placeholder = format!("deleted-{}", &random_token(9));
+        let identifiers = self
+            .db
+            .anonymise_user(&p.user_id, &placeholder, now_ms())
+            .await?;
+        for (kind, value) in identifiers {
+            let qualified = format!("{kind}:{value}");
+            if let Err(e) = self.release(&qualified, &p.user_id).await {
+                // The account is gone either way; the claim stays until an
+                // operator reconciles it. Never log the identifier itself.
+                tracing::error!(user_id = %p.user_id, error = %e.message(), "cannot release a claim of a deleted account");
+            }
+        }
+        tracing::info!(user_id = %p.user_id, "account deleted and anonymised");
+        Ok(())
+    }
+
+    pub async fn add_address(&self, p: &Principal, a: Address) -> Result<Address, CodedError> {
+        if self.db.add_address(&p.user_id, &a, MAX_ADDRESSES).await? {
+            Ok(self
+                .db
+                .addresses(&p.user_id)
+                .await?
+                .into_iter()
+                .find(|x| x.id == a.id)
+                .unwrap_or(a))
+        } else {
+            Err(CodedError::new(
+                ErrorCode::FailedPrecondition,
+                format!("at most {MAX_ADDRESSES} addresses per user"),
+            ))
+        }
+    }
+
+    // ------------------------------------------------------------ roles
+
+    pub async fn set_role(
+        &self,
+        actor: &Principal,
+        user_id: &str,
+        role: &str,
+        grant: bool,
+    ) -> Result<bool, CodedError> {
+        self.user(user_id).await?;
+        if !self.db.role_exists(role).await? {
+            return Err(CodedError::not_found(format!("no role {role:?}")));
+        }
+        let audit = AuditEntry {
+            at: now_ms(),
+            actor: &actor.user_id,
+            action: if grant { "role.grant" } else { "role.revoke" },
+            target: Some(user_id),
+            details: serde_json::json!({ "role": role }).to_string(),
+        };
+        let changed = self.db.set_role(user_id, role, grant, &audit).await?;
+        if !changed
+            && !grant
+            && role == ADMIN
+            && self.db.roles_of(user_id).await?.iter().any(|r| r == ADMIN)
+        {
+            return Err(CodedError::new(
+                ErrorCode::FailedPrecondition,
+                "the cell's last admin cannot give up the admin role",
+            ));
+        }
+        Ok(changed)
+    }
+
+    /// Disables or enables an account, with its audit entry in the same
+    /// transaction (none when nothing changed). Only an admin may change an
+    /// admin's status: `users:disable` alone (support) must not be able to
+    /// lock the cell's admins out.
+    pub async fn set_status(
+        &self,
+        actor: &Principal,
+        user_id: &str,
+        enable: bool,
+    ) -> Result<(), CodedError> {
+        self.user(user_id).await?;
+        if self.db.roles_of(user_id).await?.iter().any(|r| r == ADMIN)
+            && !self
+                .db
+                .roles_of(&actor.user_id)
+                .await?
+                .iter()
+                .any(|r| r == ADMIN)
+        {
+            return Err(CodedError::new(
+                ErrorCode::PermissionDenied,
+                "only an admin may disable or enable an admin",
+            ));
+        }
+        let status = if enable { "active" } else { "disabled" };
+        let audit = AuditEntry {
+            at: now_ms(),
+            actor: &actor.user_id,
+            action: if enable {
+                "user.enable"
+            } else {
+                "user.disable"
+            },
+            target: Some(user_id),
+            details: "{}".into(),
+        };
+        self.db.set_status(user_id, status, &audit).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,175 @@
+//! Registration: the account, its first identifier and its claim in the
+//! global directory (the control plane), and the claims' release when a
+//! registration cannot finish.
+
+use super::identifier::Identifier;
+use super::password::{self};
+use super::service::*;
+use super::store::NewUser;
+use crate::clock::now_ms;
+use homecell_proto::control::{
+    ClaimIdentifierRequest, ReleaseIdentifierRequest,
+    directory_service_client::DirectoryServiceClient,
+};
+use homecell_proto::error::{CodedError, ErrorCode, FieldError};
+use std::time::Duration;
+
+impl Identity {
+    // ------------------------------------------------------------ registration
+
+    pub async fn register(
+        &self,
+        identifier: &str,
+        password: &str,
+        display_name: Option<&str>,
+    ) -> Result<String, CodedError> {
+        let mut errors = Vec::new();
+        let id = Identifier::parse(identifier);
+        if let Err(m) = &id {
+            errors.push(FieldError {
+                field: "identifier".into(),
+                message: (*m).into(),
+            });
+        }
+        if let Err(m) = password::check_policy(password) {
+            errors.push(FieldError {
+                field: "password".into(),
+                message: m.into(),
+            });
+        }
+        let display_name = display_name.map(str::trim).filter(|s| !s.is_empty());
+        if let Some(n) = display_name
+            && (n.chars().count() > 64 || n.chars().any(char::is_control))
+        {
+            errors.push(FieldError {
+                field: "display_name".into(),
+                message: "at most 64 printable characters".into(),
+            });
+        }
+        let id = match id {
+            Ok(id) if errors.is_empty() => id,
+            _ => return Err(CodedError::fields(errors)),
+        };
+        if id.value == password.trim().to_lowercase() {
+            return Err(CodedError::field(
+                "password",
+                "the password must differ from the identifier",
+            ));
+        }
+        if self
+            .db
+            .user_by_identifier(id.kind.as_str(), &id.value)
+            .await?
+            .is_some()
+        {
+            return Err(CodedError::new(
+                ErrorCode::AlreadyExists,
+                "this identifier is already registered",
+            ));
+        }
+        let hash = self.hasher.hash_registration(password.to_string()).await?;
+        // Time-ordered and random: unique across cells without coordination.
+        let user_id = uuid::Uuid::now_v7().to_string();
+        self.claim(&id.qualified(), &user_id).await?;
+        crate::failpoint::hit("identity.register.after_claim");
+        let default_name = match id.kind {
+            super::identifier::Kind::Username => id.value.clone(),
+            _ => format!("user-{}", &user_id[user_id.len() - 6..]),
+        };
+        let created = self
+            .db
+            .create_user(&NewUser {
+                id: &user_id,
+                display_name: display_name.unwrap_or(&default_name),
+                kind: id.kind.as_str(),
+                value: &id.value,
+                password_hash: &hash,
+                now: now_ms(),
+            })
+            .await;
+        if let Err(e) = created {
+            // Give the claim back: the user does not exist after all.
+            if let Err(re) = self.release(&id.qualified(), &user_id).await {
+                tracing::warn!(error = %re, "cannot release a claim after a failed registration");
+            }
+            return Err(e.into());
+        }
+        tracing::info!(user_id, kind = id.kind.as_str(), "user registered");
+        Ok(user_id)
+    }
+
+    pub(crate) async fn claim(&self, qualified: &str, user_id: &str) -> Result<(), CodedError> {
+        self.claim_or_holder(qualified, user_id)
+            .await
+            .map_err(|(e, _)| e)
+    }
+
+    /// `claim`, and on `AlreadyExists` the region of the user who holds the
+    /// identifier, when the control plane told it. Only for a caller who
+    /// proved the identifier is theirs: for anyone else it would say where
+    /// an account lives.
+    pub(crate) async fn claim_or_holder(
+        &self,
+        qualified: &str,
+        user_id: &str,
+    ) -> Result<(), (CodedError, Option<String>)> {
+        // Recorded first: if this claim is never settled (a crash, a
+        // timeout that in fact committed), the reconciliation releases it.
+        self.db
+            .record_claim(qualified, user_id, now_ms())
+            .await
+            .map_err(|e| (CodedError::from(e), None))?;
+        let req = ClaimIdentifierRequest {
+            identifier: qualified.to_string(),
+            user_id: user_id.to_string(),
+            region: self.region.clone(),
+        };
+        let mut client = DirectoryServiceClient::new(self.cp.clone());
+        match tokio::time::timeout(Duration::from_secs(5), client.claim_identifier(req)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => {
+                // Someone else's claim: nothing of ours to release.
+                if let Err(e) = self.db.forget_claim(qualified, user_id).await {
+                    tracing::warn!(error = %e, "cannot forget a refused claim");
+                }
+                let holder = s
+                    .metadata()
+                    .get(homecell_proto::error::HOME_REGION_METADATA)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                Err((
+                    CodedError::new(
+                        ErrorCode::AlreadyExists,
+                        "this identifier is already registered",
+                    ),
+                    holder,
+                ))
+            }
+            Ok(Err(s)) => {
+                tracing::warn!(error = %s.message(), "identifier claim failed");
+                Err((unavailable(), None))
+            }
+            Err(_) => Err((unavailable(), None)),
+        }
+    }
+
+    pub(crate) async fn release(
+        &self,
+        qualified: &str,
+        user_id: &str,
+    ) -> Result<(), tonic::Status> {
+        let req = ReleaseIdentifierRequest {
+            identifier: qualified.to_string(),
+            user_id: user_id.to_string(),
+            region: self.region.clone(),
+        };
+        DirectoryServiceClient::new(self.cp.clone())
+            .release_identifier(req)
+            .await?;
+        if let Err(e) = self.db.forget_claim(qualified, user_id).await {
+            // The record stays; the reconciliation releases again (a no-op).
+            tracing::warn!(error = %e, "cannot forget a released claim");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,148 @@
+//! Passwords: changing one, and resetting a forgotten one with a one-time
+//! code (budgeted per identifier and per account).
+
+use super::identifier::Identifier;
+use super::password::{self};
+use super::service::*;
+use crate::clock::now_ms;
+use homecell_common::hex::sha256;
+use homecell_proto::error::{CodedError, ErrorCode};
+use std::net::IpAddr;
+
+impl Identity {
+    // ------------------------------------------------------------ passwords
+
+    pub async fn change_password(
+        &self,
+        p: &Principal,
+        old: &str,
+        new: &str,
+    ) -> Result<(), CodedError> {
+        password::check_policy(new).map_err(|m| CodedError::field("new_password", m))?;
+        if self.check_password(&p.user_id, old).await?.is_none() {
+            return Err(CodedError::new(
+                ErrorCode::InvalidCredentials,
+                "the current password is wrong",
+            ));
+        }
+        let now = now_ms();
+        let hash = self.hasher.hash(new.to_string()).await?;
+        self.db
+            .set_password(&p.user_id, &hash, true, Some(&p.sid), now)
+            .await?;
+        Ok(())
+    }
+
+    /// Starts a reset. Answers nothing either way, so callers cannot probe
+    /// which identifiers exist.
+    pub async fn request_reset(
+        &self,
+        identifier: &str,
+        ip: Option<IpAddr>,
+    ) -> Result<(), CodedError> {
+        self.check_ip(ip)?;
+        let id = Identifier::parse(identifier).map_err(|m| CodedError::field("identifier", m))?;
+        let user = self
+            .db
+            .user_by_identifier(id.kind.as_str(), &id.value)
+            .await?;
+        let now = now_ms();
+        let key = reset_budget_key(&id, user.as_deref());
+        if let Err(wait_ms) = self
+            .db
+            .spend_reset_issue(&key, self.reset_limits(), now)
+            .await?
+        {
+            return Err(reset_budget_spent(wait_ms));
+        }
+        let Some(user_id) = user else {
+            return Ok(());
+        };
+        match self.db.user(&user_id).await? {
+            Some(u) if u.status == "active" => {}
+            _ => return Ok(()),
+        }
+        let code = {
+            let mut b = [0u8; 4];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+                .expect("randomness");
+            format!("{:06}", u32::from_le_bytes(b) % 1_000_000)
+        };
+        let reset_id = uuid::Uuid::now_v7().to_string();
+        let payload = serde_json::json!({
+            "user_id": user_id,
+            "channel": id.kind.as_str(),
+            "to": id.value,
+            "code": code,
+            "expires_at": now + RESET_TTL_MS,
+        });
+        self.db
+            .create_reset(
+                &reset_id,
+                &user_id,
+                &sha256(&format!("{reset_id}:{code}")),
+                now + RESET_TTL_MS,
+                &payload.to_string(),
+                now,
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn confirm_reset(
+        &self,
+        identifier: &str,
+        code: &str,
+        new_password: &str,
+        ip: Option<IpAddr>,
+    ) -> Result<(), CodedError> {
+        password::check_policy(new_password).map_err(|m| CodedError::field("new_password", m))?;
+        let bad = || {
+            CodedError::new(
+                ErrorCode::InvalidArgument,
+                "the code is wrong or has expired",
+            )
+        };
+        let id = Identifier::parse(identifier).map_err(|m| CodedError::field("identifier", m))?;
+        self.check_ip(ip)?;
+        let user = self
+            .db
+            .user_by_identifier(id.kind.as_str(), &id.value)
+            .await?;
+        let now = now_ms();
+        // The account's daily budget first, then the code's own five
+        // guesses, both reserved before anything is compared: a concurrent
+        // storm cannot exceed either (docs/SECURITY.md has the arithmetic).
+        let key = reset_budget_key(&id, user.as_deref());
+        if let Err(wait_ms) = self
+            .db
+            .spend_reset_guess(&key, self.reset_limits(), now)
+            .await?
+        {
+            return Err(reset_budget_spent(wait_ms));
+        }
+        let Some(user_id) = user else {
+            return Err(bad());
+        };
+        let Some((reset_id, code_hash)) = self
+            .db
+            .reserve_reset_guess(&user_id, RESET_MAX_ATTEMPTS, now)
+            .await?
+        else {
+            return Err(bad());
+        };
+        let given = sha256(&format!("{reset_id}:{}", code.trim()));
+        if !constant_time_eq(given.as_bytes(), code_hash.as_bytes()) {
+            return Err(bad());
+        }
+        let hash = self.hasher.hash(new_password.to_string()).await?;
+        if !self
+            .db
+            .complete_reset(&reset_id, &user_id, &hash, now)
+            .await?
+        {
+            return Err(bad());
+        }
+        Ok(())
+    }
+}
