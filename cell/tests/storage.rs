@@ -1,5 +1,9 @@
 //! One behavioural suite for the cell's datastore, run over SQLite and over a
 //! real PostgreSQL server (a private one started for the test).
+//!
+//! Why one file of this length: it is one suite, run whole over each backend
+//! (the two tests at the end), so every behaviour is proven on SQLite and
+//! PostgreSQL alike.
 
 use futures::future::join_all;
 use homecell_cell::db::audit::AuditEntry;

@@ -16,6 +16,10 @@
 //!
 //! foca does not recover from zero membership on its own: while a member
 //! knows nobody, it announces itself to the seeds every two seconds.
+//!
+//! Why one file of this length: the packet seal, foca's runtime glue and the
+//! membership view are one protocol, and its tests at the end run members
+//! over real UDP sockets.
 
 use anyhow::{Context, Result, bail};
 use arc_swap::ArcSwap;

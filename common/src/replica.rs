@@ -11,6 +11,10 @@
 //! - `ready()` is true once any snapshot is held, persisted or live.
 //! - The directory is compact ([`Directory`]): its base is persisted as a few
 //!   large column blobs, the changes since as rows.
+//!
+//! Why one file of this length: the subscription, the persisted copy and the
+//! published state are the one protocol described above, and its tests
+//! (persisting, reloading, applying changes) follow the code.
 
 use crate::directory::{self, Base, Directory, Table};
 use anyhow::{Context, Result, anyhow, bail};

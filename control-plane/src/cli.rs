@@ -3,6 +3,9 @@
 //! by default, `--output json` for scripts. Errors are one line and a
 //! non-zero exit; validation happens at the server, so the CLI cannot write
 //! anything the server would refuse.
+//!
+//! Why one file of this length: a flat list of subcommands, each a gRPC call
+//! and its table; a file per subcommand would only scatter them.
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Subcommand, ValueEnum};

@@ -5,6 +5,10 @@
 //! validation reads and the writes it decides happen under the same lock, the
 //! changes are appended to the log under the next revision, and a mutation
 //! that fails (or changes nothing) writes nothing at all.
+//!
+//! Why one file of this length: the tables and the one write path belong
+//! together; splitting them would put the one-transaction invariant in two
+//! places. Its tests follow the code.
 
 use homecell_proto::control::{
     Change, ChangeSet, ConfigEntry, ConfigHistoryEntry, ConfigKey, DirectoryUser, IdentifierClaim,

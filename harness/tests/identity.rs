@@ -1,4 +1,8 @@
 //! Identity end to end, through the router into real cells.
+//!
+//! Why one file of this length: one area's end-to-end tests share their
+//! fixtures (the cluster helpers and clients above the tests), and each test
+//! starts its own processes, so they stay independent.
 
 use homecell_harness::api::Api;
 use homecell_harness::smtp::SmtpSink;

@@ -1,6 +1,10 @@
 //! Identity under attack, end to end through the router into real cells:
 //! each test makes an attack and shows it refused and nothing changed
 //! (docs/SECURITY.md, "Identity under attack").
+//!
+//! Why one file of this length: one area's end-to-end tests share their
+//! fixtures (the cluster helpers and clients above the tests), and each test
+//! starts its own processes, so they stay independent.
 
 use homecell_harness::api::{Api, Reply};
 use homecell_harness::smtp::SmtpSink;

@@ -1,6 +1,10 @@
 //! Money end to end, through the router into real cells: signed deposits,
 //! same-cell and cross-cell transfers, idempotency, bad input, CMS
 //! adjustments, and the audit over both cells' datastores.
+//!
+//! Why one file of this length: one area's end-to-end tests share their
+//! fixtures (the cluster helpers and clients above the tests), and each test
+//! starts its own processes, so they stay independent.
 
 use homecell_harness::api::Api;
 use homecell_harness::{Cluster, standard};

@@ -1,5 +1,9 @@
 //! Routing keys at the router: requests reach the home cell of the user they
 //! concern without the client naming a region.
+//!
+//! Why one file of this length: one area's end-to-end tests share their
+//! fixtures (the cluster helpers and clients above the tests), and each test
+//! starts its own processes, so they stay independent.
 
 use homecell_harness::api::Api;
 use homecell_harness::{Cluster, standard, start_standard};

@@ -16,6 +16,12 @@
 //!   a connection they are about to close is never pooled;
 //! - a cell's "this user moved" answer (421 + `x-homecell-moved-to`) sends
 //!   the whole request to the new home, once, with `x-homecell-replayed-from`.
+//!
+//! Why one file of this length: the attempt rules above share one request's
+//! state (the body's copy, the pooled connection, the replay), and they are
+//! checked by reading them together; the unit tests at the end check the
+//! header rules; the attempts are tested end to end
+//! (harness/tests/stale_connections.rs, routing.rs).
 
 use crate::decide;
 use crate::edge::Edge;
