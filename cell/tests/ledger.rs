@@ -3,6 +3,8 @@
 //! immutability, concurrency without lost updates or deadlocks, and the
 //! audit catching a corrupted balance.
 
+mod plans;
+
 use futures::future::join_all;
 use homecell_cell::db::Datastore;
 use homecell_cell::money::audit::audit;
@@ -289,19 +291,33 @@ async fn suite(db: Datastore) {
 
 #[tokio::test]
 async fn ledger_suite_on_sqlite() {
+    let statements = plans::record();
     let dir = tempfile::tempdir().unwrap();
     let db = Datastore::open(&format!("sqlite:{}", dir.path().join("cell.db").display()))
         .await
         .unwrap();
-    suite(db).await;
+    suite(db.clone()).await;
+    let scans = plans::scans(&db, &statements).await;
+    assert!(
+        scans.is_empty(),
+        "statements that scan a table:\n{}",
+        scans.join("\n")
+    );
 }
 
 #[tokio::test]
 async fn ledger_suite_on_postgres() {
+    let statements = plans::record();
     let pg = homecell_harness::postgres::TempPostgres::start().unwrap();
     let url = pg.create_database("ledger").unwrap();
     let db = Datastore::open(&url).await.unwrap();
-    suite(db).await;
+    suite(db.clone()).await;
+    let scans = plans::scans(&db, &statements).await;
+    assert!(
+        scans.is_empty(),
+        "statements that scan a table:\n{}",
+        scans.join("\n")
+    );
 }
 
 /// SQLite's group commit applies the same rules in memory: run the same

@@ -3,6 +3,8 @@
 //! templates, deliveries through leases, retries, death and re-drive, and
 //! what an account's erasure takes with it.
 
+mod plans;
+
 use homecell_cell::db::Datastore;
 use homecell_cell::identity::store::NewUser;
 use homecell_cell::notice::store::{Delivery, FanOut, InboxItem, Redrive, Template};
@@ -326,17 +328,31 @@ async fn suite(db: Datastore) {
 
 #[tokio::test]
 async fn notice_store_on_sqlite() {
+    let statements = plans::record();
     let dir = tempfile::tempdir().unwrap();
     let db = Datastore::open(&format!("sqlite:{}", dir.path().join("cell.db").display()))
         .await
         .unwrap();
-    suite(db).await;
+    suite(db.clone()).await;
+    let scans = plans::scans(&db, &statements).await;
+    assert!(
+        scans.is_empty(),
+        "statements that scan a table:\n{}",
+        scans.join("\n")
+    );
 }
 
 #[tokio::test]
 async fn notice_store_on_postgres() {
+    let statements = plans::record();
     let pg = homecell_harness::postgres::TempPostgres::start().unwrap();
     let url = pg.create_database("notices").unwrap();
     let db = Datastore::open(&url).await.unwrap();
-    suite(db).await;
+    suite(db.clone()).await;
+    let scans = plans::scans(&db, &statements).await;
+    assert!(
+        scans.is_empty(),
+        "statements that scan a table:\n{}",
+        scans.join("\n")
+    );
 }

@@ -5,6 +5,8 @@
 //! (the two tests at the end), so every behaviour is proven on SQLite and
 //! PostgreSQL alike.
 
+mod plans;
+
 use futures::future::join_all;
 use homecell_cell::db::audit::AuditEntry;
 use homecell_cell::db::{Datastore, DbError};
@@ -999,6 +1001,7 @@ async fn suite(db: Datastore) {
 
 #[tokio::test]
 async fn storage_suite_on_sqlite() {
+    let statements = plans::record();
     let dir = tempfile::tempdir().unwrap();
     let db = Datastore::open(&format!("sqlite:{}", dir.path().join("cell.db").display()))
         .await
@@ -1013,12 +1016,25 @@ async fn storage_suite_on_sqlite() {
         reads.fallbacks.load(std::sync::atomic::Ordering::Relaxed),
         0
     );
+    let scans = plans::scans(&db, &statements).await;
+    assert!(
+        scans.is_empty(),
+        "statements that scan a table:\n{}",
+        scans.join("\n")
+    );
 }
 
 #[tokio::test]
 async fn storage_suite_on_postgres() {
     let pg = homecell_harness::postgres::TempPostgres::start().unwrap();
     let url = pg.create_database("suite").unwrap();
+    let statements = plans::record();
     let db = Datastore::open(&url).await.unwrap();
-    suite(db).await;
+    suite(db.clone()).await;
+    let scans = plans::scans(&db, &statements).await;
+    assert!(
+        scans.is_empty(),
+        "statements that scan a table:\n{}",
+        scans.join("\n")
+    );
 }
