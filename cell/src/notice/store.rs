@@ -4,7 +4,7 @@ use crate::db::Datastore;
 use crate::db::DbResult;
 use crate::db::{in_tx, on_db, write_db};
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, sqlx::FromRow)]
 pub struct Template {
     pub key: String,
     /// inbox, email or sms.
@@ -18,27 +18,17 @@ pub struct Template {
     pub updated_by: String,
 }
 
-type TemplateTuple = (String, String, String, String, String, String, i64, String);
-
-impl From<TemplateTuple> for Template {
-    fn from(t: TemplateTuple) -> Self {
-        Self {
-            key: t.0,
-            channel: t.1,
-            locale: t.2,
-            category: t.3,
-            subject: t.4,
-            body: t.5,
-            updated_at: t.6,
-            updated_by: t.7,
-        }
-    }
-}
-
 const TEMPLATE_COLS: &str = "key, channel, locale, category, subject, body, updated_at, updated_by";
 
 #[derive(
-    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+    sqlx::FromRow,
 )]
 pub struct InboxItem {
     pub id: String,
@@ -48,30 +38,6 @@ pub struct InboxItem {
     pub created_at: i64,
     pub read_at: Option<i64>,
     pub archived_at: Option<i64>,
-}
-
-type InboxTuple = (
-    String,
-    String,
-    String,
-    String,
-    i64,
-    Option<i64>,
-    Option<i64>,
-);
-
-impl From<InboxTuple> for InboxItem {
-    fn from(t: InboxTuple) -> Self {
-        Self {
-            id: t.0,
-            category: t.1,
-            title: t.2,
-            body: t.3,
-            created_at: t.4,
-            read_at: t.5,
-            archived_at: t.6,
-        }
-    }
 }
 
 /// An event from the outbox.
@@ -95,7 +61,7 @@ pub enum Redrive {
     OneTimeCode,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, sqlx::FromRow)]
 pub struct Delivery {
     pub id: String,
     pub event_id: String,
@@ -114,42 +80,6 @@ pub struct Delivery {
     pub next_attempt_at: i64,
     pub last_error: Option<String>,
     pub created_at: i64,
-}
-
-type DeliveryTuple = (
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    Option<String>,
-    String,
-    i64,
-    i64,
-    Option<String>,
-    i64,
-);
-
-impl From<DeliveryTuple> for Delivery {
-    fn from(t: DeliveryTuple) -> Self {
-        Self {
-            id: t.0,
-            event_id: t.1,
-            user_id: t.2,
-            channel: t.3,
-            recipient: t.4,
-            subject: t.5,
-            body: t.6,
-            html: t.7,
-            state: t.8,
-            attempts: t.9,
-            next_attempt_at: t.10,
-            last_error: t.11,
-            created_at: t.12,
-        }
-    }
 }
 
 const DELIVERY_COLS: &str = "id, event_id, user_id, channel, recipient, subject, body, html, state, attempts, next_attempt_at, last_error, created_at";
@@ -256,16 +186,16 @@ impl Datastore {
 
     pub async fn templates_for(&self, key: &str) -> DbResult<Vec<Template>> {
         let sql = format!("SELECT {TEMPLATE_COLS} FROM notice_templates WHERE key = $1");
-        let rows: Vec<TemplateTuple> = on_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(key).fetch_all(p).await?);
-        Ok(rows.into_iter().map(Template::from).collect())
+        let rows: Vec<Template> = on_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(key).fetch_all(p).await?);
+        Ok(rows)
     }
 
     pub async fn list_templates(&self) -> DbResult<Vec<Template>> {
         let sql =
             format!("SELECT {TEMPLATE_COLS} FROM notice_templates ORDER BY key, channel, locale");
-        let rows: Vec<TemplateTuple> =
+        let rows: Vec<Template> =
             on_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).fetch_all(p).await?);
-        Ok(rows.into_iter().map(Template::from).collect())
+        Ok(rows)
     }
 
     pub async fn put_template(&self, t: &Template) -> DbResult<()> {
@@ -336,8 +266,8 @@ impl Datastore {
         let sql = format!(
             "SELECT {DELIVERY_COLS} FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $2"
         );
-        let rows: Vec<DeliveryTuple> = on_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(now).bind(limit).fetch_all(p).await?);
-        Ok(rows.into_iter().map(Delivery::from).collect())
+        let rows: Vec<Delivery> = on_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(now).bind(limit).fetch_all(p).await?);
+        Ok(rows)
     }
 
     /// Takes a delivery for `until` (so another worker or instance leaves
@@ -387,8 +317,8 @@ impl Datastore {
         let sql = format!(
             "SELECT {DELIVERY_COLS} FROM deliveries WHERE state = 'dead' AND (created_at < $1 OR (created_at = $1 AND id < $2)) ORDER BY created_at DESC, id DESC LIMIT $3"
         );
-        let rows: Vec<DeliveryTuple> = on_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(at).bind(&id).bind(limit).fetch_all(p).await?);
-        Ok(rows.into_iter().map(Delivery::from).collect())
+        let rows: Vec<Delivery> = on_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(at).bind(&id).bind(limit).fetch_all(p).await?);
+        Ok(rows)
     }
 
     /// Puts a dead delivery back in the queue with a fresh attempt count,
@@ -423,16 +353,16 @@ impl Datastore {
         let sql = "SELECT id, category, title, body, created_at, read_at, archived_at FROM inbox \
                    WHERE user_id = $1 AND (archived_at IS NOT NULL) = $2 AND expires_at > $3 \
                    AND (created_at < $4 OR (created_at = $4 AND id < $5)) ORDER BY created_at DESC, id DESC LIMIT $6";
-        let rows: Vec<InboxTuple> = on_db!(self, p => sqlx::query_as(sql).bind(user_id).bind(archived).bind(now).bind(at).bind(&id).bind(limit).fetch_all(p).await?);
-        Ok(rows.into_iter().map(InboxItem::from).collect())
+        let rows: Vec<InboxItem> = on_db!(self, p => sqlx::query_as(sql).bind(user_id).bind(archived).bind(now).bind(at).bind(&id).bind(limit).fetch_all(p).await?);
+        Ok(rows)
     }
 
     /// One of the user's inbox items.
     pub async fn inbox_item(&self, user_id: &str, id: &str) -> DbResult<Option<InboxItem>> {
         let sql = "SELECT id, category, title, body, created_at, read_at, archived_at FROM inbox WHERE user_id = $1 AND id = $2";
-        let row: Option<InboxTuple> =
+        let row: Option<InboxItem> =
             on_db!(self, p => sqlx::query_as(sql).bind(user_id).bind(id).fetch_optional(p).await?);
-        Ok(row.map(InboxItem::from))
+        Ok(row)
     }
 
     pub async fn unread_count(&self, user_id: &str, now: i64) -> DbResult<i64> {
@@ -480,7 +410,7 @@ impl Datastore {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, sqlx::FromRow)]
 pub struct Broadcast {
     pub id: String,
     pub template_key: String,
@@ -491,30 +421,6 @@ pub struct Broadcast {
     /// Users queued so far.
     pub queued: i64,
     pub done_at: Option<i64>,
-}
-
-type BroadcastTuple = (
-    String,
-    String,
-    Option<String>,
-    String,
-    i64,
-    i64,
-    Option<i64>,
-);
-
-impl From<BroadcastTuple> for Broadcast {
-    fn from(t: BroadcastTuple) -> Self {
-        Self {
-            id: t.0,
-            template_key: t.1,
-            role: t.2,
-            created_by: t.3,
-            created_at: t.4,
-            queued: t.5,
-            done_at: t.6,
-        }
-    }
 }
 
 impl Datastore {
@@ -529,9 +435,9 @@ impl Datastore {
 
     pub async fn broadcasts(&self, limit: i64) -> DbResult<Vec<Broadcast>> {
         let sql = "SELECT id, template_key, role, created_by, created_at, queued, done_at FROM broadcasts ORDER BY created_at DESC, id DESC LIMIT $1";
-        let rows: Vec<BroadcastTuple> =
+        let rows: Vec<Broadcast> =
             on_db!(self, p => sqlx::query_as(sql).bind(limit).fetch_all(p).await?);
-        Ok(rows.into_iter().map(Broadcast::from).collect())
+        Ok(rows)
     }
 
     /// Queues the next `chunk` users of every unfinished broadcast (oldest

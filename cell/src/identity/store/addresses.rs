@@ -13,9 +13,9 @@ impl Datastore {
             address_cols!(),
             " FROM addresses WHERE user_id = $1 ORDER BY created_at, id"
         );
-        let rows: Vec<AddressTuple> =
+        let rows: Vec<Address> =
             on_db!(self, p => sqlx::query_as(sql).bind(user_id).fetch_all(p).await?);
-        Ok(rows.into_iter().map(Address::from).collect())
+        Ok(rows)
     }
 
     /// Adds an address unless the user has `max` already. The first address

@@ -170,8 +170,6 @@ pub struct ProfileFields<'a> {
     pub avatar_url: Option<&'a str>,
 }
 
-type KeyTuple = (String, Vec<u8>, Vec<u8>, i64, Option<i64>);
-
 #[derive(Debug, Clone)]
 pub struct NewUser<'a> {
     pub id: &'a str,
@@ -182,7 +180,7 @@ pub struct NewUser<'a> {
     pub now: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Session {
     pub id: String,
     pub user_id: String,
@@ -191,22 +189,6 @@ pub struct Session {
     pub last_used_at: i64,
     pub expires_at: i64,
     pub revoked_at: Option<i64>,
-}
-
-type SessionTuple = (String, String, String, i64, i64, i64, Option<i64>);
-
-impl From<SessionTuple> for Session {
-    fn from(t: SessionTuple) -> Self {
-        Self {
-            id: t.0,
-            user_id: t.1,
-            client_type: t.2,
-            created_at: t.3,
-            last_used_at: t.4,
-            expires_at: t.5,
-            revoked_at: t.6,
-        }
-    }
 }
 
 macro_rules! session_cols {
@@ -230,12 +212,12 @@ macro_rules! rotate {
         let live_sql = concat!("UPDATE sessions SET last_used_at = $1 WHERE id = $2 AND revoked_at IS NULL AND expires_at > $1 RETURNING ", session_cols!());
         match marked {
             Some(sid) => {
-                let live: Option<SessionTuple> = sqlx::query_as(live_sql).bind(r.now).bind(&sid).fetch_optional(&mut *$conn).await?;
+                let live: Option<Session> = sqlx::query_as(live_sql).bind(r.now).bind(&sid).fetch_optional(&mut *$conn).await?;
                 match live {
                     Some(s) => {
                         sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES ($1, $2, $3)")
                             .bind(r.new_hash).bind(&sid).bind(r.now).execute(&mut *$conn).await?;
-                        RefreshOutcome::Rotated(Session::from(s))
+                        RefreshOutcome::Rotated(s)
                     }
                     None => RefreshOutcome::Invalid,
                 }
@@ -254,9 +236,9 @@ macro_rules! rotate {
                         };
                         match salt {
                             Some(salt) if successor_unused => {
-                                let live: Option<SessionTuple> = sqlx::query_as(live_sql).bind(r.now).bind(&sid).fetch_optional(&mut *$conn).await?;
+                                let live: Option<Session> = sqlx::query_as(live_sql).bind(r.now).bind(&sid).fetch_optional(&mut *$conn).await?;
                                 match live {
-                                    Some(s) => RefreshOutcome::Repeated(Session::from(s), salt),
+                                    Some(s) => RefreshOutcome::Repeated(s, salt),
                                     None => RefreshOutcome::Invalid,
                                 }
                             }
@@ -318,7 +300,14 @@ pub fn reset_budget_key_of_user(user_id: &str) -> String {
 }
 
 #[derive(
-    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+    sqlx::FromRow,
 )]
 pub struct Address {
     pub id: String,
@@ -337,7 +326,8 @@ pub struct Address {
     pub updated_at: i64,
 }
 
-/// An `addresses` row in `address_cols!()` order.
+/// An `addresses` row in `address_cols!()` order, as a move bundle carries
+/// it (`moving.rs`: the bundle's wire format is versioned).
 pub(crate) type AddressTuple = (
     String,
     Option<String>,
@@ -381,6 +371,7 @@ macro_rules! address_cols {
 }
 pub(crate) use address_cols;
 
+#[derive(sqlx::FromRow)]
 pub struct SigningKeyRow {
     pub kid: String,
     pub private_pkcs8: Vec<u8>,

@@ -63,9 +63,9 @@ impl Datastore {
             session_cols!(),
             " FROM sessions WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > $2 ORDER BY created_at DESC"
         );
-        let rows: Vec<SessionTuple> =
+        let rows: Vec<Session> =
             on_db!(self, p => sqlx::query_as(sql).bind(user_id).bind(now).fetch_all(p).await?);
-        Ok(rows.into_iter().map(Session::from).collect())
+        Ok(rows)
     }
 
     /// Ends one of the user's sessions; false if it is not theirs or over.

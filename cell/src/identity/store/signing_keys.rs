@@ -16,19 +16,9 @@ impl Datastore {
     }
 
     pub async fn signing_keys(&self) -> DbResult<Vec<SigningKeyRow>> {
-        let rows: Vec<KeyTuple> = on_db!(self, p => sqlx::query_as(
+        Ok(on_db!(self, p => sqlx::query_as(
             "SELECT kid, private_pkcs8, public_key, created_at, retired_at FROM signing_keys ORDER BY created_at")
-            .fetch_all(p).await?);
-        Ok(rows
-            .into_iter()
-            .map(|r| SigningKeyRow {
-                kid: r.0,
-                private_pkcs8: r.1,
-                public_key: r.2,
-                created_at: r.3,
-                retired_at: r.4,
-            })
-            .collect())
+            .fetch_all(p).await?))
     }
 
     /// Adds a key and retires every other active one, together.
