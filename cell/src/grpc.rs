@@ -13,6 +13,11 @@ use homecell_proto::cell::{
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
+/// The most a forwarded deposit's provider body may hold: what the HTTP
+/// API takes from the provider in the first place (`http::MAX_BODY`, which
+/// checks that the two agree).
+pub const MAX_FORWARDED_BODY: usize = 64 * 1024;
+
 /// The caller's region, when it is another cell.
 fn calling_cell<T>(req: &Request<T>) -> Result<String, Status> {
     match req.extensions().get::<PeerIdentity>() {
@@ -135,7 +140,7 @@ impl CellService for CellGrpc {
         if r.provider.is_empty() || r.provider.len() > 64 {
             return Err(Status::invalid_argument("provider: 1 to 64 characters"));
         }
-        if r.body.len() > crate::http::MAX_BODY {
+        if r.body.len() > MAX_FORWARDED_BODY {
             return Err(Status::invalid_argument("the notification is too large"));
         }
         // Verified here as at the cell it reached: what a cell forwards is
@@ -179,6 +184,7 @@ impl CellService for CellGrpc {
             return Err(Status::invalid_argument("a move bundle is at most 16 MiB"));
         }
         self.0
+            .moves
             .import_moved_user(&r.from_region, &r.user_id, &r.bundle)
             .await
             .map_err(status)?;
@@ -205,6 +211,7 @@ impl CellService for CellGrpc {
         }
         let revision = self
             .0
+            .moves
             .move_user_out(&r.user_id, &r.to_region)
             .await
             .map_err(status)?;

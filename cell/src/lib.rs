@@ -102,12 +102,18 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
                     .saturating_mul(1000),
             )
             .unwrap_or(i64::MAX),
-            peers,
+            peers: peers.clone(),
             tokens: Default::default(),
         },
         money: money.clone(),
         notices: notices.clone(),
-        moves: moving::Moves::new(db.clone()),
+        moves: moving::Moves::new(
+            db.clone(),
+            &config.region,
+            replica.clone(),
+            peers.clone(),
+            cp.clone(),
+        ),
         wechat: config
             .wechat
             .as_ref()

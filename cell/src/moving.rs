@@ -30,9 +30,12 @@ use crate::db::Datastore;
 use crate::db::DbResult;
 use crate::db::in_tx;
 use crate::identity::store::{AddressTuple as AddressRow, UserTuple as UserRow};
-use crate::state::Cell;
+use crate::peers::Peers;
+use homecell_common::replica::Replica;
 use homecell_proto::error::{CodedError, ErrorCode};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tonic::transport::Channel;
 
 const BUNDLE_VERSION: u32 = 1;
 
@@ -232,20 +235,37 @@ fn precondition(msg: impl Into<String>) -> CodedError {
     CodedError::new(ErrorCode::FailedPrecondition, msg.into())
 }
 
-/// What a move holds of the datastore: a move reads and writes every
-/// service's tables of one user (in one transaction on each side), so it is
-/// the one part of the cell that spans them.
+/// The move service. A move reads and writes every service's tables of one
+/// user (in one transaction on each side), so it is the one part of the
+/// cell that holds the datastore for all of them.
 pub struct Moves {
     pub(crate) db: Datastore,
+    region: String,
+    replica: Arc<Replica>,
+    peers: Arc<Peers>,
+    /// The control plane, which re-homes the user.
+    cp: Channel,
 }
 
 impl Moves {
-    pub fn new(db: Datastore) -> Self {
-        Self { db }
+    pub fn new(
+        db: Datastore,
+        region: &str,
+        replica: Arc<Replica>,
+        peers: Arc<Peers>,
+        cp: Channel,
+    ) -> Self {
+        Self {
+            db,
+            region: region.to_string(),
+            replica,
+            peers,
+            cp,
+        }
     }
 }
 
-impl Cell {
+impl Moves {
     /// Checks and applies a bundle pushed by `from` for one of its users.
     pub async fn import_moved_user(
         &self,
@@ -271,7 +291,7 @@ impl Cell {
                 format!("the directory does not home this user in {from}"),
             ));
         }
-        match self.moves.db.import_user(&b).await {
+        match self.db.import_user(&b).await {
             Ok(()) => {
                 tracing::info!(user_id, from, "moved user imported");
                 Ok(())
@@ -308,8 +328,7 @@ impl Cell {
         let now = now_ms();
         if home.as_deref() == Some(to) {
             // Re-homed by an earlier run that stopped before erasing: finish.
-            self.moves
-                .db
+            self.db
                 .erase_moved_user(user_id, &format!("moved-{user_id}"), now)
                 .await
                 .map_err(internal)?;
@@ -318,23 +337,16 @@ impl Cell {
         if home.as_deref() != Some(self.region.as_str()) {
             return Err(CodedError::not_found("no such user in this region"));
         }
-        if self.moves.db.holds_money(user_id).await.map_err(internal)? {
+        if self.db.holds_money(user_id).await.map_err(internal)? {
             return Err(precondition(
                 "the user holds money: transfer or withdraw it before a move",
             ));
         }
-        let Some(status) = self
-            .moves
-            .db
-            .freeze_user(user_id, now)
-            .await
-            .map_err(internal)?
-        else {
+        let Some(status) = self.db.freeze_user(user_id, now).await.map_err(internal)? else {
             return Err(CodedError::not_found("no such user in this region"));
         };
         let moved = async {
             let mut bundle = self
-                .moves
                 .db
                 .export_user(user_id)
                 .await
@@ -343,8 +355,7 @@ impl Cell {
             bundle.user.1 = status.clone();
             let identifiers = bundle.qualified_identifiers();
             let json = serde_json::to_vec(&bundle).map_err(internal)?;
-            self.identity
-                .peers
+            self.peers
                 .import_user(to, &self.region, user_id, json)
                 .await?;
             let req = MoveUserRequest {
@@ -353,7 +364,7 @@ impl Cell {
                 to_region: to.to_string(),
                 identifiers,
             };
-            DirectoryServiceClient::new(self.identity.cp.clone())
+            DirectoryServiceClient::new(self.cp.clone())
                 .move_user(req)
                 .await
                 .map(|r| r.into_inner().revision)
@@ -363,14 +374,13 @@ impl Cell {
         let revision = match moved {
             Ok(r) => r,
             Err(e) => {
-                if let Err(t) = self.moves.db.thaw_user(user_id, &status).await {
+                if let Err(t) = self.db.thaw_user(user_id, &status).await {
                     tracing::error!(user_id, error = %t, "a move failed and the account stays disabled");
                 }
                 return Err(e);
             }
         };
-        self.moves
-            .db
+        self.db
             .erase_moved_user(user_id, &format!("moved-{user_id}"), now)
             .await
             .map_err(internal)?;

@@ -53,3 +53,9 @@ impl Cell {
         Ok(home)
     }
 }
+
+impl AsRef<Identity> for Cell {
+    fn as_ref(&self) -> &Identity {
+        &self.identity
+    }
+}

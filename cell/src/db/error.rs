@@ -2,6 +2,8 @@
 //! constraint refused (`Conflict`, which callers turn into their own
 //! answer), or anything else the database said.
 
+use homecell_proto::error::{CodedError, ErrorCode};
+
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     /// A unique constraint refused the write.
@@ -21,3 +23,17 @@ impl From<sqlx::Error> for DbError {
 }
 
 pub type DbResult<T> = Result<T, DbError>;
+
+/// How a datastore error reaches a client: a conflict as `already_exists`,
+/// anything else as `internal` without its detail (logged instead).
+impl From<DbError> for CodedError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Conflict => CodedError::new(ErrorCode::AlreadyExists, "already exists"),
+            DbError::Db(e) => {
+                tracing::error!(error = %e, "datastore failure");
+                CodedError::internal("datastore failure")
+            }
+        }
+    }
+}

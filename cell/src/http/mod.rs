@@ -32,6 +32,10 @@ use std::sync::Arc;
 /// Request bodies above this get 413.
 pub const MAX_BODY: usize = 64 * 1024;
 
+// A provider's callback the HTTP API took can always be forwarded whole to
+// the user's home cell.
+const _: () = assert!(MAX_BODY <= crate::grpc::MAX_FORWARDED_BODY);
+
 /// An error answered as problem+json.
 #[derive(Debug)]
 pub struct ApiError(pub CodedError);

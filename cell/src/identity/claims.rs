@@ -103,24 +103,25 @@ impl Identity {
 }
 
 /// The identity upkeep loop: unsettled claims, spent reset budgets.
-pub async fn run(
-    cell: std::sync::Arc<crate::state::Cell>,
+pub async fn run<C: AsRef<Identity> + Send + Sync + 'static>(
+    owner: std::sync::Arc<C>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let settle = Duration::from_millis(u64::try_from(cell.identity.claim_settle_ms).unwrap_or(0));
+    let identity = owner.as_ref().as_ref();
+    let settle = Duration::from_millis(u64::try_from(identity.claim_settle_ms).unwrap_or(0));
     let mut every = tokio::time::interval(EVERY.min(settle).max(Duration::from_secs(1)));
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = every.tick() => {}
         }
-        match cell.identity.reconcile_claims().await {
+        match identity.reconcile_claims().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(released = n, "released unsettled directory claims"),
             Err(DbError::Db(e)) => tracing::warn!(error = %e, "claim reconciliation failed"),
             Err(DbError::Conflict) => {}
         }
-        if let Err(e) = cell.identity.db.prune_reset_budgets(now_ms()).await {
+        if let Err(e) = identity.db.prune_reset_budgets(now_ms()).await {
             tracing::warn!(error = %e, "cannot prune reset budgets");
         }
     }

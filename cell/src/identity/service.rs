@@ -9,7 +9,6 @@ use super::password::{HashError, Hasher};
 use super::store::{ResetLimits, reset_budget_key_of_user};
 use crate::clock::now_ms;
 use crate::db::Datastore;
-use crate::db::DbError;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use homecell_common::hex::sha256;
@@ -32,18 +31,6 @@ pub const REFRESH_GRACE_MS: i64 = 30_000;
 pub const MAX_ADDRESSES: i64 = 20;
 /// The role that holds every permission.
 pub(super) const ADMIN: &str = "admin";
-
-impl From<DbError> for CodedError {
-    fn from(e: DbError) -> Self {
-        match e {
-            DbError::Conflict => CodedError::new(ErrorCode::AlreadyExists, "already exists"),
-            DbError::Db(e) => {
-                tracing::error!(error = %e, "datastore failure");
-                CodedError::internal("datastore failure")
-            }
-        }
-    }
-}
 
 impl From<HashError> for CodedError {
     fn from(e: HashError) -> Self {
