@@ -101,7 +101,12 @@ impl Edge {
             Err(refusal) => return answer(session, ctx, &refusal).await,
         }
         drop(table);
-        match forward::forward(self, session, ctx).await {
+        let hop = forward::Hop {
+            router: &self.router,
+            connector: &self.connector,
+            body_timeout: self.limits.body(),
+        };
+        match forward::forward(&hop, session, ctx).await {
             Ok(()) => true,
             Err(failure) => self.failed(session, ctx, failure).await,
         }

@@ -24,17 +24,27 @@
 //! (harness/tests/stale_connections.rs, routing.rs).
 
 use crate::decide;
-use crate::edge::Edge;
 use crate::metrics;
 use crate::pool;
-use crate::state::Ctx;
+use crate::state::{Ctx, Router};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::HttpTask;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::http::v1::client::HttpSession as CellSession;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
+use std::time::Duration;
+
+/// What forwarding needs of the edge (edge.rs): the router's state, the
+/// connector to cells, and the body deadline of a request that has none
+/// yet.
+pub struct Hop<'a> {
+    pub router: &'a Router,
+    pub connector: &'a TransportConnector,
+    pub body_timeout: Duration,
+}
 
 /// Where an exchange failed, which decides what the client is told.
 pub enum Failure {
@@ -248,7 +258,7 @@ enum Attempt {
 /// Forwards the request to `ctx.upstream`, following at most one refused
 /// connect per instance, one stale pooled connection and one move.
 pub async fn forward(
-    edge: &Edge,
+    hop: &Hop<'_>,
     session: &mut ServerSession,
     ctx: &mut Ctx,
 ) -> Result<(), Failure> {
@@ -256,7 +266,7 @@ pub async fn forward(
     // The whole body must arrive within the body deadline of its head.
     let body_deadline = ctx
         .body_deadline
-        .unwrap_or_else(|| tokio::time::Instant::now() + edge.limits.body());
+        .unwrap_or_else(|| tokio::time::Instant::now() + hop.body_timeout);
     if has_body {
         // A replay resends the body: up to 64 KiB is kept for it.
         session.enable_retry_buffering();
@@ -274,12 +284,12 @@ pub async fn forward(
     }
     let mut fresh_only = false;
     loop {
-        let (mut cell, pool_key, reused) = connect(edge, ctx, fresh_only).await?;
-        match attempt(edge, session, ctx, &mut cell, has_body, body_deadline).await {
+        let (mut cell, pool_key, reused) = connect(hop, ctx, fresh_only).await?;
+        match attempt(hop, session, ctx, &mut cell, has_body, body_deadline).await {
             Ok(Attempt::Answered) => {
                 cell.respect_keepalive();
                 if let Some(stream) = cell.reuse().await {
-                    let idle = edge.router.live.load().cells.idle_timeout;
+                    let idle = hop.router.live.load().cells.idle_timeout;
                     pool::put(pool_key, stream, idle);
                 }
                 return Ok(());
@@ -307,11 +317,11 @@ pub async fn forward(
 /// A connection to one of the region's instances that are up, skipping those
 /// that refused this request already.
 async fn connect(
-    edge: &Edge,
+    hop: &Hop<'_>,
     ctx: &mut Ctx,
     fresh_only: bool,
 ) -> Result<(CellSession, u64, bool), Failure> {
-    let live = edge.router.live.load();
+    let live = hop.router.live.load();
     let cells = &live.cells;
     loop {
         let up = ctx.upstream.clone().ok_or_else(|| {
@@ -321,7 +331,7 @@ async fn connect(
             ))
         })?;
         let addr = up
-            .pick(&edge.router.health, &ctx.refused_by)
+            .pick(|a| hop.router.health.is_up(a), &ctx.refused_by)
             .ok_or_else(|| {
                 Failure::Connect(Error::explain(
                     ErrorType::ConnectNoRoute,
@@ -339,7 +349,7 @@ async fn connect(
             // Boxed: the TLS handshake's future is about 9 KB, and inline
             // it would make every request's future that large, moved
             // into the heap once per request (bench/HISTORY.md).
-            None => Box::pin(new_connection(edge, addr, &up.sni, cells))
+            None => Box::pin(new_connection(hop, addr, &up.sni, cells))
                 .await
                 .map(|s| (s, false)),
         };
@@ -365,7 +375,7 @@ async fn connect(
 /// A new mTLS connection to a cell instance (the connector holds our
 /// client certificate and CA).
 async fn new_connection(
-    edge: &Edge,
+    hop: &Hop<'_>,
     addr: std::net::SocketAddr,
     sni: &str,
     cells: &crate::live::CellClient,
@@ -376,11 +386,11 @@ async fn new_connection(
     peer.options.connection_timeout = Some(cells.connect_timeout);
     peer.options.total_connection_timeout = Some(cells.connect_timeout * 2);
     peer.options.idle_timeout = Some(cells.idle_timeout);
-    edge.connector.new_stream(&peer).await
+    hop.connector.new_stream(&peer).await
 }
 
 async fn attempt(
-    edge: &Edge,
+    hop: &Hop<'_>,
     session: &mut ServerSession,
     ctx: &mut Ctx,
     cell: &mut CellSession,
@@ -429,7 +439,7 @@ async fn attempt(
             }
         }
     };
-    if status == 421 && replay_to_new_home(edge, session, ctx, cell, has_body) {
+    if status == 421 && replay_to_new_home(hop, session, ctx, cell, has_body) {
         return Ok(Attempt::Replay);
     }
     relay_answer(session, ctx, cell).await?;
@@ -528,7 +538,7 @@ async fn send_body(
 /// new home. Only once, only with the whole request at hand (no body, or
 /// one that fit the retry buffer), and only where the new home admits it.
 fn replay_to_new_home(
-    edge: &Edge,
+    hop: &Hop<'_>,
     session: &ServerSession,
     ctx: &mut Ctx,
     cell: &CellSession,
@@ -549,8 +559,8 @@ fn replay_to_new_home(
     if target == from {
         return false;
     }
-    let table = edge.router.table.load();
-    let Ok(up) = decide::admit(&table, &edge.router.health, target, false) else {
+    let table = hop.router.table.load();
+    let Ok(up) = decide::admit(&table, &hop.router.health, target, false) else {
         return false;
     };
     metrics::REPLAYS

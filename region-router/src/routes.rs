@@ -26,14 +26,18 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Round-robin over the resolved addresses that pass health checks,
-    /// skipping those this request already failed to reach.
-    pub fn pick(&self, health: &crate::health::Health, skip: &[SocketAddr]) -> Option<SocketAddr> {
+    /// Round-robin over the resolved addresses that are up (health.rs says
+    /// which), skipping those this request already failed to reach.
+    pub fn pick(
+        &self,
+        is_up: impl Fn(&SocketAddr) -> bool,
+        skip: &[SocketAddr],
+    ) -> Option<SocketAddr> {
         let n = self.addrs.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n)
             .map(|k| self.addrs[(start + k) % n])
-            .find(|a| health.is_up(a) && !skip.contains(a))
+            .find(|a| is_up(a) && !skip.contains(a))
     }
 }
 

@@ -63,6 +63,20 @@ async fn main() -> anyhow::Result<()> {
     // One client address sends everything: lift the per-address login limit.
     cluster.cell_extra_config = "login_attempts_per_ip_per_minute = 100000000\n".into();
     start_standard(&mut cluster).await?;
+    // And the router's per-address registration limit: every worker
+    // registers from the one address.
+    let out = cluster.cli_ok(&[
+        "-o",
+        "json",
+        "config",
+        "set",
+        "router.rate_limit.registrations_per_ip",
+        "0",
+    ])?;
+    let revision = out.json()?["committed_revision"].as_u64().unwrap_or(0);
+    cluster
+        .wait_applied(revision, 3, Duration::from_secs(10))
+        .await?;
     let api = Api::new(&cluster.router_url(0), "cn-east");
     let cell = [cluster.cells["cn-east"]
         .process
