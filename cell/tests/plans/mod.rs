@@ -142,7 +142,7 @@ fn params(sql: &str) -> usize {
 }
 
 /// The statements `r` saw that scan a table on `db`, with the plan.
-pub async fn scans(db: &Datastore, r: &Recorder) -> Vec<String> {
+async fn scans(db: &Datastore, r: &Recorder) -> Vec<String> {
     let statements: Vec<String> = r.0.lock().unwrap().iter().cloned().collect();
     let mut bad = Vec::new();
     let mut asked = 0;
@@ -230,4 +230,14 @@ pub async fn scans(db: &Datastore, r: &Recorder) -> Vec<String> {
     }
     assert!(asked > 0, "no statement was recorded");
     bad
+}
+
+/// Fails, listing them, if any statement `r` saw scans a table on `db`.
+pub async fn assert_indexed(db: &Datastore, r: &Recorder) {
+    let scans = scans(db, r).await;
+    assert!(
+        scans.is_empty(),
+        "statements that scan a table:\n{}",
+        scans.join("\n")
+    );
 }
