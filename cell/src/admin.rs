@@ -4,8 +4,8 @@ use crate::clock::now_ms;
 use crate::config::CellConfig;
 use crate::db::Datastore;
 use crate::db::audit::AuditEntry;
-use crate::identity::identifier::Identifier;
 use anyhow::{Result, anyhow, bail};
+use homecell_proto::identifier::Identifier;
 
 async fn open(config: &CellConfig) -> Result<Datastore> {
     let db = Datastore::open(&config.database_url()).await?;

@@ -3,7 +3,6 @@
 
 mod account;
 pub mod claims;
-pub mod identifier;
 pub mod keys;
 pub mod password;
 pub mod profile;

@@ -2,7 +2,6 @@
 //! global directory (the control plane), and the claims' release when a
 //! registration cannot finish.
 
-use super::identifier::Identifier;
 use super::password::{self};
 use super::service::*;
 use super::store::NewUser;
@@ -12,6 +11,7 @@ use homecell_proto::control::{
     directory_service_client::DirectoryServiceClient,
 };
 use homecell_proto::error::{CodedError, ErrorCode, FieldError};
+use homecell_proto::identifier::Identifier;
 use std::time::Duration;
 
 impl Identity {
@@ -73,7 +73,7 @@ impl Identity {
         self.claim(&id.qualified(), &user_id).await?;
         crate::failpoint::hit("identity.register.after_claim");
         let default_name = match id.kind {
-            super::identifier::Kind::Username => id.value.clone(),
+            homecell_proto::identifier::Kind::Username => id.value.clone(),
             _ => format!("user-{}", &user_id[user_id.len() - 6..]),
         };
         let created = self

@@ -1,12 +1,12 @@
 //! Passwords: changing one, and resetting a forgotten one with a one-time
 //! code (budgeted per identifier and per account).
 
-use super::identifier::Identifier;
 use super::password::{self};
 use super::service::*;
 use crate::clock::now_ms;
 use homecell_common::hex::sha256;
 use homecell_proto::error::{CodedError, ErrorCode};
+use homecell_proto::identifier::Identifier;
 use std::net::IpAddr;
 
 impl Identity {

@@ -3,7 +3,6 @@
 //! addresses, account deletion and roles. HTTP handlers call these; the
 //! storage layer does the SQL.
 
-use super::identifier::Identifier;
 use super::keys::Keys;
 use super::password::{HashError, Hasher};
 use super::store::{ResetLimits, reset_budget_key_of_user};
@@ -15,6 +14,7 @@ use homecell_common::hex::sha256;
 use homecell_common::jwt::{Claims, MAX_ACCESS_TTL_SECS};
 use homecell_common::replica::Replica;
 use homecell_proto::error::{CodedError, ErrorCode};
+use homecell_proto::identifier::Identifier;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};

@@ -2,7 +2,6 @@
 //! refresh tokens, refresh rotation, and confirming a token on a request
 //! (its session alive, here or at its home cell).
 
-use super::identifier::Identifier;
 use super::keys::Verifier;
 use super::password::{self, HashError};
 use super::service::*;
@@ -14,6 +13,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use homecell_common::hex::sha256;
 use homecell_common::jwt::{Claims, TokenError};
 use homecell_proto::error::{CodedError, ErrorCode};
+use homecell_proto::identifier::Identifier;
 use std::net::IpAddr;
 use std::sync::Arc;
 
