@@ -138,12 +138,21 @@ impl Move {
     }
 }
 
+/// How `apply_moves!` reads and creates accounts on a backend.
+struct Locking {
+    /// What ends the read: its order, and on PostgreSQL its row lock.
+    order_and_lock: &'static str,
+    /// Read before creating missing accounts (SQLite), or create them all
+    /// first (PostgreSQL).
+    read_first: bool,
+}
+
 /// Writes `$moves` inside the transaction `$tx`, judged by the ledger's one
 /// rule (`rule.rs`); evaluates to `LedgerResult<()>`. A refusal leaves the
-/// transaction to be rolled back by the caller's `?`. `$lock` orders and
-/// locks the rows read (`Datastore::row_lock`).
+/// transaction to be rolled back by the caller's `?`. `$locking` says how
+/// the backend reads and creates the accounts (`Datastore::ledger_locking`).
 macro_rules! apply_moves {
-    ($tx:ident, $moves:expr, $now:expr, $lock:expr) => {
+    ($tx:ident, $moves:expr, $now:expr, $locking:expr) => {
         async {
             let moves: &[Move] = $moves;
             if moves.is_empty() {
@@ -153,10 +162,14 @@ macro_rules! apply_moves {
                 moves.iter().flat_map(|m| [&m.debit, &m.credit]).collect();
             accounts.sort_by(|a, b| a.id.cmp(&b.id));
             accounts.dedup_by(|a, b| a.id == b.id);
-            // Every account exists (inserted in the byte order of the ids),
-            // then every one is read and locked in that order.
-            let params = |per: usize| {
-                (0..accounts.len())
+            // Every account exists and is read (and, on PostgreSQL, locked)
+            // in the byte order of the ids. SQLite reads first and creates
+            // only what is missing: its write transaction holds the whole
+            // database, and most transfers touch accounts that exist.
+            // PostgreSQL creates first, so every transaction takes its
+            // inserts' waits before any row lock, in one order.
+            let params = |rows: usize, per: usize| {
+                (0..rows)
                     .map(|i| {
                         let p: Vec<String> = (1..=per).map(|j| format!("${}", i * per + j)).collect();
                         format!("({})", p.join(", "))
@@ -164,30 +177,43 @@ macro_rules! apply_moves {
                     .collect::<Vec<_>>()
                     .join(", ")
             };
-            let insert = format!(
-                "INSERT INTO ledger_accounts (id, kind, owner, currency, created_at) VALUES {} ON CONFLICT (id) DO NOTHING",
-                params(5)
-            );
-            // Only placeholders and a fixed suffix are formatted in.
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(insert));
-            for a in &accounts {
-                q = q.bind(&a.id).bind(a.kind).bind(&a.owner).bind(&a.currency).bind($now);
-            }
-            q.execute(&mut *$tx).await?;
             let ids: Vec<String> = (1..=accounts.len()).map(|i| format!("${i}")).collect();
             let select = format!(
                 "SELECT id, debits_pending, debits_posted, credits_pending, credits_posted FROM ledger_accounts \
                  WHERE id IN ({}){}",
                 ids.join(", "),
-                $lock
+                $locking.order_and_lock
             );
-            let mut q = sqlx::query_as::<_, (String, i64, i64, i64, i64)>(sqlx::AssertSqlSafe(select));
-            for a in &accounts {
-                q = q.bind(&a.id);
-            }
             let mut view = rule::View::new();
-            for (id, debits_pending, debits_posted, credits_pending, credits_posted) in q.fetch_all(&mut *$tx).await? {
-                view.insert(id, rule::Columns { debits_pending, debits_posted, credits_pending, credits_posted });
+            let mut read_first = $locking.read_first;
+            loop {
+                if !read_first {
+                    let missing: Vec<&&Account> = accounts.iter().filter(|a| !view.contains_key(&a.id)).collect();
+                    let insert = format!(
+                        "INSERT INTO ledger_accounts (id, kind, owner, currency, created_at) VALUES {} ON CONFLICT (id) DO NOTHING",
+                        params(missing.len(), 5)
+                    );
+                    // Only placeholders are formatted in.
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(insert));
+                    for a in &missing {
+                        q = q.bind(&a.id).bind(a.kind).bind(&a.owner).bind(&a.currency).bind($now);
+                    }
+                    q.execute(&mut *$tx).await?;
+                }
+                // Only placeholders and a fixed suffix are formatted in.
+                let mut q = sqlx::query_as::<_, (String, i64, i64, i64, i64)>(sqlx::AssertSqlSafe(select.clone()));
+                for a in &accounts {
+                    q = q.bind(&a.id);
+                }
+                view.clear();
+                for (id, debits_pending, debits_posted, credits_pending, credits_posted) in q.fetch_all(&mut *$tx).await? {
+                    view.insert(id, rule::Columns { debits_pending, debits_posted, credits_pending, credits_posted });
+                }
+                if read_first && view.len() < accounts.len() {
+                    read_first = false;
+                    continue;
+                }
+                break;
             }
             for m in moves {
                 if let Some(pending) = &m.pending_id {
@@ -408,15 +434,22 @@ pub struct HistoryFilter<'a> {
 }
 
 impl Datastore {
-    /// How a write reads the ledger rows it changes: on PostgreSQL locked,
-    /// in the byte order of their ids (`COLLATE "C"`, whatever the
-    /// database's collation, so every instance, of any version, locks in
-    /// the one order the inserts before it use); SQLite's write transaction
-    /// already holds the whole database, and its ids compare as bytes.
-    fn row_lock(&self) -> &'static str {
+    /// How a write reads the ledger rows it changes (`apply_moves!`): on
+    /// PostgreSQL locked, in the byte order of their ids (`COLLATE "C"`,
+    /// whatever the database's collation, so every instance, of any
+    /// version, locks in the one order the inserts before it use); SQLite's
+    /// write transaction already holds the whole database, and its ids
+    /// compare as bytes.
+    fn ledger_locking(&self) -> Locking {
         match self {
-            Datastore::Sqlite(..) => " ORDER BY id",
-            Datastore::Postgres(_) => " ORDER BY id COLLATE \"C\" FOR UPDATE",
+            Datastore::Sqlite(..) => Locking {
+                order_and_lock: " ORDER BY id",
+                read_first: true,
+            },
+            Datastore::Postgres(_) => Locking {
+                order_and_lock: " ORDER BY id COLLATE \"C\" FOR UPDATE",
+                read_first: false,
+            },
         }
     }
 
@@ -443,10 +476,10 @@ impl Datastore {
         side: &SideEffects<'_>,
     ) -> LedgerResult<()> {
         let now = op.created_at;
-        let lock = self.row_lock();
+        let locking = self.ledger_locking();
         in_tx!(self, tx => {
             insert_op!(tx, op);
-            apply_moves!(tx, moves, now, lock)?;
+            apply_moves!(tx, moves, now, locking)?;
             side_effects!(tx, side, now);
         });
         Ok(())
@@ -476,7 +509,7 @@ impl Datastore {
         side: &SideEffects<'_>,
         now: i64,
     ) -> LedgerResult<bool> {
-        let lock = self.row_lock();
+        let locking = self.ledger_locking();
         let moved = in_tx!(self, tx => {
             let r = sqlx::query(
                 "UPDATE money_operations SET state = $1, saga_step = $2, error_code = COALESCE($3, error_code), \
@@ -494,7 +527,7 @@ impl Datastore {
             .execute(&mut *tx)
             .await?;
             if r.rows_affected() == 1 {
-                apply_moves!(tx, moves, now, lock)?;
+                apply_moves!(tx, moves, now, locking)?;
                 side_effects!(tx, side, now);
                 true
             } else {
