@@ -58,42 +58,35 @@ pub struct Delta {
 /// reports; the rows are locked by the write path, `ledger.rs`).
 pub fn deltas(m: &Move) -> [(&Account, Delta); 2] {
     let a = m.amount;
-    // Only a wallet's own spending is checked; system and clearing accounts
-    // are the other side of money entering or leaving.
-    let need = if m.debit.kind == "wallet" { a } else { 0 };
-    let cols = |debits_pending, debits_posted, credits_pending, credits_posted| Columns {
+    // Only a wallet's own spending (a transfer or a hold) is checked;
+    // system and clearing accounts are the other side of money entering or
+    // leaving, and a post or void only moves what a hold already took.
+    let spends = m.debit.kind == "wallet" && matches!(m.phase, Phase::Single | Phase::Pending);
+    let delta = |[
         debits_pending,
         debits_posted,
         credits_pending,
         credits_posted,
+    ]: [i64; 4],
+                 need| Delta {
+        columns: Columns {
+            debits_pending,
+            debits_posted,
+            credits_pending,
+            credits_posted,
+        },
+        need,
+        amount: a,
     };
     let (debit, credit) = match m.phase {
-        Phase::Single => (cols(0, a, 0, 0), cols(0, 0, 0, a)),
-        Phase::Pending => (cols(a, 0, 0, 0), cols(0, 0, a, 0)),
-        Phase::Post => (cols(-a, a, 0, 0), cols(0, 0, -a, a)),
-        Phase::Void => (cols(-a, 0, 0, 0), cols(0, 0, -a, 0)),
-    };
-    let debit_need = match m.phase {
-        Phase::Single | Phase::Pending => need,
-        Phase::Post | Phase::Void => 0,
+        Phase::Single => ([0, a, 0, 0], [0, 0, 0, a]),
+        Phase::Pending => ([a, 0, 0, 0], [0, 0, a, 0]),
+        Phase::Post => ([-a, a, 0, 0], [0, 0, -a, a]),
+        Phase::Void => ([-a, 0, 0, 0], [0, 0, -a, 0]),
     };
     let pair = [
-        (
-            &m.debit,
-            Delta {
-                columns: debit,
-                need: debit_need,
-                amount: a,
-            },
-        ),
-        (
-            &m.credit,
-            Delta {
-                columns: credit,
-                need: 0,
-                amount: a,
-            },
-        ),
+        (&m.debit, delta(debit, if spends { a } else { 0 })),
+        (&m.credit, delta(credit, 0)),
     ];
     if m.debit.id <= m.credit.id {
         pair
