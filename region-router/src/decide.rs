@@ -353,20 +353,49 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn step_5_registration_prefers_the_body_then_the_header_then_the_default() {
-        let t = table().await;
+    async fn step_5_registration_prefers_the_body_then_the_header_then_the_country_then_the_default()
+     {
+        // Three active regions, so each step picks a region no other would.
+        let mut s = ReplicaState {
+            revision: 1,
+            ..Default::default()
+        };
+        for (id, country) in [("cn-east", "CN"), ("ap-south", "IN"), ("eu-north", "SE")] {
+            s.regions.insert(
+                id.into(),
+                Region {
+                    id: id.into(),
+                    status: RegionStatus::Active as i32,
+                    internal_endpoint: "https://127.0.0.1:1".into(),
+                    countries: vec![country.into()],
+                    ..Default::default()
+                },
+            );
+        }
+        let t = crate::routes::build(
+            &s,
+            "cn-east",
+            Duration::from_secs(30),
+            &RouteTable::default(),
+        )
+        .await;
         let mut k = Keys {
-            body: register(Some("cn-east"), None),
-            header: some("eu-west"),
+            body: register(Some("ap-south"), Some("SE")),
+            header: some("eu-north"),
             ..keys()
         };
-        assert_eq!(chose(&k, &t), ("cn-east".into(), Basis::Registration, true));
-        // No body preference: the header is the preference, but a
-        // draining region takes no registrations, so the default does.
-        k.body = register(None, None);
-        assert_eq!(chose(&k, &t), ("cn-east".into(), Basis::Registration, true));
+        let registration = |r: &str| (r.to_string(), Basis::Registration, true);
+        assert_eq!(chose(&k, &t), registration("ap-south"));
+        k.body = register(None, Some("IN"));
+        assert_eq!(chose(&k, &t), registration("eu-north"));
         k.header = None;
-        assert_eq!(chose(&k, &t), ("cn-east".into(), Basis::Registration, true));
+        assert_eq!(chose(&k, &t), registration("ap-south"));
+        k.body = register(None, None);
+        assert_eq!(chose(&k, &t), registration("cn-east"));
+        // A draining region named as the preference takes none.
+        let t = table().await;
+        k.header = some("eu-west");
+        assert_eq!(chose(&k, &t), registration("cn-east"));
     }
 
     #[tokio::test]
