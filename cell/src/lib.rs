@@ -69,10 +69,9 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
         hold_timeout_ms: i64::try_from(config.transfer_hold_timeout_secs.saturating_mul(1000))
             .unwrap_or(i64::MAX),
         withdrawals_via: config.withdrawals_via.clone(),
-        group: match &db {
-            db::Datastore::Sqlite(pool, ..) => Some(money::group::GroupCommit::start(pool.clone())),
-            db::Datastore::Postgres(_) => None,
-        },
+        group: db
+            .single_writer()
+            .then(|| money::group::GroupCommit::start(db.clone())),
         withdrawal_timeout_ms: i64::try_from(config.withdrawal_timeout_secs.saturating_mul(1000))
             .unwrap_or(i64::MAX),
     });

@@ -28,7 +28,7 @@
 
 use crate::db::Datastore;
 use crate::db::DbResult;
-use crate::db::in_tx;
+use crate::db::stmt;
 use crate::identity::store::{AddressTuple as AddressRow, UserTuple as UserRow};
 use crate::peers::Peers;
 use homecell_common::replica::Replica;
@@ -93,128 +93,156 @@ impl Datastore {
     pub async fn holds_money(&self, user_id: &str) -> DbResult<bool> {
         let sql = "SELECT COUNT(*) FROM ledger_accounts WHERE kind = 'wallet' AND owner = $1 \
                    AND (credits_posted <> debits_posted OR debits_pending <> 0 OR credits_pending <> 0)";
-        let (n,): (i64,) =
-            crate::db::on_db!(self, p => sqlx::query_as(sql).bind(user_id).fetch_one(p).await?);
+        let (n,): (i64,) = stmt(sql).bind(user_id).fetch_one(self).await?;
         Ok(n > 0)
     }
 
     /// Disables an account and ends its sessions; returns the status it
     /// had (None: no such user, or deleted).
     pub async fn freeze_user(&self, id: &str, now: i64) -> DbResult<Option<String>> {
-        Ok(in_tx!(self, tx => {
-            let status: Option<(String,)> = sqlx::query_as("SELECT status FROM users WHERE id = $1")
-                .bind(id).fetch_optional(&mut *tx).await?;
+        let mut tx = self.begin().await?;
+        let out = {
+            let status: Option<(String,)> = stmt("SELECT status FROM users WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut tx)
+                .await?;
             match status {
                 Some((s,)) if s != "deleted" => {
-                    sqlx::query("UPDATE users SET status = 'disabled' WHERE id = $1").bind(id).execute(&mut *tx).await?;
-                    sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'moved' WHERE user_id = $2 AND revoked_at IS NULL")
-                        .bind(now).bind(id).execute(&mut *tx).await?;
+                    stmt("UPDATE users SET status = 'disabled' WHERE id = $1")
+                        .bind(id)
+                        .execute(&mut tx)
+                        .await?;
+                    stmt("UPDATE sessions SET revoked_at = $1, revoke_reason = 'moved' WHERE user_id = $2 AND revoked_at IS NULL")
+                    .bind(now).bind(id).execute(&mut tx).await?;
                     Some(s)
                 }
                 _ => None,
             }
-        }))
+        };
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Gives a frozen account its status back (a move that did not happen).
     pub async fn thaw_user(&self, id: &str, status: &str) -> DbResult<()> {
-        crate::db::write_db!(self, p => sqlx::query("UPDATE users SET status = $1 WHERE id = $2 AND status = 'disabled'")
-            .bind(status).bind(id).execute(p).await.map(|_| ())?);
+        stmt("UPDATE users SET status = $1 WHERE id = $2 AND status = 'disabled'")
+            .bind(status)
+            .bind(id)
+            .execute(self)
+            .await
+            .map(|_| ())?;
         Ok(())
     }
 
     /// The user's rows, read in one transaction.
     pub async fn export_user(&self, id: &str) -> DbResult<Option<Bundle>> {
-        Ok(in_tx!(self, tx => {
-            let user: Option<UserRow> = sqlx::query_as(concat!("SELECT ", crate::identity::store::user_cols!(), " FROM users WHERE id = $1"))
-                .bind(id).fetch_optional(&mut *tx).await?;
+        let mut tx = self.begin().await?;
+        let out = {
+            let user: Option<UserRow> = stmt(concat!(
+                "SELECT ",
+                crate::identity::store::user_cols!(),
+                " FROM users WHERE id = $1"
+            ))
+            .bind(id)
+            .fetch_optional(&mut tx)
+            .await?;
             match user {
-                None => None,
-                Some(user) => Some(Bundle {
-                    version: BUNDLE_VERSION,
-                    user,
-                    identifiers: sqlx::query_as("SELECT kind, value FROM identifiers WHERE user_id = $1 ORDER BY kind, value")
-                        .bind(id).fetch_all(&mut *tx).await?,
-                    password_hash: sqlx::query_as::<_, (String,)>("SELECT password_hash FROM credentials WHERE user_id = $1")
-                        .bind(id).fetch_optional(&mut *tx).await?.map(|r| r.0),
-                    addresses: sqlx::query_as(concat!("SELECT ", crate::identity::store::address_cols!(), " FROM addresses WHERE user_id = $1 ORDER BY created_at, id"))
-                        .bind(id).fetch_all(&mut *tx).await?,
-                    roles: sqlx::query_as("SELECT role, granted_at FROM user_roles WHERE user_id = $1 ORDER BY role")
-                        .bind(id).fetch_all(&mut *tx).await?,
-                    preferences: sqlx::query_as("SELECT category, channel, enabled FROM notice_preferences WHERE user_id = $1 ORDER BY category, channel")
-                        .bind(id).fetch_all(&mut *tx).await?,
-                    inbox: sqlx::query_as("SELECT id, event_id, category, title, body, created_at, read_at, archived_at, expires_at FROM inbox WHERE user_id = $1 ORDER BY created_at, id")
-                        .bind(id).fetch_all(&mut *tx).await?,
-                    wechat: sqlx::query_as("SELECT openid, created_at FROM wechat_bindings WHERE user_id = $1 ORDER BY openid")
-                        .bind(id).fetch_all(&mut *tx).await?,
-                }),
+            None => None,
+            Some(user) => Some(Bundle {
+                version: BUNDLE_VERSION,
+                user,
+                identifiers: stmt("SELECT kind, value FROM identifiers WHERE user_id = $1 ORDER BY kind, value")
+                    .bind(id).fetch_all(&mut tx).await?,
+                password_hash: stmt("SELECT password_hash FROM credentials WHERE user_id = $1")
+                    .bind(id).scalar_optional(&mut tx).await?,
+                addresses: stmt(concat!("SELECT ", crate::identity::store::address_cols!(), " FROM addresses WHERE user_id = $1 ORDER BY created_at, id"))
+                    .bind(id).fetch_all(&mut tx).await?,
+                roles: stmt("SELECT role, granted_at FROM user_roles WHERE user_id = $1 ORDER BY role")
+                    .bind(id).fetch_all(&mut tx).await?,
+                preferences: stmt("SELECT category, channel, enabled FROM notice_preferences WHERE user_id = $1 ORDER BY category, channel")
+                    .bind(id).fetch_all(&mut tx).await?,
+                inbox: stmt("SELECT id, event_id, category, title, body, created_at, read_at, archived_at, expires_at FROM inbox WHERE user_id = $1 ORDER BY created_at, id")
+                    .bind(id).fetch_all(&mut tx).await?,
+                wechat: stmt("SELECT openid, created_at FROM wechat_bindings WHERE user_id = $1 ORDER BY openid")
+                    .bind(id).fetch_all(&mut tx).await?,
+            }),
             }
-        }))
+        };
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Writes a moved user's rows in one transaction, replacing whatever an
     /// earlier import (or an earlier stay in this region) left.
     pub async fn import_user(&self, b: &Bundle) -> DbResult<()> {
         let id = &b.user.0;
-        in_tx!(self, tx => {
-            for sql in [
-                "DELETE FROM identifiers WHERE user_id = $1",
-                "DELETE FROM credentials WHERE user_id = $1",
-                "DELETE FROM addresses WHERE user_id = $1",
-                "DELETE FROM user_roles WHERE user_id = $1",
-                "DELETE FROM notice_preferences WHERE user_id = $1",
-                "DELETE FROM inbox WHERE user_id = $1",
-                "DELETE FROM wechat_bindings WHERE user_id = $1",
-                "DELETE FROM password_resets WHERE user_id = $1",
-            ] {
-                sqlx::query(sql).bind(id).execute(&mut *tx).await?;
-            }
-            let u = &b.user;
-            sqlx::query("INSERT INTO users (id, status, display_name, locale, bio, avatar_url, version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                         ON CONFLICT (id) DO UPDATE SET status = excluded.status, display_name = excluded.display_name, locale = excluded.locale, bio = excluded.bio, \
-                         avatar_url = excluded.avatar_url, version = excluded.version, created_at = excluded.created_at, updated_at = excluded.updated_at")
-                .bind(&u.0).bind(&u.1).bind(&u.2).bind(&u.3).bind(&u.4).bind(&u.5).bind(u.6).bind(u.7).bind(u.8)
-                .execute(&mut *tx).await?;
-            for (kind, value) in &b.identifiers {
-                sqlx::query("INSERT INTO identifiers (kind, value, user_id) VALUES ($1, $2, $3)")
-                    .bind(kind).bind(value).bind(id).execute(&mut *tx).await?;
-            }
-            if let Some(hash) = &b.password_hash {
-                sqlx::query("INSERT INTO credentials (user_id, password_hash, attempts, updated_at) VALUES ($1, $2, 0, $3)")
-                    .bind(id).bind(hash).bind(u.8).execute(&mut *tx).await?;
-            }
-            for a in &b.addresses {
-                sqlx::query("INSERT INTO addresses (id, user_id, label, recipient, phone, line1, line2, city, state, postal_code, country, is_default, created_at, updated_at) \
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)")
-                    .bind(&a.0).bind(id).bind(&a.1).bind(&a.2).bind(&a.3).bind(&a.4).bind(&a.5).bind(&a.6).bind(&a.7).bind(&a.8).bind(&a.9).bind(a.10).bind(a.11).bind(a.12)
-                    .execute(&mut *tx).await?;
-            }
-            // Only roles that grant no permission here come along (above):
-            // the new home's operator grants the others.
-            let mut dropped = 0;
-            for (role, at) in &b.roles {
-                let granted = sqlx::query("INSERT INTO user_roles (user_id, role, granted_at) SELECT $1, name, $3 FROM roles \
-                                           WHERE name = $2 AND NOT EXISTS (SELECT 1 FROM role_permissions p WHERE p.role = roles.name)")
-                    .bind(id).bind(role).bind(at).execute(&mut *tx).await?;
-                dropped += usize::from(granted.rows_affected() == 0);
-            }
-            if dropped > 0 {
-                tracing::warn!(user_id = %id, roles = dropped, "moved user's roles not granted here; grant them again with cell grant-role");
-            }
-            for (category, channel, enabled) in &b.preferences {
-                sqlx::query("INSERT INTO notice_preferences (user_id, category, channel, enabled) VALUES ($1, $2, $3, $4)")
-                    .bind(id).bind(category).bind(channel).bind(enabled).execute(&mut *tx).await?;
-            }
-            for m in &b.inbox {
-                sqlx::query("INSERT INTO inbox (id, user_id, event_id, category, title, body, created_at, read_at, archived_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
-                    .bind(&m.0).bind(id).bind(&m.1).bind(&m.2).bind(&m.3).bind(&m.4).bind(m.5).bind(m.6).bind(m.7).bind(m.8)
-                    .execute(&mut *tx).await?;
-            }
-            for (openid, at) in &b.wechat {
-                sqlx::query("INSERT INTO wechat_bindings (openid, user_id, created_at) VALUES ($1, $2, $3)")
-                    .bind(openid).bind(id).bind(at).execute(&mut *tx).await?;
-            }
-        });
+        let mut tx = self.begin().await?;
+        for sql in [
+            "DELETE FROM identifiers WHERE user_id = $1",
+            "DELETE FROM credentials WHERE user_id = $1",
+            "DELETE FROM addresses WHERE user_id = $1",
+            "DELETE FROM user_roles WHERE user_id = $1",
+            "DELETE FROM notice_preferences WHERE user_id = $1",
+            "DELETE FROM inbox WHERE user_id = $1",
+            "DELETE FROM wechat_bindings WHERE user_id = $1",
+            "DELETE FROM password_resets WHERE user_id = $1",
+        ] {
+            stmt(sql).bind(id).execute(&mut tx).await?;
+        }
+        let u = &b.user;
+        stmt("INSERT INTO users (id, status, display_name, locale, bio, avatar_url, version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                     ON CONFLICT (id) DO UPDATE SET status = excluded.status, display_name = excluded.display_name, locale = excluded.locale, bio = excluded.bio, \
+                     avatar_url = excluded.avatar_url, version = excluded.version, created_at = excluded.created_at, updated_at = excluded.updated_at")
+            .bind(&u.0).bind(&u.1).bind(&u.2).bind(&u.3).bind(&u.4).bind(&u.5).bind(u.6).bind(u.7).bind(u.8)
+            .execute(&mut tx).await?;
+        for (kind, value) in &b.identifiers {
+            stmt("INSERT INTO identifiers (kind, value, user_id) VALUES ($1, $2, $3)")
+                .bind(kind)
+                .bind(value)
+                .bind(id)
+                .execute(&mut tx)
+                .await?;
+        }
+        if let Some(hash) = &b.password_hash {
+            stmt("INSERT INTO credentials (user_id, password_hash, attempts, updated_at) VALUES ($1, $2, 0, $3)")
+                .bind(id).bind(hash).bind(u.8).execute(&mut tx).await?;
+        }
+        for a in &b.addresses {
+            stmt("INSERT INTO addresses (id, user_id, label, recipient, phone, line1, line2, city, state, postal_code, country, is_default, created_at, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)")
+                .bind(&a.0).bind(id).bind(&a.1).bind(&a.2).bind(&a.3).bind(&a.4).bind(&a.5).bind(&a.6).bind(&a.7).bind(&a.8).bind(&a.9).bind(a.10).bind(a.11).bind(a.12)
+                .execute(&mut tx).await?;
+        }
+        // Only roles that grant no permission here come along (above):
+        // the new home's operator grants the others.
+        let mut dropped = 0;
+        for (role, at) in &b.roles {
+            let granted = stmt("INSERT INTO user_roles (user_id, role, granted_at) SELECT $1, name, $3 FROM roles \
+                                       WHERE name = $2 AND NOT EXISTS (SELECT 1 FROM role_permissions p WHERE p.role = roles.name)")
+                .bind(id).bind(role).bind(at).execute(&mut tx).await?;
+            dropped += usize::from(granted == 0);
+        }
+        if dropped > 0 {
+            tracing::warn!(user_id = %id, roles = dropped, "moved user's roles not granted here; grant them again with cell grant-role");
+        }
+        for (category, channel, enabled) in &b.preferences {
+            stmt("INSERT INTO notice_preferences (user_id, category, channel, enabled) VALUES ($1, $2, $3, $4)")
+                .bind(id).bind(category).bind(channel).bind(enabled).execute(&mut tx).await?;
+        }
+        for m in &b.inbox {
+            stmt("INSERT INTO inbox (id, user_id, event_id, category, title, body, created_at, read_at, archived_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+                .bind(&m.0).bind(id).bind(&m.1).bind(&m.2).bind(&m.3).bind(&m.4).bind(m.5).bind(m.6).bind(m.7).bind(m.8)
+                .execute(&mut tx).await?;
+        }
+        for (openid, at) in &b.wechat {
+            stmt("INSERT INTO wechat_bindings (openid, user_id, created_at) VALUES ($1, $2, $3)")
+                .bind(openid)
+                .bind(id)
+                .bind(at)
+                .execute(&mut tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

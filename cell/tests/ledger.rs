@@ -6,7 +6,7 @@
 mod plans;
 
 use futures::future::join_all;
-use homecell_cell::db::Datastore;
+use homecell_cell::db::{Datastore, stmt};
 use homecell_cell::money::audit::audit;
 use homecell_cell::money::ledger::{
     Account, Balance, LedgerError, Move, Operation, Phase, SideEffects, StepUpdate,
@@ -111,15 +111,13 @@ async fn transfers_and_refusals(db: &Datastore) {
     assert_eq!(db.record_refusal(&refused).await.unwrap(), stored);
 
     // Ledger transfers are immutable, whatever the caller tries.
-    let edit = match db {
-        Datastore::Sqlite(p, ..) => sqlx::query("UPDATE ledger_transfers SET amount = 1")
-            .execute(p)
-            .await
-            .map(|_| ()),
-        Datastore::Postgres(p) => sqlx::query("DELETE FROM ledger_transfers")
-            .execute(p)
-            .await
-            .map(|_| ()),
+    let edit = match db.backend() {
+        "sqlite" => {
+            stmt("UPDATE ledger_transfers SET amount = 1")
+                .execute(db)
+                .await
+        }
+        _ => stmt("DELETE FROM ledger_transfers").execute(db).await,
     };
     assert!(edit.is_err(), "a ledger transfer was edited");
 
@@ -258,20 +256,10 @@ async fn concurrency(db: &Datastore) {
 async fn audit_catches_corruption(db: &Datastore) {
     let report = audit(std::slice::from_ref(db)).await.unwrap();
     assert!(report.passed(), "{}", report.render());
-    match db {
-        Datastore::Sqlite(p, ..) => {
-            sqlx::query("UPDATE ledger_accounts SET credits_posted = credits_posted + 1 WHERE id = 'wallet:bob:CNY'")
-                .execute(p)
-                .await
-                .unwrap();
-        }
-        Datastore::Postgres(p) => {
-            sqlx::query("UPDATE ledger_accounts SET credits_posted = credits_posted + 1 WHERE id = 'wallet:bob:CNY'")
-                .execute(p)
-                .await
-                .unwrap();
-        }
-    }
+    stmt("UPDATE ledger_accounts SET credits_posted = credits_posted + 1 WHERE id = 'wallet:bob:CNY'")
+        .execute(db)
+        .await
+        .unwrap();
     let report = audit(std::slice::from_ref(db)).await.unwrap();
     assert!(!report.passed(), "created money went unnoticed");
     assert!(
@@ -320,10 +308,7 @@ async fn group_commit_keeps_the_rules() {
         .await
         .unwrap();
     db.claim_region("cn-east").await.unwrap();
-    let Datastore::Sqlite(pool, ..) = &db else {
-        unreachable!()
-    };
-    let g = GroupCommit::start(pool.clone());
+    let g = GroupCommit::start(db.clone());
     let exec = |o: Operation, moves: Vec<Move>| {
         let g = g.clone();
         async move {

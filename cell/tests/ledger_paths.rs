@@ -7,7 +7,7 @@
 //! and no wallet may go below zero.
 
 use futures::future::join_all;
-use homecell_cell::db::Datastore;
+use homecell_cell::db::{Datastore, stmt};
 use homecell_cell::money::audit::audit;
 use homecell_cell::money::group::{GroupCommit, Write};
 use homecell_cell::money::ledger::{
@@ -174,10 +174,7 @@ type Columns = (String, i64, i64, i64, i64);
 async fn accounts(db: &Datastore) -> Vec<Columns> {
     let sql = "SELECT id, debits_pending, debits_posted, credits_pending, credits_posted \
                FROM ledger_accounts ORDER BY id";
-    match db {
-        Datastore::Sqlite(p, ..) => sqlx::query_as(sql).fetch_all(p).await.unwrap(),
-        Datastore::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await.unwrap(),
-    }
+    stmt(sql).fetch_all(db).await.unwrap()
 }
 
 async fn per_statement(
@@ -196,10 +193,8 @@ async fn grouped(
     db: &Datastore,
     ops: &[(Operation, Vec<Move>)],
 ) -> Vec<Result<&'static str, String>> {
-    let Datastore::Sqlite(pool, ..) = db else {
-        unreachable!("group commit is SQLite's")
-    };
-    let group = GroupCommit::start(pool.clone());
+    assert!(db.single_writer(), "group commit is SQLite's");
+    let group = GroupCommit::start(db.clone());
     let writes = ops.iter().map(|(o, moves)| {
         group.write(Write::Execute {
             op: Box::new(o.clone()),

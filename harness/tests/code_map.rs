@@ -135,3 +135,40 @@ fn the_code_map_names_every_source_file() {
         "the code map names what is not there: {gone:?}"
     );
 }
+
+/// Only `cell/src/db/` knows which database a cell runs on: a store writes
+/// `stmt(…)` and runs it, and nothing else in the cell matches a backend,
+/// reaches a pool or builds an sqlx query itself (ARCHITECTURE.md, "One SQL
+/// text for both backends").
+#[test]
+fn only_the_datastore_knows_the_backend() {
+    let root = root();
+    let mut files = Vec::new();
+    sources(&root.join("cell/src"), &mut files);
+    const BACKEND: &[&str] = &[
+        "Datastore::Sqlite",
+        "Datastore::Postgres",
+        "SqlitePool",
+        "PgPool",
+        "sqlx::query",
+        "sqlx::raw_sql",
+        "QueryBuilder",
+        "SQLITE_WRITER",
+        "#[macro_export]",
+    ];
+    let mut found = Vec::new();
+    for f in files.iter().filter(|f| !f.starts_with("cell/src/db/")) {
+        let text = std::fs::read_to_string(root.join(f)).expect("readable");
+        for (n, line) in text.lines().enumerate() {
+            if let Some(word) = BACKEND.iter().find(|w| line.contains(**w)) {
+                found.push(format!("{f}:{}: {word}", n + 1));
+            }
+        }
+    }
+    assert!(files.len() > 40, "found only {} files", files.len());
+    assert!(
+        found.is_empty(),
+        "backend code outside cell/src/db/:\n{}",
+        found.join("\n")
+    );
+}

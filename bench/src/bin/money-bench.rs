@@ -139,10 +139,7 @@ async fn ledger(backend: &str, workers: usize, seconds: u64, no_group: bool) -> 
         Datastore::open(&format!("sqlite:{}", dir.path().join("cell.db").display())).await?
     };
     db.claim_region("bench").await?;
-    let group = match (&db, no_group) {
-        (Datastore::Sqlite(pool, ..), false) => Some(GroupCommit::start(pool.clone())),
-        _ => None,
-    };
+    let group = (db.single_writer() && !no_group).then(|| GroupCommit::start(db.clone()));
     // Each worker sends from its own wallet to one of 1,000 receivers.
     for w in 0..workers {
         let (mut op, moves, _) = transfer(format!("seed-{w}"), "system", &format!("s{w}"), 1 << 40);

@@ -12,73 +12,23 @@ use sqlx::{PgPool, SqlitePool};
 use std::str::FromStr;
 use std::sync::Arc;
 
+mod announce;
 pub mod audit;
 mod batch;
 mod error;
 mod point;
+mod stmt;
+pub use announce::Listener;
 pub use batch::TxBatch;
 pub use error::{DbError, DbResult};
-pub use point::PointReads;
+pub use point::{PointReads, PointRecord};
 use std::time::Duration;
-
-/// Runs `$body` with `$pool` bound to whichever typed pool the datastore has.
-/// The body is compiled once per backend; the SQL text is shared (both
-/// backends accept `$n` parameters).
-macro_rules! on_db {
-    ($db:expr, $pool:ident => $body:expr) => {
-        match $db {
-            $crate::db::Datastore::Sqlite($pool, ..) => $body,
-            $crate::db::Datastore::Postgres($pool) => $body,
-        }
-    };
-}
-pub(crate) use on_db;
-
-/// `on_db!` for a single write outside a transaction: on SQLite it queues
-/// behind `SQLITE_WRITER` like every other writer, instead of meeting a
-/// running transaction in SQLite's sleeping busy handler.
-macro_rules! write_db {
-    ($db:expr, $pool:ident => $body:expr) => {
-        match $db {
-            $crate::db::Datastore::Sqlite($pool, ..) => {
-                let _writer = $crate::db::SQLITE_WRITER.lock().await;
-                $body
-            }
-            $crate::db::Datastore::Postgres($pool) => $body,
-        }
-    };
-}
-pub(crate) use write_db;
+pub use stmt::{Arg, Conn, Locking, On, Record, Stmt, Tx, Writer, built, stmt, stmt_each};
 
 /// Serialises SQLite write transactions inside the process: waiting on a
 /// tokio mutex wakes the next writer the moment the last commits, where
 /// SQLite's busy handler would sleep and poll.
 pub static SQLITE_WRITER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Runs `$body` inside a write transaction that commits when the body
-/// finishes; an early return (`?`) drops it, which rolls back. SQLite takes
-/// the write lock up front (`BEGIN IMMEDIATE`, after the in-process writer
-/// mutex) so concurrent writers queue instead of failing on a lock upgrade.
-macro_rules! in_tx {
-    ($db:expr, $tx:ident => $body:expr) => {
-        match $db {
-            $crate::db::Datastore::Sqlite(pool, ..) => {
-                let _writer = $crate::db::SQLITE_WRITER.lock().await;
-                let mut $tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                let out = $body;
-                $tx.commit().await?;
-                out
-            }
-            $crate::db::Datastore::Postgres(pool) => {
-                let mut $tx = pool.begin().await?;
-                let out = $body;
-                $tx.commit().await?;
-                out
-            }
-        }
-    };
-}
-pub(crate) use in_tx;
 
 #[derive(Clone, Debug)]
 pub enum Datastore {
@@ -148,6 +98,13 @@ impl Datastore {
         Ok(store)
     }
 
+    /// Whether the database takes one write transaction at a time (SQLite):
+    /// there, writes that share one commit (`TxBatch`, the money group
+    /// committer) cost one fsync instead of one each.
+    pub fn single_writer(&self) -> bool {
+        matches!(self, Self::Sqlite(..))
+    }
+
     pub fn backend(&self) -> &'static str {
         match self {
             Self::Sqlite(..) => "sqlite",
@@ -172,55 +129,43 @@ impl Datastore {
                     Some("SELECT pg_advisory_xact_lock(7243110)"),
                 ),
             };
-        crate::db::in_tx!(self, tx => {
-            if let Some(lock) = lock {
-                sqlx::query(lock).execute(&mut *tx).await?;
-            }
-            sqlx::query(ledger).execute(&mut *tx).await?;
-            for m in migrations {
-                let done: Option<i64> = sqlx::query_scalar("SELECT version FROM _migrations WHERE version = $1")
+        let mut tx = self.begin().await?;
+        if let Some(lock) = lock {
+            stmt(lock).execute(&mut tx).await?;
+        }
+        stmt(ledger).execute(&mut tx).await?;
+        for m in migrations {
+            let done: Option<i64> = stmt("SELECT version FROM _migrations WHERE version = $1")
+                .bind(m.version)
+                .scalar_optional(&mut tx)
+                .await?;
+            if done.is_none() {
+                tx.raw(m.sql)
+                    .await
+                    .with_context(|| format!("migration {} failed", m.name))?;
+                stmt("INSERT INTO _migrations (version, name) VALUES ($1, $2)")
                     .bind(m.version)
-                    .fetch_optional(&mut *tx)
+                    .bind(m.name)
+                    .execute(&mut tx)
                     .await?;
-                if done.is_none() {
-                    sqlx::raw_sql(m.sql)
-                        .execute(&mut *tx)
-                        .await
-                        .with_context(|| format!("migration {} failed", m.name))?;
-                    sqlx::query("INSERT INTO _migrations (version, name) VALUES ($1, $2)")
-                        .bind(m.version)
-                        .bind(m.name)
-                        .execute(&mut *tx)
-                        .await?;
-                    tracing::info!(migration = m.name, "applied");
-                }
+                tracing::info!(migration = m.name, "applied");
             }
-        });
+        }
+        tx.commit().await?;
         Ok(())
     }
 
     /// Binds the datastore to `region` on first use; refuses another region's.
     pub async fn claim_region(&self, region: &str) -> Result<()> {
-        let owner: String = match self {
-            Self::Sqlite(pool, ..) => {
-                sqlx::query("INSERT INTO cell_info (key, value) VALUES ('region', ?) ON CONFLICT (key) DO NOTHING")
-                    .bind(region)
-                    .execute(pool)
-                    .await?;
-                sqlx::query_scalar("SELECT value FROM cell_info WHERE key = 'region'")
-                    .fetch_one(pool)
-                    .await?
-            }
-            Self::Postgres(pool) => {
-                sqlx::query("INSERT INTO cell_info (key, value) VALUES ('region', $1) ON CONFLICT (key) DO NOTHING")
-                    .bind(region)
-                    .execute(pool)
-                    .await?;
-                sqlx::query_scalar("SELECT value FROM cell_info WHERE key = 'region'")
-                    .fetch_one(pool)
-                    .await?
-            }
-        };
+        stmt(
+            "INSERT INTO cell_info (key, value) VALUES ('region', $1) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(region)
+        .execute(self)
+        .await?;
+        let owner: String = stmt("SELECT value FROM cell_info WHERE key = 'region'")
+            .scalar(self)
+            .await?;
         if owner != region {
             bail!("this datastore belongs to region {owner}, not {region}");
         }
@@ -229,30 +174,24 @@ impl Datastore {
 
     /// A `cell_info` entry: facts about this datastore itself.
     pub async fn cell_info(&self, key: &str) -> Result<Option<String>> {
-        Ok(
-            crate::db::on_db!(self, p => sqlx::query_scalar("SELECT value FROM cell_info WHERE key = $1")
-            .bind(key).fetch_optional(p).await?),
-        )
+        Ok(stmt("SELECT value FROM cell_info WHERE key = $1")
+            .bind(key)
+            .scalar_optional(self)
+            .await?)
     }
 
     pub async fn set_cell_info(&self, key: &str, value: &str) -> Result<()> {
-        crate::db::write_db!(self, p => {
-            sqlx::query("INSERT INTO cell_info (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2")
-                .bind(key).bind(value).execute(p).await?;
-        });
+        stmt("INSERT INTO cell_info (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2")
+            .bind(key)
+            .bind(value)
+            .execute(self)
+            .await?;
         Ok(())
     }
 
     /// A cheap round trip, for readiness.
     pub async fn ping(&self) -> Result<()> {
-        match self {
-            Self::Sqlite(pool, ..) => {
-                sqlx::query("SELECT 1").execute(pool).await?;
-            }
-            Self::Postgres(pool) => {
-                sqlx::query("SELECT 1").execute(pool).await?;
-            }
-        }
+        stmt("SELECT 1").scalar::<i32>(self).await?;
         Ok(())
     }
 }

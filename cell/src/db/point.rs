@@ -14,7 +14,9 @@
 //! path, which waits off this thread. Any other failure does the same, so
 //! the pool stays the one place datastore errors come from.
 
-use rusqlite::{Connection, OpenFlags, Params, Row};
+use super::stmt::{Record, Stmt};
+use super::{Datastore, DbResult};
+use rusqlite::{Connection, OpenFlags, Params, Row, ToSql};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,6 +90,41 @@ impl PointReads {
             idle.push(conn);
         }
         out
+    }
+}
+
+/// A row a point read decodes, in the statement's column order.
+pub trait PointRecord: Record + Sized {
+    fn from_point(r: &Row<'_>) -> rusqlite::Result<Self>;
+}
+
+impl PointRecord for (i32,) {
+    fn from_point(r: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok((r.get(0)?,))
+    }
+}
+
+/// The names SQLite gives a statement's `$n` parameters.
+const NAMES: [&str; 8] = ["$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8"];
+
+impl Stmt {
+    /// A lookup by key on a request's hot path: on a SQLite file, read on
+    /// the calling thread; otherwise, or when that cannot answer, through
+    /// the pool like `fetch_optional`.
+    pub async fn point<T: PointRecord>(self, db: &Datastore) -> DbResult<Option<T>> {
+        if let Datastore::Sqlite(_, _, reads) = db
+            && self.args.len() <= NAMES.len()
+        {
+            let params: Vec<(&str, &dyn ToSql)> = NAMES
+                .iter()
+                .zip(&self.args)
+                .map(|(n, a)| (*n, a as &dyn ToSql))
+                .collect();
+            if let Some(row) = reads.row(&self.sql, params.as_slice(), T::from_point) {
+                return Ok(row);
+            }
+        }
+        self.fetch_optional(db).await
     }
 }
 

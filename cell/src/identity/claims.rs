@@ -13,7 +13,7 @@ use super::service::Identity;
 use crate::clock::now_ms;
 use crate::db::Datastore;
 use crate::db::{DbError, DbResult};
-use crate::db::{on_db, write_db};
+use crate::db::{Tx, stmt};
 use std::time::Duration;
 
 /// How often the reconciliation (and the reset-budget pruning) runs, at
@@ -23,34 +23,42 @@ const EVERY: Duration = Duration::from_secs(30);
 impl Datastore {
     /// Records a claim about to be made.
     pub async fn record_claim(&self, identifier: &str, user_id: &str, now: i64) -> DbResult<()> {
-        write_db!(self, p => {
-            sqlx::query("INSERT INTO pending_claims (identifier, user_id, state, created_at) VALUES ($1, $2, 'pending', $3) ON CONFLICT (identifier, user_id) DO NOTHING")
-                .bind(identifier).bind(user_id).bind(now).execute(p).await?;
-        });
+        {
+            stmt("INSERT INTO pending_claims (identifier, user_id, state, created_at) VALUES ($1, $2, 'pending', $3) ON CONFLICT (identifier, user_id) DO NOTHING")
+                .bind(identifier).bind(user_id).bind(now).execute(self).await?;
+        };
         Ok(())
     }
 
     /// Forgets a record: the claim was refused, or released.
     pub async fn forget_claim(&self, identifier: &str, user_id: &str) -> DbResult<()> {
-        write_db!(self, p => {
-            sqlx::query("DELETE FROM pending_claims WHERE identifier = $1 AND user_id = $2")
-                .bind(identifier).bind(user_id).execute(p).await?;
-        });
+        {
+            stmt("DELETE FROM pending_claims WHERE identifier = $1 AND user_id = $2")
+                .bind(identifier)
+                .bind(user_id)
+                .execute(self)
+                .await?;
+        };
         Ok(())
     }
 
     /// Records older than `before`: (identifier, user_id, state).
     pub async fn unsettled_claims(&self, before: i64) -> DbResult<Vec<(String, String, String)>> {
-        Ok(on_db!(self, p => sqlx::query_as(
+        stmt(
             "SELECT identifier, user_id, state FROM pending_claims WHERE created_at < $1 ORDER BY created_at LIMIT 100")
-            .bind(before).fetch_all(p).await?))
+            .bind(before).fetch_all(self).await
     }
 
     /// Takes a record over for release; false when its registration settled
     /// it meanwhile.
     pub async fn begin_release(&self, identifier: &str, user_id: &str) -> DbResult<bool> {
-        let r = write_db!(self, p => sqlx::query("UPDATE pending_claims SET state = 'releasing' WHERE identifier = $1 AND user_id = $2")
-            .bind(identifier).bind(user_id).execute(p).await?.rows_affected());
+        let r = stmt(
+            "UPDATE pending_claims SET state = 'releasing' WHERE identifier = $1 AND user_id = $2",
+        )
+        .bind(identifier)
+        .bind(user_id)
+        .execute(self)
+        .await?;
         Ok(r == 1)
     }
 }
@@ -59,21 +67,18 @@ impl Datastore {
 /// claim. Refuses (rolling the transaction back) when the reconciliation
 /// has taken the record over to release the claim. No record (a user made
 /// by a host command) passes.
-macro_rules! settle_claim {
-    ($tx:ident, $identifier:expr, $user_id:expr) => {{
-        let state: Option<String> = sqlx::query_scalar(
-            "DELETE FROM pending_claims WHERE identifier = $1 AND user_id = $2 RETURNING state",
-        )
-        .bind($identifier)
-        .bind($user_id)
-        .fetch_optional(&mut *$tx)
-        .await?;
-        if state.as_deref() == Some("releasing") {
-            return Err($crate::db::DbError::Conflict);
-        }
-    }};
+pub(crate) async fn settle_claim(tx: &mut Tx, identifier: &str, user_id: &str) -> DbResult<()> {
+    let state: Option<String> =
+        stmt("DELETE FROM pending_claims WHERE identifier = $1 AND user_id = $2 RETURNING state")
+            .bind(identifier)
+            .bind(user_id)
+            .scalar_optional(tx)
+            .await?;
+    if state.as_deref() == Some("releasing") {
+        return Err(DbError::Conflict);
+    }
+    Ok(())
 }
-pub(crate) use settle_claim;
 
 impl Identity {
     /// One pass: releases every claim left unsettled for

@@ -14,7 +14,7 @@
 
 use super::ledger::LedgerResult;
 use crate::db::Datastore;
-use crate::db::DbError;
+use crate::db::stmt;
 use std::collections::{BTreeMap, HashMap};
 
 /// The four balance columns of an account.
@@ -75,18 +75,17 @@ async fn snapshot(db: &Datastore) -> LedgerResult<CellLedger> {
     type AccountTuple = (String, String, Option<String>, String, i64, i64, i64, i64);
     type Quad = (String, String, String, i64);
     type Snapshot = (String, Vec<AccountTuple>, Vec<Quad>, Vec<String>, Vec<Quad>);
-    let (region, accounts, sums, open, unconfirmed): Snapshot = crate::db::on_db!(db, pool => {
-        let mut tx = pool.begin().await.map_err(DbError::from)?;
-        if db.backend() == "postgres" {
-            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx).await.map_err(DbError::from)?;
-        }
-        let region = sqlx::query_scalar("SELECT value FROM cell_info WHERE key = 'region'").fetch_one(&mut *tx).await.map_err(DbError::from)?;
-        let a = sqlx::query_as(accounts_sql).fetch_all(&mut *tx).await.map_err(DbError::from)?;
-        let s = sqlx::query_as(sums_sql).fetch_all(&mut *tx).await.map_err(DbError::from)?;
-        let o = sqlx::query_scalar(open_sql).fetch_all(&mut *tx).await.map_err(DbError::from)?;
-        let u = sqlx::query_as(unconfirmed_sql).fetch_all(&mut *tx).await.map_err(DbError::from)?;
+    let (region, accounts, sums, open, unconfirmed): Snapshot = {
+        let mut tx = db.begin_snapshot().await?;
+        let region = stmt("SELECT value FROM cell_info WHERE key = 'region'")
+            .scalar(&mut tx)
+            .await?;
+        let a = stmt(accounts_sql).fetch_all(&mut tx).await?;
+        let s = stmt(sums_sql).fetch_all(&mut tx).await?;
+        let o = stmt(open_sql).scalars(&mut tx).await?;
+        let u = stmt(unconfirmed_sql).fetch_all(&mut tx).await?;
         (region, a, s, o, u)
-    });
+    };
     let mut recomputed: HashMap<String, Cols> = HashMap::new();
     for (debit, credit, phase, sum) in sums {
         let (d, c) = match phase.as_str() {

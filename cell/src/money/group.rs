@@ -16,11 +16,11 @@
 //! commit, so nothing changes under it. PostgreSQL (several cell instances,
 //! row locks, its own group commit) keeps the per-statement path.
 
+use super::ledger::placeholders;
 use super::ledger::{LedgerError, LedgerResult, Move, Operation, OutboxEvent, Phase, op_cols};
 use super::rule::{self, Columns};
-use crate::db::DbError;
+use crate::db::{Datastore, DbError, DbResult, Stmt, Tx, built};
 use futures::FutureExt;
-use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use tokio::sync::{mpsc, oneshot};
@@ -67,7 +67,7 @@ pub struct GroupCommit {
 const MAX_GROUP: usize = 512;
 
 impl GroupCommit {
-    pub fn start(pool: SqlitePool) -> Self {
+    pub fn start(db: Datastore) -> Self {
         let (queue, mut rx) = mpsc::channel::<Pending>(4 * MAX_GROUP);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(MAX_GROUP);
@@ -75,7 +75,7 @@ impl GroupCommit {
                 // A write that panics costs its group (rolled back, its
                 // callers told), not every later money write: the committer
                 // lives on, as `TxBatch` does.
-                let ran = AssertUnwindSafe(commit(&pool, &batch)).catch_unwind().await;
+                let ran = AssertUnwindSafe(commit(&db, &batch)).catch_unwind().await;
                 let Ok(outcome) = ran else {
                     tracing::error!(
                         size = batch.len(),
@@ -246,19 +246,31 @@ impl State {
     }
 }
 
-fn in_list<'a>(qb: &mut QueryBuilder<Sqlite>, ids: impl IntoIterator<Item = &'a String>) {
-    qb.push(" IN (");
-    let mut sep = qb.separated(", ");
+/// `SELECT … WHERE id` followed by ` IN (…)` of `ids`, bound.
+fn in_list<'a>(head: &str, ids: impl ExactSizeIterator<Item = &'a String>) -> Stmt {
+    // Only placeholders are formatted in.
+    let mut stmt = built(format!("{head} IN ({})", placeholders(ids.len(), 1, 1)));
     for id in ids {
-        sep.push_bind(id.as_str());
+        stmt = stmt.bind(id);
     }
-    sep.push_unseparated(")");
+    stmt
 }
 
-async fn commit(
-    pool: &SqlitePool,
-    batch: &[Pending],
-) -> Result<Vec<LedgerResult<bool>>, sqlx::Error> {
+/// A `ledger_accounts` row as the group reads it.
+#[derive(sqlx::FromRow)]
+struct AccountRow {
+    id: String,
+    kind: String,
+    owner: Option<String>,
+    currency: String,
+    debits_pending: i64,
+    debits_posted: i64,
+    credits_pending: i64,
+    credits_posted: i64,
+    created_at: i64,
+}
+
+async fn commit(db: &Datastore, batch: &[Pending]) -> DbResult<Vec<LedgerResult<bool>>> {
     let mut op_ids: HashSet<&String> = HashSet::new();
     let mut account_ids: HashSet<&String> = HashSet::new();
     let mut pending_ids: HashSet<&String> = HashSet::new();
@@ -277,57 +289,57 @@ async fn commit(
         }
     }
 
-    let _writer = crate::db::SQLITE_WRITER.lock().await;
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = db.begin().await?;
     let mut st = State::default();
 
-    let mut qb = QueryBuilder::new(concat!(
-        "SELECT ",
-        op_cols!(),
-        " FROM money_operations WHERE id"
-    ));
-    in_list(&mut qb, op_ids.iter().copied());
-    for r in qb.build().fetch_all(&mut *tx).await? {
-        let op = super::ledger::op_from_row(&r)?;
+    let ops: Vec<Operation> = in_list(
+        concat!("SELECT ", op_cols!(), " FROM money_operations WHERE id"),
+        op_ids.iter().copied(),
+    )
+    .fetch_all(&mut tx)
+    .await?;
+    for op in ops {
         st.ops.insert(op.id.clone(), op);
     }
     if !account_ids.is_empty() {
-        let mut qb = QueryBuilder::new(
+        let rows: Vec<AccountRow> = in_list(
             "SELECT id, kind, owner, currency, debits_pending, debits_posted, credits_pending, credits_posted, created_at FROM ledger_accounts WHERE id",
-        );
-        in_list(&mut qb, account_ids.iter().copied());
-        for r in qb.build().fetch_all(&mut *tx).await? {
+            account_ids.iter().copied(),
+        )
+        .fetch_all(&mut tx)
+        .await?;
+        for r in rows {
             st.accounts.insert(
-                r.try_get("id")?,
+                r.id,
                 Acc {
-                    kind: r.try_get("kind")?,
-                    owner: r.try_get("owner")?,
-                    currency: r.try_get("currency")?,
+                    kind: r.kind,
+                    owner: r.owner,
+                    currency: r.currency,
                     cols: Columns {
-                        debits_pending: r.try_get("debits_pending")?,
-                        debits_posted: r.try_get("debits_posted")?,
-                        credits_pending: r.try_get("credits_pending")?,
-                        credits_posted: r.try_get("credits_posted")?,
+                        debits_pending: r.debits_pending,
+                        debits_posted: r.debits_posted,
+                        credits_pending: r.credits_pending,
+                        credits_posted: r.credits_posted,
                     },
-                    created_at: r.try_get("created_at")?,
+                    created_at: r.created_at,
                 },
             );
         }
     }
     if !pending_ids.is_empty() {
-        let mut qb = QueryBuilder::new(
+        let rows: Vec<(String, String, String, i64, bool)> = in_list(
             "SELECT id, debit_account, credit_account, amount, \
              EXISTS (SELECT 1 FROM ledger_transfers r WHERE r.pending_id = t.id) \
              FROM ledger_transfers t WHERE phase = 'pending' AND id",
-        );
-        in_list(&mut qb, pending_ids.iter().copied());
-        for r in qb.build().fetch_all(&mut *tx).await? {
-            let id: String = r.try_get(0)?;
-            if r.try_get::<bool, _>(4)? {
+            pending_ids.iter().copied(),
+        )
+        .fetch_all(&mut tx)
+        .await?;
+        for (id, debit, credit, amount, resolved) in rows {
+            if resolved {
                 st.resolved.insert(id.clone());
             }
-            st.holds
-                .insert(id, (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?));
+            st.holds.insert(id, (debit, credit, amount));
         }
     }
 
@@ -341,32 +353,33 @@ async fn commit(
 /// bound-parameter limit.
 const ROWS: usize = 500;
 
-async fn write(tx: &mut sqlx::Transaction<'_, Sqlite>, st: &State) -> Result<(), sqlx::Error> {
+async fn write(tx: &mut Tx, st: &State) -> DbResult<()> {
     let accounts: Vec<(&String, &Acc)> = st
         .dirty_accounts
         .iter()
         .map(|id| (id, &st.accounts[id]))
         .collect();
     for chunk in accounts.chunks(ROWS) {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO ledger_accounts (id, kind, owner, currency, debits_pending, debits_posted, credits_pending, credits_posted, created_at) ",
-        );
-        qb.push_values(chunk, |mut b, (id, a)| {
-            b.push_bind(id.as_str())
-                .push_bind(a.kind.as_str())
-                .push_bind(a.owner.as_deref())
-                .push_bind(a.currency.as_str())
-                .push_bind(a.cols.debits_pending)
-                .push_bind(a.cols.debits_posted)
-                .push_bind(a.cols.credits_pending)
-                .push_bind(a.cols.credits_posted)
-                .push_bind(a.created_at);
-        });
-        qb.push(
-            " ON CONFLICT (id) DO UPDATE SET debits_pending = excluded.debits_pending, debits_posted = excluded.debits_posted, \
+        // Only placeholders are formatted in.
+        let mut stmt = built(format!(
+            "INSERT INTO ledger_accounts (id, kind, owner, currency, debits_pending, debits_posted, credits_pending, credits_posted, created_at) \
+             VALUES {} ON CONFLICT (id) DO UPDATE SET debits_pending = excluded.debits_pending, debits_posted = excluded.debits_posted, \
              credits_pending = excluded.credits_pending, credits_posted = excluded.credits_posted",
-        );
-        qb.build().execute(&mut **tx).await?;
+            placeholders(chunk.len(), 9, 1)
+        ));
+        for (id, a) in chunk {
+            stmt = stmt
+                .bind(*id)
+                .bind(&a.kind)
+                .bind(&a.owner)
+                .bind(&a.currency)
+                .bind(a.cols.debits_pending)
+                .bind(a.cols.debits_posted)
+                .bind(a.cols.credits_pending)
+                .bind(a.cols.credits_posted)
+                .bind(a.created_at);
+        }
+        stmt.execute(&mut *tx).await?;
     }
     let mut seen = HashSet::new();
     let ops: Vec<&Operation> = st
@@ -377,67 +390,72 @@ async fn write(tx: &mut sqlx::Transaction<'_, Sqlite>, st: &State) -> Result<(),
         .map(|id| &st.ops[id])
         .collect();
     for chunk in ops.chunks(ROWS) {
-        let mut qb = QueryBuilder::<Sqlite>::new(concat!(
-            "INSERT INTO money_operations (",
-            op_cols!(),
-            ") "
+        let mut stmt = built(format!(
+            concat!(
+                "INSERT INTO money_operations (",
+                op_cols!(),
+                ") VALUES {} ON CONFLICT (id) DO UPDATE SET state = excluded.state, saga_step = excluded.saga_step, \
+                 error_code = excluded.error_code, error_detail = excluded.error_detail, attempts = excluded.attempts, \
+                 next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at"
+            ),
+            placeholders(chunk.len(), 19, 1)
         ));
-        qb.push_values(chunk, |mut b, o| {
-            b.push_bind(o.id.as_str())
-                .push_bind(o.kind.as_str())
-                .push_bind(o.actor.as_str())
-                .push_bind(o.request_hash.as_str())
-                .push_bind(o.state.as_str())
-                .push_bind(o.from_user.as_deref())
-                .push_bind(o.to_user.as_deref())
-                .push_bind(o.peer_region.as_deref())
-                .push_bind(o.amount)
-                .push_bind(o.currency.as_str())
-                .push_bind(o.memo.as_deref())
-                .push_bind(o.error_code.as_deref())
-                .push_bind(o.error_detail.as_deref())
-                .push_bind(o.saga_role.as_deref())
-                .push_bind(o.saga_step.as_deref())
-                .push_bind(o.attempts)
-                .push_bind(o.next_attempt_at)
-                .push_bind(o.created_at)
-                .push_bind(o.updated_at);
-        });
-        qb.push(
-            " ON CONFLICT (id) DO UPDATE SET state = excluded.state, saga_step = excluded.saga_step, \
-             error_code = excluded.error_code, error_detail = excluded.error_detail, attempts = excluded.attempts, \
-             next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at",
-        );
-        qb.build().execute(&mut **tx).await?;
+        for o in chunk {
+            stmt = stmt
+                .bind(&o.id)
+                .bind(&o.kind)
+                .bind(&o.actor)
+                .bind(&o.request_hash)
+                .bind(&o.state)
+                .bind(&o.from_user)
+                .bind(&o.to_user)
+                .bind(&o.peer_region)
+                .bind(o.amount)
+                .bind(&o.currency)
+                .bind(&o.memo)
+                .bind(&o.error_code)
+                .bind(&o.error_detail)
+                .bind(&o.saga_role)
+                .bind(&o.saga_step)
+                .bind(o.attempts)
+                .bind(o.next_attempt_at)
+                .bind(o.created_at)
+                .bind(o.updated_at);
+        }
+        stmt.execute(&mut *tx).await?;
     }
     for chunk in st.transfers.chunks(ROWS) {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO ledger_transfers (id, operation_id, debit_account, credit_account, amount, phase, pending_id, created_at) ",
-        );
-        qb.push_values(chunk, |mut b, (m, now, op)| {
-            b.push_bind(m.id.as_str())
-                .push_bind(op.as_str())
-                .push_bind(m.debit.id.as_str())
-                .push_bind(m.credit.id.as_str())
-                .push_bind(m.amount)
-                .push_bind(m.phase.as_str())
-                .push_bind(m.pending_id.as_deref())
-                .push_bind(*now);
-        });
-        qb.build().execute(&mut **tx).await?;
+        let mut stmt = built(format!(
+            "INSERT INTO ledger_transfers (id, operation_id, debit_account, credit_account, amount, phase, pending_id, created_at) VALUES {}",
+            placeholders(chunk.len(), 8, 1)
+        ));
+        for (m, now, op) in chunk {
+            stmt = stmt
+                .bind(&m.id)
+                .bind(op)
+                .bind(&m.debit.id)
+                .bind(&m.credit.id)
+                .bind(m.amount)
+                .bind(m.phase.as_str())
+                .bind(&m.pending_id)
+                .bind(*now);
+        }
+        stmt.execute(&mut *tx).await?;
     }
     for chunk in st.events.chunks(ROWS) {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO outbox (id, topic, user_id, payload, created_at) ",
-        );
-        qb.push_values(chunk, |mut b, (e, now)| {
-            b.push_bind(uuid::Uuid::now_v7().to_string())
-                .push_bind(e.topic)
-                .push_bind(e.user_id.as_str())
-                .push_bind(e.payload.as_str())
-                .push_bind(*now);
-        });
-        qb.build().execute(&mut **tx).await?;
+        let mut stmt = built(format!(
+            "INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES {}",
+            placeholders(chunk.len(), 5, 1)
+        ));
+        for (e, now) in chunk {
+            stmt = stmt
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(e.topic)
+                .bind(&e.user_id)
+                .bind(&e.payload)
+                .bind(*now);
+        }
+        stmt.execute(&mut *tx).await?;
     }
     Ok(())
 }

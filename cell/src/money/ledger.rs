@@ -2,16 +2,13 @@
 //! the operations clients asked for.
 //!
 //! On this per-statement path every balance change goes through
-//! `apply_moves!`: it reads the operation's accounts locked, in account-id
+//! `apply_moves`: it reads the operation's accounts locked, in account-id
 //! order, lets `rule::apply` judge each move, and writes the result. An
 //! operation and its transfers commit together or not at all.
 
 use super::rule;
-use crate::db::Datastore;
-use crate::db::DbError;
 use crate::db::audit::{AuditEntry, insert_audit};
-use crate::db::{in_tx, on_db, write_db};
-use sqlx::Row;
+use crate::db::{Datastore, DbError, DbResult, Locking, Tx, built, stmt};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -28,18 +25,14 @@ pub enum LedgerError {
     Db(DbError),
 }
 
-impl From<sqlx::Error> for LedgerError {
-    fn from(e: sqlx::Error) -> Self {
-        match DbError::from(e) {
+/// A unique index refusing a ledger write means its operation (or
+/// transfer) id is taken: the caller answers from what is stored.
+impl From<DbError> for LedgerError {
+    fn from(e: DbError) -> Self {
+        match e {
             DbError::Conflict => Self::Exists,
             other => Self::Db(other),
         }
-    }
-}
-
-impl From<DbError> for LedgerError {
-    fn from(e: DbError) -> Self {
-        Self::Db(e)
     }
 }
 
@@ -138,138 +131,151 @@ impl Move {
     }
 }
 
-/// How `apply_moves!` reads and creates accounts on a backend.
-struct Locking {
-    /// What ends the read: its order, and on PostgreSQL its row lock.
-    order_and_lock: &'static str,
-    /// Read before creating missing accounts (SQLite), or create them all
-    /// first (PostgreSQL).
-    read_first: bool,
+/// Writes `moves` inside the transaction `tx`, judged by the ledger's one
+/// rule (`rule.rs`). A refusal leaves the transaction to be rolled back by
+/// the caller's `?`.
+async fn apply_moves(tx: &mut Tx, moves: &[Move], now: i64) -> LedgerResult<()> {
+    if moves.is_empty() {
+        return Ok(());
+    }
+    let mut accounts: Vec<&Account> = moves.iter().flat_map(|m| [&m.debit, &m.credit]).collect();
+    accounts.sort_by(|a, b| a.id.cmp(&b.id));
+    accounts.dedup_by(|a, b| a.id == b.id);
+    // Every account exists and is read (and, where rows lock, locked) in the
+    // byte order of the ids. SQLite reads first and creates only what is
+    // missing: its write transaction holds the whole database, and most
+    // transfers touch accounts that exist. PostgreSQL creates first, so
+    // every transaction takes its inserts' waits before any row lock, in
+    // one order. `COLLATE "C"` makes that order the bytes' whatever the
+    // database's collation, so every instance, of any version, locks in the
+    // one order the inserts before it use; SQLite's ids compare as bytes.
+    let (order_and_lock, mut read_first) = match tx.locking() {
+        Locking::Database => (" ORDER BY id", true),
+        Locking::Rows => (" ORDER BY id COLLATE \"C\" FOR UPDATE", false),
+    };
+    let select = format!(
+        "SELECT id, debits_pending, debits_posted, credits_pending, credits_posted FROM ledger_accounts \
+         WHERE id IN ({}){order_and_lock}",
+        placeholders(accounts.len(), 1, 1)
+    );
+    let mut view = rule::View::new();
+    loop {
+        if !read_first {
+            let missing: Vec<&&Account> = accounts
+                .iter()
+                .filter(|a| !view.contains_key(&a.id))
+                .collect();
+            // Only placeholders are formatted in.
+            let mut insert = built(format!(
+                "INSERT INTO ledger_accounts (id, kind, owner, currency, created_at) VALUES {} ON CONFLICT (id) DO NOTHING",
+                placeholders(missing.len(), 5, 1)
+            ));
+            for a in &missing {
+                insert = insert
+                    .bind(&a.id)
+                    .bind(a.kind)
+                    .bind(&a.owner)
+                    .bind(&a.currency)
+                    .bind(now);
+            }
+            insert.execute(&mut *tx).await?;
+        }
+        // Only placeholders and a fixed suffix are formatted in.
+        let mut read = built(select.clone());
+        for a in &accounts {
+            read = read.bind(&a.id);
+        }
+        let rows: Vec<(String, i64, i64, i64, i64)> = read.fetch_all(&mut *tx).await?;
+        view.clear();
+        for (id, debits_pending, debits_posted, credits_pending, credits_posted) in rows {
+            view.insert(
+                id,
+                rule::Columns {
+                    debits_pending,
+                    debits_posted,
+                    credits_pending,
+                    credits_posted,
+                },
+            );
+        }
+        if read_first && view.len() < accounts.len() {
+            read_first = false;
+            continue;
+        }
+        break;
+    }
+    for m in moves {
+        if let Some(pending) = &m.pending_id {
+            let hold: Option<(String, String, i64, bool)> = stmt(
+                "SELECT debit_account, credit_account, amount, \
+                 EXISTS (SELECT 1 FROM ledger_transfers r WHERE r.pending_id = t.id) \
+                 FROM ledger_transfers t WHERE id = $1 AND phase = 'pending'",
+            )
+            .bind(pending)
+            .fetch_optional(&mut *tx)
+            .await?;
+            rule::resolves(
+                m,
+                hold.as_ref()
+                    .map(|(d, c, a, _)| (d.as_str(), c.as_str(), *a)),
+            )?;
+            // Resolved already (a retry, or a second worker): the unique
+            // index would refuse it too, but only after the balances had
+            // been judged on a hold no longer there.
+            if hold.is_some_and(|h| h.3) {
+                return Err(LedgerError::Exists);
+            }
+        }
+        rule::apply(&mut view, m)?;
+    }
+    // The rows are locked: writing the judged balances is writing what the
+    // rule allowed, nothing else.
+    for a in &accounts {
+        let c = view[&a.id];
+        stmt("UPDATE ledger_accounts SET debits_pending = $1, debits_posted = $2, credits_pending = $3, credits_posted = $4 WHERE id = $5")
+            .bind(c.debits_pending)
+            .bind(c.debits_posted)
+            .bind(c.credits_pending)
+            .bind(c.credits_posted)
+            .bind(&a.id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for m in moves {
+        stmt(
+            "INSERT INTO ledger_transfers (id, operation_id, debit_account, credit_account, amount, phase, pending_id, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&m.id)
+        .bind(&m.operation_id)
+        .bind(&m.debit.id)
+        .bind(&m.credit.id)
+        .bind(m.amount)
+        .bind(m.phase.as_str())
+        .bind(&m.pending_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
 }
 
-/// Writes `$moves` inside the transaction `$tx`, judged by the ledger's one
-/// rule (`rule.rs`); evaluates to `LedgerResult<()>`. A refusal leaves the
-/// transaction to be rolled back by the caller's `?`. `$locking` says how
-/// the backend reads and creates the accounts (`Datastore::ledger_locking`).
-macro_rules! apply_moves {
-    ($tx:ident, $moves:expr, $now:expr, $locking:expr) => {
-        async {
-            let moves: &[Move] = $moves;
-            if moves.is_empty() {
-                return Ok::<(), LedgerError>(());
+/// `rows` groups of `per` placeholders, `($1, $2), ($3, $4)`, numbered from
+/// `$first`; with `per` 1, a plain list.
+pub(super) fn placeholders(rows: usize, per: usize, first: usize) -> String {
+    (0..rows)
+        .map(|i| {
+            let p: Vec<String> = (0..per)
+                .map(|j| format!("${}", first + i * per + j))
+                .collect();
+            if per == 1 {
+                p.concat()
+            } else {
+                format!("({})", p.join(", "))
             }
-            let mut accounts: Vec<&Account> =
-                moves.iter().flat_map(|m| [&m.debit, &m.credit]).collect();
-            accounts.sort_by(|a, b| a.id.cmp(&b.id));
-            accounts.dedup_by(|a, b| a.id == b.id);
-            // Every account exists and is read (and, on PostgreSQL, locked)
-            // in the byte order of the ids. SQLite reads first and creates
-            // only what is missing: its write transaction holds the whole
-            // database, and most transfers touch accounts that exist.
-            // PostgreSQL creates first, so every transaction takes its
-            // inserts' waits before any row lock, in one order.
-            let params = |rows: usize, per: usize| {
-                (0..rows)
-                    .map(|i| {
-                        let p: Vec<String> = (1..=per).map(|j| format!("${}", i * per + j)).collect();
-                        format!("({})", p.join(", "))
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            let ids: Vec<String> = (1..=accounts.len()).map(|i| format!("${i}")).collect();
-            let select = format!(
-                "SELECT id, debits_pending, debits_posted, credits_pending, credits_posted FROM ledger_accounts \
-                 WHERE id IN ({}){}",
-                ids.join(", "),
-                $locking.order_and_lock
-            );
-            let mut view = rule::View::new();
-            let mut read_first = $locking.read_first;
-            loop {
-                if !read_first {
-                    let missing: Vec<&&Account> = accounts.iter().filter(|a| !view.contains_key(&a.id)).collect();
-                    let insert = format!(
-                        "INSERT INTO ledger_accounts (id, kind, owner, currency, created_at) VALUES {} ON CONFLICT (id) DO NOTHING",
-                        params(missing.len(), 5)
-                    );
-                    // Only placeholders are formatted in.
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(insert));
-                    for a in &missing {
-                        q = q.bind(&a.id).bind(a.kind).bind(&a.owner).bind(&a.currency).bind($now);
-                    }
-                    q.execute(&mut *$tx).await?;
-                }
-                // Only placeholders and a fixed suffix are formatted in.
-                let mut q = sqlx::query_as::<_, (String, i64, i64, i64, i64)>(sqlx::AssertSqlSafe(select.clone()));
-                for a in &accounts {
-                    q = q.bind(&a.id);
-                }
-                view.clear();
-                for (id, debits_pending, debits_posted, credits_pending, credits_posted) in q.fetch_all(&mut *$tx).await? {
-                    view.insert(id, rule::Columns { debits_pending, debits_posted, credits_pending, credits_posted });
-                }
-                if read_first && view.len() < accounts.len() {
-                    read_first = false;
-                    continue;
-                }
-                break;
-            }
-            for m in moves {
-                if let Some(pending) = &m.pending_id {
-                    let hold: Option<(String, String, i64, bool)> = sqlx::query_as(
-                        "SELECT debit_account, credit_account, amount, \
-                         EXISTS (SELECT 1 FROM ledger_transfers r WHERE r.pending_id = t.id) \
-                         FROM ledger_transfers t WHERE id = $1 AND phase = 'pending'",
-                    )
-                    .bind(pending)
-                    .fetch_optional(&mut *$tx)
-                    .await?;
-                    rule::resolves(m, hold.as_ref().map(|(d, c, a, _)| (d.as_str(), c.as_str(), *a)))?;
-                    // Resolved already (a retry, or a second worker): the
-                    // unique index would refuse it too, but only after the
-                    // balances had been judged on a hold no longer there.
-                    if hold.is_some_and(|h| h.3) {
-                        return Err(LedgerError::Exists);
-                    }
-                }
-                rule::apply(&mut view, m)?;
-            }
-            // The rows are locked: writing the judged balances is writing
-            // what the rule allowed, nothing else.
-            for a in &accounts {
-                let c = view[&a.id];
-                sqlx::query(
-                    "UPDATE ledger_accounts SET debits_pending = $1, debits_posted = $2, credits_pending = $3, credits_posted = $4 WHERE id = $5",
-                )
-                .bind(c.debits_pending)
-                .bind(c.debits_posted)
-                .bind(c.credits_pending)
-                .bind(c.credits_posted)
-                .bind(&a.id)
-                .execute(&mut *$tx)
-                .await?;
-            }
-            for m in moves {
-                sqlx::query(
-                    "INSERT INTO ledger_transfers (id, operation_id, debit_account, credit_account, amount, phase, pending_id, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                )
-                .bind(&m.id)
-                .bind(&m.operation_id)
-                .bind(&m.debit.id)
-                .bind(&m.credit.id)
-                .bind(m.amount)
-                .bind(m.phase.as_str())
-                .bind(&m.pending_id)
-                .bind($now)
-                .execute(&mut *$tx)
-                .await?;
-            }
-            Ok::<(), LedgerError>(())
-        }
-        .await
-    };
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A message for the notice service, written in the same transaction.
@@ -287,27 +293,25 @@ pub struct SideEffects<'a> {
     pub audit: Option<AuditEntry<'a>>,
 }
 
-macro_rules! side_effects {
-    ($tx:ident, $side:expr, $now:expr) => {
-        let side: &SideEffects = $side;
-        if let Some(e) = &side.event {
-            sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, $2, $3, $4, $5)")
-                .bind(uuid::Uuid::now_v7().to_string())
-                .bind(e.topic)
-                .bind(&e.user_id)
-                .bind(&e.payload)
-                .bind($now)
-                .execute(&mut *$tx)
-                .await?;
-        }
-        if let Some(a) = &side.audit {
-            insert_audit!($tx, a);
-        }
-    };
+async fn side_effects(tx: &mut Tx, side: &SideEffects<'_>, now: i64) -> DbResult<()> {
+    if let Some(e) = &side.event {
+        stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(uuid::Uuid::now_v7().to_string())
+            .bind(e.topic)
+            .bind(&e.user_id)
+            .bind(&e.payload)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if let Some(a) = &side.audit {
+        insert_audit(&mut *tx, a).await?;
+    }
+    Ok(())
 }
 
 /// A money operation: what a client asked for and where it stands.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, sqlx::FromRow)]
 pub struct Operation {
     pub id: String,
     pub kind: String,
@@ -338,67 +342,34 @@ macro_rules! op_cols {
 }
 pub(super) use op_cols;
 
-pub(super) fn op_from_row<R: Row>(r: &R) -> Result<Operation, sqlx::Error>
-where
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
-    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-    for<'a> Option<i64>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-{
-    Ok(Operation {
-        id: r.try_get("id")?,
-        kind: r.try_get("kind")?,
-        actor: r.try_get("actor")?,
-        request_hash: r.try_get("request_hash")?,
-        state: r.try_get("state")?,
-        from_user: r.try_get("from_user")?,
-        to_user: r.try_get("to_user")?,
-        peer_region: r.try_get("peer_region")?,
-        amount: r.try_get("amount")?,
-        currency: r.try_get("currency")?,
-        memo: r.try_get("memo")?,
-        error_code: r.try_get("error_code")?,
-        error_detail: r.try_get("error_detail")?,
-        saga_role: r.try_get("saga_role")?,
-        saga_step: r.try_get("saga_step")?,
-        attempts: r.try_get("attempts")?,
-        next_attempt_at: r.try_get("next_attempt_at")?,
-        created_at: r.try_get("created_at")?,
-        updated_at: r.try_get("updated_at")?,
-    })
-}
-
-macro_rules! insert_op {
-    ($tx:ident, $op:expr) => {{
-        let o: &Operation = $op;
-        sqlx::query(
-            "INSERT INTO money_operations (id, kind, actor, request_hash, state, from_user, to_user, peer_region, amount, currency, memo, \
-             error_code, error_detail, saga_role, saga_step, attempts, next_attempt_at, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
-        )
-        .bind(&o.id)
-        .bind(&o.kind)
-        .bind(&o.actor)
-        .bind(&o.request_hash)
-        .bind(&o.state)
-        .bind(&o.from_user)
-        .bind(&o.to_user)
-        .bind(&o.peer_region)
-        .bind(o.amount)
-        .bind(&o.currency)
-        .bind(&o.memo)
-        .bind(&o.error_code)
-        .bind(&o.error_detail)
-        .bind(&o.saga_role)
-        .bind(&o.saga_step)
-        .bind(o.attempts)
-        .bind(o.next_attempt_at)
-        .bind(o.created_at)
-        .bind(o.updated_at)
-        .execute(&mut *$tx)
-        .await?;
-    }};
+async fn insert_op(tx: &mut Tx, o: &Operation) -> DbResult<()> {
+    stmt(
+        "INSERT INTO money_operations (id, kind, actor, request_hash, state, from_user, to_user, peer_region, amount, currency, memo, \
+         error_code, error_detail, saga_role, saga_step, attempts, next_attempt_at, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+    )
+    .bind(&o.id)
+    .bind(&o.kind)
+    .bind(&o.actor)
+    .bind(&o.request_hash)
+    .bind(&o.state)
+    .bind(&o.from_user)
+    .bind(&o.to_user)
+    .bind(&o.peer_region)
+    .bind(o.amount)
+    .bind(&o.currency)
+    .bind(&o.memo)
+    .bind(&o.error_code)
+    .bind(&o.error_detail)
+    .bind(&o.saga_role)
+    .bind(&o.saga_step)
+    .bind(o.attempts)
+    .bind(o.next_attempt_at)
+    .bind(o.created_at)
+    .bind(o.updated_at)
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 /// What a conditional step changes on an operation.
@@ -434,37 +405,13 @@ pub struct HistoryFilter<'a> {
 }
 
 impl Datastore {
-    /// How a write reads the ledger rows it changes (`apply_moves!`): on
-    /// PostgreSQL locked, in the byte order of their ids (`COLLATE "C"`,
-    /// whatever the database's collation, so every instance, of any
-    /// version, locks in the one order the inserts before it use); SQLite's
-    /// write transaction already holds the whole database, and its ids
-    /// compare as bytes.
-    fn ledger_locking(&self) -> Locking {
-        match self {
-            Datastore::Sqlite(..) => Locking {
-                order_and_lock: " ORDER BY id",
-                read_first: true,
-            },
-            Datastore::Postgres(_) => Locking {
-                order_and_lock: " ORDER BY id COLLATE \"C\" FOR UPDATE",
-                read_first: false,
-            },
-        }
-    }
-
     pub async fn operation(&self, id: &str) -> LedgerResult<Option<Operation>> {
         let sql = concat!(
             "SELECT ",
             op_cols!(),
             " FROM money_operations WHERE id = $1"
         );
-        Ok(on_db!(self, p => {
-            match sqlx::query(sql).bind(id).fetch_optional(p).await? {
-                Some(r) => Some(op_from_row(&r)?),
-                None => None,
-            }
-        }))
+        Ok(stmt(sql).bind(id).fetch_optional(self).await?)
     }
 
     /// Records `op` and applies its moves in one transaction. `Exists` when
@@ -476,12 +423,11 @@ impl Datastore {
         side: &SideEffects<'_>,
     ) -> LedgerResult<()> {
         let now = op.created_at;
-        let locking = self.ledger_locking();
-        in_tx!(self, tx => {
-            insert_op!(tx, op);
-            apply_moves!(tx, moves, now, locking)?;
-            side_effects!(tx, side, now);
-        });
+        let mut tx = self.begin().await?;
+        insert_op(&mut tx, op).await?;
+        apply_moves(&mut tx, moves, now).await?;
+        side_effects(&mut tx, side, now).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -509,40 +455,39 @@ impl Datastore {
         side: &SideEffects<'_>,
         now: i64,
     ) -> LedgerResult<bool> {
-        let locking = self.ledger_locking();
-        let moved = in_tx!(self, tx => {
-            let r = sqlx::query(
-                "UPDATE money_operations SET state = $1, saga_step = $2, error_code = COALESCE($3, error_code), \
-                 error_detail = COALESCE($4, error_detail), attempts = 0, next_attempt_at = $5, updated_at = $5 \
-                 WHERE id = $6 AND state = $7 AND COALESCE(saga_step, '') = $8",
-            )
-            .bind(to.state)
-            .bind(to.saga_step)
-            .bind(to.error_code)
-            .bind(to.error_detail)
-            .bind(now)
-            .bind(id)
-            .bind(state)
-            .bind(saga_step.unwrap_or(""))
-            .execute(&mut *tx)
-            .await?;
-            if r.rows_affected() == 1 {
-                apply_moves!(tx, moves, now, locking)?;
-                side_effects!(tx, side, now);
-                true
-            } else {
-                false
-            }
-        });
-        Ok(moved)
+        let mut tx = self.begin().await?;
+        let changed = stmt(
+            "UPDATE money_operations SET state = $1, saga_step = $2, error_code = COALESCE($3, error_code), \
+             error_detail = COALESCE($4, error_detail), attempts = 0, next_attempt_at = $5, updated_at = $5 \
+             WHERE id = $6 AND state = $7 AND COALESCE(saga_step, '') = $8",
+        )
+        .bind(to.state)
+        .bind(to.saga_step)
+        .bind(to.error_code)
+        .bind(to.error_detail)
+        .bind(now)
+        .bind(id)
+        .bind(state)
+        .bind(saga_step.unwrap_or(""))
+        .execute(&mut tx)
+        .await?;
+        if changed != 1 {
+            return Ok(false);
+        }
+        apply_moves(&mut tx, moves, now).await?;
+        side_effects(&mut tx, side, now).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Counts a failed attempt of a saga step and schedules the next.
     pub async fn reschedule(&self, id: &str, next_attempt_at: i64, now: i64) -> LedgerResult<()> {
-        write_db!(self, p => {
-            sqlx::query("UPDATE money_operations SET attempts = attempts + 1, next_attempt_at = $1, updated_at = $2 WHERE id = $3")
-                .bind(next_attempt_at).bind(now).bind(id).execute(p).await?;
-        });
+        stmt("UPDATE money_operations SET attempts = attempts + 1, next_attempt_at = $1, updated_at = $2 WHERE id = $3")
+            .bind(next_attempt_at)
+            .bind(now)
+            .bind(id)
+            .execute(self)
+            .await?;
         Ok(())
     }
 
@@ -554,10 +499,7 @@ impl Datastore {
             " FROM money_operations WHERE saga_step IS NOT NULL AND saga_step <> 'done' \
              AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $2"
         );
-        Ok(on_db!(self, p => {
-            let rows = sqlx::query(sql).bind(now).bind(limit).fetch_all(p).await?;
-            rows.iter().map(op_from_row).collect::<Result<Vec<_>, _>>()?
-        }))
+        Ok(stmt(sql).bind(now).bind(limit).fetch_all(self).await?)
     }
 
     /// A user's operations, newest first, either side (a receiver does not
@@ -580,27 +522,23 @@ impl Datastore {
              AND ($4 = '' OR kind = $4) AND ($5 = '' OR state = $5) AND ($6 = '' OR currency = $6) \
              ORDER BY created_at DESC, id DESC LIMIT $7"
         );
-        Ok(on_db!(self, p => {
-            let rows = sqlx::query(sql)
-                .bind(user_id)
-                .bind(after_at)
-                .bind(&after_id)
-                .bind(f.kind.unwrap_or(""))
-                .bind(f.state.unwrap_or(""))
-                .bind(f.currency.unwrap_or(""))
-                .bind(f.limit)
-                .fetch_all(p)
-                .await?;
-            rows.iter().map(op_from_row).collect::<Result<Vec<_>, _>>()?
-        }))
+        Ok(stmt(sql)
+            .bind(user_id)
+            .bind(after_at)
+            .bind(&after_id)
+            .bind(f.kind.unwrap_or(""))
+            .bind(f.state.unwrap_or(""))
+            .bind(f.currency.unwrap_or(""))
+            .bind(f.limit)
+            .fetch_all(self)
+            .await?)
     }
 
     /// A user's wallets.
     pub async fn balances(&self, user_id: &str) -> LedgerResult<Vec<Balance>> {
         let sql = "SELECT currency, credits_posted - debits_posted - debits_pending, credits_pending, debits_pending \
                    FROM ledger_accounts WHERE owner = $1 AND kind = 'wallet' ORDER BY currency";
-        let rows: Vec<(String, i64, i64, i64)> =
-            on_db!(self, p => sqlx::query_as(sql).bind(user_id).fetch_all(p).await?);
+        let rows: Vec<(String, i64, i64, i64)> = stmt(sql).bind(user_id).fetch_all(self).await?;
         Ok(rows
             .into_iter()
             .map(|(currency, available, pending, held)| Balance {

@@ -14,7 +14,6 @@
 use super::Live;
 use super::Notices;
 use super::store::InboxItem;
-use crate::db::Datastore;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, LazyLock};
 use tokio_util::sync::CancellationToken;
@@ -64,14 +63,9 @@ impl Notices {
         if items.is_empty() {
             return;
         }
-        if let Datastore::Postgres(pool) = &self.db {
+        if self.db.is_shared() {
             let payloads: Vec<String> = items.iter().filter_map(payload).collect();
-            let sent = sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
-                .bind(CHANNEL)
-                .bind(&payloads)
-                .execute(pool)
-                .await;
-            if let Err(e) = sent {
+            if let Err(e) = self.db.announce(CHANNEL, &payloads).await {
                 tracing::warn!(error = %e, "cannot announce new inbox items to the other instances");
             }
         }
@@ -83,16 +77,11 @@ impl Notices {
     /// On PostgreSQL: hands the other instances' new items to this
     /// instance's streams until `token` is cancelled.
     pub async fn relay_announcements(self: Arc<Self>, token: CancellationToken) {
-        let Datastore::Postgres(pool) = &self.db else {
-            return;
-        };
         let mut listener = loop {
-            let listening = async {
-                let mut l = sqlx::postgres::PgListener::connect_with(pool).await?;
-                l.listen(CHANNEL).await?;
-                Ok::<_, sqlx::Error>(l)
+            let Some(listening) = self.db.listen(CHANNEL).await else {
+                return;
             };
-            match listening.await {
+            match listening {
                 Ok(l) => break l,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot listen for other instances' inbox items; retrying");
@@ -118,7 +107,7 @@ impl Notices {
                     continue;
                 }
             };
-            let Ok(a) = serde_json::from_str::<Announcement>(note.payload()) else {
+            let Ok(a) = serde_json::from_str::<Announcement>(&note) else {
                 tracing::warn!("an inbox announcement that does not parse: ignored");
                 continue;
             };

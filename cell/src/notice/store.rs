@@ -2,7 +2,7 @@
 
 use crate::db::Datastore;
 use crate::db::DbResult;
-use crate::db::{in_tx, on_db, write_db};
+use crate::db::{built, stmt};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, sqlx::FromRow)]
 pub struct Template {
@@ -111,15 +111,15 @@ impl Datastore {
         payload: &str,
         now: i64,
     ) -> DbResult<bool> {
-        let n = write_db!(self, p => sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING")
-            .bind(id).bind(topic).bind(user_id).bind(payload).bind(now).execute(p).await?.rows_affected());
+        let n = stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING")
+            .bind(id).bind(topic).bind(user_id).bind(payload).bind(now).execute(self).await?;
         Ok(n == 1)
     }
 
     pub async fn pending_events(&self, limit: i64) -> DbResult<Vec<Event>> {
         let sql = "SELECT id, topic, user_id, payload, created_at FROM outbox WHERE delivered_at IS NULL ORDER BY created_at, id LIMIT $1";
         let rows: Vec<(String, String, Option<String>, String, i64)> =
-            on_db!(self, p => sqlx::query_as(sql).bind(limit).fetch_all(p).await?);
+            stmt(sql).bind(limit).fetch_all(self).await?;
         Ok(rows
             .into_iter()
             .map(|(id, topic, user_id, payload, created_at)| Event {
@@ -133,13 +133,19 @@ impl Datastore {
     }
 
     pub async fn contacts(&self, user_id: &str) -> DbResult<Option<Contacts>> {
-        let user: Option<(String, Option<String>, String)> = on_db!(self, p => sqlx::query_as("SELECT status, locale, display_name FROM users WHERE id = $1")
-            .bind(user_id).fetch_optional(p).await?);
+        let user: Option<(String, Option<String>, String)> =
+            stmt("SELECT status, locale, display_name FROM users WHERE id = $1")
+                .bind(user_id)
+                .fetch_optional(self)
+                .await?;
         let Some((status, locale, display_name)) = user else {
             return Ok(None);
         };
-        let ids: Vec<(String, String)> = on_db!(self, p => sqlx::query_as("SELECT kind, value FROM identifiers WHERE user_id = $1 ORDER BY kind")
-            .bind(user_id).fetch_all(p).await?);
+        let ids: Vec<(String, String)> =
+            stmt("SELECT kind, value FROM identifiers WHERE user_id = $1 ORDER BY kind")
+                .bind(user_id)
+                .fetch_all(self)
+                .await?;
         let find = |k: &str| {
             ids.iter()
                 .find(|(kind, _)| kind == k)
@@ -156,17 +162,17 @@ impl Datastore {
 
     /// (category, channel) pairs the user switched off.
     pub async fn opted_out(&self, user_id: &str) -> DbResult<Vec<(String, String)>> {
-        Ok(
-            on_db!(self, p => sqlx::query_as("SELECT category, channel FROM notice_preferences WHERE user_id = $1 AND NOT enabled")
-            .bind(user_id).fetch_all(p).await?),
-        )
+        stmt("SELECT category, channel FROM notice_preferences WHERE user_id = $1 AND NOT enabled")
+            .bind(user_id)
+            .fetch_all(self)
+            .await
     }
 
     pub async fn preferences(&self, user_id: &str) -> DbResult<Vec<(String, String, bool)>> {
-        Ok(
-            on_db!(self, p => sqlx::query_as("SELECT category, channel, enabled FROM notice_preferences WHERE user_id = $1 ORDER BY category, channel")
-            .bind(user_id).fetch_all(p).await?),
-        )
+        stmt("SELECT category, channel, enabled FROM notice_preferences WHERE user_id = $1 ORDER BY category, channel")
+            .bind(user_id)
+            .fetch_all(self)
+            .await
     }
 
     pub async fn set_preferences(
@@ -174,45 +180,49 @@ impl Datastore {
         user_id: &str,
         prefs: &[(String, String, bool)],
     ) -> DbResult<()> {
-        in_tx!(self, tx => {
-            for (category, channel, enabled) in prefs {
-                sqlx::query("INSERT INTO notice_preferences (user_id, category, channel, enabled) VALUES ($1, $2, $3, $4) \
-                             ON CONFLICT (user_id, category, channel) DO UPDATE SET enabled = excluded.enabled")
-                    .bind(user_id).bind(category).bind(channel).bind(*enabled).execute(&mut *tx).await?;
-            }
-        });
+        let mut tx = self.begin().await?;
+        for (category, channel, enabled) in prefs {
+            stmt("INSERT INTO notice_preferences (user_id, category, channel, enabled) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (user_id, category, channel) DO UPDATE SET enabled = excluded.enabled")
+                .bind(user_id).bind(category).bind(channel).bind(*enabled).execute(&mut tx).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
     pub async fn templates_for(&self, key: &str) -> DbResult<Vec<Template>> {
         let sql = format!("SELECT {TEMPLATE_COLS} FROM notice_templates WHERE key = $1");
-        let rows: Vec<Template> = on_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(key).fetch_all(p).await?);
+        let rows: Vec<Template> = built(sql.clone()).bind(key).fetch_all(self).await?;
         Ok(rows)
     }
 
     pub async fn list_templates(&self) -> DbResult<Vec<Template>> {
         let sql =
             format!("SELECT {TEMPLATE_COLS} FROM notice_templates ORDER BY key, channel, locale");
-        let rows: Vec<Template> =
-            on_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).fetch_all(p).await?);
+        let rows: Vec<Template> = built(sql.clone()).fetch_all(self).await?;
         Ok(rows)
     }
 
     pub async fn put_template(&self, t: &Template) -> DbResult<()> {
-        write_db!(self, p => {
-            sqlx::query("INSERT INTO notice_templates (key, channel, locale, category, subject, body, updated_at, updated_by) \
+        {
+            stmt("INSERT INTO notice_templates (key, channel, locale, category, subject, body, updated_at, updated_by) \
                          VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (key, channel, locale) DO UPDATE SET \
                          category = excluded.category, subject = excluded.subject, body = excluded.body, \
                          updated_at = excluded.updated_at, updated_by = excluded.updated_by")
                 .bind(&t.key).bind(&t.channel).bind(&t.locale).bind(&t.category).bind(&t.subject)
-                .bind(&t.body).bind(t.updated_at).bind(&t.updated_by).execute(p).await?;
-        });
+                .bind(&t.body).bind(t.updated_at).bind(&t.updated_by).execute(self).await?;
+        };
         Ok(())
     }
 
     pub async fn delete_template(&self, key: &str, channel: &str, locale: &str) -> DbResult<bool> {
-        let n = write_db!(self, p => sqlx::query("DELETE FROM notice_templates WHERE key = $1 AND channel = $2 AND locale = $3")
-            .bind(key).bind(channel).bind(locale).execute(p).await?.rows_affected());
+        let n =
+            stmt("DELETE FROM notice_templates WHERE key = $1 AND channel = $2 AND locale = $3")
+                .bind(key)
+                .bind(channel)
+                .bind(locale)
+                .execute(self)
+                .await?;
         Ok(n == 1)
     }
 
@@ -236,29 +246,34 @@ impl Datastore {
         batch: &[(&str, &str, &FanOut)],
         now: i64,
     ) -> DbResult<Vec<bool>> {
-        let inserted = in_tx!(self, tx => {
+        let mut tx = self.begin().await?;
+        let inserted = {
             let mut all = Vec::with_capacity(batch.len());
             for (event_id, user_id, f) in batch {
                 let mut inserted = false;
                 if let Some((item, expires_at)) = &f.inbox {
-                    let n = sqlx::query("INSERT INTO inbox (id, user_id, event_id, category, title, body, created_at, expires_at) \
-                                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (user_id, event_id) DO NOTHING")
-                        .bind(&item.id).bind(user_id).bind(event_id).bind(&item.category).bind(&item.title)
-                        .bind(&item.body).bind(item.created_at).bind(*expires_at).execute(&mut *tx).await?;
-                    inserted = n.rows_affected() == 1;
+                    let n = stmt("INSERT INTO inbox (id, user_id, event_id, category, title, body, created_at, expires_at) \
+                                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (user_id, event_id) DO NOTHING")
+                    .bind(&item.id).bind(user_id).bind(event_id).bind(&item.category).bind(&item.title)
+                    .bind(&item.body).bind(item.created_at).bind(*expires_at).execute(&mut tx).await?;
+                    inserted = n == 1;
                 }
                 for d in &f.deliveries {
-                    sqlx::query("INSERT INTO deliveries (id, event_id, user_id, channel, recipient, subject, body, html, state, attempts, next_attempt_at, created_at) \
-                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 0, $9, $9) ON CONFLICT (event_id, channel) DO NOTHING")
-                        .bind(&d.id).bind(event_id).bind(user_id).bind(&d.channel).bind(&d.recipient)
-                        .bind(&d.subject).bind(&d.body).bind(&d.html).bind(now).execute(&mut *tx).await?;
+                    stmt("INSERT INTO deliveries (id, event_id, user_id, channel, recipient, subject, body, html, state, attempts, next_attempt_at, created_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', 0, $9, $9) ON CONFLICT (event_id, channel) DO NOTHING")
+                    .bind(&d.id).bind(event_id).bind(user_id).bind(&d.channel).bind(&d.recipient)
+                    .bind(&d.subject).bind(&d.body).bind(&d.html).bind(now).execute(&mut tx).await?;
                 }
-                sqlx::query("UPDATE outbox SET delivered_at = $1, payload = '{}' WHERE id = $2")
-                    .bind(now).bind(event_id).execute(&mut *tx).await?;
+                stmt("UPDATE outbox SET delivered_at = $1, payload = '{}' WHERE id = $2")
+                    .bind(now)
+                    .bind(event_id)
+                    .execute(&mut tx)
+                    .await?;
                 all.push(inserted);
             }
             all
-        });
+        };
+        tx.commit().await?;
         Ok(inserted)
     }
 
@@ -266,23 +281,27 @@ impl Datastore {
         let sql = format!(
             "SELECT {DELIVERY_COLS} FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $2"
         );
-        let rows: Vec<Delivery> = on_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(now).bind(limit).fetch_all(p).await?);
+        let rows: Vec<Delivery> = built(sql.clone())
+            .bind(now)
+            .bind(limit)
+            .fetch_all(self)
+            .await?;
         Ok(rows)
     }
 
     /// Takes a delivery for `until` (so another worker or instance leaves
     /// it alone); false if someone else took it first.
     pub async fn lease_delivery(&self, id: &str, seen_next: i64, until: i64) -> DbResult<bool> {
-        let n = write_db!(self, p => sqlx::query("UPDATE deliveries SET next_attempt_at = $1 WHERE id = $2 AND state = 'pending' AND next_attempt_at = $3")
-            .bind(until).bind(id).bind(seen_next).execute(p).await?.rows_affected());
+        let n = stmt("UPDATE deliveries SET next_attempt_at = $1 WHERE id = $2 AND state = 'pending' AND next_attempt_at = $3")
+            .bind(until).bind(id).bind(seen_next).execute(self).await?;
         Ok(n == 1)
     }
 
     pub async fn delivery_sent(&self, id: &str, provider: &str, now: i64) -> DbResult<()> {
-        write_db!(self, p => {
-            sqlx::query("UPDATE deliveries SET state = 'sent', sent_at = $1, provider = $2, body = '', html = NULL, attempts = attempts + 1, last_error = NULL WHERE id = $3")
-                .bind(now).bind(provider).bind(id).execute(p).await?;
-        });
+        {
+            stmt("UPDATE deliveries SET state = 'sent', sent_at = $1, provider = $2, body = '', html = NULL, attempts = attempts + 1, last_error = NULL WHERE id = $3")
+                .bind(now).bind(provider).bind(id).execute(self).await?;
+        };
         Ok(())
     }
 
@@ -294,17 +313,17 @@ impl Datastore {
         next_at: i64,
         dead: bool,
     ) -> DbResult<()> {
-        write_db!(self, p => {
+        {
             // A dead delivery keeps no one-time code: a password reset's
             // message is useless once the code expires, and the dead-letter
             // queue outlives it.
-            sqlx::query("UPDATE deliveries SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
+            stmt("UPDATE deliveries SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
                          state = CASE WHEN $3 THEN 'dead' ELSE 'pending' END, \
                          body = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset') THEN '' ELSE body END, \
                          html = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset') THEN NULL ELSE html END \
                          WHERE id = $4")
-                .bind(error).bind(next_at).bind(dead).bind(id).execute(p).await?;
-        });
+                .bind(error).bind(next_at).bind(dead).bind(id).execute(self).await?;
+        };
         Ok(())
     }
 
@@ -317,7 +336,12 @@ impl Datastore {
         let sql = format!(
             "SELECT {DELIVERY_COLS} FROM deliveries WHERE state = 'dead' AND (created_at < $1 OR (created_at = $1 AND id < $2)) ORDER BY created_at DESC, id DESC LIMIT $3"
         );
-        let rows: Vec<Delivery> = on_db!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(at).bind(&id).bind(limit).fetch_all(p).await?);
+        let rows: Vec<Delivery> = built(sql.clone())
+            .bind(at)
+            .bind(&id)
+            .bind(limit)
+            .fetch_all(self)
+            .await?;
         Ok(rows)
     }
 
@@ -325,15 +349,18 @@ impl Datastore {
     /// unless it carried a one-time code (its text is gone, above, and a
     /// code sent late is one the user may no longer expect).
     pub async fn redrive(&self, id: &str, now: i64) -> DbResult<Redrive> {
-        let n = write_db!(self, p => sqlx::query("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1 \
+        let n = stmt("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1 \
                      WHERE id = $2 AND state = 'dead' \
                      AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset')")
-            .bind(now).bind(id).execute(p).await?.rows_affected());
+            .bind(now).bind(id).execute(self).await?;
         if n == 1 {
             return Ok(Redrive::Queued);
         }
-        let dead: Option<(String,)> = on_db!(self, p => sqlx::query_as("SELECT id FROM deliveries WHERE id = $1 AND state = 'dead'")
-            .bind(id).fetch_optional(p).await?);
+        let dead: Option<(String,)> =
+            stmt("SELECT id FROM deliveries WHERE id = $1 AND state = 'dead'")
+                .bind(id)
+                .fetch_optional(self)
+                .await?;
         Ok(if dead.is_some() {
             Redrive::OneTimeCode
         } else {
@@ -353,21 +380,32 @@ impl Datastore {
         let sql = "SELECT id, category, title, body, created_at, read_at, archived_at FROM inbox \
                    WHERE user_id = $1 AND (archived_at IS NOT NULL) = $2 AND expires_at > $3 \
                    AND (created_at < $4 OR (created_at = $4 AND id < $5)) ORDER BY created_at DESC, id DESC LIMIT $6";
-        let rows: Vec<InboxItem> = on_db!(self, p => sqlx::query_as(sql).bind(user_id).bind(archived).bind(now).bind(at).bind(&id).bind(limit).fetch_all(p).await?);
+        let rows: Vec<InboxItem> = stmt(sql)
+            .bind(user_id)
+            .bind(archived)
+            .bind(now)
+            .bind(at)
+            .bind(&id)
+            .bind(limit)
+            .fetch_all(self)
+            .await?;
         Ok(rows)
     }
 
     /// One of the user's inbox items.
     pub async fn inbox_item(&self, user_id: &str, id: &str) -> DbResult<Option<InboxItem>> {
         let sql = "SELECT id, category, title, body, created_at, read_at, archived_at FROM inbox WHERE user_id = $1 AND id = $2";
-        let row: Option<InboxItem> =
-            on_db!(self, p => sqlx::query_as(sql).bind(user_id).bind(id).fetch_optional(p).await?);
+        let row: Option<InboxItem> = stmt(sql)
+            .bind(user_id)
+            .bind(id)
+            .fetch_optional(self)
+            .await?;
         Ok(row)
     }
 
     pub async fn unread_count(&self, user_id: &str, now: i64) -> DbResult<i64> {
         let sql = "SELECT COUNT(*) FROM inbox WHERE user_id = $1 AND read_at IS NULL AND archived_at IS NULL AND expires_at > $2";
-        Ok(on_db!(self, p => sqlx::query_scalar(sql).bind(user_id).bind(now).fetch_one(p).await?))
+        stmt(sql).bind(user_id).bind(now).scalar(self).await
     }
 
     /// Sets `read_at` or `archived_at` on one item (or, with no id, on all
@@ -381,32 +419,36 @@ impl Datastore {
     ) -> DbResult<u64> {
         let n = match (id, archive) {
             (Some(id), false) => {
-                write_db!(self, p => sqlx::query("UPDATE inbox SET read_at = COALESCE(read_at, $1) WHERE user_id = $2 AND id = $3")
-                .bind(now).bind(user_id).bind(id).execute(p).await?.rows_affected())
+                stmt("UPDATE inbox SET read_at = COALESCE(read_at, $1) WHERE user_id = $2 AND id = $3")
+                .bind(now).bind(user_id).bind(id).execute(self).await?
             }
             (Some(id), true) => {
-                write_db!(self, p => sqlx::query("UPDATE inbox SET archived_at = COALESCE(archived_at, $1), read_at = COALESCE(read_at, $1) WHERE user_id = $2 AND id = $3")
-                .bind(now).bind(user_id).bind(id).execute(p).await?.rows_affected())
+                stmt("UPDATE inbox SET archived_at = COALESCE(archived_at, $1), read_at = COALESCE(read_at, $1) WHERE user_id = $2 AND id = $3")
+                .bind(now).bind(user_id).bind(id).execute(self).await?
             }
             (None, _) => {
-                write_db!(self, p => sqlx::query("UPDATE inbox SET read_at = $1 WHERE user_id = $2 AND read_at IS NULL")
-                .bind(now).bind(user_id).execute(p).await?.rows_affected())
+                stmt("UPDATE inbox SET read_at = $1 WHERE user_id = $2 AND read_at IS NULL")
+                .bind(now).bind(user_id).execute(self).await?
             }
         };
         Ok(n)
     }
 
     pub async fn delete_inbox(&self, user_id: &str, id: &str) -> DbResult<bool> {
-        let n = write_db!(self, p => sqlx::query("DELETE FROM inbox WHERE user_id = $1 AND id = $2")
-            .bind(user_id).bind(id).execute(p).await?.rows_affected());
+        let n = stmt("DELETE FROM inbox WHERE user_id = $1 AND id = $2")
+            .bind(user_id)
+            .bind(id)
+            .execute(self)
+            .await?;
         Ok(n == 1)
     }
 
     /// Deletes expired inbox items; how many.
     pub async fn purge_inbox(&self, now: i64) -> DbResult<u64> {
-        Ok(
-            write_db!(self, p => sqlx::query("DELETE FROM inbox WHERE expires_at <= $1").bind(now).execute(p).await?.rows_affected()),
-        )
+        stmt("DELETE FROM inbox WHERE expires_at <= $1")
+            .bind(now)
+            .execute(self)
+            .await
     }
 }
 
@@ -425,46 +467,51 @@ pub struct Broadcast {
 
 impl Datastore {
     pub async fn create_broadcast(&self, b: &Broadcast, payload: &str) -> DbResult<()> {
-        write_db!(self, p => {
-            sqlx::query("INSERT INTO broadcasts (id, template_key, payload, role, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+        {
+            stmt("INSERT INTO broadcasts (id, template_key, payload, role, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
                 .bind(&b.id).bind(&b.template_key).bind(payload).bind(&b.role).bind(&b.created_by).bind(b.created_at)
-                .execute(p).await?;
-        });
+                .execute(self).await?;
+        };
         Ok(())
     }
 
     pub async fn broadcasts(&self, limit: i64) -> DbResult<Vec<Broadcast>> {
         let sql = "SELECT id, template_key, role, created_by, created_at, queued, done_at FROM broadcasts ORDER BY created_at DESC, id DESC LIMIT $1";
-        let rows: Vec<Broadcast> =
-            on_db!(self, p => sqlx::query_as(sql).bind(limit).fetch_all(p).await?);
+        let rows: Vec<Broadcast> = stmt(sql).bind(limit).fetch_all(self).await?;
         Ok(rows)
     }
 
     /// Queues the next `chunk` users of every unfinished broadcast (oldest
     /// first); how many events were queued.
     pub async fn advance_broadcasts(&self, chunk: i64, now: i64) -> DbResult<u64> {
-        let active: Vec<(String, String, String, Option<String>, String)> = on_db!(self, p => sqlx::query_as(
+        let active: Vec<(String, String, String, Option<String>, String)> = stmt(
             "SELECT id, template_key, payload, role, cursor FROM broadcasts WHERE done_at IS NULL ORDER BY created_at LIMIT 4")
-            .fetch_all(p).await?);
+            .fetch_all(self).await?;
         let mut total = 0;
         for (id, key, payload, role, cursor) in active {
-            let n = in_tx!(self, tx => {
-                let users: Vec<(String,)> = sqlx::query_as(
-                    "SELECT u.id FROM users u WHERE u.status = 'active' AND u.id > $1 \
-                     AND ($2 = '' OR EXISTS (SELECT 1 FROM user_roles r WHERE r.user_id = u.id AND r.role = $2)) \
-                     ORDER BY u.id LIMIT $3")
-                    .bind(&cursor).bind(role.as_deref().unwrap_or("")).bind(chunk).fetch_all(&mut *tx).await?;
+            let mut tx = self.begin().await?;
+            let n = {
+                let users: Vec<(String,)> = stmt(
+                "SELECT u.id FROM users u WHERE u.status = 'active' AND u.id > $1 \
+                 AND ($2 = '' OR EXISTS (SELECT 1 FROM user_roles r WHERE r.user_id = u.id AND r.role = $2)) \
+                 ORDER BY u.id LIMIT $3")
+                .bind(&cursor).bind(role.as_deref().unwrap_or("")).bind(chunk).fetch_all(&mut tx).await?;
                 for (user,) in &users {
-                    let event = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("{id}\0{user}").as_bytes()).to_string();
-                    sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING")
-                        .bind(event).bind(&key).bind(user).bind(&payload).bind(now).execute(&mut *tx).await?;
+                    let event = uuid::Uuid::new_v5(
+                        &uuid::Uuid::NAMESPACE_OID,
+                        format!("{id}\0{user}").as_bytes(),
+                    )
+                    .to_string();
+                    stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING")
+                    .bind(event).bind(&key).bind(user).bind(&payload).bind(now).execute(&mut tx).await?;
                 }
                 let last = users.last().map(|u| u.0.clone()).unwrap_or(cursor.clone());
                 let done = (users.len() as i64) < chunk;
-                sqlx::query("UPDATE broadcasts SET cursor = $1, queued = queued + $2, done_at = CASE WHEN $3 THEN $4 ELSE NULL END WHERE id = $5")
-                    .bind(&last).bind(users.len() as i64).bind(done).bind(now).bind(&id).execute(&mut *tx).await?;
+                stmt("UPDATE broadcasts SET cursor = $1, queued = queued + $2, done_at = CASE WHEN $3 THEN $4 ELSE NULL END WHERE id = $5")
+                .bind(&last).bind(users.len() as i64).bind(done).bind(now).bind(&id).execute(&mut tx).await?;
                 users.len() as u64
-            });
+            };
+            tx.commit().await?;
             total += n;
         }
         Ok(total)

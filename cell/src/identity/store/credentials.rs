@@ -1,14 +1,17 @@
 //! The identity store's credentials: password hashes, the lockout counter, identifiers.
 
 use crate::db::Datastore;
-use crate::db::{in_tx, on_db, write_db};
+use crate::db::stmt;
 
 use crate::db::DbResult;
 
 impl Datastore {
     pub async fn password_hash(&self, user_id: &str) -> DbResult<Option<String>> {
-        let row: Option<(String,)> = on_db!(self, p => sqlx::query_as("SELECT password_hash FROM credentials WHERE user_id = $1")
-            .bind(user_id).fetch_optional(p).await?);
+        let row: Option<(String,)> =
+            stmt("SELECT password_hash FROM credentials WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_optional(self)
+                .await?;
         Ok(row.map(|r| r.0))
     }
 
@@ -44,25 +47,33 @@ impl Datastore {
             " THEN 1 ELSE attempts + 1 END) >= $3 THEN $4 ELSE NULL END ",
             "WHERE user_id = $2 AND (locked_until IS NULL OR locked_until <= $1) RETURNING attempts"
         );
-        let row: Option<(i64,)> = write_db!(self, p => sqlx::query_as(sql).bind(now).bind(user_id).bind(max).bind(lock_until).fetch_optional(p).await?);
+        let row: Option<(i64,)> = stmt(sql)
+            .bind(now)
+            .bind(user_id)
+            .bind(max)
+            .bind(lock_until)
+            .fetch_optional(self.writer())
+            .await?;
         Ok(row.map(|r| r.0))
     }
 
     /// Gives back a reserved attempt whose check never ran (argon2 was
     /// busy), lifting the lock it may have set.
     pub async fn refund_attempt(&self, user_id: &str, max: i64) -> DbResult<()> {
-        write_db!(self, p => {
-            sqlx::query("UPDATE credentials SET attempts = attempts - 1, locked_until = CASE WHEN attempts - 1 < $2 THEN NULL ELSE locked_until END WHERE user_id = $1 AND attempts > 0")
-            .bind(user_id).bind(max).execute(p).await?;
-        });
+        {
+            stmt("UPDATE credentials SET attempts = attempts - 1, locked_until = CASE WHEN attempts - 1 < $2 THEN NULL ELSE locked_until END WHERE user_id = $1 AND attempts > 0")
+            .bind(user_id).bind(max).execute(self).await?;
+        };
         Ok(())
     }
 
     pub async fn clear_attempts(&self, user_id: &str) -> DbResult<()> {
-        write_db!(self, p => {
-            sqlx::query("UPDATE credentials SET attempts = 0, locked_until = NULL WHERE user_id = $1")
-            .bind(user_id).execute(p).await?;
-        });
+        {
+            stmt("UPDATE credentials SET attempts = 0, locked_until = NULL WHERE user_id = $1")
+                .bind(user_id)
+                .execute(self)
+                .await?;
+        };
         Ok(())
     }
 
@@ -76,14 +87,14 @@ impl Datastore {
         keep_session: Option<&str>,
         now: i64,
     ) -> DbResult<()> {
-        in_tx!(self, tx => {
-            sqlx::query("UPDATE credentials SET password_hash = $1, attempts = 0, locked_until = NULL, updated_at = $2 WHERE user_id = $3")
-                .bind(hash).bind(now).bind(user_id).execute(&mut *tx).await?;
-            if end_sessions {
-                sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'password' WHERE user_id = $2 AND revoked_at IS NULL AND id <> $3")
-                    .bind(now).bind(user_id).bind(keep_session.unwrap_or("")).execute(&mut *tx).await?;
-            }
-        });
+        let mut tx = self.begin().await?;
+        stmt("UPDATE credentials SET password_hash = $1, attempts = 0, locked_until = NULL, updated_at = $2 WHERE user_id = $3")
+            .bind(hash).bind(now).bind(user_id).execute(&mut tx).await?;
+        if end_sessions {
+            stmt("UPDATE sessions SET revoked_at = $1, revoke_reason = 'password' WHERE user_id = $2 AND revoked_at IS NULL AND id <> $3")
+                .bind(now).bind(user_id).bind(keep_session.unwrap_or("")).execute(&mut tx).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 }

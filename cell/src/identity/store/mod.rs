@@ -3,9 +3,9 @@
 //! Every query is one text (both SQLite and PostgreSQL take `$n`
 //! parameters); database errors are translated here, once.
 
-use crate::db::{DbError, DbResult};
+use crate::db::{Conn, DbError, DbResult, PointRecord, stmt};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct User {
     pub id: String,
     pub status: String,
@@ -27,34 +27,19 @@ pub struct UserProfile {
     pub identifiers: Vec<(String, String)>,
 }
 
-/// The tuple type of a `users` row in `user_cols!()` order, followed by
-/// the types of any columns a query selects after them.
-macro_rules! user_tuple {
-    ($($more:ty),*) => {
-        (
-            String,
-            String,
-            String,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            i64,
-            i64,
-            i64,
-            $($more),*
-        )
-    };
-}
-
-/// A `users` row in `user_cols!()` order.
-pub(crate) type UserTuple = user_tuple!();
-
-/// The `User` at the head of a row of `user_tuple!(…)` type.
-macro_rules! user_of {
-    ($r:expr) => {
-        User::from(($r.0, $r.1, $r.2, $r.3, $r.4, $r.5, $r.6, $r.7, $r.8))
-    };
-}
+/// A `users` row in `user_cols!()` order: the move bundle's wire form
+/// (`moving.rs`, versioned).
+pub(crate) type UserTuple = (
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    i64,
+    i64,
+    i64,
+);
 
 /// The rule of a live session `s` at time `$3`, in both statements that
 /// check one (`session_alive`, `profile_in_session`).
@@ -116,7 +101,7 @@ macro_rules! profile_select {
             user_cols!(),
             ", ",
             roles_json!(sqlite, "$1"),
-            ", (SELECT json_group_array(json_array(kind, value) ORDER BY kind, value) FROM identifiers WHERE user_id = $1)"
+            " AS roles, (SELECT json_group_array(json_array(kind, value) ORDER BY kind, value) FROM identifiers WHERE user_id = $1) AS identifiers"
         )
     };
     (postgres) => {
@@ -125,17 +110,28 @@ macro_rules! profile_select {
             user_cols!(),
             ", ",
             roles_json!(postgres, "$1"),
-            ", (SELECT coalesce(json_agg(json_build_array(kind, value) ORDER BY kind, value), '[]')::text FROM identifiers WHERE user_id = $1)"
+            " AS roles, (SELECT coalesce(json_agg(json_build_array(kind, value) ORDER BY kind, value), '[]')::text FROM identifiers WHERE user_id = $1) AS identifiers"
         )
     };
 }
 
-fn profile_from(r: ProfileRow) -> DbResult<UserProfile> {
-    Ok(UserProfile {
-        user: user_of!(r),
-        roles: json_column(&r.9)?,
-        identifiers: json_column(&r.10)?,
-    })
+/// A profile's row: the user's columns, then the two lists as JSON.
+#[derive(sqlx::FromRow)]
+struct ProfileRow {
+    #[sqlx(flatten)]
+    user: User,
+    roles: String,
+    identifiers: String,
+}
+
+impl ProfileRow {
+    fn into_profile(self) -> DbResult<UserProfile> {
+        Ok(UserProfile {
+            roles: json_column(&self.roles)?,
+            identifiers: json_column(&self.identifiers)?,
+            user: self.user,
+        })
+    }
 }
 
 /// A list a statement folded into a JSON array (`roles_json!`).
@@ -143,23 +139,24 @@ fn json_column<T: serde::de::DeserializeOwned>(text: &str) -> DbResult<T> {
     serde_json::from_str(text).map_err(|e| DbError::Db(sqlx::Error::Decode(e.into())))
 }
 
-/// A profile's row: the user's columns, then the two lists.
-type ProfileRow = user_tuple!(String, String);
-
-fn profile_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ProfileRow> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-        r.get(8)?,
-        r.get(9)?,
-        r.get(10)?,
-    ))
+impl PointRecord for ProfileRow {
+    fn from_point(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(ProfileRow {
+            user: User {
+                id: r.get(0)?,
+                status: r.get(1)?,
+                display_name: r.get(2)?,
+                locale: r.get(3)?,
+                bio: r.get(4)?,
+                avatar_url: r.get(5)?,
+                version: r.get(6)?,
+                created_at: r.get(7)?,
+                updated_at: r.get(8)?,
+            },
+            roles: r.get(9)?,
+            identifiers: r.get(10)?,
+        })
+    }
 }
 
 /// The editable part of a profile.
@@ -197,63 +194,94 @@ macro_rules! session_cols {
     };
 }
 
-/// The statements of a refresh rotation on `$conn` (a connection or a
-/// transaction), as a `RefreshOutcome`; `?` passes on database errors. The
-/// common case is three statements: mark the token used (remembering its
-/// successor), touch its live session, store the successor. A token used
-/// before is a repeat when it was rotated less than `$grace` ms ago and its
-/// successor is still unused (the client lost the answer and retries); any
-/// other reuse revokes the session.
-macro_rules! rotate {
-    ($conn:ident, $r:expr) => {{
-        let r: &Rotation<'_> = $r;
-        let marked: Option<String> = sqlx::query_scalar("UPDATE refresh_tokens SET used_at = $1, successor_hash = $3, successor_salt = $4 WHERE token_hash = $2 AND used_at IS NULL RETURNING session_id")
-            .bind(r.now).bind(r.old_hash).bind(r.new_hash).bind(r.salt).fetch_optional(&mut *$conn).await?;
-        let live_sql = concat!("UPDATE sessions SET last_used_at = $1 WHERE id = $2 AND revoked_at IS NULL AND expires_at > $1 RETURNING ", session_cols!());
-        match marked {
-            Some(sid) => {
-                let live: Option<Session> = sqlx::query_as(live_sql).bind(r.now).bind(&sid).fetch_optional(&mut *$conn).await?;
-                match live {
-                    Some(s) => {
-                        sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES ($1, $2, $3)")
-                            .bind(r.new_hash).bind(&sid).bind(r.now).execute(&mut *$conn).await?;
-                        RefreshOutcome::Rotated(s)
-                    }
-                    None => RefreshOutcome::Invalid,
-                }
-            }
-            None => {
-                let used: Option<(String, Option<i64>, Option<String>, Option<String>)> = sqlx::query_as(
-                    "SELECT session_id, used_at, successor_hash, successor_salt FROM refresh_tokens WHERE token_hash = $1")
-                    .bind(r.old_hash).fetch_optional(&mut *$conn).await?;
-                match used {
-                    Some((sid, used_at, successor, salt)) => {
-                        let recent = used_at.is_some_and(|at| at > r.now - r.grace_ms);
-                        let successor_unused = match (&successor, recent) {
-                            (Some(h), true) => sqlx::query_scalar::<_, String>("SELECT session_id FROM refresh_tokens WHERE token_hash = $1 AND used_at IS NULL")
-                                .bind(h).fetch_optional(&mut *$conn).await?.is_some(),
-                            _ => false,
-                        };
-                        match salt {
-                            Some(salt) if successor_unused => {
-                                let live: Option<Session> = sqlx::query_as(live_sql).bind(r.now).bind(&sid).fetch_optional(&mut *$conn).await?;
-                                match live {
-                                    Some(s) => RefreshOutcome::Repeated(s, salt),
-                                    None => RefreshOutcome::Invalid,
-                                }
-                            }
-                            _ => {
-                                sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'refresh_reuse' WHERE id = $2 AND revoked_at IS NULL")
-                                    .bind(r.now).bind(&sid).execute(&mut *$conn).await?;
-                                RefreshOutcome::Reused
-                            }
-                        }
-                    }
-                    None => RefreshOutcome::Invalid,
-                }
-            }
+/// The statements of a refresh rotation on `conn` (a transaction's or a
+/// batch's). The common case is three statements: mark the token used
+/// (remembering its successor), touch its live session, store the
+/// successor. A token used before is a repeat when it was rotated less than
+/// `grace_ms` ago and its successor is still unused (the client lost the
+/// answer and retries); any other reuse revokes the session.
+async fn rotate(conn: &mut Conn<'_>, r: &Rotation<'_>) -> DbResult<RefreshOutcome> {
+    const LIVE: &str = concat!(
+        "UPDATE sessions SET last_used_at = $1 WHERE id = $2 AND revoked_at IS NULL AND expires_at > $1 RETURNING ",
+        session_cols!()
+    );
+    let marked: Option<String> = stmt("UPDATE refresh_tokens SET used_at = $1, successor_hash = $3, successor_salt = $4 WHERE token_hash = $2 AND used_at IS NULL RETURNING session_id")
+        .bind(r.now)
+        .bind(r.old_hash)
+        .bind(r.new_hash)
+        .bind(r.salt)
+        .scalar_optional(&mut *conn)
+        .await?;
+    if let Some(sid) = marked {
+        let live: Option<Session> = stmt(LIVE)
+            .bind(r.now)
+            .bind(&sid)
+            .fetch_optional(&mut *conn)
+            .await?;
+        let Some(s) = live else {
+            return Ok(RefreshOutcome::Invalid);
+        };
+        stmt("INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES ($1, $2, $3)")
+            .bind(r.new_hash)
+            .bind(&sid)
+            .bind(r.now)
+            .execute(&mut *conn)
+            .await?;
+        return Ok(RefreshOutcome::Rotated(s));
+    }
+    #[derive(sqlx::FromRow)]
+    struct Used {
+        session_id: String,
+        used_at: Option<i64>,
+        successor_hash: Option<String>,
+        successor_salt: Option<String>,
+    }
+    let used: Option<Used> =
+        stmt("SELECT session_id, used_at, successor_hash, successor_salt FROM refresh_tokens WHERE token_hash = $1")
+            .bind(r.old_hash)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some(Used {
+        session_id: sid,
+        used_at,
+        successor_hash: successor,
+        successor_salt: salt,
+    }) = used
+    else {
+        return Ok(RefreshOutcome::Invalid);
+    };
+    let recent = used_at.is_some_and(|at| at > r.now - r.grace_ms);
+    let successor_unused = match (&successor, recent) {
+        (Some(h), true) => {
+            stmt("SELECT session_id FROM refresh_tokens WHERE token_hash = $1 AND used_at IS NULL")
+                .bind(h)
+                .scalar_optional::<String>(&mut *conn)
+                .await?
+                .is_some()
         }
-    }};
+        _ => false,
+    };
+    match salt {
+        Some(salt) if successor_unused => {
+            let live: Option<Session> = stmt(LIVE)
+                .bind(r.now)
+                .bind(&sid)
+                .fetch_optional(&mut *conn)
+                .await?;
+            Ok(match live {
+                Some(s) => RefreshOutcome::Repeated(s, salt),
+                None => RefreshOutcome::Invalid,
+            })
+        }
+        _ => {
+            stmt("UPDATE sessions SET revoked_at = $1, revoke_reason = 'refresh_reuse' WHERE id = $2 AND revoked_at IS NULL")
+                .bind(r.now)
+                .bind(&sid)
+                .execute(&mut *conn)
+                .await?;
+            Ok(RefreshOutcome::Reused)
+        }
+    }
 }
 
 /// One refresh rotation's inputs: the presented token's hash, its

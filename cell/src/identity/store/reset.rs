@@ -1,7 +1,7 @@
 //! The identity store's password resets: codes, attempts and their budgets.
 
 use crate::db::Datastore;
-use crate::db::{in_tx, on_db, write_db};
+use crate::db::stmt;
 
 use super::*;
 use crate::db::DbResult;
@@ -17,15 +17,18 @@ impl Datastore {
         outbox_payload: &str,
         now: i64,
     ) -> DbResult<()> {
-        in_tx!(self, tx => {
-            // A new code replaces any earlier one.
-            sqlx::query("UPDATE password_resets SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
-                .bind(now).bind(user_id).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO password_resets (id, user_id, code_hash, attempts, created_at, expires_at) VALUES ($1, $2, $3, 0, $4, $5)")
-                .bind(id).bind(user_id).bind(code_hash).bind(now).bind(expires_at).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'auth.password_reset', $2, $3, $4)")
-                .bind(uuid::Uuid::now_v7().to_string()).bind(user_id).bind(outbox_payload).bind(now).execute(&mut *tx).await?;
-        });
+        let mut tx = self.begin().await?;
+        // A new code replaces any earlier one.
+        stmt("UPDATE password_resets SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
+            .bind(now)
+            .bind(user_id)
+            .execute(&mut tx)
+            .await?;
+        stmt("INSERT INTO password_resets (id, user_id, code_hash, attempts, created_at, expires_at) VALUES ($1, $2, $3, 0, $4, $5)")
+            .bind(id).bind(user_id).bind(code_hash).bind(now).bind(expires_at).execute(&mut tx).await?;
+        stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'auth.password_reset', $2, $3, $4)")
+            .bind(uuid::Uuid::now_v7().to_string()).bind(user_id).bind(outbox_payload).bind(now).execute(&mut tx).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -42,9 +45,12 @@ impl Datastore {
         let sql = "UPDATE password_resets SET attempts = attempts + 1 \
                    WHERE user_id = $1 AND used_at IS NULL AND expires_at > $2 AND attempts < $3 \
                    RETURNING id, code_hash";
-        Ok(
-            write_db!(self, p => sqlx::query_as(sql).bind(user_id).bind(now).bind(max).fetch_optional(p).await?),
-        )
+        stmt(sql)
+            .bind(user_id)
+            .bind(now)
+            .bind(max)
+            .fetch_optional(self.writer())
+            .await
     }
 
     /// Counts one code issued against `key`'s budget (`limits`), unless the
@@ -63,8 +69,15 @@ impl Datastore {
                    WHERE (reset_budgets.issue_window <= $2 - $5 OR reset_budgets.issued < $3) \
                    AND (reset_budgets.guess_window <= $2 - $6 OR reset_budgets.guesses < $4) \
                    RETURNING issued";
-        let row: Option<(i64,)> = write_db!(self, p => sqlx::query_as(sql).bind(key).bind(now)
-            .bind(limits.codes_per_hour).bind(limits.failures_per_day).bind(HOUR_MS).bind(DAY_MS).fetch_optional(p).await?);
+        let row: Option<(i64,)> = stmt(sql)
+            .bind(key)
+            .bind(now)
+            .bind(limits.codes_per_hour)
+            .bind(limits.failures_per_day)
+            .bind(HOUR_MS)
+            .bind(DAY_MS)
+            .fetch_optional(self.writer())
+            .await?;
         self.budget_answer(row.is_some(), key, limits, now).await
     }
 
@@ -83,8 +96,13 @@ impl Datastore {
                    guesses = CASE WHEN reset_budgets.guess_window <= $2 - $4 THEN 1 ELSE reset_budgets.guesses + 1 END \
                    WHERE reset_budgets.guess_window <= $2 - $4 OR reset_budgets.guesses < $3 \
                    RETURNING guesses";
-        let row: Option<(i64,)> = write_db!(self, p => sqlx::query_as(sql).bind(key).bind(now)
-            .bind(limits.failures_per_day).bind(DAY_MS).fetch_optional(p).await?);
+        let row: Option<(i64,)> = stmt(sql)
+            .bind(key)
+            .bind(now)
+            .bind(limits.failures_per_day)
+            .bind(DAY_MS)
+            .fetch_optional(self.writer())
+            .await?;
         self.budget_answer(row.is_some(), key, limits, now).await
     }
 
@@ -100,9 +118,12 @@ impl Datastore {
         if spent {
             return Ok(Ok(()));
         }
-        let row: Option<(i64, i64, i64, i64)> = on_db!(self, p => sqlx::query_as(
-            "SELECT issue_window, issued, guess_window, guesses FROM reset_budgets WHERE key = $1")
-            .bind(key).fetch_optional(p).await?);
+        let row: Option<(i64, i64, i64, i64)> = stmt(
+            "SELECT issue_window, issued, guess_window, guesses FROM reset_budgets WHERE key = $1",
+        )
+        .bind(key)
+        .fetch_optional(self)
+        .await?;
         let Some((iw, issued, gw, guesses)) = row else {
             return Ok(Err(1000));
         };
@@ -118,8 +139,11 @@ impl Datastore {
 
     /// Drops budgets whose windows have both passed.
     pub async fn prune_reset_budgets(&self, now: i64) -> DbResult<u64> {
-        let r = write_db!(self, p => sqlx::query("DELETE FROM reset_budgets WHERE issue_window <= $1 AND guess_window <= $2")
-            .bind(now - HOUR_MS).bind(now - DAY_MS).execute(p).await?.rows_affected());
+        let r = stmt("DELETE FROM reset_budgets WHERE issue_window <= $1 AND guess_window <= $2")
+            .bind(now - HOUR_MS)
+            .bind(now - DAY_MS)
+            .execute(self)
+            .await?;
         Ok(r)
     }
 
@@ -132,22 +156,32 @@ impl Datastore {
         hash: &str,
         now: i64,
     ) -> DbResult<bool> {
-        let done = in_tx!(self, tx => {
-            let r = sqlx::query("UPDATE password_resets SET used_at = $1 WHERE id = $2 AND used_at IS NULL")
-                .bind(now).bind(reset_id).execute(&mut *tx).await?;
-            if r.rows_affected() == 1 {
+        let mut tx = self.begin().await?;
+        let done = {
+            let r =
+                stmt("UPDATE password_resets SET used_at = $1 WHERE id = $2 AND used_at IS NULL")
+                    .bind(now)
+                    .bind(reset_id)
+                    .execute(&mut tx)
+                    .await?;
+            if r == 1 {
                 // The right guess is not a failure: give it back.
-                sqlx::query("UPDATE reset_budgets SET guesses = guesses - 1 WHERE key = $1 AND guesses > 0")
-                    .bind(reset_budget_key_of_user(user_id)).execute(&mut *tx).await?;
-                sqlx::query("UPDATE credentials SET password_hash = $1, attempts = 0, locked_until = NULL, updated_at = $2 WHERE user_id = $3")
-                    .bind(hash).bind(now).bind(user_id).execute(&mut *tx).await?;
-                sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'password_reset' WHERE user_id = $2 AND revoked_at IS NULL")
-                    .bind(now).bind(user_id).execute(&mut *tx).await?;
+                stmt(
+                    "UPDATE reset_budgets SET guesses = guesses - 1 WHERE key = $1 AND guesses > 0",
+                )
+                .bind(reset_budget_key_of_user(user_id))
+                .execute(&mut tx)
+                .await?;
+                stmt("UPDATE credentials SET password_hash = $1, attempts = 0, locked_until = NULL, updated_at = $2 WHERE user_id = $3")
+                .bind(hash).bind(now).bind(user_id).execute(&mut tx).await?;
+                stmt("UPDATE sessions SET revoked_at = $1, revoke_reason = 'password_reset' WHERE user_id = $2 AND revoked_at IS NULL")
+                .bind(now).bind(user_id).execute(&mut tx).await?;
                 true
             } else {
                 false
             }
-        });
+        };
+        tx.commit().await?;
         Ok(done)
     }
 
@@ -158,6 +192,6 @@ impl Datastore {
         limit: i64,
     ) -> DbResult<Vec<(String, Option<String>, String)>> {
         let sql = "SELECT id, user_id, payload FROM outbox WHERE topic = $1 AND delivered_at IS NULL ORDER BY created_at, id LIMIT $2";
-        Ok(on_db!(self, p => sqlx::query_as(sql).bind(topic).bind(limit).fetch_all(p).await?))
+        stmt(sql).bind(topic).bind(limit).fetch_all(self).await
     }
 }

@@ -1,7 +1,7 @@
 //! The identity store's sessions: opening, checking, rotating refresh tokens, revoking.
 
 use crate::db::Datastore;
-use crate::db::{in_tx, on_db, write_db};
+use crate::db::stmt;
 
 use super::*;
 use crate::db::DbResult;
@@ -12,27 +12,34 @@ impl Datastore {
     /// token and clears the failed-attempt counter, in one transaction (one
     /// commit per login). Returns the ended session.
     pub async fn open_session(&self, s: &Session, refresh_hash: &str) -> DbResult<Option<String>> {
-        let ended = in_tx!(self, tx => {
+        let mut tx = self.begin().await?;
+        let ended = {
             // A first login on a client type, by a user who has logged in
             // elsewhere before, is worth a security notice.
-            let seen: Vec<(String,)> = sqlx::query_as("SELECT DISTINCT client_type FROM sessions WHERE user_id = $1")
-                .bind(&s.user_id).fetch_all(&mut *tx).await?;
+            let seen: Vec<(String,)> =
+                stmt("SELECT DISTINCT client_type FROM sessions WHERE user_id = $1")
+                    .bind(&s.user_id)
+                    .fetch_all(&mut tx)
+                    .await?;
             if !seen.is_empty() && !seen.iter().any(|(c,)| *c == s.client_type) {
                 let payload = serde_json::json!({ "client_type": s.client_type }).to_string();
-                sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'auth.new_login', $2, $3, $4)")
-                    .bind(uuid::Uuid::now_v7().to_string()).bind(&s.user_id).bind(payload).bind(s.created_at).execute(&mut *tx).await?;
+                stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'auth.new_login', $2, $3, $4)")
+                .bind(uuid::Uuid::now_v7().to_string()).bind(&s.user_id).bind(payload).bind(s.created_at).execute(&mut tx).await?;
             }
-            let ended: Option<(String,)> = sqlx::query_as(
-                "UPDATE sessions SET revoked_at = $1, revoke_reason = 'replaced' WHERE user_id = $2 AND client_type = $3 AND revoked_at IS NULL RETURNING id")
-                .bind(s.created_at).bind(&s.user_id).bind(&s.client_type).fetch_optional(&mut *tx).await?;
-            sqlx::query("INSERT INTO sessions (id, user_id, client_type, created_at, last_used_at, expires_at) VALUES ($1, $2, $3, $4, $4, $5)")
-                .bind(&s.id).bind(&s.user_id).bind(&s.client_type).bind(s.created_at).bind(s.expires_at).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES ($1, $2, $3)")
-                .bind(refresh_hash).bind(&s.id).bind(s.created_at).execute(&mut *tx).await?;
-            sqlx::query("UPDATE credentials SET attempts = 0, locked_until = NULL WHERE user_id = $1")
-                .bind(&s.user_id).execute(&mut *tx).await?;
+            let ended: Option<(String,)> = stmt(
+            "UPDATE sessions SET revoked_at = $1, revoke_reason = 'replaced' WHERE user_id = $2 AND client_type = $3 AND revoked_at IS NULL RETURNING id")
+            .bind(s.created_at).bind(&s.user_id).bind(&s.client_type).fetch_optional(&mut tx).await?;
+            stmt("INSERT INTO sessions (id, user_id, client_type, created_at, last_used_at, expires_at) VALUES ($1, $2, $3, $4, $4, $5)")
+            .bind(&s.id).bind(&s.user_id).bind(&s.client_type).bind(s.created_at).bind(s.expires_at).execute(&mut tx).await?;
+            stmt("INSERT INTO refresh_tokens (token_hash, session_id, created_at) VALUES ($1, $2, $3)")
+            .bind(refresh_hash).bind(&s.id).bind(s.created_at).execute(&mut tx).await?;
+            stmt("UPDATE credentials SET attempts = 0, locked_until = NULL WHERE user_id = $1")
+                .bind(&s.user_id)
+                .execute(&mut tx)
+                .await?;
             ended.map(|e| e.0)
-        });
+        };
+        tx.commit().await?;
         Ok(ended)
     }
 
@@ -44,16 +51,12 @@ impl Datastore {
              WHERE s.id = $1 AND s.user_id = $2 AND u.status = 'active' AND ",
             live_session!()
         );
-        if let Datastore::Sqlite(_, _, reads) = self
-            && let Some(row) = reads.row(
-                sql,
-                rusqlite::named_params! {"$1": id, "$2": user_id, "$3": now},
-                |r| r.get::<_, i64>(0),
-            )
-        {
-            return Ok(row.is_some());
-        }
-        let row: Option<(i32,)> = on_db!(self, p => sqlx::query_as(sql).bind(id).bind(user_id).bind(now).fetch_optional(p).await?);
+        let row: Option<(i32,)> = stmt(sql)
+            .bind(id)
+            .bind(user_id)
+            .bind(now)
+            .point(self)
+            .await?;
         Ok(row.is_some())
     }
 
@@ -63,8 +66,7 @@ impl Datastore {
             session_cols!(),
             " FROM sessions WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > $2 ORDER BY created_at DESC"
         );
-        let rows: Vec<Session> =
-            on_db!(self, p => sqlx::query_as(sql).bind(user_id).bind(now).fetch_all(p).await?);
+        let rows: Vec<Session> = stmt(sql).bind(user_id).bind(now).fetch_all(self).await?;
         Ok(rows)
     }
 
@@ -76,8 +78,8 @@ impl Datastore {
         reason: &str,
         now: i64,
     ) -> DbResult<bool> {
-        let r = write_db!(self, p => sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = $2 WHERE id = $3 AND user_id = $4 AND revoked_at IS NULL")
-            .bind(now).bind(reason).bind(sid).bind(user_id).execute(p).await?.rows_affected());
+        let r = stmt("UPDATE sessions SET revoked_at = $1, revoke_reason = $2 WHERE id = $3 AND user_id = $4 AND revoked_at IS NULL")
+            .bind(now).bind(reason).bind(sid).bind(user_id).execute(self).await?;
         Ok(r == 1)
     }
 
@@ -87,8 +89,8 @@ impl Datastore {
         keep: &str,
         now: i64,
     ) -> DbResult<u64> {
-        let r = write_db!(self, p => sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'revoked' WHERE user_id = $2 AND id <> $3 AND revoked_at IS NULL")
-            .bind(now).bind(user_id).bind(keep).execute(p).await?.rows_affected());
+        let r = stmt("UPDATE sessions SET revoked_at = $1, revoke_reason = 'revoked' WHERE user_id = $2 AND id <> $3 AND revoked_at IS NULL")
+            .bind(now).bind(user_id).bind(keep).execute(self).await?;
         Ok(r)
     }
 
@@ -96,30 +98,24 @@ impl Datastore {
     /// one transaction. A token used twice revokes its session (the family).
     /// On SQLite concurrent rotations share a commit (`TxBatch`).
     pub async fn rotate_refresh(&self, r: &Rotation<'_>) -> DbResult<RefreshOutcome> {
-        match self {
-            Datastore::Sqlite(_, batch, _) => {
-                let (old, new, salt) = (
-                    r.old_hash.to_owned(),
-                    r.new_hash.to_owned(),
-                    r.salt.to_owned(),
-                );
-                let (now, grace_ms) = (r.now, r.grace_ms);
-                batch
-                    .run(move |conn| {
-                        Box::pin(async move {
-                            let r = Rotation {
-                                old_hash: &old,
-                                new_hash: &new,
-                                salt: &salt,
-                                now,
-                                grace_ms,
-                            };
-                            Ok(rotate!(conn, &r))
-                        })
-                    })
-                    .await
-            }
-            Datastore::Postgres(_) => Ok(in_tx!(self, tx => rotate!(tx, r))),
-        }
+        let (old, new, salt) = (
+            r.old_hash.to_owned(),
+            r.new_hash.to_owned(),
+            r.salt.to_owned(),
+        );
+        let (now, grace_ms) = (r.now, r.grace_ms);
+        self.write_batched(move |mut conn| {
+            Box::pin(async move {
+                let r = Rotation {
+                    old_hash: &old,
+                    new_hash: &new,
+                    salt: &salt,
+                    now,
+                    grace_ms,
+                };
+                rotate(&mut conn, &r).await
+            })
+        })
+        .await
     }
 }

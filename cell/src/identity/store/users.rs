@@ -1,7 +1,7 @@
 //! The identity store's users: creation, lookups, profiles, status and the back office's listing.
 
 use crate::db::Datastore;
-use crate::db::{in_tx, on_db};
+use crate::db::{stmt, stmt_each};
 use crate::identity::claims::settle_claim;
 
 use crate::db::audit::{AuditEntry, insert_audit};
@@ -12,27 +12,36 @@ use crate::db::DbResult;
 impl Datastore {
     /// Creates a user with one identifier, a password and the `user` role.
     pub async fn create_user(&self, u: &NewUser<'_>) -> DbResult<()> {
-        in_tx!(self, tx => {
-            settle_claim!(tx, format!("{}:{}", u.kind, u.value), u.id);
-            sqlx::query("INSERT INTO users (id, status, display_name, version, created_at, updated_at) VALUES ($1, 'active', $2, 1, $3, $3)")
-                .bind(u.id).bind(u.display_name).bind(u.now).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO identifiers (kind, value, user_id) VALUES ($1, $2, $3)")
-                .bind(u.kind).bind(u.value).bind(u.id).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO credentials (user_id, password_hash, attempts, updated_at) VALUES ($1, $2, 0, $3)")
-                .bind(u.id).bind(u.password_hash).bind(u.now).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO user_roles (user_id, role, granted_at) VALUES ($1, 'user', $2)")
-                .bind(u.id).bind(u.now).execute(&mut *tx).await?;
-            let welcome = serde_json::json!({ "display_name": u.display_name }).to_string();
-            sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'user.welcome', $2, $3, $4)")
-                .bind(uuid::Uuid::now_v7().to_string()).bind(u.id).bind(welcome).bind(u.now).execute(&mut *tx).await?;
-        });
+        let mut tx = self.begin().await?;
+        settle_claim(&mut tx, &format!("{}:{}", u.kind, u.value), u.id).await?;
+        stmt("INSERT INTO users (id, status, display_name, version, created_at, updated_at) VALUES ($1, 'active', $2, 1, $3, $3)")
+            .bind(u.id).bind(u.display_name).bind(u.now).execute(&mut tx).await?;
+        stmt("INSERT INTO identifiers (kind, value, user_id) VALUES ($1, $2, $3)")
+            .bind(u.kind)
+            .bind(u.value)
+            .bind(u.id)
+            .execute(&mut tx)
+            .await?;
+        stmt("INSERT INTO credentials (user_id, password_hash, attempts, updated_at) VALUES ($1, $2, 0, $3)")
+            .bind(u.id).bind(u.password_hash).bind(u.now).execute(&mut tx).await?;
+        stmt("INSERT INTO user_roles (user_id, role, granted_at) VALUES ($1, 'user', $2)")
+            .bind(u.id)
+            .bind(u.now)
+            .execute(&mut tx)
+            .await?;
+        let welcome = serde_json::json!({ "display_name": u.display_name }).to_string();
+        stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'user.welcome', $2, $3, $4)")
+            .bind(uuid::Uuid::now_v7().to_string()).bind(u.id).bind(welcome).bind(u.now).execute(&mut tx).await?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// The user bound to a WeChat openid.
     pub async fn wechat_user(&self, openid: &str) -> DbResult<Option<String>> {
-        let row: Option<(String,)> = on_db!(self, p => sqlx::query_as("SELECT user_id FROM wechat_bindings WHERE openid = $1")
-            .bind(openid).fetch_optional(p).await?);
+        let row: Option<(String,)> = stmt("SELECT user_id FROM wechat_bindings WHERE openid = $1")
+            .bind(openid)
+            .fetch_optional(self)
+            .await?;
         Ok(row.map(|r| r.0))
     }
 
@@ -44,26 +53,37 @@ impl Datastore {
         openid: &str,
         now: i64,
     ) -> DbResult<()> {
-        in_tx!(self, tx => {
-            settle_claim!(tx, format!("wechat:{openid}"), id);
-            sqlx::query("INSERT INTO users (id, status, display_name, version, created_at, updated_at) VALUES ($1, 'active', $2, 1, $3, $3)")
-                .bind(id).bind(display_name).bind(now).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO wechat_bindings (openid, user_id, created_at) VALUES ($1, $2, $3)")
-                .bind(openid).bind(id).bind(now).execute(&mut *tx).await?;
-            sqlx::query("INSERT INTO user_roles (user_id, role, granted_at) VALUES ($1, 'user', $2)")
-                .bind(id).bind(now).execute(&mut *tx).await?;
-            let welcome = serde_json::json!({ "display_name": display_name }).to_string();
-            sqlx::query("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'user.welcome', $2, $3, $4)")
-                .bind(uuid::Uuid::now_v7().to_string()).bind(id).bind(welcome).bind(now).execute(&mut *tx).await?;
-        });
+        let mut tx = self.begin().await?;
+        settle_claim(&mut tx, &format!("wechat:{openid}"), id).await?;
+        stmt("INSERT INTO users (id, status, display_name, version, created_at, updated_at) VALUES ($1, 'active', $2, 1, $3, $3)")
+            .bind(id).bind(display_name).bind(now).execute(&mut tx).await?;
+        stmt("INSERT INTO wechat_bindings (openid, user_id, created_at) VALUES ($1, $2, $3)")
+            .bind(openid)
+            .bind(id)
+            .bind(now)
+            .execute(&mut tx)
+            .await?;
+        stmt("INSERT INTO user_roles (user_id, role, granted_at) VALUES ($1, 'user', $2)")
+            .bind(id)
+            .bind(now)
+            .execute(&mut tx)
+            .await?;
+        let welcome = serde_json::json!({ "display_name": display_name }).to_string();
+        stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'user.welcome', $2, $3, $4)")
+            .bind(uuid::Uuid::now_v7().to_string()).bind(id).bind(welcome).bind(now).execute(&mut tx).await?;
+        tx.commit().await?;
         Ok(())
     }
 
     pub async fn user(&self, id: &str) -> DbResult<Option<User>> {
-        let sql = concat!("SELECT ", user_cols!(), " FROM users WHERE id = $1");
-        let row: Option<UserTuple> =
-            on_db!(self, p => sqlx::query_as(sql).bind(id).fetch_optional(p).await?);
-        Ok(row.map(User::from))
+        stmt(concat!(
+            "SELECT ",
+            user_cols!(),
+            " FROM users WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(self)
+        .await
     }
 
     /// A user with roles and identifiers in one statement: the profile
@@ -72,7 +92,8 @@ impl Datastore {
     pub async fn profile(&self, id: &str) -> DbResult<Option<UserProfile>> {
         const SQLITE: &str = concat!(profile_select!(sqlite), " FROM users WHERE id = $1");
         const POSTGRES: &str = concat!(profile_select!(postgres), " FROM users WHERE id = $1");
-        self.profile_where(SQLITE, POSTGRES, id, None).await
+        let row: Option<ProfileRow> = stmt_each(SQLITE, POSTGRES).bind(id).point(self).await?;
+        row.map(ProfileRow::into_profile).transpose()
     }
 
     /// `profile`, only while session `sid` of this active user lives (what
@@ -94,58 +115,23 @@ impl Datastore {
                 )
             };
         }
-        self.profile_where(
-            in_session!(sqlite),
-            in_session!(postgres),
-            id,
-            Some((sid, now)),
-        )
-        .await
-    }
-
-    /// A profile read, the same statement per backend: `$1` the user id,
-    /// then `$2` the session's id and `$3` the time if `session` is given.
-    /// On SQLite a point read (point.rs), the pool if that cannot answer.
-    async fn profile_where(
-        &self,
-        sqlite: &'static str,
-        postgres: &'static str,
-        id: &str,
-        session: Option<(&str, i64)>,
-    ) -> DbResult<Option<UserProfile>> {
-        let sql = match self {
-            Datastore::Sqlite(..) => sqlite,
-            Datastore::Postgres(_) => postgres,
-        };
-        if let Datastore::Sqlite(_, _, reads) = self {
-            let fast = match session {
-                Some((sid, now)) => reads.row(
-                    sql,
-                    rusqlite::named_params! {"$1": id, "$2": sid, "$3": now},
-                    profile_row,
-                ),
-                None => reads.row(sql, rusqlite::named_params! {"$1": id}, profile_row),
-            };
-            if let Some(row) = fast {
-                return row.map(profile_from).transpose();
-            }
-        }
-        let row: Option<ProfileRow> = on_db!(self, p => {
-            let q = sqlx::query_as(sql).bind(id);
-            let q = match session {
-                Some((sid, now)) => q.bind(sid).bind(now),
-                None => q,
-            };
-            q.fetch_optional(p).await?
-        });
-        row.map(profile_from).transpose()
+        let row: Option<ProfileRow> = stmt_each(in_session!(sqlite), in_session!(postgres))
+            .bind(id)
+            .bind(sid)
+            .bind(now)
+            .point(self)
+            .await?;
+        row.map(ProfileRow::into_profile).transpose()
     }
 
     /// The user id holding an identifier, if any.
     pub async fn user_by_identifier(&self, kind: &str, value: &str) -> DbResult<Option<String>> {
         let sql = "SELECT user_id FROM identifiers WHERE kind = $1 AND value = $2";
-        let row: Option<(String,)> =
-            on_db!(self, p => sqlx::query_as(sql).bind(kind).bind(value).fetch_optional(p).await?);
+        let row: Option<(String,)> = stmt(sql)
+            .bind(kind)
+            .bind(value)
+            .fetch_optional(self)
+            .await?;
         Ok(row.map(|r| r.0))
     }
 
@@ -163,10 +149,16 @@ impl Datastore {
              WHERE id = $6 AND version = $7 AND status = 'active' RETURNING ",
             user_cols!()
         );
-        let row: Option<UserTuple> = on_db!(self, p => sqlx::query_as(sql)
-            .bind(f.display_name).bind(f.locale).bind(f.bio).bind(f.avatar_url).bind(now).bind(id).bind(expected_version)
-            .fetch_optional(p).await?);
-        Ok(row.map(User::from))
+        stmt(sql)
+            .bind(f.display_name)
+            .bind(f.locale)
+            .bind(f.bio)
+            .bind(f.avatar_url)
+            .bind(now)
+            .bind(id)
+            .bind(expected_version)
+            .fetch_optional(self.writer())
+            .await
     }
 
     /// Users by creation, after the cursor `(created_at, id)`; `query`
@@ -187,7 +179,7 @@ impl Datastore {
                     user_cols!(),
                     ", ",
                     roles_json!($backend, "u.id"),
-                    " FROM users u WHERE (created_at > $1 OR (created_at = $1 AND id > $2)) \
+                    " AS roles FROM users u WHERE (created_at > $1 OR (created_at = $1 AND id > $2)) \
                      AND ($3 = '' OR display_name LIKE $4 ESCAPE '\\' OR EXISTS (SELECT 1 FROM identifiers i WHERE i.user_id = u.id AND i.value = $3)) \
                      ORDER BY created_at, id LIMIT $5"
                 )
@@ -200,18 +192,22 @@ impl Datastore {
                 .replace('%', "\\%")
                 .replace('_', "\\_")
         );
-        type Row = user_tuple!(String);
-        let sql = match self {
-            Datastore::Sqlite(..) => listing!(sqlite),
-            Datastore::Postgres(_) => listing!(postgres),
-        };
-        let rows: Vec<Row> = on_db!(self, p => sqlx::query_as(sql)
-            .bind(after_at).bind(&after_id).bind(q).bind(&like).bind(limit).fetch_all(p).await?);
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            user: User,
+            roles: String,
+        }
+        let rows: Vec<Row> = stmt_each(listing!(sqlite), listing!(postgres))
+            .bind(after_at)
+            .bind(&after_id)
+            .bind(q)
+            .bind(&like)
+            .bind(limit)
+            .fetch_all(self)
+            .await?;
         rows.into_iter()
-            .map(|r| {
-                let roles = json_column(&r.9)?;
-                Ok((user_of!(r), roles))
-            })
+            .map(|r| Ok((r.user, json_column(&r.roles)?)))
             .collect()
     }
 
@@ -224,19 +220,21 @@ impl Datastore {
         status: &str,
         audit: &AuditEntry<'_>,
     ) -> DbResult<bool> {
-        let changed = in_tx!(self, tx => {
-            let r = sqlx::query("UPDATE users SET status = $1, version = version + 1, updated_at = $2 WHERE id = $3 AND status <> 'deleted' AND status <> $1")
-                .bind(status).bind(audit.at).bind(id).execute(&mut *tx).await?;
+        let mut tx = self.begin().await?;
+        let changed = {
+            let r = stmt("UPDATE users SET status = $1, version = version + 1, updated_at = $2 WHERE id = $3 AND status <> 'deleted' AND status <> $1")
+            .bind(status).bind(audit.at).bind(id).execute(&mut tx).await?;
             if status == "disabled" {
-                sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'disabled' WHERE user_id = $2 AND revoked_at IS NULL")
-                    .bind(audit.at).bind(id).execute(&mut *tx).await?;
+                stmt("UPDATE sessions SET revoked_at = $1, revoke_reason = 'disabled' WHERE user_id = $2 AND revoked_at IS NULL")
+                .bind(audit.at).bind(id).execute(&mut tx).await?;
             }
-            let changed = r.rows_affected() == 1;
+            let changed = r == 1;
             if changed {
-                insert_audit!(tx, audit);
+                insert_audit(&mut tx, audit).await?;
             }
             changed
-        });
+        };
+        tx.commit().await?;
         Ok(changed)
     }
 
@@ -252,29 +250,57 @@ impl Datastore {
         placeholder: &str,
         now: i64,
     ) -> DbResult<Vec<(String, String)>> {
-        let ids = in_tx!(self, tx => {
-            let mut ids: Vec<(String, String)> = sqlx::query_as("SELECT kind, value FROM identifiers WHERE user_id = $1")
-                .bind(id).fetch_all(&mut *tx).await?;
-            let openids: Vec<(String,)> = sqlx::query_as("SELECT openid FROM wechat_bindings WHERE user_id = $1")
-                .bind(id).fetch_all(&mut *tx).await?;
+        let mut tx = self.begin().await?;
+        let ids = {
+            let mut ids: Vec<(String, String)> =
+                stmt("SELECT kind, value FROM identifiers WHERE user_id = $1")
+                    .bind(id)
+                    .fetch_all(&mut tx)
+                    .await?;
+            let openids: Vec<(String,)> =
+                stmt("SELECT openid FROM wechat_bindings WHERE user_id = $1")
+                    .bind(id)
+                    .fetch_all(&mut tx)
+                    .await?;
             ids.extend(openids.into_iter().map(|(o,)| ("wechat".to_string(), o)));
             // Their directory claims are to be released: recorded here, so
             // a release that fails is retried (identity::claims).
             for (kind, value) in &ids {
-                sqlx::query("INSERT INTO pending_claims (identifier, user_id, state, created_at) VALUES ($1, $2, 'releasing', $3) ON CONFLICT (identifier, user_id) DO UPDATE SET state = 'releasing'")
-                    .bind(format!("{kind}:{value}")).bind(id).bind(now).execute(&mut *tx).await?;
+                stmt("INSERT INTO pending_claims (identifier, user_id, state, created_at) VALUES ($1, $2, 'releasing', $3) ON CONFLICT (identifier, user_id) DO UPDATE SET state = 'releasing'")
+                .bind(format!("{kind}:{value}")).bind(id).bind(now).execute(&mut tx).await?;
             }
-            sqlx::query("DELETE FROM wechat_bindings WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
-            sqlx::query("UPDATE users SET status = 'deleted', display_name = $1, locale = NULL, bio = NULL, avatar_url = NULL, version = version + 1, updated_at = $2 WHERE id = $3")
-                .bind(placeholder).bind(now).bind(id).execute(&mut *tx).await?;
-            sqlx::query("DELETE FROM identifiers WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
-            sqlx::query("DELETE FROM credentials WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
-            sqlx::query("DELETE FROM addresses WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
-            sqlx::query("DELETE FROM password_resets WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
-            sqlx::query("DELETE FROM user_roles WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
-            sqlx::query("UPDATE sessions SET revoked_at = $1, revoke_reason = 'deleted' WHERE user_id = $2 AND revoked_at IS NULL")
-                .bind(now).bind(id).execute(&mut *tx).await?;
-            sqlx::query("DELETE FROM outbox WHERE user_id = $1 AND delivered_at IS NULL").bind(id).execute(&mut *tx).await?;
+            stmt("DELETE FROM wechat_bindings WHERE user_id = $1")
+                .bind(id)
+                .execute(&mut tx)
+                .await?;
+            stmt("UPDATE users SET status = 'deleted', display_name = $1, locale = NULL, bio = NULL, avatar_url = NULL, version = version + 1, updated_at = $2 WHERE id = $3")
+            .bind(placeholder).bind(now).bind(id).execute(&mut tx).await?;
+            stmt("DELETE FROM identifiers WHERE user_id = $1")
+                .bind(id)
+                .execute(&mut tx)
+                .await?;
+            stmt("DELETE FROM credentials WHERE user_id = $1")
+                .bind(id)
+                .execute(&mut tx)
+                .await?;
+            stmt("DELETE FROM addresses WHERE user_id = $1")
+                .bind(id)
+                .execute(&mut tx)
+                .await?;
+            stmt("DELETE FROM password_resets WHERE user_id = $1")
+                .bind(id)
+                .execute(&mut tx)
+                .await?;
+            stmt("DELETE FROM user_roles WHERE user_id = $1")
+                .bind(id)
+                .execute(&mut tx)
+                .await?;
+            stmt("UPDATE sessions SET revoked_at = $1, revoke_reason = 'deleted' WHERE user_id = $2 AND revoked_at IS NULL")
+            .bind(now).bind(id).execute(&mut tx).await?;
+            stmt("DELETE FROM outbox WHERE user_id = $1 AND delivered_at IS NULL")
+                .bind(id)
+                .execute(&mut tx)
+                .await?;
             // Inbox texts name the user ("Welcome, Ana!"); deliveries hold
             // an email address or phone number. A delivery being sent as
             // this commits is marked sent on no row: nothing breaks.
@@ -283,10 +309,11 @@ impl Datastore {
                 "DELETE FROM notice_preferences WHERE user_id = $1",
                 "DELETE FROM deliveries WHERE user_id = $1",
             ] {
-                sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+                stmt(sql).bind(id).execute(&mut tx).await?;
             }
             ids
-        });
+        };
+        tx.commit().await?;
         Ok(ids)
     }
 }
