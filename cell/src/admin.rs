@@ -4,6 +4,7 @@ use crate::clock::now_ms;
 use crate::config::CellConfig;
 use crate::db::Datastore;
 use crate::db::audit::AuditEntry;
+use crate::identity::store::IdentityStore;
 use anyhow::{Result, anyhow, bail};
 use homecell_proto::identifier::Identifier;
 
@@ -14,7 +15,7 @@ async fn open(config: &CellConfig) -> Result<Datastore> {
 }
 
 pub async fn rotate_keys(config: &CellConfig) -> Result<()> {
-    let db = open(config).await?;
+    let db = IdentityStore::new(open(config).await?);
     let seal = config.signing_key_seal()?;
     let kid = crate::identity::keys::rotate(&db, &config.region, seal.as_ref()).await?;
     println!("new signing key {kid}; running cells switch to it within seconds");
@@ -22,7 +23,7 @@ pub async fn rotate_keys(config: &CellConfig) -> Result<()> {
 }
 
 pub async fn grant_role(config: &CellConfig, identifier: &str, role: &str) -> Result<()> {
-    let db = open(config).await?;
+    let db = IdentityStore::new(open(config).await?);
     let id = Identifier::parse(identifier).map_err(|m| anyhow!("identifier: {m}"))?;
     let user_id = db
         .user_by_identifier(id.kind.as_str(), &id.value)

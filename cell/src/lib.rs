@@ -46,7 +46,10 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
     let replica = Replica::open(&config.data_dir.join("replica.redb"))?;
     let db = db::Datastore::open(&config.database_url()).await?;
     db.claim_region(&config.region).await?;
-    let keys = identity::keys::Keys::open(&db, &config.region, config.signing_key_seal()?).await?;
+    let identity_store = identity::store::IdentityStore::new(db.clone());
+    let keys =
+        identity::keys::Keys::open(&identity_store, &config.region, config.signing_key_seal()?)
+            .await?;
     let cp = control_plane_channel(&config, &tls)?;
     let hash_slots = config
         .password_hash_slots
@@ -61,7 +64,8 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
     let (kick, kicks) = tokio::sync::mpsc::unbounded_channel();
     let money = Arc::new(money::service::Money {
         region: config.region.clone(),
-        db: db.clone(),
+        ledger: money::ledger::Ledger::new(db.clone()),
+        users: identity_store.clone(),
         replica: replica.clone(),
         peers: peers.clone(),
         kick,
@@ -69,9 +73,6 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
         hold_timeout_ms: i64::try_from(config.transfer_hold_timeout_secs.saturating_mul(1000))
             .unwrap_or(i64::MAX),
         withdrawals_via: config.withdrawals_via.clone(),
-        group: db
-            .single_writer()
-            .then(|| money::group::GroupCommit::start(db.clone())),
         withdrawal_timeout_ms: i64::try_from(config.withdrawal_timeout_secs.saturating_mul(1000))
             .unwrap_or(i64::MAX),
     });
@@ -81,7 +82,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
         replica: replica.clone(),
         identity: identity::service::Identity {
             region: config.region.clone(),
-            db: db.clone(),
+            store: identity_store.clone(),
             hasher: identity::password::Hasher::with_wait(
                 hash_slots,
                 Duration::from_millis(config.password_hash_wait_ms),
@@ -122,7 +123,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
 
     let token = shutdown::CancellationToken::new();
     tokio::spawn(shutdown::wait_for_signal(token.clone()));
-    tokio::spawn(keys.maintain(db.clone(), cp, replica.clone(), token.clone()));
+    tokio::spawn(keys.maintain(identity_store, cp, replica.clone(), token.clone()));
     tokio::spawn(money::saga::run_worker(money, kicks, token.clone()));
     tokio::spawn(notices.clone().relay_announcements(token.clone()));
     tokio::spawn(notices.run(token.clone()));

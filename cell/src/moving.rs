@@ -29,7 +29,7 @@
 use crate::db::Datastore;
 use crate::db::DbResult;
 use crate::db::stmt;
-use crate::identity::store::{AddressTuple as AddressRow, UserTuple as UserRow};
+use crate::identity::store::{AddressTuple as AddressRow, IdentityStore, UserTuple as UserRow};
 use crate::peers::Peers;
 use homecell_common::replica::Replica;
 use homecell_proto::error::{CodedError, ErrorCode};
@@ -88,19 +88,19 @@ impl Bundle {
     }
 }
 
-impl Datastore {
+impl MoveStore {
     /// True when the user has a wallet with a balance or anything pending.
     pub async fn holds_money(&self, user_id: &str) -> DbResult<bool> {
         let sql = "SELECT COUNT(*) FROM ledger_accounts WHERE kind = 'wallet' AND owner = $1 \
                    AND (credits_posted <> debits_posted OR debits_pending <> 0 OR credits_pending <> 0)";
-        let (n,): (i64,) = stmt(sql).bind(user_id).fetch_one(self).await?;
+        let (n,): (i64,) = stmt(sql).bind(user_id).fetch_one(&self.db).await?;
         Ok(n > 0)
     }
 
     /// Disables an account and ends its sessions; returns the status it
     /// had (None: no such user, or deleted).
     pub async fn freeze_user(&self, id: &str, now: i64) -> DbResult<Option<String>> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         let out = {
             let status: Option<(String,)> = stmt("SELECT status FROM users WHERE id = $1")
                 .bind(id)
@@ -128,7 +128,7 @@ impl Datastore {
         stmt("UPDATE users SET status = $1 WHERE id = $2 AND status = 'disabled'")
             .bind(status)
             .bind(id)
-            .execute(self)
+            .execute(&self.db)
             .await
             .map(|_| ())?;
         Ok(())
@@ -136,7 +136,7 @@ impl Datastore {
 
     /// The user's rows, read in one transaction.
     pub async fn export_user(&self, id: &str) -> DbResult<Option<Bundle>> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         let out = {
             let user: Option<UserRow> = stmt(concat!(
                 "SELECT ",
@@ -176,7 +176,7 @@ impl Datastore {
     /// earlier import (or an earlier stay in this region) left.
     pub async fn import_user(&self, b: &Bundle) -> DbResult<()> {
         let id = &b.user.0;
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         for sql in [
             "DELETE FROM identifiers WHERE user_id = $1",
             "DELETE FROM credentials WHERE user_id = $1",
@@ -251,7 +251,10 @@ impl Datastore {
     /// holds them now). Their directory claims moved with the user, so the
     /// identifiers are not released here.
     pub async fn erase_moved_user(&self, id: &str, placeholder: &str, now: i64) -> DbResult<()> {
-        self.anonymise_user(id, placeholder, now).await.map(drop)
+        self.identity
+            .anonymise_user(id, placeholder, now)
+            .await
+            .map(drop)
     }
 }
 
@@ -263,11 +266,27 @@ fn precondition(msg: impl Into<String>) -> CodedError {
     CodedError::new(ErrorCode::FailedPrecondition, msg.into())
 }
 
+/// A user's rows in every service's tables, as a move reads, writes and
+/// erases them (one transaction on each side).
+#[derive(Clone, Debug)]
+pub struct MoveStore {
+    db: Datastore,
+    /// Erasing a user who moved away is identity's anonymisation.
+    identity: IdentityStore,
+}
+
+impl MoveStore {
+    pub fn new(db: Datastore) -> Self {
+        let identity = IdentityStore::new(db.clone());
+        Self { db, identity }
+    }
+}
+
 /// The move service. A move reads and writes every service's tables of one
 /// user (in one transaction on each side), so it is the one part of the
 /// cell that holds the datastore for all of them.
 pub struct Moves {
-    pub(crate) db: Datastore,
+    pub(crate) store: MoveStore,
     region: String,
     replica: Arc<Replica>,
     peers: Arc<Peers>,
@@ -284,7 +303,7 @@ impl Moves {
         cp: Channel,
     ) -> Self {
         Self {
-            db,
+            store: MoveStore::new(db),
             region: region.to_string(),
             replica,
             peers,
@@ -319,7 +338,7 @@ impl Moves {
                 format!("the directory does not home this user in {from}"),
             ));
         }
-        match self.db.import_user(&b).await {
+        match self.store.import_user(&b).await {
             Ok(()) => {
                 tracing::info!(user_id, from, "moved user imported");
                 Ok(())
@@ -356,7 +375,7 @@ impl Moves {
         let now = now_ms();
         if home.as_deref() == Some(to) {
             // Re-homed by an earlier run that stopped before erasing: finish.
-            self.db
+            self.store
                 .erase_moved_user(user_id, &format!("moved-{user_id}"), now)
                 .await
                 .map_err(internal)?;
@@ -365,17 +384,22 @@ impl Moves {
         if home.as_deref() != Some(self.region.as_str()) {
             return Err(CodedError::not_found("no such user in this region"));
         }
-        if self.db.holds_money(user_id).await.map_err(internal)? {
+        if self.store.holds_money(user_id).await.map_err(internal)? {
             return Err(precondition(
                 "the user holds money: transfer or withdraw it before a move",
             ));
         }
-        let Some(status) = self.db.freeze_user(user_id, now).await.map_err(internal)? else {
+        let Some(status) = self
+            .store
+            .freeze_user(user_id, now)
+            .await
+            .map_err(internal)?
+        else {
             return Err(CodedError::not_found("no such user in this region"));
         };
         let moved = async {
             let mut bundle = self
-                .db
+                .store
                 .export_user(user_id)
                 .await
                 .map_err(internal)?
@@ -402,13 +426,13 @@ impl Moves {
         let revision = match moved {
             Ok(r) => r,
             Err(e) => {
-                if let Err(t) = self.db.thaw_user(user_id, &status).await {
+                if let Err(t) = self.store.thaw_user(user_id, &status).await {
                     tracing::error!(user_id, error = %t, "a move failed and the account stays disabled");
                 }
                 return Err(e);
             }
         };
-        self.db
+        self.store
             .erase_moved_user(user_id, &format!("moved-{user_id}"), now)
             .await
             .map_err(internal)?;

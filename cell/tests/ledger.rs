@@ -4,6 +4,9 @@
 //! audit catching a corrupted balance.
 
 mod plans;
+mod stores;
+
+use stores::Stores;
 
 use futures::future::join_all;
 use homecell_cell::db::{Datastore, stmt};
@@ -56,7 +59,10 @@ async fn deposit(db: &Datastore, id: &str, user: &str, amount: i64) {
         wallet(user),
         Phase::Single,
     );
-    db.execute(&o, &[m], &SideEffects::default()).await.unwrap();
+    db.ledger()
+        .execute(&o, &[m], &SideEffects::default())
+        .await
+        .unwrap();
 }
 
 async fn transfer(
@@ -68,11 +74,12 @@ async fn transfer(
 ) -> Result<(), LedgerError> {
     let o = op(id, Some(from), Some(to), amount);
     let m = mv(&o, "single", wallet(from), wallet(to), Phase::Single);
-    db.execute(&o, &[m], &SideEffects::default()).await
+    db.ledger().execute(&o, &[m], &SideEffects::default()).await
 }
 
 async fn balance(db: &Datastore, user: &str) -> Balance {
-    db.balances(user)
+    db.ledger()
+        .balances(user)
         .await
         .unwrap()
         .into_iter()
@@ -94,7 +101,7 @@ async fn transfers_and_refusals(db: &Datastore) {
     // Overspending writes nothing: no operation, no balance change.
     let e = transfer(db, "t2", "alice", "bob", 601).await.unwrap_err();
     assert!(matches!(e, LedgerError::InsufficientFunds), "{e:?}");
-    assert!(db.operation("t2").await.unwrap().is_none());
+    assert!(db.ledger().operation("t2").await.unwrap().is_none());
     assert_eq!(balance(db, "alice").await.available, 600);
 
     // The same id twice is refused as a whole (the caller answers from it).
@@ -106,9 +113,9 @@ async fn transfers_and_refusals(db: &Datastore) {
     let mut refused = op("t3", Some("alice"), Some("bob"), 10_000);
     refused.state = "failed".into();
     refused.error_code = Some("insufficient_funds".into());
-    let stored = db.record_refusal(&refused).await.unwrap();
+    let stored = db.ledger().record_refusal(&refused).await.unwrap();
     assert_eq!(stored.state, "failed");
-    assert_eq!(db.record_refusal(&refused).await.unwrap(), stored);
+    assert_eq!(db.ledger().record_refusal(&refused).await.unwrap(), stored);
 
     // Ledger transfers are immutable, whatever the caller tries.
     let edit = match db.backend() {
@@ -122,6 +129,7 @@ async fn transfers_and_refusals(db: &Datastore) {
     assert!(edit.is_err(), "a ledger transfer was edited");
 
     let page = db
+        .ledger()
         .history(
             "alice",
             &homecell_cell::money::ledger::HistoryFilter {
@@ -151,7 +159,8 @@ async fn holds(db: &Datastore) {
         clearing.clone(),
         Phase::Pending,
     );
-    db.execute(&o, &[hold], &SideEffects::default())
+    db.ledger()
+        .execute(&o, &[hold], &SideEffects::default())
         .await
         .unwrap();
     let b = balance(db, "carol").await;
@@ -172,12 +181,14 @@ async fn holds(db: &Datastore) {
     let from = ("pending", Some("hold_peer"));
     let side = SideEffects::default();
     assert!(
-        db.advance("x1", from, &to, std::slice::from_ref(&post), &side, NOW)
+        db.ledger()
+            .advance("x1", from, &to, std::slice::from_ref(&post), &side, NOW)
             .await
             .unwrap()
     );
     assert!(
-        !db.advance("x1", from, &to, &[post], &side, NOW)
+        !db.ledger()
+            .advance("x1", from, &to, &[post], &side, NOW)
             .await
             .unwrap()
     );
@@ -192,6 +203,7 @@ async fn holds(db: &Datastore) {
         ..Default::default()
     };
     let again = db
+        .ledger()
         .advance(
             "x1",
             ("pending", Some("post_peer")),
@@ -384,7 +396,8 @@ async fn group_commit_keeps_the_rules() {
     let b = balance(&db, "bob").await;
     assert_eq!((b.available, b.held), (49, 0));
     assert_eq!(
-        db.operation("g-hold")
+        db.ledger()
+            .operation("g-hold")
             .await
             .unwrap()
             .unwrap()

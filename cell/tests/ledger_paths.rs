@@ -6,6 +6,8 @@
 //! on every path, the balances must end identical, money must be conserved
 //! and no wallet may go below zero.
 
+mod stores;
+
 use futures::future::join_all;
 use homecell_cell::db::{Datastore, stmt};
 use homecell_cell::money::audit::audit;
@@ -15,6 +17,7 @@ use homecell_cell::money::ledger::{
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use stores::Stores;
 
 const NOW: i64 = 1_800_000_000_000;
 const USERS: usize = 4;
@@ -183,7 +186,9 @@ async fn per_statement(
 ) -> Vec<Result<&'static str, String>> {
     let mut out = Vec::new();
     for (o, moves) in ops {
-        out.push(outcome(db.execute(o, moves, &SideEffects::default()).await));
+        out.push(outcome(
+            db.ledger().execute(o, moves, &SideEffects::default()).await,
+        ));
     }
     out
 }

@@ -6,6 +6,9 @@
 //! PostgreSQL alike.
 
 mod plans;
+mod stores;
+
+use stores::Stores;
 
 use futures::future::join_all;
 use homecell_cell::db::audit::AuditEntry;
@@ -17,27 +20,32 @@ use homecell_cell::identity::store::{
 const NOW: i64 = 1_800_000_000_000;
 
 async fn user(db: &Datastore, id: &str, ident: &str) {
-    db.create_user(&NewUser {
-        id,
-        display_name: id,
-        kind: "email",
-        value: ident,
-        password_hash: "h",
-        now: NOW,
-    })
-    .await
-    .unwrap();
+    db.identity()
+        .create_user(&NewUser {
+            id,
+            display_name: id,
+            kind: "email",
+            value: ident,
+            password_hash: "h",
+            now: NOW,
+        })
+        .await
+        .unwrap();
 }
 
 /// Whether session `sid` of `user` lives, as the session check sees it;
 /// the own-profile read, which makes the same check in its statement, must
 /// agree, and answer with the profile `profile` reads.
 async fn alive(db: &Datastore, sid: &str, user: &str, now: i64) -> bool {
-    let live = db.session_alive(sid, user, now).await.unwrap();
-    let own = db.profile_in_session(user, sid, now).await.unwrap();
+    let live = db.identity().session_alive(sid, user, now).await.unwrap();
+    let own = db
+        .identity()
+        .profile_in_session(user, sid, now)
+        .await
+        .unwrap();
     assert_eq!(own.is_some(), live, "session {sid} of {user}");
     if let Some(own) = own {
-        let p = db.profile(user).await.unwrap().unwrap();
+        let p = db.identity().profile(user).await.unwrap().unwrap();
         assert_eq!(
             (own.user.id, own.user.version, own.roles, own.identifiers),
             (p.user.id, p.user.version, p.roles, p.identifiers)
@@ -61,6 +69,7 @@ fn session(id: &str, user: &str, ct: &str) -> Session {
 async fn users_and_identifiers(db: &Datastore) {
     user(db, "u1", "a@x.io").await;
     let dup = db
+        .identity()
         .create_user(&NewUser {
             id: "u2",
             display_name: "b",
@@ -72,24 +81,26 @@ async fn users_and_identifiers(db: &Datastore) {
         .await;
     assert!(matches!(dup, Err(DbError::Conflict)), "{dup:?}");
     // The failed registration left nothing behind.
-    assert!(db.user("u2").await.unwrap().is_none());
+    assert!(db.identity().user("u2").await.unwrap().is_none());
     assert_eq!(
-        db.user_by_identifier("email", "a@x.io")
+        db.identity()
+            .user_by_identifier("email", "a@x.io")
             .await
             .unwrap()
             .as_deref(),
         Some("u1")
     );
-    assert_eq!(db.roles_of("u1").await.unwrap(), vec!["user"]);
+    assert_eq!(db.identity().roles_of("u1").await.unwrap(), vec!["user"]);
     // Injection-shaped values are data, nothing more.
     user(db, "u3", "x'); DROP TABLE users;--@x.io").await;
-    assert!(db.user("u1").await.unwrap().is_some());
+    assert!(db.identity().user("u1").await.unwrap().is_some());
 }
 
 async fn lockout_is_atomic_and_always_settled(db: &Datastore) {
     user(db, "lk", "lk@x.io").await;
     let lock = NOW + 900_000;
-    let reserved = join_all((0..20).map(|_| db.reserve_attempt("lk", 5, lock, NOW))).await;
+    let identity = db.identity();
+    let reserved = join_all((0..20).map(|_| identity.reserve_attempt("lk", 5, lock, NOW))).await;
     let granted = reserved
         .into_iter()
         .filter(|r| matches!(r, Ok(Some(_))))
@@ -99,49 +110,71 @@ async fn lockout_is_atomic_and_always_settled(db: &Datastore) {
     // no path after it (an error, a dropped request) can leave the counter
     // at the limit with no lock: that would be locked for good.
     assert_eq!(
-        db.reserve_attempt("lk", 5, lock, NOW + 1).await.unwrap(),
+        db.identity()
+            .reserve_attempt("lk", 5, lock, NOW + 1)
+            .await
+            .unwrap(),
         None
     );
     // After the lock expires, counting starts again.
     assert_eq!(
-        db.reserve_attempt("lk", 5, NOW + 1_800_000, NOW + 900_001)
+        db.identity()
+            .reserve_attempt("lk", 5, NOW + 1_800_000, NOW + 900_001)
             .await
             .unwrap(),
         Some(1)
     );
-    db.clear_attempts("lk").await.unwrap();
+    db.identity().clear_attempts("lk").await.unwrap();
     assert_eq!(
-        db.reserve_attempt("lk", 5, lock, NOW + 2).await.unwrap(),
+        db.identity()
+            .reserve_attempt("lk", 5, lock, NOW + 2)
+            .await
+            .unwrap(),
         Some(1)
     );
     // A check that never ran (argon2 busy) gives its attempt back, and the
     // lock that attempt set.
     for n in 2..=5 {
         assert_eq!(
-            db.reserve_attempt("lk", 5, lock, NOW + 3).await.unwrap(),
+            db.identity()
+                .reserve_attempt("lk", 5, lock, NOW + 3)
+                .await
+                .unwrap(),
             Some(n)
         );
     }
     assert_eq!(
-        db.reserve_attempt("lk", 5, lock, NOW + 4).await.unwrap(),
+        db.identity()
+            .reserve_attempt("lk", 5, lock, NOW + 4)
+            .await
+            .unwrap(),
         None
     );
-    db.refund_attempt("lk", 5).await.unwrap();
+    db.identity().refund_attempt("lk", 5).await.unwrap();
     assert_eq!(
-        db.reserve_attempt("lk", 5, lock, NOW + 5).await.unwrap(),
+        db.identity()
+            .reserve_attempt("lk", 5, lock, NOW + 5)
+            .await
+            .unwrap(),
         Some(5)
     );
     // A counter at the limit with no lock in force (a row written before
     // locks were set on reservation, or a lowered limit) counts as expired.
-    db.clear_attempts("lk").await.unwrap();
+    db.identity().clear_attempts("lk").await.unwrap();
     for n in 1..=3 {
         assert_eq!(
-            db.reserve_attempt("lk", 5, lock, NOW + 6).await.unwrap(),
+            db.identity()
+                .reserve_attempt("lk", 5, lock, NOW + 6)
+                .await
+                .unwrap(),
             Some(n)
         );
     }
     assert_eq!(
-        db.reserve_attempt("lk", 3, lock, NOW + 7).await.unwrap(),
+        db.identity()
+            .reserve_attempt("lk", 3, lock, NOW + 7)
+            .await
+            .unwrap(),
         Some(1)
     );
 }
@@ -149,32 +182,36 @@ async fn lockout_is_atomic_and_always_settled(db: &Datastore) {
 /// A rotation of `old` to `new` at `now`, with `new`'s salt named after it.
 async fn rot(db: &Datastore, old: &str, new: &str, now: i64) -> Result<RefreshOutcome, DbError> {
     let salt = format!("salt-{new}");
-    db.rotate_refresh(&Rotation {
-        old_hash: old,
-        new_hash: new,
-        salt: &salt,
-        now,
-        grace_ms: 30_000,
-    })
-    .await
+    db.identity()
+        .rotate_refresh(&Rotation {
+            old_hash: old,
+            new_hash: new,
+            salt: &salt,
+            now,
+            grace_ms: 30_000,
+        })
+        .await
 }
 
 async fn one_session_per_client_type(db: &Datastore) {
     user(db, "s", "s@x.io").await;
     assert_eq!(
-        db.open_session(&session("s1", "s", "app"), "r1")
+        db.identity()
+            .open_session(&session("s1", "s", "app"), "r1")
             .await
             .unwrap(),
         None
     );
     assert_eq!(
-        db.open_session(&session("s2", "s", "web"), "r2")
+        db.identity()
+            .open_session(&session("s2", "s", "web"), "r2")
             .await
             .unwrap(),
         None
     );
     assert_eq!(
-        db.open_session(&session("s3", "s", "app"), "r3")
+        db.identity()
+            .open_session(&session("s3", "s", "app"), "r3")
             .await
             .unwrap()
             .as_deref(),
@@ -185,16 +222,17 @@ async fn one_session_per_client_type(db: &Datastore) {
     assert!(alive(db, "s3", "s", NOW).await);
     assert!(!alive(db, "s3", "someone-else", NOW).await);
     assert!(!alive(db, "s3", "s", NOW + 3_600_000).await, "expired");
-    assert_eq!(db.sessions_of("s", NOW).await.unwrap().len(), 2);
+    assert_eq!(db.identity().sessions_of("s", NOW).await.unwrap().len(), 2);
     // Concurrent logins on one client type leave exactly one active session.
     let opened = join_all((0..8).map(|i| {
         let s = session(&format!("c{i}"), "s", "mp");
         let h = format!("rc{i}");
-        async move { db.open_session(&s, &h).await }
+        async move { db.identity().open_session(&s, &h).await }
     }))
     .await;
     assert!(opened.iter().any(|r| r.is_ok()));
     let mp = db
+        .identity()
         .sessions_of("s", NOW)
         .await
         .unwrap()
@@ -202,12 +240,19 @@ async fn one_session_per_client_type(db: &Datastore) {
         .filter(|s| s.client_type == "mp")
         .count();
     assert_eq!(mp, 1);
-    assert_eq!(db.revoke_other_sessions("s", "s3", NOW).await.unwrap(), 2);
+    assert_eq!(
+        db.identity()
+            .revoke_other_sessions("s", "s3", NOW)
+            .await
+            .unwrap(),
+        2
+    );
 }
 
 async fn refresh_rotation_and_reuse(db: &Datastore) {
     user(db, "r", "r@x.io").await;
-    db.open_session(&session("rs", "r", "app"), "t0")
+    db.identity()
+        .open_session(&session("rs", "r", "app"), "t0")
         .await
         .unwrap();
     assert!(
@@ -233,7 +278,8 @@ async fn refresh_rotation_and_reuse(db: &Datastore) {
     ));
     // Concurrent uses of one token: one rotation; the others are repeats
     // that name the same successor (its salt).
-    db.open_session(&session("rs2", "r", "web"), "u0")
+    db.identity()
+        .open_session(&session("rs2", "r", "web"), "u0")
         .await
         .unwrap();
     let outcomes = join_all((0..4).map(|i| {
@@ -266,7 +312,8 @@ async fn refresh_rotation_and_reuse(db: &Datastore) {
     // A lost answer: the token comes again within the grace window and
     // gets its successor again; the session lives on.
     user(db, "g", "g@x.io").await;
-    db.open_session(&session("gs", "g", "app"), "g0")
+    db.identity()
+        .open_session(&session("gs", "g", "app"), "g0")
         .await
         .unwrap();
     assert!(matches!(
@@ -293,7 +340,8 @@ async fn refresh_rotation_and_reuse(db: &Datastore) {
     ));
     assert!(!alive(db, "gs", "g", NOW + 29_800).await);
     // Past the grace window, a repeat is reuse.
-    db.open_session(&session("hs", "g", "web"), "h0")
+    db.identity()
+        .open_session(&session("hs", "g", "web"), "h0")
         .await
         .unwrap();
     assert!(matches!(
@@ -311,7 +359,8 @@ async fn refresh_rotation_and_reuse(db: &Datastore) {
     // undoes only its own statements.
     user(db, "f", "f@x.io").await;
     for (sid, ct, token) in [("fa", "app", "a0"), ("fb", "web", "b0"), ("fc", "mp", "c0")] {
-        db.open_session(&session(sid, "f", ct), token)
+        db.identity()
+            .open_session(&session(sid, "f", ct), token)
             .await
             .unwrap();
     }
@@ -330,14 +379,17 @@ async fn refresh_rotation_and_reuse(db: &Datastore) {
 
 async fn password_resets(db: &Datastore) {
     user(db, "pr", "pr@x.io").await;
-    db.create_reset("reset1", "pr", "hash1", NOW + 900_000, "{}", NOW)
+    db.identity()
+        .create_reset("reset1", "pr", "hash1", NOW + 900_000, "{}", NOW)
         .await
         .unwrap();
-    db.create_reset("reset2", "pr", "hash2", NOW + 900_000, "{}", NOW + 1)
+    db.identity()
+        .create_reset("reset2", "pr", "hash2", NOW + 900_000, "{}", NOW + 1)
         .await
         .unwrap();
     assert_eq!(
-        db.outbox_pending("auth.password_reset", 10)
+        db.identity()
+            .outbox_pending("auth.password_reset", 10)
             .await
             .unwrap()
             .len(),
@@ -345,7 +397,8 @@ async fn password_resets(db: &Datastore) {
     );
     // A newer code replaces the older one; each guess is reserved before
     // the code is compared, five per code however many race.
-    let guesses = join_all((0..12).map(|_| db.reserve_reset_guess("pr", 5, NOW + 2))).await;
+    let identity = db.identity();
+    let guesses = join_all((0..12).map(|_| identity.reserve_reset_guess("pr", 5, NOW + 2))).await;
     let granted: Vec<_> = guesses.into_iter().filter_map(|g| g.unwrap()).collect();
     assert_eq!(
         granted.len(),
@@ -358,15 +411,18 @@ async fn password_resets(db: &Datastore) {
             .all(|(id, hash)| (id.as_str(), hash.as_str()) == ("reset2", "hash2"))
     );
     assert!(
-        db.reserve_reset_guess("pr", 5, NOW + 3)
+        db.identity()
+            .reserve_reset_guess("pr", 5, NOW + 3)
             .await
             .unwrap()
             .is_none()
     );
-    db.create_reset("reset3", "pr", "hash3", NOW + 900_000, "{}", NOW + 5)
+    db.identity()
+        .create_reset("reset3", "pr", "hash3", NOW + 900_000, "{}", NOW + 5)
         .await
         .unwrap();
-    db.open_session(&session("prs", "pr", "app"), "prt")
+    db.identity()
+        .open_session(&session("prs", "pr", "app"), "prt")
         .await
         .unwrap();
     // The right guess is not a failure: completing gives it back.
@@ -376,50 +432,58 @@ async fn password_resets(db: &Datastore) {
     };
     let budget = reset_budget_key_of_user("pr");
     assert!(
-        db.spend_reset_guess(&budget, one, NOW + 5)
+        db.identity()
+            .spend_reset_guess(&budget, one, NOW + 5)
             .await
             .unwrap()
             .is_ok()
     );
     assert!(
-        db.spend_reset_guess(&budget, one, NOW + 5)
+        db.identity()
+            .spend_reset_guess(&budget, one, NOW + 5)
             .await
             .unwrap()
             .is_err()
     );
     assert!(
-        db.complete_reset("reset3", "pr", "newhash", NOW + 6)
+        db.identity()
+            .complete_reset("reset3", "pr", "newhash", NOW + 6)
             .await
             .unwrap()
     );
     assert!(
-        db.spend_reset_guess(&budget, one, NOW + 6)
+        db.identity()
+            .spend_reset_guess(&budget, one, NOW + 6)
             .await
             .unwrap()
             .is_ok()
     );
     assert!(
-        !db.complete_reset("reset3", "pr", "other", NOW + 7)
+        !db.identity()
+            .complete_reset("reset3", "pr", "other", NOW + 7)
             .await
             .unwrap(),
         "single use"
     );
     assert_eq!(
-        db.password_hash("pr").await.unwrap().as_deref(),
+        db.identity().password_hash("pr").await.unwrap().as_deref(),
         Some("newhash")
     );
     assert!(!alive(db, "prs", "pr", NOW + 8).await);
     assert!(
-        db.reserve_reset_guess("pr", 5, NOW + 9)
+        db.identity()
+            .reserve_reset_guess("pr", 5, NOW + 9)
             .await
             .unwrap()
             .is_none()
     );
-    db.create_reset("reset4", "pr", "hash4", NOW + 900_000, "{}", NOW + 10)
+    db.identity()
+        .create_reset("reset4", "pr", "hash4", NOW + 900_000, "{}", NOW + 10)
         .await
         .unwrap();
     assert!(
-        db.reserve_reset_guess("pr", 5, NOW + 900_001)
+        db.identity()
+            .reserve_reset_guess("pr", 5, NOW + 900_001)
             .await
             .unwrap()
             .is_none(),
@@ -428,17 +492,29 @@ async fn password_resets(db: &Datastore) {
 }
 
 async fn pending_claims(db: &Datastore) {
-    let pending = || async { db.unsettled_claims(NOW + 1).await.unwrap() };
+    let pending = || async { db.identity().unsettled_claims(NOW + 1).await.unwrap() };
     // A claim is recorded before it is made; the user's creation settles it.
-    db.record_claim("email:pc1@x.io", "pc1", NOW).await.unwrap();
+    db.identity()
+        .record_claim("email:pc1@x.io", "pc1", NOW)
+        .await
+        .unwrap();
     assert_eq!(pending().await.len(), 1);
     user(db, "pc1", "pc1@x.io").await;
     assert!(pending().await.is_empty(), "settled with the user");
     // Once the reconciliation takes a record over, the registration it
     // belonged to can no longer create its user.
-    db.record_claim("email:pc2@x.io", "pc2", NOW).await.unwrap();
-    assert!(db.begin_release("email:pc2@x.io", "pc2").await.unwrap());
+    db.identity()
+        .record_claim("email:pc2@x.io", "pc2", NOW)
+        .await
+        .unwrap();
+    assert!(
+        db.identity()
+            .begin_release("email:pc2@x.io", "pc2")
+            .await
+            .unwrap()
+    );
     let late = db
+        .identity()
         .create_user(&NewUser {
             id: "pc2",
             display_name: "pc2",
@@ -449,29 +525,50 @@ async fn pending_claims(db: &Datastore) {
         })
         .await;
     assert!(matches!(late, Err(DbError::Conflict)), "{late:?}");
-    assert!(db.user("pc2").await.unwrap().is_none());
+    assert!(db.identity().user("pc2").await.unwrap().is_none());
     assert_eq!(
         pending().await,
         vec![("email:pc2@x.io".into(), "pc2".into(), "releasing".into())]
     );
-    db.forget_claim("email:pc2@x.io", "pc2").await.unwrap();
-    assert!(pending().await.is_empty());
-    assert!(!db.begin_release("email:pc2@x.io", "pc2").await.unwrap());
-    // Only records older than the cut-off are unsettled.
-    db.record_claim("email:pc3@x.io", "pc3", NOW + 5)
+    db.identity()
+        .forget_claim("email:pc2@x.io", "pc2")
         .await
         .unwrap();
     assert!(pending().await.is_empty());
-    assert_eq!(db.unsettled_claims(NOW + 6).await.unwrap().len(), 1);
-    db.forget_claim("email:pc3@x.io", "pc3").await.unwrap();
+    assert!(
+        !db.identity()
+            .begin_release("email:pc2@x.io", "pc2")
+            .await
+            .unwrap()
+    );
+    // Only records older than the cut-off are unsettled.
+    db.identity()
+        .record_claim("email:pc3@x.io", "pc3", NOW + 5)
+        .await
+        .unwrap();
+    assert!(pending().await.is_empty());
+    assert_eq!(
+        db.identity().unsettled_claims(NOW + 6).await.unwrap().len(),
+        1
+    );
+    db.identity()
+        .forget_claim("email:pc3@x.io", "pc3")
+        .await
+        .unwrap();
     // Deleting an account records its releases in the same transaction.
     user(db, "pc4", "pc4@x.io").await;
-    db.anonymise_user("pc4", "deleted-pc4", NOW).await.unwrap();
+    db.identity()
+        .anonymise_user("pc4", "deleted-pc4", NOW)
+        .await
+        .unwrap();
     assert_eq!(
         pending().await,
         vec![("email:pc4@x.io".into(), "pc4".into(), "releasing".into())]
     );
-    db.forget_claim("email:pc4@x.io", "pc4").await.unwrap();
+    db.identity()
+        .forget_claim("email:pc4@x.io", "pc4")
+        .await
+        .unwrap();
 }
 
 async fn reset_budgets(db: &Datastore) {
@@ -483,57 +580,72 @@ async fn reset_budgets(db: &Datastore) {
     };
     for _ in 0..3 {
         assert!(
-            db.spend_reset_issue("user:b", limits, NOW)
+            db.identity()
+                .spend_reset_issue("user:b", limits, NOW)
                 .await
                 .unwrap()
                 .is_ok()
         );
     }
     assert_eq!(
-        db.spend_reset_issue("user:b", limits, NOW + 1000)
+        db.identity()
+            .spend_reset_issue("user:b", limits, NOW + 1000)
             .await
             .unwrap(),
         Err(HOUR - 1000),
         "the hour's codes are spent"
     );
     assert!(
-        db.spend_reset_issue("user:b", limits, NOW + HOUR)
+        db.identity()
+            .spend_reset_issue("user:b", limits, NOW + HOUR)
             .await
             .unwrap()
             .is_ok()
     );
     // Wrong guesses, however many race, stop at the day's budget, which
     // then refuses new codes as well.
-    let spent = join_all((0..10).map(|_| db.spend_reset_guess("id:g", limits, NOW))).await;
+    let identity = db.identity();
+    let spent = join_all((0..10).map(|_| identity.spend_reset_guess("id:g", limits, NOW))).await;
     assert_eq!(spent.iter().filter(|r| matches!(r, Ok(Ok(())))).count(), 4);
     assert_eq!(
-        db.spend_reset_guess("id:g", limits, NOW + 5000)
+        db.identity()
+            .spend_reset_guess("id:g", limits, NOW + 5000)
             .await
             .unwrap(),
         Err(DAY - 5000)
     );
     assert_eq!(
-        db.spend_reset_issue("id:g", limits, NOW + 6000)
+        db.identity()
+            .spend_reset_issue("id:g", limits, NOW + 6000)
             .await
             .unwrap(),
         Err(DAY - 6000)
     );
     assert!(
-        db.spend_reset_guess("id:g", limits, NOW + DAY)
+        db.identity()
+            .spend_reset_guess("id:g", limits, NOW + DAY)
             .await
             .unwrap()
             .is_ok()
     );
     assert!(
-        db.spend_reset_guess("id:other", limits, NOW)
+        db.identity()
+            .spend_reset_guess("id:other", limits, NOW)
             .await
             .unwrap()
             .is_ok()
     );
     // Budgets whose windows have passed are dropped.
-    assert!(db.prune_reset_budgets(NOW + 3 * DAY).await.unwrap() >= 3);
     assert!(
-        db.spend_reset_issue("user:b", limits, NOW + 3 * DAY)
+        db.identity()
+            .prune_reset_budgets(NOW + 3 * DAY)
+            .await
+            .unwrap()
+            >= 3
+    );
+    assert!(
+        db.identity()
+            .spend_reset_issue("user:b", limits, NOW + 3 * DAY)
             .await
             .unwrap()
             .is_ok()
@@ -561,18 +673,25 @@ fn address(id: &str, default: bool) -> Address {
 async fn addresses(db: &Datastore) {
     user(db, "ad", "ad@x.io").await;
     assert!(
-        db.add_address("ad", &address("a1", false), 2)
+        db.identity()
+            .add_address("ad", &address("a1", false), 2)
             .await
             .unwrap()
     );
-    assert!(db.add_address("ad", &address("a2", true), 2).await.unwrap());
     assert!(
-        !db.add_address("ad", &address("a3", false), 2)
+        db.identity()
+            .add_address("ad", &address("a2", true), 2)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !db.identity()
+            .add_address("ad", &address("a3", false), 2)
             .await
             .unwrap(),
         "limit"
     );
-    let all = db.addresses("ad").await.unwrap();
+    let all = db.identity().addresses("ad").await.unwrap();
     assert_eq!(
         all.iter()
             .filter(|a| a.is_default)
@@ -580,31 +699,48 @@ async fn addresses(db: &Datastore) {
             .collect::<Vec<_>>(),
         vec!["a2"]
     );
-    assert!(db.set_default_address("ad", "a1", NOW).await.unwrap());
-    let all = db.addresses("ad").await.unwrap();
+    assert!(
+        db.identity()
+            .set_default_address("ad", "a1", NOW)
+            .await
+            .unwrap()
+    );
+    let all = db.identity().addresses("ad").await.unwrap();
     assert_eq!(all.iter().filter(|a| a.is_default).count(), 1);
     assert!(all.iter().find(|a| a.id == "a1").unwrap().is_default);
     // An update of an address that is not the user's changes nothing, not
     // even the default it asked for.
     assert!(
-        !db.update_address("ad", &address("nope", true))
+        !db.identity()
+            .update_address("ad", &address("nope", true))
             .await
             .unwrap()
     );
     assert!(
-        !db.update_address("someone-else", &address("a2", true))
+        !db.identity()
+            .update_address("someone-else", &address("a2", true))
             .await
             .unwrap()
     );
-    let after = db.addresses("ad").await.unwrap();
+    let after = db.identity().addresses("ad").await.unwrap();
     assert_eq!(after, all);
-    assert!(!db.delete_address("someone-else", "a1").await.unwrap());
-    assert!(db.delete_address("ad", "a1").await.unwrap());
+    assert!(
+        !db.identity()
+            .delete_address("someone-else", "a1")
+            .await
+            .unwrap()
+    );
+    assert!(db.identity().delete_address("ad", "a1").await.unwrap());
 }
 
 async fn roles_audit_and_anonymisation(db: &Datastore) {
     user(db, "adm", "adm@x.io").await;
-    assert!(!db.has_permission("adm", "role:assign").await.unwrap());
+    assert!(
+        !db.identity()
+            .has_permission("adm", "role:assign")
+            .await
+            .unwrap()
+    );
     let audit = |action: &'static str| AuditEntry {
         at: NOW,
         actor: "t",
@@ -613,36 +749,56 @@ async fn roles_audit_and_anonymisation(db: &Datastore) {
         details: "{}".into(),
     };
     assert!(
-        db.set_role("adm", "admin", true, &audit("role.grant"))
+        db.identity()
+            .set_role("adm", "admin", true, &audit("role.grant"))
             .await
             .unwrap()
     );
     assert!(
-        !db.set_role("adm", "admin", true, &audit("role.grant"))
+        !db.identity()
+            .set_role("adm", "admin", true, &audit("role.grant"))
             .await
             .unwrap(),
         "idempotent"
     );
-    assert!(db.has_permission("adm", "role:assign").await.unwrap());
+    assert!(
+        db.identity()
+            .has_permission("adm", "role:assign")
+            .await
+            .unwrap()
+    );
     // The cell's last active admin keeps the role.
     assert!(
-        !db.set_role("adm", "admin", false, &audit("role.revoke"))
+        !db.identity()
+            .set_role("adm", "admin", false, &audit("role.revoke"))
             .await
             .unwrap()
     );
-    assert!(db.has_permission("adm", "role:assign").await.unwrap());
+    assert!(
+        db.identity()
+            .has_permission("adm", "role:assign")
+            .await
+            .unwrap()
+    );
     user(db, "adm-b", "adm-b@x.io").await;
     assert!(
-        db.set_role("adm-b", "admin", true, &audit("role.grant"))
+        db.identity()
+            .set_role("adm-b", "admin", true, &audit("role.grant"))
             .await
             .unwrap()
     );
     assert!(
-        db.set_role("adm", "admin", false, &audit("role.revoke"))
+        db.identity()
+            .set_role("adm", "admin", false, &audit("role.revoke"))
             .await
             .unwrap()
     );
-    assert!(!db.has_permission("adm", "role:assign").await.unwrap());
+    assert!(
+        !db.identity()
+            .has_permission("adm", "role:assign")
+            .await
+            .unwrap()
+    );
     let log = db.audit_log(None, 10).await.unwrap();
     assert_eq!(log.len(), 3, "only real changes are audited");
     let page = db
@@ -651,27 +807,34 @@ async fn roles_audit_and_anonymisation(db: &Datastore) {
         .unwrap();
     assert_eq!(page.len(), 2);
 
-    db.open_session(&session("anon-s", "adm", "app"), "anon-t")
+    db.identity()
+        .open_session(&session("anon-s", "adm", "app"), "anon-t")
         .await
         .unwrap();
-    db.add_address("adm", &address("anon-a", true), 5)
+    db.identity()
+        .add_address("adm", &address("anon-a", true), 5)
         .await
         .unwrap();
-    let ids = db.anonymise_user("adm", "deleted-xyz", NOW).await.unwrap();
+    let ids = db
+        .identity()
+        .anonymise_user("adm", "deleted-xyz", NOW)
+        .await
+        .unwrap();
     assert_eq!(ids, vec![("email".to_string(), "adm@x.io".to_string())]);
-    let u = db.user("adm").await.unwrap().unwrap();
+    let u = db.identity().user("adm").await.unwrap().unwrap();
     assert_eq!(
         (u.status.as_str(), u.display_name.as_str()),
         ("deleted", "deleted-xyz")
     );
     assert!(
-        db.user_by_identifier("email", "adm@x.io")
+        db.identity()
+            .user_by_identifier("email", "adm@x.io")
             .await
             .unwrap()
             .is_none()
     );
-    assert!(db.addresses("adm").await.unwrap().is_empty());
-    assert!(db.password_hash("adm").await.unwrap().is_none());
+    assert!(db.identity().addresses("adm").await.unwrap().is_empty());
+    assert!(db.identity().password_hash("adm").await.unwrap().is_none());
     assert!(!alive(db, "anon-s", "adm", NOW).await);
     // The identifier can be registered again.
     user(db, "adm2", "adm@x.io").await;
@@ -679,24 +842,30 @@ async fn roles_audit_and_anonymisation(db: &Datastore) {
 
 async fn listing_and_profiles(db: &Datastore) {
     for i in 0..5 {
-        db.create_user(&NewUser {
-            id: &format!("l{i}"),
-            display_name: &format!("Lister {i}"),
-            kind: "username",
-            value: &format!("lister{i}"),
-            password_hash: "h",
-            now: NOW + i,
-        })
+        db.identity()
+            .create_user(&NewUser {
+                id: &format!("l{i}"),
+                display_name: &format!("Lister {i}"),
+                kind: "username",
+                value: &format!("lister{i}"),
+                password_hash: "h",
+                now: NOW + i,
+            })
+            .await
+            .unwrap();
+    }
+    let first = db
+        .identity()
+        .list_users(None, Some("Lister"), 3)
         .await
         .unwrap();
-    }
-    let first = db.list_users(None, Some("Lister"), 3).await.unwrap();
     assert_eq!(
         first.iter().map(|u| u.0.id.as_str()).collect::<Vec<_>>(),
         vec!["l0", "l1", "l2"]
     );
     let last = &first.last().unwrap().0;
     let next = db
+        .identity()
         .list_users(Some((last.created_at, last.id.clone())), Some("Lister"), 3)
         .await
         .unwrap();
@@ -705,14 +874,19 @@ async fn listing_and_profiles(db: &Datastore) {
         vec!["l3", "l4"]
     );
     assert_eq!(
-        db.list_users(None, Some("lister3"), 10)
+        db.identity()
+            .list_users(None, Some("lister3"), 10)
             .await
             .unwrap()
             .len(),
         1
     );
     assert!(
-        db.list_users(None, Some("%"), 10).await.unwrap().is_empty(),
+        db.identity()
+            .list_users(None, Some("%"), 10)
+            .await
+            .unwrap()
+            .is_empty(),
         "wildcards are literal"
     );
 
@@ -723,13 +897,15 @@ async fn listing_and_profiles(db: &Datastore) {
         avatar_url: None,
     };
     let u = db
+        .identity()
         .update_profile("l0", 1, &fields, NOW + 10)
         .await
         .unwrap()
         .unwrap();
     assert_eq!((u.version, u.display_name.as_str()), (2, "New"));
     assert!(
-        db.update_profile("l0", 1, &fields, NOW + 11)
+        db.identity()
+            .update_profile("l0", 1, &fields, NOW + 11)
             .await
             .unwrap()
             .is_none(),
@@ -737,7 +913,7 @@ async fn listing_and_profiles(db: &Datastore) {
     );
     // The profile read: the row as updated, roles and identifiers in
     // order, empty lists as empty.
-    let p = db.profile("l0").await.unwrap().unwrap();
+    let p = db.identity().profile("l0").await.unwrap().unwrap();
     assert_eq!(p.user, u);
     assert_eq!(p.roles, vec!["user"]);
     assert_eq!(
@@ -751,15 +927,16 @@ async fn listing_and_profiles(db: &Datastore) {
         target: Some("l0"),
         details: "{}".into(),
     };
-    db.set_role("l0", "admin", true, &audit("role.grant"))
+    db.identity()
+        .set_role("l0", "admin", true, &audit("role.grant"))
         .await
         .unwrap();
-    let p = db.profile("l0").await.unwrap().unwrap();
+    let p = db.identity().profile("l0").await.unwrap().unwrap();
     assert_eq!(p.roles, vec!["admin", "user"]);
     // The listing carries each user's roles, in order, in its one statement
     // (l0 is found by its identifier: its display name changed above).
     let roles_listed = |q: &'static str| async move {
-        let page = db.list_users(None, Some(q), 1).await.unwrap();
+        let page = db.identity().list_users(None, Some(q), 1).await.unwrap();
         page.into_iter()
             .map(|(u, roles)| (u.id, roles))
             .collect::<Vec<_>>()
@@ -776,16 +953,25 @@ async fn listing_and_profiles(db: &Datastore) {
         vec![("l1".to_string(), vec!["user".to_string()])]
     );
     for role in ["admin", "user"] {
-        db.set_role("l0", role, false, &audit("role.revoke"))
+        db.identity()
+            .set_role("l0", role, false, &audit("role.revoke"))
             .await
             .unwrap();
     }
-    assert!(db.profile("l0").await.unwrap().unwrap().roles.is_empty());
+    assert!(
+        db.identity()
+            .profile("l0")
+            .await
+            .unwrap()
+            .unwrap()
+            .roles
+            .is_empty()
+    );
     assert_eq!(
         roles_listed("lister0").await,
         vec![("l0".to_string(), vec![])]
     );
-    assert!(db.profile("nobody").await.unwrap().is_none());
+    assert!(db.identity().profile("nobody").await.unwrap().is_none());
     let before = db.audit_log(None, 100).await.unwrap().len();
     let disable = AuditEntry {
         at: NOW,
@@ -794,10 +980,21 @@ async fn listing_and_profiles(db: &Datastore) {
         target: Some("l1"),
         details: "{}".into(),
     };
-    assert!(db.set_status("l1", "disabled", &disable).await.unwrap());
-    assert_eq!(db.user("l1").await.unwrap().unwrap().status, "disabled");
     assert!(
-        !db.set_status("l1", "disabled", &disable).await.unwrap(),
+        db.identity()
+            .set_status("l1", "disabled", &disable)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        db.identity().user("l1").await.unwrap().unwrap().status,
+        "disabled"
+    );
+    assert!(
+        !db.identity()
+            .set_status("l1", "disabled", &disable)
+            .await
+            .unwrap(),
         "nothing to change"
     );
     assert_eq!(
@@ -814,9 +1011,9 @@ async fn signing_keys(db: &Datastore) {
     use homecell_common::replica::ReplicaState;
     use homecell_proto::control::{Region, SigningKey, Snapshot};
     // Stored plain, as before cells had seals.
-    let k1 = rotate(db, "cn-east", None).await.unwrap();
-    let k2 = rotate(db, "cn-east", None).await.unwrap();
-    let rows = db.signing_keys().await.unwrap();
+    let k1 = rotate(&db.identity(), "cn-east", None).await.unwrap();
+    let k2 = rotate(&db.identity(), "cn-east", None).await.unwrap();
+    let rows = db.identity().signing_keys().await.unwrap();
     let active: Vec<_> = rows
         .iter()
         .filter(|r| r.retired_at.is_none())
@@ -828,22 +1025,29 @@ async fn signing_keys(db: &Datastore) {
     // A cell with a seal seals what it finds, and signs with it.
     let dir = tempfile::tempdir().unwrap();
     let seal = || Seal::create_if_missing(&dir.path().join("seal")).unwrap();
-    let keys = Keys::open(db, "cn-east", Some(seal())).await.unwrap();
+    let keys = Keys::open(&db.identity(), "cn-east", Some(seal()))
+        .await
+        .unwrap();
     assert_eq!(keys.signer().kid, k2);
-    let rows = db.signing_keys().await.unwrap();
+    let rows = db.identity().signing_keys().await.unwrap();
     assert!(
         rows.iter().all(|r| is_sealed(&r.private_pkcs8)),
         "every stored key sealed"
     );
     // New keys are sealed from the start; the same seal opens them.
-    let k3 = rotate(db, "cn-east", Some(&seal())).await.unwrap();
-    let keys = Keys::open(db, "cn-east", Some(seal())).await.unwrap();
+    let k3 = rotate(&db.identity(), "cn-east", Some(&seal()))
+        .await
+        .unwrap();
+    let keys = Keys::open(&db.identity(), "cn-east", Some(seal()))
+        .await
+        .unwrap();
     assert_eq!(keys.signer().kid, k3);
 
     // What a remembered token is checked against on every use: a local key
     // is published for this cell's issuer only, as its own public key;
     // another region's key is whatever region metadata says.
     let pk3 = db
+        .identity()
         .signing_keys()
         .await
         .unwrap()
@@ -876,21 +1080,21 @@ async fn signing_keys(db: &Datastore) {
     assert!(!v.publishes("eu-1", &[8; 32], "cell.eu-west"));
     assert!(!v.publishes("unknown", &pk3, "cell.cn-east"));
     // Without the seal, or with another, the cell does not start.
-    let e = Keys::open(db, "cn-east", None)
+    let e = Keys::open(&db.identity(), "cn-east", None)
         .await
         .err()
         .expect("no seal");
     assert!(format!("{e:#}").contains("sealed"), "{e:#}");
     let other = Seal::create_if_missing(&dir.path().join("other")).unwrap();
-    let e = Keys::open(db, "cn-east", Some(other))
+    let e = Keys::open(&db.identity(), "cn-east", Some(other))
         .await
         .err()
         .expect("another seal");
     assert!(format!("{e:#}").contains("does not open"), "{e:#}");
     // Once a cell has sealed its keys, a key stored plain (planted by
     // someone who can write to the database) is refused, not adopted.
-    rotate(db, "cn-east", None).await.unwrap();
-    let e = Keys::open(db, "cn-east", Some(seal()))
+    rotate(&db.identity(), "cn-east", None).await.unwrap();
+    let e = Keys::open(&db.identity(), "cn-east", Some(seal()))
         .await
         .err()
         .expect("a planted plain key");
@@ -902,46 +1106,62 @@ async fn signing_keys(db: &Datastore) {
 /// back) restores the same rows; a second import replaces the first.
 async fn moving_a_user(db: &Datastore) {
     user(db, "mv", "mv@x.io").await;
-    db.add_address("mv", &address("mv-a1", true), 10)
+    db.identity()
+        .add_address("mv", &address("mv-a1", true), 10)
         .await
         .unwrap();
-    db.open_session(&session("mv-s", "mv", "app"), "mv-r")
+    db.identity()
+        .open_session(&session("mv-s", "mv", "app"), "mv-r")
         .await
         .unwrap();
     assert!(alive(db, "mv-s", "mv", NOW).await);
-    assert!(!db.holds_money("mv").await.unwrap());
+    assert!(!db.moves().holds_money("mv").await.unwrap());
     assert_eq!(
-        db.freeze_user("mv", NOW).await.unwrap().as_deref(),
+        db.moves().freeze_user("mv", NOW).await.unwrap().as_deref(),
         Some("active")
     );
     assert!(
         !alive(db, "mv-s", "mv", NOW).await,
         "a frozen user's sessions end"
     );
-    assert_eq!(db.user("mv").await.unwrap().unwrap().status, "disabled");
-    let mut bundle = db.export_user("mv").await.unwrap().unwrap();
+    assert_eq!(
+        db.identity().user("mv").await.unwrap().unwrap().status,
+        "disabled"
+    );
+    let mut bundle = db.moves().export_user("mv").await.unwrap().unwrap();
     bundle.user.1 = "active".into();
     assert_eq!(bundle.qualified_identifiers(), vec!["email:mv@x.io"]);
     assert_eq!(bundle.addresses.len(), 1);
     let before = serde_json::to_string(&bundle).unwrap();
 
-    db.erase_moved_user("mv", "moved-mv", NOW).await.unwrap();
+    db.moves()
+        .erase_moved_user("mv", "moved-mv", NOW)
+        .await
+        .unwrap();
     assert_eq!(
-        db.user_by_identifier("email", "mv@x.io").await.unwrap(),
+        db.identity()
+            .user_by_identifier("email", "mv@x.io")
+            .await
+            .unwrap(),
         None
     );
-    assert!(db.addresses("mv").await.unwrap().is_empty());
-    assert_eq!(db.user("mv").await.unwrap().unwrap().status, "deleted");
+    assert!(db.identity().addresses("mv").await.unwrap().is_empty());
+    assert_eq!(
+        db.identity().user("mv").await.unwrap().unwrap().status,
+        "deleted"
+    );
 
-    db.import_user(&bundle).await.unwrap();
-    db.import_user(&bundle).await.unwrap();
-    let after = serde_json::to_string(&db.export_user("mv").await.unwrap().unwrap()).unwrap();
+    db.moves().import_user(&bundle).await.unwrap();
+    db.moves().import_user(&bundle).await.unwrap();
+    let after =
+        serde_json::to_string(&db.moves().export_user("mv").await.unwrap().unwrap()).unwrap();
     assert_eq!(
         after, before,
         "an import restores exactly what was exported"
     );
     assert_eq!(
-        db.user_by_identifier("email", "mv@x.io")
+        db.identity()
+            .user_by_identifier("email", "mv@x.io")
             .await
             .unwrap()
             .as_deref(),
@@ -951,10 +1171,10 @@ async fn moving_a_user(db: &Datastore) {
     let mut clash = bundle.clone();
     clash.user.0 = "mv2".into();
     assert!(matches!(
-        db.import_user(&clash).await,
+        db.moves().import_user(&clash).await,
         Err(DbError::Conflict)
     ));
-    assert!(db.user("mv2").await.unwrap().is_none());
+    assert!(db.identity().user("mv2").await.unwrap().is_none());
 
     // A moved-in user can hold several identifiers: the profile lists
     // them by kind, then value, whatever order they came in.
@@ -968,9 +1188,14 @@ async fn moving_a_user(db: &Datastore) {
     several.addresses.clear();
     several.inbox.clear();
     several.wechat.clear();
-    db.import_user(&several).await.unwrap();
+    db.moves().import_user(&several).await.unwrap();
     assert_eq!(
-        db.profile("mv3").await.unwrap().unwrap().identifiers,
+        db.identity()
+            .profile("mv3")
+            .await
+            .unwrap()
+            .unwrap()
+            .identifiers,
         vec![
             ("email".to_string(), "a-mv3@x.io".to_string()),
             ("email".to_string(), "z-mv3@x.io".to_string()),

@@ -16,8 +16,9 @@
 
 use clap::{Parser, Subcommand};
 use homecell_cell::db::Datastore;
-use homecell_cell::money::group::{GroupCommit, Write};
-use homecell_cell::money::ledger::{Account, Move, Operation, OutboxEvent, Phase, SideEffects};
+use homecell_cell::money::ledger::{
+    Account, Ledger, Move, Operation, OutboxEvent, Phase, SideEffects,
+};
 use homecell_harness::api::Api;
 use homecell_harness::{Cluster, start_standard};
 use serde_json::json;
@@ -139,21 +140,26 @@ async fn ledger(backend: &str, workers: usize, seconds: u64, no_group: bool) -> 
         Datastore::open(&format!("sqlite:{}", dir.path().join("cell.db").display())).await?
     };
     db.claim_region("bench").await?;
-    let group = (db.single_writer() && !no_group).then(|| GroupCommit::start(db.clone()));
+    let grouped = db.single_writer() && !no_group;
+    let ledger = if grouped {
+        Ledger::new(db.clone())
+    } else {
+        Ledger::per_statement(db.clone())
+    };
     // Each worker sends from its own wallet to one of 1,000 receivers.
     for w in 0..workers {
         let (mut op, moves, _) = transfer(format!("seed-{w}"), "system", &format!("s{w}"), 1 << 40);
         op.from_user = None;
         let mut moves = moves;
         moves[0].debit = Account::system("deposits", "CNY");
-        db.execute(&op, &moves, &SideEffects::default()).await?;
+        ledger.execute(&op, &moves, &SideEffects::default()).await?;
     }
     let seq = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let tasks: Vec<_> = (0..workers)
         .map(|w| {
-            let (db, group, seq) = (db.clone(), group.clone(), seq.clone());
+            let (ledger, seq) = (ledger.clone(), seq.clone());
             tokio::spawn(async move {
                 let mut o = Outcome::default();
                 while Instant::now() < deadline {
@@ -165,23 +171,11 @@ async fn ledger(backend: &str, workers: usize, seconds: u64, no_group: bool) -> 
                         1,
                     );
                     let t = Instant::now();
-                    let r = match &group {
-                        Some(g) => {
-                            let w = Write::Execute {
-                                op: Box::new(op),
-                                moves,
-                                event: Some(event),
-                            };
-                            g.write(w).await.map(|_| ())
-                        }
-                        None => {
-                            let side = SideEffects {
-                                event: Some(event),
-                                audit: None,
-                            };
-                            db.execute(&op, &moves, &side).await
-                        }
+                    let side = SideEffects {
+                        event: Some(event),
+                        audit: None,
                     };
+                    let r = ledger.execute(&op, &moves, &side).await;
                     match r {
                         Ok(()) => {
                             o.ok += 1;
@@ -199,7 +193,7 @@ async fn ledger(backend: &str, workers: usize, seconds: u64, no_group: bool) -> 
         total.merge(t.await?);
     }
     let secs = started.elapsed().as_secs_f64();
-    let mode = if group.is_some() {
+    let mode = if grouped {
         "group commit"
     } else {
         "commit each"

@@ -11,7 +11,7 @@
 
 use clap::Parser;
 use homecell_cell::db::Datastore;
-use homecell_cell::identity::store::NewUser;
+use homecell_cell::identity::store::{IdentityStore, NewUser};
 use homecell_cell::notice::{NoticeConfig, Notices, SmtpConfig};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -93,18 +93,20 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let db = Datastore::open(&format!("sqlite:{}", dir.path().join("cell.db").display())).await?;
     db.claim_region("bench").await?;
+    let identity = IdentityStore::new(db.clone());
     for i in 0..args.users {
         let id = format!("u{i}");
         let email = format!("u{i}@bench.test");
-        db.create_user(&NewUser {
-            id: &id,
-            display_name: &id,
-            kind: "email",
-            value: &email,
-            password_hash: "x",
-            now: now_ms(),
-        })
-        .await?;
+        identity
+            .create_user(&NewUser {
+                id: &id,
+                display_name: &id,
+                kind: "email",
+                value: &email,
+                password_hash: "x",
+                now: now_ms(),
+            })
+            .await?;
     }
     let mail = if args.emails > 0 {
         Some(homecell_harness::smtp::SmtpSink::start().await?)

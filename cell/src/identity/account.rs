@@ -12,14 +12,14 @@ impl Identity {
 
     /// A live user's profile: the user, roles and identifiers.
     pub async fn profile(&self, id: &str) -> Result<UserProfile, CodedError> {
-        match self.db.profile(id).await? {
+        match self.store.profile(id).await? {
             Some(p) if p.user.status != "deleted" => Ok(p),
             _ => Err(CodedError::not_found("no such user")),
         }
     }
 
     pub async fn user(&self, id: &str) -> Result<User, CodedError> {
-        match self.db.user(id).await? {
+        match self.store.user(id).await? {
             Some(u) if u.status != "deleted" => Ok(u),
             _ => Err(CodedError::not_found("no such user")),
         }
@@ -35,7 +35,7 @@ impl Identity {
         }
         let placeholder = format!("deleted-{}", &random_token(9));
         let identifiers = self
-            .db
+            .store
             .anonymise_user(&p.user_id, &placeholder, now_ms())
             .await?;
         for (kind, value) in identifiers {
@@ -51,9 +51,13 @@ impl Identity {
     }
 
     pub async fn add_address(&self, p: &Principal, a: Address) -> Result<Address, CodedError> {
-        if self.db.add_address(&p.user_id, &a, MAX_ADDRESSES).await? {
+        if self
+            .store
+            .add_address(&p.user_id, &a, MAX_ADDRESSES)
+            .await?
+        {
             Ok(self
-                .db
+                .store
                 .addresses(&p.user_id)
                 .await?
                 .into_iter()
@@ -77,7 +81,7 @@ impl Identity {
         grant: bool,
     ) -> Result<bool, CodedError> {
         self.user(user_id).await?;
-        if !self.db.role_exists(role).await? {
+        if !self.store.role_exists(role).await? {
             return Err(CodedError::not_found(format!("no role {role:?}")));
         }
         let audit = AuditEntry {
@@ -87,11 +91,16 @@ impl Identity {
             target: Some(user_id),
             details: serde_json::json!({ "role": role }).to_string(),
         };
-        let changed = self.db.set_role(user_id, role, grant, &audit).await?;
+        let changed = self.store.set_role(user_id, role, grant, &audit).await?;
         if !changed
             && !grant
             && role == ADMIN
-            && self.db.roles_of(user_id).await?.iter().any(|r| r == ADMIN)
+            && self
+                .store
+                .roles_of(user_id)
+                .await?
+                .iter()
+                .any(|r| r == ADMIN)
         {
             return Err(CodedError::new(
                 ErrorCode::FailedPrecondition,
@@ -112,9 +121,14 @@ impl Identity {
         enable: bool,
     ) -> Result<(), CodedError> {
         self.user(user_id).await?;
-        if self.db.roles_of(user_id).await?.iter().any(|r| r == ADMIN)
+        if self
+            .store
+            .roles_of(user_id)
+            .await?
+            .iter()
+            .any(|r| r == ADMIN)
             && !self
-                .db
+                .store
                 .roles_of(&actor.user_id)
                 .await?
                 .iter()
@@ -137,7 +151,7 @@ impl Identity {
             target: Some(user_id),
             details: "{}".into(),
         };
-        self.db.set_status(user_id, status, &audit).await?;
+        self.store.set_status(user_id, status, &audit).await?;
         Ok(())
     }
 }

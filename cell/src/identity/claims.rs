@@ -10,8 +10,8 @@
 //! both win.
 
 use super::service::Identity;
+use super::store::IdentityStore;
 use crate::clock::now_ms;
-use crate::db::Datastore;
 use crate::db::{DbError, DbResult};
 use crate::db::{Tx, stmt};
 use std::time::Duration;
@@ -20,25 +20,21 @@ use std::time::Duration;
 /// most.
 const EVERY: Duration = Duration::from_secs(30);
 
-impl Datastore {
+impl IdentityStore {
     /// Records a claim about to be made.
     pub async fn record_claim(&self, identifier: &str, user_id: &str, now: i64) -> DbResult<()> {
-        {
-            stmt("INSERT INTO pending_claims (identifier, user_id, state, created_at) VALUES ($1, $2, 'pending', $3) ON CONFLICT (identifier, user_id) DO NOTHING")
-                .bind(identifier).bind(user_id).bind(now).execute(self).await?;
-        };
+        stmt("INSERT INTO pending_claims (identifier, user_id, state, created_at) VALUES ($1, $2, 'pending', $3) ON CONFLICT (identifier, user_id) DO NOTHING")
+            .bind(identifier).bind(user_id).bind(now).execute(&self.db).await?;
         Ok(())
     }
 
     /// Forgets a record: the claim was refused, or released.
     pub async fn forget_claim(&self, identifier: &str, user_id: &str) -> DbResult<()> {
-        {
-            stmt("DELETE FROM pending_claims WHERE identifier = $1 AND user_id = $2")
-                .bind(identifier)
-                .bind(user_id)
-                .execute(self)
-                .await?;
-        };
+        stmt("DELETE FROM pending_claims WHERE identifier = $1 AND user_id = $2")
+            .bind(identifier)
+            .bind(user_id)
+            .execute(&self.db)
+            .await?;
         Ok(())
     }
 
@@ -46,7 +42,7 @@ impl Datastore {
     pub async fn unsettled_claims(&self, before: i64) -> DbResult<Vec<(String, String, String)>> {
         stmt(
             "SELECT identifier, user_id, state FROM pending_claims WHERE created_at < $1 ORDER BY created_at LIMIT 100")
-            .bind(before).fetch_all(self).await
+            .bind(before).fetch_all(&self.db).await
     }
 
     /// Takes a record over for release; false when its registration settled
@@ -57,7 +53,7 @@ impl Datastore {
         )
         .bind(identifier)
         .bind(user_id)
-        .execute(self)
+        .execute(&self.db)
         .await?;
         Ok(r == 1)
     }
@@ -88,15 +84,15 @@ impl Identity {
     pub async fn reconcile_claims(&self) -> DbResult<usize> {
         let mut released = 0;
         let before = now_ms() - self.claim_settle_ms;
-        for (identifier, user_id, state) in self.db.unsettled_claims(before).await? {
-            if state == "pending" && !self.db.begin_release(&identifier, &user_id).await? {
+        for (identifier, user_id, state) in self.store.unsettled_claims(before).await? {
+            if state == "pending" && !self.store.begin_release(&identifier, &user_id).await? {
                 continue;
             }
             match self.release(&identifier, &user_id).await {
                 Ok(()) => released += 1,
                 // Held by someone else: nothing of ours to give back.
                 Err(s) if s.code() == tonic::Code::PermissionDenied => {
-                    self.db.forget_claim(&identifier, &user_id).await?;
+                    self.store.forget_claim(&identifier, &user_id).await?;
                 }
                 Err(s) => {
                     tracing::warn!(user_id, error = %s.message(), "cannot release an unsettled claim yet");
@@ -126,7 +122,7 @@ pub async fn run<C: AsRef<Identity> + Send + Sync + 'static>(
             Err(DbError::Db(e)) => tracing::warn!(error = %e, "claim reconciliation failed"),
             Err(DbError::Conflict) => {}
         }
-        if let Err(e) = identity.db.prune_reset_budgets(now_ms()).await {
+        if let Err(e) = identity.store.prune_reset_budgets(now_ms()).await {
             tracing::warn!(error = %e, "cannot prune reset budgets");
         }
     }

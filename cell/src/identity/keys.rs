@@ -5,8 +5,8 @@
 //! region's metadata at the control plane, from where every router and
 //! cell learns them.
 
+use super::store::IdentityStore;
 use crate::clock::now_ms;
-use crate::db::Datastore;
 use crate::identity::seal::{self, Seal};
 use crate::identity::store::SigningKeyRow;
 use anyhow::Result;
@@ -58,14 +58,14 @@ fn new_key_row(region: &str, seal: Option<&Seal>) -> Result<(SigningKey, Signing
 
 /// Generates a new key that signs from now on; the previous one is retired
 /// and keeps verifying until its tokens expire.
-pub async fn rotate(db: &Datastore, region: &str, seal: Option<&Seal>) -> Result<String> {
+pub async fn rotate(db: &IdentityStore, region: &str, seal: Option<&Seal>) -> Result<String> {
     let (_, row) = new_key_row(region, seal)?;
     db.rotate_signing_key(&row).await?;
     Ok(row.kid)
 }
 
 /// Seals every key stored in the plain (from before the cell had a seal).
-pub async fn seal_stored(db: &Datastore, seal: &Seal) -> Result<usize> {
+pub async fn seal_stored(db: &IdentityStore, seal: &Seal) -> Result<usize> {
     let mut sealed = 0;
     for row in db.signing_keys().await? {
         if !seal::is_sealed(&row.private_pkcs8) {
@@ -81,7 +81,7 @@ pub async fn seal_stored(db: &Datastore, seal: &Seal) -> Result<usize> {
     Ok(sealed)
 }
 
-async fn load(db: &Datastore, region: &str, seal: Option<&Seal>) -> Result<KeySetState> {
+async fn load(db: &IdentityStore, region: &str, seal: Option<&Seal>) -> Result<KeySetState> {
     let now = now_ms();
     let mut rows = db.signing_keys().await?;
     if !rows.iter().any(|r| r.retired_at.is_none()) {
@@ -107,15 +107,15 @@ impl Keys {
     /// The key set in `db`. The first time a cell opens it with a seal,
     /// keys stored plain (from before the cell had one) are sealed, once;
     /// from then on a plain key is refused (`seal::unseal`).
-    pub async fn open(db: &Datastore, region: &str, seal: Option<Seal>) -> Result<Arc<Self>> {
+    pub async fn open(db: &IdentityStore, region: &str, seal: Option<Seal>) -> Result<Arc<Self>> {
         if let Some(seal) = &seal
-            && db.cell_info(KEYS_SEALED).await?.is_none()
+            && db.db.cell_info(KEYS_SEALED).await?.is_none()
         {
             let n = seal_stored(db, seal).await?;
             if n > 0 {
                 tracing::info!(keys = n, "sealed signing keys stored in the plain");
             }
-            db.set_cell_info(KEYS_SEALED, "1").await?;
+            db.db.set_cell_info(KEYS_SEALED, "1").await?;
         }
         let state = load(db, region, seal.as_ref()).await?;
         Ok(Arc::new(Self {
@@ -166,7 +166,7 @@ impl Keys {
     /// metadata holds. Runs until `shutdown`.
     pub async fn maintain(
         self: Arc<Self>,
-        db: Datastore,
+        db: IdentityStore,
         cp: Channel,
         replica: Arc<homecell_common::replica::Replica>,
         shutdown: tokio_util::sync::CancellationToken,

@@ -17,7 +17,7 @@ impl Identity {
         query: Option<&str>,
         limit: i64,
     ) -> DbResult<Vec<(User, Vec<String>)>> {
-        self.db.list_users(after, query, limit).await
+        self.store.list_users(after, query, limit).await
     }
 
     /// Updates the profile if `expected_version` is current; returns the new
@@ -29,27 +29,29 @@ impl Identity {
         f: &ProfileFields<'_>,
         now: i64,
     ) -> DbResult<Option<User>> {
-        self.db.update_profile(id, expected_version, f, now).await
+        self.store
+            .update_profile(id, expected_version, f, now)
+            .await
     }
 
     pub async fn addresses(&self, user_id: &str) -> DbResult<Vec<Address>> {
-        self.db.addresses(user_id).await
+        self.store.addresses(user_id).await
     }
 
     pub async fn update_address(&self, user_id: &str, a: &Address) -> DbResult<bool> {
-        self.db.update_address(user_id, a).await
+        self.store.update_address(user_id, a).await
     }
 
     pub async fn delete_address(&self, user_id: &str, id: &str) -> DbResult<bool> {
-        self.db.delete_address(user_id, id).await
+        self.store.delete_address(user_id, id).await
     }
 
     pub async fn set_default_address(&self, user_id: &str, id: &str, now: i64) -> DbResult<bool> {
-        self.db.set_default_address(user_id, id, now).await
+        self.store.set_default_address(user_id, id, now).await
     }
 
     pub async fn role_exists(&self, role: &str) -> DbResult<bool> {
-        self.db.role_exists(role).await
+        self.store.role_exists(role).await
     }
 
     /// Entries newest first, before the cursor `(at, id)`.
@@ -58,17 +60,17 @@ impl Identity {
         before: Option<(i64, String)>,
         limit: i64,
     ) -> DbResult<Vec<AuditRow>> {
-        self.db.audit_log(before, limit).await
+        self.store.audit_log(before, limit).await
     }
 
     /// The stored user, whatever their status.
     pub async fn user_row(&self, id: &str) -> DbResult<Option<User>> {
-        self.db.user(id).await
+        self.store.user(id).await
     }
 
     /// Whether a session is live and its user active: the check behind every
     /// authenticated request at the home cell.
     pub async fn session_alive(&self, id: &str, user_id: &str, now: i64) -> DbResult<bool> {
-        self.db.session_alive(id, user_id, now).await
+        self.store.session_alive(id, user_id, now).await
     }
 }

@@ -57,7 +57,7 @@ impl Identity {
             ));
         }
         if self
-            .db
+            .store
             .user_by_identifier(id.kind.as_str(), &id.value)
             .await?
             .is_some()
@@ -77,7 +77,7 @@ impl Identity {
             _ => format!("user-{}", &user_id[user_id.len() - 6..]),
         };
         let created = self
-            .db
+            .store
             .create_user(&NewUser {
                 id: &user_id,
                 display_name: display_name.unwrap_or(&default_name),
@@ -115,7 +115,7 @@ impl Identity {
     ) -> Result<(), (CodedError, Option<String>)> {
         // Recorded first: if this claim is never settled (a crash, a
         // timeout that in fact committed), the reconciliation releases it.
-        self.db
+        self.store
             .record_claim(qualified, user_id, now_ms())
             .await
             .map_err(|e| (CodedError::from(e), None))?;
@@ -129,7 +129,7 @@ impl Identity {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => {
                 // Someone else's claim: nothing of ours to release.
-                if let Err(e) = self.db.forget_claim(qualified, user_id).await {
+                if let Err(e) = self.store.forget_claim(qualified, user_id).await {
                     tracing::warn!(error = %e, "cannot forget a refused claim");
                 }
                 let holder = s
@@ -166,7 +166,7 @@ impl Identity {
         DirectoryServiceClient::new(self.cp.clone())
             .release_identifier(req)
             .await?;
-        if let Err(e) = self.db.forget_claim(qualified, user_id).await {
+        if let Err(e) = self.store.forget_claim(qualified, user_id).await {
             // The record stays; the reconciliation releases again (a no-op).
             tracing::warn!(error = %e, "cannot forget a released claim");
         }

@@ -27,7 +27,7 @@ impl Identity {
         }
         let now = now_ms();
         let hash = self.hasher.hash(new.to_string()).await?;
-        self.db
+        self.store
             .set_password(&p.user_id, &hash, true, Some(&p.sid), now)
             .await?;
         Ok(())
@@ -43,13 +43,13 @@ impl Identity {
         self.check_ip(ip)?;
         let id = Identifier::parse(identifier).map_err(|m| CodedError::field("identifier", m))?;
         let user = self
-            .db
+            .store
             .user_by_identifier(id.kind.as_str(), &id.value)
             .await?;
         let now = now_ms();
         let key = reset_budget_key(&id, user.as_deref());
         if let Err(wait_ms) = self
-            .db
+            .store
             .spend_reset_issue(&key, self.reset_limits(), now)
             .await?
         {
@@ -58,7 +58,7 @@ impl Identity {
         let Some(user_id) = user else {
             return Ok(());
         };
-        match self.db.user(&user_id).await? {
+        match self.store.user(&user_id).await? {
             Some(u) if u.status == "active" => {}
             _ => return Ok(()),
         }
@@ -76,7 +76,7 @@ impl Identity {
             "code": code,
             "expires_at": now + RESET_TTL_MS,
         });
-        self.db
+        self.store
             .create_reset(
                 &reset_id,
                 &user_id,
@@ -106,7 +106,7 @@ impl Identity {
         let id = Identifier::parse(identifier).map_err(|m| CodedError::field("identifier", m))?;
         self.check_ip(ip)?;
         let user = self
-            .db
+            .store
             .user_by_identifier(id.kind.as_str(), &id.value)
             .await?;
         let now = now_ms();
@@ -115,7 +115,7 @@ impl Identity {
         // storm cannot exceed either (docs/SECURITY.md has the arithmetic).
         let key = reset_budget_key(&id, user.as_deref());
         if let Err(wait_ms) = self
-            .db
+            .store
             .spend_reset_guess(&key, self.reset_limits(), now)
             .await?
         {
@@ -125,7 +125,7 @@ impl Identity {
             return Err(bad());
         };
         let Some((reset_id, code_hash)) = self
-            .db
+            .store
             .reserve_reset_guess(&user_id, RESET_MAX_ATTEMPTS, now)
             .await?
         else {
@@ -137,7 +137,7 @@ impl Identity {
         }
         let hash = self.hasher.hash(new_password.to_string()).await?;
         if !self
-            .db
+            .store
             .complete_reset(&reset_id, &user_id, &hash, now)
             .await?
         {

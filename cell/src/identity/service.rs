@@ -5,9 +5,9 @@
 
 use super::keys::Keys;
 use super::password::{HashError, Hasher};
+use super::store::IdentityStore;
 use super::store::{ResetLimits, reset_budget_key_of_user};
 use crate::clock::now_ms;
-use crate::db::Datastore;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use homecell_common::hex::sha256;
@@ -212,7 +212,7 @@ pub struct TokenPair {
 
 pub struct Identity {
     pub region: String,
-    pub db: Datastore,
+    pub store: IdentityStore,
     pub hasher: Hasher,
     pub keys: Arc<Keys>,
     pub replica: Arc<Replica>,

@@ -33,7 +33,7 @@ impl Identity {
         }
         let id = Identifier::parse(identifier).map_err(|m| CodedError::field("identifier", m))?;
         let Some(user_id) = self
-            .db
+            .store
             .user_by_identifier(id.kind.as_str(), &id.value)
             .await?
         else {
@@ -47,12 +47,12 @@ impl Identity {
         };
         let now = now_ms();
         let user = self
-            .db
+            .store
             .user(&user_id)
             .await?
             .ok_or_else(invalid_credentials)?;
         if user.status != "active" {
-            self.db.clear_attempts(&user_id).await?;
+            self.store.clear_attempts(&user_id).await?;
             return Err(CodedError::new(
                 ErrorCode::AccountDisabled,
                 "this account is disabled",
@@ -62,7 +62,7 @@ impl Identity {
         if verified.needs_rehash
             && let Ok(hash) = self.hasher.hash(password.to_string()).await
         {
-            self.db
+            self.store
                 .set_password(&user_id, &hash, false, None, now)
                 .await?;
         }
@@ -83,21 +83,21 @@ impl Identity {
         let (max, lock_ms) = self.lockout();
         let now = now_ms();
         let Some(attempt) = self
-            .db
+            .store
             .reserve_attempt(user_id, max, now + lock_ms, now)
             .await?
         else {
             self.hasher.verify_dummy(password.to_string()).await?;
             return Ok(None);
         };
-        let stored = self.db.password_hash(user_id).await?.unwrap_or_default();
+        let stored = self.store.password_hash(user_id).await?.unwrap_or_default();
         match self.hasher.verify(password.to_string(), stored).await {
             Ok(v) if v.ok => {
                 if attempt >= max {
                     // This attempt locked the account before the check;
                     // lift it now, not at the caller's later write, which
                     // may never come (argon2 busy for a new hash).
-                    self.db.clear_attempts(user_id).await?;
+                    self.store.clear_attempts(user_id).await?;
                 }
                 Ok(Some(v))
             }
@@ -109,7 +109,7 @@ impl Identity {
             }
             Err(HashError::Busy) => {
                 // Nothing was checked: the attempt is not a failure.
-                self.db.refund_attempt(user_id, max).await?;
+                self.store.refund_attempt(user_id, max).await?;
                 Err(HashError::Busy.into())
             }
             Err(e) => Err(e.into()),
@@ -136,8 +136,8 @@ impl Identity {
         let refresh = self.new_refresh_token();
         // Two logins of one client type racing on PostgreSQL: the unique
         // index lets one in; the other retries and replaces it.
-        let replaced = match self.db.open_session(&session, &sha256(&refresh)).await {
-            Err(DbError::Conflict) => self.db.open_session(&session, &sha256(&refresh)).await?,
+        let replaced = match self.store.open_session(&session, &sha256(&refresh)).await {
+            Err(DbError::Conflict) => self.store.open_session(&session, &sha256(&refresh)).await?,
             other => other?,
         };
         if let Some(old) = replaced {
@@ -176,7 +176,7 @@ impl Identity {
         session: &Session,
         refresh: String,
     ) -> Result<TokenPair, CodedError> {
-        let roles = self.db.roles_of(&session.user_id).await?;
+        let roles = self.store.roles_of(&session.user_id).await?;
         let now = now_ms() / 1000;
         let ttl = self.access_ttl_secs();
         let signer = self.keys.signer();
@@ -207,7 +207,7 @@ impl Identity {
         let salt = random_token(16);
         let next = self.successor(refresh_token, &salt);
         let outcome = self
-            .db
+            .store
             .rotate_refresh(&Rotation {
                 old_hash: &sha256(refresh_token),
                 new_hash: &sha256(&next),
@@ -291,7 +291,7 @@ impl Identity {
         let claims = token.0;
         if claims.home == self.region {
             if !self
-                .db
+                .store
                 .session_alive(&claims.sid, &claims.sub, now_ms())
                 .await?
             {
@@ -332,7 +332,7 @@ impl Identity {
             return Err(not_at_home());
         }
         let c = &token.0;
-        self.db
+        self.store
             .profile_in_session(&c.sub, &c.sid, now_ms())
             .await?
             .ok_or_else(session_ended)
@@ -346,7 +346,7 @@ impl Identity {
         if p.expires_at <= now_ms() / 1000 {
             return false;
         }
-        self.db
+        self.store
             .session_alive(&p.sid, &p.user_id, now_ms())
             .await
             .unwrap_or(true)
@@ -354,7 +354,7 @@ impl Identity {
 
     /// Refuses unless the caller (at its home cell) holds `permission` now.
     pub async fn require(&self, p: &Principal, permission: &str) -> Result<(), CodedError> {
-        if p.home == self.region && self.db.has_permission(&p.user_id, permission).await? {
+        if p.home == self.region && self.store.has_permission(&p.user_id, permission).await? {
             Ok(())
         } else {
             Err(CodedError::new(
@@ -365,19 +365,19 @@ impl Identity {
     }
 
     pub async fn logout(&self, p: &Principal) -> Result<(), CodedError> {
-        self.db
+        self.store
             .revoke_session(&p.user_id, &p.sid, "logout", now_ms())
             .await?;
         Ok(())
     }
 
     pub async fn sessions(&self, p: &Principal) -> Result<Vec<Session>, CodedError> {
-        Ok(self.db.sessions_of(&p.user_id, now_ms()).await?)
+        Ok(self.store.sessions_of(&p.user_id, now_ms()).await?)
     }
 
     pub async fn revoke_session(&self, p: &Principal, sid: &str) -> Result<(), CodedError> {
         if self
-            .db
+            .store
             .revoke_session(&p.user_id, sid, "revoked", now_ms())
             .await?
         {
@@ -389,7 +389,7 @@ impl Identity {
 
     pub async fn revoke_other_sessions(&self, p: &Principal) -> Result<u64, CodedError> {
         Ok(self
-            .db
+            .store
             .revoke_other_sessions(&p.user_id, &p.sid, now_ms())
             .await?)
     }

@@ -125,7 +125,7 @@ impl Identity {
             return Err(CodedError::invalid("code: 1 to 128 characters"));
         }
         let openid = wechat.openid(code).await?;
-        let user_id = match self.db.wechat_user(&openid).await? {
+        let user_id = match self.store.wechat_user(&openid).await? {
             Some(id) => id,
             None => {
                 let user_id = uuid::Uuid::now_v7().to_string();
@@ -148,7 +148,7 @@ impl Identity {
                     })?;
                 let name = format!("wx-{}", &user_id[user_id.len() - 6..]);
                 if let Err(e) = self
-                    .db
+                    .store
                     .create_wechat_user(&user_id, &name, &openid, now_ms())
                     .await
                 {
@@ -161,7 +161,7 @@ impl Identity {
                 user_id
             }
         };
-        match self.db.user(&user_id).await? {
+        match self.store.user(&user_id).await? {
             Some(u) if u.status == "active" => {}
             _ => {
                 return Err(CodedError::new(

@@ -216,7 +216,7 @@ pub async fn audit(stores: &[Datastore]) -> LedgerResult<Report> {
             let Some((_, peer_db)) = cells.iter().find(|(p, _)| &p.region == peer) else {
                 continue;
             };
-            let posted_there = peer_db
+            let posted_there = super::ledger::Ledger::per_statement((*peer_db).clone())
                 .operation(id)
                 .await?
                 .is_some_and(|o| o.state == "posted");

@@ -35,13 +35,13 @@ pub struct Step {
 }
 
 pub enum Write {
-    /// Record a new operation with its moves (`Datastore::execute`).
+    /// Record a new operation with its moves (`Ledger::execute`).
     Execute {
         op: Box<Operation>,
         moves: Vec<Move>,
         event: Option<OutboxEvent>,
     },
-    /// Move an operation on from (state, saga_step) (`Datastore::advance`).
+    /// Move an operation on from (state, saga_step) (`Ledger::advance`).
     Advance {
         id: String,
         from: (String, Option<String>),

@@ -6,6 +6,7 @@
 //! order, lets `rule::apply` judge each move, and writes the result. An
 //! operation and its transfers commit together or not at all.
 
+use super::group::{GroupCommit, Step, Write};
 use super::rule;
 use crate::db::audit::{AuditEntry, insert_audit};
 use crate::db::{Datastore, DbError, DbResult, Locking, Tx, built, stmt};
@@ -404,26 +405,102 @@ pub struct HistoryFilter<'a> {
     pub limit: i64,
 }
 
-impl Datastore {
-    pub async fn operation(&self, id: &str) -> LedgerResult<Option<Operation>> {
-        let sql = concat!(
-            "SELECT ",
-            op_cols!(),
-            " FROM money_operations WHERE id = $1"
-        );
-        Ok(stmt(sql).bind(id).fetch_optional(self).await?)
+/// The money service's tables over the cell's datastore: accounts,
+/// transfers and operations. Its writes take one of two paths with one rule
+/// (`rule.rs`): on a single-writer datastore (SQLite) they share commits
+/// through the group committer (`group.rs`); otherwise, and for a write
+/// that carries an audit entry, each runs its own statements in its own
+/// transaction (`apply_moves`).
+#[derive(Clone)]
+pub struct Ledger {
+    db: Datastore,
+    group: Option<GroupCommit>,
+}
+
+impl Ledger {
+    pub fn new(db: Datastore) -> Self {
+        let group = db.single_writer().then(|| GroupCommit::start(db.clone()));
+        Self { db, group }
     }
 
-    /// Records `op` and applies its moves in one transaction. `Exists` when
-    /// the id is taken (the caller answers from the stored operation).
+    /// The per-statement path alone, for a benchmark or a test that compares
+    /// the two.
+    pub fn per_statement(db: Datastore) -> Self {
+        Self { db, group: None }
+    }
+
+    /// Records `op` and applies its moves, committed together. `Exists`
+    /// when the id is taken (the caller answers from the stored operation).
     pub async fn execute(
         &self,
         op: &Operation,
         moves: &[Move],
         side: &SideEffects<'_>,
     ) -> LedgerResult<()> {
+        match (&self.group, &side.audit) {
+            (Some(group), None) => {
+                let write = Write::Execute {
+                    op: Box::new(op.clone()),
+                    moves: moves.to_vec(),
+                    event: side.event.clone(),
+                };
+                group.write(write).await.map(|_| ())
+            }
+            _ => self.execute_alone(op, moves, side).await,
+        }
+    }
+
+    /// Moves an operation from (`state`, `saga_step`) to `to` and applies
+    /// `moves`, atomically. False (and nothing written) when the operation
+    /// is no longer where the caller saw it: another worker got there first.
+    pub async fn advance(
+        &self,
+        id: &str,
+        from: (&str, Option<&str>),
+        to: &StepUpdate<'_>,
+        moves: &[Move],
+        side: &SideEffects<'_>,
+        now: i64,
+    ) -> LedgerResult<bool> {
+        match (&self.group, &side.audit) {
+            (Some(group), None) => {
+                let write = Write::Advance {
+                    id: id.to_string(),
+                    from: (from.0.to_string(), from.1.map(String::from)),
+                    to: Step {
+                        state: to.state.to_string(),
+                        saga_step: to.saga_step.map(String::from),
+                        error_code: to.error_code.map(String::from),
+                        error_detail: to.error_detail.map(String::from),
+                    },
+                    moves: moves.to_vec(),
+                    event: side.event.clone(),
+                    now,
+                };
+                group.write(write).await
+            }
+            _ => self.advance_alone(id, from, to, moves, side, now).await,
+        }
+    }
+
+    pub async fn operation(&self, id: &str) -> LedgerResult<Option<Operation>> {
+        let sql = concat!(
+            "SELECT ",
+            op_cols!(),
+            " FROM money_operations WHERE id = $1"
+        );
+        Ok(stmt(sql).bind(id).fetch_optional(&self.db).await?)
+    }
+
+    /// `execute` in a transaction of its own.
+    async fn execute_alone(
+        &self,
+        op: &Operation,
+        moves: &[Move],
+        side: &SideEffects<'_>,
+    ) -> LedgerResult<()> {
         let now = op.created_at;
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         insert_op(&mut tx, op).await?;
         apply_moves(&mut tx, moves, now).await?;
         side_effects(&mut tx, side, now).await?;
@@ -434,7 +511,7 @@ impl Datastore {
     /// Stores a refused operation so that a repeat gets the same answer.
     /// Returns what is stored under the id (a concurrent success wins).
     pub async fn record_refusal(&self, op: &Operation) -> LedgerResult<Operation> {
-        match self.execute(op, &[], &SideEffects::default()).await {
+        match self.execute_alone(op, &[], &SideEffects::default()).await {
             Ok(()) | Err(LedgerError::Exists) => {}
             Err(e) => return Err(e),
         }
@@ -443,10 +520,8 @@ impl Datastore {
             .ok_or_else(|| LedgerError::Invariant(format!("operation {} vanished", op.id)))
     }
 
-    /// Moves an operation from (`state`, `saga_step`) to `to` and applies
-    /// `moves`, atomically. False (and nothing written) when the operation
-    /// is no longer where the caller saw it: another worker got there first.
-    pub async fn advance(
+    /// `advance` in a transaction of its own.
+    async fn advance_alone(
         &self,
         id: &str,
         (state, saga_step): (&str, Option<&str>),
@@ -455,7 +530,7 @@ impl Datastore {
         side: &SideEffects<'_>,
         now: i64,
     ) -> LedgerResult<bool> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         let changed = stmt(
             "UPDATE money_operations SET state = $1, saga_step = $2, error_code = COALESCE($3, error_code), \
              error_detail = COALESCE($4, error_detail), attempts = 0, next_attempt_at = $5, updated_at = $5 \
@@ -486,7 +561,7 @@ impl Datastore {
             .bind(next_attempt_at)
             .bind(now)
             .bind(id)
-            .execute(self)
+            .execute(&self.db)
             .await?;
         Ok(())
     }
@@ -499,7 +574,7 @@ impl Datastore {
             " FROM money_operations WHERE saga_step IS NOT NULL AND saga_step <> 'done' \
              AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $2"
         );
-        Ok(stmt(sql).bind(now).bind(limit).fetch_all(self).await?)
+        Ok(stmt(sql).bind(now).bind(limit).fetch_all(&self.db).await?)
     }
 
     /// A user's operations, newest first, either side (a receiver does not
@@ -530,7 +605,7 @@ impl Datastore {
             .bind(f.state.unwrap_or(""))
             .bind(f.currency.unwrap_or(""))
             .bind(f.limit)
-            .fetch_all(self)
+            .fetch_all(&self.db)
             .await?)
     }
 
@@ -538,7 +613,8 @@ impl Datastore {
     pub async fn balances(&self, user_id: &str) -> LedgerResult<Vec<Balance>> {
         let sql = "SELECT currency, credits_posted - debits_posted - debits_pending, credits_pending, debits_pending \
                    FROM ledger_accounts WHERE owner = $1 AND kind = 'wallet' ORDER BY currency";
-        let rows: Vec<(String, i64, i64, i64)> = stmt(sql).bind(user_id).fetch_all(self).await?;
+        let rows: Vec<(String, i64, i64, i64)> =
+            stmt(sql).bind(user_id).fetch_all(&self.db).await?;
         Ok(rows
             .into_iter()
             .map(|(currency, available, pending, held)| Balance {

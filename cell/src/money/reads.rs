@@ -11,11 +11,11 @@ impl Money {
         user_id: &str,
         f: &HistoryFilter<'_>,
     ) -> LedgerResult<Vec<Operation>> {
-        self.db.history(user_id, f).await
+        self.ledger.history(user_id, f).await
     }
 
     /// A user's wallets.
     pub async fn balances(&self, user_id: &str) -> LedgerResult<Vec<Balance>> {
-        self.db.balances(user_id).await
+        self.ledger.balances(user_id).await
     }
 }

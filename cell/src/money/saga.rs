@@ -47,7 +47,7 @@ pub async fn run_worker(
         let due: Vec<String> = tokio::select! {
             _ = token.cancelled() => return,
             Some(id) = kicks.recv() => vec![id],
-            _ = tick.tick() => match money.db.due_operations(now_ms(), 256).await {
+            _ = tick.tick() => match money.ledger.due_operations(now_ms(), 256).await {
                 Ok(ops) => ops.into_iter().map(|o| o.id).collect(),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read due saga steps");
@@ -91,7 +91,7 @@ impl Money {
     /// Runs the coordinator's steps of one transfer as far as they go now.
     pub async fn drive(&self, id: &str) -> Result<(), CodedError> {
         loop {
-            let Some(op) = self.db.operation(id).await? else {
+            let Some(op) = self.ledger.operation(id).await? else {
                 return Ok(());
             };
             match op.saga_role.as_deref() {
@@ -114,7 +114,8 @@ impl Money {
                             ..Default::default()
                         };
                         let post = coordinator_move(&op, "post", Phase::Post);
-                        self.advance(id, (state, at), &to, &[post], &SideEffects::default(), now)
+                        self.ledger
+                            .advance(id, (state, at), &to, &[post], &SideEffects::default(), now)
                             .await?;
                         crate::failpoint::hit("saga.coordinator.after_post");
                     }
@@ -138,7 +139,8 @@ impl Money {
                                 saga_step: Some("done"),
                                 ..Default::default()
                             };
-                            self.advance(id, (state, at), &to, &[], &SideEffects::default(), now)
+                            self.ledger
+                                .advance(id, (state, at), &to, &[], &SideEffects::default(), now)
                                 .await?;
                             return Ok(());
                         }
@@ -166,15 +168,16 @@ impl Money {
             error_detail: Some(reason),
         };
         let void = coordinator_move(op, "void", Phase::Void);
-        self.advance(
-            &op.id,
-            ("pending", Some("hold_peer")),
-            &to,
-            &[void],
-            &SideEffects::default(),
-            now,
-        )
-        .await?;
+        self.ledger
+            .advance(
+                &op.id,
+                ("pending", Some("hold_peer")),
+                &to,
+                &[void],
+                &SideEffects::default(),
+                now,
+            )
+            .await?;
         Ok(())
     }
 
@@ -189,7 +192,7 @@ impl Money {
         if op.attempts >= 5 {
             tracing::warn!(transfer = %op.id, step = ?op.saga_step, attempts = op.attempts, error, "saga step keeps failing");
         }
-        self.db.reschedule(&op.id, now + delay, now).await?;
+        self.ledger.reschedule(&op.id, now + delay, now).await?;
         Ok(())
     }
 
@@ -256,7 +259,7 @@ impl Money {
 
     /// The stored record of an incoming transfer, if it is the same one.
     async fn stored_incoming(&self, want: &Operation) -> Result<Option<Operation>, CodedError> {
-        match self.db.operation(&want.id).await? {
+        match self.ledger.operation(&want.id).await? {
             Some(op) if op.request_hash != want.request_hash => Err(CodedError::invalid(
                 "this transfer id was used for another transfer",
             )),
@@ -275,16 +278,20 @@ impl Money {
             return Ok(Self::answer(&stored));
         }
         let receiver_ok =
-            matches!(self.db.user(&t.to_user).await?, Some(u) if u.status == "active");
+            matches!(self.users.user(&t.to_user).await?, Some(u) if u.status == "active");
         let result = if receiver_ok {
             let hold = participant_move(&op, "hold", Phase::Pending);
-            self.execute(&op, &[hold], &SideEffects::default()).await
+            self.ledger
+                .execute(&op, &[hold], &SideEffects::default())
+                .await
         } else {
             let mut refused = op.clone();
             refused.state = "failed".into();
             refused.error_code = Some(ErrorCode::NotFound.as_str().into());
             refused.error_detail = Some("no such receiver in this region".into());
-            self.execute(&refused, &[], &SideEffects::default()).await
+            self.ledger
+                .execute(&refused, &[], &SideEffects::default())
+                .await
         };
         match result {
             Ok(()) | Err(LedgerError::Exists) => {}
@@ -319,7 +326,8 @@ impl Money {
                 event: Some(received_event(&stored)),
                 audit: None,
             };
-            self.advance(&op.id, ("pending", None), &to, &[post], &side, now_ms())
+            self.ledger
+                .advance(&op.id, ("pending", None), &to, &[post], &side, now_ms())
                 .await?;
             crate::failpoint::hit("saga.participant.after_post");
         }
@@ -351,7 +359,7 @@ impl Money {
                 tombstone.state = "voided".into();
                 tombstone.error_detail = Some("voided by the sender's cell".into());
                 match self
-                    .db
+                    .ledger
                     .execute(&tombstone, &[], &SideEffects::default())
                     .await
                 {
@@ -370,15 +378,16 @@ impl Money {
                 error_detail: Some("voided by the sender's cell"),
                 ..Default::default()
             };
-            self.advance(
-                &op.id,
-                ("pending", None),
-                &to,
-                &[void],
-                &SideEffects::default(),
-                now,
-            )
-            .await?;
+            self.ledger
+                .advance(
+                    &op.id,
+                    ("pending", None),
+                    &to,
+                    &[void],
+                    &SideEffects::default(),
+                    now,
+                )
+                .await?;
         }
         let stored = self
             .stored_incoming(&op)

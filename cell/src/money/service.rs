@@ -7,14 +7,11 @@
 //! included) from a reused key (422).
 
 use super::currency;
-use super::group::{GroupCommit, Step, Write};
-use super::ledger::{
-    Account, LedgerError, LedgerResult, Move, Operation, OutboxEvent, SideEffects, StepUpdate,
-};
+use super::ledger::{Account, Ledger, LedgerError, Move, Operation, OutboxEvent, SideEffects};
 use crate::clock::now_ms;
-use crate::db::Datastore;
 use crate::db::audit::AuditEntry;
 use crate::identity::service::Principal;
+use crate::identity::store::IdentityStore;
 use homecell_common::hex::sha256;
 use homecell_common::replica::Replica;
 use homecell_proto::error::{CodedError, ErrorCode};
@@ -28,7 +25,9 @@ pub const MAX_MEMO: usize = 200;
 
 pub struct Money {
     pub region: String,
-    pub db: Datastore,
+    pub ledger: Ledger,
+    /// Who a user is, and whether active (identity's table).
+    pub users: IdentityStore,
     pub replica: Arc<Replica>,
     pub peers: Arc<crate::peers::Peers>,
     /// Wakes the saga worker for a transfer that just started.
@@ -43,8 +42,6 @@ pub struct Money {
     /// How long a provider may stay undecided before a withdrawal is
     /// `reconciling` (withdrawal.rs).
     pub withdrawal_timeout_ms: i64,
-    /// SQLite's group commit (see `group`); none on PostgreSQL.
-    pub group: Option<GroupCommit>,
 }
 
 #[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
@@ -167,57 +164,6 @@ fn refusal(mut op: Operation, e: &CodedError) -> Operation {
 }
 
 impl Money {
-    /// `Datastore::execute`, through the group committer where there is one.
-    pub(super) async fn execute(
-        &self,
-        op: &Operation,
-        moves: &[Move],
-        side: &SideEffects<'_>,
-    ) -> LedgerResult<()> {
-        match (&self.group, &side.audit) {
-            (Some(group), None) => {
-                let write = Write::Execute {
-                    op: Box::new(op.clone()),
-                    moves: moves.to_vec(),
-                    event: side.event.clone(),
-                };
-                group.write(write).await.map(|_| ())
-            }
-            _ => self.db.execute(op, moves, side).await,
-        }
-    }
-
-    /// `Datastore::advance`, through the group committer where there is one.
-    pub(super) async fn advance(
-        &self,
-        id: &str,
-        from: (&str, Option<&str>),
-        to: &StepUpdate<'_>,
-        moves: &[Move],
-        side: &SideEffects<'_>,
-        now: i64,
-    ) -> LedgerResult<bool> {
-        match (&self.group, &side.audit) {
-            (Some(group), None) => {
-                let write = Write::Advance {
-                    id: id.to_string(),
-                    from: (from.0.to_string(), from.1.map(String::from)),
-                    to: Step {
-                        state: to.state.to_string(),
-                        saga_step: to.saga_step.map(String::from),
-                        error_code: to.error_code.map(String::from),
-                        error_detail: to.error_detail.map(String::from),
-                    },
-                    moves: moves.to_vec(),
-                    event: side.event.clone(),
-                    now,
-                };
-                group.write(write).await
-            }
-            _ => self.db.advance(id, from, to, moves, side, now).await,
-        }
-    }
-
     /// Writes `op` with `moves`; a taken id answers from what is stored; a
     /// refusal of the ledger is stored and answered.
     pub(super) async fn commit(
@@ -226,11 +172,11 @@ impl Money {
         moves: &[Move],
         side: &SideEffects<'_>,
     ) -> Result<Operation, CodedError> {
-        match self.execute(&op, moves, side).await {
+        match self.ledger.execute(&op, moves, side).await {
             Ok(()) => Ok(op),
             Err(LedgerError::Exists) => {
                 let hash = op.request_hash.clone();
-                let stored = self.db.operation(&op.id).await?.ok_or_else(|| {
+                let stored = self.ledger.operation(&op.id).await?.ok_or_else(|| {
                     CodedError::internal("an operation vanished after a conflict")
                 })?;
                 replay(stored, &hash)
@@ -238,7 +184,7 @@ impl Money {
             Err(e @ (LedgerError::InsufficientFunds | LedgerError::Overflow)) => {
                 let err = CodedError::from(e);
                 let hash = op.request_hash.clone();
-                let stored = self.db.record_refusal(&refusal(op, &err)).await?;
+                let stored = self.ledger.record_refusal(&refusal(op, &err)).await?;
                 replay(stored, &hash)
             }
             Err(e) => Err(e.into()),
@@ -247,7 +193,7 @@ impl Money {
 
     /// The stored outcome under `id`, if the operation exists.
     pub(super) async fn stored(&self, id: &str, hash: &str) -> Result<Option<Outcome>, CodedError> {
-        match self.db.operation(id).await? {
+        match self.ledger.operation(id).await? {
             Some(op) => replay(op, hash).map(|op| Some(op.into())),
             None => Ok(None),
         }
@@ -255,7 +201,7 @@ impl Money {
 
     /// The home region of a user: this cell if the user lives here.
     async fn home_of(&self, user_id: &str) -> Result<Option<String>, CodedError> {
-        if let Some(u) = self.db.user(user_id).await? {
+        if let Some(u) = self.users.user(user_id).await? {
             return Ok((u.status == "active").then(|| self.region.clone()));
         }
         Ok(self
@@ -315,7 +261,7 @@ impl Money {
         };
         let Some(home) = self.home_of(to).await? else {
             let err = CodedError::not_found("no such receiver");
-            let stored = self.db.record_refusal(&refusal(op, &err)).await?;
+            let stored = self.ledger.record_refusal(&refusal(op, &err)).await?;
             return replay(stored, &hash).map(Outcome::from);
         };
         if home == self.region {
@@ -368,7 +314,7 @@ impl Money {
                 format!("say why, in at most {MAX_MEMO} characters"),
             ));
         }
-        match self.db.user(user_id).await? {
+        match self.users.user(user_id).await? {
             Some(u) if u.status != "deleted" => {}
             _ => return Err(CodedError::not_found("no such user in this region")),
         }
@@ -443,7 +389,7 @@ impl Money {
         if let Some(stored) = self.stored(&id, &hash).await? {
             return Ok(stored);
         }
-        match self.db.user(&d.user_id).await? {
+        match self.users.user(&d.user_id).await? {
             Some(u) if u.status != "deleted" => {}
             // Not here (any more): a user who moved away leaves an erased
             // row behind, and their deposit goes to the new home; one the
@@ -520,7 +466,7 @@ impl Money {
     /// One of the caller's operations (either side).
     pub async fn get(&self, p: &Principal, id: &str) -> Result<Operation, CodedError> {
         let op = self
-            .db
+            .ledger
             .operation(id)
             .await?
             .ok_or_else(|| CodedError::not_found("no such transfer"))?;

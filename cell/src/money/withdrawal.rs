@@ -117,7 +117,8 @@ impl Money {
                         error_code: None,
                         error_detail: None,
                     };
-                    self.advance(&op.id, from, &to, &[], &SideEffects::default(), now)
+                    self.ledger
+                        .advance(&op.id, from, &to, &[], &SideEffects::default(), now)
                         .await?;
                     return Ok(());
                 }
@@ -142,7 +143,9 @@ impl Money {
             error_detail: reason.as_deref(),
         };
         let side = SideEffects { event, audit: None };
-        self.advance(&op.id, from, &to, &[m], &side, now).await?;
+        self.ledger
+            .advance(&op.id, from, &to, &[m], &side, now)
+            .await?;
         Ok(())
     }
 }

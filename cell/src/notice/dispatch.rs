@@ -43,7 +43,7 @@ impl Notices {
         let mut last_broadcast = 0;
         loop {
             let mut busy = false;
-            match self.db.pending_events(BATCH).await {
+            match self.store.pending_events(BATCH).await {
                 Ok(events) => {
                     busy |= events.len() as i64 == BATCH;
                     if let Err(err) = self.dispatch(&events).await {
@@ -61,14 +61,18 @@ impl Notices {
                     &self.region,
                     200,
                 );
-                match self.db.advance_broadcasts(per_second, last_broadcast).await {
+                match self
+                    .store
+                    .advance_broadcasts(per_second, last_broadcast)
+                    .await
+                {
                     Ok(n) => busy |= n > 0,
                     Err(e) => tracing::warn!(error = %e, "cannot advance broadcasts"),
                 }
             }
             if now_ms() - last_purge > 60_000 {
                 last_purge = now_ms();
-                if let Err(e) = self.db.purge_inbox(last_purge).await {
+                if let Err(e) = self.store.purge_inbox(last_purge).await {
                     tracing::warn!(error = %e, "cannot purge expired inbox items");
                 }
             }
@@ -95,7 +99,12 @@ impl Notices {
         templates: &[Template],
         now: i64,
     ) -> Result<Option<FanOut>, String> {
-        let Some(contacts) = self.db.contacts(user_id).await.map_err(|e| e.to_string())? else {
+        let Some(contacts) = self
+            .store
+            .contacts(user_id)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
             return Ok(None);
         };
         if contacts.status == "deleted" {
@@ -115,7 +124,7 @@ impl Notices {
             .clone()
             .unwrap_or_else(|| self.config.default_locale.clone());
         let opted_out = self
-            .db
+            .store
             .opted_out(user_id)
             .await
             .map_err(|e| e.to_string())?;
@@ -198,7 +207,7 @@ impl Notices {
         let mut templates: HashMap<&str, Vec<Template>> = HashMap::new();
         for e in events {
             if !templates.contains_key(e.topic.as_str()) {
-                templates.insert(&e.topic, self.db.templates_for(&e.topic).await?);
+                templates.insert(&e.topic, self.store.templates_for(&e.topic).await?);
             }
         }
         let users: Vec<String> = events
@@ -227,7 +236,7 @@ impl Notices {
             .zip(&rendered)
             .map(|((e, u), f)| (e.id.as_str(), u.as_str(), f))
             .collect();
-        let inserted = self.db.fan_out_many(&batch, now).await?;
+        let inserted = self.store.fan_out_many(&batch, now).await?;
         let mut live = Vec::new();
         for ((user_id, f), new) in users.into_iter().zip(rendered).zip(inserted) {
             if new && let Some((item, _)) = f.inbox {

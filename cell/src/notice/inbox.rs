@@ -15,13 +15,13 @@ impl Notices {
         limit: i64,
         now: i64,
     ) -> DbResult<Vec<InboxItem>> {
-        self.db
+        self.store
             .inbox_page(user_id, archived, after, limit, now)
             .await
     }
 
     pub async fn unread_count(&self, user_id: &str, now: i64) -> DbResult<i64> {
-        self.db.unread_count(user_id, now).await
+        self.store.unread_count(user_id, now).await
     }
 
     /// Sets `read_at` or `archived_at` on one item (or, with no id, on all
@@ -33,15 +33,15 @@ impl Notices {
         archive: bool,
         now: i64,
     ) -> DbResult<u64> {
-        self.db.mark_inbox(user_id, id, archive, now).await
+        self.store.mark_inbox(user_id, id, archive, now).await
     }
 
     pub async fn delete_inbox(&self, user_id: &str, id: &str) -> DbResult<bool> {
-        self.db.delete_inbox(user_id, id).await
+        self.store.delete_inbox(user_id, id).await
     }
 
     pub async fn preferences(&self, user_id: &str) -> DbResult<Vec<(String, String, bool)>> {
-        self.db.preferences(user_id).await
+        self.store.preferences(user_id).await
     }
 
     pub async fn set_preferences(
@@ -49,7 +49,7 @@ impl Notices {
         user_id: &str,
         prefs: &[(String, String, bool)],
     ) -> DbResult<()> {
-        self.db.set_preferences(user_id, prefs).await
+        self.store.set_preferences(user_id, prefs).await
     }
 
     /// Adds an event; false if its id is already there (triggers are
@@ -62,7 +62,7 @@ impl Notices {
         payload: &str,
         now: i64,
     ) -> DbResult<bool> {
-        self.db
+        self.store
             .enqueue_event(id, topic, user_id, payload, now)
             .await
     }

@@ -63,9 +63,9 @@ impl Notices {
         if items.is_empty() {
             return;
         }
-        if self.db.is_shared() {
+        if self.store.is_shared() {
             let payloads: Vec<String> = items.iter().filter_map(payload).collect();
-            if let Err(e) = self.db.announce(CHANNEL, &payloads).await {
+            if let Err(e) = self.store.announce(CHANNEL, &payloads).await {
                 tracing::warn!(error = %e, "cannot announce new inbox items to the other instances");
             }
         }
@@ -78,7 +78,7 @@ impl Notices {
     /// instance's streams until `token` is cancelled.
     pub async fn relay_announcements(self: Arc<Self>, token: CancellationToken) {
         let mut listener = loop {
-            let Some(listening) = self.db.listen(CHANNEL).await else {
+            let Some(listening) = self.store.listen(CHANNEL).await else {
                 return;
             };
             match listening {
@@ -116,7 +116,7 @@ impl Notices {
             }
             let item = match (a.item, a.id) {
                 (Some(item), _) => Some(item),
-                (None, Some(id)) => self.db.inbox_item(&a.user_id, &id).await.ok().flatten(),
+                (None, Some(id)) => self.store.inbox_item(&a.user_id, &id).await.ok().flatten(),
                 (None, None) => None,
             };
             if let Some(item) = item {

@@ -131,7 +131,7 @@ pub struct Live {
 
 pub struct Notices {
     pub region: String,
-    pub db: Datastore,
+    pub store: store::NoticeStore,
     pub replica: Arc<Replica>,
     pub config: NoticeConfig,
     pub sender: send::Sender,
@@ -154,7 +154,7 @@ impl Notices {
         let sender = send::Sender::new(&config)?;
         Ok(Self {
             region: region.to_string(),
-            db,
+            store: store::NoticeStore::new(db),
             replica,
             config,
             sender,

@@ -148,7 +148,7 @@ impl Notices {
     /// Sends what is due; true if there may be more right away.
     pub(super) async fn send_due(&self) -> bool {
         let now = now_ms();
-        let due = match self.db.due_deliveries(now, 32).await {
+        let due = match self.store.due_deliveries(now, 32).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read due deliveries");
@@ -158,7 +158,7 @@ impl Notices {
         let full = due.len() == 32;
         let max = self.max_attempts();
         let sends = due.into_iter().map(|d| async move {
-            match self.db.lease_delivery(&d.id, d.next_attempt_at, now + LEASE_MS).await {
+            match self.store.lease_delivery(&d.id, d.next_attempt_at, now + LEASE_MS).await {
                 Ok(true) => {}
                 _ => return,
             }
@@ -167,14 +167,14 @@ impl Notices {
             let recorded = match result {
                 Ok(provider) => {
                     crate::metrics::DELIVERIES.with_label_values(&[&d.channel, "sent"]).inc();
-                    self.db.delivery_sent(&d.id, &provider, done).await
+                    self.store.delivery_sent(&d.id, &provider, done).await
                 }
                 Err(error) => {
                     let dead = d.attempts + 1 >= max;
                     let outcome = if dead { "dead" } else { "retry" };
                     crate::metrics::DELIVERIES.with_label_values(&[&d.channel, outcome]).inc();
                     tracing::warn!(delivery = %d.id, channel = %d.channel, attempts = d.attempts + 1, dead, error, "delivery failed");
-                    self.db
+                    self.store
                         .delivery_failed(&d.id, &error, done + homecell_common::backoff::jittered_ms(d.attempts, 1_000, 300_000), dead)
                         .await
                 }

@@ -1,6 +1,34 @@
 //! The notice tables, for both backends (one SQL text each).
 
 use crate::db::Datastore;
+
+/// The notice service's tables over the cell's datastore: the outbox, the
+/// inbox, deliveries, templates, preferences and broadcasts.
+#[derive(Clone, Debug)]
+pub struct NoticeStore {
+    db: Datastore,
+}
+
+impl NoticeStore {
+    pub fn new(db: Datastore) -> Self {
+        Self { db }
+    }
+
+    /// Whether other instances share this datastore (`live.rs`).
+    pub fn is_shared(&self) -> bool {
+        self.db.is_shared()
+    }
+
+    /// Tells the other instances (`live.rs`).
+    pub async fn announce(&self, channel: &str, payloads: &[String]) -> DbResult<()> {
+        self.db.announce(channel, payloads).await
+    }
+
+    /// Hears the other instances (`live.rs`).
+    pub async fn listen(&self, channel: &str) -> Option<DbResult<crate::db::Listener>> {
+        self.db.listen(channel).await
+    }
+}
 use crate::db::DbResult;
 use crate::db::{built, stmt};
 
@@ -100,7 +128,7 @@ pub struct Contacts {
     pub phone: Option<String>,
 }
 
-impl Datastore {
+impl NoticeStore {
     /// Adds an event; false if its id is already there (triggers are
     /// idempotent by event id).
     pub async fn enqueue_event(
@@ -112,14 +140,14 @@ impl Datastore {
         now: i64,
     ) -> DbResult<bool> {
         let n = stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING")
-            .bind(id).bind(topic).bind(user_id).bind(payload).bind(now).execute(self).await?;
+            .bind(id).bind(topic).bind(user_id).bind(payload).bind(now).execute(&self.db).await?;
         Ok(n == 1)
     }
 
     pub async fn pending_events(&self, limit: i64) -> DbResult<Vec<Event>> {
         let sql = "SELECT id, topic, user_id, payload, created_at FROM outbox WHERE delivered_at IS NULL ORDER BY created_at, id LIMIT $1";
         let rows: Vec<(String, String, Option<String>, String, i64)> =
-            stmt(sql).bind(limit).fetch_all(self).await?;
+            stmt(sql).bind(limit).fetch_all(&self.db).await?;
         Ok(rows
             .into_iter()
             .map(|(id, topic, user_id, payload, created_at)| Event {
@@ -136,7 +164,7 @@ impl Datastore {
         let user: Option<(String, Option<String>, String)> =
             stmt("SELECT status, locale, display_name FROM users WHERE id = $1")
                 .bind(user_id)
-                .fetch_optional(self)
+                .fetch_optional(&self.db)
                 .await?;
         let Some((status, locale, display_name)) = user else {
             return Ok(None);
@@ -144,7 +172,7 @@ impl Datastore {
         let ids: Vec<(String, String)> =
             stmt("SELECT kind, value FROM identifiers WHERE user_id = $1 ORDER BY kind")
                 .bind(user_id)
-                .fetch_all(self)
+                .fetch_all(&self.db)
                 .await?;
         let find = |k: &str| {
             ids.iter()
@@ -164,14 +192,14 @@ impl Datastore {
     pub async fn opted_out(&self, user_id: &str) -> DbResult<Vec<(String, String)>> {
         stmt("SELECT category, channel FROM notice_preferences WHERE user_id = $1 AND NOT enabled")
             .bind(user_id)
-            .fetch_all(self)
+            .fetch_all(&self.db)
             .await
     }
 
     pub async fn preferences(&self, user_id: &str) -> DbResult<Vec<(String, String, bool)>> {
         stmt("SELECT category, channel, enabled FROM notice_preferences WHERE user_id = $1 ORDER BY category, channel")
             .bind(user_id)
-            .fetch_all(self)
+            .fetch_all(&self.db)
             .await
     }
 
@@ -180,7 +208,7 @@ impl Datastore {
         user_id: &str,
         prefs: &[(String, String, bool)],
     ) -> DbResult<()> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         for (category, channel, enabled) in prefs {
             stmt("INSERT INTO notice_preferences (user_id, category, channel, enabled) VALUES ($1, $2, $3, $4) \
                          ON CONFLICT (user_id, category, channel) DO UPDATE SET enabled = excluded.enabled")
@@ -192,14 +220,14 @@ impl Datastore {
 
     pub async fn templates_for(&self, key: &str) -> DbResult<Vec<Template>> {
         let sql = format!("SELECT {TEMPLATE_COLS} FROM notice_templates WHERE key = $1");
-        let rows: Vec<Template> = built(sql.clone()).bind(key).fetch_all(self).await?;
+        let rows: Vec<Template> = built(sql.clone()).bind(key).fetch_all(&self.db).await?;
         Ok(rows)
     }
 
     pub async fn list_templates(&self) -> DbResult<Vec<Template>> {
         let sql =
             format!("SELECT {TEMPLATE_COLS} FROM notice_templates ORDER BY key, channel, locale");
-        let rows: Vec<Template> = built(sql.clone()).fetch_all(self).await?;
+        let rows: Vec<Template> = built(sql.clone()).fetch_all(&self.db).await?;
         Ok(rows)
     }
 
@@ -210,7 +238,7 @@ impl Datastore {
                          category = excluded.category, subject = excluded.subject, body = excluded.body, \
                          updated_at = excluded.updated_at, updated_by = excluded.updated_by")
                 .bind(&t.key).bind(&t.channel).bind(&t.locale).bind(&t.category).bind(&t.subject)
-                .bind(&t.body).bind(t.updated_at).bind(&t.updated_by).execute(self).await?;
+                .bind(&t.body).bind(t.updated_at).bind(&t.updated_by).execute(&self.db).await?;
         };
         Ok(())
     }
@@ -221,7 +249,7 @@ impl Datastore {
                 .bind(key)
                 .bind(channel)
                 .bind(locale)
-                .execute(self)
+                .execute(&self.db)
                 .await?;
         Ok(n == 1)
     }
@@ -246,7 +274,7 @@ impl Datastore {
         batch: &[(&str, &str, &FanOut)],
         now: i64,
     ) -> DbResult<Vec<bool>> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         let inserted = {
             let mut all = Vec::with_capacity(batch.len());
             for (event_id, user_id, f) in batch {
@@ -284,7 +312,7 @@ impl Datastore {
         let rows: Vec<Delivery> = built(sql.clone())
             .bind(now)
             .bind(limit)
-            .fetch_all(self)
+            .fetch_all(&self.db)
             .await?;
         Ok(rows)
     }
@@ -293,14 +321,14 @@ impl Datastore {
     /// it alone); false if someone else took it first.
     pub async fn lease_delivery(&self, id: &str, seen_next: i64, until: i64) -> DbResult<bool> {
         let n = stmt("UPDATE deliveries SET next_attempt_at = $1 WHERE id = $2 AND state = 'pending' AND next_attempt_at = $3")
-            .bind(until).bind(id).bind(seen_next).execute(self).await?;
+            .bind(until).bind(id).bind(seen_next).execute(&self.db).await?;
         Ok(n == 1)
     }
 
     pub async fn delivery_sent(&self, id: &str, provider: &str, now: i64) -> DbResult<()> {
         {
             stmt("UPDATE deliveries SET state = 'sent', sent_at = $1, provider = $2, body = '', html = NULL, attempts = attempts + 1, last_error = NULL WHERE id = $3")
-                .bind(now).bind(provider).bind(id).execute(self).await?;
+                .bind(now).bind(provider).bind(id).execute(&self.db).await?;
         };
         Ok(())
     }
@@ -322,7 +350,7 @@ impl Datastore {
                          body = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset') THEN '' ELSE body END, \
                          html = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset') THEN NULL ELSE html END \
                          WHERE id = $4")
-                .bind(error).bind(next_at).bind(dead).bind(id).execute(self).await?;
+                .bind(error).bind(next_at).bind(dead).bind(id).execute(&self.db).await?;
         };
         Ok(())
     }
@@ -340,7 +368,7 @@ impl Datastore {
             .bind(at)
             .bind(&id)
             .bind(limit)
-            .fetch_all(self)
+            .fetch_all(&self.db)
             .await?;
         Ok(rows)
     }
@@ -352,14 +380,14 @@ impl Datastore {
         let n = stmt("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1 \
                      WHERE id = $2 AND state = 'dead' \
                      AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset')")
-            .bind(now).bind(id).execute(self).await?;
+            .bind(now).bind(id).execute(&self.db).await?;
         if n == 1 {
             return Ok(Redrive::Queued);
         }
         let dead: Option<(String,)> =
             stmt("SELECT id FROM deliveries WHERE id = $1 AND state = 'dead'")
                 .bind(id)
-                .fetch_optional(self)
+                .fetch_optional(&self.db)
                 .await?;
         Ok(if dead.is_some() {
             Redrive::OneTimeCode
@@ -387,7 +415,7 @@ impl Datastore {
             .bind(at)
             .bind(&id)
             .bind(limit)
-            .fetch_all(self)
+            .fetch_all(&self.db)
             .await?;
         Ok(rows)
     }
@@ -398,14 +426,14 @@ impl Datastore {
         let row: Option<InboxItem> = stmt(sql)
             .bind(user_id)
             .bind(id)
-            .fetch_optional(self)
+            .fetch_optional(&self.db)
             .await?;
         Ok(row)
     }
 
     pub async fn unread_count(&self, user_id: &str, now: i64) -> DbResult<i64> {
         let sql = "SELECT COUNT(*) FROM inbox WHERE user_id = $1 AND read_at IS NULL AND archived_at IS NULL AND expires_at > $2";
-        stmt(sql).bind(user_id).bind(now).scalar(self).await
+        stmt(sql).bind(user_id).bind(now).scalar(&self.db).await
     }
 
     /// Sets `read_at` or `archived_at` on one item (or, with no id, on all
@@ -420,15 +448,15 @@ impl Datastore {
         let n = match (id, archive) {
             (Some(id), false) => {
                 stmt("UPDATE inbox SET read_at = COALESCE(read_at, $1) WHERE user_id = $2 AND id = $3")
-                .bind(now).bind(user_id).bind(id).execute(self).await?
+                .bind(now).bind(user_id).bind(id).execute(&self.db).await?
             }
             (Some(id), true) => {
                 stmt("UPDATE inbox SET archived_at = COALESCE(archived_at, $1), read_at = COALESCE(read_at, $1) WHERE user_id = $2 AND id = $3")
-                .bind(now).bind(user_id).bind(id).execute(self).await?
+                .bind(now).bind(user_id).bind(id).execute(&self.db).await?
             }
             (None, _) => {
                 stmt("UPDATE inbox SET read_at = $1 WHERE user_id = $2 AND read_at IS NULL")
-                .bind(now).bind(user_id).execute(self).await?
+                .bind(now).bind(user_id).execute(&self.db).await?
             }
         };
         Ok(n)
@@ -438,7 +466,7 @@ impl Datastore {
         let n = stmt("DELETE FROM inbox WHERE user_id = $1 AND id = $2")
             .bind(user_id)
             .bind(id)
-            .execute(self)
+            .execute(&self.db)
             .await?;
         Ok(n == 1)
     }
@@ -447,7 +475,7 @@ impl Datastore {
     pub async fn purge_inbox(&self, now: i64) -> DbResult<u64> {
         stmt("DELETE FROM inbox WHERE expires_at <= $1")
             .bind(now)
-            .execute(self)
+            .execute(&self.db)
             .await
     }
 }
@@ -465,19 +493,17 @@ pub struct Broadcast {
     pub done_at: Option<i64>,
 }
 
-impl Datastore {
+impl NoticeStore {
     pub async fn create_broadcast(&self, b: &Broadcast, payload: &str) -> DbResult<()> {
-        {
-            stmt("INSERT INTO broadcasts (id, template_key, payload, role, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
-                .bind(&b.id).bind(&b.template_key).bind(payload).bind(&b.role).bind(&b.created_by).bind(b.created_at)
-                .execute(self).await?;
-        };
+        stmt("INSERT INTO broadcasts (id, template_key, payload, role, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(&b.id).bind(&b.template_key).bind(payload).bind(&b.role).bind(&b.created_by).bind(b.created_at)
+            .execute(&self.db).await?;
         Ok(())
     }
 
     pub async fn broadcasts(&self, limit: i64) -> DbResult<Vec<Broadcast>> {
         let sql = "SELECT id, template_key, role, created_by, created_at, queued, done_at FROM broadcasts ORDER BY created_at DESC, id DESC LIMIT $1";
-        let rows: Vec<Broadcast> = stmt(sql).bind(limit).fetch_all(self).await?;
+        let rows: Vec<Broadcast> = stmt(sql).bind(limit).fetch_all(&self.db).await?;
         Ok(rows)
     }
 
@@ -486,10 +512,10 @@ impl Datastore {
     pub async fn advance_broadcasts(&self, chunk: i64, now: i64) -> DbResult<u64> {
         let active: Vec<(String, String, String, Option<String>, String)> = stmt(
             "SELECT id, template_key, payload, role, cursor FROM broadcasts WHERE done_at IS NULL ORDER BY created_at LIMIT 4")
-            .fetch_all(self).await?;
+            .fetch_all(&self.db).await?;
         let mut total = 0;
         for (id, key, payload, role, cursor) in active {
-            let mut tx = self.begin().await?;
+            let mut tx = self.db.begin().await?;
             let n = {
                 let users: Vec<(String,)> = stmt(
                 "SELECT u.id FROM users u WHERE u.status = 'active' AND u.id > $1 \

@@ -1,26 +1,26 @@
 //! The identity store's addresses.
 
-use crate::db::Datastore;
+use super::IdentityStore;
 use crate::db::stmt;
 
 use super::*;
 use crate::db::DbResult;
 
-impl Datastore {
+impl IdentityStore {
     pub async fn addresses(&self, user_id: &str) -> DbResult<Vec<Address>> {
         let sql = concat!(
             "SELECT ",
             address_cols!(),
             " FROM addresses WHERE user_id = $1 ORDER BY created_at, id"
         );
-        let rows: Vec<Address> = stmt(sql).bind(user_id).fetch_all(self).await?;
+        let rows: Vec<Address> = stmt(sql).bind(user_id).fetch_all(&self.db).await?;
         Ok(rows)
     }
 
     /// Adds an address unless the user has `max` already. The first address
     /// becomes the default. Returns false when at the limit.
     pub async fn add_address(&self, user_id: &str, a: &Address, max: i64) -> DbResult<bool> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         let added = {
             let (count,): (i64,) = stmt("SELECT COUNT(*) FROM addresses WHERE user_id = $1")
                 .bind(user_id)
@@ -64,7 +64,7 @@ impl Datastore {
     }
 
     pub async fn update_address(&self, user_id: &str, a: &Address) -> DbResult<bool> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         let changed = {
             let r = stmt("UPDATE addresses SET label = $1, recipient = $2, phone = $3, line1 = $4, line2 = $5, city = $6, state = $7, postal_code = $8, country = $9, \
                              is_default = CASE WHEN $10 THEN TRUE ELSE is_default END, updated_at = $11 WHERE id = $12 AND user_id = $13")
@@ -88,7 +88,7 @@ impl Datastore {
     }
 
     pub async fn set_default_address(&self, user_id: &str, id: &str, now: i64) -> DbResult<bool> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         let changed = {
             let (exists,): (i64,) =
                 stmt("SELECT COUNT(*) FROM addresses WHERE id = $1 AND user_id = $2")
@@ -110,7 +110,7 @@ impl Datastore {
         let r = stmt("DELETE FROM addresses WHERE id = $1 AND user_id = $2")
             .bind(id)
             .bind(user_id)
-            .execute(self)
+            .execute(&self.db)
             .await?;
         Ok(r == 1)
     }

@@ -1,16 +1,16 @@
 //! The identity store's credentials: password hashes, the lockout counter, identifiers.
 
-use crate::db::Datastore;
+use super::IdentityStore;
 use crate::db::stmt;
 
 use crate::db::DbResult;
 
-impl Datastore {
+impl IdentityStore {
     pub async fn password_hash(&self, user_id: &str) -> DbResult<Option<String>> {
         let row: Option<(String,)> =
             stmt("SELECT password_hash FROM credentials WHERE user_id = $1")
                 .bind(user_id)
-                .fetch_optional(self)
+                .fetch_optional(&self.db)
                 .await?;
         Ok(row.map(|r| r.0))
     }
@@ -52,7 +52,7 @@ impl Datastore {
             .bind(user_id)
             .bind(max)
             .bind(lock_until)
-            .fetch_optional(self.writer())
+            .fetch_optional(self.db.writer())
             .await?;
         Ok(row.map(|r| r.0))
     }
@@ -60,20 +60,16 @@ impl Datastore {
     /// Gives back a reserved attempt whose check never ran (argon2 was
     /// busy), lifting the lock it may have set.
     pub async fn refund_attempt(&self, user_id: &str, max: i64) -> DbResult<()> {
-        {
-            stmt("UPDATE credentials SET attempts = attempts - 1, locked_until = CASE WHEN attempts - 1 < $2 THEN NULL ELSE locked_until END WHERE user_id = $1 AND attempts > 0")
-            .bind(user_id).bind(max).execute(self).await?;
-        };
+        stmt("UPDATE credentials SET attempts = attempts - 1, locked_until = CASE WHEN attempts - 1 < $2 THEN NULL ELSE locked_until END WHERE user_id = $1 AND attempts > 0")
+        .bind(user_id).bind(max).execute(&self.db).await?;
         Ok(())
     }
 
     pub async fn clear_attempts(&self, user_id: &str) -> DbResult<()> {
-        {
-            stmt("UPDATE credentials SET attempts = 0, locked_until = NULL WHERE user_id = $1")
-                .bind(user_id)
-                .execute(self)
-                .await?;
-        };
+        stmt("UPDATE credentials SET attempts = 0, locked_until = NULL WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&self.db)
+            .await?;
         Ok(())
     }
 
@@ -87,7 +83,7 @@ impl Datastore {
         keep_session: Option<&str>,
         now: i64,
     ) -> DbResult<()> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         stmt("UPDATE credentials SET password_hash = $1, attempts = 0, locked_until = NULL, updated_at = $2 WHERE user_id = $3")
             .bind(hash).bind(now).bind(user_id).execute(&mut tx).await?;
         if end_sessions {

@@ -3,7 +3,31 @@
 //! Every query is one text (both SQLite and PostgreSQL take `$n`
 //! parameters); database errors are translated here, once.
 
-use crate::db::{Conn, DbError, DbResult, PointRecord, stmt};
+use crate::db::{Conn, Datastore, DbError, DbResult, PointRecord, stmt};
+
+/// The identity service's tables over the cell's datastore: users and their
+/// identifiers, credentials, sessions and refresh tokens, roles, addresses,
+/// password resets, signing keys and directory claims.
+#[derive(Clone, Debug)]
+pub struct IdentityStore {
+    pub(in crate::identity) db: Datastore,
+}
+
+impl IdentityStore {
+    pub fn new(db: Datastore) -> Self {
+        Self { db }
+    }
+
+    /// The cell's audit log, newest first (`db/audit.rs`): the back
+    /// office's page of it.
+    pub async fn audit_log(
+        &self,
+        before: Option<(i64, String)>,
+        limit: i64,
+    ) -> DbResult<Vec<crate::db::audit::AuditRow>> {
+        self.db.audit_log(before, limit).await
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct User {

@@ -1,18 +1,18 @@
 //! The identity store's roles and permissions, audited.
 
-use crate::db::Datastore;
+use super::IdentityStore;
 use crate::db::stmt;
 
 use crate::db::audit::{AuditEntry, insert_audit};
 
 use crate::db::DbResult;
 
-impl Datastore {
+impl IdentityStore {
     pub async fn roles_of(&self, user_id: &str) -> DbResult<Vec<String>> {
         let rows: Vec<(String,)> =
             stmt("SELECT role FROM user_roles WHERE user_id = $1 ORDER BY role")
                 .bind(user_id)
-                .fetch_all(self)
+                .fetch_all(&self.db)
                 .await?;
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
@@ -22,7 +22,7 @@ impl Datastore {
         let row: Option<(i32,)> = stmt(sql)
             .bind(user_id)
             .bind(permission)
-            .fetch_optional(self)
+            .fetch_optional(&self.db)
             .await?;
         Ok(row.is_some())
     }
@@ -30,7 +30,7 @@ impl Datastore {
     pub async fn role_exists(&self, role: &str) -> DbResult<bool> {
         let row: Option<(String,)> = stmt("SELECT name FROM roles WHERE name = $1")
             .bind(role)
-            .fetch_optional(self)
+            .fetch_optional(&self.db)
             .await?;
         Ok(row.is_some())
     }
@@ -44,7 +44,7 @@ impl Datastore {
         grant: bool,
         audit: &AuditEntry<'_>,
     ) -> DbResult<bool> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         let changed = {
             let r = if grant {
                 stmt("INSERT INTO user_roles (user_id, role, granted_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")

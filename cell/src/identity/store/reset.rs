@@ -1,12 +1,12 @@
 //! The identity store's password resets: codes, attempts and their budgets.
 
-use crate::db::Datastore;
+use super::IdentityStore;
 use crate::db::stmt;
 
 use super::*;
 use crate::db::DbResult;
 
-impl Datastore {
+impl IdentityStore {
     /// Stores a reset code (hashed) and its delivery in the outbox, together.
     pub async fn create_reset(
         &self,
@@ -17,7 +17,7 @@ impl Datastore {
         outbox_payload: &str,
         now: i64,
     ) -> DbResult<()> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         // A new code replaces any earlier one.
         stmt("UPDATE password_resets SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
             .bind(now)
@@ -49,7 +49,7 @@ impl Datastore {
             .bind(user_id)
             .bind(now)
             .bind(max)
-            .fetch_optional(self.writer())
+            .fetch_optional(self.db.writer())
             .await
     }
 
@@ -76,7 +76,7 @@ impl Datastore {
             .bind(limits.failures_per_day)
             .bind(HOUR_MS)
             .bind(DAY_MS)
-            .fetch_optional(self.writer())
+            .fetch_optional(self.db.writer())
             .await?;
         self.budget_answer(row.is_some(), key, limits, now).await
     }
@@ -101,7 +101,7 @@ impl Datastore {
             .bind(now)
             .bind(limits.failures_per_day)
             .bind(DAY_MS)
-            .fetch_optional(self.writer())
+            .fetch_optional(self.db.writer())
             .await?;
         self.budget_answer(row.is_some(), key, limits, now).await
     }
@@ -122,7 +122,7 @@ impl Datastore {
             "SELECT issue_window, issued, guess_window, guesses FROM reset_budgets WHERE key = $1",
         )
         .bind(key)
-        .fetch_optional(self)
+        .fetch_optional(&self.db)
         .await?;
         let Some((iw, issued, gw, guesses)) = row else {
             return Ok(Err(1000));
@@ -142,7 +142,7 @@ impl Datastore {
         let r = stmt("DELETE FROM reset_budgets WHERE issue_window <= $1 AND guess_window <= $2")
             .bind(now - HOUR_MS)
             .bind(now - DAY_MS)
-            .execute(self)
+            .execute(&self.db)
             .await?;
         Ok(r)
     }
@@ -156,7 +156,7 @@ impl Datastore {
         hash: &str,
         now: i64,
     ) -> DbResult<bool> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         let done = {
             let r =
                 stmt("UPDATE password_resets SET used_at = $1 WHERE id = $2 AND used_at IS NULL")
@@ -192,6 +192,6 @@ impl Datastore {
         limit: i64,
     ) -> DbResult<Vec<(String, Option<String>, String)>> {
         let sql = "SELECT id, user_id, payload FROM outbox WHERE topic = $1 AND delivered_at IS NULL ORDER BY created_at, id LIMIT $2";
-        stmt(sql).bind(topic).bind(limit).fetch_all(self).await
+        stmt(sql).bind(topic).bind(limit).fetch_all(&self.db).await
     }
 }

@@ -1,18 +1,18 @@
 //! The identity store's sessions: opening, checking, rotating refresh tokens, revoking.
 
-use crate::db::Datastore;
+use super::IdentityStore;
 use crate::db::stmt;
 
 use super::*;
 use crate::db::DbResult;
 
-impl Datastore {
+impl IdentityStore {
     /// Opens a session after a successful password check: ends the user's
     /// active session of the same client type, stores the first refresh
     /// token and clears the failed-attempt counter, in one transaction (one
     /// commit per login). Returns the ended session.
     pub async fn open_session(&self, s: &Session, refresh_hash: &str) -> DbResult<Option<String>> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         let ended = {
             // A first login on a client type, by a user who has logged in
             // elsewhere before, is worth a security notice.
@@ -55,7 +55,7 @@ impl Datastore {
             .bind(id)
             .bind(user_id)
             .bind(now)
-            .point(self)
+            .point(&self.db)
             .await?;
         Ok(row.is_some())
     }
@@ -66,7 +66,11 @@ impl Datastore {
             session_cols!(),
             " FROM sessions WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > $2 ORDER BY created_at DESC"
         );
-        let rows: Vec<Session> = stmt(sql).bind(user_id).bind(now).fetch_all(self).await?;
+        let rows: Vec<Session> = stmt(sql)
+            .bind(user_id)
+            .bind(now)
+            .fetch_all(&self.db)
+            .await?;
         Ok(rows)
     }
 
@@ -79,7 +83,7 @@ impl Datastore {
         now: i64,
     ) -> DbResult<bool> {
         let r = stmt("UPDATE sessions SET revoked_at = $1, revoke_reason = $2 WHERE id = $3 AND user_id = $4 AND revoked_at IS NULL")
-            .bind(now).bind(reason).bind(sid).bind(user_id).execute(self).await?;
+            .bind(now).bind(reason).bind(sid).bind(user_id).execute(&self.db).await?;
         Ok(r == 1)
     }
 
@@ -90,7 +94,7 @@ impl Datastore {
         now: i64,
     ) -> DbResult<u64> {
         let r = stmt("UPDATE sessions SET revoked_at = $1, revoke_reason = 'revoked' WHERE user_id = $2 AND id <> $3 AND revoked_at IS NULL")
-            .bind(now).bind(user_id).bind(keep).execute(self).await?;
+            .bind(now).bind(user_id).bind(keep).execute(&self.db).await?;
         Ok(r)
     }
 
@@ -104,18 +108,19 @@ impl Datastore {
             r.salt.to_owned(),
         );
         let (now, grace_ms) = (r.now, r.grace_ms);
-        self.write_batched(move |mut conn| {
-            Box::pin(async move {
-                let r = Rotation {
-                    old_hash: &old,
-                    new_hash: &new,
-                    salt: &salt,
-                    now,
-                    grace_ms,
-                };
-                rotate(&mut conn, &r).await
+        self.db
+            .write_batched(move |mut conn| {
+                Box::pin(async move {
+                    let r = Rotation {
+                        old_hash: &old,
+                        new_hash: &new,
+                        salt: &salt,
+                        now,
+                        grace_ms,
+                    };
+                    rotate(&mut conn, &r).await
+                })
             })
-        })
-        .await
+            .await
     }
 }

@@ -1,12 +1,12 @@
 //! The identity store's the token signing keys.
 
-use crate::db::Datastore;
+use super::IdentityStore;
 use crate::db::stmt;
 
 use super::*;
 use crate::db::DbResult;
 
-impl Datastore {
+impl IdentityStore {
     /// Replaces a key's stored form, if it is still `was` (another instance
     /// may have sealed it first); whether it did.
     pub async fn reseal_signing_key(&self, kid: &str, was: &[u8], now: &[u8]) -> DbResult<bool> {
@@ -16,7 +16,7 @@ impl Datastore {
         .bind(now)
         .bind(kid)
         .bind(was)
-        .execute(self)
+        .execute(&self.db)
         .await?;
         Ok(n == 1)
     }
@@ -24,12 +24,12 @@ impl Datastore {
     pub async fn signing_keys(&self) -> DbResult<Vec<SigningKeyRow>> {
         stmt(
             "SELECT kid, private_pkcs8, public_key, created_at, retired_at FROM signing_keys ORDER BY created_at")
-            .fetch_all(self).await
+            .fetch_all(&self.db).await
     }
 
     /// Adds a key and retires every other active one, together.
     pub async fn rotate_signing_key(&self, row: &SigningKeyRow) -> DbResult<()> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         stmt("UPDATE signing_keys SET retired_at = $1 WHERE retired_at IS NULL")
             .bind(row.created_at)
             .execute(&mut tx)
@@ -44,7 +44,7 @@ impl Datastore {
     pub async fn drop_retired_keys(&self, before: i64) -> DbResult<u64> {
         let r = stmt("DELETE FROM signing_keys WHERE retired_at IS NOT NULL AND retired_at < $1")
             .bind(before)
-            .execute(self)
+            .execute(&self.db)
             .await?;
         Ok(r)
     }

@@ -1,6 +1,6 @@
 //! The identity store's users: creation, lookups, profiles, status and the back office's listing.
 
-use crate::db::Datastore;
+use super::IdentityStore;
 use crate::db::{stmt, stmt_each};
 use crate::identity::claims::settle_claim;
 
@@ -9,10 +9,10 @@ use crate::db::audit::{AuditEntry, insert_audit};
 use super::*;
 use crate::db::DbResult;
 
-impl Datastore {
+impl IdentityStore {
     /// Creates a user with one identifier, a password and the `user` role.
     pub async fn create_user(&self, u: &NewUser<'_>) -> DbResult<()> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         settle_claim(&mut tx, &format!("{}:{}", u.kind, u.value), u.id).await?;
         stmt("INSERT INTO users (id, status, display_name, version, created_at, updated_at) VALUES ($1, 'active', $2, 1, $3, $3)")
             .bind(u.id).bind(u.display_name).bind(u.now).execute(&mut tx).await?;
@@ -40,7 +40,7 @@ impl Datastore {
     pub async fn wechat_user(&self, openid: &str) -> DbResult<Option<String>> {
         let row: Option<(String,)> = stmt("SELECT user_id FROM wechat_bindings WHERE openid = $1")
             .bind(openid)
-            .fetch_optional(self)
+            .fetch_optional(&self.db)
             .await?;
         Ok(row.map(|r| r.0))
     }
@@ -53,7 +53,7 @@ impl Datastore {
         openid: &str,
         now: i64,
     ) -> DbResult<()> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         settle_claim(&mut tx, &format!("wechat:{openid}"), id).await?;
         stmt("INSERT INTO users (id, status, display_name, version, created_at, updated_at) VALUES ($1, 'active', $2, 1, $3, $3)")
             .bind(id).bind(display_name).bind(now).execute(&mut tx).await?;
@@ -82,7 +82,7 @@ impl Datastore {
             " FROM users WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(self)
+        .fetch_optional(&self.db)
         .await
     }
 
@@ -92,7 +92,7 @@ impl Datastore {
     pub async fn profile(&self, id: &str) -> DbResult<Option<UserProfile>> {
         const SQLITE: &str = concat!(profile_select!(sqlite), " FROM users WHERE id = $1");
         const POSTGRES: &str = concat!(profile_select!(postgres), " FROM users WHERE id = $1");
-        let row: Option<ProfileRow> = stmt_each(SQLITE, POSTGRES).bind(id).point(self).await?;
+        let row: Option<ProfileRow> = stmt_each(SQLITE, POSTGRES).bind(id).point(&self.db).await?;
         row.map(ProfileRow::into_profile).transpose()
     }
 
@@ -119,7 +119,7 @@ impl Datastore {
             .bind(id)
             .bind(sid)
             .bind(now)
-            .point(self)
+            .point(&self.db)
             .await?;
         row.map(ProfileRow::into_profile).transpose()
     }
@@ -130,7 +130,7 @@ impl Datastore {
         let row: Option<(String,)> = stmt(sql)
             .bind(kind)
             .bind(value)
-            .fetch_optional(self)
+            .fetch_optional(&self.db)
             .await?;
         Ok(row.map(|r| r.0))
     }
@@ -157,7 +157,7 @@ impl Datastore {
             .bind(now)
             .bind(id)
             .bind(expected_version)
-            .fetch_optional(self.writer())
+            .fetch_optional(self.db.writer())
             .await
     }
 
@@ -204,7 +204,7 @@ impl Datastore {
             .bind(q)
             .bind(&like)
             .bind(limit)
-            .fetch_all(self)
+            .fetch_all(&self.db)
             .await?;
         rows.into_iter()
             .map(|r| Ok((r.user, json_column(&r.roles)?)))
@@ -220,7 +220,7 @@ impl Datastore {
         status: &str,
         audit: &AuditEntry<'_>,
     ) -> DbResult<bool> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         let changed = {
             let r = stmt("UPDATE users SET status = $1, version = version + 1, updated_at = $2 WHERE id = $3 AND status <> 'deleted' AND status <> $1")
             .bind(status).bind(audit.at).bind(id).execute(&mut tx).await?;
@@ -250,7 +250,7 @@ impl Datastore {
         placeholder: &str,
         now: i64,
     ) -> DbResult<Vec<(String, String)>> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.db.begin().await?;
         let ids = {
             let mut ids: Vec<(String, String)> =
                 stmt("SELECT kind, value FROM identifiers WHERE user_id = $1")
