@@ -1,15 +1,29 @@
-//! Access tokens: compact JWS with EdDSA (Ed25519) only.
+//! Access tokens: compact JWS with EdDSA (Ed25519) only, through
+//! `jsonwebtoken` with a crypto provider of our own on `ring`.
 //!
-//! Deliberately narrow, so there is nothing to confuse: the header must be
-//! exactly `alg: EdDSA` with a `kid`; any other `alg` (`none`, `HS256`, …) is
+//! Deliberately narrow, so there is nothing to confuse: the header must say
+//! `alg: EdDSA` and name a `kid`; any other `alg` (`none`, `HS256`, …) is
 //! refused before a key is even looked up, and the key comes from our own
 //! key set by `kid`, never from the token. Expiry, not-before and issuer are
 //! checked after the signature.
+//!
+//! `jsonwebtoken` parses, encodes and checks the algorithm; the provider
+//! below (`RING`) does the signing and verifying with ring, which rustls
+//! brings already: the crate's own backends would add the `rsa` crate
+//! (RUSTSEC-2023-0071) or aws-lc's C build. The provider refuses every
+//! algorithm but EdDSA, and `Validation` is pinned to EdDSA too. The times
+//! and the issuer are checked here rather than by `Validation`: the time
+//! is the caller's (a cache re-checks a remembered token at its own `now`),
+//! and the issuer a token must name depends on the key that signed it.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use jsonwebtoken::crypto::{CryptoProvider, JwtSigner, JwtVerifier, KeyUtils};
+use jsonwebtoken::errors::{Error as JwtError, ErrorKind};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header, Validation};
 use ring::signature::{self, Ed25519KeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
+use std::sync::{LazyLock, Once};
 
 /// Longest an access token may live.
 pub const MAX_ACCESS_TTL_SECS: i64 = 15 * 60;
@@ -30,18 +44,6 @@ pub struct Claims {
     pub iss: String,
     pub iat: i64,
     pub exp: i64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Header {
-    alg: String,
-    #[serde(default)]
-    typ: Option<String>,
-    kid: String,
-    /// Extensions the recipient must understand (RFC 7515 §4.1.11). We
-    /// understand none, so a token that names any is refused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    crit: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,10 +68,94 @@ pub enum TokenError {
     Critical,
 }
 
-/// A signing key: an Ed25519 key pair and its id.
+/// The crypto provider `jsonwebtoken` signs and verifies with: Ed25519 on
+/// ring, nothing else.
+static RING: CryptoProvider = CryptoProvider {
+    signer_factory: ring_signer,
+    verifier_factory: ring_verifier,
+    // JWKs are written here (`jwk`), never read through the crate.
+    key_utils: KeyUtils::new_unimplemented(),
+};
+
+/// Installs `RING` as the process's provider, once, before any use.
+fn provider() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // Only this module installs one, so there is none before it.
+        let _ = RING.install_default();
+    });
+}
+
+struct RingSigner(Ed25519KeyPair);
+
+impl jsonwebtoken::signature::Signer<Vec<u8>> for RingSigner {
+    fn try_sign(&self, msg: &[u8]) -> Result<Vec<u8>, jsonwebtoken::signature::Error> {
+        Ok(self.0.sign(msg).as_ref().to_vec())
+    }
+}
+
+impl JwtSigner for RingSigner {
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::EdDSA
+    }
+}
+
+struct RingVerifier(Vec<u8>);
+
+impl jsonwebtoken::signature::Verifier<Vec<u8>> for RingVerifier {
+    fn verify(&self, msg: &[u8], sig: &Vec<u8>) -> Result<(), jsonwebtoken::signature::Error> {
+        signature::UnparsedPublicKey::new(&signature::ED25519, &self.0)
+            .verify(msg, sig)
+            .map_err(|_| jsonwebtoken::signature::Error::new())
+    }
+}
+
+impl JwtVerifier for RingVerifier {
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::EdDSA
+    }
+}
+
+fn ring_signer(
+    alg: &Algorithm,
+    key: &EncodingKey,
+) -> jsonwebtoken::errors::Result<Box<dyn JwtSigner>> {
+    if *alg != Algorithm::EdDSA || key.family() != AlgorithmFamily::Ed {
+        return Err(ErrorKind::InvalidAlgorithm.into());
+    }
+    // The key was checked when it was loaded (`SigningKey::from_pkcs8`).
+    let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(key.as_bytes())
+        .map_err(|_| JwtError::from(ErrorKind::InvalidEddsaKey))?;
+    Ok(Box::new(RingSigner(pair)))
+}
+
+fn ring_verifier(
+    alg: &Algorithm,
+    key: &DecodingKey,
+) -> jsonwebtoken::errors::Result<Box<dyn JwtVerifier>> {
+    if *alg != Algorithm::EdDSA || key.family() != AlgorithmFamily::Ed {
+        return Err(ErrorKind::InvalidAlgorithm.into());
+    }
+    Ok(Box::new(RingVerifier(key.try_get_as_bytes()?.to_vec())))
+}
+
+/// EdDSA, and no check of times or audience by the crate (`verify` makes
+/// them at the caller's time).
+static VALIDATION: LazyLock<Validation> = LazyLock::new(|| {
+    let mut v = Validation::new(Algorithm::EdDSA);
+    v.validate_exp = false;
+    v.validate_nbf = false;
+    v.validate_aud = false;
+    v.required_spec_claims.clear();
+    v.leeway = 0;
+    v
+});
+
+/// A signing key: an Ed25519 key and its id.
 pub struct SigningKey {
     pub kid: String,
-    pair: Ed25519KeyPair,
+    key: EncodingKey,
+    public: Vec<u8>,
 }
 
 impl SigningKey {
@@ -78,34 +164,31 @@ impl SigningKey {
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
             .map_err(|_| anyhow::anyhow!("key generation failed"))?;
-        let pair =
-            Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| anyhow::anyhow!("bad key"))?;
-        Ok((Self { kid, pair }, pkcs8.as_ref().to_vec()))
+        let key = Self::from_pkcs8(kid, pkcs8.as_ref())?;
+        Ok((key, pkcs8.as_ref().to_vec()))
     }
 
     pub fn from_pkcs8(kid: String, pkcs8: &[u8]) -> anyhow::Result<Self> {
         let pair = Ed25519KeyPair::from_pkcs8(pkcs8)
             .map_err(|_| anyhow::anyhow!("stored signing key {kid} is unreadable"))?;
-        Ok(Self { kid, pair })
+        Ok(Self {
+            kid,
+            key: EncodingKey::from_ed_der(pkcs8),
+            public: pair.public_key().as_ref().to_vec(),
+        })
     }
 
     /// The raw 32-byte public key.
     pub fn public_key(&self) -> Vec<u8> {
-        self.pair.public_key().as_ref().to_vec()
+        self.public.clone()
     }
 
-    pub fn sign(&self, claims: &Claims) -> String {
-        let header = Header {
-            alg: "EdDSA".into(),
-            typ: Some("JWT".into()),
-            kid: self.kid.clone(),
-            crit: None,
-        };
-        let h = B64.encode(serde_json::to_vec(&header).expect("header serialises"));
-        let p = B64.encode(serde_json::to_vec(claims).expect("claims serialise"));
-        let input = format!("{h}.{p}");
-        let sig = self.pair.sign(input.as_bytes());
-        format!("{input}.{}", B64.encode(sig.as_ref()))
+    pub fn sign(&self, claims: &Claims) -> anyhow::Result<String> {
+        provider();
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.key)
+            .map_err(|e| anyhow::anyhow!("cannot sign an access token: {e}"))
     }
 }
 
@@ -140,37 +223,29 @@ pub fn verify(token: &str, keys: &impl KeySet, now: i64) -> Result<Claims, Token
 /// `verify`, also telling which key signed the token (what a cache of
 /// verified tokens checks is still published: token_cache.rs).
 pub fn verify_with_key(token: &str, keys: &impl KeySet, now: i64) -> Result<Verified, TokenError> {
-    if token.len() > 4096 {
+    provider();
+    if token.len() > 4096 || token.split('.').count() != 3 {
         return Err(TokenError::Malformed);
     }
-    let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(TokenError::Malformed);
-    };
-    let header: Header = B64
-        .decode(h)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .ok_or(TokenError::Malformed)?;
-    if header.alg != "EdDSA" {
+    let header = jsonwebtoken::decode_header(token).map_err(|_| header_error(token))?;
+    if header.alg != Algorithm::EdDSA {
         return Err(TokenError::Algorithm);
     }
+    // Extensions the recipient must understand (RFC 7515 §4.1.11): we
+    // understand none, so a token that names any is refused.
     if header.crit.is_some() {
         return Err(TokenError::Critical);
     }
-    let (public, issuer) = keys.key(&header.kid).ok_or(TokenError::UnknownKey)?;
-    let sig = B64.decode(s).map_err(|_| TokenError::Malformed)?;
-    let input_len = h.len() + 1 + p.len();
-    signature::UnparsedPublicKey::new(&signature::ED25519, &public)
-        .verify(&token.as_bytes()[..input_len], &sig)
-        .map_err(|_| TokenError::Signature)?;
-    let claims: Claims = B64
-        .decode(p)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .ok_or(TokenError::Malformed)?;
+    let kid = header.kid.ok_or(TokenError::Malformed)?;
+    let (public, issuer) = keys.key(&kid).ok_or(TokenError::UnknownKey)?;
+    let claims: Claims =
+        jsonwebtoken::decode(token, &DecodingKey::from_ed_der(&public), &VALIDATION)
+            .map_err(|e| match e.kind() {
+                ErrorKind::InvalidSignature => TokenError::Signature,
+                ErrorKind::InvalidAlgorithm => TokenError::Algorithm,
+                _ => TokenError::Malformed,
+            })?
+            .claims;
     // The key's owner issued it, and only for its own region's users: a
     // cell's key cannot speak for another region's.
     if claims.iss != issuer || claims.iss.strip_prefix("cell.") != Some(claims.home.as_str()) {
@@ -189,9 +264,27 @@ pub fn verify_with_key(token: &str, keys: &impl KeySet, now: i64) -> Result<Veri
     }
     Ok(Verified {
         claims,
-        kid: header.kid,
+        kid,
         public_key: public,
     })
+}
+
+/// Why a header the crate cannot read was refused: an algorithm it does
+/// not know (`none`, say), or anything else.
+fn header_error(token: &str) -> TokenError {
+    #[derive(Deserialize)]
+    struct Alg {
+        alg: String,
+    }
+    let alg = token
+        .split('.')
+        .next()
+        .and_then(|h| B64.decode(h).ok())
+        .and_then(|b| serde_json::from_slice::<Alg>(&b).ok());
+    match alg {
+        Some(a) if a.alg != "EdDSA" => TokenError::Algorithm,
+        _ => TokenError::Malformed,
+    }
 }
 
 /// The JWK of an Ed25519 public key (RFC 8037).
@@ -212,6 +305,12 @@ mod tests {
     use std::collections::HashMap;
 
     struct Keys(HashMap<String, (Vec<u8>, String)>);
+
+    impl SigningKey {
+        fn sign_ok(&self, claims: &Claims) -> String {
+            self.sign(claims).unwrap()
+        }
+    }
     impl KeySet for Keys {
         fn key(&self, kid: &str) -> Option<(Vec<u8>, String)> {
             self.0.get(kid).cloned()
@@ -240,7 +339,7 @@ mod tests {
     #[test]
     fn round_trip_and_expiry() {
         let (k, keys, claims) = setup();
-        let t = k.sign(&claims);
+        let t = k.sign_ok(&claims);
         assert_eq!(verify(&t, &keys, 1500).unwrap(), claims);
         assert_eq!(verify(&t, &keys, 1900), Err(TokenError::Expired));
     }
@@ -248,7 +347,7 @@ mod tests {
     #[test]
     fn attacks_are_refused() {
         let (k, keys, claims) = setup();
-        let t = k.sign(&claims);
+        let t = k.sign_ok(&claims);
         let parts: Vec<&str> = t.split('.').collect();
         // alg: none, with no signature.
         let none = B64.encode(br#"{"alg":"none","kid":"k1"}"#);
@@ -276,14 +375,14 @@ mod tests {
         // Unknown kid.
         let (other, _) = SigningKey::generate("k2".into()).unwrap();
         assert_eq!(
-            verify(&other.sign(&claims), &keys, 1500),
+            verify(&other.sign_ok(&claims), &keys, 1500),
             Err(TokenError::UnknownKey)
         );
         // Right kid, wrong issuer claim.
         let mut foreign = claims.clone();
         foreign.iss = "cell.eu-west".into();
         assert_eq!(
-            verify(&k.sign(&foreign), &keys, 1500),
+            verify(&k.sign_ok(&foreign), &keys, 1500),
             Err(TokenError::Issuer)
         );
         assert_eq!(verify("a.b", &keys, 1500), Err(TokenError::Malformed));
@@ -296,24 +395,25 @@ mod tests {
         let mut elsewhere = claims.clone();
         elsewhere.home = "eu-west".into();
         assert_eq!(
-            verify(&k.sign(&elsewhere), &keys, 1500),
+            verify(&k.sign_ok(&elsewhere), &keys, 1500),
             Err(TokenError::Issuer)
         );
         // Longer-lived than any access token may be.
         let mut long = claims.clone();
         long.exp = long.iat + MAX_ACCESS_TTL_SECS + 1;
         assert_eq!(
-            verify(&k.sign(&long), &keys, 1500),
+            verify(&k.sign_ok(&long), &keys, 1500),
             Err(TokenError::Lifetime)
         );
         let mut longest = claims.clone();
         longest.exp = longest.iat + MAX_ACCESS_TTL_SECS;
-        assert!(verify(&k.sign(&longest), &keys, 1500).is_ok());
+        assert!(verify(&k.sign_ok(&longest), &keys, 1500).is_ok());
         // A critical extension we do not understand, validly signed.
         let h = B64.encode(br#"{"alg":"EdDSA","kid":"k1","crit":["b64"],"b64":true}"#);
         let p = B64.encode(serde_json::to_vec(&claims).unwrap());
         let input = format!("{h}.{p}");
-        let sig = B64.encode(k.pair.sign(input.as_bytes()).as_ref());
+        let pair = Ed25519KeyPair::from_pkcs8(k.key.as_bytes()).unwrap();
+        let sig = B64.encode(pair.sign(input.as_bytes()).as_ref());
         assert_eq!(
             verify(&format!("{input}.{sig}"), &keys, 1500),
             Err(TokenError::Critical)

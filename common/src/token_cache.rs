@@ -129,6 +129,7 @@ mod tests {
             iat: 100,
             exp: 200,
         })
+        .unwrap()
     }
 
     #[test]

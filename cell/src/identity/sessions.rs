@@ -191,7 +191,10 @@ impl Identity {
             exp: now + ttl,
         };
         Ok(TokenPair {
-            access_token: signer.sign(&claims),
+            access_token: signer.sign(&claims).map_err(|e| {
+                tracing::error!(error = %e, "cannot sign an access token");
+                CodedError::internal("cannot issue a token")
+            })?,
             refresh_token: refresh,
             token_type: "Bearer",
             expires_in: ttl,
