@@ -16,7 +16,6 @@
 //! commit, so nothing changes under it. PostgreSQL (several cell instances,
 //! row locks, its own group commit) keeps the per-statement path.
 
-use super::ledger::placeholders;
 use super::ledger::{LedgerError, LedgerResult, Move, Operation, OutboxEvent, Phase, op_cols};
 use super::rule::{self, Columns};
 use crate::db::{Datastore, DbError, DbResult, Stmt, Tx, built};
@@ -94,6 +93,8 @@ impl GroupCommit {
                         }
                     }
                     Err(e) => {
+                        // A conflict means a unique index refused a write
+                        // the group had judged new: a bug in the group.
                         tracing::error!(error = %e, size = batch.len(), "group commit failed");
                         for p in batch.drain(..) {
                             let err = sqlx::Error::Protocol(format!("group commit failed: {e}"));
@@ -246,10 +247,24 @@ impl State {
     }
 }
 
+/// `rows` groups of `per` anonymous placeholders, `(?, ?), (?, ?)`; with
+/// `per` 1, a plain list. The group committer runs only on SQLite
+/// (`Datastore::single_writer`), which binds `?` in order; a `$n` is a
+/// named parameter there, and sqlx looks every one's name up in a list
+/// SQLite keeps, which in a statement of thousands of parameters (500 rows
+/// of 19) is quadratic.
+fn anonymous(rows: usize, per: usize) -> String {
+    let row = vec!["?"; per].join(", ");
+    if per == 1 {
+        return vec!["?"; rows].join(", ");
+    }
+    vec![format!("({row})"); rows].join(", ")
+}
+
 /// `SELECT … WHERE id` followed by ` IN (…)` of `ids`, bound.
 fn in_list<'a>(head: &str, ids: impl ExactSizeIterator<Item = &'a String>) -> Stmt {
     // Only placeholders are formatted in.
-    let mut stmt = built(format!("{head} IN ({})", placeholders(ids.len(), 1, 1)));
+    let mut stmt = built(format!("{head} IN ({})", anonymous(ids.len(), 1)));
     for id in ids {
         stmt = stmt.bind(id);
     }
@@ -365,7 +380,7 @@ async fn write(tx: &mut Tx, st: &State) -> DbResult<()> {
             "INSERT INTO ledger_accounts (id, kind, owner, currency, debits_pending, debits_posted, credits_pending, credits_posted, created_at) \
              VALUES {} ON CONFLICT (id) DO UPDATE SET debits_pending = excluded.debits_pending, debits_posted = excluded.debits_posted, \
              credits_pending = excluded.credits_pending, credits_posted = excluded.credits_posted",
-            placeholders(chunk.len(), 9, 1)
+            anonymous(chunk.len(), 9)
         ));
         for (id, a) in chunk {
             stmt = stmt
@@ -398,7 +413,7 @@ async fn write(tx: &mut Tx, st: &State) -> DbResult<()> {
                  error_code = excluded.error_code, error_detail = excluded.error_detail, attempts = excluded.attempts, \
                  next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at"
             ),
-            placeholders(chunk.len(), 19, 1)
+            anonymous(chunk.len(), 19)
         ));
         for o in chunk {
             stmt = stmt
@@ -427,7 +442,7 @@ async fn write(tx: &mut Tx, st: &State) -> DbResult<()> {
     for chunk in st.transfers.chunks(ROWS) {
         let mut stmt = built(format!(
             "INSERT INTO ledger_transfers (id, operation_id, debit_account, credit_account, amount, phase, pending_id, created_at) VALUES {}",
-            placeholders(chunk.len(), 8, 1)
+            anonymous(chunk.len(), 8)
         ));
         for (m, now, op) in chunk {
             stmt = stmt
@@ -445,7 +460,7 @@ async fn write(tx: &mut Tx, st: &State) -> DbResult<()> {
     for chunk in st.events.chunks(ROWS) {
         let mut stmt = built(format!(
             "INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES {}",
-            placeholders(chunk.len(), 5, 1)
+            anonymous(chunk.len(), 5)
         ));
         for (e, now) in chunk {
             stmt = stmt

@@ -263,7 +263,7 @@ async fn apply_moves(tx: &mut Tx, moves: &[Move], now: i64) -> LedgerResult<()> 
 
 /// `rows` groups of `per` placeholders, `($1, $2), ($3, $4)`, numbered from
 /// `$first`; with `per` 1, a plain list.
-pub(super) fn placeholders(rows: usize, per: usize, first: usize) -> String {
+fn placeholders(rows: usize, per: usize, first: usize) -> String {
     (0..rows)
         .map(|i| {
             let p: Vec<String> = (0..per)
@@ -547,6 +547,10 @@ impl Ledger {
         .execute(&mut tx)
         .await?;
         if changed != 1 {
+            // Committed, not dropped: a dropped SQLite transaction rolls
+            // back after the writer lock is released, and the next writer
+            // would meet it in SQLite's busy handler.
+            tx.commit().await?;
             return Ok(false);
         }
         apply_moves(&mut tx, moves, now).await?;

@@ -73,22 +73,6 @@ macro_rules! live_session {
     };
 }
 
-impl From<UserTuple> for User {
-    fn from(t: UserTuple) -> Self {
-        Self {
-            id: t.0,
-            status: t.1,
-            display_name: t.2,
-            locale: t.3,
-            bio: t.4,
-            avatar_url: t.5,
-            version: t.6,
-            created_at: t.7,
-            updated_at: t.8,
-        }
-    }
-}
-
 macro_rules! user_cols {
     () => {
         "id, status, display_name, locale, bio, avatar_url, version, created_at, updated_at"
@@ -395,26 +379,6 @@ pub(crate) type AddressTuple = (
     i64,
     i64,
 );
-
-impl From<AddressTuple> for Address {
-    fn from(t: AddressTuple) -> Self {
-        Self {
-            id: t.0,
-            label: t.1,
-            recipient: t.2,
-            phone: t.3,
-            line1: t.4,
-            line2: t.5,
-            city: t.6,
-            state: t.7,
-            postal_code: t.8,
-            country: t.9,
-            is_default: t.10,
-            created_at: t.11,
-            updated_at: t.12,
-        }
-    }
-}
 
 macro_rules! address_cols {
     () => {
