@@ -101,26 +101,25 @@ impl MoveStore {
     /// had (None: no such user, or deleted).
     pub async fn freeze_user(&self, id: &str, now: i64) -> DbResult<Option<String>> {
         let mut tx = self.db.begin().await?;
-        let out = {
-            let status: Option<(String,)> = stmt("SELECT status FROM users WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&mut tx)
-                .await?;
-            match status {
-                Some((s,)) if s != "deleted" => {
-                    stmt("UPDATE users SET status = 'disabled' WHERE id = $1")
-                        .bind(id)
-                        .execute(&mut tx)
-                        .await?;
-                    stmt("UPDATE sessions SET revoked_at = $1, revoke_reason = 'moved' WHERE user_id = $2 AND revoked_at IS NULL")
-                    .bind(now).bind(id).execute(&mut tx).await?;
-                    Some(s)
-                }
-                _ => None,
-            }
+        let status: Option<String> = stmt("SELECT status FROM users WHERE id = $1")
+            .bind(id)
+            .scalar_optional(&mut tx)
+            .await?;
+        let Some(status) = status.filter(|s| s != "deleted") else {
+            tx.commit().await?;
+            return Ok(None);
         };
+        stmt("UPDATE users SET status = 'disabled' WHERE id = $1")
+            .bind(id)
+            .execute(&mut tx)
+            .await?;
+        stmt("UPDATE sessions SET revoked_at = $1, revoke_reason = 'moved' WHERE user_id = $2 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(id)
+            .execute(&mut tx)
+            .await?;
         tx.commit().await?;
-        Ok(out)
+        Ok(Some(status))
     }
 
     /// Gives a frozen account its status back (a move that did not happen).
@@ -129,47 +128,45 @@ impl MoveStore {
             .bind(status)
             .bind(id)
             .execute(&self.db)
-            .await
-            .map(|_| ())?;
+            .await?;
         Ok(())
     }
 
     /// The user's rows, read in one transaction.
     pub async fn export_user(&self, id: &str) -> DbResult<Option<Bundle>> {
         let mut tx = self.db.begin().await?;
-        let out = {
-            let user: Option<UserRow> = stmt(concat!(
-                "SELECT ",
-                crate::identity::store::user_cols!(),
-                " FROM users WHERE id = $1"
-            ))
-            .bind(id)
-            .fetch_optional(&mut tx)
-            .await?;
-            match user {
-            None => None,
-            Some(user) => Some(Bundle {
-                version: BUNDLE_VERSION,
-                user,
-                identifiers: stmt("SELECT kind, value FROM identifiers WHERE user_id = $1 ORDER BY kind, value")
-                    .bind(id).fetch_all(&mut tx).await?,
-                password_hash: stmt("SELECT password_hash FROM credentials WHERE user_id = $1")
-                    .bind(id).scalar_optional(&mut tx).await?,
-                addresses: stmt(concat!("SELECT ", crate::identity::store::address_cols!(), " FROM addresses WHERE user_id = $1 ORDER BY created_at, id"))
-                    .bind(id).fetch_all(&mut tx).await?,
-                roles: stmt("SELECT role, granted_at FROM user_roles WHERE user_id = $1 ORDER BY role")
-                    .bind(id).fetch_all(&mut tx).await?,
-                preferences: stmt("SELECT category, channel, enabled FROM notice_preferences WHERE user_id = $1 ORDER BY category, channel")
-                    .bind(id).fetch_all(&mut tx).await?,
-                inbox: stmt("SELECT id, event_id, category, title, body, created_at, read_at, archived_at, expires_at FROM inbox WHERE user_id = $1 ORDER BY created_at, id")
-                    .bind(id).fetch_all(&mut tx).await?,
-                wechat: stmt("SELECT openid, created_at FROM wechat_bindings WHERE user_id = $1 ORDER BY openid")
-                    .bind(id).fetch_all(&mut tx).await?,
-            }),
-            }
+        let user: Option<UserRow> = stmt(concat!(
+            "SELECT ",
+            crate::identity::store::user_cols!(),
+            " FROM users WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&mut tx)
+        .await?;
+        let Some(user) = user else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let bundle = Bundle {
+            version: BUNDLE_VERSION,
+            user,
+            identifiers: stmt("SELECT kind, value FROM identifiers WHERE user_id = $1 ORDER BY kind, value")
+                .bind(id).fetch_all(&mut tx).await?,
+            password_hash: stmt("SELECT password_hash FROM credentials WHERE user_id = $1")
+                .bind(id).scalar_optional(&mut tx).await?,
+            addresses: stmt(concat!("SELECT ", crate::identity::store::address_cols!(), " FROM addresses WHERE user_id = $1 ORDER BY created_at, id"))
+                .bind(id).fetch_all(&mut tx).await?,
+            roles: stmt("SELECT role, granted_at FROM user_roles WHERE user_id = $1 ORDER BY role")
+                .bind(id).fetch_all(&mut tx).await?,
+            preferences: stmt("SELECT category, channel, enabled FROM notice_preferences WHERE user_id = $1 ORDER BY category, channel")
+                .bind(id).fetch_all(&mut tx).await?,
+            inbox: stmt("SELECT id, event_id, category, title, body, created_at, read_at, archived_at, expires_at FROM inbox WHERE user_id = $1 ORDER BY created_at, id")
+                .bind(id).fetch_all(&mut tx).await?,
+            wechat: stmt("SELECT openid, created_at FROM wechat_bindings WHERE user_id = $1 ORDER BY openid")
+                .bind(id).fetch_all(&mut tx).await?,
         };
         tx.commit().await?;
-        Ok(out)
+        Ok(Some(bundle))
     }
 
     /// Writes a moved user's rows in one transaction, replacing whatever an

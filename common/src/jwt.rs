@@ -23,7 +23,8 @@ use jsonwebtoken::errors::{Error as JwtError, ErrorKind};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey, Header, Validation};
 use ring::signature::{self, Ed25519KeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
-use std::sync::{LazyLock, Once};
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, Once};
 
 /// Longest an access token may live.
 pub const MAX_ACCESS_TTL_SECS: i64 = 15 * 60;
@@ -86,7 +87,7 @@ fn provider() {
     });
 }
 
-struct RingSigner(Ed25519KeyPair);
+struct RingSigner(Arc<Ed25519KeyPair>);
 
 impl jsonwebtoken::signature::Signer<Vec<u8>> for RingSigner {
     fn try_sign(&self, msg: &[u8]) -> Result<Vec<u8>, jsonwebtoken::signature::Error> {
@@ -123,10 +124,32 @@ fn ring_signer(
     if *alg != Algorithm::EdDSA || key.family() != AlgorithmFamily::Ed {
         return Err(ErrorKind::InvalidAlgorithm.into());
     }
-    // The key was checked when it was loaded (`SigningKey::from_pkcs8`).
-    let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(key.as_bytes())
+    Ok(Box::new(RingSigner(key_pair(key.as_bytes())?)))
+}
+
+/// The key pair of a PKCS#8 document, read once. ring derives the public
+/// half whenever it reads a key (a scalar multiplication, about what a
+/// signature costs), and jsonwebtoken hands the provider only the key's
+/// bytes on every signature, so the pairs are kept by the document's
+/// SHA-256. A cell holds a handful of keys; the map is emptied if it ever
+/// holds more than 16 (rotations over a long life).
+fn key_pair(pkcs8: &[u8]) -> jsonwebtoken::errors::Result<Arc<Ed25519KeyPair>> {
+    static PAIRS: LazyLock<Mutex<HashMap<[u8; 32], Arc<Ed25519KeyPair>>>> =
+        LazyLock::new(Default::default);
+    let mut id = [0u8; 32];
+    id.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, pkcs8).as_ref());
+    let mut pairs = PAIRS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(pair) = pairs.get(&id) {
+        return Ok(pair.clone());
+    }
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8)
         .map_err(|_| JwtError::from(ErrorKind::InvalidEddsaKey))?;
-    Ok(Box::new(RingSigner(pair)))
+    let pair = Arc::new(pair);
+    if pairs.len() >= 16 {
+        pairs.clear();
+    }
+    pairs.insert(id, pair.clone());
+    Ok(pair)
 }
 
 fn ring_verifier(
