@@ -416,26 +416,7 @@ async fn write(tx: &mut Tx, st: &State) -> DbResult<()> {
             anonymous(chunk.len(), 19)
         ));
         for o in chunk {
-            stmt = stmt
-                .bind(&o.id)
-                .bind(&o.kind)
-                .bind(&o.actor)
-                .bind(&o.request_hash)
-                .bind(&o.state)
-                .bind(&o.from_user)
-                .bind(&o.to_user)
-                .bind(&o.peer_region)
-                .bind(o.amount)
-                .bind(&o.currency)
-                .bind(&o.memo)
-                .bind(&o.error_code)
-                .bind(&o.error_detail)
-                .bind(&o.saga_role)
-                .bind(&o.saga_step)
-                .bind(o.attempts)
-                .bind(o.next_attempt_at)
-                .bind(o.created_at)
-                .bind(o.updated_at);
+            stmt = o.bind_columns(stmt);
         }
         stmt.execute(&mut *tx).await?;
     }

@@ -8,7 +8,7 @@
 use super::group::{GroupCommit, Step, Write};
 use super::per_statement;
 use crate::db::audit::AuditEntry;
-use crate::db::{Datastore, DbError, stmt};
+use crate::db::{Datastore, DbError, Stmt, stmt};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -177,6 +177,31 @@ macro_rules! op_cols {
     };
 }
 pub(super) use op_cols;
+
+impl Operation {
+    /// Binds the operation's columns, in `op_cols!()` order.
+    pub(super) fn bind_columns(&self, stmt: Stmt) -> Stmt {
+        stmt.bind(&self.id)
+            .bind(&self.kind)
+            .bind(&self.actor)
+            .bind(&self.request_hash)
+            .bind(&self.state)
+            .bind(&self.from_user)
+            .bind(&self.to_user)
+            .bind(&self.peer_region)
+            .bind(self.amount)
+            .bind(&self.currency)
+            .bind(&self.memo)
+            .bind(&self.error_code)
+            .bind(&self.error_detail)
+            .bind(&self.saga_role)
+            .bind(&self.saga_step)
+            .bind(self.attempts)
+            .bind(self.next_attempt_at)
+            .bind(self.created_at)
+            .bind(self.updated_at)
+    }
+}
 
 /// What a conditional step changes on an operation.
 #[derive(Debug, Clone, Default)]

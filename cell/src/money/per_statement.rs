@@ -7,7 +7,9 @@
 //! commit together or not at all. The other path, SQLite's group
 //! committer, is `group.rs`; `Ledger` (ledger.rs) chooses between them.
 
-use super::ledger::{Account, LedgerError, LedgerResult, Move, Operation, SideEffects, StepUpdate};
+use super::ledger::{
+    Account, LedgerError, LedgerResult, Move, Operation, SideEffects, StepUpdate, op_cols,
+};
 use super::rule;
 use crate::db::audit::insert_audit;
 use crate::db::{Datastore, DbResult, Locking, Tx, built, stmt};
@@ -233,31 +235,11 @@ async fn side_effects(tx: &mut Tx, side: &SideEffects<'_>, now: i64) -> DbResult
 }
 
 async fn insert_op(tx: &mut Tx, o: &Operation) -> DbResult<()> {
-    stmt(
-        "INSERT INTO money_operations (id, kind, actor, request_hash, state, from_user, to_user, peer_region, amount, currency, memo, \
-         error_code, error_detail, saga_role, saga_step, attempts, next_attempt_at, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
-    )
-    .bind(&o.id)
-    .bind(&o.kind)
-    .bind(&o.actor)
-    .bind(&o.request_hash)
-    .bind(&o.state)
-    .bind(&o.from_user)
-    .bind(&o.to_user)
-    .bind(&o.peer_region)
-    .bind(o.amount)
-    .bind(&o.currency)
-    .bind(&o.memo)
-    .bind(&o.error_code)
-    .bind(&o.error_detail)
-    .bind(&o.saga_role)
-    .bind(&o.saga_step)
-    .bind(o.attempts)
-    .bind(o.next_attempt_at)
-    .bind(o.created_at)
-    .bind(o.updated_at)
-    .execute(tx)
-    .await?;
+    let insert = stmt(concat!(
+        "INSERT INTO money_operations (",
+        op_cols!(),
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
+    ));
+    o.bind_columns(insert).execute(tx).await?;
     Ok(())
 }
