@@ -239,22 +239,25 @@ mod tests {
     use homecell_proto::control::Region;
     use std::time::Duration;
 
-    async fn table() -> RouteTable {
+    /// A table of `(id, status, country)` regions (no country: ""), each at
+    /// an endpoint of its own, cn-east the default.
+    async fn table_of(regions: &[(&str, RegionStatus, &str)]) -> RouteTable {
         let mut s = ReplicaState {
             revision: 1,
             ..Default::default()
         };
-        for (id, status, ep) in [
-            ("cn-east", RegionStatus::Active, "https://127.0.0.1:1"),
-            ("eu-west", RegionStatus::Draining, "https://127.0.0.1:2"),
-            ("us-old", RegionStatus::Retired, "https://127.0.0.1:3"),
-        ] {
+        for (i, (id, status, country)) in regions.iter().enumerate() {
             s.regions.insert(
-                id.into(),
+                id.to_string(),
                 Region {
-                    id: id.into(),
-                    status: status as i32,
-                    internal_endpoint: ep.into(),
+                    id: id.to_string(),
+                    status: *status as i32,
+                    internal_endpoint: format!("https://127.0.0.1:{}", i + 1),
+                    countries: [country]
+                        .iter()
+                        .filter(|c| !c.is_empty())
+                        .map(|c| c.to_string())
+                        .collect(),
                     ..Default::default()
                 },
             );
@@ -265,6 +268,15 @@ mod tests {
             Duration::from_secs(30),
             &RouteTable::default(),
         )
+        .await
+    }
+
+    async fn table() -> RouteTable {
+        table_of(&[
+            ("cn-east", RegionStatus::Active, ""),
+            ("eu-west", RegionStatus::Draining, ""),
+            ("us-old", RegionStatus::Retired, ""),
+        ])
         .await
     }
 
@@ -356,28 +368,11 @@ mod tests {
     async fn step_5_registration_prefers_the_body_then_the_header_then_the_country_then_the_default()
      {
         // Three active regions, so each step picks a region no other would.
-        let mut s = ReplicaState {
-            revision: 1,
-            ..Default::default()
-        };
-        for (id, country) in [("cn-east", "CN"), ("ap-south", "IN"), ("eu-north", "SE")] {
-            s.regions.insert(
-                id.into(),
-                Region {
-                    id: id.into(),
-                    status: RegionStatus::Active as i32,
-                    internal_endpoint: "https://127.0.0.1:1".into(),
-                    countries: vec![country.into()],
-                    ..Default::default()
-                },
-            );
-        }
-        let t = crate::routes::build(
-            &s,
-            "cn-east",
-            Duration::from_secs(30),
-            &RouteTable::default(),
-        )
+        let t = table_of(&[
+            ("cn-east", RegionStatus::Active, "CN"),
+            ("ap-south", RegionStatus::Active, "IN"),
+            ("eu-north", RegionStatus::Active, "SE"),
+        ])
         .await;
         let mut k = Keys {
             body: register(Some("ap-south"), Some("SE")),
@@ -513,32 +508,11 @@ mod tests {
 
     #[tokio::test]
     async fn registration_follows_the_country_to_an_active_region() {
-        let mut s = ReplicaState {
-            revision: 1,
-            ..Default::default()
-        };
-        for (id, status, countries) in [
-            ("cn-east", RegionStatus::Active, vec!["CN"]),
-            ("ap-south", RegionStatus::Active, vec!["IN"]),
-            ("eu-west", RegionStatus::Draining, vec!["GB"]),
-        ] {
-            s.regions.insert(
-                id.into(),
-                Region {
-                    id: id.into(),
-                    status: status as i32,
-                    internal_endpoint: "https://127.0.0.1:1".into(),
-                    countries: countries.into_iter().map(String::from).collect(),
-                    ..Default::default()
-                },
-            );
-        }
-        let t = crate::routes::build(
-            &s,
-            "cn-east",
-            Duration::from_secs(30),
-            &RouteTable::default(),
-        )
+        let t = table_of(&[
+            ("cn-east", RegionStatus::Active, "CN"),
+            ("ap-south", RegionStatus::Active, "IN"),
+            ("eu-west", RegionStatus::Draining, "GB"),
+        ])
         .await;
         assert_eq!(registration_region(&t, None, Some("IN")), "ap-south");
         assert_eq!(
