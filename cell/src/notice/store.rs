@@ -30,7 +30,7 @@ impl NoticeStore {
     }
 }
 use crate::db::DbResult;
-use crate::db::{built, stmt};
+use crate::db::stmt;
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema, sqlx::FromRow)]
 pub struct Template {
@@ -46,7 +46,11 @@ pub struct Template {
     pub updated_by: String,
 }
 
-const TEMPLATE_COLS: &str = "key, channel, locale, category, subject, body, updated_at, updated_by";
+macro_rules! template_cols {
+    () => {
+        "key, channel, locale, category, subject, body, updated_at, updated_by"
+    };
+}
 
 #[derive(
     Debug,
@@ -110,7 +114,11 @@ pub struct Delivery {
     pub created_at: i64,
 }
 
-const DELIVERY_COLS: &str = "id, event_id, user_id, channel, recipient, subject, body, html, state, attempts, next_attempt_at, last_error, created_at";
+macro_rules! delivery_cols {
+    () => {
+        "id, event_id, user_id, channel, recipient, subject, body, html, state, attempts, next_attempt_at, last_error, created_at"
+    };
+}
 
 /// What an event turns into, written with the event marked handled.
 #[derive(Default)]
@@ -219,27 +227,32 @@ impl NoticeStore {
     }
 
     pub async fn templates_for(&self, key: &str) -> DbResult<Vec<Template>> {
-        let sql = format!("SELECT {TEMPLATE_COLS} FROM notice_templates WHERE key = $1");
-        let rows: Vec<Template> = built(sql.clone()).bind(key).fetch_all(&self.db).await?;
+        let sql = concat!(
+            "SELECT ",
+            template_cols!(),
+            " FROM notice_templates WHERE key = $1"
+        );
+        let rows: Vec<Template> = stmt(sql).bind(key).fetch_all(&self.db).await?;
         Ok(rows)
     }
 
     pub async fn list_templates(&self) -> DbResult<Vec<Template>> {
-        let sql =
-            format!("SELECT {TEMPLATE_COLS} FROM notice_templates ORDER BY key, channel, locale");
-        let rows: Vec<Template> = built(sql.clone()).fetch_all(&self.db).await?;
+        let sql = concat!(
+            "SELECT ",
+            template_cols!(),
+            " FROM notice_templates ORDER BY key, channel, locale"
+        );
+        let rows: Vec<Template> = stmt(sql).fetch_all(&self.db).await?;
         Ok(rows)
     }
 
     pub async fn put_template(&self, t: &Template) -> DbResult<()> {
-        {
-            stmt("INSERT INTO notice_templates (key, channel, locale, category, subject, body, updated_at, updated_by) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (key, channel, locale) DO UPDATE SET \
-                         category = excluded.category, subject = excluded.subject, body = excluded.body, \
-                         updated_at = excluded.updated_at, updated_by = excluded.updated_by")
-                .bind(&t.key).bind(&t.channel).bind(&t.locale).bind(&t.category).bind(&t.subject)
-                .bind(&t.body).bind(t.updated_at).bind(&t.updated_by).execute(&self.db).await?;
-        };
+        stmt("INSERT INTO notice_templates (key, channel, locale, category, subject, body, updated_at, updated_by) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (key, channel, locale) DO UPDATE SET \
+                     category = excluded.category, subject = excluded.subject, body = excluded.body, \
+                     updated_at = excluded.updated_at, updated_by = excluded.updated_by")
+            .bind(&t.key).bind(&t.channel).bind(&t.locale).bind(&t.category).bind(&t.subject)
+            .bind(&t.body).bind(t.updated_at).bind(&t.updated_by).execute(&self.db).await?;
         Ok(())
     }
 
@@ -306,14 +319,12 @@ impl NoticeStore {
     }
 
     pub async fn due_deliveries(&self, now: i64, limit: i64) -> DbResult<Vec<Delivery>> {
-        let sql = format!(
-            "SELECT {DELIVERY_COLS} FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $2"
+        let sql = concat!(
+            "SELECT ",
+            delivery_cols!(),
+            " FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $2"
         );
-        let rows: Vec<Delivery> = built(sql.clone())
-            .bind(now)
-            .bind(limit)
-            .fetch_all(&self.db)
-            .await?;
+        let rows: Vec<Delivery> = stmt(sql).bind(now).bind(limit).fetch_all(&self.db).await?;
         Ok(rows)
     }
 
@@ -326,10 +337,8 @@ impl NoticeStore {
     }
 
     pub async fn delivery_sent(&self, id: &str, provider: &str, now: i64) -> DbResult<()> {
-        {
-            stmt("UPDATE deliveries SET state = 'sent', sent_at = $1, provider = $2, body = '', html = NULL, attempts = attempts + 1, last_error = NULL WHERE id = $3")
-                .bind(now).bind(provider).bind(id).execute(&self.db).await?;
-        };
+        stmt("UPDATE deliveries SET state = 'sent', sent_at = $1, provider = $2, body = '', html = NULL, attempts = attempts + 1, last_error = NULL WHERE id = $3")
+            .bind(now).bind(provider).bind(id).execute(&self.db).await?;
         Ok(())
     }
 
@@ -341,17 +350,15 @@ impl NoticeStore {
         next_at: i64,
         dead: bool,
     ) -> DbResult<()> {
-        {
-            // A dead delivery keeps no one-time code: a password reset's
-            // message is useless once the code expires, and the dead-letter
-            // queue outlives it.
-            stmt("UPDATE deliveries SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
-                         state = CASE WHEN $3 THEN 'dead' ELSE 'pending' END, \
-                         body = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset') THEN '' ELSE body END, \
-                         html = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset') THEN NULL ELSE html END \
-                         WHERE id = $4")
-                .bind(error).bind(next_at).bind(dead).bind(id).execute(&self.db).await?;
-        };
+        // A dead delivery keeps no one-time code: a password reset's
+        // message is useless once the code expires, and the dead-letter
+        // queue outlives it.
+        stmt("UPDATE deliveries SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
+                     state = CASE WHEN $3 THEN 'dead' ELSE 'pending' END, \
+                     body = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset') THEN '' ELSE body END, \
+                     html = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset') THEN NULL ELSE html END \
+                     WHERE id = $4")
+            .bind(error).bind(next_at).bind(dead).bind(id).execute(&self.db).await?;
         Ok(())
     }
 
@@ -361,10 +368,12 @@ impl NoticeStore {
         limit: i64,
     ) -> DbResult<Vec<Delivery>> {
         let (at, id) = after.unwrap_or((i64::MAX, String::new()));
-        let sql = format!(
-            "SELECT {DELIVERY_COLS} FROM deliveries WHERE state = 'dead' AND (created_at < $1 OR (created_at = $1 AND id < $2)) ORDER BY created_at DESC, id DESC LIMIT $3"
+        let sql = concat!(
+            "SELECT ",
+            delivery_cols!(),
+            " FROM deliveries WHERE state = 'dead' AND (created_at < $1 OR (created_at = $1 AND id < $2)) ORDER BY created_at DESC, id DESC LIMIT $3"
         );
-        let rows: Vec<Delivery> = built(sql.clone())
+        let rows: Vec<Delivery> = stmt(sql)
             .bind(at)
             .bind(&id)
             .bind(limit)
