@@ -1,3 +1,4 @@
 //! What the load generators share.
 
 pub mod cpu;
+pub mod load;

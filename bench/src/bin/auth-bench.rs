@@ -13,7 +13,6 @@
 use clap::Parser;
 use homecell_bench::cpu;
 use homecell_harness::api::Api;
-use homecell_harness::{Cluster, start_standard};
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
@@ -59,24 +58,9 @@ fn report(name: &str, o: &Outcome, secs: f64, cores: usize, cell_cpu: f64) {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut cluster = Cluster::temp()?;
-    // One client address sends everything: lift the per-address login limit.
-    cluster.cell_extra_config = "login_attempts_per_ip_per_minute = 100000000\n".into();
-    start_standard(&mut cluster).await?;
-    // And the router's per-address registration limit: every worker
-    // registers from the one address.
-    let out = cluster.cli_ok(&[
-        "-o",
-        "json",
-        "config",
-        "set",
-        "router.rate_limit.registrations_per_ip",
-        "0",
-    ])?;
-    let revision = out.json()?["committed_revision"].as_u64().unwrap_or(0);
-    cluster
-        .wait_applied(revision, 3, Duration::from_secs(10))
-        .await?;
+    // One client address sends everything: the per-address limits on
+    // logins and registrations are lifted.
+    let cluster = homecell_bench::load::one_address_cluster("").await?;
     let api = Api::new(&cluster.router_url(0), "cn-east");
     let cell = [cluster.cells["cn-east"]
         .process

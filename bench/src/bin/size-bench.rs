@@ -23,7 +23,6 @@
 use clap::Parser;
 use homecell_bench::cpu;
 use homecell_harness::api::Api;
-use homecell_harness::{Cluster, start_standard};
 use rusqlite::{Connection, params};
 use serde_json::json;
 use std::future::Future;
@@ -301,24 +300,11 @@ async fn main() -> anyhow::Result<()> {
         args.workers >= 2,
         "at least two workers: they send each other money"
     );
-    let mut cluster = Cluster::temp()?;
-    cluster.cell_extra_config = format!(
-        "login_attempts_per_ip_per_minute = 100000000\n[payments.bench]\nsecret = {SECRET:?}\n"
-    );
-    start_standard(&mut cluster).await?;
-    // Every worker registers from the one address.
-    let out = cluster.cli_ok(&[
-        "-o",
-        "json",
-        "config",
-        "set",
-        "router.rate_limit.registrations_per_ip",
-        "0",
-    ])?;
-    let revision = out.json()?["committed_revision"].as_u64().unwrap_or(0);
-    cluster
-        .wait_applied(revision, 3, Duration::from_secs(10))
-        .await?;
+    // Every worker comes from the one address.
+    let cluster = homecell_bench::load::one_address_cluster(&format!(
+        "[payments.bench]\nsecret = {SECRET:?}\n"
+    ))
+    .await?;
     cluster.wait_signing_keys(Duration::from_secs(15)).await?;
     let api = Api::new(&cluster.router_url(0), "cn-east");
     let cell = [cluster.cells["cn-east"]
