@@ -128,6 +128,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
     tokio::spawn(notices.clone().relay_announcements(token.clone()));
     tokio::spawn(notices.run(token.clone()));
     tokio::spawn(identity::claims::run(cell.clone(), token.clone()));
+    tokio::spawn(identity::reassert::run(cell.clone(), token.clone()));
     tokio::spawn(replica.clone().run(
         WatchTarget {
             endpoint: config.control_plane.clone(),

@@ -57,6 +57,8 @@ const CACHE_BYTES: usize = 16 << 20;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReplicaState {
     pub revision: u64,
+    /// The control-plane store's epoch this state came from (0: none yet).
+    pub epoch: u64,
     pub regions: BTreeMap<String, Region>,
     /// Keyed by (key, region); region is empty for the global value.
     pub config: BTreeMap<(String, String), ConfigEntry>,
@@ -67,6 +69,8 @@ pub struct ReplicaState {
 /// A snapshot being received, part by part.
 pub struct SnapshotParts {
     revision: u64,
+    epoch: u64,
+    parent: (u64, u64),
     regions: Vec<Region>,
     config: Vec<ConfigEntry>,
     directory: directory::Builder,
@@ -76,6 +80,8 @@ impl SnapshotParts {
     pub fn new(first: &Snapshot) -> Self {
         Self {
             revision: first.revision,
+            epoch: first.epoch,
+            parent: (first.parent_epoch, first.parent_revision),
             regions: Vec::new(),
             config: Vec::new(),
             directory: directory::Builder::with_capacity(
@@ -87,7 +93,7 @@ impl SnapshotParts {
 
     /// Adds a part; all parts must carry the same revision.
     pub fn add(&mut self, part: Snapshot) -> Result<()> {
-        if part.revision != self.revision {
+        if part.revision != self.revision || part.epoch != self.epoch {
             bail!(
                 "snapshot part of revision {} inside snapshot {}",
                 part.revision,
@@ -105,9 +111,16 @@ impl SnapshotParts {
         Ok(())
     }
 
+    /// The epoch and revision the snapshot's store was rebuilt from, if it
+    /// was (0, 0 otherwise).
+    pub fn parent(&self) -> (u64, u64) {
+        self.parent
+    }
+
     pub fn finish(self) -> ReplicaState {
         ReplicaState {
             revision: self.revision,
+            epoch: self.epoch,
             regions: self
                 .regions
                 .into_iter()
@@ -283,6 +296,24 @@ fn read_column<T, const N: usize>(
     Ok(out)
 }
 
+/// Reads the state persisted in a replica file that no process holds open
+/// (a stopped router's or cell's, or a copy of one): what `control-plane
+/// recover --from-replica` rebuilds from.
+pub fn read_replica_file(path: &Path) -> Result<ReplicaState> {
+    let db = Database::open(path).map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => anyhow!(
+            "{} is open in a running process; stop it or copy the file from a stopped one",
+            path.display()
+        ),
+        e => anyhow!("cannot open the replica {}: {e}", path.display()),
+    })?;
+    let (state, _) = LocalStore { db }.load()?;
+    if state.revision == 0 {
+        bail!("{} holds no control-plane state", path.display());
+    }
+    Ok(state)
+}
+
 impl LocalStore {
     fn open(path: &Path) -> Result<Self> {
         let db = redb::Builder::new()
@@ -319,8 +350,15 @@ impl LocalStore {
             }
             None => 0,
         };
+        let epoch = match meta.get("epoch")? {
+            Some(v) => {
+                u64::from_le_bytes(v.value().try_into().map_err(|_| anyhow!("corrupt epoch"))?)
+            }
+            None => 0,
+        };
         let mut state = ReplicaState {
             revision,
+            epoch,
             ..Default::default()
         };
         for row in txn.open_table(REGIONS)?.iter()? {
@@ -426,6 +464,7 @@ impl LocalStore {
             let mut meta = txn.open_table(META)?;
             meta.insert("format", FORMAT)?;
             meta.insert("revision", s.revision.to_le_bytes().as_slice())?;
+            meta.insert("epoch", s.epoch.to_le_bytes().as_slice())?;
         }
         txn.commit()?;
         Ok(())
@@ -528,6 +567,25 @@ static APPLY_ERRORS: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
     c
 });
 
+static EPOCH_CHANGES: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    let c = prometheus::IntCounter::new(
+        "homecell_replica_epoch_changes_total",
+        "Snapshots of a new control-plane epoch (a restored or recovered store) taken over held state",
+    )
+    .expect("valid metric");
+    let _ = prometheus::register(Box::new(c.clone()));
+    c
+});
+static EPOCH_CONFLICTS: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    let c = prometheus::IntCounter::new(
+        "homecell_replica_epoch_conflicts_total",
+        "New-epoch snapshots that replaced state newer than the store they were rebuilt from",
+    )
+    .expect("valid metric");
+    let _ = prometheus::register(Box::new(c.clone()));
+    c
+});
+
 /// Where and how a replica reaches the control plane.
 #[derive(Clone)]
 pub struct WatchTarget {
@@ -562,6 +620,8 @@ impl Replica {
             }
         };
         REVISION_GAUGE.set(state.revision as i64);
+        LazyLock::force(&EPOCH_CHANGES);
+        LazyLock::force(&EPOCH_CONFLICTS);
         let (revision_tx, _) = watch::channel(state.revision);
         Ok(Arc::new(Self {
             store: Arc::new(store),
@@ -590,7 +650,43 @@ impl Replica {
         self.revision_tx.subscribe()
     }
 
-    async fn apply_snapshot(&self, state: ReplicaState) -> Result<u64> {
+    /// Replaces the state with a snapshot. A snapshot of another epoch
+    /// (the control plane was restored or recovered) replaces it too, but
+    /// never silently: when what this replica held reaches past what the
+    /// new store was rebuilt from, the lost revisions are counted and logged
+    /// (the control plane's `status` shows them as well).
+    async fn apply_snapshot(&self, state: ReplicaState, parent: (u64, u64)) -> Result<u64> {
+        let held = self.state();
+        if held.epoch != 0 && held.epoch != state.epoch {
+            EPOCH_CHANGES.inc();
+            let (parent_epoch, parent_revision) = parent;
+            let lost = if held.epoch == parent_epoch {
+                held.revision > parent_revision
+            } else {
+                // Not the store this one was rebuilt from: nothing says what
+                // it shares with ours, so every revision held is in doubt.
+                true
+            };
+            if lost {
+                EPOCH_CONFLICTS.inc();
+                tracing::error!(
+                    held_epoch = held.epoch,
+                    held_revision = held.revision,
+                    epoch = state.epoch,
+                    rebuilt_from_epoch = parent_epoch,
+                    rebuilt_from_revision = parent_revision,
+                    "the control plane was restored to an older state than this replica held; \
+                     taking its snapshot (the revisions past its source are gone from the directory \
+                     until cells assert their claims again)"
+                );
+            } else {
+                tracing::warn!(
+                    held_epoch = held.epoch,
+                    epoch = state.epoch,
+                    "the control plane starts a new epoch; taking its snapshot"
+                );
+            }
+        }
         let store = self.store.clone();
         let state =
             tokio::task::spawn_blocking(move || store.write_snapshot(&state).map(|()| state))
@@ -667,6 +763,7 @@ impl Replica {
                 kind: target.kind as i32,
                 region: target.region.clone(),
                 from_revision,
+                epoch: self.state().epoch,
             })),
         })
         .await?;
@@ -693,8 +790,9 @@ impl Replica {
                     match assembled.add(s) {
                         Ok(()) if more => continue,
                         Ok(()) => {
-                            let state = parts.take().expect("parts in progress").finish();
-                            (revision, self.apply_snapshot(state).await)
+                            let done = parts.take().expect("parts in progress");
+                            let parent = done.parent();
+                            (revision, self.apply_snapshot(done.finish(), parent).await)
                         }
                         Err(e) => (revision, Err(e)),
                     }
@@ -768,28 +866,31 @@ mod tests {
         let r = Replica::open(&path).unwrap();
         assert!(!r.is_ready());
         let node = r.node_id().to_string();
-        r.apply_snapshot(ReplicaState::from_snapshot(Snapshot {
-            revision: 3,
-            regions: vec![region("cn-east")],
-            config: vec![ConfigEntry {
-                key: "a.b".into(),
-                region: String::new(),
-                value: Some(ConfigValue {
-                    kind: Some(homecell_proto::control::config_value::Kind::IntValue(1)),
-                }),
-                revision: 2,
-            }],
-            claims: vec![IdentifierClaim {
-                hmac: "h1".into(),
-                user_id: "u1".into(),
-                region: "cn-east".into(),
-            }],
-            users: vec![DirectoryUser {
-                user_id: "u1".into(),
-                region: "cn-east".into(),
-            }],
-            ..Default::default()
-        }))
+        r.apply_snapshot(
+            ReplicaState::from_snapshot(Snapshot {
+                revision: 3,
+                regions: vec![region("cn-east")],
+                config: vec![ConfigEntry {
+                    key: "a.b".into(),
+                    region: String::new(),
+                    value: Some(ConfigValue {
+                        kind: Some(homecell_proto::control::config_value::Kind::IntValue(1)),
+                    }),
+                    revision: 2,
+                }],
+                claims: vec![IdentifierClaim {
+                    hmac: "h1".into(),
+                    user_id: "u1".into(),
+                    region: "cn-east".into(),
+                }],
+                users: vec![DirectoryUser {
+                    user_id: "u1".into(),
+                    region: "cn-east".into(),
+                }],
+                ..Default::default()
+            }),
+            (0, 0),
+        )
         .await
         .unwrap();
         r.apply_delta(delta(
@@ -945,14 +1046,17 @@ mod directory_tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("replica.redb");
         let r = Replica::open(&path).unwrap();
-        r.apply_snapshot(ReplicaState::from_snapshot(Snapshot {
-            revision: 1,
-            users: vec![DirectoryUser {
-                user_id: "first".into(),
-                region: "cn-east".into(),
-            }],
-            ..Default::default()
-        }))
+        r.apply_snapshot(
+            ReplicaState::from_snapshot(Snapshot {
+                revision: 1,
+                users: vec![DirectoryUser {
+                    user_id: "first".into(),
+                    region: "cn-east".into(),
+                }],
+                ..Default::default()
+            }),
+            (0, 0),
+        )
         .await
         .unwrap();
         let user = |n: u32| uuid::Uuid::from_u128(u128::from(n) << 80).to_string();

@@ -83,7 +83,7 @@ impl Connection {
         }
     }
 
-    async fn channel(&self) -> Result<Channel> {
+    pub(crate) async fn channel(&self) -> Result<Channel> {
         let tls = self.tls_paths()?.load()?;
         tonic::transport::Endpoint::from_shared(self.endpoint.clone())
             .map_err(|_| anyhow!("endpoint {:?} is not a URL", self.endpoint))?
@@ -530,6 +530,7 @@ pub async fn status(conn: &Connection) -> Result<()> {
     match conn.output {
         Output::Json => print_json(&json!({
             "revision": r.revision,
+            "epoch": format!("{:016x}", r.epoch),
             "subscribers": r.subscribers.iter().map(|s| json!({
                 "node_id": s.node_id,
                 "kind": kind_name(s.kind()),
@@ -539,6 +540,8 @@ pub async fn status(conn: &Connection) -> Result<()> {
                 "connected": s.connected,
                 "last_error": s.last_error,
                 "identity": s.peer_identity,
+                "epoch": format!("{:016x}", s.epoch),
+                "conflict": s.conflict,
             })).collect::<Vec<_>>(),
             "members": r.members.iter().map(|m| json!({
                 "addr": m.addr,
@@ -550,7 +553,10 @@ pub async fn status(conn: &Connection) -> Result<()> {
             })).collect::<Vec<_>>(),
         })),
         Output::Table => {
-            println!("control plane at revision {}", r.revision);
+            println!(
+                "control plane at revision {} (epoch {:016x})",
+                r.revision, r.epoch
+            );
             print_table(
                 &[
                     "KIND",
@@ -578,7 +584,11 @@ pub async fn status(conn: &Connection) -> Result<()> {
                                 "no".into()
                             },
                             format!("{} ago", humantime::format_duration(ago)),
-                            s.last_error.clone(),
+                            if s.conflict.is_empty() {
+                                s.last_error.clone()
+                            } else {
+                                format!("CONFLICT: {}", s.conflict)
+                            },
                         ]
                     })
                     .collect(),
@@ -652,11 +662,11 @@ fn entry_json(e: &ConfigEntry) -> Value {
     })
 }
 
-fn print_json(v: &Value) {
+pub(crate) fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-fn print_pairs(rows: &[(&str, String)]) {
+pub(crate) fn print_pairs(rows: &[(&str, String)]) {
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in rows {
         println!("{k:<w$}  {v}");

@@ -137,3 +137,48 @@ pub fn move_user(
     }
     tx.rehome_user(user_id, to)
 }
+
+/// Claims per ReassertClaims call.
+pub const REASSERT_BATCH: usize = 1_000;
+
+/// A cell's claims asserted again after a restore or recovery: each is
+/// made as [`claim`] makes it, for `region` only. Returns how many the
+/// directory did not hold, and the users one of whose identifiers is held
+/// by another user (or who are homed elsewhere): those are never taken
+/// over, only reported.
+pub fn reassert(
+    tx: &mut Tx<'_>,
+    key: &DirectoryKey,
+    region: &str,
+    claims: &[(String, String)],
+) -> Result<(u32, Vec<String>), CodedError> {
+    if claims.len() > REASSERT_BATCH {
+        return Err(CodedError::invalid(format!(
+            "at most {REASSERT_BATCH} claims per call"
+        )));
+    }
+    crate::regions::get(tx, region)?;
+    let mut restored = 0;
+    let mut conflicting = Vec::new();
+    for (identifier, user_id) in claims {
+        let before = tx.changes_made();
+        match claim(tx, key, identifier, user_id, region) {
+            Ok(()) if tx.changes_made() == before => continue,
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.code,
+                    ErrorCode::AlreadyExists | ErrorCode::PermissionDenied
+                ) =>
+            {
+                if !conflicting.contains(user_id) {
+                    conflicting.push(user_id.clone());
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        restored += 1;
+    }
+    Ok((restored, conflicting))
+}

@@ -275,6 +275,7 @@ impl status_service_server::StatusService for ControlPlane {
         operator(&req)?;
         Ok(Response::new(GetStatusResponse {
             revision: self.store.revision(),
+            epoch: self.store.epoch(),
             subscribers: self.subscribers.all(),
             members: self
                 .membership
@@ -350,5 +351,84 @@ impl directory_service_server::DirectoryService for ControlPlane {
             .await?;
         tracing::info!(revision, "user {what}: re-homed in the directory");
         Ok(Response::new(MoveUserResponse { revision }))
+    }
+
+    async fn reassert_claims(
+        &self,
+        req: Request<ReassertClaimsRequest>,
+    ) -> Result<Response<ReassertClaimsResponse>, Status> {
+        let who = cell_of(&req, &req.get_ref().region)?;
+        let r = req.into_inner();
+        if r.claims.iter().any(|c| c.region != r.region) {
+            return Err(Status::permission_denied(
+                "a cell asserts claims for its own region only",
+            ));
+        }
+        let claims: Vec<(String, String)> = r
+            .claims
+            .into_iter()
+            .map(|c| (c.identifier, c.user_id))
+            .collect();
+        let key = self.directory_key.clone();
+        let region = r.region;
+        let ((restored, conflicting_users), revision) = self
+            .mutate(&who, move |tx| {
+                crate::directory::reassert(tx, &key, &region, &claims)
+            })
+            .await?;
+        if restored > 0 || !conflicting_users.is_empty() {
+            tracing::info!(restored, conflicts = conflicting_users.len(), actor = %who, "claims asserted again");
+        }
+        Ok(Response::new(ReassertClaimsResponse {
+            revision,
+            restored,
+            conflicting_users,
+        }))
+    }
+}
+
+/// Backup records per gRPC message: a few hundred KB, far under the 4 MiB
+/// limit.
+const BACKUP_CHUNK_RECORDS: usize = 2_000;
+
+#[tonic::async_trait]
+impl backup_service_server::BackupService for ControlPlane {
+    type BackupStream = tokio_stream::wrappers::ReceiverStream<Result<BackupChunk, Status>>;
+
+    /// Streams the store from one read transaction, a chunk at a time, at
+    /// the pace the operator's CLI reads: memory stays flat and mutations go
+    /// on meanwhile.
+    async fn backup(
+        &self,
+        req: Request<BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let who = operator(&req)?;
+        tracing::info!(actor = %who, revision = self.store.revision(), "backup started");
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut chunk = Vec::with_capacity(BACKUP_CHUNK_RECORDS);
+            let mut open = true;
+            let read = store.export(|record| {
+                chunk.push(record);
+                if chunk.len() == BACKUP_CHUNK_RECORDS {
+                    let records = std::mem::take(&mut chunk);
+                    open = tx.blocking_send(Ok(BackupChunk { records })).is_ok();
+                }
+                open
+            });
+            match read {
+                Ok(()) if open && !chunk.is_empty() => {
+                    let _ = tx.blocking_send(Ok(BackupChunk { records: chunk }));
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e.into()));
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 }

@@ -2,6 +2,8 @@
 //! configuration in one redb file, a revisioned change log that routers and
 //! cells replicate through `Watch`, and the operator CLI.
 
+pub mod backup;
+pub mod backup_cli;
 pub mod cli;
 pub mod config_ops;
 pub mod directory;

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use homecell_common::telemetry;
 use homecell_common::tls::{PeerIdentity, Pki};
+use homecell_control_plane::backup_cli::{self, StoreTarget};
 use homecell_control_plane::cli::{self, ConfigCmd, Connection, RegionCmd};
 use homecell_control_plane::serve::{self, ServeConfig};
 use std::path::PathBuf;
@@ -44,6 +45,31 @@ enum Cmd {
     Config(ConfigCmd),
     /// Every subscriber with its applied revision and last contact.
     Status,
+    /// Copy the running control plane's state to a new file (a consistent
+    /// online copy: mutations go on meanwhile).
+    Backup {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Build a new store from a backup, in a new epoch, for a stopped
+    /// control plane (the store must not exist yet). Subscribers take a
+    /// snapshot of the new epoch when it starts.
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+        #[command(flatten)]
+        target: StoreTarget,
+    },
+    /// Build a new store from a router's or cell's replica when no backup
+    /// is left: regions, keys, config and user homes; the cells assert
+    /// their users' claims again.
+    Recover {
+        /// A replica file (`replica.redb` of a stopped router or cell).
+        #[arg(long = "from-replica")]
+        from_replica: PathBuf,
+        #[command(flatten)]
+        target: StoreTarget,
+    },
     /// Issue internal certificates.
     #[command(subcommand)]
     Pki(PkiCmd),
@@ -108,6 +134,12 @@ fn main() -> ExitCode {
             Cmd::Region(c) => cli::region(&conn, c).await,
             Cmd::Config(c) => cli::config(&conn, c).await,
             Cmd::Status => cli::status(&conn).await,
+            Cmd::Backup { out } => backup_cli::backup(&conn, &out).await,
+            Cmd::Restore { from, target } => backup_cli::restore(&from, &target, conn.output),
+            Cmd::Recover {
+                from_replica,
+                target,
+            } => backup_cli::recover(&from_replica, &target, conn.output),
             Cmd::Pki(PkiCmd::Issue {
                 dir,
                 identity,

@@ -8,15 +8,18 @@ use homecell_common::telemetry::LogFormat;
 use homecell_common::tls::TlsPaths;
 use homecell_common::{admin, shutdown};
 use homecell_proto::control::{
-    config_service_server::ConfigServiceServer, directory_service_server::DirectoryServiceServer,
-    region_service_server::RegionServiceServer, status_service_server::StatusServiceServer,
-    sync_service_server::SyncServiceServer,
+    backup_service_server::BackupServiceServer, config_service_server::ConfigServiceServer,
+    directory_service_server::DirectoryServiceServer, region_service_server::RegionServiceServer,
+    status_service_server::StatusServiceServer, sync_service_server::SyncServiceServer,
 };
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The store's file in `data_dir`.
+pub const STORE_FILE: &str = "control-plane.redb";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,12 +86,16 @@ impl ServeConfig {
 pub async fn run(config: ServeConfig) -> Result<()> {
     homecell_common::key_file::create_private_dir(&config.data_dir).context("data_dir")?;
     let store = Arc::new(Store::open(
-        &config.data_dir.join("control-plane.redb"),
+        &config.data_dir.join(STORE_FILE),
         config.retain_changes,
     )?);
     let subscribers = Arc::new(Subscribers::load(store.clone())?);
     let token = shutdown::CancellationToken::new();
     tokio::spawn(shutdown::wait_for_signal(token.clone()));
+    let persisting = tokio::spawn({
+        let (subscribers, token) = (subscribers.clone(), token.clone());
+        async move { subscribers.persist_until(token).await }
+    });
     let membership = match &config.gossip {
         Some(g) => Some(
             homecell_common::gossip::start(
@@ -117,7 +124,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         .await
         .with_context(|| format!("cannot bind {}", config.listen))?;
     let grpc_addr = listener.local_addr()?;
-    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, revision = store.revision(), "control plane listening");
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, revision = store.revision(), epoch = format!("{:016x}", store.epoch()), "control plane listening");
 
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
@@ -128,6 +135,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         .add_service(ConfigServiceServer::new(cp.clone()))
         .add_service(SyncServiceServer::new(cp.clone()))
         .add_service(DirectoryServiceServer::new(cp.clone()))
+        .add_service(BackupServiceServer::new(cp.clone()))
         .add_service(StatusServiceServer::new(cp))
         .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
     // Watch streams never end on their own: after the signal, give open calls
@@ -136,6 +144,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         served = server => served.context("gRPC server failed")?,
         _ = async { token.cancelled().await; tokio::time::sleep(Duration::from_secs(2)).await } => {}
     }
+    let _ = persisting.await;
     tracing::info!("control plane stopped");
     Ok(())
 }

@@ -20,22 +20,42 @@ const BATCH: usize = 256;
 /// default message limit.
 const SNAPSHOT_PART_ROWS: usize = 10_000;
 
-/// Live view of every subscriber, persisted on each report.
+/// How often subscriber rows are written to the store. Their ACKs and
+/// contacts change the live view at once; persisting every one would cost
+/// each subscriber an fsync per revision on the one global writer, so the
+/// changed rows are written together at most this often. A crash loses at
+/// most this much of `status`'s history, nothing else: the rows are
+/// advisory and every subscriber reports again when it reconnects.
+const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Live view of every subscriber; changed rows are persisted together.
 pub struct Subscribers {
     store: Arc<Store>,
-    live: Mutex<HashMap<String, SubscriberStatus>>,
+    live: Mutex<Live>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Live {
+    rows: HashMap<String, SubscriberStatus>,
+    /// Rows changed since they were last persisted.
+    dirty: std::collections::HashSet<String>,
 }
 
 impl Subscribers {
     pub fn load(store: Arc<Store>) -> anyhow::Result<Self> {
-        let mut live = HashMap::new();
+        let mut rows = HashMap::new();
         for mut s in store.subscribers().map_err(|e| anyhow::anyhow!("{e}"))? {
             s.connected = false;
-            live.insert(s.node_id.clone(), s);
+            rows.insert(s.node_id.clone(), s);
         }
         Ok(Self {
             store,
-            live: Mutex::new(live),
+            live: Mutex::new(Live {
+                rows,
+                ..Default::default()
+            }),
+            changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -44,6 +64,7 @@ impl Subscribers {
             .live
             .lock()
             .expect("poisoned")
+            .rows
             .values()
             .cloned()
             .collect();
@@ -51,25 +72,82 @@ impl Subscribers {
         v
     }
 
-    /// Applies `f` to the node's row and persists it (off the async runtime).
-    async fn update(&self, node_id: &str, f: impl FnOnce(&mut SubscriberStatus)) {
-        let row = {
+    /// Applies `f` to the node's row; the row is persisted with the next
+    /// batch.
+    fn update(&self, node_id: &str, f: impl FnOnce(&mut SubscriberStatus)) {
+        let mut live = self.live.lock().expect("poisoned");
+        let row = live
+            .rows
+            .entry(node_id.to_string())
+            .or_insert_with(|| SubscriberStatus {
+                node_id: node_id.to_string(),
+                ..Default::default()
+            });
+        f(row);
+        row.last_contact_unix_ms = now_ms();
+        live.dirty.insert(node_id.to_string());
+        drop(live);
+        self.changed.notify_one();
+    }
+
+    /// Writes the changed rows in one transaction; returns how many.
+    pub async fn persist(&self) -> usize {
+        let rows: Vec<SubscriberStatus> = {
             let mut live = self.live.lock().expect("poisoned");
-            let row = live
-                .entry(node_id.to_string())
-                .or_insert_with(|| SubscriberStatus {
-                    node_id: node_id.to_string(),
-                    ..Default::default()
-                });
-            f(row);
-            row.last_contact_unix_ms = now_ms();
-            row.clone()
+            let dirty = std::mem::take(&mut live.dirty);
+            dirty
+                .iter()
+                .filter_map(|id| live.rows.get(id).cloned())
+                .collect()
         };
-        let store = self.store.clone();
-        let saved = tokio::task::spawn_blocking(move || store.save_subscriber(&row)).await;
-        if !matches!(saved, Ok(Ok(()))) {
-            tracing::warn!(node_id, "cannot persist subscriber status");
+        if rows.is_empty() {
+            return 0;
         }
+        let n = rows.len();
+        let store = self.store.clone();
+        let saved = tokio::task::spawn_blocking(move || store.save_subscribers(&rows)).await;
+        if !matches!(saved, Ok(Ok(()))) {
+            tracing::warn!(rows = n, "cannot persist subscriber status");
+        }
+        n
+    }
+
+    /// Persists changed rows, at most once per [`PERSIST_EVERY`], until
+    /// `stop`; then once more.
+    pub async fn persist_until(&self, stop: homecell_common::shutdown::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = self.changed.notified() => {}
+                () = stop.cancelled() => break,
+            }
+            self.persist().await;
+            tokio::select! {
+                () = tokio::time::sleep(PERSIST_EVERY) => {}
+                () = stop.cancelled() => break,
+            }
+        }
+        self.persist().await;
+    }
+}
+
+/// What a subscriber lost when it held state of another epoch than the
+/// store's: None when it held nothing of another epoch, or nothing past
+/// what this store was rebuilt from.
+fn conflict(sub_epoch: u64, from_revision: u64, store: &Store) -> Option<String> {
+    if sub_epoch == 0 || sub_epoch == store.epoch() || from_revision == 0 {
+        return None;
+    }
+    match store.parent() {
+        Some(p) if p.epoch == sub_epoch => (from_revision > p.revision).then(|| {
+            format!(
+                "held revisions {}..={from_revision} of epoch {sub_epoch:016x}, past the revision {} this store was rebuilt from",
+                p.revision + 1,
+                p.revision
+            )
+        }),
+        _ => Some(format!(
+            "held revision {from_revision} of epoch {sub_epoch:016x}, which this store does not descend from"
+        )),
     }
 }
 
@@ -112,22 +190,29 @@ pub async fn watch(
         return Err(Status::invalid_argument("node_id must be 1-128 characters"));
     }
     let node_id = sub.node_id.clone();
-    subscribers
-        .update(&node_id, |s| {
-            s.kind = kind as i32;
-            s.region = sub.region.clone();
-            s.connected = true;
-            s.peer_identity = caller.common_name();
-        })
-        .await;
+    let lost = conflict(sub.epoch, sub.from_revision, &store);
+    if let Some(lost) = &lost {
+        tracing::error!(node_id, region = %sub.region, conflict = %lost, "a subscriber held state this control plane does not have; sending a snapshot");
+    }
+    subscribers.update(&node_id, |s| {
+        s.kind = kind as i32;
+        s.region = sub.region.clone();
+        s.connected = true;
+        s.peer_identity = caller.common_name();
+        s.epoch = store.epoch();
+        s.conflict = lost.unwrap_or_default();
+    });
     tracing::info!(node_id, ?kind, region = %sub.region, from = sub.from_revision, "subscriber connected");
 
+    // Revisions compare only within one epoch: a subscriber of another
+    // (or of none) starts over from a snapshot.
+    let need_snapshot = sub.from_revision == 0 || sub.epoch != store.epoch();
     let (tx, rx) = mpsc::channel(16);
-    let sender = tokio::spawn(send_loop(store, sub.from_revision, tx));
+    let sender = tokio::spawn(send_loop(store, sub.from_revision, need_snapshot, tx));
     tokio::spawn(async move {
         report_loop(&subscribers, &node_id, &mut inbound).await;
         sender.abort();
-        subscribers.update(&node_id, |s| s.connected = false).await;
+        subscribers.update(&node_id, |s| s.connected = false);
         tracing::info!(node_id, "subscriber disconnected");
     });
     Ok(rx)
@@ -137,11 +222,11 @@ pub async fn watch(
 async fn send_loop(
     store: Arc<Store>,
     from_revision: u64,
+    mut need_snapshot: bool,
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
 ) {
     let mut revisions = store.subscribe();
     let mut sent = from_revision;
-    let mut need_snapshot = from_revision == 0;
     loop {
         let current = *revisions.borrow_and_update();
         if need_snapshot || sent != current {
@@ -222,24 +307,72 @@ async fn report_loop(
             }
         };
         match msg.kind {
-            Some(watch_request::Kind::Ack(a)) => {
-                subscribers
-                    .update(node_id, |s| {
-                        s.applied_revision = a.revision;
-                        s.last_error.clear();
-                    })
-                    .await
-            }
+            Some(watch_request::Kind::Ack(a)) => subscribers.update(node_id, |s| {
+                s.applied_revision = a.revision;
+                s.last_error.clear();
+            }),
             Some(watch_request::Kind::Nack(n)) => {
                 tracing::warn!(node_id, revision = n.revision, error = %n.error, "subscriber NACKed");
                 let mut error = n.error;
                 error.truncate(512);
-                subscribers.update(node_id, |s| s.last_error = error).await
+                subscribers.update(node_id, |s| s.last_error = error)
             }
             _ => {
                 tracing::warn!(node_id, "unexpected message on the watch stream");
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Parent;
+
+    #[test]
+    fn a_subscriber_past_the_restored_revision_is_in_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Store::open(&dir.path().join("a.redb"), 10).unwrap();
+        let parent = Parent {
+            epoch: old.epoch(),
+            revision: 40,
+        };
+        let new = Store::rebuild(&dir.path().join("b.redb"), 10, parent, |_| Ok(())).unwrap();
+        // Same epoch, none, or nothing held: no conflict.
+        assert_eq!(conflict(new.epoch(), 99, &new), None);
+        assert_eq!(conflict(0, 99, &new), None);
+        assert_eq!(conflict(old.epoch(), 0, &new), None);
+        // The parent epoch up to the restored revision: nothing lost.
+        assert_eq!(conflict(old.epoch(), 40, &new), None);
+        let lost = conflict(old.epoch(), 45, &new).unwrap();
+        assert!(lost.contains("41..=45"), "{lost}");
+        // An epoch this store does not descend from: all in doubt.
+        assert!(
+            conflict(12345, 3, &new)
+                .unwrap()
+                .contains("does not descend")
+        );
+    }
+
+    #[tokio::test]
+    async fn reports_are_persisted_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("a.redb"), 10).unwrap());
+        let subs = Subscribers::load(store.clone()).unwrap();
+        for n in 0..12 {
+            for revision in 1..=50 {
+                subs.update(&format!("node-{n}"), |s| s.applied_revision = revision);
+            }
+        }
+        assert!(
+            store.subscribers().unwrap().is_empty(),
+            "nothing written yet"
+        );
+        assert_eq!(subs.persist().await, 12, "one row per subscriber, once");
+        assert_eq!(subs.persist().await, 0);
+        let rows = store.subscribers().unwrap();
+        assert_eq!(rows.len(), 12);
+        assert!(rows.iter().all(|r| r.applied_revision == 50));
     }
 }

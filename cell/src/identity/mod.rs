@@ -6,6 +6,7 @@ pub mod claims;
 pub mod keys;
 pub mod password;
 pub mod profile;
+pub mod reassert;
 mod register;
 mod reset;
 pub mod seal;

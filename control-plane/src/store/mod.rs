@@ -40,6 +40,34 @@ const USERS: TableDefinition<&str, (&str, u32)> = TableDefinition::new("users");
 const REVISION: &str = "revision";
 /// Revisions at or below the floor have been compacted out of the log.
 const LOG_FLOOR: &str = "log_floor";
+/// This store's epoch: random, set when the store is created, restored or
+/// recovered. Revisions compare only within one epoch.
+const EPOCH: &str = "epoch";
+/// For a restored or recovered store: the epoch and revision it was rebuilt
+/// from. A subscriber of that epoch holding a later revision lost state.
+const PARENT_EPOCH: &str = "parent_epoch";
+const PARENT_REVISION: &str = "parent_revision";
+/// Config history below this revision is not held (a store recovered from
+/// a replica): rollback cannot reach it.
+const HISTORY_FLOOR: &str = "history_floor";
+
+mod rebuild;
+pub use rebuild::{BACKUP_FORMAT, Rebuilder};
+
+/// A fresh epoch: random and never 0 (0 means "no epoch" on the wire).
+pub fn new_epoch() -> u64 {
+    let mut b = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .expect("the system random source works");
+    u64::from_le_bytes(b).max(1)
+}
+
+/// Where a restored or recovered store came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parent {
+    pub epoch: u64,
+    pub revision: u64,
+}
 
 pub fn config_row_key(key: &str, region: &str) -> String {
     format!("{key}\u{0}{region}")
@@ -91,6 +119,8 @@ fn count_claim(
 
 pub struct Store {
     db: Database,
+    epoch: u64,
+    parent: Option<Parent>,
     revision_tx: watch::Sender<u64>,
     /// How many change sets the log keeps before compacting the oldest.
     retain_changes: u64,
@@ -109,6 +139,11 @@ impl Tx<'_> {
     /// The revision this transaction started from.
     pub fn current_revision(&self) -> u64 {
         self.revision - 1
+    }
+
+    /// How many changes this transaction has made so far.
+    pub fn changes_made(&self) -> usize {
+        self.changes.len()
     }
 
     pub fn region(&self, id: &str) -> Result<Option<Region>, CodedError> {
@@ -307,8 +342,21 @@ impl Tx<'_> {
     }
 
     /// Every config row's state as of `revision`: (key, region) → entry, from
-    /// the history table.
+    /// the history table. Refused below the history this store holds.
     pub fn config_at(&self, revision: u64) -> Result<Vec<ConfigHistoryEntry>, CodedError> {
+        let floor = self
+            .txn
+            .open_table(META)
+            .map_err(storage)?
+            .get(HISTORY_FLOOR)
+            .map_err(storage)?
+            .map_or(0, |v| v.value());
+        if revision < floor {
+            return Err(CodedError::new(
+                homecell_proto::error::ErrorCode::FailedPrecondition,
+                format!("config history before revision {floor} was not recovered"),
+            ));
+        }
         let t = self.txn.open_table(CONFIG_HISTORY).map_err(storage)?;
         let mut latest = std::collections::BTreeMap::new();
         for row in t
@@ -328,8 +376,8 @@ impl Store {
         let db = Database::create(path)
             .map_err(|e| anyhow::anyhow!("cannot open the store {}: {e}", path.display()))?;
         let txn = db.begin_write()?;
-        let revision = {
-            let meta = txn.open_table(META)?;
+        let (revision, epoch, parent) = {
+            let mut meta = txn.open_table(META)?;
             txn.open_table(REGIONS)?;
             txn.open_table(CONFIG)?;
             txn.open_table(CONFIG_HISTORY)?;
@@ -344,12 +392,32 @@ impl Store {
                     count_claim(&mut users, &c.user_id, &c.region)?;
                 }
             }
-            meta.get(REVISION)?.map(|v| v.value()).unwrap_or(0)
+            // A store from before epochs gets its first one here.
+            let existing = meta.get(EPOCH)?.map(|v| v.value());
+            let epoch = match existing {
+                Some(e) => e,
+                None => {
+                    let e = new_epoch();
+                    meta.insert(EPOCH, e)?;
+                    e
+                }
+            };
+            let parent = match (meta.get(PARENT_EPOCH)?, meta.get(PARENT_REVISION)?) {
+                (Some(e), Some(r)) => Some(Parent {
+                    epoch: e.value(),
+                    revision: r.value(),
+                }),
+                _ => None,
+            };
+            let revision = meta.get(REVISION)?.map(|v| v.value()).unwrap_or(0);
+            (revision, epoch, parent)
         };
         txn.commit()?;
         let (revision_tx, _) = watch::channel(revision);
         Ok(Self {
             db,
+            epoch,
+            parent,
             revision_tx,
             retain_changes: retain_changes.max(1),
         })
@@ -357,6 +425,15 @@ impl Store {
 
     pub fn revision(&self) -> u64 {
         *self.revision_tx.borrow()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The epoch and revision this store was restored or recovered from.
+    pub fn parent(&self) -> Option<Parent> {
+        self.parent
     }
 
     /// Notified with each committed revision.
@@ -459,11 +536,17 @@ impl Store {
             more: true,
             users_total: users.len().map_err(storage)?,
             claims_total: claims.len().map_err(storage)?,
+            epoch: self.epoch,
+            parent_epoch: self.parent.map_or(0, |p| p.epoch),
+            parent_revision: self.parent.map_or(0, |p| p.revision),
             ..Default::default()
         };
         let mut full = |part: &mut Snapshot| {
             let next = Snapshot {
                 revision,
+                epoch: part.epoch,
+                parent_epoch: part.parent_epoch,
+                parent_revision: part.parent_revision,
                 more: true,
                 ..Default::default()
             };
@@ -495,6 +578,7 @@ impl Store {
         let mut whole = Snapshot::default();
         self.snapshot_parts(usize::MAX, |part| {
             whole.revision = part.revision;
+            whole.epoch = part.epoch;
             whole.regions.extend(part.regions);
             whole.config.extend(part.config);
             whole.users.extend(part.users);
@@ -615,12 +699,16 @@ impl Store {
         Ok(out)
     }
 
-    pub fn save_subscriber(&self, s: &SubscriberStatus) -> Result<(), CodedError> {
+    /// Writes subscriber rows, all in one transaction (one fsync).
+    pub fn save_subscribers(&self, rows: &[SubscriberStatus]) -> Result<(), CodedError> {
         let txn = self.db.begin_write().map_err(storage)?;
-        txn.open_table(SUBSCRIBERS)
-            .map_err(storage)?
-            .insert(s.node_id.as_str(), s.encode_to_vec().as_slice())
-            .map_err(storage)?;
+        {
+            let mut t = txn.open_table(SUBSCRIBERS).map_err(storage)?;
+            for s in rows {
+                t.insert(s.node_id.as_str(), s.encode_to_vec().as_slice())
+                    .map_err(storage)?;
+            }
+        }
         txn.commit().map_err(storage)?;
         Ok(())
     }

@@ -1,0 +1,166 @@
+//! After the control plane was restored from a backup or recovered from a
+//! replica, its directory may lack claims this cell made: the ones after
+//! the backup, or (from a replica, which keeps only half of each HMAC) all
+//! of them. The store then has a new epoch. When this cell's replica first
+//! sees one, the cell asserts every claim it holds again, a batch per
+//! revision (`ReassertClaims`), and records the epoch as done in its own
+//! datastore, so a crash midway starts over and a finished pass is not
+//! repeated.
+//!
+//! The first epoch a cell sees is only recorded: its claims were made in
+//! that store. A claim another user now holds (someone registered the
+//! identifier in the meantime) is never taken over; the user is logged for
+//! the operator, by id only.
+
+use super::service::Identity;
+use super::store::IdentityStore;
+use crate::db::{DbResult, stmt};
+use homecell_proto::control::{
+    ClaimIdentifierRequest, ReassertClaimsRequest, directory_service_client::DirectoryServiceClient,
+};
+use std::time::Duration;
+
+/// Claims per call: the control plane's limit.
+const BATCH: i64 = 1_000;
+/// The `cell_info` key holding the epoch whose claims this cell has made.
+const CLAIMS_EPOCH: &str = "claims_epoch";
+
+impl IdentityStore {
+    /// Identifiers after (kind, value), in key order: (qualified, user id).
+    async fn identifiers_after(
+        &self,
+        kind: &str,
+        value: &str,
+    ) -> DbResult<Vec<(String, String, String)>> {
+        stmt(
+            "SELECT i.kind, i.value, i.user_id FROM identifiers i JOIN users u ON u.id = i.user_id \
+              WHERE u.status <> 'deleted' AND (i.kind > $1 OR (i.kind = $1 AND i.value > $2)) \
+              ORDER BY i.kind, i.value LIMIT $3",
+        )
+        .bind(kind)
+        .bind(value)
+        .bind(BATCH)
+        .fetch_all(&self.db)
+        .await
+    }
+
+    /// WeChat bindings after `openid`, in key order: (openid, user id).
+    async fn wechat_after(&self, openid: &str) -> DbResult<Vec<(String, String)>> {
+        stmt("SELECT openid, user_id FROM wechat_bindings WHERE openid > $1 ORDER BY openid LIMIT $2")
+            .bind(openid)
+            .bind(BATCH)
+            .fetch_all(&self.db)
+            .await
+    }
+}
+
+impl Identity {
+    async fn reassert_batch(&self, claims: Vec<(String, String)>) -> anyhow::Result<(u32, usize)> {
+        let req = ReassertClaimsRequest {
+            region: self.region.clone(),
+            claims: claims
+                .into_iter()
+                .map(|(identifier, user_id)| ClaimIdentifierRequest {
+                    identifier,
+                    user_id,
+                    region: self.region.clone(),
+                })
+                .collect(),
+        };
+        let mut client = DirectoryServiceClient::new(self.cp.clone());
+        let r = tokio::time::timeout(Duration::from_secs(30), client.reassert_claims(req))
+            .await??
+            .into_inner();
+        if !r.conflicting_users.is_empty() {
+            tracing::error!(users = ?r.conflicting_users, "after the control plane's restore, another user holds an identifier of these users; an operator must decide");
+        }
+        Ok((r.restored, r.conflicting_users.len()))
+    }
+
+    /// Every claim this cell holds, asserted again. Returns (claims sent,
+    /// restored, users in conflict).
+    pub async fn reassert_claims(&self) -> anyhow::Result<(usize, u32, usize)> {
+        let (mut sent, mut restored, mut conflicts) = (0, 0, 0);
+        let (mut kind, mut value) = (String::new(), String::new());
+        loop {
+            let rows = self.store.identifiers_after(&kind, &value).await?;
+            let Some((k, v, _)) = rows.last().cloned() else {
+                break;
+            };
+            (kind, value) = (k, v);
+            sent += rows.len();
+            let claims = rows
+                .into_iter()
+                .map(|(k, v, user)| (format!("{k}:{v}"), user))
+                .collect();
+            let (r, c) = self.reassert_batch(claims).await?;
+            (restored, conflicts) = (restored + r, conflicts + c);
+        }
+        let mut openid = String::new();
+        loop {
+            let rows = self.store.wechat_after(&openid).await?;
+            let Some((last, _)) = rows.last().cloned() else {
+                break;
+            };
+            openid = last;
+            sent += rows.len();
+            let claims = rows
+                .into_iter()
+                .map(|(o, user)| (format!("wechat:{o}"), user))
+                .collect();
+            let (r, c) = self.reassert_batch(claims).await?;
+            (restored, conflicts) = (restored + r, conflicts + c);
+        }
+        Ok((sent, restored, conflicts))
+    }
+
+    /// One check: when the replica holds an epoch this cell has not
+    /// asserted its claims in, asserts them and records it.
+    async fn reassert_if_new_epoch(&self) -> anyhow::Result<()> {
+        let epoch = self.replica.state().epoch;
+        if epoch == 0 {
+            return Ok(());
+        }
+        let epoch = format!("{epoch:016x}");
+        let done = self.store.db.cell_info(CLAIMS_EPOCH).await?;
+        if done.as_deref() == Some(epoch.as_str()) {
+            return Ok(());
+        }
+        if done.is_some() {
+            tracing::warn!(
+                epoch,
+                "the control plane starts a new epoch; asserting this cell's claims again"
+            );
+            let (sent, restored, conflicts) = self.reassert_claims().await?;
+            tracing::info!(
+                epoch,
+                sent,
+                restored,
+                conflicts,
+                "claims asserted in the new epoch"
+            );
+        }
+        self.store.db.set_cell_info(CLAIMS_EPOCH, &epoch).await?;
+        Ok(())
+    }
+}
+
+/// Checks at each applied revision (and every 30 s, to retry a pass that
+/// failed) until `stop`.
+pub async fn run<C: AsRef<Identity> + Send + Sync + 'static>(
+    owner: std::sync::Arc<C>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let identity = owner.as_ref().as_ref();
+    let mut revisions = identity.replica.subscribe();
+    loop {
+        if let Err(e) = identity.reassert_if_new_epoch().await {
+            tracing::warn!(error = %format!("{e:#}"), "cannot assert claims in the new epoch yet; retrying");
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = revisions.changed() => {}
+            () = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The operator's `backup`, `restore` and `recover` commands. `backup` asks
+//! a running control plane (with the operator's certificate); `restore` and
+//! `recover` write a new store on the control plane's host while it is
+//! stopped, since the store file is its process's alone.
+
+use crate::backup::{BackupWriter, Progress, Recovered};
+use crate::cli::{Connection, Output, print_json, print_pairs};
+use crate::store::Store;
+use anyhow::{Result, bail, ensure};
+use clap::Args;
+use homecell_proto::control::{BackupRequest, backup_record, backup_service_client};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+/// Where `restore` and `recover` write: the data directory of a stopped
+/// control plane, given directly or through its configuration file.
+#[derive(Debug, Args, Clone)]
+pub struct StoreTarget {
+    /// The control plane's data directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The control plane's configuration (its data_dir and retain_changes).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+impl StoreTarget {
+    /// The store file to create and the log length to keep.
+    fn resolve(&self) -> Result<(PathBuf, u64)> {
+        let (dir, retain) = match (&self.data_dir, &self.config) {
+            (Some(dir), _) => (dir.clone(), 10_000),
+            (None, Some(file)) => {
+                let c = crate::serve::ServeConfig::load(Some(file))?;
+                (c.data_dir, c.retain_changes)
+            }
+            (None, None) => bail!("name the store: --data-dir DIR or --config FILE"),
+        };
+        homecell_common::key_file::create_private_dir(&dir)?;
+        Ok((dir.join(crate::serve::STORE_FILE), retain))
+    }
+}
+
+pub async fn backup(conn: &Connection, out: &Path) -> Result<()> {
+    let mut writer = BackupWriter::create(out)?;
+    let mut client = backup_service_client::BackupServiceClient::new(conn.channel().await?);
+    let mut stream = client.backup(BackupRequest {}).await?.into_inner();
+    let mut header = None;
+    let mut progress = Progress::new("backup", 0);
+    let mut ended = false;
+    while let Some(chunk) = stream.message().await? {
+        for record in chunk.records {
+            ensure!(!ended, "the control plane sent records after the trailer");
+            match &record.kind {
+                Some(backup_record::Kind::Header(h)) if header.is_none() => {
+                    progress =
+                        Progress::new("backup", h.regions + h.config + h.config_history + h.claims);
+                    header = Some(*h);
+                }
+                Some(backup_record::Kind::Trailer(_)) => ended = true,
+                _ if header.is_none() => bail!("the backup stream did not start with its header"),
+                _ => progress.add(1),
+            }
+            writer.record(&record)?;
+        }
+    }
+    ensure!(ended, "the backup stream ended early; nothing was written");
+    let path = writer.finish()?;
+    progress.finish();
+    let h = header.expect("a trailer follows a header");
+    match conn.output {
+        Output::Json => print_json(&json!({
+            "file": path,
+            "epoch": format!("{:016x}", h.epoch),
+            "revision": h.revision,
+            "regions": h.regions,
+            "config": h.config,
+            "config_history": h.config_history,
+            "claims": h.claims,
+        })),
+        Output::Table => print_pairs(&[
+            ("file", path.display().to_string()),
+            ("epoch", format!("{:016x}", h.epoch)),
+            ("revision", h.revision.to_string()),
+            ("regions", h.regions.to_string()),
+            ("config", h.config.to_string()),
+            ("config history", h.config_history.to_string()),
+            ("claims", h.claims.to_string()),
+        ]),
+    }
+    Ok(())
+}
+
+pub fn restore(from: &Path, target: &StoreTarget, output: Output) -> Result<()> {
+    let (path, retain) = target.resolve()?;
+    let store = crate::backup::restore(from, &path, retain)?;
+    let parent = store.parent().expect("a restored store has a parent");
+    let mut s = Default::default();
+    store.snapshot_parts(1, |first| {
+        s = first;
+        false
+    })?;
+    let s: homecell_proto::control::Snapshot = s;
+    let rows = [
+        ("store", path.display().to_string()),
+        ("from epoch", format!("{:016x}", parent.epoch)),
+        ("from revision", parent.revision.to_string()),
+        ("epoch", format!("{:016x}", store.epoch())),
+        ("revision", store.revision().to_string()),
+        ("regions", s.regions.len().to_string()),
+        ("config", s.config.len().to_string()),
+        ("users", s.users_total.to_string()),
+        ("claims", s.claims_total.to_string()),
+    ];
+    print_rows(output, &rows);
+    Ok(())
+}
+
+pub fn recover(replica: &Path, target: &StoreTarget, output: Output) -> Result<()> {
+    let (path, retain) = target.resolve()?;
+    let (store, r): (Store, Recovered) = crate::backup::recover(replica, &path, retain)?;
+    let rows = [
+        ("store", path.display().to_string()),
+        ("from epoch", format!("{:016x}", r.from.epoch)),
+        ("from revision", r.from.revision.to_string()),
+        ("epoch", format!("{:016x}", store.epoch())),
+        ("revision", store.revision().to_string()),
+        ("regions", r.regions.to_string()),
+        ("signing keys", r.signing_keys.to_string()),
+        ("config", r.config.to_string()),
+        ("users", r.users.to_string()),
+        ("users not readable", r.users_unreadable.to_string()),
+        ("claims to reassert", r.claims_not_recoverable.to_string()),
+    ];
+    print_rows(output, &rows);
+    if output == Output::Table {
+        eprintln!(
+            "the claims come back as each cell sees the new epoch and asserts its users' claims again; \
+             watch `control-plane status` and the cells' logs"
+        );
+    }
+    Ok(())
+}
+
+fn print_rows(output: Output, rows: &[(&str, String)]) {
+    match output {
+        Output::Json => print_json(&serde_json::Value::Object(
+            rows.iter()
+                .map(|(k, v)| (k.replace(' ', "_"), json!(v)))
+                .collect(),
+        )),
+        Output::Table => print_pairs(rows),
+    }
+}
