@@ -490,6 +490,13 @@ impl Cluster {
         up
     }
 
+    /// Stops router `index` (SIGTERM); `restart_router` brings it back.
+    pub fn stop_router(&mut self, index: usize) {
+        if let Some(mut p) = self.routers[index].process.take() {
+            p.terminate(Duration::from_secs(5));
+        }
+    }
+
     /// The router's public base URL.
     pub fn router_url(&self, index: usize) -> String {
         format!("http://{}", self.routers[index].listen)

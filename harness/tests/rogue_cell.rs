@@ -14,7 +14,9 @@ use homecell_proto::cell::{
 };
 use homecell_proto::control::directory_service_client::DirectoryServiceClient;
 use homecell_proto::control::region_service_client::RegionServiceClient;
-use homecell_proto::control::{ClaimIdentifierRequest, PublishSigningKeysRequest, SigningKey};
+use homecell_proto::control::{
+    ClaimIdentifierRequest, PublishSigningKeysRequest, ReassertClaimsRequest, SigningKey,
+};
 use std::time::Duration;
 
 const PW: &str = "correct horse battery";
@@ -168,6 +170,29 @@ async fn a_rogue_cell_cannot_reach_into_another_region() -> Result {
         claim.map(|_| ()).map_err(|s| s.code()),
         Err(tonic::Code::PermissionDenied)
     );
+
+    // The same through ReassertClaims (what cells send after a restore):
+    // the victim is reported, never re-homed; a batch naming another
+    // region, or sent for another region, is refused outright.
+    let reassert = |region: &str, claim_region: &str, user: &str| ReassertClaimsRequest {
+        region: region.into(),
+        claims: vec![ClaimIdentifierRequest {
+            identifier: "username:rogue-handle-2".into(),
+            user_id: user.into(),
+            region: claim_region.into(),
+        }],
+    };
+    let r = DirectoryServiceClient::new(rogue.clone())
+        .reassert_claims(reassert("cn-east", "cn-east", &victim))
+        .await?
+        .into_inner();
+    assert_eq!((r.restored, r.conflicting_users), (0, vec![victim.clone()]));
+    for (region, claim_region) in [("cn-east", "eu-west"), ("eu-west", "eu-west")] {
+        let r = DirectoryServiceClient::new(rogue.clone())
+            .reassert_claims(reassert(region, claim_region, &victim))
+            .await;
+        assert_eq!(code(r), Err(tonic::Code::PermissionDenied), "{region}");
+    }
 
     // Shadowing eu-west's signing key with cn-east's name on it, or a kid
     // that does not carry cn-east.
