@@ -110,7 +110,10 @@ async fn a_restored_control_plane_gets_back_what_the_cells_hold() -> Result<()> 
             data_dir.to_str().unwrap(),
         ])?
         .json()?;
-    ensure!(r["from_revision"] == backed_up.to_string(), "{r}");
+    ensure!(
+        r["from_revision"].as_str() == Some(&*backed_up.to_string()),
+        "{r}"
+    );
     c.start_control_plane().await?;
     let s = status(&c)?;
     ensure!(s["epoch"] != old_epoch, "a restore starts a new epoch: {s}");
@@ -179,7 +182,7 @@ async fn a_control_plane_recovered_from_a_replica_gets_its_claims_back_from_the_
         ])?
         .json()?;
     ensure!(
-        r["from_revision"] == revision.to_string()
+        r["from_revision"].as_str() == Some(&*revision.to_string())
             && r["regions"] == "2"
             && r["signing_keys"]
                 .as_str()
