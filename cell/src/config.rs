@@ -42,7 +42,9 @@ pub struct CellConfig {
     /// Plain HTTP: /healthz, /ready, /metrics.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
-    /// The control plane's gRPC endpoint.
+    /// The control plane's gRPC endpoint, or a comma-separated list of its
+    /// instances: calls are spread over those that answer, and the replica
+    /// moves to the next when its stream breaks.
     pub control_plane: String,
     #[serde(default = "default_cp_name")]
     pub control_plane_name: String,
@@ -141,7 +143,7 @@ impl CellConfig {
 
     pub fn validate(&self) -> Result<()> {
         homecell_proto::region::validate_region_id(&self.region).context("region")?;
-        homecell_proto::region::validate_endpoint("control_plane", &self.control_plane)
+        homecell_proto::region::validate_endpoint_list("control_plane", &self.control_plane)
             .context("control_plane")?;
         if let Some(url) = &self.database_url
             && !(url.starts_with("sqlite:")
@@ -227,5 +229,13 @@ impl CellConfig {
         self.database_url
             .clone()
             .unwrap_or_else(|| format!("sqlite:{}", self.data_dir.join("cell.db").display()))
+    }
+}
+
+impl CellConfig {
+    /// The control plane's instances, as configured (validated at load).
+    pub fn control_plane_endpoints(&self) -> Vec<String> {
+        homecell_proto::region::validate_endpoint_list("control_plane", &self.control_plane)
+            .unwrap_or_default()
     }
 }

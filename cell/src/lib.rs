@@ -30,12 +30,13 @@ pub fn control_plane_channel(
     config: &config::CellConfig,
     tls: &homecell_common::tls::TlsMaterial,
 ) -> Result<tonic::transport::Channel> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(config.control_plane.clone())?
-            .tls_config(tls.tonic_client(&config.control_plane_name))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
-            .connect_lazy(),
+    // One instance or several: each connection goes to the first that
+    // accepts, starting with the one that answered last.
+    homecell_common::failover::channel(
+        &config.control_plane_endpoints(),
+        tls,
+        &config.control_plane_name,
+        Duration::from_secs(10),
     )
 }
 

@@ -8,6 +8,7 @@ pub mod client_addr;
 pub mod config;
 pub mod directory;
 pub mod directory_key;
+pub mod failover;
 pub mod gossip;
 pub mod hex;
 pub mod jwt;

@@ -589,7 +589,9 @@ static EPOCH_CONFLICTS: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
 /// Where and how a replica reaches the control plane.
 #[derive(Clone)]
 pub struct WatchTarget {
-    /// `https://host:port` of the control plane's gRPC listener.
+    /// `https://host:port` of the control plane's gRPC listener, or a
+    /// comma-separated list of its instances: each new attempt after a
+    /// failure goes to the next one.
     pub endpoint: String,
     /// The name the control plane's certificate carries.
     pub server_name: String,
@@ -720,8 +722,20 @@ impl Replica {
     /// Keeps the replica current until `shutdown`: connects, watches, and
     /// reconnects with capped backoff whenever the stream breaks.
     pub async fn run(self: Arc<Self>, target: WatchTarget, shutdown: CancellationToken) {
+        let endpoints: Vec<String> = target
+            .endpoint
+            .split(',')
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        let mut next = 0;
         let mut backoff = Duration::from_millis(100);
         loop {
+            let endpoint = endpoints.get(next % endpoints.len().max(1)).cloned();
+            let target = WatchTarget {
+                endpoint: endpoint.unwrap_or_else(|| target.endpoint.clone()),
+                ..target.clone()
+            };
             let attempt = self.watch_once(&target, &shutdown);
             let outcome = tokio::select! {
                 r = attempt => r,
@@ -734,6 +748,12 @@ impl Replica {
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), endpoint = %target.endpoint, "watch stream to the control plane failed; serving the last applied state")
                 }
+            }
+            // The next attempt goes to the next instance: one that broke
+            // the stream (or never answered) is not tried again first.
+            next += 1;
+            if endpoints.len() > 1 {
+                backoff = backoff.min(Duration::from_millis(200));
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}

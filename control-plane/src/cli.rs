@@ -28,7 +28,8 @@ pub enum Output {
 /// How the CLI reaches and authenticates to the control plane.
 #[derive(Debug, Args, Clone)]
 pub struct Connection {
-    /// The control plane's gRPC endpoint.
+    /// The control plane's gRPC endpoint, or a comma-separated list of its
+    /// instances (the first that answers is used).
     #[arg(
         long,
         global = true,
@@ -83,22 +84,28 @@ impl Connection {
         }
     }
 
+    /// A connection to the first of the endpoints that answers.
     pub(crate) async fn channel(&self) -> Result<Channel> {
         let tls = self.tls_paths()?.load()?;
-        tonic::transport::Endpoint::from_shared(self.endpoint.clone())
-            .map_err(|_| anyhow!("endpoint {:?} is not a URL", self.endpoint))?
-            .tls_config(tls.tonic_client(&self.server_name))?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .map_err(|e| {
-                anyhow!(
-                    "cannot reach the control plane at {}: {}",
-                    self.endpoint,
-                    source_chain(&e)
-                )
-            })
+        let endpoints = homecell_proto::region::validate_endpoint_list("endpoint", &self.endpoint)
+            .map_err(|e| anyhow!("{}", e.message))?;
+        let mut failures = Vec::new();
+        for endpoint in &endpoints {
+            let connected = tonic::transport::Endpoint::from_shared(endpoint.clone())?
+                .tls_config(tls.tonic_client(&self.server_name))?
+                .connect_timeout(Duration::from_secs(3))
+                .timeout(Duration::from_secs(10))
+                .connect()
+                .await;
+            match connected {
+                Ok(channel) => return Ok(channel),
+                Err(e) => failures.push(format!("{endpoint}: {}", source_chain(&e))),
+            }
+        }
+        Err(anyhow!(
+            "cannot reach the control plane at {}",
+            failures.join("; ")
+        ))
     }
 }
 

@@ -217,3 +217,38 @@ async fn a_control_plane_recovered_from_a_replica_gets_its_claims_back_from_the_
     ensure!(taken.status == StatusCode::CONFLICT, "{}", taken.body);
     Ok(())
 }
+
+/// Routers, cells and the CLI take a list of control-plane instances and
+/// use whichever answers: here the first listed is down for good.
+#[tokio::test]
+async fn cells_and_the_cli_use_the_control_plane_instance_that_answers() -> Result<()> {
+    let mut c = standard().start().await?;
+    let down = format!("https://127.0.0.1:{}", homecell_harness::free_port());
+    let list = format!("{down},{}", c.control_plane_endpoint());
+
+    let s = c
+        .cli_ok(&["--endpoint", &list, "-o", "json", "status"])?
+        .json()?;
+    ensure!(s["revision"].as_u64() > Some(0), "{s}");
+    let none = c.cli(&["--endpoint", &down, "status"])?;
+    ensure!(
+        !none.success && none.stderr.contains("cannot reach the control plane"),
+        "{}",
+        none.stderr
+    );
+
+    c.kill_cell("eu-west");
+    c.cell_mut("eu-west")
+        .context("eu-west")?
+        .env
+        .push(("HOMECELL_CELL_CONTROL_PLANE".into(), list));
+    c.start_cell("eu-west").await?;
+    c.wait_ready(Duration::from_secs(20)).await?;
+    // Its claims reach the instance that answers, and its replica attaches.
+    let eu = Api::new(&c.router_url(0), "eu-west");
+    let r = eu.register("listed@example.com", PASSWORD).await?;
+    ensure!(r.status == StatusCode::CREATED, "{}", r.body);
+    let revision = c.revision()?;
+    c.wait_applied(revision, 3, Duration::from_secs(10)).await?;
+    Ok(())
+}

@@ -61,20 +61,26 @@ pub const MAX_CELL_INSTANCES: usize = 32;
 /// Kubernetes headless Service, is the other way to name several.) Returns
 /// the list normalised: each endpoint validated, duplicates dropped.
 pub fn validate_internal_endpoints(list: &str) -> Result<String, CodedError> {
+    Ok(validate_endpoint_list("internal endpoint", list)?.join(","))
+}
+
+/// A comma-separated list of endpoints (a cell's instances, the control
+/// plane's instances): each validated and normalised, duplicates dropped.
+pub fn validate_endpoint_list(what: &str, list: &str) -> Result<Vec<String>, CodedError> {
     let mut out: Vec<String> = Vec::new();
     for e in list.split(',') {
-        let e = validate_endpoint("internal endpoint", e.trim())?;
+        let e = validate_endpoint(what, e.trim())?;
         if !out.contains(&e) {
             out.push(e);
         }
     }
     if out.len() > MAX_CELL_INSTANCES {
         return Err(CodedError::invalid(format!(
-            "internal endpoint lists {} instances; at most {MAX_CELL_INSTANCES}",
+            "{what} lists {} instances; at most {MAX_CELL_INSTANCES}",
             out.len()
         )));
     }
-    Ok(out.join(","))
+    Ok(out)
 }
 
 /// The endpoints of a (validated) internal endpoint list.

@@ -25,6 +25,8 @@ pub struct RouterConfig {
     /// Plain HTTP: /healthz, /ready, /metrics.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
+    /// The control plane's gRPC endpoint, or a comma-separated list of its
+    /// instances; the replica moves to the next when its stream breaks.
     pub control_plane: String,
     #[serde(default = "default_cp_name")]
     pub control_plane_name: String,
@@ -119,7 +121,7 @@ impl RouterConfig {
         if let Some(d) = &self.default_region {
             homecell_proto::region::validate_region_id(d).context("default_region")?;
         }
-        homecell_proto::region::validate_endpoint("control_plane", &self.control_plane)
+        homecell_proto::region::validate_endpoint_list("control_plane", &self.control_plane)
             .context("control_plane")?;
         if self.listen.port() == 0 {
             bail!("listen needs an explicit port");
