@@ -25,6 +25,11 @@ pub fn channel(
     request_timeout: Duration,
 ) -> Result<Channel> {
     let first = endpoints.first().context("no endpoint")?;
+    // TLS or not is decided by the first endpoint's scheme for all of them:
+    // every one must be https (mTLS is not optional between components).
+    if let Some(plain) = endpoints.iter().find(|e| !e.starts_with("https://")) {
+        anyhow::bail!("{plain}: the control plane is reached over https only");
+    }
     let addrs: Arc<Vec<String>> = Arc::new(
         endpoints
             .iter()
@@ -63,8 +68,13 @@ pub fn channel(
             Err(last_error.unwrap_or_else(|| std::io::Error::other("no endpoint")))
         }
     });
+    // The dials have their own timeout; this one bounds the whole
+    // connection, the TLS handshake included.
+    let connect_timeout =
+        DIAL_TIMEOUT * u32::try_from(endpoints.len()).unwrap_or(u32::MAX) + Duration::from_secs(3);
     Ok(Endpoint::from_shared(first.clone())?
         .tls_config(tls.tonic_client(server_name))?
+        .connect_timeout(connect_timeout)
         .timeout(request_timeout)
         .connect_with_connector_lazy(dial))
 }

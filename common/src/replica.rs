@@ -59,6 +59,9 @@ pub struct ReplicaState {
     pub revision: u64,
     /// The control-plane store's epoch this state came from (0: none yet).
     pub epoch: u64,
+    /// The epoch that store was restored or recovered from (0: it never
+    /// was).
+    pub parent_epoch: u64,
     pub regions: BTreeMap<String, Region>,
     /// Keyed by (key, region); region is empty for the global value.
     pub config: BTreeMap<(String, String), ConfigEntry>,
@@ -121,6 +124,7 @@ impl SnapshotParts {
         ReplicaState {
             revision: self.revision,
             epoch: self.epoch,
+            parent_epoch: self.parent.0,
             regions: self
                 .regions
                 .into_iter()
@@ -356,9 +360,18 @@ impl LocalStore {
             }
             None => 0,
         };
+        let parent_epoch = match meta.get("parent_epoch")? {
+            Some(v) => u64::from_le_bytes(
+                v.value()
+                    .try_into()
+                    .map_err(|_| anyhow!("corrupt parent epoch"))?,
+            ),
+            None => 0,
+        };
         let mut state = ReplicaState {
             revision,
             epoch,
+            parent_epoch,
             ..Default::default()
         };
         for row in txn.open_table(REGIONS)?.iter()? {
@@ -465,6 +478,7 @@ impl LocalStore {
             meta.insert("format", FORMAT)?;
             meta.insert("revision", s.revision.to_le_bytes().as_slice())?;
             meta.insert("epoch", s.epoch.to_le_bytes().as_slice())?;
+            meta.insert("parent_epoch", s.parent_epoch.to_le_bytes().as_slice())?;
         }
         txn.commit()?;
         Ok(())
@@ -750,10 +764,12 @@ impl Replica {
                 }
             }
             // The next attempt goes to the next instance: one that broke
-            // the stream (or never answered) is not tried again first.
+            // the stream (or never answered) is not tried again first. The
+            // rest of the list is tried at once; only a whole pass that
+            // failed backs off.
             next += 1;
-            if endpoints.len() > 1 {
-                backoff = backoff.min(Duration::from_millis(200));
+            if !next.is_multiple_of(endpoints.len().max(1)) {
+                continue;
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}

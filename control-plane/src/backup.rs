@@ -70,13 +70,25 @@ pub struct BackupWriter {
 }
 
 impl BackupWriter {
+    /// Creates `<out>.<pid>.partial`, readable by its owner only (a backup
+    /// holds every identifier's HMAC and every user's home), never
+    /// following or replacing an existing file.
     pub fn create(out: &Path) -> Result<Self> {
         if out.exists() {
             bail!("{} already exists; name a new file", out.display());
         }
-        let partial = out.with_extension("partial");
-        let file = std::fs::File::create(&partial)
-            .with_context(|| format!("cannot create {}", partial.display()))?;
+        let mut name = out.as_os_str().to_owned();
+        name.push(format!(".{}.partial", std::process::id()));
+        let partial = PathBuf::from(name);
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&partial)
+                .with_context(|| format!("cannot create {}", partial.display()))?
+        };
         let mut w = Self {
             out: out.to_path_buf(),
             partial,
@@ -118,8 +130,10 @@ impl BackupWriter {
         self.file.write_all(sum.as_ref())?;
         self.file.flush()?;
         self.file.get_ref().sync_all()?;
-        // After the rename, Drop finds no partial file to remove.
-        std::fs::rename(&self.partial, &self.out)?;
+        // A link, not a rename: it fails if `out` appeared meanwhile, where
+        // a rename would replace it. Drop then removes the partial name.
+        std::fs::hard_link(&self.partial, &self.out)
+            .with_context(|| format!("cannot create {}", self.out.display()))?;
         Ok(self.out.clone())
     }
 }
@@ -215,7 +229,10 @@ pub fn restore(from: &Path, store_path: &Path, retain_changes: u64) -> Result<St
         "backup format {} is not one this version reads ({BACKUP_FORMAT})",
         header.format
     );
-    let total = header.regions + header.config + header.config_history + header.claims;
+    let total = [header.config, header.config_history, header.claims]
+        .into_iter()
+        .try_fold(header.regions, u64::checked_add)
+        .context("the backup's header is damaged")?;
     let parent = Parent {
         epoch: header.epoch,
         revision: header.revision,
@@ -278,7 +295,9 @@ pub struct Recovered {
 /// config row in force, and each user's home. It cannot give back:
 /// - the claims: a replica keys each by the first 128 bits of its HMAC,
 ///   and a claim needs all 256; each cell asserts its users' claims again
-///   when it sees the new epoch (`ReassertClaims`);
+///   when it sees the new epoch (`ReassertClaims`). Until it has, each
+///   prefix stays reserved for its region, so no other region can take the
+///   identifier meanwhile;
 /// - config history before the recovery: rollback cannot reach past it;
 /// - the change log and the subscriber rows: every subscriber takes a
 ///   snapshot and reports again.
@@ -291,7 +310,7 @@ pub fn recover(
     let directory = state.directory.compacted();
     let names = directory.names();
     let (keys, ixs) = directory.base().users.columns();
-    let (claims, _) = directory.base().claims.columns();
+    let (claims, claim_regions) = directory.base().claims.columns();
     let mut report = Recovered {
         from: Parent {
             epoch: state.epoch,
@@ -312,6 +331,11 @@ pub fn recover(
             b.config(e)?;
         }
         b.history_starts_here("recover")?;
+        for (prefix, ix) in claims.iter().zip(claim_regions) {
+            if let Some(region) = names.get(usize::from(*ix)) {
+                b.reserve(*prefix, region)?;
+            }
+        }
         for (key, ix) in keys.iter().zip(ixs) {
             let id = uuid::Uuid::from_u128(*key);
             let region = names.get(usize::from(*ix));

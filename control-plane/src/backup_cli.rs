@@ -6,7 +6,7 @@
 use crate::backup::{BackupWriter, Progress, Recovered};
 use crate::cli::{Connection, Output, print_json, print_pairs};
 use crate::store::Store;
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use homecell_proto::control::{BackupRequest, backup_record, backup_service_client};
 use serde_json::json;
@@ -64,9 +64,9 @@ pub async fn backup(conn: &Connection, out: &Path) -> Result<()> {
         }
     }
     ensure!(ended, "the backup stream ended early; nothing was written");
+    let h = header.context("the backup stream had no header; nothing was written")?;
     let path = writer.finish()?;
     progress.finish();
-    let h = header.expect("a trailer follows a header");
     match conn.output {
         Output::Json => print_json(&json!({
             "file": path,

@@ -59,11 +59,29 @@ pub fn claim(
             home_region: Some(c.region),
             ..CodedError::new(ErrorCode::AlreadyExists, "identifier is already registered")
         }),
-        None => tx.put_claim(IdentifierClaim {
-            hmac,
-            user_id: user_id.to_string(),
-            region: region.to_string(),
-        }),
+        None => {
+            // A recovered store holds only reservations until the owning
+            // region asserts its claims again: another region is refused,
+            // as if the claim were there.
+            match tx.reservation(&hmac)? {
+                Some(owner) if owner != region => {
+                    return Err(CodedError {
+                        home_region: Some(owner),
+                        ..CodedError::new(
+                            ErrorCode::AlreadyExists,
+                            "identifier is already registered",
+                        )
+                    });
+                }
+                Some(_) => tx.unreserve(&hmac)?,
+                None => {}
+            }
+            tx.put_claim(IdentifierClaim {
+                hmac,
+                user_id: user_id.to_string(),
+                region: region.to_string(),
+            })
+        }
     }
 }
 
@@ -146,39 +164,146 @@ pub const REASSERT_BATCH: usize = 1_000;
 /// directory did not hold, and the users one of whose identifiers is held
 /// by another user (or who are homed elsewhere): those are never taken
 /// over, only reported.
+///
+/// A claim that is malformed, or held by another user, or whose user is
+/// homed elsewhere is reported and skipped: one bad row never stops a
+/// cell's pass. `last` says the cell has sent every claim it holds: its
+/// region's reservations left (claims released since the replica was
+/// taken) are dropped.
 pub fn reassert(
     tx: &mut Tx<'_>,
     key: &DirectoryKey,
     region: &str,
     claims: &[(String, String)],
+    last: bool,
 ) -> Result<(u32, Vec<String>), CodedError> {
-    if claims.len() > REASSERT_BATCH {
-        return Err(CodedError::invalid(format!(
-            "at most {REASSERT_BATCH} claims per call"
-        )));
-    }
     crate::regions::get(tx, region)?;
     let mut restored = 0;
-    let mut conflicting = Vec::new();
+    let mut conflicting = std::collections::BTreeSet::new();
     for (identifier, user_id) in claims {
         let before = tx.changes_made();
         match claim(tx, key, identifier, user_id, region) {
-            Ok(()) if tx.changes_made() == before => continue,
-            Ok(()) => {}
+            Ok(()) if tx.changes_made() == before => {}
+            Ok(()) => restored += 1,
             Err(e)
                 if matches!(
                     e.code,
-                    ErrorCode::AlreadyExists | ErrorCode::PermissionDenied
+                    ErrorCode::AlreadyExists
+                        | ErrorCode::PermissionDenied
+                        | ErrorCode::InvalidArgument
                 ) =>
             {
-                if !conflicting.contains(user_id) {
-                    conflicting.push(user_id.clone());
-                }
-                continue;
+                conflicting.insert(user_id.clone());
             }
             Err(e) => return Err(e),
         }
-        restored += 1;
     }
-    Ok((restored, conflicting))
+    if last {
+        let dropped = tx.drop_reservations(region)?;
+        if dropped > 0 {
+            tracing::info!(
+                region,
+                dropped,
+                "reservations left after the region's claims came back were dropped"
+            );
+        }
+    }
+    Ok((restored, conflicting.into_iter().collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Parent, Store};
+    use homecell_proto::control::{Region, RegionStatus};
+
+    fn key() -> DirectoryKey {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("k");
+        DirectoryKey::create_if_missing(&f).unwrap();
+        DirectoryKey::load(&f).unwrap()
+    }
+
+    fn region(id: &str) -> Region {
+        Region {
+            id: id.into(),
+            status: RegionStatus::Active as i32,
+            ..Default::default()
+        }
+    }
+
+    /// A recovered store reserves each claim's prefix for its region: no
+    /// other region (a rogue cell) takes the identifier before its owner
+    /// asserts it again, and the owner's last batch drops what is left.
+    #[test]
+    fn reservations_hold_identifiers_for_their_region_until_it_reasserts() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key();
+        let [alice, bob, gone] = [
+            "email:alice@x.test",
+            "email:bob@x.test",
+            "email:gone@x.test",
+        ]
+        .map(|i| crate::store::hmac_prefix(&k.hmac(i)).unwrap());
+        let parent = Parent {
+            epoch: 7,
+            revision: 10,
+        };
+        let s = Store::rebuild(&dir.path().join("s.redb"), 100, parent, |b| {
+            b.region(&region("cn-east"))?;
+            b.region(&region("eu-west"))?;
+            b.reserve(alice, "eu-west")?;
+            b.reserve(bob, "eu-west")?;
+            b.reserve(gone, "eu-west")?;
+            Ok(())
+        })
+        .unwrap();
+        // cn-east (a rogue, or a stranger registering) cannot take alice.
+        let err = s
+            .mutate("t", |tx| {
+                claim(tx, &k, "email:alice@x.test", "u-rogue", "cn-east")
+            })
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::AlreadyExists);
+        let rogue = s
+            .mutate("t", |tx| {
+                reassert(
+                    tx,
+                    &k,
+                    "cn-east",
+                    &[("email:bob@x.test".into(), "u-rogue".into())],
+                    true,
+                )
+            })
+            .unwrap()
+            .0;
+        assert_eq!(rogue, (0, vec!["u-rogue".to_string()]));
+        // eu-west asserts its claims; its last batch drops the leftover.
+        let (out, _) = s
+            .mutate("t", |tx| {
+                reassert(
+                    tx,
+                    &k,
+                    "eu-west",
+                    &[
+                        ("email:alice@x.test".into(), "u-alice".into()),
+                        ("email:bob@x.test".into(), "u-bob".into()),
+                        ("not-an-identifier".into(), "u-bad".into()),
+                    ],
+                    true,
+                )
+            })
+            .unwrap();
+        assert_eq!(
+            out,
+            (2, vec!["u-bad".to_string()]),
+            "a bad row is reported, not fatal"
+        );
+        // gone@ was released meanwhile: free again, for anyone.
+        s.mutate("t", |tx| {
+            claim(tx, &k, "email:gone@x.test", "u-new", "cn-east")
+        })
+        .unwrap();
+        assert_eq!(s.snapshot().unwrap().claims.len(), 3);
+    }
 }

@@ -359,9 +359,21 @@ impl directory_service_server::DirectoryService for ControlPlane {
     ) -> Result<Response<ReassertClaimsResponse>, Status> {
         let who = cell_of(&req, &req.get_ref().region)?;
         let r = req.into_inner();
+        // Checked before the write lock is taken.
+        if r.claims.len() > crate::directory::REASSERT_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "at most {} claims per call",
+                crate::directory::REASSERT_BATCH
+            )));
+        }
         if r.claims.iter().any(|c| c.region != r.region) {
             return Err(Status::permission_denied(
                 "a cell asserts claims for its own region only",
+            ));
+        }
+        if self.store.parent().is_none() {
+            return Err(Status::failed_precondition(
+                "this store was never restored or recovered: there is nothing to assert again",
             ));
         }
         let claims: Vec<(String, String)> = r
@@ -370,10 +382,10 @@ impl directory_service_server::DirectoryService for ControlPlane {
             .map(|c| (c.identifier, c.user_id))
             .collect();
         let key = self.directory_key.clone();
-        let region = r.region;
+        let (region, last) = (r.region, r.last);
         let ((restored, conflicting_users), revision) = self
             .mutate(&who, move |tx| {
-                crate::directory::reassert(tx, &key, &region, &claims)
+                crate::directory::reassert(tx, &key, &region, &claims, last)
             })
             .await?;
         if restored > 0 || !conflicting_users.is_empty() {

@@ -7,8 +7,11 @@
 //! datastore, so a crash midway starts over and a finished pass is not
 //! repeated.
 //!
-//! The first epoch a cell sees is only recorded: its claims were made in
-//! that store. A claim another user now holds (someone registered the
+//! The first epoch a cell sees is only recorded, unless that store was
+//! itself rebuilt: its claims were made in that store. The last call says
+//! so (`last`), and the store drops what it still reserved for this region
+//! (a recovered store reserves each claim's HMAC prefix for its region
+//! until then). A claim another user now holds (someone registered the
 //! identifier in the meantime) is never taken over; the user is logged for
 //! the operator, by id only.
 
@@ -55,9 +58,14 @@ impl IdentityStore {
 }
 
 impl Identity {
-    async fn reassert_batch(&self, claims: Vec<(String, String)>) -> anyhow::Result<(u32, usize)> {
+    async fn reassert_batch(
+        &self,
+        claims: Vec<(String, String)>,
+        last: bool,
+    ) -> anyhow::Result<(u32, usize)> {
         let req = ReassertClaimsRequest {
             region: self.region.clone(),
+            last,
             claims: claims
                 .into_iter()
                 .map(|(identifier, user_id)| ClaimIdentifierRequest {
@@ -93,7 +101,7 @@ impl Identity {
                 .into_iter()
                 .map(|(k, v, user)| (format!("{k}:{v}"), user))
                 .collect();
-            let (r, c) = self.reassert_batch(claims).await?;
+            let (r, c) = self.reassert_batch(claims, false).await?;
             (restored, conflicts) = (restored + r, conflicts + c);
         }
         let mut openid = String::new();
@@ -108,25 +116,30 @@ impl Identity {
                 .into_iter()
                 .map(|(o, user)| (format!("wechat:{o}"), user))
                 .collect();
-            let (r, c) = self.reassert_batch(claims).await?;
+            let (r, c) = self.reassert_batch(claims, false).await?;
             (restored, conflicts) = (restored + r, conflicts + c);
         }
+        // Everything was sent: what the store still reserves for this
+        // region was released since.
+        self.reassert_batch(Vec::new(), true).await?;
         Ok((sent, restored, conflicts))
     }
 
     /// One check: when the replica holds an epoch this cell has not
     /// asserted its claims in, asserts them and records it.
     async fn reassert_if_new_epoch(&self) -> anyhow::Result<()> {
-        let epoch = self.replica.state().epoch;
-        if epoch == 0 {
+        let state = self.replica.state();
+        if state.epoch == 0 {
             return Ok(());
         }
-        let epoch = format!("{epoch:016x}");
+        let epoch = format!("{:016x}", state.epoch);
         let done = self.store.db.cell_info(CLAIMS_EPOCH).await?;
         if done.as_deref() == Some(epoch.as_str()) {
             return Ok(());
         }
-        if done.is_some() {
+        // A first epoch that is itself a rebuilt store (this cell came up
+        // after a restore) may lack this cell's claims too.
+        if done.is_some() || state.parent_epoch != 0 {
             tracing::warn!(
                 epoch,
                 "the control plane starts a new epoch; asserting this cell's claims again"
@@ -145,17 +158,29 @@ impl Identity {
     }
 }
 
-/// Checks at each applied revision (and every 30 s, to retry a pass that
-/// failed) until `stop`.
+/// Checks at each applied revision (and every 30 s) until `stop`. A pass
+/// that failed is retried after a growing pause (5 s to 5 min), whatever
+/// the revisions do: while every cell asserts its claims, revisions come
+/// fast, and a failing cell must not resend from the start at each.
 pub async fn run<C: AsRef<Identity> + Send + Sync + 'static>(
     owner: std::sync::Arc<C>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let identity = owner.as_ref().as_ref();
     let mut revisions = identity.replica.subscribe();
+    let mut pause = Duration::from_secs(5);
     loop {
-        if let Err(e) = identity.reassert_if_new_epoch().await {
-            tracing::warn!(error = %format!("{e:#}"), "cannot assert claims in the new epoch yet; retrying");
+        match identity.reassert_if_new_epoch().await {
+            Ok(()) => pause = Duration::from_secs(5),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?pause, "cannot assert claims in the new epoch yet");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(300));
+                continue;
+            }
         }
         tokio::select! {
             () = stop.cancelled() => return,

@@ -36,6 +36,12 @@ const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
 /// user id → (home region, claims held): the directory's user entries,
 /// derived from the claims in the same transactions.
 const USERS: TableDefinition<&str, (&str, u32)> = TableDefinition::new("users");
+/// For a store recovered from a replica: the first 128 bits of each claim's
+/// HMAC (all a replica keeps) → the region that held it. Until that region
+/// asserts its claims again, no other region may claim an identifier with
+/// that prefix (a rogue cell would otherwise take identifiers the moment
+/// the directory comes back empty).
+const RESERVED: TableDefinition<u128, &str> = TableDefinition::new("reserved_claims");
 
 const REVISION: &str = "revision";
 /// Revisions at or below the floor have been compacted out of the log.
@@ -67,6 +73,12 @@ pub fn new_epoch() -> u64 {
 pub struct Parent {
     pub epoch: u64,
     pub revision: u64,
+}
+
+/// The part of a claim's HMAC that a replica keeps: its first 128 bits.
+pub fn hmac_prefix(hmac: &str) -> Option<u128> {
+    hmac.get(..32)
+        .and_then(|p| u128::from_str_radix(p, 16).ok())
 }
 
 pub fn config_row_key(key: &str, region: &str) -> String {
@@ -193,6 +205,34 @@ impl Tx<'_> {
             });
         }
         Ok(())
+    }
+
+    /// The region holding a reservation on this HMAC's prefix, if any.
+    pub fn reservation(&self, hmac: &str) -> Result<Option<String>, CodedError> {
+        let Some(prefix) = hmac_prefix(hmac) else {
+            return Ok(None);
+        };
+        let t = self.txn.open_table(RESERVED).map_err(storage)?;
+        let r = t.get(prefix).map_err(storage)?;
+        Ok(r.map(|v| v.value().to_string()))
+    }
+
+    /// Drops the reservation on this HMAC's prefix (its claim is back).
+    pub fn unreserve(&mut self, hmac: &str) -> Result<(), CodedError> {
+        if let Some(prefix) = hmac_prefix(hmac) {
+            let mut t = self.txn.open_table(RESERVED).map_err(storage)?;
+            t.remove(prefix).map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    /// Drops every reservation of `region` (its cell has asserted all its
+    /// claims; what is left was released since). Returns how many.
+    pub fn drop_reservations(&mut self, region: &str) -> Result<u64, CodedError> {
+        let mut t = self.txn.open_table(RESERVED).map_err(storage)?;
+        let before = t.len().map_err(storage)?;
+        t.retain(|_, r| r != region).map_err(storage)?;
+        Ok(before - t.len().map_err(storage)?)
     }
 
     /// The region a user is homed in, if the directory holds the user.
@@ -383,6 +423,7 @@ impl Store {
             txn.open_table(CONFIG_HISTORY)?;
             txn.open_table(CHANGES)?;
             txn.open_table(SUBSCRIBERS)?;
+            txn.open_table(RESERVED)?;
             let claims = txn.open_table(CLAIMS)?;
             let mut users = txn.open_table(USERS)?;
             // A store from before the users table: derive it once.

@@ -11,8 +11,8 @@
 
 use super::{
     CHANGES, CLAIMS, CONFIG, CONFIG_HISTORY, EPOCH, HISTORY_FLOOR, LOG_FLOOR, META, PARENT_EPOCH,
-    PARENT_REVISION, REGIONS, REVISION, SUBSCRIBERS, Store, USERS, count_claim, decode, new_epoch,
-    now_ms, storage,
+    PARENT_REVISION, REGIONS, RESERVED, REVISION, SUBSCRIBERS, Store, USERS, count_claim, decode,
+    new_epoch, now_ms, storage,
 };
 use super::{ChangeSet, ConfigEntry, ConfigHistoryEntry, IdentifierClaim, Parent, Region};
 use anyhow::{Context, Result, bail};
@@ -115,7 +115,10 @@ impl Store {
             let db = Database::create(&partial)
                 .with_context(|| format!("cannot create {}", partial.display()))?;
             let txn = db.begin_write()?;
-            let revision = parent.revision + 1;
+            let revision = parent
+                .revision
+                .checked_add(1)
+                .context("the source's revision is out of range")?;
             let mut r = Rebuilder {
                 txn: &txn,
                 revision,
@@ -125,6 +128,7 @@ impl Store {
             let history_floor = r.history_floor;
             {
                 txn.open_table(SUBSCRIBERS)?;
+                txn.open_table(RESERVED)?;
                 let mut meta = txn.open_table(META)?;
                 meta.insert(REVISION, revision)?;
                 meta.insert(LOG_FLOOR, revision)?;
@@ -221,10 +225,23 @@ impl Rebuilder<'_> {
         Ok(())
     }
 
-    /// A claim, counted on its user. Refuses a second claim of one HMAC.
+    /// A claim, counted on its user. Refuses a second claim of one HMAC,
+    /// and a claim for a region the source did not hold (regions come
+    /// first in every source).
     pub fn claim(&mut self, c: &IdentifierClaim) -> Result<()> {
         if c.hmac.len() != 64 || c.user_id.is_empty() || c.user_id.len() > 64 {
             bail!("a claim needs a 64-hex-digit hmac and a user id");
+        }
+        if self
+            .txn
+            .open_table(REGIONS)?
+            .get(c.region.as_str())?
+            .is_none()
+        {
+            bail!(
+                "a claim names region {:?}, which the source does not hold",
+                c.region
+            );
         }
         let replaced = self
             .txn
@@ -235,6 +252,13 @@ impl Rebuilder<'_> {
             bail!("the source holds one identifier twice");
         }
         count_claim(&mut self.txn.open_table(USERS)?, &c.user_id, &c.region)?;
+        Ok(())
+    }
+
+    /// A claim known only by its HMAC's first 128 bits (all a replica
+    /// keeps): reserved for `region` until that region asserts it again.
+    pub fn reserve(&mut self, prefix: u128, region: &str) -> Result<()> {
+        self.txn.open_table(RESERVED)?.insert(prefix, region)?;
         Ok(())
     }
 
