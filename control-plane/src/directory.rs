@@ -52,7 +52,7 @@ pub fn claim(
     }
     let hmac = key.hmac(identifier);
     match tx.claim(&hmac)? {
-        Some(c) if c.user_id == user_id && c.region == region => Ok(()),
+        Some(c) if c.user_id == user_id && c.region == region => tx.mark_asserted(&hmac),
         // The holder's region goes to the claiming cell, which decides
         // whether its caller may learn it (wechat.rs).
         Some(c) => Err(CodedError {
@@ -76,6 +76,7 @@ pub fn claim(
                 Some(_) => tx.unreserve(&hmac)?,
                 None => {}
             }
+            tx.mark_asserted(&hmac)?;
             tx.put_claim(IdentifierClaim {
                 hmac,
                 user_id: user_id.to_string(),
@@ -144,7 +145,12 @@ pub fn move_user(
         validate_identifier(identifier)?;
         let hmac = key.hmac(identifier);
         match tx.claim(&hmac)? {
-            Some(c) if c.user_id == user_id => tx.rehome_claim(c, to)?,
+            Some(c) if c.user_id == user_id => {
+                // Held by the new region now, whether or not either cell
+                // has asserted it since a rebuild.
+                tx.mark_asserted(&hmac)?;
+                tx.rehome_claim(c, to)?
+            }
             _ => {
                 return Err(CodedError::new(
                     ErrorCode::PermissionDenied,
@@ -167,9 +173,10 @@ pub const REASSERT_BATCH: usize = 1_000;
 ///
 /// A claim that is malformed, or held by another user, or whose user is
 /// homed elsewhere is reported and skipped: one bad row never stops a
-/// cell's pass. `last` says the cell has sent every claim it holds: its
-/// region's reservations left (claims released since the replica was
-/// taken) are dropped.
+/// cell's pass. `last` says the cell has sent every claim it holds: what
+/// the store still has of its region beyond that (reservations of a
+/// recovered store, claims a backup brought back) was released since, and
+/// is released now.
 pub fn reassert(
     tx: &mut Tx<'_>,
     key: &DirectoryKey,
@@ -181,6 +188,16 @@ pub fn reassert(
     let mut restored = 0;
     let mut conflicting = std::collections::BTreeSet::new();
     for (identifier, user_id) in claims {
+        // The same user, homed elsewhere in the restored store: it moved
+        // here after the backup. Its old region's last batch hands the
+        // claim over, unless that region still holds the user.
+        if let Some(c) = tx.claim(&key.hmac(identifier))?
+            && c.user_id == *user_id
+            && c.region != region
+        {
+            tx.defer_rehome(&c.hmac, region)?;
+            continue;
+        }
         let before = tx.changes_made();
         match claim(tx, key, identifier, user_id, region) {
             Ok(()) if tx.changes_made() == before => {}
@@ -200,11 +217,13 @@ pub fn reassert(
     }
     if last {
         let dropped = tx.drop_reservations(region)?;
-        if dropped > 0 {
+        let released = tx.release_unasserted(region)?;
+        if dropped > 0 || released > 0 {
             tracing::info!(
                 region,
                 dropped,
-                "reservations left after the region's claims came back were dropped"
+                released,
+                "what the region's cell no longer holds was released after its claims came back"
             );
         }
     }
@@ -305,5 +324,119 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.snapshot().unwrap().claims.len(), 3);
+    }
+
+    /// A restored store brings back claims released after the backup; the
+    /// owning region's last batch releases those it did not assert, and
+    /// keeps what it asserted, what was claimed or moved in since, and
+    /// every other region's.
+    #[test]
+    fn a_regions_last_batch_releases_what_it_no_longer_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key();
+        let c = |i: &str, user: &str, region: &str| IdentifierClaim {
+            hmac: k.hmac(i),
+            user_id: user.into(),
+            region: region.into(),
+        };
+        let parent = Parent {
+            epoch: 7,
+            revision: 10,
+        };
+        let s = Store::rebuild(&dir.path().join("s.redb"), 100, parent, |b| {
+            b.region(&region("cn-east"))?;
+            b.region(&region("eu-west"))?;
+            b.claim(&c("email:kept@x.test", "u-kept", "eu-west"))?;
+            b.claim(&c("email:deleted@x.test", "u-deleted", "eu-west"))?;
+            b.claim(&c("email:moved@x.test", "u-moved", "cn-east"))?;
+            b.claim(&c("email:other@x.test", "u-other", "cn-east"))?;
+            // Moved to eu-west after the backup: the backup homes it in
+            // cn-east, whose cell no longer holds it.
+            b.claim(&c("email:went@x.test", "u-went", "cn-east"))?;
+            Ok(())
+        })
+        .unwrap();
+        // Since the restore: a registration, and a move into eu-west.
+        s.mutate("t", |tx| {
+            claim(tx, &k, "email:new@x.test", "u-new", "eu-west")
+        })
+        .unwrap();
+        s.mutate("t", |tx| {
+            move_user(
+                tx,
+                &k,
+                "u-moved",
+                "cn-east",
+                "eu-west",
+                &["email:moved@x.test".into()],
+            )
+        })
+        .unwrap();
+        // Batches that change nothing still count: kept's, then the last
+        // one, empty, in calls of their own.
+        let ((restored, _), _) = s
+            .mutate("t", |tx| {
+                reassert(
+                    tx,
+                    &k,
+                    "eu-west",
+                    &[("email:kept@x.test".into(), "u-kept".into())],
+                    false,
+                )
+            })
+            .unwrap();
+        assert_eq!(restored, 0, "kept was there already");
+        s.mutate("t", |tx| reassert(tx, &k, "eu-west", &[], true))
+            .unwrap();
+        // eu-west asserts the user that moved in after the backup: deferred
+        // until cn-east's last batch, which no longer holds it.
+        let ((_, conflicts), _) = s
+            .mutate("t", |tx| {
+                reassert(
+                    tx,
+                    &k,
+                    "eu-west",
+                    &[("email:went@x.test".into(), "u-went".into())],
+                    true,
+                )
+            })
+            .unwrap();
+        assert!(conflicts.is_empty());
+        s.mutate("t", |tx| {
+            reassert(
+                tx,
+                &k,
+                "cn-east",
+                &[("email:other@x.test".into(), "u-other".into())],
+                true,
+            )
+        })
+        .unwrap();
+        let snap = s.snapshot().unwrap();
+        let mut held: Vec<(&str, &str)> = snap
+            .claims
+            .iter()
+            .map(|c| (c.user_id.as_str(), c.region.as_str()))
+            .collect();
+        held.sort();
+        assert_eq!(
+            held,
+            [
+                ("u-kept", "eu-west"),
+                ("u-moved", "eu-west"),
+                ("u-new", "eu-west"),
+                ("u-other", "cn-east"),
+                ("u-went", "eu-west"),
+            ]
+        );
+        assert!(
+            snap.users
+                .iter()
+                .any(|u| u.user_id == "u-went" && u.region == "eu-west")
+        );
+        assert!(
+            !snap.users.iter().any(|u| u.user_id == "u-deleted"),
+            "its last claim gone, the user leaves the directory"
+        );
     }
 }
