@@ -40,8 +40,45 @@ impl StoreTarget {
     }
 }
 
-pub async fn backup(conn: &Connection, out: &Path) -> Result<()> {
-    let mut writer = BackupWriter::create(out)?;
+/// Backups named by `--out-dir`: `control-plane-<UTC time>.backup`, which
+/// sort by time.
+const PREFIX: &str = "control-plane-";
+const SUFFIX: &str = ".backup";
+
+fn named_in(dir: &Path) -> PathBuf {
+    let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    dir.join(format!("{PREFIX}{}{SUFFIX}", at.replace(':', "")))
+}
+
+/// Deletes all but the newest `keep` backups named by `--out-dir` in `dir`.
+fn prune(dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(PREFIX) && n.ends_with(SUFFIX))
+        .collect();
+    names.sort();
+    let old = names.len().saturating_sub(keep);
+    let mut removed = Vec::new();
+    for n in &names[..old] {
+        let p = dir.join(n);
+        std::fs::remove_file(&p)?;
+        removed.push(p);
+    }
+    Ok(removed)
+}
+
+pub async fn backup(
+    conn: &Connection,
+    out: Option<PathBuf>,
+    out_dir: Option<PathBuf>,
+    keep: Option<u32>,
+) -> Result<()> {
+    let out = match (out, &out_dir) {
+        (Some(out), _) => out,
+        (None, Some(dir)) => named_in(dir),
+        (None, None) => bail!("name the backup: --out FILE or --out-dir DIR"),
+    };
+    let mut writer = BackupWriter::create(&out)?;
     let mut client = backup_service_client::BackupServiceClient::new(conn.channel().await?);
     let mut stream = client.backup(BackupRequest {}).await?.into_inner();
     let mut header = None;
@@ -67,6 +104,12 @@ pub async fn backup(conn: &Connection, out: &Path) -> Result<()> {
     let h = header.context("the backup stream had no header; nothing was written")?;
     let path = writer.finish()?;
     progress.finish();
+    // Older backups go only once this one is safely in place.
+    if let (Some(dir), Some(keep)) = (&out_dir, keep) {
+        for p in prune(dir, keep as usize)? {
+            eprintln!("removed {}", p.display());
+        }
+    }
     match conn.output {
         Output::Json => print_json(&json!({
             "file": path,
@@ -149,5 +192,32 @@ fn print_rows(output: Output, rows: &[(&str, String)]) {
                 .collect(),
         )),
         Output::Table => print_pairs(rows),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_dir_names_sort_by_time_and_prune_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = named_in(dir.path());
+        let n = name.file_name().unwrap().to_str().unwrap();
+        assert!(
+            n.starts_with(PREFIX) && n.ends_with(SUFFIX) && !n.contains(':'),
+            "{n}"
+        );
+        for t in ["20261201T000000Z", "20261203T000000Z", "20261202T000000Z"] {
+            std::fs::write(dir.path().join(format!("{PREFIX}{t}{SUFFIX}")), b"x").unwrap();
+        }
+        std::fs::write(dir.path().join("unrelated.backup"), b"x").unwrap();
+        let removed = prune(dir.path(), 2).unwrap();
+        assert_eq!(
+            removed,
+            [dir.path().join(format!("{PREFIX}20261201T000000Z{SUFFIX}"))]
+        );
+        assert!(dir.path().join("unrelated.backup").exists());
+        assert_eq!(prune(dir.path(), 2).unwrap(), Vec::<PathBuf>::new());
     }
 }

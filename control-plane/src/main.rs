@@ -48,8 +48,15 @@ enum Cmd {
     /// Copy the running control plane's state to a new file (a consistent
     /// online copy: mutations go on meanwhile).
     Backup {
+        /// The file to write (never an existing one).
+        #[arg(long, required_unless_present = "out_dir", conflicts_with = "out_dir")]
+        out: Option<PathBuf>,
+        /// Or a directory: the file is named control-plane-<UTC time>.backup.
         #[arg(long)]
-        out: PathBuf,
+        out_dir: Option<PathBuf>,
+        /// With --out-dir: then delete all but the newest N backups there.
+        #[arg(long, requires = "out_dir", value_parser = clap::value_parser!(u32).range(1..))]
+        keep: Option<u32>,
     },
     /// Build a new store from a backup, in a new epoch, for a stopped
     /// control plane (the store must not exist yet). Subscribers take a
@@ -134,7 +141,9 @@ fn main() -> ExitCode {
             Cmd::Region(c) => cli::region(&conn, c).await,
             Cmd::Config(c) => cli::config(&conn, c).await,
             Cmd::Status => cli::status(&conn).await,
-            Cmd::Backup { out } => backup_cli::backup(&conn, &out).await,
+            Cmd::Backup { out, out_dir, keep } => {
+                backup_cli::backup(&conn, out, out_dir, keep).await
+            }
             Cmd::Restore { from, target } => backup_cli::restore(&from, &target, conn.output),
             Cmd::Recover {
                 from_replica,
