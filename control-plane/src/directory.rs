@@ -251,6 +251,23 @@ mod tests {
         }
     }
 
+    /// One ReassertClaims batch of (identifier, user) for `region`.
+    fn batch(
+        s: &Store,
+        k: &DirectoryKey,
+        region: &str,
+        claims: &[(&str, &str)],
+        last: bool,
+    ) -> (u32, Vec<String>) {
+        let claims: Vec<(String, String)> = claims
+            .iter()
+            .map(|(i, u)| (i.to_string(), u.to_string()))
+            .collect();
+        s.mutate("t", |tx| reassert(tx, k, region, &claims, last))
+            .unwrap()
+            .0
+    }
+
     /// A recovered store reserves each claim's prefix for its region: no
     /// other region (a rogue cell) takes the identifier before its owner
     /// asserts it again, and the owner's last batch drops what is left.
@@ -284,35 +301,20 @@ mod tests {
             })
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::AlreadyExists);
-        let rogue = s
-            .mutate("t", |tx| {
-                reassert(
-                    tx,
-                    &k,
-                    "cn-east",
-                    &[("email:bob@x.test".into(), "u-rogue".into())],
-                    true,
-                )
-            })
-            .unwrap()
-            .0;
+        let rogue = batch(&s, &k, "cn-east", &[("email:bob@x.test", "u-rogue")], true);
         assert_eq!(rogue, (0, vec!["u-rogue".to_string()]));
         // eu-west asserts its claims; its last batch drops the leftover.
-        let (out, _) = s
-            .mutate("t", |tx| {
-                reassert(
-                    tx,
-                    &k,
-                    "eu-west",
-                    &[
-                        ("email:alice@x.test".into(), "u-alice".into()),
-                        ("email:bob@x.test".into(), "u-bob".into()),
-                        ("not-an-identifier".into(), "u-bad".into()),
-                    ],
-                    true,
-                )
-            })
-            .unwrap();
+        let out = batch(
+            &s,
+            &k,
+            "eu-west",
+            &[
+                ("email:alice@x.test", "u-alice"),
+                ("email:bob@x.test", "u-bob"),
+                ("not-an-identifier", "u-bad"),
+            ],
+            true,
+        );
         assert_eq!(
             out,
             (2, vec!["u-bad".to_string()]),
@@ -374,44 +376,20 @@ mod tests {
         .unwrap();
         // Batches that change nothing still count: kept's, then the last
         // one, empty, in calls of their own.
-        let ((restored, _), _) = s
-            .mutate("t", |tx| {
-                reassert(
-                    tx,
-                    &k,
-                    "eu-west",
-                    &[("email:kept@x.test".into(), "u-kept".into())],
-                    false,
-                )
-            })
-            .unwrap();
+        let (restored, _) = batch(&s, &k, "eu-west", &[("email:kept@x.test", "u-kept")], false);
         assert_eq!(restored, 0, "kept was there already");
-        s.mutate("t", |tx| reassert(tx, &k, "eu-west", &[], true))
-            .unwrap();
+        batch(&s, &k, "eu-west", &[], true);
         // eu-west asserts the user that moved in after the backup: deferred
         // until cn-east's last batch, which no longer holds it.
-        let ((_, conflicts), _) = s
-            .mutate("t", |tx| {
-                reassert(
-                    tx,
-                    &k,
-                    "eu-west",
-                    &[("email:went@x.test".into(), "u-went".into())],
-                    true,
-                )
-            })
-            .unwrap();
+        let (_, conflicts) = batch(&s, &k, "eu-west", &[("email:went@x.test", "u-went")], true);
         assert!(conflicts.is_empty());
-        s.mutate("t", |tx| {
-            reassert(
-                tx,
-                &k,
-                "cn-east",
-                &[("email:other@x.test".into(), "u-other".into())],
-                true,
-            )
-        })
-        .unwrap();
+        batch(
+            &s,
+            &k,
+            "cn-east",
+            &[("email:other@x.test", "u-other")],
+            true,
+        );
         let snap = s.snapshot().unwrap();
         let mut held: Vec<(&str, &str)> = snap
             .claims

@@ -123,6 +123,11 @@ fn rows<M: Message + Default>(
     Ok(out)
 }
 
+/// A counter in the meta table (0 when unset).
+fn meta_value(meta: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<u64, CodedError> {
+    Ok(meta.get(key).map_err(storage)?.map_or(0, |v| v.value()))
+}
+
 /// Counts one more claim on `user_id` and homes it in `region`; returns the
 /// region the user was homed in before, if the directory held it.
 fn count_claim(
@@ -463,13 +468,7 @@ impl Tx<'_> {
     /// Every config row's state as of `revision`: (key, region) → entry, from
     /// the history table. Refused below the history this store holds.
     pub fn config_at(&self, revision: u64) -> Result<Vec<ConfigHistoryEntry>, CodedError> {
-        let floor = self
-            .txn
-            .open_table(META)
-            .map_err(storage)?
-            .get(HISTORY_FLOOR)
-            .map_err(storage)?
-            .map_or(0, |v| v.value());
+        let floor = meta_value(&self.txn.open_table(META).map_err(storage)?, HISTORY_FLOOR)?;
         if revision < floor {
             return Err(CodedError::new(
                 homecell_proto::error::ErrorCode::FailedPrecondition,
@@ -572,13 +571,7 @@ impl Store {
         f: impl FnOnce(&mut Tx<'_>) -> Result<T, CodedError>,
     ) -> Result<(T, u64), CodedError> {
         let txn = self.db.begin_write().map_err(storage)?;
-        let current = txn
-            .open_table(META)
-            .map_err(storage)?
-            .get(REVISION)
-            .map_err(storage)?
-            .map(|v| v.value())
-            .unwrap_or(0);
+        let current = meta_value(&txn.open_table(META).map_err(storage)?, REVISION)?;
         let next = current + 1;
         let at_unix_ms = now_ms();
         let mut tx = Tx {
@@ -614,11 +607,7 @@ impl Store {
                 .map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
             meta.insert(REVISION, next).map_err(storage)?;
-            let floor = meta
-                .get(LOG_FLOOR)
-                .map_err(storage)?
-                .map(|v| v.value())
-                .unwrap_or(0);
+            let floor = meta_value(&meta, LOG_FLOOR)?;
             if next - floor > self.retain_changes {
                 let new_floor = next - self.retain_changes;
                 log.retain_in(..=new_floor, |_, _| false).map_err(storage)?;
@@ -650,13 +639,7 @@ impl Store {
     ) -> Result<(), CodedError> {
         let rows_per_part = rows_per_part.max(1);
         let txn = self.db.begin_read().map_err(storage)?;
-        let revision = txn
-            .open_table(META)
-            .map_err(storage)?
-            .get(REVISION)
-            .map_err(storage)?
-            .map(|v| v.value())
-            .unwrap_or(0);
+        let revision = meta_value(&txn.open_table(META).map_err(storage)?, REVISION)?;
         let users = txn.open_table(USERS).map_err(storage)?;
         let claims = txn.open_table(CLAIMS).map_err(storage)?;
         let mut part = Snapshot {
@@ -730,11 +713,7 @@ impl Store {
         let txn = self.db.begin_write().map_err(storage)?;
         let next = {
             let mut meta = txn.open_table(META).map_err(storage)?;
-            let next = meta
-                .get(REVISION)
-                .map_err(storage)?
-                .map_or(0, |v| v.value())
-                + 1;
+            let next = meta_value(&meta, REVISION)? + 1;
             let regions = rows::<Region>(&txn.open_table(REGIONS).map_err(storage)?)?;
             let mut table = txn.open_table(CLAIMS).map_err(storage)?;
             let mut users = txn.open_table(USERS).map_err(storage)?;
@@ -787,16 +766,8 @@ impl Store {
     ) -> Result<Option<Vec<ChangeSet>>, CodedError> {
         let txn = self.db.begin_read().map_err(storage)?;
         let meta = txn.open_table(META).map_err(storage)?;
-        let floor = meta
-            .get(LOG_FLOOR)
-            .map_err(storage)?
-            .map(|v| v.value())
-            .unwrap_or(0);
-        let current = meta
-            .get(REVISION)
-            .map_err(storage)?
-            .map(|v| v.value())
-            .unwrap_or(0);
+        let floor = meta_value(&meta, LOG_FLOOR)?;
+        let current = meta_value(&meta, REVISION)?;
         if revision < floor || revision > current {
             return Ok(None);
         }

@@ -12,7 +12,7 @@
 use super::{
     CHANGES, CLAIMS, CONFIG, CONFIG_HISTORY, EPOCH, HISTORY_FLOOR, LOG_FLOOR, META, PARENT_EPOCH,
     PARENT_REVISION, REGIONS, RESERVED, REVISION, SUBSCRIBERS, Store, USERS, count_claim, decode,
-    new_epoch, now_ms, storage,
+    meta_value, new_epoch, now_ms, storage,
 };
 use super::{ChangeSet, ConfigEntry, ConfigHistoryEntry, IdentifierClaim, Parent, Region};
 use anyhow::{Context, Result, bail};
@@ -31,10 +31,7 @@ impl Store {
     pub fn export(&self, mut emit: impl FnMut(BackupRecord) -> bool) -> Result<(), CodedError> {
         let txn = self.db.begin_read().map_err(storage)?;
         let meta = txn.open_table(META).map_err(storage)?;
-        let revision = meta
-            .get(REVISION)
-            .map_err(storage)?
-            .map_or(0, |v| v.value());
+        let revision = meta_value(&meta, REVISION)?;
         let regions = txn.open_table(REGIONS).map_err(storage)?;
         let config = txn.open_table(CONFIG).map_err(storage)?;
         let history = txn.open_table(CONFIG_HISTORY).map_err(storage)?;
