@@ -251,6 +251,23 @@ mod tests {
         }
     }
 
+    /// A store restored with the regions cn-east and eu-west, and `fill`.
+    fn rebuilt(
+        dir: &std::path::Path,
+        fill: impl FnOnce(&mut crate::store::Rebuilder<'_>) -> anyhow::Result<()>,
+    ) -> Store {
+        let parent = Parent {
+            epoch: 7,
+            revision: 10,
+        };
+        Store::rebuild(&dir.join("s.redb"), 100, parent, |b| {
+            b.region(&region("cn-east"))?;
+            b.region(&region("eu-west"))?;
+            fill(b)
+        })
+        .unwrap()
+    }
+
     /// One ReassertClaims batch of (identifier, user) for `region`.
     fn batch(
         s: &Store,
@@ -281,19 +298,12 @@ mod tests {
             "email:gone@x.test",
         ]
         .map(|i| crate::store::hmac_prefix(&k.hmac(i)).unwrap());
-        let parent = Parent {
-            epoch: 7,
-            revision: 10,
-        };
-        let s = Store::rebuild(&dir.path().join("s.redb"), 100, parent, |b| {
-            b.region(&region("cn-east"))?;
-            b.region(&region("eu-west"))?;
+        let s = rebuilt(dir.path(), |b| {
             b.reserve(alice, "eu-west")?;
             b.reserve(bob, "eu-west")?;
             b.reserve(gone, "eu-west")?;
             Ok(())
-        })
-        .unwrap();
+        });
         // cn-east (a rogue, or a stranger registering) cannot take alice.
         let err = s
             .mutate("t", |tx| {
@@ -341,13 +351,7 @@ mod tests {
             user_id: user.into(),
             region: region.into(),
         };
-        let parent = Parent {
-            epoch: 7,
-            revision: 10,
-        };
-        let s = Store::rebuild(&dir.path().join("s.redb"), 100, parent, |b| {
-            b.region(&region("cn-east"))?;
-            b.region(&region("eu-west"))?;
+        let s = rebuilt(dir.path(), |b| {
             b.claim(&c("email:kept@x.test", "u-kept", "eu-west"))?;
             b.claim(&c("email:deleted@x.test", "u-deleted", "eu-west"))?;
             b.claim(&c("email:moved@x.test", "u-moved", "cn-east"))?;
@@ -356,8 +360,7 @@ mod tests {
             // cn-east, whose cell no longer holds it.
             b.claim(&c("email:went@x.test", "u-went", "cn-east"))?;
             Ok(())
-        })
-        .unwrap();
+        });
         // Since the restore: a registration, and a move into eu-west.
         s.mutate("t", |tx| {
             claim(tx, &k, "email:new@x.test", "u-new", "eu-west")
