@@ -199,23 +199,43 @@ pub async fn watch(
         s.region = sub.region.clone();
         s.connected = true;
         s.peer_identity = caller.common_name();
-        s.epoch = store.epoch();
-        s.conflict = lost.unwrap_or_default();
+        // The epoch it holds until it ACKs this store's state.
+        s.epoch = sub.epoch;
+        // Kept until a later conflict replaces it: the subscriber's
+        // reconnect must not wipe what the operator has yet to read.
+        if let Some(lost) = lost {
+            s.conflict = lost;
+        }
     });
     tracing::info!(node_id, ?kind, region = %sub.region, from = sub.from_revision, "subscriber connected");
 
-    // Revisions compare only within one epoch: a subscriber of another
-    // (or of none) starts over from a snapshot.
-    let need_snapshot = sub.from_revision == 0 || sub.epoch != store.epoch();
     let (tx, rx) = mpsc::channel(16);
-    let sender = tokio::spawn(send_loop(store, sub.from_revision, need_snapshot, tx));
+    let sender = tokio::spawn(send_loop(
+        store.clone(),
+        sub.from_revision,
+        needs_snapshot(sub.epoch, sub.from_revision, &store),
+        tx,
+    ));
     tokio::spawn(async move {
-        report_loop(&subscribers, &node_id, &mut inbound).await;
+        report_loop(&subscribers, &store, &node_id, &mut inbound).await;
         sender.abort();
         subscribers.update(&node_id, |s| s.connected = false);
         tracing::info!(node_id, "subscriber disconnected");
     });
     Ok(rx)
+}
+
+/// Whether a subscriber must start over from a snapshot. Revisions compare
+/// only within one epoch, so one of another epoch must. One of none (0)
+/// held state from before epochs existed, which is this very store unless
+/// it was rebuilt since: it goes on by deltas, so upgrading does not send
+/// every router and cell a snapshot.
+fn needs_snapshot(sub_epoch: u64, from_revision: u64, store: &Store) -> bool {
+    from_revision == 0
+        || match sub_epoch {
+            0 => store.parent().is_some(),
+            e => e != store.epoch(),
+        }
 }
 
 /// Sends what the subscriber lacks, then every new revision as it commits.
@@ -294,6 +314,7 @@ async fn send_loop(
 /// Records ACKs and NACKs until the subscriber goes away.
 async fn report_loop(
     subscribers: &Subscribers,
+    store: &Store,
     node_id: &str,
     inbound: &mut Streaming<WatchRequest>,
 ) {
@@ -307,10 +328,17 @@ async fn report_loop(
             }
         };
         match msg.kind {
-            Some(watch_request::Kind::Ack(a)) => subscribers.update(node_id, |s| {
-                s.applied_revision = a.revision;
-                s.last_error.clear();
-            }),
+            Some(watch_request::Kind::Ack(a)) => {
+                // Only what this store has sent counts: a subscriber cannot
+                // claim a revision it was never given (status is how an
+                // operator picks the replica to recover from).
+                let revision = a.revision.min(store.revision());
+                subscribers.update(node_id, |s| {
+                    s.applied_revision = revision;
+                    s.epoch = store.epoch();
+                    s.last_error.clear();
+                })
+            }
             Some(watch_request::Kind::Nack(n)) => {
                 tracing::warn!(node_id, revision = n.revision, error = %n.error, "subscriber NACKed");
                 let mut error = n.error;
@@ -353,6 +381,29 @@ mod tests {
                 .unwrap()
                 .contains("does not descend")
         );
+    }
+
+    #[test]
+    fn only_another_epochs_subscriber_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Store::open(&dir.path().join("a.redb"), 10).unwrap();
+        let parent = Parent {
+            epoch: old.epoch(),
+            revision: 40,
+        };
+        let new = Store::rebuild(&dir.path().join("b.redb"), 10, parent, |_| Ok(())).unwrap();
+        assert!(!needs_snapshot(old.epoch(), 5, &old));
+        assert!(needs_snapshot(old.epoch(), 0, &old), "holds nothing");
+        assert!(
+            !needs_snapshot(0, 5, &old),
+            "from before epochs: this store"
+        );
+        assert!(
+            needs_snapshot(0, 5, &new),
+            "from before epochs, rebuilt since"
+        );
+        assert!(needs_snapshot(old.epoch(), 5, &new));
+        assert!(!needs_snapshot(new.epoch(), 5, &new));
     }
 
     #[tokio::test]

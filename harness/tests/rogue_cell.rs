@@ -291,3 +291,54 @@ async fn cell_service_admits_cells_only() -> Result {
     }
     Ok(())
 }
+
+/// A subscriber's ACK counts only up to what the control plane sent: a
+/// rogue cell cannot pose as the most current replica (the one an operator
+/// would recover the control plane from).
+#[tokio::test]
+async fn a_subscriber_cannot_claim_revisions_it_was_never_sent() -> Result {
+    use homecell_proto::control::{
+        Ack, Subscribe, SubscriberKind, WatchRequest, sync_service_client::SyncServiceClient,
+        watch_request,
+    };
+    let c = standard().start().await?;
+    let rogue = as_cell(&c, "cn-east").await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WatchRequest {
+        kind: Some(watch_request::Kind::Subscribe(Subscribe {
+            node_id: "rogue-replica".into(),
+            kind: SubscriberKind::Cell as i32,
+            region: "cn-east".into(),
+            from_revision: 0,
+            epoch: 0,
+        })),
+    })
+    .await?;
+    let mut stream = SyncServiceClient::new(rogue)
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    stream.message().await?.expect("a snapshot");
+    tx.send(WatchRequest {
+        kind: Some(watch_request::Kind::Ack(Ack {
+            revision: 1_000_000_000_000,
+        })),
+    })
+    .await?;
+    let revision = c.revision()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = c.cli_ok(&["-o", "json", "status"])?.json()?;
+        let row = v["subscribers"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["node_id"] == "rogue-replica").cloned());
+        if let Some(applied) = row.and_then(|r| r["applied_revision"].as_u64())
+            && applied > 0
+        {
+            assert!(applied <= revision, "status shows {applied} > {revision}");
+            return Ok(());
+        }
+        assert!(std::time::Instant::now() < deadline, "no ACK recorded: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

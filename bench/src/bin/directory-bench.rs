@@ -8,10 +8,13 @@
 //!    operator would bring in an existing user base); started again.
 //! 2. A new router starts: time from spawn to `/ready` (the whole snapshot
 //!    streamed, built and persisted), then its RSS and peak RSS.
-//! 3. The control plane stops and the router restarts: time to `/ready` from
+//! 3. The running control plane is backed up through the CLI and the file
+//!    restored into a new store, both timed.
+//! 4. The control plane stops and the router restarts: time to `/ready` from
 //!    the persisted copy alone.
-//! 4. The router stops; its persisted replica is opened in this process and
-//!    `--lookups` random user and identifier lookups are timed one by one.
+//! 5. The router stops; a store is recovered from its replica (timed); the
+//!    replica is opened in this process and `--lookups` random user and
+//!    identifier lookups are timed one by one.
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -136,6 +139,20 @@ async fn main() -> Result<()> {
         "bootstrap: a new router ready in {bootstrap:.2?}; RSS {rss:.0} MiB (peak {peak:.0} MiB)"
     );
 
+    // Backing up the running control plane, then restoring the file into a
+    // new store (what an operator waits for after losing the disk).
+    let backup = cluster.root.join("cp.backup");
+    let started = Instant::now();
+    cluster.cli_ok(&["backup", "--out", backup.to_str().context("path")?])?;
+    let backed_up = started.elapsed();
+    let size = std::fs::metadata(&backup)?.len() as f64 / (1 << 20) as f64;
+    let started = Instant::now();
+    homecell_control_plane::backup::restore(&backup, &cluster.root.join("restored.redb"), 1000)?;
+    println!(
+        "backup of the running control plane: {backed_up:.1?}, {size:.0} MiB; restore into a new store: {:.1?}",
+        started.elapsed()
+    );
+
     cluster.stop_control_plane();
     let started = Instant::now();
     cluster.restart_router(0, "cn-east").await?;
@@ -148,6 +165,20 @@ async fn main() -> Result<()> {
     if let Some(mut p) = cluster.routers[0].process.take() {
         p.terminate(Duration::from_secs(5));
     }
+
+    // Recovering a store from the stopped router's replica.
+    let started = Instant::now();
+    let (_, recovered) = homecell_control_plane::backup::recover(
+        &cluster.root.join("router-0/replica.redb"),
+        &cluster.root.join("recovered.redb"),
+        1000,
+    )?;
+    println!(
+        "recover from the router's replica: {:.1?} ({} users, {} claims reserved)",
+        started.elapsed(),
+        recovered.users,
+        recovered.claims_not_recoverable
+    );
 
     let replica = Replica::open(&cluster.root.join("router-0/replica.redb"))?;
     let state = replica.state();
