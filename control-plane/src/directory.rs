@@ -52,7 +52,7 @@ pub fn claim(
     }
     let hmac = key.hmac(identifier);
     match tx.claim(&hmac)? {
-        Some(c) if c.user_id == user_id && c.region == region => tx.mark_asserted(&hmac),
+        Some(c) if c.user_id == user_id && c.region == region => Ok(()),
         // The holder's region goes to the claiming cell, which decides
         // whether its caller may learn it (wechat.rs).
         Some(c) => Err(CodedError {
@@ -76,7 +76,6 @@ pub fn claim(
                 Some(_) => tx.unreserve(&hmac)?,
                 None => {}
             }
-            tx.mark_asserted(&hmac)?;
             tx.put_claim(IdentifierClaim {
                 hmac,
                 user_id: user_id.to_string(),
@@ -145,12 +144,7 @@ pub fn move_user(
         validate_identifier(identifier)?;
         let hmac = key.hmac(identifier);
         match tx.claim(&hmac)? {
-            Some(c) if c.user_id == user_id => {
-                // Held by the new region now, whether or not either cell
-                // has asserted it since a rebuild.
-                tx.mark_asserted(&hmac)?;
-                tx.rehome_claim(c, to)?
-            }
+            Some(c) if c.user_id == user_id => tx.rehome_claim(c, to)?,
             _ => {
                 return Err(CodedError::new(
                     ErrorCode::PermissionDenied,
@@ -173,10 +167,15 @@ pub const REASSERT_BATCH: usize = 1_000;
 ///
 /// A claim that is malformed, or held by another user, or whose user is
 /// homed elsewhere is reported and skipped: one bad row never stops a
-/// cell's pass. `last` says the cell has sent every claim it holds: what
-/// the store still has of its region beyond that (reservations of a
-/// recovered store, claims a backup brought back) was released since, and
-/// is released now.
+/// cell's pass. `last` says the cell has sent every claim it holds: its
+/// region's reservations left (claims released since the replica was
+/// taken) are dropped.
+///
+/// Nothing is released by a pass: a claim restored from a backup that its
+/// cell no longer holds (released after the backup) stays until an
+/// operator releases it. Releasing on one region's word is unsafe while
+/// others have not finished (a user moved since is asserted by its new
+/// region after its old one said "last").
 pub fn reassert(
     tx: &mut Tx<'_>,
     key: &DirectoryKey,
@@ -188,16 +187,6 @@ pub fn reassert(
     let mut restored = 0;
     let mut conflicting = std::collections::BTreeSet::new();
     for (identifier, user_id) in claims {
-        // The same user, homed elsewhere in the restored store: it moved
-        // here after the backup. Its old region's last batch hands the
-        // claim over, unless that region still holds the user.
-        if let Some(c) = tx.claim(&key.hmac(identifier))?
-            && c.user_id == *user_id
-            && c.region != region
-        {
-            tx.defer_rehome(&c.hmac, region)?;
-            continue;
-        }
         let before = tx.changes_made();
         match claim(tx, key, identifier, user_id, region) {
             Ok(()) if tx.changes_made() == before => {}
@@ -217,13 +206,11 @@ pub fn reassert(
     }
     if last {
         let dropped = tx.drop_reservations(region)?;
-        let released = tx.release_unasserted(region)?;
-        if dropped > 0 || released > 0 {
+        if dropped > 0 {
             tracing::info!(
                 region,
                 dropped,
-                released,
-                "what the region's cell no longer holds was released after its claims came back"
+                "reservations left after the region's claims came back were dropped"
             );
         }
     }
@@ -336,88 +323,5 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.snapshot().unwrap().claims.len(), 3);
-    }
-
-    /// A restored store brings back claims released after the backup; the
-    /// owning region's last batch releases those it did not assert, and
-    /// keeps what it asserted, what was claimed or moved in since, and
-    /// every other region's.
-    #[test]
-    fn a_regions_last_batch_releases_what_it_no_longer_holds() {
-        let dir = tempfile::tempdir().unwrap();
-        let k = key();
-        let c = |i: &str, user: &str, region: &str| IdentifierClaim {
-            hmac: k.hmac(i),
-            user_id: user.into(),
-            region: region.into(),
-        };
-        let s = rebuilt(dir.path(), |b| {
-            b.claim(&c("email:kept@x.test", "u-kept", "eu-west"))?;
-            b.claim(&c("email:deleted@x.test", "u-deleted", "eu-west"))?;
-            b.claim(&c("email:moved@x.test", "u-moved", "cn-east"))?;
-            b.claim(&c("email:other@x.test", "u-other", "cn-east"))?;
-            // Moved to eu-west after the backup: the backup homes it in
-            // cn-east, whose cell no longer holds it.
-            b.claim(&c("email:went@x.test", "u-went", "cn-east"))?;
-            Ok(())
-        });
-        // Since the restore: a registration, and a move into eu-west.
-        s.mutate("t", |tx| {
-            claim(tx, &k, "email:new@x.test", "u-new", "eu-west")
-        })
-        .unwrap();
-        s.mutate("t", |tx| {
-            move_user(
-                tx,
-                &k,
-                "u-moved",
-                "cn-east",
-                "eu-west",
-                &["email:moved@x.test".into()],
-            )
-        })
-        .unwrap();
-        // Batches that change nothing still count: kept's, then the last
-        // one, empty, in calls of their own.
-        let (restored, _) = batch(&s, &k, "eu-west", &[("email:kept@x.test", "u-kept")], false);
-        assert_eq!(restored, 0, "kept was there already");
-        batch(&s, &k, "eu-west", &[], true);
-        // eu-west asserts the user that moved in after the backup: deferred
-        // until cn-east's last batch, which no longer holds it.
-        let (_, conflicts) = batch(&s, &k, "eu-west", &[("email:went@x.test", "u-went")], true);
-        assert!(conflicts.is_empty());
-        batch(
-            &s,
-            &k,
-            "cn-east",
-            &[("email:other@x.test", "u-other")],
-            true,
-        );
-        let snap = s.snapshot().unwrap();
-        let mut held: Vec<(&str, &str)> = snap
-            .claims
-            .iter()
-            .map(|c| (c.user_id.as_str(), c.region.as_str()))
-            .collect();
-        held.sort();
-        assert_eq!(
-            held,
-            [
-                ("u-kept", "eu-west"),
-                ("u-moved", "eu-west"),
-                ("u-new", "eu-west"),
-                ("u-other", "cn-east"),
-                ("u-went", "eu-west"),
-            ]
-        );
-        assert!(
-            snap.users
-                .iter()
-                .any(|u| u.user_id == "u-went" && u.region == "eu-west")
-        );
-        assert!(
-            !snap.users.iter().any(|u| u.user_id == "u-deleted"),
-            "its last claim gone, the user leaves the directory"
-        );
     }
 }

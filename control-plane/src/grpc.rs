@@ -376,6 +376,11 @@ impl directory_service_server::DirectoryService for ControlPlane {
                 "this store was never restored or recovered: there is nothing to assert again",
             ));
         }
+        if r.epoch != self.store.epoch() {
+            return Err(Status::failed_precondition(
+                "the pass is for another epoch: the store was rebuilt since; start over",
+            ));
+        }
         let claims: Vec<(String, String)> = r
             .claims
             .into_iter()

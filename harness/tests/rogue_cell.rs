@@ -184,6 +184,7 @@ async fn a_rogue_cell_cannot_reach_into_another_region() -> Result {
             region: claim_region.into(),
         }],
         last: true,
+        epoch: 0,
     };
     let r = DirectoryServiceClient::new(rogue.clone())
         .reassert_claims(reassert("cn-east", "cn-east", &victim))

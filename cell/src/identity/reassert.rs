@@ -60,11 +60,13 @@ impl IdentityStore {
 impl Identity {
     async fn reassert_batch(
         &self,
+        epoch: u64,
         claims: Vec<(String, String)>,
         last: bool,
     ) -> anyhow::Result<(u32, usize)> {
         let req = ReassertClaimsRequest {
             region: self.region.clone(),
+            epoch,
             last,
             claims: claims
                 .into_iter()
@@ -85,9 +87,10 @@ impl Identity {
         Ok((r.restored, r.conflicting_users.len()))
     }
 
-    /// Every claim this cell holds, asserted again. Returns (claims sent,
-    /// restored, users in conflict).
-    pub async fn reassert_claims(&self) -> anyhow::Result<(usize, u32, usize)> {
+    /// Every claim this cell holds, asserted again in `epoch` (the control
+    /// plane refuses the pass if its store is rebuilt again meanwhile).
+    /// Returns (claims sent, restored, users in conflict).
+    pub async fn reassert_claims(&self, epoch: u64) -> anyhow::Result<(usize, u32, usize)> {
         let (mut sent, mut restored, mut conflicts) = (0, 0, 0);
         let (mut kind, mut value) = (String::new(), String::new());
         loop {
@@ -101,7 +104,7 @@ impl Identity {
                 .into_iter()
                 .map(|(k, v, user)| (format!("{k}:{v}"), user))
                 .collect();
-            let (r, c) = self.reassert_batch(claims, false).await?;
+            let (r, c) = self.reassert_batch(epoch, claims, false).await?;
             (restored, conflicts) = (restored + r, conflicts + c);
         }
         let mut openid = String::new();
@@ -116,12 +119,12 @@ impl Identity {
                 .into_iter()
                 .map(|(o, user)| (format!("wechat:{o}"), user))
                 .collect();
-            let (r, c) = self.reassert_batch(claims, false).await?;
+            let (r, c) = self.reassert_batch(epoch, claims, false).await?;
             (restored, conflicts) = (restored + r, conflicts + c);
         }
         // Everything was sent: what the store still reserves for this
         // region was released since.
-        self.reassert_batch(Vec::new(), true).await?;
+        self.reassert_batch(epoch, Vec::new(), true).await?;
         Ok((sent, restored, conflicts))
     }
 
@@ -144,7 +147,7 @@ impl Identity {
                 epoch,
                 "the control plane starts a new epoch; asserting this cell's claims again"
             );
-            let (sent, restored, conflicts) = self.reassert_claims().await?;
+            let (sent, restored, conflicts) = self.reassert_claims(state.epoch).await?;
             tracing::info!(
                 epoch,
                 sent,

@@ -42,15 +42,6 @@ const USERS: TableDefinition<&str, (&str, u32)> = TableDefinition::new("users");
 /// that prefix (a rogue cell would otherwise take identifiers the moment
 /// the directory comes back empty).
 const RESERVED: TableDefinition<u128, &str> = TableDefinition::new("reserved_claims");
-/// For a restored or recovered store: the HMACs claimed or asserted since
-/// the rebuild. When a region's cell has asserted everything it holds, its
-/// claims not in here were released after the backup and are released now.
-const ASSERTED: TableDefinition<&str, ()> = TableDefinition::new("asserted_claims");
-/// For a restored store: HMAC → the region whose cell asserted it for the
-/// same user while the store still homes it elsewhere (the user moved after
-/// the backup). If the old region's cell no longer asserts it, the claim
-/// follows the user instead of being released.
-const DEFERRED: TableDefinition<&str, &str> = TableDefinition::new("deferred_rehomes");
 
 const REVISION: &str = "revision";
 /// Revisions at or below the floor have been compacted out of the log.
@@ -155,8 +146,6 @@ pub struct Store {
 /// The write side of one mutation. Records every change it makes.
 pub struct Tx<'a> {
     txn: &'a WriteTransaction,
-    /// The store was restored or recovered (it has a parent).
-    rebuilt: bool,
     /// Rows written that are no change to subscribers: committed even when
     /// `changes` is empty.
     bookkept: bool,
@@ -254,69 +243,6 @@ impl Tx<'_> {
         let dropped = before - t.len().map_err(storage)?;
         self.bookkept |= dropped > 0;
         Ok(dropped)
-    }
-
-    /// Records that `hmac` is held in this epoch (a rebuilt store only;
-    /// see [`Tx::release_unasserted`]).
-    pub fn mark_asserted(&mut self, hmac: &str) -> Result<(), CodedError> {
-        if self.rebuilt {
-            let mut t = self.txn.open_table(ASSERTED).map_err(storage)?;
-            t.insert(hmac, ()).map_err(storage)?;
-            self.bookkept = true;
-        }
-        Ok(())
-    }
-
-    /// In a rebuilt store, once `region`'s cell has asserted every claim it
-    /// holds: releases the region's claims that were neither asserted nor
-    /// made since the rebuild (a backup brings back claims released after
-    /// it was taken). Returns how many.
-    pub fn release_unasserted(&mut self, region: &str) -> Result<usize, CodedError> {
-        if !self.rebuilt {
-            return Ok(0);
-        }
-        let stale: Vec<String> = {
-            let claims = self.txn.open_table(CLAIMS).map_err(storage)?;
-            let asserted = self.txn.open_table(ASSERTED).map_err(storage)?;
-            let mut stale = Vec::new();
-            for row in claims.iter().map_err(storage)? {
-                let (hmac, bytes) = row.map_err(storage)?;
-                let c: IdentifierClaim = decode(bytes.value())?;
-                if c.region == region && asserted.get(hmac.value()).map_err(storage)?.is_none() {
-                    stale.push(c.hmac);
-                }
-            }
-            stale
-        };
-        for hmac in &stale {
-            let moved_to = {
-                let mut t = self.txn.open_table(DEFERRED).map_err(storage)?;
-                t.remove(hmac.as_str())
-                    .map_err(storage)?
-                    .map(|v| v.value().to_string())
-            };
-            match (moved_to, self.claim(hmac)?) {
-                (Some(to), Some(c)) if self.region(&to)?.is_some() => {
-                    let user = c.user_id.clone();
-                    self.mark_asserted(hmac)?;
-                    self.rehome_claim(c, &to)?;
-                    self.rehome_user(&user, &to)?;
-                }
-                _ => self.delete_claim(hmac)?,
-            }
-        }
-        Ok(stale.len())
-    }
-
-    /// Records that `region`'s cell holds `hmac`'s user too (see
-    /// [`DEFERRED`]); a rebuilt store only.
-    pub fn defer_rehome(&mut self, hmac: &str, region: &str) -> Result<(), CodedError> {
-        if self.rebuilt {
-            let mut t = self.txn.open_table(DEFERRED).map_err(storage)?;
-            t.insert(hmac, region).map_err(storage)?;
-            self.bookkept = true;
-        }
-        Ok(())
     }
 
     /// The region a user is homed in, if the directory holds the user.
@@ -502,8 +428,6 @@ impl Store {
             txn.open_table(CHANGES)?;
             txn.open_table(SUBSCRIBERS)?;
             txn.open_table(RESERVED)?;
-            txn.open_table(ASSERTED)?;
-            txn.open_table(DEFERRED)?;
             let claims = txn.open_table(CLAIMS)?;
             let mut users = txn.open_table(USERS)?;
             // A store from before the users table: derive it once.
@@ -576,7 +500,6 @@ impl Store {
         let at_unix_ms = now_ms();
         let mut tx = Tx {
             txn: &txn,
-            rebuilt: self.parent.is_some(),
             bookkept: false,
             revision: next,
             at_unix_ms,
@@ -586,8 +509,8 @@ impl Store {
         let out = f(&mut tx)?;
         let changes = std::mem::take(&mut tx.changes);
         if changes.is_empty() {
-            // Bookkeeping that subscribers never see (a rebuilt store's
-            // asserted and deferred claims) commits without a revision.
+            // Bookkeeping that subscribers never see (a recovered store's
+            // reservations) commits without a revision.
             if tx.bookkept {
                 txn.commit().map_err(storage)?;
             } else {
