@@ -45,7 +45,11 @@ fn mix(n: u64) -> u64 {
 /// User `n`'s id (a UUIDv7 shape) and its identifier's HMAC (64 hex digits).
 fn user(n: u64) -> (String, String) {
     let ms = 1_750_000_000_000u128 + u128::from(n / 16);
-    let id = uuid::Uuid::from_u128(ms << 80 | 0x7000u128 << 64 | u128::from(mix(n)) >> 2);
+    // Version 7, RFC 4122 variant (0b10 in bits 62-63), as cells make them:
+    // `recover` reads only such ids back from a replica's keys.
+    let id = uuid::Uuid::from_u128(
+        ms << 80 | 0x7000u128 << 64 | 0b10u128 << 62 | u128::from(mix(n) >> 2),
+    );
     let hmac = format!(
         "{:016x}{:016x}{:016x}{:016x}",
         mix(n ^ 0xa),
@@ -174,11 +178,15 @@ async fn main() -> Result<()> {
         1000,
     )?;
     println!(
-        "recover from the router's replica: {:.1?} ({} users, {} claims reserved)",
+        "recover from the router's replica: {:.1?} ({} users, {} unreadable, {} claims reserved)",
         started.elapsed(),
         recovered.users,
+        recovered.users_unreadable,
         recovered.claims_not_recoverable
     );
+    if recovered.users as u64 != args.users {
+        bail!("recovered {} users of {}", recovered.users, args.users);
+    }
 
     let replica = Replica::open(&cluster.root.join("router-0/replica.redb"))?;
     let state = replica.state();
