@@ -430,17 +430,17 @@ impl backup_service_server::BackupService for ControlPlane {
                 chunk.push(record);
                 if chunk.len() == BACKUP_CHUNK_RECORDS {
                     let records = std::mem::take(&mut chunk);
-                    open = tx.blocking_send(Ok(BackupChunk { records })).is_ok();
+                    open = crate::sync::send_within(&tx, Ok(BackupChunk { records }), sync::STALL);
                 }
                 open
             });
             match read {
                 Ok(()) if open && !chunk.is_empty() => {
-                    let _ = tx.blocking_send(Ok(BackupChunk { records: chunk }));
+                    crate::sync::send_within(&tx, Ok(BackupChunk { records: chunk }), sync::STALL);
                 }
                 Ok(()) => {}
                 Err(e) => {
-                    let _ = tx.blocking_send(Err(e.into()));
+                    crate::sync::send_within(&tx, Err(e.into()), sync::STALL);
                 }
             }
         });

@@ -225,6 +225,34 @@ pub async fn watch(
     Ok(rx)
 }
 
+/// How long a blocking stream (a snapshot, a backup) waits for its reader
+/// to take the next part before it gives up. Each waits on a thread of the
+/// blocking pool with a read transaction open: a reader that stops reading
+/// must not hold them for ever (a few hundred such streams would leave no
+/// thread for mutations).
+pub const STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Sends `msg` from a blocking thread, waiting at most `stall` for room.
+/// False when the reader left or stalled.
+pub fn send_within<T>(out: &mpsc::Sender<T>, msg: T, stall: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + stall;
+    let mut msg = msg;
+    loop {
+        match out.try_send(msg) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(m)) => {
+                if std::time::Instant::now() >= deadline {
+                    tracing::warn!(?stall, "a stream's reader stalled; ending the stream");
+                    return false;
+                }
+                msg = m;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
+}
+
 /// Whether a subscriber must start over from a snapshot. Revisions compare
 /// only within one epoch, so one of another epoch must. One of none (0)
 /// held state from before epochs existed, which is this very store unless
@@ -275,9 +303,8 @@ async fn send_loop(
                         s.snapshot_parts(SNAPSHOT_PART_ROWS, |part| {
                             revision = part.revision;
                             let kind = watch_response::Kind::Snapshot(part);
-                            delivered = out
-                                .blocking_send(Ok(WatchResponse { kind: Some(kind) }))
-                                .is_ok();
+                            delivered =
+                                send_within(&out, Ok(WatchResponse { kind: Some(kind) }), STALL);
                             delivered
                         })
                         .map(|()| delivered.then_some(revision))
@@ -357,6 +384,7 @@ async fn report_loop(
 mod tests {
     use super::*;
     use crate::store::Parent;
+    use std::time::Duration;
 
     #[test]
     fn a_subscriber_past_the_restored_revision_is_in_conflict() {
@@ -380,6 +408,22 @@ mod tests {
             conflict(12345, 3, &new)
                 .unwrap()
                 .contains("does not descend")
+        );
+    }
+
+    #[test]
+    fn a_stalled_reader_releases_the_sending_thread() {
+        let (tx, mut rx) = mpsc::channel(1);
+        assert!(send_within(&tx, 1, Duration::from_millis(50)));
+        let t = std::time::Instant::now();
+        assert!(!send_within(&tx, 2, Duration::from_millis(50)), "full");
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        assert_eq!(rx.try_recv().ok(), Some(1));
+        assert!(send_within(&tx, 3, Duration::from_millis(50)), "room again");
+        drop(rx);
+        assert!(
+            !send_within(&tx, 4, Duration::from_secs(60)),
+            "closed: at once"
         );
     }
 
