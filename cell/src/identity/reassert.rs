@@ -28,32 +28,40 @@ const BATCH: i64 = 1_000;
 /// The `cell_info` key holding the epoch whose claims this cell has made.
 const CLAIMS_EPOCH: &str = "claims_epoch";
 
+/// Where a cell's claims live, each read in key order, a page at a time.
+#[derive(Clone, Copy)]
+enum Held {
+    Identifiers,
+    Wechat,
+}
+
 impl IdentityStore {
-    /// Identifiers after (kind, value), in key order: (qualified, user id).
-    async fn identifiers_after(
+    /// Claims of `held` after the key `after`, in key order: (kind, value,
+    /// user id); the identifier claimed is `kind:value`, and (kind, value)
+    /// is the next page's key. Row-value comparisons, so each page is an
+    /// index range, not a scan from the start.
+    async fn held_after(
         &self,
-        kind: &str,
-        value: &str,
+        held: Held,
+        after: &(String, String),
     ) -> DbResult<Vec<(String, String, String)>> {
-        stmt(
-            "SELECT i.kind, i.value, i.user_id FROM identifiers i JOIN users u ON u.id = i.user_id \
-              WHERE u.status <> 'deleted' AND (i.kind > $1 OR (i.kind = $1 AND i.value > $2)) \
-              ORDER BY i.kind, i.value LIMIT $3",
-        )
-        .bind(kind)
-        .bind(value)
+        match held {
+            Held::Identifiers => stmt(
+                "SELECT i.kind, i.value, i.user_id FROM identifiers i JOIN users u ON u.id = i.user_id \
+                 WHERE u.status <> 'deleted' AND (i.kind, i.value) > ($1, $2) \
+                 ORDER BY i.kind, i.value LIMIT $3",
+            )
+            .bind(after.0.as_str())
+            .bind(after.1.as_str()),
+            Held::Wechat => stmt(
+                "SELECT CAST('wechat' AS TEXT), openid, user_id FROM wechat_bindings WHERE openid > $1 \
+                 ORDER BY openid LIMIT $2",
+            )
+            .bind(after.1.as_str()),
+        }
         .bind(BATCH)
         .fetch_all(&self.db)
         .await
-    }
-
-    /// WeChat bindings after `openid`, in key order: (openid, user id).
-    async fn wechat_after(&self, openid: &str) -> DbResult<Vec<(String, String)>> {
-        stmt("SELECT openid, user_id FROM wechat_bindings WHERE openid > $1 ORDER BY openid LIMIT $2")
-            .bind(openid)
-            .bind(BATCH)
-            .fetch_all(&self.db)
-            .await
     }
 }
 
@@ -92,35 +100,22 @@ impl Identity {
     /// Returns (claims sent, restored, users in conflict).
     pub async fn reassert_claims(&self, epoch: u64) -> anyhow::Result<(usize, u32, usize)> {
         let (mut sent, mut restored, mut conflicts) = (0, 0, 0);
-        let (mut kind, mut value) = (String::new(), String::new());
-        loop {
-            let rows = self.store.identifiers_after(&kind, &value).await?;
-            let Some((k, v, _)) = rows.last().cloned() else {
-                break;
-            };
-            (kind, value) = (k, v);
-            sent += rows.len();
-            let claims = rows
-                .into_iter()
-                .map(|(k, v, user)| (format!("{k}:{v}"), user))
-                .collect();
-            let (r, c) = self.reassert_batch(epoch, claims, false).await?;
-            (restored, conflicts) = (restored + r, conflicts + c);
-        }
-        let mut openid = String::new();
-        loop {
-            let rows = self.store.wechat_after(&openid).await?;
-            let Some((last, _)) = rows.last().cloned() else {
-                break;
-            };
-            openid = last;
-            sent += rows.len();
-            let claims = rows
-                .into_iter()
-                .map(|(o, user)| (format!("wechat:{o}"), user))
-                .collect();
-            let (r, c) = self.reassert_batch(epoch, claims, false).await?;
-            (restored, conflicts) = (restored + r, conflicts + c);
+        for held in [Held::Identifiers, Held::Wechat] {
+            let mut after = (String::new(), String::new());
+            loop {
+                let rows = self.store.held_after(held, &after).await?;
+                let Some((kind, value, _)) = rows.last().cloned() else {
+                    break;
+                };
+                after = (kind, value);
+                sent += rows.len();
+                let claims = rows
+                    .into_iter()
+                    .map(|(kind, value, user)| (format!("{kind}:{value}"), user))
+                    .collect();
+                let (r, c) = self.reassert_batch(epoch, claims, false).await?;
+                (restored, conflicts) = (restored + r, conflicts + c);
+            }
         }
         // Everything was sent: what the store still reserves for this
         // region was released since.
