@@ -736,11 +736,8 @@ impl Replica {
     /// Keeps the replica current until `shutdown`: connects, watches, and
     /// reconnects with capped backoff whenever the stream breaks.
     pub async fn run(self: Arc<Self>, target: WatchTarget, shutdown: CancellationToken) {
-        let endpoints: Vec<String> = target
-            .endpoint
-            .split(',')
-            .map(|e| e.trim().to_string())
-            .filter(|e| !e.is_empty())
+        let endpoints: Vec<String> = homecell_proto::region::internal_endpoints(&target.endpoint)
+            .map(str::to_string)
             .collect();
         let mut next = 0;
         let mut backoff = Duration::from_millis(100);

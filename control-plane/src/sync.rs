@@ -386,15 +386,21 @@ mod tests {
     use crate::store::Parent;
     use std::time::Duration;
 
-    #[test]
-    fn a_subscriber_past_the_restored_revision_is_in_conflict() {
-        let dir = tempfile::tempdir().unwrap();
-        let old = Store::open(&dir.path().join("a.redb"), 10).unwrap();
+    /// A store, and one restored from it at revision 40.
+    fn old_and_restored(dir: &std::path::Path) -> (Store, Store) {
+        let old = Store::open(&dir.join("a.redb"), 10).unwrap();
         let parent = Parent {
             epoch: old.epoch(),
             revision: 40,
         };
-        let new = Store::rebuild(&dir.path().join("b.redb"), 10, parent, |_| Ok(())).unwrap();
+        let new = Store::rebuild(&dir.join("b.redb"), 10, parent, |_| Ok(())).unwrap();
+        (old, new)
+    }
+
+    #[test]
+    fn a_subscriber_past_the_restored_revision_is_in_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = old_and_restored(dir.path());
         // Same epoch, none, or nothing held: no conflict.
         assert_eq!(conflict(new.epoch(), 99, &new), None);
         assert_eq!(conflict(0, 99, &new), None);
@@ -430,12 +436,7 @@ mod tests {
     #[test]
     fn only_another_epochs_subscriber_starts_over() {
         let dir = tempfile::tempdir().unwrap();
-        let old = Store::open(&dir.path().join("a.redb"), 10).unwrap();
-        let parent = Parent {
-            epoch: old.epoch(),
-            revision: 40,
-        };
-        let new = Store::rebuild(&dir.path().join("b.redb"), 10, parent, |_| Ok(())).unwrap();
+        let (old, new) = old_and_restored(dir.path());
         assert!(!needs_snapshot(old.epoch(), 5, &old));
         assert!(needs_snapshot(old.epoch(), 0, &old), "holds nothing");
         assert!(

@@ -83,7 +83,8 @@ pub fn validate_endpoint_list(what: &str, list: &str) -> Result<Vec<String>, Cod
     Ok(out)
 }
 
-/// The endpoints of a (validated) internal endpoint list.
+/// The endpoints of a validated comma-separated list (a cell's internal
+/// endpoint, the control plane's instances).
 pub fn internal_endpoints(list: &str) -> impl Iterator<Item = &str> {
     list.split(',').map(str::trim).filter(|e| !e.is_empty())
 }

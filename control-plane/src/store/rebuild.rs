@@ -25,6 +25,21 @@ use std::path::Path;
 /// The backup format this code writes and reads.
 pub const BACKUP_FORMAT: u32 = 1;
 
+/// Sends every row of `table` as a record of `kind`; false once the reader
+/// left.
+fn send_rows<K: redb::Key + 'static, M: Message + Default>(
+    table: &impl ReadableTable<K, &'static [u8]>,
+    kind: fn(M) -> backup_record::Kind,
+    send: &mut impl FnMut(backup_record::Kind) -> bool,
+) -> Result<bool, CodedError> {
+    for row in table.iter().map_err(storage)? {
+        if !send(kind(decode(row.map_err(storage)?.1.value())?)) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 impl Store {
     /// Every record of a backup, header first and trailer last, from one
     /// read transaction. `emit` returns false to stop (the reader left).
@@ -54,33 +69,13 @@ impl Store {
         if !send(backup_record::Kind::Header(header)) {
             return Ok(());
         }
-        for row in regions.iter().map_err(storage)? {
-            if !send(backup_record::Kind::Region(decode(
-                row.map_err(storage)?.1.value(),
-            )?)) {
-                return Ok(());
-            }
-        }
-        for row in config.iter().map_err(storage)? {
-            if !send(backup_record::Kind::Config(decode(
-                row.map_err(storage)?.1.value(),
-            )?)) {
-                return Ok(());
-            }
-        }
-        for row in history.iter().map_err(storage)? {
-            if !send(backup_record::Kind::History(decode(
-                row.map_err(storage)?.1.value(),
-            )?)) {
-                return Ok(());
-            }
-        }
-        for row in claims.iter().map_err(storage)? {
-            if !send(backup_record::Kind::Claim(decode(
-                row.map_err(storage)?.1.value(),
-            )?)) {
-                return Ok(());
-            }
+        use backup_record::Kind;
+        let whole = send_rows(&regions, Kind::Region, &mut send)?
+            && send_rows(&config, Kind::Config, &mut send)?
+            && send_rows(&history, Kind::History, &mut send)?
+            && send_rows(&claims, Kind::Claim, &mut send)?;
+        if !whole {
+            return Ok(());
         }
         let records = records;
         emit(BackupRecord {
