@@ -7,7 +7,7 @@
 //! it to the end and checks the trailer's count and the digest before it
 //! commits anything, so a truncated or altered file restores nothing.
 
-use crate::store::{BACKUP_FORMAT, Parent, Store};
+use crate::store::{BACKUP_FORMAT, Location, Parent, Store};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use homecell_proto::control::{BackupRecord, backup_record};
 use prost::Message;
@@ -216,9 +216,9 @@ impl BackupReader {
     }
 }
 
-/// `control-plane restore`: a new store at `store_path` from the backup at
+/// `control-plane restore`: a new store at `location` from the backup at
 /// `from`, in a new epoch. Returns the new store.
-pub fn restore(from: &Path, store_path: &Path, retain_changes: u64) -> Result<Store> {
+pub fn restore(from: &Path, location: &Location, retain_changes: u64) -> Result<Store> {
     let mut reader = BackupReader::open(from)?;
     let header = match reader.next_record()?.kind {
         Some(backup_record::Kind::Header(h)) => h,
@@ -240,7 +240,7 @@ pub fn restore(from: &Path, store_path: &Path, retain_changes: u64) -> Result<St
     let mut progress = Progress::new("restore", total);
     // Everything is checked inside `fill`, before `rebuild` commits: the
     // count, the trailer and the digest over the whole file.
-    Store::rebuild(store_path, retain_changes, parent, move |b| {
+    Store::rebuild(location, retain_changes, parent, move |b| {
         let mut rows = 0u64;
         loop {
             match reader.next_record()?.kind {
@@ -288,7 +288,7 @@ pub struct Recovered {
     pub claims_not_recoverable: usize,
 }
 
-/// `control-plane recover --from-replica`: a new store at `store_path` from
+/// `control-plane recover --from-replica`: a new store at `location` from
 /// a router's or cell's replica file, in a new epoch.
 ///
 /// A replica gives back the regions (their signing keys included), every
@@ -303,7 +303,7 @@ pub struct Recovered {
 ///   snapshot and reports again.
 pub fn recover(
     replica: &Path,
-    store_path: &Path,
+    location: &Location,
     retain_changes: u64,
 ) -> Result<(Store, Recovered)> {
     let state = homecell_common::replica::read_replica_file(replica)?;
@@ -323,7 +323,7 @@ pub fn recover(
         users_unreadable: 0,
         claims_not_recoverable: claims.len(),
     };
-    let store = Store::rebuild(store_path, retain_changes, report.from, |b| {
+    let store = Store::rebuild(location, retain_changes, report.from, |b| {
         for r in state.regions.values() {
             b.region(r)?;
         }
@@ -415,7 +415,7 @@ mod tests {
         backup_to(&a, &file);
         assert!(BackupWriter::create(&file).is_err(), "never overwrites");
 
-        let b = restore(&file, &dir.path().join("b.redb"), 100).unwrap();
+        let b = restore(&file, &Location::File(dir.path().join("b.redb")), 100).unwrap();
         let (sa, sb) = (a.snapshot().unwrap(), b.snapshot().unwrap());
         assert_eq!(sa.regions, sb.regions);
         assert_eq!(sa.config, sb.config);
@@ -451,7 +451,8 @@ mod tests {
         let file = dir.path().join("cp.backup");
         backup_to(&a, &file);
         let good = std::fs::read(&file).unwrap();
-        let target = dir.path().join("b.redb");
+        let path = dir.path().join("b.redb");
+        let target = Location::File(path.clone());
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("truncated", good[..good.len() - 40].to_vec()),
             ("no checksum", good[..good.len() - 32].to_vec()),
@@ -468,7 +469,7 @@ mod tests {
             let f = dir.path().join("bad.backup");
             std::fs::write(&f, bytes).unwrap();
             assert!(restore(&f, &target, 100).is_err(), "{what}");
-            assert!(!target.exists(), "{what}: no store is left behind");
+            assert!(!path.exists(), "{what}: no store is left behind");
         }
         // A store that exists is never overwritten.
         restore(&file, &target, 100).unwrap();

@@ -5,7 +5,7 @@
 
 use crate::backup::{BackupWriter, Progress, Recovered};
 use crate::cli::{Connection, Output, print_json, print_pairs};
-use crate::store::Store;
+use crate::store::{Location, Store};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use homecell_proto::control::{BackupRequest, backup_record, backup_service_client};
@@ -25,18 +25,29 @@ pub struct StoreTarget {
 }
 
 impl StoreTarget {
-    /// The store file to create and the log length to keep.
-    fn resolve(&self) -> Result<(PathBuf, u64)> {
-        let (dir, retain) = match (&self.data_dir, &self.config) {
-            (Some(dir), _) => (dir.clone(), 10_000),
-            (None, Some(file)) => {
-                let c = crate::serve::ServeConfig::load(Some(file))?;
-                (c.data_dir, c.retain_changes)
+    /// The store to create and the log length to keep.
+    fn resolve(&self) -> Result<(Location, u64)> {
+        let c = match (&self.data_dir, &self.config) {
+            (Some(dir), _) => {
+                homecell_common::key_file::create_private_dir(dir)?;
+                return Ok((Location::File(dir.join(crate::serve::STORE_FILE)), 10_000));
             }
+            (None, Some(file)) => crate::serve::ServeConfig::load(Some(file))?,
             (None, None) => bail!("name the store: --data-dir DIR or --config FILE"),
         };
-        homecell_common::key_file::create_private_dir(&dir)?;
-        Ok((dir.join(crate::serve::STORE_FILE), retain))
+        if c.store.postgres.is_none() {
+            homecell_common::key_file::create_private_dir(&c.data_dir)?;
+        }
+        Ok((c.location(), c.retain_changes))
+    }
+}
+
+/// How `restore` and `recover` name the store they wrote (never a
+/// PostgreSQL URL: it may hold a password).
+fn describe(location: &Location) -> String {
+    match location {
+        Location::File(path) => path.display().to_string(),
+        Location::Postgres(_) => "postgres (from the configuration)".into(),
     }
 }
 
@@ -134,8 +145,8 @@ pub async fn backup(
 }
 
 pub fn restore(from: &Path, target: &StoreTarget, output: Output) -> Result<()> {
-    let (path, retain) = target.resolve()?;
-    let store = crate::backup::restore(from, &path, retain)?;
+    let (location, retain) = target.resolve()?;
+    let store = crate::backup::restore(from, &location, retain)?;
     let parent = store.parent().expect("a restored store has a parent");
     let mut s = Default::default();
     store.snapshot_parts(1, |first| {
@@ -144,7 +155,7 @@ pub fn restore(from: &Path, target: &StoreTarget, output: Output) -> Result<()> 
     })?;
     let s: homecell_proto::control::Snapshot = s;
     let rows = [
-        ("store", path.display().to_string()),
+        ("store", describe(&location)),
         ("from epoch", format!("{:016x}", parent.epoch)),
         ("from revision", parent.revision.to_string()),
         ("epoch", format!("{:016x}", store.epoch())),
@@ -159,10 +170,10 @@ pub fn restore(from: &Path, target: &StoreTarget, output: Output) -> Result<()> 
 }
 
 pub fn recover(replica: &Path, target: &StoreTarget, output: Output) -> Result<()> {
-    let (path, retain) = target.resolve()?;
-    let (store, r): (Store, Recovered) = crate::backup::recover(replica, &path, retain)?;
+    let (location, retain) = target.resolve()?;
+    let (store, r): (Store, Recovered) = crate::backup::recover(replica, &location, retain)?;
     let rows = [
-        ("store", path.display().to_string()),
+        ("store", describe(&location)),
         ("from epoch", format!("{:016x}", r.from.epoch)),
         ("from revision", r.from.revision.to_string()),
         ("epoch", format!("{:016x}", store.epoch())),

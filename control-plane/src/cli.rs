@@ -538,7 +538,18 @@ pub async fn status(conn: &Connection) -> Result<()> {
         Output::Json => print_json(&json!({
             "revision": r.revision,
             "epoch": format!("{:016x}", r.epoch),
+            "store": r.store,
+            "instance": r.instance,
+            "instances": r.instances.iter().map(|i| json!({
+                "id": i.id,
+                "endpoint": i.endpoint,
+                "started_unix_ms": i.started_unix_ms,
+                "seen_unix_ms": i.seen_unix_ms,
+                "revision": i.revision,
+                "alive": i.alive,
+            })).collect::<Vec<_>>(),
             "subscribers": r.subscribers.iter().map(|s| json!({
+                "instance": s.instance,
                 "node_id": s.node_id,
                 "kind": kind_name(s.kind()),
                 "region": s.region,
@@ -561,9 +572,28 @@ pub async fn status(conn: &Connection) -> Result<()> {
         })),
         Output::Table => {
             println!(
-                "control plane at revision {} (epoch {:016x})",
-                r.revision, r.epoch
+                "control plane at revision {} (epoch {:016x}), store {}, answered by {}",
+                r.revision, r.epoch, r.store, r.instance
             );
+            print_table(
+                &["INSTANCE", "ENDPOINT", "ALIVE", "REVISION", "LAST SEEN"],
+                r.instances
+                    .iter()
+                    .map(|i| {
+                        let ago = Duration::from_millis(
+                            (now - i.seen_unix_ms).max(0) as u64 / 1000 * 1000,
+                        );
+                        vec![
+                            i.id.clone(),
+                            i.endpoint.clone(),
+                            if i.alive { "yes".into() } else { "no".into() },
+                            i.revision.to_string(),
+                            format!("{} ago", humantime::format_duration(ago)),
+                        ]
+                    })
+                    .collect(),
+            );
+            println!();
             print_table(
                 &[
                     "KIND",
@@ -571,6 +601,7 @@ pub async fn status(conn: &Connection) -> Result<()> {
                     "NODE",
                     "APPLIED",
                     "CONNECTED",
+                    "INSTANCE",
                     "LAST CONTACT",
                     "LAST ERROR",
                 ],
@@ -590,6 +621,7 @@ pub async fn status(conn: &Connection) -> Result<()> {
                             } else {
                                 "no".into()
                             },
+                            s.instance.clone(),
                             format!("{} ago", humantime::format_duration(ago)),
                             if s.conflict.is_empty() {
                                 s.last_error.clone()

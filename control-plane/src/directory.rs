@@ -220,7 +220,7 @@ pub fn reassert(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Parent, Store};
+    use crate::store::{Location, Parent, Store};
     use homecell_proto::control::{Region, RegionStatus};
 
     fn key() -> DirectoryKey {
@@ -247,7 +247,7 @@ mod tests {
             epoch: 7,
             revision: 10,
         };
-        Store::rebuild(&dir.join("s.redb"), 100, parent, |b| {
+        Store::rebuild(&Location::File(dir.join("s.redb")), 100, parent, |b| {
             b.region(&region("cn-east"))?;
             b.region(&region("eu-west"))?;
             fill(b)

@@ -20,6 +20,8 @@ pub struct ControlPlane {
     pub directory_key: Arc<crate::directory::DirectoryKey>,
     /// The gossip cluster, when configured.
     pub membership: Option<Arc<homecell_common::gossip::Membership>>,
+    /// This instance, as `status` names it.
+    pub instance: crate::store::Instance,
 }
 
 /// A cell acting for its own region, and nothing else.
@@ -273,10 +275,58 @@ impl status_service_server::StatusService for ControlPlane {
         req: Request<GetStatusRequest>,
     ) -> Result<Response<GetStatusResponse>, Status> {
         operator(&req)?;
+        let me = &self.instance;
+        let shared = self.store.engine() == "postgres";
+        // On a shared store, the other instances' subscribers are known
+        // from the rows they persist, and whether those instances live.
+        let (instances, stored) = if shared {
+            let instances = self
+                .store
+                .instances()
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot read the store: {e}")))?;
+            let store = self.store.clone();
+            let stored = tokio::task::spawn_blocking(move || store.subscribers())
+                .await
+                .map_err(|e| Status::internal(format!("task failed: {e}")))??;
+            (instances, stored)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let alive: std::collections::HashSet<&str> = instances
+            .iter()
+            .filter(|(_, alive)| *alive)
+            .map(|(i, _)| i.id.as_str())
+            .collect();
+        let subscribers = self.subscribers.merged(stored, shared.then_some(&alive));
+        let mut instances: Vec<ControlPlaneInstance> = instances
+            .iter()
+            .map(|(i, alive)| ControlPlaneInstance {
+                id: i.id.clone(),
+                endpoint: i.endpoint.clone(),
+                started_unix_ms: i.started_unix_ms,
+                seen_unix_ms: i.seen_unix_ms,
+                revision: i.revision,
+                alive: *alive,
+            })
+            .collect();
+        if instances.is_empty() {
+            instances.push(ControlPlaneInstance {
+                id: me.id.clone(),
+                endpoint: me.endpoint.clone(),
+                started_unix_ms: me.started_unix_ms,
+                seen_unix_ms: crate::store::now_ms(),
+                revision: self.store.revision(),
+                alive: true,
+            });
+        }
         Ok(Response::new(GetStatusResponse {
             revision: self.store.revision(),
             epoch: self.store.epoch(),
-            subscribers: self.subscribers.all(),
+            store: self.store.engine().into(),
+            instances,
+            instance: me.id.clone(),
+            subscribers,
             members: self
                 .membership
                 .iter()

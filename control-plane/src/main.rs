@@ -125,7 +125,11 @@ fn main() -> ExitCode {
     {
         return run_server(config, check, healthcheck);
     }
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    // Multi-threaded (with one worker) because `restore` and `recover`
+    // into PostgreSQL block on queries from synchronous code, which tokio
+    // allows only there.
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
     {

@@ -1,7 +1,7 @@
 //! `control-plane serve`: configuration and the server's lifecycle.
 
 use crate::grpc::ControlPlane;
-use crate::store::Store;
+use crate::store::{Instance, Location, Store};
 use crate::sync::Subscribers;
 use anyhow::{Context, Result, bail};
 use homecell_common::telemetry::LogFormat;
@@ -44,6 +44,25 @@ pub struct ServeConfig {
     /// Membership gossip: the control plane is usually every member's seed.
     #[serde(default)]
     pub gossip: Option<homecell_common::gossip::GossipConfig>,
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// Where the store lives. Unset, it is `control-plane.redb` in `data_dir`:
+/// one instance, nothing else to run. With `postgres`, every instance that
+/// names the same database serves the same store.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// A `postgres://` URL. Usually set from a secret through
+    /// `HOMECELL_CP_STORE__POSTGRES` rather than written in the file.
+    pub postgres: Option<String>,
+    /// This instance's name in `status` (default: the host name and the
+    /// gRPC port).
+    pub instance: Option<String>,
+    /// The address routers, cells and operators reach this instance at,
+    /// shown in `status` (default: `listen`).
+    pub advertise: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -76,6 +95,11 @@ impl ServeConfig {
         }
         self.tls.load().context("tls")?;
         crate::directory::DirectoryKey::load(&self.directory_key_file)?;
+        if let Some(url) = &self.store.postgres
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            bail!("store.postgres must be a postgres:// URL");
+        }
         if let Some(g) = &self.gossip {
             g.validate().context("gossip")?;
         }
@@ -83,15 +107,50 @@ impl ServeConfig {
     }
 }
 
+impl ServeConfig {
+    pub fn location(&self) -> Location {
+        match &self.store.postgres {
+            Some(url) => Location::Postgres(url.clone()),
+            None => Location::File(self.data_dir.join(STORE_FILE)),
+        }
+    }
+}
+
 pub async fn run(config: ServeConfig) -> Result<()> {
     homecell_common::key_file::create_private_dir(&config.data_dir).context("data_dir")?;
-    let store = Arc::new(Store::open(
-        &config.data_dir.join(STORE_FILE),
-        config.retain_changes,
-    )?);
-    let subscribers = Arc::new(Subscribers::load(store.clone())?);
+    let store = Arc::new(Store::open_at(&config.location(), config.retain_changes).await?);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot bind {}", config.listen))?;
+    let grpc_addr = listener.local_addr()?;
+    let instance = Instance {
+        id: config
+            .store
+            .instance
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", host_name(), grpc_addr.port())),
+        endpoint: config
+            .store
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("https://{grpc_addr}")),
+        started_unix_ms: crate::store::now_ms(),
+    };
+    let subscribers = Arc::new(tokio::task::block_in_place(|| {
+        Subscribers::load(store.clone(), &instance.id)
+    })?);
     let token = shutdown::CancellationToken::new();
     tokio::spawn(shutdown::wait_for_signal(token.clone()));
+    // On a shared store: other instances' revisions, and this one's
+    // liveness. A store rebuilt under it stops the process.
+    let following = tokio::spawn({
+        let (store, token, me) = (store.clone(), token.clone(), instance.clone());
+        async move {
+            let followed = store.follow(me, token.clone()).await;
+            token.cancel();
+            followed
+        }
+    });
     let persisting = tokio::spawn({
         let (subscribers, token) = (subscribers.clone(), token.clone());
         async move { subscribers.persist_until(token).await }
@@ -116,15 +175,21 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         directory_key: Arc::new(crate::directory::DirectoryKey::load(
             &config.directory_key_file,
         )?),
+        instance: instance.clone(),
     };
     let tls = config.tls.load()?;
 
-    let admin_addr = admin::serve(config.admin_listen, Arc::new(|| Ok(())), token.clone()).await?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot bind {}", config.listen))?;
-    let grpc_addr = listener.local_addr()?;
-    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, revision = store.revision(), epoch = format!("{:016x}", store.epoch()), "control plane listening");
+    // Ready while this instance can reach its store.
+    let healthy = store.healthy();
+    let ready: admin::ReadyCheck = Arc::new(move || {
+        if *healthy.borrow() {
+            Ok(())
+        } else {
+            Err("cannot reach the store".into())
+        }
+    });
+    let admin_addr = admin::serve(config.admin_listen, ready, token.clone()).await?;
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, store = store.engine(), instance = %instance.id, revision = store.revision(), epoch = format!("{:016x}", store.epoch()), "control plane listening");
 
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
@@ -145,6 +210,18 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         _ = async { token.cancelled().await; tokio::time::sleep(Duration::from_secs(2)).await } => {}
     }
     let _ = persisting.await;
+    if let Ok(Err(e)) = following.await {
+        return Err(e);
+    }
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+/// This host's name, for the default instance id.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "control-plane".into())
 }

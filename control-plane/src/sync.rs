@@ -31,6 +31,8 @@ const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Live view of every subscriber; changed rows are persisted together.
 pub struct Subscribers {
     store: Arc<Store>,
+    /// This instance's id, stamped on the rows it updates.
+    instance: String,
     live: Mutex<Live>,
     changed: tokio::sync::Notify,
 }
@@ -43,7 +45,7 @@ struct Live {
 }
 
 impl Subscribers {
-    pub fn load(store: Arc<Store>) -> anyhow::Result<Self> {
+    pub fn load(store: Arc<Store>, instance: &str) -> anyhow::Result<Self> {
         let mut rows = HashMap::new();
         for mut s in store.subscribers().map_err(|e| anyhow::anyhow!("{e}"))? {
             s.connected = false;
@@ -51,6 +53,7 @@ impl Subscribers {
         }
         Ok(Self {
             store,
+            instance: instance.to_string(),
             live: Mutex::new(Live {
                 rows,
                 ..Default::default()
@@ -72,6 +75,38 @@ impl Subscribers {
         v
     }
 
+    /// Every subscriber, from this instance's live rows and the rows other
+    /// instances persisted (`stored`), the fresher of each. With `alive`
+    /// (a shared store: the instances seen lately), a row attached to an
+    /// instance not in it is shown disconnected: that instance died
+    /// without saying so.
+    pub fn merged(
+        &self,
+        stored: Vec<SubscriberStatus>,
+        alive: Option<&std::collections::HashSet<&str>>,
+    ) -> Vec<SubscriberStatus> {
+        let mut rows: HashMap<String, SubscriberStatus> =
+            stored.into_iter().map(|s| (s.node_id.clone(), s)).collect();
+        for s in self.all() {
+            match rows.get(&s.node_id) {
+                Some(o) if o.last_contact_unix_ms > s.last_contact_unix_ms => {}
+                _ => {
+                    rows.insert(s.node_id.clone(), s);
+                }
+            }
+        }
+        let mut v: Vec<_> = rows.into_values().collect();
+        if let Some(alive) = alive {
+            for s in &mut v {
+                if s.instance != self.instance && !alive.contains(s.instance.as_str()) {
+                    s.connected = false;
+                }
+            }
+        }
+        v.sort_by(|a, b| (a.kind, &a.region, &a.node_id).cmp(&(b.kind, &b.region, &b.node_id)));
+        v
+    }
+
     /// Applies `f` to the node's row; the row is persisted with the next
     /// batch.
     fn update(&self, node_id: &str, f: impl FnOnce(&mut SubscriberStatus)) {
@@ -84,6 +119,7 @@ impl Subscribers {
                 ..Default::default()
             });
         f(row);
+        row.instance.clone_from(&self.instance);
         row.last_contact_unix_ms = now_ms();
         live.dirty.insert(node_id.to_string());
         drop(live);
@@ -274,10 +310,25 @@ async fn send_loop(
     tx: mpsc::Sender<Result<WatchResponse, Status>>,
 ) {
     let mut revisions = store.subscribe();
+    let mut healthy = store.healthy();
     let mut sent = from_revision;
+    // On a shared store another instance may have committed past what this
+    // one has heard of: the log is read, and if it holds nothing newer yet
+    // the loop waits for the next revision instead of asking again.
+    let mut caught_up_at = None;
     loop {
+        if !*healthy.borrow_and_update() {
+            // Cut off from the store: end the stream, so the subscriber
+            // attaches to an instance that can serve it.
+            let _ = tx
+                .send(Err(Status::unavailable(
+                    "this control-plane instance cannot reach its store",
+                )))
+                .await;
+            return;
+        }
         let current = *revisions.borrow_and_update();
-        if need_snapshot || sent != current {
+        if need_snapshot || (sent != current && caught_up_at != Some(current)) {
             let batch = if need_snapshot {
                 None
             } else {
@@ -319,6 +370,9 @@ async fn send_loop(
                 }
             };
             need_snapshot = false;
+            if responses.is_empty() {
+                caught_up_at = Some(current);
+            }
             for (revision, kind) in responses {
                 if tx
                     .send(Ok(WatchResponse { kind: Some(kind) }))
@@ -333,6 +387,7 @@ async fn send_loop(
         }
         tokio::select! {
             changed = revisions.changed() => if changed.is_err() { return },
+            changed = healthy.changed() => if changed.is_err() { return },
             _ = tx.closed() => return,
         }
     }
@@ -383,7 +438,7 @@ async fn report_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Parent;
+    use crate::store::{Location, Parent};
     use std::time::Duration;
 
     /// A store, and one restored from it at revision 40.
@@ -393,7 +448,8 @@ mod tests {
             epoch: old.epoch(),
             revision: 40,
         };
-        let new = Store::rebuild(&dir.join("b.redb"), 10, parent, |_| Ok(())).unwrap();
+        let new =
+            Store::rebuild(&Location::File(dir.join("b.redb")), 10, parent, |_| Ok(())).unwrap();
         (old, new)
     }
 
@@ -455,7 +511,7 @@ mod tests {
     async fn reports_are_persisted_together() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(&dir.path().join("a.redb"), 10).unwrap());
-        let subs = Subscribers::load(store.clone()).unwrap();
+        let subs = Subscribers::load(store.clone(), "cp-test").unwrap();
         for n in 0..12 {
             for revision in 1..=50 {
                 subs.update(&format!("node-{n}"), |s| s.applied_revision = revision);

@@ -106,8 +106,11 @@ async fn a_directory_of_several_snapshot_parts_reaches_routers_and_cells() -> Re
         .json()?;
     assert_eq!(b["claims"], USERS + 1);
     c.stop_control_plane();
-    let restored =
-        homecell_control_plane::backup::restore(&backup, &c.root.join("restored.redb"), 1000)?;
+    let restored = homecell_control_plane::backup::restore(
+        &backup,
+        &homecell_control_plane::store::Location::File(c.root.join("restored.redb")),
+        1000,
+    )?;
     let original = Store::open(&c.root.join("control-plane/control-plane.redb"), 1000)?;
     let (a, b) = (original.snapshot()?, restored.snapshot()?);
     assert_eq!((a.users, a.claims), (b.users, b.claims));

@@ -19,7 +19,7 @@
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use homecell_common::replica::Replica;
-use homecell_control_plane::store::Store;
+use homecell_control_plane::store::{Location, Store};
 use homecell_harness::Cluster;
 use homecell_proto::control::IdentifierClaim;
 use std::time::{Duration, Instant};
@@ -151,7 +151,11 @@ async fn main() -> Result<()> {
     let backed_up = started.elapsed();
     let size = std::fs::metadata(&backup)?.len() as f64 / (1 << 20) as f64;
     let started = Instant::now();
-    homecell_control_plane::backup::restore(&backup, &cluster.root.join("restored.redb"), 1000)?;
+    homecell_control_plane::backup::restore(
+        &backup,
+        &Location::File(cluster.root.join("restored.redb")),
+        1000,
+    )?;
     println!(
         "backup of the running control plane: {backed_up:.1?}, {size:.0} MiB; restore into a new store: {:.1?}",
         started.elapsed()
@@ -174,7 +178,7 @@ async fn main() -> Result<()> {
     let started = Instant::now();
     let (_, recovered) = homecell_control_plane::backup::recover(
         &cluster.root.join("router-0/replica.redb"),
-        &cluster.root.join("recovered.redb"),
+        &Location::File(cluster.root.join("recovered.redb")),
         1000,
     )?;
     println!(

@@ -1,51 +1,39 @@
-//! The control plane's redb store: the authoritative state plus the revisioned
-//! change log that subscribers replicate.
+//! The control plane's store: the authoritative state plus the revisioned
+//! change log that subscribers replicate, on redb (one file, the embedded
+//! default) or on PostgreSQL (shared by several instances).
 //!
 //! Every mutation runs in one write transaction through [`Store::mutate`]:
 //! validation reads and the writes it decides happen under the same lock, the
 //! changes are appended to the log under the next revision, and a mutation
-//! that fails (or changes nothing) writes nothing at all.
-//!
-//! Why one file of this length: the tables and the one write path belong
-//! together; splitting them would put the one-transaction invariant in two
-//! places. Its tests follow the code.
+//! that fails (or changes nothing) writes nothing at all. The engines differ
+//! only below [`tables`]; this module holds the one write path.
 
 use homecell_proto::control::{
     Change, ChangeSet, ConfigEntry, ConfigHistoryEntry, ConfigKey, DirectoryUser, IdentifierClaim,
     Region, Snapshot, SubscriberStatus, change,
 };
 use homecell_proto::error::CodedError;
-use prost::Message;
-use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    WriteTransaction,
-};
-use std::path::Path;
+use redb::{Database, ReadableDatabase};
+use std::path::{Path, PathBuf};
+use tables::{Read, Write, count_claim};
 use tokio::sync::watch;
 
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const REGIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("regions");
-const CONFIG: TableDefinition<&str, &[u8]> = TableDefinition::new("config");
-/// (revision, config row key) → ConfigHistoryEntry. Never compacted: it is
-/// what rollback reads.
-const CONFIG_HISTORY: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("config_history");
-const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
-const SUBSCRIBERS: TableDefinition<&str, &[u8]> = TableDefinition::new("subscribers");
-/// HMAC(identifier) → IdentifierClaim.
-const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
-/// user id → (home region, claims held): the directory's user entries,
-/// derived from the claims in the same transactions.
-const USERS: TableDefinition<&str, (&str, u32)> = TableDefinition::new("users");
-/// For a store recovered from a replica: the first 128 bits of each claim's
-/// HMAC (all a replica keeps) → the region that held it. Until that region
-/// asserts its claims again, no other region may claim an identifier with
-/// that prefix (a rogue cell would otherwise take identifiers the moment
-/// the directory comes back empty).
-const RESERVED: TableDefinition<u128, &str> = TableDefinition::new("reserved_claims");
+mod follow;
+mod postgres;
+mod rebuild;
+mod redb_tables;
+mod tables;
+pub use follow::Instance;
+pub use postgres::InstanceRow;
+pub use rebuild::{BACKUP_FORMAT, Rebuilder};
+use redb_tables::{RedbRead, RedbWrite, storage};
 
 const REVISION: &str = "revision";
 /// Revisions at or below the floor have been compacted out of the log.
 const LOG_FLOOR: &str = "log_floor";
+/// What a rebuilt store sets to its first revision: its head, and the
+/// log's floor (its log holds nothing before).
+const CHANGES_FLOOR_KEYS: [&str; 2] = [REVISION, LOG_FLOOR];
 /// This store's epoch: random, set when the store is created, restored or
 /// recovered. Revisions compare only within one epoch.
 const EPOCH: &str = "epoch";
@@ -57,15 +45,30 @@ const PARENT_REVISION: &str = "parent_revision";
 /// a replica): rollback cannot reach it.
 const HISTORY_FLOOR: &str = "history_floor";
 
-mod rebuild;
-pub use rebuild::{BACKUP_FORMAT, Rebuilder};
-
 /// A fresh epoch: random and never 0 (0 means "no epoch" on the wire).
 pub fn new_epoch() -> u64 {
     let mut b = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
         .expect("the system random source works");
     u64::from_le_bytes(b).max(1)
+}
+
+/// Where a store lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A redb file, this process's alone.
+    File(PathBuf),
+    /// A PostgreSQL database (its URL), shared by every instance naming it.
+    Postgres(String),
+}
+
+impl Location {
+    pub fn engine(&self) -> &'static str {
+        match self {
+            Location::File(_) => "redb",
+            Location::Postgres(_) => "postgres",
+        }
+    }
 }
 
 /// Where a restored or recovered store came from.
@@ -85,67 +88,41 @@ pub fn config_row_key(key: &str, region: &str) -> String {
     format!("{key}\u{0}{region}")
 }
 
-fn storage(e: impl std::fmt::Display) -> CodedError {
-    tracing::error!(error = %e, "control-plane store failure");
-    CodedError::internal(format!("store failure: {e}"))
+enum Engine {
+    Redb(Database),
+    Postgres(postgres::Pg),
 }
 
-fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, CodedError> {
-    M::decode(bytes).map_err(storage)
+/// One consistent read-only view, on either engine.
+enum View {
+    Redb(RedbRead),
+    Postgres(postgres::PgTx),
 }
 
-/// The message stored under `key`, if any.
-fn row<M: Message + Default>(
-    t: &impl ReadableTable<&'static str, &'static [u8]>,
-    key: &str,
-) -> Result<Option<M>, CodedError> {
-    let v = t.get(key).map_err(storage)?;
-    v.map(|v| decode(v.value())).transpose()
-}
-
-/// Every message in a table, in key order.
-fn rows<M: Message + Default>(
-    t: &impl ReadableTable<&'static str, &'static [u8]>,
-) -> Result<Vec<M>, CodedError> {
-    let mut out = Vec::new();
-    for r in t.iter().map_err(storage)? {
-        out.push(decode(r.map_err(storage)?.1.value())?);
+impl View {
+    fn tables(&self) -> &dyn Read {
+        match self {
+            View::Redb(r) => r,
+            View::Postgres(r) => r,
+        }
     }
-    Ok(out)
-}
-
-/// A counter in the meta table (0 when unset).
-fn meta_value(meta: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<u64, CodedError> {
-    Ok(meta.get(key).map_err(storage)?.map_or(0, |v| v.value()))
-}
-
-/// Counts one more claim on `user_id` and homes it in `region`; returns the
-/// region the user was homed in before, if the directory held it.
-fn count_claim(
-    users: &mut redb::Table<&str, (&str, u32)>,
-    user_id: &str,
-    region: &str,
-) -> Result<Option<String>, redb::StorageError> {
-    let held = users
-        .get(user_id)?
-        .map(|v| (v.value().0.to_string(), v.value().1));
-    let count = held.as_ref().map_or(0, |h| h.1) + 1;
-    users.insert(user_id, (region, count))?;
-    Ok(held.map(|h| h.0))
 }
 
 pub struct Store {
-    db: Database,
+    engine: Engine,
     epoch: u64,
     parent: Option<Parent>,
     revision_tx: watch::Sender<u64>,
+    /// False while this instance cannot reach a shared store: its Watch
+    /// streams end, so their subscribers fail over to an instance that can.
+    healthy_tx: watch::Sender<bool>,
     /// How many change sets the log keeps before compacting the oldest.
     retain_changes: u64,
 }
 
 /// The write side of one mutation. Records every change it makes.
 pub struct Tx<'a> {
-    txn: &'a WriteTransaction,
+    t: &'a mut dyn Write,
     /// Rows written that are no change to subscribers: committed even when
     /// `changes` is empty.
     bookkept: bool,
@@ -167,18 +144,16 @@ impl Tx<'_> {
     }
 
     pub fn region(&self, id: &str) -> Result<Option<Region>, CodedError> {
-        row(&self.txn.open_table(REGIONS).map_err(storage)?, id)
+        self.t.region(id)
     }
 
     pub fn regions(&self) -> Result<Vec<Region>, CodedError> {
-        rows(&self.txn.open_table(REGIONS).map_err(storage)?)
+        self.t.regions()
     }
 
     pub fn put_region(&mut self, mut region: Region) -> Result<Region, CodedError> {
         region.revision = self.revision;
-        let mut t = self.txn.open_table(REGIONS).map_err(storage)?;
-        t.insert(region.id.as_str(), region.encode_to_vec().as_slice())
-            .map_err(storage)?;
+        self.t.put_region(&region)?;
         self.changes.push(Change {
             kind: Some(change::Kind::RegionUpserted(region.clone())),
         });
@@ -186,19 +161,14 @@ impl Tx<'_> {
     }
 
     pub fn claim(&self, hmac: &str) -> Result<Option<IdentifierClaim>, CodedError> {
-        row(&self.txn.open_table(CLAIMS).map_err(storage)?, hmac)
+        self.t.claim(hmac)
     }
 
     /// Stores a new claim (the caller checked the HMAC is free) and counts
     /// it on its user, homing the user at its first claim.
     pub fn put_claim(&mut self, claim: IdentifierClaim) -> Result<(), CodedError> {
-        self.txn
-            .open_table(CLAIMS)
-            .map_err(storage)?
-            .insert(claim.hmac.as_str(), claim.encode_to_vec().as_slice())
-            .map_err(storage)?;
-        let mut users = self.txn.open_table(USERS).map_err(storage)?;
-        let before = count_claim(&mut users, &claim.user_id, &claim.region).map_err(storage)?;
+        self.t.put_claim(&claim)?;
+        let before = count_claim(self.t, &claim.user_id, &claim.region)?;
         let homed = before.is_none_or(|region| region != claim.region);
         let user = DirectoryUser {
             user_id: claim.user_id.clone(),
@@ -215,41 +185,37 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// The region holding a reservation on this HMAC's prefix, if any.
+    /// The region holding a reservation on this HMAC's prefix, if any. For
+    /// a store recovered from a replica: until that region asserts its
+    /// claims again, no other region may claim an identifier with that
+    /// prefix (a rogue cell would otherwise take identifiers the moment the
+    /// directory comes back empty).
     pub fn reservation(&self, hmac: &str) -> Result<Option<String>, CodedError> {
-        let Some(prefix) = hmac_prefix(hmac) else {
-            return Ok(None);
-        };
-        let t = self.txn.open_table(RESERVED).map_err(storage)?;
-        let r = t.get(prefix).map_err(storage)?;
-        Ok(r.map(|v| v.value().to_string()))
+        match hmac_prefix(hmac) {
+            Some(prefix) => self.t.reservation(prefix),
+            None => Ok(None),
+        }
     }
 
     /// Drops the reservation on this HMAC's prefix (its claim is back).
     pub fn unreserve(&mut self, hmac: &str) -> Result<(), CodedError> {
-        if let Some(prefix) = hmac_prefix(hmac) {
-            let mut t = self.txn.open_table(RESERVED).map_err(storage)?;
-            t.remove(prefix).map_err(storage)?;
+        match hmac_prefix(hmac) {
+            Some(prefix) => self.t.unreserve(prefix),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Drops every reservation of `region` (its cell has asserted all its
     /// claims; what is left was released since). Returns how many.
     pub fn drop_reservations(&mut self, region: &str) -> Result<u64, CodedError> {
-        let mut t = self.txn.open_table(RESERVED).map_err(storage)?;
-        let before = t.len().map_err(storage)?;
-        t.retain(|_, r| r != region).map_err(storage)?;
-        let dropped = before - t.len().map_err(storage)?;
+        let dropped = self.t.drop_reservations(region)?;
         self.bookkept |= dropped > 0;
         Ok(dropped)
     }
 
     /// The region a user is homed in, if the directory holds the user.
     pub fn user_home(&self, user_id: &str) -> Result<Option<String>, CodedError> {
-        let users = self.txn.open_table(USERS).map_err(storage)?;
-        let home = users.get(user_id).map_err(storage)?;
-        Ok(home.map(|v| v.value().0.to_string()))
+        Ok(self.t.user(user_id)?.map(|u| u.0))
     }
 
     /// Points an existing claim at another region.
@@ -259,11 +225,7 @@ impl Tx<'_> {
         region: &str,
     ) -> Result<(), CodedError> {
         claim.region = region.to_string();
-        self.txn
-            .open_table(CLAIMS)
-            .map_err(storage)?
-            .insert(claim.hmac.as_str(), claim.encode_to_vec().as_slice())
-            .map_err(storage)?;
+        self.t.put_claim(&claim)?;
         self.changes.push(Change {
             kind: Some(change::Kind::IdentifierClaimed(claim)),
         });
@@ -272,12 +234,8 @@ impl Tx<'_> {
 
     /// Homes an existing user in another region.
     pub fn rehome_user(&mut self, user_id: &str, region: &str) -> Result<(), CodedError> {
-        let mut users = self.txn.open_table(USERS).map_err(storage)?;
-        let count = users
-            .get(user_id)
-            .map_err(storage)?
-            .map_or(0, |v| v.value().1);
-        users.insert(user_id, (region, count)).map_err(storage)?;
+        let count = self.t.user(user_id)?.map_or(0, |u| u.1);
+        self.t.put_user(user_id, region, count)?;
         self.changes.push(Change {
             kind: Some(change::Kind::UserHomed(DirectoryUser {
                 user_id: user_id.to_string(),
@@ -289,33 +247,18 @@ impl Tx<'_> {
 
     /// Removes a claim; a user whose last claim it was leaves the directory.
     pub fn delete_claim(&mut self, hmac: &str) -> Result<(), CodedError> {
-        let Some(old) = self
-            .txn
-            .open_table(CLAIMS)
-            .map_err(storage)?
-            .remove(hmac)
-            .map_err(storage)?
-            .map(|v| decode::<IdentifierClaim>(v.value()))
-            .transpose()?
-        else {
+        let Some(old) = self.t.remove_claim(hmac)? else {
             return Ok(());
         };
         self.changes.push(Change {
             kind: Some(change::Kind::IdentifierReleased(hmac.to_string())),
         });
-        let mut users = self.txn.open_table(USERS).map_err(storage)?;
-        let held = users
-            .get(old.user_id.as_str())
-            .map_err(storage)?
-            .map(|v| (v.value().0.to_string(), v.value().1));
-        match held {
+        match self.t.user(&old.user_id)? {
             Some((region, count)) if count > 1 => {
-                users
-                    .insert(old.user_id.as_str(), (region.as_str(), count - 1))
-                    .map_err(storage)?;
+                self.t.put_user(&old.user_id, &region, count - 1)?;
             }
             _ => {
-                users.remove(old.user_id.as_str()).map_err(storage)?;
+                self.t.remove_user(&old.user_id)?;
                 self.changes.push(Change {
                     kind: Some(change::Kind::UserRemoved(old.user_id)),
                 });
@@ -325,24 +268,17 @@ impl Tx<'_> {
     }
 
     pub fn config(&self, key: &str, region: &str) -> Result<Option<ConfigEntry>, CodedError> {
-        row(
-            &self.txn.open_table(CONFIG).map_err(storage)?,
-            &config_row_key(key, region),
-        )
+        self.t.config(&config_row_key(key, region))
     }
 
     pub fn config_entries(&self) -> Result<Vec<ConfigEntry>, CodedError> {
-        rows(&self.txn.open_table(CONFIG).map_err(storage)?)
+        self.t.config_entries()
     }
 
     pub fn set_config(&mut self, mut entry: ConfigEntry) -> Result<ConfigEntry, CodedError> {
         entry.revision = self.revision;
         let row = config_row_key(&entry.key, &entry.region);
-        self.txn
-            .open_table(CONFIG)
-            .map_err(storage)?
-            .insert(row.as_str(), entry.encode_to_vec().as_slice())
-            .map_err(storage)?;
+        self.t.put_config(&row, &entry)?;
         self.record_history(&row, &entry.key, &entry.region, entry.value.clone())?;
         self.changes.push(Change {
             kind: Some(change::Kind::ConfigSet(entry.clone())),
@@ -352,11 +288,7 @@ impl Tx<'_> {
 
     pub fn delete_config(&mut self, key: &str, region: &str) -> Result<(), CodedError> {
         let row = config_row_key(key, region);
-        self.txn
-            .open_table(CONFIG)
-            .map_err(storage)?
-            .remove(row.as_str())
-            .map_err(storage)?;
+        self.t.remove_config(&row)?;
         self.record_history(&row, key, region, None)?;
         self.changes.push(Change {
             kind: Some(change::Kind::ConfigDeleted(ConfigKey {
@@ -383,89 +315,128 @@ impl Tx<'_> {
             at_unix_ms: self.at_unix_ms,
             actor: self.actor.to_string(),
         };
-        self.txn
-            .open_table(CONFIG_HISTORY)
-            .map_err(storage)?
-            .insert((self.revision, row), h.encode_to_vec().as_slice())
-            .map_err(storage)?;
-        Ok(())
+        self.t.put_history(row, &h)
     }
 
     /// Every config row's state as of `revision`: (key, region) → entry, from
     /// the history table. Refused below the history this store holds.
     pub fn config_at(&self, revision: u64) -> Result<Vec<ConfigHistoryEntry>, CodedError> {
-        let floor = meta_value(&self.txn.open_table(META).map_err(storage)?, HISTORY_FLOOR)?;
+        let floor = self.t.meta(HISTORY_FLOOR)?;
         if revision < floor {
             return Err(CodedError::new(
                 homecell_proto::error::ErrorCode::FailedPrecondition,
                 format!("config history before revision {floor} was not recovered"),
             ));
         }
-        let t = self.txn.open_table(CONFIG_HISTORY).map_err(storage)?;
         let mut latest = std::collections::BTreeMap::new();
-        for row in t
-            .range((0u64, "")..=(revision, "\u{10FFFF}"))
-            .map_err(storage)?
-        {
-            let (k, v) = row.map_err(storage)?;
-            let (_, rowkey) = k.value();
-            latest.insert(rowkey.to_string(), decode::<ConfigHistoryEntry>(v.value())?);
+        for (row, h) in self.t.history_upto(revision)? {
+            latest.insert(row, h);
         }
         Ok(latest.into_values().filter(|h| !h.deleted).collect())
     }
 }
 
+/// What a write transaction's body decided.
+enum Outcome {
+    /// Nothing to keep.
+    Abort,
+    /// Rows to keep that are no revision.
+    Bookkeeping,
+    /// A change set, committed as this revision.
+    Revision(u64),
+}
+
+/// Opens a redb store's tables, deriving what older files lack. Returns
+/// the epoch and parent.
+fn prepare(t: &mut dyn Write) -> Result<(u64, Option<Parent>), CodedError> {
+    // A store from before epochs gets its first one here.
+    let epoch = match t.meta(EPOCH)? {
+        0 => {
+            let e = new_epoch();
+            t.set_meta(EPOCH, e)?;
+            e
+        }
+        e => e,
+    };
+    let parent = match (t.meta(PARENT_EPOCH)?, t.meta(PARENT_REVISION)?) {
+        (0, _) => None,
+        (epoch, revision) => Some(Parent { epoch, revision }),
+    };
+    Ok((epoch, parent))
+}
+
 impl Store {
+    /// Opens (or creates) the store at `location`. PostgreSQL needs a
+    /// multi-threaded tokio runtime: its queries block from synchronous code.
+    pub async fn open_at(location: &Location, retain_changes: u64) -> anyhow::Result<Self> {
+        match location {
+            Location::File(path) => Self::open(path, retain_changes),
+            Location::Postgres(url) => {
+                let engine = Engine::Postgres(postgres::Pg::connect(url).await?);
+                Self::on_engine(engine, retain_changes)
+            }
+        }
+    }
+
+    /// A store over a connected PostgreSQL database: its epoch is made
+    /// here if the database has none yet.
+    fn on_engine(engine: Engine, retain_changes: u64) -> anyhow::Result<Self> {
+        let ((epoch, parent, revision), _) = tokio::task::block_in_place(|| {
+            Self::write(&engine, |t| {
+                let (epoch, parent) = prepare(t)?;
+                Ok(((epoch, parent, t.meta(REVISION)?), Outcome::Bookkeeping))
+            })
+        })?;
+        Ok(Self::new(engine, epoch, parent, revision, retain_changes))
+    }
+
+    /// Opens (or creates) a redb store.
     pub fn open(path: &Path, retain_changes: u64) -> anyhow::Result<Self> {
         let db = Database::create(path)
             .map_err(|e| anyhow::anyhow!("cannot open the store {}: {e}", path.display()))?;
         let txn = db.begin_write()?;
-        let (revision, epoch, parent) = {
-            let mut meta = txn.open_table(META)?;
-            txn.open_table(REGIONS)?;
-            txn.open_table(CONFIG)?;
-            txn.open_table(CONFIG_HISTORY)?;
-            txn.open_table(CHANGES)?;
-            txn.open_table(SUBSCRIBERS)?;
-            txn.open_table(RESERVED)?;
-            let claims = txn.open_table(CLAIMS)?;
-            let mut users = txn.open_table(USERS)?;
-            // A store from before the users table: derive it once.
-            if users.is_empty()? && !claims.is_empty()? {
-                for row in claims.iter()? {
-                    let c = IdentifierClaim::decode(row?.1.value())?;
-                    count_claim(&mut users, &c.user_id, &c.region)?;
-                }
-            }
-            // A store from before epochs gets its first one here.
-            let existing = meta.get(EPOCH)?.map(|v| v.value());
-            let epoch = match existing {
-                Some(e) => e,
-                None => {
-                    let e = new_epoch();
-                    meta.insert(EPOCH, e)?;
-                    e
-                }
-            };
-            let parent = match (meta.get(PARENT_EPOCH)?, meta.get(PARENT_REVISION)?) {
-                (Some(e), Some(r)) => Some(Parent {
-                    epoch: e.value(),
-                    revision: r.value(),
-                }),
-                _ => None,
-            };
-            let revision = meta.get(REVISION)?.map(|v| v.value()).unwrap_or(0);
-            (revision, epoch, parent)
+        let (epoch, parent, revision) = {
+            redb_tables::create_all(&txn)?;
+            derive_users(&txn)?;
+            let mut w = RedbWrite(&txn);
+            let (epoch, parent) = prepare(&mut w)?;
+            (epoch, parent, w.meta(REVISION)?)
         };
         txn.commit()?;
+        Ok(Self::new(
+            Engine::Redb(db),
+            epoch,
+            parent,
+            revision,
+            retain_changes,
+        ))
+    }
+
+    fn new(
+        engine: Engine,
+        epoch: u64,
+        parent: Option<Parent>,
+        revision: u64,
+        retain_changes: u64,
+    ) -> Self {
         let (revision_tx, _) = watch::channel(revision);
-        Ok(Self {
-            db,
+        let (healthy_tx, _) = watch::channel(true);
+        Self {
+            engine,
             epoch,
             parent,
             revision_tx,
+            healthy_tx,
             retain_changes: retain_changes.max(1),
-        })
+        }
+    }
+
+    /// "redb" or "postgres".
+    pub fn engine(&self) -> &'static str {
+        match self.engine {
+            Engine::Redb(_) => "redb",
+            Engine::Postgres(_) => "postgres",
+        }
     }
 
     pub fn revision(&self) -> u64 {
@@ -481,9 +452,58 @@ impl Store {
         self.parent
     }
 
-    /// Notified with each committed revision.
+    /// Notified with each committed revision (this instance's, and on
+    /// PostgreSQL every instance's once [`Store::follow`] sees it).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.revision_tx.subscribe()
+    }
+
+    /// Moves the revision subscribers see forward (never back: commits and
+    /// notifications from other instances arrive in any order).
+    fn advance(&self, revision: u64) {
+        self.revision_tx.send_if_modified(|r| {
+            let newer = revision > *r;
+            if newer {
+                *r = revision;
+            }
+            newer
+        });
+    }
+
+    /// One write transaction on either engine: `f` reads and writes, and
+    /// says whether to keep what it wrote.
+    fn write<T>(
+        engine: &Engine,
+        f: impl FnOnce(&mut dyn Write) -> Result<(T, Outcome), CodedError>,
+    ) -> Result<(T, Outcome), CodedError> {
+        match engine {
+            Engine::Redb(db) => {
+                let txn = db.begin_write().map_err(storage)?;
+                let (out, outcome) = f(&mut RedbWrite(&txn))?;
+                match outcome {
+                    Outcome::Abort => txn.abort().map_err(storage)?,
+                    _ => txn.commit().map_err(storage)?,
+                }
+                Ok((out, outcome))
+            }
+            Engine::Postgres(pg) => {
+                let mut txn = pg.begin_write()?;
+                let (out, outcome) = f(&mut txn)?;
+                // Dropping an uncommitted transaction rolls it back.
+                if !matches!(outcome, Outcome::Abort) {
+                    txn.commit()?;
+                }
+                Ok((out, outcome))
+            }
+        }
+    }
+
+    /// A consistent read-only view.
+    fn view(&self) -> Result<View, CodedError> {
+        Ok(match &self.engine {
+            Engine::Redb(db) => View::Redb(RedbRead(db.begin_read().map_err(storage)?)),
+            Engine::Postgres(pg) => View::Postgres(pg.begin_read()?),
+        })
     }
 
     /// Runs `f` in one write transaction. Returns its result and the revision
@@ -494,62 +514,79 @@ impl Store {
         actor: &str,
         f: impl FnOnce(&mut Tx<'_>) -> Result<T, CodedError>,
     ) -> Result<(T, u64), CodedError> {
-        let txn = self.db.begin_write().map_err(storage)?;
-        let current = meta_value(&txn.open_table(META).map_err(storage)?, REVISION)?;
-        let next = current + 1;
-        let at_unix_ms = now_ms();
-        let mut tx = Tx {
-            txn: &txn,
-            bookkept: false,
-            revision: next,
-            at_unix_ms,
-            actor,
-            changes: Vec::new(),
-        };
-        let out = f(&mut tx)?;
-        let changes = std::mem::take(&mut tx.changes);
-        if changes.is_empty() {
-            // Bookkeeping that subscribers never see (a recovered store's
-            // reservations) commits without a revision.
-            if tx.bookkept {
-                txn.commit().map_err(storage)?;
-            } else {
-                txn.abort().map_err(storage)?;
+        let retain = self.retain_changes;
+        let ((out, current), outcome) = Self::write(&self.engine, |t| {
+            let current = t.meta(REVISION)?;
+            let next = current + 1;
+            let at_unix_ms = now_ms();
+            let mut tx = Tx {
+                t,
+                bookkept: false,
+                revision: next,
+                at_unix_ms,
+                actor,
+                changes: Vec::new(),
+            };
+            let out = f(&mut tx)?;
+            let changes = std::mem::take(&mut tx.changes);
+            if changes.is_empty() {
+                // Bookkeeping that subscribers never see (a recovered
+                // store's reservations) commits without a revision.
+                let outcome = if tx.bookkept {
+                    Outcome::Bookkeeping
+                } else {
+                    Outcome::Abort
+                };
+                return Ok(((out, current), outcome));
             }
-            return Ok((out, current));
-        }
-        let cs = ChangeSet {
-            revision: next,
-            changes,
-            at_unix_ms,
-            actor: actor.to_string(),
-        };
-        {
-            let mut log = txn.open_table(CHANGES).map_err(storage)?;
-            log.insert(next, cs.encode_to_vec().as_slice())
-                .map_err(storage)?;
-            let mut meta = txn.open_table(META).map_err(storage)?;
-            meta.insert(REVISION, next).map_err(storage)?;
-            let floor = meta_value(&meta, LOG_FLOOR)?;
-            if next - floor > self.retain_changes {
-                let new_floor = next - self.retain_changes;
-                log.retain_in(..=new_floor, |_, _| false).map_err(storage)?;
-                meta.insert(LOG_FLOOR, new_floor).map_err(storage)?;
+            let t = tx.t;
+            t.put_change(&ChangeSet {
+                revision: next,
+                changes,
+                at_unix_ms,
+                actor: actor.to_string(),
+            })?;
+            t.set_meta(REVISION, next)?;
+            let floor = t.meta(LOG_FLOOR)?;
+            if next - floor > retain {
+                let new_floor = next - retain;
+                t.trim_changes(new_floor)?;
+                t.set_meta(LOG_FLOOR, new_floor)?;
             }
+            Ok(((out, current), Outcome::Revision(next)))
+        })?;
+        match outcome {
+            Outcome::Revision(next) => {
+                self.advance(next);
+                Ok((out, next))
+            }
+            _ => Ok((out, current)),
         }
-        txn.commit().map_err(storage)?;
-        self.revision_tx.send_replace(next);
-        Ok((out, next))
     }
 
-    /// Runs read-only `f` against a consistent view (a write transaction that
-    /// is then aborted, so reads share the mutation helpers).
+    /// Runs read-only `f` against a consistent view (a transaction that is
+    /// then dropped, so reads share the mutation helpers).
     pub fn read<T>(
         &self,
         f: impl FnOnce(&Tx<'_>) -> Result<T, CodedError>,
     ) -> Result<(T, u64), CodedError> {
-        let (out, revision) = self.mutate("read", |tx| f(tx))?;
-        Ok((out, revision))
+        let Engine::Postgres(pg) = &self.engine else {
+            // redb: a write transaction, aborted (f changes nothing).
+            return self.mutate("read", |tx| f(tx));
+        };
+        // PostgreSQL: a read-only view, so reads never wait for the
+        // revision lock that writers take turns on.
+        let mut view = pg.begin_read()?;
+        let revision = view.meta(REVISION)?;
+        let tx = Tx {
+            t: &mut view,
+            bookkept: false,
+            revision: revision + 1,
+            at_unix_ms: now_ms(),
+            actor: "read",
+            changes: Vec::new(),
+        };
+        Ok((f(&tx)?, revision))
     }
 
     /// The whole state in parts of at most `rows_per_part` directory rows,
@@ -561,17 +598,16 @@ impl Store {
         mut emit: impl FnMut(Snapshot) -> bool,
     ) -> Result<(), CodedError> {
         let rows_per_part = rows_per_part.max(1);
-        let txn = self.db.begin_read().map_err(storage)?;
-        let revision = meta_value(&txn.open_table(META).map_err(storage)?, REVISION)?;
-        let users = txn.open_table(USERS).map_err(storage)?;
-        let claims = txn.open_table(CLAIMS).map_err(storage)?;
+        let view = self.view()?;
+        let t = view.tables();
+        let revision = t.meta(REVISION)?;
         let mut part = Snapshot {
             revision,
-            regions: rows(&txn.open_table(REGIONS).map_err(storage)?)?,
-            config: rows(&txn.open_table(CONFIG).map_err(storage)?)?,
+            regions: t.regions()?,
+            config: t.config_entries()?,
             more: true,
-            users_total: users.len().map_err(storage)?,
-            claims_total: claims.len().map_err(storage)?,
+            users_total: t.users_len()?,
+            claims_total: t.claims_len()?,
             epoch: self.epoch,
             parent_epoch: self.parent.map_or(0, |p| p.epoch),
             parent_revision: self.parent.map_or(0, |p| p.revision),
@@ -588,20 +624,28 @@ impl Store {
             };
             emit(std::mem::replace(part, next))
         };
-        for row in users.iter().map_err(storage)? {
-            let (id, home) = row.map_err(storage)?;
-            part.users.push(DirectoryUser {
-                user_id: id.value().to_string(),
-                region: home.value().0.to_string(),
-            });
-            if part.users.len() == rows_per_part && !full(&mut part) {
-                return Ok(());
+        let mut after: Option<String> = None;
+        loop {
+            let page = t.users_page(after.as_deref(), PAGE)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.0.clone());
+            for (user_id, region) in page {
+                part.users.push(DirectoryUser { user_id, region });
+                if part.users.len() == rows_per_part && !full(&mut part) {
+                    return Ok(());
+                }
             }
         }
-        for row in claims.iter().map_err(storage)? {
-            part.claims.push(decode(row.map_err(storage)?.1.value())?);
-            if part.users.len() + part.claims.len() >= rows_per_part && !full(&mut part) {
-                return Ok(());
+        let mut after: Option<String> = None;
+        loop {
+            let page = t.claims_page(after.as_deref(), PAGE)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.hmac.clone());
+            for claim in page {
+                part.claims.push(claim);
+                if part.users.len() + part.claims.len() >= rows_per_part && !full(&mut part) {
+                    return Ok(());
+                }
             }
         }
         part.more = false;
@@ -633,13 +677,9 @@ impl Store {
         &self,
         claims: impl IntoIterator<Item = IdentifierClaim>,
     ) -> Result<u64, CodedError> {
-        let txn = self.db.begin_write().map_err(storage)?;
-        let next = {
-            let mut meta = txn.open_table(META).map_err(storage)?;
-            let next = meta_value(&meta, REVISION)? + 1;
-            let regions = rows::<Region>(&txn.open_table(REGIONS).map_err(storage)?)?;
-            let mut table = txn.open_table(CLAIMS).map_err(storage)?;
-            let mut users = txn.open_table(USERS).map_err(storage)?;
+        let (next, _) = Self::write(&self.engine, |t| {
+            let next = t.meta(REVISION)? + 1;
+            let regions = t.regions()?;
             for c in claims {
                 if !regions.iter().any(|r| r.id == c.region) {
                     return Err(CodedError::invalid(format!("unknown region {}", c.region)));
@@ -649,34 +689,26 @@ impl Store {
                         "a claim needs a 64-hex-digit hmac and a user id",
                     ));
                 }
-                if table
-                    .insert(c.hmac.as_str(), c.encode_to_vec().as_slice())
-                    .map_err(storage)?
-                    .is_some()
-                {
+                if t.put_claim(&c)? {
                     return Err(CodedError::new(
                         homecell_proto::error::ErrorCode::AlreadyExists,
                         "an imported identifier is already registered",
                     ));
                 }
-                count_claim(&mut users, &c.user_id, &c.region).map_err(storage)?;
+                count_claim(t, &c.user_id, &c.region)?;
             }
-            let cs = ChangeSet {
+            t.trim_changes(u64::MAX)?;
+            t.put_change(&ChangeSet {
                 revision: next,
                 at_unix_ms: now_ms(),
                 actor: "import".into(),
                 changes: Vec::new(),
-            };
-            let mut log = txn.open_table(CHANGES).map_err(storage)?;
-            log.retain(|_, _| false).map_err(storage)?;
-            log.insert(next, cs.encode_to_vec().as_slice())
-                .map_err(storage)?;
-            meta.insert(REVISION, next).map_err(storage)?;
-            meta.insert(LOG_FLOOR, next).map_err(storage)?;
-            next
-        };
-        txn.commit().map_err(storage)?;
-        self.revision_tx.send_replace(next);
+            })?;
+            t.set_meta(REVISION, next)?;
+            t.set_meta(LOG_FLOOR, next)?;
+            Ok((next, Outcome::Revision(next)))
+        })?;
+        self.advance(next);
         Ok(next)
     }
 
@@ -687,19 +719,14 @@ impl Store {
         revision: u64,
         max: usize,
     ) -> Result<Option<Vec<ChangeSet>>, CodedError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        let meta = txn.open_table(META).map_err(storage)?;
-        let floor = meta_value(&meta, LOG_FLOOR)?;
-        let current = meta_value(&meta, REVISION)?;
+        let view = self.view()?;
+        let t = view.tables();
+        let floor = t.meta(LOG_FLOOR)?;
+        let current = t.meta(REVISION)?;
         if revision < floor || revision > current {
             return Ok(None);
         }
-        let log = txn.open_table(CHANGES).map_err(storage)?;
-        let mut out = Vec::new();
-        for row in log.range(revision + 1..).map_err(storage)?.take(max) {
-            out.push(decode(row.map_err(storage)?.1.value())?);
-        }
-        Ok(Some(out))
+        Ok(Some(t.changes_after(revision, max)?))
     }
 
     /// Config history, newest first, optionally for one key.
@@ -708,39 +735,48 @@ impl Store {
         key: &str,
         limit: usize,
     ) -> Result<Vec<ConfigHistoryEntry>, CodedError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        let t = txn.open_table(CONFIG_HISTORY).map_err(storage)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(storage)?.rev() {
-            let h: ConfigHistoryEntry = decode(row.map_err(storage)?.1.value())?;
-            if key.is_empty() || h.key == key {
-                out.push(h);
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
+        self.view()?.tables().history_newest(key, limit)
     }
 
     /// Writes subscriber rows, all in one transaction (one fsync).
     pub fn save_subscribers(&self, rows: &[SubscriberStatus]) -> Result<(), CodedError> {
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
-            let mut t = txn.open_table(SUBSCRIBERS).map_err(storage)?;
+        Self::write(&self.engine, |t| {
             for s in rows {
-                t.insert(s.node_id.as_str(), s.encode_to_vec().as_slice())
-                    .map_err(storage)?;
+                t.put_subscriber(s)?;
             }
-        }
-        txn.commit().map_err(storage)?;
+            Ok(((), Outcome::Bookkeeping))
+        })?;
         Ok(())
     }
 
     pub fn subscribers(&self) -> Result<Vec<SubscriberStatus>, CodedError> {
-        let txn = self.db.begin_read().map_err(storage)?;
-        rows(&txn.open_table(SUBSCRIBERS).map_err(storage)?)
+        self.view()?.tables().subscribers()
     }
+}
+
+/// Rows per query when a snapshot or backup walks a table.
+const PAGE: usize = 1024;
+
+/// A redb store from before the users table: derive it once from the claims.
+fn derive_users(txn: &redb::WriteTransaction) -> anyhow::Result<()> {
+    use redb::{ReadableTable, ReadableTableMetadata};
+    use redb_tables::{CLAIMS, USERS};
+    if !txn.open_table(USERS)?.is_empty()? || txn.open_table(CLAIMS)?.is_empty()? {
+        return Ok(());
+    }
+    let claims: Vec<IdentifierClaim> = {
+        let t = txn.open_table(CLAIMS)?;
+        let mut v = Vec::new();
+        for row in t.iter()? {
+            v.push(redb_tables::decode(row?.1.value())?);
+        }
+        v
+    };
+    let mut w = RedbWrite(txn);
+    for c in claims {
+        count_claim(&mut w, &c.user_id, &c.region)?;
+    }
+    Ok(())
 }
 
 pub fn now_ms() -> i64 {
@@ -754,6 +790,7 @@ pub fn now_ms() -> i64 {
 mod tests {
     use super::*;
     use homecell_proto::control::RegionStatus;
+    use prost::Message;
 
     fn region(id: &str) -> Region {
         Region {
@@ -850,7 +887,7 @@ mod tests {
             let db = Database::create(&path).unwrap();
             let txn = db.begin_write().unwrap();
             {
-                let mut claims = txn.open_table(CLAIMS).unwrap();
+                let mut claims = txn.open_table(redb_tables::CLAIMS).unwrap();
                 for (h, u) in [("a", "u1"), ("b", "u1"), ("c", "u2")] {
                     let c = claim(h, u);
                     claims

@@ -1,0 +1,156 @@
+//! How an instance over a shared (PostgreSQL) store follows what the other
+//! instances commit, and tells them it is alive.
+//!
+//! Each commit is announced with `NOTIFY`; the instance `LISTEN`s, and also
+//! reads the head revision every [`TICK`], so a notification lost while its
+//! connection was down delays it by one tick at most. The same tick records
+//! this instance in `cp_instances` (what `status` lists) and checks that the
+//! store was not rebuilt under it. An instance that cannot read the store
+//! for [`UNHEALTHY_AFTER`] reports itself unhealthy: its Watch streams end
+//! and `/ready` fails, so subscribers and load balancers go to another.
+
+use super::postgres::{CHANNEL, InstanceRow};
+use super::{Engine, Store, now_ms};
+use sqlx::postgres::PgListener;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How often an instance reads the head and reports itself.
+pub const TICK: Duration = Duration::from_secs(1);
+/// How long the store may be unreadable before the instance gives up its
+/// subscribers. Below the 5 s a subscriber may take to attach elsewhere.
+pub const UNHEALTHY_AFTER: Duration = Duration::from_secs(2);
+/// An instance not seen for this long is listed as not alive.
+pub const ALIVE_WITHIN: Duration = Duration::from_secs(10);
+
+/// This instance, as `status` lists it.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub id: String,
+    pub endpoint: String,
+    pub started_unix_ms: i64,
+}
+
+impl Store {
+    /// Whether this instance can serve: always on redb.
+    pub fn healthy(&self) -> watch::Receiver<bool> {
+        self.healthy_tx.subscribe()
+    }
+
+    /// Follows the shared store until `stop`. Returns an error when the
+    /// store was rebuilt under this instance (a new epoch): what it holds
+    /// in memory is of the old one, so it must restart. On redb there is
+    /// nothing to follow.
+    pub async fn follow(
+        &self,
+        me: Instance,
+        stop: homecell_common::shutdown::CancellationToken,
+    ) -> anyhow::Result<()> {
+        let Engine::Postgres(pg) = &self.engine else {
+            stop.cancelled().await;
+            return Ok(());
+        };
+        let mut listener: Option<PgListener> = None;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_read = std::time::Instant::now();
+        loop {
+            if listener.is_none() {
+                listener = listen(pg.pool()).await;
+            }
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                n = async { listener.as_mut().expect("guarded").recv().await }, if listener.is_some() => match n {
+                    Ok(n) => {
+                        if let Ok(revision) = n.payload().parse() {
+                            self.advance(revision);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lost the store's notifications; reading the head each tick");
+                        listener = None;
+                    }
+                },
+                _ = tick.tick() => {
+                    match tokio::time::timeout(TICK, pg.head()).await {
+                        Ok(Ok((revision, epoch))) => {
+                            anyhow::ensure!(
+                                epoch == self.epoch,
+                                "the store was rebuilt under this instance (epoch {epoch:016x}, not {:016x}); restart it",
+                                self.epoch
+                            );
+                            self.advance(revision);
+                            last_read = std::time::Instant::now();
+                            self.set_healthy(true);
+                            let row = InstanceRow {
+                                id: me.id.clone(),
+                                endpoint: me.endpoint.clone(),
+                                started_unix_ms: me.started_unix_ms,
+                                seen_unix_ms: now_ms(),
+                                revision,
+                            };
+                            if let Err(e) = pg.heartbeat(&row).await {
+                                tracing::warn!(error = %e, "cannot record this instance in the store");
+                            }
+                        }
+                        failed => {
+                            let e = match failed {
+                                Ok(Err(e)) => e.to_string(),
+                                _ => "timed out".into(),
+                            };
+                            if last_read.elapsed() >= UNHEALTHY_AFTER && *self.healthy_tx.borrow() {
+                                tracing::error!(error = %e, "cannot read the store; ending this instance's Watch streams until it can");
+                                self.set_healthy(false);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn set_healthy(&self, healthy: bool) {
+        self.healthy_tx.send_if_modified(|h| {
+            let changed = *h != healthy;
+            *h = healthy;
+            changed
+        });
+    }
+
+    /// Every instance that has served this store, as each last reported
+    /// itself, and whether it did so lately. On redb: none (the one
+    /// instance is the caller).
+    pub async fn instances(&self) -> anyhow::Result<Vec<(InstanceRow, bool)>> {
+        let Engine::Postgres(pg) = &self.engine else {
+            return Ok(Vec::new());
+        };
+        let now = now_ms();
+        let within = ALIVE_WITHIN.as_millis() as i64;
+        Ok(pg
+            .instances()
+            .await?
+            .into_iter()
+            .map(|i| {
+                let alive = now - i.seen_unix_ms <= within;
+                (i, alive)
+            })
+            .collect())
+    }
+}
+
+/// A listener on the revision channel, or None (the tick covers for it).
+async fn listen(pool: &sqlx::PgPool) -> Option<PgListener> {
+    let attempt = async {
+        let mut l = PgListener::connect_with(pool).await?;
+        l.listen(CHANNEL).await?;
+        Ok::<_, sqlx::Error>(l)
+    };
+    match tokio::time::timeout(TICK, attempt).await {
+        Ok(Ok(l)) => Some(l),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot listen for the store's notifications");
+            None
+        }
+        Err(_) => None,
+    }
+}

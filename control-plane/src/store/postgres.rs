@@ -1,0 +1,642 @@
+//! The tables on PostgreSQL, shared by every control-plane instance that
+//! names the same database (`[store] postgres`).
+//!
+//! - A mutation is one PostgreSQL transaction that first locks the
+//!   `revision` row of `cp_meta`: mutations from all instances take turns
+//!   there, so each commits the next revision, in order and with no gap.
+//!   The revision comes from the database, never from an instance.
+//! - A committed change set is announced with `NOTIFY` (delivered on
+//!   commit). Each instance `LISTEN`s and also reads the revision every
+//!   second, so a notification lost while its connection was down costs at
+//!   most a second: the log is the truth, notifications only wake.
+//! - Reads that must be consistent across many queries (a snapshot, a
+//!   backup) run in one `REPEATABLE READ` read-only transaction.
+//!
+//! The store's code is synchronous (redb's is, and every caller already
+//! runs it on a blocking thread), so each query here blocks on the runtime.
+
+use super::tables::{Read, Result, UserRow, Write};
+use homecell_proto::control::{
+    ChangeSet, ConfigEntry, ConfigHistoryEntry, IdentifierClaim, Region, SubscriberStatus,
+};
+use homecell_proto::error::CodedError;
+use prost::Message;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Transaction};
+use std::cell::RefCell;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The channel committed revisions are announced on.
+pub const CHANNEL: &str = "homecell_cp_revision";
+
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "0001_store",
+    include_str!("../../migrations/postgres/0001_store.sql"),
+)];
+
+fn storage(e: impl std::fmt::Display) -> CodedError {
+    super::redb_tables::storage(e)
+}
+
+fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M> {
+    M::decode(bytes).map_err(storage)
+}
+
+/// A u64 stored bit for bit in a BIGINT.
+fn int(v: u64) -> i64 {
+    v as i64
+}
+
+/// A revision bound (revisions never reach i64::MAX).
+fn rev(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+fn prefix_key(prefix: u128) -> String {
+    format!("{prefix:032x}")
+}
+
+/// Runs `f` to completion from synchronous code on a thread of the
+/// runtime's blocking pool (or, via `block_in_place`, a worker thread).
+fn block<F: std::future::Future>(rt: &tokio::runtime::Handle, f: F) -> F::Output {
+    tokio::task::block_in_place(|| rt.block_on(f))
+}
+
+/// The shared database.
+pub struct Pg {
+    pool: PgPool,
+    rt: tokio::runtime::Handle,
+}
+
+/// One control-plane instance as it last reported itself.
+#[derive(Debug, Clone)]
+pub struct InstanceRow {
+    pub id: String,
+    pub endpoint: String,
+    pub started_unix_ms: i64,
+    pub seen_unix_ms: i64,
+    pub revision: u64,
+}
+
+impl Pg {
+    /// Connects and applies pending migrations (under an advisory lock, so
+    /// instances that start together take turns).
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        // An instance cut off mid-transaction still holds the revision lock
+        // on the server, stopping every other instance's mutations; the
+        // server ends such a session after this long, so the lock is freed.
+        // A statement never waits on a lock or runs for longer than a
+        // client's own deadline either.
+        let opts = PgConnectOptions::from_str(url)
+            .context("malformed postgres URL")?
+            .application_name("homecell-control-plane")
+            .options([
+                ("idle_in_transaction_session_timeout", "5s"),
+                ("lock_timeout", "5s"),
+                ("statement_timeout", "10s"),
+            ]);
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(opts)
+            .await
+            .context("cannot connect to PostgreSQL")?;
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(7243111)")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("CREATE TABLE IF NOT EXISTS cp_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+            .execute(&mut *tx)
+            .await?;
+        for (version, name, sql) in MIGRATIONS {
+            let done: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM cp_migrations WHERE version = $1")
+                    .bind(version)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if done.is_none() {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(*sql))
+                    .execute(&mut *tx)
+                    .await
+                    .with_context(|| format!("migration {name}"))?;
+                sqlx::query("INSERT INTO cp_migrations (version, name) VALUES ($1, $2)")
+                    .bind(version)
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(Self {
+            pool,
+            rt: tokio::runtime::Handle::current(),
+        })
+    }
+
+    /// [`Pg::connect`] from synchronous code on a multi-threaded runtime.
+    pub fn connect_blocking(url: &str) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Handle::current();
+        block(&rt, Self::connect(url))
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A write transaction, holding the revision lock until it ends.
+    pub fn begin_write(&self) -> Result<PgTx> {
+        let tx = block(&self.rt, async {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("SELECT value FROM cp_meta WHERE key = 'revision' FOR UPDATE")
+                .execute(&mut *tx)
+                .await?;
+            Ok::<_, sqlx::Error>(tx)
+        })
+        .map_err(storage)?;
+        Ok(PgTx {
+            tx: RefCell::new(tx),
+            rt: self.rt.clone(),
+        })
+    }
+
+    /// A consistent read-only view, however many queries read it.
+    pub fn begin_read(&self) -> Result<PgTx> {
+        let tx = block(
+            &self.rt,
+            self.pool
+                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+        )
+        .map_err(storage)?;
+        Ok(PgTx {
+            tx: RefCell::new(tx),
+            rt: self.rt.clone(),
+        })
+    }
+
+    /// Records this instance as alive at `revision`.
+    pub async fn heartbeat(&self, i: &InstanceRow) -> sqlx::Result<()> {
+        sqlx::query(
+            "INSERT INTO cp_instances (id, endpoint, started_unix_ms, seen_unix_ms, revision) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET endpoint = $2, \
+             started_unix_ms = $3, seen_unix_ms = $4, revision = $5",
+        )
+        .bind(&i.id)
+        .bind(&i.endpoint)
+        .bind(i.started_unix_ms)
+        .bind(i.seen_unix_ms)
+        .bind(int(i.revision))
+        .execute(&self.pool)
+        .await?;
+        // An instance removed for good leaves the list after a day.
+        sqlx::query("DELETE FROM cp_instances WHERE seen_unix_ms < $1")
+            .bind(i.seen_unix_ms - 86_400_000)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn instances(&self) -> sqlx::Result<Vec<InstanceRow>> {
+        let rows: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT id, endpoint, started_unix_ms, seen_unix_ms, revision FROM cp_instances ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| InstanceRow {
+                id: r.0,
+                endpoint: r.1,
+                started_unix_ms: r.2,
+                seen_unix_ms: r.3,
+                revision: r.4 as u64,
+            })
+            .collect())
+    }
+
+    /// The committed revision and epoch, as the database holds them now.
+    pub async fn head(&self) -> sqlx::Result<(u64, u64)> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT key, value FROM cp_meta WHERE key IN ('revision', 'epoch')")
+                .fetch_all(&self.pool)
+                .await?;
+        let get = |k: &str| rows.iter().find(|r| r.0 == k).map_or(0, |r| r.1 as u64);
+        Ok((get("revision"), get("epoch")))
+    }
+}
+
+/// One transaction on the shared database.
+pub struct PgTx {
+    tx: RefCell<Transaction<'static, Postgres>>,
+    rt: tokio::runtime::Handle,
+}
+
+impl PgTx {
+    pub fn commit(self) -> Result<()> {
+        block(&self.rt, self.tx.into_inner().commit()).map_err(storage)
+    }
+
+    /// Runs one query future against this transaction.
+    fn run<T>(
+        &self,
+        f: impl for<'c> FnOnce(
+            &'c mut sqlx::PgConnection,
+        ) -> futures::future::BoxFuture<'c, sqlx::Result<T>>,
+    ) -> Result<T> {
+        let mut tx = self.tx.borrow_mut();
+        block(&self.rt, f(&mut tx)).map_err(storage)
+    }
+
+    fn body<M: Message + Default>(
+        &self,
+        sql: &'static str,
+        key: impl Into<KeyArg>,
+    ) -> Result<Option<M>> {
+        let key = key.into();
+        let v: Option<Vec<u8>> = self.run(move |c| {
+            Box::pin(async move {
+                let q = sqlx::query_scalar(sql);
+                match key {
+                    KeyArg::Text(k) => q.bind(k),
+                    KeyArg::Bytes(k) => q.bind(k),
+                }
+                .fetch_optional(c)
+                .await
+            })
+        })?;
+        v.map(|b| decode(&b)).transpose()
+    }
+
+    fn bodies<M: Message + Default>(&self, sql: &'static str) -> Result<Vec<M>> {
+        let v: Vec<Vec<u8>> =
+            self.run(|c| Box::pin(async move { sqlx::query_scalar(sql).fetch_all(c).await }))?;
+        v.iter().map(|b| decode(b)).collect()
+    }
+
+    fn count(&self, sql: &'static str) -> Result<u64> {
+        let n: i64 =
+            self.run(|c| Box::pin(async move { sqlx::query_scalar(sql).fetch_one(c).await }))?;
+        Ok(n as u64)
+    }
+
+    fn exec(
+        &self,
+        q: sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<u64> {
+        self.run(|c| Box::pin(async move { Ok(q.execute(c).await?.rows_affected()) }))
+    }
+}
+
+/// A key bound to a lookup.
+enum KeyArg {
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+impl From<&str> for KeyArg {
+    fn from(k: &str) -> Self {
+        KeyArg::Text(k.to_string())
+    }
+}
+
+/// A config row key: BYTEA, as it holds a NUL.
+struct RowKey(Vec<u8>);
+
+impl From<RowKey> for KeyArg {
+    fn from(k: RowKey) -> Self {
+        KeyArg::Bytes(k.0)
+    }
+}
+
+impl Read for PgTx {
+    fn meta(&self, key: &str) -> Result<u64> {
+        let key = key.to_string();
+        let v: Option<i64> = self.run(move |c| {
+            Box::pin(async move {
+                sqlx::query_scalar("SELECT value FROM cp_meta WHERE key = $1")
+                    .bind(key)
+                    .fetch_optional(c)
+                    .await
+            })
+        })?;
+        Ok(v.map_or(0, |v| v as u64))
+    }
+    fn region(&self, id: &str) -> Result<Option<Region>> {
+        self.body("SELECT body FROM cp_regions WHERE id = $1", id)
+    }
+    fn regions(&self) -> Result<Vec<Region>> {
+        self.bodies("SELECT body FROM cp_regions ORDER BY id")
+    }
+    fn claim(&self, hmac: &str) -> Result<Option<IdentifierClaim>> {
+        let hmac = hmac.to_string();
+        let v: Option<(String, String, String)> = self.run(move |c| {
+            Box::pin(async move {
+                sqlx::query_as("SELECT hmac, user_id, region FROM cp_claims WHERE hmac = $1")
+                    .bind(hmac)
+                    .fetch_optional(c)
+                    .await
+            })
+        })?;
+        Ok(v.map(|(hmac, user_id, region)| IdentifierClaim {
+            hmac,
+            user_id,
+            region,
+        }))
+    }
+    fn user(&self, user_id: &str) -> Result<Option<UserRow>> {
+        let id = user_id.to_string();
+        let v: Option<(String, i32)> = self.run(move |c| {
+            Box::pin(async move {
+                sqlx::query_as("SELECT region, claims FROM cp_users WHERE user_id = $1")
+                    .bind(id)
+                    .fetch_optional(c)
+                    .await
+            })
+        })?;
+        Ok(v.map(|(r, n)| (r, n.max(0) as u32)))
+    }
+    fn reservation(&self, prefix: u128) -> Result<Option<String>> {
+        let key = prefix_key(prefix);
+        self.run(move |c| {
+            Box::pin(async move {
+                sqlx::query_scalar("SELECT region FROM cp_reserved WHERE prefix = $1")
+                    .bind(key)
+                    .fetch_optional(c)
+                    .await
+            })
+        })
+    }
+    fn config(&self, row: &str) -> Result<Option<ConfigEntry>> {
+        self.body(
+            "SELECT body FROM cp_config WHERE row_key = $1",
+            RowKey(row.as_bytes().to_vec()),
+        )
+    }
+    fn config_entries(&self) -> Result<Vec<ConfigEntry>> {
+        self.bodies("SELECT body FROM cp_config ORDER BY row_key")
+    }
+    fn history_upto(&self, revision: u64) -> Result<Vec<(String, ConfigHistoryEntry)>> {
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = self.run(move |c| {
+            Box::pin(async move {
+                sqlx::query_as("SELECT row_key, body FROM cp_config_history WHERE revision <= $1 ORDER BY revision, row_key")
+                    .bind(rev(revision))
+                    .fetch_all(c)
+                    .await
+            })
+        })?;
+        rows.into_iter()
+            .map(|(k, b)| Ok((String::from_utf8_lossy(&k).into_owned(), decode(&b)?)))
+            .collect()
+    }
+    fn history_newest(&self, key: &str, limit: usize) -> Result<Vec<ConfigHistoryEntry>> {
+        // The key sits inside the encoded row: walk newest first a page at
+        // a time until `limit` rows match (history is small).
+        let mut out = Vec::new();
+        let mut before: Option<(i64, Vec<u8>)> = None;
+        loop {
+            let from = before.clone();
+            let page: Vec<(i64, Vec<u8>, Vec<u8>)> = self.run(move |c| {
+                Box::pin(async move {
+                    let (r, k) = from.unwrap_or((i64::MAX, Vec::new()));
+                    sqlx::query_as("SELECT revision, row_key, body FROM cp_config_history WHERE (revision, row_key) < ($1, $2) ORDER BY revision DESC, row_key DESC LIMIT 500")
+                        .bind(r)
+                        .bind(k)
+                        .fetch_all(c)
+                        .await
+                })
+            })?;
+            let Some(last) = page.last() else {
+                return Ok(out);
+            };
+            before = Some((last.0, last.1.clone()));
+            for (_, _, body) in &page {
+                let h: ConfigHistoryEntry = decode(body)?;
+                if key.is_empty() || h.key == key {
+                    out.push(h);
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+    }
+    fn changes_after(&self, revision: u64, max: usize) -> Result<Vec<ChangeSet>> {
+        let v: Vec<Vec<u8>> = self.run(move |c| {
+            Box::pin(async move {
+                sqlx::query_scalar(
+                    "SELECT body FROM cp_changes WHERE revision > $1 ORDER BY revision LIMIT $2",
+                )
+                .bind(rev(revision))
+                .bind(max.min(i64::MAX as usize) as i64)
+                .fetch_all(c)
+                .await
+            })
+        })?;
+        v.iter().map(|b| decode(b)).collect()
+    }
+    fn subscribers(&self) -> Result<Vec<SubscriberStatus>> {
+        self.bodies("SELECT body FROM cp_subscribers ORDER BY node_id")
+    }
+    fn users_len(&self) -> Result<u64> {
+        self.count("SELECT count(*) FROM cp_users")
+    }
+    fn claims_len(&self) -> Result<u64> {
+        self.count("SELECT count(*) FROM cp_claims")
+    }
+    fn history_len(&self) -> Result<u64> {
+        self.count("SELECT count(*) FROM cp_config_history")
+    }
+    fn users_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, String)>> {
+        let after = after.map(str::to_string);
+        self.run(move |c| {
+            Box::pin(async move {
+                sqlx::query_as("SELECT user_id, region FROM cp_users WHERE $1::text IS NULL OR user_id > $1 ORDER BY user_id LIMIT $2")
+                    .bind(after)
+                    .bind(limit as i64)
+                    .fetch_all(c)
+                    .await
+            })
+        })
+    }
+    fn claims_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<IdentifierClaim>> {
+        let after = after.map(str::to_string);
+        let rows: Vec<(String, String, String)> = self.run(move |c| {
+            Box::pin(async move {
+                sqlx::query_as("SELECT hmac, user_id, region FROM cp_claims WHERE $1::text IS NULL OR hmac > $1 ORDER BY hmac LIMIT $2")
+                    .bind(after)
+                    .bind(limit as i64)
+                    .fetch_all(c)
+                    .await
+            })
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(|(hmac, user_id, region)| IdentifierClaim {
+                hmac,
+                user_id,
+                region,
+            })
+            .collect())
+    }
+    fn history_page(
+        &self,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(u64, String, ConfigHistoryEntry)>> {
+        let (r, k) = after.map_or((-1, Vec::new()), |(r, k)| (rev(r), k.as_bytes().to_vec()));
+        let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = self.run(move |c| {
+            Box::pin(async move {
+                sqlx::query_as("SELECT revision, row_key, body FROM cp_config_history WHERE (revision, row_key) > ($1, $2) ORDER BY revision, row_key LIMIT $3")
+                    .bind(r)
+                    .bind(k)
+                    .bind(limit as i64)
+                    .fetch_all(c)
+                    .await
+            })
+        })?;
+        rows.into_iter()
+            .map(|(r, k, b)| {
+                Ok((
+                    r as u64,
+                    String::from_utf8_lossy(&k).into_owned(),
+                    decode(&b)?,
+                ))
+            })
+            .collect()
+    }
+}
+
+impl Write for PgTx {
+    fn set_meta(&mut self, key: &str, value: u64) -> Result<()> {
+        self.exec(
+            sqlx::query("INSERT INTO cp_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2")
+                .bind(key.to_string())
+                .bind(int(value)),
+        )?;
+        Ok(())
+    }
+    fn put_region(&mut self, r: &Region) -> Result<()> {
+        self.exec(
+            sqlx::query("INSERT INTO cp_regions (id, body) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET body = $2")
+                .bind(r.id.clone())
+                .bind(r.encode_to_vec()),
+        )?;
+        Ok(())
+    }
+    fn put_claim(&mut self, c: &IdentifierClaim) -> Result<bool> {
+        let (hmac, user, region) = (c.hmac.clone(), c.user_id.clone(), c.region.clone());
+        // xmax is 0 for a row this statement inserted, set for one it updated.
+        let replaced: bool = self.run(move |conn| {
+            Box::pin(async move {
+                sqlx::query_scalar("INSERT INTO cp_claims (hmac, user_id, region) VALUES ($1, $2, $3) ON CONFLICT (hmac) DO UPDATE SET user_id = $2, region = $3 RETURNING (xmax <> 0)")
+                    .bind(hmac)
+                    .bind(user)
+                    .bind(region)
+                    .fetch_one(conn)
+                    .await
+            })
+        })?;
+        Ok(replaced)
+    }
+    fn remove_claim(&mut self, hmac: &str) -> Result<Option<IdentifierClaim>> {
+        let hmac = hmac.to_string();
+        let v: Option<(String, String, String)> = self.run(move |c| {
+            Box::pin(async move {
+                sqlx::query_as(
+                    "DELETE FROM cp_claims WHERE hmac = $1 RETURNING hmac, user_id, region",
+                )
+                .bind(hmac)
+                .fetch_optional(c)
+                .await
+            })
+        })?;
+        Ok(v.map(|(hmac, user_id, region)| IdentifierClaim {
+            hmac,
+            user_id,
+            region,
+        }))
+    }
+    fn put_user(&mut self, user_id: &str, region: &str, claims: u32) -> Result<()> {
+        self.exec(
+            sqlx::query("INSERT INTO cp_users (user_id, region, claims) VALUES ($1, $2, $3) ON CONFLICT (user_id) DO UPDATE SET region = $2, claims = $3")
+                .bind(user_id.to_string())
+                .bind(region.to_string())
+                .bind(claims.min(i32::MAX as u32) as i32),
+        )?;
+        Ok(())
+    }
+    fn remove_user(&mut self, user_id: &str) -> Result<()> {
+        self.exec(
+            sqlx::query("DELETE FROM cp_users WHERE user_id = $1").bind(user_id.to_string()),
+        )?;
+        Ok(())
+    }
+    fn reserve(&mut self, prefix: u128, region: &str) -> Result<()> {
+        self.exec(
+            sqlx::query("INSERT INTO cp_reserved (prefix, region) VALUES ($1, $2) ON CONFLICT (prefix) DO UPDATE SET region = $2")
+                .bind(prefix_key(prefix))
+                .bind(region.to_string()),
+        )?;
+        Ok(())
+    }
+    fn unreserve(&mut self, prefix: u128) -> Result<()> {
+        self.exec(
+            sqlx::query("DELETE FROM cp_reserved WHERE prefix = $1").bind(prefix_key(prefix)),
+        )?;
+        Ok(())
+    }
+    fn drop_reservations(&mut self, region: &str) -> Result<u64> {
+        self.exec(sqlx::query("DELETE FROM cp_reserved WHERE region = $1").bind(region.to_string()))
+    }
+    fn put_config(&mut self, row: &str, e: &ConfigEntry) -> Result<()> {
+        self.exec(
+            sqlx::query("INSERT INTO cp_config (row_key, body) VALUES ($1, $2) ON CONFLICT (row_key) DO UPDATE SET body = $2")
+                .bind(row.as_bytes().to_vec())
+                .bind(e.encode_to_vec()),
+        )?;
+        Ok(())
+    }
+    fn remove_config(&mut self, row: &str) -> Result<()> {
+        self.exec(
+            sqlx::query("DELETE FROM cp_config WHERE row_key = $1").bind(row.as_bytes().to_vec()),
+        )?;
+        Ok(())
+    }
+    fn put_history(&mut self, row: &str, h: &ConfigHistoryEntry) -> Result<()> {
+        self.exec(
+            sqlx::query("INSERT INTO cp_config_history (revision, row_key, body) VALUES ($1, $2, $3) ON CONFLICT (revision, row_key) DO UPDATE SET body = $3")
+                .bind(rev(h.revision))
+                .bind(row.as_bytes().to_vec())
+                .bind(h.encode_to_vec()),
+        )?;
+        Ok(())
+    }
+    fn put_change(&mut self, cs: &ChangeSet) -> Result<()> {
+        self.exec(
+            sqlx::query("INSERT INTO cp_changes (revision, body) VALUES ($1, $2)")
+                .bind(rev(cs.revision))
+                .bind(cs.encode_to_vec()),
+        )?;
+        // Delivered when (and only if) the transaction commits.
+        self.exec(
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(cs.revision.to_string()),
+        )?;
+        Ok(())
+    }
+    fn trim_changes(&mut self, revision: u64) -> Result<()> {
+        self.exec(sqlx::query("DELETE FROM cp_changes WHERE revision <= $1").bind(rev(revision)))?;
+        Ok(())
+    }
+    fn put_subscriber(&mut self, s: &SubscriberStatus) -> Result<()> {
+        self.exec(
+            sqlx::query("INSERT INTO cp_subscribers (node_id, body) VALUES ($1, $2) ON CONFLICT (node_id) DO UPDATE SET body = $2")
+                .bind(s.node_id.clone())
+                .bind(s.encode_to_vec()),
+        )?;
+        Ok(())
+    }
+}
