@@ -74,6 +74,12 @@ pub struct Cluster {
     pub(crate) bins: Binaries,
     pub(crate) ports: Ports,
     pub control_plane: ControlPlaneNode,
+    /// Further control-plane instances over the same PostgreSQL store
+    /// (`control_plane_postgres`); every component is given them all.
+    pub more_control_planes: Vec<ControlPlaneNode>,
+    /// A PostgreSQL URL: the control plane's store is shared there
+    /// instead of a redb file.
+    pub control_plane_postgres: Option<String>,
     pub cells: BTreeMap<String, CellNode>,
     pub routers: Vec<RouterNode>,
     /// Extra TOML lines for every cell's configuration (benchmarks raise
@@ -133,6 +139,8 @@ impl Cluster {
                 gossip: loopback(gossip),
                 process: None,
             },
+            more_control_planes: Vec::new(),
+            control_plane_postgres: None,
             cells: BTreeMap::new(),
             routers: Vec::new(),
             cell_extra_config: String::new(),
@@ -157,27 +165,66 @@ impl Cluster {
         self.root.join("directory.key")
     }
 
+    /// Every control-plane instance's endpoint, comma-separated: what
+    /// routers, cells and the CLI are given (they fail over in turn).
     pub fn control_plane_endpoint(&self) -> String {
-        format!("https://{}", self.control_plane.grpc)
+        std::iter::once(&self.control_plane)
+            .chain(&self.more_control_planes)
+            .map(|n| format!("https://{}", n.grpc))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Control-plane instance `i` (0 is `control_plane`).
+    pub fn control_plane_node(&mut self, i: usize) -> &mut ControlPlaneNode {
+        match i {
+            0 => &mut self.control_plane,
+            i => &mut self.more_control_planes[i - 1],
+        }
+    }
+
+    /// Adds a control-plane instance on free ports (over the shared
+    /// PostgreSQL store); returns its index for `start_control_plane_instance`.
+    pub fn add_control_plane_instance(&mut self) -> usize {
+        self.more_control_planes.push(ControlPlaneNode {
+            grpc: loopback(free_port()),
+            admin: loopback(free_port()),
+            gossip: loopback(free_port()),
+            process: None,
+        });
+        self.more_control_planes.len()
     }
 
     /// Starts (or restarts) the control plane and waits for it to answer.
     pub async fn start_control_plane(&mut self) -> Result<()> {
-        let cfg = format!(
+        self.start_control_plane_instance(0).await
+    }
+
+    /// Starts (or restarts) control-plane instance `i`.
+    pub async fn start_control_plane_instance(&mut self, i: usize) -> Result<()> {
+        let name = match i {
+            0 => "control-plane".to_string(),
+            i => format!("control-plane-{i}"),
+        };
+        let node = self.control_plane_node(i);
+        let (grpc, admin, gossip) = (node.grpc, node.admin, node.gossip);
+        let mut cfg = format!(
             "data_dir = {:?}\nlisten = \"{}\"\nadmin_listen = \"{}\"\ndirectory_key_file = {:?}\n{}",
-            self.root.join("control-plane").display().to_string(),
-            self.control_plane.grpc,
-            self.control_plane.admin,
+            self.root.join(&name).display().to_string(),
+            grpc,
+            admin,
             self.directory_key_path().display().to_string(),
             self.tls_toml(&PeerIdentity::ControlPlane)?
-        ) + &self.gossip_toml(&self.control_plane.gossip.to_string());
-        let path = self.write_config("control-plane", cfg)?;
+        ) + &self.gossip_toml(&gossip.to_string());
+        if let Some(url) = &self.control_plane_postgres {
+            cfg += &format!("\n[store]\npostgres = {url:?}\ninstance = \"cp-{i}\"\n");
+        }
+        let path = self.write_config(&name, cfg)?;
         let mut cmd = Command::new(self.bins.path("control-plane"));
         cmd.arg("serve").arg("--config").arg(path);
-        let mut proc = Process::spawn("control-plane", cmd, &self.logs())?;
-        let admin = self.control_plane.admin;
+        let mut proc = Process::spawn(&name, cmd, &self.logs())?;
         let up = wait_up(&self.http, &format!("http://{admin}/healthz"), &mut proc).await;
-        self.control_plane.process = Some(proc);
+        self.control_plane_node(i).process = Some(proc);
         up?;
         // The gRPC listener binds after the admin one: wait for a CLI round trip.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -199,7 +246,12 @@ impl Cluster {
     }
 
     pub fn kill_control_plane(&mut self) {
-        if let Some(mut p) = self.control_plane.process.take() {
+        self.kill_control_plane_instance(0);
+    }
+
+    /// SIGKILLs control-plane instance `i`.
+    pub fn kill_control_plane_instance(&mut self, i: usize) {
+        if let Some(mut p) = self.control_plane_node(i).process.take() {
             p.kill();
         }
     }
