@@ -296,11 +296,44 @@ fn kubernetes_manifests_are_complete() {
     }
     assert!(overlays >= 2, "one overlay per region, found {overlays}");
     errors.extend(check(&build(&k8s.join("control-plane")), "control-plane"));
+    errors.extend(check(
+        &build(&k8s.join("control-plane-postgres")),
+        "control-plane-postgres",
+    ));
     assert!(
         errors.is_empty(),
         "manifest problems:\n{}",
         errors.join("\n")
     );
+}
+
+#[test]
+fn the_postgres_control_plane_runs_three_instances_with_the_url_from_a_secret() {
+    let built = build(&deploy().join("k8s/control-plane-postgres"));
+    let cp = built
+        .resources
+        .iter()
+        .find(|r| {
+            s(r, &["metadata", "name"]) == Some("control-plane")
+                && s(r, &["kind"]) == Some("StatefulSet")
+        })
+        .expect("control plane");
+    assert_eq!(cp["spec"]["replicas"].as_u64(), Some(3));
+    let env = seq(cp, &["spec", "template", "spec", "containers"])[0]["env"]
+        .as_sequence()
+        .unwrap();
+    let url = env
+        .iter()
+        .find(|e| e["name"] == "HOMECELL_CP_STORE__POSTGRES")
+        .expect("the store's URL");
+    assert!(get(url, &["value"]).is_none(), "never inline: {url:?}");
+    assert!(s(url, &["valueFrom", "secretKeyRef", "name"]).is_some());
+    let pdb = built
+        .resources
+        .iter()
+        .find(|r| s(r, &["kind"]) == Some("PodDisruptionBudget"))
+        .expect("a PDB");
+    assert_eq!(pdb["spec"]["maxUnavailable"].as_u64(), Some(1));
 }
 
 #[test]
