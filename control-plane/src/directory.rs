@@ -23,8 +23,12 @@ fn validate_identifier(identifier: &str) -> Result<(), CodedError> {
 }
 
 fn validate_user_id(user_id: &str) -> Result<(), CodedError> {
-    if user_id.is_empty() || user_id.len() > 64 {
-        return Err(CodedError::invalid("user_id must be 1-64 characters"));
+    // No control characters: PostgreSQL's text cannot hold a NUL, and a
+    // user id must mean the same on both engines.
+    if user_id.is_empty() || user_id.len() > 64 || user_id.chars().any(char::is_control) {
+        return Err(CodedError::invalid(
+            "user_id must be 1-64 characters, none of them control characters",
+        ));
     }
     Ok(())
 }
@@ -129,7 +133,14 @@ pub fn move_user(
             format!("region {to} does not take users"),
         ));
     }
-    if tx.user_home(user_id)?.as_deref() != Some(from) {
+    let home = tx.user_home(user_id)?;
+    // A retry of a move that committed (its answer was lost: on a shared
+    // store a commit can succeed while the connection fails) succeeds
+    // again, changing nothing.
+    if home.as_deref() == Some(to) && moved_already(tx, key, user_id, to, identifiers)? {
+        return Ok(());
+    }
+    if home.as_deref() != Some(from) {
         return Err(CodedError::new(
             ErrorCode::FailedPrecondition,
             format!("the user is not homed in {from}"),
@@ -154,6 +165,28 @@ pub fn move_user(
         }
     }
     tx.rehome_user(user_id, to)
+}
+
+/// Whether every one of `identifiers` (1-16 of them) is held by `user_id`
+/// in region `to`.
+fn moved_already(
+    tx: &Tx<'_>,
+    key: &DirectoryKey,
+    user_id: &str,
+    to: &str,
+    identifiers: &[String],
+) -> Result<bool, CodedError> {
+    if identifiers.is_empty() || identifiers.len() > 16 {
+        return Ok(false);
+    }
+    for identifier in identifiers {
+        validate_identifier(identifier)?;
+        match tx.claim(&key.hmac(identifier))? {
+            Some(c) if c.user_id == user_id && c.region == to => {}
+            _ => return Ok(false),
+        }
+    }
+    Ok(true)
 }
 
 /// Claims per ReassertClaims call.

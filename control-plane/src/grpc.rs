@@ -59,12 +59,25 @@ fn reader<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
 }
 
 impl ControlPlane {
+    /// Refuses at once while this instance cannot reach its store (another
+    /// instance can), instead of waiting out the database's timeouts.
+    fn serving(&self) -> Result<(), Status> {
+        if *self.store.healthy().borrow() {
+            Ok(())
+        } else {
+            Err(Status::unavailable(
+                "this control-plane instance cannot reach its store; try another",
+            ))
+        }
+    }
+
     /// Runs a mutation as `actor` on the blocking pool.
     async fn mutate<T: Send + 'static>(
         &self,
         actor: &PeerIdentity,
         f: impl FnOnce(&mut crate::store::Tx<'_>) -> Result<T, CodedError> + Send + 'static,
     ) -> Result<(T, u64), Status> {
+        self.serving()?;
         let store = self.store.clone();
         let actor = actor.common_name();
         let out = tokio::task::spawn_blocking(move || store.mutate(&actor, f))
@@ -77,6 +90,7 @@ impl ControlPlane {
         &self,
         f: impl FnOnce(&crate::store::Tx<'_>) -> Result<T, CodedError> + Send + 'static,
     ) -> Result<(T, u64), Status> {
+        self.serving()?;
         let store = self.store.clone();
         let out = tokio::task::spawn_blocking(move || store.read(f))
             .await
@@ -473,7 +487,9 @@ impl backup_service_server::BackupService for ControlPlane {
         tracing::info!(actor = %who, revision = self.store.revision(), "backup started");
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let store = self.store.clone();
+        let permit = self.store.stream_permit().await;
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let mut chunk = Vec::with_capacity(BACKUP_CHUNK_RECORDS);
             let mut open = true;
             let read = store.export(|record| {

@@ -51,7 +51,7 @@ pub struct ServeConfig {
 /// Where the store lives. Unset, it is `control-plane.redb` in `data_dir`:
 /// one instance, nothing else to run. With `postgres`, every instance that
 /// names the same database serves the same store.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// A `postgres://` URL. Usually set from a secret through
@@ -104,6 +104,17 @@ impl ServeConfig {
             g.validate().context("gossip")?;
         }
         Ok(())
+    }
+}
+
+/// Never the URL: it may hold a password.
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("postgres", &self.postgres.as_ref().map(|_| ".."))
+            .field("instance", &self.instance)
+            .field("advertise", &self.advertise)
+            .finish()
     }
 }
 
@@ -191,23 +202,76 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     let admin_addr = admin::serve(config.admin_listen, ready, token.clone()).await?;
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, store = store.engine(), instance = %instance.id, revision = store.revision(), epoch = format!("{:016x}", store.epoch()), "control plane listening");
 
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tonic::transport::Server::builder()
-        .tls_config(tls.tonic_server())?
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .add_service(RegionServiceServer::new(cp.clone()))
-        .add_service(ConfigServiceServer::new(cp.clone()))
-        .add_service(SyncServiceServer::new(cp.clone()))
-        .add_service(DirectoryServiceServer::new(cp.clone()))
-        .add_service(BackupServiceServer::new(cp.clone()))
-        .add_service(StatusServiceServer::new(cp))
-        .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
-    // Watch streams never end on their own: after the signal, give open calls
-    // a moment, then stop regardless.
-    tokio::select! {
-        served = server => served.context("gRPC server failed")?,
-        _ = async { token.cancelled().await; tokio::time::sleep(Duration::from_secs(2)).await } => {}
+    // While this instance cannot read a shared store it stops listening:
+    // a client's next dial finds the port closed and goes to the next
+    // instance at once (an open port with a refusing server behind it
+    // would keep every client's connection pinned here). It listens again
+    // on the same address once it can read the store.
+    let mut listener = Some(listener);
+    let mut healthy = store.healthy();
+    loop {
+        let listener = match listener.take() {
+            Some(l) => l,
+            None => {
+                tokio::select! {
+                    () = token.cancelled() => break,
+                    up = healthy.wait_for(|h| *h) => if up.is_err() { break },
+                }
+                match tokio::net::TcpListener::bind(grpc_addr).await {
+                    Ok(l) => {
+                        tracing::info!(grpc = %grpc_addr, "the store can be read again; listening");
+                        l
+                    }
+                    Err(e) => {
+                        tracing::warn!(grpc = %grpc_addr, error = %e, "cannot listen again yet");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
+        };
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let stop = {
+            let (token, mut healthy) = (token.clone(), store.healthy());
+            async move {
+                tokio::select! {
+                    () = token.cancelled() => {}
+                    _ = healthy.wait_for(|h| !*h) => {}
+                }
+            }
+        };
+        let server = tonic::transport::Server::builder()
+            .tls_config(tls.tonic_server())?
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .add_service(RegionServiceServer::new(cp.clone()))
+            .add_service(ConfigServiceServer::new(cp.clone()))
+            .add_service(SyncServiceServer::new(cp.clone()))
+            .add_service(DirectoryServiceServer::new(cp.clone()))
+            .add_service(BackupServiceServer::new(cp.clone()))
+            .add_service(StatusServiceServer::new(cp.clone()))
+            .serve_with_incoming_shutdown(incoming, stop);
+        // Watch streams never end on their own: once stopping, give open
+        // calls a moment, then stop regardless.
+        let stopping = {
+            let (token, mut healthy) = (token.clone(), store.healthy());
+            async move {
+                tokio::select! {
+                    () = token.cancelled() => {}
+                    _ = healthy.wait_for(|h| !*h) => {}
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        };
+        tokio::select! {
+            served = server => served.context("gRPC server failed")?,
+            () = stopping => {}
+        }
+        if token.is_cancelled() {
+            break;
+        }
+        tracing::warn!(grpc = %grpc_addr, "cannot read the store; stopped listening until it can");
     }
     let _ = persisting.await;
     if let Ok(Err(e)) = following.await {

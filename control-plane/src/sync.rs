@@ -141,9 +141,13 @@ impl Subscribers {
         }
         let n = rows.len();
         let store = self.store.clone();
+        let ids: Vec<String> = rows.iter().map(|r| r.node_id.clone()).collect();
         let saved = tokio::task::spawn_blocking(move || store.save_subscribers(&rows)).await;
         if !matches!(saved, Ok(Ok(()))) {
+            // Kept for the next batch.
             tracing::warn!(rows = n, "cannot persist subscriber status");
+            self.live.lock().expect("poisoned").dirty.extend(ids);
+            self.changed.notify_one();
         }
         n
     }
@@ -222,8 +226,13 @@ pub async fn watch(
     };
     let kind = SubscriberKind::try_from(sub.kind).unwrap_or(SubscriberKind::Unspecified);
     authorize(&caller, kind, &sub.region)?;
-    if sub.node_id.is_empty() || sub.node_id.len() > 128 {
-        return Err(Status::invalid_argument("node_id must be 1-128 characters"));
+    if sub.node_id.is_empty()
+        || sub.node_id.len() > 128
+        || sub.node_id.chars().any(char::is_control)
+    {
+        return Err(Status::invalid_argument(
+            "node_id must be 1-128 characters, none of them control characters",
+        ));
     }
     let node_id = sub.node_id.clone();
     let lost = conflict(sub.epoch, sub.from_revision, &store);
@@ -348,7 +357,9 @@ async fn send_loop(
                     // stream, a part at a time: memory stays flat however
                     // large the directory.
                     let (s, out) = (store.clone(), tx.clone());
+                    let permit = store.stream_permit().await;
                     let streamed = tokio::task::spawn_blocking(move || {
+                        let _permit = permit;
                         let mut revision = 0;
                         let mut delivered = true;
                         s.snapshot_parts(SNAPSHOT_PART_ROWS, |part| {
@@ -361,8 +372,19 @@ async fn send_loop(
                         .map(|()| delivered.then_some(revision))
                     })
                     .await;
-                    let Ok(Ok(Some(revision))) = streamed else {
-                        return;
+                    let revision = match streamed {
+                        Ok(Ok(Some(revision))) => revision,
+                        // The reader left or stalled: nobody to tell.
+                        Ok(Ok(None)) => return,
+                        failed => {
+                            tracing::warn!(?failed, "a snapshot failed");
+                            let _ = tx
+                                .send(Err(Status::unavailable(
+                                    "the snapshot failed; subscribe again",
+                                )))
+                                .await;
+                            return;
+                        }
                     };
                     sent = revision;
                     need_snapshot = false;
@@ -424,7 +446,12 @@ async fn report_loop(
             Some(watch_request::Kind::Nack(n)) => {
                 tracing::warn!(node_id, revision = n.revision, error = %n.error, "subscriber NACKed");
                 let mut error = n.error;
-                error.truncate(512);
+                // At a character boundary: a NACK is any subscriber's text.
+                let mut end = error.len().min(512);
+                while !error.is_char_boundary(end) {
+                    end -= 1;
+                }
+                error.truncate(end);
                 subscribers.update(node_id, |s| s.last_error = error)
             }
             _ => {

@@ -24,7 +24,12 @@ CREATE TABLE cp_config_history (
     PRIMARY KEY (revision, row_key)
 );
 CREATE TABLE cp_changes (revision BIGINT PRIMARY KEY, body BYTEA NOT NULL);
-CREATE TABLE cp_subscribers (node_id TEXT COLLATE "C" PRIMARY KEY, body BYTEA NOT NULL);
+CREATE TABLE cp_subscribers (
+    node_id TEXT COLLATE "C" PRIMARY KEY,
+    body BYTEA NOT NULL,
+    -- The report's time: a later report from another instance wins.
+    contact_unix_ms BIGINT NOT NULL
+);
 CREATE TABLE cp_claims (
     hmac TEXT COLLATE "C" PRIMARY KEY,
     user_id TEXT COLLATE "C" NOT NULL,

@@ -56,14 +56,18 @@ impl Store {
         let mut last_read = std::time::Instant::now();
         loop {
             if listener.is_none() {
-                listener = listen(pg.pool()).await;
+                listener = listen(pg.url()).await;
             }
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
+                // A notification only wakes: any role on the database may
+                // send one, so the head is read from the log's own row.
                 n = async { listener.as_mut().expect("guarded").recv().await }, if listener.is_some() => match n {
-                    Ok(n) => {
-                        if let Ok(revision) = n.payload().parse() {
-                            self.advance(revision);
+                    Ok(_) => {
+                        if let Ok(Ok((revision, epoch))) = tokio::time::timeout(TICK, pg.head()).await
+                            && epoch == self.epoch
+                        {
+                            self.set_head(revision);
                         }
                     }
                     Err(e) => {
@@ -79,7 +83,7 @@ impl Store {
                                 "the store was rebuilt under this instance (epoch {epoch:016x}, not {:016x}); restart it",
                                 self.epoch
                             );
-                            self.advance(revision);
+                            self.set_head(revision);
                             last_read = std::time::Instant::now();
                             self.set_healthy(true);
                             let row = InstanceRow {
@@ -89,8 +93,10 @@ impl Store {
                                 seen_unix_ms: now_ms(),
                                 revision,
                             };
-                            if let Err(e) = pg.heartbeat(&row).await {
-                                tracing::warn!(error = %e, "cannot record this instance in the store");
+                            match tokio::time::timeout(TICK, pg.heartbeat(&row)).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => tracing::warn!(error = %e, "cannot record this instance in the store"),
+                                Err(_) => tracing::warn!("recording this instance in the store timed out"),
                             }
                         }
                         failed => {
@@ -106,6 +112,23 @@ impl Store {
                     }
                 }
             }
+        }
+    }
+
+    /// The head as the database holds it. Only ever forward within an
+    /// epoch; a head behind what this instance holds means its view was
+    /// wrong, and the database wins.
+    fn set_head(&self, revision: u64) {
+        let behind = self.revision() > revision;
+        if behind {
+            tracing::error!(
+                held = self.revision(),
+                revision,
+                "this instance held a head the store does not have; taking the store's"
+            );
+            self.revision_tx.send_replace(revision);
+        } else {
+            self.advance(revision);
         }
     }
 
@@ -139,9 +162,10 @@ impl Store {
 }
 
 /// A listener on the revision channel, or None (the tick covers for it).
-async fn listen(pool: &sqlx::PgPool) -> Option<PgListener> {
+async fn listen(url: &str) -> Option<PgListener> {
     let attempt = async {
-        let mut l = PgListener::connect_with(pool).await?;
+        // Its own connection, outside the pools.
+        let mut l = PgListener::connect(url).await?;
         l.listen(CHANNEL).await?;
         Ok::<_, sqlx::Error>(l)
     };

@@ -54,12 +54,22 @@ pub fn new_epoch() -> u64 {
 }
 
 /// Where a store lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Location {
     /// A redb file, this process's alone.
     File(PathBuf),
     /// A PostgreSQL database (its URL), shared by every instance naming it.
     Postgres(String),
+}
+
+/// Never the URL: it may hold a password.
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::File(p) => f.debug_tuple("File").field(p).finish(),
+            Location::Postgres(_) => f.write_str("Postgres(..)"),
+        }
+    }
 }
 
 impl Location {
@@ -116,6 +126,9 @@ pub struct Store {
     /// False while this instance cannot reach a shared store: its Watch
     /// streams end, so their subscribers fail over to an instance that can.
     healthy_tx: watch::Sender<bool>,
+    /// Snapshots and backups streaming at once: each holds a connection
+    /// of the shared store's pool for as long as its reader takes.
+    streams: std::sync::Arc<tokio::sync::Semaphore>,
     /// How many change sets the log keeps before compacting the oldest.
     retain_changes: u64,
 }
@@ -421,7 +434,12 @@ impl Store {
     ) -> Self {
         let (revision_tx, _) = watch::channel(revision);
         let (healthy_tx, _) = watch::channel(true);
+        let streams = match engine {
+            Engine::Redb(_) => tokio::sync::Semaphore::MAX_PERMITS,
+            Engine::Postgres(_) => STREAMS_ON_POSTGRES,
+        };
         Self {
+            streams: std::sync::Arc::new(tokio::sync::Semaphore::new(streams)),
             engine,
             epoch,
             parent,
@@ -452,6 +470,15 @@ impl Store {
         self.parent
     }
 
+    /// A turn to stream a snapshot or backup (see `streams`).
+    pub async fn stream_permit(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.streams
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
     /// Notified with each committed revision (this instance's, and on
     /// PostgreSQL every instance's once [`Store::follow`] sees it).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -476,6 +503,16 @@ impl Store {
         engine: &Engine,
         f: impl FnOnce(&mut dyn Write) -> Result<(T, Outcome), CodedError>,
     ) -> Result<(T, Outcome), CodedError> {
+        Self::write_with(engine, true, f)
+    }
+
+    /// [`Store::write`], taking PostgreSQL's revision lock or not: rows no
+    /// subscriber sees (the subscribers' own) need no turn with mutations.
+    fn write_with<T>(
+        engine: &Engine,
+        lock: bool,
+        f: impl FnOnce(&mut dyn Write) -> Result<(T, Outcome), CodedError>,
+    ) -> Result<(T, Outcome), CodedError> {
         match engine {
             Engine::Redb(db) => {
                 let txn = db.begin_write().map_err(storage)?;
@@ -487,7 +524,7 @@ impl Store {
                 Ok((out, outcome))
             }
             Engine::Postgres(pg) => {
-                let mut txn = pg.begin_write()?;
+                let mut txn = pg.begin_write(lock)?;
                 let (out, outcome) = f(&mut txn)?;
                 // Dropping an uncommitted transaction rolls it back.
                 if !matches!(outcome, Outcome::Abort) {
@@ -740,7 +777,7 @@ impl Store {
 
     /// Writes subscriber rows, all in one transaction (one fsync).
     pub fn save_subscribers(&self, rows: &[SubscriberStatus]) -> Result<(), CodedError> {
-        Self::write(&self.engine, |t| {
+        Self::write_with(&self.engine, false, |t| {
             for s in rows {
                 t.put_subscriber(s)?;
             }
@@ -756,6 +793,10 @@ impl Store {
 
 /// Rows per query when a snapshot or backup walks a table.
 const PAGE: usize = 1024;
+/// Snapshots and backups one instance streams at once from PostgreSQL:
+/// well under its pool of 16, so mutations and deltas always get a
+/// connection.
+const STREAMS_ON_POSTGRES: usize = 6;
 
 /// A redb store from before the users table: derive it once from the claims.
 fn derive_users(txn: &redb::WriteTransaction) -> anyhow::Result<()> {

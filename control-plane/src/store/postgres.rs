@@ -58,15 +58,36 @@ fn prefix_key(prefix: u128) -> String {
     format!("{prefix:032x}")
 }
 
+/// How long one query may take, measured here: the server's own limits
+/// (`statement_timeout`) never fire if the network drops its packets, and
+/// a thread blocked for ever would hold its connection for ever.
+const QUERY_DEADLINE: Duration = Duration::from_secs(15);
+
 /// Runs `f` to completion from synchronous code on a thread of the
-/// runtime's blocking pool (or, via `block_in_place`, a worker thread).
-fn block<F: std::future::Future>(rt: &tokio::runtime::Handle, f: F) -> F::Output {
-    tokio::task::block_in_place(|| rt.block_on(f))
+/// runtime's blocking pool (or, via `block_in_place`, a worker thread),
+/// giving up after [`QUERY_DEADLINE`] (the transaction is then dropped,
+/// which closes or rolls back its connection).
+fn block<T>(
+    rt: &tokio::runtime::Handle,
+    f: impl std::future::Future<Output = sqlx::Result<T>>,
+) -> sqlx::Result<T> {
+    tokio::task::block_in_place(|| {
+        rt.block_on(async {
+            tokio::time::timeout(QUERY_DEADLINE, f)
+                .await
+                .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+        })
+    })
 }
 
 /// The shared database.
 pub struct Pg {
+    /// Mutations, reads, snapshots and backups.
     pool: PgPool,
+    /// Following the head and the heartbeat, apart: a pool busy with
+    /// snapshots must not make the instance think it lost the store.
+    follow: PgPool,
+    url: String,
     rt: tokio::runtime::Handle,
 }
 
@@ -85,25 +106,30 @@ impl Pg {
     /// instances that start together take turns).
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
         use anyhow::Context;
-        // An instance cut off mid-transaction still holds the revision lock
-        // on the server, stopping every other instance's mutations; the
-        // server ends such a session after this long, so the lock is freed.
+        // The store's code blocks on queries (see `block`), which tokio
+        // allows only on a multi-threaded runtime.
+        anyhow::ensure!(
+            tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::MultiThread,
+            "the PostgreSQL store needs a multi-threaded tokio runtime"
+        );
         // A statement never waits on a lock or runs for longer than a
-        // client's own deadline either.
+        // client's own deadline. (Write transactions also set an idle
+        // limit: see `begin_write`.)
         let opts = PgConnectOptions::from_str(url)
             .context("malformed postgres URL")?
             .application_name("homecell-control-plane")
-            .options([
-                ("idle_in_transaction_session_timeout", "5s"),
-                ("lock_timeout", "5s"),
-                ("statement_timeout", "10s"),
-            ]);
+            .options([("lock_timeout", "5s"), ("statement_timeout", "10s")]);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await
             .context("cannot connect to PostgreSQL")?;
+        let follow = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(1))
+            .connect_lazy_with(opts);
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(7243111)")
             .execute(&mut *tx)
@@ -132,6 +158,8 @@ impl Pg {
         tx.commit().await?;
         Ok(Self {
             pool,
+            follow,
+            url: url.to_string(),
             rt: tokio::runtime::Handle::current(),
         })
     }
@@ -139,20 +167,37 @@ impl Pg {
     /// [`Pg::connect`] from synchronous code on a multi-threaded runtime.
     pub fn connect_blocking(url: &str) -> anyhow::Result<Self> {
         let rt = tokio::runtime::Handle::current();
-        block(&rt, Self::connect(url))
+        tokio::task::block_in_place(|| rt.block_on(Self::connect(url)))
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    /// The URL, for a listener's own connection.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
-    /// A write transaction, holding the revision lock until it ends.
-    pub fn begin_write(&self) -> Result<PgTx> {
+    /// A write transaction, holding the revision lock until it ends (with
+    /// `lock`; rows no subscriber sees, such as the subscribers' own, are
+    /// written without it).
+    pub fn begin_write(&self, lock: bool) -> Result<PgTx> {
         let tx = block(&self.rt, async {
-            let mut tx = self.pool.begin().await?;
-            sqlx::query("SELECT value FROM cp_meta WHERE key = 'revision' FOR UPDATE")
+            // READ COMMITTED whatever the server's default: a writer that
+            // waited on the lock must then read what the last one wrote.
+            let mut tx = self
+                .pool
+                .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE")
+                .await?;
+            // An instance cut off mid-transaction would hold the revision
+            // lock on the server, stopping every other instance's
+            // mutations: the server ends such a session after 5 s idle.
+            sqlx::query("SET LOCAL idle_in_transaction_session_timeout = '5s'")
                 .execute(&mut *tx)
                 .await?;
+            if lock {
+                // fetch_one: a missing row must fail, not lock nothing.
+                sqlx::query("SELECT value FROM cp_meta WHERE key = 'revision' FOR UPDATE")
+                    .fetch_one(&mut *tx)
+                    .await?;
+            }
             Ok::<_, sqlx::Error>(tx)
         })
         .map_err(storage)?;
@@ -162,7 +207,8 @@ impl Pg {
         })
     }
 
-    /// A consistent read-only view, however many queries read it.
+    /// A consistent read-only view, however many queries read it. No idle
+    /// limit: a snapshot's reader may take up to `sync::STALL` per part.
     pub fn begin_read(&self) -> Result<PgTx> {
         let tx = block(
             &self.rt,
@@ -188,12 +234,12 @@ impl Pg {
         .bind(i.started_unix_ms)
         .bind(i.seen_unix_ms)
         .bind(int(i.revision))
-        .execute(&self.pool)
+        .execute(&self.follow)
         .await?;
         // An instance removed for good leaves the list after a day.
         sqlx::query("DELETE FROM cp_instances WHERE seen_unix_ms < $1")
             .bind(i.seen_unix_ms - 86_400_000)
-            .execute(&self.pool)
+            .execute(&self.follow)
             .await?;
         Ok(())
     }
@@ -202,7 +248,7 @@ impl Pg {
         let rows: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
             "SELECT id, endpoint, started_unix_ms, seen_unix_ms, revision FROM cp_instances ORDER BY id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.follow)
         .await?;
         Ok(rows
             .into_iter()
@@ -220,7 +266,7 @@ impl Pg {
     pub async fn head(&self) -> sqlx::Result<(u64, u64)> {
         let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT key, value FROM cp_meta WHERE key IN ('revision', 'epoch')")
-                .fetch_all(&self.pool)
+                .fetch_all(&self.follow)
                 .await?;
         let get = |k: &str| rows.iter().find(|r| r.0 == k).map_or(0, |r| r.1 as u64);
         Ok((get("revision"), get("epoch")))
@@ -452,8 +498,10 @@ impl Read for PgTx {
         let after = after.map(str::to_string);
         self.run(move |c| {
             Box::pin(async move {
-                sqlx::query_as("SELECT user_id, region FROM cp_users WHERE $1::text IS NULL OR user_id > $1 ORDER BY user_id LIMIT $2")
-                    .bind(after)
+                // `> ''` for the first page: keys are never empty, and a
+                // plain bound keeps the index usable in a generic plan.
+                sqlx::query_as("SELECT user_id, region FROM cp_users WHERE user_id > $1 ORDER BY user_id LIMIT $2")
+                    .bind(after.unwrap_or_default())
                     .bind(limit as i64)
                     .fetch_all(c)
                     .await
@@ -464,8 +512,8 @@ impl Read for PgTx {
         let after = after.map(str::to_string);
         let rows: Vec<(String, String, String)> = self.run(move |c| {
             Box::pin(async move {
-                sqlx::query_as("SELECT hmac, user_id, region FROM cp_claims WHERE $1::text IS NULL OR hmac > $1 ORDER BY hmac LIMIT $2")
-                    .bind(after)
+                sqlx::query_as("SELECT hmac, user_id, region FROM cp_claims WHERE hmac > $1 ORDER BY hmac LIMIT $2")
+                    .bind(after.unwrap_or_default())
                     .bind(limit as i64)
                     .fetch_all(c)
                     .await
@@ -527,18 +575,22 @@ impl Write for PgTx {
     }
     fn put_claim(&mut self, c: &IdentifierClaim) -> Result<bool> {
         let (hmac, user, region) = (c.hmac.clone(), c.user_id.clone(), c.region.clone());
-        // xmax is 0 for a row this statement inserted, set for one it updated.
-        let replaced: bool = self.run(move |conn| {
-            Box::pin(async move {
-                sqlx::query_scalar("INSERT INTO cp_claims (hmac, user_id, region) VALUES ($1, $2, $3) ON CONFLICT (hmac) DO UPDATE SET user_id = $2, region = $3 RETURNING (xmax <> 0)")
-                    .bind(hmac)
-                    .bind(user)
-                    .bind(region)
-                    .fetch_one(conn)
-                    .await
-            })
-        })?;
-        Ok(replaced)
+        let updated = self.exec(
+            sqlx::query("UPDATE cp_claims SET user_id = $2, region = $3 WHERE hmac = $1")
+                .bind(hmac.clone())
+                .bind(user.clone())
+                .bind(region.clone()),
+        )?;
+        if updated > 0 {
+            return Ok(true);
+        }
+        self.exec(
+            sqlx::query("INSERT INTO cp_claims (hmac, user_id, region) VALUES ($1, $2, $3)")
+                .bind(hmac)
+                .bind(user)
+                .bind(region),
+        )?;
+        Ok(false)
     }
     fn remove_claim(&mut self, hmac: &str) -> Result<Option<IdentifierClaim>> {
         let hmac = hmac.to_string();
@@ -632,10 +684,14 @@ impl Write for PgTx {
         Ok(())
     }
     fn put_subscriber(&mut self, s: &SubscriberStatus) -> Result<()> {
+        // Instances persist their rows independently: an older report (a
+        // disconnect written late by the instance the subscriber left)
+        // never replaces a newer one.
         self.exec(
-            sqlx::query("INSERT INTO cp_subscribers (node_id, body) VALUES ($1, $2) ON CONFLICT (node_id) DO UPDATE SET body = $2")
+            sqlx::query("INSERT INTO cp_subscribers (node_id, body, contact_unix_ms) VALUES ($1, $2, $3) ON CONFLICT (node_id) DO UPDATE SET body = $2, contact_unix_ms = $3 WHERE cp_subscribers.contact_unix_ms <= $3")
                 .bind(s.node_id.clone())
-                .bind(s.encode_to_vec()),
+                .bind(s.encode_to_vec())
+                .bind(s.last_contact_unix_ms),
         )?;
         Ok(())
     }

@@ -89,9 +89,12 @@ impl Store {
         parent: Parent,
         fill: impl FnOnce(&mut Rebuilder<'_>) -> Result<()>,
     ) -> Result<Store> {
+        // Revisions are BIGINT on PostgreSQL: keep them below i64::MAX on
+        // both engines, so any store can move to the other.
         let revision = parent
             .revision
             .checked_add(1)
+            .filter(|r| *r < i64::MAX as u64)
             .context("the source's revision is out of range")?;
         match location {
             Location::File(path) => {
