@@ -782,8 +782,8 @@ impl Replica {
             .tls_config(target.tls.tonic_client(&target.server_name))?
             .connect_timeout(Duration::from_secs(2))
             // A control-plane instance that goes silent (cut off, its
-            // host gone) is noticed within 4 s and the next one dialled.
-            .http2_keep_alive_interval(Duration::from_secs(2))
+            // host gone) is noticed within 3 s and the next one dialled.
+            .http2_keep_alive_interval(Duration::from_secs(1))
             .keep_alive_timeout(Duration::from_secs(2))
             .keep_alive_while_idle(true)
             .connect()

@@ -87,7 +87,13 @@ impl Subscribers {
     ) -> Vec<SubscriberStatus> {
         let mut rows: HashMap<String, SubscriberStatus> =
             stored.into_iter().map(|s| (s.node_id.clone(), s)).collect();
-        for s in self.all() {
+        // Only the rows this instance owns are live here: the others were
+        // loaded at start and are as old as the stored ones, or older.
+        for s in self
+            .all()
+            .into_iter()
+            .filter(|s| s.instance == self.instance)
+        {
             match rows.get(&s.node_id) {
                 Some(o) if o.last_contact_unix_ms > s.last_contact_unix_ms => {}
                 _ => {
@@ -239,7 +245,14 @@ pub async fn watch(
     if let Some(lost) = &lost {
         tracing::error!(node_id, region = %sub.region, conflict = %lost, "a subscriber held state this control plane does not have; sending a snapshot");
     }
+    let deltas = !needs_snapshot(sub.epoch, sub.from_revision, &store);
+    let holds = sub.from_revision.min(store.revision());
     subscribers.update(&node_id, |s| {
+        // What it holds, when that is this store's (capped as an ACK is):
+        // on a shared store it may have ACKed it to another instance.
+        if deltas {
+            s.applied_revision = holds;
+        }
         s.kind = kind as i32;
         s.region = sub.region.clone();
         s.connected = true;

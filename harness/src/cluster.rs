@@ -33,6 +33,11 @@ pub struct ControlPlaneNode {
     /// Its gossip (UDP) address: every other member's seed.
     pub gossip: SocketAddr,
     pub process: Option<Process>,
+    /// Runs in this network namespace (its addresses are the namespace's).
+    pub netns: Option<std::sync::Arc<crate::netns::NetNs>>,
+    /// Its own PostgreSQL URL (from inside a namespace, the server's
+    /// address differs), else the cluster's.
+    pub postgres: Option<String>,
 }
 
 pub struct CellNode {
@@ -138,6 +143,8 @@ impl Cluster {
                 admin: loopback(admin),
                 gossip: loopback(gossip),
                 process: None,
+                netns: None,
+                postgres: None,
             },
             more_control_planes: Vec::new(),
             control_plane_postgres: None,
@@ -191,8 +198,28 @@ impl Cluster {
             admin: loopback(free_port()),
             gossip: loopback(free_port()),
             process: None,
+            netns: None,
+            postgres: None,
         });
         self.more_control_planes.len()
+    }
+
+    /// Moves control-plane instance `i` (before it starts) into `ns`: it
+    /// listens on the namespace's address and reaches PostgreSQL at
+    /// `postgres`.
+    pub fn place_control_plane(
+        &mut self,
+        i: usize,
+        ns: std::sync::Arc<crate::netns::NetNs>,
+        postgres: String,
+    ) {
+        let node = self.control_plane_node(i);
+        let at = |port: u16| SocketAddr::from((ns.ns_ip, port));
+        node.grpc = at(free_port());
+        node.admin = at(free_port());
+        node.gossip = at(free_port());
+        node.postgres = Some(postgres);
+        node.netns = Some(ns);
     }
 
     /// Starts (or restarts) the control plane and waits for it to answer.
@@ -208,6 +235,7 @@ impl Cluster {
         };
         let node = self.control_plane_node(i);
         let (grpc, admin, gossip) = (node.grpc, node.admin, node.gossip);
+        let (netns, own_postgres) = (node.netns.clone(), node.postgres.clone());
         let mut cfg = format!(
             "data_dir = {:?}\nlisten = \"{}\"\nadmin_listen = \"{}\"\ndirectory_key_file = {:?}\n{}",
             self.root.join(&name).display().to_string(),
@@ -216,11 +244,17 @@ impl Cluster {
             self.directory_key_path().display().to_string(),
             self.tls_toml(&PeerIdentity::ControlPlane)?
         ) + &self.gossip_toml(&gossip.to_string());
-        if let Some(url) = &self.control_plane_postgres {
+        if let Some(url) = own_postgres
+            .as_ref()
+            .or(self.control_plane_postgres.as_ref())
+        {
             cfg += &format!("\n[store]\npostgres = {url:?}\ninstance = \"cp-{i}\"\n");
         }
         let path = self.write_config(&name, cfg)?;
-        let mut cmd = Command::new(self.bins.path("control-plane"));
+        let mut cmd = match &netns {
+            Some(ns) => ns.command(&self.bins.path("control-plane")),
+            None => Command::new(self.bins.path("control-plane")),
+        };
         cmd.arg("serve").arg("--config").arg(path);
         let mut proc = Process::spawn(&name, cmd, &self.logs())?;
         let up = wait_up(&self.http, &format!("http://{admin}/healthz"), &mut proc).await;
@@ -268,6 +302,11 @@ impl Cluster {
     pub async fn router_metrics(&self, index: usize) -> Result<String> {
         let url = format!("http://{}/metrics", self.routers[index].admin);
         Ok(self.http.get(url).send().await?.text().await?)
+    }
+
+    /// The operator CLI's binary.
+    pub fn cli_path(&self) -> PathBuf {
+        self.bins.path("control-plane")
     }
 
     /// Runs the operator CLI against this cluster's control plane.

@@ -44,6 +44,12 @@ fn is_root() -> bool {
 
 impl TempPostgres {
     pub fn start() -> Result<Self> {
+        Self::start_on(&[])
+    }
+
+    /// Listening on loopback and on `also` (the host's ends of a test's
+    /// network namespaces, `NetNs::host_ip`), trusting those addresses.
+    pub fn start_on(also: &[std::net::Ipv4Addr]) -> Result<Self> {
         let bin = find_bin()?;
         let dir = tempfile::Builder::new().prefix("homecell-pg-").tempdir()?;
         let as_postgres_user = is_root();
@@ -77,10 +83,23 @@ impl TempPostgres {
                 "--no-sync",
             ],
         )?;
+        if !also.is_empty() {
+            use std::io::Write;
+            let mut hba = std::fs::OpenOptions::new()
+                .append(true)
+                .open(std::path::Path::new(&data).join("pg_hba.conf"))?;
+            for ip in also {
+                writeln!(hba, "host all all {ip}/30 trust")?;
+            }
+        }
+        let listen: Vec<String> = std::iter::once("127.0.0.1".to_string())
+            .chain(also.iter().map(|ip| ip.to_string()))
+            .collect();
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses={} -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
             pg.port,
-            pg.dir.path().display()
+            pg.dir.path().display(),
+            listen.join(",")
         );
         let log = pg.dir.path().join("postgres.log");
         pg.run(
@@ -150,6 +169,11 @@ impl TempPostgres {
 
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// The URL of `db` at another of its addresses.
+    pub fn url_at(&self, ip: std::net::Ipv4Addr, db: &str) -> String {
+        format!("postgres://postgres@{ip}:{}/{db}", self.port)
     }
 
     pub fn dir(&self) -> &Path {
