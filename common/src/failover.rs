@@ -76,5 +76,11 @@ pub fn channel(
         .tls_config(tls.tonic_client(server_name))?
         .connect_timeout(connect_timeout)
         .timeout(request_timeout)
+        // A connection to an instance that went silent (cut off, or it
+        // stopped listening while our FIN was lost) is dropped within 3 s,
+        // so the next call dials again instead of waiting on it.
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
         .connect_with_connector_lazy(dial))
 }

@@ -107,6 +107,13 @@ impl NetNs {
         self.iptables(&["-A", "OUTPUT", "-p", "tcp", "--sport", &port, "-j", "DROP"])
     }
 
+    /// Silently drops everything in and out of the namespace but its own
+    /// loopback: whatever runs in it is cut off from the world.
+    pub fn cut_all(&self) -> Result<()> {
+        self.iptables(&["-A", "INPUT", "!", "-i", "lo", "-j", "DROP"])?;
+        self.iptables(&["-A", "OUTPUT", "!", "-o", "lo", "-j", "DROP"])
+    }
+
     /// Removes every cut.
     pub fn heal(&self) -> Result<()> {
         self.iptables(&["-F", "INPUT"])?;

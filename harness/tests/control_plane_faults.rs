@@ -12,6 +12,11 @@
 //! (re-registering it is 409 and it signs in, routed by the directory),
 //! and every subscriber must reach the head with no NACK (no revision
 //! missing or out of order).
+//!
+//! Last, all three are cut off from everything for a minute while a
+//! signed-in client drives the router: its requests must all succeed,
+//! registrations must get a 503 with `Retry-After` without hanging, and
+//! all must resume once the partition heals.
 
 use anyhow::{Context, Result, ensure};
 use homecell_harness::api::Api;
@@ -327,4 +332,94 @@ async fn cut_the_attached_instance_from_postgres() -> Result<()> {
 #[tokio::test]
 async fn cut_the_attached_instance_from_its_subscribers() -> Result<()> {
     survives(Fault::CutFromSubscribers, "cutsubs").await
+}
+
+/// How long the control plane is cut off from everything.
+const CUT_OFF_FOR: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn the_control_plane_cut_off_from_everything_for_a_minute() -> Result<()> {
+    let s = three_instances_in_namespaces().await?;
+    let api = Api::new(&s.c.router_url(0), "cn-east");
+    let (user, _) = api.signed_in("steady@example.com", PASSWORD).await?;
+    for ns in &s.ns {
+        ns.cut_all()?;
+    }
+    let cut_at = Instant::now();
+    let (mut reads, mut reads_ok) = (0u32, 0u32);
+    let mut registrations: Vec<(StatusCode, Duration, Option<String>)> = Vec::new();
+    let mut i = 0;
+    while cut_at.elapsed() < CUT_OFF_FOR {
+        for _ in 0..10 {
+            reads += 1;
+            reads_ok += u32::from(user.get("/v1/users/me").await?.status == StatusCode::OK);
+        }
+        let t = Instant::now();
+        let r = api
+            .register(&format!("cut{i}@example.com"), PASSWORD)
+            .await?;
+        registrations.push((
+            r.status,
+            t.elapsed(),
+            r.header("retry-after").map(str::to_string),
+        ));
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for ns in &s.ns {
+        ns.heal()?;
+    }
+    let slowest = registrations.iter().map(|r| r.1).max().unwrap_or_default();
+    let fast = registrations
+        .iter()
+        .filter(|r| r.1 < Duration::from_millis(500))
+        .count();
+    eprintln!(
+        "cut off {CUT_OFF_FOR:?}: {reads_ok}/{reads} signed-in reads OK; {} registrations, {fast} answered within 0.5 s, slowest {slowest:?}",
+        registrations.len()
+    );
+    ensure!(
+        reads_ok == reads,
+        "signed-in reads failed: {reads_ok}/{reads}"
+    );
+    for (status, took, retry_after) in &registrations {
+        ensure!(
+            *status == StatusCode::SERVICE_UNAVAILABLE && retry_after.is_some(),
+            "a registration got {status} (Retry-After {retry_after:?})"
+        );
+        ensure!(
+            *took < Duration::from_secs(6),
+            "a registration hung {took:?}"
+        );
+    }
+    ensure!(
+        fast * 10 >= registrations.len() * 9,
+        "fewer than 90% of registrations were refused at once: {fast}/{}",
+        registrations.len()
+    );
+
+    // Healed: registrations go through again within seconds.
+    let healed_at = Instant::now();
+    let mut n = 0;
+    loop {
+        let r = api
+            .register(&format!("after{n}@example.com"), PASSWORD)
+            .await?;
+        if r.status == StatusCode::CREATED {
+            break;
+        }
+        ensure!(
+            healed_at.elapsed() < Duration::from_secs(20),
+            "registrations did not resume: {} {}",
+            r.status,
+            r.body
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "registrations resumed {:?} after the partition healed",
+        healed_at.elapsed()
+    );
+    Ok(())
 }

@@ -67,6 +67,10 @@ impl Identity {
                 "this identifier is already registered",
             ));
         }
+        // Not a hash spent on a registration the control plane cannot take.
+        if let Some(secs) = self.cp_breaker.refusing() {
+            return Err(unavailable().retry_after(secs));
+        }
         let hash = self.hasher.hash_registration(password.to_string()).await?;
         // Time-ordered and random: unique across cells without coordination.
         let user_id = uuid::Uuid::now_v7().to_string();
@@ -113,6 +117,9 @@ impl Identity {
         qualified: &str,
         user_id: &str,
     ) -> Result<(), (CodedError, Option<String>)> {
+        if let super::breaker::Permit::Refuse(secs) = self.cp_breaker.permit() {
+            return Err((unavailable().retry_after(secs), None));
+        }
         // Recorded first: if this claim is never settled (a crash, a
         // timeout that in fact committed), the reconciliation releases it.
         self.store
@@ -125,7 +132,16 @@ impl Identity {
             region: self.region.clone(),
         };
         let mut client = DirectoryServiceClient::new(self.cp.clone());
-        match tokio::time::timeout(Duration::from_secs(5), client.claim_identifier(req)).await {
+        let answer =
+            tokio::time::timeout(Duration::from_secs(5), client.claim_identifier(req)).await;
+        match &answer {
+            // Not reached: the call timed out, or never got an answer from
+            // any instance.
+            Err(_) => self.cp_breaker.missed(),
+            Ok(Err(s)) if s.code() == tonic::Code::Unavailable => self.cp_breaker.missed(),
+            Ok(_) => self.cp_breaker.reached(),
+        }
+        match answer {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => {
                 // Someone else's claim: nothing of ours to release.
@@ -147,9 +163,9 @@ impl Identity {
             }
             Ok(Err(s)) => {
                 tracing::warn!(error = %s.message(), "identifier claim failed");
-                Err((unavailable(), None))
+                Err((unavailable().retry_after(1), None))
             }
-            Err(_) => Err((unavailable(), None)),
+            Err(_) => Err((unavailable().retry_after(1), None)),
         }
     }
 

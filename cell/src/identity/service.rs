@@ -217,6 +217,8 @@ pub struct Identity {
     pub keys: Arc<Keys>,
     pub replica: Arc<Replica>,
     pub cp: Channel,
+    /// Claims fail fast while the control plane is unreachable.
+    pub cp_breaker: super::breaker::Breaker,
     pub login_limiter: IpLimiter,
     pub registration_limiter: IpLimiter,
     /// How old an unsettled directory claim must be before the

@@ -85,6 +85,13 @@ impl Store {
                             );
                             self.set_head(revision);
                             last_read = std::time::Instant::now();
+                            if !*self.healthy_tx.borrow() {
+                                // Back: every pooled connection may be one
+                                // stuck since the cut; start afresh.
+                                pg.renew_all();
+                                listener = None;
+                                tracing::info!("the store can be read again");
+                            }
                             self.set_healthy(true);
                             let row = InstanceRow {
                                 id: me.id.clone(),
@@ -104,9 +111,13 @@ impl Store {
                                 Ok(Err(e)) => e.to_string(),
                                 _ => "timed out".into(),
                             };
+                            // The next read takes a new connection: this
+                            // one may be stuck for as long as TCP retries.
+                            pg.renew_follow();
                             if last_read.elapsed() >= UNHEALTHY_AFTER && *self.healthy_tx.borrow() {
                                 tracing::error!(error = %e, "cannot read the store; ending this instance's Watch streams until it can");
                                 self.set_healthy(false);
+                                listener = None;
                             }
                         }
                     }

@@ -100,7 +100,7 @@ pub fn config_row_key(key: &str, region: &str) -> String {
 
 enum Engine {
     Redb(Database),
-    Postgres(postgres::Pg),
+    Postgres(Box<postgres::Pg>),
 }
 
 /// One consistent read-only view, on either engine.
@@ -385,7 +385,7 @@ impl Store {
         match location {
             Location::File(path) => Self::open(path, retain_changes),
             Location::Postgres(url) => {
-                let engine = Engine::Postgres(postgres::Pg::connect(url).await?);
+                let engine = Engine::Postgres(Box::new(postgres::Pg::connect(url).await?));
                 Self::on_engine(engine, retain_changes)
             }
         }

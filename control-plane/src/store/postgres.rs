@@ -82,13 +82,43 @@ fn block<T>(
 
 /// The shared database.
 pub struct Pg {
+    pools: std::sync::RwLock<Pools>,
+    opts: PgConnectOptions,
+    url: String,
+    rt: tokio::runtime::Handle,
+}
+
+/// The connections, renewed whole after the database was unreachable: a
+/// connection whose packets were dropped stays stuck in TCP's
+/// retransmission backoff (a minute and more) after the network heals,
+/// and a pool would hand it out again.
+struct Pools {
     /// Mutations, reads, snapshots and backups.
-    pool: PgPool,
+    main: PgPool,
     /// Following the head and the heartbeat, apart: a pool busy with
     /// snapshots must not make the instance think it lost the store.
     follow: PgPool,
-    url: String,
-    rt: tokio::runtime::Handle,
+}
+
+impl Pools {
+    fn lazy(opts: &PgConnectOptions) -> Self {
+        Self {
+            main: main_pool().connect_lazy_with(opts.clone()),
+            follow: follow_pool().connect_lazy_with(opts.clone()),
+        }
+    }
+}
+
+fn main_pool() -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(5))
+}
+
+fn follow_pool() -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(1))
 }
 
 /// One control-plane instance as it last reported itself.
@@ -120,16 +150,11 @@ impl Pg {
             .context("malformed postgres URL")?
             .application_name("homecell-control-plane")
             .options([("lock_timeout", "5s"), ("statement_timeout", "10s")]);
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
+        let pool = main_pool()
             .connect_with(opts.clone())
             .await
             .context("cannot connect to PostgreSQL")?;
-        let follow = PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(1))
-            .connect_lazy_with(opts);
+        let follow = follow_pool().connect_lazy_with(opts.clone());
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(7243111)")
             .execute(&mut *tx)
@@ -157,8 +182,8 @@ impl Pg {
         }
         tx.commit().await?;
         Ok(Self {
-            pool,
-            follow,
+            pools: std::sync::RwLock::new(Pools { main: pool, follow }),
+            opts,
             url: url.to_string(),
             rt: tokio::runtime::Handle::current(),
         })
@@ -168,6 +193,26 @@ impl Pg {
     pub fn connect_blocking(url: &str) -> anyhow::Result<Self> {
         let rt = tokio::runtime::Handle::current();
         tokio::task::block_in_place(|| rt.block_on(Self::connect(url)))
+    }
+
+    fn pool(&self) -> PgPool {
+        self.pools.read().expect("poisoned").main.clone()
+    }
+
+    fn follow(&self) -> PgPool {
+        self.pools.read().expect("poisoned").follow.clone()
+    }
+
+    /// Fresh connections for following (one just timed out).
+    pub fn renew_follow(&self) {
+        self.pools.write().expect("poisoned").follow =
+            follow_pool().connect_lazy_with(self.opts.clone());
+    }
+
+    /// Fresh connections for everything (the database is reachable again
+    /// after it was not).
+    pub fn renew_all(&self) {
+        *self.pools.write().expect("poisoned") = Pools::lazy(&self.opts);
     }
 
     /// The URL, for a listener's own connection.
@@ -183,7 +228,7 @@ impl Pg {
             // READ COMMITTED whatever the server's default: a writer that
             // waited on the lock must then read what the last one wrote.
             let mut tx = self
-                .pool
+                .pool()
                 .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE")
                 .await?;
             // An instance cut off mid-transaction would hold the revision
@@ -212,7 +257,7 @@ impl Pg {
     pub fn begin_read(&self) -> Result<PgTx> {
         let tx = block(
             &self.rt,
-            self.pool
+            self.pool()
                 .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
         )
         .map_err(storage)?;
@@ -234,12 +279,12 @@ impl Pg {
         .bind(i.started_unix_ms)
         .bind(i.seen_unix_ms)
         .bind(int(i.revision))
-        .execute(&self.follow)
+        .execute(&self.follow())
         .await?;
         // An instance removed for good leaves the list after a day.
         sqlx::query("DELETE FROM cp_instances WHERE seen_unix_ms < $1")
             .bind(i.seen_unix_ms - 86_400_000)
-            .execute(&self.follow)
+            .execute(&self.follow())
             .await?;
         Ok(())
     }
@@ -248,7 +293,7 @@ impl Pg {
         let rows: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
             "SELECT id, endpoint, started_unix_ms, seen_unix_ms, revision FROM cp_instances ORDER BY id",
         )
-        .fetch_all(&self.follow)
+        .fetch_all(&self.follow())
         .await?;
         Ok(rows
             .into_iter()
@@ -266,7 +311,7 @@ impl Pg {
     pub async fn head(&self) -> sqlx::Result<(u64, u64)> {
         let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT key, value FROM cp_meta WHERE key IN ('revision', 'epoch')")
-                .fetch_all(&self.follow)
+                .fetch_all(&self.follow())
                 .await?;
         let get = |k: &str| rows.iter().find(|r| r.0 == k).map_or(0, |r| r.1 as u64);
         Ok((get("revision"), get("epoch")))

@@ -102,7 +102,8 @@ impl Store {
                 Store::open(path, retain_changes)
             }
             Location::Postgres(url) => {
-                let engine = Engine::Postgres(super::postgres::Pg::connect_blocking(url)?);
+                let engine =
+                    Engine::Postgres(Box::new(super::postgres::Pg::connect_blocking(url)?));
                 tokio::task::block_in_place(|| {
                     let mut failed = None;
                     let built = Store::write(&engine, |t| {
