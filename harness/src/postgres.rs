@@ -50,6 +50,16 @@ impl TempPostgres {
     /// Listening on loopback and on `also` (the host's ends of a test's
     /// network namespaces, `NetNs::host_ip`), trusting those addresses.
     pub fn start_on(also: &[std::net::Ipv4Addr]) -> Result<Self> {
+        Self::start_with(also, false)
+    }
+
+    /// Durable, for benchmarks: fsync, full pages and synchronous commit on
+    /// (tests run without them).
+    pub fn start_durable() -> Result<Self> {
+        Self::start_with(&[], true)
+    }
+
+    fn start_with(also: &[std::net::Ipv4Addr], durable: bool) -> Result<Self> {
         let bin = find_bin()?;
         let dir = tempfile::Builder::new().prefix("homecell-pg-").tempdir()?;
         let as_postgres_user = is_root();
@@ -95,8 +105,13 @@ impl TempPostgres {
         let listen: Vec<String> = std::iter::once("127.0.0.1".to_string())
             .chain(also.iter().map(|ip| ip.to_string()))
             .collect();
+        let fast = if durable {
+            ""
+        } else {
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        };
         let opts = format!(
-            "-p {} -k {} -c listen_addresses={} -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses={}{fast} -c max_connections=200",
             pg.port,
             pg.dir.path().display(),
             listen.join(",")

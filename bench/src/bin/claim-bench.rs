@@ -11,6 +11,10 @@
 //!
 //! Prints claims per second, latency percentiles, and how far the
 //! subscribers trail at the end.
+//!
+//! With `--postgres`, the control plane's store is a private PostgreSQL
+//! (durable: fsync and synchronous commit on, as redb is) instead of its
+//! redb file.
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -34,6 +38,9 @@ struct Args {
     workers: usize,
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// The store on a private, durable PostgreSQL.
+    #[arg(long)]
+    postgres: bool,
 }
 
 async fn channel(c: &Cluster, who: &PeerIdentity) -> Result<Channel> {
@@ -88,6 +95,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let mut c = Cluster::temp()?;
+    let _pg = if args.postgres {
+        let pg = homecell_harness::postgres::TempPostgres::start_durable()?;
+        c.control_plane_postgres = Some(pg.create_database("cp")?);
+        Some(pg)
+    } else {
+        None
+    };
     c.start_control_plane().await?;
     c.add_region("cn-east", "CN")?;
 
