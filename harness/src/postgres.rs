@@ -165,6 +165,23 @@ impl TempPostgres {
         Ok(())
     }
 
+    /// Drops a database (every connection to it is ended first).
+    pub fn drop_database(&self, name: &str) -> Result<()> {
+        self.run(
+            "dropdb",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "--force",
+                name,
+            ],
+        )
+    }
+
     /// Creates a database and returns its URL.
     pub fn create_database(&self, name: &str) -> Result<String> {
         self.run(

@@ -3,6 +3,7 @@
 //! subscriber is attached to is killed with SIGKILL while registrations go
 //! on: every subscriber attaches to another instance within 5 s, no
 //! identifier is lost or given twice, and `status` lists the instances.
+//! A backup taken under registrations restores into a wiped database.
 
 use anyhow::{Result, ensure};
 use homecell_harness::api::Api;
@@ -150,5 +151,105 @@ async fn subscribers_fail_over_when_their_instance_is_killed() -> Result<()> {
         .map(|i| i["alive"].as_bool().unwrap())
         .collect();
     assert_eq!(alive, [true, true, true], "{s}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_backup_taken_under_load_restores_into_a_wiped_database() -> Result<()> {
+    let pg = TempPostgres::start()?;
+    let mut c = Cluster::temp()?;
+    c.control_plane_postgres = Some(pg.create_database("cp")?);
+    let second = c.add_control_plane_instance();
+    start_standard(&mut c).await?;
+    c.start_control_plane_instance(second).await?;
+    c.wait_signing_keys(Duration::from_secs(15)).await?;
+    // The load comes from one address: the router's limit off.
+    c.cli_ok(&["config", "set", "router.rate_limit.registrations_per_ip", "0"])?;
+    let api = Api::new(&c.router_url(0), "cn-east");
+    api.signed_in("before@example.com", PASSWORD).await?;
+
+    // Registrations go on while the backup is taken.
+    let load = tokio::spawn({
+        let api = Api::new(&c.router_url(0), "cn-east");
+        async move {
+            for i in 0..40 {
+                api.register(&format!("load{i}@example.com"), PASSWORD)
+                    .await?;
+            }
+            anyhow::Ok(())
+        }
+    });
+    let backup = c.root.join("cp.backup");
+    let b = c
+        .cli_ok(&["-o", "json", "backup", "--out", backup.to_str().unwrap()])?
+        .json()?;
+    load.await??;
+    let old_epoch = status(&c)?["epoch"].clone();
+
+    // The database is lost: every instance stops, it is dropped and made
+    // again empty, and the backup restored into it.
+    c.stop_control_plane();
+    if let Some(mut p) = c.more_control_planes[second - 1].process.take() {
+        p.terminate(Duration::from_secs(5));
+    }
+    pg.drop_database("cp")?;
+    pg.create_database("cp")?;
+    let config = c.root.join("config/control-plane.toml");
+    let r = c
+        .cli_ok(&[
+            "-o",
+            "json",
+            "restore",
+            "--from",
+            backup.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ])?
+        .json()?;
+    assert_eq!(
+        r["from_revision"].as_str(),
+        Some(&*b["revision"].to_string()),
+        "{r}"
+    );
+    assert!(
+        !r.to_string().contains("postgres://"),
+        "the URL is never printed: {r}"
+    );
+    // Never over a store that exists.
+    let again = c.cli(&[
+        "restore",
+        "--from",
+        backup.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ])?;
+    assert!(
+        !again.success && again.stderr.contains("already holds a store"),
+        "{}",
+        again.stderr
+    );
+
+    c.start_control_plane().await?;
+    c.start_control_plane_instance(second).await?;
+    let s = status(&c)?;
+    assert_ne!(s["epoch"], old_epoch, "a restore starts a new epoch: {s}");
+    // Every subscriber takes the new epoch's snapshot.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(&c)?;
+        let subs = s["subscribers"].as_array().cloned().unwrap_or_default();
+        if subs.len() == 3
+            && subs
+                .iter()
+                .all(|x| x["connected"] == true && x["epoch"] == s["epoch"])
+        {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "subscribers did not resync: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // An identifier claimed before the backup is still taken.
+    let r = api.register("before@example.com", PASSWORD).await?;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     Ok(())
 }
