@@ -165,37 +165,22 @@ impl TempPostgres {
         Ok(())
     }
 
+    /// Runs a client tool (`createdb`, `dropdb`) against this server.
+    fn client(&self, tool: &str, args: &[&str]) -> Result<()> {
+        let port = self.port.to_string();
+        let mut all = vec!["-h", "127.0.0.1", "-p", &port, "-U", "postgres"];
+        all.extend_from_slice(args);
+        self.run(tool, &all)
+    }
+
     /// Drops a database (every connection to it is ended first).
     pub fn drop_database(&self, name: &str) -> Result<()> {
-        self.run(
-            "dropdb",
-            &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "--force",
-                name,
-            ],
-        )
+        self.client("dropdb", &["--force", name])
     }
 
     /// Creates a database and returns its URL.
     pub fn create_database(&self, name: &str) -> Result<String> {
-        self.run(
-            "createdb",
-            &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                name,
-            ],
-        )?;
+        self.client("createdb", &[name])?;
         Ok(self.url(name))
     }
 

@@ -164,7 +164,12 @@ async fn a_backup_taken_under_load_restores_into_a_wiped_database() -> Result<()
     c.start_control_plane_instance(second).await?;
     c.wait_signing_keys(Duration::from_secs(15)).await?;
     // The load comes from one address: the router's limit off.
-    c.cli_ok(&["config", "set", "router.rate_limit.registrations_per_ip", "0"])?;
+    c.cli_ok(&[
+        "config",
+        "set",
+        "router.rate_limit.registrations_per_ip",
+        "0",
+    ])?;
     let api = Api::new(&c.router_url(0), "cn-east");
     api.signed_in("before@example.com", PASSWORD).await?;
 

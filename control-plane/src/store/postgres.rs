@@ -372,11 +372,30 @@ impl PgTx {
         Ok(n as u64)
     }
 
+    /// The claim a statement returns for `hmac` (a `SELECT`, or a
+    /// `DELETE ... RETURNING`, of its three columns).
+    fn claim_row(&self, sql: &'static str, hmac: &str) -> Result<Option<IdentifierClaim>> {
+        let hmac = hmac.to_string();
+        let v: Option<(String, String, String)> = self.run(move |c| {
+            Box::pin(async move { sqlx::query_as(sql).bind(hmac).fetch_optional(c).await })
+        })?;
+        Ok(v.map(to_claim))
+    }
+
     fn exec(
         &self,
         q: sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments>,
     ) -> Result<u64> {
         self.run(|c| Box::pin(async move { Ok(q.execute(c).await?.rows_affected()) }))
+    }
+}
+
+/// A claim from its columns.
+fn to_claim((hmac, user_id, region): (String, String, String)) -> IdentifierClaim {
+    IdentifierClaim {
+        hmac,
+        user_id,
+        region,
     }
 }
 
@@ -421,20 +440,10 @@ impl Read for PgTx {
         self.bodies("SELECT body FROM cp_regions ORDER BY id")
     }
     fn claim(&self, hmac: &str) -> Result<Option<IdentifierClaim>> {
-        let hmac = hmac.to_string();
-        let v: Option<(String, String, String)> = self.run(move |c| {
-            Box::pin(async move {
-                sqlx::query_as("SELECT hmac, user_id, region FROM cp_claims WHERE hmac = $1")
-                    .bind(hmac)
-                    .fetch_optional(c)
-                    .await
-            })
-        })?;
-        Ok(v.map(|(hmac, user_id, region)| IdentifierClaim {
+        self.claim_row(
+            "SELECT hmac, user_id, region FROM cp_claims WHERE hmac = $1",
             hmac,
-            user_id,
-            region,
-        }))
+        )
     }
     fn user(&self, user_id: &str) -> Result<Option<UserRow>> {
         let id = user_id.to_string();
@@ -564,14 +573,7 @@ impl Read for PgTx {
                     .await
             })
         })?;
-        Ok(rows
-            .into_iter()
-            .map(|(hmac, user_id, region)| IdentifierClaim {
-                hmac,
-                user_id,
-                region,
-            })
-            .collect())
+        Ok(rows.into_iter().map(to_claim).collect())
     }
     fn history_page(
         &self,
@@ -638,22 +640,10 @@ impl Write for PgTx {
         Ok(false)
     }
     fn remove_claim(&mut self, hmac: &str) -> Result<Option<IdentifierClaim>> {
-        let hmac = hmac.to_string();
-        let v: Option<(String, String, String)> = self.run(move |c| {
-            Box::pin(async move {
-                sqlx::query_as(
-                    "DELETE FROM cp_claims WHERE hmac = $1 RETURNING hmac, user_id, region",
-                )
-                .bind(hmac)
-                .fetch_optional(c)
-                .await
-            })
-        })?;
-        Ok(v.map(|(hmac, user_id, region)| IdentifierClaim {
+        self.claim_row(
+            "DELETE FROM cp_claims WHERE hmac = $1 RETURNING hmac, user_id, region",
             hmac,
-            user_id,
-            region,
-        }))
+        )
     }
     fn put_user(&mut self, user_id: &str, region: &str, claims: u32) -> Result<()> {
         self.exec(
