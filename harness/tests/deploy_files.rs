@@ -415,6 +415,36 @@ fn dockerfiles_run_unprivileged_with_health_checks() {
 }
 
 #[test]
+fn the_postgres_compose_override_keeps_the_house_rules_and_no_secret() {
+    let path = deploy().join("compose.postgres.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut doc = read_yaml_docs(&path).pop().unwrap();
+    // Its instances share one definition through YAML merge keys.
+    doc.apply_merge().unwrap();
+    let base = read_yaml_docs(&deploy().join("compose.yaml"))
+        .pop()
+        .unwrap();
+    let services = doc["services"].as_mapping().unwrap();
+    for (name, svc) in services {
+        let name = name.as_str().unwrap();
+        // Its own services restart as the base's do (the ones it only
+        // amends keep the base's policy).
+        if base["services"].get(name).is_none() {
+            assert_eq!(s(svc, &["restart"]), Some("on-failure:5"), "{name}");
+        }
+    }
+    for cp in ["control-plane", "control-plane-2", "control-plane-3"] {
+        assert!(services.contains_key(cp), "{cp}");
+    }
+    // The password is made at first start, never written here.
+    assert!(!text.contains("postgres://homecell:") || text.contains("$$(cat "));
+    assert!(
+        !text.to_lowercase().contains("password:"),
+        "no inline password"
+    );
+}
+
+#[test]
 fn compose_file_follows_the_house_rules() {
     let path = deploy().join("compose.yaml");
     let text = std::fs::read_to_string(&path).unwrap();

@@ -41,6 +41,8 @@ struct Deployment {
     project: String,
     port: u16,
     compose: Vec<String>,
+    /// Compose files on top of deploy/compose.yaml.
+    overrides: Vec<&'static str>,
 }
 
 impl Deployment {
@@ -59,15 +61,44 @@ impl Deployment {
             project: format!("homecell-e2e-{}", std::process::id()),
             port: homecell_harness::free_port(),
             compose,
+            overrides: Vec::new(),
         }
+    }
+
+    /// The deployment with its control plane as three instances over
+    /// PostgreSQL (deploy/compose.postgres.yaml), as a project of its own.
+    fn postgres() -> Self {
+        let mut d = Self::new();
+        d.project = format!("homecell-e2e-pg-{}", std::process::id());
+        d.overrides = vec!["deploy/compose.postgres.yaml"];
+        d
+    }
+
+    /// The operator CLI's `status`, as JSON.
+    fn status(&self) -> Result<serde_json::Value> {
+        let out = self.compose(&[
+            "run",
+            "--rm",
+            "--no-deps",
+            "--entrypoint",
+            "control-plane",
+            "regions",
+            "-o",
+            "json",
+            "status",
+        ])?;
+        Ok(serde_json::from_str(out.trim())?)
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.compose[0]);
         c.args(&self.compose[1..])
             .args(["-p", &self.project, "-f"])
-            .arg(repo().join("deploy/compose.yaml"))
-            .args(args)
+            .arg(repo().join("deploy/compose.yaml"));
+        for o in &self.overrides {
+            c.arg("-f").arg(repo().join(o));
+        }
+        c.args(args)
             .env("HOMECELL_IMAGE_TAG", TAG)
             .env("HOMECELL_HTTP_PORT", self.port.to_string());
         c
@@ -262,18 +293,7 @@ async fn compose_deployment_serves_two_regions_and_survives_a_cell_restart() -> 
         "four gossip members alive",
         Duration::from_secs(30),
         || async {
-            let out = d.compose(&[
-                "run",
-                "--rm",
-                "--no-deps",
-                "--entrypoint",
-                "control-plane",
-                "regions",
-                "-o",
-                "json",
-                "status",
-            ])?;
-            let v: serde_json::Value = serde_json::from_str(out.trim())?;
+            let v = d.status()?;
             let alive: Vec<String> = v["members"]
                 .as_array()
                 .into_iter()
@@ -385,6 +405,50 @@ async fn compose_deployment_serves_two_regions_and_survives_a_cell_restart() -> 
     // 6. Down with volumes: nothing of the project is left.
     d.compose(&["down", "-v", "--timeout", "10"])?;
     let left = d.leftovers()?;
+    assert!(left.is_empty(), "left behind: {left:?}");
+
+    // 7. The same deployment with its control plane as three instances over
+    // PostgreSQL: all listed alive, registrations through the router, and
+    // still after one instance is killed.
+    let p = Deployment::postgres();
+    p.compose(&["up", "-d"])?;
+    p.wait_healthy(
+        &[
+            "postgres",
+            "control-plane",
+            "control-plane-2",
+            "control-plane-3",
+            "cell-cn-east",
+            "cell-eu-west",
+            "router",
+        ],
+        Duration::from_secs(180),
+    )
+    .await?;
+    eventually("three instances alive", Duration::from_secs(30), || async {
+        let v = p.status()?;
+        let alive = v["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["alive"] == true)
+            .count();
+        if v["store"] != "postgres" || alive != 3 {
+            bail!("{v}");
+        }
+        Ok(())
+    })
+    .await?;
+    let pg_base = p.url();
+    sign_up(&pg_base, "cn-east", "pg1@example.com").await?;
+    p.compose(&["kill", "control-plane"])?;
+    sign_up(&pg_base, "eu-west", "pg2@example.com").await?;
+    let again = Api::new(&pg_base, "cn-east")
+        .register("pg1@example.com", "correct horse battery")
+        .await?;
+    assert_eq!(again.status, 409, "{again:?}");
+    p.compose(&["down", "-v", "--timeout", "10"])?;
+    let left = p.leftovers()?;
     assert!(left.is_empty(), "left behind: {left:?}");
     Ok(())
 }
