@@ -133,14 +133,7 @@ pub fn move_user(
             format!("region {to} does not take users"),
         ));
     }
-    let home = tx.user_home(user_id)?;
-    // A retry of a move that committed (its answer was lost: on a shared
-    // store a commit can succeed while the connection fails) succeeds
-    // again, changing nothing.
-    if home.as_deref() == Some(to) && moved_already(tx, key, user_id, to, identifiers)? {
-        return Ok(());
-    }
-    if home.as_deref() != Some(from) {
+    if tx.user_home(user_id)?.as_deref() != Some(from) {
         return Err(CodedError::new(
             ErrorCode::FailedPrecondition,
             format!("the user is not homed in {from}"),
@@ -165,28 +158,6 @@ pub fn move_user(
         }
     }
     tx.rehome_user(user_id, to)
-}
-
-/// Whether every one of `identifiers` (1-16 of them) is held by `user_id`
-/// in region `to`.
-fn moved_already(
-    tx: &Tx<'_>,
-    key: &DirectoryKey,
-    user_id: &str,
-    to: &str,
-    identifiers: &[String],
-) -> Result<bool, CodedError> {
-    if identifiers.is_empty() || identifiers.len() > 16 {
-        return Ok(false);
-    }
-    for identifier in identifiers {
-        validate_identifier(identifier)?;
-        match tx.claim(&key.hmac(identifier))? {
-            Some(c) if c.user_id == user_id && c.region == to => {}
-            _ => return Ok(false),
-        }
-    }
-    Ok(true)
 }
 
 /// Claims per ReassertClaims call.

@@ -487,7 +487,10 @@ impl backup_service_server::BackupService for ControlPlane {
         tracing::info!(actor = %who, revision = self.store.revision(), "backup started");
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let store = self.store.clone();
-        let permit = self.store.stream_permit().await;
+        let permit =
+            self.store.stream_permit().await.ok_or_else(|| {
+                Status::unavailable("too many snapshots and backups at once; retry")
+            })?;
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let mut chunk = Vec::with_capacity(BACKUP_CHUNK_RECORDS);

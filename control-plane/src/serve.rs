@@ -144,7 +144,11 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             .store
             .advertise
             .clone()
-            .unwrap_or_else(|| format!("https://{grpc_addr}")),
+            // A wildcard listen address names no host: say the host's name.
+            .unwrap_or_else(|| match grpc_addr.ip().is_unspecified() {
+                true => format!("https://{}:{}", host_name(), grpc_addr.port()),
+                false => format!("https://{grpc_addr}"),
+            }),
         started_unix_ms: crate::store::now_ms(),
     };
     let subscribers = Arc::new(tokio::task::block_in_place(|| {
@@ -155,11 +159,21 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     // On a shared store: other instances' revisions, and this one's
     // liveness. A store rebuilt under it stops the process.
     let following = tokio::spawn({
-        let (store, token, me) = (store.clone(), token.clone(), instance.clone());
+        let (store, me) = (store.clone(), instance.clone());
+        let token = token.clone();
+        async move { store.follow(me, token).await }
+    });
+    // However following ends (an error, or a panic), the server stops with
+    // it: an instance that no longer follows its store must not serve.
+    let following = tokio::spawn({
+        let token = token.clone();
         async move {
-            let followed = store.follow(me, token.clone()).await;
+            let ended = following.await;
             token.cancel();
-            followed
+            match ended {
+                Ok(followed) => followed,
+                Err(e) => Err(anyhow::anyhow!("following the store failed: {e}")),
+            }
         }
     });
     let persisting = tokio::spawn({

@@ -96,7 +96,16 @@ impl Subscribers {
         {
             match rows.get(&s.node_id) {
                 Some(o) if o.last_contact_unix_ms > s.last_contact_unix_ms => {}
-                _ => {
+                Some(o) => {
+                    // What another instance recorded it ACKing counts too
+                    // (each was sent it): it may not have ACKed here yet.
+                    let mut s = s;
+                    if o.epoch == s.epoch {
+                        s.applied_revision = s.applied_revision.max(o.applied_revision);
+                    }
+                    rows.insert(s.node_id.clone(), s);
+                }
+                None => {
                     rows.insert(s.node_id.clone(), s);
                 }
             }
@@ -132,15 +141,32 @@ impl Subscribers {
         self.changed.notify_one();
     }
 
+    /// Marks the node disconnected from this instance, keeping its last
+    /// contact time: on a shared store the instance it moved to has
+    /// written a newer row, which this one must not displace.
+    fn disconnected(&self, node_id: &str) {
+        let mut live = self.live.lock().expect("poisoned");
+        if let Some(row) = live.rows.get_mut(node_id) {
+            row.connected = false;
+            live.dirty.insert(node_id.to_string());
+        }
+        drop(live);
+        self.changed.notify_one();
+    }
+
     /// Writes the changed rows in one transaction; returns how many.
     pub async fn persist(&self) -> usize {
         let rows: Vec<SubscriberStatus> = {
             let mut live = self.live.lock().expect("poisoned");
             let dirty = std::mem::take(&mut live.dirty);
-            dirty
+            // In key order: two instances writing overlapping rows then
+            // lock them in the same order and never deadlock.
+            let mut rows: Vec<SubscriberStatus> = dirty
                 .iter()
                 .filter_map(|id| live.rows.get(id).cloned())
-                .collect()
+                .collect();
+            rows.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+            rows
         };
         if rows.is_empty() {
             return 0;
@@ -245,14 +271,7 @@ pub async fn watch(
     if let Some(lost) = &lost {
         tracing::error!(node_id, region = %sub.region, conflict = %lost, "a subscriber held state this control plane does not have; sending a snapshot");
     }
-    let deltas = !needs_snapshot(sub.epoch, sub.from_revision, &store);
-    let holds = sub.from_revision.min(store.revision());
     subscribers.update(&node_id, |s| {
-        // What it holds, when that is this store's (capped as an ACK is):
-        // on a shared store it may have ACKed it to another instance.
-        if deltas {
-            s.applied_revision = holds;
-        }
         s.kind = kind as i32;
         s.region = sub.region.clone();
         s.connected = true;
@@ -277,7 +296,7 @@ pub async fn watch(
     tokio::spawn(async move {
         report_loop(&subscribers, &store, &node_id, &mut inbound).await;
         sender.abort();
-        subscribers.update(&node_id, |s| s.connected = false);
+        subscribers.disconnected(&node_id);
         tracing::info!(node_id, "subscriber disconnected");
     });
     Ok(rx)
@@ -370,7 +389,14 @@ async fn send_loop(
                     // stream, a part at a time: memory stays flat however
                     // large the directory.
                     let (s, out) = (store.clone(), tx.clone());
-                    let permit = store.stream_permit().await;
+                    let Some(permit) = store.stream_permit().await else {
+                        let _ = tx
+                            .send(Err(Status::unavailable(
+                                "too many snapshots at once; subscribe again",
+                            )))
+                            .await;
+                        return;
+                    };
                     let streamed = tokio::task::spawn_blocking(move || {
                         let _permit = permit;
                         let mut revision = 0;

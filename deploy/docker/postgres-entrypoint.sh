@@ -3,10 +3,12 @@
 # password in $PASSWORD_FILE (scram-sha-256, from any address of the
 # compose network), owning the database homecell_cp. Later starts keep it.
 set -eu
+umask 077
 bin=/usr/lib/postgresql/15/bin
 data=/var/lib/homecell-postgres/data
 if [ ! -s "$data/PG_VERSION" ]; then
   pw="$(cat "$PASSWORD_FILE")"
+  trap 'rm -f /tmp/pw' EXIT
   printf '%s\n' "$pw" >/tmp/pw
   "$bin/initdb" -D "$data" -U homecell --pwfile=/tmp/pw --auth-local=scram-sha-256 \
     --auth-host=scram-sha-256 -E UTF8 >/dev/null

@@ -406,10 +406,17 @@ async fn compose_deployment_serves_two_regions_and_survives_a_cell_restart() -> 
     d.compose(&["down", "-v", "--timeout", "10"])?;
     let left = d.leftovers()?;
     assert!(left.is_empty(), "left behind: {left:?}");
+    Ok(())
+}
 
-    // 7. The same deployment with its control plane as three instances over
-    // PostgreSQL: all listed alive, registrations through the router, and
-    // still after one instance is killed.
+/// The same deployment with its control plane as three instances over
+/// PostgreSQL: all listed alive, registrations through the router, and
+/// still after one instance is killed.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a Docker engine; .ci/run runs it"]
+async fn compose_postgres_override_runs_three_control_plane_instances() -> Result<()> {
+    // The images (cached layers when the other test built them).
+    run(Command::new(repo().join("deploy/build-images")).env("HOMECELL_IMAGE_TAG", TAG))?;
     let p = Deployment::postgres();
     p.compose(&["up", "-d"])?;
     p.wait_healthy(

@@ -6,13 +6,18 @@
 //! a password-hash slot meanwhile. After one such failure the breaker
 //! opens: claims fail at once with 503 and `Retry-After` for
 //! [`OPEN_FOR`], then a single claim at a time probes, and the first that
-//! gets through closes it again.
+//! gets through closes it again. A probe that never reports (its caller
+//! hung up, or failed before the call) is given up after [`PROBE_FOR`], so
+//! no dropped request can leave the breaker refusing for good.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long claims fail fast after the control plane was not reached.
 pub const OPEN_FOR: Duration = Duration::from_secs(5);
+/// How long a probe may take before another may start: past the claim's
+/// own 5 s deadline.
+pub const PROBE_FOR: Duration = Duration::from_secs(6);
 
 #[derive(Default)]
 pub struct Breaker {
@@ -23,8 +28,8 @@ pub struct Breaker {
 struct State {
     /// Set while open: claims before this instant fail fast.
     open_until: Option<Instant>,
-    /// A probe is in flight (half-open): the others fail fast.
-    probing: bool,
+    /// A probe in flight since then (half-open): the others fail fast.
+    probing: Option<Instant>,
 }
 
 /// What a caller may do.
@@ -46,9 +51,11 @@ impl Breaker {
         match s.open_until {
             None => Permit::Go,
             Some(until) if now < until => Permit::Refuse(secs(until - now)),
-            Some(_) if s.probing => Permit::Refuse(secs(OPEN_FOR)),
+            Some(_) if s.probing.is_some_and(|p| now < p + PROBE_FOR) => {
+                Permit::Refuse(secs(OPEN_FOR))
+            }
             Some(_) => {
-                s.probing = true;
+                s.probing = Some(now);
                 Permit::Go
             }
         }
@@ -58,9 +65,10 @@ impl Breaker {
     /// registration asks before it spends a password hash.
     pub fn refusing(&self) -> Option<u64> {
         let s = self.state.lock().expect("poisoned");
+        let now = Instant::now();
         match s.open_until {
-            Some(until) if Instant::now() < until => Some(secs(until - Instant::now())),
-            Some(_) if s.probing => Some(secs(OPEN_FOR)),
+            Some(until) if now < until => Some(secs(until - now)),
+            Some(_) if s.probing.is_some_and(|p| now < p + PROBE_FOR) => Some(secs(OPEN_FOR)),
             _ => None,
         }
     }
@@ -78,7 +86,7 @@ impl Breaker {
     fn missed_at(&self, now: Instant) {
         let mut s = self.state.lock().expect("poisoned");
         s.open_until = Some(now + OPEN_FOR);
-        s.probing = false;
+        s.probing = None;
     }
 }
 
@@ -109,5 +117,20 @@ mod tests {
         b.reached();
         assert_eq!(b.permit_at(later), Permit::Go);
         assert_eq!(b.permit_at(later), Permit::Go, "closed: everyone goes");
+    }
+
+    /// A probe whose caller hung up never reports: another takes over.
+    #[test]
+    fn an_abandoned_probe_is_given_up() {
+        let b = Breaker::default();
+        let t = Instant::now();
+        b.missed_at(t);
+        let probe = t + OPEN_FOR;
+        assert_eq!(b.permit_at(probe), Permit::Go);
+        assert_eq!(
+            b.permit_at(probe + Duration::from_secs(5)),
+            Permit::Refuse(5)
+        );
+        assert_eq!(b.permit_at(probe + PROBE_FOR), Permit::Go, "a new probe");
     }
 }

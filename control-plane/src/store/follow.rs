@@ -20,6 +20,9 @@ pub const TICK: Duration = Duration::from_secs(1);
 /// How long the store may be unreadable before the instance gives up its
 /// subscribers. Below the 5 s a subscriber may take to attach elsewhere.
 pub const UNHEALTHY_AFTER: Duration = Duration::from_secs(2);
+/// Reads in a row an unhealthy instance needs before it serves again: a
+/// flapping link would otherwise end every client's connection each flap.
+pub const RECOVER_AFTER: u32 = 3;
 /// An instance not seen for this long is listed as not alive.
 pub const ALIVE_WITHIN: Duration = Duration::from_secs(10);
 
@@ -54,6 +57,7 @@ impl Store {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_read = std::time::Instant::now();
+        let mut good_reads = 0u32;
         loop {
             if listener.is_none() {
                 listener = listen(pg.url()).await;
@@ -67,7 +71,7 @@ impl Store {
                         if let Ok(Ok((revision, epoch))) = tokio::time::timeout(TICK, pg.head()).await
                             && epoch == self.epoch
                         {
-                            self.set_head(revision);
+                            self.set_head(revision)?;
                         }
                     }
                     Err(e) => {
@@ -83,8 +87,12 @@ impl Store {
                                 "the store was rebuilt under this instance (epoch {epoch:016x}, not {:016x}); restart it",
                                 self.epoch
                             );
-                            self.set_head(revision);
+                            self.set_head(revision)?;
                             last_read = std::time::Instant::now();
+                            good_reads += 1;
+                            if !*self.healthy_tx.borrow() && good_reads < RECOVER_AFTER {
+                                continue;
+                            }
                             if !*self.healthy_tx.borrow() {
                                 // Back: every pooled connection may be one
                                 // stuck since the cut; start afresh.
@@ -114,6 +122,7 @@ impl Store {
                             // The next read takes a new connection: this
                             // one may be stuck for as long as TCP retries.
                             pg.renew_follow();
+                            good_reads = 0;
                             if last_read.elapsed() >= UNHEALTHY_AFTER && *self.healthy_tx.borrow() {
                                 tracing::error!(error = %e, "cannot read the store; ending this instance's Watch streams until it can");
                                 self.set_healthy(false);
@@ -127,20 +136,19 @@ impl Store {
     }
 
     /// The head as the database holds it. Only ever forward within an
-    /// epoch; a head behind what this instance holds means its view was
-    /// wrong, and the database wins.
-    fn set_head(&self, revision: u64) {
-        let behind = self.revision() > revision;
-        if behind {
-            tracing::error!(
-                held = self.revision(),
-                revision,
-                "this instance held a head the store does not have; taking the store's"
-            );
-            self.revision_tx.send_replace(revision);
-        } else {
-            self.advance(revision);
-        }
+    /// epoch: a head behind one this instance saw committed means the
+    /// database lost commits (a failover to a standby that was behind, a
+    /// point-in-time restore), and revision numbers would be used again
+    /// for other changes. That is a rebuild, not a revision: the instance
+    /// stops rather than serve it (see OPERATIONS.md).
+    fn set_head(&self, revision: u64) -> anyhow::Result<()> {
+        let held = self.revision();
+        anyhow::ensure!(
+            revision >= held,
+            "the store's head went back from {held} to {revision} within one epoch: the database lost commits; restore or recover it as a new epoch (OPERATIONS.md)"
+        );
+        self.advance(revision);
+        Ok(())
     }
 
     fn set_healthy(&self, healthy: bool) {

@@ -470,13 +470,18 @@ impl Store {
         self.parent
     }
 
-    /// A turn to stream a snapshot or backup (see `streams`).
-    pub async fn stream_permit(&self) -> tokio::sync::OwnedSemaphorePermit {
-        self.streams
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed")
+    /// A turn to stream a snapshot or backup (see `streams`), or None
+    /// after 10 s of waiting: the caller answers UNAVAILABLE and the
+    /// subscriber tries again (or another instance), instead of queueing
+    /// behind streams whose readers take their time.
+    pub async fn stream_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            self.streams.clone().acquire_owned(),
+        )
+        .await
+        .ok()
+        .map(|p| p.expect("the semaphore is never closed"))
     }
 
     /// Notified with each committed revision (this instance's, and on

@@ -149,7 +149,11 @@ impl Pg {
         let opts = PgConnectOptions::from_str(url)
             .context("malformed postgres URL")?
             .application_name("homecell-control-plane")
-            .options([("lock_timeout", "5s"), ("statement_timeout", "10s")]);
+            // lock_timeout well under a cell's 5 s claim deadline: a claim
+            // queued behind others fails as not done, and the cell's
+            // breaker (which counts only unreached control planes) stays
+            // closed.
+            .options([("lock_timeout", "2s"), ("statement_timeout", "10s")]);
         let pool = main_pool()
             .connect_with(opts.clone())
             .await
@@ -293,7 +297,9 @@ impl Pg {
         let rows: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
             "SELECT id, endpoint, started_unix_ms, seen_unix_ms, revision FROM cp_instances ORDER BY id",
         )
-        .fetch_all(&self.follow())
+        // The main pool: an operator polling `status` must never starve
+        // the follow pool's head reads.
+        .fetch_all(&self.pool())
         .await?;
         Ok(rows
             .into_iter()
@@ -309,6 +315,16 @@ impl Pg {
 
     /// The committed revision and epoch, as the database holds them now.
     pub async fn head(&self) -> sqlx::Result<(u64, u64)> {
+        // A standby (or a database read-only for any reason) answers reads
+        // while every mutation fails: not a store this instance can serve.
+        let read_only: String = sqlx::query_scalar("SHOW transaction_read_only")
+            .fetch_one(&self.follow())
+            .await?;
+        if read_only == "on" {
+            return Err(sqlx::Error::Protocol(
+                "the database is read-only (a standby?)".into(),
+            ));
+        }
         let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT key, value FROM cp_meta WHERE key IN ('revision', 'epoch')")
                 .fetch_all(&self.follow())
