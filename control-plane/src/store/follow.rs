@@ -58,6 +58,8 @@ impl Store {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_read = std::time::Instant::now();
         let mut good_reads = 0u32;
+        // The last head read from the database.
+        let mut head = 0;
         loop {
             if listener.is_none() {
                 listener = listen(pg.url()).await;
@@ -71,7 +73,7 @@ impl Store {
                         if let Ok(Ok((revision, epoch))) = tokio::time::timeout(TICK, pg.head()).await
                             && epoch == self.epoch
                         {
-                            self.set_head(revision)?;
+                            self.set_head(&mut head, revision)?;
                         }
                     }
                     Err(e) => {
@@ -87,7 +89,7 @@ impl Store {
                                 "the store was rebuilt under this instance (epoch {epoch:016x}, not {:016x}); restart it",
                                 self.epoch
                             );
-                            self.set_head(revision)?;
+                            self.set_head(&mut head, revision)?;
                             last_read = std::time::Instant::now();
                             good_reads += 1;
                             if !*self.healthy_tx.borrow() && good_reads < RECOVER_AFTER {
@@ -135,18 +137,20 @@ impl Store {
         }
     }
 
-    /// The head as the database holds it. Only ever forward within an
-    /// epoch: a head behind one this instance saw committed means the
-    /// database lost commits (a failover to a standby that was behind, a
-    /// point-in-time restore), and revision numbers would be used again
-    /// for other changes. That is a rebuild, not a revision: the instance
-    /// stops rather than serve it (see OPERATIONS.md).
-    fn set_head(&self, revision: u64) -> anyhow::Result<()> {
-        let held = self.revision();
+    /// The head as the database holds it, read after `last` (the previous
+    /// read, one at a time). Only ever forward within an epoch: a read
+    /// behind the one before means the database lost commits (a failover
+    /// to a standby that was behind, a point-in-time restore), and revision
+    /// numbers would be used again for other changes. That is a rebuild,
+    /// not a revision: the instance stops rather than serve it (see
+    /// OPERATIONS.md). (This instance's own commits are not compared: a
+    /// read that began before one of them committed is not a regression.)
+    fn set_head(&self, last: &mut u64, revision: u64) -> anyhow::Result<()> {
         anyhow::ensure!(
-            revision >= held,
-            "the store's head went back from {held} to {revision} within one epoch: the database lost commits; restore or recover it as a new epoch (OPERATIONS.md)"
+            revision >= *last,
+            "the store's head went back from {last} to {revision} within one epoch: the database lost commits; restore or recover it as a new epoch (OPERATIONS.md)"
         );
+        *last = revision;
         self.advance(revision);
         Ok(())
     }
