@@ -201,3 +201,34 @@ async fn listen(url: &str) -> Option<PgListener> {
         Err(_) => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a head read behind the previous head read is a regression: a
+    /// read that began before one of this instance's commits is not.
+    #[test]
+    fn a_head_read_is_compared_with_the_last_head_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("cp.redb"), 100).unwrap();
+        for i in 0..3 {
+            s.mutate("t", |tx| {
+                tx.put_region(homecell_proto::control::Region {
+                    id: format!("r{i}"),
+                    ..Default::default()
+                })
+            })
+            .unwrap();
+        }
+        assert_eq!(s.revision(), 3, "this instance committed up to 3");
+        let mut last = 0;
+        s.set_head(&mut last, 2)
+            .expect("read before the last commit");
+        assert_eq!((last, s.revision()), (2, 3), "never moves back");
+        s.set_head(&mut last, 5).unwrap();
+        assert_eq!(s.revision(), 5);
+        let err = s.set_head(&mut last, 4).unwrap_err();
+        assert!(err.to_string().contains("went back from 5 to 4"), "{err}");
+    }
+}
