@@ -70,6 +70,9 @@ impl Store {
                 // send one, so the head is read from the log's own row.
                 n = async { listener.as_mut().expect("guarded").recv().await }, if listener.is_some() => match n {
                     Ok(_) => {
+                        // One head read answers every notification already
+                        // buffered (a burst of commits).
+                        while listener.as_mut().and_then(PgListener::next_buffered).is_some() {}
                         if let Ok(Ok((revision, epoch))) = tokio::time::timeout(TICK, pg.head()).await
                             && epoch == self.epoch
                         {

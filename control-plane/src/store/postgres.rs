@@ -315,22 +315,22 @@ impl Pg {
 
     /// The committed revision and epoch, as the database holds them now.
     pub async fn head(&self) -> sqlx::Result<(u64, u64)> {
+        // One round trip: it runs every tick and after every notification.
         // A standby (or a database read-only for any reason) answers reads
         // while every mutation fails: not a store this instance can serve.
-        let read_only: String = sqlx::query_scalar("SHOW transaction_read_only")
-            .fetch_one(&self.follow())
-            .await?;
+        let (revision, epoch, read_only): (Option<i64>, Option<i64>, String) = sqlx::query_as(
+            "SELECT (SELECT value FROM cp_meta WHERE key = 'revision'), \
+             (SELECT value FROM cp_meta WHERE key = 'epoch'), \
+             current_setting('transaction_read_only')",
+        )
+        .fetch_one(&self.follow())
+        .await?;
         if read_only == "on" {
             return Err(sqlx::Error::Protocol(
                 "the database is read-only (a standby?)".into(),
             ));
         }
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT key, value FROM cp_meta WHERE key IN ('revision', 'epoch')")
-                .fetch_all(&self.follow())
-                .await?;
-        let get = |k: &str| rows.iter().find(|r| r.0 == k).map_or(0, |r| r.1 as u64);
-        Ok((get("revision"), get("epoch")))
+        Ok((revision.unwrap_or(0) as u64, epoch.unwrap_or(0) as u64))
     }
 }
 
