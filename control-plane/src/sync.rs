@@ -87,12 +87,16 @@ impl Subscribers {
     ) -> Vec<SubscriberStatus> {
         let mut rows: HashMap<String, SubscriberStatus> =
             stored.into_iter().map(|s| (s.node_id.clone(), s)).collect();
-        // Only the rows this instance owns are live here: the others were
-        // loaded at start and are as old as the stored ones, or older.
+        // On a shared store only the rows this instance owns are live here:
+        // the others were loaded at start and are as old as the stored
+        // ones, or older. On its own store every row is this instance's to
+        // show, a subscriber gone since an earlier run (another instance
+        // name, or none) included.
+        let shared = alive.is_some();
         for s in self
             .all()
             .into_iter()
-            .filter(|s| s.instance == self.instance)
+            .filter(|s| !shared || s.instance == self.instance)
         {
             match rows.get(&s.node_id) {
                 Some(o) if o.last_contact_unix_ms > s.last_contact_unix_ms => {}
@@ -592,5 +596,23 @@ mod tests {
         let rows = store.subscribers().unwrap();
         assert_eq!(rows.len(), 12);
         assert!(rows.iter().all(|r| r.applied_revision == 50));
+    }
+
+    /// On its own store, a restarted instance (another name: its port
+    /// changed) still shows a subscriber that never came back; on a shared
+    /// store, rows it only loaded give way to the stored ones.
+    #[tokio::test]
+    async fn status_keeps_subscribers_of_an_earlier_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("a.redb"), 10).unwrap());
+        let before = Subscribers::load(store.clone(), "host:1").unwrap();
+        before.update("gone-router", |s| s.applied_revision = 7);
+        before.persist().await;
+        let after = Subscribers::load(store.clone(), "host:2").unwrap();
+        let shown = after.merged(Vec::new(), None);
+        assert_eq!(shown.len(), 1, "{shown:?}");
+        assert!(!shown[0].connected && shown[0].applied_revision == 7);
+        let alive = std::collections::HashSet::new();
+        assert!(after.merged(Vec::new(), Some(&alive)).is_empty());
     }
 }
