@@ -59,7 +59,8 @@ pub struct CellConfig {
     pub registrations_per_ip_per_minute: u32,
     /// A directory claim this cell made and never settled (a crash between
     /// the claim and the user's insert, a control plane that timed out, a
-    /// failed release) is released once it is this old.
+    /// failed release) is released once it is this old. At least 10: a
+    /// claim may land until its 5 s deadline, by clocks that may differ.
     #[serde(default = "default_claim_settle")]
     pub unsettled_claims_release_after_secs: u64,
     /// Password hashes (argon2id, 19 MiB each) that may run at once; the
@@ -158,6 +159,12 @@ impl CellConfig {
         {
             bail!(
                 "a PostgreSQL cell needs signing_key_seal_file (control-plane pki seal-key), or allow_unsealed_keys = true to store its signing keys unsealed"
+            );
+        }
+        if self.unsettled_claims_release_after_secs < crate::identity::claims::MIN_SETTLE_SECS {
+            bail!(
+                "unsettled_claims_release_after_secs must be at least {}: a claim may land until 5 s after it was sent",
+                crate::identity::claims::MIN_SETTLE_SECS
             );
         }
         if self.listen == self.admin_listen && self.listen.port() != 0 {

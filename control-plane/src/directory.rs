@@ -33,15 +33,28 @@ fn validate_user_id(user_id: &str) -> Result<(), CodedError> {
     Ok(())
 }
 
+/// Makes a claim, unless it is past `not_after_unix_ms` (0: no deadline)
+/// by this instance's clock. Checked here, inside the write transaction:
+/// a release the cell sends once the deadline has passed serialises after
+/// this check, so a claim that arrives late can no longer land after it.
 pub fn claim(
     tx: &mut Tx<'_>,
     key: &DirectoryKey,
     identifier: &str,
     user_id: &str,
     region: &str,
+    not_after_unix_ms: u64,
 ) -> Result<(), CodedError> {
     validate_identifier(identifier)?;
     validate_user_id(user_id)?;
+    if not_after_unix_ms != 0
+        && crate::store::now_ms() > i64::try_from(not_after_unix_ms).unwrap_or(i64::MAX)
+    {
+        return Err(CodedError::new(
+            ErrorCode::FailedPrecondition,
+            "the claim arrived after its deadline",
+        ));
+    }
     crate::regions::get(tx, region)?;
     // A claim homes its user in the claiming region: for a user homed
     // elsewhere it would be a move without MoveUser's checks (a rogue cell
@@ -192,7 +205,7 @@ pub fn reassert(
     let mut conflicting = std::collections::BTreeSet::new();
     for (identifier, user_id) in claims {
         let before = tx.changes_made();
-        match claim(tx, key, identifier, user_id, region) {
+        match claim(tx, key, identifier, user_id, region, 0) {
             Ok(()) if tx.changes_made() == before => {}
             Ok(()) => restored += 1,
             Err(e)
@@ -276,6 +289,35 @@ mod tests {
             .0
     }
 
+    /// A claim past its deadline is refused and changes nothing; one
+    /// within it lands.
+    #[test]
+    fn a_claim_past_its_deadline_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key();
+        let s = rebuilt(dir.path(), |_| Ok(()));
+        let now = u64::try_from(crate::store::now_ms()).unwrap();
+        let late = s
+            .mutate("t", |tx| {
+                claim(tx, &k, "email:late@x.test", "u-late", "cn-east", now - 1)
+            })
+            .unwrap_err();
+        assert_eq!(late.code, ErrorCode::FailedPrecondition);
+        assert!(s.snapshot().unwrap().claims.is_empty());
+        s.mutate("t", |tx| {
+            claim(
+                tx,
+                &k,
+                "email:late@x.test",
+                "u-late",
+                "cn-east",
+                now + 60_000,
+            )
+        })
+        .unwrap();
+        assert_eq!(s.snapshot().unwrap().claims.len(), 1);
+    }
+
     /// A recovered store reserves each claim's prefix for its region: no
     /// other region (a rogue cell) takes the identifier before its owner
     /// asserts it again, and the owner's last batch drops what is left.
@@ -298,7 +340,7 @@ mod tests {
         // cn-east (a rogue, or a stranger registering) cannot take alice.
         let err = s
             .mutate("t", |tx| {
-                claim(tx, &k, "email:alice@x.test", "u-rogue", "cn-east")
+                claim(tx, &k, "email:alice@x.test", "u-rogue", "cn-east", 0)
             })
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::AlreadyExists);
@@ -323,7 +365,7 @@ mod tests {
         );
         // gone@ was released meanwhile: free again, for anyone.
         s.mutate("t", |tx| {
-            claim(tx, &k, "email:gone@x.test", "u-new", "cn-east")
+            claim(tx, &k, "email:gone@x.test", "u-new", "cn-east", 0)
         })
         .unwrap();
         assert_eq!(s.snapshot().unwrap().claims.len(), 3);

@@ -372,7 +372,14 @@ impl directory_service_server::DirectoryService for ControlPlane {
         let key = self.directory_key.clone();
         let ((), revision) = self
             .mutate(&who, move |tx| {
-                crate::directory::claim(tx, &key, &r.identifier, &r.user_id, &r.region)
+                crate::directory::claim(
+                    tx,
+                    &key,
+                    &r.identifier,
+                    &r.user_id,
+                    &r.region,
+                    r.not_after_unix_ms,
+                )
             })
             .await?;
         Ok(Response::new(ClaimIdentifierResponse { revision }))

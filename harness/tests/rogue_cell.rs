@@ -23,7 +23,10 @@ const PW: &str = "correct horse battery";
 
 /// A control-plane channel with `region`'s cell certificate.
 async fn as_cell(c: &Cluster, region: &str) -> Result<tonic::transport::Channel> {
-    channel_as(c, region, c.control_plane_endpoint(), "control-plane").await
+    c.control_plane_as(&PeerIdentity::Cell {
+        region: region.into(),
+    })
+    .await
 }
 
 /// A channel to `target`'s cell with `region`'s cell certificate.
@@ -164,6 +167,7 @@ async fn a_rogue_cell_cannot_reach_into_another_region() -> Result {
             identifier: "username:rogue-handle".into(),
             user_id: victim.clone(),
             region: "cn-east".into(),
+            not_after_unix_ms: 0,
         })
         .await;
     assert_eq!(
@@ -182,6 +186,7 @@ async fn a_rogue_cell_cannot_reach_into_another_region() -> Result {
             identifier: "username:rogue-handle-2".into(),
             user_id: user.into(),
             region: claim_region.into(),
+            not_after_unix_ms: 0,
         }],
         last: true,
         epoch: 0,

@@ -151,6 +151,7 @@ async fn main() -> Result<()> {
                         identifier: format!("username:bench-{w}-{n}"),
                         user_id: uuid::Uuid::now_v7().to_string(),
                         region: "cn-east".into(),
+                        not_after_unix_ms: 0,
                     })
                     .await
                     .context("claim")?;

@@ -20,6 +20,17 @@ use std::time::Duration;
 /// most.
 const EVERY: Duration = Duration::from_secs(30);
 
+/// How long a registration waits for its claim. The claim carries the
+/// same deadline (`not_after_unix_ms`), past which the control plane
+/// refuses it: one delayed in the network cannot land later.
+pub(crate) const CLAIM_WAIT: Duration = Duration::from_secs(5);
+
+/// The least `unsettled_claims_release_after_secs`: a claim's deadline
+/// plus 5 s for the cell's and the control plane's clocks to disagree. A
+/// release sent sooner could come before a claim that still lands, leaving
+/// the identifier taken by no user.
+pub const MIN_SETTLE_SECS: u64 = 10;
+
 impl IdentityStore {
     /// Records a claim about to be made.
     pub async fn record_claim(&self, identifier: &str, user_id: &str, now: i64) -> DbResult<()> {

@@ -82,6 +82,7 @@ impl Identity {
                     identifier,
                     user_id,
                     region: self.region.clone(),
+                    not_after_unix_ms: 0,
                 })
                 .collect(),
         };

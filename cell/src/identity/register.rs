@@ -12,7 +12,6 @@ use homecell_proto::control::{
 };
 use homecell_proto::error::{CodedError, ErrorCode, FieldError};
 use homecell_proto::identifier::Identifier;
-use std::time::Duration;
 
 impl Identity {
     // ------------------------------------------------------------ registration
@@ -122,18 +121,21 @@ impl Identity {
         }
         // Recorded first: if this claim is never settled (a crash, a
         // timeout that in fact committed), the reconciliation releases it.
+        let now = now_ms();
         self.store
-            .record_claim(qualified, user_id, now_ms())
+            .record_claim(qualified, user_id, now)
             .await
             .map_err(|e| (CodedError::from(e), None))?;
+        let wait = super::claims::CLAIM_WAIT;
         let req = ClaimIdentifierRequest {
             identifier: qualified.to_string(),
             user_id: user_id.to_string(),
             region: self.region.clone(),
+            not_after_unix_ms: u64::try_from(now).unwrap_or(0)
+                + u64::try_from(wait.as_millis()).unwrap_or(0),
         };
         let mut client = DirectoryServiceClient::new(self.cp.clone());
-        let answer =
-            tokio::time::timeout(Duration::from_secs(5), client.claim_identifier(req)).await;
+        let answer = tokio::time::timeout(wait, client.claim_identifier(req)).await;
         match &answer {
             // Not reached: the call timed out, or never got an answer from
             // any instance.
