@@ -182,6 +182,24 @@ impl Cluster {
             .join(",")
     }
 
+    /// A gRPC channel to control-plane instance 0 that presents a fresh
+    /// certificate for `identity` (a cell's, as its thief would hold it).
+    pub async fn control_plane_as(
+        &self,
+        identity: &PeerIdentity,
+    ) -> Result<tonic::transport::Channel> {
+        let paths = Pki::open_or_create(&self.pki_dir)?.issue(identity, &[])?;
+        Ok(
+            tonic::transport::Endpoint::from_shared(format!(
+                "https://{}",
+                self.control_plane.grpc
+            ))?
+            .tls_config(paths.load()?.tonic_client("control-plane"))?
+            .connect()
+            .await?,
+        )
+    }
+
     /// Control-plane instance `i` (0 is `control_plane`).
     pub fn control_plane_node(&mut self, i: usize) -> &mut ControlPlaneNode {
         match i {

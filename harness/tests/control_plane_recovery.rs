@@ -152,15 +152,10 @@ async fn a_restored_control_plane_gets_back_what_the_cells_hold() -> Result<()> 
 
     // A pass for another epoch (the store rebuilt again meanwhile) is
     // refused: its `last` must not drop what the new store reserves.
-    let paths = homecell_common::tls::Pki::open_or_create(&c.pki_dir)?.issue(
-        &homecell_common::tls::PeerIdentity::Cell {
+    let channel = c
+        .control_plane_as(&homecell_common::tls::PeerIdentity::Cell {
             region: "eu-west".into(),
-        },
-        &[],
-    )?;
-    let channel = tonic::transport::Endpoint::from_shared(c.control_plane_endpoint())?
-        .tls_config(paths.load()?.tonic_client("control-plane"))?
-        .connect()
+        })
         .await?;
     let stale =
         homecell_proto::control::directory_service_client::DirectoryServiceClient::new(channel)

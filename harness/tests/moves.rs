@@ -4,7 +4,7 @@
 //! and replays the request there once, saying so.
 
 use anyhow::{Context, Result};
-use homecell_common::tls::{PeerIdentity, Pki, TlsPaths};
+use homecell_common::tls::PeerIdentity;
 use homecell_harness::api::Api;
 use homecell_harness::{Cluster, standard};
 use homecell_proto::control::MoveUserRequest;
@@ -15,14 +15,10 @@ const PW: &str = "correct horse battery";
 
 /// The directory step of a move, as the source cell calls it.
 async fn move_user(c: &Cluster, as_cell: &str, req: MoveUserRequest) -> Result<tonic::Code> {
-    let pki = Pki::open_or_create(&c.pki_dir)?;
-    let id = PeerIdentity::Cell {
-        region: as_cell.into(),
-    };
-    let paths: TlsPaths = pki.issue(&id, &[])?;
-    let channel = tonic::transport::Endpoint::from_shared(c.control_plane_endpoint())?
-        .tls_config(paths.load()?.tonic_client("control-plane"))?
-        .connect()
+    let channel = c
+        .control_plane_as(&PeerIdentity::Cell {
+            region: as_cell.into(),
+        })
         .await?;
     Ok(
         match DirectoryServiceClient::new(channel).move_user(req).await {

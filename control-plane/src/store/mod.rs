@@ -131,6 +131,26 @@ pub struct Store {
     streams: std::sync::Arc<tokio::sync::Semaphore>,
     /// How many change sets the log keeps before compacting the oldest.
     retain_changes: u64,
+    /// On redb, the revision known to be on disk. Mutations commit without
+    /// an fsync; [`Store::make_durable`] then syncs every commit made so far
+    /// in one, so concurrent mutations share an fsync (group commit). No
+    /// revision leaves the process (an answer, a delta, a snapshot) before
+    /// it is on disk. Held while syncing: who waits here is covered by the
+    /// sync that follows.
+    durable: std::sync::Mutex<u64>,
+}
+
+/// How a write transaction commits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// Durable when the commit returns, after waiting for PostgreSQL's
+    /// revision lock.
+    Revision,
+    /// Durable, without the revision lock: rows no subscriber sees.
+    Bookkeeping,
+    /// A mutation: on redb not yet durable (the caller then calls
+    /// [`Store::make_durable`]); on PostgreSQL as `Revision`.
+    Grouped,
 }
 
 /// The write side of one mutation. Records every change it makes.
@@ -446,6 +466,7 @@ impl Store {
             revision_tx,
             healthy_tx,
             retain_changes: retain_changes.max(1),
+            durable: std::sync::Mutex::new(revision),
         }
     }
 
@@ -508,19 +529,22 @@ impl Store {
         engine: &Engine,
         f: impl FnOnce(&mut dyn Write) -> Result<(T, Outcome), CodedError>,
     ) -> Result<(T, Outcome), CodedError> {
-        Self::write_with(engine, true, f)
+        Self::write_with(engine, Commit::Revision, f)
     }
 
-    /// [`Store::write`], taking PostgreSQL's revision lock or not: rows no
-    /// subscriber sees (the subscribers' own) need no turn with mutations.
+    /// [`Store::write`], committed as `commit` says.
     fn write_with<T>(
         engine: &Engine,
-        lock: bool,
+        commit: Commit,
         f: impl FnOnce(&mut dyn Write) -> Result<(T, Outcome), CodedError>,
     ) -> Result<(T, Outcome), CodedError> {
         match engine {
             Engine::Redb(db) => {
-                let txn = db.begin_write().map_err(storage)?;
+                let mut txn = db.begin_write().map_err(storage)?;
+                if commit == Commit::Grouped {
+                    txn.set_durability(redb::Durability::None)
+                        .map_err(storage)?;
+                }
                 let (out, outcome) = f(&mut RedbWrite(&txn))?;
                 match outcome {
                     Outcome::Abort => txn.abort().map_err(storage)?,
@@ -529,7 +553,7 @@ impl Store {
                 Ok((out, outcome))
             }
             Engine::Postgres(pg) => {
-                let mut txn = pg.begin_write(lock)?;
+                let mut txn = pg.begin_write(commit != Commit::Bookkeeping)?;
                 let (out, outcome) = f(&mut txn)?;
                 // Dropping an uncommitted transaction rolls it back.
                 if !matches!(outcome, Outcome::Abort) {
@@ -540,25 +564,84 @@ impl Store {
         }
     }
 
-    /// A consistent read-only view.
+    /// A consistent read-only view. On redb, of durable state only: a view
+    /// that sees a commit not yet synced syncs it first.
     fn view(&self) -> Result<View, CodedError> {
         Ok(match &self.engine {
-            Engine::Redb(db) => View::Redb(RedbRead(db.begin_read().map_err(storage)?)),
+            Engine::Redb(db) => {
+                let view = RedbRead(db.begin_read().map_err(storage)?);
+                self.make_durable(view.meta(REVISION)?)?;
+                View::Redb(view)
+            }
             Engine::Postgres(pg) => View::Postgres(pg.begin_read()?),
         })
     }
 
+    /// On redb: returns once `revision` is on disk, syncing every commit
+    /// made so far if it is not yet. Then subscribers may see it. A no-op
+    /// on PostgreSQL, whose commits are durable (and grouped) already.
+    fn make_durable(&self, revision: u64) -> Result<(), CodedError> {
+        let Engine::Redb(db) = &self.engine else {
+            return Ok(());
+        };
+        let mut durable = self
+            .durable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *durable >= revision {
+            return Ok(());
+        }
+        // A durable commit makes the non-durable ones before it durable
+        // too. It writes the head again so that it is never empty.
+        let txn = db.begin_write().map_err(storage)?;
+        let head = {
+            let mut w = RedbWrite(&txn);
+            let head = w.meta(REVISION)?;
+            w.set_meta(REVISION, head)?;
+            head
+        };
+        txn.commit().map_err(storage)?;
+        *durable = head;
+        drop(durable);
+        self.advance(head);
+        Ok(())
+    }
+
     /// Runs `f` in one write transaction. Returns its result and the revision
     /// it committed (the current one when `f` changed nothing). On error
-    /// nothing is written.
+    /// nothing is written. Returns (an answer or an error) only once what
+    /// `f` saw and wrote is on disk: no caller acts on state a crash could
+    /// take back.
     pub fn mutate<T>(
         &self,
         actor: &str,
         f: impl FnOnce(&mut Tx<'_>) -> Result<T, CodedError>,
     ) -> Result<(T, u64), CodedError> {
+        let mut seen = 0;
+        let written = self.mutate_grouped(actor, &mut seen, f);
+        // An error may rest on what `f` read: that must be durable too.
+        let revision = match &written {
+            Ok((_, revision)) => *revision,
+            Err(_) => seen,
+        };
+        self.make_durable(revision)?;
+        let (out, revision) = written?;
+        self.advance(revision);
+        Ok((out, revision))
+    }
+
+    /// [`Store::mutate`]'s transaction, committed without waiting for the
+    /// disk on redb. Sets `seen` to the revision it started from.
+    fn mutate_grouped<T>(
+        &self,
+        actor: &str,
+        seen: &mut u64,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T, CodedError>,
+    ) -> Result<(T, u64), CodedError> {
         let retain = self.retain_changes;
-        let ((out, current), outcome) = Self::write(&self.engine, |t| {
+        let ((out, current), outcome) = Self::write_with(&self.engine, Commit::Grouped, |t| {
             let current = t.meta(REVISION)?;
+            *seen = current;
             let next = current + 1;
             let at_unix_ms = now_ms();
             let mut tx = Tx {
@@ -598,10 +681,7 @@ impl Store {
             Ok(((out, current), Outcome::Revision(next)))
         })?;
         match outcome {
-            Outcome::Revision(next) => {
-                self.advance(next);
-                Ok((out, next))
-            }
+            Outcome::Revision(next) => Ok((out, next)),
             _ => Ok((out, current)),
         }
     }
@@ -782,7 +862,7 @@ impl Store {
 
     /// Writes subscriber rows, all in one transaction (one fsync).
     pub fn save_subscribers(&self, rows: &[SubscriberStatus]) -> Result<(), CodedError> {
-        Self::write_with(&self.engine, false, |t| {
+        Self::write_with(&self.engine, Commit::Bookkeeping, |t| {
             for s in rows {
                 t.put_subscriber(s)?;
             }
@@ -844,6 +924,43 @@ mod tests {
             status: RegionStatus::Active as i32,
             ..Default::default()
         }
+    }
+
+    /// Group commit: a mutation answers only once its revision is synced,
+    /// and subscribers never hear of one that is not, however many
+    /// threads commit at once.
+    #[test]
+    fn nothing_leaves_before_it_is_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(Store::open(&dir.path().join("cp.redb"), 100).unwrap());
+        let synced = |s: &Store| *s.durable.lock().unwrap();
+        let heard = s.subscribe();
+        std::thread::scope(|scope| {
+            for t in 0..8 {
+                let s = s.clone();
+                scope.spawn(move || {
+                    for n in 0..50 {
+                        let (_, r) = s
+                            .mutate("t", |tx| tx.put_region(region(&format!("r{t}-{n}"))))
+                            .unwrap();
+                        assert!(synced(&s) >= r, "answered {r} before it was synced");
+                    }
+                });
+            }
+            let s = s.clone();
+            scope.spawn(move || {
+                let give_up = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while s.revision() < 400 && std::time::Instant::now() < give_up {
+                    let told = *heard.borrow();
+                    assert!(
+                        told <= synced(&s),
+                        "subscribers heard of {told} before it was synced"
+                    );
+                }
+            });
+        });
+        assert_eq!(s.revision(), 400);
+        assert_eq!(synced(&s), 400);
     }
 
     #[test]
