@@ -19,10 +19,13 @@
 //! all must resume once the partition heals.
 
 use anyhow::{Context, Result, ensure};
+use homecell_common::tls::PeerIdentity;
 use homecell_harness::api::Api;
 use homecell_harness::netns::NetNs;
 use homecell_harness::postgres::TempPostgres;
 use homecell_harness::{Cluster, start_standard};
+use homecell_proto::control::directory_service_client::DirectoryServiceClient;
+use homecell_proto::control::{ClaimIdentifierRequest, ReleaseIdentifierRequest};
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::sync::Arc;
@@ -344,6 +347,55 @@ async fn cut_the_attached_instance_from_postgres() -> Result<()> {
 #[tokio::test]
 async fn cut_the_attached_instance_from_its_subscribers() -> Result<()> {
     survives(Fault::CutFromSubscribers, "cutsubs").await
+}
+
+/// A claim that reaches an instance only after its deadline (sent into a
+/// partition, delivered by TCP's retransmission once it heals) is refused,
+/// and the identifier stays free. Before claims carried a deadline it
+/// landed then, after the cell had given up and released it: taken by no
+/// user, for good. The request is kept open (no reset) so that it is
+/// surely delivered.
+#[tokio::test]
+async fn a_claim_delivered_after_its_deadline_is_refused() -> Result<()> {
+    let s = three_instances_in_namespaces().await?;
+    let cell = PeerIdentity::Cell {
+        region: "cn-east".into(),
+    };
+    let claim = |user: &str, not_after_unix_ms: u64| ClaimIdentifierRequest {
+        identifier: "username:late-claim".into(),
+        user_id: user.into(),
+        region: "cn-east".into(),
+        not_after_unix_ms,
+    };
+    // Instance 0, connected before the cut.
+    let mut client = DirectoryServiceClient::new(s.c.control_plane_as(&cell).await?);
+    client
+        .release_identifier(ReleaseIdentifierRequest {
+            identifier: "username:late-claim".into(),
+            user_id: "u-late".into(),
+            region: "cn-east".into(),
+        })
+        .await?;
+    s.ns[0].cut_port(s.c.control_plane.grpc.port())?;
+    let now = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis(),
+    )?;
+    let late = claim("u-late", now + 1_000);
+    let sent = tokio::spawn(async move { client.claim_identifier(late).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s.ns[0].heal()?;
+    let answer = tokio::time::timeout(Duration::from_secs(30), sent).await??;
+    ensure!(
+        matches!(&answer, Err(e) if e.code() == tonic::Code::FailedPrecondition),
+        "a claim delivered 2 s past its deadline: {answer:?}"
+    );
+    DirectoryServiceClient::new(s.c.control_plane_as(&cell).await?)
+        .claim_identifier(claim("u-other", 0))
+        .await
+        .context("the identifier stays free")?;
+    Ok(())
 }
 
 /// How long the control plane is cut off from everything.
