@@ -178,6 +178,11 @@ impl TempPostgres {
         self.client("dropdb", &["--force", name])
     }
 
+    /// Runs one SQL command in `db` as the superuser.
+    pub fn sql(&self, db: &str, command: &str) -> Result<()> {
+        self.client("psql", &["-d", db, "-v", "ON_ERROR_STOP=1", "-qc", command])
+    }
+
     /// Creates a database and returns its URL.
     pub fn create_database(&self, name: &str) -> Result<String> {
         self.client("createdb", &[name])?;

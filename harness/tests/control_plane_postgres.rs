@@ -188,3 +188,60 @@ async fn a_backup_restores_into_an_empty_database_and_never_over_a_store() -> Re
     assert!(e.to_string().contains("already holds a store"), "{e}");
     Ok(())
 }
+
+/// A standby, or a database made read-only for any reason, answers reads
+/// while every mutation fails: an instance on one steps aside (unhealthy:
+/// it ends its Watch streams and stops listening) rather than serve
+/// subscribers a store it cannot write, and comes back once it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_on_a_read_only_database_steps_aside_until_it_is_writable() -> Result<()> {
+    let pg = TempPostgres::start()?;
+    let loc = Location::Postgres(pg.create_database("cp")?);
+    let store = Arc::new(Store::open_at(&loc, 100).await?);
+    let stop = homecell_common::shutdown::CancellationToken::new();
+    let me = Instance {
+        id: "a".into(),
+        endpoint: "https://a:7443".into(),
+        started_unix_ms: 1,
+    };
+    tokio::spawn({
+        let (store, stop) = (store.clone(), stop.clone());
+        async move { store.follow(me, stop).await }
+    });
+    let mut healthy = store.healthy();
+    let becomes = |healthy: &mut tokio::sync::watch::Receiver<bool>, want: bool| {
+        let mut healthy = healthy.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(15), healthy.wait_for(|h| *h == want))
+                .await
+                .map(|_| ())
+        }
+    };
+    becomes(&mut healthy, true).await?;
+
+    // New sessions are read-only, as on a standby (where, unlike here,
+    // `BEGIN READ WRITE` fails too); the instance's sessions start anew.
+    let reconnect = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+        WHERE datname = 'cp' AND pid <> pg_backend_pid()";
+    pg.sql(
+        "postgres",
+        "ALTER DATABASE cp SET default_transaction_read_only = on",
+    )?;
+    pg.sql("postgres", reconnect)?;
+    becomes(&mut healthy, false)
+        .await
+        .map_err(|_| anyhow::anyhow!("still healthy on a read-only database"))?;
+    pg.sql(
+        "postgres",
+        "ALTER DATABASE cp RESET default_transaction_read_only",
+    )?;
+    pg.sql("postgres", reconnect)?;
+    becomes(&mut healthy, true)
+        .await
+        .map_err(|_| anyhow::anyhow!("did not come back once the database was writable"))?;
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.mutate("t", |tx| tx.put_region(region("cn-east"))))
+        .await??;
+    stop.cancel();
+    Ok(())
+}
