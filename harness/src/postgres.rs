@@ -59,26 +59,66 @@ impl TempPostgres {
         Self::start_with(&[], true)
     }
 
+    /// Accepting TCP connections over TLS only, with a certificate for
+    /// 127.0.0.1 from a CA of its own (`tls_ca`).
+    pub fn start_tls() -> Result<Self> {
+        let pg = Self::start_stopped(&[])?;
+        let data = std::path::PathBuf::from(pg.data_dir());
+        let pki = homecell_common::tls::Pki::open_or_create(&pg.dir.path().join("pki"))?;
+        let paths = pki.issue(
+            &homecell_common::tls::PeerIdentity::ControlPlane,
+            &["127.0.0.1".into()],
+        )?;
+        std::fs::copy(&paths.cert, data.join("server.crt"))?;
+        homecell_common::tls::write_private(&data.join("server.key"), &std::fs::read(&paths.key)?)?;
+        std::fs::copy(&paths.ca, pg.tls_ca())?;
+        // Refused first: any TCP connection without TLS.
+        let hba = data.join("pg_hba.conf");
+        let rest = std::fs::read_to_string(&hba)?;
+        std::fs::write(&hba, format!("hostnossl all all all reject\n{rest}"))?;
+        pg.chown_to_postgres(&data)?;
+        pg.start_server(&[], false, " -c ssl=on")?;
+        Ok(pg)
+    }
+
+    /// The CA that signed a `start_tls` server's certificate.
+    pub fn tls_ca(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
     fn start_with(also: &[std::net::Ipv4Addr], durable: bool) -> Result<Self> {
-        let bin = find_bin()?;
-        let dir = tempfile::Builder::new().prefix("homecell-pg-").tempdir()?;
-        let as_postgres_user = is_root();
-        if as_postgres_user {
+        let pg = Self::start_stopped(also)?;
+        pg.start_server(also, durable, "")?;
+        Ok(pg)
+    }
+
+    /// Hands what root wrote in `dir` to the postgres user (the server
+    /// refuses a key file it does not own).
+    fn chown_to_postgres(&self, dir: &Path) -> Result<()> {
+        if self.as_postgres_user {
             let ok = Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(dir.path())
+                .args(["-R", "postgres:postgres"])
+                .arg(dir)
                 .status()?
                 .success();
             if !ok {
-                bail!("cannot hand {} to the postgres user", dir.path().display());
+                bail!("cannot hand {} to the postgres user", dir.display());
             }
         }
+        Ok(())
+    }
+
+    /// A server initialised, not yet started.
+    fn start_stopped(also: &[std::net::Ipv4Addr]) -> Result<Self> {
+        let bin = find_bin()?;
+        let dir = tempfile::Builder::new().prefix("homecell-pg-").tempdir()?;
         let pg = Self {
             dir,
             bin,
             port: crate::free_port(),
-            as_postgres_user,
+            as_postgres_user: is_root(),
         };
+        pg.chown_to_postgres(pg.dir.path())?;
         let data = pg.data_dir();
         pg.run(
             "initdb",
@@ -102,6 +142,11 @@ impl TempPostgres {
                 writeln!(hba, "host all all {ip}/30 trust")?;
             }
         }
+        Ok(pg)
+    }
+
+    fn start_server(&self, also: &[std::net::Ipv4Addr], durable: bool, extra: &str) -> Result<()> {
+        let (pg, data) = (self, self.data_dir());
         let listen: Vec<String> = std::iter::once("127.0.0.1".to_string())
             .chain(also.iter().map(|ip| ip.to_string()))
             .collect();
@@ -111,7 +156,7 @@ impl TempPostgres {
             " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         };
         let opts = format!(
-            "-p {} -k {} -c listen_addresses={}{fast} -c max_connections=200",
+            "-p {} -k {} -c listen_addresses={}{fast}{extra} -c max_connections=200",
             pg.port,
             pg.dir.path().display(),
             listen.join(",")
@@ -132,7 +177,7 @@ impl TempPostgres {
                 "start",
             ],
         )?;
-        Ok(pg)
+        Ok(())
     }
 
     fn data_dir(&self) -> String {

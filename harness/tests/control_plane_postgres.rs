@@ -245,3 +245,49 @@ async fn an_instance_on_a_read_only_database_steps_aside_until_it_is_writable() 
     stop.cancel();
     Ok(())
 }
+
+/// The store reaches PostgreSQL over TLS, verifying the server's
+/// certificate (`sslmode=verify-full`): a server that refuses plain TCP
+/// serves it, and one whose certificate is not from the named CA is not
+/// trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_reaches_postgres_over_verified_tls() -> Result<()> {
+    let pg = TempPostgres::start_tls()?;
+    let url = pg.create_database("cp")?;
+    let with = |query: String| Location::Postgres(format!("{url}?{query}"));
+
+    let refused = |store: anyhow::Result<Store>| match store {
+        Ok(_) => String::new(),
+        Err(e) => format!("{e:#}"),
+    };
+    let plain = refused(Store::open_at(&with("sslmode=disable".into()), 100).await);
+    assert!(
+        plain.contains("no encryption"),
+        "the server takes TLS only: {plain}"
+    );
+
+    let other_ca = tempfile::tempdir()?;
+    let stranger = homecell_common::tls::Pki::open_or_create(other_ca.path())?
+        .issue(&homecell_common::tls::PeerIdentity::ControlPlane, &[])?;
+    let wrong = with(format!(
+        "sslmode=verify-full&sslrootcert={}",
+        stranger.ca.display()
+    ));
+    let wrong = refused(Store::open_at(&wrong, 100).await);
+    assert!(
+        wrong.contains("invalid peer certificate"),
+        "a certificate from another CA is trusted: {wrong}"
+    );
+
+    let verified = with(format!(
+        "sslmode=verify-full&sslrootcert={}",
+        pg.tls_ca().display()
+    ));
+    let store = Arc::new(Store::open_at(&verified, 100).await?);
+    let s = store.clone();
+    let (_, revision) =
+        tokio::task::spawn_blocking(move || s.mutate("t", |tx| tx.put_region(region("cn-east"))))
+            .await??;
+    assert_eq!(revision, 1);
+    Ok(())
+}
