@@ -464,6 +464,49 @@ impl Flood {
     }
 }
 
+/// A claim may land until its deadline (5 s after the cell recorded it):
+/// a cell configured to release unsettled claims sooner than 10 s could
+/// release one that then lands, so it refuses to start.
+#[tokio::test]
+async fn unsettled_claims_wait_at_least_ten_seconds() -> Result {
+    let (c, _cn) = cluster_with("").await?;
+    let text = std::fs::read_to_string(c.root.join("config").join("cell-cn-east.toml"))?;
+    let check = |secs: u32| -> Result<std::process::Output> {
+        let file = c
+            .root
+            .join("config")
+            .join(format!("cell-settle-{secs}.toml"));
+        std::fs::write(
+            &file,
+            text.replacen(
+                "region = ",
+                &format!("unsettled_claims_release_after_secs = {secs}\nregion = "),
+                1,
+            ),
+        )?;
+        Ok(
+            std::process::Command::new(homecell_harness::Binaries::locate()?.path("cell"))
+                .arg("--config")
+                .arg(&file)
+                .arg("--check")
+                .output()?,
+        )
+    };
+    let nine = check(9)?;
+    let err = String::from_utf8_lossy(&nine.stderr);
+    assert!(
+        !nine.status.success() && err.contains("unsettled_claims_release_after_secs"),
+        "{err}"
+    );
+    let ten = check(10)?;
+    assert!(
+        ten.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ten.stderr)
+    );
+    Ok(())
+}
+
 /// Finding 3: a claim whose registration never finished (the cell died
 /// between the claim and the insert) is released by the reconciliation, so
 /// the identifier is not blocked for good.

@@ -127,12 +127,13 @@ impl Identity {
             .await
             .map_err(|e| (CodedError::from(e), None))?;
         let wait = super::claims::CLAIM_WAIT;
+        let not_after_unix_ms =
+            u64::try_from(now).unwrap_or(0) + u64::try_from(wait.as_millis()).unwrap_or(0);
         let req = ClaimIdentifierRequest {
             identifier: qualified.to_string(),
             user_id: user_id.to_string(),
             region: self.region.clone(),
-            not_after_unix_ms: u64::try_from(now).unwrap_or(0)
-                + u64::try_from(wait.as_millis()).unwrap_or(0),
+            not_after_unix_ms,
         };
         let mut client = DirectoryServiceClient::new(self.cp.clone());
         let answer = tokio::time::timeout(wait, client.claim_identifier(req)).await;
@@ -162,6 +163,19 @@ impl Identity {
                     ),
                     holder,
                 ))
+            }
+            Ok(Err(s))
+                if s.code() == tonic::Code::FailedPrecondition
+                    && u64::try_from(now_ms()).unwrap_or(0) < not_after_unix_ms =>
+            {
+                // Refused as late while this cell's clock says it is not:
+                // the control plane's clock is ahead. Every registration
+                // fails so until the clocks agree again.
+                tracing::error!(
+                    error = %s.message(),
+                    "the control plane refused a claim as past its deadline before this cell's clock reached it: the clocks disagree (NTP?)"
+                );
+                Err((unavailable().retry_after(1), None))
             }
             Ok(Err(s)) => {
                 tracing::warn!(error = %s.message(), "identifier claim failed");

@@ -546,6 +546,12 @@ impl Store {
                         .map_err(storage)?;
                 }
                 let (out, outcome) = f(&mut RedbWrite(&txn))?;
+                if commit == Commit::Grouped && matches!(outcome, Outcome::Bookkeeping) {
+                    // No new revision for make_durable to wait on: this
+                    // one syncs itself (and every commit before it).
+                    txn.set_durability(redb::Durability::Immediate)
+                        .map_err(storage)?;
+                }
                 match outcome {
                     Outcome::Abort => txn.abort().map_err(storage)?,
                     _ => txn.commit().map_err(storage)?,
@@ -600,7 +606,14 @@ impl Store {
             w.set_meta(REVISION, head)?;
             head
         };
-        txn.commit().map_err(storage)?;
+        if let Err(e) = txn.commit() {
+            // Like PostgreSQL after a failed fsync: what is on disk is
+            // unknown, every later write would fail, and reads would show
+            // commits that may not be there. Only a restart (redb repairs
+            // the file, dropping commits no one outside has seen) is safe.
+            tracing::error!(error = %e, "the store could not sync its commits to disk; exiting");
+            std::process::exit(70);
+        }
         *durable = head;
         drop(durable);
         self.advance(head);
