@@ -328,6 +328,16 @@ fn the_postgres_control_plane_runs_three_instances_with_the_url_from_a_secret() 
         .expect("the store's URL");
     assert!(get(url, &["value"]).is_none(), "never inline: {url:?}");
     assert!(s(url, &["valueFrom", "secretKeyRef", "name"]).is_some());
+    let advertise = env
+        .iter()
+        .find(|e| e["name"] == "HOMECELL_CP_STORE__ADVERTISE")
+        .expect("each instance's own endpoint in status");
+    let pod_ip = env.iter().position(|e| e["name"] == "POD_IP");
+    let at = env
+        .iter()
+        .position(|e| e["name"] == "HOMECELL_CP_STORE__ADVERTISE");
+    assert!(pod_ip < at, "$(POD_IP) is defined before its use");
+    assert_eq!(s(advertise, &["value"]), Some("https://$(POD_IP):7443"));
     let pdb = built
         .resources
         .iter()
