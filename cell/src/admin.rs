@@ -30,7 +30,7 @@ pub async fn grant_role(config: &CellConfig, identifier: &str, role: &str) -> Re
         .await?
         .ok_or_else(|| anyhow!("no user with that identifier in region {}", config.region))?;
     if !db.role_exists(role).await? {
-        bail!("no role {role:?} (built in: user, support, admin)");
+        bail!("no role {role:?} (built in: user, support, admin; others from GET /v1/cms/roles)");
     }
     let audit = AuditEntry {
         at: now_ms(),

@@ -183,6 +183,7 @@ impl MoveStore {
             "DELETE FROM inbox WHERE user_id = $1",
             "DELETE FROM wechat_bindings WHERE user_id = $1",
             "DELETE FROM password_resets WHERE user_id = $1",
+            "DELETE FROM sign_in_codes WHERE user_id = $1",
         ] {
             stmt(sql).bind(id).execute(&mut tx).await?;
         }
@@ -249,7 +250,7 @@ impl MoveStore {
     /// identifiers are not released here.
     pub async fn erase_moved_user(&self, id: &str, placeholder: &str, now: i64) -> DbResult<()> {
         self.identity
-            .anonymise_user(id, placeholder, now)
+            .anonymise_user(id, placeholder, now, None)
             .await
             .map(drop)
     }

@@ -405,7 +405,7 @@ async fn erasure_takes_the_users_notices(db: &Datastore) {
     );
 
     db.identity()
-        .anonymise_user("gone", "deleted-1", NOW)
+        .anonymise_user("gone", "deleted-1", NOW, None)
         .await
         .unwrap();
     assert!(

@@ -14,7 +14,8 @@ use futures::future::join_all;
 use homecell_cell::db::audit::AuditEntry;
 use homecell_cell::db::{Datastore, DbError};
 use homecell_cell::identity::store::{
-    Address, NewUser, RefreshOutcome, ResetLimits, Rotation, Session, reset_budget_key_of_user,
+    Address, NewUser, RefreshOutcome, ResetLimits, RoleRow, Rotation, Session,
+    reset_budget_key_of_user,
 };
 
 const NOW: i64 = 1_800_000_000_000;
@@ -558,7 +559,7 @@ async fn pending_claims(db: &Datastore) {
     // Deleting an account records its releases in the same transaction.
     user(db, "pc4", "pc4@x.io").await;
     db.identity()
-        .anonymise_user("pc4", "deleted-pc4", NOW)
+        .anonymise_user("pc4", "deleted-pc4", NOW, None)
         .await
         .unwrap();
     assert_eq!(
@@ -817,7 +818,7 @@ async fn roles_audit_and_anonymisation(db: &Datastore) {
         .unwrap();
     let ids = db
         .identity()
-        .anonymise_user("adm", "deleted-xyz", NOW)
+        .anonymise_user("adm", "deleted-xyz", NOW, None)
         .await
         .unwrap();
     assert_eq!(ids, vec![("email".to_string(), "adm@x.io".to_string())]);
@@ -1204,6 +1205,163 @@ async fn moving_a_user(db: &Datastore) {
     );
 }
 
+/// Sign-in codes: a newer one replaces the older, guesses are reserved
+/// five per code however many race, a code answers only its client type
+/// and before it expires, and is used once.
+async fn sign_in_codes(db: &Datastore) {
+    let id = db.identity();
+    user(db, "otp", "otp@x.io").await;
+    let code = |n: i64, client: &'static str| {
+        let id = db.identity();
+        async move {
+            id.create_sign_in_code(
+                &format!("code{n}"),
+                "otp",
+                client,
+                &format!("hash{n}"),
+                NOW + 300_000,
+                "{}",
+                NOW + n,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    code(1, "app").await;
+    code(2, "app").await;
+    assert_eq!(
+        id.outbox_pending("auth.sign_in_code", 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(
+        id.reserve_sign_in_guess("otp", "web", 5, NOW + 3)
+            .await
+            .unwrap()
+            .is_none(),
+        "another client type's code"
+    );
+    let guesses =
+        join_all((0..12).map(|_| id.reserve_sign_in_guess("otp", "app", 5, NOW + 3))).await;
+    let granted: Vec<_> = guesses.into_iter().filter_map(|g| g.unwrap()).collect();
+    assert_eq!(
+        granted.len(),
+        5,
+        "a storm got more guesses than a code allows"
+    );
+    assert!(
+        granted
+            .iter()
+            .all(|(c, h)| (c.as_str(), h.as_str()) == ("code2", "hash2"))
+    );
+
+    code(3, "app").await;
+    assert!(
+        id.reserve_sign_in_guess("otp", "app", 5, NOW + 300_004)
+            .await
+            .unwrap()
+            .is_none(),
+        "expired"
+    );
+    let (c, _) = id
+        .reserve_sign_in_guess("otp", "app", 5, NOW + 4)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c, "code3");
+    assert!(id.use_sign_in_code("code3", "otp", NOW + 4).await.unwrap());
+    assert!(
+        !id.use_sign_in_code("code3", "otp", NOW + 4).await.unwrap(),
+        "once"
+    );
+    assert!(
+        id.reserve_sign_in_guess("otp", "app", 5, NOW + 5)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// Roles as data: a custom role grants exactly its permissions, an edit
+/// counts at once, deleting it takes its grants, built-in roles stay, and
+/// every change is audited in its own transaction.
+async fn custom_roles(db: &Datastore) {
+    let id = db.identity();
+    user(db, "aud", "aud@x.io").await;
+    let audit = |action: &'static str| AuditEntry {
+        at: NOW,
+        actor: "t",
+        action,
+        target: Some("auditor"),
+        details: "{}".into(),
+    };
+    let mut role = RoleRow {
+        name: "auditor".into(),
+        description: "reads the audit log".into(),
+        builtin: false,
+        permissions: vec!["audit:read".into()],
+    };
+    let before = db.audit_log(None, 1000).await.unwrap().len();
+    id.create_role(&role, &audit("role.create")).await.unwrap();
+    assert!(matches!(
+        id.create_role(&role, &audit("role.create")).await,
+        Err(DbError::Conflict)
+    ));
+    assert_eq!(id.role("auditor").await.unwrap().as_ref(), Some(&role));
+    let builtin: Vec<(String, bool)> = id
+        .roles()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.name, r.builtin))
+        .collect();
+    assert!(builtin.contains(&("admin".into(), true)));
+    assert!(builtin.contains(&("auditor".into(), false)));
+
+    id.set_role("aud", "auditor", true, &audit("role.grant"))
+        .await
+        .unwrap();
+    assert!(id.has_permission("aud", "audit:read").await.unwrap());
+    assert!(!id.has_permission("aud", "users:read").await.unwrap());
+
+    role.permissions = vec!["users:read".into()];
+    role.description = "reads users".into();
+    id.update_role(&role, &audit("role.update")).await.unwrap();
+    assert!(!id.has_permission("aud", "audit:read").await.unwrap());
+    assert!(id.has_permission("aud", "users:read").await.unwrap());
+    assert_eq!(id.role("auditor").await.unwrap(), Some(role.clone()));
+
+    // A built-in role is never deleted; a custom one goes with its grants.
+    assert_eq!(
+        id.delete_role("support", &audit("role.delete"))
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(id.role("support").await.unwrap().is_some());
+    assert_eq!(
+        id.delete_role("auditor", &audit("role.delete"))
+            .await
+            .unwrap(),
+        Some(1)
+    );
+    assert_eq!(id.role("auditor").await.unwrap(), None);
+    assert!(!id.has_permission("aud", "users:read").await.unwrap());
+    assert!(
+        !id.roles_of("aud")
+            .await
+            .unwrap()
+            .contains(&"auditor".to_string())
+    );
+    assert_eq!(
+        db.audit_log(None, 1000).await.unwrap().len(),
+        before + 4,
+        "create, grant, update, delete"
+    );
+}
+
 async fn suite(db: Datastore) {
     db.claim_region("cn-east").await.unwrap();
     assert!(
@@ -1219,6 +1377,8 @@ async fn suite(db: Datastore) {
     pending_claims(&db).await;
     addresses(&db).await;
     roles_audit_and_anonymisation(&db).await;
+    custom_roles(&db).await;
+    sign_in_codes(&db).await;
     listing_and_profiles(&db).await;
     signing_keys(&db).await;
     moving_a_user(&db).await;

@@ -83,3 +83,319 @@ async fn every_route_that_names_a_permission_refuses_whoever_lacks_it() -> Resul
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_custom_role_grants_exactly_its_permissions_from_the_next_request() -> Result<()> {
+    let c = standard().start().await?;
+    let api = Api::new(&c.router_url(0), "cn-east");
+    api.register("boss@example.com", PW).await?;
+    let out = c.cell_command(
+        "cn-east",
+        &[
+            "grant-role",
+            "--identifier",
+            "boss@example.com",
+            "--role",
+            "admin",
+        ],
+    )?;
+    anyhow::ensure!(out.success, "{}", out.stderr);
+    let (admin, _) = api
+        .as_client("cms")
+        .signed_in("boss@example.com", PW)
+        .await?;
+    let (clerk, me) = api
+        .as_client("cms")
+        .signed_in("clerk@example.com", PW)
+        .await?;
+    let clerk_id = me["user_id"].as_str().context("user_id")?.to_string();
+
+    // The catalogue, and a role from it.
+    let catalogue = admin.get("/v1/cms/permissions").await?;
+    assert_eq!(catalogue.status, 200, "{:?}", catalogue.body);
+    assert!(
+        catalogue.body["items"]
+            .as_array()
+            .context("items")?
+            .iter()
+            .any(|p| p["name"] == "audit:read")
+    );
+    let r = admin
+        .post(
+            "/v1/cms/roles",
+            json!({"name": "auditor", "description": "reads the audit log", "permissions": ["audit:read"]}),
+        )
+        .await?;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["permissions"], json!(["audit:read"]));
+    let again = admin
+        .post(
+            "/v1/cms/roles",
+            json!({"name": "auditor", "permissions": []}),
+        )
+        .await?;
+    assert_eq!(
+        (again.status.as_u16(), again.code()),
+        (409, "already_exists")
+    );
+    let unknown = admin
+        .post(
+            "/v1/cms/roles",
+            json!({"name": "bad", "permissions": ["users:*"]}),
+        )
+        .await?;
+    assert_eq!(
+        (unknown.status.as_u16(), unknown.code()),
+        (400, "invalid_argument")
+    );
+
+    let grant = admin
+        .call(
+            Method::PUT,
+            &format!("/v1/cms/users/{clerk_id}/roles/auditor"),
+            None,
+            &[],
+        )
+        .await?;
+    assert_eq!(grant.status, 204, "{:?}", grant.body);
+    // Exactly its permission, in the same session.
+    assert_eq!(clerk.get("/v1/cms/audit?limit=1").await?.status, 200);
+    assert_eq!(clerk.get("/v1/cms/users?limit=1").await?.status, 403);
+
+    // An edit counts from the next request, without signing in again.
+    let edit = admin
+        .call(
+            Method::PUT,
+            "/v1/cms/roles/auditor",
+            Some(json!({"description": "reads users", "permissions": ["users:read"]})),
+            &[],
+        )
+        .await?;
+    assert_eq!(edit.status, 200, "{:?}", edit.body);
+    assert_eq!(clerk.get("/v1/cms/users?limit=1").await?.status, 200);
+    assert_eq!(clerk.get("/v1/cms/audit?limit=1").await?.status, 403);
+
+    // No way up: whoever edits or grants roles reaches only what they
+    // hold (else a role editor makes a role with everything and takes it).
+    let lead = admin
+        .post(
+            "/v1/cms/roles",
+            json!({"name": "lead", "permissions": ["role:assign", "role:edit", "users:read"]}),
+        )
+        .await?;
+    assert_eq!(lead.status, 201, "{:?}", lead.body);
+    let grant = admin
+        .call(
+            Method::PUT,
+            &format!("/v1/cms/users/{clerk_id}/roles/lead"),
+            None,
+            &[],
+        )
+        .await?;
+    assert_eq!(grant.status, 204);
+    let refused = [
+        clerk
+            .post(
+                "/v1/cms/roles",
+                json!({"name": "everything", "permissions": ["money:adjust"]}),
+            )
+            .await?,
+        clerk
+            .call(
+                Method::PUT,
+                &format!("/v1/cms/users/{clerk_id}/roles/admin"),
+                None,
+                &[],
+            )
+            .await?,
+        clerk
+            .call(
+                Method::PUT,
+                "/v1/cms/roles/lead",
+                Some(json!({"permissions": ["role:assign", "role:edit", "users:read", "money:adjust"]})),
+                &[],
+            )
+            .await?,
+        clerk
+            .call(Method::DELETE, &format!("/v1/cms/users/{clerk_id}/roles/admin"), None, &[])
+            .await?,
+    ];
+    for r in &refused {
+        assert_eq!(
+            (r.status.as_u16(), r.code()),
+            (403, "permission_denied"),
+            "{:?}",
+            r.body
+        );
+    }
+    let within = clerk
+        .post(
+            "/v1/cms/roles",
+            json!({"name": "reader", "permissions": ["users:read"]}),
+        )
+        .await?;
+    assert_eq!(
+        within.status, 201,
+        "within what it holds: {:?}",
+        within.body
+    );
+    for name in ["reader", "lead"] {
+        let r = admin
+            .call(Method::DELETE, &format!("/v1/cms/roles/{name}"), None, &[])
+            .await?;
+        assert_eq!(r.status, 204);
+    }
+
+    // Built-in roles keep what the system needs, and stay.
+    let strip = admin
+        .call(
+            Method::PUT,
+            "/v1/cms/roles/admin",
+            Some(json!({"permissions": ["users:read"]})),
+            &[],
+        )
+        .await?;
+    assert_eq!(
+        (strip.status.as_u16(), strip.code()),
+        (409, "failed_precondition")
+    );
+    assert!(
+        strip.body["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("role:edit")
+    );
+    let gone = admin
+        .call(Method::DELETE, "/v1/cms/roles/support", None, &[])
+        .await?;
+    assert_eq!(gone.status, 409, "{:?}", gone.body);
+
+    // Deleting the custom role takes its grant with it.
+    let delete = admin
+        .call(Method::DELETE, "/v1/cms/roles/auditor", None, &[])
+        .await?;
+    assert_eq!(delete.status, 204, "{:?}", delete.body);
+    assert_eq!(clerk.get("/v1/cms/users?limit=1").await?.status, 403);
+    let roles = admin.get("/v1/cms/roles").await?;
+    let names: Vec<&str> = roles.body["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(names, ["admin", "support", "user"]);
+
+    // Every change is in the audit log.
+    let log = admin.get("/v1/cms/audit?limit=100").await?;
+    let actions: Vec<&str> = log.body["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .filter(|e| e["target"] == "auditor")
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert_eq!(actions, ["role.delete", "role.update", "role.create"]);
+    Ok(())
+}
+
+/// An admin deletes an account from the back office: anonymised as its
+/// owner's own deletion (its sessions end, its identifier is free again),
+/// audited. Whoever holds `users:delete` without being an admin cannot
+/// delete an admin, and nobody deletes themselves here.
+#[tokio::test]
+async fn an_admin_deletes_a_user_and_the_identifier_is_free_again() -> Result<()> {
+    let c = standard().start().await?;
+    let api = Api::new(&c.router_url(0), "cn-east");
+    api.register("boss@example.com", PW).await?;
+    let out = c.cell_command(
+        "cn-east",
+        &[
+            "grant-role",
+            "--identifier",
+            "boss@example.com",
+            "--role",
+            "admin",
+        ],
+    )?;
+    anyhow::ensure!(out.success, "{}", out.stderr);
+    let (admin, me) = api
+        .as_client("cms")
+        .signed_in("boss@example.com", PW)
+        .await?;
+    let admin_id = me["user_id"].as_str().context("user_id")?.to_string();
+    let (victim, v) = api.signed_in("leaving@example.com", PW).await?;
+    let victim_id = v["user_id"].as_str().context("user_id")?.to_string();
+    assert_eq!(victim.get("/v1/users/me").await?.status, 200);
+
+    let r = admin
+        .call(
+            Method::DELETE,
+            &format!("/v1/cms/users/{victim_id}"),
+            None,
+            &[],
+        )
+        .await?;
+    assert_eq!(r.status, 204, "{:?}", r.body);
+    assert_eq!(
+        victim.get("/v1/users/me").await?.status,
+        401,
+        "its session ended"
+    );
+    assert_eq!(api.login("leaving@example.com", PW).await?.status, 401);
+    assert_eq!(
+        api.register("leaving@example.com", PW).await?.status,
+        201,
+        "the identifier is free again"
+    );
+    let log = admin.get("/v1/cms/audit?limit=100").await?;
+    assert!(
+        log.body["items"]
+            .as_array()
+            .context("items")?
+            .iter()
+            .any(|e| e["action"] == "user.delete" && e["target"] == victim_id.as_str())
+    );
+
+    // Not oneself; and a deleter who is no admin cannot delete an admin.
+    let r = admin
+        .call(
+            Method::DELETE,
+            &format!("/v1/cms/users/{admin_id}"),
+            None,
+            &[],
+        )
+        .await?;
+    assert_eq!((r.status.as_u16(), r.code()), (409, "failed_precondition"));
+    let made = admin
+        .post(
+            "/v1/cms/roles",
+            json!({"name": "deleter", "permissions": ["users:delete"]}),
+        )
+        .await?;
+    assert_eq!(made.status, 201, "{:?}", made.body);
+    let (deleter, d) = api
+        .as_client("cms")
+        .signed_in("deleter@example.com", PW)
+        .await?;
+    let deleter_id = d["user_id"].as_str().context("user_id")?;
+    let grant = admin
+        .call(
+            Method::PUT,
+            &format!("/v1/cms/users/{deleter_id}/roles/deleter"),
+            None,
+            &[],
+        )
+        .await?;
+    assert_eq!(grant.status, 204);
+    let r = deleter
+        .call(
+            Method::DELETE,
+            &format!("/v1/cms/users/{admin_id}"),
+            None,
+            &[],
+        )
+        .await?;
+    assert_eq!((r.status.as_u16(), r.code()), (403, "permission_denied"));
+    assert_eq!(admin.get("/v1/cms/roles").await?.status, 200, "still in");
+    Ok(())
+}

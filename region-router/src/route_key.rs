@@ -14,7 +14,8 @@ pub use homecell_common::paths::user_in_path;
 /// Which auth route this is, if its body carries a routing key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyRoute {
-    /// login, password reset request and confirm: route by `identifier`.
+    /// login, password reset request and confirm, sign-in code request and
+    /// verify: route by `identifier`.
     Identifier,
     /// refresh: route by the refresh token's region prefix.
     Refresh,
@@ -27,6 +28,7 @@ pub fn body_route(method: &http::Method, path: &str) -> Option<BodyRoute> {
     match (method, path) {
         (&Method::POST, "/v1/auth/login") => Some(BodyRoute::Identifier),
         (&Method::POST | &Method::PUT, "/v1/auth/password/reset") => Some(BodyRoute::Identifier),
+        (&Method::POST, "/v1/auth/otp" | "/v1/auth/otp/verify") => Some(BodyRoute::Identifier),
         (&Method::POST, "/v1/auth/refresh") => Some(BodyRoute::Refresh),
         (&Method::POST, "/v1/auth/register") => Some(BodyRoute::Register),
         _ => None,
@@ -100,5 +102,12 @@ mod tests {
             Some(BodyRoute::Identifier)
         );
         assert_eq!(body_route(&http::Method::GET, "/v1/auth/login"), None);
+        for path in ["/v1/auth/otp", "/v1/auth/otp/verify"] {
+            assert_eq!(
+                body_route(&http::Method::POST, path),
+                Some(BodyRoute::Identifier),
+                "{path}"
+            );
+        }
     }
 }

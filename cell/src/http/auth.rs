@@ -186,6 +186,47 @@ pub async fn change_password(
 
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+pub struct CodeRequest {
+    /// An email address or a phone number.
+    pub identifier: String,
+}
+
+/// Sends a sign-in code for this client type (`identity/otp.rs`).
+pub async fn request_sign_in_code(
+    State(cell): State<Arc<Cell>>,
+    ClientType(ct): ClientType,
+    ClientIp(ip): ClientIp,
+    Json(r): Json<CodeRequest>,
+) -> ApiResult<StatusCode> {
+    cell.identity
+        .request_sign_in_code(&r.identifier, ct, ip)
+        .await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CodeSignIn {
+    pub identifier: String,
+    /// The 6 digits sent to it.
+    pub code: String,
+}
+
+pub async fn verify_sign_in_code(
+    State(cell): State<Arc<Cell>>,
+    ClientType(ct): ClientType,
+    ClientIp(ip): ClientIp,
+    Json(r): Json<CodeSignIn>,
+) -> ApiResult<axum::Json<TokenPair>> {
+    Ok(axum::Json(
+        cell.identity
+            .verify_sign_in_code(&r.identifier, &r.code, ct, ip)
+            .await?,
+    ))
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ResetRequest {
     pub identifier: String,
 }
@@ -242,6 +283,18 @@ pub fn routes() -> Vec<Route> {
             .summary("Log in (x-client-type: app, web, mp or cms)")
             .public()
             .body::<LoginRequest>()
+            .returns::<crate::identity::service::TokenPair>(200)
+            .header("x-client-type", &["app", "web", "mp", "cms"]),
+        Route::post("/v1/auth/otp", request_sign_in_code)
+            .summary("Send a sign-in code to an email address or phone number (answers 202 either way)")
+            .public()
+            .body::<CodeRequest>()
+            .answers(202)
+            .header("x-client-type", &["app", "web", "mp", "cms"]),
+        Route::post("/v1/auth/otp/verify", verify_sign_in_code)
+            .summary("Sign in with the code, from the client type that asked for it")
+            .public()
+            .body::<CodeSignIn>()
             .returns::<crate::identity::service::TokenPair>(200)
             .header("x-client-type", &["app", "web", "mp", "cms"]),
         Route::post("/v1/auth/refresh", refresh)

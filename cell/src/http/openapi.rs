@@ -307,4 +307,22 @@ mod tests {
             }
         }
     }
+
+    /// A role can be given every permission a route asks for, and the
+    /// catalogue lists nothing no route asks for.
+    #[test]
+    fn routes_and_the_permission_catalogue_agree() {
+        let asked: std::collections::BTreeSet<&str> = routes()
+            .iter()
+            .filter_map(|r| match r.access {
+                Permission(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        let catalogue: std::collections::BTreeSet<&str> = crate::identity::roles::PERMISSIONS
+            .iter()
+            .map(|(p, _)| *p)
+            .collect();
+        assert_eq!(asked, catalogue, "identity/roles.rs PERMISSIONS");
+    }
 }

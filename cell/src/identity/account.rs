@@ -33,20 +33,58 @@ impl Identity {
                 "the password is wrong",
             ));
         }
+        self.erase(&p.user_id, None).await
+    }
+
+    /// An admin's deletion of an account (a request that reached support,
+    /// a user who cannot sign in): the same anonymisation as the user's
+    /// own, with its audit entry in the same transaction. Only an admin
+    /// deletes an admin, and nobody themselves here: an admin deleting
+    /// another stays, so the cell always keeps one.
+    pub async fn delete_user(&self, actor: &Principal, user_id: &str) -> Result<(), CodedError> {
+        self.user(user_id).await?;
+        if user_id == actor.user_id {
+            return Err(CodedError::new(
+                ErrorCode::FailedPrecondition,
+                "delete your own account with DELETE /v1/users/me",
+            ));
+        }
+        let is_admin = async |id: &str| {
+            Ok::<_, CodedError>(self.store.roles_of(id).await?.iter().any(|r| r == ADMIN))
+        };
+        if is_admin(user_id).await? && !is_admin(&actor.user_id).await? {
+            return Err(CodedError::new(
+                ErrorCode::PermissionDenied,
+                "only an admin may delete an admin",
+            ));
+        }
+        let audit = AuditEntry {
+            at: now_ms(),
+            actor: &actor.user_id,
+            action: "user.delete",
+            target: Some(user_id),
+            details: "{}".into(),
+        };
+        self.erase(user_id, Some(&audit)).await
+    }
+
+    /// Anonymises an account and gives back its directory claims.
+    async fn erase(&self, user_id: &str, audit: Option<&AuditEntry<'_>>) -> Result<(), CodedError> {
         let placeholder = format!("deleted-{}", &random_token(9));
         let identifiers = self
             .store
-            .anonymise_user(&p.user_id, &placeholder, now_ms())
+            .anonymise_user(user_id, &placeholder, now_ms(), audit)
             .await?;
         for (kind, value) in identifiers {
             let qualified = format!("{kind}:{value}");
-            if let Err(e) = self.release(&qualified, &p.user_id).await {
-                // The account is gone either way; the claim stays until an
-                // operator reconciles it. Never log the identifier itself.
-                tracing::error!(user_id = %p.user_id, error = %e.message(), "cannot release a claim of a deleted account");
+            if let Err(e) = self.release(&qualified, user_id).await {
+                // The account is gone either way; the reconciliation
+                // releases the recorded claim again. Never log the
+                // identifier itself.
+                tracing::error!(user_id, error = %e.message(), "cannot release a claim of a deleted account");
             }
         }
-        tracing::info!(user_id = %p.user_id, "account deleted and anonymised");
+        tracing::info!(user_id, "account deleted and anonymised");
         Ok(())
     }
 
@@ -81,9 +119,11 @@ impl Identity {
         grant: bool,
     ) -> Result<bool, CodedError> {
         self.user(user_id).await?;
-        if !self.store.role_exists(role).await? {
+        let Some(row) = self.store.role(role).await? else {
             return Err(CodedError::not_found(format!("no role {role:?}")));
-        }
+        };
+        // Granting or revoking a role reaches its permissions.
+        self.check_within(actor, &row.permissions).await?;
         let audit = AuditEntry {
             at: now_ms(),
             actor: &actor.user_id,

@@ -62,12 +62,7 @@ impl Identity {
             Some(u) if u.status == "active" => {}
             _ => return Ok(()),
         }
-        let code = {
-            let mut b = [0u8; 4];
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
-                .expect("randomness");
-            format!("{:06}", u32::from_le_bytes(b) % 1_000_000)
-        };
+        let code = six_digits();
         let reset_id = uuid::Uuid::now_v7().to_string();
         let payload = serde_json::json!({
             "user_id": user_id,

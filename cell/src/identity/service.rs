@@ -87,6 +87,13 @@ pub(super) fn random_token(bytes: usize) -> String {
 }
 
 /// Compares without an early exit, so timing does not reveal a prefix.
+/// A one-time code: 6 random digits.
+pub(super) fn six_digits() -> String {
+    let mut b = [0u8; 4];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("randomness");
+    format!("{:06}", u32::from_le_bytes(b) % 1_000_000)
+}
+
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -350,13 +350,13 @@ impl NoticeStore {
         next_at: i64,
         dead: bool,
     ) -> DbResult<()> {
-        // A dead delivery keeps no one-time code: a password reset's
-        // message is useless once the code expires, and the dead-letter
-        // queue outlives it.
+        // A dead delivery keeps no one-time code: a password reset's or a
+        // sign-in code's message is useless once the code expires, and the
+        // dead-letter queue outlives it.
         stmt("UPDATE deliveries SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
                      state = CASE WHEN $3 THEN 'dead' ELSE 'pending' END, \
-                     body = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset') THEN '' ELSE body END, \
-                     html = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset') THEN NULL ELSE html END \
+                     body = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic IN ('auth.password_reset', 'auth.sign_in_code')) THEN '' ELSE body END, \
+                     html = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic IN ('auth.password_reset', 'auth.sign_in_code')) THEN NULL ELSE html END \
                      WHERE id = $4")
             .bind(error).bind(next_at).bind(dead).bind(id).execute(&self.db).await?;
         Ok(())
@@ -388,7 +388,7 @@ impl NoticeStore {
     pub async fn redrive(&self, id: &str, now: i64) -> DbResult<Redrive> {
         let n = stmt("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1 \
                      WHERE id = $2 AND state = 'dead' \
-                     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic = 'auth.password_reset')")
+                     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic IN ('auth.password_reset', 'auth.sign_in_code'))")
             .bind(now).bind(id).execute(&self.db).await?;
         if n == 1 {
             return Ok(Redrive::Queued);

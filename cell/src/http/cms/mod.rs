@@ -8,6 +8,7 @@ pub mod audit;
 pub mod broadcasts;
 pub mod messages;
 pub mod outbox;
+pub mod roles;
 pub mod templates;
 pub mod users;
 
@@ -15,6 +16,7 @@ pub mod users;
 pub fn routes() -> Vec<crate::http::openapi::Route> {
     [
         users::routes(),
+        roles::routes(),
         audit::routes(),
         templates::routes(),
         outbox::routes(),

@@ -1,4 +1,5 @@
-//! `/v1/cms/users`: finding, disabling and enabling users, and their roles.
+//! `/v1/cms/users`: finding, disabling, enabling and deleting users, and
+//! their roles.
 
 use crate::http::openapi::Route;
 use crate::http::permission::Authorized;
@@ -110,6 +111,17 @@ pub async fn enable_user(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Deletes an account as its owner's own deletion does (anonymised, its
+/// identifiers given back), audited.
+pub async fn delete_user(
+    State(cell): State<Arc<Cell>>,
+    Authorized(p): Authorized,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    cell.identity.delete_user(&p, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 pub async fn grant_role(
     State(cell): State<Arc<Cell>>,
     Authorized(p): Authorized,
@@ -147,6 +159,10 @@ pub fn routes() -> Vec<Route> {
             .summary("View a user")
             .permission("users:read")
             .returns::<CmsUser>(200),
+        Route::delete("/v1/cms/users/{id}", delete_user)
+            .summary("Delete an account (anonymised, its identifiers freed; only an admin deletes an admin)")
+            .permission("users:delete")
+            .answers(204),
         Route::post("/v1/cms/users/{id}/disable", disable_user)
             .summary("Disable an account (ends its sessions)")
             .permission("users:disable")

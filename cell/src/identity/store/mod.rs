@@ -401,7 +401,9 @@ pub struct SigningKeyRow {
 mod addresses;
 mod credentials;
 mod rbac;
+pub use rbac::RoleRow;
 mod reset;
 mod sessions;
+mod sign_in_codes;
 mod signing_keys;
 mod users;

@@ -7,6 +7,15 @@ use crate::db::audit::{AuditEntry, insert_audit};
 
 use crate::db::DbResult;
 
+/// A role as stored: its permissions sorted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleRow {
+    pub name: String,
+    pub description: String,
+    pub builtin: bool,
+    pub permissions: Vec<String>,
+}
+
 impl IdentityStore {
     pub async fn roles_of(&self, user_id: &str) -> DbResult<Vec<String>> {
         let rows: Vec<(String,)> =
@@ -25,6 +34,17 @@ impl IdentityStore {
             .fetch_optional(&self.db)
             .await?;
         Ok(row.is_some())
+    }
+
+    /// Every permission `user_id` holds, through any of its roles.
+    pub async fn permissions_of_user(&self, user_id: &str) -> DbResult<Vec<String>> {
+        let rows: Vec<(String,)> = stmt(
+            "SELECT DISTINCT rp.permission FROM user_roles ur JOIN role_permissions rp ON rp.role = ur.role WHERE ur.user_id = $1 ORDER BY rp.permission",
+        )
+        .bind(user_id)
+        .fetch_all(&self.db)
+        .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
     }
 
     pub async fn role_exists(&self, role: &str) -> DbResult<bool> {
@@ -64,5 +84,125 @@ impl IdentityStore {
         };
         tx.commit().await?;
         Ok(changed)
+    }
+
+    /// Every role with its permissions, by name.
+    pub async fn roles(&self) -> DbResult<Vec<RoleRow>> {
+        let rows: Vec<(String, String, bool)> =
+            stmt("SELECT name, description, builtin FROM roles ORDER BY name")
+                .fetch_all(&self.db)
+                .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (name, description, builtin) in rows {
+            let permissions = self.permissions_of(&name).await?;
+            out.push(RoleRow {
+                name,
+                description,
+                builtin,
+                permissions,
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn role(&self, name: &str) -> DbResult<Option<RoleRow>> {
+        let row: Option<(String, String, bool)> =
+            stmt("SELECT name, description, builtin FROM roles WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.db)
+                .await?;
+        let Some((name, description, builtin)) = row else {
+            return Ok(None);
+        };
+        let permissions = self.permissions_of(&name).await?;
+        Ok(Some(RoleRow {
+            name,
+            description,
+            builtin,
+            permissions,
+        }))
+    }
+
+    async fn permissions_of(&self, role: &str) -> DbResult<Vec<String>> {
+        let rows: Vec<(String,)> =
+            stmt("SELECT permission FROM role_permissions WHERE role = $1 ORDER BY permission")
+                .bind(role)
+                .fetch_all(&self.db)
+                .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    /// Creates a custom role with its audit entry; `Conflict` when the
+    /// name is taken.
+    pub async fn create_role(&self, role: &RoleRow, audit: &AuditEntry<'_>) -> DbResult<()> {
+        let mut tx = self.db.begin().await?;
+        stmt("INSERT INTO roles (name, description, builtin) VALUES ($1, $2, FALSE)")
+            .bind(&role.name)
+            .bind(&role.description)
+            .execute(&mut tx)
+            .await?;
+        for p in &role.permissions {
+            stmt("INSERT INTO role_permissions (role, permission) VALUES ($1, $2)")
+                .bind(&role.name)
+                .bind(p)
+                .execute(&mut tx)
+                .await?;
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Replaces a role's description and permissions with `role`'s, and
+    /// writes `audit` with them, in one transaction. The caller compared
+    /// with what it read; a concurrent edit is lost to the later one, and
+    /// both are audited.
+    pub async fn update_role(&self, role: &RoleRow, audit: &AuditEntry<'_>) -> DbResult<()> {
+        let mut tx = self.db.begin().await?;
+        stmt("UPDATE roles SET description = $2 WHERE name = $1")
+            .bind(&role.name)
+            .bind(&role.description)
+            .execute(&mut tx)
+            .await?;
+        stmt("DELETE FROM role_permissions WHERE role = $1")
+            .bind(&role.name)
+            .execute(&mut tx)
+            .await?;
+        for p in &role.permissions {
+            stmt("INSERT INTO role_permissions (role, permission) VALUES ($1, $2)")
+                .bind(&role.name)
+                .bind(p)
+                .execute(&mut tx)
+                .await?;
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Deletes a custom role, its permissions and every grant of it, with
+    /// the audit entry. Returns how many users held it, or None when there
+    /// is no such custom role.
+    pub async fn delete_role(&self, name: &str, audit: &AuditEntry<'_>) -> DbResult<Option<u64>> {
+        let mut tx = self.db.begin().await?;
+        let grants = stmt("DELETE FROM user_roles WHERE role = $1")
+            .bind(name)
+            .execute(&mut tx)
+            .await?;
+        stmt("DELETE FROM role_permissions WHERE role = $1")
+            .bind(name)
+            .execute(&mut tx)
+            .await?;
+        let deleted = stmt("DELETE FROM roles WHERE name = $1 AND NOT builtin")
+            .bind(name)
+            .execute(&mut tx)
+            .await?;
+        if deleted == 0 {
+            // Dropping the transaction rolls the grants back.
+            return Ok(None);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(Some(grants))
     }
 }

@@ -249,8 +249,12 @@ impl IdentityStore {
         id: &str,
         placeholder: &str,
         now: i64,
+        audit: Option<&AuditEntry<'_>>,
     ) -> DbResult<Vec<(String, String)>> {
         let mut tx = self.db.begin().await?;
+        if let Some(audit) = audit {
+            insert_audit(&mut tx, audit).await?;
+        }
         let ids = {
             let mut ids: Vec<(String, String)> =
                 stmt("SELECT kind, value FROM identifiers WHERE user_id = $1")
@@ -287,10 +291,12 @@ impl IdentityStore {
                 .bind(id)
                 .execute(&mut tx)
                 .await?;
-            stmt("DELETE FROM password_resets WHERE user_id = $1")
-                .bind(id)
-                .execute(&mut tx)
-                .await?;
+            for sql in [
+                "DELETE FROM password_resets WHERE user_id = $1",
+                "DELETE FROM sign_in_codes WHERE user_id = $1",
+            ] {
+                stmt(sql).bind(id).execute(&mut tx).await?;
+            }
             stmt("DELETE FROM user_roles WHERE user_id = $1")
                 .bind(id)
                 .execute(&mut tx)

@@ -1,0 +1,161 @@
+//! Sign-in by a one-time code: `POST /v1/auth/otp` sends a code to the
+//! email address or phone number, `POST /v1/auth/otp/verify` trades it for
+//! a session, as a login does. The code is 6 digits, stored hashed, lives
+//! 5 minutes (`auth.otp.ttl`), is used once, takes at most 5 guesses, and only from the
+//! client type that asked for it. Both calls spend the identifier's
+//! password-reset budgets (codes issued per hour, wrong guesses per day),
+//! and an unknown identifier spends them and gets the same answers as a
+//! known one, so neither call tells whether an account exists.
+
+use super::service::*;
+use crate::clock::now_ms;
+use homecell_common::hex::sha256;
+use homecell_proto::error::{CodedError, ErrorCode};
+use homecell_proto::identifier::{Identifier, Kind};
+use std::net::IpAddr;
+
+/// How long a sign-in code is good for, unless the config key `auth.otp.ttl`
+/// says otherwise (within 10 s to 15 min).
+pub const SIGN_IN_CODE_TTL_MS: i64 = 5 * 60 * 1000;
+/// Guesses at one code.
+pub const SIGN_IN_CODE_MAX_ATTEMPTS: i64 = 5;
+
+/// The identifier, if a code can be sent to it.
+fn reachable(identifier: &str) -> Result<Identifier, CodedError> {
+    let id = Identifier::parse(identifier).map_err(|m| CodedError::field("identifier", m))?;
+    match id.kind {
+        Kind::Email | Kind::Phone => Ok(id),
+        _ => Err(CodedError::field(
+            "identifier",
+            "a code goes to an email address or a phone number",
+        )),
+    }
+}
+
+fn wrong_code() -> CodedError {
+    CodedError::new(
+        ErrorCode::InvalidCredentials,
+        "the code is wrong or has expired",
+    )
+}
+
+impl Identity {
+    fn sign_in_code_ttl_ms(&self) -> i64 {
+        self.config_ms("auth.otp.ttl", SIGN_IN_CODE_TTL_MS)
+            .clamp(10_000, 15 * 60 * 1000)
+    }
+
+    /// Sends a sign-in code, for `client_type` only. Answers nothing either
+    /// way.
+    pub async fn request_sign_in_code(
+        &self,
+        identifier: &str,
+        client_type: &str,
+        ip: Option<IpAddr>,
+    ) -> Result<(), CodedError> {
+        self.check_ip(ip)?;
+        let id = reachable(identifier)?;
+        let user = self
+            .store
+            .user_by_identifier(id.kind.as_str(), &id.value)
+            .await?;
+        let now = now_ms();
+        let key = reset_budget_key(&id, user.as_deref());
+        if let Err(wait_ms) = self
+            .store
+            .spend_reset_issue(&key, self.reset_limits(), now)
+            .await?
+        {
+            return Err(reset_budget_spent(wait_ms));
+        }
+        let Some(user_id) = user else {
+            return Ok(());
+        };
+        match self.store.user(&user_id).await? {
+            Some(u) if u.status == "active" => {}
+            _ => return Ok(()),
+        }
+        let code = six_digits();
+        let code_id = uuid::Uuid::now_v7().to_string();
+        let ttl = self.sign_in_code_ttl_ms();
+        let payload = serde_json::json!({
+            "user_id": user_id,
+            "channel": id.kind.as_str(),
+            "to": id.value,
+            "code": code,
+            "expires_at": now + ttl,
+            // For the message: "valid {{minutes}} minutes".
+            "minutes": (ttl + 59_999) / 60_000,
+        });
+        self.store
+            .create_sign_in_code(
+                &code_id,
+                &user_id,
+                client_type,
+                &sha256(&format!("{code_id}:{code}")),
+                now + ttl,
+                &payload.to_string(),
+                now,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Trades a code for a session of `client_type`, one per client type
+    /// as every sign-in.
+    pub async fn verify_sign_in_code(
+        &self,
+        identifier: &str,
+        code: &str,
+        client_type: &str,
+        ip: Option<IpAddr>,
+    ) -> Result<TokenPair, CodedError> {
+        self.check_ip(ip)?;
+        let id = reachable(identifier)?;
+        if code.len() > 32 {
+            return Err(CodedError::field("code", "too long"));
+        }
+        let user = self
+            .store
+            .user_by_identifier(id.kind.as_str(), &id.value)
+            .await?;
+        let now = now_ms();
+        // The day's budget of wrong guesses, then the code's own five, both
+        // reserved before anything is compared.
+        let key = reset_budget_key(&id, user.as_deref());
+        if let Err(wait_ms) = self
+            .store
+            .spend_reset_guess(&key, self.reset_limits(), now)
+            .await?
+        {
+            return Err(reset_budget_spent(wait_ms));
+        }
+        let Some(user_id) = user else {
+            return Err(wrong_code());
+        };
+        let Some((code_id, code_hash)) = self
+            .store
+            .reserve_sign_in_guess(&user_id, client_type, SIGN_IN_CODE_MAX_ATTEMPTS, now)
+            .await?
+        else {
+            return Err(wrong_code());
+        };
+        let given = sha256(&format!("{code_id}:{}", code.trim()));
+        if !constant_time_eq(given.as_bytes(), code_hash.as_bytes()) {
+            return Err(wrong_code());
+        }
+        if !self.store.use_sign_in_code(&code_id, &user_id, now).await? {
+            return Err(wrong_code());
+        }
+        match self.store.user(&user_id).await? {
+            Some(u) if u.status == "active" => {}
+            _ => {
+                return Err(CodedError::new(
+                    ErrorCode::AccountDisabled,
+                    "this account is disabled",
+                ));
+            }
+        }
+        self.start_session(&user_id, client_type).await
+    }
+}
