@@ -11,7 +11,8 @@ pub struct SmtpSink {
     pub port: u16,
     maildir: PathBuf,
     child: Child,
-    _dir: tempfile::TempDir,
+    /// The temp dir the maildir is in, removed with the sink.
+    owned_dir: Option<tempfile::TempDir>,
 }
 
 /// A Python that can import aiosmtpd.
@@ -38,6 +39,14 @@ impl SmtpSink {
     pub async fn start_on(port: u16) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let maildir = dir.path().join("mail");
+        let mut sink = Self::start_into(maildir, port).await?;
+        sink.owned_dir = Some(dir);
+        Ok(sink)
+    }
+
+    /// Writing into the maildir `maildir` (kept when the sink stops): the
+    /// local cluster's mail, for a person to read.
+    pub async fn start_into(maildir: PathBuf, port: u16) -> Result<Self> {
         let child = Command::new(python()?)
             .args(["-m", "aiosmtpd", "-n", "-l"])
             .arg(format!("127.0.0.1:{port}"))
@@ -62,7 +71,7 @@ impl SmtpSink {
             port,
             maildir,
             child,
-            _dir: dir,
+            owned_dir: None,
         })
     }
 

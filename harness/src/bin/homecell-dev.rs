@@ -2,11 +2,13 @@
 //!
 //! Starts a control plane, registers the regions `cn-east` and `eu-west`
 //! through its CLI (once; later runs reuse the data directory), starts a cell
-//! for each and a router on http://127.0.0.1:8080, prints where everything
-//! listens, and stops it all cleanly on Ctrl-C.
+//! for each and a router on http://127.0.0.1:8080, and a local SMTP server
+//! whose mail lands in `<data_dir>/mail`, prints where everything listens,
+//! and stops it all cleanly on Ctrl-C.
 
 use clap::Parser;
-use homecell_harness::{Cluster, Ports, start_standard};
+use homecell_harness::smtp::SmtpSink;
+use homecell_harness::{Cluster, Ports, free_port, start_standard};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -22,6 +24,19 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut cluster = Cluster::in_dir(&args.data_dir, Ports::Dev)?;
+    // The cells' email goes to a local SMTP server that keeps every
+    // message in a maildir, where a person reads the codes they ask for.
+    let maildir = cluster.root.join("mail");
+    let mail = match SmtpSink::start_into(maildir.clone(), free_port()).await {
+        Ok(sink) => {
+            cluster.cell_extra_config = sink.cell_config();
+            Some(sink)
+        }
+        Err(e) => {
+            eprintln!("warning: no local mail ({e:#}); cells send no email");
+            None
+        }
+    };
     if let Err(e) = start_standard(&mut cluster).await {
         eprintln!("error: {e:#}");
         eprintln!("logs are in {}", cluster.root.join("logs").display());
@@ -42,6 +57,12 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "  cell {:<10} https://{}  (admin http://{})",
             c.region, c.api, c.admin
+        );
+    }
+    if mail.is_some() {
+        println!(
+            "  mail            {}   (every email the cells send)",
+            maildir.join("new").display()
         );
     }
     println!();
