@@ -129,6 +129,39 @@ async fn sign_in_by_a_code_sent_by_email_or_sms() -> Result<()> {
     let r = verify(&app, "+8613800000002", &code).await?;
     ensure!(r.status == StatusCode::OK, "{:?}", r.body);
 
+    // A code proves the account is the caller's for what needs more than a
+    // token: deleting it without a password. A wrong code changes nothing.
+    let phone = app.with_token(r.body["access_token"].as_str().context("token")?);
+    let delete = |code: String| {
+        let phone = phone.clone();
+        async move {
+            phone
+                .call(
+                    reqwest::Method::DELETE,
+                    "/v1/users/me",
+                    Some(json!({ "code": code })),
+                    &[],
+                )
+                .await
+        }
+    };
+    ensure!(ask(&app, "+8613800000002").await?.status == StatusCode::ACCEPTED);
+    let code = nth_code(texts, 2).await?;
+    let wrong = if code == "000001" { "000002" } else { "000001" };
+    let r = delete(wrong.to_string()).await?;
+    ensure!(
+        r.status == StatusCode::UNAUTHORIZED,
+        "a wrong code: {:?}",
+        r.body
+    );
+    ensure!(phone.get("/v1/users/me").await?.status == StatusCode::OK);
+    let r = delete(code).await?;
+    ensure!(r.status == StatusCode::NO_CONTENT, "{:?}", r.body);
+    ensure!(
+        home.register("+8613800000002", PW).await?.status == StatusCode::CREATED,
+        "the number is free again"
+    );
+
     // Expired: refused, though right.
     set(&c, "auth.otp.ttl", "10s").await?;
     ensure!(ask(&app, "ana@example.com").await?.status == StatusCode::ACCEPTED);

@@ -79,3 +79,57 @@ async fn mini_program_sign_up_and_sign_in() -> Result {
     assert_eq!(r.body["user_id"], amy.as_str());
     Ok(())
 }
+
+/// A WeChat-only user has no password: it deletes its account with a
+/// fresh login code of its own WeChat account (another's is refused), and
+/// the openid is free for a new account after.
+#[tokio::test]
+async fn a_wechat_only_user_deletes_the_account_with_a_fresh_code() -> Result {
+    let wx = TestWechat::start("wx-app-1", "wx-secret-0123456789").await?;
+    let c = standard()
+        .cell_config(&format!(
+            "[wechat]\nbase_url = {:?}\nappid = \"wx-app-1\"\nsecret = \"wx-secret-0123456789\"\n",
+            wx.base_url()
+        ))
+        .start()
+        .await?;
+    let cn = Api::new(&c.router_url(0), "cn-east").as_client("mp");
+    let r = cn
+        .post("/v1/auth/wechat", json!({"code": "code-cat-1"}))
+        .await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let cat = r.body["user_id"].as_str().unwrap().to_string();
+    let me = cn.with_token(r.body["access_token"].as_str().unwrap());
+    let delete = |body: serde_json::Value| {
+        let me = me.clone();
+        async move {
+            me.call(reqwest::Method::DELETE, "/v1/users/me", Some(body), &[])
+                .await
+        }
+    };
+
+    let r = delete(json!({"password": "a guess"})).await?;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "no password to give");
+    let r = delete(json!({"wechat_code": "code-dan-1"})).await?;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "invalid_credentials"),
+        "another WeChat account's code"
+    );
+    let r = delete(json!({"wechat_code": "code-cat-2", "password": "x"})).await?;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "one proof only");
+    let r = delete(json!({"wechat_code": "code-cat-3"})).await?;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    assert_eq!(
+        me.get("/v1/users/me").await?.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // The openid's claim went with the account: it signs up anew.
+    let r = cn
+        .post("/v1/auth/wechat", json!({"code": "code-cat-4"}))
+        .await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_ne!(r.body["user_id"], cat.as_str());
+    Ok(())
+}

@@ -207,11 +207,16 @@ pub async fn update_me(
     Ok(profile_response(&cell, current))
 }
 
+/// Exactly one proof that the account is the caller's.
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteAccount {
-    /// The current password, to confirm.
-    pub password: String,
+    /// The current password.
+    pub password: Option<String>,
+    /// A sign-in code asked for with `POST /v1/auth/otp` from this client.
+    pub code: Option<String>,
+    /// A fresh `wx.login()` code (a WeChat-only account).
+    pub wechat_code: Option<String>,
 }
 
 pub async fn delete_me(
@@ -220,7 +225,20 @@ pub async fn delete_me(
     Json(r): Json<DeleteAccount>,
 ) -> ApiResult<StatusCode> {
     at_home(&cell, &p)?;
-    cell.identity.delete_account(&p, &r.password).await?;
+    use crate::identity::Proof;
+    let proof = match (&r.password, &r.code, &r.wechat_code) {
+        (Some(pw), None, None) => Proof::Password(pw),
+        (None, Some(code), None) => Proof::Code(code),
+        (None, None, Some(code)) => Proof::Wechat(code),
+        _ => {
+            return Err(
+                CodedError::invalid("give exactly one of password, code and wechat_code").into(),
+            );
+        }
+    };
+    cell.identity
+        .delete_account(&p, proof, cell.wechat.as_ref())
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -7,6 +7,16 @@ use crate::clock::now_ms;
 use crate::db::audit::AuditEntry;
 use homecell_proto::error::{CodedError, ErrorCode};
 
+/// What a user gives to prove, beyond its token, that the account is
+/// theirs.
+pub enum Proof<'a> {
+    Password(&'a str),
+    /// A sign-in code sent to one of its identifiers for this client.
+    Code(&'a str),
+    /// A fresh `wx.login()` code of the bound WeChat account.
+    Wechat(&'a str),
+}
+
 impl Identity {
     // ------------------------------------------------------------ users
 
@@ -25,13 +35,27 @@ impl Identity {
         }
     }
 
-    /// Anonymises the caller's account after checking the password.
-    pub async fn delete_account(&self, p: &Principal, password: &str) -> Result<(), CodedError> {
-        if self.check_password(&p.user_id, password).await?.is_none() {
-            return Err(CodedError::new(
-                ErrorCode::InvalidCredentials,
-                "the password is wrong",
-            ));
+    /// Anonymises the caller's account once it proves, beyond its token,
+    /// that it is the owner: by its password, a fresh sign-in code, or (a
+    /// WeChat-only user has neither) a fresh WeChat login code for the
+    /// bound openid.
+    pub async fn delete_account(
+        &self,
+        p: &Principal,
+        proof: Proof<'_>,
+        wechat: Option<&super::wechat::Wechat>,
+    ) -> Result<(), CodedError> {
+        match proof {
+            Proof::Password(password) => {
+                if self.check_password(&p.user_id, password).await?.is_none() {
+                    return Err(CodedError::new(
+                        ErrorCode::InvalidCredentials,
+                        "the password is wrong",
+                    ));
+                }
+            }
+            Proof::Code(code) => self.prove_by_code(p, code).await?,
+            Proof::Wechat(code) => self.prove_by_wechat(wechat, p, code).await?,
         }
         self.erase(&p.user_id, None).await
     }

@@ -2,6 +2,7 @@
 //! roles, over the cell's datastore.
 
 mod account;
+pub use account::Proof;
 mod breaker;
 pub mod claims;
 pub mod keys;

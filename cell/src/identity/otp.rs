@@ -133,20 +133,7 @@ impl Identity {
         let Some(user_id) = user else {
             return Err(wrong_code());
         };
-        let Some((code_id, code_hash)) = self
-            .store
-            .reserve_sign_in_guess(&user_id, client_type, SIGN_IN_CODE_MAX_ATTEMPTS, now)
-            .await?
-        else {
-            return Err(wrong_code());
-        };
-        let given = sha256(&format!("{code_id}:{}", code.trim()));
-        if !constant_time_eq(given.as_bytes(), code_hash.as_bytes()) {
-            return Err(wrong_code());
-        }
-        if !self.store.use_sign_in_code(&code_id, &user_id, now).await? {
-            return Err(wrong_code());
-        }
+        self.use_code(&user_id, code, client_type, now).await?;
         match self.store.user(&user_id).await? {
             Some(u) if u.status == "active" => {}
             _ => {
@@ -157,5 +144,50 @@ impl Identity {
             }
         }
         self.start_session(&user_id, client_type).await
+    }
+
+    /// Uses up `user_id`'s live code for `client_type` if `code` is it.
+    /// The caller spent a guess of the account's budget first.
+    async fn use_code(
+        &self,
+        user_id: &str,
+        code: &str,
+        client_type: &str,
+        now: i64,
+    ) -> Result<(), CodedError> {
+        let Some((code_id, code_hash)) = self
+            .store
+            .reserve_sign_in_guess(user_id, client_type, SIGN_IN_CODE_MAX_ATTEMPTS, now)
+            .await?
+        else {
+            return Err(wrong_code());
+        };
+        let given = sha256(&format!("{code_id}:{}", code.trim()));
+        if !constant_time_eq(given.as_bytes(), code_hash.as_bytes()) {
+            return Err(wrong_code());
+        }
+        if !self.store.use_sign_in_code(&code_id, user_id, now).await? {
+            return Err(wrong_code());
+        }
+        Ok(())
+    }
+
+    /// A signed-in user's proof by a fresh code (asked with `POST
+    /// /v1/auth/otp` from this client), for what needs more than a token:
+    /// deleting the account without a password. Within the same budgets.
+    pub(super) async fn prove_by_code(&self, p: &Principal, code: &str) -> Result<(), CodedError> {
+        if code.len() > 32 {
+            return Err(CodedError::field("code", "too long"));
+        }
+        let now = now_ms();
+        let key = super::store::reset_budget_key_of_user(&p.user_id);
+        if let Err(wait_ms) = self
+            .store
+            .spend_reset_guess(&key, self.reset_limits(), now)
+            .await?
+        {
+            return Err(reset_budget_spent(wait_ms));
+        }
+        self.use_code(&p.user_id, code, &p.client_type, now).await
     }
 }

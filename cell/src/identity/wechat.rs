@@ -102,6 +102,34 @@ impl Wechat {
 }
 
 impl Identity {
+    /// A signed-in user's proof by a fresh WeChat login code: its openid
+    /// must be the one bound to this user.
+    pub(super) async fn prove_by_wechat(
+        &self,
+        wechat: Option<&Wechat>,
+        p: &super::service::Principal,
+        code: &str,
+    ) -> Result<(), CodedError> {
+        let wechat = wechat.ok_or_else(|| {
+            CodedError::new(
+                ErrorCode::FailedPrecondition,
+                "WeChat login is not configured in this region",
+            )
+        })?;
+        let code = code.trim();
+        if code.is_empty() || code.len() > 128 {
+            return Err(CodedError::field("wechat_code", "1 to 128 characters"));
+        }
+        let openid = wechat.openid(code).await?;
+        if self.store.wechat_user(&openid).await?.as_deref() != Some(p.user_id.as_str()) {
+            return Err(CodedError::new(
+                ErrorCode::InvalidCredentials,
+                "this WeChat account is not the one bound to this user",
+            ));
+        }
+        Ok(())
+    }
+
     /// `POST /v1/auth/wechat`.
     pub async fn wechat_login(
         &self,
