@@ -228,6 +228,20 @@ async fn a_custom_role_grants_exactly_its_permissions_from_the_next_request() ->
             r.body
         );
     }
+    let builtin = clerk
+        .call(
+            Method::PUT,
+            "/v1/cms/roles/user",
+            Some(json!({"permissions": ["users:read"]})),
+            &[],
+        )
+        .await?;
+    assert_eq!(
+        (builtin.status.as_u16(), builtin.code()),
+        (403, "permission_denied"),
+        "a role editor gives everyone what it holds: {:?}",
+        builtin.body
+    );
     let within = clerk
         .post(
             "/v1/cms/roles",
@@ -245,6 +259,21 @@ async fn a_custom_role_grants_exactly_its_permissions_from_the_next_request() ->
             .await?;
         assert_eq!(r.status, 204);
     }
+
+    // The user role, which every account holds (and anyone may register),
+    // grants nothing; only an admin edits a built-in role.
+    let everyone = admin
+        .call(
+            Method::PUT,
+            "/v1/cms/roles/user",
+            Some(json!({"permissions": ["users:read"]})),
+            &[],
+        )
+        .await?;
+    assert_eq!(
+        (everyone.status.as_u16(), everyone.code()),
+        (409, "failed_precondition")
+    );
 
     // Built-in roles keep what the system needs, and stay.
     let strip = admin
@@ -356,46 +385,75 @@ async fn an_admin_deletes_a_user_and_the_identifier_is_free_again() -> Result<()
             .any(|e| e["action"] == "user.delete" && e["target"] == victim_id.as_str())
     );
 
-    // Not oneself; and a deleter who is no admin cannot delete an admin.
-    let r = admin
-        .call(
-            Method::DELETE,
-            &format!("/v1/cms/users/{admin_id}"),
-            None,
-            &[],
-        )
-        .await?;
+    // Not oneself, not an admin (revoke first: two admins deleting each
+    // other at once would leave none), and nobody holding a permission
+    // the deleter lacks.
+    let grant = async |who: &str, role: &str| {
+        admin
+            .call(
+                Method::PUT,
+                &format!("/v1/cms/users/{who}/roles/{role}"),
+                None,
+                &[],
+            )
+            .await
+    };
+    let delete = async |by: &Api, who: &str| {
+        by.call(Method::DELETE, &format!("/v1/cms/users/{who}"), None, &[])
+            .await
+    };
+    let r = delete(&admin, &admin_id).await?;
     assert_eq!((r.status.as_u16(), r.code()), (409, "failed_precondition"));
-    let made = admin
-        .post(
-            "/v1/cms/roles",
-            json!({"name": "deleter", "permissions": ["users:delete"]}),
-        )
+    let (_, other) = api
+        .as_client("cms")
+        .signed_in("deputy@example.com", PW)
         .await?;
-    assert_eq!(made.status, 201, "{:?}", made.body);
+    let deputy = other["user_id"].as_str().context("user_id")?.to_string();
+    assert_eq!(grant(&deputy, "admin").await?.status, 204);
+    let r = delete(&admin, &deputy).await?;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (409, "failed_precondition"),
+        "an admin"
+    );
+
+    for (name, permissions) in [
+        ("deleter", json!(["users:delete"])),
+        ("auditor", json!(["audit:read"])),
+    ] {
+        let made = admin
+            .post(
+                "/v1/cms/roles",
+                json!({"name": name, "permissions": permissions}),
+            )
+            .await?;
+        assert_eq!(made.status, 201, "{:?}", made.body);
+    }
     let (deleter, d) = api
         .as_client("cms")
         .signed_in("deleter@example.com", PW)
         .await?;
-    let deleter_id = d["user_id"].as_str().context("user_id")?;
-    let grant = admin
-        .call(
-            Method::PUT,
-            &format!("/v1/cms/users/{deleter_id}/roles/deleter"),
-            None,
-            &[],
-        )
+    let deleter_id = d["user_id"].as_str().context("user_id")?.to_string();
+    assert_eq!(grant(&deleter_id, "deleter").await?.status, 204);
+    let (_, a) = api
+        .as_client("cms")
+        .signed_in("auditor@example.com", PW)
         .await?;
-    assert_eq!(grant.status, 204);
-    let r = deleter
-        .call(
-            Method::DELETE,
-            &format!("/v1/cms/users/{admin_id}"),
-            None,
-            &[],
-        )
-        .await?;
-    assert_eq!((r.status.as_u16(), r.code()), (403, "permission_denied"));
+    let auditor = a["user_id"].as_str().context("user_id")?.to_string();
+    assert_eq!(grant(&auditor, "auditor").await?.status, 204);
+    let r = delete(&deleter, &auditor).await?;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (403, "permission_denied"),
+        "the auditor holds audit:read, which the deleter lacks"
+    );
+    let (_, p) = api.signed_in("plain@example.com", PW).await?;
+    let plain = p["user_id"].as_str().context("user_id")?;
+    assert_eq!(
+        delete(&deleter, plain).await?.status,
+        204,
+        "within what it holds"
+    );
     assert_eq!(admin.get("/v1/cms/roles").await?.status, 200, "still in");
     Ok(())
 }

@@ -62,9 +62,10 @@ impl Identity {
 
     /// An admin's deletion of an account (a request that reached support,
     /// a user who cannot sign in): the same anonymisation as the user's
-    /// own, with its audit entry in the same transaction. Only an admin
-    /// deletes an admin, and nobody themselves here: an admin deleting
-    /// another stays, so the cell always keeps one.
+    /// own, with its audit entry in the same transaction. Nobody deletes
+    /// themselves here, nor an admin (revoke the role first: that keeps
+    /// the last one, where two admins deleting each other at once would
+    /// not), nor anyone holding a permission the deleter lacks.
     pub async fn delete_user(&self, actor: &Principal, user_id: &str) -> Result<(), CodedError> {
         self.user(user_id).await?;
         if user_id == actor.user_id {
@@ -73,15 +74,14 @@ impl Identity {
                 "delete your own account with DELETE /v1/users/me",
             ));
         }
-        let is_admin = async |id: &str| {
-            Ok::<_, CodedError>(self.store.roles_of(id).await?.iter().any(|r| r == ADMIN))
-        };
-        if is_admin(user_id).await? && !is_admin(&actor.user_id).await? {
+        if self.is_admin(user_id).await? {
             return Err(CodedError::new(
-                ErrorCode::PermissionDenied,
-                "only an admin may delete an admin",
+                ErrorCode::FailedPrecondition,
+                "an admin is not deleted: revoke the admin role first",
             ));
         }
+        let held = self.store.permissions_of_user(user_id).await?;
+        self.check_within(actor, &held).await?;
         let audit = AuditEntry {
             at: now_ms(),
             actor: &actor.user_id,
@@ -185,24 +185,16 @@ impl Identity {
         enable: bool,
     ) -> Result<(), CodedError> {
         self.user(user_id).await?;
-        if self
-            .store
-            .roles_of(user_id)
-            .await?
-            .iter()
-            .any(|r| r == ADMIN)
-            && !self
-                .store
-                .roles_of(&actor.user_id)
-                .await?
-                .iter()
-                .any(|r| r == ADMIN)
-        {
+        if self.is_admin(user_id).await? && !self.is_admin(&actor.user_id).await? {
             return Err(CodedError::new(
                 ErrorCode::PermissionDenied,
                 "only an admin may disable or enable an admin",
             ));
         }
+        // Nor anyone holding a permission the actor lacks (a custom role's
+        // holder, by support).
+        let held = self.store.permissions_of_user(user_id).await?;
+        self.check_within(actor, &held).await?;
         let status = if enable { "active" } else { "disabled" };
         let audit = AuditEntry {
             at: now_ms(),

@@ -28,6 +28,9 @@ pub const PERMISSIONS: &[(&str, &str)] = &[
     ("users:read", "find and view users"),
 ];
 
+/// The role every account holds.
+const USER: &str = "user";
+
 /// What a built-in role never loses. The admin holds everything: a cell
 /// whose admins could not edit roles again could be mended only on its
 /// host. Support keeps what the support desk is for.
@@ -85,6 +88,15 @@ fn check_description(description: &str) -> Result<String, CodedError> {
 impl Identity {
     pub async fn roles(&self) -> Result<Vec<RoleRow>, CodedError> {
         Ok(self.store.roles().await?)
+    }
+
+    pub(crate) async fn is_admin(&self, user_id: &str) -> Result<bool, CodedError> {
+        Ok(self
+            .store
+            .roles_of(user_id)
+            .await?
+            .iter()
+            .any(|r| r == ADMIN))
     }
 
     /// Nobody hands out, edits or takes away more than they hold: without
@@ -167,6 +179,20 @@ impl Identity {
             permissions: check_permissions(permissions)?,
             ..before.clone()
         };
+        if role.builtin && !self.is_admin(&actor.user_id).await? {
+            return Err(CodedError::new(
+                ErrorCode::PermissionDenied,
+                "only an admin edits a built-in role",
+            ));
+        }
+        // Every account holds `user`, and anyone may register: a
+        // permission on it would be everyone's.
+        if name == USER && !role.permissions.is_empty() {
+            return Err(CodedError::new(
+                ErrorCode::FailedPrecondition,
+                "the user role, which every account holds, grants no permission",
+            ));
+        }
         if role.builtin {
             let missing: Vec<&str> = floor(name)
                 .into_iter()
