@@ -211,12 +211,14 @@ impl MoveStore {
                 .bind(&a.0).bind(id).bind(&a.1).bind(&a.2).bind(&a.3).bind(&a.4).bind(&a.5).bind(&a.6).bind(&a.7).bind(&a.8).bind(&a.9).bind(a.10).bind(a.11).bind(a.12)
                 .execute(&mut tx).await?;
         }
-        // Only roles that grant no permission here come along (above):
-        // the new home's operator grants the others.
+        // Only the built-in roles that grant no permission here (`user`)
+        // come along: the new home's operator grants the others. Not a
+        // custom role that is empty now: a sending cell could seed its
+        // users into one an admin fills later.
         let mut dropped = 0;
         for (role, at) in &b.roles {
             let granted = stmt("INSERT INTO user_roles (user_id, role, granted_at) SELECT $1, name, $3 FROM roles \
-                                       WHERE name = $2 AND NOT EXISTS (SELECT 1 FROM role_permissions p WHERE p.role = roles.name)")
+                                       WHERE name = $2 AND builtin AND NOT EXISTS (SELECT 1 FROM role_permissions p WHERE p.role = roles.name)")
                 .bind(id).bind(role).bind(at).execute(&mut tx).await?;
             dropped += usize::from(granted == 0);
         }

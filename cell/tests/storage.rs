@@ -1168,6 +1168,33 @@ async fn moving_a_user(db: &Datastore) {
             .as_deref(),
         Some("mv")
     );
+    // A role that grants nothing comes along only if it is built in: not a
+    // custom one, empty now, that an admin may fill later.
+    let empty = RoleRow {
+        name: "empty-now".into(),
+        description: String::new(),
+        builtin: false,
+        permissions: Vec::new(),
+    };
+    let audit = AuditEntry {
+        at: NOW,
+        actor: "t",
+        action: "role.create",
+        target: Some("empty-now"),
+        details: "{}".into(),
+    };
+    db.identity().create_role(&empty, &audit).await.unwrap();
+    let mut seeded = bundle.clone();
+    seeded.user.0 = "mv-seeded".into();
+    seeded.identifiers = vec![("email".into(), "seeded@x.io".into())];
+    seeded.addresses.clear();
+    seeded.roles.push(("empty-now".into(), NOW));
+    db.moves().import_user(&seeded).await.unwrap();
+    assert_eq!(
+        db.identity().roles_of("mv-seeded").await.unwrap(),
+        vec!["user".to_string()]
+    );
+
     // An identifier another user holds here refuses the whole import.
     let mut clash = bundle.clone();
     clash.user.0 = "mv2".into();
