@@ -1299,6 +1299,38 @@ async fn sign_in_codes(db: &Datastore) {
         .unwrap();
     assert_eq!(c, "code3");
     assert!(id.use_sign_in_code("code3", "otp", NOW + 4).await.unwrap());
+
+    // Two codes asked at once: one stays live (on PostgreSQL the other
+    // insert meets the unique index and is refused as a conflict).
+    let made = join_all((10..12).map(|n| {
+        let id = db.identity();
+        async move {
+            id.create_sign_in_code(
+                &format!("code{n}"),
+                "otp",
+                "app",
+                "h",
+                NOW + 300_000,
+                "{}",
+                NOW + 6,
+            )
+            .await
+        }
+    }))
+    .await;
+    assert!(
+        made.iter()
+            .all(|r| matches!(r, Ok(()) | Err(DbError::Conflict)))
+    );
+    let live: std::collections::BTreeSet<String> =
+        join_all((0..4).map(|_| id.reserve_sign_in_guess("otp", "app", 5, NOW + 7)))
+            .await
+            .into_iter()
+            .filter_map(|g| g.unwrap().map(|(c, _)| c))
+            .collect();
+    assert_eq!(live.len(), 1, "one live code: {live:?}");
+    let code = live.into_iter().next().unwrap();
+    assert!(id.use_sign_in_code(&code, "otp", NOW + 7).await.unwrap());
     assert!(
         !id.use_sign_in_code("code3", "otp", NOW + 4).await.unwrap(),
         "once"

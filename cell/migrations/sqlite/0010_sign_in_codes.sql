@@ -14,6 +14,8 @@ CREATE TABLE sign_in_codes (
     used_at     BIGINT
 );
 CREATE INDEX sign_in_codes_by_user ON sign_in_codes (user_id, created_at);
+-- At most one live code per user, even when two requests race.
+CREATE UNIQUE INDEX sign_in_codes_live ON sign_in_codes (user_id) WHERE used_at IS NULL;
 
 INSERT INTO notice_templates (key, channel, locale, category, subject, body, updated_at, updated_by) VALUES
     ('auth.sign_in_code', 'email', 'en', 'security', 'Your sign-in code', 'Your sign-in code is {{code}}. It expires in {{minutes}} minutes. If you did not ask for it, ignore this message.', 0, 'system'),

@@ -99,7 +99,8 @@ impl Identity {
             // For the message: "valid {{minutes}} minutes".
             "minutes": (ttl + 59_999) / 60_000,
         });
-        self.store
+        let created = self
+            .store
             .create_sign_in_code(
                 &code_id,
                 &user_id,
@@ -109,8 +110,13 @@ impl Identity {
                 &payload.to_string(),
                 now,
             )
-            .await?;
-        Ok(())
+            .await;
+        match created {
+            // A request at the same moment made the one live code, and it
+            // is on its way.
+            Ok(()) | Err(crate::db::DbError::Conflict) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Trades a code for a session of `client_type`, one per client type
