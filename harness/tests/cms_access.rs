@@ -13,6 +13,23 @@ use serde_json::{Value, json};
 
 const PW: &str = "correct horse battery";
 
+/// A cms session of boss@example.com, made admin on the cell's host.
+async fn admin_session(c: &homecell_harness::Cluster, api: &Api) -> Result<(Api, Value)> {
+    api.register("boss@example.com", PW).await?;
+    let out = c.cell_command(
+        "cn-east",
+        &[
+            "grant-role",
+            "--identifier",
+            "boss@example.com",
+            "--role",
+            "admin",
+        ],
+    )?;
+    anyhow::ensure!(out.success, "{}", out.stderr);
+    api.as_client("cms").signed_in("boss@example.com", PW).await
+}
+
 #[tokio::test]
 async fn every_route_that_names_a_permission_refuses_whoever_lacks_it() -> Result<()> {
     let c = standard().start().await?;
@@ -33,22 +50,7 @@ async fn every_route_that_names_a_permission_refuses_whoever_lacks_it() -> Resul
         .as_client("cms")
         .signed_in("staff@example.com", PW)
         .await?;
-    api.register("boss@example.com", PW).await?;
-    let out = c.cell_command(
-        "cn-east",
-        &[
-            "grant-role",
-            "--identifier",
-            "boss@example.com",
-            "--role",
-            "admin",
-        ],
-    )?;
-    anyhow::ensure!(out.success, "{}", out.stderr);
-    let (admin, _) = api
-        .as_client("cms")
-        .signed_in("boss@example.com", PW)
-        .await?;
+    let (admin, _) = admin_session(&c, &api).await?;
 
     for (method, template, permission) in &guarded {
         // Any value for the path's parameters: the refusal comes first.
@@ -88,22 +90,7 @@ async fn every_route_that_names_a_permission_refuses_whoever_lacks_it() -> Resul
 async fn a_custom_role_grants_exactly_its_permissions_from_the_next_request() -> Result<()> {
     let c = standard().start().await?;
     let api = Api::new(&c.router_url(0), "cn-east");
-    api.register("boss@example.com", PW).await?;
-    let out = c.cell_command(
-        "cn-east",
-        &[
-            "grant-role",
-            "--identifier",
-            "boss@example.com",
-            "--role",
-            "admin",
-        ],
-    )?;
-    anyhow::ensure!(out.success, "{}", out.stderr);
-    let (admin, _) = api
-        .as_client("cms")
-        .signed_in("boss@example.com", PW)
-        .await?;
+    let (admin, _) = admin_session(&c, &api).await?;
     let (clerk, me) = api
         .as_client("cms")
         .signed_in("clerk@example.com", PW)
@@ -335,22 +322,7 @@ async fn a_custom_role_grants_exactly_its_permissions_from_the_next_request() ->
 async fn an_admin_deletes_a_user_and_the_identifier_is_free_again() -> Result<()> {
     let c = standard().start().await?;
     let api = Api::new(&c.router_url(0), "cn-east");
-    api.register("boss@example.com", PW).await?;
-    let out = c.cell_command(
-        "cn-east",
-        &[
-            "grant-role",
-            "--identifier",
-            "boss@example.com",
-            "--role",
-            "admin",
-        ],
-    )?;
-    anyhow::ensure!(out.success, "{}", out.stderr);
-    let (admin, me) = api
-        .as_client("cms")
-        .signed_in("boss@example.com", PW)
-        .await?;
+    let (admin, me) = admin_session(&c, &api).await?;
     let admin_id = me["user_id"].as_str().context("user_id")?.to_string();
     let (victim, v) = api.signed_in("leaving@example.com", PW).await?;
     let victim_id = v["user_id"].as_str().context("user_id")?.to_string();

@@ -67,26 +67,10 @@ impl Identity {
         self.check_ip(ip)?;
         for_apps(client_type)?;
         let id = reachable(identifier)?;
-        let user = self
-            .store
-            .user_by_identifier(id.kind.as_str(), &id.value)
-            .await?;
-        let now = now_ms();
-        let key = reset_budget_key(&id, user.as_deref());
-        if let Err(wait_ms) = self
-            .store
-            .spend_reset_issue(&key, self.reset_limits(), now)
-            .await?
-        {
-            return Err(reset_budget_spent(wait_ms));
-        }
-        let Some(user_id) = user else {
+        let Some(user_id) = self.code_recipient(&id).await? else {
             return Ok(());
         };
-        match self.store.user(&user_id).await? {
-            Some(u) if u.status == "active" => {}
-            _ => return Ok(()),
-        }
+        let now = now_ms();
         let code = six_digits();
         let code_id = uuid::Uuid::now_v7().to_string();
         let ttl = self.sign_in_code_ttl_ms();
@@ -141,14 +125,8 @@ impl Identity {
         let now = now_ms();
         // The day's budget of wrong guesses, then the code's own five, both
         // reserved before anything is compared.
-        let key = reset_budget_key(&id, user.as_deref());
-        if let Err(wait_ms) = self
-            .store
-            .spend_reset_guess(&key, self.reset_limits(), now)
-            .await?
-        {
-            return Err(reset_budget_spent(wait_ms));
-        }
+        self.spend_guess(&reset_budget_key(&id, user.as_deref()), now)
+            .await?;
         let Some(user_id) = user else {
             return Err(wrong_code());
         };
@@ -199,14 +177,8 @@ impl Identity {
             return Err(CodedError::field("code", "too long"));
         }
         let now = now_ms();
-        let key = super::store::reset_budget_key_of_user(&p.user_id);
-        if let Err(wait_ms) = self
-            .store
-            .spend_reset_guess(&key, self.reset_limits(), now)
-            .await?
-        {
-            return Err(reset_budget_spent(wait_ms));
-        }
+        self.spend_guess(&super::store::reset_budget_key_of_user(&p.user_id), now)
+            .await?;
         self.use_code(&p.user_id, code, &p.client_type, now).await
     }
 }

@@ -10,6 +10,50 @@ use homecell_proto::identifier::Identifier;
 use std::net::IpAddr;
 
 impl Identity {
+    // ------------------------------------------------------------ one-time codes
+
+    /// Who a new one-time code for `id` (a reset, a sign-in) goes to, once
+    /// the identifier's budget of codes allows one: the active account
+    /// holding it, or None for an unknown or inactive one, which spends
+    /// the budget and is answered alike.
+    pub(super) async fn code_recipient(
+        &self,
+        id: &Identifier,
+    ) -> Result<Option<String>, CodedError> {
+        let user = self
+            .store
+            .user_by_identifier(id.kind.as_str(), &id.value)
+            .await?;
+        let key = reset_budget_key(id, user.as_deref());
+        if let Err(wait_ms) = self
+            .store
+            .spend_reset_issue(&key, self.reset_limits(), now_ms())
+            .await?
+        {
+            return Err(reset_budget_spent(wait_ms));
+        }
+        let Some(user_id) = user else {
+            return Ok(None);
+        };
+        Ok(match self.store.user(&user_id).await? {
+            Some(u) if u.status == "active" => Some(user_id),
+            _ => None,
+        })
+    }
+
+    /// Spends one guess of the day's budget under `key`, before any code
+    /// is compared.
+    pub(super) async fn spend_guess(&self, key: &str, now: i64) -> Result<(), CodedError> {
+        match self
+            .store
+            .spend_reset_guess(key, self.reset_limits(), now)
+            .await?
+        {
+            Ok(()) => Ok(()),
+            Err(wait_ms) => Err(reset_budget_spent(wait_ms)),
+        }
+    }
+
     // ------------------------------------------------------------ passwords
 
     pub async fn change_password(
@@ -42,26 +86,10 @@ impl Identity {
     ) -> Result<(), CodedError> {
         self.check_ip(ip)?;
         let id = Identifier::parse(identifier).map_err(|m| CodedError::field("identifier", m))?;
-        let user = self
-            .store
-            .user_by_identifier(id.kind.as_str(), &id.value)
-            .await?;
-        let now = now_ms();
-        let key = reset_budget_key(&id, user.as_deref());
-        if let Err(wait_ms) = self
-            .store
-            .spend_reset_issue(&key, self.reset_limits(), now)
-            .await?
-        {
-            return Err(reset_budget_spent(wait_ms));
-        }
-        let Some(user_id) = user else {
+        let Some(user_id) = self.code_recipient(&id).await? else {
             return Ok(());
         };
-        match self.store.user(&user_id).await? {
-            Some(u) if u.status == "active" => {}
-            _ => return Ok(()),
-        }
+        let now = now_ms();
         let code = six_digits();
         let reset_id = uuid::Uuid::now_v7().to_string();
         let payload = serde_json::json!({
@@ -108,14 +136,8 @@ impl Identity {
         // The account's daily budget first, then the code's own five
         // guesses, both reserved before anything is compared: a concurrent
         // storm cannot exceed either (docs/SECURITY.md has the arithmetic).
-        let key = reset_budget_key(&id, user.as_deref());
-        if let Err(wait_ms) = self
-            .store
-            .spend_reset_guess(&key, self.reset_limits(), now)
-            .await?
-        {
-            return Err(reset_budget_spent(wait_ms));
-        }
+        self.spend_guess(&reset_budget_key(&id, user.as_deref()), now)
+            .await?;
         let Some(user_id) = user else {
             return Err(bad());
         };

@@ -141,13 +141,7 @@ impl IdentityStore {
             .bind(&role.description)
             .execute(&mut tx)
             .await?;
-        for p in &role.permissions {
-            stmt("INSERT INTO role_permissions (role, permission) VALUES ($1, $2)")
-                .bind(&role.name)
-                .bind(p)
-                .execute(&mut tx)
-                .await?;
-        }
+        insert_permissions(&mut tx, role).await?;
         insert_audit(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(())
@@ -168,13 +162,7 @@ impl IdentityStore {
             .bind(&role.name)
             .execute(&mut tx)
             .await?;
-        for p in &role.permissions {
-            stmt("INSERT INTO role_permissions (role, permission) VALUES ($1, $2)")
-                .bind(&role.name)
-                .bind(p)
-                .execute(&mut tx)
-                .await?;
-        }
+        insert_permissions(&mut tx, role).await?;
         insert_audit(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(())
@@ -205,4 +193,15 @@ impl IdentityStore {
         tx.commit().await?;
         Ok(Some(grants))
     }
+}
+
+async fn insert_permissions(tx: &mut crate::db::Tx, role: &RoleRow) -> DbResult<()> {
+    for p in &role.permissions {
+        stmt("INSERT INTO role_permissions (role, permission) VALUES ($1, $2)")
+            .bind(&role.name)
+            .bind(p)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
 }
