@@ -1331,6 +1331,11 @@ async fn sign_in_codes(db: &Datastore) {
     assert_eq!(live.len(), 1, "one live code: {live:?}");
     let code = live.into_iter().next().unwrap();
     assert!(id.use_sign_in_code(&code, "otp", NOW + 7).await.unwrap());
+
+    // Past their expiry, used or not, they go.
+    assert_eq!(id.prune_sign_in_codes(NOW + 7).await.unwrap(), 0);
+    assert!(id.prune_sign_in_codes(NOW + 300_100).await.unwrap() >= 4);
+    assert_eq!(id.prune_sign_in_codes(NOW + 300_100).await.unwrap(), 0);
     assert!(
         !id.use_sign_in_code("code3", "otp", NOW + 4).await.unwrap(),
         "once"

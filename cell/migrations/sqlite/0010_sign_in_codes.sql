@@ -14,6 +14,8 @@ CREATE TABLE sign_in_codes (
     used_at     BIGINT
 );
 CREATE INDEX sign_in_codes_by_user ON sign_in_codes (user_id, created_at);
+-- The upkeep deletes codes past their expiry, used or not.
+CREATE INDEX sign_in_codes_by_expiry ON sign_in_codes (expires_at);
 -- At most one live code per user, even when two requests race.
 CREATE UNIQUE INDEX sign_in_codes_live ON sign_in_codes (user_id) WHERE used_at IS NULL;
 

@@ -114,7 +114,8 @@ impl Identity {
     }
 }
 
-/// The identity upkeep loop: unsettled claims, spent reset budgets.
+/// The identity upkeep loop: unsettled claims, spent reset budgets,
+/// expired sign-in codes.
 pub async fn run<C: AsRef<Identity> + Send + Sync + 'static>(
     owner: std::sync::Arc<C>,
     stop: tokio_util::sync::CancellationToken,
@@ -135,6 +136,9 @@ pub async fn run<C: AsRef<Identity> + Send + Sync + 'static>(
         }
         if let Err(e) = identity.store.prune_reset_budgets(now_ms()).await {
             tracing::warn!(error = %e, "cannot prune reset budgets");
+        }
+        if let Err(e) = identity.store.prune_sign_in_codes(now_ms()).await {
+            tracing::warn!(error = %e, "cannot prune expired sign-in codes");
         }
     }
 }

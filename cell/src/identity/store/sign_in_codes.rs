@@ -77,4 +77,13 @@ impl IdentityStore {
         tx.commit().await?;
         Ok(used)
     }
+
+    /// Deletes the codes past their expiry, used or not: nothing reads
+    /// them again. Returns how many.
+    pub async fn prune_sign_in_codes(&self, now: i64) -> DbResult<u64> {
+        stmt("DELETE FROM sign_in_codes WHERE expires_at <= $1")
+            .bind(now)
+            .execute(&self.db)
+            .await
+    }
 }
