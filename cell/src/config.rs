@@ -163,8 +163,9 @@ impl CellConfig {
         }
         if self.unsettled_claims_release_after_secs < crate::identity::claims::MIN_SETTLE_SECS {
             bail!(
-                "unsettled_claims_release_after_secs must be at least {}: a claim may land until 5 s after it was sent",
-                crate::identity::claims::MIN_SETTLE_SECS
+                "unsettled_claims_release_after_secs must be at least {}: a claim may land until {} s after it was sent",
+                crate::identity::claims::MIN_SETTLE_SECS,
+                crate::identity::claims::CLAIM_WAIT.as_secs()
             );
         }
         if self.listen == self.admin_listen && self.listen.port() != 0 {

@@ -25,11 +25,13 @@ const EVERY: Duration = Duration::from_secs(30);
 /// refuses it: one delayed in the network cannot land later.
 pub(crate) const CLAIM_WAIT: Duration = Duration::from_secs(5);
 
+/// How far the cell's and the control plane's clocks may disagree.
+pub const CLOCK_SKEW_SECS: u64 = 5;
+
 /// The least `unsettled_claims_release_after_secs`: a claim's deadline
-/// plus 5 s for the cell's and the control plane's clocks to disagree. A
-/// release sent sooner could come before a claim that still lands, leaving
-/// the identifier taken by no user.
-pub const MIN_SETTLE_SECS: u64 = 10;
+/// plus the clocks' disagreement. A release sent sooner could come before
+/// a claim that still lands, leaving the identifier taken by no user.
+pub const MIN_SETTLE_SECS: u64 = CLAIM_WAIT.as_secs() + CLOCK_SKEW_SECS;
 
 impl IdentityStore {
     /// Records a claim about to be made.
