@@ -123,6 +123,31 @@ pub fn release(
     }
 }
 
+/// `claim`, and with `replaces` (an identifier of the same user: an email
+/// or phone changed) the release of that one, in the same transaction, so
+/// one revision: the old identifier is never let go before the new one is
+/// held, and no reader sees the user with neither. Releasing what no one
+/// holds passes (a swap sent again); one held by another user refuses the
+/// whole swap.
+pub fn claim_replacing(
+    tx: &mut Tx<'_>,
+    key: &DirectoryKey,
+    identifier: &str,
+    replaces: &str,
+    user_id: &str,
+    region: &str,
+    not_after_unix_ms: u64,
+) -> Result<(), CodedError> {
+    if replaces == identifier {
+        return Err(CodedError::invalid("an identifier cannot replace itself"));
+    }
+    claim(tx, key, identifier, user_id, region, not_after_unix_ms)?;
+    if replaces.is_empty() {
+        return Ok(());
+    }
+    release(tx, key, replaces, user_id, region)
+}
+
 /// The directory's part of a move: the user and each of its identifiers go
 /// from `from` to `to`, in this one transaction.
 pub fn move_user(
@@ -316,6 +341,71 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.snapshot().unwrap().claims.len(), 1);
+    }
+
+    /// A swap claims the new identifier and releases the old in one
+    /// revision; it is refused whole when the new one is someone else's,
+    /// and may be sent again.
+    #[test]
+    fn a_swap_takes_the_new_identifier_and_frees_the_old_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key();
+        let s = rebuilt(dir.path(), |_| Ok(()));
+        let holders = |s: &Store| -> Vec<(String, String)> {
+            let mut v: Vec<_> = s
+                .snapshot()
+                .unwrap()
+                .claims
+                .into_iter()
+                .map(|c| (c.hmac, c.user_id))
+                .collect();
+            v.sort();
+            v
+        };
+        let (old, new, taken) = ("email:old@x.test", "email:new@x.test", "email:bob@x.test");
+        let (_, first) = s
+            .mutate("t", |tx| claim(tx, &k, old, "u-ana", "cn-east", 0))
+            .unwrap();
+        s.mutate("t", |tx| claim(tx, &k, taken, "u-bob", "cn-east", 0))
+            .unwrap();
+        // Onto bob's: refused whole, ana keeps the old one.
+        let err = s
+            .mutate("t", |tx| {
+                claim_replacing(tx, &k, taken, old, "u-ana", "cn-east", 0)
+            })
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::AlreadyExists);
+        let before = holders(&s);
+        assert!(before.contains(&(k.hmac(old), "u-ana".into())));
+        // Replacing bob's identifier: refused whole, nothing claimed.
+        let err = s
+            .mutate("t", |tx| {
+                claim_replacing(tx, &k, new, taken, "u-ana", "cn-east", 0)
+            })
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::PermissionDenied);
+        assert_eq!(holders(&s), before);
+        // The swap: one revision, and again (a retry) changes nothing.
+        let (_, swapped) = s
+            .mutate("t", |tx| {
+                claim_replacing(tx, &k, new, old, "u-ana", "cn-east", 0)
+            })
+            .unwrap();
+        assert_eq!(swapped, first + 2, "one revision after bob's claim");
+        let after = holders(&s);
+        assert!(after.contains(&(k.hmac(new), "u-ana".into())));
+        assert!(!after.iter().any(|(h, _)| *h == k.hmac(old)));
+        s.mutate("t", |tx| {
+            claim_replacing(tx, &k, new, old, "u-ana", "cn-east", 0)
+        })
+        .unwrap();
+        assert_eq!(holders(&s), after);
+        let err = s
+            .mutate("t", |tx| {
+                claim_replacing(tx, &k, new, new, "u-ana", "cn-east", 0)
+            })
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument);
     }
 
     /// A recovered store reserves each claim's prefix for its region: no

@@ -372,10 +372,11 @@ impl directory_service_server::DirectoryService for ControlPlane {
         let key = self.directory_key.clone();
         let ((), revision) = self
             .mutate(&who, move |tx| {
-                crate::directory::claim(
+                crate::directory::claim_replacing(
                     tx,
                     &key,
                     &r.identifier,
+                    &r.replaces,
                     &r.user_id,
                     &r.region,
                     r.not_after_unix_ms,

@@ -23,6 +23,7 @@ fn claim(identifier: &str, user_id: &str) -> ClaimIdentifierRequest {
         user_id: user_id.into(),
         region: "cn-east".into(),
         not_after_unix_ms: 0,
+        replaces: String::new(),
     }
 }
 

@@ -366,6 +366,7 @@ async fn a_claim_delivered_after_its_deadline_is_refused() -> Result<()> {
         user_id: user.into(),
         region: "cn-east".into(),
         not_after_unix_ms,
+        replaces: String::new(),
     };
     // Instance 0, connected before the cut.
     let mut client = DirectoryServiceClient::new(s.c.control_plane_as(&cell).await?);

@@ -168,6 +168,7 @@ async fn a_rogue_cell_cannot_reach_into_another_region() -> Result {
             user_id: victim.clone(),
             region: "cn-east".into(),
             not_after_unix_ms: 0,
+            replaces: String::new(),
         })
         .await;
     assert_eq!(
@@ -187,6 +188,7 @@ async fn a_rogue_cell_cannot_reach_into_another_region() -> Result {
             user_id: user.into(),
             region: claim_region.into(),
             not_after_unix_ms: 0,
+            replaces: String::new(),
         }],
         last: true,
         epoch: 0,

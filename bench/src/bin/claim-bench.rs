@@ -152,6 +152,7 @@ async fn main() -> Result<()> {
                         user_id: uuid::Uuid::now_v7().to_string(),
                         region: "cn-east".into(),
                         not_after_unix_ms: 0,
+                        replaces: String::new(),
                     })
                     .await
                     .context("claim")?;

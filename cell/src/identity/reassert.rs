@@ -83,6 +83,7 @@ impl Identity {
                     user_id,
                     region: self.region.clone(),
                     not_after_unix_ms: 0,
+                    replaces: String::new(),
                 })
                 .collect(),
         };
