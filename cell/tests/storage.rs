@@ -14,7 +14,7 @@ use futures::future::join_all;
 use homecell_cell::db::audit::AuditEntry;
 use homecell_cell::db::{Datastore, DbError};
 use homecell_cell::identity::store::{
-    Address, NewUser, RefreshOutcome, ResetLimits, RoleRow, Rotation, Session,
+    Address, NewProof, NewUser, RefreshOutcome, ResetLimits, RoleRow, Rotation, Session,
     reset_budget_key_of_user,
 };
 
@@ -493,10 +493,18 @@ async fn password_resets(db: &Datastore) {
 }
 
 async fn pending_claims(db: &Datastore) {
-    let pending = || async { db.identity().unsettled_claims(NOW + 1).await.unwrap() };
+    let pending = || async {
+        db.identity()
+            .unsettled_claims(NOW + 1)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| (u.identifier, u.user_id, u.state))
+            .collect::<Vec<(String, String, String)>>()
+    };
     // A claim is recorded before it is made; the user's creation settles it.
     db.identity()
-        .record_claim("email:pc1@x.io", "pc1", NOW)
+        .record_claim("email:pc1@x.io", "pc1", None, NOW)
         .await
         .unwrap();
     assert_eq!(pending().await.len(), 1);
@@ -505,7 +513,7 @@ async fn pending_claims(db: &Datastore) {
     // Once the reconciliation takes a record over, the registration it
     // belonged to can no longer create its user.
     db.identity()
-        .record_claim("email:pc2@x.io", "pc2", NOW)
+        .record_claim("email:pc2@x.io", "pc2", None, NOW)
         .await
         .unwrap();
     assert!(
@@ -544,7 +552,7 @@ async fn pending_claims(db: &Datastore) {
     );
     // Only records older than the cut-off are unsettled.
     db.identity()
-        .record_claim("email:pc3@x.io", "pc3", NOW + 5)
+        .record_claim("email:pc3@x.io", "pc3", None, NOW + 5)
         .await
         .unwrap();
     assert!(pending().await.is_empty());
@@ -1426,6 +1434,201 @@ async fn custom_roles(db: &Datastore) {
     );
 }
 
+/// Identifier proofs: a stranger's registration stands beside the owner's
+/// (nothing is claimed), guesses are capped under a storm, a proof is used
+/// once and expires; a change's proof is its user's alone; a change and a
+/// removal settle their claim records, and a change left to the
+/// reconciliation is finished by it.
+async fn identifier_proofs(db: &Datastore) {
+    let id = db.identity();
+    let proof = |n: i64, purpose: &'static str, user: &'static str, value: &'static str| {
+        let id = db.identity();
+        async move {
+            id.create_proof(
+                &NewProof {
+                    id: &format!("cn-east~p{n}"),
+                    purpose,
+                    user_id: user,
+                    kind: "email",
+                    value,
+                    password_hash: (purpose == "register").then_some("h"),
+                    display_name: None,
+                    code_hash: &format!("hash{n}"),
+                    expires_at: NOW + 900_000,
+                    now: NOW + n,
+                },
+                "{}",
+            )
+            .await
+            .unwrap()
+        }
+    };
+    proof(1, "register", "reg-owner", "owned@x.io").await;
+    proof(2, "register", "reg-stranger", "owned@x.io").await;
+    assert_eq!(
+        id.proof_identifier("cn-east~p1", "register", NOW + 3)
+            .await
+            .unwrap(),
+        Some(("email".into(), "owned@x.io".into()))
+    );
+    assert_eq!(
+        id.proof_identifier("cn-east~p1", "change", NOW + 3)
+            .await
+            .unwrap(),
+        None,
+        "a registration's proof does not change an identifier"
+    );
+    let guesses = join_all(
+        (0..12).map(|_| id.reserve_proof_guess("cn-east~p2", "register", None, 5, NOW + 3)),
+    )
+    .await;
+    let granted: Vec<_> = guesses.into_iter().filter_map(|g| g.unwrap()).collect();
+    assert_eq!(granted.len(), 5, "a storm got more guesses than allowed");
+    assert_eq!(granted[0].user_id, "reg-stranger");
+    assert_eq!(granted[0].password_hash.as_deref(), Some("h"));
+    // The owner's proof is untouched by the stranger's guesses.
+    let owner = id
+        .reserve_proof_guess("cn-east~p1", "register", None, 5, NOW + 3)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(owner.code_hash, "hash1");
+    assert!(id.use_proof("cn-east~p1", "k", NOW + 4).await.unwrap());
+    assert!(
+        !id.use_proof("cn-east~p1", "k", NOW + 4).await.unwrap(),
+        "single use"
+    );
+    assert!(
+        id.reserve_proof_guess("cn-east~p1", "register", None, 5, NOW + 5)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        id.proof_identifier("cn-east~p2", "register", NOW + 900_000)
+            .await
+            .unwrap()
+            .is_none(),
+        "expired"
+    );
+
+    // A change: the newest proof replaces the user's earlier one, and only
+    // its user may guess at it.
+    user(db, "chg", "chg@x.io").await;
+    proof(3, "change", "chg", "chg-new@x.io").await;
+    proof(4, "change", "chg", "chg-newer@x.io").await;
+    assert!(
+        id.reserve_proof_guess("cn-east~p3", "change", Some("chg"), 5, NOW + 5)
+            .await
+            .unwrap()
+            .is_none(),
+        "replaced by the newer proof"
+    );
+    assert!(
+        id.reserve_proof_guess("cn-east~p4", "change", Some("other"), 5, NOW + 5)
+            .await
+            .unwrap()
+            .is_none(),
+        "another user's proof"
+    );
+    assert!(
+        id.reserve_proof_guess("cn-east~p4", "change", Some("chg"), 5, NOW + 5)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        id.outbox_pending("auth.identifier_code", 10)
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
+
+    // The change settles its claim record and swaps the identifier.
+    id.record_claim("email:chg-newer@x.io", "chg", Some("email:chg@x.io"), NOW)
+        .await
+        .unwrap();
+    let of_chg = || async {
+        id.unsettled_claims(NOW + 1)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|u| u.user_id == "chg")
+            .collect::<Vec<_>>()
+    };
+    let unsettled = of_chg().await;
+    assert_eq!(unsettled.len(), 1);
+    assert_eq!(unsettled[0].replaces.as_deref(), Some("email:chg@x.io"));
+    id.change_identifier("chg", "email", Some("chg@x.io"), "chg-newer@x.io")
+        .await
+        .unwrap();
+    assert!(of_chg().await.is_empty());
+    assert_eq!(
+        id.identifier_of_kind("chg", "email")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("chg-newer@x.io")
+    );
+    assert!(
+        id.user_by_identifier("email", "chg@x.io")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Taken over by the reconciliation: the request can no longer settle
+    // it, and the reconciliation finishes it (once, idempotently).
+    id.record_claim("email:chg-3@x.io", "chg", Some("email:chg-newer@x.io"), NOW)
+        .await
+        .unwrap();
+    assert!(id.begin_release("email:chg-3@x.io", "chg").await.unwrap());
+    let late = id
+        .change_identifier("chg", "email", Some("chg-newer@x.io"), "chg-3@x.io")
+        .await;
+    assert!(matches!(late, Err(DbError::Conflict)), "{late:?}");
+    id.finish_change("email:chg-3@x.io", "email:chg-newer@x.io", "chg")
+        .await
+        .unwrap();
+    id.finish_change("email:chg-3@x.io", "email:chg-newer@x.io", "chg")
+        .await
+        .unwrap();
+    assert_eq!(
+        id.identifier_of_kind("chg", "email")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("chg-3@x.io")
+    );
+    assert!(of_chg().await.is_empty());
+
+    // A removal records its release in the same transaction.
+    assert_eq!(id.sign_in_ways("chg").await.unwrap(), 1);
+    assert!(
+        id.remove_identifier("chg", "email", "chg-3@x.io", NOW)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !id.remove_identifier("chg", "email", "chg-3@x.io", NOW)
+            .await
+            .unwrap()
+    );
+    assert_eq!(id.sign_in_ways("chg").await.unwrap(), 0);
+    let left = of_chg().await;
+    assert_eq!(
+        left.iter()
+            .map(|u| (u.identifier.as_str(), u.state.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("email:chg-3@x.io", "releasing")]
+    );
+    id.forget_claim("email:chg-3@x.io", "chg").await.unwrap();
+
+    assert!(id.prune_identifier_proofs(NOW + 900_100).await.unwrap() >= 4);
+    assert_eq!(id.prune_identifier_proofs(NOW + 900_100).await.unwrap(), 0);
+}
+
 async fn suite(db: Datastore) {
     db.claim_region("cn-east").await.unwrap();
     assert!(
@@ -1443,6 +1646,7 @@ async fn suite(db: Datastore) {
     roles_audit_and_anonymisation(&db).await;
     custom_roles(&db).await;
     sign_in_codes(&db).await;
+    identifier_proofs(&db).await;
     listing_and_profiles(&db).await;
     signing_keys(&db).await;
     moving_a_user(&db).await;

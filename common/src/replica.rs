@@ -214,6 +214,15 @@ impl ReplicaState {
         }
     }
 
+    /// A boolean setting for `region`, else `default`.
+    pub fn config_bool(&self, key: &str, region: &str, default: bool) -> bool {
+        use homecell_proto::control::config_value::Kind;
+        match self.config_value(key, region).and_then(|v| v.kind.as_ref()) {
+            Some(Kind::BoolValue(b)) => *b,
+            _ => default,
+        }
+    }
+
     /// A positive duration setting for `region` in milliseconds, else `default_ms`.
     pub fn config_ms(&self, key: &str, region: &str, default_ms: i64) -> i64 {
         use homecell_proto::control::config_value::Kind;

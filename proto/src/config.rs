@@ -60,6 +60,8 @@ pub const KNOWN_KEYS: &[(&str, ConfigType)] = &[
     ("auth.reset.max_codes_per_hour", ConfigType::Int),
     ("auth.reset.max_failures_per_day", ConfigType::Int),
     ("auth.otp.ttl", ConfigType::Duration),
+    ("auth.register.proof", ConfigType::Bool),
+    ("auth.register.pending_ttl", ConfigType::Duration),
     ("notice.stream.max_per_user", ConfigType::Int),
     ("router.draining.retry_after", ConfigType::Duration),
     ("router.rate_limit.per_ip", ConfigType::Int),

@@ -58,6 +58,9 @@ pub enum ErrorCode {
     /// `x-home-region` names it). Not replayed by routers: the proof of
     /// identity (a one-time WeChat code) is spent.
     HomeElsewhere,
+    /// The session is not fresh enough for this (removing an identifier):
+    /// sign in again, then retry.
+    RecentSignInRequired,
     Internal,
 }
 
@@ -88,6 +91,7 @@ impl ErrorCode {
             Self::TooManyRequests => "too_many_requests",
             Self::UserMoved => "user_moved",
             Self::HomeElsewhere => "home_elsewhere",
+            Self::RecentSignInRequired => "recent_sign_in_required",
             Self::Internal => "internal",
         }
     }
@@ -96,7 +100,7 @@ impl ErrorCode {
         match self {
             Self::InvalidArgument => 400,
             Self::Unauthenticated | Self::InvalidCredentials => 401,
-            Self::PermissionDenied | Self::AccountDisabled => 403,
+            Self::PermissionDenied | Self::AccountDisabled | Self::RecentSignInRequired => 403,
             Self::PreconditionRequired => 428,
             Self::UnsupportedMediaType => 415,
             Self::NotFound | Self::UnknownRegion => 404,
@@ -124,7 +128,9 @@ impl ErrorCode {
                 Code::InvalidArgument
             }
             Self::Unauthenticated | Self::InvalidCredentials => Code::Unauthenticated,
-            Self::PermissionDenied | Self::AccountDisabled => Code::PermissionDenied,
+            Self::PermissionDenied | Self::AccountDisabled | Self::RecentSignInRequired => {
+                Code::PermissionDenied
+            }
             Self::PreconditionRequired => Code::FailedPrecondition,
             Self::NotFound | Self::UnknownRegion => Code::NotFound,
             Self::AlreadyExists => Code::AlreadyExists,
@@ -150,6 +156,7 @@ impl ErrorCode {
             Self::Unauthenticated => "Authentication required",
             Self::InvalidCredentials => "Invalid credentials",
             Self::AccountDisabled => "Account disabled",
+            Self::RecentSignInRequired => "Sign in again first",
             Self::PreconditionRequired => "Precondition required",
             Self::UnsupportedMediaType => "Unsupported media type",
             Self::PermissionDenied => "Permission denied",

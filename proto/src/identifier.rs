@@ -12,6 +12,13 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind a stored `kind` column names.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Phone, Self::Email, Self::Username]
+            .into_iter()
+            .find(|k| k.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Phone => "phone",

@@ -49,6 +49,7 @@ pub enum Basis {
     Identifier,
     Refresh,
     Registration,
+    Verification,
     Header,
     Default,
 }
@@ -61,6 +62,7 @@ impl Basis {
             Self::Identifier => "identifier",
             Self::Refresh => "refresh",
             Self::Registration => "registration",
+            Self::Verification => "verification",
             Self::Header => "header",
             Self::Default => "default",
         }
@@ -75,6 +77,8 @@ pub enum BodyKey {
     Identifier(Option<String>),
     /// Refresh: the region prefix of the refresh token, if well formed.
     Refresh(Option<String>),
+    /// A pending registration's verification: the region prefix of its id.
+    Verification(Option<String>),
     /// Registration: the body's `region`, and the client's country (GeoIP).
     Register {
         preference: Option<String>,
@@ -129,6 +133,7 @@ pub fn choose(keys: &Keys<'_>, table: &RouteTable) -> Choice {
     match &keys.body {
         Some(BodyKey::Identifier(Some(home))) => return to(home, Basis::Identifier),
         Some(BodyKey::Refresh(Some(home))) => return to(home, Basis::Refresh),
+        Some(BodyKey::Verification(Some(home))) => return to(home, Basis::Verification),
         Some(BodyKey::Register {
             preference,
             country,

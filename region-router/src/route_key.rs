@@ -21,6 +21,9 @@ pub enum BodyRoute {
     Refresh,
     /// register: the `region` preference.
     Register,
+    /// a pending registration's verification: the region prefix of its
+    /// `registration_id` (the cell that holds it).
+    Verification,
 }
 
 pub fn body_route(method: &http::Method, path: &str) -> Option<BodyRoute> {
@@ -31,6 +34,7 @@ pub fn body_route(method: &http::Method, path: &str) -> Option<BodyRoute> {
         (&Method::POST, "/v1/auth/otp" | "/v1/auth/otp/verify") => Some(BodyRoute::Identifier),
         (&Method::POST, "/v1/auth/refresh") => Some(BodyRoute::Refresh),
         (&Method::POST, "/v1/auth/register") => Some(BodyRoute::Register),
+        (&Method::POST, "/v1/auth/register/verify") => Some(BodyRoute::Verification),
         _ => None,
     }
 }
@@ -49,7 +53,16 @@ pub fn identifier(body: &serde_json::Value) -> Option<String> {
 
 /// The region a refresh token was issued in (`<region>~<secret>`).
 pub fn refresh_region(body: &serde_json::Value) -> Option<String> {
-    let (region, _) = field(body, "refresh_token")?.split_once('~')?;
+    region_prefix(body, "refresh_token")
+}
+
+/// The region holding a pending registration (`<region>~<uuid>`).
+pub fn registration_region(body: &serde_json::Value) -> Option<String> {
+    region_prefix(body, "registration_id")
+}
+
+fn region_prefix(body: &serde_json::Value, name: &str) -> Option<String> {
+    let (region, _) = field(body, name)?.split_once('~')?;
     validate_region_id(region).ok()?;
     Some(region.to_string())
 }
@@ -92,6 +105,14 @@ mod tests {
         );
         assert_eq!(refresh_region(&json!({"refresh_token": "../x~abc"})), None);
         assert_eq!(refresh_region(&json!({"refresh_token": "abc"})), None);
+        assert_eq!(
+            registration_region(&json!({"registration_id": "eu-west~0193"})).as_deref(),
+            Some("eu-west")
+        );
+        assert_eq!(
+            registration_region(&json!({"registration_id": "A B~x"})),
+            None
+        );
         assert_eq!(
             preferred_region(&json!({"region": "cn-east"})).as_deref(),
             Some("cn-east")

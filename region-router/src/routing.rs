@@ -230,6 +230,9 @@ impl Router {
                     }))
                 }
                 BodyRoute::Refresh => BodyKey::Refresh(route_key::refresh_region(&body)),
+                BodyRoute::Verification => {
+                    BodyKey::Verification(route_key::registration_region(&body))
+                }
                 BodyRoute::Register => BodyKey::Register {
                     preference: route_key::preferred_region(&body),
                     country: match (&self.live.load().geo, ctx.client_ip) {

@@ -3,6 +3,7 @@
 use super::Path;
 use super::{ApiResult, Auth, ClientIp, ClientType, Json, json};
 use crate::http::openapi::Route;
+use crate::identity::Registration;
 use crate::identity::service::TokenPair;
 use crate::state::Cell;
 use axum::extract::State;
@@ -29,23 +30,70 @@ pub struct RegisterResponse {
     pub home_region: String,
 }
 
+/// A registration waiting for the code sent to its email or phone.
+#[derive(Serialize, JsonSchema)]
+pub struct PendingRegistration {
+    /// Send it back with the code to `POST /v1/auth/register/verify`.
+    pub registration_id: String,
+    /// Unix ms; after it the registration is gone and nothing was claimed.
+    pub expires_at: i64,
+}
+
+/// 201 with the user, or, for an email or phone in a region that asks for
+/// proof, 202 with a pending registration: a code went to the identifier.
 pub async fn register(
     State(cell): State<Arc<Cell>>,
     ClientIp(ip): ClientIp,
     Json(r): Json<RegisterRequest>,
 ) -> ApiResult<Response> {
     cell.identity.check_registration_ip(ip)?;
-    let user_id = cell
+    let registered = cell
         .identity
         .register(&r.identifier, &r.password, r.display_name.as_deref())
         .await?;
-    Ok(json(
+    Ok(match registered {
+        Registration::Created(user_id) => created(&cell, user_id),
+        Registration::Pending {
+            registration_id,
+            expires_at,
+        } => json(
+            StatusCode::ACCEPTED,
+            &PendingRegistration {
+                registration_id,
+                expires_at,
+            },
+        ),
+    })
+}
+
+fn created(cell: &Cell, user_id: String) -> Response {
+    json(
         StatusCode::CREATED,
         &RegisterResponse {
             user_id,
             home_region: cell.region.clone(),
         },
-    ))
+    )
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRegistration {
+    pub registration_id: String,
+    /// The 6-digit code sent to the identifier.
+    pub code: String,
+}
+
+pub async fn verify_registration(
+    State(cell): State<Arc<Cell>>,
+    ClientIp(ip): ClientIp,
+    Json(r): Json<VerifyRegistration>,
+) -> ApiResult<Response> {
+    let user_id = cell
+        .identity
+        .verify_registration(&r.registration_id, &r.code, ip)
+        .await?;
+    Ok(created(&cell, user_id))
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -273,6 +321,12 @@ pub fn routes() -> Vec<Route> {
             .summary("Register with a phone, email or username")
             .public()
             .body::<RegisterRequest>()
+            .returns::<RegisterResponse>(201)
+            .also_returns::<PendingRegistration>(202),
+        Route::post("/v1/auth/register/verify", verify_registration)
+            .summary("Finish a registration with the code sent to its email or phone")
+            .public()
+            .body::<VerifyRegistration>()
             .returns::<RegisterResponse>(201),
         Route::post("/v1/auth/wechat", wechat)
             .summary("Sign in (or up) from the WeChat mini-program with a wx.login() code (x-client-type: mp); 409 home_elsewhere with x-home-region when the account lives in another region: sign in there with a new code")

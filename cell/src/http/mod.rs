@@ -5,6 +5,7 @@
 pub mod access;
 pub mod auth;
 pub mod cms;
+pub mod identifiers;
 pub mod me;
 pub mod notices;
 pub mod openapi;

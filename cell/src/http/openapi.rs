@@ -5,7 +5,7 @@
 //! (`http::router`, `permission.rs`), and so is the OpenAPI 3.1 document,
 //! so the three cannot disagree.
 
-use super::{auth, cms, me, notices, region, users, wallet};
+use super::{auth, cms, identifiers, me, notices, region, users, wallet};
 use crate::state::Cell;
 use axum::handler::Handler;
 use axum::http::Method;
@@ -41,6 +41,8 @@ pub struct Route {
     pub headers: Vec<(&'static str, &'static [&'static str])>,
     pub request: Option<SchemaFn>,
     pub response: (u16, Option<SchemaFn>),
+    /// Another success answer (a registration that waits for a code: 202).
+    pub also: Option<(u16, SchemaFn)>,
     pub handler: MethodRouter<Arc<Cell>>,
 }
 
@@ -64,6 +66,7 @@ impl Route {
             headers: Vec::new(),
             request: None,
             response: (200, None),
+            also: None,
             handler: on(filter, handler),
         }
     }
@@ -113,6 +116,12 @@ impl Route {
         self
     }
 
+    /// Another success status and its JSON body.
+    pub fn also_returns<T: JsonSchema>(mut self, status: u16) -> Self {
+        self.also = Some((status, s::<T>));
+        self
+    }
+
     /// The success status, with no body.
     pub fn answers(mut self, status: u16) -> Self {
         self.response = (status, None);
@@ -143,6 +152,7 @@ pub fn routes() -> Vec<Route> {
     all.extend(region::routes());
     all.extend(auth::routes());
     all.extend(users::routes());
+    all.extend(identifiers::routes());
     all.extend(me::routes());
     all.extend(notices::routes());
     all.extend(wallet::routes());
@@ -227,6 +237,12 @@ pub fn document() -> Value {
             None => json!({"description": "OK"}),
         };
         responses.insert(status.to_string(), ok);
+        if let Some((status, f)) = r.also {
+            responses.insert(
+                status.to_string(),
+                json!({"description": "OK", "content": {"application/json": {"schema": f(&mut g)}}}),
+            );
+        }
         responses.insert(
             "default".into(),
             json!({"description": "An error", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}),

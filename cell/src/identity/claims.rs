@@ -35,9 +35,17 @@ pub const MIN_SETTLE_SECS: u64 = CLAIM_WAIT.as_secs() + CLOCK_SKEW_SECS;
 
 impl IdentityStore {
     /// Records a claim about to be made.
-    pub async fn record_claim(&self, identifier: &str, user_id: &str, now: i64) -> DbResult<()> {
-        stmt("INSERT INTO pending_claims (identifier, user_id, state, created_at) VALUES ($1, $2, 'pending', $3) ON CONFLICT (identifier, user_id) DO NOTHING")
-            .bind(identifier).bind(user_id).bind(now).execute(&self.db).await?;
+    /// Records a claim about to be made, and the identifier it replaces
+    /// if it is a change.
+    pub async fn record_claim(
+        &self,
+        identifier: &str,
+        user_id: &str,
+        replaces: Option<&str>,
+        now: i64,
+    ) -> DbResult<()> {
+        stmt("INSERT INTO pending_claims (identifier, user_id, state, created_at, replaces) VALUES ($1, $2, 'pending', $3, $4) ON CONFLICT (identifier, user_id) DO NOTHING")
+            .bind(identifier).bind(user_id).bind(now).bind(replaces).execute(&self.db).await?;
         Ok(())
     }
 
@@ -51,11 +59,48 @@ impl IdentityStore {
         Ok(())
     }
 
-    /// Records older than `before`: (identifier, user_id, state).
-    pub async fn unsettled_claims(&self, before: i64) -> DbResult<Vec<(String, String, String)>> {
+    /// Records older than `before`.
+    pub async fn unsettled_claims(&self, before: i64) -> DbResult<Vec<Unsettled>> {
         stmt(
-            "SELECT identifier, user_id, state FROM pending_claims WHERE created_at < $1 ORDER BY created_at LIMIT 100")
+            "SELECT identifier, user_id, state, replaces FROM pending_claims WHERE created_at < $1 ORDER BY created_at LIMIT 100")
             .bind(before).fetch_all(&self.db).await
+    }
+
+    /// Finishes a change whose swap the control plane made but whose
+    /// user was not updated (the reconciliation found the old identifier
+    /// taken since): the record goes, the new identifier replaces the old.
+    pub async fn finish_change(&self, new: &str, old: &str, user_id: &str) -> DbResult<()> {
+        let (Some((kind, value)), Some((_, old_value))) =
+            (new.split_once(':'), old.split_once(':'))
+        else {
+            return Err(DbError::Conflict);
+        };
+        let mut tx = self.db.begin().await?;
+        stmt("DELETE FROM pending_claims WHERE identifier = $1 AND user_id = $2")
+            .bind(new)
+            .bind(user_id)
+            .execute(&mut tx)
+            .await?;
+        let has_old: Option<String> =
+            stmt("SELECT value FROM identifiers WHERE user_id = $1 AND kind = $2 AND value = $3")
+                .bind(user_id)
+                .bind(kind)
+                .bind(old_value)
+                .scalar_optional(&mut tx)
+                .await?;
+        let has_new: Option<String> =
+            stmt("SELECT value FROM identifiers WHERE user_id = $1 AND kind = $2 AND value = $3")
+                .bind(user_id)
+                .bind(kind)
+                .bind(value)
+                .scalar_optional(&mut tx)
+                .await?;
+        if has_new.is_none() {
+            super::store::replace_identifier(&mut tx, user_id, kind, has_old.as_deref(), value)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Takes a record over for release; false when its registration settled
@@ -70,6 +115,17 @@ impl IdentityStore {
         .await?;
         Ok(r == 1)
     }
+}
+
+/// A claim record the reconciliation looks at.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Unsettled {
+    pub identifier: String,
+    pub user_id: String,
+    /// `pending` (its request may still settle it) or `releasing`.
+    pub state: String,
+    /// The identifier this claim replaced in the same revision (a change).
+    pub replaces: Option<String>,
 }
 
 /// Inside the transaction that creates a user: settles the record of its
@@ -97,8 +153,18 @@ impl Identity {
     pub async fn reconcile_claims(&self) -> DbResult<usize> {
         let mut released = 0;
         let before = now_ms() - self.claim_settle_ms;
-        for (identifier, user_id, state) in self.store.unsettled_claims(before).await? {
+        for u in self.store.unsettled_claims(before).await? {
+            let Unsettled {
+                identifier,
+                user_id,
+                state,
+                replaces,
+            } = u;
             if state == "pending" && !self.store.begin_release(&identifier, &user_id).await? {
+                continue;
+            }
+            if let Some(old) = replaces {
+                released += usize::from(self.unswap(&identifier, &old, &user_id).await?);
                 continue;
             }
             match self.release(&identifier, &user_id).await {
@@ -116,8 +182,53 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// An identifier change left unsettled: the control plane may or may
+    /// not have swapped `new` for `old`. Swapping back (claim `old`, release
+    /// `new`, one revision) restores the user as the cell holds it. If
+    /// `old` is someone else's by now, the first swap must have been made
+    /// (it released `old`) and `new` is still this user's: the change is
+    /// finished here instead. True when the record is settled.
+    async fn unswap(&self, new: &str, old: &str, user_id: &str) -> DbResult<bool> {
+        let now = now_ms();
+        let req = homecell_proto::control::ClaimIdentifierRequest {
+            identifier: old.to_string(),
+            user_id: user_id.to_string(),
+            region: self.region.clone(),
+            not_after_unix_ms: u64::try_from(now).unwrap_or(0)
+                + u64::try_from(CLAIM_WAIT.as_millis()).unwrap_or(0),
+            replaces: new.to_string(),
+        };
+        let mut client =
+            homecell_proto::control::directory_service_client::DirectoryServiceClient::new(
+                self.cp.clone(),
+            );
+        match tokio::time::timeout(CLAIM_WAIT, client.claim_identifier(req)).await {
+            Ok(Ok(_)) => {
+                self.store.forget_claim(new, user_id).await?;
+                Ok(true)
+            }
+            Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => {
+                self.store.finish_change(new, old, user_id).await?;
+                tracing::info!(user_id, "finished an identifier change left unsettled");
+                Ok(true)
+            }
+            // `new` is another user's: the first swap was never made.
+            Ok(Err(s)) if s.code() == tonic::Code::PermissionDenied => {
+                self.store.forget_claim(new, user_id).await?;
+                Ok(true)
+            }
+            Ok(Err(s)) => {
+                tracing::warn!(user_id, error = %s.message(), "cannot settle an identifier change yet");
+                Ok(false)
+            }
+            Err(_) => Ok(false),
+        }
+    }
+}
+
 /// The identity upkeep loop: unsettled claims, spent reset budgets,
-/// expired sign-in codes.
+/// expired sign-in codes and identifier proofs.
 pub async fn run<C: AsRef<Identity> + Send + Sync + 'static>(
     owner: std::sync::Arc<C>,
     stop: tokio_util::sync::CancellationToken,
@@ -141,6 +252,9 @@ pub async fn run<C: AsRef<Identity> + Send + Sync + 'static>(
         }
         if let Err(e) = identity.store.prune_sign_in_codes(now_ms()).await {
             tracing::warn!(error = %e, "cannot prune expired sign-in codes");
+        }
+        if let Err(e) = identity.store.prune_identifier_proofs(now_ms()).await {
+            tracing::warn!(error = %e, "cannot prune expired identifier proofs");
         }
     }
 }

@@ -3,12 +3,14 @@
 
 mod account;
 pub use account::Proof;
+pub use register::Registration;
 mod breaker;
 pub mod claims;
 pub mod keys;
 mod otp;
 pub mod password;
 pub mod profile;
+mod proof;
 pub mod reassert;
 mod register;
 mod reset;

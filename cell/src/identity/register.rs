@@ -13,15 +13,31 @@ use homecell_proto::control::{
 use homecell_proto::error::{CodedError, ErrorCode, FieldError};
 use homecell_proto::identifier::Identifier;
 
+/// What a registration did.
+pub enum Registration {
+    /// The user exists.
+    Created(String),
+    /// A code went to the identifier; `verify_registration` creates the
+    /// user. Nothing is claimed until then.
+    Pending {
+        registration_id: String,
+        expires_at: i64,
+    },
+}
+
 impl Identity {
     // ------------------------------------------------------------ registration
 
+    /// Registers a user, or, for an email or phone while the region asks
+    /// for proof (`auth.register.proof`, on by default), sends a code to it
+    /// and creates the user only when the code comes back
+    /// (`verify_registration`, proof.rs).
     pub async fn register(
         &self,
         identifier: &str,
         password: &str,
         display_name: Option<&str>,
-    ) -> Result<String, CodedError> {
+    ) -> Result<Registration, CodedError> {
         let mut errors = Vec::new();
         let id = Identifier::parse(identifier);
         if let Err(m) = &id {
@@ -73,6 +89,30 @@ impl Identity {
         let hash = self.hasher.hash_registration(password.to_string()).await?;
         // Time-ordered and random: unique across cells without coordination.
         let user_id = uuid::Uuid::now_v7().to_string();
+        if self.proof_required(&id) {
+            let (registration_id, expires_at) = self
+                .send_proof("register", &user_id, &id, Some(&hash), display_name)
+                .await?;
+            return Ok(Registration::Pending {
+                registration_id,
+                expires_at,
+            });
+        }
+        self.create_registered(&id, &user_id, &hash, display_name)
+            .await?;
+        Ok(Registration::Created(user_id))
+    }
+
+    /// Claims the identifier for a new user, then creates the user; gives
+    /// the claim back if the user cannot be created.
+    pub(super) async fn create_registered(
+        &self,
+        id: &Identifier,
+        user_id: &str,
+        hash: &str,
+        display_name: Option<&str>,
+    ) -> Result<(), CodedError> {
+        let user_id = user_id.to_string();
         self.claim(&id.qualified(), &user_id).await?;
         crate::failpoint::hit("identity.register.after_claim");
         let default_name = match id.kind {
@@ -86,7 +126,7 @@ impl Identity {
                 display_name: display_name.unwrap_or(&default_name),
                 kind: id.kind.as_str(),
                 value: &id.value,
-                password_hash: &hash,
+                password_hash: hash,
                 now: now_ms(),
             })
             .await;
@@ -98,7 +138,7 @@ impl Identity {
             return Err(e.into());
         }
         tracing::info!(user_id, kind = id.kind.as_str(), "user registered");
-        Ok(user_id)
+        Ok(())
     }
 
     pub(crate) async fn claim(&self, qualified: &str, user_id: &str) -> Result<(), CodedError> {
@@ -116,6 +156,19 @@ impl Identity {
         qualified: &str,
         user_id: &str,
     ) -> Result<(), (CodedError, Option<String>)> {
+        self.claim_replacing(qualified, None, user_id).await
+    }
+
+    /// `claim_or_holder`, and with `replaces` (the user's identifier of
+    /// the same kind) its release in the same revision (an identifier
+    /// changed). The record names what it replaces: if the change is left
+    /// unsettled, the reconciliation swaps it back (claims.rs).
+    pub(crate) async fn claim_replacing(
+        &self,
+        qualified: &str,
+        replaces: Option<&str>,
+        user_id: &str,
+    ) -> Result<(), (CodedError, Option<String>)> {
         if let super::breaker::Permit::Refuse(secs) = self.cp_breaker.permit() {
             return Err((unavailable().retry_after(secs), None));
         }
@@ -123,7 +176,7 @@ impl Identity {
         // timeout that in fact committed), the reconciliation releases it.
         let now = now_ms();
         self.store
-            .record_claim(qualified, user_id, now)
+            .record_claim(qualified, user_id, replaces, now)
             .await
             .map_err(|e| (CodedError::from(e), None))?;
         let wait = super::claims::CLAIM_WAIT;
@@ -134,6 +187,7 @@ impl Identity {
             user_id: user_id.to_string(),
             region: self.region.clone(),
             not_after_unix_ms,
+            replaces: replaces.unwrap_or_default().to_string(),
         };
         let mut client = DirectoryServiceClient::new(self.cp.clone());
         let answer = tokio::time::timeout(wait, client.claim_identifier(req)).await;

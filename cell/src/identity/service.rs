@@ -252,6 +252,10 @@ impl Identity {
         self.replica.state().config_int(key, &self.region, default)
     }
 
+    pub(super) fn config_bool(&self, key: &str, default: bool) -> bool {
+        self.replica.state().config_bool(key, &self.region, default)
+    }
+
     pub(super) fn config_ms(&self, key: &str, default_ms: i64) -> i64 {
         self.replica
             .state()

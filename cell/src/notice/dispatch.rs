@@ -99,13 +99,23 @@ impl Notices {
         templates: &[Template],
         now: i64,
     ) -> Result<Option<FanOut>, String> {
-        let Some(contacts) = self
+        let contacts = match self
             .store
             .contacts(user_id)
             .await
             .map_err(|e| e.to_string())?
-        else {
-            return Ok(None);
+        {
+            Some(c) => c,
+            // A registration's proof: its user is created only once the
+            // code comes back, and the code goes to the address it names.
+            None if e.topic == super::IDENTIFIER_CODE => super::store::Contacts {
+                status: "pending".into(),
+                locale: None,
+                display_name: String::new(),
+                email: None,
+                phone: None,
+            },
+            None => return Ok(None),
         };
         if contacts.status == "deleted" {
             return Ok(None);

@@ -20,6 +20,9 @@ use tokio::sync::{Notify, broadcast};
 pub const CHANNELS: &[&str] = &["inbox", "email", "sms"];
 /// Categories no preference can switch off.
 pub const CRITICAL: &[&str] = &["security", "money"];
+/// The topic of a code that proves an email or phone (a registration, a
+/// change): its registration's user does not exist yet.
+pub const IDENTIFIER_CODE: &str = "auth.identifier_code";
 
 /// The cell config's `[notice]` section.
 #[derive(Debug, Clone, serde::Deserialize)]

@@ -9,6 +9,14 @@ pub struct NoticeStore {
     db: Datastore,
 }
 
+/// The topics whose messages carry a one-time code, as an SQL list: a
+/// dead delivery of one keeps no text and is never redriven.
+macro_rules! code_topics {
+    () => {
+        "('auth.password_reset', 'auth.sign_in_code', 'auth.identifier_code')"
+    };
+}
+
 impl NoticeStore {
     pub fn new(db: Datastore) -> Self {
         Self { db }
@@ -353,11 +361,11 @@ impl NoticeStore {
         // A dead delivery keeps no one-time code: a password reset's or a
         // sign-in code's message is useless once the code expires, and the
         // dead-letter queue outlives it.
-        stmt("UPDATE deliveries SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
+        stmt(concat!("UPDATE deliveries SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
                      state = CASE WHEN $3 THEN 'dead' ELSE 'pending' END, \
-                     body = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic IN ('auth.password_reset', 'auth.sign_in_code')) THEN '' ELSE body END, \
-                     html = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic IN ('auth.password_reset', 'auth.sign_in_code')) THEN NULL ELSE html END \
-                     WHERE id = $4")
+                     body = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic IN ", code_topics!(), ")) THEN '' ELSE body END, \
+                     html = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic IN ", code_topics!(), ")) THEN NULL ELSE html END \
+                     WHERE id = $4"))
             .bind(error).bind(next_at).bind(dead).bind(id).execute(&self.db).await?;
         Ok(())
     }
@@ -386,9 +394,9 @@ impl NoticeStore {
     /// unless it carried a one-time code (its text is gone, above, and a
     /// code sent late is one the user may no longer expect).
     pub async fn redrive(&self, id: &str, now: i64) -> DbResult<Redrive> {
-        let n = stmt("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1 \
+        let n = stmt(concat!("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1 \
                      WHERE id = $2 AND state = 'dead' \
-                     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic IN ('auth.password_reset', 'auth.sign_in_code'))")
+                     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic IN ", code_topics!(), "))"))
             .bind(now).bind(id).execute(&self.db).await?;
         if n == 1 {
             return Ok(Redrive::Queued);
