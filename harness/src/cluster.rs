@@ -431,9 +431,7 @@ impl Cluster {
             region,
         ];
         let v = self.cli_ok(&set)?.json()?;
-        v["revision"]
-            .as_u64()
-            .context("no revision in the answer")
+        v["revision"].as_u64().context("no revision in the answer")
     }
 
     fn router_port_hint(&self) -> u16 {
@@ -670,6 +668,7 @@ pub async fn start_standard(cluster: &mut Cluster) -> Result<()> {
 pub struct Standard {
     cell_config: String,
     router_config: String,
+    prove_identifiers: bool,
 }
 
 /// `Standard` with nothing extra: `standard().start().await?`.
@@ -684,6 +683,13 @@ impl Standard {
         self
     }
 
+    /// Both regions ask for proof of an email or phone before registering
+    /// it (the production default; off otherwise, as in `./dev cluster`).
+    pub fn prove_identifiers(mut self) -> Self {
+        self.prove_identifiers = true;
+        self
+    }
+
     /// Extra top-level TOML lines for the router.
     pub fn router_config(mut self, toml: &str) -> Self {
         self.router_config.push_str(toml);
@@ -694,6 +700,7 @@ impl Standard {
         let mut c = Cluster::temp()?;
         c.cell_extra_config = self.cell_config;
         c.router_extra_config = self.router_config;
+        c.prove_identifiers = self.prove_identifiers;
         start_standard(&mut c).await?;
         c.wait_signing_keys(Duration::from_secs(15)).await?;
         Ok(c)
