@@ -218,7 +218,8 @@ async fn a_user_changes_their_email_and_removes_a_phone() -> Result<()> {
     // client type's earlier session.
     let web = cn.as_client("web");
     let ana = register(&cn, &mail, "ana@example.com", &mut seen).await?;
-    let bob = register(&eu, &mail, "bob@example.com", &mut seen).await?;
+    let bob = register(&cn, &mail, "bob@example.com", &mut seen).await?;
+    let cat = register(&eu, &mail, "cat@example.com", &mut seen).await?;
 
     // The change: a code to the new address, then the swap.
     let r = ana
@@ -261,37 +262,46 @@ async fn a_user_changes_their_email_and_removes_a_phone() -> Result<()> {
     ensure!(web.login("ana@example.com", PW).await?.status == StatusCode::UNAUTHORIZED);
     // The old address is free: someone registers it, in the other region.
     register(&eu, &mail, "ana@example.com", &mut seen).await?;
-    // The new one is ana's alone: bob cannot take it.
+    // The new one is ana's alone. Bob, at her cell, is refused there;
+    // cat, in the other region, gets a code, and the control plane
+    // refuses the claim.
     let r = bob
         .post(
             "/v1/users/me/identifiers",
             json!({"identifier": "ana.new@example.com"}),
         )
         .await?;
-    let taken = if r.status == StatusCode::ACCEPTED {
-        // bob's cell does not hold ana: the code goes out, and the
-        // control plane refuses the claim.
-        let vid = r.body["verification_id"]
-            .as_str()
-            .context("id")?
-            .to_string();
-        let code = new_code(|| mail_to(&mail, "ana.new@example.com"), &mut seen).await?;
-        bob.post(
+    ensure!(
+        (r.status, r.code()) == (StatusCode::CONFLICT, "already_exists"),
+        "{:?}",
+        r.body
+    );
+    let r = cat
+        .post(
+            "/v1/users/me/identifiers",
+            json!({"identifier": "ana.new@example.com"}),
+        )
+        .await?;
+    ensure!(r.status == StatusCode::ACCEPTED, "{:?}", r.body);
+    let vid = r.body["verification_id"]
+        .as_str()
+        .context("id")?
+        .to_string();
+    let code = new_code(|| mail_to(&mail, "ana.new@example.com"), &mut seen).await?;
+    let taken = cat
+        .post(
             "/v1/users/me/identifiers/verify",
             json!({"verification_id": vid, "code": code}),
         )
-        .await?
-    } else {
-        r
-    };
+        .await?;
     ensure!(
         (taken.status, taken.code()) == (StatusCode::CONFLICT, "already_exists"),
         "held by two users: {:?}",
         taken.body
     );
     ensure!(
-        web.login("bob@example.com", PW).await?.status == StatusCode::OK,
-        "bob kept his"
+        web.login("cat@example.com", PW).await?.status == StatusCode::OK,
+        "cat kept hers"
     );
 
     // A phone added, then removed with a fresh sign-in; the last way to
