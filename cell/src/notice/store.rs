@@ -363,8 +363,8 @@ impl NoticeStore {
         // dead-letter queue outlives it.
         stmt(concat!("UPDATE deliveries SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
                      state = CASE WHEN $3 THEN 'dead' ELSE 'pending' END, \
-                     body = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic IN ", code_topics!(), ")) THEN '' ELSE body END, \
-                     html = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic IN ", code_topics!(), ")) THEN NULL ELSE html END \
+                     body = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic IN ", code_topics!(), ") THEN '' ELSE body END, \
+                     html = CASE WHEN $3 AND EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic IN ", code_topics!(), ") THEN NULL ELSE html END \
                      WHERE id = $4"))
             .bind(error).bind(next_at).bind(dead).bind(id).execute(&self.db).await?;
         Ok(())
@@ -396,7 +396,7 @@ impl NoticeStore {
     pub async fn redrive(&self, id: &str, now: i64) -> DbResult<Redrive> {
         let n = stmt(concat!("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = $1 \
                      WHERE id = $2 AND state = 'dead' \
-                     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic IN ", code_topics!(), "))"))
+                     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.id = deliveries.event_id AND o.topic IN ", code_topics!(), ")"))
             .bind(now).bind(id).execute(&self.db).await?;
         if n == 1 {
             return Ok(Redrive::Queued);
