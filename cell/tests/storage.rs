@@ -1466,13 +1466,13 @@ async fn identifier_proofs(db: &Datastore) {
     proof(1, "register", "reg-owner", "owned@x.io").await;
     proof(2, "register", "reg-stranger", "owned@x.io").await;
     assert_eq!(
-        id.proof_identifier("cn-east~p1", "register", NOW + 3)
+        id.proof_identifier("cn-east~p1", "register", 5, NOW + 3)
             .await
             .unwrap(),
         Some(("email".into(), "owned@x.io".into()))
     );
     assert_eq!(
-        id.proof_identifier("cn-east~p1", "change", NOW + 3)
+        id.proof_identifier("cn-east~p1", "change", 5, NOW + 3)
             .await
             .unwrap(),
         None,
@@ -1485,6 +1485,13 @@ async fn identifier_proofs(db: &Datastore) {
     let granted: Vec<_> = guesses.into_iter().filter_map(|g| g.unwrap()).collect();
     assert_eq!(granted.len(), 5, "a storm got more guesses than allowed");
     assert_eq!(granted[0].user_id, "reg-stranger");
+    assert!(
+        id.proof_identifier("cn-east~p2", "register", 5, NOW + 3)
+            .await
+            .unwrap()
+            .is_none(),
+        "a proof whose guesses are spent is not read (nor charged)"
+    );
     assert_eq!(granted[0].password_hash.as_deref(), Some("h"));
     // The owner's proof is untouched by the stranger's guesses.
     let owner = id
@@ -1505,7 +1512,7 @@ async fn identifier_proofs(db: &Datastore) {
             .is_none()
     );
     assert!(
-        id.proof_identifier("cn-east~p2", "register", NOW + 900_000)
+        id.proof_identifier("cn-east~p2", "register", 5, NOW + 900_000)
             .await
             .unwrap()
             .is_none(),

@@ -133,7 +133,14 @@ pub fn choose(keys: &Keys<'_>, table: &RouteTable) -> Choice {
     match &keys.body {
         Some(BodyKey::Identifier(Some(home))) => return to(home, Basis::Identifier),
         Some(BodyKey::Refresh(Some(home))) => return to(home, Basis::Refresh),
-        Some(BodyKey::Verification(Some(home))) => return to(home, Basis::Verification),
+        // Finishing a registration creates a user: a draining region
+        // refuses it as it refuses a registration.
+        Some(BodyKey::Verification(Some(home))) => {
+            return Choice {
+                registration: true,
+                ..to(home, Basis::Verification)
+            };
+        }
         Some(BodyKey::Register {
             preference,
             country,

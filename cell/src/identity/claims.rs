@@ -190,6 +190,38 @@ impl Identity {
     /// (it released `old`) and `new` is still this user's: the change is
     /// finished here instead. True when the record is settled.
     async fn unswap(&self, new: &str, old: &str, user_id: &str) -> DbResult<bool> {
+        let (Some((kind, new_value)), Some((_, old_value))) =
+            (new.split_once(':'), old.split_once(':'))
+        else {
+            self.store.forget_claim(new, user_id).await?;
+            return Ok(true);
+        };
+        // What the cell holds now decides: the old identifier (swap back),
+        // the new one (settled), or neither (changed again since, the
+        // account deleted or moved): then only `new` is given back, and
+        // `old` is not taken again for a user who no longer has it.
+        match self
+            .store
+            .identifier_of_kind(user_id, kind)
+            .await?
+            .as_deref()
+        {
+            Some(v) if v == new_value => {
+                self.store.forget_claim(new, user_id).await?;
+                return Ok(true);
+            }
+            Some(v) if v == old_value => {}
+            _ => {
+                return match self.release(new, user_id).await {
+                    Ok(()) => Ok(true),
+                    Err(s) if s.code() == tonic::Code::PermissionDenied => {
+                        self.store.forget_claim(new, user_id).await?;
+                        Ok(true)
+                    }
+                    Err(_) => Ok(false),
+                };
+            }
+        }
         let now = now_ms();
         let req = homecell_proto::control::ClaimIdentifierRequest {
             identifier: old.to_string(),

@@ -128,16 +128,22 @@ impl Identity {
     ) -> Result<super::store::LiveProof, CodedError> {
         bounded("code", code)?;
         let now = now_ms();
-        let Some((kind, value)) = self.store.proof_identifier(proof_id, purpose, now).await? else {
+        let Some((kind, value)) = self
+            .store
+            .proof_identifier(proof_id, purpose, PROOF_MAX_ATTEMPTS, now)
+            .await?
+        else {
             return Err(wrong_code());
         };
         let id = stored(&kind, value)?;
-        let key = match user_id {
-            // A change's guesses are the account's: its own budget.
-            Some(u) => reset_budget_key_of_user(u),
-            None => reset_budget_key(&id, None),
-        };
+        // Every guess spends the identifier's budget, whoever asks: many
+        // throwaway accounts changing to one address share it. A change's
+        // guess spends its account's budget too.
+        let key = reset_budget_key(&id, None);
         self.spend_guess(&key, now).await?;
+        if let Some(u) = user_id {
+            self.spend_guess(&reset_budget_key_of_user(u), now).await?;
+        }
         let Some(proof) = self
             .store
             .reserve_proof_guess(proof_id, purpose, user_id, PROOF_MAX_ATTEMPTS, now)
@@ -181,6 +187,25 @@ impl Identity {
 
     // ------------------------------------------------------------ changes
 
+    /// A session begun in the last 10 minutes: a token alone (a stolen
+    /// one) does not repoint or strip the account's ways to sign in.
+    async fn require_recent_sign_in(&self, p: &Principal) -> Result<(), CodedError> {
+        let now = now_ms();
+        let fresh = self
+            .store
+            .sessions_of(&p.user_id, now)
+            .await?
+            .iter()
+            .any(|s| s.id == p.sid && s.created_at > now - RECENT_SIGN_IN_MS);
+        if fresh {
+            return Ok(());
+        }
+        Err(CodedError::new(
+            ErrorCode::RecentSignInRequired,
+            "sign in again (within the last 10 minutes) to change your email or phone",
+        ))
+    }
+
     /// Sends a code to a new email or phone for the signed-in user: the
     /// one of its kind they have (if any) is replaced once it comes back.
     pub async fn request_identifier_change(
@@ -188,6 +213,7 @@ impl Identity {
         p: &Principal,
         identifier: &str,
     ) -> Result<(String, i64), CodedError> {
+        self.require_recent_sign_in(p).await?;
         let id = Identifier::parse(identifier).map_err(|m| CodedError::field("identifier", m))?;
         if !matches!(id.kind, Kind::Email | Kind::Phone) {
             return Err(CodedError::field(
@@ -195,24 +221,33 @@ impl Identity {
                 "an email address or a phone number",
             ));
         }
-        match self
+        // The account's own budget of codes first: one account cannot send
+        // codes to numbers without end.
+        if let Err(wait_ms) = self
+            .store
+            .spend_reset_issue(
+                &reset_budget_key_of_user(&p.user_id),
+                self.reset_limits(),
+                now_ms(),
+            )
+            .await?
+        {
+            return Err(reset_budget_spent(wait_ms));
+        }
+        // Whether another account holds it is learnt only after the code
+        // proves the caller owns it (the claim is refused then): asking
+        // tells nothing about other accounts.
+        if self
             .store
             .user_by_identifier(id.kind.as_str(), &id.value)
             .await?
+            .as_deref()
+            == Some(p.user_id.as_str())
         {
-            Some(holder) if holder == p.user_id => {
-                return Err(CodedError::new(
-                    ErrorCode::AlreadyExists,
-                    "this identifier is already yours",
-                ));
-            }
-            Some(_) => {
-                return Err(CodedError::new(
-                    ErrorCode::AlreadyExists,
-                    "this identifier is already registered",
-                ));
-            }
-            None => {}
+            return Err(CodedError::new(
+                ErrorCode::AlreadyExists,
+                "this identifier is already yours",
+            ));
         }
         self.send_proof("change", &p.user_id, &id, None, None).await
     }
@@ -261,19 +296,8 @@ impl Identity {
             Some(k @ (Kind::Email | Kind::Phone)) => k,
             _ => return Err(CodedError::field("kind", "email or phone")),
         };
+        self.require_recent_sign_in(p).await?;
         let now = now_ms();
-        let fresh = self
-            .store
-            .sessions_of(&p.user_id, now)
-            .await?
-            .iter()
-            .any(|s| s.id == p.sid && s.created_at > now - RECENT_SIGN_IN_MS);
-        if !fresh {
-            return Err(CodedError::new(
-                ErrorCode::RecentSignInRequired,
-                "sign in again (within the last 10 minutes) to remove an identifier",
-            ));
-        }
         let Some(value) = self
             .store
             .identifier_of_kind(&p.user_id, kind.as_str())

@@ -59,14 +59,17 @@ impl IdentityStore {
 
     /// The identifier (kind, value) a live proof is for, read before a
     /// guess is spent: the guess is charged to that identifier's budget.
+    /// A proof whose guesses are spent is not read: guesses at it cost
+    /// no budget.
     pub async fn proof_identifier(
         &self,
         id: &str,
         purpose: &str,
+        max: i64,
         now: i64,
     ) -> DbResult<Option<(String, String)>> {
-        stmt("SELECT kind, value FROM identifier_proofs WHERE id = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > $3")
-            .bind(id).bind(purpose).bind(now).fetch_optional(&self.db).await
+        stmt("SELECT kind, value FROM identifier_proofs WHERE id = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > $3 AND attempts < $4")
+            .bind(id).bind(purpose).bind(now).bind(max).fetch_optional(&self.db).await
     }
 
     /// Reserves one guess at a live proof before its code is compared (one
