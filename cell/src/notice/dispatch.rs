@@ -144,10 +144,12 @@ impl Notices {
                     .iter()
                     .any(|(c, ch)| *c == t.category && *ch == t.channel)
         };
-        // A reset code goes only where the user asked for it.
+        // A code goes only where it was asked for (super::ADDRESSED).
+        let addressed = super::ADDRESSED.contains(&e.topic.as_str());
         let asked = vars
             .get("channel")
             .and_then(Value::as_str)
+            .filter(|_| addressed)
             .map(String::from);
         let to = vars.get("to").and_then(Value::as_str).map(String::from);
         let (email, phone) = match asked.as_deref() {

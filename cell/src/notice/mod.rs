@@ -23,6 +23,16 @@ pub const CRITICAL: &[&str] = &["security", "money"];
 /// The topic of a code that proves an email or phone (a registration, a
 /// change): its registration's user does not exist yet.
 pub const IDENTIFIER_CODE: &str = "auth.identifier_code";
+/// The system's messages addressed to one email or phone named in the event
+/// (`channel`, `to`), not to the user's contacts: codes go only where they
+/// were asked for, and a changed identifier's notice to the old one. Any
+/// other event goes to the user's own contacts, whatever its payload says.
+pub const ADDRESSED: &[&str] = &[
+    "auth.password_reset",
+    "auth.sign_in_code",
+    IDENTIFIER_CODE,
+    "auth.identifier_changed",
+];
 
 /// The cell config's `[notice]` section.
 #[derive(Debug, Clone, serde::Deserialize)]

@@ -42,6 +42,15 @@ pub async fn broadcast(
     Json(req): Json<BroadcastRequest>,
 ) -> ApiResult<Response> {
     check_name("template_key", &req.template_key)?;
+    // The system's own messages (codes, security notices) are not the back
+    // office's to send: a broadcast of one would look like a real code.
+    if req.template_key.starts_with("auth.") {
+        return Err(CodedError::field(
+            "template_key",
+            "auth.* templates are sent by the system only",
+        )
+        .into());
+    }
     let templates = cell
         .notices
         .templates_for(&req.template_key)
