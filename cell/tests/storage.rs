@@ -1567,7 +1567,7 @@ async fn identifier_proofs(db: &Datastore) {
     let unsettled = of_chg().await;
     assert_eq!(unsettled.len(), 1);
     assert_eq!(unsettled[0].replaces.as_deref(), Some("email:chg@x.io"));
-    id.change_identifier("chg", "email", Some("chg@x.io"), "chg-newer@x.io")
+    id.change_identifier("chg", "email", Some("chg@x.io"), "chg-newer@x.io", NOW)
         .await
         .unwrap();
     assert!(of_chg().await.is_empty());
@@ -1584,6 +1584,12 @@ async fn identifier_proofs(db: &Datastore) {
             .unwrap()
             .is_none()
     );
+    let told = id
+        .outbox_pending("auth.identifier_changed", 10)
+        .await
+        .unwrap();
+    assert_eq!(told.len(), 1, "the old address hears of the change");
+    assert!(told[0].2.contains("chg@x.io"));
 
     // Taken over by the reconciliation: the request can no longer settle
     // it, and the reconciliation finishes it (once, idempotently).
@@ -1592,7 +1598,7 @@ async fn identifier_proofs(db: &Datastore) {
         .unwrap();
     assert!(id.begin_release("email:chg-3@x.io", "chg").await.unwrap());
     let late = id
-        .change_identifier("chg", "email", Some("chg-newer@x.io"), "chg-3@x.io")
+        .change_identifier("chg", "email", Some("chg-newer@x.io"), "chg-3@x.io", NOW)
         .await;
     assert!(matches!(late, Err(DbError::Conflict)), "{late:?}");
     id.finish_change("email:chg-3@x.io", "email:chg-newer@x.io", "chg")
@@ -1610,19 +1616,65 @@ async fn identifier_proofs(db: &Datastore) {
     );
     assert!(of_chg().await.is_empty());
 
-    // A removal records its release in the same transaction.
-    assert_eq!(id.sign_in_ways("chg").await.unwrap(), 1);
-    assert!(
-        id.remove_identifier("chg", "email", "chg-3@x.io", NOW)
+    // A change that no longer replaces what the user has is refused: the
+    // reconciliation gives its claim back.
+    let stale = id
+        .change_identifier("chg", "email", Some("chg@x.io"), "chg-4@x.io", NOW)
+        .await;
+    assert!(matches!(stale, Err(DbError::Conflict)), "{stale:?}");
+    assert_eq!(
+        id.identifier_of_kind("chg", "email")
             .await
             .unwrap()
+            .as_deref(),
+        Some("chg-3@x.io")
     );
-    assert!(
-        !id.remove_identifier("chg", "email", "chg-3@x.io", NOW)
+
+    // A removal records its release in the same transaction, and never
+    // takes the last way to sign in: the phone added here is the last.
+    let last = id
+        .remove_identifier("chg", "email", "chg-3@x.io", NOW)
+        .await;
+    assert!(matches!(last, Err(DbError::Conflict)), "{last:?}");
+    id.change_identifier("chg", "phone", None, "+8613800000123", NOW)
+        .await
+        .unwrap();
+    let both = join_all([
+        id.remove_identifier("chg", "email", "chg-3@x.io", NOW),
+        id.remove_identifier("chg", "phone", "+8613800000123", NOW),
+    ])
+    .await;
+    assert_eq!(
+        both.iter().filter(|r| matches!(r, Ok(true))).count(),
+        1,
+        "two removals at once took both ways to sign in: {both:?}"
+    );
+    assert_eq!(
+        both.iter()
+            .filter(|r| matches!(r, Err(DbError::Conflict)))
+            .count(),
+        1
+    );
+    let email_gone = id
+        .identifier_of_kind("chg", "email")
+        .await
+        .unwrap()
+        .is_none();
+    if !email_gone {
+        // The phone went: put the email removal back in its place for the
+        // checks below.
+        id.forget_claim("phone:+8613800000123", "chg")
             .await
-            .unwrap()
-    );
-    assert_eq!(id.sign_in_ways("chg").await.unwrap(), 0);
+            .unwrap();
+        id.change_identifier("chg", "phone", None, "+8613800000123", NOW)
+            .await
+            .unwrap();
+        assert!(
+            id.remove_identifier("chg", "email", "chg-3@x.io", NOW)
+                .await
+                .unwrap()
+        );
+    }
     let left = of_chg().await;
     assert_eq!(
         left.iter()
@@ -1631,6 +1683,25 @@ async fn identifier_proofs(db: &Datastore) {
         vec![("email:chg-3@x.io", "releasing")]
     );
     id.forget_claim("email:chg-3@x.io", "chg").await.unwrap();
+    // One change under way per user: a second live proof is refused.
+    let second = id
+        .create_proof(
+            &NewProof {
+                id: "cn-east~p9",
+                purpose: "change",
+                user_id: "chg",
+                kind: "email",
+                value: "x@x.io",
+                password_hash: None,
+                display_name: None,
+                code_hash: "h",
+                expires_at: NOW + 900_000,
+                now: NOW,
+            },
+            "{}",
+        )
+        .await;
+    assert!(second.is_ok(), "the earlier one is ended first: {second:?}");
 
     assert!(id.prune_identifier_proofs(NOW + 900_100).await.unwrap() >= 4);
     assert_eq!(id.prune_identifier_proofs(NOW + 900_100).await.unwrap(), 0);

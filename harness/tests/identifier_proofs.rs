@@ -31,6 +31,14 @@ async fn cluster(mail: &SmtpSink, sms: &TestSms) -> Result<Cluster> {
         .await
 }
 
+/// Until every router and cell has the directory's latest claims: a login
+/// through a router is routed by them.
+async fn settled(c: &Cluster) -> Result<()> {
+    c.wait_applied(c.revision()?, 3, Duration::from_secs(10))
+        .await?;
+    Ok(())
+}
+
 /// The verification code among `texts` not in `seen` (then in it).
 async fn new_code(texts: impl Fn() -> Vec<String>, seen: &mut Vec<String>) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -108,6 +116,7 @@ async fn a_registration_waits_for_its_code_and_a_stranger_blocks_no_one() -> Res
     let done = verify(&cn, &mine, &code).await?;
     ensure!(done.status == StatusCode::CREATED, "{:?}", done.body);
     ensure!(done.body["home_region"] == "eu-west", "{:?}", done.body);
+    settled(&c).await?;
     ensure!(cn.login(owner, PW).await?.status == StatusCode::OK);
     // Used once.
     let again = verify(&cn, &mine, &code).await?;
@@ -198,11 +207,18 @@ async fn a_pending_registration_expires_and_its_guesses_are_counted() -> Result<
 }
 
 /// Registers `who` (an email) with the code mailed to it; signs in.
-async fn register(api: &Api, mail: &SmtpSink, who: &str, seen: &mut Vec<String>) -> Result<Api> {
+async fn register(
+    c: &Cluster,
+    api: &Api,
+    mail: &SmtpSink,
+    who: &str,
+    seen: &mut Vec<String>,
+) -> Result<Api> {
     let pending = pending_id(&api.register(who, PW).await?)?;
     let code = new_code(|| mail_to(mail, who), seen).await?;
     let r = verify(api, &pending, &code).await?;
     ensure!(r.status == StatusCode::CREATED, "{:?}", r.body);
+    settled(c).await?;
     Ok(api.signed_in(who, PW).await?.0)
 }
 
@@ -217,9 +233,9 @@ async fn a_user_changes_their_email_and_removes_a_phone() -> Result<()> {
     // Sign-in checks from another client type: a login ends the same
     // client type's earlier session.
     let web = cn.as_client("web");
-    let ana = register(&cn, &mail, "ana@example.com", &mut seen).await?;
-    let bob = register(&cn, &mail, "bob@example.com", &mut seen).await?;
-    let cat = register(&eu, &mail, "cat@example.com", &mut seen).await?;
+    let ana = register(&c, &cn, &mail, "ana@example.com", &mut seen).await?;
+    let bob = register(&c, &cn, &mail, "bob@example.com", &mut seen).await?;
+    let cat = register(&c, &eu, &mail, "cat@example.com", &mut seen).await?;
 
     // The change: a code to the new address, then the swap.
     let r = ana
@@ -260,8 +276,17 @@ async fn a_user_changes_their_email_and_removes_a_phone() -> Result<()> {
     );
     ensure!(web.login("ana.new@example.com", PW).await?.status == StatusCode::OK);
     ensure!(web.login("ana@example.com", PW).await?.status == StatusCode::UNAUTHORIZED);
+    // The old address hears of it.
+    let told = Instant::now() + Duration::from_secs(20);
+    while !mail_to(&mail, "ana@example.com")
+        .iter()
+        .any(|m| m.contains("no longer the email of your account"))
+    {
+        ensure!(Instant::now() < told, "the old address was not told");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The old address is free: someone registers it, in the other region.
-    register(&eu, &mail, "ana@example.com", &mut seen).await?;
+    register(&c, &eu, &mail, "ana@example.com", &mut seen).await?;
     // The new one is ana's alone. Bob (at her cell) and cat (in the other
     // region) are told nothing about it when they ask, get a code, and the
     // control plane refuses the claim.
@@ -342,5 +367,166 @@ async fn a_user_changes_their_email_and_removes_a_phone() -> Result<()> {
     let code = new_code(texts, &mut seen).await?;
     let r = verify(&eu, &pending, &code).await?;
     ensure!(r.status == StatusCode::CREATED, "{:?}", r.body);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stale_session_cannot_change_or_remove_an_identifier() -> Result<()> {
+    let mail = SmtpSink::start().await?;
+    let sms = TestSms::start(SMS_SECRET, false).await?;
+    let c = cluster(&mail, &sms).await?;
+    c.cli_ok(&[
+        "config",
+        "set",
+        "auth.recent_sign_in",
+        "10s",
+        "--region",
+        "cn-east",
+    ])?;
+    c.wait_applied(c.revision()?, 3, Duration::from_secs(10))
+        .await?;
+    let cn = Api::new(&c.router_url(0), "cn-east");
+    let mut seen = Vec::new();
+    let dee = register(&c, &cn, &mail, "dee@example.com", &mut seen).await?;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    // A token whose sign-in is older (a stolen one, say) does neither.
+    let r = dee
+        .post(
+            "/v1/users/me/identifiers",
+            json!({"identifier": "thief@example.com"}),
+        )
+        .await?;
+    ensure!(
+        (r.status, r.code()) == (StatusCode::FORBIDDEN, "recent_sign_in_required"),
+        "a stale session repointed the account: {:?}",
+        r.body
+    );
+    let r = dee
+        .call(Method::DELETE, "/v1/users/me/identifiers/email", None, &[])
+        .await?;
+    ensure!(
+        (r.status, r.code()) == (StatusCode::FORBIDDEN, "recent_sign_in_required"),
+        "{:?}",
+        r.body
+    );
+    ensure!(
+        mail_to(&mail, "thief@example.com").is_empty(),
+        "a code went out"
+    );
+    // Signed in again, it may.
+    let (fresh, _) = cn.signed_in("dee@example.com", PW).await?;
+    let r = fresh
+        .post(
+            "/v1/users/me/identifiers",
+            json!({"identifier": "dee.new@example.com"}),
+        )
+        .await?;
+    ensure!(r.status == StatusCode::ACCEPTED, "{:?}", r.body);
+    Ok(())
+}
+
+/// The cell dies between the control plane's swap and its own update
+/// (kill -9 at the failpoint): the directory holds the new address, the
+/// cell the old. The reconciliation swaps back: the user keeps the old
+/// address, and the new one is free for anyone.
+#[tokio::test]
+async fn a_change_cut_short_by_a_crash_is_swapped_back() -> Result<()> {
+    let mail = SmtpSink::start().await?;
+    let mut c = standard()
+        .prove_identifiers()
+        .cell_config(&format!(
+            "unsettled_claims_release_after_secs = 10\n{}",
+            mail.cell_config()
+        ))
+        .start()
+        .await?;
+    let cn = Api::new(&c.router_url(0), "cn-east");
+    let web = cn.as_client("web");
+    let mut seen = Vec::new();
+    let eve = register(&c, &cn, &mail, "eve@example.com", &mut seen).await?;
+    let r = eve
+        .post(
+            "/v1/users/me/identifiers",
+            json!({"identifier": "eve.new@example.com"}),
+        )
+        .await?;
+    ensure!(r.status == StatusCode::ACCEPTED, "{:?}", r.body);
+    let vid = r.body["verification_id"]
+        .as_str()
+        .context("id")?
+        .to_string();
+    let code = new_code(|| mail_to(&mail, "eve.new@example.com"), &mut seen).await?;
+
+    let restart = |c: &mut Cluster, failpoint: Option<&str>| {
+        let node = c.cell_mut("cn-east").expect("cn-east");
+        if let Some(mut p) = node.process.take() {
+            p.kill();
+        }
+        node.env = failpoint
+            .map(|f| vec![("HOMECELL_FAILPOINTS".to_string(), f.to_string())])
+            .unwrap_or_default();
+    };
+    restart(&mut c, Some("identity.change.after_swap"));
+    c.start_cell("cn-east").await?;
+    c.wait_ready(Duration::from_secs(20)).await?;
+    let r = eve
+        .post(
+            "/v1/users/me/identifiers/verify",
+            json!({"verification_id": vid, "code": code}),
+        )
+        .await;
+    ensure!(
+        r.as_ref().map_or(true, |r| r.status.is_server_error()),
+        "the cell answered: {:?}",
+        r.map(|r| r.body)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c
+        .cell_mut("cn-east")
+        .and_then(|n| n.process.as_mut())
+        .is_some_and(|p| p.is_running())
+    {
+        ensure!(Instant::now() < deadline, "the failpoint was not reached");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    restart(&mut c, None);
+    c.start_cell("cn-east").await?;
+    c.wait_ready(Duration::from_secs(20)).await?;
+
+    // After the settling time and a reconciliation pass, another user
+    // registers the new address (each try spends one of the address's
+    // five codes an hour, so few tries).
+    tokio::time::sleep(Duration::from_secs(22)).await;
+    let eu = Api::new(&c.router_url(0), "eu-west");
+    let mut freed = false;
+    for _ in 0..3 {
+        let pending = pending_id(&eu.register("eve.new@example.com", PW).await?)?;
+        let code = new_code(|| mail_to(&mail, "eve.new@example.com"), &mut seen).await?;
+        let r = verify(&eu, &pending, &code).await?;
+        if r.status == StatusCode::CREATED {
+            freed = true;
+            break;
+        }
+        ensure!(r.status == StatusCode::CONFLICT, "{:?}", r.body);
+        tokio::time::sleep(Duration::from_secs(8)).await;
+    }
+    ensure!(
+        freed,
+        "the swap was never undone: the new address stays held"
+    );
+    settled(&c).await?;
+    ensure!(
+        web.login("eve@example.com", PW).await?.status == StatusCode::OK,
+        "eve lost her address"
+    );
+    // And the directory holds it for her again: no one else takes it.
+    let pending = pending_id(&eu.register("eve@example.com", PW).await?)?;
+    let code = new_code(|| mail_to(&mail, "eve@example.com"), &mut seen).await?;
+    let r = verify(&eu, &pending, &code).await?;
+    ensure!(
+        (r.status, r.code()) == (StatusCode::CONFLICT, "already_exists"),
+        "eve's old address was left unheld: {:?}",
+        r.body
+    );
     Ok(())
 }

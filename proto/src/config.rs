@@ -62,6 +62,7 @@ pub const KNOWN_KEYS: &[(&str, ConfigType)] = &[
     ("auth.otp.ttl", ConfigType::Duration),
     ("auth.register.proof", ConfigType::Bool),
     ("auth.register.pending_ttl", ConfigType::Duration),
+    ("auth.recent_sign_in", ConfigType::Duration),
     ("notice.stream.max_per_user", ConfigType::Int),
     ("router.draining.retry_after", ConfigType::Duration),
     ("router.rate_limit.per_ip", ConfigType::Int),

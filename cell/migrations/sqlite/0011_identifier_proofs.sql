@@ -20,6 +20,9 @@ CREATE TABLE identifier_proofs (
     used_at       BIGINT
 );
 CREATE INDEX identifier_proofs_by_user ON identifier_proofs (user_id);
+-- One change under way per user, even when two requests race.
+CREATE UNIQUE INDEX identifier_proofs_live_change ON identifier_proofs (user_id)
+    WHERE purpose = 'change' AND used_at IS NULL;
 -- The upkeep deletes proofs past their expiry, used or not.
 CREATE INDEX identifier_proofs_by_expiry ON identifier_proofs (expires_at);
 
@@ -33,4 +36,8 @@ INSERT INTO notice_templates (key, channel, locale, category, subject, body, upd
     ('auth.identifier_code', 'email', 'en', 'security', 'Your verification code', 'Your verification code is {{code}}. It expires in {{minutes}} minutes. If you did not ask for it, ignore this message: nothing is registered without it.', 0, 'system'),
     ('auth.identifier_code', 'email', 'zh-CN', 'security', '验证码', '您的验证码是 {{code}}，{{minutes}} 分钟内有效。如非本人操作，请忽略，未经验证不会登记此地址。', 0, 'system'),
     ('auth.identifier_code', 'sms', 'en', 'security', '', 'Your verification code is {{code}} (valid {{minutes}} minutes).', 0, 'system'),
-    ('auth.identifier_code', 'sms', 'zh-CN', 'security', '', '您的验证码：{{code}}，{{minutes}} 分钟内有效。', 0, 'system');
+    ('auth.identifier_code', 'sms', 'zh-CN', 'security', '', '您的验证码：{{code}}，{{minutes}} 分钟内有效。', 0, 'system'),
+    ('auth.identifier_changed', 'email', 'en', 'security', 'Your email address was changed', 'This address is no longer the email of your account. If you did not change it, contact support now.', 0, 'system'),
+    ('auth.identifier_changed', 'email', 'zh-CN', 'security', '您的邮箱已更换', '此邮箱已不再是您账号的邮箱。如非本人操作，请立即联系客服。', 0, 'system'),
+    ('auth.identifier_changed', 'sms', 'en', 'security', '', 'This number is no longer the phone of your account. If you did not change it, contact support now.', 0, 'system'),
+    ('auth.identifier_changed', 'sms', 'zh-CN', 'security', '', '此号码已不再是您账号的手机号。如非本人操作，请立即联系客服。', 0, 'system');

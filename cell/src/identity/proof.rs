@@ -27,7 +27,8 @@ use std::net::IpAddr;
 pub const PENDING_TTL_MS: i64 = 15 * 60 * 1000;
 /// Guesses at one proof's code.
 pub const PROOF_MAX_ATTEMPTS: i64 = 5;
-/// How fresh a session must be to remove an identifier.
+/// How fresh a session must be to add, change or remove an email or
+/// phone, unless `auth.recent_sign_in` says otherwise (10 s to 1 h).
 pub const RECENT_SIGN_IN_MS: i64 = 10 * 60 * 1000;
 
 fn wrong_code() -> CodedError {
@@ -161,6 +162,28 @@ impl Identity {
         Ok(proof)
     }
 
+    /// A proof is used up before its claim is made (two verifications of
+    /// one code cannot both act), so when the claim fails for a while (the
+    /// control plane unreachable: "retry shortly") the proof is given back
+    /// for that retry. The retry is the same claim for the same user, so
+    /// one that in fact committed is harmless.
+    async fn give_back_if_retryable(
+        &self,
+        proof_id: &str,
+        outcome: Result<(), CodedError>,
+    ) -> Result<(), CodedError> {
+        match outcome {
+            Err(e) if e.code == ErrorCode::NotReady => {
+                // A newer change proof may have replaced it meanwhile.
+                if let Err(re) = self.store.restore_proof(proof_id).await {
+                    tracing::warn!(error = %re, "cannot give a proof back for a retry");
+                }
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
     /// Finishes a pending registration with its code: the identifier is
     /// claimed and the user created as `register` would have. Returns the
     /// user's id.
@@ -180,8 +203,10 @@ impl Identity {
             .password_hash
             .as_deref()
             .ok_or_else(|| CodedError::internal("a registration proof without a password"))?;
-        self.create_registered(&id, &proof.user_id, hash, proof.display_name.as_deref())
-            .await?;
+        let created = self
+            .create_registered(&id, &proof.user_id, hash, proof.display_name.as_deref())
+            .await;
+        self.give_back_if_retryable(&proof.id, created).await?;
         Ok(proof.user_id)
     }
 
@@ -191,18 +216,21 @@ impl Identity {
     /// one) does not repoint or strip the account's ways to sign in.
     async fn require_recent_sign_in(&self, p: &Principal) -> Result<(), CodedError> {
         let now = now_ms();
+        let recent = self
+            .config_ms("auth.recent_sign_in", RECENT_SIGN_IN_MS)
+            .clamp(10_000, 3600 * 1000);
         let fresh = self
             .store
             .sessions_of(&p.user_id, now)
             .await?
             .iter()
-            .any(|s| s.id == p.sid && s.created_at > now - RECENT_SIGN_IN_MS);
+            .any(|s| s.id == p.sid && s.created_at > now - recent);
         if fresh {
             return Ok(());
         }
         Err(CodedError::new(
             ErrorCode::RecentSignInRequired,
-            "sign in again (within the last 10 minutes) to change your email or phone",
+            "sign in again to change your email or phone (a sign-in in the last 10 minutes, by default)",
         ))
     }
 
@@ -271,13 +299,21 @@ impl Identity {
             .identifier_of_kind(&p.user_id, id.kind.as_str())
             .await?;
         let replaces = old.as_ref().map(|v| format!("{}:{v}", id.kind.as_str()));
-        self.claim_replacing(&id.qualified(), replaces.as_deref(), &p.user_id)
+        let swapped = self
+            .claim_replacing(&id.qualified(), replaces.as_deref(), &p.user_id)
             .await
-            .map_err(|(e, _)| e)?;
+            .map_err(|(e, _)| e);
+        self.give_back_if_retryable(&proof.id, swapped).await?;
         crate::failpoint::hit("identity.change.after_swap");
         match self
             .store
-            .change_identifier(&p.user_id, id.kind.as_str(), old.as_deref(), &id.value)
+            .change_identifier(
+                &p.user_id,
+                id.kind.as_str(),
+                old.as_deref(),
+                &id.value,
+                now_ms(),
+            )
             .await
         {
             Ok(()) => {}
@@ -308,18 +344,20 @@ impl Identity {
                 kind.as_str()
             )));
         };
-        if self.store.sign_in_ways(&p.user_id).await? < 2 {
-            return Err(CodedError::new(
-                ErrorCode::FailedPrecondition,
-                "this is the account's only way to sign in: add another first",
-            ));
-        }
-        if !self
+        match self
             .store
             .remove_identifier(&p.user_id, kind.as_str(), &value, now)
-            .await?
+            .await
         {
-            return Err(CodedError::not_found("removed meanwhile"));
+            Ok(true) => {}
+            Ok(false) => return Err(CodedError::not_found("removed meanwhile")),
+            Err(crate::db::DbError::Conflict) => {
+                return Err(CodedError::new(
+                    ErrorCode::FailedPrecondition,
+                    "this is the account's only way to sign in: add another first",
+                ));
+            }
+            Err(e) => return Err(e.into()),
         }
         let qualified = format!("{}:{value}", kind.as_str());
         if let Err(e) = self.release(&qualified, &p.user_id).await {

@@ -4,7 +4,7 @@
 //! expiring; a registration's row also holds what creates the user.
 
 use super::IdentityStore;
-use crate::db::{DbResult, Tx, stmt};
+use crate::db::{DbError, DbResult, Tx, stmt};
 
 /// A proof about to be sent.
 pub struct NewProof<'a> {
@@ -119,6 +119,16 @@ impl IdentityStore {
         Ok(used)
     }
 
+    /// Makes a used proof usable again (its claim could not be made yet;
+    /// identity/proof.rs says why that is safe). Its guesses stay spent.
+    pub async fn restore_proof(&self, id: &str) -> DbResult<()> {
+        stmt("UPDATE identifier_proofs SET used_at = NULL WHERE id = $1")
+            .bind(id)
+            .execute(&self.db)
+            .await?;
+        Ok(())
+    }
+
     /// Deletes the proofs past their expiry, used or not: nothing reads
     /// them again, and a registration's password hash goes with them.
     /// Returns how many.
@@ -142,28 +152,43 @@ impl IdentityStore {
         Ok(row.map(|r| r.0))
     }
 
-    /// How many ways the user has to sign in: identifiers and WeChat
-    /// bindings.
-    pub async fn sign_in_ways(&self, user_id: &str) -> DbResult<i64> {
-        stmt("SELECT (SELECT COUNT(*) FROM identifiers WHERE user_id = $1) + (SELECT COUNT(*) FROM wechat_bindings WHERE user_id = $1)")
-            .bind(user_id)
-            .scalar(&self.db)
-            .await
-    }
-
     /// A proven change, after the control plane swapped the claims:
     /// settles the new claim's record (refused when the reconciliation
-    /// has taken it over) and replaces the old identifier of its kind.
+    /// has taken it over), replaces the old identifier of its kind, and
+    /// tells the old one.
     pub async fn change_identifier(
         &self,
         user_id: &str,
         kind: &str,
         old: Option<&str>,
         new: &str,
+        now: i64,
     ) -> DbResult<()> {
         let mut tx = self.db.begin().await?;
+        lock_user(&mut tx, user_id).await?;
         crate::identity::claims::settle_claim(&mut tx, &format!("{kind}:{new}"), user_id).await?;
+        // What the swap replaced must still be what the user has: a change
+        // made meanwhile (another proof) refuses this one, and the
+        // reconciliation gives its claim back.
+        let now_held: Option<String> = stmt(
+            "SELECT value FROM identifiers WHERE user_id = $1 AND kind = $2 ORDER BY value LIMIT 1",
+        )
+        .bind(user_id)
+        .bind(kind)
+        .scalar_optional(&mut tx)
+        .await?;
+        if now_held.as_deref() != old {
+            return Err(DbError::Conflict);
+        }
         replace_identifier(&mut tx, user_id, kind, old, new).await?;
+        if let Some(old) = old {
+            // The old address hears of it: if the change was not its
+            // owner's doing, they learn while they can still act.
+            let notice = serde_json::json!({ "channel": kind, "to": old, "kind": kind });
+            stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'auth.identifier_changed', $2, $3, $4)")
+                .bind(uuid::Uuid::now_v7().to_string()).bind(user_id).bind(notice.to_string()).bind(now)
+                .execute(&mut tx).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -171,6 +196,10 @@ impl IdentityStore {
     /// Removes an identifier and records its claim for release, in one
     /// transaction: the release that follows, or the reconciliation if
     /// that fails, gives it back to the directory.
+    ///
+    /// Refused (`Conflict`) when it is the user's last way to sign in,
+    /// counted under the user's row lock: two removals at once cannot
+    /// both pass.
     pub async fn remove_identifier(
         &self,
         user_id: &str,
@@ -179,6 +208,14 @@ impl IdentityStore {
         now: i64,
     ) -> DbResult<bool> {
         let mut tx = self.db.begin().await?;
+        lock_user(&mut tx, user_id).await?;
+        let ways: i64 = stmt("SELECT (SELECT COUNT(*) FROM identifiers WHERE user_id = $1) + (SELECT COUNT(*) FROM wechat_bindings WHERE user_id = $1)")
+            .bind(user_id)
+            .scalar(&mut tx)
+            .await?;
+        if ways < 2 {
+            return Err(DbError::Conflict);
+        }
         let n = stmt("DELETE FROM identifiers WHERE user_id = $1 AND kind = $2 AND value = $3")
             .bind(user_id)
             .bind(kind)
@@ -193,6 +230,18 @@ impl IdentityStore {
         tx.commit().await?;
         Ok(n == 1)
     }
+}
+
+/// Takes the user's row lock for the rest of the transaction (PostgreSQL
+/// readers of the row are not blocked; SQLite has one writer anyway), so
+/// that checks of the user's identifiers and the writes after them are
+/// not interleaved with another request's.
+async fn lock_user(tx: &mut Tx, user_id: &str) -> DbResult<()> {
+    stmt("UPDATE users SET version = version WHERE id = $1")
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }
 
 /// The old identifier of `kind` (if any) gives way to the new one.
