@@ -12,7 +12,7 @@ mod process;
 pub mod provider;
 pub mod relay;
 pub mod smtp;
-mod wait;
+pub mod wait;
 
 pub use cluster::{
     CellInstance, CellNode, CliOutput, Cluster, ControlPlaneNode, Ports, RouterNode, Standard,

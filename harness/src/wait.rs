@@ -125,3 +125,31 @@ pub(crate) async fn wait_up(http: &reqwest::Client, url: &str, proc: &mut Proces
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The 6-digit code after `phrase` ("sign-in code is ") in one of the
+/// messages `texts` gives (mail or SMS) that is not in `seen` (then in it):
+/// a maildir lists its messages in no order, so the newest code is the one
+/// not seen before. Waits at most 20 s.
+pub async fn new_code(
+    texts: impl Fn() -> Vec<String>,
+    phrase: &str,
+    seen: &mut Vec<String>,
+) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let fresh = texts().iter().find_map(|t| {
+            let at = t.find(phrase)? + phrase.len();
+            t.get(at..at + 6)
+                .map(str::to_string)
+                .filter(|c| !seen.contains(c))
+        });
+        if let Some(code) = fresh {
+            seen.push(code.clone());
+            return Ok(code);
+        }
+        if Instant::now() >= deadline {
+            bail!("no new code after {phrase:?} arrived");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -31,6 +31,29 @@ async fn cluster(mail: &SmtpSink, sms: &TestSms) -> Result<Cluster> {
         .await
 }
 
+/// Asks for a change of `api`'s account to `identifier`: its verification id.
+async fn ask_change(api: &Api, identifier: &str) -> Result<String> {
+    let r = api
+        .post(
+            "/v1/users/me/identifiers",
+            json!({ "identifier": identifier }),
+        )
+        .await?;
+    ensure!(r.status == StatusCode::ACCEPTED, "{:?}", r.body);
+    Ok(r.body["verification_id"]
+        .as_str()
+        .context("no verification_id")?
+        .to_string())
+}
+
+async fn confirm_change(api: &Api, verification_id: &str, code: &str) -> Result<Reply> {
+    api.post(
+        "/v1/users/me/identifiers/verify",
+        json!({ "verification_id": verification_id, "code": code }),
+    )
+    .await
+}
+
 /// Until every router and cell has the directory's latest claims: a login
 /// through a router is routed by them.
 async fn settled(c: &Cluster) -> Result<()> {
@@ -39,23 +62,9 @@ async fn settled(c: &Cluster) -> Result<()> {
     Ok(())
 }
 
-/// The verification code among `texts` not in `seen` (then in it).
+/// The newest verification code among `texts`.
 async fn new_code(texts: impl Fn() -> Vec<String>, seen: &mut Vec<String>) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let fresh = texts().iter().find_map(|t| {
-            let at = t.find("verification code is ")? + "verification code is ".len();
-            t.get(at..at + 6)
-                .map(str::to_string)
-                .filter(|c| !seen.contains(c))
-        });
-        if let Some(code) = fresh {
-            seen.push(code.clone());
-            return Ok(code);
-        }
-        ensure!(Instant::now() < deadline, "no new code arrived");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    homecell_harness::wait::new_code(texts, "verification code is ", seen).await
 }
 
 fn mail_to(mail: &SmtpSink, to: &str) -> Vec<String> {
@@ -238,36 +247,16 @@ async fn a_user_changes_their_email_and_removes_a_phone() -> Result<()> {
     let cat = register(&c, &eu, &mail, "cat@example.com", &mut seen).await?;
 
     // The change: a code to the new address, then the swap.
-    let r = ana
-        .post(
-            "/v1/users/me/identifiers",
-            json!({"identifier": "ana.new@example.com"}),
-        )
-        .await?;
-    ensure!(r.status == StatusCode::ACCEPTED, "{:?}", r.body);
-    let vid = r.body["verification_id"]
-        .as_str()
-        .context("id")?
-        .to_string();
+    let vid = ask_change(&ana, "ana.new@example.com").await?;
     let code = new_code(|| mail_to(&mail, "ana.new@example.com"), &mut seen).await?;
     // Not bob's to use.
-    let r = bob
-        .post(
-            "/v1/users/me/identifiers/verify",
-            json!({"verification_id": vid, "code": code}),
-        )
-        .await?;
+    let r = confirm_change(&bob, &vid, &code).await?;
     ensure!(
         r.status == StatusCode::UNAUTHORIZED,
         "another user's change: {:?}",
         r.body
     );
-    let r = ana
-        .post(
-            "/v1/users/me/identifiers/verify",
-            json!({"verification_id": vid, "code": code}),
-        )
-        .await?;
+    let r = confirm_change(&ana, &vid, &code).await?;
     ensure!(r.status == StatusCode::OK, "{:?}", r.body);
     ensure!(
         r.body["identifier"] == "email:ana.new@example.com",
@@ -291,24 +280,9 @@ async fn a_user_changes_their_email_and_removes_a_phone() -> Result<()> {
     // region) are told nothing about it when they ask, get a code, and the
     // control plane refuses the claim.
     for other in [&bob, &cat] {
-        let r = other
-            .post(
-                "/v1/users/me/identifiers",
-                json!({"identifier": "ana.new@example.com"}),
-            )
-            .await?;
-        ensure!(r.status == StatusCode::ACCEPTED, "{:?}", r.body);
-        let vid = r.body["verification_id"]
-            .as_str()
-            .context("id")?
-            .to_string();
+        let vid = ask_change(other, "ana.new@example.com").await?;
         let code = new_code(|| mail_to(&mail, "ana.new@example.com"), &mut seen).await?;
-        let taken = other
-            .post(
-                "/v1/users/me/identifiers/verify",
-                json!({"verification_id": vid, "code": code}),
-            )
-            .await?;
+        let taken = confirm_change(other, &vid, &code).await?;
         ensure!(
             (taken.status, taken.code()) == (StatusCode::CONFLICT, "already_exists"),
             "held by two users: {:?}",
@@ -322,17 +296,7 @@ async fn a_user_changes_their_email_and_removes_a_phone() -> Result<()> {
 
     // A phone added, then removed with a fresh sign-in; the last way to
     // sign in stays.
-    let r = ana
-        .post(
-            "/v1/users/me/identifiers",
-            json!({"identifier": "+8613800000077"}),
-        )
-        .await?;
-    ensure!(r.status == StatusCode::ACCEPTED, "{:?}", r.body);
-    let vid = r.body["verification_id"]
-        .as_str()
-        .context("id")?
-        .to_string();
+    let vid = ask_change(&ana, "+8613800000077").await?;
     let texts = || {
         sms.received()
             .into_iter()
@@ -341,12 +305,7 @@ async fn a_user_changes_their_email_and_removes_a_phone() -> Result<()> {
             .collect::<Vec<_>>()
     };
     let code = new_code(texts, &mut seen).await?;
-    let r = ana
-        .post(
-            "/v1/users/me/identifiers/verify",
-            json!({"verification_id": vid, "code": code}),
-        )
-        .await?;
+    let r = confirm_change(&ana, &vid, &code).await?;
     ensure!(r.status == StatusCode::OK, "{:?}", r.body);
     ensure!(web.login("+8613800000077", PW).await?.status == StatusCode::OK);
     let r = ana
@@ -444,17 +403,7 @@ async fn a_change_cut_short_by_a_crash_is_swapped_back() -> Result<()> {
     let web = cn.as_client("web");
     let mut seen = Vec::new();
     let eve = register(&c, &cn, &mail, "eve@example.com", &mut seen).await?;
-    let r = eve
-        .post(
-            "/v1/users/me/identifiers",
-            json!({"identifier": "eve.new@example.com"}),
-        )
-        .await?;
-    ensure!(r.status == StatusCode::ACCEPTED, "{:?}", r.body);
-    let vid = r.body["verification_id"]
-        .as_str()
-        .context("id")?
-        .to_string();
+    let vid = ask_change(&eve, "eve.new@example.com").await?;
     let code = new_code(|| mail_to(&mail, "eve.new@example.com"), &mut seen).await?;
 
     let restart = |c: &mut Cluster, failpoint: Option<&str>| {

@@ -11,7 +11,7 @@ use homecell_harness::smtp::SmtpSink;
 use homecell_harness::{Cluster, standard};
 use reqwest::StatusCode;
 use serde_json::json;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PW: &str = "correct horse battery";
 const SMS_SECRET: &str = "sms-provider-secret-0123456789";
@@ -29,24 +29,9 @@ async fn verify(api: &Api, identifier: &str, code: &str) -> Result<Reply> {
     .await
 }
 
-/// The sign-in code among `texts` not in `seen` (then in it): a maildir
-/// lists its messages in no order.
+/// The newest sign-in code among `texts`.
 async fn new_code(texts: impl Fn() -> Vec<String>, seen: &mut Vec<String>) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let fresh = texts().iter().find_map(|t| {
-            let at = t.find("sign-in code is ")? + "sign-in code is ".len();
-            t.get(at..at + 6)
-                .map(str::to_string)
-                .filter(|c| !seen.contains(c))
-        });
-        if let Some(code) = fresh {
-            seen.push(code.clone());
-            return Ok(code);
-        }
-        ensure!(Instant::now() < deadline, "no new code arrived");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    homecell_harness::wait::new_code(texts, "sign-in code is ", seen).await
 }
 
 async fn set(c: &Cluster, key: &str, value: &str) -> Result<()> {
