@@ -74,15 +74,7 @@ impl Identity {
         let code = six_digits();
         let code_id = uuid::Uuid::now_v7().to_string();
         let ttl = self.sign_in_code_ttl_ms();
-        let payload = serde_json::json!({
-            "user_id": user_id,
-            "channel": id.kind.as_str(),
-            "to": id.value,
-            "code": code,
-            "expires_at": now + ttl,
-            // For the message: "valid {{minutes}} minutes".
-            "minutes": (ttl + 59_999) / 60_000,
-        });
+        let payload = code_message(&user_id, &id, &code, now, ttl);
         let created = self
             .store
             .create_sign_in_code(

@@ -89,14 +89,7 @@ impl Identity {
         let ttl = self.pending_ttl_ms();
         let code = six_digits();
         let proof_id = format!("{}~{}", self.region, uuid::Uuid::now_v7());
-        let payload = serde_json::json!({
-            "user_id": user_id,
-            "channel": id.kind.as_str(),
-            "to": id.value,
-            "code": code,
-            "expires_at": now + ttl,
-            "minutes": (ttl + 59_999) / 60_000,
-        });
+        let payload = code_message(user_id, id, &code, now, ttl);
         self.store
             .create_proof(
                 &NewProof {

@@ -88,6 +88,27 @@ pub(super) fn random_token(bytes: usize) -> String {
 
 /// Compares without an early exit, so timing does not reveal a prefix.
 /// A one-time code: 6 random digits.
+/// What the outbox carries for a one-time code good for `ttl_ms` from
+/// `now`: the address it goes to (`channel`, `to`: nowhere else) and the
+/// message's variables.
+pub(super) fn code_message(
+    user_id: &str,
+    to: &Identifier,
+    code: &str,
+    now: i64,
+    ttl_ms: i64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "user_id": user_id,
+        "channel": to.kind.as_str(),
+        "to": to.value,
+        "code": code,
+        "expires_at": now + ttl_ms,
+        // For the message: "valid {{minutes}} minutes".
+        "minutes": (ttl_ms + 59_999) / 60_000,
+    })
+}
+
 pub(super) fn six_digits() -> String {
     let mut b = [0u8; 4];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("randomness");

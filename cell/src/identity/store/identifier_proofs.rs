@@ -101,22 +101,11 @@ impl IdentityStore {
     /// Uses a proof up, giving back the guess the right code spent from
     /// `budget_key`. False when it was used meanwhile (single use).
     pub async fn use_proof(&self, id: &str, budget_key: &str, now: i64) -> DbResult<bool> {
-        let mut tx = self.db.begin().await?;
-        let used =
+        let mark =
             stmt("UPDATE identifier_proofs SET used_at = $1 WHERE id = $2 AND used_at IS NULL")
                 .bind(now)
-                .bind(id)
-                .execute(&mut tx)
-                .await?
-                == 1;
-        if used {
-            stmt("UPDATE reset_budgets SET guesses = guesses - 1 WHERE key = $1 AND guesses > 0")
-                .bind(budget_key)
-                .execute(&mut tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(used)
+                .bind(id);
+        self.use_once(mark, budget_key).await
     }
 
     /// Makes a used proof usable again (its claim could not be made yet;

@@ -53,6 +53,22 @@ impl IdentityStore {
             .await
     }
 
+    /// Uses a one-time code up (`mark` sets its `used_at` if still
+    /// unset) and gives back to `budget_key` the guess the right code
+    /// spent, in one transaction. False when it was used meanwhile.
+    pub(super) async fn use_once(&self, mark: crate::db::Stmt, budget_key: &str) -> DbResult<bool> {
+        let mut tx = self.db.begin().await?;
+        let used = mark.execute(&mut tx).await? == 1;
+        if used {
+            stmt("UPDATE reset_budgets SET guesses = guesses - 1 WHERE key = $1 AND guesses > 0")
+                .bind(budget_key)
+                .execute(&mut tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(used)
+    }
+
     /// Counts one code issued against `key`'s budget (`limits`), unless the
     /// hour's codes or the day's wrong guesses are spent: then the time
     /// until the budget that refused opens again, in ms.

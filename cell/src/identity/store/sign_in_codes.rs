@@ -61,21 +61,11 @@ impl IdentityStore {
     /// Uses a code up, giving back the guess the right one spent. False
     /// when it was used meanwhile (single use).
     pub async fn use_sign_in_code(&self, id: &str, user_id: &str, now: i64) -> DbResult<bool> {
-        let mut tx = self.db.begin().await?;
-        let used = stmt("UPDATE sign_in_codes SET used_at = $1 WHERE id = $2 AND used_at IS NULL")
+        let mark = stmt("UPDATE sign_in_codes SET used_at = $1 WHERE id = $2 AND used_at IS NULL")
             .bind(now)
-            .bind(id)
-            .execute(&mut tx)
-            .await?
-            == 1;
-        if used {
-            stmt("UPDATE reset_budgets SET guesses = guesses - 1 WHERE key = $1 AND guesses > 0")
-                .bind(reset_budget_key_of_user(user_id))
-                .execute(&mut tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(used)
+            .bind(id);
+        self.use_once(mark, &reset_budget_key_of_user(user_id))
+            .await
     }
 
     /// Deletes the codes past their expiry, used or not: nothing reads
