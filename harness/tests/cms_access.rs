@@ -429,3 +429,66 @@ async fn an_admin_deletes_a_user_and_the_identifier_is_free_again() -> Result<()
     assert_eq!(admin.get("/v1/cms/roles").await?.status, 200, "still in");
     Ok(())
 }
+
+/// The system's messages (auth.*: codes, security notices) are an admin's
+/// to edit, and stay security messages: a back-office writer could
+/// otherwise rewrite a code's message to ask for the code, or let users
+/// opt out of codes.
+#[tokio::test]
+async fn only_an_admin_edits_the_systems_messages() -> Result<()> {
+    let c = standard().start().await?;
+    let api = Api::new(&c.router_url(0), "cn-east");
+    let (admin, _) = admin_session(&c, &api).await?;
+    let (writer, me) = api
+        .as_client("cms")
+        .signed_in("writer@example.com", PW)
+        .await?;
+    let writer_id = me["user_id"].as_str().context("user_id")?.to_string();
+    let r = admin
+        .post(
+            "/v1/cms/roles",
+            json!({"name": "copywriter", "permissions": ["templates:write"]}),
+        )
+        .await?;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let grant = admin
+        .call(
+            Method::PUT,
+            &format!("/v1/cms/users/{writer_id}/roles/copywriter"),
+            None,
+            &[],
+        )
+        .await?;
+    assert_eq!(grant.status, 204, "{:?}", grant.body);
+    let put = |who: &Api, key: &str, category: &str| {
+        let who = who.clone();
+        let path = format!("/v1/cms/templates/{key}/email/en");
+        let body =
+            json!({"category": category, "subject": "Your code", "body": "Reply with {{code}}"});
+        async move { who.call(Method::PUT, &path, Some(body), &[]).await }
+    };
+    let r = put(&writer, "auth.password_reset", "security").await?;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (403, "permission_denied"),
+        "a writer rewrote a code's message: {:?}",
+        r.body
+    );
+    let r = writer
+        .call(
+            Method::DELETE,
+            "/v1/cms/templates/auth.sign_in_code/email/en",
+            None,
+            &[],
+        )
+        .await?;
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    assert_eq!(put(&writer, "promo.spring", "marketing").await?.status, 204);
+    let r = put(&admin, "auth.password_reset", "marketing").await?;
+    assert_eq!((r.status.as_u16(), r.code()), (400, "invalid_argument"));
+    assert_eq!(
+        put(&admin, "auth.password_reset", "security").await?.status,
+        204
+    );
+    Ok(())
+}

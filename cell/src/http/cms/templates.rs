@@ -10,7 +10,7 @@ use crate::notice::template;
 use crate::state::Cell;
 use axum::extract::State;
 use axum::http::StatusCode;
-use homecell_proto::error::CodedError;
+use homecell_proto::error::{CodedError, ErrorCode};
 use schemars::JsonSchema;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -37,6 +37,19 @@ pub struct TemplateBody {
     pub body: String,
 }
 
+/// The system's own messages (`auth.*`: one-time codes, security
+/// notices) are an admin's to edit: a rewritten one could ask its reader
+/// to pass the code on.
+async fn system_template(cell: &Cell, user_id: &str, key: &str) -> Result<(), CodedError> {
+    if key.starts_with("auth.") && !cell.identity.is_admin(user_id).await? {
+        return Err(CodedError::new(
+            ErrorCode::PermissionDenied,
+            "auth.* templates are an admin's to edit",
+        ));
+    }
+    Ok(())
+}
+
 pub async fn put_template(
     State(cell): State<Arc<Cell>>,
     Authorized(p): Authorized,
@@ -47,6 +60,11 @@ pub async fn put_template(
     check_channel("channel", &channel)?;
     check_locale(&locale)?;
     check_name("category", &req.category)?;
+    system_template(&cell, &p.user_id, &key).await?;
+    if key.starts_with("auth.") && req.category != "security" {
+        // A code a user could opt out of would never reach them.
+        return Err(CodedError::field("category", "auth.* templates are security messages").into());
+    }
     if req.body.len() > 16 * 1024 || req.subject.len() > 512 {
         return Err(CodedError::invalid("subject ≤ 512 and body ≤ 16384 bytes").into());
     }
@@ -72,9 +90,10 @@ pub async fn put_template(
 
 pub async fn delete_template(
     State(cell): State<Arc<Cell>>,
-    _: Authorized,
+    Authorized(p): Authorized,
     Path((key, channel, locale)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
+    system_template(&cell, &p.user_id, &key).await?;
     let gone = cell
         .notices
         .delete_template(&key, &channel, &locale)
