@@ -132,6 +132,22 @@ pub fn choose(keys: &Keys<'_>, table: &RouteTable) -> Choice {
     }
     match &keys.body {
         Some(BodyKey::Identifier(Some(home))) => return to(home, Basis::Identifier),
+        // An identifier the directory does not know: the header still
+        // helps a user registered a moment ago (the directory lags), but
+        // only a region that answers like any home. A header naming an
+        // unknown or retired region would otherwise be refused for unknown
+        // identifiers alone, and the refusal would tell which exist.
+        Some(BodyKey::Identifier(None)) => {
+            return match keys.header.filter(|h| {
+                table
+                    .regions
+                    .get(*h)
+                    .is_some_and(|u| u.status != RegionStatus::Retired)
+            }) {
+                Some(h) => to(h, Basis::Header),
+                None => to(&table.default_region, Basis::Default),
+            };
+        }
         Some(BodyKey::Refresh(Some(home))) => return to(home, Basis::Refresh),
         // Finishing a registration creates a user: a draining region
         // refuses it as it refuses a registration.
@@ -357,8 +373,15 @@ mod tests {
         };
         assert!(k.body_can_decide());
         assert_eq!(chose(&k, &t), ("eu-west".into(), Basis::Identifier, false));
+        // An unknown identifier goes by a header only to a region that
+        // answers as a home would: not a retired or unknown one, whose
+        // refusal would tell unknown identifiers from known ones.
         k.body = Some(BodyKey::Identifier(None));
-        assert_eq!(chose(&k, &t), ("us-old".into(), Basis::Header, false));
+        assert_eq!(chose(&k, &t), ("cn-east".into(), Basis::Default, false));
+        k.header = some("nowhere");
+        assert_eq!(chose(&k, &t), ("cn-east".into(), Basis::Default, false));
+        k.header = some("eu-west");
+        assert_eq!(chose(&k, &t), ("eu-west".into(), Basis::Header, false));
         k.header = None;
         assert_eq!(chose(&k, &t), ("cn-east".into(), Basis::Default, false));
     }
