@@ -324,8 +324,8 @@ async fn compose_deployment_serves_two_regions_and_survives_a_cell_restart() -> 
 
     // 3. Register, log in and call through the router into both regions.
     let base = d.url();
-    let east = sign_up(&base, "cn-east", "east@example.com").await?;
-    let west = sign_up(&base, "eu-west", "west@example.com").await?;
+    let east = sign_up(&base, "cn-east", "east_user").await?;
+    let west = sign_up(&base, "eu-west", "west_user").await?;
     // A write in each region that must survive the restart below.
     for (api, name) in [(&east, "East"), (&west, "West")] {
         let profile = api.get("/v1/users/me").await?;
@@ -398,7 +398,7 @@ async fn compose_deployment_serves_two_regions_and_survives_a_cell_restart() -> 
     })
     .await?;
     let relogin = Api::new(&base, "eu-west")
-        .login("west@example.com", "correct horse battery")
+        .login("west_user", "correct horse battery")
         .await?;
     assert_eq!(relogin.status, 200, "{relogin:?}");
 
@@ -447,11 +447,11 @@ async fn compose_postgres_override_runs_three_control_plane_instances() -> Resul
     })
     .await?;
     let pg_base = p.url();
-    sign_up(&pg_base, "cn-east", "pg1@example.com").await?;
+    sign_up(&pg_base, "cn-east", "pg_one").await?;
     p.compose(&["kill", "control-plane"])?;
-    sign_up(&pg_base, "eu-west", "pg2@example.com").await?;
+    sign_up(&pg_base, "eu-west", "pg_two").await?;
     let again = Api::new(&pg_base, "cn-east")
-        .register("pg1@example.com", "correct horse battery")
+        .register("pg_one", "correct horse battery")
         .await?;
     assert_eq!(again.status, 409, "{again:?}");
     p.compose(&["down", "-v", "--timeout", "10"])?;
