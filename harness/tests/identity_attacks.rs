@@ -1096,3 +1096,59 @@ async fn one_regions_key_does_not_speak_for_anothers_users() -> Result {
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
     Ok(())
 }
+
+/// Asking for an email or phone change sends a code, as a registration
+/// does: limited per client address (an IPv6 /64) whatever account asks,
+/// so many throwaway accounts behind one address cannot send codes
+/// without end.
+#[tokio::test]
+async fn identifier_changes_are_limited_per_address_across_accounts() -> Result {
+    let (_c, cn) = cluster_with("registrations_per_ip_per_minute = 2\n").await?;
+    let mut accounts = Vec::new();
+    for n in 0..3 {
+        let who = format!("throwaway_{n}");
+        let home = format!("2001:db8:{n}::1");
+        let r = from(
+            &cn,
+            &home,
+            Method::POST,
+            "/v1/auth/register",
+            json!({"identifier": who, "password": PW}),
+        )
+        .await?;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        let r = from(
+            &cn,
+            &home,
+            Method::POST,
+            "/v1/auth/login",
+            json!({"identifier": who, "password": PW}),
+        )
+        .await?;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        accounts.push(cn.with_token(r.body["access_token"].as_str().unwrap_or_default()));
+    }
+    // Three accounts, one /64.
+    let mut answers = Vec::new();
+    for (n, account) in accounts.iter().enumerate() {
+        let r = from(
+            account,
+            &format!("2001:db8:9::{}", n + 1),
+            Method::POST,
+            "/v1/users/me/identifiers",
+            json!({"identifier": format!("+86138000009{n:02}")}),
+        )
+        .await?;
+        answers.push(r.status);
+    }
+    assert_eq!(
+        answers,
+        [
+            StatusCode::ACCEPTED,
+            StatusCode::ACCEPTED,
+            StatusCode::TOO_MANY_REQUESTS
+        ],
+        "codes sent past the address's limit"
+    );
+    Ok(())
+}

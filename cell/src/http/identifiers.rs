@@ -1,7 +1,7 @@
 //! `/v1/users/me/identifiers`: adding or changing an email or phone (with
 //! a code sent to it) and removing one (with a recent sign-in).
 
-use super::{ApiResult, Auth, Json, Path, json};
+use super::{ApiResult, Auth, ClientIp, Json, Path, json};
 use crate::http::openapi::Route;
 use crate::state::Cell;
 use axum::extract::State;
@@ -30,9 +30,13 @@ pub struct PendingChange {
 pub async fn add(
     State(cell): State<Arc<Cell>>,
     Auth(p): Auth,
+    ClientIp(ip): ClientIp,
     Json(r): Json<NewIdentifier>,
 ) -> ApiResult<Response> {
     super::users::at_home(&cell, &p)?;
+    // A code sent, as a registration sends one: the same per-address
+    // limit, beside the account's and the identifier's budgets.
+    cell.identity.check_registration_ip(ip)?;
     let (verification_id, expires_at) = cell
         .identity
         .request_identifier_change(&p, &r.identifier)
@@ -63,9 +67,12 @@ pub struct Changed {
 pub async fn verify(
     State(cell): State<Arc<Cell>>,
     Auth(p): Auth,
+    ClientIp(ip): ClientIp,
     Json(r): Json<VerifyChange>,
 ) -> ApiResult<axum::Json<Changed>> {
     super::users::at_home(&cell, &p)?;
+    // A guess, as a registration's verification is: the per-address limit.
+    cell.identity.check_ip(ip)?;
     let identifier = cell
         .identity
         .verify_identifier_change(&p, &r.verification_id, &r.code)
