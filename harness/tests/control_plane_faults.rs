@@ -35,7 +35,13 @@ use std::time::{Duration, Instant};
 const PASSWORD: &str = "a long password";
 /// The cell's deadline for a call to the control plane, and a margin.
 const REGISTRATION_BOUND: Duration = Duration::from_secs(13);
-const REATTACH_WITHIN: Duration = Duration::from_secs(5);
+/// How soon every subscriber is on another instance after a fault. Most
+/// runs take under 5 s; the bound is the worst case docs/ARCHITECTURE.md
+/// states: an instance cut from PostgreSQL while one of its queries is in
+/// flight notices only at the query's 15 s client-side deadline
+/// (`QUERY_DEADLINE`), then steps aside; a loaded machine (CI) sees that
+/// case about one run in three, 15.09 s.
+const REATTACH_WITHIN: Duration = Duration::from_secs(20);
 
 struct Setup {
     _pg: TempPostgres,
