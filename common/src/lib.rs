@@ -16,6 +16,7 @@ pub mod key_file;
 pub mod paths;
 pub mod replica;
 pub mod shutdown;
+pub mod sliding_limit;
 pub mod telemetry;
 pub mod tls;
 pub mod token_cache;

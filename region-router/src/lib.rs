@@ -16,7 +16,6 @@ pub mod metrics;
 pub mod pool;
 pub mod problem;
 pub mod public_tls;
-pub mod ratelimit;
 pub mod route_key;
 pub mod routes;
 pub mod routing;
@@ -82,7 +81,7 @@ pub fn run(config: config::RouterConfig, config_path: Option<std::path::PathBuf>
         )?),
         health: health.clone(),
         live: reloader.live.clone(),
-        limiter: Arc::new(ratelimit::Limiter::default()),
+        limiter: Default::default(),
     };
     // nginx's worker model (workers.rs): `threads` threads, each accepting
     // on its own reactor and serving its connections there. Binding here

@@ -12,6 +12,13 @@ use homecell_proto::ErrorCode;
 use pingora::protocols::http::ServerSession;
 use std::sync::Arc;
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -97,32 +104,34 @@ impl Router {
         ))
     }
 
-    /// Refuses with 429 past the per-address or per-user limit, if set. An
-    /// IPv6 client counts by its /64.
+    /// Refuses with 429 past the per-address or per-user limit, if set
+    /// (requests per second, from `router.rate_limit.per_ip` and
+    /// `per_user` through the routing table, so a change applies without
+    /// a restart). An IPv6 client counts by its /64.
     fn rate_limit(
         &self,
         client_ip: Option<std::net::IpAddr>,
         table: &RouteTable,
         user: Option<&str>,
     ) -> std::result::Result<(), Refusal> {
-        let now = now_secs() as u64;
-        let over = |what: &str| {
+        let now = now_ms();
+        let over = |what: &str, wait_ms: u64| {
             Refusal::new(
                 ErrorCode::TooManyRequests,
                 format!("too many requests from this {what}"),
-                Some(1),
+                Some(wait_ms.div_ceil(1000)),
             )
         };
         if let (Some(limit), Some(ip)) = (table.rate_per_ip, client_ip) {
             let ip = homecell_common::client_addr::limit_key(ip);
-            if !self.limiter.allow(&format!("ip:{ip}"), limit, now) {
-                return Err(over("address"));
-            }
+            self.limiter
+                .check(format!("ip:{ip}"), limit, 1000, now)
+                .map_err(|wait| over("address", wait))?;
         }
-        if let (Some(limit), Some(user)) = (table.rate_per_user, user)
-            && !self.limiter.allow(&format!("user:{user}"), limit, now)
-        {
-            return Err(over("user"));
+        if let (Some(limit), Some(user)) = (table.rate_per_user, user) {
+            self.limiter
+                .check(format!("user:{user}"), limit, 1000, now)
+                .map_err(|wait| over("user", wait))?;
         }
         Ok(())
     }
@@ -137,17 +146,16 @@ impl Router {
         let (Some(limit), Some(ip)) = (table.registrations_per_ip_per_minute, client_ip) else {
             return Ok(());
         };
-        let minute = now_secs() as u64 / 60;
         let ip = homecell_common::client_addr::limit_key(ip);
-        if self.limiter.allow(&format!("register:{ip}"), limit, minute) {
-            Ok(())
-        } else {
-            Err(Refusal::new(
-                ErrorCode::TooManyRequests,
-                "too many registrations from this address".into(),
-                Some(60 - now_secs() as u64 % 60),
-            ))
-        }
+        self.limiter
+            .check(format!("register:{ip}"), limit, 60_000, now_ms())
+            .map_err(|wait| {
+                Refusal::new(
+                    ErrorCode::TooManyRequests,
+                    "too many registrations from this address".into(),
+                    Some(wait.div_ceil(1000)),
+                )
+            })
     }
 
     /// Picks the home cell from the request's routing keys (see decide.rs).

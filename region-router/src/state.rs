@@ -27,7 +27,9 @@ pub struct Router {
     /// Settings from the file that reload on SIGHUP (timeouts, GeoIP,
     /// trusted proxies).
     pub live: Arc<ArcSwap<crate::live::Live>>,
-    pub limiter: Arc<crate::ratelimit::Limiter>,
+    /// The per-address, per-user and registration limits (keys carry
+    /// their kind: `ip:`, `user:`, `register:`).
+    pub limiter: Arc<homecell_common::sliding_limit::SlidingLimiter<String>>,
 }
 
 /// One request's state, from its header to its access line.

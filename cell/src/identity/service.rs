@@ -15,9 +15,8 @@ use homecell_common::jwt::{Claims, MAX_ACCESS_TTL_SECS};
 use homecell_common::replica::Replica;
 use homecell_proto::error::{CodedError, ErrorCode};
 use homecell_proto::identifier::Identifier;
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tonic::transport::Channel;
 
 pub const CLIENT_TYPES: [&str; 4] = ["app", "web", "mp", "cms"];
@@ -131,39 +130,28 @@ pub(super) fn limited(limiter: &IpLimiter, ip: Option<IpAddr>) -> Result<(), Cod
     }
 }
 
-/// A fixed-window counter per client address (per /64 for IPv6).
+/// A limit on attempts per client address (per /64 for IPv6) over a
+/// sliding minute.
 pub struct IpLimiter {
     per_minute: u32,
-    windows: Mutex<HashMap<IpAddr, (i64, u32)>>,
+    counts: homecell_common::sliding_limit::SlidingLimiter<IpAddr>,
 }
 
 impl IpLimiter {
     pub fn new(per_minute: u32) -> Self {
         Self {
             per_minute,
-            windows: Mutex::new(HashMap::new()),
+            counts: Default::default(),
         }
     }
 
     /// Counts one attempt; Err(seconds to wait) past the limit.
     pub fn check(&self, ip: IpAddr) -> Result<(), u64> {
-        let minute = now_ms() / 60_000;
-        let mut w = self.windows.lock().expect("poisoned");
-        if w.len() > 100_000 {
-            w.retain(|_, (m, _)| *m == minute);
-        }
-        let e = w
-            .entry(homecell_common::client_addr::limit_key(ip))
-            .or_insert((minute, 0));
-        if e.0 != minute {
-            *e = (minute, 0);
-        }
-        e.1 += 1;
-        if e.1 > self.per_minute {
-            Err((60 - (now_ms() / 1000) % 60) as u64)
-        } else {
-            Ok(())
-        }
+        let key = homecell_common::client_addr::limit_key(ip);
+        let now = u64::try_from(now_ms()).unwrap_or(0);
+        self.counts
+            .check(key, self.per_minute, 60_000, now)
+            .map_err(|wait_ms| wait_ms.div_ceil(1000))
     }
 }
 
@@ -180,7 +168,7 @@ mod tests {
             assert!(l.check(a).is_ok());
         }
         let wait = l.check(a).unwrap_err();
-        assert!((1..=60).contains(&wait));
+        assert!((1..=120).contains(&wait));
         assert!(l.check(b).is_ok(), "other addresses are unaffected");
     }
 

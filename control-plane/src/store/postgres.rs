@@ -121,6 +121,34 @@ fn follow_pool() -> PgPoolOptions {
         .acquire_timeout(Duration::from_secs(1))
 }
 
+/// How long an instance keeps trying to reach PostgreSQL when it starts:
+/// a database that starts beside it (compose, a reboot, a failover in
+/// progress) is often not ready yet, and a process that gave up at once
+/// would leave the retry to whatever restarts it.
+const START_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The main pool's first connection, retried while the failure may pass
+/// (the server unreachable or slow to answer). What will not pass (a
+/// refused password, a missing database) fails at once.
+async fn connect_at_start(opts: &PgConnectOptions) -> std::result::Result<PgPool, sqlx::Error> {
+    let started = std::time::Instant::now();
+    let mut attempt = 0;
+    loop {
+        match main_pool().connect_with(opts.clone()).await {
+            Ok(pool) => return Ok(pool),
+            Err(e @ (sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)))
+                if started.elapsed() < START_PATIENCE =>
+            {
+                tracing::warn!(error = %e, "PostgreSQL not reachable yet; retrying");
+                let wait = homecell_common::backoff::jittered_ms(attempt, 200, 2_000);
+                tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// One control-plane instance as it last reported itself.
 #[derive(Debug, Clone)]
 pub struct InstanceRow {
@@ -154,8 +182,7 @@ impl Pg {
             // breaker (which counts only unreached control planes) stays
             // closed.
             .options([("lock_timeout", "2s"), ("statement_timeout", "10s")]);
-        let pool = main_pool()
-            .connect_with(opts.clone())
+        let pool = connect_at_start(&opts)
             .await
             .context("cannot connect to PostgreSQL")?;
         let follow = follow_pool().connect_lazy_with(opts.clone());
