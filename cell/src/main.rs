@@ -93,6 +93,11 @@ fn main() -> ExitCode {
     let result = match cli.cmd.unwrap_or(Cmd::Serve) {
         Cmd::Serve => {
             homecell_common::telemetry::init(config.log_format);
+            homecell_common::process_metrics::register(
+                "cell",
+                env!("CARGO_PKG_VERSION"),
+                option_env!("HOMECELL_COMMIT"),
+            );
             rt.block_on(homecell_cell::run(config))
         }
         Cmd::RotateKeys => rt.block_on(homecell_cell::admin::rotate_keys(&config)),

@@ -14,6 +14,7 @@ pub mod hex;
 pub mod jwt;
 pub mod key_file;
 pub mod paths;
+pub mod process_metrics;
 pub mod replica;
 pub mod shutdown;
 pub mod sliding_limit;

@@ -203,6 +203,11 @@ fn run_server(config: Option<PathBuf>, check: bool, healthcheck: bool) -> ExitCo
         return homecell_common::admin::healthcheck_exit(config.admin_listen);
     }
     telemetry::init(config.log_format);
+    homecell_common::process_metrics::register(
+        "control-plane",
+        env!("CARGO_PKG_VERSION"),
+        option_env!("HOMECELL_COMMIT"),
+    );
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

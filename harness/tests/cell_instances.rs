@@ -23,7 +23,7 @@ async fn served(http: &reqwest::Client, admin: SocketAddr) -> Result<f64> {
         .await?;
     Ok(text
         .lines()
-        .filter(|l| l.starts_with("homecell_cell_http_responses_total"))
+        .filter(|l| l.starts_with("homecell_cell_request_duration_seconds_count"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum())
 }

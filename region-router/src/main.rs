@@ -47,6 +47,11 @@ fn main() -> ExitCode {
         return homecell_common::admin::healthcheck_exit(config.admin_listen);
     }
     homecell_common::telemetry::init(config.log_format);
+    homecell_common::process_metrics::register(
+        "region-router",
+        env!("CARGO_PKG_VERSION"),
+        option_env!("HOMECELL_COMMIT"),
+    );
     match homecell_region_router::run(config, cli.config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -4,7 +4,8 @@
 //! inside a span carrying its W3C trace id, and with the trace in a task
 //! local so calls to other cells carry it on (`peers::client`). The access
 //! log names the route *template*, never the path, query, headers or body,
-//! so no identifier or token reaches the log.
+//! so no identifier or token reaches the log. The same names label the
+//! request duration histogram, so its series are as few as the routes.
 
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
@@ -48,12 +49,33 @@ pub async fn traced(req: Request, next: Next) -> Response {
         .get::<PeerIdentity>()
         .map(PeerIdentity::common_name)
         .unwrap_or_default();
+    // The router's request id (it keeps a client's only when short and
+    // printable); anything else a caller sends is not logged.
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .map(|v| v.as_bytes())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.iter().all(u8::is_ascii_graphic))
+        .map(|v| String::from_utf8_lossy(v).into_owned());
     let trace_id = trace.trace_id_hex();
-    let span = tracing::info_span!("request", trace_id = %trace_id);
+    let span = tracing::info_span!("request", trace_id = %trace_id, request_id);
     let started = Instant::now();
     let resp = CURRENT
         .scope(trace, next.run(req).instrument(span.clone()))
         .await;
+    // A gRPC method the service does not have is answered Unimplemented:
+    // counted as unmatched, so a caller cannot mint series with names.
+    let unimplemented = grpc
+        && resp
+            .headers()
+            .get("grpc-status")
+            .is_some_and(|v| v.as_bytes() == b"12");
+    crate::metrics::observe_request(
+        &method,
+        if unimplemented { "unmatched" } else { &route },
+        resp.status(),
+        started.elapsed(),
+    );
     span.in_scope(|| {
         tracing::info!(
             target: "access",

@@ -356,9 +356,6 @@ async fn moved_users(State(cell): State<Arc<Cell>>, req: Request, next: Next) ->
 async fn response_headers(State(cell): State<Arc<Cell>>, req: Request, next: Next) -> Response {
     let request_id = req.headers().get("x-request-id").cloned();
     let mut resp = next.run(req).await;
-    crate::metrics::HTTP_RESPONSES
-        .with_label_values(&[resp.status().as_str()])
-        .inc();
     let h = resp.headers_mut();
     // This cell's region, unless the answer names the caller's own home
     // elsewhere (a `home_elsewhere` problem).
