@@ -63,6 +63,11 @@ pub struct CellConfig {
     /// claim may land until its 5 s deadline, by clocks that may differ.
     #[serde(default = "default_claim_settle")]
     pub unsettled_claims_release_after_secs: u64,
+    /// How often the cell audits its own ledger for `/metrics`
+    /// (`homecell_cell_ledger_audit_ok`); 0 never. The audit reads every
+    /// ledger row in one snapshot, so keep it hours apart on a large one.
+    #[serde(default = "default_audit_interval")]
+    pub ledger_audit_interval_secs: u64,
     /// Password hashes (argon2id, 19 MiB each) that may run at once; the
     /// rest wait up to `password_hash_wait_ms`, then get 429. Default: two
     /// per core.
@@ -108,6 +113,9 @@ fn default_listen() -> SocketAddr {
 }
 fn default_admin_listen() -> SocketAddr {
     "127.0.0.1:9080".parse().expect("valid")
+}
+fn default_audit_interval() -> u64 {
+    3600
 }
 fn default_login_rate() -> u32 {
     30

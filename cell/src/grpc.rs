@@ -156,12 +156,8 @@ impl CellService for CellGrpc {
         if d.kind != "deposit.succeeded" {
             return Err(Status::invalid_argument("not a deposit"));
         }
-        let o = self
-            .0
-            .money
-            .deposit(&r.provider, &d, None)
-            .await
-            .map_err(status)?;
+        let result = self.0.money.deposit(&r.provider, &d, None).await;
+        let o = crate::metrics::count_money("deposit", result).map_err(status)?;
         Ok(Response::new(ForwardDepositResponse {
             transfer_id: o.op.id,
             state: o.op.state,

@@ -7,6 +7,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod failpoint;
+pub mod gauges;
 pub mod grpc;
 pub mod http;
 pub mod identity;
@@ -131,6 +132,13 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
     tokio::spawn(notices.run(token.clone()));
     tokio::spawn(identity::claims::run(cell.clone(), token.clone()));
     tokio::spawn(identity::reassert::run(cell.clone(), token.clone()));
+    metrics::init();
+    tokio::spawn(gauges::run(
+        db.clone(),
+        (config.ledger_audit_interval_secs > 0)
+            .then(|| Duration::from_secs(config.ledger_audit_interval_secs)),
+        token.clone(),
+    ));
     tokio::spawn(replica.clone().run(
         WatchTarget {
             endpoint: config.control_plane.clone(),

@@ -106,10 +106,38 @@ impl TlsPaths {
             key_pem: read(&self.key, "key")?,
         };
         // Parse once now so a bad file fails at start, not on the first connection.
-        m.cert_chain()?;
+        record_expiry("internal", &m.cert_chain()?);
         m.private_key()?;
         m.root_store()?;
+        let ca: Vec<_> = rustls_pemfile::certs(&mut m.ca_pem.as_slice())
+            .filter_map(std::result::Result::ok)
+            .collect();
+        record_expiry("ca", &ca);
         Ok(m)
+    }
+}
+
+static CERT_EXPIRY: std::sync::LazyLock<prometheus::IntGaugeVec> = std::sync::LazyLock::new(|| {
+    let g = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "homecell_certificate_expiry_timestamp_seconds",
+            "When a certificate this process presents or trusts expires (Unix time): internal, ca, public",
+        ),
+        &["certificate"],
+    )
+    .expect("valid metric");
+    let _ = prometheus::register(Box::new(g.clone()));
+    g
+});
+
+/// Records when the first certificate of `chain` expires, for the alert on
+/// certificates close to expiry.
+pub fn record_expiry(which: &'static str, chain: &[CertificateDer<'_>]) {
+    let Some(first) = chain.first() else { return };
+    if let Ok((_, cert)) = x509_parser::parse_x509_certificate(first) {
+        CERT_EXPIRY
+            .with_label_values(&[which])
+            .set(cert.validity().not_after.timestamp());
     }
 }
 

@@ -26,6 +26,25 @@ struct Entry {
     public_key: Vec<u8>,
 }
 
+/// Lookups answered from the cache, and those that verified the signature
+/// (`homecell_token_cache_lookups_total{result}`: the hit ratio).
+static LOOKUPS: std::sync::LazyLock<prometheus::IntCounterVec> = std::sync::LazyLock::new(|| {
+    let c = prometheus::IntCounterVec::new(
+        prometheus::Opts::new(
+            "homecell_token_cache_lookups_total",
+            "Access-token checks answered from the cache (hit) or by verifying the signature (miss)",
+        ),
+        &["result"],
+    )
+    .expect("valid metric");
+    let _ = prometheus::register(Box::new(c.clone()));
+    c
+});
+static HITS: std::sync::LazyLock<prometheus::IntCounter> =
+    std::sync::LazyLock::new(|| LOOKUPS.with_label_values(&["hit"]));
+static MISSES: std::sync::LazyLock<prometheus::IntCounter> =
+    std::sync::LazyLock::new(|| LOOKUPS.with_label_values(&["miss"]));
+
 pub struct TokenCache {
     shards: Vec<Mutex<HashMap<[u8; 32], Entry>>>,
 }
@@ -57,6 +76,7 @@ impl TokenCache {
                     return Err(TokenError::Expired);
                 }
                 if keys.publishes(&e.kid, &e.public_key, &e.claims.iss) {
+                    HITS.inc();
                     return Ok(e.claims.clone());
                 }
                 // Its key was retired or replaced: verify it afresh, which
@@ -64,6 +84,7 @@ impl TokenCache {
                 map.remove(&key);
             }
         }
+        MISSES.inc();
         let v = jwt::verify_with_key(token, keys, now)?;
         let claims = Arc::new(v.claims);
         let mut map = shard.lock().expect("poisoned");

@@ -80,9 +80,11 @@ impl ControlPlane {
         self.serving()?;
         let store = self.store.clone();
         let actor = actor.common_name();
+        let started = std::time::Instant::now();
         let out = tokio::task::spawn_blocking(move || store.mutate(&actor, f))
             .await
             .map_err(|e| Status::internal(format!("task failed: {e}")))??;
+        crate::metrics::MUTATION_SECONDS.observe(started.elapsed().as_secs_f64());
         Ok(out)
     }
 
@@ -370,7 +372,7 @@ impl directory_service_server::DirectoryService for ControlPlane {
         let who = cell_of(&req, &req.get_ref().region)?;
         let r = req.into_inner();
         let key = self.directory_key.clone();
-        let ((), revision) = self
+        let claimed = self
             .mutate(&who, move |tx| {
                 crate::directory::claim_replacing(
                     tx,
@@ -382,7 +384,9 @@ impl directory_service_server::DirectoryService for ControlPlane {
                     r.not_after_unix_ms,
                 )
             })
-            .await?;
+            .await;
+        crate::metrics::count_claim(&claimed);
+        let ((), revision) = claimed?;
         Ok(Response::new(ClaimIdentifierResponse { revision }))
     }
 

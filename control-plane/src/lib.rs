@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config_ops;
 pub mod directory;
 pub mod grpc;
+pub mod metrics;
 pub mod regions;
 pub mod serve;
 pub mod store;

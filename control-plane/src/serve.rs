@@ -176,6 +176,12 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             }
         }
     });
+    crate::metrics::init();
+    tokio::spawn(crate::metrics::sample(
+        store.clone(),
+        subscribers.clone(),
+        token.clone(),
+    ));
     let persisting = tokio::spawn({
         let (subscribers, token) = (subscribers.clone(), token.clone());
         async move { subscribers.persist_until(token).await }

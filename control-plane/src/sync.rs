@@ -298,6 +298,7 @@ pub async fn watch(
         tx,
     ));
     tokio::spawn(async move {
+        let _open = crate::metrics::StreamGuard::open();
         report_loop(&subscribers, &store, &node_id, &mut inbound).await;
         sender.abort();
         subscribers.disconnected(&node_id);

@@ -516,3 +516,135 @@ fn compose_file_follows_the_house_rules() {
         );
     }
 }
+
+/// The Prometheus files agree with what they scrape and what they alert
+/// on: the compose config's targets are compose services on their image's
+/// admin port, every job the alert rules select is scraped by both configs,
+/// and the Kubernetes config keeps pods by labels and a port name that the
+/// manifests carry. (Debian's promtool checks the compose config and the
+/// rules, but is built without Kubernetes discovery.)
+#[test]
+fn the_prometheus_configs_scrape_what_the_deployments_run() {
+    let dir = deploy().join("prometheus");
+    let compose = read_yaml_docs(&deploy().join("compose.yaml")).remove(0);
+    let admin_port = |image: &str| -> String {
+        let file = match image {
+            "cell" => "cell",
+            "region-router" => "region-router",
+            "control-plane" => "control-plane",
+            other => panic!("no image {other}"),
+        };
+        let text = std::fs::read_to_string(deploy().join(format!("docker/{file}.Dockerfile")))
+            .expect("Dockerfile");
+        text.lines()
+            .find_map(|l| l.strip_prefix("ARG ADMIN_PORT="))
+            .unwrap_or_else(|| panic!("{file}.Dockerfile has no ADMIN_PORT"))
+            .trim()
+            .to_string()
+    };
+    let prom = read_yaml_docs(&dir.join("prometheus.compose.yml")).remove(0);
+    let mut jobs = BTreeSet::new();
+    for job in seq(&prom, &["scrape_configs"]) {
+        let name = s(job, &["job_name"]).expect("job_name");
+        jobs.insert(name.to_string());
+        for sc in seq(job, &["static_configs"]) {
+            for t in seq(sc, &["targets"]) {
+                let (host, port) = t
+                    .as_str()
+                    .and_then(|t| t.split_once(':'))
+                    .expect("host:port");
+                let image = s(&compose, &["services", host, "image"])
+                    .unwrap_or_else(|| panic!("{host} is not a compose service"));
+                let image = image
+                    .trim_start_matches("homecell/")
+                    .split(':')
+                    .next()
+                    .unwrap_or_default();
+                assert_eq!(
+                    port,
+                    admin_port(image),
+                    "{host} is scraped off its admin port"
+                );
+                if name != "homecell-control-plane" {
+                    assert!(
+                        s(sc, &["labels", "region"]).is_some(),
+                        "{host} carries a region label"
+                    );
+                }
+            }
+        }
+    }
+    let rules = std::fs::read_to_string(dir.join("alerts.yml")).expect("alerts.yml");
+    let selected: BTreeSet<String> = rules
+        .split("job=\"")
+        .skip(1)
+        .filter_map(|r| r.split('"').next())
+        .map(String::from)
+        .collect();
+    assert!(!selected.is_empty());
+    for job in &selected {
+        assert!(
+            jobs.contains(job),
+            "the compose config scrapes no job {job}"
+        );
+    }
+
+    let k8s = read_yaml_docs(&dir.join("prometheus.k8s.yml")).remove(0);
+    let relabel = seq(&k8s, &["scrape_configs"])[0].clone();
+    let relabel = seq(&relabel, &["relabel_configs"]);
+    let keep = |source: &str| -> String {
+        relabel
+            .iter()
+            .find(|r| {
+                s(r, &["action"]) == Some("keep")
+                    && seq(r, &["source_labels"]).first().and_then(Value::as_str) == Some(source)
+            })
+            .and_then(|r| s(r, &["regex"]))
+            .unwrap_or_else(|| panic!("no keep on {source}"))
+            .to_string()
+    };
+    let names_regex = keep("__meta_kubernetes_pod_label_app_kubernetes_io_name");
+    let names: Vec<&str> = names_regex
+        .trim_matches(|c| c == '(' || c == ')')
+        .split('|')
+        .collect();
+    for job in &selected {
+        let name = job.strip_prefix("homecell-").expect("homecell- job");
+        assert!(names.contains(&name), "the Kubernetes config drops {job}");
+    }
+    assert_eq!(keep("__meta_kubernetes_pod_container_port_name"), "admin");
+    assert_eq!(keep("__meta_kubernetes_namespace"), "homecell-.+");
+    for (namespaced, manifest) in [
+        ("k8s/overlays/cn-east", "k8s/base/cell.yaml"),
+        ("k8s/overlays/eu-west", "k8s/base/router.yaml"),
+        ("k8s/control-plane", "k8s/control-plane/control-plane.yaml"),
+    ] {
+        let k = read_yaml_docs(&deploy().join(namespaced).join("kustomization.yaml")).remove(0);
+        assert!(
+            s(&k, &["namespace"]).is_some_and(|n| n.starts_with("homecell-")),
+            "{namespaced} deploys into a homecell-* namespace"
+        );
+        let workload = read_yaml_docs(&deploy().join(manifest))
+            .into_iter()
+            .find(|d| matches!(s(d, &["kind"]), Some("StatefulSet" | "Deployment")))
+            .expect("a workload");
+        let name = s(
+            &workload,
+            &[
+                "spec",
+                "template",
+                "metadata",
+                "labels",
+                "app.kubernetes.io/name",
+            ],
+        )
+        .expect("a name label");
+        assert!(names.contains(&name), "{manifest}: {name} is not scraped");
+        let ports: Vec<&str> = seq(&workload, &["spec", "template", "spec", "containers"])
+            .iter()
+            .flat_map(|c| seq(c, &["ports"]))
+            .filter_map(|p| s(p, &["name"]))
+            .collect();
+        assert!(ports.contains(&"admin"), "{manifest} names its admin port");
+    }
+}

@@ -182,3 +182,29 @@ async fn hostile_requests_add_no_series() -> Result {
     }
     Ok(())
 }
+
+/// The alert rules load, each alert's unit tests (alerts.test.yml: firing
+/// and not firing) pass, and the compose scrape config is valid.
+#[test]
+fn the_alert_rules_pass_promtool_and_their_unit_tests() -> Result {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
+    for args in [
+        &["check", "rules", "alerts.yml"][..],
+        &["test", "rules", "alerts.test.yml"],
+        &["check", "config", "prometheus.compose.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .map_err(|e| anyhow::anyhow!("promtool ({e}): install Debian's prometheus package"))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

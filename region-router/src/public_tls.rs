@@ -74,6 +74,7 @@ fn load(cert: &Path, key: &Path) -> Result<CertifiedKey> {
     if ck.keys_match().is_err() {
         bail!("the certificate and the key do not match");
     }
+    homecell_common::tls::record_expiry("public", &ck.cert);
     Ok(ck)
 }
 

@@ -155,7 +155,8 @@ pub async fn transfer(
     Json(req): Json<TransferRequest>,
 ) -> ApiResult<Response> {
     let key = idempotency_key(&headers)?;
-    Ok(accepted(cell.money.transfer(&p, &key, &req).await?))
+    let result = cell.money.transfer(&p, &key, &req).await;
+    Ok(accepted(crate::metrics::count_money("transfer", result)?))
 }
 
 pub async fn withdraw(
@@ -165,7 +166,8 @@ pub async fn withdraw(
     Json(req): Json<crate::money::withdrawal::WithdrawalRequest>,
 ) -> ApiResult<Response> {
     let key = idempotency_key(&headers)?;
-    Ok(accepted(cell.money.withdraw(&p, &key, &req).await?))
+    let result = cell.money.withdraw(&p, &key, &req).await;
+    Ok(accepted(crate::metrics::count_money("withdrawal", result)?))
 }
 
 pub async fn history(
@@ -230,10 +232,8 @@ pub async fn provider_callback(
             &serde_json::json!({ "ignored": deposit.kind }),
         ));
     }
-    let o = cell
-        .money
-        .deposit(&provider, &deposit, Some(&signed))
-        .await?;
+    let result = cell.money.deposit(&provider, &deposit, Some(&signed)).await;
+    let o = crate::metrics::count_money("deposit", result)?;
     Ok(json(
         StatusCode::OK,
         &TransferAccepted {
@@ -251,7 +251,8 @@ pub async fn adjust(
     Json(req): Json<AdjustmentRequest>,
 ) -> ApiResult<Response> {
     let key = idempotency_key(&headers)?;
-    Ok(accepted(cell.money.adjust(&p, &user_id, &key, &req).await?))
+    let result = cell.money.adjust(&p, &user_id, &key, &req).await;
+    Ok(accepted(crate::metrics::count_money("adjustment", result)?))
 }
 
 /// This area's routes, for the route table (`http/openapi.rs`).

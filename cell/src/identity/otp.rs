@@ -104,6 +104,18 @@ impl Identity {
         client_type: &str,
         ip: Option<IpAddr>,
     ) -> Result<TokenPair, CodedError> {
+        let result = self.code_sign_in(identifier, code, client_type, ip).await;
+        crate::metrics::count_login("code", &result);
+        result
+    }
+
+    async fn code_sign_in(
+        &self,
+        identifier: &str,
+        code: &str,
+        client_type: &str,
+        ip: Option<IpAddr>,
+    ) -> Result<TokenPair, CodedError> {
         self.check_ip(ip)?;
         for_apps(client_type)?;
         let id = reachable(identifier)?;

@@ -27,6 +27,20 @@ impl Identity {
         client_type: &str,
         ip: Option<IpAddr>,
     ) -> Result<TokenPair, CodedError> {
+        let result = self
+            .password_login(identifier, password, client_type, ip)
+            .await;
+        crate::metrics::count_login("password", &result);
+        result
+    }
+
+    async fn password_login(
+        &self,
+        identifier: &str,
+        password: &str,
+        client_type: &str,
+        ip: Option<IpAddr>,
+    ) -> Result<TokenPair, CodedError> {
         self.check_ip(ip)?;
         if password.len() > 1024 {
             return Err(CodedError::field("password", "too long"));
@@ -103,6 +117,7 @@ impl Identity {
             }
             Ok(_) => {
                 if attempt >= max {
+                    crate::metrics::LOCKOUTS.inc();
                     tracing::warn!(user_id, "account locked after repeated failures");
                 }
                 Ok(None)
@@ -229,6 +244,7 @@ impl Identity {
                 self.token_pair(&session, again).await
             }
             RefreshOutcome::Reused => {
+                crate::metrics::REFRESH_REUSE.inc();
                 tracing::warn!("refresh token reuse: its session was revoked");
                 Err(CodedError::new(
                     ErrorCode::Unauthenticated,

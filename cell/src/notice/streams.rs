@@ -53,6 +53,7 @@ impl Streams {
                 oldest.cancel();
             }
         }
+        crate::metrics::STREAMS_OPEN.inc();
         Slot {
             streams: self.clone(),
             user_id: user_id.to_string(),
@@ -73,6 +74,7 @@ impl Streams {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        crate::metrics::STREAMS_OPEN.dec();
         let mut open = self.streams.open.lock().expect("poisoned");
         if let Some(mine) = open.get_mut(&self.user_id) {
             mine.retain(|(id, _)| *id != self.id);
