@@ -208,3 +208,157 @@ fn the_alert_rules_pass_promtool_and_their_unit_tests() -> Result {
     }
     Ok(())
 }
+
+/// Every panel of the Grafana dashboard (deploy/grafana) asks a real
+/// Prometheus, scraping a running cluster under a little load of every
+/// kind, a valid query that returns series; the region variable finds the
+/// regions.
+#[tokio::test]
+async fn every_dashboard_panel_returns_series_from_a_running_cluster() -> Result {
+    const SECRET: &str = "whsec-observability-test-secret-01";
+    let c = standard()
+        .cell_config(&format!("[payments.testpay]\nsecret = {SECRET:?}\n"))
+        .start()
+        .await?;
+
+    // Prometheus, scraping every component each second with the labels
+    // of deploy/prometheus/prometheus.compose.yml.
+    let mut config = String::from("global:\n  scrape_interval: 1s\nscrape_configs:\n");
+    config.push_str(&format!(
+        "  - job_name: homecell-control-plane\n    static_configs:\n      - targets: [\"{}\"]\n",
+        c.control_plane.admin
+    ));
+    config.push_str("  - job_name: homecell-router\n    static_configs:\n");
+    for r in &c.routers {
+        config.push_str(&format!(
+            "      - targets: [\"{}\"]\n        labels:\n          router_region: {}\n",
+            r.admin, r.region
+        ));
+    }
+    config.push_str("  - job_name: homecell-cell\n    static_configs:\n");
+    for (region, n) in &c.cells {
+        config.push_str(&format!(
+            "      - targets: [\"{}\"]\n        labels:\n          region: {region}\n",
+            n.admin
+        ));
+    }
+    let dir = c.root.join("prometheus");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("prometheus.yml"), config)?;
+    let port = homecell_harness::free_port();
+    let _prometheus = tokio::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("prometheus.log"))?)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("prometheus ({e}): install Debian's prometheus package"))?;
+    let prom = format!("http://127.0.0.1:{port}");
+    let query = |q: String| {
+        let http = c.http();
+        let prom = prom.clone();
+        async move {
+            let r: serde_json::Value = http
+                .get(format!("{prom}/api/v1/query"))
+                .query(&[("query", q)])
+                .send()
+                .await?
+                .json()
+                .await?;
+            anyhow::Ok(r)
+        }
+    };
+
+    // A little of everything: registrations, sign-ins right and wrong,
+    // authenticated reads (token cache hits), a deposit, transfers within
+    // a cell and across cells (clearing balances).
+    let cn = Api::new(&c.router_url(0), "cn-east");
+    let eu = Api::new(&c.router_url(0), "eu-west");
+    let pw = "correct horse battery";
+    for (api, name) in [(&cn, "alice-obs"), (&cn, "bob-obs"), (&eu, "carol-obs")] {
+        let r = api.register(name, pw).await?;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+    c.wait_applied(c.revision()?, 3, std::time::Duration::from_secs(10))
+        .await?;
+    let (alice, a) = cn.signed_in("alice-obs", pw).await?;
+    let (_, b) = cn.signed_in("bob-obs", pw).await?;
+    let (_, carol) = eu.signed_in("carol-obs", pw).await?;
+    let id = |v: &serde_json::Value| v["user_id"].as_str().unwrap_or_default().to_string();
+    let r = cn
+        .provider_deposit("testpay", SECRET, "evt-obs-1", &id(&a), 100_000)
+        .await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut round = 0;
+    loop {
+        round += 1;
+        for (i, to) in [id(&b), id(&carol)].into_iter().enumerate() {
+            let body = serde_json::json!({"to_user_id": to, "amount": 10, "currency": "CNY"});
+            let r = alice
+                .transfer(&format!("00000000-0000-4000-800{i}-{round:012}"), body)
+                .await?;
+            assert!(r.status.is_success(), "{}", r.body);
+        }
+        for _ in 0..5 {
+            alice.get("/v1/users/me").await?;
+        }
+        let _ = cn.login("alice-obs", "wrong password").await?;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        // Until every target is up and has been scraped through the load,
+        // and the samplers (every 5 s and 15 s) have run twice.
+        let up = query("sum(up)".into()).await.ok();
+        let all_up = up.as_ref().and_then(|r| r["data"]["result"][0]["value"][1].as_str())
+            == Some(&(1 + c.routers.len() + c.cells.len()).to_string());
+        if all_up && round >= 40 {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "Prometheus never scraped every target: {up:?}"
+        );
+    }
+
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/grafana/dashboards/homecell.json"),
+    )?)?;
+    let mut failed = Vec::new();
+    let mut asked = 0;
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap_or_default()
+                .replace("$region", ".+")
+                .replace("$__rate_interval", "15s");
+            asked += 1;
+            let r = query(expr.clone()).await?;
+            let n = r["data"]["result"].as_array().map_or(0, Vec::len);
+            if r["status"] != "success" || n == 0 {
+                failed.push(format!("{}: {expr}: {r}", panel["title"]));
+            }
+        }
+    }
+    assert!(asked >= 30, "only {asked} queries");
+    assert!(failed.is_empty(), "panels without series:\n{}", failed.join("\n"));
+    let regions: serde_json::Value = c
+        .http()
+        .get(format!("{prom}/api/v1/label/region/values"))
+        .query(&[("match[]", "homecell_router_requests_total")])
+        .send()
+        .await?
+        .json()
+        .await?;
+    for region in c.cells.keys() {
+        assert!(
+            regions["data"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|r| r == region.as_str())),
+            "the region variable lacks {region}: {regions}"
+        );
+    }
+    Ok(())
+}
