@@ -13,7 +13,13 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 const TAG: &str = "e2e";
-const LONG_RUNNING: [&str; 4] = ["control-plane", "cell-cn-east", "cell-eu-west", "router"];
+const LONG_RUNNING: [&str; 5] = [
+    "control-plane",
+    "cell-cn-east",
+    "cell-eu-west",
+    "router",
+    "prometheus",
+];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -40,6 +46,8 @@ fn run(cmd: &mut Command) -> Result<Output> {
 struct Deployment {
     project: String,
     port: u16,
+    /// Prometheus's published port.
+    prometheus_port: u16,
     compose: Vec<String>,
     /// Compose files on top of deploy/compose.yaml.
     overrides: Vec<&'static str>,
@@ -60,6 +68,7 @@ impl Deployment {
         Self {
             project: format!("homecell-e2e-{}", std::process::id()),
             port: homecell_harness::free_port(),
+            prometheus_port: homecell_harness::free_port(),
             compose,
             overrides: Vec::new(),
         }
@@ -100,7 +109,8 @@ impl Deployment {
         }
         c.args(args)
             .env("HOMECELL_IMAGE_TAG", TAG)
-            .env("HOMECELL_HTTP_PORT", self.port.to_string());
+            .env("HOMECELL_HTTP_PORT", self.port.to_string())
+            .env("HOMECELL_PROMETHEUS_PORT", self.prometheus_port.to_string());
         c
     }
 
@@ -321,6 +331,37 @@ async fn compose_deployment_serves_two_regions_and_survives_a_cell_restart() -> 
         },
     )
     .await?;
+
+    // 2c. Prometheus, built from Debian's package, scrapes every component
+    // with the alert rules loaded.
+    let prometheus = format!("http://127.0.0.1:{}", d.prometheus_port);
+    eventually("every target up", Duration::from_secs(60), || async {
+        let v: serde_json::Value = reqwest::get(format!("{prometheus}/api/v1/targets"))
+            .await?
+            .json()
+            .await?;
+        let targets = v["data"]["activeTargets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let up = targets.iter().filter(|t| t["health"] == "up").count();
+        if targets.len() != 4 || up != 4 {
+            bail!("{up} of {} targets up: {v}", targets.len());
+        }
+        Ok(())
+    })
+    .await?;
+    let rules: serde_json::Value = reqwest::get(format!("{prometheus}/api/v1/rules"))
+        .await?
+        .json()
+        .await?;
+    let loaded = rules["data"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .count();
+    assert!(loaded >= 12, "alert rules loaded: {rules}");
 
     // 3. Register, log in and call through the router into both regions.
     let base = d.url();

@@ -247,8 +247,14 @@ async fn every_dashboard_panel_returns_series_from_a_running_cluster() -> Result
     std::fs::write(dir.join("prometheus.yml"), config)?;
     let port = homecell_harness::free_port();
     let _prometheus = tokio::process::Command::new("prometheus")
-        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.join("prometheus.log"))?)
@@ -310,7 +316,9 @@ async fn every_dashboard_panel_returns_series_from_a_running_cluster() -> Result
         // Until every target is up and has been scraped through the load,
         // and the samplers (every 5 s and 15 s) have run twice.
         let up = query("sum(up)".into()).await.ok();
-        let all_up = up.as_ref().and_then(|r| r["data"]["result"][0]["value"][1].as_str())
+        let all_up = up
+            .as_ref()
+            .and_then(|r| r["data"]["result"][0]["value"][1].as_str())
             == Some(&(1 + c.routers.len() + c.cells.len()).to_string());
         if all_up && round >= 40 {
             break;
@@ -343,7 +351,11 @@ async fn every_dashboard_panel_returns_series_from_a_running_cluster() -> Result
         }
     }
     assert!(asked >= 30, "only {asked} queries");
-    assert!(failed.is_empty(), "panels without series:\n{}", failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "panels without series:\n{}",
+        failed.join("\n")
+    );
     let regions: serde_json::Value = c
         .http()
         .get(format!("{prom}/api/v1/label/region/values"))
