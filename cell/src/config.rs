@@ -50,6 +50,9 @@ pub struct CellConfig {
     pub control_plane_name: String,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Spans exported over OTLP (`[tracing] otlp_endpoint`); off by default.
+    #[serde(default)]
+    pub tracing: homecell_common::otel::TracingConfig,
     /// Logins, reset requests and reset confirmations allowed per client
     /// address (IPv6 per /64) per minute.
     #[serde(default = "default_login_rate")]
@@ -151,6 +154,7 @@ impl CellConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        self.tracing.validate()?;
         homecell_proto::region::validate_region_id(&self.region).context("region")?;
         homecell_proto::region::validate_endpoint_list("control_plane", &self.control_plane)
             .context("control_plane")?;

@@ -91,7 +91,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
             ),
             keys: keys.clone(),
             replica: replica.clone(),
-            cp: cp.clone(),
+            cp: homecell_common::traced_grpc::TracedChannel::new(cp.clone()),
             cp_breaker: Default::default(),
             login_limiter: identity::service::IpLimiter::new(
                 config.login_attempts_per_ip_per_minute,

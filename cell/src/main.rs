@@ -92,7 +92,19 @@ fn main() -> ExitCode {
     };
     let result = match cli.cmd.unwrap_or(Cmd::Serve) {
         Cmd::Serve => {
-            homecell_common::telemetry::init(config.log_format);
+            // Kept until the end: dropping it flushes the last spans.
+            let _spans = match homecell_common::telemetry::init(
+                config.log_format,
+                &config.tracing,
+                "homecell-cell",
+                Some(&config.region),
+            ) {
+                Ok(exporter) => exporter,
+                Err(e) => {
+                    eprintln!("error: cannot export spans: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
             homecell_common::process_metrics::register(
                 "cell",
                 env!("CARGO_PKG_VERSION"),

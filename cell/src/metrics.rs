@@ -49,7 +49,7 @@ pub static HTTP_DURATION: LazyLock<prometheus::HistogramVec> = LazyLock::new(|| 
 });
 
 /// Records one answered request. The method is one HTTP defines or
-/// `other`, and the route a template of ours or `unmatched`, so what a
+/// `_OTHER`, and the route a template of ours or `unmatched`, so what a
 /// caller sends cannot add series.
 pub fn observe_request(
     method: &http::Method,
@@ -57,16 +57,7 @@ pub fn observe_request(
     status: http::StatusCode,
     took: std::time::Duration,
 ) {
-    let method = match *method {
-        http::Method::GET => "GET",
-        http::Method::POST => "POST",
-        http::Method::PUT => "PUT",
-        http::Method::PATCH => "PATCH",
-        http::Method::DELETE => "DELETE",
-        http::Method::HEAD => "HEAD",
-        http::Method::OPTIONS => "OPTIONS",
-        _ => "other",
-    };
+    let method = homecell_common::paths::method_name(method);
     HTTP_DURATION
         .with_label_values(&[method, route, status.as_str()])
         .observe(took.as_secs_f64());

@@ -39,27 +39,13 @@ pub enum SessionState {
     Unknown,
 }
 
-type TracedClient = CellServiceClient<
-    tonic::service::interceptor::InterceptedService<
-        Channel,
-        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
-    >,
->;
+type TracedClient = CellServiceClient<homecell_common::traced_grpc::TracedChannel>;
 
 /// A client whose calls carry the trace context of the request this task
 /// serves (W3C `traceparent` in the gRPC metadata), so one trace follows a
 /// request from the router across cells.
 fn client(ch: Channel) -> TracedClient {
-    CellServiceClient::with_interceptor(ch, with_trace)
-}
-
-fn with_trace(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-    if let Some(t) = homecell_common::trace::TraceParent::current_child()
-        && let Ok(v) = t.to_string().parse()
-    {
-        req.metadata_mut().insert("traceparent", v);
-    }
-    Ok(req)
+    CellServiceClient::new(homecell_common::traced_grpc::TracedChannel::new(ch))
 }
 
 impl Peers {

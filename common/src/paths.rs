@@ -116,6 +116,23 @@ pub fn user_in_path(path: &str) -> Option<&str> {
     valid.then_some(id)
 }
 
+/// A request's method as labels and span attributes name it: one HTTP
+/// defines, or `_OTHER` (the OpenTelemetry conventions' word), so a
+/// client's made-up method never becomes a series or an attribute.
+pub fn method_name(m: &tonic::codegen::http::Method) -> &'static str {
+    use tonic::codegen::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "_OTHER",
+    }
+}
+
 #[cfg(test)]
 mod public_path_tests {
     use super::*;

@@ -22,22 +22,55 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. Safe to call twice (the second is a no-op).
-pub fn init(format: LogFormat) {
+/// Installs the global subscriber: the log, and the OTLP exporter when
+/// `tracing` names an endpoint (see `otel.rs`), which must be kept alive
+/// for as long as spans should leave. Safe to call twice (the second
+/// installs nothing).
+pub fn init(
+    format: LogFormat,
+    tracing: &crate::otel::TracingConfig,
+    service: &'static str,
+    region: Option<&str>,
+) -> anyhow::Result<Option<crate::otel::Exporter>> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let terminal = std::io::stderr().is_terminal();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(terminal)
-        .with_writer(std::io::stderr);
     let json = match format {
         LogFormat::Auto => !terminal,
         LogFormat::Plain => false,
         LogFormat::Json => true,
     };
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
+    let log = tracing_subscriber::fmt::layer()
+        .with_ansi(terminal)
+        .with_writer(std::io::stderr);
+    let log = if json {
+        log.json().flatten_event(true).boxed()
     } else {
-        builder.try_init()
+        log.boxed()
     };
+    // The exported spans are not the log's, and nothing but them is
+    // exported: no log event, and no span of the log's own.
+    let exported = |m: &tracing::Metadata<'_>| m.is_span() && m.target() == crate::otel::TARGET;
+    let log = log
+        .with_filter(filter)
+        .with_filter(filter_fn(move |m| !exported(m)));
+    let (otel, exporter) = match crate::otel::tracer(tracing, service, region)? {
+        Some((tracer, exporter)) => (
+            Some(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(filter_fn(exported)),
+            ),
+            Some(exporter),
+        ),
+        None => (None, None),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(log)
+        .with(otel)
+        .try_init();
+    Ok(exporter)
 }

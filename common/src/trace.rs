@@ -79,12 +79,6 @@ impl TraceParent {
     pub fn trace_id_hex(&self) -> String {
         crate::hex::encode(&self.trace_id)
     }
-
-    /// The context for an outgoing call from the current task, if it serves
-    /// a traced request.
-    pub fn current_child() -> Option<Self> {
-        CURRENT.try_with(|t| t.child()).ok()
-    }
 }
 
 impl TraceParent {

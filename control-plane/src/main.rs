@@ -202,7 +202,19 @@ fn run_server(config: Option<PathBuf>, check: bool, healthcheck: bool) -> ExitCo
     if healthcheck {
         return homecell_common::admin::healthcheck_exit(config.admin_listen);
     }
-    telemetry::init(config.log_format);
+    // Kept until the end: dropping it flushes the last spans.
+    let _spans = match telemetry::init(
+        config.log_format,
+        &config.tracing,
+        "homecell-control-plane",
+        None,
+    ) {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            eprintln!("error: cannot export spans: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     homecell_common::process_metrics::register(
         "control-plane",
         env!("CARGO_PKG_VERSION"),

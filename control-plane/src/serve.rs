@@ -37,6 +37,9 @@ pub struct ServeConfig {
     pub retain_changes: u64,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Spans exported over OTLP (`[tracing] otlp_endpoint`); off by default.
+    #[serde(default)]
+    pub tracing: homecell_common::otel::TracingConfig,
     /// Hex file (at least 32 bytes) keying HMAC(identifier) in the directory.
     /// The routers hold the same key; cells never do.
     pub directory_key_file: PathBuf,
@@ -87,6 +90,7 @@ impl ServeConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        self.tracing.validate()?;
         if self.retain_changes == 0 {
             bail!("retain_changes must be at least 1");
         }
@@ -265,6 +269,9 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             .tls_config(tls.tonic_server())?
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .layer(tower::layer::layer_fn(
+                homecell_common::traced_grpc::TracedServer,
+            ))
             .add_service(RegionServiceServer::new(cp.clone()))
             .add_service(ConfigServiceServer::new(cp.clone()))
             .add_service(SyncServiceServer::new(cp.clone()))

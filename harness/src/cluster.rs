@@ -100,6 +100,9 @@ pub struct Cluster {
     pub router_extra_config: String,
     /// Worker threads of every router (benchmarks vary it).
     pub router_threads: usize,
+    /// Where every component exports its spans (`[tracing] otlp_endpoint`),
+    /// if anywhere.
+    pub otlp_endpoint: Option<String>,
     pub(crate) http: reqwest::Client,
 }
 
@@ -158,6 +161,7 @@ impl Cluster {
             cell_extra_config: String::new(),
             prove_identifiers: false,
             router_extra_config: String::new(),
+            otlp_endpoint: None,
             router_threads: 2,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
@@ -274,6 +278,7 @@ impl Cluster {
         {
             cfg += &format!("\n[store]\npostgres = {url:?}\ninstance = \"cp-{i}\"\n");
         }
+        cfg += &self.tracing_toml();
         let path = self.write_config(&name, cfg)?;
         let mut cmd = match &netns {
             Some(ns) => ns.command(&self.bins.path("control-plane")),
@@ -320,6 +325,14 @@ impl Cluster {
         if let Some(p) = self.cells.get_mut(region).and_then(|n| n.process.as_mut()) {
             p.kill();
         }
+    }
+
+    /// The `[tracing]` table every component gets, when spans are exported.
+    fn tracing_toml(&self) -> String {
+        self.otlp_endpoint
+            .as_ref()
+            .map(|e| format!("\n[tracing]\notlp_endpoint = {e:?}\n"))
+            .unwrap_or_default()
     }
 
     /// Router `index`'s Prometheus text.
@@ -521,6 +534,7 @@ impl Cluster {
         cfg.push_str(&self.cell_extra_config);
         cfg.push_str(&tls);
         cfg.push_str(&self.gossip_toml("127.0.0.1:0"));
+        cfg.push_str(&self.tracing_toml());
         let path = self.write_config(name, cfg).map_err(|e| (None, e))?;
         let mut cmd = Command::new(self.bins.path("cell"));
         cmd.arg("--config").arg(path);
@@ -608,7 +622,8 @@ impl Cluster {
             self.router_threads,
             self.directory_key_path().display().to_string(),
             self.router_extra_config,
-        ) + &self.gossip_toml("127.0.0.1:0");
+        ) + &self.gossip_toml("127.0.0.1:0")
+            + &self.tracing_toml();
         let name = format!("router-{index}");
         let path = self.write_config(&name, cfg)?;
         let mut cmd = Command::new(self.bins.path("region-router"));
@@ -669,6 +684,7 @@ pub struct Standard {
     cell_config: String,
     router_config: String,
     prove_identifiers: bool,
+    otlp_endpoint: Option<String>,
 }
 
 /// `Standard` with nothing extra: `standard().start().await?`.
@@ -690,6 +706,12 @@ impl Standard {
         self
     }
 
+    /// Every component exports its spans to `endpoint` (OTLP/gRPC).
+    pub fn export_spans_to(mut self, endpoint: &str) -> Self {
+        self.otlp_endpoint = Some(endpoint.to_string());
+        self
+    }
+
     /// Extra top-level TOML lines for the router.
     pub fn router_config(mut self, toml: &str) -> Self {
         self.router_config.push_str(toml);
@@ -701,6 +723,7 @@ impl Standard {
         c.cell_extra_config = self.cell_config;
         c.router_extra_config = self.router_config;
         c.prove_identifiers = self.prove_identifiers;
+        c.otlp_endpoint = self.otlp_endpoint;
         start_standard(&mut c).await?;
         c.wait_signing_keys(Duration::from_secs(15)).await?;
         Ok(c)

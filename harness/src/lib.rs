@@ -7,6 +7,7 @@ pub mod api;
 mod cluster;
 mod config_files;
 pub mod netns;
+pub mod otlp;
 pub mod postgres;
 mod process;
 pub mod provider;

@@ -22,6 +22,15 @@ impl Router {
             .with_label_values(&[region])
             .observe(ctx.started.elapsed().as_secs_f64());
         let req = session.req_header();
+        let span = &ctx.span;
+        if let Some(s) = status {
+            span.record("http.response.status_code", s.as_u16());
+            if s.is_server_error() {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        span.record("homecell.region", region);
+        span.record("homecell.routed_by", ctx.basis.as_str());
         tracing::info!(
             target: "access",
             request_id = %ctx.request_id,

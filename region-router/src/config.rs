@@ -49,6 +49,9 @@ pub struct RouterConfig {
     pub draining_retry_after_secs: u64,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Spans exported over OTLP (`[tracing] otlp_endpoint`); off by default.
+    #[serde(default)]
+    pub tracing: homecell_common::otel::TracingConfig,
     /// A MaxMind-format country database (GeoLite2/DB-IP or flat schema),
     /// to home registrations by the client's country.
     #[serde(default)]
@@ -117,6 +120,7 @@ impl RouterConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        self.tracing.validate()?;
         homecell_proto::region::validate_region_id(&self.region).context("region")?;
         if let Some(d) = &self.default_region {
             homecell_proto::region::validate_region_id(d).context("default_region")?;

@@ -88,7 +88,7 @@ pub struct Reloader {
 }
 
 /// The settings that only a restart applies, by name, with their values.
-fn fixed(c: &RouterConfig) -> [(&'static str, String); 13] {
+fn fixed(c: &RouterConfig) -> [(&'static str, String); 14] {
     [
         ("region", c.region.clone()),
         ("data_dir", format!("{:?}", c.data_dir)),
@@ -98,6 +98,7 @@ fn fixed(c: &RouterConfig) -> [(&'static str, String); 13] {
         ("control_plane_name", c.control_plane_name.clone()),
         ("threads", c.threads.to_string()),
         ("log_format", format!("{:?}", c.log_format)),
+        ("tracing", format!("{:?}", c.tracing)),
         ("directory_key_file", format!("{:?}", c.directory_key_file)),
         ("tls", format!("{:?}", c.tls)),
         ("public_tls", format!("{:?}", c.public_tls)),

@@ -46,7 +46,19 @@ fn main() -> ExitCode {
     if cli.healthcheck {
         return homecell_common::admin::healthcheck_exit(config.admin_listen);
     }
-    homecell_common::telemetry::init(config.log_format);
+    // Kept until the end: dropping it flushes the last spans.
+    let _spans = match homecell_common::telemetry::init(
+        config.log_format,
+        &config.tracing,
+        "homecell-region-router",
+        Some(&config.region),
+    ) {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            eprintln!("error: cannot export spans: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     homecell_common::process_metrics::register(
         "region-router",
         env!("CARGO_PKG_VERSION"),

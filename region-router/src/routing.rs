@@ -174,7 +174,6 @@ impl Router {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.as_bytes().get(..16))
             .is_some_and(|t| t.eq_ignore_ascii_case(b"application/grpc"));
-        ctx.route = homecell_common::paths::template(req.uri.path());
         if grpc || ctx.route.is_none() {
             return Err(Refusal::new(
                 ErrorCode::NotFound,

@@ -37,6 +37,8 @@ pub struct Ctx {
     pub request_id: String,
     /// This hop of the W3C trace: the caller's trace id, our span id.
     pub trace: TraceParent,
+    /// The request's exported span (otel.rs), ended with the request.
+    pub span: tracing::Span,
     pub upstream: Option<Arc<Upstream>>,
     pub basis: Basis,
     pub started: Instant,
@@ -65,14 +67,34 @@ impl Ctx {
     /// The request id (the client's, if usable) and this hop of the trace.
     pub fn for_request(req: &RequestHeader) -> Self {
         let headers = &req.headers;
+        let header = headers.get("traceparent").and_then(|v| v.to_str().ok());
+        let route = homecell_common::paths::template(req.uri.path());
+        let method = homecell_common::paths::method_name(&req.method);
+        // Named at once: the exporter takes a span's name when it starts.
+        let span = tracing::info_span!(
+            target: homecell_common::otel::TARGET,
+            "request",
+            otel.name = %match route {
+                Some(route) => format!("{method} {route}"),
+                None => method.to_string(),
+            },
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = method,
+            http.route = route,
+            http.response.status_code = tracing::field::Empty,
+            homecell.region = tracing::field::Empty,
+            homecell.routed_by = tracing::field::Empty,
+        );
+        homecell_common::otel::set_remote_parent(&span, header.and_then(TraceParent::parse));
+        let trace = homecell_common::otel::hop(&span, TraceParent::continue_from(header));
         Self {
             request_id: headers
                 .get("x-request-id")
                 .and_then(|v| usable_request_id(v.as_bytes()))
                 .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
-            trace: TraceParent::continue_from(
-                headers.get("traceparent").and_then(|v| v.to_str().ok()),
-            ),
+            trace,
+            span,
             upstream: None,
             basis: Basis::Default,
             started: Instant::now(),
@@ -80,7 +102,7 @@ impl Ctx {
             replayed_from: None,
             conceal_home: false,
             client_ip: None,
-            route: None,
+            route,
             body_deadline: None,
         }
     }

@@ -16,11 +16,12 @@ use std::time::Instant;
 use tracing::Instrument;
 
 pub async fn traced(req: Request, next: Next) -> Response {
-    let trace = TraceParent::continue_from(
-        req.headers()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok()),
-    );
+    let header = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok());
+    let caller_span = header.and_then(TraceParent::parse);
+    let trace = TraceParent::continue_from(header);
     let method = req.method().clone();
     // A gRPC path is the method's name; an HTTP path may hold ids, so it
     // is logged as its template.
@@ -57,11 +58,40 @@ pub async fn traced(req: Request, next: Next) -> Response {
         .map(|v| v.as_bytes())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.iter().all(u8::is_ascii_graphic))
         .map(|v| String::from_utf8_lossy(v).into_owned());
+    // The exported span (otel.rs), named at once: the exporter takes a
+    // span's name when it starts.
+    let exported = if grpc {
+        tracing::info_span!(
+            target: homecell_common::otel::TARGET,
+            "request",
+            otel.name = route.trim_start_matches('/'),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = "homecell.cell.v1.CellService",
+            rpc.method = tracing::field::Empty,
+            rpc.grpc.status_code = tracing::field::Empty,
+        )
+    } else {
+        tracing::info_span!(
+            target: homecell_common::otel::TARGET,
+            "request",
+            otel.name = %format_args!("{} {route}", homecell_common::paths::method_name(&method)),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            http.request.method = homecell_common::paths::method_name(&method),
+            http.route = %route,
+            http.response.status_code = tracing::field::Empty,
+        )
+    };
+    homecell_common::otel::set_remote_parent(&exported, caller_span);
+    let trace = homecell_common::otel::hop(&exported, trace);
     let trace_id = trace.trace_id_hex();
-    let span = tracing::info_span!("request", trace_id = %trace_id, request_id);
+    let span = tracing::info_span!(parent: &exported, "request", trace_id = %trace_id, request_id);
     let started = Instant::now();
     let resp = CURRENT
         .scope(trace, next.run(req).instrument(span.clone()))
+        .instrument(exported.clone())
         .await;
     // A gRPC method the service does not have is answered Unimplemented:
     // counted as unmatched, so a caller cannot mint series with names.
@@ -70,12 +100,24 @@ pub async fn traced(req: Request, next: Next) -> Response {
             .headers()
             .get("grpc-status")
             .is_some_and(|v| v.as_bytes() == b"12");
-    crate::metrics::observe_request(
-        &method,
-        if unimplemented { "unmatched" } else { &route },
-        resp.status(),
-        started.elapsed(),
-    );
+    let served = if unimplemented { "unmatched" } else { &route };
+    crate::metrics::observe_request(&method, served, resp.status(), started.elapsed());
+    if grpc {
+        let name = served.trim_start_matches('/');
+        exported.record("rpc.method", name.rsplit('/').next().unwrap_or(name));
+        if let Some(code) = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+        {
+            exported.record("rpc.grpc.status_code", code);
+        }
+    } else {
+        exported.record("http.response.status_code", resp.status().as_u16());
+        if resp.status().is_server_error() {
+            exported.record("otel.status_code", "ERROR");
+        }
+    }
     span.in_scope(|| {
         tracing::info!(
             target: "access",

@@ -17,7 +17,6 @@ use homecell_proto::error::{CodedError, ErrorCode};
 use homecell_proto::identifier::Identifier;
 use std::net::IpAddr;
 use std::sync::Arc;
-use tonic::transport::Channel;
 
 pub const CLIENT_TYPES: [&str; 4] = ["app", "web", "mp", "cms"];
 /// How long a session (its refresh token family) lives at most.
@@ -232,7 +231,8 @@ pub struct Identity {
     pub hasher: Hasher,
     pub keys: Arc<Keys>,
     pub replica: Arc<Replica>,
-    pub cp: Channel,
+    /// Calls made while serving a request carry its trace.
+    pub cp: homecell_common::traced_grpc::TracedChannel,
     /// Claims fail fast while the control plane is unreachable.
     pub cp_breaker: super::breaker::Breaker,
     pub login_limiter: IpLimiter,

@@ -1,0 +1,177 @@
+//! Spans exported over OTLP (gRPC), off unless `[tracing] otlp_endpoint`
+//! is set.
+//!
+//! A hop's span is a `tracing` span of target [`TARGET`] whose fields follow
+//! the OpenTelemetry semantic conventions (`otel.name`, `otel.kind`,
+//! `http.request.method`, `http.route`, `rpc.method`, …). Only those spans
+//! reach the exporter: log events and the log's own spans (which carry the
+//! request id a client may choose) never do, so no span attribute holds
+//! more than a route template, a method, a status or a region.
+//!
+//! The W3C `traceparent` each hop sends on (`trace.rs`) names the exported
+//! span's own id when spans are exported, so a collector links every hop to
+//! its caller; when they are not, hops make their own ids as before.
+
+use crate::trace::TraceParent;
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use std::sync::atomic::{AtomicBool, Ordering};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// The target of every span that is exported.
+pub const TARGET: &str = "homecell::otel";
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// `[tracing]` in every component's configuration.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector's OTLP/gRPC endpoint, e.g. `http://otel-collector:4317`.
+    /// Unset: no span leaves the process.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// The share of new traces kept, 0 to 1. A trace a caller started keeps
+    /// the caller's decision (its `traceparent` flag).
+    #[serde(default = "all")]
+    pub sample_ratio: f64,
+}
+
+fn all() -> f64 {
+    1.0
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sample_ratio: 1.0,
+        }
+    }
+}
+
+impl TracingConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.sample_ratio),
+            "tracing.sample_ratio must be between 0 and 1"
+        );
+        if let Some(e) = &self.otlp_endpoint {
+            let uri: tonic::transport::Uri = e
+                .parse()
+                .map_err(|_| anyhow::anyhow!("tracing.otlp_endpoint is not a URL: {e}"))?;
+            anyhow::ensure!(
+                matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some(),
+                "tracing.otlp_endpoint must be http://host:port or https://host:port"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The exporter while the process runs: flushes what it holds when dropped.
+pub struct Exporter {
+    provider: SdkTracerProvider,
+    // The exporter's gRPC channel lives on this runtime, so any thread
+    // (Pingora's workers, the batch processor's own) can export.
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        if let Err(e) = self.provider.shutdown() {
+            eprintln!("could not flush the last spans: {e}");
+        }
+    }
+}
+
+/// The tracer for `service` (`homecell-cell` …) when `config` names an
+/// endpoint.
+pub fn tracer(
+    config: &TracingConfig,
+    service: &'static str,
+    region: Option<&str>,
+) -> anyhow::Result<Option<(opentelemetry_sdk::trace::Tracer, Exporter)>> {
+    use opentelemetry_otlp::WithExportConfig;
+    let Some(endpoint) = &config.otlp_endpoint else {
+        return Ok(None);
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("otlp-export")
+        .enable_all()
+        .build()?;
+    let exporter = {
+        let _in = runtime.enter();
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.clone())
+            .build()?
+    };
+    let mut resource = opentelemetry_sdk::Resource::builder().with_service_name(service);
+    if let Some(region) = region {
+        resource = resource.with_attribute(opentelemetry::KeyValue::new(
+            "cloud.region",
+            region.to_string(),
+        ));
+    }
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            config.sample_ratio,
+        ))))
+        .with_resource(resource.build())
+        .build();
+    let tracer = provider.tracer(service);
+    ENABLED.store(true, Ordering::Relaxed);
+    Ok(Some((
+        tracer,
+        Exporter {
+            provider,
+            _runtime: runtime,
+        },
+    )))
+}
+
+/// Whether spans are exported.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Makes `span` the child of the caller's span named by `parent` (the
+/// `traceparent` it sent).
+pub fn set_remote_parent(span: &tracing::Span, parent: Option<TraceParent>) {
+    if !enabled() {
+        return;
+    }
+    if let Some(p) = parent {
+        let cx = SpanContext::new(
+            TraceId::from_bytes(p.trace_id),
+            SpanId::from_bytes(p.span_id),
+            TraceFlags::new(p.flags),
+            true,
+            TraceState::default(),
+        );
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(cx));
+    }
+}
+
+/// This hop's trace context: the exported span's own ids when spans are
+/// exported, else `otherwise`.
+pub fn hop(span: &tracing::Span, otherwise: TraceParent) -> TraceParent {
+    if !enabled() {
+        return otherwise;
+    }
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    if !sc.is_valid() {
+        return otherwise;
+    }
+    TraceParent {
+        trace_id: sc.trace_id().to_bytes(),
+        span_id: sc.span_id().to_bytes(),
+        flags: sc.trace_flags().to_u8(),
+    }
+}

@@ -1,0 +1,109 @@
+//! gRPC with the trace carried across: [`TracedChannel`] on the calling
+//! side, [`TracedServer`] on the serving side (the control plane; a cell's
+//! shared listener has its own, `cell/src/http/access.rs`).
+//!
+//! Each call made while a task serves a request is a client span (exported
+//! when spans are, see `otel.rs`) whose id goes out in the W3C
+//! `traceparent` metadata, so the server's span names it as its parent and
+//! one trace follows a request from the router across cells and to the
+//! control plane. Calls made outside a request (background work) carry
+//! nothing.
+
+use crate::trace::CURRENT;
+use std::task::{Context, Poll};
+use tonic::body::Body;
+use tonic::codegen::http;
+use tonic::transport::Channel;
+use tracing::Instrument;
+use tracing::instrument::Instrumented;
+
+#[derive(Clone, Debug)]
+pub struct TracedChannel(Channel);
+
+impl TracedChannel {
+    pub fn new(channel: Channel) -> Self {
+        Self(channel)
+    }
+}
+
+impl tower::Service<http::Request<Body>> for TracedChannel {
+    type Response = http::Response<Body>;
+    type Error = tonic::transport::Error;
+    type Future = Instrumented<<Channel as tower::Service<http::Request<Body>>>::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        let Ok(current) = CURRENT.try_with(|t| *t) else {
+            return self.0.call(req).instrument(tracing::Span::none());
+        };
+        // Our own services' paths: `/<package.Service>/<Method>`.
+        let path = req.uri().path().trim_start_matches('/');
+        let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        let span = tracing::info_span!(
+            target: crate::otel::TARGET,
+            "call",
+            otel.name = %path,
+            otel.kind = "client",
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+        );
+        let hop = crate::otel::hop(&span, current.child());
+        if let Ok(v) = hop.header_value().parse() {
+            req.headers_mut().insert("traceparent", v);
+        }
+        self.0.call(req).instrument(span)
+    }
+}
+
+/// A server's calls as spans, children of the caller's `traceparent`: only
+/// while spans are exported (the server logs its own way).
+#[derive(Clone, Debug)]
+pub struct TracedServer<S>(pub S);
+
+impl<S, B> tower::Service<http::Request<B>> for TracedServer<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Instrumented<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if !crate::otel::enabled() {
+            return self.0.call(req).instrument(tracing::Span::none());
+        }
+        // Our services' methods only: a path is otherwise the caller's text.
+        let path = req.uri().path().trim_start_matches('/');
+        let ours = path.starts_with("homecell.")
+            && path.len() <= 128
+            && path
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/');
+        let path = if ours { path } else { "unmatched" };
+        let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        let span = tracing::info_span!(
+            target: crate::otel::TARGET,
+            "request",
+            otel.name = %path,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+        );
+        let parent = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::trace::TraceParent::parse);
+        crate::otel::set_remote_parent(&span, parent);
+        self.0.call(req).instrument(span)
+    }
+}
