@@ -114,10 +114,7 @@ async fn sample(db: &Datastore) -> anyhow::Result<()> {
             .set(*balance);
     }
 
-    let (size, idle) = match db {
-        Datastore::Sqlite(pool, ..) => (pool.size(), pool.num_idle()),
-        Datastore::Postgres(pool) => (pool.size(), pool.num_idle()),
-    };
+    let (size, idle) = db.pool_connections();
     let idle = i64::try_from(idle).unwrap_or(i64::MAX);
     m::POOL_CONNECTIONS.with_label_values(&["idle"]).set(idle);
     m::POOL_CONNECTIONS

@@ -179,6 +179,15 @@ pub static WRITE_BATCH_SIZE: LazyLock<prometheus::Histogram> = LazyLock::new(|| 
     )
 });
 
+/// Time a statement or transaction waited for a pooled connection.
+pub static POOL_WAIT: LazyLock<prometheus::Histogram> = LazyLock::new(|| {
+    histogram(
+        "homecell_cell_pool_wait_seconds",
+        "Time a statement waited for a datastore connection, or a transaction to open one",
+        vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0],
+    )
+});
+
 /// Time to commit a SQLite write batch, waiting for the write lock included.
 pub static COMMIT_SECONDS: LazyLock<prometheus::Histogram> = LazyLock::new(|| {
     histogram(
@@ -309,7 +318,7 @@ pub fn init() {
     ] {
         LazyLock::force(gauge);
     }
-    for h in [&WRITE_BATCH_SIZE, &COMMIT_SECONDS] {
+    for h in [&WRITE_BATCH_SIZE, &COMMIT_SECONDS, &POOL_WAIT] {
         LazyLock::force(h);
     }
     LazyLock::force(&HTTP_DURATION);

@@ -158,6 +158,21 @@ pub fn set_remote_parent(span: &tracing::Span, parent: Option<TraceParent>) {
     }
 }
 
+/// Links `span` to the span named by `cause` (a `traceparent` kept with
+/// work done later, as an outbox event keeps the request's).
+pub fn add_link(span: &tracing::Span, cause: TraceParent) {
+    if !enabled() {
+        return;
+    }
+    span.add_link(SpanContext::new(
+        TraceId::from_bytes(cause.trace_id),
+        SpanId::from_bytes(cause.span_id),
+        TraceFlags::new(cause.flags),
+        true,
+        TraceState::default(),
+    ));
+}
+
 /// This hop's trace context: the exported span's own ids when spans are
 /// exported, else `otherwise`.
 pub fn hop(span: &tracing::Span, otherwise: TraceParent) -> TraceParent {

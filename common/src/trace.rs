@@ -95,6 +95,12 @@ impl TraceParent {
     }
 }
 
+/// The `traceparent` of the request this task serves, if it serves one:
+/// what an event it causes keeps, for a later span to link to.
+pub fn current_header() -> Option<String> {
+    CURRENT.try_with(TraceParent::header_value).ok()
+}
+
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.header_value())

@@ -25,6 +25,8 @@ pub struct ReceivedSpan {
     pub kind: i32,
     /// Every attribute, its value as text.
     pub attributes: BTreeMap<String, String>,
+    /// The spans it links to: (trace id, span id).
+    pub links: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 #[derive(Clone, Default)]
@@ -66,6 +68,11 @@ impl TraceService for Collector {
                                     text(a.value.as_ref().and_then(|v| v.value.as_ref())),
                                 )
                             })
+                            .collect(),
+                        links: s
+                            .links
+                            .into_iter()
+                            .map(|l| (l.trace_id, l.span_id))
                             .collect(),
                     });
                 }

@@ -14,6 +14,7 @@ type Result<T = ()> = anyhow::Result<T>;
 const PW: &str = "correct horse battery";
 const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
+const CONSUMER: i32 = 5;
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -128,6 +129,33 @@ async fn one_request_is_one_trace_across_router_cells_and_control_plane() -> Res
     assert_eq!(router.attributes["http.response.status_code"], "201");
     assert_eq!(cell.attributes["http.request.method"], "POST");
     assert_eq!(claim.attributes["rpc.method"], "ClaimIdentifier");
+    let cell_span = cell.span_id.clone();
+
+    // The welcome the registration queued is dispatched later, in a trace
+    // of its own linked to the request's.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dispatch = loop {
+        let found = otlp
+            .spans()
+            .into_iter()
+            .find(|s| s.name == "notice.dispatch user.welcome");
+        if let Some(s) = found {
+            break s;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no dispatch span");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(dispatch.kind, CONSUMER);
+    assert_eq!(dispatch.service, "homecell-cell");
+    assert_eq!(
+        dispatch
+            .links
+            .iter()
+            .map(|(t, s)| (hex(t), hex(s)))
+            .collect::<Vec<_>>(),
+        [(trace.to_string(), hex(&cell_span))],
+        "linked to the registration's span at the cell"
+    );
 
     // 2. A read across cells: eu-west's user looks at cn-east's; cn-east
     // asks eu-west whether the session lives (cell → peer cell).

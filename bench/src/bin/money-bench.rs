@@ -124,6 +124,7 @@ fn transfer(id: String, from: &str, to: &str, amount: i64) -> (Operation, Vec<Mo
         topic: "money.received",
         user_id: to.into(),
         payload: "{}".into(),
+        trace: None,
     };
     (op, vec![m], event)
 }

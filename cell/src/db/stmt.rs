@@ -226,6 +226,18 @@ macro_rules! bind_all {
 /// Runs `$call` (a method of sqlx's query and its executor) with the query
 /// `$make` builds for the backend `$on` has, holding the SQLite writer for
 /// a write on the pool.
+/// A pooled connection, the wait for it counted
+/// (`homecell_cell_pool_wait_seconds`): a pool too small for the load shows
+/// there before anywhere else.
+async fn timed_acquire<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+) -> Result<sqlx::pool::PoolConnection<DB>, sqlx::Error> {
+    let started = std::time::Instant::now();
+    let conn = pool.acquire().await;
+    crate::metrics::POOL_WAIT.observe(started.elapsed().as_secs_f64());
+    conn
+}
+
 macro_rules! run {
     ($self:ident, $on:expr, $make:ident [$($g:ty)?], |$q:ident, $ex:ident| $call:expr) => {{
         let Stmt { sql, postgres, args } = $self;
@@ -239,18 +251,21 @@ macro_rules! run {
         match on {
             On::Read(Datastore::Sqlite(pool, ..)) => {
                 let $q = bind_all!(sqlx::$make::<Sqlite $(, $g)?>(sql), args);
-                let $ex = pool;
+                let mut conn = timed_acquire(pool).await?;
+                let $ex = &mut *conn;
                 $call
             }
             On::Write(Datastore::Sqlite(pool, ..)) => {
                 let _writer = SQLITE_WRITER.lock().await;
                 let $q = bind_all!(sqlx::$make::<Sqlite $(, $g)?>(sql), args);
-                let $ex = pool;
+                let mut conn = timed_acquire(pool).await?;
+                let $ex = &mut *conn;
                 $call
             }
             On::Read(Datastore::Postgres(pool)) | On::Write(Datastore::Postgres(pool)) => {
                 let $q = bind_all!(sqlx::$make::<Postgres $(, $g)?>(sql), args);
-                let $ex = pool;
+                let mut conn = timed_acquire(pool).await?;
+                let $ex = &mut *conn;
                 $call
             }
             On::Conn(Conn::Sqlite(c)) => {
@@ -380,9 +395,17 @@ impl Datastore {
         Ok(Tx(match self {
             Datastore::Sqlite(pool, ..) => {
                 let writer = SQLITE_WRITER.lock().await;
-                TxInner::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?, Some(writer))
+                let started = std::time::Instant::now();
+                let tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                crate::metrics::POOL_WAIT.observe(started.elapsed().as_secs_f64());
+                TxInner::Sqlite(tx, Some(writer))
             }
-            Datastore::Postgres(pool) => TxInner::Postgres(pool.begin().await?),
+            Datastore::Postgres(pool) => {
+                let started = std::time::Instant::now();
+                let tx = pool.begin().await?;
+                crate::metrics::POOL_WAIT.observe(started.elapsed().as_secs_f64());
+                TxInner::Postgres(tx)
+            }
         }))
     }
 

@@ -440,8 +440,8 @@ async fn write(tx: &mut Tx, st: &State) -> DbResult<()> {
     }
     for chunk in st.events.chunks(ROWS) {
         let mut stmt = built(format!(
-            "INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES {}",
-            anonymous(chunk.len(), 5)
+            "INSERT INTO outbox (id, topic, user_id, payload, created_at, traceparent) VALUES {}",
+            anonymous(chunk.len(), 6)
         ));
         for (e, now) in chunk {
             stmt = stmt
@@ -449,7 +449,8 @@ async fn write(tx: &mut Tx, st: &State) -> DbResult<()> {
                 .bind(e.topic)
                 .bind(&e.user_id)
                 .bind(&e.payload)
-                .bind(*now);
+                .bind(*now)
+                .bind(&e.trace);
         }
         stmt.execute(&mut *tx).await?;
     }

@@ -137,6 +137,8 @@ pub struct OutboxEvent {
     pub topic: &'static str,
     pub user_id: String,
     pub payload: String,
+    /// The request that caused it (`trace::current_header`), if one did.
+    pub trace: Option<String>,
 }
 
 /// What else an operation writes in its transaction.

@@ -219,12 +219,13 @@ fn placeholders(rows: usize, per: usize, first: usize) -> String {
 
 async fn side_effects(tx: &mut Tx, side: &SideEffects<'_>, now: i64) -> DbResult<()> {
     if let Some(e) = &side.event {
-        stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, $2, $3, $4, $5)")
+        stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at, traceparent) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(uuid::Uuid::now_v7().to_string())
             .bind(e.topic)
             .bind(&e.user_id)
             .bind(&e.payload)
             .bind(now)
+            .bind(&e.trace)
             .execute(&mut *tx)
             .await?;
     }

@@ -425,6 +425,7 @@ impl Money {
                 topic: "money.deposited",
                 user_id: d.user_id.clone(),
                 payload: op_payload(&op),
+                trace: homecell_common::trace::current_header(),
             }),
             audit: None,
         };
@@ -488,6 +489,7 @@ pub fn received_event(op: &Operation) -> OutboxEvent {
         topic: "money.received",
         user_id: op.to_user.clone().unwrap_or_default(),
         payload: op_payload(op),
+        trace: homecell_common::trace::current_header(),
     }
 }
 

@@ -105,6 +105,7 @@ impl Money {
                         "transfer_id": op.id, "amount": op.amount, "currency": op.currency,
                     })
                     .to_string(),
+                    trace: homecell_common::trace::current_header(),
                 }),
                 None,
             ),

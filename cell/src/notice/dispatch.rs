@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Events dispatched per transaction.
 const BATCH: i64 = 256;
@@ -228,6 +229,7 @@ impl Notices {
             .collect();
         let rendered = futures::future::join_all(events.iter().zip(&users).map(|(e, user_id)| {
             let ts = &templates[e.topic.as_str()];
+            let span = dispatch_span(e);
             async move {
                 match self.render_event(e, user_id, ts, now).await {
                     Ok(Some(f)) => f,
@@ -240,6 +242,7 @@ impl Notices {
                     }
                 }
             }
+            .instrument(span)
         }))
         .await;
         let batch: Vec<(&str, &str, &FanOut)> = events
@@ -258,4 +261,30 @@ impl Notices {
         self.publish(live).await;
         Ok(())
     }
+}
+
+/// The exported span of one event's dispatch (when spans are exported),
+/// linked to the request that caused the event: the dispatch runs later,
+/// in a trace of its own, as OpenTelemetry models work a message starts.
+fn dispatch_span(e: &Event) -> tracing::Span {
+    if !homecell_common::otel::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        target: homecell_common::otel::TARGET,
+        "dispatch",
+        otel.name = %format_args!("notice.dispatch {}", e.topic),
+        otel.kind = "consumer",
+        messaging.system = "homecell.outbox",
+        messaging.operation.type = "process",
+        messaging.destination.name = %e.topic,
+    );
+    if let Some(cause) = e
+        .traceparent
+        .as_deref()
+        .and_then(homecell_common::trace::TraceParent::parse)
+    {
+        homecell_common::otel::add_link(&span, cause);
+    }
+    span
 }

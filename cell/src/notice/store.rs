@@ -88,6 +88,9 @@ pub struct Event {
     pub user_id: Option<String>,
     pub payload: String,
     pub created_at: i64,
+    /// The request that caused it (its `traceparent`), if one did: the
+    /// dispatch's span links to that trace.
+    pub traceparent: Option<String>,
 }
 
 /// A rendered message for one channel, waiting to be sent.
@@ -155,24 +158,28 @@ impl NoticeStore {
         payload: &str,
         now: i64,
     ) -> DbResult<bool> {
-        let n = stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING")
-            .bind(id).bind(topic).bind(user_id).bind(payload).bind(now).execute(&self.db).await?;
+        let n = stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at, traceparent) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING")
+            .bind(id).bind(topic).bind(user_id).bind(payload).bind(now).bind(homecell_common::trace::current_header()).execute(&self.db).await?;
         Ok(n == 1)
     }
 
     pub async fn pending_events(&self, limit: i64) -> DbResult<Vec<Event>> {
-        let sql = "SELECT id, topic, user_id, payload, created_at FROM outbox WHERE delivered_at IS NULL ORDER BY created_at, id LIMIT $1";
-        let rows: Vec<(String, String, Option<String>, String, i64)> =
-            stmt(sql).bind(limit).fetch_all(&self.db).await?;
+        let sql = "SELECT id, topic, user_id, payload, created_at, traceparent FROM outbox WHERE delivered_at IS NULL ORDER BY created_at, id LIMIT $1";
+        // id, topic, user_id, payload, created_at, traceparent.
+        type Row = (String, String, Option<String>, String, i64, Option<String>);
+        let rows: Vec<Row> = stmt(sql).bind(limit).fetch_all(&self.db).await?;
         Ok(rows
             .into_iter()
-            .map(|(id, topic, user_id, payload, created_at)| Event {
-                id,
-                topic,
-                user_id,
-                payload,
-                created_at,
-            })
+            .map(
+                |(id, topic, user_id, payload, created_at, traceparent)| Event {
+                    id,
+                    topic,
+                    user_id,
+                    payload,
+                    created_at,
+                    traceparent,
+                },
+            )
             .collect())
     }
 

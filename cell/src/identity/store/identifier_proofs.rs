@@ -50,9 +50,9 @@ impl IdentityStore {
             .bind(p.id).bind(p.purpose).bind(p.user_id).bind(p.kind).bind(p.value)
             .bind(p.password_hash).bind(p.display_name).bind(p.code_hash).bind(p.now).bind(p.expires_at)
             .execute(&mut tx).await?;
-        stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'auth.identifier_code', $2, $3, $4)")
+        stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at, traceparent) VALUES ($1, 'auth.identifier_code', $2, $3, $4, $5)")
             .bind(uuid::Uuid::now_v7().to_string()).bind(p.user_id).bind(outbox_payload).bind(p.now)
-            .execute(&mut tx).await?;
+            .bind(homecell_common::trace::current_header()).execute(&mut tx).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -174,9 +174,9 @@ impl IdentityStore {
             // The old address hears of it: if the change was not its
             // owner's doing, they learn while they can still act.
             let notice = serde_json::json!({ "channel": kind, "to": old, "kind": kind });
-            stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'auth.identifier_changed', $2, $3, $4)")
+            stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at, traceparent) VALUES ($1, 'auth.identifier_changed', $2, $3, $4, $5)")
                 .bind(uuid::Uuid::now_v7().to_string()).bind(user_id).bind(notice.to_string()).bind(now)
-                .execute(&mut tx).await?;
+                .bind(homecell_common::trace::current_header()).execute(&mut tx).await?;
         }
         tx.commit().await?;
         Ok(())

@@ -26,8 +26,8 @@ impl IdentityStore {
             .await?;
         stmt("INSERT INTO password_resets (id, user_id, code_hash, attempts, created_at, expires_at) VALUES ($1, $2, $3, 0, $4, $5)")
             .bind(id).bind(user_id).bind(code_hash).bind(now).bind(expires_at).execute(&mut tx).await?;
-        stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'auth.password_reset', $2, $3, $4)")
-            .bind(uuid::Uuid::now_v7().to_string()).bind(user_id).bind(outbox_payload).bind(now).execute(&mut tx).await?;
+        stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at, traceparent) VALUES ($1, 'auth.password_reset', $2, $3, $4, $5)")
+            .bind(uuid::Uuid::now_v7().to_string()).bind(user_id).bind(outbox_payload).bind(now).bind(homecell_common::trace::current_header()).execute(&mut tx).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -23,8 +23,8 @@ impl IdentityStore {
                     .await?;
             if !seen.is_empty() && !seen.iter().any(|(c,)| *c == s.client_type) {
                 let payload = serde_json::json!({ "client_type": s.client_type }).to_string();
-                stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'auth.new_login', $2, $3, $4)")
-                .bind(uuid::Uuid::now_v7().to_string()).bind(&s.user_id).bind(payload).bind(s.created_at).execute(&mut tx).await?;
+                stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at, traceparent) VALUES ($1, 'auth.new_login', $2, $3, $4, $5)")
+                .bind(uuid::Uuid::now_v7().to_string()).bind(&s.user_id).bind(payload).bind(s.created_at).bind(homecell_common::trace::current_header()).execute(&mut tx).await?;
             }
             let ended: Option<(String,)> = stmt(
             "UPDATE sessions SET revoked_at = $1, revoke_reason = 'replaced' WHERE user_id = $2 AND client_type = $3 AND revoked_at IS NULL RETURNING id")

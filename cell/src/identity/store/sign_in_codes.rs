@@ -28,9 +28,9 @@ impl IdentityStore {
         stmt("INSERT INTO sign_in_codes (id, user_id, client_type, code_hash, attempts, created_at, expires_at) VALUES ($1, $2, $3, $4, 0, $5, $6)")
             .bind(id).bind(user_id).bind(client_type).bind(code_hash).bind(now).bind(expires_at)
             .execute(&mut tx).await?;
-        stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'auth.sign_in_code', $2, $3, $4)")
+        stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at, traceparent) VALUES ($1, 'auth.sign_in_code', $2, $3, $4, $5)")
             .bind(uuid::Uuid::now_v7().to_string()).bind(user_id).bind(outbox_payload).bind(now)
-            .execute(&mut tx).await?;
+            .bind(homecell_common::trace::current_header()).execute(&mut tx).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -30,8 +30,8 @@ impl IdentityStore {
             .execute(&mut tx)
             .await?;
         let welcome = serde_json::json!({ "display_name": u.display_name }).to_string();
-        stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'user.welcome', $2, $3, $4)")
-            .bind(uuid::Uuid::now_v7().to_string()).bind(u.id).bind(welcome).bind(u.now).execute(&mut tx).await?;
+        stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at, traceparent) VALUES ($1, 'user.welcome', $2, $3, $4, $5)")
+            .bind(uuid::Uuid::now_v7().to_string()).bind(u.id).bind(welcome).bind(u.now).bind(homecell_common::trace::current_header()).execute(&mut tx).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -69,8 +69,8 @@ impl IdentityStore {
             .execute(&mut tx)
             .await?;
         let welcome = serde_json::json!({ "display_name": display_name }).to_string();
-        stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at) VALUES ($1, 'user.welcome', $2, $3, $4)")
-            .bind(uuid::Uuid::now_v7().to_string()).bind(id).bind(welcome).bind(now).execute(&mut tx).await?;
+        stmt("INSERT INTO outbox (id, topic, user_id, payload, created_at, traceparent) VALUES ($1, 'user.welcome', $2, $3, $4, $5)")
+            .bind(uuid::Uuid::now_v7().to_string()).bind(id).bind(welcome).bind(now).bind(homecell_common::trace::current_header()).execute(&mut tx).await?;
         tx.commit().await?;
         Ok(())
     }
