@@ -188,11 +188,11 @@ pub static POOL_WAIT: LazyLock<prometheus::Histogram> = LazyLock::new(|| {
     )
 });
 
-/// Time to commit a SQLite write batch, waiting for the write lock included.
+/// Time a write transaction's commit takes (a SQLite write batch's too).
 pub static COMMIT_SECONDS: LazyLock<prometheus::Histogram> = LazyLock::new(|| {
     histogram(
         "homecell_cell_commit_duration_seconds",
-        "Time to run and commit one SQLite write batch",
+        "Time to commit a write transaction: the fsync on SQLite, the server's commit on PostgreSQL",
         vec![
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
         ],

@@ -374,3 +374,49 @@ async fn every_dashboard_panel_returns_series_from_a_running_cluster() -> Result
     }
     Ok(())
 }
+
+/// A component's log, written to a file (not a terminal), is one JSON
+/// object per line with no colour codes; an access line carries the
+/// timestamp, level, target and the request's trace and request ids.
+#[tokio::test]
+async fn logs_off_a_terminal_are_json_lines_without_colour() -> Result {
+    let c = standard().start().await?;
+    let api = Api::new(&c.router_url(0), "cn-east");
+    let r = api
+        .call(
+            reqwest::Method::GET,
+            "/v1/region",
+            None,
+            &[("x-request-id", "req-logs-1")],
+        )
+        .await?;
+    assert_eq!(r.status, StatusCode::OK);
+    let path = c.root.join("logs/cell-cn-east.log");
+    let mut access = None;
+    for _ in 0..50 {
+        let text = std::fs::read_to_string(&path)?;
+        assert!(
+            !text.contains('\u{1b}'),
+            "colour codes in {}",
+            path.display()
+        );
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| anyhow::anyhow!("not JSON ({e}): {line}"))?;
+            if v["target"] == "access" && v["span"]["request_id"] == "req-logs-1" {
+                access = Some(v);
+            }
+        }
+        if access.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let access = access.ok_or_else(|| anyhow::anyhow!("no access line for the request"))?;
+    for field in ["timestamp", "level", "target"] {
+        assert!(access.get(field).is_some(), "{field} in {access}");
+    }
+    assert_eq!(access["span"]["trace_id"].as_str().map(str::len), Some(32));
+    assert_eq!(access["route"], "/v1/region");
+    Ok(())
+}

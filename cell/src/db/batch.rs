@@ -56,13 +56,11 @@ impl TxBatch {
             while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
                 let size = jobs.len();
                 crate::metrics::WRITE_BATCH_SIZE.observe(size as f64);
-                let started = std::time::Instant::now();
                 // A job that panics costs its batch (rolled back, callers
                 // told), not every later refresh.
                 let ran = AssertUnwindSafe(commit(&pool, &mut jobs))
                     .catch_unwind()
                     .await;
-                crate::metrics::COMMIT_SECONDS.observe(started.elapsed().as_secs_f64());
                 let Ok((delivers, outcome)) = ran else {
                     jobs.clear();
                     tracing::error!(size, "a batched write panicked; its batch was rolled back");
@@ -146,7 +144,10 @@ async fn commit(pool: &SqlitePool, jobs: &mut Vec<Job>) -> (Vec<Deliver>, Result
             };
             sqlx::raw_sql(next).execute(&mut *tx).await?;
         }
-        tx.commit().await
+        let started = std::time::Instant::now();
+        let committed = tx.commit().await;
+        crate::metrics::COMMIT_SECONDS.observe(started.elapsed().as_secs_f64());
+        committed
     }
     .await;
     if outcome.is_err() {

@@ -454,10 +454,12 @@ impl Tx {
     }
 
     pub async fn commit(self) -> DbResult<()> {
+        let started = std::time::Instant::now();
         match self.0 {
             TxInner::Sqlite(tx, _writer) => tx.commit().await?,
             TxInner::Postgres(tx) => tx.commit().await?,
         }
+        crate::metrics::COMMIT_SECONDS.observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 }
