@@ -68,7 +68,8 @@ pub struct CellConfig {
     pub unsettled_claims_release_after_secs: u64,
     /// How often the cell audits its own ledger for `/metrics`
     /// (`homecell_cell_ledger_audit_ok`); 0 never. The audit reads every
-    /// ledger row in one snapshot, so keep it hours apart on a large one.
+    /// ledger row in one snapshot (on PostgreSQL, vacuum waits for it), so
+    /// keep it hours apart on a large ledger. Default 6 h.
     #[serde(default = "default_audit_interval")]
     pub ledger_audit_interval_secs: u64,
     /// Password hashes (argon2id, 19 MiB each) that may run at once; the
@@ -118,7 +119,7 @@ fn default_admin_listen() -> SocketAddr {
     "127.0.0.1:9080".parse().expect("valid")
 }
 fn default_audit_interval() -> u64 {
-    3600
+    6 * 3600
 }
 fn default_login_rate() -> u32 {
     30

@@ -98,6 +98,7 @@ fn main() -> ExitCode {
                 &config.tracing,
                 "homecell-cell",
                 Some(&config.region),
+                homecell_common::otel::Position::Inside,
             ) {
                 Ok(exporter) => exporter,
                 Err(e) => {

@@ -313,8 +313,6 @@ pub fn init() {
         &DELIVERIES_DEAD,
         &SESSIONS_ACTIVE,
         &TRANSFER_OLDEST_AGE,
-        &AUDIT_OK,
-        &AUDIT_TIME,
     ] {
         LazyLock::force(gauge);
     }

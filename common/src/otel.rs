@@ -33,8 +33,10 @@ pub struct TracingConfig {
     /// Unset: no span leaves the process.
     #[serde(default)]
     pub otlp_endpoint: Option<String>,
-    /// The share of new traces kept, 0 to 1. A trace a caller started keeps
-    /// the caller's decision (its `traceparent` flag).
+    /// The share of requests whose trace is kept, 0 to 1, decided by the
+    /// router (the edge) for each request; cells and the control plane
+    /// follow their caller's decision, and use it only for what no caller
+    /// decided (work a cell starts by itself).
     #[serde(default = "all")]
     pub sample_ratio: f64,
 }
@@ -62,9 +64,11 @@ impl TracingConfig {
             let uri: tonic::transport::Uri = e
                 .parse()
                 .map_err(|_| anyhow::anyhow!("tracing.otlp_endpoint is not a URL: {e}"))?;
+            // The exporter is built without TLS: a collector is reached on
+            // the local network or through a sidecar.
             anyhow::ensure!(
-                matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some(),
-                "tracing.otlp_endpoint must be http://host:port or https://host:port"
+                uri.scheme_str() == Some("http") && uri.host().is_some(),
+                "tracing.otlp_endpoint must be http://host:port (OTLP/gRPC without TLS: run the collector beside the component)"
             );
         }
         Ok(())
@@ -87,12 +91,59 @@ impl Drop for Exporter {
     }
 }
 
+/// Where a component stands, for its sampling: the router is the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    /// Decides for every request by a random draw of its own: a client's
+    /// `traceparent` keeps its trace id (the logs show it), but neither its
+    /// sampled flag nor a trace id picked to pass a ratio test decides
+    /// whether the request is exported.
+    Edge,
+    /// Follows its caller's decision (a router's or another component's).
+    Inside,
+}
+
+/// [`Position::Edge`]'s sampler.
+#[derive(Debug, Clone)]
+struct EdgeSampler {
+    ratio: f64,
+}
+
+impl opentelemetry_sdk::trace::ShouldSample for EdgeSampler {
+    fn should_sample(
+        &self,
+        parent: Option<&opentelemetry::Context>,
+        _trace_id: TraceId,
+        _name: &str,
+        _kind: &opentelemetry::trace::SpanKind,
+        _attributes: &[opentelemetry::KeyValue],
+        _links: &[opentelemetry::trace::Link],
+    ) -> opentelemetry_sdk::trace::SamplingResult {
+        use opentelemetry_sdk::trace::SamplingDecision;
+        let mut b = [0u8; 8];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+        let draw = (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64;
+        opentelemetry_sdk::trace::SamplingResult {
+            decision: if draw < self.ratio {
+                SamplingDecision::RecordAndSample
+            } else {
+                SamplingDecision::Drop
+            },
+            attributes: Vec::new(),
+            trace_state: parent
+                .map(|cx| cx.span().span_context().trace_state().clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
 /// The tracer for `service` (`homecell-cell` …) when `config` names an
 /// endpoint.
 pub fn tracer(
     config: &TracingConfig,
     service: &'static str,
     region: Option<&str>,
+    position: Position,
 ) -> anyhow::Result<Option<(opentelemetry_sdk::trace::Tracer, Exporter)>> {
     use opentelemetry_otlp::WithExportConfig;
     let Some(endpoint) = &config.otlp_endpoint else {
@@ -117,13 +168,18 @@ pub fn tracer(
             region.to_string(),
         ));
     }
-    let provider = SdkTracerProvider::builder()
+    let builder = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            config.sample_ratio,
-        ))))
-        .with_resource(resource.build())
-        .build();
+        .with_resource(resource.build());
+    let provider = match position {
+        Position::Edge => builder.with_sampler(EdgeSampler {
+            ratio: config.sample_ratio,
+        }),
+        Position::Inside => builder.with_sampler(Sampler::ParentBased(Box::new(
+            Sampler::TraceIdRatioBased(config.sample_ratio),
+        ))),
+    }
+    .build();
     let tracer = provider.tracer(service);
     ENABLED.store(true, Ordering::Relaxed);
     Ok(Some((
@@ -188,5 +244,60 @@ pub fn hop(span: &tracing::Span, otherwise: TraceParent) -> TraceParent {
         trace_id: sc.trace_id().to_bytes(),
         span_id: sc.span_id().to_bytes(),
         flags: sc.trace_flags().to_u8(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::SpanKind;
+    use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample};
+
+    /// A client's sampled flag, or a trace id chosen to pass a ratio test
+    /// (all zeros below the top bits), decides nothing at the edge.
+    #[test]
+    fn the_edge_ignores_what_a_client_says_about_sampling() {
+        let sampled_by_client =
+            opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+                TraceId::from_bytes(
+                    [0; 15]
+                        .into_iter()
+                        .chain([1])
+                        .collect::<Vec<_>>()
+                        .try_into()
+                        .unwrap(),
+                ),
+                SpanId::from_bytes([1; 8]),
+                TraceFlags::SAMPLED,
+                true,
+                TraceState::default(),
+            ));
+        let decide = |ratio: f64| {
+            EdgeSampler { ratio }
+                .should_sample(
+                    Some(&sampled_by_client),
+                    TraceId::from_bytes(
+                        [0; 15]
+                            .into_iter()
+                            .chain([1])
+                            .collect::<Vec<_>>()
+                            .try_into()
+                            .unwrap(),
+                    ),
+                    "request",
+                    &SpanKind::Server,
+                    &[],
+                    &[],
+                )
+                .decision
+        };
+        for _ in 0..100 {
+            assert_eq!(decide(0.0), SamplingDecision::Drop);
+            assert_eq!(decide(1.0), SamplingDecision::RecordAndSample);
+        }
+        let kept = (0..2000)
+            .filter(|_| decide(0.1) == SamplingDecision::RecordAndSample)
+            .count();
+        assert!((100..=320).contains(&kept), "{kept} of 2000 at 0.1");
     }
 }

@@ -10,34 +10,56 @@
 //!
 //! Refused attempts are not counted: the limit is on what gets through,
 //! and `Retry-After` says truly when the next one will.
+//!
+//! The estimate is not exact: a client that spends the limit at the very
+//! end of one window and again, less one, at the very end of the next gets
+//! up to twice the limit less one through within one true window, where a
+//! fixed window let that happen in any two seconds across a turn.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::Mutex;
 
 const SHARDS: usize = 16;
-/// Past this many keys in a shard, keys idle for two windows are dropped.
+/// Past this many keys in a shard, keys idle for two of their windows are
+/// dropped; a shard still over half full after that is emptied. So memory
+/// is bounded and each pass over a shard is paid for by half a shard of new
+/// keys, at the price of forgetting that shard's counts under a flood of
+/// distinct keys.
 const MAX_PER_SHARD: usize = 65_536;
 
-/// One key's counts: the window they belong to, then that window's and
-/// the one before's.
+/// One key's counts: its window's length and number, then that window's
+/// count and the one before's.
 #[derive(Clone, Copy)]
 struct Counts {
+    window_ms: u64,
     window: u64,
     previous: u32,
     current: u32,
 }
 
+struct Shard<K> {
+    keys: HashMap<K, Counts>,
+}
+
 pub struct SlidingLimiter<K> {
     hasher: RandomState,
-    shards: Vec<Mutex<HashMap<K, Counts>>>,
+    shards: Vec<Mutex<Shard<K>>>,
+    cap: usize,
 }
 
 impl<K: Hash + Eq> Default for SlidingLimiter<K> {
     fn default() -> Self {
         Self {
             hasher: RandomState::new(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            cap: MAX_PER_SHARD,
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        keys: HashMap::new(),
+                    })
+                })
+                .collect(),
         }
     }
 }
@@ -51,11 +73,12 @@ impl<K: Hash + Eq> SlidingLimiter<K> {
         let window = now_ms / window_ms;
         let into = now_ms % window_ms;
         let shard = (self.hasher.hash_one(&key) as usize) % SHARDS;
-        let mut map = self.shards[shard].lock().expect("poisoned");
-        if map.len() >= MAX_PER_SHARD {
-            map.retain(|_, c| c.window + 1 >= window);
+        let mut shard = self.shards[shard].lock().expect("poisoned");
+        if shard.keys.len() >= self.cap {
+            prune(&mut shard.keys, self.cap, now_ms);
         }
-        let c = map.entry(key).or_insert(Counts {
+        let c = shard.keys.entry(key).or_insert(Counts {
+            window_ms,
             window,
             previous: 0,
             current: 0,
@@ -63,6 +86,7 @@ impl<K: Hash + Eq> SlidingLimiter<K> {
         if c.window != window {
             let previous = if c.window + 1 == window { c.current } else { 0 };
             *c = Counts {
+                window_ms,
                 window,
                 previous,
                 current: 0,
@@ -78,6 +102,16 @@ impl<K: Hash + Eq> SlidingLimiter<K> {
             return Ok(());
         }
         Err(wait_ms(*c, limit, window_ms, into))
+    }
+}
+
+/// Drops the keys idle for two of their own windows (one limiter holds keys
+/// of several window lengths); empties the map if that leaves it over half
+/// of `cap`.
+fn prune<K>(keys: &mut HashMap<K, Counts>, cap: usize, now_ms: u64) {
+    keys.retain(|_, c| c.window + 1 >= now_ms / c.window_ms);
+    if keys.len() > cap / 2 {
+        keys.clear();
     }
 }
 
@@ -165,6 +199,41 @@ mod tests {
                 now - at >= (20 / u64::from(limit) - 2) * MIN,
                 "limit {limit}"
             );
+        }
+    }
+
+    #[test]
+    fn a_prune_judges_each_key_by_its_own_window() {
+        let counts = |window_ms: u64, window: u64| Counts {
+            window_ms,
+            window,
+            previous: 0,
+            current: 3,
+        };
+        let mut keys = HashMap::new();
+        keys.insert("register:a".to_string(), counts(MIN, 0));
+        for i in 0..10 {
+            keys.insert(format!("ip:{i}"), counts(1_000, 1));
+        }
+        prune(&mut keys, 100, 5_000);
+        assert_eq!(
+            keys.keys().collect::<Vec<_>>(),
+            ["register:a"],
+            "the one-second keys are idle at 5 s, the one-minute key is not"
+        );
+    }
+
+    #[test]
+    fn a_flood_of_distinct_keys_stays_within_the_cap() {
+        let l = SlidingLimiter {
+            cap: 8,
+            ..SlidingLimiter::default()
+        };
+        for i in 0..10_000u64 {
+            let _ = l.check(i, 1, MIN, 1_000 + i);
+        }
+        for s in &l.shards {
+            assert!(s.lock().unwrap().keys.len() <= 8);
         }
     }
 

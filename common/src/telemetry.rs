@@ -31,6 +31,7 @@ pub fn init(
     tracing: &crate::otel::TracingConfig,
     service: &'static str,
     region: Option<&str>,
+    position: crate::otel::Position,
 ) -> anyhow::Result<Option<crate::otel::Exporter>> {
     use tracing_subscriber::Layer;
     use tracing_subscriber::filter::filter_fn;
@@ -54,15 +55,23 @@ pub fn init(
     // The exported spans are not the log's, and nothing but them is
     // exported: no log event, and no span of the log's own.
     let exported = |m: &tracing::Metadata<'_>| m.is_span() && m.target() == crate::otel::TARGET;
-    let log = log
-        .with_filter(filter)
-        .with_filter(filter_fn(move |m| !exported(m)));
-    let (otel, exporter) = match crate::otel::tracer(tracing, service, region)? {
+    // Each filter names its most verbose level, so what nobody logs (the
+    // `log` crate's debug lines from Pingora and rustls) is not even built.
+    let hint = filter.max_level_hint();
+    let mut not_exported = filter_fn(move |m| !exported(m));
+    if let Some(hint) = hint {
+        not_exported = not_exported.with_max_level_hint(hint);
+    }
+    let log = log.with_filter(filter).with_filter(not_exported);
+    let (otel, exporter) = match crate::otel::tracer(tracing, service, region, position)? {
         Some((tracer, exporter)) => (
             Some(
                 tracing_opentelemetry::layer()
                     .with_tracer(tracer)
-                    .with_filter(filter_fn(exported)),
+                    .with_filter(
+                        filter_fn(exported)
+                            .with_max_level_hint(tracing::level_filters::LevelFilter::INFO),
+                    ),
             ),
             Some(exporter),
         ),

@@ -60,9 +60,20 @@ impl tower::Service<http::Request<Body>> for TracedChannel {
 }
 
 /// A server's calls as spans, children of the caller's `traceparent`: only
-/// while spans are exported (the server logs its own way).
+/// while spans are exported (the server logs its own way). A span is named
+/// by its method only if the method is one of `known` (`/package.Service/
+/// Method` paths), else `unmatched`: a caller's text never names one.
 #[derive(Clone, Debug)]
-pub struct TracedServer<S>(pub S);
+pub struct TracedServer<S> {
+    inner: S,
+    known: &'static [&'static str],
+}
+
+impl<S> TracedServer<S> {
+    pub fn new(inner: S, known: &'static [&'static str]) -> Self {
+        Self { inner, known }
+    }
+}
 
 impl<S, B> tower::Service<http::Request<B>> for TracedServer<S>
 where
@@ -73,21 +84,18 @@ where
     type Future = Instrumented<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         if !crate::otel::enabled() {
-            return self.0.call(req).instrument(tracing::Span::none());
+            return self.inner.call(req).instrument(tracing::Span::none());
         }
-        // Our services' methods only: a path is otherwise the caller's text.
-        let path = req.uri().path().trim_start_matches('/');
-        let ours = path.starts_with("homecell.")
-            && path.len() <= 128
-            && path
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/');
-        let path = if ours { path } else { "unmatched" };
+        let path = self
+            .known
+            .iter()
+            .find(|k| **k == req.uri().path())
+            .map_or("unmatched", |k| k.trim_start_matches('/'));
         let (service, method) = path.split_once('/').unwrap_or((path, ""));
         let span = tracing::info_span!(
             target: crate::otel::TARGET,
@@ -104,6 +112,6 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(crate::trace::TraceParent::parse);
         crate::otel::set_remote_parent(&span, parent);
-        self.0.call(req).instrument(span)
+        self.inner.call(req).instrument(span)
     }
 }

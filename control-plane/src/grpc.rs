@@ -101,6 +101,29 @@ impl ControlPlane {
     }
 }
 
+/// Every method the control plane serves (control.proto; a test keeps the
+/// two the same): the only names its spans take.
+pub const METHODS: &[&str] = &[
+    "/homecell.control.v1.RegionService/PublishSigningKeys",
+    "/homecell.control.v1.RegionService/AddRegion",
+    "/homecell.control.v1.RegionService/UpdateRegion",
+    "/homecell.control.v1.RegionService/ListRegions",
+    "/homecell.control.v1.RegionService/GetRegion",
+    "/homecell.control.v1.ConfigService/SetConfig",
+    "/homecell.control.v1.ConfigService/DeleteConfig",
+    "/homecell.control.v1.ConfigService/GetConfig",
+    "/homecell.control.v1.ConfigService/ListConfig",
+    "/homecell.control.v1.ConfigService/ConfigHistory",
+    "/homecell.control.v1.ConfigService/RollbackConfig",
+    "/homecell.control.v1.DirectoryService/ClaimIdentifier",
+    "/homecell.control.v1.DirectoryService/ReleaseIdentifier",
+    "/homecell.control.v1.DirectoryService/MoveUser",
+    "/homecell.control.v1.DirectoryService/ReassertClaims",
+    "/homecell.control.v1.SyncService/Watch",
+    "/homecell.control.v1.StatusService/GetStatus",
+    "/homecell.control.v1.BackupService/Backup",
+];
+
 #[tonic::async_trait]
 impl region_service_server::RegionService for ControlPlane {
     async fn publish_signing_keys(
@@ -528,5 +551,27 @@ impl backup_service_server::BackupService for ControlPlane {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_method_list_is_the_services() {
+        let proto = include_str!("../../proto/proto/homecell/control/v1/control.proto");
+        let mut service = None;
+        let mut want = Vec::new();
+        for line in proto.lines().map(str::trim) {
+            if let Some(s) = line.strip_prefix("service ") {
+                service = s.split_whitespace().next();
+            } else if let (Some(s), Some(rpc)) = (service, line.strip_prefix("rpc ")) {
+                let method = rpc.split('(').next().unwrap_or_default().trim();
+                want.push(format!("/homecell.control.v1.{s}/{method}"));
+            }
+        }
+        let mut have: Vec<String> = super::METHODS.iter().map(|m| m.to_string()).collect();
+        want.sort();
+        have.sort();
+        assert_eq!(have, want);
     }
 }

@@ -208,6 +208,7 @@ fn run_server(config: Option<PathBuf>, check: bool, healthcheck: bool) -> ExitCo
         &config.tracing,
         "homecell-control-plane",
         None,
+        homecell_common::otel::Position::Inside,
     ) {
         Ok(exporter) => exporter,
         Err(e) => {

@@ -269,9 +269,9 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             .tls_config(tls.tonic_server())?
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-            .layer(tower::layer::layer_fn(
-                homecell_common::traced_grpc::TracedServer,
-            ))
+            .layer(tower::layer::layer_fn(|s| {
+                homecell_common::traced_grpc::TracedServer::new(s, crate::grpc::METHODS)
+            }))
             .add_service(RegionServiceServer::new(cp.clone()))
             .add_service(ConfigServiceServer::new(cp.clone()))
             .add_service(SyncServiceServer::new(cp.clone()))

@@ -52,6 +52,7 @@ fn main() -> ExitCode {
         &config.tracing,
         "homecell-region-router",
         Some(&config.region),
+        homecell_common::otel::Position::Edge,
     ) {
         Ok(exporter) => exporter,
         Err(e) => {

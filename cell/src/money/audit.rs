@@ -136,10 +136,11 @@ fn check_cell(r: &mut Report, c: &CellLedger) {
         .filter(|a| c.recomputed.get(&a.id).copied().unwrap_or_default() != a.cols)
         .map(|a| a.id.as_str())
         .collect();
+    let known: std::collections::HashSet<&str> = c.accounts.iter().map(|a| a.id.as_str()).collect();
     let unknown = c
         .recomputed
         .keys()
-        .filter(|k| !c.accounts.iter().any(|a| &a.id == *k))
+        .filter(|k| !known.contains(k.as_str()))
         .count();
     r.check(
         mismatched.is_empty() && unknown == 0,
