@@ -53,16 +53,17 @@ pub fn init(
         log.boxed()
     };
     // The exported spans are not the log's, and nothing but them is
-    // exported: no log event, and no span of the log's own.
+    // exported: no log event, and no span of the log's own. The log's
+    // filter says so in a directive of its own, so each filter stays one
+    // static per-callsite answer: a nested or dynamic filter would be asked
+    // again at every event of every library, enabled or not.
+    let filter = filter.add_directive(
+        format!("{}=off", crate::otel::TARGET)
+            .parse()
+            .expect("a valid directive"),
+    );
     let exported = |m: &tracing::Metadata<'_>| m.is_span() && m.target() == crate::otel::TARGET;
-    // Each filter names its most verbose level, so what nobody logs (the
-    // `log` crate's debug lines from Pingora and rustls) is not even built.
-    let hint = filter.max_level_hint();
-    let mut not_exported = filter_fn(move |m| !exported(m));
-    if let Some(hint) = hint {
-        not_exported = not_exported.with_max_level_hint(hint);
-    }
-    let log = log.with_filter(filter).with_filter(not_exported);
+    let log = log.with_filter(filter);
     let (otel, exporter) = match crate::otel::tracer(tracing, service, region, position)? {
         Some((tracer, exporter)) => (
             Some(

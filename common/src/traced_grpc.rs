@@ -26,10 +26,21 @@ impl TracedChannel {
     }
 }
 
+/// The call's future, boxed: every future a handler might await is part of
+/// the handler's own (a session check's gRPC call is inside every
+/// authenticated request's), so a large one here would make every request
+/// copy more.
+type CallFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<http::Response<Body>, tonic::transport::Error>>
+            + Send,
+    >,
+>;
+
 impl tower::Service<http::Request<Body>> for TracedChannel {
     type Response = http::Response<Body>;
     type Error = tonic::transport::Error;
-    type Future = Instrumented<<Channel as tower::Service<http::Request<Body>>>::Future>;
+    type Future = CallFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.0.poll_ready(cx)
@@ -37,7 +48,7 @@ impl tower::Service<http::Request<Body>> for TracedChannel {
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         let Ok(current) = CURRENT.try_with(|t| *t) else {
-            return self.0.call(req).instrument(tracing::Span::none());
+            return Box::pin(self.0.call(req));
         };
         // Our own services' paths: `/<package.Service>/<Method>`.
         let path = req.uri().path().trim_start_matches('/');
@@ -55,7 +66,7 @@ impl tower::Service<http::Request<Body>> for TracedChannel {
         if let Ok(v) = hop.header_value().parse() {
             req.headers_mut().insert("traceparent", v);
         }
-        self.0.call(req).instrument(span)
+        Box::pin(self.0.call(req).instrument(span))
     }
 }
 
