@@ -113,7 +113,10 @@ impl Peers {
             session_id: sid.to_string(),
             user_id: user_id.to_string(),
         };
-        match client(ch).check_session(req).await {
+        // Boxed: this future is part of every authenticated request's
+        // (the session check sits in the extractor), and a tonic call's
+        // state is kilobytes that every request would otherwise move.
+        match Box::pin(client(ch).check_session(req)).await {
             Ok(r) => {
                 let alive = r.get_ref().alive;
                 let mut cache = self.sessions.lock().expect("poisoned");
