@@ -179,11 +179,11 @@ pub static WRITE_BATCH_SIZE: LazyLock<prometheus::Histogram> = LazyLock::new(|| 
     )
 });
 
-/// Time a statement or transaction waited for a pooled connection.
+/// Time a write transaction waited for a pooled connection and its BEGIN.
 pub static POOL_WAIT: LazyLock<prometheus::Histogram> = LazyLock::new(|| {
     histogram(
         "homecell_cell_pool_wait_seconds",
-        "Time a statement waited for a datastore connection, or a transaction to open one",
+        "Time a write transaction waited for a datastore connection and its BEGIN",
         vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0],
     )
 });

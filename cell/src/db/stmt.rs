@@ -226,18 +226,6 @@ macro_rules! bind_all {
 /// Runs `$call` (a method of sqlx's query and its executor) with the query
 /// `$make` builds for the backend `$on` has, holding the SQLite writer for
 /// a write on the pool.
-/// A pooled connection, the wait for it counted
-/// (`homecell_cell_pool_wait_seconds`): a pool too small for the load shows
-/// there before anywhere else.
-async fn timed_acquire<DB: sqlx::Database>(
-    pool: &sqlx::Pool<DB>,
-) -> Result<sqlx::pool::PoolConnection<DB>, sqlx::Error> {
-    let started = std::time::Instant::now();
-    let conn = pool.acquire().await;
-    crate::metrics::POOL_WAIT.observe(started.elapsed().as_secs_f64());
-    conn
-}
-
 macro_rules! run {
     ($self:ident, $on:expr, $make:ident [$($g:ty)?], |$q:ident, $ex:ident| $call:expr) => {{
         let Stmt { sql, postgres, args } = $self;
@@ -249,23 +237,24 @@ macro_rules! run {
             _ => sql,
         });
         match on {
+            // On the pool itself, not on a connection taken from it: the
+            // pool's executor boxes its work, where a connection's would be
+            // part of this future and of every future awaiting it (a
+            // statement outside a transaction is in most requests').
             On::Read(Datastore::Sqlite(pool, ..)) => {
                 let $q = bind_all!(sqlx::$make::<Sqlite $(, $g)?>(sql), args);
-                let mut conn = timed_acquire(pool).await?;
-                let $ex = &mut *conn;
+                let $ex = pool;
                 $call
             }
             On::Write(Datastore::Sqlite(pool, ..)) => {
                 let _writer = SQLITE_WRITER.lock().await;
                 let $q = bind_all!(sqlx::$make::<Sqlite $(, $g)?>(sql), args);
-                let mut conn = timed_acquire(pool).await?;
-                let $ex = &mut *conn;
+                let $ex = pool;
                 $call
             }
             On::Read(Datastore::Postgres(pool)) | On::Write(Datastore::Postgres(pool)) => {
                 let $q = bind_all!(sqlx::$make::<Postgres $(, $g)?>(sql), args);
-                let mut conn = timed_acquire(pool).await?;
-                let $ex = &mut *conn;
+                let $ex = pool;
                 $call
             }
             On::Conn(Conn::Sqlite(c)) => {
@@ -391,6 +380,9 @@ enum TxInner {
 }
 
 impl Datastore {
+    /// Opens a write transaction. The wait for its connection (and its
+    /// BEGIN) is counted in `homecell_cell_pool_wait_seconds`: a pool too
+    /// small for the load shows there before anywhere else.
     pub async fn begin(&self) -> DbResult<Tx> {
         Ok(Tx(match self {
             Datastore::Sqlite(pool, ..) => {
