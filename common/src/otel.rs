@@ -203,15 +203,20 @@ pub fn set_remote_parent(span: &tracing::Span, parent: Option<TraceParent>) {
         return;
     }
     if let Some(p) = parent {
-        let cx = SpanContext::new(
-            TraceId::from_bytes(p.trace_id),
-            SpanId::from_bytes(p.span_id),
-            TraceFlags::new(p.flags),
-            true,
-            TraceState::default(),
-        );
-        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(cx));
+        let cx = opentelemetry::Context::new().with_remote_span_context(remote(p));
+        let _ = span.set_parent(cx);
     }
+}
+
+/// The span another process named in a `traceparent`.
+fn remote(p: TraceParent) -> SpanContext {
+    SpanContext::new(
+        TraceId::from_bytes(p.trace_id),
+        SpanId::from_bytes(p.span_id),
+        TraceFlags::new(p.flags),
+        true,
+        TraceState::default(),
+    )
 }
 
 /// Links `span` to the span named by `cause` (a `traceparent` kept with
@@ -220,13 +225,7 @@ pub fn add_link(span: &tracing::Span, cause: TraceParent) {
     if !enabled() {
         return;
     }
-    span.add_link(SpanContext::new(
-        TraceId::from_bytes(cause.trace_id),
-        SpanId::from_bytes(cause.span_id),
-        TraceFlags::new(cause.flags),
-        true,
-        TraceState::default(),
-    ));
+    span.add_link(remote(cause));
 }
 
 /// This hop's trace context: the exported span's own ids when spans are

@@ -68,12 +68,10 @@ impl TraceParent {
         }
     }
 
-    /// The caller's context as this hop's, or a new trace when there is none
-    /// (or it is malformed).
-    pub fn continue_from(header: Option<&str>) -> Self {
-        header
-            .and_then(Self::parse)
-            .map_or_else(Self::new_root, |t| t.child())
+    /// The caller's context (its parsed `traceparent`) as this hop's, or a
+    /// new trace when there is none (or it was malformed).
+    pub fn continue_from(caller: Option<Self>) -> Self {
+        caller.map_or_else(Self::new_root, |t| t.child())
     }
 
     pub fn trace_id_hex(&self) -> String {
@@ -175,11 +173,11 @@ mod tests {
     #[test]
     fn a_hop_keeps_the_trace_and_takes_a_new_span() {
         let caller = TraceParent::parse(GOOD).expect("valid");
-        let hop = TraceParent::continue_from(Some(GOOD));
+        let hop = TraceParent::continue_from(TraceParent::parse(GOOD));
         assert_eq!(hop.trace_id, caller.trace_id);
         assert_eq!(hop.flags, caller.flags);
         assert_ne!(hop.span_id, caller.span_id);
-        let fresh = TraceParent::continue_from(Some("garbage"));
+        let fresh = TraceParent::continue_from(TraceParent::parse("garbage"));
         assert_ne!(fresh.trace_id, caller.trace_id);
         assert!(TraceParent::parse(&fresh.to_string()).is_some());
     }

@@ -51,17 +51,7 @@ impl tower::Service<http::Request<Body>> for TracedChannel {
             return Box::pin(self.0.call(req));
         };
         // Our own services' paths: `/<package.Service>/<Method>`.
-        let path = req.uri().path().trim_start_matches('/');
-        let (service, method) = path.split_once('/').unwrap_or((path, ""));
-        let span = tracing::info_span!(
-            target: crate::otel::TARGET,
-            "call",
-            otel.name = %path,
-            otel.kind = "client",
-            rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = %method,
-        );
+        let span = rpc_span(req.uri().path().trim_start_matches('/'), "client");
         let hop = crate::otel::hop(&span, current.child());
         if let Ok(v) = hop.header_value().parse() {
             req.headers_mut().insert("traceparent", v);
@@ -107,16 +97,7 @@ where
             .iter()
             .find(|k| **k == req.uri().path())
             .map_or("unmatched", |k| k.trim_start_matches('/'));
-        let (service, method) = path.split_once('/').unwrap_or((path, ""));
-        let span = tracing::info_span!(
-            target: crate::otel::TARGET,
-            "request",
-            otel.name = %path,
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = %method,
-        );
+        let span = rpc_span(path, "server");
         let parent = req
             .headers()
             .get("traceparent")
@@ -125,4 +106,19 @@ where
         crate::otel::set_remote_parent(&span, parent);
         self.inner.call(req).instrument(span)
     }
+}
+
+/// A gRPC call's exported span, by the conventions: `path` is
+/// `package.Service/Method`, `kind` is `client` or `server`.
+fn rpc_span(path: &str, kind: &'static str) -> tracing::Span {
+    let (service, method) = path.split_once('/').unwrap_or((path, ""));
+    tracing::info_span!(
+        target: crate::otel::TARGET,
+        "rpc",
+        otel.name = %path,
+        otel.kind = kind,
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+    )
 }

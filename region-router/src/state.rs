@@ -86,8 +86,9 @@ impl Ctx {
             homecell.region = tracing::field::Empty,
             homecell.routed_by = tracing::field::Empty,
         );
-        homecell_common::otel::set_remote_parent(&span, header.and_then(TraceParent::parse));
-        let trace = homecell_common::otel::hop(&span, TraceParent::continue_from(header));
+        let caller = header.and_then(TraceParent::parse);
+        homecell_common::otel::set_remote_parent(&span, caller);
+        let trace = homecell_common::otel::hop(&span, TraceParent::continue_from(caller));
         Self {
             request_id: headers
                 .get("x-request-id")

@@ -35,7 +35,7 @@ pub async fn traced(req: Request, next: Next) -> Response {
         .get("traceparent")
         .and_then(|v| v.to_str().ok());
     let caller_span = header.and_then(TraceParent::parse);
-    let trace = TraceParent::continue_from(header);
+    let trace = TraceParent::continue_from(caller_span);
     let method = req.method().clone();
     // A gRPC path is the method's name; an HTTP path may hold ids, so it
     // is logged as its template.
