@@ -27,6 +27,9 @@ pub struct ReceivedSpan {
     pub attributes: BTreeMap<String, String>,
     /// The spans it links to: (trace id, span id).
     pub links: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Its events' names and attribute values, as text (a log event that
+    /// reached the exporter would be one).
+    pub events: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -73,6 +76,17 @@ impl TraceService for Collector {
                             .links
                             .into_iter()
                             .map(|l| (l.trace_id, l.span_id))
+                            .collect(),
+                        events: s
+                            .events
+                            .iter()
+                            .flat_map(|e| {
+                                std::iter::once(e.name.clone()).chain(
+                                    e.attributes.iter().map(|a| {
+                                        text(a.value.as_ref().and_then(|v| v.value.as_ref()))
+                                    }),
+                                )
+                            })
                             .collect(),
                     });
                 }
