@@ -22,7 +22,7 @@ fn validate_identifier(identifier: &str) -> Result<(), CodedError> {
     }
 }
 
-fn validate_user_id(user_id: &str) -> Result<(), CodedError> {
+pub(crate) fn validate_user_id(user_id: &str) -> Result<(), CodedError> {
     // No control characters: PostgreSQL's text cannot hold a NUL, and a
     // user id must mean the same on both engines.
     if user_id.is_empty() || user_id.len() > 64 || user_id.chars().any(char::is_control) {

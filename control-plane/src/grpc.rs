@@ -25,7 +25,7 @@ pub struct ControlPlane {
 }
 
 /// A cell acting for its own region, and nothing else.
-fn cell_of<T>(req: &Request<T>, region: &str) -> Result<PeerIdentity, Status> {
+pub(crate) fn cell_of<T>(req: &Request<T>, region: &str) -> Result<PeerIdentity, Status> {
     let who = caller(req)?;
     match &who {
         PeerIdentity::Cell { region: r } if r == region => Ok(who),
@@ -35,12 +35,12 @@ fn cell_of<T>(req: &Request<T>, region: &str) -> Result<PeerIdentity, Status> {
     }
 }
 
-fn caller<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
+pub(crate) fn caller<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
     grpc_peer(req)
         .ok_or_else(|| Status::unauthenticated("a Homecell client certificate is required"))
 }
 
-fn operator<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
+pub(crate) fn operator<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
     let who = caller(req)?;
     match who {
         PeerIdentity::Operator { .. } => Ok(who),
@@ -50,7 +50,7 @@ fn operator<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
     }
 }
 
-fn reader<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
+pub(crate) fn reader<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
     let who = caller(req)?;
     match who {
         PeerIdentity::ControlPlane => Err(Status::permission_denied("not a client identity")),
@@ -72,7 +72,7 @@ impl ControlPlane {
     }
 
     /// Runs a mutation as `actor` on the blocking pool.
-    async fn mutate<T: Send + 'static>(
+    pub(crate) async fn mutate<T: Send + 'static>(
         &self,
         actor: &PeerIdentity,
         f: impl FnOnce(&mut crate::store::Tx<'_>) -> Result<T, CodedError> + Send + 'static,
@@ -88,7 +88,7 @@ impl ControlPlane {
         Ok(out)
     }
 
-    async fn read<T: Send + 'static>(
+    pub(crate) async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&crate::store::Tx<'_>) -> Result<T, CodedError> + Send + 'static,
     ) -> Result<(T, u64), Status> {
@@ -122,6 +122,16 @@ pub const METHODS: &[&str] = &[
     "/homecell.control.v1.SyncService/Watch",
     "/homecell.control.v1.StatusService/GetStatus",
     "/homecell.control.v1.BackupService/Backup",
+    "/homecell.control.v1.MoveService/StartMove",
+    "/homecell.control.v1.MoveService/GetMove",
+    "/homecell.control.v1.MoveService/CancelMove",
+    "/homecell.control.v1.MoveService/ReverseMove",
+    "/homecell.control.v1.MoveService/StartBatch",
+    "/homecell.control.v1.MoveService/GetBatch",
+    "/homecell.control.v1.MoveService/CancelBatch",
+    "/homecell.control.v1.MoveService/ListMoves",
+    "/homecell.control.v1.MoveService/AdvanceMove",
+    "/homecell.control.v1.MoveService/ExtendBatch",
 ];
 
 #[tonic::async_trait]

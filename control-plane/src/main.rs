@@ -5,6 +5,7 @@ use homecell_common::telemetry;
 use homecell_common::tls::{PeerIdentity, Pki};
 use homecell_control_plane::backup_cli::{self, StoreTarget};
 use homecell_control_plane::cli::{self, ConfigCmd, Connection, RegionCmd};
+use homecell_control_plane::move_cli::MoveCmd;
 use homecell_control_plane::serve::{self, ServeConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +44,9 @@ enum Cmd {
     /// Manage configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Move users between regions: one, a batch, or a whole region.
+    #[command(subcommand)]
+    Move(MoveCmd),
     /// Every subscriber with its applied revision and last contact.
     Status,
     /// Copy the running control plane's state to a new file (a consistent
@@ -144,6 +148,7 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Region(c) => cli::region(&conn, c).await,
             Cmd::Config(c) => cli::config(&conn, c).await,
+            Cmd::Move(c) => homecell_control_plane::move_cli::run(&conn, c).await,
             Cmd::Status => cli::status(&conn).await,
             Cmd::Backup { out, out_dir, keep } => {
                 backup_cli::backup(&conn, out, out_dir, keep).await

@@ -126,6 +126,8 @@ pub fn update(tx: &mut Tx<'_>, u: UpdateRegionRequest) -> Result<Region, CodedEr
     }
     if next.status != RegionStatus::Retired as i32 {
         check_countries_free(tx, &next)?;
+    } else {
+        check_empty(tx, &next.id)?;
     }
     let status_moved = next.status != current.status;
     let region = tx.put_region(next)?;
@@ -138,6 +140,41 @@ pub fn update(tx: &mut Tx<'_>, u: UpdateRegionRequest) -> Result<Region, CodedEr
         );
     }
     Ok(region)
+}
+
+/// A region retires only with no user left in it and none moving in or
+/// out: retired is final, and a user homed there would be stranded.
+/// Walks the directory's users (a rare operator action; pages keep memory
+/// flat).
+fn check_empty(tx: &Tx<'_>, id: &str) -> Result<(), CodedError> {
+    let mut homed = 0u64;
+    let mut after: Option<String> = None;
+    loop {
+        let page = tx.users_page(after.as_deref(), 10_000)?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.0.clone());
+        homed += page.iter().filter(|(_, region)| region == id).count() as u64;
+    }
+    let mut moving = 0u64;
+    let mut after: Option<String> = None;
+    loop {
+        let page = tx.open_moves_page(after.as_deref(), 1_000)?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.user_id.clone());
+        moving += page
+            .iter()
+            .filter(|m| m.from_region == id || m.to_region == id)
+            .count() as u64;
+    }
+    if homed > 0 || moving > 0 {
+        return Err(CodedError::new(
+            ErrorCode::FailedPrecondition,
+            format!(
+                "region {id} still homes {homed} users ({moving} moving): evacuate it first (control-plane move evacuate {id} --to <region>)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub fn get(tx: &Tx<'_>, id: &str) -> Result<Region, CodedError> {

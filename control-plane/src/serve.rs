@@ -278,6 +278,9 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             .add_service(DirectoryServiceServer::new(cp.clone()))
             .add_service(BackupServiceServer::new(cp.clone()))
             .add_service(StatusServiceServer::new(cp.clone()))
+            .add_service(
+                homecell_proto::control::move_service_server::MoveServiceServer::new(cp.clone()),
+            )
             .serve_with_incoming_shutdown(incoming, stop);
         // Watch streams never end on their own: once stopping, give open
         // calls a moment, then stop regardless.

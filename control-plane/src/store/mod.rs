@@ -10,7 +10,7 @@
 
 use homecell_proto::control::{
     Change, ChangeSet, ConfigEntry, ConfigHistoryEntry, ConfigKey, DirectoryUser, IdentifierClaim,
-    Region, Snapshot, SubscriberStatus, change,
+    MoveBatch, MoveRecord, Region, Snapshot, SubscriberStatus, change,
 };
 use homecell_proto::error::CodedError;
 use redb::{Database, ReadableDatabase};
@@ -27,6 +27,7 @@ pub use follow::Instance;
 pub use postgres::InstanceRow;
 pub use rebuild::{BACKUP_FORMAT, Rebuilder};
 use redb_tables::{RedbRead, RedbWrite, storage};
+pub use tables::move_is_open;
 
 const REVISION: &str = "revision";
 /// Revisions at or below the floor have been compacted out of the log.
@@ -349,6 +350,72 @@ impl Tx<'_> {
             actor: self.actor.to_string(),
         };
         self.t.put_history(row, &h)
+    }
+
+    /// (user id, home region) after `after`, in user id order.
+    pub fn users_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, CodedError> {
+        self.t.users_page(after, limit)
+    }
+
+    /// The move journal's rows are bookkeeping: no subscriber sees them
+    /// (the cut-over's directory change is what they see).
+    pub fn move_record(&self, id: &str) -> Result<Option<MoveRecord>, CodedError> {
+        self.t.move_record(id)
+    }
+
+    pub fn moves_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<MoveRecord>, CodedError> {
+        self.t.moves_page(after, limit)
+    }
+
+    pub fn open_move_of(&self, user_id: &str) -> Result<Option<String>, CodedError> {
+        self.t.open_move_of(user_id)
+    }
+
+    pub fn open_moves_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<MoveRecord>, CodedError> {
+        self.t.open_moves_page(after, limit)
+    }
+
+    pub fn put_move(&mut self, mut m: MoveRecord) -> Result<MoveRecord, CodedError> {
+        m.updated_unix_ms = self.at_unix_ms;
+        self.t.put_move(&m)?;
+        self.bookkept = true;
+        Ok(m)
+    }
+
+    pub fn batch(&self, id: &str) -> Result<Option<MoveBatch>, CodedError> {
+        self.t.batch(id)
+    }
+
+    pub fn batches(&self) -> Result<Vec<MoveBatch>, CodedError> {
+        self.t.batches()
+    }
+
+    pub fn put_batch(&mut self, b: MoveBatch) -> Result<MoveBatch, CodedError> {
+        self.t.put_batch(&b)?;
+        self.bookkept = true;
+        Ok(b)
+    }
+
+    /// When this transaction runs (unix ms).
+    pub fn now_unix_ms(&self) -> i64 {
+        self.at_unix_ms
+    }
+
+    /// Who runs it.
+    pub fn actor(&self) -> &str {
+        self.actor
     }
 
     /// Every config row's state as of `revision`: (key, region) → entry, from

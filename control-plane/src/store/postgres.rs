@@ -17,7 +17,8 @@
 
 use super::tables::{Read, Result, UserRow, Write};
 use homecell_proto::control::{
-    ChangeSet, ConfigEntry, ConfigHistoryEntry, IdentifierClaim, Region, SubscriberStatus,
+    ChangeSet, ConfigEntry, ConfigHistoryEntry, IdentifierClaim, MoveBatch, MoveRecord, Region,
+    SubscriberStatus,
 };
 use homecell_proto::error::CodedError;
 use prost::Message;
@@ -30,11 +31,18 @@ use std::time::Duration;
 /// The channel committed revisions are announced on.
 pub const CHANNEL: &str = "homecell_cp_revision";
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "0001_store",
-    include_str!("../../migrations/postgres/0001_store.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "0001_store",
+        include_str!("../../migrations/postgres/0001_store.sql"),
+    ),
+    (
+        2,
+        "0002_moves",
+        include_str!("../../migrations/postgres/0002_moves.sql"),
+    ),
+];
 
 fn storage(e: impl std::fmt::Display) -> CodedError {
     super::redb_tables::storage(e)
@@ -644,6 +652,54 @@ impl Read for PgTx {
             })
             .collect()
     }
+    fn move_record(&self, id: &str) -> Result<Option<MoveRecord>> {
+        self.body("SELECT body FROM cp_moves WHERE id = $1", id)
+    }
+    fn moves_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<MoveRecord>> {
+        let after = after.map(str::to_string);
+        let v: Vec<Vec<u8>> = self.run(move |c| {
+            Box::pin(async move {
+                sqlx::query_scalar("SELECT body FROM cp_moves WHERE id > $1 ORDER BY id LIMIT $2")
+                    .bind(after.unwrap_or_default())
+                    .bind(limit as i64)
+                    .fetch_all(c)
+                    .await
+            })
+        })?;
+        v.iter().map(|b| decode(b)).collect()
+    }
+    fn open_move_of(&self, user_id: &str) -> Result<Option<String>> {
+        let user = user_id.to_string();
+        self.run(move |c| {
+            Box::pin(async move {
+                sqlx::query_scalar("SELECT id FROM cp_moves WHERE open_user = $1")
+                    .bind(user)
+                    .fetch_optional(c)
+                    .await
+            })
+        })
+    }
+    fn open_moves_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<MoveRecord>> {
+        let after = after.map(str::to_string);
+        let v: Vec<Vec<u8>> = self.run(move |c| {
+            Box::pin(async move {
+                sqlx::query_scalar(
+                    "SELECT body FROM cp_moves WHERE open_user > $1 ORDER BY open_user LIMIT $2",
+                )
+                .bind(after.unwrap_or_default())
+                .bind(limit as i64)
+                .fetch_all(c)
+                .await
+            })
+        })?;
+        v.iter().map(|b| decode(b)).collect()
+    }
+    fn batch(&self, id: &str) -> Result<Option<MoveBatch>> {
+        self.body("SELECT body FROM cp_move_batches WHERE id = $1", id)
+    }
+    fn batches(&self) -> Result<Vec<MoveBatch>> {
+        self.bodies("SELECT body FROM cp_move_batches ORDER BY id")
+    }
 }
 
 impl Write for PgTx {
@@ -770,6 +826,24 @@ impl Write for PgTx {
                 .bind(s.node_id.clone())
                 .bind(s.encode_to_vec())
                 .bind(s.last_contact_unix_ms),
+        )?;
+        Ok(())
+    }
+    fn put_move(&mut self, m: &MoveRecord) -> Result<()> {
+        let open = super::tables::move_is_open(m).then(|| m.user_id.clone());
+        self.exec(
+            sqlx::query("INSERT INTO cp_moves (id, open_user, body) VALUES ($1, $2, $3) ON CONFLICT (id) DO UPDATE SET open_user = $2, body = $3")
+                .bind(m.id.clone())
+                .bind(open)
+                .bind(m.encode_to_vec()),
+        )?;
+        Ok(())
+    }
+    fn put_batch(&mut self, b: &MoveBatch) -> Result<()> {
+        self.exec(
+            sqlx::query("INSERT INTO cp_move_batches (id, body) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET body = $2")
+                .bind(b.id.clone())
+                .bind(b.encode_to_vec()),
         )?;
         Ok(())
     }

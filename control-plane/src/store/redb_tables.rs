@@ -3,7 +3,8 @@
 
 use super::tables::{Read, Result, UserRow, Write};
 use homecell_proto::control::{
-    ChangeSet, ConfigEntry, ConfigHistoryEntry, IdentifierClaim, Region, SubscriberStatus,
+    ChangeSet, ConfigEntry, ConfigHistoryEntry, IdentifierClaim, MoveBatch, MoveRecord, Region,
+    SubscriberStatus,
 };
 use homecell_proto::error::CodedError;
 use prost::Message;
@@ -29,11 +30,17 @@ pub const USERS: TableDefinition<&str, (&str, u32)> = TableDefinition::new("user
 /// For a store recovered from a replica: the first 128 bits of each claim's
 /// HMAC → the region that held it (see `Tx::reservation`).
 pub const RESERVED: TableDefinition<u128, &str> = TableDefinition::new("reserved_claims");
+/// Move id → MoveRecord: the move journal.
+pub const MOVES: TableDefinition<&str, &[u8]> = TableDefinition::new("moves");
+/// User id → the id of the user's open move.
+pub const OPEN_MOVES: TableDefinition<&str, &str> = TableDefinition::new("open_moves");
+/// Batch id → MoveBatch.
+pub const MOVE_BATCHES: TableDefinition<&str, &[u8]> = TableDefinition::new("move_batches");
 
 /// Opens every table, so a new file holds them all (and a reader never
 /// meets a missing one).
 pub fn create_all(txn: &WriteTransaction) -> std::result::Result<(), redb::TableError> {
-    for t in [REGIONS, CONFIG, SUBSCRIBERS, CLAIMS] {
+    for t in [REGIONS, CONFIG, SUBSCRIBERS, CLAIMS, MOVES, MOVE_BATCHES] {
         txn.open_table(t)?;
     }
     txn.open_table(META)?;
@@ -41,6 +48,7 @@ pub fn create_all(txn: &WriteTransaction) -> std::result::Result<(), redb::Table
     txn.open_table(CONFIG_HISTORY)?;
     txn.open_table(RESERVED)?;
     txn.open_table(USERS)?;
+    txn.open_table(OPEN_MOVES)?;
     Ok(())
 }
 
@@ -213,6 +221,44 @@ macro_rules! redb_reads {
                 }
                 Ok(out)
             }
+            fn move_record(&self, id: &str) -> Result<Option<MoveRecord>> {
+                row(&self.0.open_table(MOVES).map_err(storage)?, id)
+            }
+            fn moves_page(&self, from: Option<&str>, limit: usize) -> Result<Vec<MoveRecord>> {
+                let t = self.0.open_table(MOVES).map_err(storage)?;
+                let mut out = Vec::new();
+                for r in t.range::<&str>(after(from)).map_err(storage)?.take(limit) {
+                    out.push(decode(r.map_err(storage)?.1.value())?);
+                }
+                Ok(out)
+            }
+            fn open_move_of(&self, user_id: &str) -> Result<Option<String>> {
+                let t = self.0.open_table(OPEN_MOVES).map_err(storage)?;
+                let v = t.get(user_id).map_err(storage)?;
+                Ok(v.map(|v| v.value().to_string()))
+            }
+            fn open_moves_page(&self, from: Option<&str>, limit: usize) -> Result<Vec<MoveRecord>> {
+                let open = self.0.open_table(OPEN_MOVES).map_err(storage)?;
+                let moves = self.0.open_table(MOVES).map_err(storage)?;
+                let mut out = Vec::new();
+                for r in open
+                    .range::<&str>(after(from))
+                    .map_err(storage)?
+                    .take(limit)
+                {
+                    let (_, id) = r.map_err(storage)?;
+                    if let Some(m) = row(&moves, id.value())? {
+                        out.push(m);
+                    }
+                }
+                Ok(out)
+            }
+            fn batch(&self, id: &str) -> Result<Option<MoveBatch>> {
+                row(&self.0.open_table(MOVE_BATCHES).map_err(storage)?, id)
+            }
+            fn batches(&self) -> Result<Vec<MoveBatch>> {
+                rows(&self.0.open_table(MOVE_BATCHES).map_err(storage)?)
+            }
         }
     };
 }
@@ -301,6 +347,31 @@ impl Write for RedbWrite<'_> {
     fn put_subscriber(&mut self, s: &SubscriberStatus) -> Result<()> {
         let mut t = self.0.open_table(SUBSCRIBERS).map_err(storage)?;
         t.insert(s.node_id.as_str(), s.encode_to_vec().as_slice())
+            .map_err(storage)?;
+        Ok(())
+    }
+    fn put_move(&mut self, m: &MoveRecord) -> Result<()> {
+        let mut t = self.0.open_table(MOVES).map_err(storage)?;
+        t.insert(m.id.as_str(), m.encode_to_vec().as_slice())
+            .map_err(storage)?;
+        let mut open = self.0.open_table(OPEN_MOVES).map_err(storage)?;
+        if super::tables::move_is_open(m) {
+            open.insert(m.user_id.as_str(), m.id.as_str())
+                .map_err(storage)?;
+        } else {
+            let mine = open
+                .get(m.user_id.as_str())
+                .map_err(storage)?
+                .is_some_and(|v| v.value() == m.id);
+            if mine {
+                open.remove(m.user_id.as_str()).map_err(storage)?;
+            }
+        }
+        Ok(())
+    }
+    fn put_batch(&mut self, b: &MoveBatch) -> Result<()> {
+        let mut t = self.0.open_table(MOVE_BATCHES).map_err(storage)?;
+        t.insert(b.id.as_str(), b.encode_to_vec().as_slice())
             .map_err(storage)?;
         Ok(())
     }

@@ -8,7 +8,8 @@
 //! its tables; neither decides anything.
 
 use homecell_proto::control::{
-    ChangeSet, ConfigEntry, ConfigHistoryEntry, IdentifierClaim, Region, SubscriberStatus,
+    ChangeSet, ConfigEntry, ConfigHistoryEntry, IdentifierClaim, MoveBatch, MoveRecord, Region,
+    SubscriberStatus,
 };
 use homecell_proto::error::CodedError;
 
@@ -48,6 +49,17 @@ pub trait Read {
         after: Option<(u64, &str)>,
         limit: usize,
     ) -> Result<Vec<(u64, String, ConfigHistoryEntry)>>;
+
+    /// The move journal (see `crate::moves`).
+    fn move_record(&self, id: &str) -> Result<Option<MoveRecord>>;
+    /// Every move, in id order, after `after`.
+    fn moves_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<MoveRecord>>;
+    /// The open move of a user (not done or cancelled), if any.
+    fn open_move_of(&self, user_id: &str) -> Result<Option<String>>;
+    /// Every open move, in user id order, after `after`.
+    fn open_moves_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<MoveRecord>>;
+    fn batch(&self, id: &str) -> Result<Option<MoveBatch>>;
+    fn batches(&self) -> Result<Vec<MoveBatch>>;
 }
 
 /// What a write transaction can change, on top of reading.
@@ -71,6 +83,15 @@ pub trait Write: Read {
     /// Drops the log's change sets at or below `revision` (all for `MAX`).
     fn trim_changes(&mut self, revision: u64) -> Result<()>;
     fn put_subscriber(&mut self, s: &SubscriberStatus) -> Result<()>;
+    /// Stores a move, and keeps the index of open moves by user with it.
+    fn put_move(&mut self, m: &MoveRecord) -> Result<()>;
+    fn put_batch(&mut self, b: &MoveBatch) -> Result<()>;
+}
+
+/// A move still running: neither done nor cancelled.
+pub fn move_is_open(m: &MoveRecord) -> bool {
+    use homecell_proto::control::MoveState;
+    !matches!(m.state(), MoveState::Done | MoveState::Cancelled)
 }
 
 /// Counts one more claim on `user_id` and homes it in `region`; returns the
