@@ -47,37 +47,6 @@ pub async fn grant_role(config: &CellConfig, identifier: &str, role: &str) -> Re
     Ok(())
 }
 
-/// Asks the running cell to move one of its users (see `moving`), as its
-/// own host: with the cell's certificate, on its listener.
-pub async fn move_user(config: &CellConfig, user_id: &str, to: &str) -> Result<()> {
-    use homecell_proto::cell::{MoveUserOutRequest, cell_service_client::CellServiceClient};
-    let mut addr = config.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let tls = config.tls.load()?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(tls.tonic_client(&format!("cell.{}", config.region)))?
-        .connect_timeout(std::time::Duration::from_secs(2))
-        .timeout(std::time::Duration::from_secs(60))
-        .connect()
-        .await
-        .map_err(|e| anyhow!("cannot reach the running cell at {addr}: {e}"))?;
-    let r = CellServiceClient::new(channel)
-        .move_user_out(MoveUserOutRequest {
-            user_id: user_id.to_string(),
-            to_region: to.to_string(),
-        })
-        .await
-        .map_err(|s| anyhow!("{}", s.message()))?
-        .into_inner();
-    println!(
-        "user {user_id} moved to {to} (control-plane revision {})",
-        r.revision
-    );
-    Ok(())
-}
-
 /// Audits the ledgers of the given datastores (see `money::audit`).
 pub async fn audit(urls: &[String]) -> Result<crate::money::audit::Report> {
     let mut stores = Vec::new();

@@ -6,9 +6,10 @@
 use crate::state::Cell;
 use homecell_common::tls::PeerIdentity;
 use homecell_proto::cell::{
-    CheckSessionRequest, CheckSessionResponse, ForwardDepositRequest, ForwardDepositResponse,
-    ImportUserRequest, ImportUserResponse, IncomingResponse, IncomingTransfer, MoveUserOutRequest,
-    MoveUserOutResponse, SendNoticeRequest, SendNoticeResponse, cell_service_server::CellService,
+    CheckSessionRequest, CheckSessionResponse, DiscardImportRequest, DiscardImportResponse,
+    ForwardDepositRequest, ForwardDepositResponse, ImportUserRequest, ImportUserResponse,
+    IncomingResponse, IncomingTransfer, SendNoticeRequest, SendNoticeResponse,
+    cell_service_server::CellService,
 };
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -68,6 +69,14 @@ impl CellService for CellGrpc {
         req: Request<IncomingTransfer>,
     ) -> Result<Response<IncomingResponse>, Status> {
         let caller = calling_cell(&req)?;
+        // A receiver being moved: refused as retryable, so the sender's
+        // saga asks again (after the cut-over, of the new home's cell).
+        self.0
+            .moves
+            .frozen
+            .wait(&req.get_ref().to_user)
+            .await
+            .map_err(status)?;
         let r = self.0.money.hold_incoming(&caller, req.get_ref()).await;
         r.map(Response::new).map_err(status)
     }
@@ -91,6 +100,7 @@ impl CellService for CellGrpc {
         if r.topic != "message" {
             return Err(Status::permission_denied("only messages cross cells"));
         }
+        self.0.moves.frozen.wait(&r.user_id).await.map_err(status)?;
         if uuid::Uuid::parse_str(&r.event_id).is_err()
             || r.user_id.len() > 64
             || r.payload.len() > 16 * 1024
@@ -181,37 +191,30 @@ impl CellService for CellGrpc {
         }
         self.0
             .moves
-            .import_moved_user(&r.from_region, &r.user_id, &r.bundle)
+            .import(&r.from_region, &r.user_id, &r.move_id, &r.bundle)
             .await
             .map_err(status)?;
         Ok(Response::new(ImportUserResponse {}))
     }
 
-    /// Only this cell's own identity (its host, running `cell move-user`)
-    /// may move one of its users out.
-    async fn move_user_out(
+    async fn discard_import(
         &self,
-        req: Request<MoveUserOutRequest>,
-    ) -> Result<Response<MoveUserOutResponse>, Status> {
-        match req.extensions().get::<PeerIdentity>() {
-            Some(PeerIdentity::Cell { region }) if *region == self.0.region => {}
-            _ => {
-                return Err(Status::permission_denied(
-                    "only this cell's own host may move its users",
-                ));
-            }
-        }
+        req: Request<DiscardImportRequest>,
+    ) -> Result<Response<DiscardImportResponse>, Status> {
+        let caller = calling_cell(&req)?;
         let r = req.into_inner();
-        if r.user_id.is_empty() || r.user_id.len() > 64 {
-            return Err(Status::invalid_argument("user_id: 1 to 64 characters"));
+        if caller != r.from_region {
+            return Err(Status::permission_denied(format!(
+                "cell.{caller} may not discard for {}",
+                r.from_region
+            )));
         }
-        let revision = self
-            .0
+        self.0
             .moves
-            .move_user_out(&r.user_id, &r.to_region)
+            .discard(&r.from_region, &r.user_id, &r.move_id)
             .await
             .map_err(status)?;
-        Ok(Response::new(MoveUserOutResponse { revision }))
+        Ok(Response::new(DiscardImportResponse {}))
     }
 
     async fn void_incoming(

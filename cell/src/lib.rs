@@ -64,6 +64,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
         config.notice.clone(),
     )?);
     let (kick, kicks) = tokio::sync::mpsc::unbounded_channel();
+    let frozen = Arc::new(moving::frozen::Frozen::default());
     let money = Arc::new(money::service::Money {
         region: config.region.clone(),
         ledger: money::ledger::Ledger::new(db.clone()),
@@ -77,6 +78,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
         withdrawals_via: config.withdrawals_via.clone(),
         withdrawal_timeout_ms: i64::try_from(config.withdrawal_timeout_secs.saturating_mul(1000))
             .unwrap_or(i64::MAX),
+        frozen: frozen.clone(),
     });
     let cell = Arc::new(state::Cell {
         region: config.region.clone(),
@@ -110,13 +112,15 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
         },
         money: money.clone(),
         notices: notices.clone(),
-        moves: moving::Moves::new(
+        moves: Arc::new(moving::Moves::new(
             db.clone(),
             &config.region,
             replica.clone(),
             peers.clone(),
+            money.clone(),
+            frozen,
             cp.clone(),
-        ),
+        )),
         wechat: config
             .wechat
             .as_ref()
@@ -132,6 +136,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
     tokio::spawn(notices.run(token.clone()));
     tokio::spawn(identity::claims::run(cell.clone(), token.clone()));
     tokio::spawn(identity::reassert::run(cell.clone(), token.clone()));
+    tokio::spawn(moving::worker::run(cell.moves.clone(), token.clone()));
     metrics::init();
     tokio::spawn(gauges::run(
         db.clone(),

@@ -38,18 +38,6 @@ enum Cmd {
         #[arg(long)]
         role: String,
     },
-    /// Move a user to another region's cell: the account is frozen here,
-    /// copied there, re-homed in the directory, then erased here. Refused
-    /// for a user who holds money. The user's sessions end; they sign in
-    /// again. Asks the running cell (with this cell's own certificate).
-    MoveUser {
-        /// The user's id.
-        #[arg(long)]
-        user: String,
-        /// The region whose cell becomes the user's home.
-        #[arg(long)]
-        to: String,
-    },
     /// Prove the ledger: every cell's sums to zero and matches its
     /// transfers, clearing accounts net to what is in flight, and wallets
     /// hold deposits minus withdrawals. Give every cell's datastore to check
@@ -115,9 +103,6 @@ fn main() -> ExitCode {
         }
         Cmd::RotateKeys => rt.block_on(homecell_cell::admin::rotate_keys(&config)),
         Cmd::Audit { .. } => return run_audit(&[config.database_url()]),
-        Cmd::MoveUser { user, to } => {
-            rt.block_on(homecell_cell::admin::move_user(&config, &user, &to))
-        }
         Cmd::GrantRole { identifier, role } => rt.block_on(homecell_cell::admin::grant_role(
             &config,
             &identifier,

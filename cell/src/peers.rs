@@ -231,31 +231,57 @@ impl Peers {
 
 impl Peers {
     /// Pushes a moving user's bundle to the new home's cell.
-    pub async fn import_user(
+    pub async fn import_user(&self, to: &str, req: ImportUserRequest) -> Result<(), PeerRefusal> {
+        let ch = self
+            .channel(to)
+            .ok_or_else(|| PeerRefusal::Unreachable(format!("region {to} has no cell endpoint")))?;
+        client(ch)
+            .import_user(req)
+            .await
+            .map(drop)
+            .map_err(|s| PeerRefusal::from_status(to, "import", &s))
+    }
+
+    /// Asks the new home to drop an import (a move undone).
+    pub async fn discard_import(
         &self,
         to: &str,
-        from: &str,
-        user_id: &str,
-        bundle: Vec<u8>,
-    ) -> Result<(), homecell_proto::error::CodedError> {
-        use homecell_proto::error::{CodedError, ErrorCode};
-        let ch = self.channel(to).ok_or_else(|| {
-            CodedError::new(
-                ErrorCode::CellUnavailable,
-                format!("region {to} has no cell endpoint"),
-            )
-        })?;
-        let req = ImportUserRequest {
-            from_region: from.to_string(),
-            user_id: user_id.to_string(),
-            bundle,
-        };
-        client(ch).import_user(req).await.map(|_| ()).map_err(|s| {
-            CodedError::new(
-                ErrorCode::FailedPrecondition,
-                format!("the cell of {to} refused the import: {}", s.message()),
-            )
-        })
+        req: homecell_proto::cell::DiscardImportRequest,
+    ) -> Result<(), PeerRefusal> {
+        let ch = self
+            .channel(to)
+            .ok_or_else(|| PeerRefusal::Unreachable(format!("region {to} has no cell endpoint")))?;
+        client(ch)
+            .discard_import(req)
+            .await
+            .map(drop)
+            .map_err(|s| PeerRefusal::from_status(to, "discard", &s))
+    }
+}
+
+/// Why another cell did not do what a move asked.
+#[derive(Debug)]
+pub enum PeerRefusal {
+    /// It could not be asked, or could not answer now: ask again later.
+    Unreachable(String),
+    /// It said no, for good.
+    Refused(String),
+}
+
+impl PeerRefusal {
+    fn from_status(to: &str, what: &str, s: &tonic::Status) -> Self {
+        let msg = format!("the cell of {to} could not {what}: {}", s.message());
+        if answered(s.code()) {
+            Self::Refused(msg)
+        } else {
+            Self::Unreachable(msg)
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Unreachable(m) | Self::Refused(m) => m,
+        }
     }
 }
 
@@ -267,6 +293,7 @@ fn answered(code: tonic::Code) -> bool {
         code,
         InvalidArgument
             | NotFound
+            | AlreadyExists
             | PermissionDenied
             | Unauthenticated
             | FailedPrecondition

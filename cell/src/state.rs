@@ -15,7 +15,7 @@ pub struct Cell {
     pub money: Arc<crate::money::service::Money>,
     pub notices: Arc<crate::notice::Notices>,
     /// Moving users out and in (spans every service's tables).
-    pub moves: crate::moving::Moves,
+    pub moves: Arc<crate::moving::Moves>,
     /// WeChat mini-program login, when configured.
     pub wechat: Option<crate::identity::wechat::Wechat>,
 }

@@ -405,7 +405,7 @@ async fn erasure_takes_the_users_notices(db: &Datastore) {
     );
 
     db.identity()
-        .anonymise_user("gone", "deleted-1", NOW, None)
+        .anonymise_user("gone", "deleted-1", NOW, None, true)
         .await
         .unwrap();
     assert!(

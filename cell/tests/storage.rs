@@ -567,7 +567,7 @@ async fn pending_claims(db: &Datastore) {
     // Deleting an account records its releases in the same transaction.
     user(db, "pc4", "pc4@x.io").await;
     db.identity()
-        .anonymise_user("pc4", "deleted-pc4", NOW, None)
+        .anonymise_user("pc4", "deleted-pc4", NOW, None, true)
         .await
         .unwrap();
     assert_eq!(
@@ -826,7 +826,7 @@ async fn roles_audit_and_anonymisation(db: &Datastore) {
         .unwrap();
     let ids = db
         .identity()
-        .anonymise_user("adm", "deleted-xyz", NOW, None)
+        .anonymise_user("adm", "deleted-xyz", NOW, None, true)
         .await
         .unwrap();
     assert_eq!(ids, vec![("email".to_string(), "adm@x.io".to_string())]);
@@ -1112,7 +1112,8 @@ async fn signing_keys(db: &Datastore) {
 
 /// A move's datastore steps: freeze, export, erase at the old home; import
 /// (here into the same store, over the anonymised row, as when a user moves
-/// back) restores the same rows; a second import replaces the first.
+/// back) restores the same rows, sessions included; a second import
+/// replaces the first; a discard erases what an import brought.
 async fn moving_a_user(db: &Datastore) {
     user(db, "mv", "mv@x.io").await;
     db.identity()
@@ -1124,29 +1125,44 @@ async fn moving_a_user(db: &Datastore) {
         .await
         .unwrap();
     assert!(alive(db, "mv-s", "mv", NOW).await);
-    assert!(!db.moves().holds_money("mv").await.unwrap());
+    assert!(!db.moves().money_in_flight("mv").await.unwrap());
     assert_eq!(
-        db.moves().freeze_user("mv", NOW).await.unwrap().as_deref(),
-        Some("active")
+        db.moves().freeze("mv", "m1", "eu-west", NOW).await.unwrap(),
+        NOW
+    );
+    assert_eq!(
+        db.moves()
+            .freeze("mv", "m1", "eu-west", NOW + 5)
+            .await
+            .unwrap(),
+        NOW,
+        "a repeated freeze keeps the first time"
+    );
+    assert_eq!(
+        db.moves().frozen().await.unwrap(),
+        vec![(
+            "mv".to_string(),
+            "m1".to_string(),
+            "eu-west".to_string(),
+            NOW
+        )]
     );
     assert!(
-        !alive(db, "mv-s", "mv", NOW).await,
-        "a frozen user's sessions end"
+        alive(db, "mv-s", "mv", NOW).await,
+        "a frozen user stays signed in"
     );
-    assert_eq!(
-        db.identity().user("mv").await.unwrap().unwrap().status,
-        "disabled"
-    );
-    let mut bundle = db.moves().export_user("mv").await.unwrap().unwrap();
-    bundle.user.1 = "active".into();
+    let bundle = db.moves().export("mv", NOW).await.unwrap().unwrap();
     assert_eq!(bundle.qualified_identifiers(), vec!["email:mv@x.io"]);
+    assert_eq!(
+        db.moves().qualified_identifiers("mv").await.unwrap(),
+        vec!["email:mv@x.io"]
+    );
     assert_eq!(bundle.addresses.len(), 1);
+    assert_eq!(bundle.sessions.len(), 1);
+    assert_eq!(bundle.refresh_tokens.len(), 1);
     let before = serde_json::to_string(&bundle).unwrap();
 
-    db.moves()
-        .erase_moved_user("mv", "moved-mv", NOW)
-        .await
-        .unwrap();
+    db.moves().erase_moved("mv", NOW).await.unwrap();
     assert_eq!(
         db.identity()
             .user_by_identifier("email", "mv@x.io")
@@ -1159,11 +1175,30 @@ async fn moving_a_user(db: &Datastore) {
         db.identity().user("mv").await.unwrap().unwrap().status,
         "deleted"
     );
+    assert!(!alive(db, "mv-s", "mv", NOW).await, "its sessions end here");
+    assert_eq!(
+        db.moves()
+            .moved_session_user("mv-r")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("mv"),
+        "a refresh token of a moved session is known as such"
+    );
+    assert!(!db.moves().lives_here("mv").await.unwrap());
+    db.moves().thaw("mv", "m1").await.unwrap();
+    assert!(db.moves().frozen().await.unwrap().is_empty());
 
-    db.moves().import_user(&bundle).await.unwrap();
-    db.moves().import_user(&bundle).await.unwrap();
+    db.moves()
+        .import(&bundle, "eu-west", "m1", NOW)
+        .await
+        .unwrap();
+    db.moves()
+        .import(&bundle, "eu-west", "m1", NOW)
+        .await
+        .unwrap();
     let after =
-        serde_json::to_string(&db.moves().export_user("mv").await.unwrap().unwrap()).unwrap();
+        serde_json::to_string(&db.moves().export("mv", NOW).await.unwrap().unwrap()).unwrap();
     assert_eq!(
         after, before,
         "an import restores exactly what was exported"
@@ -1175,6 +1210,28 @@ async fn moving_a_user(db: &Datastore) {
             .unwrap()
             .as_deref(),
         Some("mv")
+    );
+    // The session lives on, and honours the old region's tokens for a
+    // while after the move, never for a session from elsewhere.
+    assert!(alive(db, "mv-s", "mv", NOW).await);
+    let identity = db.identity();
+    assert!(
+        identity
+            .moved_session_alive("mv-s", "mv", "eu-west", NOW - 1, NOW)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !identity
+            .moved_session_alive("mv-s", "mv", "eu-west", NOW + 1, NOW)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !identity
+            .moved_session_alive("mv-s", "mv", "us-east", NOW - 1, NOW)
+            .await
+            .unwrap()
     );
     // A role that grants nothing comes along only if it is built in: not a
     // custom one, empty now, that an admin may fill later.
@@ -1196,8 +1253,13 @@ async fn moving_a_user(db: &Datastore) {
     seeded.user.0 = "mv-seeded".into();
     seeded.identifiers = vec![("email".into(), "seeded@x.io".into())];
     seeded.addresses.clear();
+    seeded.sessions.clear();
+    seeded.refresh_tokens.clear();
     seeded.roles.push(("empty-now".into(), NOW));
-    db.moves().import_user(&seeded).await.unwrap();
+    db.moves()
+        .import(&seeded, "eu-west", "m2", NOW)
+        .await
+        .unwrap();
     assert_eq!(
         db.identity().roles_of("mv-seeded").await.unwrap(),
         vec!["user".to_string()]
@@ -1207,7 +1269,7 @@ async fn moving_a_user(db: &Datastore) {
     let mut clash = bundle.clone();
     clash.user.0 = "mv2".into();
     assert!(matches!(
-        db.moves().import_user(&clash).await,
+        db.moves().import(&clash, "eu-west", "m2", NOW).await,
         Err(DbError::Conflict)
     ));
     assert!(db.identity().user("mv2").await.unwrap().is_none());
@@ -1224,7 +1286,12 @@ async fn moving_a_user(db: &Datastore) {
     several.addresses.clear();
     several.inbox.clear();
     several.wechat.clear();
-    db.moves().import_user(&several).await.unwrap();
+    several.sessions.clear();
+    several.refresh_tokens.clear();
+    db.moves()
+        .import(&several, "eu-west", "m3", NOW)
+        .await
+        .unwrap();
     assert_eq!(
         db.identity()
             .profile("mv3")
@@ -1237,6 +1304,17 @@ async fn moving_a_user(db: &Datastore) {
             ("email".to_string(), "z-mv3@x.io".to_string()),
             ("username".to_string(), "mv3".to_string()),
         ]
+    );
+    // An undone move's import is erased again.
+    assert!(db.moves().lives_here("mv3").await.unwrap());
+    db.moves().discard("mv3", "m3", NOW).await.unwrap();
+    assert!(!db.moves().lives_here("mv3").await.unwrap());
+    assert_eq!(
+        db.identity()
+            .user_by_identifier("username", "mv3")
+            .await
+            .unwrap(),
+        None
     );
 }
 

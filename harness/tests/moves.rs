@@ -174,24 +174,23 @@ async fn a_moved_users_requests_reach_the_new_home_once() -> Result<()> {
 
 const PAY_SECRET: &str = "testpay-shared-secret-0123456789";
 
-/// The whole move, as an operator runs it on the old home's host:
-/// `cell move-user` freezes the account, copies it to the new home, re-homes
-/// it in the directory and erases it here. Refusals change nothing.
-#[tokio::test]
-async fn cell_move_user_carries_the_account_to_the_new_home() -> Result<()> {
+/// Signs in, with a deposit, a transfer to a neighbour and an inbox item:
+/// a user whose move has something of every kind to carry.
+pub async fn a_full_account(
+    api: &Api,
+    email: &str,
+    deposit_event: &str,
+) -> Result<(Api, serde_json::Value)> {
     use reqwest::{Method, StatusCode};
     use serde_json::json;
-    let c = standard()
-        .cell_config(&format!("[payments.testpay]\nsecret = {PAY_SECRET:?}\n"))
-        .start()
-        .await?;
-    let east = Api::new(&c.router_url(0), "cn-east");
-
-    // A user with a profile, an address and a notice preference.
-    let (me, login) = east.signed_in("traveller@example.com", PW).await?;
+    let (me, login) = api.signed_in(email, PW).await?;
     let user = login["user_id"].as_str().context("user")?.to_string();
-    let profile = me.get("/v1/users/me").await?;
-    let etag = profile.header("etag").context("etag")?.to_string();
+    let etag = me
+        .get("/v1/users/me")
+        .await?
+        .header("etag")
+        .context("etag")?
+        .to_string();
     let r = me
         .call(
             Method::PUT,
@@ -212,33 +211,57 @@ async fn cell_move_user_carries_the_account_to_the_new_home() -> Result<()> {
         .call(Method::PUT, "/v1/notices/preferences", Some(prefs), &[])
         .await?;
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
-
-    // Refusals: a user holding money, an unknown region, an unknown user.
-    let (rich, rich_login) = east.signed_in("rich@example.com", PW).await?;
-    let rich_id = rich_login["user_id"].as_str().context("user")?.to_string();
-    let r = east
-        .provider_deposit("testpay", PAY_SECRET, "evt-move-1", &rich_id, 500)
+    let r = api
+        .provider_deposit("testpay", PAY_SECRET, deposit_event, &user, 500)
         .await?;
     assert!(r.status.is_success(), "{r:?}");
-    let before = c.revision()?;
-    for (who, to, why) in [
-        (rich_id.as_str(), "eu-west", "holds money"),
-        (user.as_str(), "nowhere", "no region"),
-        (
-            "0190b5a0-0000-7000-8000-000000000000",
-            "eu-west",
-            "no such user",
-        ),
-        (user.as_str(), "cn-east", "already lives here"),
-    ] {
-        let out = c.cell_command("cn-east", &["move-user", "--user", who, "--to", to])?;
-        assert!(!out.success, "moving {who} to {to} should fail");
-        assert!(out.stderr.contains(why), "{why}: {}", out.stderr);
-        assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
-    }
-    assert_eq!(c.revision()?, before, "refusals change nothing");
-    assert_eq!(rich.get("/v1/users/me").await?.status, StatusCode::OK);
-    assert_eq!(me.get("/v1/users/me").await?.status, StatusCode::OK);
+    Ok((me, login))
+}
+
+/// The money a user holds and sees: (available, history length).
+async fn money_view(me: &Api) -> Result<(i64, usize)> {
+    let history = me.get("/v1/wallet/transfers").await?;
+    anyhow::ensure!(history.status == reqwest::StatusCode::OK, "{history:?}");
+    Ok((
+        me.available("CNY").await?,
+        history.body["items"].as_array().map_or(0, Vec::len),
+    ))
+}
+
+/// The whole move, as an operator runs it from the control-plane CLI: the
+/// account, its money, its history and its sessions reach the new home;
+/// the user stays signed in; the audit holds at both ends; and a reversal
+/// brings everything back. Refusals change nothing.
+#[tokio::test]
+async fn a_move_carries_the_account_its_money_and_its_sessions() -> Result<()> {
+    use reqwest::StatusCode;
+    use serde_json::json;
+    let c = standard()
+        .cell_config(&format!("[payments.testpay]\nsecret = {PAY_SECRET:?}\n"))
+        .start()
+        .await?;
+    let east = Api::new(&c.router_url(0), "cn-east");
+    let (me, login) = a_full_account(&east, "traveller@example.com", "evt-move-1").await?;
+    let user = login["user_id"].as_str().context("user")?.to_string();
+    let refresh = login["refresh_token"]
+        .as_str()
+        .context("refresh")?
+        .to_string();
+    let (_, friend_login) = east.signed_in("friend@example.com", PW).await?;
+    let friend = friend_login["user_id"]
+        .as_str()
+        .context("friend")?
+        .to_string();
+    let key = "6f1c1d2e-0000-4000-8000-000000000001";
+    let r = me
+        .transfer(
+            key,
+            json!({"to_user_id": friend, "amount": 120, "currency": "CNY"}),
+        )
+        .await?;
+    assert!(r.status.is_success(), "{r:?}");
+    let before = money_view(&me).await?;
+    assert_eq!(before, (380, 2));
 
     // An admin of cn-east: the role stays with the region that gave it.
     let out = c.cell_command(
@@ -253,44 +276,93 @@ async fn cell_move_user_carries_the_account_to_the_new_home() -> Result<()> {
     )?;
     assert!(out.success, "{}", out.stderr);
 
-    // The move.
-    let out = c.cell_command(
-        "cn-east",
-        &["move-user", "--user", &user, "--to", "eu-west"],
-    )?;
-    assert!(out.success, "{}", out.stderr);
-    assert!(out.stdout.contains("moved to eu-west"), "{}", out.stdout);
-
-    // The old session ended with the move.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = me.get("/v1/users/me").await?;
-        if r.status == StatusCode::UNAUTHORIZED {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "old token still works: {r:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // Refusals: an unknown region, an unknown user, the user's own region.
+    let revision = c.revision()?;
+    for (who, to, why) in [
+        (user.as_str(), "nowhere", "does not exist"),
+        (
+            "0190b5a0-0000-7000-8000-000000000000",
+            "eu-west",
+            "no such user",
+        ),
+        (user.as_str(), "cn-east", "already lives in cn-east"),
+    ] {
+        let out = c.cli(&["move", "user", who, "--to", to])?;
+        assert!(!out.success, "moving {who} to {to} should fail");
+        assert!(out.stderr.contains(why), "{why}: {}", out.stderr);
+        assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
     }
+    assert_eq!(c.revision()?, revision, "refusals change nothing");
 
-    // Signing in again, through the same router, reaches the new home,
-    // which holds the whole account.
-    let (again, login) = east.signed_in("traveller@example.com", PW).await?;
-    assert_eq!(login["user_id"], user.as_str());
-    let profile = again.get("/v1/users/me").await?;
+    // The move.
+    let out = c.cli_ok(&["-o", "json", "move", "user", &user, "--to", "eu-west"])?;
+    let done: serde_json::Value = serde_json::from_str(
+        out.stdout
+            .trim()
+            .rsplit("\n{")
+            .next()
+            .map(|l| {
+                if l.starts_with('{') {
+                    l.to_string()
+                } else {
+                    format!("{{{l}")
+                }
+            })
+            .as_deref()
+            .unwrap_or(""),
+    )
+    .with_context(|| out.stdout.clone())?;
+    assert_eq!(done["state"], "done", "{}", out.stdout);
+    let move_id = done["id"].as_str().context("move id")?.to_string();
+
+    // Still signed in: the old access token reaches the new home, which
+    // holds the whole account, its money and its history.
+    let profile = me.get("/v1/users/me").await?;
     assert_eq!(profile.status, StatusCode::OK, "{}", profile.body);
     assert_eq!(profile.header("x-home-region"), Some("eu-west"));
     assert_eq!(profile.body["display_name"], "Traveller");
-    let addresses = again.get("/v1/users/me/addresses").await?;
+    let addresses = me.get("/v1/users/me/addresses").await?;
     assert_eq!(
         addresses.body["items"][0]["city"], "Paris",
         "{}",
         addresses.body
     );
-    let prefs = again.get("/v1/notices/preferences").await?;
+    let prefs = me.get("/v1/notices/preferences").await?;
     assert!(
         prefs.body.to_string().contains("\"enabled\":false"),
         "{}",
         prefs.body
+    );
+    assert_eq!(money_view(&me).await?, before, "money and history moved");
+    // The same idempotency key at the new home answers the same transfer.
+    let r = me
+        .transfer(
+            key,
+            json!({"to_user_id": friend, "amount": 120, "currency": "CNY"}),
+        )
+        .await?;
+    assert!(r.status.is_success(), "{r:?}");
+    assert_eq!(
+        me.available("CNY").await?,
+        380,
+        "a retried transfer applied once"
+    );
+    // The refresh token too: the old home sends it on, the new one rotates it.
+    let r = c
+        .http()
+        .post(format!("{}/v1/auth/refresh", c.router_url(0)))
+        .json(&json!({"refresh_token": refresh}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::OK);
+    let pair: serde_json::Value = r.json().await?;
+    assert_eq!(pair["home_region"], "eu-west", "{pair}");
+    assert!(
+        pair["refresh_token"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("eu-west~"),
+        "{pair}"
     );
     // No role came along: an imported admin would be a way for a cell to
     // mint admins in another region.
@@ -299,28 +371,39 @@ async fn cell_move_user_carries_the_account_to_the_new_home() -> Result<()> {
         .signed_in("traveller@example.com", PW)
         .await?
         .0;
-    let r = cms.get("/v1/cms/outbox/dead").await?;
-    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert_eq!(
+        cms.get("/v1/cms/outbox/dead").await?.status,
+        StatusCode::FORBIDDEN
+    );
 
-    // A deposit that reaches the old home (a provider's callback names no
-    // region; cn-east is the default) is forwarded to the new one, not
-    // refused: money arriving during or after a move is not stranded.
+    // Money is conserved at both ends and across them.
+    let report = c.audit(&["cn-east", "eu-west"])?;
+    assert!(
+        report.contains("cn-east↔eu-west CNY: clearing accounts net 0, in flight 0"),
+        "{report}"
+    );
+
+    // A deposit that reaches the old home is forwarded to the new one.
     let r = east
         .provider_deposit("testpay", PAY_SECRET, "evt-after-move", &user, 300)
         .await?;
     assert!(r.status.is_success(), "{r:?}");
-    assert_eq!(again.available("CNY").await?, 300);
+    assert_eq!(me.available("CNY").await?, 680);
 
-    // Running it again finds the move done and succeeds without a change.
-    let revision = c.revision()?;
-    let out = c.cell_command(
-        "cn-east",
-        &["move-user", "--user", &user, "--to", "eu-west"],
-    )?;
-    assert!(out.success, "{}", out.stderr);
-    assert_eq!(c.revision()?, revision);
-
-    // The money-holding user was never touched.
-    assert_eq!(rich.available("CNY").await?, 500);
+    // A second move of the same user while none is open is a new move; the
+    // finished one reverses: the user is back with what changed meanwhile.
+    let out = c.cli_ok(&["-o", "json", "move", "reverse", &move_id])?;
+    assert!(out.stdout.contains("\"state\": \"done\""), "{}", out.stdout);
+    let (back, _) = east.signed_in("traveller@example.com", PW).await?;
+    let profile = back.get("/v1/users/me").await?;
+    assert_eq!(profile.header("x-home-region"), Some("cn-east"));
+    assert_eq!(money_view(&back).await?, (680, 3));
+    let report = c.audit(&["cn-east", "eu-west"])?;
+    assert!(
+        report.contains("cn-east↔eu-west CNY: clearing accounts net 0, in flight 0"),
+        "{report}"
+    );
+    // Reversing the reversal's original again is refused: it is not where it was.
+    assert!(!c.cli(&["move", "reverse", &move_id])?.success);
     Ok(())
 }

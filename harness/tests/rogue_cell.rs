@@ -9,8 +9,8 @@ use homecell_harness::api::Api;
 use homecell_harness::{Cluster, standard};
 use homecell_proto::cell::cell_service_client::CellServiceClient;
 use homecell_proto::cell::{
-    CheckSessionRequest, ForwardDepositRequest, ImportUserRequest, IncomingTransfer,
-    MoveUserOutRequest, SendNoticeRequest,
+    CheckSessionRequest, DiscardImportRequest, ForwardDepositRequest, ImportUserRequest,
+    IncomingTransfer, SendNoticeRequest,
 };
 use homecell_proto::control::directory_service_client::DirectoryServiceClient;
 use homecell_proto::control::region_service_client::RegionServiceClient;
@@ -285,8 +285,8 @@ async fn cell_service_admits_cells_only() -> Result {
                 code(cell.import_user(ImportUserRequest::default()).await),
             ),
             (
-                "MoveUserOut",
-                code(cell.move_user_out(MoveUserOutRequest::default()).await),
+                "DiscardImport",
+                code(cell.discard_import(DiscardImportRequest::default()).await),
             ),
         ];
         for (method, outcome) in outcomes {

@@ -54,6 +54,9 @@ pub enum ErrorCode {
     /// The user this request concerns lives in another region now (the
     /// answer names it; routers replay the request there once).
     UserMoved,
+    /// The user is being moved to another region: the write was not
+    /// applied; retry after `Retry-After` (it then reaches the new home).
+    UserMoving,
     /// The account lives in another region: sign in there (the answer's
     /// `x-home-region` names it). Not replayed by routers: the proof of
     /// identity (a one-time WeChat code) is spent.
@@ -90,6 +93,7 @@ impl ErrorCode {
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::TooManyRequests => "too_many_requests",
             Self::UserMoved => "user_moved",
+            Self::UserMoving => "user_moving",
             Self::HomeElsewhere => "home_elsewhere",
             Self::RecentSignInRequired => "recent_sign_in_required",
             Self::Internal => "internal",
@@ -115,9 +119,11 @@ impl ErrorCode {
             Self::Internal => 500,
             Self::BadGateway => 502,
             Self::UpstreamTimeout => 504,
-            Self::CellUnavailable | Self::RegionDraining | Self::RegionRetired | Self::NotReady => {
-                503
-            }
+            Self::CellUnavailable
+            | Self::RegionDraining
+            | Self::RegionRetired
+            | Self::NotReady
+            | Self::UserMoving => 503,
         }
     }
 
@@ -142,9 +148,11 @@ impl ErrorCode {
             | Self::UserMoved
             | Self::HomeElsewhere => Code::FailedPrecondition,
             Self::TooManyRequests => Code::ResourceExhausted,
-            Self::RegionDraining | Self::CellUnavailable | Self::NotReady | Self::BadGateway => {
-                Code::Unavailable
-            }
+            Self::RegionDraining
+            | Self::CellUnavailable
+            | Self::NotReady
+            | Self::BadGateway
+            | Self::UserMoving => Code::Unavailable,
             Self::UpstreamTimeout => Code::DeadlineExceeded,
             Self::Internal => Code::Internal,
         }
@@ -177,6 +185,7 @@ impl ErrorCode {
             Self::TooManyRequests => "Too many requests",
             Self::UserMoved => "The user lives in another region now",
             Self::HomeElsewhere => "The account lives in another region",
+            Self::UserMoving => "The user is moving to another region",
             Self::Internal => "Internal error",
         }
     }

@@ -26,7 +26,7 @@ pub const CELL_METHODS: &[&str] = &[
     "SendNotice",
     "ForwardDeposit",
     "ImportUser",
-    "MoveUserOut",
+    "DiscardImport",
 ];
 
 pub async fn traced(req: Request, next: Next) -> Response {

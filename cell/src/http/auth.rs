@@ -148,7 +148,16 @@ pub async fn refresh(
     State(cell): State<Arc<Cell>>,
     Json(r): Json<RefreshRequest>,
 ) -> ApiResult<axum::Json<TokenPair>> {
-    Ok(axum::Json(cell.identity.refresh(&r.refresh_token).await?))
+    match cell.identity.refresh(&r.refresh_token).await {
+        Ok(pair) => Ok(axum::Json(pair)),
+        // A session a move took to another region: the router replays the
+        // refresh there, where the session lives on.
+        Err(e) if e.code == homecell_proto::error::ErrorCode::Unauthenticated => {
+            let hash = homecell_common::hex::sha256(&r.refresh_token);
+            Err(cell.moves.moved_session(&hash).await.unwrap_or(e).into())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 pub async fn logout(State(cell): State<Arc<Cell>>, Auth(p): Auth) -> ApiResult<StatusCode> {

@@ -20,7 +20,7 @@ use crate::state::Cell;
 use axum::{
     Router,
     extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header, request::Parts},
     middleware::{self, Next},
     response::{IntoResponse, Response},
 };
@@ -293,6 +293,7 @@ pub fn router(cell: Arc<Cell>) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(cell.clone(), moved_users))
+        .layer(middleware::from_fn_with_state(cell.clone(), frozen_users))
         .layer(middleware::from_fn(require_internal_peer))
         .layer(middleware::from_fn_with_state(
             cell.clone(),
@@ -351,6 +352,48 @@ async fn moved_users(State(cell): State<Arc<Cell>>, req: Request, next: Next) ->
         Some(home) => ApiError(CodedError::moved(&home)).into_response(),
         None => next.run(req).await,
     }
+}
+
+/// A write aimed at a user a move has frozen here (the user in the path,
+/// else the bearer's) waits for the move to end, then goes on: to "moved"
+/// (above) once the user lives elsewhere, so the router replays it at the
+/// new home. A move that takes longer answers 503 `user_moving`. Costs
+/// nothing while no move is under way.
+async fn frozen_users(State(cell): State<Arc<Cell>>, req: Request, next: Next) -> Response {
+    let frozen = &cell.moves.frozen;
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) || !frozen.any() {
+        return next.run(req).await;
+    }
+    let user = homecell_common::paths::user_in_path(req.uri().path())
+        .map(str::to_string)
+        .or_else(|| bearer_subject(&req));
+    if let Some(user) = user
+        && let Err(e) = frozen.wait(&user).await
+    {
+        return ApiError(e).into_response();
+    }
+    next.run(req).await
+}
+
+/// The `sub` of a bearer token, unverified: only to find whom a request is
+/// about (the handler verifies the token as ever).
+fn bearer_subject(req: &Request) -> Option<String> {
+    use base64::Engine;
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")?;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    #[derive(serde::Deserialize)]
+    struct Sub {
+        sub: String,
+    }
+    serde_json::from_slice::<Sub>(&bytes).ok().map(|s| s.sub)
 }
 
 async fn response_headers(State(cell): State<Arc<Cell>>, req: Request, next: Next) -> Response {

@@ -97,7 +97,7 @@ impl Identity {
         let placeholder = format!("deleted-{}", &random_token(9));
         let identifiers = self
             .store
-            .anonymise_user(user_id, &placeholder, now_ms(), audit)
+            .anonymise_user(user_id, &placeholder, now_ms(), audit, true)
             .await?;
         for (kind, value) in identifiers {
             let qualified = format!("{kind}:{value}");

@@ -200,7 +200,11 @@ pub struct Principal {
 /// checked. It names no one a handler may act for: only
 /// [`Identity::confirm`], or a read that checks the session in the same
 /// statement, turns it into a user.
-pub struct Verified(pub(super) Arc<Claims>);
+/// A token whose signature, issuer and expiry hold. The second field
+/// names the region a move brought its session from, for a token that
+/// region signed before (or just after) the user moved here: its session
+/// is this cell's copy (`moving/`), checked in `confirm`.
+pub struct Verified(pub(super) Arc<Claims>, pub(super) Option<String>);
 
 pub(super) fn session_ended() -> CodedError {
     CodedError::new(ErrorCode::Unauthenticated, "the session has ended")

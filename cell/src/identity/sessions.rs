@@ -291,16 +291,23 @@ impl Identity {
         // only, and no one else's session can vouch for them; a user who
         // moved here from that region has a new session here.
         if claims.home != self.region
-            && state
-                .user_region(&claims.sub)
-                .is_some_and(|home| home != claims.home)
+            && let Some(home) = state.user_region(&claims.sub)
+            && home != claims.home
         {
+            // Unless the user moved here from that region: the move
+            // brought its sessions, and `confirm` checks the token's is one.
+            if home == self.region {
+                let from = claims.home.clone();
+                let mut here = Arc::unwrap_or_clone(claims);
+                here.home = self.region.clone();
+                return Ok(Verified(Arc::new(here), Some(from)));
+            }
             return Err(CodedError::new(
                 ErrorCode::Unauthenticated,
                 "invalid access token",
             ));
         }
-        Ok(Verified(claims))
+        Ok(Verified(claims, None))
     }
 
     /// The session check that makes a verified token a [`Principal`]: at
@@ -308,7 +315,20 @@ impl Identity {
     /// login takes effect on the next request); elsewhere, its home's word.
     pub async fn confirm(&self, token: Verified) -> Result<Principal, CodedError> {
         let claims = token.0;
-        if claims.home == self.region {
+        if let Some(from) = &token.1 {
+            // A token of the region the session moved from: good while its
+            // copy here lives, for one token lifetime after the move (what
+            // that region signed before it; never longer, whatever it
+            // signs now).
+            let since = now_ms() - self.access_ttl_secs() * 1000;
+            if !self
+                .store
+                .moved_session_alive(&claims.sid, &claims.sub, from, since, now_ms())
+                .await?
+            {
+                return Err(session_ended());
+            }
+        } else if claims.home == self.region {
             if !self
                 .store
                 .session_alive(&claims.sid, &claims.sub, now_ms())
@@ -349,6 +369,15 @@ impl Identity {
             // Checked as any request is, then refused: the data lives at home.
             self.confirm(token).await?;
             return Err(not_at_home());
+        }
+        if token.1.is_some() {
+            let sid = token.0.sid.clone();
+            let p = self.confirm(token).await?;
+            return self
+                .store
+                .profile_in_session(&p.user_id, &sid, now_ms())
+                .await?
+                .ok_or_else(session_ended);
         }
         let c = &token.0;
         self.store

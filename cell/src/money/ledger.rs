@@ -149,7 +149,9 @@ pub struct SideEffects<'a> {
 }
 
 /// A money operation: what a client asked for and where it stands.
-#[derive(Debug, Clone, PartialEq, Eq, Default, sqlx::FromRow)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Default, sqlx::FromRow, serde::Serialize, serde::Deserialize,
+)]
 pub struct Operation {
     pub id: String,
     pub kind: String,
@@ -178,11 +180,11 @@ macro_rules! op_cols {
          error_code, error_detail, saga_role, saga_step, attempts, next_attempt_at, created_at, updated_at"
     };
 }
-pub(super) use op_cols;
+pub(crate) use op_cols;
 
 impl Operation {
     /// Binds the operation's columns, in `op_cols!()` order.
-    pub(super) fn bind_columns(&self, stmt: Stmt) -> Stmt {
+    pub(crate) fn bind_columns(&self, stmt: Stmt) -> Stmt {
         stmt.bind(&self.id)
             .bind(&self.kind)
             .bind(&self.actor)
@@ -374,7 +376,7 @@ impl Ledger {
             " FROM (\
                SELECT * FROM money_operations WHERE from_user = $1 \
                UNION SELECT * FROM money_operations WHERE to_user = $1 AND state <> 'failed') AS mine \
-             WHERE (created_at < $2 OR (created_at = $2 AND id < $3)) \
+             WHERE (created_at < $2 OR (created_at = $2 AND id < $3)) AND kind <> 'move' \
              AND ($4 = '' OR kind = $4) AND ($5 = '' OR state = $5) AND ($6 = '' OR currency = $6) \
              ORDER BY created_at DESC, id DESC LIMIT $7"
         );

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod currency;
 pub mod group;
 pub mod ledger;
+pub mod moving;
 mod per_statement;
 pub mod provider;
 pub mod reads;

@@ -71,14 +71,14 @@ pub async fn run_worker(
 }
 
 /// How a call to the peer cell went.
-enum PeerAnswer {
+pub(super) enum PeerAnswer {
     Done,
     Refused(String),
     Unreachable(String),
 }
 
 impl Money {
-    async fn call_peer(&self, step: &str, op: &Operation) -> PeerAnswer {
+    pub(super) async fn call_peer(&self, step: &str, op: &Operation) -> PeerAnswer {
         let peer = op.peer_region.as_deref().unwrap_or_default();
         let req = incoming(op, &self.region);
         match self.peers.incoming(peer, step, req).await {
@@ -218,9 +218,15 @@ impl Money {
             return Err(CodedError::invalid("user ids are 1 to 64 characters"));
         }
         let now = now_ms();
+        // A user's own money following them to this region (money/moving.rs).
+        let kind = if t.from_user == t.to_user {
+            "move"
+        } else {
+            "transfer"
+        };
         Ok(Operation {
             id: t.transfer_id.clone(),
-            kind: "transfer".into(),
+            kind: kind.into(),
             actor: format!("cell:{}", t.from_region),
             request_hash: super::service::derive_id(
                 "incoming",
@@ -323,7 +329,7 @@ impl Money {
                 ..Default::default()
             };
             let side = SideEffects {
-                event: Some(received_event(&stored)),
+                event: (stored.kind != "move").then(|| received_event(&stored)),
                 audit: None,
             };
             self.ledger

@@ -42,6 +42,9 @@ pub struct Money {
     /// How long a provider may stay undecided before a withdrawal is
     /// `reconciling` (withdrawal.rs).
     pub withdrawal_timeout_ms: i64,
+    /// Users being moved away: money aimed at them waits or is refused
+    /// as retryable (`moving/frozen.rs`).
+    pub frozen: Arc<crate::moving::frozen::Frozen>,
 }
 
 #[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
@@ -243,6 +246,9 @@ impl Money {
         if let Some(stored) = self.stored(&id, &hash).await? {
             return Ok(stored);
         }
+        // Either side being moved: wait, or refuse as retryable.
+        self.frozen.wait(&p.user_id).await?;
+        self.frozen.wait(to).await?;
         let now = now_ms();
         let mut op = Operation {
             id: id.clone(),
@@ -389,6 +395,7 @@ impl Money {
         if let Some(stored) = self.stored(&id, &hash).await? {
             return Ok(stored);
         }
+        self.frozen.wait(&d.user_id).await?;
         match self.users.user(&d.user_id).await? {
             Some(u) if u.status != "deleted" => {}
             // Not here (any more): a user who moved away leaves an erased

@@ -6,7 +6,7 @@
 use homecell_cell::db::Datastore;
 use homecell_cell::identity::store::IdentityStore;
 use homecell_cell::money::ledger::Ledger;
-use homecell_cell::moving::MoveStore;
+use homecell_cell::moving::store::MoveStore;
 use homecell_cell::notice::store::NoticeStore;
 
 pub trait Stores {

@@ -60,6 +60,32 @@ impl IdentityStore {
         Ok(row.is_some())
     }
 
+    /// [`Self::session_alive`] for a session a move brought from `from`
+    /// no earlier than `since`.
+    pub async fn moved_session_alive(
+        &self,
+        id: &str,
+        user_id: &str,
+        from: &str,
+        since: i64,
+        now: i64,
+    ) -> DbResult<bool> {
+        let sql = concat!(
+            "SELECT 1 FROM sessions s JOIN users u ON u.id = s.user_id \
+             WHERE s.id = $1 AND s.user_id = $2 AND u.status = 'active' AND s.moved_from = $4 AND s.moved_at >= $5 AND ",
+            live_session!()
+        );
+        let row: Option<(i32,)> = stmt(sql)
+            .bind(id)
+            .bind(user_id)
+            .bind(now)
+            .bind(from)
+            .bind(since)
+            .fetch_optional(&self.db)
+            .await?;
+        Ok(row.is_some())
+    }
+
     pub async fn sessions_of(&self, user_id: &str, now: i64) -> DbResult<Vec<Session>> {
         let sql = concat!(
             "SELECT ",

@@ -244,12 +244,16 @@ impl IdentityStore {
     /// texts) or undelivered events. The row (and its random id, which
     /// ledgers and the audit log reference) stays. Returns the identifiers it
     /// held, for releasing their directory claims.
+    ///
+    /// `release_claims` is false for a user who moved away: their claims
+    /// moved with them and are not this region's to release.
     pub async fn anonymise_user(
         &self,
         id: &str,
         placeholder: &str,
         now: i64,
         audit: Option<&AuditEntry<'_>>,
+        release_claims: bool,
     ) -> DbResult<Vec<(String, String)>> {
         let mut tx = self.db.begin().await?;
         if let Some(audit) = audit {
@@ -269,7 +273,7 @@ impl IdentityStore {
             ids.extend(openids.into_iter().map(|(o,)| ("wechat".to_string(), o)));
             // Their directory claims are to be released: recorded here, so
             // a release that fails is retried (identity::claims).
-            for (kind, value) in &ids {
+            for (kind, value) in ids.iter().filter(|_| release_claims) {
                 stmt("INSERT INTO pending_claims (identifier, user_id, state, created_at) VALUES ($1, $2, 'releasing', $3) ON CONFLICT (identifier, user_id) DO UPDATE SET state = 'releasing'")
                 .bind(format!("{kind}:{value}")).bind(id).bind(now).execute(&mut tx).await?;
             }

@@ -1,0 +1,222 @@
+//! Moving users between regions, the cell's side. The control plane's
+//! journal (`control-plane/src/moves.rs`) holds every move as a state
+//! machine; the source cell runs its steps (`worker.rs`) and the target
+//! cell takes the user in (`import`, below):
+//!
+//! 1. **Freeze** (COPYING): writes aimed at the user wait, then are
+//!    refused as retryable (`frozen.rs`), and money in flight lands first.
+//! 2. **Copy**: the user's rows (`bundle.rs`: profile, identifiers,
+//!    credentials, roles, addresses, preferences, inbox, WeChat bindings,
+//!    live sessions, past operations, undispatched events and unsent
+//!    deliveries) go to the new home in one `ImportUser`, applied there in
+//!    one transaction; then each wallet's balance is held on both sides
+//!    (`money/moving.rs`). → COPIED.
+//! 3. **Cut-over** (SWITCHED): one revision at the control plane re-homes
+//!    the user and every identifier. Routers send the user to the new home
+//!    from then on; the old home answers "moved".
+//! 4. **Finish** (DONE): the money is posted on both sides, sessions here
+//!    end as "moved" (a refresh token that still comes here is sent on),
+//!    the account here is anonymised, and the user thaws.
+//!
+//! Before the cut-over a move can be undone (CANCELLED): the holds are
+//! voided, the new home drops the import, the user thaws; nothing else
+//! changed. Every step is idempotent, so a crash anywhere resumes from the
+//! journal's state.
+
+pub mod bundle;
+pub mod frozen;
+pub mod store;
+pub mod worker;
+
+use crate::money::service::Money;
+use crate::peers::Peers;
+use bundle::{BUNDLE_VERSION, Bundle};
+use homecell_common::replica::Replica;
+use homecell_proto::control::move_service_client::MoveServiceClient;
+use homecell_proto::control::{GetMoveRequest, MoveRecord, MoveState};
+use homecell_proto::error::{CodedError, ErrorCode};
+use std::sync::Arc;
+use store::MoveStore;
+use tonic::transport::Channel;
+
+fn internal(e: impl std::fmt::Display) -> CodedError {
+    CodedError::new(ErrorCode::Internal, format!("datastore: {e}"))
+}
+
+fn denied(msg: impl Into<String>) -> CodedError {
+    CodedError::new(ErrorCode::PermissionDenied, msg.into())
+}
+
+/// The move service: both ends of a move.
+pub struct Moves {
+    pub(crate) store: MoveStore,
+    /// Users frozen here by a move under way.
+    pub frozen: Arc<frozen::Frozen>,
+    region: String,
+    replica: Arc<Replica>,
+    peers: Arc<Peers>,
+    money: Arc<Money>,
+    /// The control plane, which keeps the journal.
+    cp: Channel,
+}
+
+impl Moves {
+    pub fn new(
+        db: crate::db::Datastore,
+        region: &str,
+        replica: Arc<Replica>,
+        peers: Arc<Peers>,
+        money: Arc<Money>,
+        frozen: Arc<frozen::Frozen>,
+        cp: Channel,
+    ) -> Self {
+        Self {
+            store: MoveStore::new(db),
+            frozen,
+            region: region.to_string(),
+            replica,
+            peers,
+            money,
+            cp,
+        }
+    }
+
+    fn journal(&self) -> MoveServiceClient<Channel> {
+        MoveServiceClient::new(self.cp.clone())
+    }
+
+    /// The journal's word on a move this cell takes part in.
+    async fn journal_move(&self, id: &str) -> Result<MoveRecord, CodedError> {
+        self.journal()
+            .get_move(GetMoveRequest { id: id.to_string() })
+            .await
+            .map(|r| r.into_inner().r#move.unwrap_or_default())
+            .map_err(|s| match s.code() {
+                tonic::Code::NotFound => denied("the journal holds no such move"),
+                _ => CodedError::new(
+                    ErrorCode::CellUnavailable,
+                    format!("cannot ask the control plane: {}", s.message()),
+                ),
+            })
+    }
+
+    /// Checks that the journal names this move, from `from` to here, for
+    /// this user.
+    async fn check_journal(
+        &self,
+        move_id: &str,
+        from: &str,
+        user_id: &str,
+    ) -> Result<MoveRecord, CodedError> {
+        let m = self.journal_move(move_id).await?;
+        if m.user_id != user_id || m.from_region != from || m.to_region != self.region {
+            return Err(denied("the journal's move is another one"));
+        }
+        Ok(m)
+    }
+
+    /// The new home's side of step 2: checks the bundle, the journal and
+    /// the directory, then applies it in one transaction.
+    pub async fn import(
+        &self,
+        from: &str,
+        user_id: &str,
+        move_id: &str,
+        bundle: &[u8],
+    ) -> Result<(), CodedError> {
+        let b: Bundle = serde_json::from_slice(bundle)
+            .map_err(|e| CodedError::invalid(format!("move bundle: {e}")))?;
+        if b.version != BUNDLE_VERSION {
+            return Err(CodedError::invalid(format!(
+                "move bundle version {} (this cell reads {BUNDLE_VERSION})",
+                b.version
+            )));
+        }
+        if b.user.0 != user_id {
+            return Err(CodedError::invalid("the bundle is for another user"));
+        }
+        if b.operations.iter().any(|op| {
+            op.from_user.as_deref() != Some(user_id) && op.to_user.as_deref() != Some(user_id)
+        }) {
+            return Err(CodedError::invalid(
+                "the bundle carries another user's operations",
+            ));
+        }
+        // Only the user's current home may push it here, for a move the
+        // journal holds and has not cut over.
+        if self.replica.state().user_region(user_id) != Some(from) {
+            return Err(denied(format!(
+                "the directory does not home this user in {from}"
+            )));
+        }
+        let m = self.check_journal(move_id, from, user_id).await?;
+        if m.state() != MoveState::Copying {
+            return Err(CodedError::new(
+                ErrorCode::FailedPrecondition,
+                "the move is not copying",
+            ));
+        }
+        let now = crate::clock::now_ms();
+        match self.store.import(&b, from, move_id, now).await {
+            Ok(dropped) => {
+                if dropped > 0 {
+                    tracing::warn!(
+                        user_id,
+                        roles = dropped,
+                        "moved user's roles not granted here; grant them again with cell grant-role"
+                    );
+                }
+                tracing::info!(user_id, from, r#move = move_id, "moving user imported");
+                Ok(())
+            }
+            Err(crate::db::DbError::Conflict) => Err(CodedError::new(
+                ErrorCode::AlreadyExists,
+                "an identifier of the user belongs to another user here",
+            )),
+            Err(e) => Err(internal(e)),
+        }
+    }
+
+    /// The new home's side of an undone move: what the import brought goes,
+    /// unless the user lives here (the move cut over after all).
+    pub async fn discard(
+        &self,
+        from: &str,
+        user_id: &str,
+        move_id: &str,
+    ) -> Result<(), CodedError> {
+        if self.replica.state().user_region(user_id) == Some(self.region.as_str()) {
+            return Err(CodedError::new(
+                ErrorCode::FailedPrecondition,
+                "the user lives here: the move cut over",
+            ));
+        }
+        let m = self.check_journal(move_id, from, user_id).await?;
+        if m.state() >= MoveState::Switched && m.state() != MoveState::Cancelled {
+            return Err(CodedError::new(
+                ErrorCode::FailedPrecondition,
+                "the move cut over",
+            ));
+        }
+        self.store
+            .discard(user_id, move_id, crate::clock::now_ms())
+            .await
+            .map_err(internal)?;
+        tracing::info!(
+            user_id,
+            from,
+            r#move = move_id,
+            "undone move's import discarded"
+        );
+        Ok(())
+    }
+
+    /// A refresh token of a session a move ended here: the error that sends
+    /// the client to the user's new home.
+    pub async fn moved_session(&self, refresh_hash: &str) -> Option<CodedError> {
+        let user = self.store.moved_session_user(refresh_hash).await.ok()??;
+        let state = self.replica.state();
+        let home = state.user_region(&user).filter(|h| *h != self.region)?;
+        Some(CodedError::moved(home))
+    }
+}

@@ -1,0 +1,375 @@
+//! The source cell's side of moves: each second it reloads the users frozen
+//! here, asks the journal for this region's open moves and batches, runs
+//! each move's steps as far as they go, and starts a batch's next moves at
+//! its rate. Everything it does is idempotent and reported to the journal
+//! with a compare-and-set, so several instances of one cell, or one that
+//! restarted mid-step, cannot do a step twice in effect.
+
+use super::Moves;
+use super::frozen::RELOAD;
+use crate::clock::now_ms;
+use crate::money::moving::MoneyStep;
+use crate::peers::PeerRefusal;
+use homecell_proto::cell::{DiscardImportRequest, ImportUserRequest};
+use homecell_proto::control::{
+    AdvanceMoveRequest, ExtendBatchRequest, ListMovesRequest, MoveBatch, MoveRecord, MoveState,
+};
+use homecell_proto::error::CodedError;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Moves one instance runs at once.
+const CONCURRENT: usize = 32;
+/// How long a move waits for the user's money in flight to land before it
+/// is undone (a withdrawal awaiting its provider may take hours).
+const DRAIN: Duration = Duration::from_secs(10);
+/// How long the finish waits for the money to post at the new home before
+/// it leaves the move for the next pass.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Why a step stopped.
+enum Stop {
+    /// Try again on a later pass (and say why in the journal).
+    Later(String),
+    /// The move cannot go on: undo it.
+    Undo(String),
+    /// Something else (the datastore, the journal): try again later.
+    Err(CodedError),
+}
+
+impl From<CodedError> for Stop {
+    fn from(e: CodedError) -> Self {
+        Stop::Err(e)
+    }
+}
+
+impl From<PeerRefusal> for Stop {
+    fn from(e: PeerRefusal) -> Self {
+        match e {
+            PeerRefusal::Unreachable(m) => Stop::Later(m),
+            PeerRefusal::Refused(m) => Stop::Undo(m),
+        }
+    }
+}
+
+fn db(e: crate::db::DbError) -> Stop {
+    Stop::Err(super::internal(e))
+}
+
+pub async fn run(moves: Arc<Moves>, token: CancellationToken) {
+    let running: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut batches = Pacer::default();
+    let mut tick = tokio::time::interval(RELOAD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match moves.store.frozen().await {
+            Ok(rows) => moves
+                .frozen
+                .replace(rows.into_iter().map(|(u, _, to, _)| (u, to)).collect()),
+            Err(e) => tracing::warn!(error = %e, "cannot read the users frozen by moves"),
+        }
+        let open = moves
+            .journal()
+            .list_moves(ListMovesRequest {
+                from_region: moves.region.clone(),
+                open_only: true,
+                limit: 1_000,
+                ..Default::default()
+            })
+            .await;
+        let open = match open {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                tracing::debug!(error = %s.message(), "cannot list this region's moves");
+                continue;
+            }
+        };
+        for m in open.moves {
+            if running.lock().expect("poisoned").len() >= CONCURRENT {
+                break;
+            }
+            if !running.lock().expect("poisoned").insert(m.id.clone()) {
+                continue;
+            }
+            let (moves, running) = (moves.clone(), running.clone());
+            tokio::spawn(async move {
+                let id = m.id.clone();
+                moves.drive(m).await;
+                running.lock().expect("poisoned").remove(&id);
+            });
+        }
+        for b in open.batches {
+            batches.pace(&moves, b).await;
+        }
+    }
+}
+
+impl Moves {
+    /// Reports a step to the journal; the move as it stands after.
+    async fn advance(
+        &self,
+        m: &MoveRecord,
+        to: MoveState,
+        error: &str,
+        identifiers: Vec<String>,
+    ) -> Result<MoveRecord, CodedError> {
+        self.journal()
+            .advance_move(AdvanceMoveRequest {
+                id: m.id.clone(),
+                from_state: m.state,
+                to_state: to as i32,
+                error: error.to_string(),
+                identifiers,
+            })
+            .await
+            .map(|r| r.into_inner().r#move.unwrap_or_default())
+            .map_err(|s| {
+                CodedError::new(
+                    homecell_proto::error::ErrorCode::FailedPrecondition,
+                    s.message().to_string(),
+                )
+            })
+    }
+
+    /// The journal's current word on a move.
+    async fn refetch(&self, m: &MoveRecord) -> Result<MoveRecord, CodedError> {
+        self.journal_move(&m.id).await
+    }
+
+    /// Runs a move's steps as far as they go now.
+    async fn drive(&self, mut m: MoveRecord) {
+        loop {
+            let moved_on = |next: &MoveRecord, m: &MoveRecord| {
+                next.state != m.state || next.cancel_requested != m.cancel_requested
+            };
+            match self.step(&m).await {
+                Ok(next) if moved_on(&next, &m) => m = next,
+                Ok(_) => return,
+                Err(Stop::Later(why)) => {
+                    tracing::info!(r#move = %m.id, why, "move step will be tried again");
+                    let _ = self.advance(&m, m.state(), &why, vec![]).await;
+                    return;
+                }
+                Err(Stop::Undo(why)) => {
+                    tracing::warn!(r#move = %m.id, why, "move cannot go on and could not be undone yet");
+                    return;
+                }
+                Err(Stop::Err(e)) => {
+                    // Refused by the journal (a cancel, or another instance
+                    // got there first), or a failure here: go on from what
+                    // the journal holds now, if that changed.
+                    tracing::warn!(r#move = %m.id, error = %e.message, "move step failed; will retry");
+                    match self.refetch(&m).await {
+                        Ok(now) if moved_on(&now, &m) => m = now,
+                        _ => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next step of a move, from the state the journal holds.
+    async fn step(&self, m: &MoveRecord) -> Result<MoveRecord, Stop> {
+        match m.state() {
+            MoveState::Pending => Ok(self.advance(m, MoveState::Copying, "", vec![]).await?),
+            MoveState::Copying | MoveState::Copied if m.cancel_requested => {
+                self.undo(m, "cancelled by an operator").await
+            }
+            MoveState::Copying => match self.copy(m).await {
+                Ok(()) => Ok(self.advance(m, MoveState::Copied, "", vec![]).await?),
+                Err(Stop::Undo(why)) => self.undo(m, &why).await,
+                Err(e) => Err(e),
+            },
+            MoveState::Copied => {
+                let ids = self
+                    .store
+                    .qualified_identifiers(&m.user_id)
+                    .await
+                    .map_err(db)?;
+                crate::failpoint::hit("move.source.before_switch");
+                Ok(self.advance(m, MoveState::Switched, "", ids).await?)
+            }
+            MoveState::Switched => {
+                self.finish(m).await?;
+                Ok(self.advance(m, MoveState::Done, "", vec![]).await?)
+            }
+            MoveState::Done | MoveState::Cancelled | MoveState::Unspecified => Ok(m.clone()),
+        }
+    }
+
+    /// Step 1 and 2 at the source: freeze, let money in flight land, copy,
+    /// and hold the balances on both sides.
+    async fn copy(&self, m: &MoveRecord) -> Result<(), Stop> {
+        let frozen_at = self
+            .store
+            .freeze(&m.user_id, &m.id, &m.to_region, now_ms())
+            .await
+            .map_err(db)?;
+        self.frozen.insert(&m.user_id, &m.to_region);
+        // Every instance of this cell has reloaded the set since.
+        let settled_at = frozen_at + RELOAD.as_millis() as i64 + 250;
+        let wait = settled_at - now_ms();
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+        }
+        crate::failpoint::hit("move.source.after_freeze");
+        let deadline = tokio::time::Instant::now() + DRAIN;
+        while self.store.money_in_flight(&m.user_id).await.map_err(db)? {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Stop::Undo(
+                    "money of the user's is still in flight (a transfer or withdrawal); move them once it lands".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let Some(bundle) = self.store.export(&m.user_id, now_ms()).await.map_err(db)? else {
+            return Err(Stop::Undo("no such user here".into()));
+        };
+        let json = serde_json::to_vec(&bundle).map_err(|e| Stop::Err(super::internal(e)))?;
+        self.peers
+            .import_user(
+                &m.to_region,
+                ImportUserRequest {
+                    from_region: self.region.clone(),
+                    user_id: m.user_id.clone(),
+                    bundle: json,
+                    move_id: m.id.clone(),
+                },
+            )
+            .await?;
+        crate::failpoint::hit("move.source.after_import");
+        match self
+            .money
+            .hold_for_move(&m.id, &m.user_id, &m.to_region)
+            .await?
+        {
+            MoneyStep::Done => {}
+            MoneyStep::Refused(why) => return Err(Stop::Undo(why)),
+            MoneyStep::Later(why) => return Err(Stop::Later(why)),
+        }
+        crate::failpoint::hit("move.source.after_money_hold");
+        Ok(())
+    }
+
+    /// Step 4 at the source, after the cut-over.
+    async fn finish(&self, m: &MoveRecord) -> Result<(), Stop> {
+        // This cell answers "moved" for the user once its replica has the
+        // cut-over: wait for it (bounded), so nothing lands here after.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.replica.state().revision < m.switched_revision
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.money.post_for_move(&m.id, &m.user_id).await?;
+        crate::failpoint::hit("move.source.after_post");
+        self.money
+            .sweep_after_move(&m.id, &m.user_id, &m.to_region)
+            .await?;
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        while !self.money.move_money_settled(&m.id, &m.user_id).await? {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Stop::Later(
+                    "the money is not yet posted at the new home".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.store
+            .erase_moved(&m.user_id, now_ms())
+            .await
+            .map_err(db)?;
+        crate::failpoint::hit("move.source.after_erase");
+        self.store.thaw(&m.user_id, &m.id).await.map_err(db)?;
+        self.frozen.remove(&m.user_id);
+        tracing::info!(r#move = %m.id, to = %m.to_region, "user moved out");
+        Ok(())
+    }
+
+    /// Undoes a move before its cut-over and reports it cancelled.
+    async fn undo(&self, m: &MoveRecord, why: &str) -> Result<MoveRecord, Stop> {
+        self.money.void_for_move(&m.id, &m.user_id).await?;
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        while !self.money.move_money_settled(&m.id, &m.user_id).await? {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Stop::Later(
+                    "the move's holds are not yet voided at the new home".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.peers
+            .discard_import(
+                &m.to_region,
+                DiscardImportRequest {
+                    from_region: self.region.clone(),
+                    user_id: m.user_id.clone(),
+                    move_id: m.id.clone(),
+                },
+            )
+            .await
+            .map_err(|e| Stop::Later(e.message().to_string()))?;
+        self.store.thaw(&m.user_id, &m.id).await.map_err(db)?;
+        self.frozen.remove(&m.user_id);
+        tracing::info!(r#move = %m.id, why, "move undone");
+        Ok(self.advance(m, MoveState::Cancelled, why, vec![]).await?)
+    }
+}
+
+/// Starts each batch's moves at its rate: every pass picks as many users
+/// as the time since the last pick allows.
+#[derive(Default)]
+struct Pacer {
+    /// Batch id → when its last pick was.
+    last: HashMap<String, tokio::time::Instant>,
+}
+
+impl Pacer {
+    async fn pace(&mut self, moves: &Moves, b: MoveBatch) {
+        let now = tokio::time::Instant::now();
+        let since = self
+            .last
+            .get(&b.id)
+            .map_or(RELOAD, |t| now.duration_since(*t));
+        let want = (since.as_secs_f64() * f64::from(b.rate_per_sec.max(1))).round() as i64;
+        let want = want.clamp(1, 1_000);
+        let want = if b.limit != 0 {
+            want.min(i64::from(b.limit.saturating_sub(b.started)))
+        } else {
+            want
+        };
+        let users = match moves
+            .store
+            .users_after(&b.cursor, &b.country, want.max(1))
+            .await
+        {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(batch = %b.id, error = %e, "cannot pick a batch's users");
+                return;
+            }
+        };
+        let exhausted = (users.len() as i64) < want;
+        let picked = moves
+            .journal()
+            .extend_batch(ExtendBatchRequest {
+                batch_id: b.id.clone(),
+                cursor: b.cursor.clone(),
+                user_ids: users,
+                exhausted,
+            })
+            .await;
+        match picked {
+            Ok(_) => {
+                self.last.insert(b.id, now);
+            }
+            Err(s) => tracing::debug!(batch = %b.id, error = %s.message(), "batch pick not taken"),
+        }
+    }
+}
