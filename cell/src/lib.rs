@@ -6,7 +6,7 @@ pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod db;
-pub mod failpoint;
+pub use homecell_common::failpoint;
 pub mod gauges;
 pub mod grpc;
 pub mod http;

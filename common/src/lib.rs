@@ -9,6 +9,7 @@ pub mod config;
 pub mod directory;
 pub mod directory_key;
 pub mod failover;
+pub mod failpoint;
 pub mod gossip;
 pub mod hex;
 pub mod jwt;

@@ -201,6 +201,8 @@ impl MoveService for ControlPlane {
         let (m, revision) = self
             .mutate(&who, move |tx| moves::advance(tx, &key, &region, &r))
             .await?;
+        // Crash tests: the step is committed, its answer never sent.
+        homecell_common::failpoint::hit(&format!("move.cp.after_{}", moves::state_name(m.state())));
         if m.state() == MoveState::Switched {
             tracing::info!(r#move = %m.id, revision, "move cut over");
         }

@@ -38,6 +38,8 @@ pub struct ControlPlaneNode {
     /// Its own PostgreSQL URL (from inside a namespace, the server's
     /// address differs), else the cluster's.
     pub postgres: Option<String>,
+    /// Extra environment for the next start (e.g. `HOMECELL_FAILPOINTS`).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct CellNode {
@@ -153,6 +155,7 @@ impl Cluster {
                 process: None,
                 netns: None,
                 postgres: None,
+                env: Vec::new(),
             },
             more_control_planes: Vec::new(),
             control_plane_postgres: None,
@@ -228,6 +231,7 @@ impl Cluster {
             process: None,
             netns: None,
             postgres: None,
+            env: Vec::new(),
         });
         self.more_control_planes.len()
     }
@@ -285,6 +289,7 @@ impl Cluster {
             None => Command::new(self.bins.path("control-plane")),
         };
         cmd.arg("serve").arg("--config").arg(path);
+        cmd.envs(self.control_plane_node(i).env.clone());
         let mut proc = Process::spawn(&name, cmd, &self.logs())?;
         let up = wait_up(&self.http, &format!("http://{admin}/healthz"), &mut proc).await;
         self.control_plane_node(i).process = Some(proc);

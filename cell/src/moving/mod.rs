@@ -159,6 +159,7 @@ impl Moves {
         let now = crate::clock::now_ms();
         match self.store.import(&b, from, move_id, now).await {
             Ok(dropped) => {
+                crate::failpoint::hit("move.target.after_import");
                 if dropped > 0 {
                     tracing::warn!(
                         user_id,

@@ -55,14 +55,12 @@ impl MoveStore {
             .await
     }
 
-    /// Whether anything of the user's money is still on its way: a hold on
-    /// a wallet of theirs, or an operation of theirs not yet final (a
-    /// transfer between cells, a withdrawal awaiting its provider).
+    /// Whether anything of the user's money is still on its way: an
+    /// operation of theirs not yet final (a transfer between cells either
+    /// way, a withdrawal awaiting its provider). Every hold on a wallet
+    /// belongs to one. A move's own operations are not counted: a move
+    /// resumed after a crash finds its holds in place.
     pub async fn money_in_flight(&self, user_id: &str) -> DbResult<bool> {
-        let holds: i64 = stmt("SELECT COUNT(*) FROM ledger_accounts WHERE owner = $1 AND kind = 'wallet' AND (debits_pending <> 0 OR credits_pending <> 0)")
-            .bind(user_id)
-            .scalar(&self.db)
-            .await?;
         let ops: i64 = stmt(
             "SELECT COUNT(*) FROM (\
                SELECT id FROM money_operations WHERE from_user = $1 AND state = 'pending' AND kind <> 'move' \
@@ -71,7 +69,7 @@ impl MoveStore {
         .bind(user_id)
         .scalar(&self.db)
         .await?;
-        Ok(holds > 0 || ops > 0)
+        Ok(ops > 0)
     }
 
     /// The user's rows, read in one transaction; None for no such user.
@@ -147,7 +145,6 @@ impl MoveStore {
             "DELETE FROM wechat_bindings WHERE user_id = $1",
             "DELETE FROM password_resets WHERE user_id = $1",
             "DELETE FROM sign_in_codes WHERE user_id = $1",
-            "DELETE FROM pending_claims WHERE user_id = $1",
             "DELETE FROM refresh_tokens WHERE session_id IN (SELECT id FROM sessions WHERE user_id = $1)",
             "DELETE FROM sessions WHERE user_id = $1",
             "DELETE FROM outbox WHERE user_id = $1 AND delivered_at IS NULL",
