@@ -109,6 +109,7 @@ pub async fn run(config: config::CellConfig) -> Result<()> {
             .unwrap_or(i64::MAX),
             peers: peers.clone(),
             tokens: Default::default(),
+            frozen: frozen.clone(),
         },
         money: money.clone(),
         notices: notices.clone(),

@@ -248,6 +248,8 @@ pub struct Identity {
     /// Access tokens verified before: their Ed25519 check was about a
     /// tenth of the cell's CPU on an authenticated read (bench/HISTORY.md).
     pub tokens: homecell_common::token_cache::TokenCache,
+    /// Users being moved away: no session opens for them here meanwhile.
+    pub frozen: Arc<crate::moving::frozen::Frozen>,
 }
 
 impl Identity {

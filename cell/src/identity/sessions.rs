@@ -138,6 +138,20 @@ impl Identity {
         user_id: &str,
         client_type: &str,
     ) -> Result<TokenPair, CodedError> {
+        // A sign-in during a move waits for it: a session opened here once
+        // the user was copied would be left behind. If the user moved, the
+        // router replays the sign-in at the new home.
+        if self.frozen.contains(user_id) {
+            self.frozen.wait(user_id).await?;
+            if let Some(home) = self
+                .replica
+                .state()
+                .user_region(user_id)
+                .filter(|h| *h != self.region)
+            {
+                return Err(CodedError::moved(home));
+            }
+        }
         let now = now_ms();
         let session = Session {
             id: uuid::Uuid::now_v7().to_string(),

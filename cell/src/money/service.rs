@@ -204,7 +204,11 @@ impl Money {
 
     /// The home region of a user: this cell if the user lives here.
     async fn home_of(&self, user_id: &str) -> Result<Option<String>, CodedError> {
-        if let Some(u) = self.users.user(user_id).await? {
+        // An erased row is a user who left (moved away, or deleted): the
+        // directory says where they live now, if anywhere.
+        if let Some(u) = self.users.user(user_id).await?
+            && u.status != "deleted"
+        {
             return Ok((u.status == "active").then(|| self.region.clone()));
         }
         Ok(self
