@@ -15,12 +15,14 @@ type Result<T = ()> = anyhow::Result<T>;
 
 const PW: &str = "correct horse battery";
 const SECRET: &str = "testpay-shared-secret-0123456789";
-/// Writes of each kind.
-const EACH: usize = 30;
+/// At most this many writes of each kind: each writer goes on until the
+/// move is over.
+const MAX_EACH: usize = 300;
 
 /// Sends `write` until it is answered with anything but a retryable
 /// refusal; each retry repeats the same request (same key), as a client
-/// does. Returns the final answer and how many refusals came first.
+/// does. Returns the final answer and how many attempts met the move: a
+/// refusal, or an answer held back for the move (over half a second).
 async fn until_answered<F, Fut>(what: &str, mut write: F) -> Result<(Reply, u32)>
 where
     F: FnMut() -> Fut,
@@ -29,9 +31,11 @@ where
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut refused = 0;
     loop {
+        let sent = Instant::now();
         let r = write().await?;
         if r.status != StatusCode::SERVICE_UNAVAILABLE {
-            return Ok((r, refused));
+            let held = u32::from(sent.elapsed() > Duration::from_millis(500));
+            return Ok((r, refused + held));
         }
         anyhow::ensure!(
             r.code() == "user_moving" && r.header("retry-after").is_some(),
@@ -43,12 +47,25 @@ where
     }
 }
 
-#[tokio::test]
+// Multi-threaded: the CLI that runs the move blocks its thread meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_write_aimed_at_a_moving_user_lands_once() -> Result {
-    let c = standard()
+    let mut c = standard()
         .cell_config(&format!("[payments.testpay]\nsecret = {SECRET:?}\n"))
         .start()
         .await?;
+    // The source holds the user frozen for 1.5 s between the copy and the
+    // cut-over: writes meanwhile must wait, then go to the new home, or be
+    // refused as retryable; never land at the old home after the copy.
+    let node = c.cell_mut("cn-east").context("cn-east")?;
+    if let Some(mut p) = node.process.take() {
+        p.kill();
+    }
+    node.env = vec![(
+        "HOMECELL_FAILPOINTS".to_string(),
+        "move.source.after_import=1500".to_string(),
+    )];
+    c.start_cell("cn-east").await?;
     let east = Api::new(&c.router_url(0), "cn-east");
     let (x, login) = east.signed_in("storm@example.com", PW).await?;
     let xid = login["user_id"].as_str().context("user")?.to_string();
@@ -61,12 +78,18 @@ async fn every_write_aimed_at_a_moving_user_lands_once() -> Result {
         anyhow::ensure!(r.status.is_success(), "{r:?}");
     }
 
+    let over = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let going = |over: &std::sync::Arc<std::sync::atomic::AtomicBool>| {
+        !over.load(std::sync::atomic::Ordering::Relaxed)
+    };
     let deposits = {
         let east = east.clone();
         let xid = xid.clone();
+        let over = over.clone();
         tokio::spawn(async move {
             let mut refused = 0;
-            for i in 0..EACH {
+            let mut done = 0;
+            for i in (0..MAX_EACH).take_while(|_| going(&over)) {
                 let evt = format!("storm-dep-{i}");
                 let (r, n) = until_answered("deposit", || {
                     east.provider_deposit("testpay", SECRET, &evt, &xid, 10)
@@ -74,15 +97,18 @@ async fn every_write_aimed_at_a_moving_user_lands_once() -> Result {
                 .await?;
                 anyhow::ensure!(r.status.is_success(), "deposit {i}: {r:?}");
                 refused += n;
+                done += 1;
                 tokio::time::sleep(Duration::from_millis(40)).await;
             }
-            Ok::<_, anyhow::Error>(refused)
+            Ok::<_, anyhow::Error>((done, refused))
         })
     };
     let transfers = |from: Api, to: String, amount: i64, tag: &'static str| {
+        let over = over.clone();
         tokio::spawn(async move {
             let mut refused = 0;
-            for i in 0..EACH {
+            let mut done = 0;
+            for i in (0..MAX_EACH).take_while(|_| going(&over)) {
                 let key = uuid::Uuid::new_v4().to_string();
                 let body = json!({"to_user_id": to, "amount": amount, "currency": "CNY"});
                 let (r, n) = until_answered(tag, || from.transfer(&key, body.clone())).await?;
@@ -94,18 +120,21 @@ async fn every_write_aimed_at_a_moving_user_lands_once() -> Result {
                     "{tag} {i} repeated: {again:?}"
                 );
                 refused += n;
+                done += 1;
                 tokio::time::sleep(Duration::from_millis(40)).await;
             }
-            Ok::<_, anyhow::Error>(refused)
+            Ok::<_, anyhow::Error>((done, refused))
         })
     };
     let incoming = transfers(y.clone(), xid.clone(), 7, "incoming");
     let outgoing = transfers(x.clone(), yid.clone(), 3, "outgoing");
     let edits = {
         let x = x.clone();
+        let over = over.clone();
         tokio::spawn(async move {
             let mut refused = 0;
-            for i in 0..EACH {
+            let mut done = 0;
+            for i in (0..MAX_EACH).take_while(|_| going(&over)) {
                 let bio = format!("bio {i}");
                 let (r, n) = until_answered("profile", || async {
                     let etag = x
@@ -125,16 +154,18 @@ async fn every_write_aimed_at_a_moving_user_lands_once() -> Result {
                 .await?;
                 anyhow::ensure!(r.status == StatusCode::OK, "edit {i}: {r:?}");
                 refused += n;
+                done += 1;
                 tokio::time::sleep(Duration::from_millis(40)).await;
             }
-            Ok::<_, anyhow::Error>(refused)
+            Ok::<_, anyhow::Error>((done, refused))
         })
     };
     let logins = {
         let web = east.as_client("web");
+        let over = over.clone();
         tokio::spawn(async move {
             let mut last = String::new();
-            for i in 0..EACH / 3 {
+            for i in (0..MAX_EACH).take_while(|_| going(&over)) {
                 let (r, _) = until_answered("login", || web.login("storm@example.com", PW)).await?;
                 anyhow::ensure!(r.status == StatusCode::OK, "login {i}: {r:?}");
                 last = r.body["access_token"].as_str().unwrap_or("").to_string();
@@ -148,16 +179,25 @@ async fn every_write_aimed_at_a_moving_user_lands_once() -> Result {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let out = c.cli_ok(&["-o", "json", "move", "user", &xid, "--to", "eu-west"])?;
     assert!(out.stdout.contains("\"state\": \"done\""), "{}", out.stdout);
+    // A little more traffic at the new home, then stop.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    over.store(true, std::sync::atomic::Ordering::Relaxed);
 
-    let refused = deposits.await?? + incoming.await?? + outgoing.await?? + edits.await??;
+    let (d, r1) = deposits.await??;
+    let (i, r2) = incoming.await??;
+    let (o, r3) = outgoing.await??;
+    let (e, r4) = edits.await??;
+    let refused = r1 + r2 + r3 + r4;
     let last_login = logins.await??;
-    eprintln!("writes refused as retryable during the move (then retried): {refused}");
+    eprintln!("writes held or refused by the move (then retried): {refused}");
+    assert!(refused > 0, "no write met the move's freeze: the storm missed it");
 
     // Every accepted write is there once: the balances are exact, on both
     // sides, once the transfers between the two cells have posted.
-    let n = EACH as i64;
-    let want_x = 1_000 + 10 * n + 7 * n - 3 * n;
-    let want_y = 1_000 - 7 * n + 3 * n;
+    eprintln!("deposits {d}, transfers in {i}, out {o}, edits {e}");
+    let (d, i, o) = (d as i64, i as i64, o as i64);
+    let want_x = 1_000 + 10 * d + 7 * i - 3 * o;
+    let want_y = 1_000 - 7 * i + 3 * o;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (bx, by) = (x.available("CNY").await?, y.available("CNY").await?);
@@ -170,16 +210,16 @@ async fn every_write_aimed_at_a_moving_user_lands_once() -> Result {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let deposits = x.get("/v1/wallet/transfers?kind=deposit&limit=100").await?;
+    let deposits = x.get("/v1/wallet/transfers?kind=deposit&limit=200").await?;
     assert_eq!(
         deposits.body["items"].as_array().map(Vec::len),
-        Some(EACH + 1),
+        Some(d as usize + 1),
         "{}",
         deposits.body
     );
     let profile = x.get("/v1/users/me").await?;
     assert_eq!(profile.header("x-home-region"), Some("eu-west"));
-    assert_eq!(profile.body["bio"], format!("bio {}", EACH - 1));
+    assert_eq!(profile.body["bio"], format!("bio {}", e - 1));
     // The last login's session lives at the new home.
     let web = x.as_client("web").with_token(&last_login);
     let r = web.get("/v1/users/me").await?;

@@ -244,6 +244,7 @@ impl Moves {
             )
             .await?;
         crate::failpoint::hit("move.source.after_import");
+        crate::failpoint::pause("move.source.after_import").await;
         match self
             .money
             .hold_for_move(&m.id, &m.user_id, &m.to_region)
