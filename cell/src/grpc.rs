@@ -19,6 +19,9 @@ use tonic::{Request, Response, Status};
 /// checks that the two agree).
 pub const MAX_FORWARDED_BODY: usize = 64 * 1024;
 
+/// The largest move bundle a cell takes (a user's whole history).
+pub const MAX_BUNDLE: usize = 16 << 20;
+
 /// The caller's region, when it is another cell.
 fn calling_cell<T>(req: &Request<T>) -> Result<String, Status> {
     match req.extensions().get::<PeerIdentity>() {
@@ -186,7 +189,7 @@ impl CellService for CellGrpc {
                 r.from_region
             )));
         }
-        if r.bundle.len() > 16 << 20 {
+        if r.bundle.len() > MAX_BUNDLE {
             return Err(Status::invalid_argument("a move bundle is at most 16 MiB"));
         }
         self.0

@@ -46,6 +46,7 @@ type TracedClient = CellServiceClient<homecell_common::traced_grpc::TracedChanne
 /// request from the router across cells.
 fn client(ch: Channel) -> TracedClient {
     CellServiceClient::new(homecell_common::traced_grpc::TracedChannel::new(ch))
+        .max_encoding_message_size(crate::grpc::MAX_BUNDLE + 64 * 1024)
 }
 
 impl Peers {

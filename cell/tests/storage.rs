@@ -1125,7 +1125,7 @@ async fn moving_a_user(db: &Datastore) {
         .await
         .unwrap();
     assert!(alive(db, "mv-s", "mv", NOW).await);
-    assert!(!db.moves().money_in_flight("mv").await.unwrap());
+    assert!(!db.moves().money_in_flight("mv", "m1").await.unwrap());
     assert_eq!(
         db.moves().freeze("mv", "m1", "eu-west", NOW).await.unwrap(),
         NOW

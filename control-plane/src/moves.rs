@@ -5,8 +5,14 @@
 //! ```text
 //! PENDING ─▶ COPYING ─▶ COPIED ─▶ SWITCHED ─▶ DONE
 //!    │          │          │
-//!    └──────────┴──────────┴─▶ CANCELLED (before the cut-over only)
+//!    └──────────┴──────────┴─▶ CANCELLED ─▶ (undone)
 //! ```
+//!
+//! A cancel is journaled first: once a move is CANCELLED no cut-over can
+//! happen, so the source undoes its steps (voids the holds, thaws the user,
+//! has the target drop its copy) knowing the move cannot complete behind
+//! it, and then reports it undone. An operator's cancel and the source's
+//! own decision (a step that cannot succeed) take the same path.
 //!
 //! The source cell runs the steps (`cell/src/moving/`) and reports each one
 //! with a compare-and-set ([`advance`]); a step that is reported twice
@@ -109,16 +115,12 @@ pub fn cancel(tx: &mut Tx<'_>, id: &str) -> Result<MoveRecord, CodedError> {
     let mut m = get(tx, id)?;
     match m.state() {
         MoveState::Cancelled => Ok(m),
-        MoveState::Pending => {
+        s @ (MoveState::Pending | MoveState::Copying | MoveState::Copied) => {
             m.set_state(MoveState::Cancelled);
             m.cancel_requested = true;
-            tx.put_move(m)
-        }
-        MoveState::Copying | MoveState::Copied => {
-            if m.cancel_requested {
-                return Ok(m);
-            }
-            m.cancel_requested = true;
+            m.error = "cancelled by an operator".into();
+            // Nothing was done yet for a move the source had not started.
+            m.undone = s == MoveState::Pending;
             tx.put_move(m)
         }
         s => Err(precondition(format!(
@@ -174,18 +176,19 @@ pub fn advance(
         )));
     }
     if from == to {
-        m.error = req.error.chars().take(500).collect();
-        m.attempts = m.attempts.saturating_add(1);
+        if from == MoveState::Cancelled && req.undone {
+            m.undone = true;
+        } else {
+            m.error = req.error.chars().take(500).collect();
+            m.attempts = m.attempts.saturating_add(1);
+        }
         return tx.put_move(m);
     }
     use MoveState::*;
     match (from, to) {
         (Pending, Copying) | (Copying, Copied) | (Switched, Done) => {}
-        (Pending | Copying | Copied, Cancelled) => {}
+        (Pending | Copying | Copied, Cancelled) => m.undone = from == Pending,
         (Copied, Switched) => {
-            if m.cancel_requested {
-                return Err(precondition("the move was cancelled"));
-            }
             crate::directory::move_user(
                 tx,
                 key,
@@ -205,7 +208,9 @@ pub fn advance(
         }
     }
     m.set_state(to);
-    m.error = req.error.chars().take(500).collect();
+    if to != Cancelled || !req.error.is_empty() {
+        m.error = req.error.chars().take(500).collect();
+    }
     tx.put_move(m)
 }
 

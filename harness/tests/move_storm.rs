@@ -190,7 +190,10 @@ async fn every_write_aimed_at_a_moving_user_lands_once() -> Result {
     let refused = r1 + r2 + r3 + r4;
     let last_login = logins.await??;
     eprintln!("writes held or refused by the move (then retried): {refused}");
-    assert!(refused > 0, "no write met the move's freeze: the storm missed it");
+    assert!(
+        refused > 0,
+        "no write met the move's freeze: the storm missed it"
+    );
 
     // Every accepted write is there once: the balances are exact, on both
     // sides, once the transfers between the two cells have posted.

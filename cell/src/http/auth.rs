@@ -148,6 +148,14 @@ pub async fn refresh(
     State(cell): State<Arc<Cell>>,
     Json(r): Json<RefreshRequest>,
 ) -> ApiResult<axum::Json<TokenPair>> {
+    // A rotation here after a move copied the session would be left behind:
+    // wait for the move (then the session lives at the new home).
+    if cell.moves.frozen.any() {
+        let hash = homecell_common::hex::sha256(&r.refresh_token);
+        if let Some(user) = cell.moves.refresh_user(&hash).await {
+            cell.moves.frozen.wait(&user).await?;
+        }
+    }
     match cell.identity.refresh(&r.refresh_token).await {
         Ok(pair) => Ok(axum::Json(pair)),
         // A session a move took to another region: the router replays the

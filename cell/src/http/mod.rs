@@ -274,7 +274,10 @@ pub fn router(cell: Arc<Cell>) -> Router {
     let grpc = tonic::service::Routes::new(
         homecell_proto::cell::cell_service_server::CellServiceServer::new(crate::grpc::CellGrpc(
             cell.clone(),
-        )),
+        ))
+        // A move's bundle may reach 16 MiB (grpc.rs checks it); tonic's
+        // default would refuse anything over 4 MiB.
+        .max_decoding_message_size(crate::grpc::MAX_BUNDLE + 64 * 1024),
     )
     .prepare()
     .into_axum_router()

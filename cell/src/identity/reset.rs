@@ -141,6 +141,9 @@ impl Identity {
         let Some(user_id) = user else {
             return Err(bad());
         };
+        // A new password set here after a move copied the account would
+        // be left behind: wait for the move, or refuse as retryable.
+        self.frozen.wait(&user_id).await?;
         let Some((reset_id, code_hash)) = self
             .store
             .reserve_reset_guess(&user_id, RESET_MAX_ATTEMPTS, now)

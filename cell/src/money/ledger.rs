@@ -326,6 +326,24 @@ impl Ledger {
         Ok(stmt(sql).bind(id).fetch_optional(&self.db).await?)
     }
 
+    /// The operations `actor` started for `from_user` (a move's, say).
+    pub async fn operations_from_by(
+        &self,
+        from_user: &str,
+        actor: &str,
+    ) -> LedgerResult<Vec<Operation>> {
+        let sql = concat!(
+            "SELECT ",
+            op_cols!(),
+            " FROM money_operations WHERE from_user = $1 AND actor = $2"
+        );
+        Ok(stmt(sql)
+            .bind(from_user)
+            .bind(actor)
+            .fetch_all(&self.db)
+            .await?)
+    }
+
     /// Stores a refused operation so that a repeat gets the same answer.
     /// Returns what is stored under the id (a concurrent success wins).
     pub async fn record_refusal(&self, op: &Operation) -> LedgerResult<Operation> {

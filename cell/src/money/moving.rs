@@ -169,17 +169,19 @@ impl Money {
             .await
     }
 
-    /// Whether every step of the move's money is done on both sides.
+    /// Whether every operation of the move's money (its holds, and any
+    /// sweep after it) is done on both sides.
     pub async fn move_money_settled(
         &self,
         move_id: &str,
         user_id: &str,
     ) -> Result<bool, CodedError> {
         Ok(self
-            .move_ops(move_id, user_id)
+            .ledger
+            .operations_from_by(user_id, &format!("move:{move_id}"))
             .await?
             .iter()
-            .all(|op| op.saga_step.as_deref() == Some("done")))
+            .all(|op| op.saga_step.as_deref().is_none_or(|s| s == "done")))
     }
 
     /// After the cut-over: money that reached the old wallet anyway (a

@@ -120,7 +120,11 @@ impl Money {
                         crate::failpoint::hit("saga.coordinator.after_post");
                     }
                     PeerAnswer::Refused(reason) => self.abort(&op, &reason, now).await?,
-                    PeerAnswer::Unreachable(e) if now - op.created_at > self.hold_timeout_ms => {
+                    // A move's money is never given up for a slow peer: it
+                    // belongs at the new home (money/moving.rs).
+                    PeerAnswer::Unreachable(e)
+                        if now - op.created_at > self.hold_timeout_ms && op.kind != "move" =>
+                    {
                         self.abort(&op, &format!("receiver's cell unreachable: {e}"), now)
                             .await?
                     }

@@ -204,6 +204,14 @@ impl Money {
 
     /// The home region of a user: this cell if the user lives here.
     async fn home_of(&self, user_id: &str) -> Result<Option<String>, CodedError> {
+        // The directory first: a user homed elsewhere lives there, even
+        // with a row here (one who moved away, or one arriving by a move
+        // that has not cut over yet).
+        if let Some(home) = self.replica.state().user_region(user_id)
+            && home != self.region
+        {
+            return Ok(Some(home.to_string()));
+        }
         // An erased row is a user who left (moved away, or deleted): the
         // directory says where they live now, if anywhere.
         if let Some(u) = self.users.user(user_id).await?
@@ -400,8 +408,13 @@ impl Money {
             return Ok(stored);
         }
         self.frozen.wait(&d.user_id).await?;
+        let homed_elsewhere = self
+            .replica
+            .state()
+            .user_region(&d.user_id)
+            .is_some_and(|h| h != self.region);
         match self.users.user(&d.user_id).await? {
-            Some(u) if u.status != "deleted" => {}
+            Some(u) if u.status != "deleted" && !homed_elsewhere => {}
             // Not here (any more): a user who moved away leaves an erased
             // row behind, and their deposit goes to the new home; one the
             // directory still homes here is gone (404).

@@ -124,26 +124,9 @@ impl Moves {
         move_id: &str,
         bundle: &[u8],
     ) -> Result<(), CodedError> {
-        let b: Bundle = serde_json::from_slice(bundle)
-            .map_err(|e| CodedError::invalid(format!("move bundle: {e}")))?;
-        if b.version != BUNDLE_VERSION {
-            return Err(CodedError::invalid(format!(
-                "move bundle version {} (this cell reads {BUNDLE_VERSION})",
-                b.version
-            )));
-        }
-        if b.user.0 != user_id {
-            return Err(CodedError::invalid("the bundle is for another user"));
-        }
-        if b.operations.iter().any(|op| {
-            op.from_user.as_deref() != Some(user_id) && op.to_user.as_deref() != Some(user_id)
-        }) {
-            return Err(CodedError::invalid(
-                "the bundle carries another user's operations",
-            ));
-        }
         // Only the user's current home may push it here, for a move the
-        // journal holds and has not cut over.
+        // journal holds and has not cut over: checked before the bundle is
+        // even read.
         if self.replica.state().user_region(user_id) != Some(from) {
             return Err(denied(format!(
                 "the directory does not home this user in {from}"
@@ -156,6 +139,18 @@ impl Moves {
                 "the move is not copying",
             ));
         }
+        let mut b: Bundle = serde_json::from_slice(bundle)
+            .map_err(|e| CodedError::invalid(format!("move bundle: {e}")))?;
+        if b.version != BUNDLE_VERSION {
+            return Err(CodedError::invalid(format!(
+                "move bundle version {} (this cell reads {BUNDLE_VERSION})",
+                b.version
+            )));
+        }
+        if b.user.0 != user_id {
+            return Err(CodedError::invalid("the bundle is for another user"));
+        }
+        self.check_bundle(&mut b, user_id)?;
         let now = crate::clock::now_ms();
         match self.store.import(&b, from, move_id, now).await {
             Ok(dropped) => {
@@ -178,6 +173,41 @@ impl Moves {
         }
     }
 
+    /// What a sending cell may not put in a bundle, whatever it signs:
+    /// a refresh token of a session that is not the user's own (it would
+    /// open someone else's session here), or another user's records. Past
+    /// operations are kept only when final, and only those whose other
+    /// side lives elsewhere (this cell holds its own users' records; a
+    /// sender must not write into their history or their idempotency keys).
+    fn check_bundle(&self, b: &mut Bundle, user_id: &str) -> Result<(), CodedError> {
+        let sessions: std::collections::HashSet<&str> =
+            b.sessions.iter().map(|s| s.0.as_str()).collect();
+        if b.refresh_tokens
+            .iter()
+            .any(|r| !sessions.contains(r.1.as_str()))
+        {
+            return Err(CodedError::invalid(
+                "a refresh token of the bundle is not of its sessions",
+            ));
+        }
+        let state = self.replica.state();
+        b.operations.retain(|op| {
+            let final_state = matches!(op.state.as_str(), "posted" | "voided" | "failed");
+            let other = match (op.from_user.as_deref(), op.to_user.as_deref()) {
+                (Some(f), Some(t)) if f == user_id => Some(t),
+                (Some(f), Some(t)) if t == user_id => Some(f),
+                (Some(f), None) if f == user_id => None,
+                (None, Some(t)) if t == user_id => None,
+                _ => return false,
+            };
+            let other_here = other.is_some_and(|o| {
+                o != user_id && state.user_region(o) == Some(self.region.as_str())
+            });
+            final_state && !other_here
+        });
+        Ok(())
+    }
+
     /// The new home's side of an undone move: what the import brought goes,
     /// unless the user lives here (the move cut over after all).
     pub async fn discard(
@@ -193,10 +223,10 @@ impl Moves {
             ));
         }
         let m = self.check_journal(move_id, from, user_id).await?;
-        if m.state() >= MoveState::Switched && m.state() != MoveState::Cancelled {
+        if m.state() != MoveState::Cancelled {
             return Err(CodedError::new(
                 ErrorCode::FailedPrecondition,
-                "the move cut over",
+                "the journal does not hold the move cancelled",
             ));
         }
         self.store
@@ -210,6 +240,11 @@ impl Moves {
             "undone move's import discarded"
         );
         Ok(())
+    }
+
+    /// The user a refresh token's session belongs to.
+    pub async fn refresh_user(&self, refresh_hash: &str) -> Option<String> {
+        self.store.refresh_user(refresh_hash).await.ok()?
     }
 
     /// A refresh token of a session a move ended here: the error that sends

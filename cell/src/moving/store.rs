@@ -57,16 +57,18 @@ impl MoveStore {
 
     /// Whether anything of the user's money is still on its way: an
     /// operation of theirs not yet final (a transfer between cells either
-    /// way, a withdrawal awaiting its provider). Every hold on a wallet
-    /// belongs to one. A move's own operations are not counted: a move
-    /// resumed after a crash finds its holds in place.
-    pub async fn money_in_flight(&self, user_id: &str) -> DbResult<bool> {
+    /// way, a withdrawal awaiting its provider, another move's money).
+    /// Every hold on a wallet belongs to one. This move's own operations
+    /// are not counted: a move resumed after a crash finds its holds in
+    /// place.
+    pub async fn money_in_flight(&self, user_id: &str, move_id: &str) -> DbResult<bool> {
         let ops: i64 = stmt(
             "SELECT COUNT(*) FROM (\
-               SELECT id FROM money_operations WHERE from_user = $1 AND state = 'pending' AND kind <> 'move' \
-               UNION SELECT id FROM money_operations WHERE to_user = $1 AND state = 'pending' AND kind <> 'move') AS open",
+               SELECT id FROM money_operations WHERE from_user = $1 AND state = 'pending' AND actor <> $2 \
+               UNION SELECT id FROM money_operations WHERE to_user = $1 AND state = 'pending' AND actor <> $2) AS open",
         )
         .bind(user_id)
+        .bind(format!("move:{move_id}"))
         .scalar(&self.db)
         .await?;
         Ok(ops > 0)
@@ -339,6 +341,14 @@ impl MoveStore {
                 .scalars(&self.db)
                 .await
         }
+    }
+
+    /// The user a refresh token's session belongs to.
+    pub async fn refresh_user(&self, refresh_hash: &str) -> DbResult<Option<String>> {
+        stmt("SELECT s.user_id FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id WHERE r.token_hash = $1")
+            .bind(refresh_hash)
+            .scalar_optional(&self.db)
+            .await
     }
 
     /// The user a session belongs to, when a move ended it here.

@@ -14,7 +14,7 @@ use homecell_proto::cell::{DiscardImportRequest, ImportUserRequest};
 use homecell_proto::control::{
     AdvanceMoveRequest, ExtendBatchRequest, ListMovesRequest, MoveBatch, MoveRecord, MoveState,
 };
-use homecell_proto::error::CodedError;
+use homecell_proto::error::{CodedError, ErrorCode};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -90,6 +90,11 @@ pub async fn run(moves: Arc<Moves>, token: CancellationToken) {
                 continue;
             }
         };
+        // A freeze whose move is no longer open here (finished or undone
+        // by another instance, or left by a crash between steps) thaws.
+        if open.moves.len() < 1_000 {
+            moves.thaw_stale(&open.moves).await;
+        }
         for m in open.moves {
             if running.lock().expect("poisoned").len() >= CONCURRENT {
                 break;
@@ -111,6 +116,27 @@ pub async fn run(moves: Arc<Moves>, token: CancellationToken) {
 }
 
 impl Moves {
+    /// Thaws users frozen by moves that are not among `open`, once they
+    /// have been frozen for a while (a move that just froze its user may
+    /// not be listed yet).
+    async fn thaw_stale(&self, open: &[MoveRecord]) {
+        let Ok(rows) = self.store.frozen().await else {
+            return;
+        };
+        let now = now_ms();
+        for (user, move_id, _, frozen_at) in rows {
+            let listed = open
+                .iter()
+                .any(|m| m.id == move_id && m.state() != MoveState::Done);
+            if !listed && now - frozen_at > 10_000 {
+                tracing::warn!(r#move = %move_id, "a freeze outlived its move; thawing");
+                if self.store.thaw(&user, &move_id).await.is_ok() {
+                    self.frozen.remove(&user);
+                }
+            }
+        }
+    }
+
     /// Reports a step to the journal; the move as it stands after.
     async fn advance(
         &self,
@@ -119,21 +145,30 @@ impl Moves {
         error: &str,
         identifiers: Vec<String>,
     ) -> Result<MoveRecord, CodedError> {
+        self.report(AdvanceMoveRequest {
+            id: m.id.clone(),
+            from_state: m.state,
+            to_state: to as i32,
+            error: error.to_string(),
+            identifiers,
+            undone: false,
+        })
+        .await
+    }
+
+    async fn report(&self, req: AdvanceMoveRequest) -> Result<MoveRecord, CodedError> {
         self.journal()
-            .advance_move(AdvanceMoveRequest {
-                id: m.id.clone(),
-                from_state: m.state,
-                to_state: to as i32,
-                error: error.to_string(),
-                identifiers,
-            })
+            .advance_move(req)
             .await
             .map(|r| r.into_inner().r#move.unwrap_or_default())
             .map_err(|s| {
-                CodedError::new(
-                    homecell_proto::error::ErrorCode::FailedPrecondition,
-                    s.message().to_string(),
-                )
+                let code = match s.code() {
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                        ErrorCode::CellUnavailable
+                    }
+                    _ => ErrorCode::FailedPrecondition,
+                };
+                CodedError::new(code, s.message().to_string())
             })
     }
 
@@ -146,7 +181,7 @@ impl Moves {
     async fn drive(&self, mut m: MoveRecord) {
         loop {
             let moved_on = |next: &MoveRecord, m: &MoveRecord| {
-                next.state != m.state || next.cancel_requested != m.cancel_requested
+                next.state != m.state || next.undone != m.undone
             };
             match self.step(&m).await {
                 Ok(next) if moved_on(&next, &m) => m = next,
@@ -178,12 +213,9 @@ impl Moves {
     async fn step(&self, m: &MoveRecord) -> Result<MoveRecord, Stop> {
         match m.state() {
             MoveState::Pending => Ok(self.advance(m, MoveState::Copying, "", vec![]).await?),
-            MoveState::Copying | MoveState::Copied if m.cancel_requested => {
-                self.undo(m, "cancelled by an operator").await
-            }
             MoveState::Copying => match self.copy(m).await {
                 Ok(()) => Ok(self.advance(m, MoveState::Copied, "", vec![]).await?),
-                Err(Stop::Undo(why)) => self.undo(m, &why).await,
+                Err(Stop::Undo(why)) => self.cancel(m, &why).await,
                 Err(e) => Err(e),
             },
             MoveState::Copied => {
@@ -192,15 +224,40 @@ impl Moves {
                     .qualified_identifiers(&m.user_id)
                     .await
                     .map_err(db)?;
+                if ids.is_empty() || ids.len() > 16 {
+                    return self
+                        .cancel(m, "a move carries a user with 1 to 16 identifiers")
+                        .await;
+                }
                 crate::failpoint::hit("move.source.before_switch");
-                Ok(self.advance(m, MoveState::Switched, "", ids).await?)
+                match self.advance(m, MoveState::Switched, "", ids).await {
+                    Ok(next) => Ok(next),
+                    // Refused: if the journal still holds the move here, the
+                    // cut-over itself cannot happen (the target stopped
+                    // taking users, say): undo it.
+                    Err(e) => match self.refetch(m).await {
+                        Ok(now) if now.state == m.state && e.code != ErrorCode::CellUnavailable => {
+                            self.cancel(m, &format!("the cut-over was refused: {}", e.message))
+                                .await
+                        }
+                        _ => Err(Stop::Err(e)),
+                    },
+                }
             }
             MoveState::Switched => {
                 self.finish(m).await?;
                 Ok(self.advance(m, MoveState::Done, "", vec![]).await?)
             }
+            MoveState::Cancelled if !m.undone => self.undo(m).await,
             MoveState::Done | MoveState::Cancelled | MoveState::Unspecified => Ok(m.clone()),
         }
+    }
+
+    /// Journals the move cancelled (so no cut-over can follow), for the
+    /// undo to run next.
+    async fn cancel(&self, m: &MoveRecord, why: &str) -> Result<MoveRecord, Stop> {
+        tracing::warn!(r#move = %m.id, why, "move cannot go on; undoing it");
+        Ok(self.advance(m, MoveState::Cancelled, why, vec![]).await?)
     }
 
     /// Step 1 and 2 at the source: freeze, let money in flight land, copy,
@@ -220,7 +277,12 @@ impl Moves {
         }
         crate::failpoint::hit("move.source.after_freeze");
         let deadline = tokio::time::Instant::now() + DRAIN;
-        while self.store.money_in_flight(&m.user_id).await.map_err(db)? {
+        while self
+            .store
+            .money_in_flight(&m.user_id, &m.id)
+            .await
+            .map_err(db)?
+        {
             if tokio::time::Instant::now() >= deadline {
                 return Err(Stop::Undo(
                     "money of the user's is still in flight (a transfer or withdrawal); move them once it lands".into(),
@@ -293,18 +355,13 @@ impl Moves {
         Ok(())
     }
 
-    /// Undoes a move before its cut-over and reports it cancelled.
-    async fn undo(&self, m: &MoveRecord, why: &str) -> Result<MoveRecord, Stop> {
+    /// Undoes a cancelled move and reports it undone: the holds voided
+    /// (the saga worker tells the target), the user thawed, the target's
+    /// copy dropped.
+    async fn undo(&self, m: &MoveRecord) -> Result<MoveRecord, Stop> {
         self.money.void_for_move(&m.id, &m.user_id).await?;
-        let deadline = tokio::time::Instant::now() + SETTLE;
-        while !self.money.move_money_settled(&m.id, &m.user_id).await? {
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Stop::Later(
-                    "the move's holds are not yet voided at the new home".into(),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.store.thaw(&m.user_id, &m.id).await.map_err(db)?;
+        self.frozen.remove(&m.user_id);
         self.peers
             .discard_import(
                 &m.to_region,
@@ -316,10 +373,16 @@ impl Moves {
             )
             .await
             .map_err(|e| Stop::Later(e.message().to_string()))?;
-        self.store.thaw(&m.user_id, &m.id).await.map_err(db)?;
-        self.frozen.remove(&m.user_id);
-        tracing::info!(r#move = %m.id, why, "move undone");
-        Ok(self.advance(m, MoveState::Cancelled, why, vec![]).await?)
+        tracing::info!(r#move = %m.id, why = %m.error, "move undone");
+        Ok(self
+            .report(AdvanceMoveRequest {
+                id: m.id.clone(),
+                from_state: MoveState::Cancelled as i32,
+                to_state: MoveState::Cancelled as i32,
+                undone: true,
+                ..Default::default()
+            })
+            .await?)
     }
 }
 

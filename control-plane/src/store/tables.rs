@@ -88,10 +88,15 @@ pub trait Write: Read {
     fn put_batch(&mut self, b: &MoveBatch) -> Result<()>;
 }
 
-/// A move still running: neither done nor cancelled.
+/// A move the source still has work for: not done, and not cancelled and
+/// undone.
 pub fn move_is_open(m: &MoveRecord) -> bool {
     use homecell_proto::control::MoveState;
-    !matches!(m.state(), MoveState::Done | MoveState::Cancelled)
+    match m.state() {
+        MoveState::Done => false,
+        MoveState::Cancelled => !m.undone,
+        _ => true,
+    }
 }
 
 /// Counts one more claim on `user_id` and homes it in `region`; returns the
