@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Moves one instance runs at once.
-const CONCURRENT: usize = 32;
+const CONCURRENT: usize = 128;
 /// How long a move waits for the user's money in flight to land before it
 /// is undone (a withdrawal awaiting its provider may take hours).
 const DRAIN: Duration = Duration::from_secs(10);
