@@ -225,14 +225,20 @@ pub fn restore(from: &Path, location: &Location, retain_changes: u64) -> Result<
         _ => bail!("the backup does not start with its header"),
     };
     ensure!(
-        header.format == BACKUP_FORMAT,
-        "backup format {} is not one this version reads ({BACKUP_FORMAT})",
+        header.format == BACKUP_FORMAT || header.format == 1,
+        "backup format {} is not one this version reads (1 or {BACKUP_FORMAT})",
         header.format
     );
-    let total = [header.config, header.config_history, header.claims]
-        .into_iter()
-        .try_fold(header.regions, u64::checked_add)
-        .context("the backup's header is damaged")?;
+    let total = [
+        header.config,
+        header.config_history,
+        header.claims,
+        header.moves,
+        header.move_batches,
+    ]
+    .into_iter()
+    .try_fold(header.regions, u64::checked_add)
+    .context("the backup's header is damaged")?;
     let parent = Parent {
         epoch: header.epoch,
         revision: header.revision,
@@ -248,6 +254,8 @@ pub fn restore(from: &Path, location: &Location, retain_changes: u64) -> Result<
                 Some(backup_record::Kind::Config(e)) => b.config(&e)?,
                 Some(backup_record::Kind::History(h)) => b.history(&h)?,
                 Some(backup_record::Kind::Claim(c)) => b.claim(&c)?,
+                Some(backup_record::Kind::Move(m)) => b.move_record(&m)?,
+                Some(backup_record::Kind::MoveBatch(m)) => b.move_batch(&m)?,
                 Some(backup_record::Kind::Trailer(t)) => {
                     ensure!(
                         t.records == rows + 1,

@@ -117,7 +117,9 @@ impl MoveService for ControlPlane {
             .read(move |tx| {
                 let b = moves::get_batch(tx, &id)?;
                 let mut states = std::collections::HashMap::new();
-                for m in moves::list(tx, |m| m.batch_id == b.id, None, usize::MAX)? {
+                // The batch's own moves; its reversals carry its id too.
+                let own = |m: &MoveRecord| m.batch_id == b.id && m.reverse_of.is_empty();
+                for m in moves::list(tx, own, None, usize::MAX)? {
                     *states
                         .entry(moves::state_name(m.state()).to_string())
                         .or_insert(0u32) += 1;

@@ -127,11 +127,21 @@ async fn a_backup_restores_into_an_empty_database_and_never_over_a_store() -> Re
     let from = Location::Postgres(pg.create_database("old")?);
     let to = Location::Postgres(pg.create_database("new")?);
     let old = Store::open_at(&from, 100).await?;
+    let journal = std::sync::Mutex::new(None);
     tokio::task::block_in_place(|| -> Result<()> {
         old.mutate("t", |tx| tx.put_region(region("cn-east")))?;
         for i in 0..50u32 {
             assert!(claim(&old, &format!("{i:064x}"), &format!("u{}", i / 2))?);
         }
+        // The move journal travels too: an open move and a batch.
+        old.mutate("t", |tx| tx.put_region(region("eu-west")))?;
+        let (m, _) = old.mutate("t", |tx| {
+            homecell_control_plane::moves::start(tx, "u0", "eu-west", "", "")
+        })?;
+        let (b, _) = old.mutate("t", |tx| {
+            homecell_control_plane::moves::start_batch(tx, "cn-east", "eu-west", "fr", 10, 5)
+        })?;
+        *journal.lock().unwrap() = Some((m.id, b.id));
         old.mutate("t", |tx| {
             tx.set_config(homecell_proto::control::ConfigEntry {
                 key: "feature.x".into(),
@@ -168,11 +178,30 @@ async fn a_backup_restores_into_an_empty_database_and_never_over_a_store() -> Re
         restored.parent(),
         Some(Parent {
             epoch: old.epoch(),
-            revision: 52
+            revision: 53
         })
     );
     let (a, b) = (old.snapshot()?, restored.snapshot()?);
-    assert_eq!((a.claims, a.users, a.regions.len()), (b.claims, b.users, 1));
+    assert_eq!((a.claims, a.users, a.regions.len()), (b.claims, b.users, 2));
+    let (move_id, batch_id) = journal.lock().unwrap().clone().unwrap();
+    let ((m, b), _) = tokio::task::block_in_place(|| {
+        restored.read(|tx| {
+            Ok((
+                homecell_control_plane::moves::get(tx, &move_id)?,
+                homecell_control_plane::moves::get_batch(tx, &batch_id)?,
+            ))
+        })
+    })?;
+    assert_eq!(
+        (m.user_id.as_str(), m.to_region.as_str()),
+        ("u0", "eu-west")
+    );
+    assert_eq!((b.country.as_str(), b.rate_per_sec), ("FR", 5));
+    // Still open in the restored journal: the source resumes it.
+    let (open, _) = tokio::task::block_in_place(|| {
+        restored.read(|tx| homecell_control_plane::moves::open_from(tx, "cn-east", None, 10))
+    })?;
+    assert_eq!(open.len(), 1);
     assert_eq!(restored.config_history("", 10)?.len(), 1);
     // The restored store answers 409 for a claim from before the backup.
     assert!(!tokio::task::block_in_place(|| claim(

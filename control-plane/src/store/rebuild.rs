@@ -20,8 +20,9 @@ use homecell_proto::control::{BackupHeader, BackupRecord, BackupTrailer, backup_
 use homecell_proto::error::CodedError;
 use std::path::Path;
 
-/// The backup format this code writes and reads.
-pub const BACKUP_FORMAT: u32 = 1;
+/// The backup format this code writes. It reads this one and format 1
+/// (the same without the move journal).
+pub const BACKUP_FORMAT: u32 = 2;
 
 impl Store {
     /// Every record of a backup, header first and trailer last, from one
@@ -31,6 +32,15 @@ impl Store {
         let t = view.tables();
         let regions = t.regions()?;
         let config = t.config_entries()?;
+        let batches = t.batches()?;
+        let mut moves = 0u64;
+        let mut after: Option<String> = None;
+        loop {
+            let page = t.moves_page(after.as_deref(), super::PAGE)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            moves += page.len() as u64;
+        }
         let header = BackupHeader {
             format: BACKUP_FORMAT,
             epoch: self.epoch,
@@ -40,6 +50,8 @@ impl Store {
             config: config.len() as u64,
             config_history: t.history_len()?,
             claims: t.claims_len()?,
+            moves,
+            move_batches: batches.len() as u64,
         };
         let mut records = 0u64;
         let mut send = |kind: backup_record::Kind| {
@@ -65,6 +77,14 @@ impl Store {
             after = Some(last.hmac.clone());
             whole = page.into_iter().all(|c| send(Kind::Claim(c)));
         }
+        let mut after: Option<String> = None;
+        while whole {
+            let page = t.moves_page(after.as_deref(), super::PAGE)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            whole = page.into_iter().all(|m| send(Kind::Move(m)));
+        }
+        whole = whole && batches.into_iter().all(|b| send(Kind::MoveBatch(b)));
         if !whole {
             return Ok(());
         }
@@ -274,6 +294,22 @@ impl Rebuilder<'_> {
         }
         count_claim(self.t, &c.user_id, &c.region)?;
         Ok(())
+    }
+
+    /// A move of the journal (claims come first: its user is in the
+    /// directory).
+    pub fn move_record(&mut self, m: &homecell_proto::control::MoveRecord) -> Result<()> {
+        if m.id.is_empty() || m.user_id.is_empty() {
+            bail!("a move needs an id and a user");
+        }
+        Ok(self.t.put_move(m)?)
+    }
+
+    pub fn move_batch(&mut self, b: &homecell_proto::control::MoveBatch) -> Result<()> {
+        if b.id.is_empty() {
+            bail!("a batch needs an id");
+        }
+        Ok(self.t.put_batch(b)?)
     }
 
     /// A claim known only by its HMAC's first 128 bits (all a replica
