@@ -99,15 +99,31 @@ async fn until_state(c: &Cluster, id: &str, want: &str) -> Result<serde_json::Va
     }
 }
 
-/// A user of cn-east with 500 CNY, signed in.
+/// A user of cn-east with 500 CNY, signed in. Retried while the router
+/// still counts a just-restarted cell as down (gossip may report the killed
+/// process's death after the new one is up).
 async fn rich_user(api: &Api, email: &str) -> Result<(Api, String)> {
-    let (me, login) = api.signed_in(email, PW).await?;
-    let user = login["user_id"].as_str().context("user")?.to_string();
-    let r = api
-        .provider_deposit("testpay", SECRET, &format!("evt-{email}"), &user, 500)
-        .await?;
-    anyhow::ensure!(r.status.is_success(), "{r:?}");
-    Ok((me, user))
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = async {
+            let (me, login) = api.signed_in(email, PW).await?;
+            let user = login["user_id"].as_str().context("user")?.to_string();
+            let r = api
+                .provider_deposit("testpay", SECRET, &format!("evt-{email}"), &user, 500)
+                .await?;
+            anyhow::ensure!(r.status.is_success(), "{r:?}");
+            Ok::<_, anyhow::Error>((me, user))
+        };
+        match attempt.await {
+            Ok(done) => return Ok(done),
+            Err(e)
+                if Instant::now() < deadline && format!("{e:#}").contains("cell_unavailable") =>
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn start_move(c: &Cluster, user: &str, to: &str) -> Result<String> {
