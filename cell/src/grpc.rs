@@ -119,6 +119,15 @@ impl CellService for CellGrpc {
             return Err(Status::invalid_argument("payload must be a JSON object"));
         }
         let cell = &self.0;
+        // A user who lives elsewhere now (moved): the sender asks again,
+        // of the home its directory names.
+        if let Some(home) = cell.replica.state().user_region(&r.user_id)
+            && home != cell.region
+        {
+            return Err(Status::failed_precondition(format!(
+                "the user lives in {home} now"
+            )));
+        }
         match cell.identity.user_row(&r.user_id).await {
             Ok(Some(u)) if u.status != "deleted" => {}
             Ok(_) => return Err(Status::not_found("no such user in this region")),

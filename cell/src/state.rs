@@ -30,8 +30,15 @@ impl Cell {
         user_id: &str,
         payload: &str,
     ) -> Result<String, CodedError> {
+        // The directory first: a row here may be a user who moved away,
+        // or one arriving by a move that has not cut over.
+        let elsewhere = self
+            .replica
+            .state()
+            .user_region(user_id)
+            .is_some_and(|r| r != self.region);
         let local = self.identity.user_row(user_id).await?;
-        if local.is_some_and(|u| u.status != "deleted") {
+        if !elsewhere && local.is_some_and(|u| u.status != "deleted") {
             self.notices
                 .enqueue_event(event_id, topic, user_id, payload, now_ms())
                 .await?;

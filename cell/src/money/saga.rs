@@ -298,7 +298,22 @@ impl Money {
             let mut refused = op.clone();
             refused.state = "failed".into();
             refused.error_code = Some(ErrorCode::NotFound.as_str().into());
-            refused.error_detail = Some("no such receiver in this region".into());
+            // A receiver who moved away: the sender's transfer is voided
+            // (the money goes back) and says why; sent again, it goes to
+            // the new home.
+            let moved = self
+                .replica
+                .state()
+                .user_region(&t.to_user)
+                .is_some_and(|r| r != self.region);
+            refused.error_detail = Some(
+                if moved {
+                    "the receiver moved to another region; send it again"
+                } else {
+                    "no such receiver in this region"
+                }
+                .into(),
+            );
             self.ledger
                 .execute(&refused, &[], &SideEffects::default())
                 .await

@@ -164,7 +164,10 @@ impl NoticeStore {
     }
 
     pub async fn pending_events(&self, limit: i64) -> DbResult<Vec<Event>> {
-        let sql = "SELECT id, topic, user_id, payload, created_at, traceparent FROM outbox WHERE delivered_at IS NULL ORDER BY created_at, id LIMIT $1";
+        // Not for a user a move has frozen here: their events went to the
+        // new home with them (moving/store.rs reads this table too).
+        let sql = "SELECT id, topic, user_id, payload, created_at, traceparent FROM outbox WHERE delivered_at IS NULL \
+                   AND NOT EXISTS (SELECT 1 FROM user_moves m WHERE m.user_id = outbox.user_id) ORDER BY created_at, id LIMIT $1";
         // id, topic, user_id, payload, created_at, traceparent.
         type Row = (String, String, Option<String>, String, i64, Option<String>);
         let rows: Vec<Row> = stmt(sql).bind(limit).fetch_all(&self.db).await?;
@@ -337,7 +340,8 @@ impl NoticeStore {
         let sql = concat!(
             "SELECT ",
             delivery_cols!(),
-            " FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT $2"
+            " FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $1 \
+             AND NOT EXISTS (SELECT 1 FROM user_moves m WHERE m.user_id = deliveries.user_id) ORDER BY next_attempt_at LIMIT $2"
         );
         let rows: Vec<Delivery> = stmt(sql).bind(now).bind(limit).fetch_all(&self.db).await?;
         Ok(rows)
