@@ -350,3 +350,76 @@ async fn a_subscriber_cannot_claim_revisions_it_was_never_sent() -> Result {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A rogue cell with a move under way cannot smuggle a way into another
+/// user's session at the target: a bundle's refresh tokens must belong to
+/// the bundle's own sessions (a token tied to the victim's session id would
+/// otherwise refresh into the victim's account).
+#[tokio::test]
+async fn a_rogue_cell_cannot_smuggle_a_session_into_a_move() -> Result {
+    use base64::Engine;
+    use homecell_proto::cell::ImportUserRequest;
+    use homecell_proto::control::move_service_client::MoveServiceClient;
+    use homecell_proto::control::{AdvanceMoveRequest, MoveState};
+    let mut c = standard().start().await?;
+    let west = Api::new(&c.router_url(0), "eu-west");
+    let east = Api::new(&c.router_url(0), "cn-east");
+    let (_, victim) = west.signed_in("victim@example.com", PW).await?;
+    let token = victim["access_token"].as_str().unwrap_or_default();
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.split('.').nth(1).unwrap_or_default())?;
+    let sid = serde_json::from_slice::<serde_json::Value>(&claims)?["sid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let r = east.register("mover@example.com", PW).await?;
+    let mover = r.body["user_id"].as_str().unwrap_or_default().to_string();
+
+    // cn-east's cell is down, so only the rogue acts for cn-east; the
+    // operator starts the move, and the rogue reports it copying.
+    if let Some(mut p) = c.cell_mut("cn-east").and_then(|n| n.process.take()) {
+        p.kill();
+    }
+    let out = c.cli_ok(&[
+        "-o", "json", "move", "user", &mover, "--to", "eu-west", "--no-wait",
+    ])?;
+    let id = out.json()?["id"].as_str().unwrap_or_default().to_string();
+    MoveServiceClient::new(as_cell(&c, "cn-east").await?)
+        .advance_move(AdvanceMoveRequest {
+            id: id.clone(),
+            from_state: MoveState::Pending as i32,
+            to_state: MoveState::Copying as i32,
+            ..Default::default()
+        })
+        .await?;
+
+    let stolen = "eu-west~smuggled-refresh-token";
+    let bundle = serde_json::json!({
+        "version": 2,
+        "user": [mover, "active", "Mover", null, null, null, 1, 0, 0],
+        "identifiers": [["email", "mover@example.com"]],
+        "password_hash": null,
+        "addresses": [], "roles": [], "preferences": [], "inbox": [], "wechat": [],
+        "sessions": [],
+        "refresh_tokens": [[homecell_common::hex::sha256(stolen), sid, 0, null, null, null]],
+        "operations": [], "outbox": [], "deliveries": [],
+    });
+    let mut cell = CellServiceClient::new(to_cell_as(&c, "cn-east", "eu-west").await?);
+    let refused = cell
+        .import_user(ImportUserRequest {
+            from_region: "cn-east".into(),
+            user_id: mover.clone(),
+            bundle: serde_json::to_vec(&bundle)?,
+            move_id: id,
+        })
+        .await;
+    assert_eq!(code(refused), Err(tonic::Code::InvalidArgument));
+    let r = c
+        .http()
+        .post(format!("{}/v1/auth/refresh", c.router_url(0)))
+        .json(&serde_json::json!({"refresh_token": stolen}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED, "the victim's session stays theirs");
+    Ok(())
+}
