@@ -24,6 +24,9 @@ pub struct Peers {
     tls: TlsMaterial,
     replica: Arc<Replica>,
     channels: Mutex<HashMap<String, (String, Channel)>>,
+    /// The same, for calls that carry a user's whole data (a move's
+    /// import): a longer deadline than the 2 s of every other call.
+    bulk_channels: Mutex<HashMap<String, (String, Channel)>>,
     /// Home cells' answers by (session, user): keyed by both, so a token
     /// that pairs a live session id with another user (a cell's key
     /// stolen) never borrows that session's answer.
@@ -55,12 +58,27 @@ impl Peers {
             tls,
             replica,
             channels: Mutex::new(HashMap::new()),
+            bulk_channels: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
         }
     }
 
     /// A channel to `region`'s cell, rebuilt when its endpoint changes.
     fn channel(&self, region: &str) -> Option<Channel> {
+        self.channel_in(&self.channels, region, Duration::from_secs(2))
+    }
+
+    /// [`Self::channel`] with a deadline of a minute, for bulk calls.
+    fn bulk_channel(&self, region: &str) -> Option<Channel> {
+        self.channel_in(&self.bulk_channels, region, Duration::from_secs(60))
+    }
+
+    fn channel_in(
+        &self,
+        cache: &Mutex<HashMap<String, (String, Channel)>>,
+        region: &str,
+        deadline: Duration,
+    ) -> Option<Channel> {
         let endpoint = self
             .replica
             .state()
@@ -68,7 +86,7 @@ impl Peers {
             .get(region)?
             .internal_endpoint
             .clone();
-        let mut channels = self.channels.lock().expect("poisoned");
+        let mut channels = cache.lock().expect("poisoned");
         if let Some((ep, ch)) = channels.get(region)
             && *ep == endpoint
         {
@@ -82,7 +100,7 @@ impl Peers {
                 .tls_config(self.tls.tonic_client(&sni))
                 .ok()?
                 .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(2));
+                .timeout(deadline);
             endpoints.push(e);
         }
         // A cell of several instances: calls are spread over the ones that
@@ -234,7 +252,7 @@ impl Peers {
     /// Pushes a moving user's bundle to the new home's cell.
     pub async fn import_user(&self, to: &str, req: ImportUserRequest) -> Result<(), PeerRefusal> {
         let ch = self
-            .channel(to)
+            .bulk_channel(to)
             .ok_or_else(|| PeerRefusal::Unreachable(format!("region {to} has no cell endpoint")))?;
         client(ch)
             .import_user(req)

@@ -39,6 +39,15 @@ impl Cell {
             .is_some_and(|r| r != self.region);
         let local = self.identity.user_row(user_id).await?;
         if !elsewhere && local.is_some_and(|u| u.status != "deleted") {
+            // A user being moved: the event would stay behind.
+            if self.moves.frozen.contains(user_id) {
+                self.moves.frozen.wait(user_id).await?;
+                return Err(CodedError::new(
+                    ErrorCode::UserMoving,
+                    "the user just moved; send it again",
+                )
+                .retry_after(1));
+            }
             self.notices
                 .enqueue_event(event_id, topic, user_id, payload, now_ms())
                 .await?;

@@ -381,7 +381,14 @@ async fn a_rogue_cell_cannot_smuggle_a_session_into_a_move() -> Result {
         p.kill();
     }
     let out = c.cli_ok(&[
-        "-o", "json", "move", "user", &mover, "--to", "eu-west", "--no-wait",
+        "-o",
+        "json",
+        "move",
+        "user",
+        &mover,
+        "--to",
+        "eu-west",
+        "--no-wait",
     ])?;
     let id = out.json()?["id"].as_str().unwrap_or_default().to_string();
     MoveServiceClient::new(as_cell(&c, "cn-east").await?)
@@ -420,6 +427,10 @@ async fn a_rogue_cell_cannot_smuggle_a_session_into_a_move() -> Result {
         .json(&serde_json::json!({"refresh_token": stolen}))
         .send()
         .await?;
-    assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED, "the victim's session stays theirs");
+    assert_eq!(
+        r.status(),
+        reqwest::StatusCode::UNAUTHORIZED,
+        "the victim's session stays theirs"
+    );
     Ok(())
 }

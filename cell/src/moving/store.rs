@@ -57,15 +57,16 @@ impl MoveStore {
 
     /// Whether anything of the user's money is still on its way: an
     /// operation of theirs not yet final (a transfer between cells either
-    /// way, a withdrawal awaiting its provider, another move's money).
+    /// way, a withdrawal awaiting or reconciling its provider, another
+    /// move's money).
     /// Every hold on a wallet belongs to one. This move's own operations
     /// are not counted: a move resumed after a crash finds its holds in
     /// place.
     pub async fn money_in_flight(&self, user_id: &str, move_id: &str) -> DbResult<bool> {
         let ops: i64 = stmt(
             "SELECT COUNT(*) FROM (\
-               SELECT id FROM money_operations WHERE from_user = $1 AND state = 'pending' AND actor <> $2 \
-               UNION SELECT id FROM money_operations WHERE to_user = $1 AND state = 'pending' AND actor <> $2) AS open",
+               SELECT id FROM money_operations WHERE from_user = $1 AND state NOT IN ('posted', 'voided', 'failed') AND actor <> $2 \
+               UNION SELECT id FROM money_operations WHERE to_user = $1 AND state NOT IN ('posted', 'voided', 'failed') AND actor <> $2) AS open",
         )
         .bind(user_id)
         .bind(format!("move:{move_id}"))

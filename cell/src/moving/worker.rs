@@ -344,6 +344,19 @@ impl Moves {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Money of the user's that is still undecided (a withdrawal its
+        // provider has not settled) would come back to a wallet no one
+        // holds: the erasure waits for it, and the sweep then takes it.
+        if self
+            .store
+            .money_in_flight(&m.user_id, &m.id)
+            .await
+            .map_err(db)?
+        {
+            return Err(Stop::Later(
+                "money of the user's is still undecided at the old home".into(),
+            ));
+        }
         self.store
             .erase_moved(&m.user_id, now_ms())
             .await
