@@ -407,3 +407,78 @@ async fn a_move_carries_the_account_its_money_and_its_sessions() -> Result<()> {
     assert!(!c.cli(&["move", "reverse", &move_id])?.success);
     Ok(())
 }
+
+/// A batch with `--country` moves only the users whose default address is
+/// in that country, and `--limit` bounds it.
+#[tokio::test]
+async fn a_batch_picks_users_by_country() -> Result<()> {
+    use reqwest::StatusCode;
+    use serde_json::json;
+    let c = standard().start().await?;
+    let east = Api::new(&c.router_url(0), "cn-east");
+    let mut french = Vec::new();
+    for (email, country) in [
+        ("fr1@example.com", "FR"),
+        ("cn1@example.com", "CN"),
+        ("fr2@example.com", "FR"),
+        ("none@example.com", ""),
+        ("fr3@example.com", "FR"),
+    ] {
+        let (me, _) = east.signed_in(email, PW).await?;
+        if !country.is_empty() {
+            let addr = json!({"recipient": "R", "line1": "1 Main", "city": "C", "country": country, "is_default": true});
+            assert_eq!(
+                me.post("/v1/users/me/addresses", addr).await?.status,
+                StatusCode::CREATED
+            );
+        }
+        if country == "FR" {
+            french.push(email);
+        }
+    }
+    let out = c.cli_ok(&[
+        "-o",
+        "json",
+        "move",
+        "batch",
+        "--from",
+        "cn-east",
+        "--to",
+        "eu-west",
+        "--country",
+        "fr",
+        "--limit",
+        "2",
+        "--rate",
+        "50",
+    ])?;
+    let last = out
+        .stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .context("progress")?;
+    let p: serde_json::Value = serde_json::from_str(last)?;
+    assert_eq!(
+        (p["done"].as_u64(), p["failed"].as_u64()),
+        (Some(2), Some(0)),
+        "{p}"
+    );
+    let mut moved = 0;
+    for email in [
+        "fr1@example.com",
+        "cn1@example.com",
+        "fr2@example.com",
+        "none@example.com",
+        "fr3@example.com",
+    ] {
+        let l = east.login(email, PW).await?;
+        let home = l.body["home_region"].as_str().unwrap_or("").to_string();
+        if home == "eu-west" {
+            assert!(french.contains(&email), "{email} is not in France");
+            moved += 1;
+        }
+    }
+    assert_eq!(moved, 2, "--limit 2");
+    Ok(())
+}
