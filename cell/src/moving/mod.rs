@@ -155,6 +155,19 @@ impl Moves {
         match self.store.import(&b, from, move_id, now).await {
             Ok(dropped) => {
                 crate::failpoint::hit("move.target.after_import");
+                // Cancelled while this import ran (and maybe discarded
+                // before it committed): drop it again, so no copy of a user
+                // who does not live here stays behind.
+                if self.journal_move(move_id).await?.state() == MoveState::Cancelled {
+                    self.store
+                        .discard(user_id, move_id, crate::clock::now_ms())
+                        .await
+                        .map_err(internal)?;
+                    return Err(CodedError::new(
+                        ErrorCode::FailedPrecondition,
+                        "the move was cancelled",
+                    ));
+                }
                 if dropped > 0 {
                     tracing::warn!(
                         user_id,

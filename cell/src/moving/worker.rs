@@ -316,6 +316,13 @@ impl Moves {
             MoneyStep::Refused(why) => return Err(Stop::Undo(why)),
             MoneyStep::Later(why) => return Err(Stop::Later(why)),
         }
+        // Cancelled meanwhile (another instance may have undone the move
+        // already, before these holds existed): void them here, so none is
+        // left behind. An undo that starts later voids them itself.
+        if self.refetch(m).await?.state() != MoveState::Copying {
+            self.money.void_for_move(&m.id, &m.user_id).await?;
+            return Err(Stop::Later("the move was cancelled meanwhile".into()));
+        }
         crate::failpoint::hit("move.source.after_money_hold");
         Ok(())
     }
