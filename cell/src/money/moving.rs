@@ -66,27 +66,14 @@ impl Money {
                 Some(op) => op,
                 None if b.available <= 0 => continue,
                 None => {
-                    let now = now_ms();
-                    let op = Operation {
-                        id: id.clone(),
-                        kind: "move".into(),
-                        actor: format!("move:{move_id}"),
-                        request_hash: sha256(&format!(
-                            "{move_id}\0{user_id}\0{to}\0{}",
-                            b.currency
-                        )),
-                        state: "pending".into(),
-                        from_user: Some(user_id.to_string()),
-                        to_user: Some(user_id.to_string()),
-                        peer_region: Some(to.to_string()),
-                        amount: b.available,
-                        currency: b.currency.clone(),
-                        saga_role: Some("coordinator".into()),
-                        saga_step: Some(MOVE_HOLD.into()),
-                        created_at: now,
-                        updated_at: now,
-                        ..Default::default()
-                    };
+                    let op = move_operation(
+                        id.clone(),
+                        (move_id, user_id, to),
+                        &b,
+                        &b.currency,
+                        MOVE_HOLD,
+                        None,
+                    );
                     match self
                         .ledger
                         .execute(&op, &[hold_move(&op)], &SideEffects::default())
@@ -200,24 +187,14 @@ impl Money {
             }
             let key = format!("{}:{}", b.currency, b.available);
             let now = now_ms();
-            let op = Operation {
-                id: derive_id("move-sweep", move_id, &key),
-                kind: "move".into(),
-                actor: format!("move:{move_id}"),
-                request_hash: sha256(&format!("{move_id}\0{user_id}\0{to}\0{key}")),
-                state: "pending".into(),
-                from_user: Some(user_id.to_string()),
-                to_user: Some(user_id.to_string()),
-                peer_region: Some(to.to_string()),
-                amount: b.available,
-                currency: b.currency.clone(),
-                saga_role: Some("coordinator".into()),
-                saga_step: Some("hold_peer".into()),
-                next_attempt_at: Some(now),
-                created_at: now,
-                updated_at: now,
-                ..Default::default()
-            };
+            let op = move_operation(
+                derive_id("move-sweep", move_id, &key),
+                (move_id, user_id, to),
+                &b,
+                &key,
+                "hold_peer",
+                Some(now),
+            );
             match self
                 .ledger
                 .execute(&op, &[hold_move(&op)], &SideEffects::default())
@@ -233,5 +210,39 @@ impl Money {
             }
         }
         Ok(swept)
+    }
+}
+
+/// An operation of a move's money: the user's whole available balance in
+/// one currency, from the user here to the same user at `to`, coordinated
+/// from here. `tag` tells one of the move's operations from another in the
+/// request hash; `next_attempt_at` is None for a step the saga worker
+/// leaves alone.
+fn move_operation(
+    id: String,
+    (move_id, user_id, to): (&str, &str, &str),
+    b: &super::ledger::Balance,
+    tag: &str,
+    step: &str,
+    next_attempt_at: Option<i64>,
+) -> Operation {
+    let now = now_ms();
+    Operation {
+        id,
+        kind: "move".into(),
+        actor: format!("move:{move_id}"),
+        request_hash: sha256(&format!("{move_id}\0{user_id}\0{to}\0{tag}")),
+        state: "pending".into(),
+        from_user: Some(user_id.to_string()),
+        to_user: Some(user_id.to_string()),
+        peer_region: Some(to.to_string()),
+        amount: b.available,
+        currency: b.currency.clone(),
+        saga_role: Some("coordinator".into()),
+        saga_step: Some(step.into()),
+        next_attempt_at,
+        created_at: now,
+        updated_at: now,
+        ..Default::default()
     }
 }
