@@ -254,6 +254,45 @@ impl Cluster {
         node.netns = Some(ns);
     }
 
+    /// Kills `region`'s cell (as `kill -9` would), restarts it with
+    /// `failpoints` armed (`HOMECELL_FAILPOINTS`; none when empty) and waits
+    /// until the router routes to it again.
+    pub async fn restart_cell_with_failpoints(
+        &mut self,
+        region: &str,
+        failpoints: &str,
+    ) -> Result<()> {
+        let node = self
+            .cells
+            .get_mut(region)
+            .ok_or_else(|| anyhow::anyhow!("no cell {region}"))?;
+        if let Some(mut p) = node.process.take() {
+            p.kill();
+        }
+        node.env = if failpoints.is_empty() {
+            Vec::new()
+        } else {
+            vec![("HOMECELL_FAILPOINTS".to_string(), failpoints.to_string())]
+        };
+        self.start_cell(region).await?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let r = self
+                .http
+                .get(format!("{}/v1/region", self.router_url(0)))
+                .header("x-home-region", region)
+                .send()
+                .await?;
+            if r.status() == reqwest::StatusCode::OK {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{region} is not routed to again");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Starts (or restarts) the control plane and waits for it to answer.
     pub async fn start_control_plane(&mut self) -> Result<()> {
         self.start_control_plane_instance(0).await

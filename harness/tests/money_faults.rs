@@ -15,31 +15,10 @@ type Result<T = ()> = anyhow::Result<T>;
 const PW: &str = "correct horse battery";
 const SECRET: &str = "testpay-shared-secret-0123456789";
 
-/// Restarts `region`'s cell with the given failpoint armed (or none) and
-/// waits until the router routes to it again.
+/// Restarts `region`'s cell with the given failpoint armed (or none).
 async fn restart(c: &mut Cluster, region: &str, failpoint: Option<&str>) -> Result {
-    let node = c.cell_mut(region).unwrap();
-    if let Some(mut p) = node.process.take() {
-        p.kill();
-    }
-    node.env = failpoint
-        .map(|f| vec![("HOMECELL_FAILPOINTS".to_string(), f.to_string())])
-        .unwrap_or_default();
-    c.start_cell(region).await?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let r = c
-            .http()
-            .get(format!("{}/v1/region", c.router_url(0)))
-            .header("x-home-region", region)
-            .send()
-            .await?;
-        if r.status() == StatusCode::OK {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "{region} not routed again");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    c.restart_cell_with_failpoints(region, failpoint.unwrap_or(""))
+        .await
 }
 
 async fn wait_exit(c: &mut Cluster, region: &str) -> Result {

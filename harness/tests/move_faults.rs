@@ -22,29 +22,10 @@ fn env(failpoint: Option<&str>) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-/// Restarts `region`'s cell with the given failpoint armed (or none) and
-/// waits until the router routes to it again.
+/// Restarts `region`'s cell with the given failpoint armed (or none).
 async fn restart_cell(c: &mut Cluster, region: &str, failpoint: Option<&str>) -> Result {
-    let node = c.cell_mut(region).context("no such cell")?;
-    if let Some(mut p) = node.process.take() {
-        p.kill();
-    }
-    node.env = env(failpoint);
-    c.start_cell(region).await?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let r = c
-            .http()
-            .get(format!("{}/v1/region", c.router_url(0)))
-            .header("x-home-region", region)
-            .send()
-            .await?;
-        if r.status() == StatusCode::OK {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "{region} not routed again");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    c.restart_cell_with_failpoints(region, failpoint.unwrap_or(""))
+        .await
 }
 
 async fn restart_control_plane(c: &mut Cluster, failpoint: Option<&str>) -> Result {

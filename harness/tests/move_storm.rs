@@ -57,15 +57,8 @@ async fn every_write_aimed_at_a_moving_user_lands_once() -> Result {
     // The source holds the user frozen for 1.5 s between the copy and the
     // cut-over: writes meanwhile must wait, then go to the new home, or be
     // refused as retryable; never land at the old home after the copy.
-    let node = c.cell_mut("cn-east").context("cn-east")?;
-    if let Some(mut p) = node.process.take() {
-        p.kill();
-    }
-    node.env = vec![(
-        "HOMECELL_FAILPOINTS".to_string(),
-        "move.source.after_import=1500".to_string(),
-    )];
-    c.start_cell("cn-east").await?;
+    c.restart_cell_with_failpoints("cn-east", "move.source.after_import=1500")
+        .await?;
     let east = Api::new(&c.router_url(0), "cn-east");
     let (x, login) = east.signed_in("storm@example.com", PW).await?;
     let xid = login["user_id"].as_str().context("user")?.to_string();
