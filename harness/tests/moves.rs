@@ -482,3 +482,92 @@ async fn a_batch_picks_users_by_country() -> Result<()> {
     assert_eq!(moved, 2, "--limit 2");
     Ok(())
 }
+
+/// A transfer already on its way when its receiver moves: the sender's
+/// cell reaches the old home after the cut-over, which names the new home
+/// and holds nothing, and the transfer follows the receiver there, or
+/// becomes a transfer within the sender's cell when the receiver moved to
+/// it. The money arrives once, and every audit holds.
+#[tokio::test]
+async fn a_transfer_on_its_way_follows_a_receiver_who_moves() -> Result<()> {
+    use serde_json::json;
+    let mut c = standard()
+        .cell_config(&format!("[payments.testpay]\nsecret = {PAY_SECRET:?}\n"))
+        .start()
+        .await?;
+    c.add_region("us-west", "US")?;
+    c.start_cell("us-west").await?;
+    // The sender's cell waits before asking the receiver's cell to hold:
+    // long enough for both receivers to move meanwhile.
+    c.restart_cell_with_failpoints("eu-west", "saga.coordinator.before_peer_hold=15000")
+        .await?;
+    let east = Api::new(&c.router_url(0), "cn-east");
+    let west = Api::new(&c.router_url(0), "eu-west");
+    let (far, far_login) = east.signed_in("far@example.com", PW).await?;
+    let (near, near_login) = east.signed_in("near@example.com", PW).await?;
+    let (sender, sender_login) = west.signed_in("sender@example.com", PW).await?;
+    let id_of = |v: &serde_json::Value| v["user_id"].as_str().unwrap_or_default().to_string();
+    let (far_id, near_id) = (id_of(&far_login), id_of(&near_login));
+    let r = west
+        .provider_deposit(
+            "testpay",
+            PAY_SECRET,
+            "evt-follow-1",
+            &id_of(&sender_login),
+            500,
+        )
+        .await?;
+    assert!(r.status.is_success(), "{r:?}");
+
+    let mut transfers = Vec::new();
+    for (key, to, amount) in [
+        ("6f1c1d2e-0000-4000-8000-0000000000f1", &far_id, 100),
+        ("6f1c1d2e-0000-4000-8000-0000000000f2", &near_id, 30),
+    ] {
+        let r = sender
+            .transfer(
+                key,
+                json!({"to_user_id": to, "amount": amount, "currency": "CNY"}),
+            )
+            .await?;
+        assert!(r.status.is_success(), "{r:?}");
+        assert_eq!(r.body["state"], "pending", "{}", r.body);
+        transfers.push(
+            r.body["transfer_id"]
+                .as_str()
+                .context("transfer id")?
+                .to_string(),
+        );
+    }
+    // One receiver moves to a third region, the other to the sender's.
+    c.cli_ok(&["move", "user", &far_id, "--to", "us-west"])?;
+    c.cli_ok(&["move", "user", &near_id, "--to", "eu-west"])?;
+    // Both cut over before the sender's cell asked the old home.
+    for id in &transfers {
+        let r = sender.get(&format!("/v1/wallet/transfers/{id}")).await?;
+        assert_eq!(r.body["state"], "pending", "{}", r.body);
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for id in &transfers {
+        loop {
+            let r = sender.get(&format!("/v1/wallet/transfers/{id}")).await?;
+            if r.body["state"] == "posted" {
+                break;
+            }
+            assert_ne!(r.body["state"], "voided", "{}", r.body);
+            anyhow::ensure!(Instant::now() < deadline, "transfer stuck: {}", r.body);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert_eq!(sender.available("CNY").await?, 370);
+    assert_eq!(far.available("CNY").await?, 100, "at the new home, once");
+    assert_eq!(near.available("CNY").await?, 30, "within the sender's cell");
+    let seen = far
+        .get(&format!("/v1/wallet/transfers/{}", transfers[0]))
+        .await?;
+    assert_eq!(seen.body["state"], "posted", "{}", seen.body);
+    let report = c.audit(&["cn-east", "eu-west", "us-west"])?;
+    assert!(report.contains("audit passed"), "{report}");
+    Ok(())
+}

@@ -413,7 +413,7 @@ async fn write(tx: &mut Tx, st: &State) -> DbResult<()> {
                  error_code = excluded.error_code, error_detail = excluded.error_detail, attempts = excluded.attempts, \
                  next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at"
             ),
-            anonymous(chunk.len(), 19)
+            anonymous(chunk.len(), 20)
         ));
         for o in chunk {
             stmt = o.bind_columns(stmt);

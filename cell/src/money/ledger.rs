@@ -172,12 +172,16 @@ pub struct Operation {
     pub next_attempt_at: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// How many times a transfer between cells was re-aimed at its
+    /// receiver's new home (`saga.rs`); absent from older move bundles.
+    #[serde(default)]
+    pub retargets: i64,
 }
 
 macro_rules! op_cols {
     () => {
         "id, kind, actor, request_hash, state, from_user, to_user, peer_region, amount, currency, memo, \
-         error_code, error_detail, saga_role, saga_step, attempts, next_attempt_at, created_at, updated_at"
+         error_code, error_detail, saga_role, saga_step, attempts, next_attempt_at, created_at, updated_at, retargets"
     };
 }
 pub(crate) use op_cols;
@@ -204,6 +208,7 @@ impl Operation {
             .bind(self.next_attempt_at)
             .bind(self.created_at)
             .bind(self.updated_at)
+            .bind(self.retargets)
     }
 }
 
@@ -214,6 +219,16 @@ pub struct StepUpdate<'a> {
     pub saga_step: Option<&'a str>,
     pub error_code: Option<&'a str>,
     pub error_detail: Option<&'a str>,
+}
+
+/// Where a re-aimed transfer goes on (`Ledger::retarget`): another cell
+/// (`peer_region`, back to its first step) or, for a receiver who moved to
+/// this one, nowhere (`None`, and done).
+#[derive(Debug, Clone)]
+pub struct Retarget<'a> {
+    pub peer_region: Option<&'a str>,
+    pub state: &'a str,
+    pub saga_step: &'a str,
 }
 
 /// One row of a wallet's balances.
@@ -315,6 +330,20 @@ impl Ledger {
             }
             _ => per_statement::advance(&self.db, id, from, to, moves, side, now).await,
         }
+    }
+
+    /// Re-aims `op`, a transfer between cells at its first step, as `to`
+    /// says, applying `moves` with it. False (and nothing written) when
+    /// another worker re-aimed or aborted it first.
+    pub async fn retarget(
+        &self,
+        op: &Operation,
+        to: &Retarget<'_>,
+        moves: &[Move],
+        side: &SideEffects<'_>,
+        now: i64,
+    ) -> LedgerResult<bool> {
+        per_statement::retarget(&self.db, op, to, moves, side, now).await
     }
 
     pub async fn operation(&self, id: &str) -> LedgerResult<Option<Operation>> {

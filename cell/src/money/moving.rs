@@ -96,7 +96,9 @@ impl Money {
             }
             match self.call_peer("hold", &op).await {
                 PeerAnswer::Done => {}
-                PeerAnswer::Refused(r) => return Ok(MoneyStep::Refused(r)),
+                // A move's own money is never re-aimed (the target holds
+                // it before the directory names the target).
+                PeerAnswer::Refused(r) | PeerAnswer::Moved(r) => return Ok(MoneyStep::Refused(r)),
                 PeerAnswer::Unreachable(e) => return Ok(MoneyStep::Later(e)),
             }
         }

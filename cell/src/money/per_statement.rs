@@ -8,7 +8,7 @@
 //! committer, is `group.rs`; `Ledger` (ledger.rs) chooses between them.
 
 use super::ledger::{
-    Account, LedgerError, LedgerResult, Move, Operation, SideEffects, StepUpdate, op_cols,
+    Account, LedgerError, LedgerResult, Move, Operation, Retarget, SideEffects, StepUpdate, op_cols,
 };
 use super::rule;
 use crate::db::audit::insert_audit;
@@ -61,6 +61,43 @@ pub(super) async fn advance(
         // Committed, not dropped: a dropped SQLite transaction rolls
         // back after the writer lock is released, and the next writer
         // would meet it in SQLite's busy handler.
+        tx.commit().await?;
+        return Ok(false);
+    }
+    apply_moves(&mut tx, moves, now).await?;
+    side_effects(&mut tx, side, now).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Re-aims a transfer between cells still at its first step (`saga.rs`,
+/// `follow_receiver`): its peer and count of re-aims change and `moves`
+/// apply, in one transaction of its own; false when another worker re-aimed
+/// or aborted it first. Rare, so never through the group committer.
+pub(super) async fn retarget(
+    db: &Datastore,
+    op: &Operation,
+    to: &Retarget<'_>,
+    moves: &[Move],
+    side: &SideEffects<'_>,
+    now: i64,
+) -> LedgerResult<bool> {
+    let mut tx = db.begin().await?;
+    let changed = stmt(
+        "UPDATE money_operations SET peer_region = $1, retargets = $2, state = $3, saga_step = $4, \
+         attempts = 0, next_attempt_at = $5, updated_at = $5 \
+         WHERE id = $6 AND state = 'pending' AND saga_step = 'hold_peer' AND retargets = $7",
+    )
+    .bind(to.peer_region)
+    .bind(op.retargets + 1)
+    .bind(to.state)
+    .bind(to.saga_step)
+    .bind(now)
+    .bind(&op.id)
+    .bind(op.retargets)
+    .execute(&mut tx)
+    .await?;
+    if changed != 1 {
         tx.commit().await?;
         return Ok(false);
     }
@@ -239,7 +276,7 @@ async fn insert_op(tx: &mut Tx, o: &Operation) -> DbResult<()> {
     let insert = stmt(concat!(
         "INSERT INTO money_operations (",
         op_cols!(),
-        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)"
     ));
     o.bind_columns(insert).execute(tx).await?;
     Ok(())

@@ -17,8 +17,10 @@
 //! cannot apply anything twice. The step to run next is durable in the row;
 //! the worker resumes whatever is due after a restart.
 
-use super::ledger::{LedgerError, Operation, Phase, SideEffects, StepUpdate};
-use super::saga_moves::{coordinator_move, incoming, participant_move};
+use super::ledger::{
+    Account, LedgerError, Move, Operation, Phase, Retarget, SideEffects, StepUpdate,
+};
+use super::saga_moves::{coordinator_move, hold_move, incoming, participant_move};
 use super::service::{Money, received_event};
 use crate::clock::now_ms;
 use homecell_proto::cell::{IncomingResponse, IncomingTransfer};
@@ -74,14 +76,24 @@ pub async fn run_worker(
 pub(super) enum PeerAnswer {
     Done,
     Refused(String),
+    /// The receiver lives in this region now; nothing was held.
+    Moved(String),
     Unreachable(String),
 }
 
+/// How many times one transfer follows a receiver who keeps moving before
+/// it is given up (voided, the money back with the sender).
+const MAX_RETARGETS: i64 = 4;
+
 impl Money {
     pub(super) async fn call_peer(&self, step: &str, op: &Operation) -> PeerAnswer {
+        // Holds a window open in the tests: a receiver moving away while
+        // a transfer to them is on its way.
+        crate::failpoint::pause(&format!("saga.coordinator.before_peer_{step}")).await;
         let peer = op.peer_region.as_deref().unwrap_or_default();
         let req = incoming(op, &self.region);
         match self.peers.incoming(peer, step, req).await {
+            Ok(r) if !r.moved_to.is_empty() => PeerAnswer::Moved(r.moved_to),
             Ok(r) if r.refused => PeerAnswer::Refused(r.reason),
             Ok(_) => PeerAnswer::Done,
             Err(e) => PeerAnswer::Unreachable(e),
@@ -120,6 +132,11 @@ impl Money {
                         crate::failpoint::hit("saga.coordinator.after_post");
                     }
                     PeerAnswer::Refused(reason) => self.abort(&op, &reason, now).await?,
+                    PeerAnswer::Moved(home) => {
+                        if !self.follow_receiver(&op, &home, now).await? {
+                            return Ok(());
+                        }
+                    }
                     // A move's money is never given up for a slow peer: it
                     // belongs at the new home (money/moving.rs).
                     PeerAnswer::Unreachable(e)
@@ -150,7 +167,9 @@ impl Money {
                         }
                         // After the commit point there is no way back: keep
                         // asking, and say so loudly.
-                        PeerAnswer::Refused(e) | PeerAnswer::Unreachable(e) => {
+                        PeerAnswer::Refused(e)
+                        | PeerAnswer::Moved(e)
+                        | PeerAnswer::Unreachable(e) => {
                             return self.retry_later(&op, &e, now).await;
                         }
                     }
@@ -183,6 +202,90 @@ impl Money {
             )
             .await?;
         Ok(())
+    }
+
+    /// The receiver's cell answered that they moved to `home` before the
+    /// hold reached them (a move between regions cut over; that cell held
+    /// nothing). The transfer follows them, as a deposit does: in one
+    /// transaction the hold on the sender's wallet is released and taken
+    /// again towards `home`'s clearing account, and step 1 runs again there.
+    /// A receiver who moved to this very cell gets the money at once, as in
+    /// a transfer within a cell. The answer alone steers nothing: the move
+    /// must be in this cell's own directory too, so a rogue cell cannot
+    /// send money elsewhere; until it is, the step waits (and is voided
+    /// after the usual hold timeout). True when the step should run again.
+    async fn follow_receiver(
+        &self,
+        op: &Operation,
+        home: &str,
+        now: i64,
+    ) -> Result<bool, CodedError> {
+        if op.kind != "transfer" || op.retargets >= MAX_RETARGETS {
+            self.abort(
+                op,
+                "the receiver moved to another region; send it again",
+                now,
+            )
+            .await?;
+            return Ok(true);
+        }
+        let to_user = op.to_user.as_deref().unwrap_or_default();
+        let ours = self.replica.state().user_region(to_user).map(String::from);
+        if ours.as_deref() != Some(home) || op.peer_region.as_deref() == Some(home) {
+            if now - op.created_at > self.hold_timeout_ms {
+                self.abort(op, "the receiver's home region is not known", now)
+                    .await?;
+                return Ok(true);
+            }
+            let why = format!(
+                "the receiver's cell says they moved to {home}; the directory here does not say so yet"
+            );
+            self.retry_later(op, &why, now).await?;
+            return Ok(false);
+        }
+        let n = op.retargets + 1;
+        let unhold = Move {
+            id: format!("{}:unhold.{n}", op.id),
+            ..coordinator_move(op, "unhold", Phase::Void)
+        };
+        let (to, moves, side) = if home == self.region {
+            if !matches!(self.users.user(to_user).await?, Some(u) if u.status == "active") {
+                self.abort(op, "no such receiver", now).await?;
+                return Ok(true);
+            }
+            let from_user = op.from_user.as_deref().unwrap_or_default();
+            let pay = Move::single(
+                &op.id,
+                Account::wallet(from_user, &op.currency),
+                Account::wallet(to_user, &op.currency),
+                op.amount,
+            );
+            let side = SideEffects {
+                event: Some(received_event(op)),
+                audit: None,
+            };
+            let to = Retarget {
+                peer_region: None,
+                state: "posted",
+                saga_step: "done",
+            };
+            (to, vec![unhold, pay], side)
+        } else {
+            let next = Operation {
+                peer_region: Some(home.to_string()),
+                retargets: n,
+                ..op.clone()
+            };
+            let to = Retarget {
+                peer_region: Some(home),
+                state: "pending",
+                saga_step: "hold_peer",
+            };
+            (to, vec![unhold, hold_move(&next)], SideEffects::default())
+        };
+        tracing::info!(transfer = %op.id, from = ?op.peer_region, to = home, "transfer follows its receiver to their new region");
+        self.ledger.retarget(op, &to, &moves, &side, now).await?;
+        Ok(true)
     }
 
     pub(super) async fn retry_later(
@@ -264,6 +367,7 @@ impl Money {
             state: state.into(),
             refused: op.state == "voided" || op.state == "failed",
             reason: op.error_detail.clone().unwrap_or_default(),
+            moved_to: String::new(),
         }
     }
 
@@ -289,6 +393,25 @@ impl Money {
         }
         let receiver_ok =
             matches!(self.users.user(&t.to_user).await?, Some(u) if u.status == "active");
+        // A receiver who moved away: nothing is held or stored, and the
+        // answer names the new home; the sender's cell re-aims the transfer
+        // there (`follow_receiver`). A user's own money following a move
+        // arrives before the directory names this cell, so is not asked.
+        if !receiver_ok && op.kind == "transfer" {
+            let home = self
+                .replica
+                .state()
+                .user_region(&t.to_user)
+                .map(String::from);
+            if let Some(home) = home.filter(|h| *h != self.region) {
+                return Ok(IncomingResponse {
+                    state: "moved".into(),
+                    refused: false,
+                    reason: format!("the receiver lives in {home} now"),
+                    moved_to: home,
+                });
+            }
+        }
         let result = if receiver_ok {
             let hold = participant_move(&op, "hold", Phase::Pending);
             self.ledger
@@ -298,22 +421,7 @@ impl Money {
             let mut refused = op.clone();
             refused.state = "failed".into();
             refused.error_code = Some(ErrorCode::NotFound.as_str().into());
-            // A receiver who moved away: the sender's transfer is voided
-            // (the money goes back) and says why; sent again, it goes to
-            // the new home.
-            let moved = self
-                .replica
-                .state()
-                .user_region(&t.to_user)
-                .is_some_and(|r| r != self.region);
-            refused.error_detail = Some(
-                if moved {
-                    "the receiver moved to another region; send it again"
-                } else {
-                    "no such receiver in this region"
-                }
-                .into(),
-            );
+            refused.error_detail = Some("no such receiver in this region".into());
             self.ledger
                 .execute(&refused, &[], &SideEffects::default())
                 .await
@@ -423,6 +531,7 @@ impl Money {
                 state: "voided".into(),
                 refused: false,
                 reason: String::new(),
+                moved_to: String::new(),
             }),
             other => Err(CodedError::new(
                 ErrorCode::FailedPrecondition,

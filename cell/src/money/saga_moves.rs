@@ -10,15 +10,28 @@ pub fn hold_move(op: &Operation) -> Move {
     coordinator_move(op, "hold", Phase::Pending)
 }
 
+/// The coordinator's live hold: `<id>:hold`, or `<id>:hold.<n>` once the
+/// transfer was re-aimed n times at a receiver who moved (`saga.rs`).
+pub(super) fn hold_id(op: &Operation) -> String {
+    match op.retargets {
+        0 => format!("{}:hold", op.id),
+        n => format!("{}:hold.{n}", op.id),
+    }
+}
+
 pub(super) fn coordinator_move(op: &Operation, step: &str, phase: Phase) -> Move {
+    let id = match phase {
+        Phase::Pending => hold_id(op),
+        _ => format!("{}:{step}", op.id),
+    };
     Move {
-        id: format!("{}:{step}", op.id),
+        id,
         operation_id: op.id.clone(),
         debit: Account::wallet(op.from_user.as_deref().unwrap_or_default(), &op.currency),
         credit: Account::clearing(op.peer_region.as_deref().unwrap_or_default(), &op.currency),
         amount: op.amount,
         phase,
-        pending_id: (phase != Phase::Pending).then(|| format!("{}:hold", op.id)),
+        pending_id: (phase != Phase::Pending).then(|| hold_id(op)),
     }
 }
 

@@ -230,7 +230,7 @@ impl MoveStore {
             op.next_attempt_at = None;
             op.bind_columns(stmt(concat!(
                 "INSERT INTO money_operations (", op_cols!(), ", imported_by) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21) \
                  ON CONFLICT (id) DO NOTHING")))
                 .bind(move_id)
                 .execute(&mut tx)

@@ -1,0 +1,5 @@
+-- A transfer between cells whose receiver moved away before the hold
+-- reached them: how many times the sender's cell re-aimed it at the
+-- receiver's new home (cell/src/money/saga.rs, `follow_receiver`). Its
+-- live hold is `<id>:hold` at 0 and `<id>:hold.<n>` after n re-aims.
+ALTER TABLE money_operations ADD COLUMN retargets BIGINT NOT NULL DEFAULT 0;
