@@ -461,7 +461,7 @@ async fn follow_batch(
         let bar = indicatif::ProgressBar::new(u64::from(p.batch.limit));
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} moved, {msg} [{elapsed_precise}, eta {eta}]",
+                "{bar:40} {pos}/{len} moved, {msg} [{elapsed_precise}]",
             )
             .expect("a valid template"),
         );
@@ -477,7 +477,14 @@ async fn follow_batch(
                     bar.set_length(u64::from(p.batch.started));
                 }
                 bar.set_position(u64::from(p.count("done")));
-                bar.set_message(format!("{} failed, {:.1}/s", p.count("cancelled"), rate));
+                // Our ETA, not the bar's: the bar's length grows while
+                // the batch is still picking users, so its own guess is
+                // wrong until then.
+                let eta = eta.map_or("?".to_string(), |s| format!("{s}s"));
+                bar.set_message(format!(
+                    "{} failed, {rate:.1}/s, eta {eta}",
+                    p.count("cancelled")
+                ));
             }
             None if last_line.elapsed() >= Duration::from_secs(1) => {
                 println!("{}", progress_json(&p, rate, eta));

@@ -390,16 +390,25 @@ impl Cluster {
         self.bins.path("control-plane")
     }
 
-    /// Runs the operator CLI against this cluster's control plane.
-    pub fn cli(&self, args: &[&str]) -> Result<CliOutput> {
-        let out = Command::new(self.bins.path("control-plane"))
-            .args(args)
-            .env("HOMECELL_CONTROL_PLANE", self.control_plane_endpoint())
+    /// The operator CLI as `program` would run it (the CLI itself, or a
+    /// wrapper such as `script` given it as an argument), with this
+    /// cluster's control plane and credentials in its environment.
+    pub fn cli_command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("HOMECELL_CONTROL_PLANE", self.control_plane_endpoint())
             .env("HOMECELL_PKI_DIR", &self.pki_dir)
             .env_remove("HOMECELL_TLS_CA")
             .env_remove("HOMECELL_TLS_CERT")
             .env_remove("HOMECELL_TLS_KEY")
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs the operator CLI against this cluster's control plane.
+    pub fn cli(&self, args: &[&str]) -> Result<CliOutput> {
+        let out = self
+            .cli_command(&self.cli_path())
+            .args(args)
             .output()
             .context("cannot run the control-plane CLI")?;
         Ok(CliOutput {

@@ -3,7 +3,8 @@
 //! move, then restarted. Every move must end done: the user lives at the
 //! new home with their money, signed in, and the audit over both
 //! datastores passes. A move undone before its cut-over leaves the user as
-//! they were.
+//! they were. The operator's CLI, the fourth participant, only watches: a
+//! batch outlives it.
 
 use anyhow::Context;
 use homecell_harness::api::Api;
@@ -227,4 +228,93 @@ async fn a_cancelled_move_leaves_the_user_as_they_were() -> Result {
     until_state(&c, &again, "done").await?;
     lives_at(&me, "eu-west", "the second move").await?;
     Ok(())
+}
+
+/// The CLI only watches a batch: on a terminal it draws a progress bar
+/// (users done, failed, rate, ETA), and killed (-9) half-way it leaves the
+/// batch to run to its end.
+#[tokio::test]
+async fn a_batch_outlives_its_cli_which_draws_a_bar_on_a_terminal() -> Result {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let c = standard().start().await?;
+    let east = Api::new(&c.router_url(0), "cn-east");
+    let mut emails = Vec::new();
+    for i in 0..12 {
+        let email = format!("walker{i}@example.com");
+        east.signed_in(&email, PW).await?;
+        emails.push(email);
+    }
+    // `script` gives the CLI a terminal (a pty) and copies out what it draws.
+    let cli = format!(
+        "{} move batch --from cn-east --to eu-west --rate 1",
+        c.cli_path().display()
+    );
+    let mut child = c
+        .cli_command(std::path::Path::new("script"))
+        .args(["-qefc", &cli, "/dev/null"])
+        .stdout(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .context("script")?;
+    let mut out = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    // A frame of the bar with a user done: "…  1/12 moved, 0 failed, 1.9/s …".
+    let done_in = |screen: &str| {
+        screen
+            .split(" moved, ")
+            .filter_map(|before| before.rsplit(' ').next()?.split('/').next()?.parse().ok())
+            .max()
+            .unwrap_or(0u32)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut screen = String::new();
+    while done_in(&screen) == 0 {
+        anyhow::ensure!(Instant::now() < deadline, "no bar drawn: {screen:?}");
+        if let Ok(bytes) = rx.recv_timeout(Duration::from_millis(200)) {
+            screen.push_str(&String::from_utf8_lossy(&bytes));
+        }
+    }
+    assert!(
+        screen.contains(" failed, ") && screen.contains("/s, eta "),
+        "{screen:?}"
+    );
+    let killed = std::process::Command::new("kill")
+        .args(["-9", "--", &format!("-{}", child.id())])
+        .status()?;
+    assert!(killed.success());
+    child.wait()?;
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite:{}",
+        c.cell_sqlite_path("cn-east").display()
+    ))
+    .await?;
+    let (left,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM users WHERE status = 'active'")
+        .fetch_one(&pool)
+        .await?;
+    assert!(left > 0, "the batch had finished before its CLI was killed");
+    // Without its CLI the batch still moves everyone.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for email in &emails {
+        while home_of(&east, email).await? != "eu-west" {
+            anyhow::ensure!(Instant::now() < deadline, "{email} was left behind");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Where a user lives now, by a fresh sign-in through the router.
+async fn home_of(api: &Api, email: &str) -> Result<String> {
+    let l = api.login(email, PW).await?;
+    anyhow::ensure!(l.status == StatusCode::OK, "{email}: {l:?}");
+    Ok(l.body["home_region"].as_str().unwrap_or("").to_string())
 }
