@@ -177,25 +177,48 @@ pub fn move_user(
             format!("the user is not homed in {from}"),
         ));
     }
+    check_held(tx, key, user_id, identifiers)?;
+    for identifier in identifiers {
+        let c = claim_of(tx, key, user_id, identifier)?;
+        tx.rehome_claim(c, to)?;
+    }
+    tx.rehome_user(user_id, to)
+}
+
+/// Refused unless `user_id` holds each of its 1–16 `identifiers`: a move's
+/// cut-over names them, and its new home checks its bundle against them.
+pub fn check_held(
+    tx: &Tx<'_>,
+    key: &DirectoryKey,
+    user_id: &str,
+    identifiers: &[String],
+) -> Result<(), CodedError> {
     if identifiers.is_empty() || identifiers.len() > 16 {
         return Err(CodedError::invalid(
             "a move names the user's 1-16 identifiers",
         ));
     }
     for identifier in identifiers {
-        validate_identifier(identifier)?;
-        let hmac = key.hmac(identifier);
-        match tx.claim(&hmac)? {
-            Some(c) if c.user_id == user_id => tx.rehome_claim(c, to)?,
-            _ => {
-                return Err(CodedError::new(
-                    ErrorCode::PermissionDenied,
-                    "an identifier is not held by this user",
-                ));
-            }
-        }
+        claim_of(tx, key, user_id, identifier)?;
     }
-    tx.rehome_user(user_id, to)
+    Ok(())
+}
+
+/// The directory's claim on `identifier`, which `user_id` must hold.
+fn claim_of(
+    tx: &Tx<'_>,
+    key: &DirectoryKey,
+    user_id: &str,
+    identifier: &str,
+) -> Result<IdentifierClaim, CodedError> {
+    validate_identifier(identifier)?;
+    match tx.claim(&key.hmac(identifier))? {
+        Some(c) if c.user_id == user_id => Ok(c),
+        _ => Err(CodedError::new(
+            ErrorCode::PermissionDenied,
+            "an identifier is not held by this user",
+        )),
+    }
 }
 
 /// Claims per ReassertClaims call.

@@ -1,6 +1,7 @@
 //! The move journal's gRPC service (`MoveService`): operators start,
 //! watch, cancel and reverse moves and batches; a source cell lists its
-//! region's open moves and reports their steps. The rules are in
+//! region's open moves and reports their steps, and a target checks a
+//! bundle's identifiers before it imports it. The rules are in
 //! `moves.rs`; this layer checks who calls.
 
 use crate::grpc::{ControlPlane, caller, operator};
@@ -228,5 +229,22 @@ impl MoveService for ControlPlane {
             .mutate(&who, move |tx| moves::extend_batch(tx, &region, &r))
             .await?;
         Ok(Response::new(ExtendBatchResponse { batch: Some(b) }))
+    }
+
+    async fn check_move_identifiers(
+        &self,
+        req: Request<CheckMoveIdentifiersRequest>,
+    ) -> Result<Response<CheckMoveIdentifiersResponse>, Status> {
+        let who = caller(&req)?;
+        let PeerIdentity::Cell { region } = who else {
+            return Err(Status::permission_denied(
+                "only a move's new home checks its bundle",
+            ));
+        };
+        let r = req.into_inner();
+        let key = self.directory_key.clone();
+        self.read(move |tx| moves::check_identifiers(tx, &key, &region, &r.id, &r.identifiers))
+            .await?;
+        Ok(Response::new(CheckMoveIdentifiersResponse {}))
     }
 }

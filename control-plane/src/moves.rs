@@ -107,6 +107,30 @@ pub fn get(tx: &Tx<'_>, id: &str) -> Result<MoveRecord, CodedError> {
     tx.move_record(id)?.ok_or_else(|| not_found("move", id))
 }
 
+/// The new home's check of a move's bundle before it imports it: every
+/// identifier (WeChat bindings included) must be the moving user's, so a
+/// rogue source cell cannot plant another person's identifier in the new
+/// home's tables, where it would block or answer for them.
+pub fn check_identifiers(
+    tx: &Tx<'_>,
+    key: &crate::directory::DirectoryKey,
+    region: &str,
+    id: &str,
+    identifiers: &[String],
+) -> Result<(), CodedError> {
+    let m = get(tx, id)?;
+    if m.to_region != region {
+        return Err(not_found("move", id));
+    }
+    if m.state() != MoveState::Copying {
+        return Err(CodedError::new(
+            ErrorCode::FailedPrecondition,
+            "the move is not copying",
+        ));
+    }
+    crate::directory::check_held(tx, key, &m.user_id, identifiers)
+}
+
 /// Asks for a move to be undone. A move the source has not started ends at
 /// once; one under way is undone by the source, which sees the request
 /// before its next step. Past the cut-over, only a reversal brings the user

@@ -417,7 +417,7 @@ async fn a_rogue_cell_cannot_smuggle_a_session_into_a_move() -> Result {
             from_region: "cn-east".into(),
             user_id: mover.clone(),
             bundle: serde_json::to_vec(&bundle)?,
-            move_id: id,
+            move_id: id.clone(),
         })
         .await;
     assert_eq!(code(refused), Err(tonic::Code::InvalidArgument));
@@ -432,5 +432,72 @@ async fn a_rogue_cell_cannot_smuggle_a_session_into_a_move() -> Result {
         reqwest::StatusCode::UNAUTHORIZED,
         "the victim's session stays theirs"
     );
+
+    // Nor plant another person's identifier or WeChat binding there: the
+    // new home asks the directory whether each is the mover's.
+    let bundle_with = |identifiers: serde_json::Value, wechat: serde_json::Value| {
+        serde_json::json!({
+            "version": 2,
+            "user": [mover, "active", "Mover", null, null, null, 1, 0, 0],
+            "identifiers": identifiers,
+            "password_hash": null,
+            "addresses": [], "roles": [], "preferences": [], "inbox": [], "wechat": wechat,
+            "sessions": [], "refresh_tokens": [],
+            "operations": [], "outbox": [], "deliveries": [],
+        })
+    };
+    let own = serde_json::json!([["email", "mover@example.com"]]);
+    for (what, bundle) in [
+        (
+            "the victim's email",
+            bundle_with(
+                serde_json::json!([
+                    ["email", "mover@example.com"],
+                    ["email", "victim@example.com"]
+                ]),
+                serde_json::json!([]),
+            ),
+        ),
+        (
+            "an unclaimed email",
+            bundle_with(
+                serde_json::json!([
+                    ["email", "mover@example.com"],
+                    ["email", "nobody@example.com"]
+                ]),
+                serde_json::json!([]),
+            ),
+        ),
+        (
+            "a WeChat openid",
+            bundle_with(
+                own.clone(),
+                serde_json::json!([["o-someone-elses-openid", 0]]),
+            ),
+        ),
+    ] {
+        let refused = cell
+            .import_user(ImportUserRequest {
+                from_region: "cn-east".into(),
+                user_id: mover.clone(),
+                bundle: serde_json::to_vec(&bundle)?,
+                move_id: id.clone(),
+            })
+            .await;
+        assert_eq!(code(refused), Err(tonic::Code::PermissionDenied), "{what}");
+    }
+    // The unclaimed address is still free to register at eu-west.
+    let r = west.register("nobody@example.com", PW).await?;
+    assert!(r.status.is_success(), "{r:?}");
+    // The mover's own bundle is taken.
+    let taken = cell
+        .import_user(ImportUserRequest {
+            from_region: "cn-east".into(),
+            user_id: mover.clone(),
+            bundle: serde_json::to_vec(&bundle_with(own, serde_json::json!([])))?,
+            move_id: id,
+        })
+        .await;
+    assert_eq!(code(taken), Ok(()));
     Ok(())
 }

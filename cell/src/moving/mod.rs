@@ -33,7 +33,7 @@ use crate::peers::Peers;
 use bundle::{BUNDLE_VERSION, Bundle};
 use homecell_common::replica::Replica;
 use homecell_proto::control::move_service_client::MoveServiceClient;
-use homecell_proto::control::{GetMoveRequest, MoveRecord, MoveState};
+use homecell_proto::control::{CheckMoveIdentifiersRequest, GetMoveRequest, MoveRecord, MoveState};
 use homecell_proto::error::{CodedError, ErrorCode};
 use std::sync::Arc;
 use store::MoveStore;
@@ -151,6 +151,8 @@ impl Moves {
             return Err(CodedError::invalid("the bundle is for another user"));
         }
         self.check_bundle(&mut b, user_id)?;
+        self.check_identifiers(move_id, b.qualified_identifiers())
+            .await?;
         let now = crate::clock::now_ms();
         match self.store.import(&b, from, move_id, now).await {
             Ok(dropped) => {
@@ -219,6 +221,36 @@ impl Moves {
             final_state && !other_here
         });
         Ok(())
+    }
+
+    /// Asks the journal whether every identifier of the bundle (WeChat
+    /// bindings included) is the moving user's: a source that signs a
+    /// bundle is trusted with its user's rows, not with anyone else's
+    /// identifiers, which would block or answer for them here.
+    async fn check_identifiers(
+        &self,
+        move_id: &str,
+        identifiers: Vec<String>,
+    ) -> Result<(), CodedError> {
+        let req = CheckMoveIdentifiersRequest {
+            id: move_id.to_string(),
+            identifiers,
+        };
+        match self.journal().check_move_identifiers(req).await {
+            Ok(_) => Ok(()),
+            Err(s) => Err(match s.code() {
+                tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {
+                    denied(format!("the bundle's identifiers: {}", s.message()))
+                }
+                tonic::Code::FailedPrecondition | tonic::Code::NotFound => {
+                    CodedError::new(ErrorCode::FailedPrecondition, s.message().to_string())
+                }
+                _ => CodedError::new(
+                    ErrorCode::CellUnavailable,
+                    format!("cannot ask the control plane: {}", s.message()),
+                ),
+            }),
+        }
     }
 
     /// The new home's side of an undone move: what the import brought goes,
