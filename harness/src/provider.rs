@@ -31,6 +31,8 @@ struct Ledger {
     first_seen: HashMap<String, Instant>,
     requests: usize,
     status_queries: usize,
+    /// How long amounts ending in 7 stay processing (`PROCESSING` unset).
+    processing: Option<Duration>,
 }
 
 /// Serves `app` on a free loopback port until the test ends.
@@ -59,6 +61,13 @@ impl TestProvider {
             .with_state((ledger.clone(), Arc::new(key)));
         let addr = serve(app).await?;
         Ok(Self { addr, ledger })
+    }
+
+    /// How long payouts of amounts ending in 7 stay processing from now
+    /// on (counted from when each was first asked): a test holds one
+    /// undecided as long as it needs, then lets it be paid.
+    pub fn set_processing(&self, d: Duration) {
+        self.ledger.lock().expect("poisoned").processing = Some(d);
     }
 
     pub fn payout_url(&self) -> String {
@@ -124,7 +133,7 @@ fn standing(l: &mut Ledger, id: &str) -> Option<&'static str> {
     if amount % 10 == 7
         && l.first_seen
             .get(id)
-            .is_some_and(|t| t.elapsed() >= PROCESSING)
+            .is_some_and(|t| t.elapsed() >= l.processing.unwrap_or(PROCESSING))
     {
         l.payouts.insert(id.to_string(), (amount, true));
         return Some("succeeded");

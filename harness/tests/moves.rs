@@ -571,3 +571,100 @@ async fn a_transfer_on_its_way_follows_a_receiver_who_moves() -> Result<()> {
     assert!(report.contains("audit passed"), "{report}");
     Ok(())
 }
+
+/// A move whose user has a withdrawal awaiting its provider waits for it
+/// to land before it freezes them: meanwhile the user writes as usual and
+/// the journal says what the move waits for. Once the provider pays, the
+/// move runs, and the withdrawal is in the user's history at the new home.
+#[tokio::test]
+async fn a_move_waits_unfrozen_for_a_withdrawal_to_land() -> Result<()> {
+    use reqwest::{Method, StatusCode};
+    use serde_json::json;
+    let provider = homecell_harness::provider::TestProvider::start(PAY_SECRET).await?;
+    provider.set_processing(Duration::from_secs(3_600));
+    let c = standard()
+        .cell_config(&format!(
+            "withdrawals_via = \"testpay\"\n[payments.testpay]\nsecret = {PAY_SECRET:?}\npayout_url = {:?}\n",
+            provider.payout_url()
+        ))
+        .start()
+        .await?;
+    let east = Api::new(&c.router_url(0), "cn-east");
+    let (me, login) = east.signed_in("payee@example.com", PW).await?;
+    let user = login["user_id"].as_str().context("user")?.to_string();
+    let r = east
+        .provider_deposit("testpay", PAY_SECRET, "evt-wait-1", &user, 1_000)
+        .await?;
+    assert!(r.status.is_success(), "{r:?}");
+    // Ending in 7: the provider says "processing" until the test lets it pay.
+    let w = me
+        .call(
+            Method::POST,
+            "/v1/wallet/withdrawals",
+            Some(json!({"amount": 107, "currency": "CNY"})),
+            &[("idempotency-key", "6f1c1d2e-0000-4000-8000-0000000000a7")],
+        )
+        .await?;
+    assert_eq!(w.status, StatusCode::ACCEPTED, "{}", w.body);
+    let withdrawal = w.body["transfer_id"].as_str().context("id")?.to_string();
+
+    let out = c.cli_ok(&[
+        "-o",
+        "json",
+        "move",
+        "user",
+        &user,
+        "--to",
+        "eu-west",
+        "--no-wait",
+    ])?;
+    let id = out.json()?["id"].as_str().context("move id")?.to_string();
+    let status = |c: &Cluster| -> Result<serde_json::Value> {
+        c.cli_ok(&["-o", "json", "move", "status", &id])?.json()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = status(&c)?;
+        if m["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("money of the user's in flight")
+        {
+            assert_eq!(m["state"], "copying", "{m}");
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the move does not wait: {m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Not frozen: a write goes through at once, at the old home.
+    let started = Instant::now();
+    let prefs =
+        json!({"preferences": [{"category": "message", "channel": "inbox", "enabled": false}]});
+    let r = me
+        .call(Method::PUT, "/v1/notices/preferences", Some(prefs), &[])
+        .await?;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "held by a freeze"
+    );
+    assert_eq!(r.header("x-home-region"), Some("cn-east"));
+
+    // The provider pays; the withdrawal lands, then the move runs.
+    provider.set_processing(Duration::ZERO);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(&c)?["state"] != "done" {
+        anyhow::ensure!(Instant::now() < deadline, "not done: {}", status(&c)?);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let seen = me
+        .get(&format!("/v1/wallet/transfers/{withdrawal}"))
+        .await?;
+    assert_eq!(seen.body["state"], "posted", "{}", seen.body);
+    assert_eq!(seen.header("x-home-region"), Some("eu-west"));
+    assert_eq!(me.available("CNY").await?, 893);
+    assert_eq!(provider.paid(), 107);
+    let report = c.audit(&["cn-east", "eu-west"])?;
+    assert!(report.contains("audit passed"), "{report}");
+    Ok(())
+}

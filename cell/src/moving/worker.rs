@@ -22,8 +22,12 @@ use tokio_util::sync::CancellationToken;
 
 /// Moves one instance runs at once.
 const CONCURRENT: usize = 128;
-/// How long a move waits for the user's money in flight to land before it
-/// is undone (a withdrawal awaiting its provider may take hours).
+/// How many passes (about one a second) a move waits, before it freezes
+/// its user, for their money in flight to land; then it is undone (a
+/// withdrawal awaiting its provider may take hours).
+const WAIT_PASSES: u32 = 600;
+/// How long a frozen user's money in flight (started just before the
+/// freeze) may take to land before the move is undone.
 const DRAIN: Duration = Duration::from_secs(10);
 /// How long the finish waits for the money to post at the new home before
 /// it leaves the move for the next pass.
@@ -263,6 +267,29 @@ impl Moves {
     /// Step 1 and 2 at the source: freeze, let money in flight land, copy,
     /// and hold the balances on both sides.
     async fn copy(&self, m: &MoveRecord) -> Result<(), Stop> {
+        // Money of the user's on its way (a transfer between cells, a
+        // withdrawal awaiting its provider) completes before the move
+        // starts: the move waits for it with the user not frozen, so they
+        // notice nothing meanwhile, and is undone only after WAIT_PASSES.
+        // (A move resumed after a crash, its user frozen already, goes on
+        // to the check below.)
+        if !self.frozen.contains(&m.user_id)
+            && self
+                .store
+                .money_in_flight(&m.user_id, &m.id)
+                .await
+                .map_err(db)?
+        {
+            if m.attempts >= WAIT_PASSES {
+                return Err(Stop::Undo(
+                    "money of the user's stayed in flight (a transfer or withdrawal) for ten minutes; move them once it lands".into(),
+                ));
+            }
+            return Err(Stop::Later(
+                "waiting for money of the user's in flight (a transfer or withdrawal) to land"
+                    .into(),
+            ));
+        }
         let frozen_at = self
             .store
             .freeze(&m.user_id, &m.id, &m.to_region, now_ms())
