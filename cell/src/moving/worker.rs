@@ -22,16 +22,24 @@ use tokio_util::sync::CancellationToken;
 
 /// Moves one instance runs at once.
 const CONCURRENT: usize = 128;
-/// How many passes (about one a second) a move waits, before it freezes
-/// its user, for their money in flight to land; then it is undone (a
-/// withdrawal awaiting its provider may take hours).
-const WAIT_PASSES: u32 = 600;
+/// How long a move waits, before it freezes its user, for their money in
+/// flight to land; then it is undone (a withdrawal awaiting its provider
+/// may take hours).
+const MAX_WAIT: Duration = Duration::from_secs(600);
 /// How long a frozen user's money in flight (started just before the
 /// freeze) may take to land before the move is undone.
 const DRAIN: Duration = Duration::from_secs(10);
 /// How long the finish waits for the money to post at the new home before
 /// it leaves the move for the next pass.
 const SETTLE: Duration = Duration::from_secs(5);
+
+/// How a pass over one move ended.
+enum Pass {
+    /// It went as far as it can (maybe to its end).
+    Progressed,
+    /// It waits for something: try it again after a while.
+    Waiting,
+}
 
 /// Why a step stopped.
 enum Stop {
@@ -62,8 +70,64 @@ fn db(e: crate::db::DbError) -> Stop {
     Stop::Err(super::internal(e))
 }
 
+/// Open moves asked of the journal per pass.
+const PAGE: u32 = 1_000;
+/// The longest a move that keeps waiting (for money in flight, for a
+/// target that is down) is left between two tries.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Moves to leave alone until a time: each one's next try after a step
+/// that must be tried again later, backing off (1 s, 2 s, 4 s, … 30 s), so
+/// that a thousand waiting moves neither hold the worker nor write to the
+/// journal every second. Only moves whose user is not frozen back off.
+#[derive(Default)]
+struct Backoff(Mutex<HashMap<String, (tokio::time::Instant, u32)>>);
+
+impl Backoff {
+    fn due(&self, id: &str) -> bool {
+        let map = self.0.lock().expect("poisoned");
+        map.get(id)
+            .is_none_or(|(at, _)| *at <= tokio::time::Instant::now())
+    }
+
+    fn later(&self, id: &str) {
+        let mut map = self.0.lock().expect("poisoned");
+        let tries = map.get(id).map_or(0, |(_, n)| n + 1);
+        let wait = Duration::from_secs(1 << tries.min(5)).min(MAX_BACKOFF);
+        map.insert(id.to_string(), (tokio::time::Instant::now() + wait, tries));
+    }
+
+    fn clear(&self, id: &str) {
+        self.0.lock().expect("poisoned").remove(id);
+    }
+
+    /// Forgets moves that are no longer open.
+    fn keep(&self, open: &HashSet<&str>) {
+        self.0
+            .lock()
+            .expect("poisoned")
+            .retain(|id, _| open.contains(id.as_str()));
+    }
+}
+
+/// The order a pass runs open moves in: those past the point of no return
+/// or being undone first (their users are frozen, or their money held),
+/// then the ones furthest along.
+fn urgency(m: &MoveRecord) -> u8 {
+    match m.state() {
+        MoveState::Switched | MoveState::Cancelled => 0,
+        MoveState::Copied => 1,
+        MoveState::Copying => 2,
+        _ => 3,
+    }
+}
+
 pub async fn run(moves: Arc<Moves>, token: CancellationToken) {
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let backoff: Arc<Backoff> = Arc::default();
+    // Where the next pass's page starts: more than a page of open moves is
+    // walked page by page, so none waits behind a page of slow ones.
+    let mut after = String::new();
     let mut batches = Pacer::default();
     let mut tick = tokio::time::interval(RELOAD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -83,33 +147,46 @@ pub async fn run(moves: Arc<Moves>, token: CancellationToken) {
             .list_moves(ListMovesRequest {
                 from_region: moves.region.clone(),
                 open_only: true,
-                limit: 1_000,
+                after: after.clone(),
+                limit: PAGE,
                 ..Default::default()
             })
             .await;
-        let open = match open {
+        let mut open = match open {
             Ok(r) => r.into_inner(),
             Err(s) => {
                 tracing::debug!(error = %s.message(), "cannot list this region's moves");
                 continue;
             }
         };
-        // A freeze whose move is no longer open here (finished or undone
-        // by another instance, or left by a crash between steps) thaws.
-        if open.moves.len() < 1_000 {
+        let whole = after.is_empty() && open.moves.len() < PAGE as usize;
+        after = match open.moves.last() {
+            Some(last) if open.moves.len() == PAGE as usize => last.user_id.clone(),
+            _ => String::new(),
+        };
+        if whole {
+            // A freeze whose move is no longer open here (finished or
+            // undone by another instance, or left by a crash between
+            // steps) thaws.
             moves.thaw_stale(&open.moves).await;
+            backoff.keep(&open.moves.iter().map(|m| m.id.as_str()).collect());
         }
+        open.moves.sort_by_key(urgency);
         for m in open.moves {
             if running.lock().expect("poisoned").len() >= CONCURRENT {
                 break;
             }
-            if !running.lock().expect("poisoned").insert(m.id.clone()) {
+            if !backoff.due(&m.id) || !running.lock().expect("poisoned").insert(m.id.clone()) {
                 continue;
             }
-            let (moves, running) = (moves.clone(), running.clone());
+            let (moves, running, backoff) = (moves.clone(), running.clone(), backoff.clone());
             tokio::spawn(async move {
-                let id = m.id.clone();
-                moves.drive(m).await;
+                let (id, user) = (m.id.clone(), m.user_id.clone());
+                match moves.drive(m).await {
+                    // A frozen user's move is tried every pass: they wait.
+                    Pass::Waiting if !moves.frozen.contains(&user) => backoff.later(&id),
+                    _ => backoff.clear(&id),
+                }
                 running.lock().expect("poisoned").remove(&id);
             });
         }
@@ -182,22 +259,22 @@ impl Moves {
     }
 
     /// Runs a move's steps as far as they go now.
-    async fn drive(&self, mut m: MoveRecord) {
+    async fn drive(&self, mut m: MoveRecord) -> Pass {
         loop {
             let moved_on = |next: &MoveRecord, m: &MoveRecord| {
                 next.state != m.state || next.undone != m.undone
             };
             match self.step(&m).await {
                 Ok(next) if moved_on(&next, &m) => m = next,
-                Ok(_) => return,
+                Ok(_) => return Pass::Progressed,
                 Err(Stop::Later(why)) => {
                     tracing::info!(r#move = %m.id, why, "move step will be tried again");
                     let _ = self.advance(&m, m.state(), &why, vec![]).await;
-                    return;
+                    return Pass::Waiting;
                 }
                 Err(Stop::Undo(why)) => {
                     tracing::warn!(r#move = %m.id, why, "move cannot go on and could not be undone yet");
-                    return;
+                    return Pass::Waiting;
                 }
                 Err(Stop::Err(e)) => {
                     // Refused by the journal (a cancel, or another instance
@@ -206,7 +283,7 @@ impl Moves {
                     tracing::warn!(r#move = %m.id, error = %e.message, "move step failed; will retry");
                     match self.refetch(&m).await {
                         Ok(now) if moved_on(&now, &m) => m = now,
-                        _ => return,
+                        _ => return Pass::Waiting,
                     }
                 }
             }
@@ -270,7 +347,7 @@ impl Moves {
         // Money of the user's on its way (a transfer between cells, a
         // withdrawal awaiting its provider) completes before the move
         // starts: the move waits for it with the user not frozen, so they
-        // notice nothing meanwhile, and is undone only after WAIT_PASSES.
+        // notice nothing meanwhile, and is undone only after MAX_WAIT.
         // (A move resumed after a crash, its user frozen already, goes on
         // to the check below.)
         if !self.frozen.contains(&m.user_id)
@@ -280,7 +357,7 @@ impl Moves {
                 .await
                 .map_err(db)?
         {
-            if m.attempts >= WAIT_PASSES {
+            if now_ms() - m.created_unix_ms >= MAX_WAIT.as_millis() as i64 {
                 return Err(Stop::Undo(
                     "money of the user's stayed in flight (a transfer or withdrawal) for ten minutes; move them once it lands".into(),
                 ));
@@ -482,5 +559,59 @@ impl Pacer {
             }
             Err(s) => tracing::debug!(batch = %b.id, error = %s.message(), "batch pick not taken"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_move_backs_off_longer_each_time_until_it_moves_on() {
+        let b = Backoff::default();
+        assert!(b.due("m"));
+        b.later("m");
+        assert!(!b.due("m"), "left alone after a wait");
+        let first = b.0.lock().expect("poisoned")["m"].0;
+        b.later("m");
+        let second = b.0.lock().expect("poisoned")["m"].0;
+        assert!(second - first >= Duration::from_millis(900), "backs off");
+        for _ in 0..10 {
+            b.later("m");
+        }
+        let (at, _) = b.0.lock().expect("poisoned")["m"];
+        assert!(at - tokio::time::Instant::now() <= MAX_BACKOFF);
+        b.clear("m");
+        assert!(b.due("m"), "tried at once after it moved on");
+        b.later("gone");
+        b.keep(&HashSet::from(["m"]));
+        assert!(b.due("gone"), "forgotten once not open");
+    }
+
+    #[test]
+    fn moves_past_the_cut_over_or_being_undone_run_first() {
+        let at = |state: MoveState| MoveRecord {
+            state: state as i32,
+            ..Default::default()
+        };
+        let mut open = vec![
+            at(MoveState::Pending),
+            at(MoveState::Copying),
+            at(MoveState::Cancelled),
+            at(MoveState::Copied),
+            at(MoveState::Switched),
+        ];
+        open.sort_by_key(urgency);
+        let order: Vec<MoveState> = open.iter().map(MoveRecord::state).collect();
+        assert_eq!(
+            order,
+            [
+                MoveState::Cancelled,
+                MoveState::Switched,
+                MoveState::Copied,
+                MoveState::Copying,
+                MoveState::Pending
+            ]
+        );
     }
 }
