@@ -668,3 +668,91 @@ async fn a_move_waits_unfrozen_for_a_withdrawal_to_land() -> Result<()> {
     assert!(report.contains("audit passed"), "{report}");
     Ok(())
 }
+
+/// Mail not yet sent when a user moves goes out once: from the new home
+/// after the cut-over, or from the old home when the move is undone (the
+/// new home holds an arriving user's mail until the directory homes them
+/// there, and drops it with the copy).
+#[tokio::test]
+async fn unsent_mail_goes_out_once_whether_the_move_finishes_or_is_undone() -> Result<()> {
+    let mail_port = homecell_harness::free_port();
+    let mut c = standard()
+        .cell_config(&format!(
+            "[notice]\nemail_from = \"Homecell <no-reply@homecell.test>\"\n[notice.smtp]\nhost = \"127.0.0.1\"\nport = {mail_port}\nsecurity = \"none\"\n"
+        ))
+        .start()
+        .await?;
+    // Each move waits after its copy: a window in which the new home holds
+    // the unsent mail and the mail server is up.
+    c.restart_cell_with_failpoints("cn-east", "move.source.after_import=12000")
+        .await?;
+    let east = Api::new(&c.router_url(0), "cn-east");
+    // No mail server yet: each welcome letter fails and waits to be retried.
+    let mut users = Vec::new();
+    for email in ["undone@example.com", "moved@example.com"] {
+        let r = east.register(email, PW).await?;
+        users.push(r.body["user_id"].as_str().context("user")?.to_string());
+    }
+    let mut moves = Vec::new();
+    for user in &users {
+        let out = c.cli_ok(&[
+            "-o",
+            "json",
+            "move",
+            "user",
+            user,
+            "--to",
+            "eu-west",
+            "--no-wait",
+        ])?;
+        moves.push(out.json()?["id"].as_str().context("move id")?.to_string());
+    }
+    let west = sqlx::SqlitePool::connect(&format!(
+        "sqlite:{}",
+        c.cell_sqlite_path("eu-west").display()
+    ))
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for user in &users {
+        loop {
+            let (n,): (i64,) = sqlx::query_as(
+                "SELECT COUNT(*) FROM deliveries WHERE user_id = ? AND state = 'pending'",
+            )
+            .bind(user)
+            .fetch_one(&west)
+            .await?;
+            if n > 0 {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no unsent mail was copied");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mail = homecell_harness::smtp::SmtpSink::start_on(mail_port).await?;
+    c.cli_ok(&["move", "cancel", &moves[0]])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (id, end) in [(&moves[0], "cancelled"), (&moves[1], "done")] {
+        loop {
+            let m = c.cli_ok(&["-o", "json", "move", "status", id])?.json()?;
+            if m["state"] == end && (end == "done" || m["undone"] == true) {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "move not {end}: {m}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    for email in ["undone@example.com", "moved@example.com"] {
+        mail.wait_for(email, "Welcome", Duration::from_secs(60))
+            .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for email in ["undone@example.com", "moved@example.com"] {
+        let letters = mail
+            .messages()
+            .into_iter()
+            .filter(|m| m.contains(email) && m.contains("Welcome"))
+            .count();
+        assert_eq!(letters, 1, "{email}: sent {letters} times");
+    }
+    Ok(())
+}

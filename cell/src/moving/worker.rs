@@ -594,7 +594,7 @@ mod tests {
             state: state as i32,
             ..Default::default()
         };
-        let mut open = vec![
+        let mut open = [
             at(MoveState::Pending),
             at(MoveState::Copying),
             at(MoveState::Cancelled),

@@ -186,6 +186,14 @@ impl NoticeStore {
             .collect())
     }
 
+    /// A user's status here (`active`, `disabled`, `deleted`), if any row.
+    pub async fn user_status(&self, user_id: &str) -> DbResult<Option<String>> {
+        stmt("SELECT status FROM users WHERE id = $1")
+            .bind(user_id)
+            .scalar_optional(&self.db)
+            .await
+    }
+
     pub async fn contacts(&self, user_id: &str) -> DbResult<Option<Contacts>> {
         let user: Option<(String, Option<String>, String)> =
             stmt("SELECT status, locale, display_name FROM users WHERE id = $1")
