@@ -616,13 +616,19 @@ impl Cluster {
         })
     }
 
-    /// Runs `cell audit` over the SQLite datastores of `regions`; its report,
+    /// Runs `cell audit` over the datastores of `regions` (PostgreSQL where
+    /// the cell runs on it, else SQLite); its report,
     /// or an error with it if the audit failed.
     pub fn audit(&self, regions: &[&str]) -> Result<String> {
         let mut args = vec!["audit".to_string()];
         for r in regions {
             args.push("--database-url".into());
-            args.push(format!("sqlite:{}", self.cell_sqlite_path(r).display()));
+            args.push(
+                self.cells
+                    .get(*r)
+                    .and_then(|n| n.database_url.clone())
+                    .unwrap_or_else(|| format!("sqlite:{}", self.cell_sqlite_path(r).display())),
+            );
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = self.cell_command(regions.first().copied().unwrap_or("cn-east"), &args)?;

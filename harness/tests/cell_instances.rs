@@ -212,3 +212,48 @@ async fn live_events_reach_streams_on_every_instance() -> Result<()> {
     }
     Ok(())
 }
+
+/// Both instances of a region run its move worker and race for each
+/// move's steps: a batch moved out of it still moves every user once, with
+/// their money, and the audit holds at both ends and across them.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_move_a_batch_out_together() -> Result<()> {
+    let (_pg, c, _second) =
+        two_instance_cluster(format!("[payments.testpay]\nsecret = {SECRET:?}\n")).await?;
+    let eu = Api::new(&c.router_url(0), "eu-west");
+    let mut users = Vec::new();
+    for i in 0..24 {
+        let (me, login) = eu
+            .signed_in(&format!("mover{i}@example.com"), "correct horse battery")
+            .await?;
+        let id = login["user_id"].as_str().unwrap_or_default().to_string();
+        let d = eu
+            .provider_deposit("testpay", SECRET, &format!("evt-m{i}"), &id, 100 + i)
+            .await?;
+        assert_eq!(d.status, StatusCode::OK, "{}", d.body);
+        users.push((me, 100 + i));
+    }
+    let out = c.cli_ok(&[
+        "-o", "json", "move", "batch", "--from", "eu-west", "--to", "cn-east", "--rate", "50",
+    ])?;
+    let last = out
+        .stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_default();
+    let p: serde_json::Value = serde_json::from_str(last)?;
+    assert_eq!(
+        (p["done"].as_u64(), p["failed"].as_u64()),
+        (Some(24), Some(0)),
+        "{p}"
+    );
+    for (me, amount) in &users {
+        let r = me.get("/v1/users/me").await?;
+        assert_eq!(r.header("x-home-region"), Some("cn-east"), "{}", r.body);
+        assert_eq!(me.available("CNY").await?, *amount);
+    }
+    let report = c.audit(&["eu-west", "cn-east"])?;
+    assert!(report.contains("audit passed"), "{report}");
+    Ok(())
+}
