@@ -25,6 +25,18 @@ impl CliOutput {
     pub fn json(&self) -> Result<serde_json::Value> {
         serde_json::from_str(&self.stdout).with_context(|| format!("not JSON: {}", self.stdout))
     }
+
+    /// The last one-line JSON object printed: a `-o json` batch command's
+    /// final progress line.
+    pub fn last_json_line(&self) -> Result<serde_json::Value> {
+        let line = self
+            .stdout
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .with_context(|| format!("no JSON line in: {}", self.stdout))?;
+        Ok(serde_json::from_str(line)?)
+    }
 }
 
 pub struct ControlPlaneNode {

@@ -236,13 +236,7 @@ async fn two_instances_move_a_batch_out_together() -> Result<()> {
     let out = c.cli_ok(&[
         "-o", "json", "move", "batch", "--from", "eu-west", "--to", "cn-east", "--rate", "50",
     ])?;
-    let last = out
-        .stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_default();
-    let p: serde_json::Value = serde_json::from_str(last)?;
+    let p = out.last_json_line()?;
     assert_eq!(
         (p["done"].as_u64(), p["failed"].as_u64()),
         (Some(24), Some(0)),

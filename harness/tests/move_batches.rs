@@ -40,16 +40,6 @@ async fn register(api: &Api, prefix: &str, n: usize) -> Result<Vec<String>> {
     ids.into_iter().collect()
 }
 
-/// The last progress line a `-o json` batch command printed.
-fn last_progress(stdout: &str) -> Result<Value> {
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .context("no progress line")?;
-    Ok(serde_json::from_str(line)?)
-}
-
 /// Another user's reads and writes, all the while: every one must succeed.
 /// Returns the stop switch and the task (its answer: requests, failures).
 fn bystander(api: Api) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Result<(u64, u64)>>) {
@@ -150,7 +140,7 @@ async fn a_batch_moves_a_thousand_users_and_a_region_retires_empty() -> Result {
         "-o", "json", "move", "batch", "--from", "cn-east", "--to", "eu-west", "--rate", "200",
     ])?;
     let took = started.elapsed();
-    let p = last_progress(&out.stdout)?;
+    let p = out.last_json_line()?;
     assert_eq!(p["done"], n as u64, "{p}");
     assert_eq!(p["failed"], 0, "{p}");
     eprintln!(
@@ -207,7 +197,7 @@ async fn a_batch_moves_a_thousand_users_and_a_region_retires_empty() -> Result {
     let out = c.cli_ok(&[
         "-o", "json", "move", "evacuate", "eu-west", "--to", "cn-east", "--rate", "200",
     ])?;
-    let p = last_progress(&out.stdout)?;
+    let p = out.last_json_line()?;
     assert_eq!(p["failed"], 0, "{p}");
     let out = c.cli_ok(&["region", "retire", "eu-west"])?;
     assert!(out.success, "{}", out.stderr);

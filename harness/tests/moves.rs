@@ -452,13 +452,7 @@ async fn a_batch_picks_users_by_country() -> Result<()> {
         "--rate",
         "50",
     ])?;
-    let last = out
-        .stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .context("progress")?;
-    let p: serde_json::Value = serde_json::from_str(last)?;
+    let p = out.last_json_line()?;
     assert_eq!(
         (p["done"].as_u64(), p["failed"].as_u64()),
         (Some(2), Some(0)),

@@ -57,7 +57,20 @@ pub(super) async fn advance(
     .bind(saga_step.unwrap_or(""))
     .execute(&mut tx)
     .await?;
-    if changed != 1 {
+    finish_step(tx, changed == 1, moves, side, now).await
+}
+
+/// The rest of a conditional step's transaction: its moves and side
+/// effects if the operation was where the caller saw it (`matched`), else
+/// nothing; committed either way.
+async fn finish_step(
+    mut tx: Tx,
+    matched: bool,
+    moves: &[Move],
+    side: &SideEffects<'_>,
+    now: i64,
+) -> LedgerResult<bool> {
+    if !matched {
         // Committed, not dropped: a dropped SQLite transaction rolls
         // back after the writer lock is released, and the next writer
         // would meet it in SQLite's busy handler.
@@ -97,14 +110,7 @@ pub(super) async fn retarget(
     .bind(op.retargets)
     .execute(&mut tx)
     .await?;
-    if changed != 1 {
-        tx.commit().await?;
-        return Ok(false);
-    }
-    apply_moves(&mut tx, moves, now).await?;
-    side_effects(&mut tx, side, now).await?;
-    tx.commit().await?;
-    Ok(true)
+    finish_step(tx, changed == 1, moves, side, now).await
 }
 
 /// Writes `moves` inside the transaction `tx`, judged by the ledger's one
