@@ -493,7 +493,7 @@ async fn a_transfer_on_its_way_follows_a_receiver_who_moves() -> Result<()> {
     c.start_cell("us-west").await?;
     // The sender's cell waits before asking the receiver's cell to hold:
     // long enough for both receivers to move meanwhile.
-    c.restart_cell_with_failpoints("eu-west", "saga.coordinator.before_peer_hold=15000")
+    c.restart_cell_with_failpoints("eu-west", "saga.coordinator.before_peer_hold=10000")
         .await?;
     let east = Api::new(&c.router_url(0), "cn-east");
     let west = Api::new(&c.router_url(0), "eu-west");
@@ -534,8 +534,18 @@ async fn a_transfer_on_its_way_follows_a_receiver_who_moves() -> Result<()> {
         );
     }
     // One receiver moves to a third region, the other to the sender's.
-    c.cli_ok(&["move", "user", &far_id, "--to", "us-west"])?;
-    c.cli_ok(&["move", "user", &near_id, "--to", "eu-west"])?;
+    let mut moves = Vec::new();
+    for (user, to) in [(&far_id, "us-west"), (&near_id, "eu-west")] {
+        let out = c.cli_ok(&["-o", "json", "move", "user", user, "--to", to, "--no-wait"])?;
+        moves.push(out.json()?["id"].as_str().context("move id")?.to_string());
+    }
+    let deadline = Instant::now() + Duration::from_secs(8);
+    for id in &moves {
+        while c.cli_ok(&["-o", "json", "move", "status", id])?.json()?["state"] != "done" {
+            anyhow::ensure!(Instant::now() < deadline, "move {id} is slow");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     // Both cut over before the sender's cell asked the old home.
     for id in &transfers {
         let r = sender.get(&format!("/v1/wallet/transfers/{id}")).await?;
