@@ -132,6 +132,7 @@ pub const METHODS: &[&str] = &[
     "/homecell.control.v1.MoveService/ListMoves",
     "/homecell.control.v1.MoveService/AdvanceMove",
     "/homecell.control.v1.MoveService/ExtendBatch",
+    "/homecell.control.v1.MoveService/CheckMoveIdentifiers",
 ];
 
 #[tonic::async_trait]
