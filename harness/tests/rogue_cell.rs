@@ -489,15 +489,66 @@ async fn a_rogue_cell_cannot_smuggle_a_session_into_a_move() -> Result {
     // The unclaimed address is still free to register at eu-west.
     let r = west.register("nobody@example.com", PW).await?;
     assert!(r.status.is_success(), "{r:?}");
-    // The mover's own bundle is taken.
+    // A user who is not active does not move.
+    let mut disabled = bundle_with(own.clone(), serde_json::json!([]));
+    disabled["user"][1] = "disabled".into();
+    let refused = cell
+        .import_user(ImportUserRequest {
+            from_region: "cn-east".into(),
+            user_id: mover.clone(),
+            bundle: serde_json::to_vec(&disabled)?,
+            move_id: id.clone(),
+        })
+        .await;
+    assert_eq!(code(refused), Err(tonic::Code::InvalidArgument));
+
+    // The mover's own bundle is taken, without what it would send to
+    // anyone else: mail to another address, a code message.
+    let mut bundle = bundle_with(own, serde_json::json!([]));
+    let letter = |id: &str, to: &str| {
+        serde_json::json!({"id": id, "event_id": id, "channel": "email", "recipient": to,
+            "subject": "Hello", "body": "Hello", "html": null, "attempts": 0,
+            "next_attempt_at": 0, "created_at": 0})
+    };
+    bundle["deliveries"] = serde_json::json!([
+        letter("d-own", "mover@example.com"),
+        letter("d-spam", "someone-else@example.com"),
+    ]);
+    bundle["outbox"] = serde_json::json!([
+        [
+            "e-code",
+            "auth.password_reset",
+            "{\"to\": \"someone-else@example.com\"}",
+            0,
+            null
+        ],
+        ["e-note", "message", "{}", 0, null],
+    ]);
     let taken = cell
         .import_user(ImportUserRequest {
             from_region: "cn-east".into(),
             user_id: mover.clone(),
-            bundle: serde_json::to_vec(&bundle_with(own, serde_json::json!([])))?,
+            bundle: serde_json::to_vec(&bundle)?,
             move_id: id,
         })
         .await;
     assert_eq!(code(taken), Ok(()));
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite:{}",
+        c.cell_sqlite_path("eu-west").display()
+    ))
+    .await?;
+    let delivered: Vec<(String,)> =
+        sqlx::query_as("SELECT id FROM deliveries WHERE user_id = ? ORDER BY id")
+            .bind(&mover)
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(delivered, [("d-own".to_string(),)]);
+    let events: Vec<(String,)> =
+        sqlx::query_as("SELECT id FROM outbox WHERE user_id = ? ORDER BY id")
+            .bind(&mover)
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(events, [("e-note".to_string(),)]);
     Ok(())
 }

@@ -54,8 +54,8 @@ macro_rules! migrations {
     };
 }
 
-const SQLITE_MIGRATIONS: &[Migration] = migrations!("sqlite": 1 "0001_cell_info", 2 "0002_identity", 3 "0003_money", 4 "0004_notice", 5 "0005_broadcast", 6 "0006_wechat", 7 "0007_identity_hardening", 8 "0008_request_path_indexes", 9 "0009_roles_as_data", 10 "0010_sign_in_codes", 11 "0011_identifier_proofs", 12 "0012_outbox_trace", 13 "0013_gauge_indexes", 14 "0014_moves", 15 "0015_retargets");
-const POSTGRES_MIGRATIONS: &[Migration] = migrations!("postgres": 1 "0001_cell_info", 2 "0002_identity", 3 "0003_money", 4 "0004_notice", 5 "0005_broadcast", 6 "0006_wechat", 7 "0007_identity_hardening", 8 "0008_request_path_indexes", 9 "0009_roles_as_data", 10 "0010_sign_in_codes", 11 "0011_identifier_proofs", 12 "0012_outbox_trace", 13 "0013_gauge_indexes", 14 "0014_moves", 15 "0015_retargets");
+const SQLITE_MIGRATIONS: &[Migration] = migrations!("sqlite": 1 "0001_cell_info", 2 "0002_identity", 3 "0003_money", 4 "0004_notice", 5 "0005_broadcast", 6 "0006_wechat", 7 "0007_identity_hardening", 8 "0008_request_path_indexes", 9 "0009_roles_as_data", 10 "0010_sign_in_codes", 11 "0011_identifier_proofs", 12 "0012_outbox_trace", 13 "0013_gauge_indexes", 14 "0014_moves", 15 "0015_moves_follow_up");
+const POSTGRES_MIGRATIONS: &[Migration] = migrations!("postgres": 1 "0001_cell_info", 2 "0002_identity", 3 "0003_money", 4 "0004_notice", 5 "0005_broadcast", 6 "0006_wechat", 7 "0007_identity_hardening", 8 "0008_request_path_indexes", 9 "0009_roles_as_data", 10 "0010_sign_in_codes", 11 "0011_identifier_proofs", 12 "0012_outbox_trace", 13 "0013_gauge_indexes", 14 "0014_moves", 15 "0015_moves_follow_up");
 
 impl Datastore {
     /// Connects and applies pending migrations.

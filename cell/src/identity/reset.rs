@@ -35,21 +35,19 @@ impl Identity {
         let Some(user_id) = user else {
             return Ok(None);
         };
-        // A user being moved away gets codes from the new home (a code
-        // made here now would not move with them): the request waits for
-        // the move, up to 2 s, and once it cut over the router replays it
-        // there. A move still under way sends nothing, with the answer
-        // as ever, which tells nobody that the account exists.
-        if self.frozen.wait(&user_id).await.is_err() {
+        // A user being moved away gets no code from here (it would not
+        // move with them): nothing is made, and the answer is the usual
+        // one at once, so neither its content nor its timing tells anyone
+        // the account exists or is moving. The user asks again, of the
+        // new home.
+        let moving_away = self.frozen.contains(&user_id)
+            || self
+                .replica
+                .state()
+                .user_region(&user_id)
+                .is_some_and(|home| home != self.region);
+        if moving_away {
             return Ok(None);
-        }
-        if let Some(home) = self
-            .replica
-            .state()
-            .user_region(&user_id)
-            .filter(|home| *home != self.region)
-        {
-            return Err(CodedError::moved(home));
         }
         Ok(match self.store.user(&user_id).await? {
             Some(u) if u.status == "active" => Some(user_id),

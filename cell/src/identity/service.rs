@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 pub const CLIENT_TYPES: [&str; 4] = ["app", "web", "mp", "cms"];
 /// How long a session (its refresh token family) lives at most.
-pub(super) const SESSION_TTL_MS: i64 = 30 * 24 * 3600 * 1000;
+pub(crate) const SESSION_TTL_MS: i64 = 30 * 24 * 3600 * 1000;
 pub(super) const RESET_TTL_MS: i64 = 15 * 60 * 1000;
 pub(super) const RESET_MAX_ATTEMPTS: i64 = 5;
 /// How long a rotated refresh token may be presented again for the same

@@ -404,9 +404,11 @@ impl Money {
                 .user_region(&t.to_user)
                 .map(String::from);
             if let Some(home) = home.filter(|h| *h != self.region) {
+                // Refused as well: a coordinator that does not know
+                // `moved_to` voids, rather than taking it for a hold.
                 return Ok(IncomingResponse {
                     state: "moved".into(),
-                    refused: false,
+                    refused: true,
                     reason: format!("the receiver lives in {home} now"),
                     moved_to: home,
                 });

@@ -195,6 +195,32 @@ impl Moves {
     /// side lives elsewhere (this cell holds its own users' records; a
     /// sender must not write into their history or their idempotency keys).
     fn check_bundle(&self, b: &mut Bundle, user_id: &str) -> Result<(), CodedError> {
+        if b.user.1 != "active" {
+            return Err(CodedError::invalid("a moving user is active"));
+        }
+        // Notices go only to the user's own addresses (the identifiers
+        // the journal checks): a sender cannot have this cell mail or text
+        // anyone else. Messages with a code or about one address (resets,
+        // sign-in codes, identifier proofs) stay behind: their codes do
+        // not travel, and the user asks again.
+        let own: std::collections::HashSet<(&str, &str)> = b
+            .identifiers
+            .iter()
+            .filter_map(|(kind, value)| match kind.as_str() {
+                "email" => Some(("email", value.as_str())),
+                "phone" => Some(("sms", value.as_str())),
+                _ => None,
+            })
+            .collect();
+        b.deliveries
+            .retain(|d| own.contains(&(d.channel.as_str(), d.recipient.as_str())));
+        b.outbox
+            .retain(|e| !crate::notice::ADDRESSED.contains(&e.1.as_str()));
+        // A session lasts no longer here than one made here would.
+        let latest = crate::clock::now_ms() + crate::identity::service::SESSION_TTL_MS;
+        for s in &mut b.sessions {
+            s.4 = s.4.min(latest);
+        }
         let sessions: std::collections::HashSet<&str> =
             b.sessions.iter().map(|s| s.0.as_str()).collect();
         if b.refresh_tokens

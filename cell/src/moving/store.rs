@@ -260,8 +260,33 @@ impl MoveStore {
                 .bind(did).bind(event_id).bind(id).bind(channel).bind(recipient).bind(subject).bind(body).bind(html).bind(attempts).bind(next_attempt_at).bind(created_at)
                 .execute(&mut tx).await?;
         }
+        // Their notices wait here until the directory homes them here.
+        stmt("INSERT INTO user_arrivals (user_id, move_id, arrived_at) VALUES ($1, $2, $3) \
+              ON CONFLICT (user_id) DO UPDATE SET move_id = excluded.move_id, arrived_at = excluded.arrived_at")
+            .bind(id)
+            .bind(move_id)
+            .bind(now)
+            .execute(&mut tx)
+            .await?;
         tx.commit().await?;
         Ok(dropped)
+    }
+
+    /// Users a move is bringing here, not yet homed here by the directory.
+    pub async fn arrivals(&self) -> DbResult<Vec<String>> {
+        let rows: Vec<(String,)> = stmt("SELECT user_id FROM user_arrivals ORDER BY user_id")
+            .fetch_all(&self.db)
+            .await?;
+        Ok(rows.into_iter().map(|(u,)| u).collect())
+    }
+
+    /// A user the directory now homes here: their notices go out.
+    pub async fn arrived(&self, user_id: &str) -> DbResult<()> {
+        stmt("DELETE FROM user_arrivals WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&self.db)
+            .await?;
+        Ok(())
     }
 
     /// At the old home, after the cut-over: its sessions end as "moved"
@@ -289,6 +314,7 @@ impl MoveStore {
             .bind(move_id)
             .execute(&self.db)
             .await?;
+        self.arrived(id).await?;
         self.erase_moved(id, now).await
     }
 

@@ -33,6 +33,22 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// it leaves the move for the next pass.
 const SETTLE: Duration = Duration::from_secs(5);
 
+/// How long a move may keep its user frozen waiting for the new home (a
+/// target that does not answer) before it is undone, so that nobody stays
+/// unable to write for long because another region is down.
+const FREEZE_LIMIT: Duration = Duration::from_secs(30);
+
+/// A step that must wait while its user is frozen: past [`FREEZE_LIMIT`]
+/// the move is undone instead.
+fn frozen_too_long(frozen_at: i64, stop: Stop) -> Stop {
+    match stop {
+        Stop::Later(why) if now_ms() - frozen_at > FREEZE_LIMIT.as_millis() as i64 => {
+            Stop::Undo(format!("the new home kept the user frozen too long: {why}"))
+        }
+        other => other,
+    }
+}
+
 /// How a pass over one move ended.
 enum Pass {
     /// It went as far as it can (maybe to its end).
@@ -128,6 +144,9 @@ pub async fn run(moves: Arc<Moves>, token: CancellationToken) {
     // Where the next pass's page starts: more than a page of open moves is
     // walked page by page, so none waits behind a page of slow ones.
     let mut after = String::new();
+    // The open moves seen on the pages of this walk, and when it began.
+    let mut cycle: HashSet<String> = HashSet::new();
+    let mut cycle_started = now_ms();
     let mut batches = Pacer::default();
     let mut tick = tokio::time::interval(RELOAD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -142,6 +161,7 @@ pub async fn run(moves: Arc<Moves>, token: CancellationToken) {
                 .replace(rows.into_iter().map(|(u, _, to, _)| (u, to)).collect()),
             Err(e) => tracing::warn!(error = %e, "cannot read the users frozen by moves"),
         }
+        moves.settle_arrivals().await;
         let open = moves
             .journal()
             .list_moves(ListMovesRequest {
@@ -159,17 +179,26 @@ pub async fn run(moves: Arc<Moves>, token: CancellationToken) {
                 continue;
             }
         };
-        let whole = after.is_empty() && open.moves.len() < PAGE as usize;
+        if after.is_empty() {
+            cycle_started = now_ms();
+        }
+        cycle.extend(
+            open.moves
+                .iter()
+                .filter(|m| m.state() != MoveState::Done)
+                .map(|m| m.id.clone()),
+        );
         after = match open.moves.last() {
             Some(last) if open.moves.len() == PAGE as usize => last.user_id.clone(),
             _ => String::new(),
         };
-        if whole {
-            // A freeze whose move is no longer open here (finished or
-            // undone by another instance, or left by a crash between
-            // steps) thaws.
-            moves.thaw_stale(&open.moves).await;
-            backoff.keep(&open.moves.iter().map(|m| m.id.as_str()).collect());
+        if after.is_empty() {
+            // Every page seen: a freeze older than this walk whose move
+            // was on none of its pages (finished or undone by another
+            // instance, or left by a crash between steps) thaws.
+            moves.thaw_stale(&cycle, cycle_started).await;
+            backoff.keep(&cycle.iter().map(String::as_str).collect());
+            cycle.clear();
         }
         open.moves.sort_by_key(urgency);
         for m in open.moves {
@@ -197,19 +226,31 @@ pub async fn run(moves: Arc<Moves>, token: CancellationToken) {
 }
 
 impl Moves {
-    /// Thaws users frozen by moves that are not among `open`, once they
-    /// have been frozen for a while (a move that just froze its user may
-    /// not be listed yet).
-    async fn thaw_stale(&self, open: &[MoveRecord]) {
+    /// Users a move brought here whom the directory now homes here: their
+    /// notices, held since the copy, go out from now on.
+    async fn settle_arrivals(&self) {
+        let Ok(users) = self.store.arrivals().await else {
+            return;
+        };
+        let state = self.replica.state();
+        for user in users {
+            if state.user_region(&user) == Some(self.region.as_str()) {
+                let _ = self.store.arrived(&user).await;
+            }
+        }
+    }
+
+    /// Thaws users frozen by moves that are not among `open` (the open
+    /// moves of a walk over every page), once frozen since before the walk
+    /// began and for 10 s at least: a move that froze its user later may
+    /// be on a page read before.
+    async fn thaw_stale(&self, open: &HashSet<String>, walk_started: i64) {
         let Ok(rows) = self.store.frozen().await else {
             return;
         };
-        let now = now_ms();
+        let before = walk_started.min(now_ms() - 10_000);
         for (user, move_id, _, frozen_at) in rows {
-            let listed = open
-                .iter()
-                .any(|m| m.id == move_id && m.state() != MoveState::Done);
-            if !listed && now - frozen_at > 10_000 {
+            if !open.contains(&move_id) && frozen_at < before {
                 tracing::warn!(r#move = %move_id, "a freeze outlived its move; thawing");
                 if self.store.thaw(&user, &move_id).await.is_ok() {
                     self.frozen.remove(&user);
@@ -408,7 +449,8 @@ impl Moves {
                     move_id: m.id.clone(),
                 },
             )
-            .await?;
+            .await
+            .map_err(|e| frozen_too_long(frozen_at, e.into()))?;
         crate::failpoint::hit("move.source.after_import");
         crate::failpoint::pause("move.source.after_import").await;
         match self
@@ -418,7 +460,7 @@ impl Moves {
         {
             MoneyStep::Done => {}
             MoneyStep::Refused(why) => return Err(Stop::Undo(why)),
-            MoneyStep::Later(why) => return Err(Stop::Later(why)),
+            MoneyStep::Later(why) => return Err(frozen_too_long(frozen_at, Stop::Later(why))),
         }
         // Cancelled meanwhile (another instance may have undone the move
         // already, before these holds existed): void them here, so none is

@@ -38,39 +38,6 @@ fn pick<'a>(
 }
 
 impl Notices {
-    /// `rows` without those of users a move is bringing here and has not
-    /// cut over yet: the old home still sends their notices (and sends
-    /// them itself if the move is undone), so none goes out twice. Their
-    /// rows wait here until the directory homes the user here; an undone
-    /// move's rows are deleted with its copy. (A user who left, their row
-    /// here erased, is not one of them.)
-    pub(super) async fn without_arrivals<T>(
-        &self,
-        rows: Vec<T>,
-        user: impl Fn(&T) -> Option<&str>,
-    ) -> Vec<T> {
-        let mut kept = Vec::with_capacity(rows.len());
-        for row in rows {
-            let arriving = match user(&row) {
-                Some(u) if self.homed_elsewhere(u) => {
-                    matches!(self.store.user_status(u).await, Ok(Some(s)) if s == "active")
-                }
-                _ => false,
-            };
-            if !arriving {
-                kept.push(row);
-            }
-        }
-        kept
-    }
-
-    fn homed_elsewhere(&self, user: &str) -> bool {
-        self.replica
-            .state()
-            .user_region(user)
-            .is_some_and(|home| home != self.region)
-    }
-
     /// Runs until shutdown.
     pub async fn run(self: Arc<Self>, token: CancellationToken) {
         let mut last_purge = now_ms();
@@ -79,9 +46,6 @@ impl Notices {
             let mut busy = false;
             match self.store.pending_events(BATCH).await {
                 Ok(events) => {
-                    let events = self
-                        .without_arrivals(events, |e| e.user_id.as_deref())
-                        .await;
                     busy |= events.len() as i64 == BATCH;
                     if let Err(err) = self.dispatch(&events).await {
                         tracing::warn!(error = %err, "cannot dispatch events; will retry");

@@ -149,7 +149,7 @@ impl Notices {
     pub(super) async fn send_due(&self) -> bool {
         let now = now_ms();
         let due = match self.store.due_deliveries(now, 32).await {
-            Ok(d) => self.without_arrivals(d, |d| Some(&d.user_id)).await,
+            Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read due deliveries");
                 return false;

@@ -164,10 +164,13 @@ impl NoticeStore {
     }
 
     pub async fn pending_events(&self, limit: i64) -> DbResult<Vec<Event>> {
-        // Not for a user a move has frozen here: their events went to the
-        // new home with them (moving/store.rs reads this table too).
+        // Not for a user a move has frozen here (their events go to the
+        // new home with them: moving/store.rs reads this table too), nor
+        // for one a move is bringing here and has not cut over (the old
+        // home still sends theirs, and does if the move is undone).
         let sql = "SELECT id, topic, user_id, payload, created_at, traceparent FROM outbox WHERE delivered_at IS NULL \
-                   AND NOT EXISTS (SELECT 1 FROM user_moves m WHERE m.user_id = outbox.user_id) ORDER BY created_at, id LIMIT $1";
+                   AND NOT EXISTS (SELECT 1 FROM user_moves m WHERE m.user_id = outbox.user_id) \
+                   AND NOT EXISTS (SELECT 1 FROM user_arrivals a WHERE a.user_id = outbox.user_id) ORDER BY created_at, id LIMIT $1";
         // id, topic, user_id, payload, created_at, traceparent.
         type Row = (String, String, Option<String>, String, i64, Option<String>);
         let rows: Vec<Row> = stmt(sql).bind(limit).fetch_all(&self.db).await?;
@@ -184,14 +187,6 @@ impl NoticeStore {
                 },
             )
             .collect())
-    }
-
-    /// A user's status here (`active`, `disabled`, `deleted`), if any row.
-    pub async fn user_status(&self, user_id: &str) -> DbResult<Option<String>> {
-        stmt("SELECT status FROM users WHERE id = $1")
-            .bind(user_id)
-            .scalar_optional(&self.db)
-            .await
     }
 
     pub async fn contacts(&self, user_id: &str) -> DbResult<Option<Contacts>> {
@@ -349,7 +344,8 @@ impl NoticeStore {
             "SELECT ",
             delivery_cols!(),
             " FROM deliveries WHERE state = 'pending' AND next_attempt_at <= $1 \
-             AND NOT EXISTS (SELECT 1 FROM user_moves m WHERE m.user_id = deliveries.user_id) ORDER BY next_attempt_at LIMIT $2"
+             AND NOT EXISTS (SELECT 1 FROM user_moves m WHERE m.user_id = deliveries.user_id) \
+             AND NOT EXISTS (SELECT 1 FROM user_arrivals a WHERE a.user_id = deliveries.user_id) ORDER BY next_attempt_at LIMIT $2"
         );
         let rows: Vec<Delivery> = stmt(sql).bind(now).bind(limit).fetch_all(&self.db).await?;
         Ok(rows)
