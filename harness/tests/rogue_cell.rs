@@ -412,15 +412,20 @@ async fn a_rogue_cell_cannot_smuggle_a_session_into_a_move() -> Result {
         "operations": [], "outbox": [], "deliveries": [],
     });
     let mut cell = CellServiceClient::new(to_cell_as(&c, "cn-east", "eu-west").await?);
-    let refused = cell
-        .import_user(ImportUserRequest {
+    // The rogue pushes `bundle` for the mover's move, as cn-east.
+    let import = |cell: &mut CellServiceClient<tonic::transport::Channel>,
+                  bundle: &serde_json::Value| {
+        let req = ImportUserRequest {
             from_region: "cn-east".into(),
             user_id: mover.clone(),
-            bundle: serde_json::to_vec(&bundle)?,
+            bundle: serde_json::to_vec(bundle).unwrap_or_default(),
             move_id: id.clone(),
-        })
-        .await;
-    assert_eq!(code(refused), Err(tonic::Code::InvalidArgument));
+        };
+        let mut cell = cell.clone();
+        async move { anyhow::Ok(code(cell.import_user(req).await)) }
+    };
+    let refused = import(&mut cell, &bundle).await?;
+    assert_eq!(refused, Err(tonic::Code::InvalidArgument));
     let r = c
         .http()
         .post(format!("{}/v1/auth/refresh", c.router_url(0)))
@@ -476,15 +481,8 @@ async fn a_rogue_cell_cannot_smuggle_a_session_into_a_move() -> Result {
             ),
         ),
     ] {
-        let refused = cell
-            .import_user(ImportUserRequest {
-                from_region: "cn-east".into(),
-                user_id: mover.clone(),
-                bundle: serde_json::to_vec(&bundle)?,
-                move_id: id.clone(),
-            })
-            .await;
-        assert_eq!(code(refused), Err(tonic::Code::PermissionDenied), "{what}");
+        let refused = import(&mut cell, &bundle).await?;
+        assert_eq!(refused, Err(tonic::Code::PermissionDenied), "{what}");
     }
     // The unclaimed address is still free to register at eu-west.
     let r = west.register("nobody@example.com", PW).await?;
@@ -492,15 +490,8 @@ async fn a_rogue_cell_cannot_smuggle_a_session_into_a_move() -> Result {
     // A user who is not active does not move.
     let mut disabled = bundle_with(own.clone(), serde_json::json!([]));
     disabled["user"][1] = "disabled".into();
-    let refused = cell
-        .import_user(ImportUserRequest {
-            from_region: "cn-east".into(),
-            user_id: mover.clone(),
-            bundle: serde_json::to_vec(&disabled)?,
-            move_id: id.clone(),
-        })
-        .await;
-    assert_eq!(code(refused), Err(tonic::Code::InvalidArgument));
+    let refused = import(&mut cell, &disabled).await?;
+    assert_eq!(refused, Err(tonic::Code::InvalidArgument));
 
     // The mover's own bundle is taken, without what it would send to
     // anyone else: mail to another address, a code message.
@@ -524,15 +515,8 @@ async fn a_rogue_cell_cannot_smuggle_a_session_into_a_move() -> Result {
         ],
         ["e-note", "message", "{}", 0, null],
     ]);
-    let taken = cell
-        .import_user(ImportUserRequest {
-            from_region: "cn-east".into(),
-            user_id: mover.clone(),
-            bundle: serde_json::to_vec(&bundle)?,
-            move_id: id,
-        })
-        .await;
-    assert_eq!(code(taken), Ok(()));
+    let taken = import(&mut cell, &bundle).await?;
+    assert_eq!(taken, Ok(()));
     let pool = sqlx::SqlitePool::connect(&format!(
         "sqlite:{}",
         c.cell_sqlite_path("eu-west").display()
