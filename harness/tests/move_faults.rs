@@ -318,3 +318,49 @@ async fn home_of(api: &Api, email: &str) -> Result<String> {
     anyhow::ensure!(l.status == StatusCode::OK, "{email}: {l:?}");
     Ok(l.body["home_region"].as_str().unwrap_or("").to_string())
 }
+
+/// A new home that does not answer while the user is frozen: past
+/// `move.freeze_limit` the move undoes itself and the user writes again
+/// at once; the undo finishes (the copy dropped) once that region is back.
+#[tokio::test]
+async fn a_move_to_a_region_that_does_not_answer_gives_its_user_back() -> Result {
+    use reqwest::Method;
+    let mut c = standard()
+        .cell_config(&format!("[payments.testpay]\nsecret = {SECRET:?}\n"))
+        .start()
+        .await?;
+    c.cli_ok(&["config", "set", "move.freeze_limit", "3s"])?;
+    let east = Api::new(&c.router_url(0), "cn-east");
+    let (me, user) = rich_user(&east, "stranded@example.com").await?;
+    c.kill_cell("eu-west");
+    let id = start_move(&c, &user, "eu-west")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        let m = status(&c, &id)?;
+        if m["state"] == "cancelled" {
+            break m;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "never given up: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Why: the freeze ran out, or (said after it) the copy is not yet
+    // dropped at the new home.
+    let why = m["error"].as_str().unwrap_or("");
+    assert!(
+        why.contains("frozen too long") || why.contains("could not discard"),
+        "{m}"
+    );
+    // Thawed before the new home is back: a write goes through at once.
+    let started = Instant::now();
+    let prefs = serde_json::json!({"preferences": [{"category": "message", "channel": "inbox", "enabled": false}]});
+    let r = me
+        .call(Method::PUT, "/v1/notices/preferences", Some(prefs), &[])
+        .await?;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    assert!(started.elapsed() < Duration::from_secs(1), "still frozen");
+    c.start_cell("eu-west").await?;
+    until_state(&c, &id, "cancelled").await?;
+    lives_at(&me, "cn-east", "after the undo").await?;
+    assert_eq!(me.available("CNY").await?, 500);
+    Ok(())
+}

@@ -70,6 +70,7 @@ pub const KNOWN_KEYS: &[(&str, ConfigType)] = &[
     ("router.rate_limit.registrations_per_ip", ConfigType::Int),
     ("notice.outbox.max_attempts", ConfigType::Int),
     ("notice.broadcast.per_second", ConfigType::Int),
+    ("move.freeze_limit", ConfigType::Duration),
 ];
 
 pub fn known_type(key: &str) -> Option<ConfigType> {

@@ -35,14 +35,15 @@ const SETTLE: Duration = Duration::from_secs(5);
 
 /// How long a move may keep its user frozen waiting for the new home (a
 /// target that does not answer) before it is undone, so that nobody stays
-/// unable to write for long because another region is down.
-const FREEZE_LIMIT: Duration = Duration::from_secs(30);
+/// unable to write for long because another region is down
+/// (`move.freeze_limit`, 1 s to 10 min).
+const FREEZE_LIMIT_MS: i64 = 30_000;
 
-/// A step that must wait while its user is frozen: past [`FREEZE_LIMIT`]
+/// A step that must wait while its user is frozen: past the freeze limit
 /// the move is undone instead.
-fn frozen_too_long(frozen_at: i64, stop: Stop) -> Stop {
+fn frozen_too_long(frozen_at: i64, limit_ms: i64, stop: Stop) -> Stop {
     match stop {
-        Stop::Later(why) if now_ms() - frozen_at > FREEZE_LIMIT.as_millis() as i64 => {
+        Stop::Later(why) if now_ms() - frozen_at > limit_ms => {
             Stop::Undo(format!("the new home kept the user frozen too long: {why}"))
         }
         other => other,
@@ -421,6 +422,11 @@ impl Moves {
             tokio::time::sleep(Duration::from_millis(wait as u64)).await;
         }
         crate::failpoint::hit("move.source.after_freeze");
+        let limit = self
+            .replica
+            .state()
+            .config_ms("move.freeze_limit", &self.region, FREEZE_LIMIT_MS)
+            .clamp(1_000, 600_000);
         let deadline = tokio::time::Instant::now() + DRAIN;
         while self
             .store
@@ -450,7 +456,7 @@ impl Moves {
                 },
             )
             .await
-            .map_err(|e| frozen_too_long(frozen_at, e.into()))?;
+            .map_err(|e| frozen_too_long(frozen_at, limit, e.into()))?;
         crate::failpoint::hit("move.source.after_import");
         crate::failpoint::pause("move.source.after_import").await;
         match self
@@ -460,7 +466,9 @@ impl Moves {
         {
             MoneyStep::Done => {}
             MoneyStep::Refused(why) => return Err(Stop::Undo(why)),
-            MoneyStep::Later(why) => return Err(frozen_too_long(frozen_at, Stop::Later(why))),
+            MoneyStep::Later(why) => {
+                return Err(frozen_too_long(frozen_at, limit, Stop::Later(why)));
+            }
         }
         // Cancelled meanwhile (another instance may have undone the move
         // already, before these holds existed): void them here, so none is
