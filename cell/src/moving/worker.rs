@@ -311,7 +311,11 @@ impl Moves {
                 Ok(_) => return Pass::Progressed,
                 Err(Stop::Later(why)) => {
                     tracing::info!(r#move = %m.id, why, "move step will be tried again");
-                    let _ = self.advance(&m, m.state(), &why, vec![]).await;
+                    // A cancelled move keeps the reason it was cancelled
+                    // for; its undo's retries are in the log.
+                    if m.state() != MoveState::Cancelled {
+                        let _ = self.advance(&m, m.state(), &why, vec![]).await;
+                    }
                     return Pass::Waiting;
                 }
                 Err(Stop::Undo(why)) => {
