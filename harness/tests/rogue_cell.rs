@@ -487,6 +487,31 @@ async fn a_rogue_cell_cannot_smuggle_a_session_into_a_move() -> Result {
     // The unclaimed address is still free to register at eu-west.
     let r = west.register("nobody@example.com", PW).await?;
     assert!(r.status.is_success(), "{r:?}");
+    // Nor an address in a form this cell would never store, even one the
+    // rogue claimed for the mover in the directory (it takes any string):
+    // the mail would go to whoever it names.
+    use homecell_proto::control::ClaimIdentifierRequest;
+    use homecell_proto::control::directory_service_client::DirectoryServiceClient;
+    let odd = "Someone <someone-else@example.com>";
+    DirectoryServiceClient::new(as_cell(&c, "cn-east").await?)
+        .claim_identifier(ClaimIdentifierRequest {
+            identifier: format!("email:{odd}"),
+            user_id: mover.clone(),
+            region: "cn-east".into(),
+            not_after_unix_ms: 0,
+            replaces: String::new(),
+        })
+        .await?;
+    let mut odd_bundle = bundle_with(
+        serde_json::json!([["email", "mover@example.com"], ["email", odd]]),
+        serde_json::json!([]),
+    );
+    odd_bundle["deliveries"] = serde_json::json!([{"id": "d-odd", "event_id": "d-odd",
+        "channel": "email", "recipient": odd, "subject": "Hi", "body": "Hi", "html": null,
+        "attempts": 0, "next_attempt_at": 0, "created_at": 0}]);
+    let refused = import(&mut cell, &odd_bundle).await?;
+    assert_eq!(refused, Err(tonic::Code::InvalidArgument));
+
     // A user who is not active does not move.
     let mut disabled = bundle_with(own.clone(), serde_json::json!([]));
     disabled["user"][1] = "disabled".into();

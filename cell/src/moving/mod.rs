@@ -39,6 +39,10 @@ use std::sync::Arc;
 use store::MoveStore;
 use tonic::transport::Channel;
 
+/// Unsent notices a bundle may carry: a user has a handful; a sender
+/// cannot have this cell send more than this on its word.
+const MAX_DELIVERIES: usize = 1_000;
+
 fn internal(e: impl std::fmt::Display) -> CodedError {
     CodedError::new(ErrorCode::Internal, format!("datastore: {e}"))
 }
@@ -198,11 +202,28 @@ impl Moves {
         if b.user.1 != "active" {
             return Err(CodedError::invalid("a moving user is active"));
         }
+        // Every identifier in the form this cell would have stored it: the
+        // directory takes any string a cell claims, so only the normal
+        // form is an address this cell would send to.
+        for (kind, value) in &b.identifiers {
+            let normal = homecell_proto::identifier::Identifier::parse(value)
+                .is_ok_and(|id| id.kind.as_str() == kind && id.value == *value);
+            if !normal {
+                return Err(CodedError::invalid(
+                    "an identifier of the bundle is not in normal form",
+                ));
+            }
+        }
+        if b.deliveries.len() > MAX_DELIVERIES {
+            return Err(CodedError::invalid(format!(
+                "more than {MAX_DELIVERIES} unsent notices; move the user once they are sent"
+            )));
+        }
         // Notices go only to the user's own addresses (the identifiers
         // the journal checks): a sender cannot have this cell mail or text
-        // anyone else. Messages with a code or about one address (resets,
-        // sign-in codes, identifier proofs) stay behind: their codes do
-        // not travel, and the user asks again.
+        // anyone else. Undispatched events with a code or about one
+        // address (resets, sign-in codes, identifier proofs) stay behind:
+        // their codes do not travel, and the user asks again.
         let own: std::collections::HashSet<(&str, &str)> = b
             .identifiers
             .iter()

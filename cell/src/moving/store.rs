@@ -26,7 +26,11 @@ impl MoveStore {
     /// Freezes a user for a move; returns when it was frozen (the first
     /// time, for a freeze repeated after a crash).
     pub async fn freeze(&self, user_id: &str, move_id: &str, to: &str, now: i64) -> DbResult<i64> {
-        stmt("INSERT INTO user_moves (user_id, move_id, to_region, frozen_at) VALUES ($1, $2, $3, $4) ON CONFLICT (user_id) DO NOTHING")
+        // A row of another move is a leftover (the journal holds one open
+        // move per user): this move takes it over, with its own time.
+        stmt("INSERT INTO user_moves (user_id, move_id, to_region, frozen_at) VALUES ($1, $2, $3, $4) \
+              ON CONFLICT (user_id) DO UPDATE SET move_id = excluded.move_id, to_region = excluded.to_region, \
+              frozen_at = excluded.frozen_at WHERE user_moves.move_id <> excluded.move_id")
             .bind(user_id)
             .bind(move_id)
             .bind(to)

@@ -163,6 +163,11 @@ pub async fn run(moves: Arc<Moves>, token: CancellationToken) {
             Err(e) => tracing::warn!(error = %e, "cannot read the users frozen by moves"),
         }
         moves.settle_arrivals().await;
+        // A walk starts before its first page is asked for: a move frozen
+        // later may be missing from pages read before.
+        if after.is_empty() {
+            cycle_started = now_ms();
+        }
         let open = moves
             .journal()
             .list_moves(ListMovesRequest {
@@ -180,9 +185,6 @@ pub async fn run(moves: Arc<Moves>, token: CancellationToken) {
                 continue;
             }
         };
-        if after.is_empty() {
-            cycle_started = now_ms();
-        }
         cycle.extend(
             open.moves
                 .iter()
