@@ -96,7 +96,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Moves to leave alone until a time: each one's next try after a step
 /// that must be tried again later, backing off (1 s, 2 s, 4 s, … 30 s), so
 /// that a thousand waiting moves neither hold the worker nor write to the
-/// journal every second. Only moves whose user is not frozen back off.
+/// journal every second; jittered, so that those waiting on one outage do
+/// not all come back at once. Only moves whose user is not frozen back off.
 #[derive(Default)]
 struct Backoff(Mutex<HashMap<String, (tokio::time::Instant, u32)>>);
 
@@ -110,8 +111,10 @@ impl Backoff {
     fn later(&self, id: &str) {
         let mut map = self.0.lock().expect("poisoned");
         let tries = map.get(id).map_or(0, |(_, n)| n + 1);
-        let wait = Duration::from_secs(1 << tries.min(5)).min(MAX_BACKOFF);
-        map.insert(id.to_string(), (tokio::time::Instant::now() + wait, tries));
+        let max = MAX_BACKOFF.as_millis() as i64;
+        let wait = homecell_common::backoff::jittered_ms(i64::from(tries), 1_000, max);
+        let at = tokio::time::Instant::now() + Duration::from_millis(wait as u64);
+        map.insert(id.to_string(), (at, tries));
     }
 
     fn clear(&self, id: &str) {
@@ -628,10 +631,16 @@ mod tests {
         assert!(b.due("m"));
         b.later("m");
         assert!(!b.due("m"), "left alone after a wait");
-        let first = b.0.lock().expect("poisoned")["m"].0;
-        b.later("m");
-        let second = b.0.lock().expect("poisoned")["m"].0;
-        assert!(second - first >= Duration::from_millis(900), "backs off");
+        for _ in 0..4 {
+            b.later("m");
+        }
+        let (at, tries) = b.0.lock().expect("poisoned")["m"];
+        assert_eq!(tries, 4);
+        // The fifth wait is 8 to 16 s (jittered).
+        assert!(
+            at - tokio::time::Instant::now() >= Duration::from_secs(7),
+            "backs off"
+        );
         for _ in 0..10 {
             b.later("m");
         }
